@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs what diskvault needs to build and test on a fresh Debian machine (idempotent, quick when done).
+# - libclang-dev: bindgen, used by the rocksdb wrapper's build script
+# - librocksdb-dev: Debian's RocksDB 7.8, linked instead of compiling the bundled C++ (see .cargo/config.toml)
+set -euo pipefail
+need=()
+for p in libclang-dev librocksdb-dev; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi

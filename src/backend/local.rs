@@ -1,0 +1,189 @@
+//! A repository in a local directory (or a mounted file system).
+//!
+//! `put` writes `.tmp-<random>` next to the final name, fsyncs it, renames it into place and fsyncs the
+//! directory: after a crash an object is either complete or absent. Temporary files start with `.tmp-`, are
+//! never listed, and are removed by maintenance.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use super::{Backend, ObjectInfo};
+use crate::error::{Error, Result};
+
+pub const TEMP_PREFIX: &str = ".tmp-";
+
+pub struct LocalBackend {
+    root: PathBuf,
+}
+
+impl LocalBackend {
+    pub fn new(root: PathBuf) -> Self {
+        LocalBackend { root }
+    }
+
+    fn path(&self, name: &str) -> Result<PathBuf> {
+        // Names come from the engine, but never let one escape the repository directory.
+        if name.is_empty() || name.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+            return Err(Error::invalid(format!("invalid object name {name:?}")));
+        }
+        Ok(self.root.join(name))
+    }
+
+    fn write_temp(&self, path: &Path, data: &[u8]) -> std::io::Result<PathBuf> {
+        let dir = path.parent().expect("object paths have a parent");
+        fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!("{TEMP_PREFIX}{}", hex::encode(crate::crypto::random_array::<8>())));
+        let result = (|| {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()
+        })();
+        match result {
+            Ok(()) => Ok(tmp),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn io_cause(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) => format!("{e} (the repository's file system is full)"),
+        _ => e.to_string(),
+    }
+}
+
+impl Backend for LocalBackend {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn put(&self, name: &str, data: &[u8]) -> Result<()> {
+        let path = self.path(name)?;
+        let tmp = self.write_temp(&path, data).map_err(|e| Error::backend("write", name, io_cause(&e)))?;
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::backend("rename", name, io_cause(&e)));
+        }
+        sync_dir(path.parent().unwrap()).map_err(|e| Error::backend("sync", name, io_cause(&e)))
+    }
+
+    fn create_new(&self, name: &str, data: &[u8]) -> Result<bool> {
+        let path = self.path(name)?;
+        let tmp = self.write_temp(&path, data).map_err(|e| Error::backend("write", name, io_cause(&e)))?;
+        // link(2) fails with EEXIST if the name is taken: an atomic create-if-absent.
+        let r = fs::hard_link(&tmp, &path);
+        let _ = fs::remove_file(&tmp);
+        match r {
+            Ok(()) => {
+                sync_dir(path.parent().unwrap()).map_err(|e| Error::backend("sync", name, io_cause(&e)))?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(Error::backend("link", name, io_cause(&e))),
+        }
+    }
+
+    fn get(&self, name: &str) -> Result<Vec<u8>> {
+        match fs::read(self.path(name)?) {
+            Ok(v) => Ok(v),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::Missing { object: name.into() }),
+            Err(e) => Err(Error::backend("read", name, io_cause(&e))),
+        }
+    }
+
+    fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut f = match File::open(self.path(name)?) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::Missing { object: name.into() }),
+            Err(e) => return Err(Error::backend("open", name, io_cause(&e))),
+        };
+        let mut buf = Vec::with_capacity(len as usize);
+        f.seek(SeekFrom::Start(offset))
+            .and_then(|_| f.take(len).read_to_end(&mut buf))
+            .map_err(|e| Error::backend("read", name, io_cause(&e)))?;
+        if buf.len() as u64 != len {
+            return Err(Error::corrupt(
+                name,
+                format!("truncated: wanted {len} bytes at offset {offset}, the object ends after {}", buf.len()),
+            ));
+        }
+        Ok(buf)
+    }
+
+    fn size(&self, name: &str) -> Result<Option<u64>> {
+        match fs::metadata(self.path(name)?) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::backend("stat", name, io_cause(&e))),
+        }
+    }
+
+    fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
+        let mut out = Vec::new();
+        let mut stack = vec![(self.path(dir)?, dir.to_string())];
+        while let Some((path, prefix)) = stack.pop() {
+            let rd = match fs::read_dir(&path) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::backend("list", prefix, io_cause(&e))),
+            };
+            for entry in rd {
+                let entry = entry.map_err(|e| Error::backend("list", prefix.clone(), io_cause(&e)))?;
+                let fname = entry.file_name().to_string_lossy().into_owned();
+                if fname.starts_with(TEMP_PREFIX) {
+                    continue;
+                }
+                let child = format!("{prefix}/{fname}");
+                let meta = entry.metadata().map_err(|e| Error::backend("stat", child.clone(), io_cause(&e)))?;
+                if meta.is_dir() {
+                    stack.push((entry.path(), child));
+                } else {
+                    out.push(ObjectInfo { name: child, size: meta.len() });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete(&self, name: &str) -> Result<()> {
+        match fs::remove_file(self.path(name)?) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::backend("delete", name, io_cause(&e))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_list_create_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path().to_path_buf());
+        b.put("index/aa", b"hello").unwrap();
+        b.put("packs/ab/abcd", b"0123456789").unwrap();
+        assert_eq!(b.get("index/aa").unwrap(), b"hello");
+        assert_eq!(b.get_range("packs/ab/abcd", 2, 3).unwrap(), b"234");
+        assert!(b.get_range("packs/ab/abcd", 8, 3).is_err());
+        assert!(matches!(b.get("index/zz"), Err(Error::Missing { .. })));
+        let names: Vec<_> = b.list("packs").unwrap().into_iter().map(|o| o.name).collect();
+        assert_eq!(names, vec!["packs/ab/abcd".to_string()]);
+        assert!(b.create_new("locks/x", b"1").unwrap());
+        assert!(!b.create_new("locks/x", b"2").unwrap());
+        assert_eq!(b.get("locks/x").unwrap(), b"1");
+        assert!(b.path("../etc").is_err());
+        b.delete("locks/x").unwrap();
+        b.delete("locks/x").unwrap();
+        assert_eq!(b.size("locks/x").unwrap(), None);
+    }
+}

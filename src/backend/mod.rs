@@ -1,0 +1,61 @@
+//! Storage backends: where repository objects live. The engine only ever sees [`Backend`].
+//!
+//! Objects are immutable and named by `/`-separated paths relative to the repository root (`config`,
+//! `packs/ab/ab…`, `index/…`). The contract every backend keeps:
+//! - `put` is atomic: a reader sees the whole object or nothing, never a partial one, also after a crash;
+//! - `put` returns only once the object is durable;
+//! - `create_new` fails with `Ok(false)` if the object already exists (used for lock objects);
+//! - `list` never returns temporary objects of an unfinished `put`.
+
+pub mod local;
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// An object name and its size, as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub name: String,
+    pub size: u64,
+}
+
+pub trait Backend: Send + Sync {
+    /// Human-readable location, for messages.
+    fn location(&self) -> String;
+
+    /// Stores an object, replacing any existing object of that name, atomically and durably.
+    fn put(&self, name: &str, data: &[u8]) -> Result<()>;
+
+    /// Stores an object only if none of that name exists. Returns `false` if one does.
+    fn create_new(&self, name: &str, data: &[u8]) -> Result<bool>;
+
+    /// Reads a whole object. A missing object is [`Error::Missing`].
+    fn get(&self, name: &str) -> Result<Vec<u8>>;
+
+    /// Reads `len` bytes at `offset`. Fewer bytes than asked is an error naming the object.
+    fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
+
+    /// Size of an object, `None` if it does not exist.
+    fn size(&self, name: &str) -> Result<Option<u64>>;
+
+    /// All objects below a directory (`packs`, `index`…), recursively, in no particular order.
+    fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>>;
+
+    /// Removes an object; removing a missing object is not an error.
+    fn delete(&self, name: &str) -> Result<()>;
+}
+
+/// Opens the backend a repository location names: a local path (or `local:PATH`).
+pub fn open(location: &str) -> Result<Arc<dyn Backend>> {
+    if let Some(rest) = location.strip_prefix("s3:") {
+        return Err(Error::invalid(format!(
+            "S3 repositories (s3:{rest}) are not supported by this build yet; use a local directory"
+        )));
+    }
+    let path = location.strip_prefix("local:").unwrap_or(location);
+    if path.is_empty() {
+        return Err(Error::invalid("empty repository location"));
+    }
+    Ok(Arc::new(local::LocalBackend::new(path.into())))
+}

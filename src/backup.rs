@@ -1,0 +1,640 @@
+//! The backup pipeline.
+//!
+//! ```text
+//!  reader (1 per disk) ──blocks──▶ workers (N) ──sealed blobs──▶ packer ──packs──▶ uploaders (M) ──▶ indexer
+//!                                     │                                              ▲
+//!                                     └──block ids──▶ assembler (1 per disk) ──segments┘
+//! ```
+//! - **reader**: reads only the blocks the plan says to read (allocated ones for a full backup, changed ones
+//!   for an incremental), 1 MiB at a time, into a bounded channel (backpressure bounds memory).
+//! - **workers**: zero check, keyed BLAKE3 id, dedup against the local index cache and this run's new blobs,
+//!   zstd, AES-256-GCM.
+//! - **packer**: appends sealed blobs to the open data pack; full packs go to the uploaders.
+//! - **uploaders**: store packs, then hand their entries to the indexer.
+//! - **indexer**: writes an index file every few packs (a checkpoint: a killed backup's packs stay usable) and
+//!   records it in the local cache.
+//! - **assembler**: walks the disk's blocks in order, takes read blocks' ids from the workers and unchanged
+//!   blocks' ids from the parent, and emits manifest segments; a segment with no changed block is reused from
+//!   the parent without being read.
+//!
+//! Commit order: every pack is stored, then every index file, then the snapshot, which is the commit point.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+use crate::cache::IndexCache;
+use crate::error::{Error, Result};
+use crate::format::index::{IndexFile, IndexedPack};
+use crate::format::pack::{BlobSealer, FinishedPack, PackWriter, SealedBlob};
+use crate::format::snapshot::{DiskManifest, DiskStats, SegmentRef, Snapshot, Summary};
+use crate::format::{BlobId, BlobType, ObjectId, SEGMENT_BLOCKS};
+use crate::progress::Counters;
+use crate::repository::Repository;
+use crate::source::{BlockRanges, DiskSource, Extent};
+
+/// One disk to back up.
+pub struct DiskJob {
+    /// Name of the disk inside the snapshot; an incremental inherits from the parent's disk of the same name.
+    pub name: String,
+    pub source: Box<dyn DiskSource>,
+    /// Byte ranges changed since the parent snapshot, if known. `None` reads the whole (allocated) disk.
+    pub changed: Option<Vec<Extent>>,
+    /// Change-tracking token to record for the next incremental (VMware changeId, bitmap name).
+    pub change_token: Option<String>,
+}
+
+pub struct BackupOptions {
+    pub source: String,
+    pub tags: Vec<String>,
+    pub hostname: String,
+    /// The snapshot incrementals build on (normally the latest of the same source).
+    pub parent: Option<(ObjectId, Snapshot)>,
+    pub annotations: BTreeMap<String, String>,
+    /// Hashing/compression/encryption threads.
+    pub workers: usize,
+    /// Concurrent pack uploads.
+    pub uploaders: usize,
+    /// Write an index file (a checkpoint) every this many packs.
+    pub checkpoint_packs: usize,
+}
+
+impl BackupOptions {
+    pub fn new(source: impl Into<String>) -> Self {
+        BackupOptions {
+            source: source.into(),
+            tags: Vec::new(),
+            hostname: crate::util::hostname(),
+            parent: None,
+            annotations: BTreeMap::new(),
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            uploaders: 2,
+            checkpoint_packs: 16,
+        }
+    }
+}
+
+/// How a disk will be read: which blocks come from the source, and where the others come from.
+struct DiskPlan {
+    name: String,
+    capacity: u64,
+    blocks: u64,
+    read: BlockRanges,
+    /// Blocks not read are inherited from this parent disk; without a parent they are zero (unallocated).
+    parent: Option<DiskManifest>,
+    /// Why a full read happened although change information was given (reported to the user).
+    note: Option<String>,
+}
+
+/// Decides what to read for each disk: the change list against the parent, or the allocated ranges.
+fn plan_disk(job: &mut DiskJob, parent: Option<&Snapshot>, block_size: u64) -> Result<DiskPlan> {
+    let capacity = job.source.capacity();
+    let blocks = capacity.div_ceil(block_size);
+    let parent_disk = parent.and_then(|p| p.disk(&job.name)).cloned();
+    let mut note = None;
+    if let Some(changed) = &job.changed {
+        match &parent_disk {
+            Some(pd) if capacity < pd.capacity => {
+                return Err(Error::source(
+                    job.source.describe(),
+                    format!(
+                        "the source ({capacity} bytes) is smaller than disk {} of its parent snapshot ({} bytes); \
+                         an incremental cannot shrink a disk (run a full backup)",
+                        job.name, pd.capacity
+                    ),
+                ));
+            }
+            Some(pd) => {
+                crate::source::changes::validate(changed, capacity)
+                    .map_err(|e| Error::source(job.source.describe(), e))?;
+                let mut read = BlockRanges::from_extents(changed, block_size);
+                // A grown disk: the parent's last (possibly partial) block and everything after it are read.
+                if capacity > pd.capacity {
+                    read.add(pd.capacity / block_size..blocks);
+                }
+                return Ok(DiskPlan {
+                    name: job.name.clone(),
+                    capacity,
+                    blocks,
+                    read,
+                    parent: Some(pd.clone()),
+                    note: None,
+                });
+            }
+            None => {
+                note = Some(format!(
+                    "disk {}: no parent snapshot holds this disk, so the change list cannot be used; reading the whole disk",
+                    job.name
+                ));
+            }
+        }
+    }
+    let read = match job.source.allocated()? {
+        Some(extents) => BlockRanges::from_extents(&extents, block_size),
+        None => BlockRanges::all(blocks),
+    };
+    Ok(DiskPlan { name: job.name.clone(), capacity, blocks, read, parent: None, note })
+}
+
+/// A block read from the source, on its way to a worker.
+struct ReadBlock {
+    disk: usize,
+    index: u64,
+    data: Vec<u8>,
+}
+
+/// A worker's verdict on one block.
+struct BlockResult {
+    index: u64,
+    id: BlobId,
+    kind: BlockKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BlockKind {
+    Zero,
+    Known,
+    New { stored: u32 },
+}
+
+/// The first error of any pipeline thread wins; the others stop at their next step.
+#[derive(Default)]
+struct Abort {
+    flag: AtomicBool,
+    error: Mutex<Option<Error>>,
+}
+
+impl Abort {
+    fn set(&self, e: Error) {
+        let mut g = self.error.lock().unwrap();
+        if g.is_none() {
+            *g = Some(e);
+        }
+        self.flag.store(true, Ordering::SeqCst);
+    }
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+    fn run(&self, f: impl FnOnce() -> Result<()>) {
+        if let Err(e) = f() {
+            self.set(e);
+        }
+    }
+}
+
+/// Blobs this run has decided to store (dedup within the run, before their packs are indexed).
+struct Claims {
+    cache: Arc<IndexCache>,
+    new: Mutex<HashSet<BlobId>>,
+}
+
+impl Claims {
+    /// True if the blob must be stored by the caller (it is neither in the repository nor claimed already).
+    fn claim(&self, id: &BlobId) -> Result<bool> {
+        if self.cache.contains(id)? {
+            return Ok(false);
+        }
+        Ok(self.new.lock().unwrap().insert(*id))
+    }
+}
+
+/// Holds the open metadata pack; shared by the assemblers.
+struct MetaPacker {
+    writer: Mutex<Option<PackWriter>>,
+    sealer: Mutex<BlobSealer>,
+}
+
+pub fn is_zero(buf: &[u8]) -> bool {
+    // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the aligned middle part.
+    let (pre, mid, post) = unsafe { buf.align_to::<u128>() };
+    pre.iter().all(|&b| b == 0)
+        && post.iter().all(|&b| b == 0)
+        && mid.chunks(64).all(|c| c.iter().fold(0u128, |a, &x| a | x) == 0)
+}
+
+/// Runs a backup of `jobs` and commits a snapshot. Returns its id and content.
+pub fn run(
+    repo: &Repository,
+    cache: Arc<IndexCache>,
+    mut jobs: Vec<DiskJob>,
+    opts: &BackupOptions,
+    counters: &Counters,
+) -> Result<(ObjectId, Snapshot)> {
+    let started = Instant::now();
+    let (time_secs, time_nanos) = crate::util::now_time();
+    if jobs.is_empty() {
+        return Err(Error::invalid("nothing to back up"));
+    }
+    let mut seen = HashSet::new();
+    for j in &jobs {
+        if !seen.insert(j.name.clone()) {
+            return Err(Error::invalid(format!("two disks are named {:?}", j.name)));
+        }
+    }
+    let block_size = repo.config().block_size as u64;
+    let parent_snap = opts.parent.as_ref().map(|(_, s)| s);
+    let plans: Vec<DiskPlan> = jobs.iter_mut().map(|j| plan_disk(j, parent_snap, block_size)).collect::<Result<_>>()?;
+    for p in &plans {
+        if let Some(n) = &p.note {
+            tracing::warn!("{n}");
+        }
+        counters.add_total(p.read.block_count() * block_size);
+    }
+
+    let abort = Abort::default();
+    let claims = Claims { cache: cache.clone(), new: Mutex::new(HashSet::new()) };
+    let meta = MetaPacker { writer: Mutex::new(None), sealer: Mutex::new(BlobSealer::new(repo.config().zstd_level)) };
+    let pack_target = repo.config().pack_target_size as usize;
+    let workers = opts.workers.max(1);
+
+    let (block_tx, block_rx) = bounded::<ReadBlock>(workers * 2);
+    let (blob_tx, blob_rx) = bounded::<SealedBlob>(workers * 2);
+    let (pack_tx, pack_rx) = bounded::<FinishedPack>(1);
+    let (done_tx, done_rx) = bounded::<IndexedPack>(64);
+    let result_channels: Vec<(Sender<BlockResult>, Receiver<BlockResult>)> =
+        plans.iter().map(|_| bounded(4096)).collect();
+    let result_txs: Vec<Sender<BlockResult>> = result_channels.iter().map(|(t, _)| t.clone()).collect();
+
+    let mut disk_outputs: Vec<Option<(Vec<SegmentRef>, DiskStats)>> = plans.iter().map(|_| None).collect();
+    let mut index_written = IndexStats::default();
+
+    std::thread::scope(|s| {
+        // Readers.
+        for (d, (job, plan)) in jobs.iter_mut().zip(&plans).enumerate() {
+            let block_tx = block_tx.clone();
+            let abort = &abort;
+            s.spawn(move || abort.run(|| read_disk(d, job, plan, block_size, &block_tx, abort, counters)));
+        }
+        drop(block_tx);
+
+        // Workers.
+        for _ in 0..workers {
+            let block_rx = block_rx.clone();
+            let blob_tx = blob_tx.clone();
+            let result_txs = result_txs.clone();
+            let (abort, claims) = (&abort, &claims);
+            s.spawn(move || {
+                abort.run(|| {
+                    let mut sealer = BlobSealer::new(repo.config().zstd_level);
+                    for b in block_rx {
+                        if abort.is_set() {
+                            break;
+                        }
+                        let r = process_block(repo, claims, &mut sealer, &b.data, b.index, &blob_tx)?;
+                        if result_txs[b.disk].send(r).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(())
+                })
+            });
+        }
+        drop(block_rx);
+        drop(blob_tx);
+        drop(result_txs);
+
+        // Data packer.
+        {
+            let pack_tx = pack_tx.clone();
+            let abort = &abort;
+            s.spawn(move || {
+                abort.run(|| {
+                    let mut writer: Option<PackWriter> = None;
+                    for blob in blob_rx {
+                        if abort.is_set() {
+                            return Ok(());
+                        }
+                        let w = writer.get_or_insert_with(|| PackWriter::new(BlobType::Data, pack_target + (2 << 20)));
+                        w.add(blob);
+                        if w.len() >= pack_target {
+                            let full = writer.take().unwrap().finish(repo.keys());
+                            if pack_tx.send(full).is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    if let Some(w) = writer.filter(|w| !w.is_empty()) {
+                        if !abort.is_set() {
+                            let _ = pack_tx.send(w.finish(repo.keys()));
+                        }
+                    }
+                    Ok(())
+                })
+            });
+        }
+
+        // Uploaders.
+        for _ in 0..opts.uploaders.max(1) {
+            let pack_rx = pack_rx.clone();
+            let done_tx = done_tx.clone();
+            let abort = &abort;
+            s.spawn(move || {
+                abort.run(|| {
+                    for pack in pack_rx {
+                        if abort.is_set() {
+                            break;
+                        }
+                        repo.save_pack(&pack)?;
+                        counters.add_stored(pack.bytes.len() as u64);
+                        let indexed =
+                            IndexedPack { id: pack.id, pack_type: pack.header.pack_type, entries: pack.header.entries };
+                        if done_tx.send(indexed).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(())
+                })
+            });
+        }
+        drop(pack_rx);
+        drop(done_tx);
+
+        // Indexer.
+        let indexer = {
+            let abort = &abort;
+            let cache = &cache;
+            s.spawn(move || {
+                let mut stats = IndexStats::default();
+                abort.run(|| {
+                    let mut pending = Vec::new();
+                    for p in done_rx {
+                        stats.packs += 1;
+                        stats.pack_bytes += p.entries.iter().map(|e| e.stored_len as u64).sum::<u64>();
+                        pending.push(p);
+                        if pending.len() >= opts.checkpoint_packs && !abort.is_set() {
+                            write_index(repo, cache, std::mem::take(&mut pending))?;
+                        }
+                    }
+                    // The remaining packs are indexed even after a failure elsewhere: they are stored, and a
+                    // rerun then reuses them instead of uploading them again.
+                    if !pending.is_empty() {
+                        write_index(repo, cache, pending)?;
+                    }
+                    Ok(())
+                });
+                stats
+            })
+        };
+
+        // Assemblers.
+        let assemblers: Vec<_> = plans
+            .iter()
+            .zip(result_channels)
+            .map(|(plan, (_, rx))| {
+                let (abort, claims, meta, pack_tx) = (&abort, &claims, &meta, pack_tx.clone());
+                s.spawn(move || {
+                    let mut out = None;
+                    abort.run(|| {
+                        out = Some(assemble_disk(repo, &claims.cache, claims, meta, plan, rx, &pack_tx, pack_target)?);
+                        Ok(())
+                    });
+                    out
+                })
+            })
+            .collect();
+        for (d, a) in assemblers.into_iter().enumerate() {
+            disk_outputs[d] = a.join().unwrap_or(None);
+        }
+        // All segments are emitted: close the metadata pack.
+        if !abort.is_set() {
+            if let Some(w) = meta.writer.lock().unwrap().take().filter(|w| !w.is_empty()) {
+                let _ = pack_tx.send(w.finish(repo.keys()));
+            }
+        }
+        drop(pack_tx);
+        index_written = indexer.join().unwrap_or_default();
+    });
+
+    if let Some(e) = abort.error.into_inner().unwrap() {
+        return Err(e);
+    }
+
+    let mut disks = Vec::with_capacity(plans.len());
+    let mut summary = Summary { bytes_added: index_written.pack_bytes, ..Summary::default() };
+    for ((plan, job), out) in plans.iter().zip(&jobs).zip(disk_outputs) {
+        let (segments, stats) = out.ok_or_else(|| Error::invalid(format!("disk {} was not assembled", plan.name)))?;
+        summary.bytes_read += stats.bytes_read;
+        summary.new_blobs += stats.new_blocks;
+        disks.push(DiskManifest {
+            name: plan.name.clone(),
+            source_kind: job.source.kind().to_string(),
+            source_path: job.source.describe(),
+            capacity: plan.capacity,
+            block_size: block_size as u32,
+            change_token: job.change_token.clone(),
+            segments,
+            stats,
+        });
+    }
+    summary.duration_ms = started.elapsed().as_millis() as u64;
+    let snapshot = Snapshot {
+        time_secs,
+        time_nanos,
+        hostname: opts.hostname.clone(),
+        username: crate::util::username(),
+        source: opts.source.clone(),
+        tags: opts.tags.clone(),
+        parent: opts.parent.as_ref().map(|(id, _)| *id),
+        disks,
+        annotations: opts.annotations.clone(),
+        summary,
+    };
+    let id = repo.save_snapshot(&snapshot)?;
+    Ok((id, snapshot))
+}
+
+#[derive(Default, Clone, Copy)]
+struct IndexStats {
+    packs: u64,
+    pack_bytes: u64,
+}
+
+fn write_index(repo: &Repository, cache: &IndexCache, packs: Vec<IndexedPack>) -> Result<()> {
+    let file = IndexFile { supersedes: Vec::new(), packs };
+    let id = repo.save_index(&file)?;
+    cache.insert_index_file(&id, &file)
+}
+
+fn read_disk(
+    disk: usize,
+    job: &mut DiskJob,
+    plan: &DiskPlan,
+    block_size: u64,
+    tx: &Sender<ReadBlock>,
+    abort: &Abort,
+    counters: &Counters,
+) -> Result<()> {
+    for index in plan.read.iter() {
+        if abort.is_set() {
+            return Ok(());
+        }
+        let offset = index * block_size;
+        let len = block_size.min(plan.capacity - offset) as usize;
+        let mut data = vec![0u8; len];
+        job.source.read_at(offset, &mut data)?;
+        counters.add_done(len as u64);
+        if tx.send(ReadBlock { disk, index, data }).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn process_block(
+    repo: &Repository,
+    claims: &Claims,
+    sealer: &mut BlobSealer,
+    data: &[u8],
+    index: u64,
+    blob_tx: &Sender<SealedBlob>,
+) -> Result<BlockResult> {
+    if is_zero(data) {
+        return Ok(BlockResult { index, id: BlobId::ZERO, kind: BlockKind::Zero });
+    }
+    let id = repo.keys().blob_id(data);
+    if !claims.claim(&id)? {
+        return Ok(BlockResult { index, id, kind: BlockKind::Known });
+    }
+    let sealed = sealer.seal(repo.keys(), BlobType::Data, id, data);
+    let stored = sealed.bytes.len() as u32;
+    // A closed channel means the packer stopped on an error, which the abort records.
+    let _ = blob_tx.send(sealed);
+    Ok(BlockResult { index, id, kind: BlockKind::New { stored } })
+}
+
+/// Loads the block ids of one of the parent's segments.
+pub(crate) fn load_segment(repo: &Repository, cache: &IndexCache, seg: &SegmentRef) -> Result<Vec<BlobId>> {
+    let loc = cache
+        .lookup(&seg.id)?
+        .ok_or_else(|| Error::Missing { object: format!("manifest segment {} (not in any index file)", seg.id) })?;
+    let plain = repo.read_blob(&loc)?;
+    if plain.len() != seg.blocks as usize * 32 {
+        return Err(Error::corrupt(
+            format!("manifest segment {}", seg.id),
+            format!("holds {} bytes, expected {} block ids", plain.len(), seg.blocks),
+        ));
+    }
+    Ok(plain.chunks_exact(32).map(|c| BlobId(c.try_into().unwrap())).collect())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn assemble_disk(
+    repo: &Repository,
+    cache: &IndexCache,
+    claims: &Claims,
+    meta: &MetaPacker,
+    plan: &DiskPlan,
+    results: Receiver<BlockResult>,
+    pack_tx: &Sender<FinishedPack>,
+    pack_target: usize,
+) -> Result<(Vec<SegmentRef>, DiskStats)> {
+    let mut stats = DiskStats::default();
+    let mut pending: HashMap<u64, BlockResult> = HashMap::new();
+    let mut segments = Vec::new();
+    let mut read_cursor = plan.read.cursor();
+    let seg_count = plan.blocks.div_ceil(SEGMENT_BLOCKS as u64);
+    let block_size = repo.config().block_size as u64;
+
+    for seg in 0..seg_count {
+        let first = seg * SEGMENT_BLOCKS as u64;
+        let last = (first + SEGMENT_BLOCKS as u64).min(plan.blocks);
+        let n = (last - first) as u32;
+        let any_read = plan.read.ranges().iter().any(|r| r.start < last && r.end > first);
+        let parent_seg = plan.parent.as_ref().and_then(|p| p.segments.get(seg as usize)).copied();
+
+        // Unchanged segment of an incremental: reuse the parent's segment as it is.
+        if !any_read {
+            if let Some(ps) = parent_seg.filter(|ps| ps.blocks == n) {
+                segments.push(ps);
+                stats.blocks_inherited += n as u64;
+                continue;
+            }
+        }
+        let parent_ids = match (&plan.parent, parent_seg) {
+            (Some(_), Some(ps)) => Some(load_segment(repo, cache, &ps)?),
+            _ => None,
+        };
+        let mut ids = Vec::with_capacity(n as usize * 32);
+        for i in first..last {
+            let id = if read_cursor.contains(i) {
+                let r = loop {
+                    if let Some(r) = pending.remove(&i) {
+                        break r;
+                    }
+                    match results.recv() {
+                        Ok(r) => {
+                            pending.insert(r.index, r);
+                        }
+                        // The workers stopped: an error elsewhere is recorded in the abort.
+                        Err(_) => return Err(Error::Interrupted),
+                    }
+                };
+                let len = block_size.min(plan.capacity - i * block_size);
+                stats.blocks_read += 1;
+                stats.bytes_read += len;
+                match r.kind {
+                    BlockKind::Zero => stats.zero_blocks += 1,
+                    BlockKind::Known => {}
+                    BlockKind::New { stored } => {
+                        stats.new_blocks += 1;
+                        stats.new_bytes_stored += stored as u64;
+                    }
+                }
+                r.id
+            } else {
+                let inherited = parent_ids.as_ref().and_then(|p| p.get((i - first) as usize)).copied();
+                match inherited {
+                    Some(id) => {
+                        stats.blocks_inherited += 1;
+                        if id.is_zero_block() {
+                            stats.zero_blocks += 1;
+                        }
+                        id
+                    }
+                    None => {
+                        stats.zero_blocks += 1;
+                        BlobId::ZERO
+                    }
+                }
+            };
+            ids.extend_from_slice(&id.0);
+        }
+        let seg_id = repo.keys().blob_id(&ids);
+        if claims.claim(&seg_id)? {
+            let sealed = meta.sealer.lock().unwrap().seal(repo.keys(), BlobType::Segment, seg_id, &ids);
+            let full = {
+                let mut w = meta.writer.lock().unwrap();
+                let writer = w.get_or_insert_with(|| PackWriter::new(BlobType::Segment, pack_target));
+                writer.add(sealed);
+                if writer.len() >= pack_target {
+                    w.take()
+                } else {
+                    None
+                }
+            };
+            if let Some(full) = full {
+                pack_tx.send(full.finish(repo.keys())).map_err(|_| Error::Interrupted)?;
+            }
+        }
+        segments.push(SegmentRef { id: seg_id, blocks: n });
+    }
+    Ok((segments, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; (1 << 20) + 3];
+        assert!(super::is_zero(&v));
+        assert!(super::is_zero(&v[1..]));
+        for pos in [0, 1, 17, 4096, v.len() - 1] {
+            v[pos] = 1;
+            assert!(!super::is_zero(&v), "byte {pos}");
+            v[pos] = 0;
+        }
+    }
+}

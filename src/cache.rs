@@ -1,0 +1,248 @@
+//! The local dedup index: a RocksDB database in the user's cache directory mapping blob id → location.
+//!
+//! It is **only a cache** of the repository's `index/` files. [`IndexCache::open`] catches up with index files
+//! other hosts wrote since the last run; if an index file it loaded has disappeared (prune or repair replaced
+//! it), or the database is unreadable, it is thrown away and rebuilt from `index/`. Deleting it loses nothing.
+//!
+//! Keys: `b` ‖ blob id → [`BlobLocation`] (80 bytes); `i` ‖ index file id → empty (loaded);
+//! `v` → cache layout version and repository id.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::format::index::{BlobLocation, IndexFile};
+use crate::format::{BlobId, ObjectId};
+use crate::repository::Repository;
+
+const LAYOUT_VERSION: &[u8] = b"diskvault-index-cache-1";
+
+pub struct IndexCache {
+    db: rocksdb::DB,
+    path: PathBuf,
+    /// A private cache in a temporary directory (the shared one was busy or unusable); removed on drop.
+    _temp: Option<tempdir::TempDir>,
+}
+
+/// What [`IndexCache::open`] did to bring the cache up to date.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SyncStats {
+    pub index_files_loaded: usize,
+    pub blobs_added: usize,
+    pub rebuilt: bool,
+}
+
+/// The default cache root: `$DISKVAULT_CACHE_DIR`, else `$XDG_CACHE_HOME/diskvault`, else `~/.cache/diskvault`.
+pub fn default_cache_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("DISKVAULT_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("diskvault");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".cache").join("diskvault"),
+        None => std::env::temp_dir().join("diskvault-cache"),
+    }
+}
+
+fn db_options() -> rocksdb::Options {
+    let mut o = rocksdb::Options::default();
+    o.create_if_missing(true);
+    // Blob ids are random: compression gains nothing, bloom filters make misses (new blocks) cheap.
+    o.set_compression_type(rocksdb::DBCompressionType::None);
+    let mut bo = rocksdb::BlockBasedOptions::default();
+    bo.set_bloom_filter(10.0, false);
+    bo.set_cache_index_and_filter_blocks(true);
+    o.set_block_based_table_factory(&bo);
+    o.set_max_open_files(256);
+    o.set_keep_log_file_num(2);
+    o
+}
+
+fn blob_key(id: &BlobId) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = b'b';
+    k[1..].copy_from_slice(&id.0);
+    k
+}
+
+fn index_key(id: &ObjectId) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = b'i';
+    k[1..].copy_from_slice(&id.0);
+    k
+}
+
+/// Minimal self-cleaning temporary directory (tempfile is a dev-dependency only).
+mod tempdir {
+    use std::path::{Path, PathBuf};
+    pub struct TempDir(PathBuf);
+    impl TempDir {
+        pub fn new() -> std::io::Result<TempDir> {
+            let p = std::env::temp_dir().join(format!(
+                "diskvault-cache-{}-{}",
+                std::process::id(),
+                hex::encode(crate::crypto::random_array::<6>())
+            ));
+            std::fs::create_dir_all(&p)?;
+            Ok(TempDir(p))
+        }
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl IndexCache {
+    /// Opens (or creates) the cache of `repo` under `cache_root` and brings it up to date with `index/`.
+    ///
+    /// If the shared cache cannot be used (another diskvault process holds it, the directory is read-only,
+    /// the database is damaged beyond reopening), a private cache in a temporary directory is built instead:
+    /// slower, never wrong.
+    pub fn open(repo: &Repository, cache_root: &Path) -> Result<(IndexCache, SyncStats)> {
+        let path = cache_root.join(repo.config().id_hex()).join("index");
+        let cache = match Self::open_at(&path, repo) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("{e}; using a private temporary index cache for this run");
+                let tmp = tempdir::TempDir::new()
+                    .map_err(|e| Error::Cache { path: std::env::temp_dir(), cause: e.to_string() })?;
+                let p = tmp.path().join("index");
+                let mut c = Self::open_at(&p, repo)?;
+                c._temp = Some(tmp);
+                c
+            }
+        };
+        let stats = cache.sync(repo)?;
+        Ok((cache, stats))
+    }
+
+    fn open_at(path: &Path, repo: &Repository) -> Result<IndexCache> {
+        let cache_err = |e: &dyn std::fmt::Display| Error::Cache { path: path.to_path_buf(), cause: e.to_string() };
+        std::fs::create_dir_all(path).map_err(|e| cache_err(&e))?;
+        let db = match rocksdb::DB::open(&db_options(), path) {
+            Ok(db) => db,
+            Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => {
+                tracing::warn!("local index cache {} is damaged ({e}); rebuilding it", path.display());
+                rocksdb::DB::destroy(&rocksdb::Options::default(), path).map_err(|e| cache_err(&e))?;
+                rocksdb::DB::open(&db_options(), path).map_err(|e| cache_err(&e))?
+            }
+            Err(e) => return Err(cache_err(&e)),
+        };
+        let cache = IndexCache { db, path: path.to_path_buf(), _temp: None };
+        let mut expected = LAYOUT_VERSION.to_vec();
+        expected.extend_from_slice(&repo.config().id);
+        match cache.db.get(b"v").map_err(|e| cache_err(&e))? {
+            Some(v) if v == expected => {}
+            Some(_) => {
+                tracing::warn!("local index cache {} has another layout; rebuilding it", path.display());
+                cache.clear()?;
+                cache.db.put(b"v", &expected).map_err(|e| cache_err(&e))?;
+            }
+            None => cache.db.put(b"v", &expected).map_err(|e| cache_err(&e))?,
+        }
+        Ok(cache)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> Error {
+        Error::Cache { path: self.path.clone(), cause: e.to_string() }
+    }
+
+    fn clear(&self) -> Result<()> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for prefix in [b'b', b'i'] {
+            batch.delete_range([prefix], [prefix + 1]);
+        }
+        self.db.write(batch).map_err(|e| self.err(e))
+    }
+
+    fn loaded_index_files(&self) -> Result<Vec<ObjectId>> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator(b"i") {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            if k.first() != Some(&b'i') {
+                break;
+            }
+            match k.get(1..).and_then(|s| <[u8; 32]>::try_from(s).ok()) {
+                Some(a) => out.push(BlobId(a)),
+                None => return Err(self.err("malformed key")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Loads index files not yet in the cache; rebuilds from scratch if one it holds has been removed.
+    pub fn sync(&self, repo: &Repository) -> Result<SyncStats> {
+        let mut stats = SyncStats::default();
+        let in_repo = repo.list_index_ids()?;
+        let mut loaded = self.loaded_index_files()?;
+        loaded.sort();
+        let removed = loaded.iter().any(|id| in_repo.binary_search(id).is_err());
+        if removed {
+            tracing::info!("index files were replaced in the repository; rebuilding the local index cache");
+            self.clear()?;
+            loaded.clear();
+            stats.rebuilt = true;
+        }
+        let missing: Vec<ObjectId> = in_repo.into_iter().filter(|id| loaded.binary_search(id).is_err()).collect();
+        // Fetch and decrypt in parallel, insert in bounded batches.
+        for chunk in missing.chunks(64) {
+            let files: Vec<(ObjectId, IndexFile)> =
+                chunk.par_iter().map(|id| Ok((*id, repo.load_index(id)?))).collect::<Result<_>>()?;
+            for (id, file) in &files {
+                stats.blobs_added += file.blob_count();
+                self.insert_index_file(id, file)?;
+                stats.index_files_loaded += 1;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Records the entries of an index file (one write batch), and that the file is loaded.
+    pub fn insert_index_file(&self, index_id: &ObjectId, file: &IndexFile) -> Result<()> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for p in &file.packs {
+            for e in &p.entries {
+                batch.put(blob_key(&e.id), BlobLocation { pack: p.id, entry: *e }.encode());
+            }
+        }
+        batch.put(index_key(index_id), []);
+        self.db.write(batch).map_err(|e| self.err(e))
+    }
+
+    pub fn lookup(&self, id: &BlobId) -> Result<Option<BlobLocation>> {
+        match self.db.get_pinned(blob_key(id)).map_err(|e| self.err(e))? {
+            None => Ok(None),
+            Some(v) => BlobLocation::decode(&v)
+                .map(Some)
+                .map_err(|e| self.err(format!("entry for blob {id}: {e}; delete the cache directory to rebuild it"))),
+        }
+    }
+
+    pub fn contains(&self, id: &BlobId) -> Result<bool> {
+        Ok(self.db.get_pinned(blob_key(id)).map_err(|e| self.err(e))?.is_some())
+    }
+
+    /// Iterates over every blob location in the cache (used by `check`).
+    pub fn for_each_blob(&self, mut f: impl FnMut(BlobLocation) -> Result<()>) -> Result<()> {
+        for item in self.db.prefix_iterator(b"b") {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            if k.first() != Some(&b'b') {
+                break;
+            }
+            f(BlobLocation::decode(&v).map_err(|e| self.err(e))?)?;
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}

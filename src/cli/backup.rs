@@ -1,0 +1,178 @@
+//! `diskvault backup`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::Globals;
+use crate::backup::{self, BackupOptions, DiskJob};
+use crate::error::{Error, Result};
+use crate::progress::{Counters, Reporter};
+use crate::source::file::FileSource;
+use crate::util::human_bytes;
+
+#[derive(clap::Args, Debug)]
+pub struct BackupArgs {
+    /// Disks to back up: `PATH` or `NAME=PATH` (raw image files or block devices). Disk names default to
+    /// the file name.
+    #[arg(required = true)]
+    disks: Vec<String>,
+    /// The source (VM) these disks belong to; snapshots are grouped by it. Defaults to the first disk's name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Tag for the snapshot (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Host name recorded in the snapshot.
+    #[arg(long)]
+    host: Option<String>,
+    /// Changed byte ranges since the parent snapshot (VMware QueryChangedDiskAreas JSON): `FILE`, or
+    /// `DISK=FILE` with several disks. Only blocks touching them are read; the rest is taken from the parent.
+    #[arg(long = "changed-areas")]
+    changed_areas: Vec<String>,
+    /// Change-tracking token to record with every disk (for example the VMware changeId).
+    #[arg(long)]
+    change_token: Option<String>,
+    /// Parent snapshot (id prefix). Default: the latest snapshot of the same --name.
+    #[arg(long, conflicts_with = "no_parent")]
+    parent: Option<String>,
+    /// Do not use a parent: read every allocated block.
+    #[arg(long)]
+    no_parent: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn split_named(spec: &str) -> (Option<&str>, &str) {
+    match spec.split_once('=') {
+        Some((n, p)) if !n.is_empty() && !n.contains('/') => (Some(n), p),
+        _ => (None, spec),
+    }
+}
+
+fn default_disk_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
+}
+
+pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
+    let mut disks: Vec<(String, PathBuf)> = Vec::new();
+    for spec in &args.disks {
+        let (name, path) = split_named(spec);
+        let path = PathBuf::from(path);
+        disks.push((name.map(str::to_string).unwrap_or_else(|| default_disk_name(&path)), path));
+    }
+    let mut changed: Vec<(Option<String>, PathBuf)> = Vec::new();
+    for spec in &args.changed_areas {
+        let (name, path) = split_named(spec);
+        changed.push((name.map(str::to_string), PathBuf::from(path)));
+    }
+    if changed.iter().any(|(n, _)| n.is_none()) && (disks.len() > 1 || changed.len() > 1) {
+        return Err(Error::invalid("with several disks or change files, name them: --changed-areas DISK=FILE"));
+    }
+    let source = args.name.clone().unwrap_or_else(|| disks[0].0.clone());
+
+    let repo = g.open_repo()?;
+    let cache = g.open_cache(&repo)?;
+    let parent = if args.no_parent {
+        None
+    } else if let Some(p) = &args.parent {
+        Some(repo.find_snapshot(p, None)?)
+    } else {
+        repo.find_snapshot("latest", Some(&source)).ok()
+    };
+    if !changed.is_empty() && parent.is_none() {
+        tracing::warn!("no parent snapshot of {source:?}: the change lists cannot be used, reading whole disks");
+    }
+
+    let mut jobs = Vec::new();
+    for (name, path) in &disks {
+        let src = FileSource::open(path)?;
+        let capacity = crate::source::DiskSource::capacity(&src);
+        let change_file = changed.iter().find(|(n, _)| n.as_deref().is_none_or(|n| n == name)).map(|(_, p)| p);
+        let extents = match change_file {
+            Some(f) => Some(crate::source::changes::load(f, capacity)?),
+            None => None,
+        };
+        jobs.push(DiskJob {
+            name: name.clone(),
+            source: Box::new(src),
+            changed: if parent.is_some() { extents } else { None },
+            change_token: args.change_token.clone(),
+        });
+    }
+    for (n, _) in &changed {
+        if let Some(n) = n {
+            if !disks.iter().any(|(d, _)| d == n) {
+                return Err(Error::invalid(format!("--changed-areas names disk {n:?}, which is not being backed up")));
+            }
+        }
+    }
+
+    let mut opts = BackupOptions::new(source.clone());
+    opts.tags = args.tags.clone();
+    if let Some(h) = &args.host {
+        opts.hostname = h.clone();
+    }
+    opts.parent = parent;
+    let counters = Arc::new(Counters::default());
+    let (id, snap) = {
+        let _reporter = Reporter::start("backup", counters.clone(), g.progress);
+        backup::run(&repo, cache, jobs, &opts, &counters)?
+    };
+
+    if args.json {
+        let v = serde_json::json!({
+            "snapshot": id.hex(),
+            "source": snap.source,
+            "parent": snap.parent.map(|p| p.hex()),
+            "duration_ms": snap.summary.duration_ms,
+            "bytes_read": snap.summary.bytes_read,
+            "bytes_added": snap.summary.bytes_added,
+            "new_blobs": snap.summary.new_blobs,
+            "disks": snap.disks.iter().map(|d| serde_json::json!({
+                "name": d.name,
+                "capacity": d.capacity,
+                "bytes_read": d.stats.bytes_read,
+                "blocks_read": d.stats.blocks_read,
+                "blocks_inherited": d.stats.blocks_inherited,
+                "zero_blocks": d.stats.zero_blocks,
+                "new_blocks": d.stats.new_blocks,
+                "new_bytes_stored": d.stats.new_bytes_stored,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("JSON of plain values"));
+        return Ok(());
+    }
+    let secs = snap.summary.duration_ms as f64 / 1000.0;
+    println!(
+        "snapshot {} saved (source {}, {} disk{})",
+        id.short(),
+        snap.source,
+        snap.disks.len(),
+        if snap.disks.len() == 1 { "" } else { "s" }
+    );
+    if let Some(p) = snap.parent {
+        println!("  parent {}", p.short());
+    }
+    for d in &snap.disks {
+        println!(
+            "  {}: {} disk, read {} ({} blocks), {} blocks unchanged, {} zero, {} new blocks stored in {}",
+            d.name,
+            human_bytes(d.capacity),
+            human_bytes(d.stats.bytes_read),
+            d.stats.blocks_read,
+            d.stats.blocks_inherited,
+            d.stats.zero_blocks,
+            d.stats.new_blocks,
+            human_bytes(d.stats.new_bytes_stored)
+        );
+    }
+    println!(
+        "  read {} in {:.1} s ({}/s), added {} to the repository",
+        human_bytes(snap.summary.bytes_read),
+        secs,
+        human_bytes((snap.summary.bytes_read as f64 / secs.max(0.001)) as u64),
+        human_bytes(snap.summary.bytes_added)
+    );
+    Ok(())
+}

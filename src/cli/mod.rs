@@ -1,0 +1,227 @@
+//! The `diskvault` command line: argument parsing, password sources, and one function per command.
+//! Conventions follow restic: `-r/--repo` or `DISKVAULT_REPOSITORY`, `DISKVAULT_PASSWORD`,
+//! `--password-file`, `--password-command`, exit code 10 when there is no repository and 12 for a wrong password.
+
+mod backup;
+mod inspect;
+mod key;
+mod restore;
+mod snapshots;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::cache::{self, IndexCache};
+use crate::error::{Error, Result};
+use crate::progress::Mode;
+use crate::repository::Repository;
+
+#[derive(Parser, Debug)]
+#[command(name = "diskvault", version, about = "Deduplicating, encrypted backups of virtual-machine disks")]
+pub struct Cli {
+    /// Repository location: a directory path.
+    #[arg(short = 'r', long = "repo", env = "DISKVAULT_REPOSITORY", global = true)]
+    repo: Option<String>,
+
+    /// Read the repository password from this file (first line).
+    #[arg(long, env = "DISKVAULT_PASSWORD_FILE", global = true)]
+    password_file: Option<PathBuf>,
+
+    /// Run this shell command and use its first output line as the password.
+    #[arg(long, env = "DISKVAULT_PASSWORD_COMMAND", global = true)]
+    password_command: Option<String>,
+
+    /// Directory for the local index cache (default: $XDG_CACHE_HOME/diskvault or ~/.cache/diskvault).
+    #[arg(long, env = "DISKVAULT_CACHE_DIR", global = true)]
+    cache_dir: Option<PathBuf>,
+
+    /// No progress output.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+
+    /// More log output (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new repository.
+    Init(InitArgs),
+    /// Back up disk images or block devices as one snapshot.
+    Backup(backup::BackupArgs),
+    /// Restore a disk of a snapshot to a file or block device.
+    Restore(restore::RestoreArgs),
+    /// List snapshots.
+    Snapshots(snapshots::SnapshotsArgs),
+    /// Manage the passwords (key files) that open the repository.
+    #[command(subcommand)]
+    Key(key::KeyCommand),
+    /// Print a repository object as JSON (for debugging).
+    Cat(inspect::CatArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct InitArgs {
+    /// Target size of pack files in MiB.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=512))]
+    pack_size: u32,
+    /// zstd compression level (0 = off).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=19))]
+    compression: i32,
+}
+
+/// Global options every command may need.
+pub(crate) struct Globals {
+    repo: Option<String>,
+    password_file: Option<PathBuf>,
+    password_command: Option<String>,
+    cache_dir: Option<PathBuf>,
+    pub progress: Mode,
+}
+
+impl Globals {
+    pub fn location(&self) -> Result<&str> {
+        self.repo
+            .as_deref()
+            .ok_or_else(|| Error::invalid("no repository given: use -r/--repo or set DISKVAULT_REPOSITORY"))
+    }
+
+    /// The repository password from the environment, a file, a command, or the terminal.
+    pub fn password(&self, confirm: bool) -> Result<Vec<u8>> {
+        if let Ok(p) = std::env::var("DISKVAULT_PASSWORD") {
+            return Ok(p.into_bytes());
+        }
+        if let Some(f) = &self.password_file {
+            return read_password_file(f);
+        }
+        if let Some(cmd) = &self.password_command {
+            return password_from_command(cmd);
+        }
+        prompt_password("repository password", confirm)
+    }
+
+    pub fn open_repo(&self) -> Result<Repository> {
+        let backend = crate::backend::open(self.location()?)?;
+        Repository::open(backend, &self.password(false)?)
+    }
+
+    pub fn open_cache(&self, repo: &Repository) -> Result<Arc<IndexCache>> {
+        let root = self.cache_dir.clone().unwrap_or_else(cache::default_cache_root);
+        let (c, stats) = IndexCache::open(repo, &root)?;
+        if stats.index_files_loaded > 0 || stats.rebuilt {
+            tracing::info!(
+                "local index cache: loaded {} index files ({} blobs){}",
+                stats.index_files_loaded,
+                stats.blobs_added,
+                if stats.rebuilt { ", rebuilt" } else { "" }
+            );
+        }
+        Ok(Arc::new(c))
+    }
+}
+
+pub(crate) fn read_password_file(f: &std::path::Path) -> Result<Vec<u8>> {
+    let s = std::fs::read_to_string(f).map_err(|e| Error::local(f, format!("cannot read password file: {e}")))?;
+    Ok(s.lines().next().unwrap_or("").as_bytes().to_vec())
+}
+
+fn password_from_command(cmd: &str) -> Result<Vec<u8>> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| Error::invalid(format!("password command {cmd:?} could not run: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::invalid(format!("password command {cmd:?} failed ({})", out.status)));
+    }
+    let s = String::from_utf8_lossy(&out.stdout);
+    Ok(s.lines().next().unwrap_or("").as_bytes().to_vec())
+}
+
+pub(crate) fn prompt_password(what: &str, confirm: bool) -> Result<Vec<u8>> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return Err(Error::invalid(
+            "no password given: set DISKVAULT_PASSWORD, or use --password-file or --password-command",
+        ));
+    }
+    let p = rpassword::prompt_password(format!("enter {what}: ")).map_err(|e| Error::invalid(e.to_string()))?;
+    if confirm {
+        let again =
+            rpassword::prompt_password(format!("enter {what} again: ")).map_err(|e| Error::invalid(e.to_string()))?;
+        if again != p {
+            return Err(Error::invalid("the passwords do not match"));
+        }
+    }
+    if p.is_empty() {
+        return Err(Error::invalid("an empty password is not allowed"));
+    }
+    Ok(p.into_bytes())
+}
+
+fn init(g: &Globals, args: &InitArgs) -> Result<()> {
+    let location = g.location()?;
+    let backend = crate::backend::open(location)?;
+    let password = g.password(true)?;
+    if password.is_empty() {
+        return Err(Error::invalid("an empty password is not allowed"));
+    }
+    let opts = crate::repository::InitOptions {
+        pack_target_size: args.pack_size << 20,
+        zstd_level: args.compression,
+        ..Default::default()
+    };
+    let repo = Repository::init(backend, &password, &opts)?;
+    println!("created diskvault repository {} at {location}", &repo.config().id_hex()[..10]);
+    println!("Keep the password safe: without it the data cannot be read.");
+    Ok(())
+}
+
+/// Entry point of the binary; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DISKVAULT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("diskvault={level}")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+
+    let g = Globals {
+        repo: cli.repo,
+        password_file: cli.password_file,
+        password_command: cli.password_command,
+        cache_dir: cli.cache_dir,
+        progress: if cli.quiet { Mode::Quiet } else { Mode::Auto },
+    };
+    let result = match &cli.command {
+        Command::Init(a) => init(&g, a),
+        Command::Backup(a) => backup::run(&g, a),
+        Command::Restore(a) => restore::run(&g, a),
+        Command::Snapshots(a) => snapshots::run(&g, a),
+        Command::Key(k) => key::run(&g, k),
+        Command::Cat(a) => inspect::run(&g, a),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! `diskvault restore`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::Globals;
+use crate::error::{Error, Result};
+use crate::progress::{Counters, Reporter};
+use crate::restore::{self, RestoreOptions};
+use crate::util::human_bytes;
+
+#[derive(clap::Args, Debug)]
+pub struct RestoreArgs {
+    /// Snapshot id (or unique prefix), or `latest`; `ID:DISK` picks a disk.
+    snapshot: String,
+    /// The disk to restore (needed when the snapshot has several).
+    #[arg(long)]
+    disk: Option<String>,
+    /// With `latest`: the latest snapshot of this source.
+    #[arg(long)]
+    name: Option<String>,
+    /// File or block device to write.
+    #[arg(long, short = 't')]
+    target: PathBuf,
+    /// Replace the target file if it exists.
+    #[arg(long)]
+    overwrite: bool,
+    /// Re-read the target afterwards and compare every block with the snapshot.
+    #[arg(long)]
+    verify: bool,
+    /// Concurrent pack reads.
+    #[arg(long, default_value_t = 4)]
+    fetchers: usize,
+}
+
+pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
+    let (snap_ref, disk_from_ref) = match args.snapshot.split_once(':') {
+        Some((s, d)) => (s, Some(d.to_string())),
+        None => (args.snapshot.as_str(), None),
+    };
+    let disk_name = args.disk.clone().or(disk_from_ref);
+    let repo = g.open_repo()?;
+    let (id, snap) = repo.find_snapshot(snap_ref, args.name.as_deref())?;
+    let disk = match (&disk_name, snap.disks.as_slice()) {
+        (Some(n), _) => snap.disk(n).ok_or_else(|| {
+            let names: Vec<&str> = snap.disks.iter().map(|d| d.name.as_str()).collect();
+            Error::invalid(format!("snapshot {} has no disk {n:?} (disks: {})", id.short(), names.join(", ")))
+        })?,
+        (None, [only]) => only,
+        (None, disks) => {
+            let names: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
+            return Err(Error::invalid(format!(
+                "snapshot {} has several disks ({}); choose one with --disk",
+                id.short(),
+                names.join(", ")
+            )));
+        }
+    };
+    let cache = g.open_cache(&repo)?;
+    let counters = Arc::new(Counters::default());
+    let opts = RestoreOptions { overwrite: args.overwrite, verify: args.verify, fetchers: args.fetchers };
+    let started = std::time::Instant::now();
+    let stats = {
+        let _r = Reporter::start("restore", counters.clone(), g.progress);
+        restore::restore_disk(&repo, &cache, disk, &args.target, &opts, &counters)?
+    };
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "restored disk {} of snapshot {} to {}: {} in {:.1} s ({}/s), {} blocks written, {} zero blocks{}",
+        disk.name,
+        id.short(),
+        args.target.display(),
+        human_bytes(disk.capacity),
+        secs,
+        human_bytes((disk.capacity as f64 / secs.max(0.001)) as u64),
+        stats.blocks_written,
+        stats.zero_blocks,
+        if args.verify { format!(", verified {} blocks", stats.blocks_verified) } else { String::new() }
+    );
+    Ok(())
+}

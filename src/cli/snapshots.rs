@@ -1,0 +1,77 @@
+//! `diskvault snapshots`.
+
+use super::Globals;
+use crate::error::Result;
+use crate::util::{format_utc, human_bytes};
+
+#[derive(clap::Args, Debug)]
+pub struct SnapshotsArgs {
+    /// Only snapshots of this source.
+    #[arg(long)]
+    name: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(g: &Globals, args: &SnapshotsArgs) -> Result<()> {
+    let repo = g.open_repo()?;
+    let snaps: Vec<_> = repo
+        .list_snapshots()?
+        .into_iter()
+        .filter(|(_, s)| args.name.as_deref().is_none_or(|n| s.source == n))
+        .collect();
+    if args.json {
+        let v: Vec<serde_json::Value> = snaps
+            .iter()
+            .map(|(id, s)| {
+                serde_json::json!({
+                    "id": id.hex(),
+                    "time": format_utc(s.time_secs),
+                    "time_secs": s.time_secs,
+                    "hostname": s.hostname,
+                    "username": s.username,
+                    "source": s.source,
+                    "tags": s.tags,
+                    "parent": s.parent.map(|p| p.hex()),
+                    "annotations": s.annotations,
+                    "disks": s.disks.iter().map(|d| serde_json::json!({
+                        "name": d.name,
+                        "source_kind": d.source_kind,
+                        "source_path": d.source_path,
+                        "capacity": d.capacity,
+                        "change_token": d.change_token,
+                        "segments": d.segments.len(),
+                        "bytes_read": d.stats.bytes_read,
+                        "new_blocks": d.stats.new_blocks,
+                        "new_bytes_stored": d.stats.new_bytes_stored,
+                    })).collect::<Vec<_>>(),
+                    "summary": {
+                        "duration_ms": s.summary.duration_ms,
+                        "bytes_read": s.summary.bytes_read,
+                        "bytes_added": s.summary.bytes_added,
+                        "new_blobs": s.summary.new_blobs,
+                    },
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).expect("JSON of plain values"));
+        return Ok(());
+    }
+    println!("{:<10} {:<19} {:<16} {:<20} {:<28} {:>10}  tags", "id", "time (UTC)", "host", "source", "disks", "added");
+    for (id, s) in &snaps {
+        let disks: Vec<String> = s.disks.iter().map(|d| format!("{} ({})", d.name, human_bytes(d.capacity))).collect();
+        println!(
+            "{:<10} {:<19} {:<16} {:<20} {:<28} {:>10}  {}",
+            id.short(),
+            format_utc(s.time_secs),
+            s.hostname,
+            s.source,
+            disks.join(", "),
+            human_bytes(s.summary.bytes_added),
+            s.tags.join(",")
+        );
+    }
+    println!("{} snapshots", snaps.len());
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! The envelope of encrypted whole-file objects (config, index files, snapshots).
+//!
+//! ```text
+//! 0   4  magic "DVLT"
+//! 4   1  kind (1 config, 2 index, 3 snapshot; 4 key file and 5 pack use the same 8-byte header)
+//! 5   1  format version (1)
+//! 6   2  reserved, zero
+//! 8  12  nonce
+//! 20  n  AES-256-GCM ciphertext of zstd(payload), AAD = bytes 0..8
+//! .. 16  tag
+//! ```
+
+use super::{FORMAT_VERSION, MAGIC};
+use crate::crypto::{Keys, SEAL_OVERHEAD};
+
+pub const HEADER_LEN: usize = 8;
+/// Largest payload accepted after decompression; no object of format version 1 comes near it.
+const MAX_PAYLOAD: usize = 1 << 30;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Config = 1,
+    Index = 2,
+    Snapshot = 3,
+    Key = 4,
+    /// Used in pack trailers and as the pack header's associated data.
+    Pack = 5,
+}
+
+pub fn header(kind: Kind) -> [u8; HEADER_LEN] {
+    [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], kind as u8, FORMAT_VERSION as u8, 0, 0]
+}
+
+/// Checks magic, kind and version of an object's 8-byte header.
+pub fn check_header(bytes: &[u8], kind: Kind) -> Result<(), HeaderError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(HeaderError::Other(format!("truncated: {} bytes, shorter than the header", bytes.len())));
+    }
+    if bytes[..4] != MAGIC {
+        return Err(HeaderError::Other("not a diskvault object (bad magic)".into()));
+    }
+    if bytes[4] != kind as u8 {
+        return Err(HeaderError::Other(format!(
+            "object kind {} where {:?} ({}) was expected",
+            bytes[4], kind, kind as u8
+        )));
+    }
+    if bytes[5] as u32 != FORMAT_VERSION {
+        return Err(HeaderError::Version(bytes[5] as u32));
+    }
+    if bytes[6..8] != [0, 0] {
+        return Err(HeaderError::Other("reserved header bytes are not zero".into()));
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+pub enum HeaderError {
+    Version(u32),
+    Other(String),
+}
+
+pub fn seal(keys: &Keys, kind: Kind, payload: &[u8]) -> Vec<u8> {
+    let hdr = header(kind);
+    let compressed = zstd::bulk::compress(payload, 3).expect("zstd compression into a Vec cannot fail");
+    let mut out = Vec::with_capacity(HEADER_LEN + compressed.len() + SEAL_OVERHEAD);
+    out.extend_from_slice(&hdr);
+    keys.seal_into(&hdr, &compressed, &mut out);
+    out
+}
+
+/// Opens an envelope: header check, authentication, decompression. Errors are plain causes; the caller adds
+/// the object's name.
+pub fn open(keys: &Keys, kind: Kind, bytes: &[u8]) -> Result<Vec<u8>, HeaderError> {
+    check_header(bytes, kind)?;
+    let compressed =
+        keys.open(&bytes[..HEADER_LEN], &bytes[HEADER_LEN..]).map_err(|e| HeaderError::Other(e.to_string()))?;
+    decompress_limited(&compressed, MAX_PAYLOAD).map_err(HeaderError::Other)
+}
+
+/// Decompresses one zstd frame, refusing output beyond `limit` bytes.
+pub fn decompress_limited(data: &[u8], limit: usize) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut dec = zstd::stream::read::Decoder::with_buffer(data).map_err(|e| format!("zstd: {e}"))?;
+    let mut out = Vec::new();
+    (&mut dec).take(limit as u64 + 1).read_to_end(&mut out).map_err(|e| format!("zstd: {e}"))?;
+    if out.len() > limit {
+        return Err(format!("decompresses to more than {limit} bytes"));
+    }
+    Ok(out)
+}

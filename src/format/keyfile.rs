@@ -1,0 +1,122 @@
+//! Key files (`keys/<id>`): the repository's master secret wrapped with a key derived from a passphrase by
+//! Argon2id. Any number of key files can wrap the same secret, one per passphrase.
+//!
+//! File: 8-byte object header (kind 4) ‖ bincode of [`KeyFile`]. The wrapped secret is
+//! `nonce ‖ AES-256-GCM(secret) ‖ tag` with associated data `header ‖ memory_kib ‖ iterations ‖ parallelism ‖
+//! salt` (integers u32 LE), so the KDF parameters cannot be changed without detection.
+
+use serde::{Deserialize, Serialize};
+
+use super::envelope::{self, HeaderError, Kind, HEADER_LEN};
+use super::{bincode_decode, bincode_encode};
+use crate::crypto;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KdfParams {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+impl KdfParams {
+    /// Defaults for new keys: Argon2id, 64 MiB, 3 passes (OWASP's recommended range).
+    pub const DEFAULT: KdfParams = KdfParams { memory_kib: 64 * 1024, iterations: 3, parallelism: 1 };
+
+    fn validate(&self) -> Result<(), String> {
+        // Bounds keep a hostile key file from making `open` allocate or spin without end.
+        if !(1..=16).contains(&self.parallelism)
+            || !(8 * self.parallelism..=(4 << 20)).contains(&self.memory_kib)
+            || !(1..=64).contains(&self.iterations)
+        {
+            return Err(format!("Argon2 parameters out of range: {self:?}"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyFile {
+    pub created_secs: i64,
+    pub hostname: String,
+    pub username: String,
+    pub kdf: KdfParams,
+    pub salt: [u8; 32],
+    pub wrapped_secret: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub enum KeyError {
+    WrongPassword,
+    Version(u32),
+    Corrupt(String),
+}
+
+fn derive(password: &[u8], kdf: &KdfParams, salt: &[u8; 32]) -> Result<[u8; 32], String> {
+    let params = argon2::Params::new(kdf.memory_kib, kdf.iterations, kdf.parallelism, Some(32))
+        .map_err(|e| format!("Argon2 parameters: {e}"))?;
+    let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut out = [0u8; 32];
+    a.hash_password_into(password, salt, &mut out).map_err(|e| format!("Argon2: {e}"))?;
+    Ok(out)
+}
+
+fn aad(kdf: &KdfParams, salt: &[u8; 32]) -> Vec<u8> {
+    let mut a = envelope::header(Kind::Key).to_vec();
+    for v in [kdf.memory_kib, kdf.iterations, kdf.parallelism] {
+        a.extend_from_slice(&v.to_le_bytes());
+    }
+    a.extend_from_slice(salt);
+    a
+}
+
+impl KeyFile {
+    /// Wraps `secret` under `password`.
+    pub fn create(secret: &[u8; 32], password: &[u8], kdf: KdfParams, hostname: String, username: String) -> KeyFile {
+        let salt: [u8; 32] = crypto::random_array();
+        let wrapping = derive(password, &kdf, &salt).expect("validated parameters");
+        let wrapped_secret = crypto::seal_with_key(&wrapping, &aad(&kdf, &salt), secret);
+        KeyFile { created_secs: crate::util::now_secs(), hostname, username, kdf, salt, wrapped_secret }
+    }
+
+    pub fn unwrap_secret(&self, password: &[u8]) -> Result<[u8; 32], KeyError> {
+        self.kdf.validate().map_err(KeyError::Corrupt)?;
+        let wrapping = derive(password, &self.kdf, &self.salt).map_err(KeyError::Corrupt)?;
+        let secret = crypto::open_with_key(&wrapping, &aad(&self.kdf, &self.salt), &self.wrapped_secret)
+            .map_err(|_| KeyError::WrongPassword)?;
+        secret.try_into().map_err(|_| KeyError::Corrupt("wrapped secret is not 32 bytes".into()))
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = envelope::header(Kind::Key).to_vec();
+        out.extend_from_slice(&bincode_encode(self));
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<KeyFile, KeyError> {
+        envelope::check_header(bytes, Kind::Key).map_err(|e| match e {
+            HeaderError::Version(v) => KeyError::Version(v),
+            HeaderError::Other(e) => KeyError::Corrupt(e),
+        })?;
+        let k: KeyFile = bincode_decode(&bytes[HEADER_LEN..]).map_err(KeyError::Corrupt)?;
+        k.kdf.validate().map_err(KeyError::Corrupt)?;
+        Ok(k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FAST: KdfParams = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+
+    #[test]
+    fn wrap_unwrap() {
+        let k = KeyFile::create(&[4; 32], b"pw", FAST, "h".into(), "u".into());
+        let k2 = KeyFile::decode(&k.encode()).unwrap();
+        assert_eq!(k2.unwrap_secret(b"pw").unwrap(), [4; 32]);
+        assert!(matches!(k2.unwrap_secret(b"nope"), Err(KeyError::WrongPassword)));
+        let mut tampered = k2.clone();
+        tampered.kdf.iterations = 2;
+        assert!(tampered.unwrap_secret(b"pw").is_err());
+    }
+}

@@ -1,0 +1,46 @@
+//! # diskvault
+//!
+//! Backs up virtual-machine disks into a content-addressed, deduplicating, encrypted repository and restores
+//! them bit-exact. The library is usable on its own; `src/main.rs` is a thin wrapper around [`cli`].
+//!
+//! ## Code map
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`format`] | every stored object's bytes: config, key files, packs, index files, snapshots (the contract in `format-spec/`) |
+//! | [`crypto`] | key derivation, keyed BLAKE3 block ids, AES-256-GCM sealing |
+//! | [`backend`] | where objects live: the [`backend::Backend`] trait and the local-directory backend |
+//! | [`repository`] | an open repository: unlocks keys, reads/writes objects and blobs, resolves snapshots |
+//! | [`cache`] | the local RocksDB dedup index, a rebuildable cache of `index/` |
+//! | [`source`] | what is backed up: the [`source::DiskSource`] trait, raw files/block devices, change lists |
+//! | [`backup`] | the backup pipeline: read → hash/dedup/compress/encrypt → pack → upload → index → manifest |
+//! | [`restore`] | restore of a snapshot disk to a file or block device, with verification |
+//! | [`progress`] | progress bars and periodic progress lines |
+//! | [`cli`] | the `diskvault` command line |
+//!
+//! ## Data flow
+//!
+//! **Backup**: a [`source::DiskSource`] is read in 1 MiB blocks (only allocated blocks for a full backup, only
+//! changed blocks for an incremental). Each block gets a keyed BLAKE3 id; blocks whose id the local index
+//! ([`cache::IndexCache`]) already knows are not stored again. New blocks are zstd-compressed, encrypted and
+//! appended to a data pack. Finished packs are stored, then listed in an index file. The block ids of each
+//! disk are grouped into segments (4096 ids, themselves stored as blobs in metadata packs), and a snapshot
+//! object listing the segments is written last: the commit point.
+//!
+//! **Restore**: snapshot → segments → block ids → index lookups → ranged pack reads → decrypt, decompress,
+//! re-check id → write at the block's offset (zero blocks stay holes).
+
+pub mod backend;
+pub mod backup;
+pub mod cache;
+pub mod cli;
+pub mod crypto;
+pub mod error;
+pub mod format;
+pub mod progress;
+pub mod repository;
+pub mod restore;
+pub mod source;
+pub mod util;
+
+pub use error::{Error, Result};

@@ -1,0 +1,321 @@
+//! An open repository: a backend, the keys unwrapped from a key file, and the config. Reads and writes whole
+//! objects (packs, index files, snapshots, keys) and single blobs, turning format errors into [`Error`]s that
+//! name the object.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::backend::Backend;
+use crate::crypto::{self, Keys};
+use crate::error::{Error, Result};
+use crate::format::config::Config;
+use crate::format::envelope::{self, HeaderError, Kind};
+use crate::format::index::{BlobLocation, IndexFile};
+use crate::format::keyfile::{KdfParams, KeyError, KeyFile};
+use crate::format::pack::{self, FinishedPack, PackHeader};
+use crate::format::snapshot::Snapshot;
+use crate::format::{names, BlobId, ObjectId, BLOCK_SIZE, FORMAT_VERSION};
+
+/// Options for `init`.
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    pub pack_target_size: u32,
+    pub zstd_level: i32,
+    pub kdf: KdfParams,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions { pack_target_size: 16 << 20, zstd_level: 3, kdf: KdfParams::DEFAULT }
+    }
+}
+
+pub struct Repository {
+    backend: Arc<dyn Backend>,
+    keys: Keys,
+    config: Config,
+    /// The key file this session was opened with.
+    key_id: ObjectId,
+    master_secret: [u8; 32],
+}
+
+fn map_header_err(object: &str, e: HeaderError) -> Error {
+    match e {
+        HeaderError::Version(found) => {
+            Error::UnsupportedVersion { object: object.into(), found, supported: FORMAT_VERSION }
+        }
+        HeaderError::Other(cause) => Error::corrupt(object, cause),
+    }
+}
+
+/// Reads a whole file object and checks that its bytes hash to its name.
+fn get_verified(backend: &dyn Backend, name: &str, id: &ObjectId) -> Result<Vec<u8>> {
+    let bytes = backend.get(name)?;
+    if BlobId::of_file(&bytes) != *id {
+        return Err(Error::corrupt(name, "content does not match its name (damaged or truncated)"));
+    }
+    Ok(bytes)
+}
+
+impl Repository {
+    /// Creates a new repository: config and the first key.
+    pub fn init(backend: Arc<dyn Backend>, password: &[u8], opts: &InitOptions) -> Result<Repository> {
+        if backend.size(names::CONFIG)?.is_some() {
+            return Err(Error::RepositoryExists(backend.location()));
+        }
+        let config = Config {
+            id: crypto::random_array(),
+            created_secs: crate::util::now_secs(),
+            block_size: BLOCK_SIZE,
+            pack_target_size: opts.pack_target_size,
+            zstd_level: opts.zstd_level,
+        };
+        config.validate().map_err(Error::invalid)?;
+        let secret: [u8; 32] = crypto::random_array();
+        let keys = Keys::from_master_secret(&secret);
+        let key_id = write_key(&*backend, &secret, password, opts.kdf)?;
+        let sealed = envelope::seal(&keys, Kind::Config, &config.encode());
+        // The config is written last and only if absent: it is what makes the directory a repository.
+        if !backend.create_new(names::CONFIG, &sealed)? {
+            backend.delete(&names::key(&key_id))?;
+            return Err(Error::RepositoryExists(backend.location()));
+        }
+        Ok(Repository { backend, keys, config, key_id, master_secret: secret })
+    }
+
+    /// Opens a repository with a password, trying every key file.
+    pub fn open(backend: Arc<dyn Backend>, password: &[u8]) -> Result<Repository> {
+        let config_bytes = match backend.get(names::CONFIG) {
+            Ok(b) => b,
+            Err(Error::Missing { .. }) => return Err(Error::NoRepository(backend.location())),
+            Err(e) => return Err(e),
+        };
+        envelope::check_header(&config_bytes, Kind::Config).map_err(|e| map_header_err(names::CONFIG, e))?;
+        let mut key_names = backend.list(names::KEYS)?;
+        key_names.sort_by(|a, b| a.name.cmp(&b.name));
+        if key_names.is_empty() {
+            return Err(Error::corrupt(names::KEYS, "the repository has no key files"));
+        }
+        let mut first_damage = None;
+        for info in &key_names {
+            let Some(id) = info.name.rsplit('/').next().and_then(BlobId::from_hex) else { continue };
+            let kf = match get_verified(&*backend, &info.name, &id)
+                .and_then(|b| KeyFile::decode(&b).map_err(|e| key_err(&info.name, e)))
+            {
+                Ok(kf) => kf,
+                Err(e) => {
+                    tracing::warn!("skipping key file: {e}");
+                    first_damage.get_or_insert(e);
+                    continue;
+                }
+            };
+            match kf.unwrap_secret(password) {
+                Ok(secret) => {
+                    let keys = Keys::from_master_secret(&secret);
+                    let plain = envelope::open(&keys, Kind::Config, &config_bytes)
+                        .map_err(|e| map_header_err(names::CONFIG, e))?;
+                    let config = Config::decode(&plain).map_err(|e| Error::corrupt(names::CONFIG, e))?;
+                    return Ok(Repository { backend, keys, config, key_id: id, master_secret: secret });
+                }
+                Err(KeyError::WrongPassword) => continue,
+                Err(e) => {
+                    let e = key_err(&info.name, e);
+                    tracing::warn!("skipping key file: {e}");
+                    first_damage.get_or_insert(e);
+                }
+            }
+        }
+        // If some key file was unreadable the password may belong to it: say so rather than "wrong password".
+        match first_damage {
+            Some(e) => Err(Error::invalid(format!("no readable key file accepts this password ({e})"))),
+            None => Err(Error::WrongPassword),
+        }
+    }
+
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    pub fn key_id(&self) -> ObjectId {
+        self.key_id
+    }
+
+    // ---- keys ----
+
+    pub fn add_key(&self, password: &[u8], kdf: KdfParams) -> Result<ObjectId> {
+        write_key(&*self.backend, &self.master_secret, password, kdf)
+    }
+
+    pub fn list_keys(&self) -> Result<Vec<(ObjectId, Result<KeyFile>)>> {
+        let mut out = Vec::new();
+        for info in self.backend.list(names::KEYS)? {
+            let Some(id) = info.name.rsplit('/').next().and_then(BlobId::from_hex) else { continue };
+            let kf = get_verified(&*self.backend, &info.name, &id)
+                .and_then(|b| KeyFile::decode(&b).map_err(|e| key_err(&info.name, e)));
+            out.push((id, kf));
+        }
+        out.sort_by_key(|(_, k)| k.as_ref().map(|k| k.created_secs).unwrap_or(0));
+        Ok(out)
+    }
+
+    /// Removes a key file. The key that opened this session cannot be removed (use `passwd`).
+    pub fn remove_key(&self, id: &ObjectId) -> Result<()> {
+        if *id == self.key_id {
+            return Err(Error::invalid("refusing to remove the key this session was opened with"));
+        }
+        let name = names::key(id);
+        if self.backend.size(&name)?.is_none() {
+            return Err(Error::Missing { object: name });
+        }
+        self.backend.delete(&name)
+    }
+
+    /// Replaces the current key with one for a new password.
+    pub fn change_password(&mut self, password: &[u8], kdf: KdfParams) -> Result<ObjectId> {
+        let new_id = self.add_key(password, kdf)?;
+        self.backend.delete(&names::key(&self.key_id))?;
+        self.key_id = new_id;
+        Ok(new_id)
+    }
+
+    // ---- packs and blobs ----
+
+    pub fn save_pack(&self, pack: &FinishedPack) -> Result<()> {
+        self.backend.put(&names::pack(&pack.id), &pack.bytes)
+    }
+
+    /// Reads one blob and returns its authenticated, id-checked plaintext.
+    pub fn read_blob(&self, loc: &BlobLocation) -> Result<Vec<u8>> {
+        let name = names::pack(&loc.pack);
+        let stored = self.backend.get_range(&name, loc.entry.offset as u64, loc.entry.stored_len as u64)?;
+        pack::open_blob(&self.keys, &loc.entry, &stored).map_err(|cause| {
+            Error::corrupt(
+                &name,
+                format!("{} blob {} at offset {}: {cause}", loc.entry.blob_type.name(), loc.entry.id, loc.entry.offset),
+            )
+        })
+    }
+
+    /// Reads and decrypts a pack's header with two ranged reads (trailer, then header).
+    pub fn read_pack_header(&self, id: &ObjectId, size: u64) -> Result<PackHeader> {
+        let name = names::pack(id);
+        let tl = pack::TRAILER_LEN as u64;
+        if size < tl {
+            return Err(Error::corrupt(&name, format!("truncated: {size} bytes")));
+        }
+        let trailer = self.backend.get_range(&name, size - tl, tl)?;
+        let (start, len) = pack::parse_trailer(&trailer, size).map_err(|e| Error::corrupt(&name, e))?;
+        let sealed = self.backend.get_range(&name, start, len as u64)?;
+        pack::open_header(&self.keys, &sealed, start).map_err(|e| Error::corrupt(&name, e))
+    }
+
+    // ---- index files ----
+
+    pub fn save_index(&self, index: &IndexFile) -> Result<ObjectId> {
+        let bytes = envelope::seal(&self.keys, Kind::Index, &index.encode());
+        let id = BlobId::of_file(&bytes);
+        self.backend.put(&names::index(&id), &bytes)?;
+        Ok(id)
+    }
+
+    pub fn load_index(&self, id: &ObjectId) -> Result<IndexFile> {
+        let name = names::index(id);
+        let bytes = get_verified(&*self.backend, &name, id)?;
+        let plain = envelope::open(&self.keys, Kind::Index, &bytes).map_err(|e| map_header_err(&name, e))?;
+        IndexFile::decode(&plain).map_err(|e| Error::corrupt(&name, e))
+    }
+
+    pub fn list_index_ids(&self) -> Result<Vec<ObjectId>> {
+        list_ids(&*self.backend, names::INDEX)
+    }
+
+    // ---- snapshots ----
+
+    pub fn save_snapshot(&self, snap: &Snapshot) -> Result<ObjectId> {
+        let bytes = envelope::seal(&self.keys, Kind::Snapshot, &snap.encode());
+        let id = BlobId::of_file(&bytes);
+        self.backend.put(&names::snapshot(&id), &bytes)?;
+        Ok(id)
+    }
+
+    pub fn load_snapshot(&self, id: &ObjectId) -> Result<Snapshot> {
+        let name = names::snapshot(id);
+        let bytes = get_verified(&*self.backend, &name, id)?;
+        let plain = envelope::open(&self.keys, Kind::Snapshot, &bytes).map_err(|e| map_header_err(&name, e))?;
+        Snapshot::decode(&plain).map_err(|e| Error::corrupt(&name, e))
+    }
+
+    /// All snapshots, oldest first. A damaged snapshot is an error naming it.
+    pub fn list_snapshots(&self) -> Result<Vec<(ObjectId, Snapshot)>> {
+        let ids = list_ids(&*self.backend, names::SNAPSHOTS)?;
+        let mut out: Vec<(ObjectId, Snapshot)> =
+            ids.par_iter().map(|id| Ok((*id, self.load_snapshot(id)?))).collect::<Result<_>>()?;
+        out.sort_by_key(|(_, s)| (s.time_secs, s.time_nanos));
+        Ok(out)
+    }
+
+    /// Resolves a snapshot reference: a full id, a unique id prefix, or `latest` (optionally within a source).
+    pub fn find_snapshot(&self, reference: &str, source: Option<&str>) -> Result<(ObjectId, Snapshot)> {
+        if reference == "latest" {
+            let all = self.list_snapshots()?;
+            return all.into_iter().rev().find(|(_, s)| source.is_none_or(|src| s.source == src)).ok_or_else(|| {
+                Error::invalid(match source {
+                    Some(src) => format!("no snapshot of source {src:?}"),
+                    None => "the repository has no snapshots".into(),
+                })
+            });
+        }
+        if reference.len() < 4 || !reference.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::invalid(format!(
+                "{reference:?} is not a snapshot id (hex, at least 4 digits) or `latest`"
+            )));
+        }
+        let reference = reference.to_ascii_lowercase();
+        let matches: Vec<ObjectId> = list_ids(&*self.backend, names::SNAPSHOTS)?
+            .into_iter()
+            .filter(|id| id.hex().starts_with(&reference))
+            .collect();
+        match matches.as_slice() {
+            [id] => Ok((*id, self.load_snapshot(id)?)),
+            [] => Err(Error::invalid(format!("no snapshot with id {reference}"))),
+            _ => {
+                Err(Error::invalid(format!("snapshot id prefix {reference} is ambiguous ({} matches)", matches.len())))
+            }
+        }
+    }
+}
+
+fn key_err(name: &str, e: KeyError) -> Error {
+    match e {
+        KeyError::WrongPassword => Error::WrongPassword,
+        KeyError::Version(found) => Error::UnsupportedVersion { object: name.into(), found, supported: FORMAT_VERSION },
+        KeyError::Corrupt(c) => Error::corrupt(name, c),
+    }
+}
+
+fn write_key(backend: &dyn Backend, secret: &[u8; 32], password: &[u8], kdf: KdfParams) -> Result<ObjectId> {
+    let kf = KeyFile::create(secret, password, kdf, crate::util::hostname(), crate::util::username());
+    let bytes = kf.encode();
+    let id = BlobId::of_file(&bytes);
+    backend.put(&names::key(&id), &bytes)?;
+    Ok(id)
+}
+
+/// Ids of the objects in a flat directory of content-named files; other names are ignored with a warning.
+pub(crate) fn list_ids(backend: &dyn Backend, dir: &str) -> Result<Vec<ObjectId>> {
+    let mut ids = Vec::new();
+    for info in backend.list(dir)? {
+        match info.name.rsplit('/').next().and_then(BlobId::from_hex) {
+            Some(id) => ids.push(id),
+            None => tracing::warn!("ignoring unexpected object {}", info.name),
+        }
+    }
+    ids.sort();
+    Ok(ids)
+}

@@ -1,0 +1,144 @@
+//! Disk sources: what a backup reads. A source knows its capacity, reads at offsets, and may know which
+//! ranges are allocated (for full backups) — raw image files and block devices here; VDDK and NBD implement
+//! the same trait.
+//!
+//! Change information (VMware's changed areas, NBD dirty bitmaps) arrives as [`Extent`] lists and is turned
+//! into block ranges by [`BlockRanges`], the one place that maps bytes to 1 MiB blocks.
+
+pub mod changes;
+pub mod file;
+
+use std::ops::Range;
+
+use crate::error::Result;
+
+/// A byte range of a disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Extent {
+    pub start: u64,
+    pub length: u64,
+}
+
+impl Extent {
+    pub fn end(&self) -> u64 {
+        self.start + self.length
+    }
+}
+
+pub trait DiskSource: Send {
+    /// `file`, `vddk`, `nbd`: recorded in the manifest.
+    fn kind(&self) -> &'static str;
+    /// Path or URL, for the manifest and messages.
+    fn describe(&self) -> String;
+    fn capacity(&self) -> u64;
+    /// Fills `buf` from `offset`. `offset + buf.len()` never exceeds the capacity.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// The allocated (possibly non-zero) ranges, or `None` if the source cannot tell (read everything).
+    fn allocated(&mut self) -> Result<Option<Vec<Extent>>>;
+}
+
+/// Sorted, non-overlapping ranges of block indices.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockRanges(Vec<Range<u64>>);
+
+impl BlockRanges {
+    pub fn all(blocks: u64) -> Self {
+        let mut r = BlockRanges::default();
+        r.add(0..blocks);
+        r
+    }
+
+    /// The blocks touched by `extents` (which must lie within the disk; see [`changes::validate`]).
+    pub fn from_extents(extents: &[Extent], block_size: u64) -> Self {
+        let mut ranges: Vec<Range<u64>> = extents
+            .iter()
+            .filter(|e| e.length > 0)
+            .map(|e| e.start / block_size..(e.end() - 1) / block_size + 1)
+            .collect();
+        ranges.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        BlockRanges(merged)
+    }
+
+    /// Adds the blocks `from..to`.
+    pub fn add(&mut self, range: Range<u64>) {
+        if range.is_empty() {
+            return;
+        }
+        let mut v = std::mem::take(&mut self.0);
+        v.push(range);
+        v.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::with_capacity(v.len());
+        for r in v {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        self.0 = merged;
+    }
+
+    pub fn ranges(&self) -> &[Range<u64>] {
+        &self.0
+    }
+
+    pub fn block_count(&self) -> u64 {
+        self.0.iter().map(|r| r.end - r.start).sum()
+    }
+
+    /// Block indices in order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.0.iter().flat_map(|r| r.clone())
+    }
+
+    /// A cursor for in-order membership tests (the assembler walks blocks in order).
+    pub fn cursor(&self) -> BlockCursor<'_> {
+        BlockCursor { ranges: &self.0, pos: 0 }
+    }
+}
+
+pub struct BlockCursor<'a> {
+    ranges: &'a [Range<u64>],
+    pos: usize,
+}
+
+impl BlockCursor<'_> {
+    /// Whether block `i` is in the set; `i` must not decrease between calls.
+    pub fn contains(&mut self, i: u64) -> bool {
+        while self.pos < self.ranges.len() && self.ranges[self.pos].end <= i {
+            self.pos += 1;
+        }
+        self.pos < self.ranges.len() && self.ranges[self.pos].start <= i
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_to_blocks() {
+        let mb = 1u64 << 20;
+        let e = [
+            Extent { start: 0, length: 1 },
+            Extent { start: mb - 1, length: 2 },
+            Extent { start: 5 * mb, length: mb },
+            Extent { start: 9 * mb + 7, length: 0 },
+        ];
+        let r = BlockRanges::from_extents(&e, mb);
+        assert_eq!(r.ranges(), &[0..2, 5..6]);
+        let mut c = r.cursor();
+        let inside: Vec<u64> = (0..8).filter(|&i| c.contains(i)).collect();
+        assert_eq!(inside, vec![0, 1, 5]);
+        let mut r2 = r.clone();
+        r2.add(6..8);
+        assert_eq!(r2.ranges(), &[0..2, 5..8]);
+        assert_eq!(r2.block_count(), 5);
+    }
+}

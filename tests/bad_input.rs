@@ -1,0 +1,153 @@
+//! Bad input gets a clear error naming the object and the cause, a non-zero exit, and no panic; never wrong
+//! bytes written silently.
+
+mod common;
+
+use common::*;
+
+/// A repository with one snapshot of a 6 MiB random image; returns the image.
+fn setup(e: &Env) -> Vec<u8> {
+    let img = random_bytes(7, 6 * MIB);
+    write(&e.path("img"), &img);
+    e.backup(&[e.path("img").to_str().unwrap(), "--name", "vm"]);
+    img
+}
+
+/// The data pack files (the larger ones; metadata packs hold one small segment here).
+fn data_packs(e: &Env) -> Vec<std::path::PathBuf> {
+    e.files("packs").into_iter().filter(|p| std::fs::metadata(p).unwrap().len() > MIB as u64).collect()
+}
+
+fn restore_fails(e: &Env) -> String {
+    let t = e.path("out");
+    let _ = std::fs::remove_file(&t);
+    let r = e.fails(&["restore", "latest", "--target", t.to_str().unwrap()]);
+    r.stderr
+}
+
+#[test]
+fn bit_flipped_pack_is_reported_by_name() {
+    let e = Env::with_repo();
+    setup(&e);
+    let pack = &data_packs(&e)[0];
+    let mut bytes = std::fs::read(pack).unwrap();
+    bytes[MIB + 1000] ^= 0x01;
+    std::fs::write(pack, &bytes).unwrap();
+    let err = restore_fails(&e);
+    let pack_name = pack.file_name().unwrap().to_str().unwrap();
+    assert!(err.contains(pack_name), "error does not name the pack: {err}");
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(err.contains("block 1"), "error does not name the damaged block: {err}");
+}
+
+#[test]
+fn truncated_pack_is_reported() {
+    let e = Env::with_repo();
+    setup(&e);
+    let pack = &data_packs(&e)[0];
+    let bytes = std::fs::read(pack).unwrap();
+    std::fs::write(pack, &bytes[..bytes.len() / 2]).unwrap();
+    let err = restore_fails(&e);
+    assert!(err.contains(pack.file_name().unwrap().to_str().unwrap()), "{err}");
+    assert!(err.contains("truncated"), "{err}");
+}
+
+#[test]
+fn missing_pack_is_reported() {
+    let e = Env::with_repo();
+    setup(&e);
+    let pack = &data_packs(&e)[0];
+    std::fs::remove_file(pack).unwrap();
+    let err = restore_fails(&e);
+    assert!(err.contains(pack.file_name().unwrap().to_str().unwrap()), "{err}");
+    assert!(err.contains("not found"), "{err}");
+}
+
+#[test]
+fn corrupt_manifest_is_reported() {
+    let e = Env::with_repo();
+    setup(&e);
+    let snap = &e.files("snapshots")[0];
+    let mut bytes = std::fs::read(snap).unwrap();
+    let n = bytes.len();
+    bytes[n - 20] ^= 0x80;
+    std::fs::write(snap, &bytes).unwrap();
+    let r = e.fails(&["snapshots"]);
+    assert!(r.stderr.contains(snap.file_name().unwrap().to_str().unwrap()), "{}", r.stderr);
+    assert!(r.stderr.contains("does not match its name"), "{}", r.stderr);
+}
+
+#[test]
+fn corrupt_config_is_reported() {
+    let e = Env::with_repo();
+    setup(&e);
+    let cfg = e.repo().join("config");
+    let mut bytes = std::fs::read(&cfg).unwrap();
+    let n = bytes.len();
+    bytes[n - 5] ^= 0x10;
+    std::fs::write(&cfg, &bytes).unwrap();
+    let r = e.fails(&["snapshots"]);
+    assert!(r.stderr.contains("config:"), "{}", r.stderr);
+    std::fs::write(&cfg, b"DVLT\x01\x09\x00\x00").unwrap();
+    let r = e.fails(&["snapshots"]);
+    assert!(r.stderr.contains("format version 9 is not supported"), "{}", r.stderr);
+    std::fs::write(&cfg, b"hello").unwrap();
+    let r = e.fails(&["snapshots"]);
+    assert!(r.stderr.contains("config:"), "{}", r.stderr);
+}
+
+#[test]
+fn corrupt_key_file_is_reported() {
+    let e = Env::with_repo();
+    let key = &e.files("keys")[0];
+    std::fs::write(key, b"DVLT\x04\x01\x00\x00garbage").unwrap();
+    let r = e.fails(&["snapshots"]);
+    assert!(r.stderr.contains("keys/"), "{}", r.stderr);
+}
+
+#[test]
+fn bad_changed_areas_files() {
+    let e = Env::with_repo();
+    setup(&e);
+    let img = e.path("img");
+    let cf = e.path("c.json");
+    std::fs::write(&cf, b"{ not json").unwrap();
+    let r = e.fails(&["backup", img.to_str().unwrap(), "--name", "vm", "--changed-areas", cf.to_str().unwrap()]);
+    assert!(r.stderr.contains("c.json") && r.stderr.contains("not a changed-areas file"), "{}", r.stderr);
+    write_changes(&cf, &[(5 * MIB as u64, 2 * MIB as u64)]);
+    let r = e.fails(&["backup", img.to_str().unwrap(), "--name", "vm", "--changed-areas", cf.to_str().unwrap()]);
+    assert!(r.stderr.contains("outside the disk"), "{}", r.stderr);
+    assert_eq!(e.files("snapshots").len(), 1, "a failed backup must not commit a snapshot");
+}
+
+#[test]
+fn source_smaller_than_parent_is_refused() {
+    let e = Env::with_repo();
+    let img = setup(&e);
+    let p = e.path("img");
+    write(&p, &img[..4 * MIB]);
+    let cf = e.path("c.json");
+    write_changes(&cf, &[(0, 10)]);
+    let r = e.fails(&["backup", p.to_str().unwrap(), "--name", "vm", "--changed-areas", cf.to_str().unwrap()]);
+    assert!(r.stderr.contains("smaller than disk"), "{}", r.stderr);
+}
+
+#[test]
+fn unreadable_source_is_reported() {
+    let e = Env::with_repo();
+    let r = e.fails(&["backup", e.path("does-not-exist").to_str().unwrap()]);
+    assert!(r.stderr.contains("does-not-exist") && r.stderr.contains("cannot open"), "{}", r.stderr);
+}
+
+#[test]
+fn restore_never_overwrites_without_asking() {
+    let e = Env::with_repo();
+    let img = setup(&e);
+    let t = e.path("existing");
+    std::fs::write(&t, b"precious").unwrap();
+    let r = e.fails(&["restore", "latest", "--target", t.to_str().unwrap()]);
+    assert!(r.stderr.contains("--overwrite"), "{}", r.stderr);
+    assert_eq!(std::fs::read(&t).unwrap(), b"precious");
+    e.ok(&["restore", "latest", "--target", t.to_str().unwrap(), "--overwrite"]);
+    assert_eq!(std::fs::read(&t).unwrap(), img);
+}

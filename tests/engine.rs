@@ -1,0 +1,290 @@
+//! End-to-end tests of the engine through the built binary: backup, incrementals, dedup, restore, keys.
+
+mod common;
+
+use common::*;
+
+/// An image with every kind of content: random, zeros, repeated data, a sparse hole, and a tail that is not
+/// a multiple of 1 MiB.
+fn mixed_image() -> Vec<u8> {
+    let mut img = Vec::new();
+    img.extend(random_bytes(1, 3 * MIB));
+    img.extend(vec![0u8; 2 * MIB]);
+    img.extend(b"repeated pattern ".repeat(3 * MIB / 17));
+    img.extend(random_bytes(2, MIB)); // this block appears twice: dedup inside one disk
+    img.extend(random_bytes(2, MIB));
+    img.extend(random_bytes(3, 12_345));
+    img
+}
+
+#[test]
+fn full_backup_restores_bit_exact() {
+    let e = Env::with_repo();
+    let img = mixed_image();
+    let path = e.path("mixed.raw");
+    write(&path, &img);
+    let r = e.backup(&[path.to_str().unwrap(), "--name", "vm1"]);
+    let disk = &r["disks"][0];
+    assert_eq!(disk["capacity"], img.len() as u64);
+    assert_eq!(disk["zero_blocks"], 2);
+    // 3 random + 3 pattern-ish (the pattern blocks differ by phase) + 1 random twice (stored once) + tail.
+    let distinct: std::collections::HashSet<&[u8]> = img.chunks(MIB).filter(|c| c.iter().any(|&b| b != 0)).collect();
+    assert_eq!(disk["new_blocks"], distinct.len() as u64);
+    assert_eq!(e.restore("latest", &[]), img);
+}
+
+#[test]
+fn sparse_source_is_skipped_and_restored_sparse() {
+    let e = Env::with_repo();
+    let path = e.path("sparse.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(64 * MIB as u64).unwrap();
+        f.write_all_at(&random_bytes(9, MIB), 10 * MIB as u64).unwrap();
+        f.write_all_at(b"end", 64 * MIB as u64 - 3).unwrap();
+    }
+    let r = e.backup(&[path.to_str().unwrap()]);
+    let read = r["disks"][0]["blocks_read"].as_u64().unwrap();
+    assert!(read <= 4, "holes must not be read, read {read} blocks");
+    let target = e.path("sparse.out");
+    e.ok(&["restore", "latest", "--target", target.to_str().unwrap(), "--verify"]);
+    assert_eq!(std::fs::read(&target).unwrap(), std::fs::read(&path).unwrap());
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&target).unwrap().blocks() * 512;
+    assert!(allocated < 8 * MIB as u64, "restored file is not sparse: {allocated} bytes allocated");
+}
+
+#[test]
+fn incremental_chain_from_changed_areas() {
+    let e = Env::with_repo();
+    let path = e.path("disk.raw");
+    let mut img = random_bytes(10, 40 * MIB + 777);
+    write(&path, &img);
+    let full = e.backup(&[path.to_str().unwrap(), "--name", "vm"]);
+    let mut points = vec![(full["snapshot"].as_str().unwrap().to_string(), img.clone())];
+
+    let changes: [&[(u64, u64)]; 3] = [
+        &[(5 * MIB as u64 + 100, 4096), (20 * MIB as u64, 2 * MIB as u64)],
+        &[(0, 1), (39 * MIB as u64, MIB as u64 + 777)],
+        &[(7 * MIB as u64 - 10, 20), (30 * MIB as u64 + 5, 65536)],
+    ];
+    for (step, areas) in changes.iter().enumerate() {
+        for (k, &(s, l)) in areas.iter().enumerate() {
+            let new = random_bytes(100 + step as u64 * 10 + k as u64, l as usize);
+            img[s as usize..(s + l) as usize].copy_from_slice(&new);
+        }
+        write(&path, &img);
+        let cf = e.path(&format!("changes-{step}.json"));
+        write_changes(&cf, areas);
+        let r = e.backup(&[path.to_str().unwrap(), "--name", "vm", "--changed-areas", cf.to_str().unwrap()]);
+        assert_eq!(r["parent"].as_str().unwrap(), points.last().unwrap().0, "step {step} builds on the previous");
+        let d = &r["disks"][0];
+        assert_eq!(
+            d["blocks_read"].as_u64().unwrap(),
+            blocks_touched(areas),
+            "step {step}: only changed blocks are read"
+        );
+        assert_eq!(d["blocks_inherited"].as_u64().unwrap() + blocks_touched(areas), 41);
+        points.push((r["snapshot"].as_str().unwrap().to_string(), img.clone()));
+    }
+    for (id, expected) in &points {
+        assert!(e.restore(id, &[]) == *expected, "snapshot {id} does not restore its point in time");
+    }
+}
+
+#[test]
+fn unchanged_segments_are_reused_not_rewritten() {
+    // 5 GiB sparse disk = 2 segments; an incremental touching only the first rewrites one segment blob.
+    let e = Env::with_repo();
+    let path = e.path("big.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(5 << 30).unwrap();
+        f.write_all_at(&random_bytes(1, MIB), 0).unwrap();
+        f.write_all_at(&random_bytes(2, MIB), 4500 << 20).unwrap();
+    }
+    let p = path.to_str().unwrap();
+    e.backup(&[p, "--name", "big"]);
+    let cf = e.path("c.json");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&random_bytes(3, 100), 0).unwrap();
+    }
+    write_changes(&cf, &[(0, 100)]);
+    let before = e.files("packs").len();
+    let r = e.backup(&[p, "--name", "big", "--changed-areas", cf.to_str().unwrap()]);
+    assert_eq!(r["disks"][0]["blocks_read"], 1);
+    assert_eq!(r["disks"][0]["new_blocks"], 1);
+    // One data pack and one metadata pack with exactly one segment (the second is reused).
+    assert_eq!(e.files("packs").len(), before + 2);
+    let snaps = e.ok(&["snapshots", "--json"]).json();
+    let id = snaps[1]["id"].as_str().unwrap();
+    let cat = e.ok(&["cat", "snapshot", id]).json();
+    let cat0 = e.ok(&["cat", "snapshot", snaps[0]["id"].as_str().unwrap()]).json();
+    let segs = &cat["disks"][0]["segments"];
+    let segs0 = &cat0["disks"][0]["segments"];
+    assert_ne!(segs[0], segs0[0]);
+    assert_eq!(segs[1], segs0[1]);
+}
+
+#[test]
+fn second_disk_stores_only_its_new_blocks() {
+    let e = Env::with_repo();
+    let base = random_bytes(20, 30 * MIB);
+    let a = e.path("a.raw");
+    write(&a, &base);
+    e.backup(&[a.to_str().unwrap(), "--name", "vm-a"]);
+    let mut other = base.clone();
+    other[3 * MIB..5 * MIB].copy_from_slice(&random_bytes(21, 2 * MIB));
+    other.extend(random_bytes(22, MIB));
+    let b = e.path("b.raw");
+    write(&b, &other);
+    let before = e.repo_bytes();
+    let r = e.backup(&[b.to_str().unwrap(), "--name", "vm-b"]);
+    assert_eq!(r["disks"][0]["new_blocks"], 3, "only the 3 blocks not in disk a are new");
+    let added = e.repo_bytes() - before;
+    // 3 MiB of incompressible data plus pack headers, index file, segment and snapshot.
+    assert!(added >= 3 * MIB as u64 && added < 3 * MIB as u64 + 64 * 1024, "added {added} bytes");
+    assert_eq!(e.restore("latest", &["--name", "vm-b"]), other);
+    assert_eq!(e.restore("latest", &["--name", "vm-a"]), base);
+}
+
+#[test]
+fn several_disks_in_one_snapshot() {
+    let e = Env::with_repo();
+    let d0 = random_bytes(30, 3 * MIB + 5);
+    let d1 = random_bytes(31, 2 * MIB);
+    write(&e.path("d0"), &d0);
+    write(&e.path("d1"), &d1);
+    let s0 = format!("disk0={}", e.path("d0").display());
+    let s1 = format!("disk1={}", e.path("d1").display());
+    let r = e.backup(&["--name", "vm", &s0, &s1]);
+    let id = r["snapshot"].as_str().unwrap();
+    assert_eq!(e.restore(id, &["--disk", "disk0"]), d0);
+    assert_eq!(e.restore(&format!("{}:disk1", &id[..8]), &[]), d1);
+    let t = e.path("x");
+    let err = e.fails(&["restore", id, "--target", t.to_str().unwrap()]);
+    assert!(err.stderr.contains("several disks"), "{}", err.stderr);
+}
+
+#[test]
+fn deleted_cache_is_rebuilt_and_still_dedups() {
+    let e = Env::with_repo();
+    let img = random_bytes(40, 8 * MIB);
+    let p = e.path("img");
+    write(&p, &img);
+    e.backup(&[p.to_str().unwrap()]);
+    std::fs::remove_dir_all(e.cache()).unwrap();
+    let before = e.repo_bytes();
+    let r = e.backup(&[p.to_str().unwrap(), "--no-parent"]);
+    assert_eq!(r["disks"][0]["new_blocks"], 0);
+    assert_eq!(r["disks"][0]["blocks_read"], 8);
+    // Only the snapshot object is new (the segment is known too).
+    assert!(e.repo_bytes() - before < 4096);
+    // A damaged cache is rebuilt as well.
+    for f in walk(&e.cache()) {
+        if f.extension().is_some_and(|x| x == "sst") || f.file_name().unwrap().to_string_lossy().starts_with("CURRENT")
+        {
+            std::fs::write(&f, b"garbage").unwrap();
+        }
+    }
+    let r = e.backup(&[p.to_str().unwrap(), "--no-parent"]);
+    assert_eq!(r["disks"][0]["new_blocks"], 0);
+    assert_eq!(e.restore("latest", &[]), img);
+}
+
+fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                out.extend(walk(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn wrong_password_is_refused() {
+    let mut e = Env::with_repo();
+    e.password = "not the password".into();
+    let r = e.fails(&["snapshots"]);
+    assert_eq!(r.code, 12);
+    assert!(r.stderr.contains("wrong password"), "{}", r.stderr);
+}
+
+#[test]
+fn missing_repository_is_reported() {
+    let e = Env::new();
+    let r = e.fails(&["snapshots"]);
+    assert_eq!(r.code, 10);
+    assert!(r.stderr.contains("no repository"), "{}", r.stderr);
+    e.ok(&["init"]);
+    let r = e.fails(&["init"]);
+    assert!(r.stderr.contains("already exists"), "{}", r.stderr);
+}
+
+#[test]
+fn keys_add_list_remove_passwd() {
+    let mut e = Env::with_repo();
+    let img = random_bytes(50, MIB);
+    write(&e.path("i"), &img);
+    e.backup(&[e.path("i").to_str().unwrap()]);
+    let add = e.command(&["key", "add"]).env("DISKVAULT_NEW_PASSWORD", "second").output().unwrap();
+    assert!(add.status.success());
+    let list = e.ok(&["key", "list"]).stdout;
+    assert_eq!(list.lines().filter(|l| l.contains("20")).count(), 2, "{list}");
+    let first = e.password.clone();
+    e.password = "second".into();
+    assert_eq!(e.restore("latest", &[]), img);
+    // Remove the first key (opened with the second one).
+    let list = e.ok(&["key", "list"]).stdout;
+    let other = list
+        .lines()
+        .find(|l| l.starts_with("  ") && !l.contains("created"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    e.ok(&["key", "remove", &other]);
+    e.password = first;
+    e.fails(&["snapshots"]);
+    e.password = "second".into();
+    let pw = e.command(&["key", "passwd"]).env("DISKVAULT_NEW_PASSWORD", "third").output().unwrap();
+    assert!(pw.status.success());
+    e.fails(&["snapshots"]);
+    e.password = "third".into();
+    assert_eq!(e.restore("latest", &[]), img);
+    // The key in use cannot be removed.
+    let list = e.ok(&["key", "list"]).stdout;
+    let cur = list.lines().find(|l| l.starts_with('*')).unwrap().split_whitespace().nth(1).unwrap().to_string();
+    let r = e.fails(&["key", "remove", &cur]);
+    assert!(r.stderr.contains("refusing"), "{}", r.stderr);
+}
+
+#[test]
+fn password_file_and_command() {
+    let e = Env::with_repo();
+    let pf = e.path("pw");
+    std::fs::write(&pf, format!("{}\n", e.password)).unwrap();
+    let out = e
+        .command(&["snapshots", "--password-file", pf.to_str().unwrap()])
+        .env_remove("DISKVAULT_PASSWORD")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cmd = format!("cat {}", pf.display());
+    let out = e.command(&["snapshots", "--password-command", &cmd]).env_remove("DISKVAULT_PASSWORD").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        e.command(&["snapshots"]).env_remove("DISKVAULT_PASSWORD").stdin(std::process::Stdio::null()).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no password given"));
+}
