@@ -15,6 +15,7 @@
 //! | [`source`] | what is backed up: the [`source::DiskSource`] trait, raw files/block devices, change lists |
 //! | [`backup`] | the backup pipeline: read → hash/dedup/compress/encrypt → pack → upload → index → manifest |
 //! | [`restore`] | restore of a snapshot disk to a file or block device, with verification |
+//! | [`check`] | repository integrity: structure, and every byte with `--read-data` |
 //! | [`progress`] | progress bars and periodic progress lines |
 //! | [`cli`] | the `diskvault` command line |
 //!
@@ -33,6 +34,7 @@
 pub mod backend;
 pub mod backup;
 pub mod cache;
+pub mod check;
 pub mod cli;
 pub mod crypto;
 pub mod error;

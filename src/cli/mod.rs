@@ -3,6 +3,7 @@
 //! `--password-file`, `--password-command`, exit code 10 when there is no repository and 12 for a wrong password.
 
 mod backup;
+mod check;
 mod inspect;
 mod key;
 mod restore;
@@ -57,6 +58,8 @@ enum Command {
     Backup(backup::BackupArgs),
     /// Restore a disk of a snapshot to a file or block device.
     Restore(restore::RestoreArgs),
+    /// Verify the repository's structure, and with --read-data every byte.
+    Check(check::CheckArgs),
     /// List snapshots.
     Snapshots(snapshots::SnapshotsArgs),
     /// Manage the passwords (key files) that open the repository.
@@ -214,6 +217,7 @@ pub fn main() -> i32 {
         Command::Backup(a) => backup::run(&g, a),
         Command::Restore(a) => restore::run(&g, a),
         Command::Snapshots(a) => snapshots::run(&g, a),
+        Command::Check(a) => check::run(&g, a),
         Command::Key(k) => key::run(&g, k),
         Command::Cat(a) => inspect::run(&g, a),
     };

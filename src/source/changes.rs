@@ -37,20 +37,20 @@ enum ChangeFile {
 /// Reads and validates a changed-areas file against the disk's capacity.
 pub fn load(path: &Path, capacity: u64) -> Result<Vec<Extent>> {
     let text = std::fs::read(path).map_err(|e| Error::local(path, format!("cannot read changed-areas file: {e}")))?;
-    let parsed: ChangeFile = serde_json::from_slice(&text).map_err(|e| {
-        Error::local(
-            path,
-            format!(
-                "not a changed-areas file ({e}); expected a JSON list of {{\"start\": N, \"length\": N}} byte ranges"
-            ),
-        )
+    parse(&text, capacity).map_err(|e| Error::local(path, e))
+}
+
+/// Parses and validates the JSON of a changed-areas file.
+pub fn parse(text: &[u8], capacity: u64) -> std::result::Result<Vec<Extent>, String> {
+    let parsed: ChangeFile = serde_json::from_slice(text).map_err(|e| {
+        format!("not a changed-areas file ({e}); expected a JSON list of {{\"start\": N, \"length\": N}} byte ranges")
     })?;
     let areas = match parsed {
         ChangeFile::List(a) => a,
         ChangeFile::DiskChangeInfo { changed_area, .. } => changed_area,
     };
     let extents: Vec<Extent> = areas.into_iter().map(|a| Extent { start: a.start, length: a.length }).collect();
-    validate(&extents, capacity).map_err(|e| Error::local(path, e))?;
+    validate(&extents, capacity)?;
     Ok(extents)
 }
 

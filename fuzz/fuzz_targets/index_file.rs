@@ -1,0 +1,13 @@
+//! Index file payloads and local-cache values.
+#![no_main]
+use diskvault::format::index::{BlobLocation, IndexFile};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(f) = IndexFile::decode(data) {
+        assert_eq!(f.encode(), data);
+    }
+    if let Ok(l) = BlobLocation::decode(data) {
+        assert_eq!(&l.encode()[..], data);
+    }
+});

@@ -1,0 +1,333 @@
+//! `check`: is the repository whole?
+//!
+//! Structure (always): every index file decodes; every indexed pack exists, is large enough, and its header
+//! lists exactly what the index says; every snapshot decodes and every segment and block it references is
+//! indexed. Packs that no index lists are reported (a killed backup leaves them; they are harmless).
+//!
+//! Data (`--read-data`, or a subset): every selected pack is downloaded whole, its hash compared with its
+//! name, its header decrypted, and every blob authenticated, decompressed and re-hashed.
+//!
+//! Problems are collected, not fatal: the report names the object, and for snapshots the disk and byte
+//! offset concerned.
+
+use rayon::prelude::*;
+use std::collections::{HashMap, HashSet};
+
+use crate::error::Result;
+use crate::format::index::IndexedPack;
+use crate::format::pack::{self, PackEntry};
+use crate::format::{names, BlobId, BlobType, ObjectId, SEGMENT_BLOCKS};
+use crate::progress::Counters;
+use crate::repository::{list_ids, Repository};
+
+/// Which packs `--read-data` reads.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DataSubset {
+    None,
+    All,
+    /// Part `n` of `m` (1-based), by pack id: running 1/m … m/m reads every pack once.
+    Part {
+        n: u32,
+        m: u32,
+    },
+    /// About this fraction of the packs (chosen at random).
+    Percent(f64),
+}
+
+impl DataSubset {
+    pub fn parse(s: &str) -> std::result::Result<DataSubset, String> {
+        if let Some(p) = s.strip_suffix('%') {
+            let v: f64 = p.trim().parse().map_err(|_| format!("{s:?}: expected a percentage like 10%"))?;
+            if !(v > 0.0 && v <= 100.0) {
+                return Err(format!("{s:?}: the percentage must be in (0, 100]"));
+            }
+            return Ok(DataSubset::Percent(v));
+        }
+        let (n, m) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected n/m or a percentage"))?;
+        let (n, m): (u32, u32) = (
+            n.trim().parse().map_err(|_| format!("{s:?}: n is not a number"))?,
+            m.trim().parse().map_err(|_| format!("{s:?}: m is not a number"))?,
+        );
+        if m == 0 || n == 0 || n > m {
+            return Err(format!("{s:?}: need 1 <= n <= m"));
+        }
+        Ok(DataSubset::Part { n, m })
+    }
+
+    fn selects(&self, id: &ObjectId) -> bool {
+        match *self {
+            DataSubset::None => false,
+            DataSubset::All => true,
+            DataSubset::Part { n, m } => {
+                let v = u32::from_le_bytes(id.0[..4].try_into().unwrap());
+                v % m == n - 1
+            }
+            DataSubset::Percent(p) => {
+                let r = u32::from_le_bytes(crate::crypto::random_array::<4>());
+                (r as f64 / u32::MAX as f64) * 100.0 < p
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+    pub packs: usize,
+    pub index_files: usize,
+    pub snapshots: usize,
+    pub blobs: usize,
+    pub packs_read: usize,
+    pub bytes_read: u64,
+}
+
+impl CheckReport {
+    pub fn is_healthy(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result<CheckReport> {
+    let mut report = CheckReport::default();
+    let backend = repo.backend();
+
+    // Packs present.
+    let mut pack_sizes: HashMap<ObjectId, u64> = HashMap::new();
+    for info in backend.list(names::PACKS)? {
+        match info.name.rsplit('/').next().and_then(BlobId::from_hex) {
+            Some(id) if names::pack(&id) == info.name => {
+                pack_sizes.insert(id, info.size);
+            }
+            _ => report.warnings.push(format!("{}: not a pack name, ignored", info.name)),
+        }
+    }
+    report.packs = pack_sizes.len();
+
+    // Index files, and what they say each pack holds.
+    let index_ids = repo.list_index_ids()?;
+    report.index_files = index_ids.len();
+    let loaded: Vec<(ObjectId, Result<crate::format::index::IndexFile>)> =
+        index_ids.par_iter().map(|id| (*id, repo.load_index(id))).collect();
+    let mut indexed: HashMap<ObjectId, IndexedPack> = HashMap::new();
+    let mut blobs: HashMap<BlobId, (ObjectId, PackEntry)> = HashMap::new();
+    for (id, f) in loaded {
+        match f {
+            Err(e) => report.errors.push(e.to_string()),
+            Ok(f) => {
+                for p in f.packs {
+                    for e in &p.entries {
+                        blobs.entry(e.id).or_insert((p.id, *e));
+                    }
+                    if let Some(prev) = indexed.get(&p.id) {
+                        if prev.entries != p.entries {
+                            report.errors.push(format!(
+                                "{}: lists pack {} differently from another index file",
+                                names::index(&id),
+                                p.id.short()
+                            ));
+                        }
+                        continue;
+                    }
+                    indexed.insert(p.id, p);
+                }
+            }
+        }
+    }
+    report.blobs = blobs.len();
+
+    // Every indexed pack exists, and its header agrees with the index.
+    let header_problems: Vec<Problem> = indexed
+        .par_iter()
+        .filter_map(|(id, p)| {
+            let name = names::pack(id);
+            let problem = |msg: String| Some(Problem { pack: *id, damage: Damage::Pack, message: msg });
+            let Some(&size) = pack_sizes.get(id) else {
+                return problem(format!("{name}: indexed but missing ({} blobs lost)", p.entries.len()));
+            };
+            match repo.read_pack_header(id, size) {
+                Err(e) => problem(e.to_string()),
+                Ok(h) if h.entries != p.entries || h.pack_type != p.pack_type => {
+                    problem(format!("{name}: pack header does not match the index"))
+                }
+                Ok(_) => None,
+            }
+        })
+        .collect();
+    for id in pack_sizes.keys() {
+        if !indexed.contains_key(id) {
+            report.warnings.push(format!(
+                "{}: not in any index (left by an interrupted backup; `repair index` adopts it)",
+                names::pack(id)
+            ));
+        }
+    }
+
+    // Data.
+    let selected: Vec<(ObjectId, u64)> =
+        pack_sizes.iter().filter(|(id, _)| subset.selects(id)).map(|(id, s)| (*id, *s)).collect();
+    counters.add_total(selected.iter().map(|(_, s)| s).sum());
+    let data_problems: Vec<Problem> = selected
+        .par_iter()
+        .flat_map_iter(|(id, size)| {
+            let p = check_pack_data(repo, id, indexed.get(id));
+            counters.add_done(*size);
+            p
+        })
+        .collect();
+    report.packs_read = selected.len();
+    report.bytes_read = selected.iter().map(|(_, s)| s).sum();
+
+    let mut bad_packs: HashSet<ObjectId> = HashSet::new();
+    let mut bad_blobs: HashSet<BlobId> = HashSet::new();
+    for p in header_problems.into_iter().chain(data_problems) {
+        match p.damage {
+            Damage::Blob(b) => {
+                bad_blobs.insert(b);
+            }
+            Damage::Pack => {
+                bad_packs.insert(p.pack);
+            }
+            Damage::Noted => {}
+        }
+        report.errors.push(p.message);
+    }
+    let damaged = |id: &BlobId| match blobs.get(id) {
+        None => Some("not indexed"),
+        Some((pack, _)) if bad_packs.contains(pack) => Some("in a missing or damaged pack"),
+        Some(_) if bad_blobs.contains(id) => Some("damaged"),
+        Some(_) => None,
+    };
+
+    // Snapshots: every segment and block resolves to an intact blob.
+    let snap_ids = list_ids(&**backend, names::SNAPSHOTS)?;
+    report.snapshots = snap_ids.len();
+    for sid in &snap_ids {
+        let snap = match repo.load_snapshot(sid) {
+            Ok(s) => s,
+            Err(e) => {
+                report.errors.push(e.to_string());
+                continue;
+            }
+        };
+        for disk in &snap.disks {
+            let bs = disk.block_size as u64;
+            let where_ = |block: u64| {
+                format!(
+                    "snapshot {} ({}), disk {}, block {block} (offset {})",
+                    sid.short(),
+                    snap.source,
+                    disk.name,
+                    block * bs
+                )
+            };
+            for (k, seg) in disk.segments.iter().enumerate() {
+                let first = k as u64 * SEGMENT_BLOCKS as u64;
+                if let Some(why) = damaged(&seg.id) {
+                    report.errors.push(format!(
+                        "{}: manifest segment {} is {why}: blocks {first}..{} are unreadable",
+                        where_(first),
+                        seg.id.short(),
+                        first + seg.blocks as u64
+                    ));
+                    continue;
+                }
+                let (pack, entry) = blobs[&seg.id];
+                let plain = match repo.read_blob(&crate::format::index::BlobLocation { pack, entry }) {
+                    Ok(p) if entry.blob_type == BlobType::Segment && p.len() == seg.blocks as usize * 32 => p,
+                    Ok(_) => {
+                        report.errors.push(format!(
+                            "{}: manifest segment {} has the wrong size or type",
+                            where_(first),
+                            seg.id.short()
+                        ));
+                        continue;
+                    }
+                    Err(e) => {
+                        report.errors.push(format!("{}: {e}", where_(first)));
+                        continue;
+                    }
+                };
+                let mut count = 0u64;
+                let mut first_bad = None;
+                for (j, c) in plain.chunks_exact(32).enumerate() {
+                    let id = BlobId(c.try_into().unwrap());
+                    if id.is_zero_block() {
+                        continue;
+                    }
+                    if let Some(why) = damaged(&id) {
+                        count += 1;
+                        first_bad.get_or_insert((first + j as u64, why));
+                    }
+                }
+                if let Some((b, why)) = first_bad {
+                    report.errors.push(format!(
+                        "{}: {count} block(s) in blocks {first}..{} are unreadable (first: {why})",
+                        where_(b),
+                        first + seg.blocks as u64
+                    ));
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+struct Problem {
+    pack: ObjectId,
+    damage: Damage,
+    message: String,
+}
+
+enum Damage {
+    /// The whole pack is unusable (missing, or its blobs cannot be located).
+    Pack,
+    /// One blob is unreadable.
+    Blob(BlobId),
+    /// Worth reporting, but the per-blob checks that follow say what is unreadable.
+    Noted,
+}
+
+/// Downloads one pack and verifies every byte of it. Returns the problems found.
+fn check_pack_data(repo: &Repository, id: &ObjectId, indexed: Option<&IndexedPack>) -> Vec<Problem> {
+    let name = names::pack(id);
+    let whole = |message: String| Problem { pack: *id, damage: Damage::Pack, message };
+    let bytes = match repo.backend().get(&name) {
+        Ok(b) => b,
+        Err(e) => return vec![whole(e.to_string())],
+    };
+    let mut problems = Vec::new();
+    if BlobId::of_file(&bytes) != *id {
+        // Keep going: the blob-level check below says which blobs are damaged.
+        problems.push(Problem {
+            pack: *id,
+            damage: Damage::Noted,
+            message: format!("{name}: content does not match its name"),
+        });
+    }
+    let entries = match pack::read_header(repo.keys(), &bytes) {
+        Ok(h) => h.entries,
+        // The header is unreadable, but the index still says where the blobs are.
+        Err(e) => match indexed {
+            Some(p) => {
+                problems.push(Problem { pack: *id, damage: Damage::Noted, message: format!("{name}: {e}") });
+                p.entries.clone()
+            }
+            None => return vec![whole(format!("{name}: {e}"))],
+        },
+    };
+    for e in &entries {
+        let cause = match bytes.get(e.offset as usize..e.end() as usize) {
+            None => Some("beyond the end of the pack".to_string()),
+            Some(stored) => pack::open_blob(repo.keys(), e, stored).err(),
+        };
+        if let Some(c) = cause {
+            problems.push(Problem {
+                pack: *id,
+                damage: Damage::Blob(e.id),
+                message: format!("{name}: {} blob {} at offset {}: {c}", e.blob_type.name(), e.id, e.offset),
+            });
+        }
+    }
+    problems
+}

@@ -1,0 +1,57 @@
+//! `diskvault check`.
+
+use std::sync::Arc;
+
+use super::Globals;
+use crate::check::{self, DataSubset};
+use crate::error::{Error, Result};
+use crate::progress::{Counters, Reporter};
+use crate::util::human_bytes;
+
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// Also read and verify every byte of every pack.
+    #[arg(long, conflicts_with = "read_data_subset")]
+    read_data: bool,
+    /// Read and verify a subset of the packs: `n/m` (part n of m, by pack id) or `x%`.
+    #[arg(long, value_parser = DataSubset::parse)]
+    read_data_subset: Option<DataSubset>,
+}
+
+pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
+    let repo = g.open_repo()?;
+    let subset = match (args.read_data, args.read_data_subset) {
+        (true, _) => DataSubset::All,
+        (false, Some(s)) => s,
+        (false, None) => DataSubset::None,
+    };
+    let counters = Arc::new(Counters::default());
+    let report = {
+        let _r = Reporter::start("check", counters.clone(), g.progress);
+        check::run(&repo, subset, &counters)?
+    };
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    for e in &report.errors {
+        eprintln!("damaged: {e}");
+    }
+    println!(
+        "checked {} snapshots, {} index files, {} packs ({} blobs){}",
+        report.snapshots,
+        report.index_files,
+        report.packs,
+        report.blobs,
+        if report.packs_read > 0 {
+            format!("; read {} packs ({})", report.packs_read, human_bytes(report.bytes_read))
+        } else {
+            String::new()
+        }
+    );
+    if report.is_healthy() {
+        println!("no errors found");
+        Ok(())
+    } else {
+        Err(Error::invalid(format!("the repository has {} errors (listed above)", report.errors.len())))
+    }
+}

@@ -1,0 +1,171 @@
+//! The format is a contract: canonical encodings of every object are committed in `format-spec/vectors/`, and
+//! this test fails if the code's bytes drift from them. A small repository written by format version 1 is
+//! committed too, and must keep opening and restoring bit-exact.
+//!
+//! After a deliberate, specified format change: `DISKVAULT_UPDATE_VECTORS=1 cargo test --test format_vectors`.
+//! The vectors also seed the fuzz corpus (`scripts/fuzz.sh`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use diskvault::format::config::Config;
+use diskvault::format::index::{BlobLocation, IndexFile, IndexedPack};
+use diskvault::format::keyfile::{KdfParams, KeyFile};
+use diskvault::format::pack::{PackEntry, PackHeader};
+use diskvault::format::snapshot::{DiskManifest, DiskStats, SegmentRef, Snapshot, Summary};
+use diskvault::format::{BlobId, BlobType};
+
+fn vectors() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("format-spec/vectors")
+}
+
+fn updating() -> bool {
+    std::env::var_os("DISKVAULT_UPDATE_VECTORS").is_some()
+}
+
+fn check(name: &str, bytes: &[u8]) {
+    let path = vectors().join(name);
+    if updating() {
+        std::fs::create_dir_all(vectors()).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        return;
+    }
+    let expected = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(expected == bytes, "{name}: the encoding differs from the committed vector (format change?)");
+}
+
+fn entry(i: u8, offset: u32) -> PackEntry {
+    PackEntry {
+        blob_type: BlobType::Data,
+        flags: i & 1,
+        offset,
+        stored_len: 1000 + i as u32,
+        raw_len: 1 << 20,
+        id: BlobId([i; 32]),
+    }
+}
+
+#[test]
+fn config_vector() {
+    let c = Config {
+        id: [0xAB; 32],
+        created_secs: 1_795_322_283,
+        block_size: 1 << 20,
+        pack_target_size: 16 << 20,
+        zstd_level: 3,
+    };
+    check("config.bin", &c.encode());
+    assert_eq!(Config::decode(&c.encode()).unwrap(), c);
+}
+
+#[test]
+fn pack_header_and_index_vectors() {
+    let h = PackHeader { pack_type: BlobType::Data, entries: vec![entry(1, 0), entry(2, 1001)] };
+    check("pack_header.bin", &h.encode());
+    assert_eq!(PackHeader::decode(&h.encode(), 1001 + 1002).unwrap(), h);
+    let idx = IndexFile {
+        supersedes: vec![BlobId([9; 32])],
+        packs: vec![IndexedPack { id: BlobId([3; 32]), pack_type: BlobType::Data, entries: h.entries.clone() }],
+    };
+    check("index.bin", &idx.encode());
+    assert_eq!(IndexFile::decode(&idx.encode()).unwrap(), idx);
+    let loc = BlobLocation { pack: BlobId([3; 32]), entry: entry(1, 0) };
+    check("blob_location.bin", &loc.encode());
+}
+
+#[test]
+fn snapshot_vector() {
+    let disk = |name: &str, capacity: u64| DiskManifest {
+        name: name.into(),
+        source_kind: "file".into(),
+        source_path: format!("/images/{name}.raw"),
+        capacity,
+        block_size: 1 << 20,
+        change_token: Some("52 3c 1a-7/12".into()),
+        segments: vec![SegmentRef { id: BlobId([5; 32]), blocks: capacity.div_ceil(1 << 20) as u32 }],
+        stats: DiskStats {
+            bytes_read: 1,
+            blocks_read: 2,
+            blocks_inherited: 3,
+            zero_blocks: 4,
+            new_blocks: 5,
+            new_bytes_stored: 6,
+        },
+    };
+    let s = Snapshot {
+        time_secs: 1_795_322_283,
+        time_nanos: 123_456_789,
+        hostname: "proxy-1".into(),
+        username: "backup".into(),
+        source: "vm-web-01".into(),
+        tags: vec!["daily".into()],
+        parent: Some(BlobId([7; 32])),
+        disks: vec![disk("disk0", 10 << 20), disk("disk1", 3 << 20)],
+        annotations: BTreeMap::from([("vm.config".to_string(), "{}".to_string())]),
+        summary: Summary { duration_ms: 1500, bytes_read: 7, new_blobs: 8, bytes_added: 9 },
+    };
+    check("snapshot.bin", &s.encode());
+    assert_eq!(Snapshot::decode(&s.encode()).unwrap(), s);
+}
+
+#[test]
+fn key_file_vector() {
+    let k = KeyFile {
+        created_secs: 1_795_322_283,
+        hostname: "proxy-1".into(),
+        username: "backup".into(),
+        kdf: KdfParams::DEFAULT,
+        salt: [1; 32],
+        wrapped_secret: vec![2; 60],
+    };
+    check("key_file.bin", &k.encode());
+    assert_eq!(KeyFile::decode(&k.encode()).ok(), Some(k));
+}
+
+/// The disk image stored in `vectors/repo-v1`: text, a zero block, and a short random tail.
+fn repo_v1_image() -> Vec<u8> {
+    let mut img = b"diskvault format version 1 test image. ".repeat((1 << 20) / 40 + 1);
+    img.truncate(1 << 20);
+    img.extend(vec![0u8; 1 << 20]);
+    img.extend(common::random_bytes(2026, 300_000));
+    img
+}
+
+#[test]
+fn repository_written_by_v1_stays_readable() {
+    let dir = vectors().join("repo-v1");
+    let mut e = common::Env::new();
+    e.password = "format-v1".into();
+    let img_path = e.path("image.raw");
+    common::write(&img_path, &repo_v1_image());
+    if updating() {
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut c = e.command(&["init", "--pack-size", "1"]);
+        c.env("DISKVAULT_REPOSITORY", &dir);
+        assert!(c.status().unwrap().success());
+        let mut c = e.command(&["backup", "--name", "vector", &format!("disk0={}", img_path.display())]);
+        c.env("DISKVAULT_REPOSITORY", &dir);
+        assert!(c.status().unwrap().success());
+    }
+    // Work on a copy: opening must not need to write to the repository.
+    copy_dir(&dir, &e.repo());
+    let restored = e.restore("latest", &["--name", "vector"]);
+    assert!(restored == repo_v1_image(), "the v1 repository no longer restores its image");
+    let snaps = e.ok(&["snapshots", "--json"]).json();
+    assert_eq!(snaps[0]["disks"][0]["name"], "disk0");
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("{}: {e}", from.display())) {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
