@@ -18,3 +18,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --locked --no-fail-fast
 fi
+
+echo "== fuzz (every parser of stored bytes, bounded time each)"
+scripts/fuzz.sh "${FUZZ_SECONDS:-10}"

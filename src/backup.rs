@@ -234,6 +234,15 @@ pub fn run(
             return Err(Error::invalid(format!("two disks are named {:?}", j.name)));
         }
     }
+    // Packs a killed backup stored without indexing them: index them now, so that their blocks count as stored.
+    let adopted = crate::repair::adopt_unindexed_packs(repo, &cache)?;
+    if adopted.packs_indexed > 0 {
+        tracing::info!(
+            "indexed {} packs left by an interrupted backup ({} blobs)",
+            adopted.packs_indexed,
+            adopted.blobs_indexed
+        );
+    }
     let block_size = repo.config().block_size as u64;
     let parent_snap = opts.parent.as_ref().map(|(_, s)| s);
     let plans: Vec<DiskPlan> = jobs.iter_mut().map(|j| plan_disk(j, parent_snap, block_size)).collect::<Result<_>>()?;

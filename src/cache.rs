@@ -4,8 +4,8 @@
 //! other hosts wrote since the last run; if an index file it loaded has disappeared (prune or repair replaced
 //! it), or the database is unreadable, it is thrown away and rebuilt from `index/`. Deleting it loses nothing.
 //!
-//! Keys: `b` ‖ blob id → [`BlobLocation`] (80 bytes); `i` ‖ index file id → empty (loaded);
-//! `v` → cache layout version and repository id.
+//! Keys: `b` ‖ blob id → [`BlobLocation`] (80 bytes); `p` ‖ pack id → empty (an index file lists it);
+//! `i` ‖ index file id → empty (loaded); `v` → cache layout version and repository id.
 
 use std::path::{Path, PathBuf};
 
@@ -16,7 +16,7 @@ use crate::format::index::{BlobLocation, IndexFile};
 use crate::format::{BlobId, ObjectId};
 use crate::repository::Repository;
 
-const LAYOUT_VERSION: &[u8] = b"diskvault-index-cache-1";
+const LAYOUT_VERSION: &[u8] = b"diskvault-index-cache-2";
 
 pub struct IndexCache {
     db: rocksdb::DB,
@@ -71,6 +71,13 @@ fn blob_key(id: &BlobId) -> [u8; 33] {
 fn index_key(id: &ObjectId) -> [u8; 33] {
     let mut k = [0u8; 33];
     k[0] = b'i';
+    k[1..].copy_from_slice(&id.0);
+    k
+}
+
+fn pack_key(id: &ObjectId) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = b'p';
     k[1..].copy_from_slice(&id.0);
     k
 }
@@ -157,7 +164,7 @@ impl IndexCache {
 
     fn clear(&self) -> Result<()> {
         let mut batch = rocksdb::WriteBatch::default();
-        for prefix in [b'b', b'i'] {
+        for prefix in [b'b', b'i', b'p'] {
             batch.delete_range([prefix], [prefix + 1]);
         }
         self.db.write(batch).map_err(|e| self.err(e))
@@ -209,6 +216,7 @@ impl IndexCache {
     pub fn insert_index_file(&self, index_id: &ObjectId, file: &IndexFile) -> Result<()> {
         let mut batch = rocksdb::WriteBatch::default();
         for p in &file.packs {
+            batch.put(pack_key(&p.id), []);
             for e in &p.entries {
                 batch.put(blob_key(&e.id), BlobLocation { pack: p.id, entry: *e }.encode());
             }
@@ -226,20 +234,13 @@ impl IndexCache {
         }
     }
 
-    pub fn contains(&self, id: &BlobId) -> Result<bool> {
-        Ok(self.db.get_pinned(blob_key(id)).map_err(|e| self.err(e))?.is_some())
+    /// Whether an index file lists this pack.
+    pub fn knows_pack(&self, id: &ObjectId) -> Result<bool> {
+        Ok(self.db.get_pinned(pack_key(id)).map_err(|e| self.err(e))?.is_some())
     }
 
-    /// Iterates over every blob location in the cache (used by `check`).
-    pub fn for_each_blob(&self, mut f: impl FnMut(BlobLocation) -> Result<()>) -> Result<()> {
-        for item in self.db.prefix_iterator(b"b") {
-            let (k, v) = item.map_err(|e| self.err(e))?;
-            if k.first() != Some(&b'b') {
-                break;
-            }
-            f(BlobLocation::decode(&v).map_err(|e| self.err(e))?)?;
-        }
-        Ok(())
+    pub fn contains(&self, id: &BlobId) -> Result<bool> {
+        Ok(self.db.get_pinned(blob_key(id)).map_err(|e| self.err(e))?.is_some())
     }
 
     pub fn path(&self) -> &Path {

@@ -6,6 +6,7 @@ mod backup;
 mod check;
 mod inspect;
 mod key;
+mod repair;
 mod restore;
 mod snapshots;
 
@@ -65,6 +66,9 @@ enum Command {
     /// Manage the passwords (key files) that open the repository.
     #[command(subcommand)]
     Key(key::KeyCommand),
+    /// Repair the repository.
+    #[command(subcommand)]
+    Repair(repair::RepairCommand),
     /// Print a repository object as JSON (for debugging).
     Cat(inspect::CatArgs),
 }
@@ -220,6 +224,7 @@ pub fn main() -> i32 {
         Command::Check(a) => check::run(&g, a),
         Command::Key(k) => key::run(&g, k),
         Command::Cat(a) => inspect::run(&g, a),
+        Command::Repair(r) => repair::run(&g, r),
     };
     match result {
         Ok(()) => 0,

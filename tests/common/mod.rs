@@ -110,6 +110,12 @@ impl Env {
         dir_size(&self.repo())
     }
 
+    /// Stored objects below `sub`: files, without the `.tmp-` files of unfinished writes.
+    pub fn objects(&self, sub: &str) -> Vec<PathBuf> {
+        self.files(sub).into_iter().filter(|p| !p.file_name().unwrap().to_str().unwrap().starts_with(".tmp-")).collect()
+    }
+
+    /// Every file below `sub`, temporary ones included.
     pub fn files(&self, sub: &str) -> Vec<PathBuf> {
         let mut v = Vec::new();
         collect(&self.repo().join(sub), &mut v);
