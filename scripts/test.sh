@@ -11,13 +11,19 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 
-echo "== tests"
+echo "== tests (local-directory repositories)"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --locked --no-fail-fast
+  # tests/s3.rs starts its own S3 server; it runs in the S3 pass below, one server per binary.
+  cargo nextest run --locked --no-fail-fast -E 'not binary(s3)'
   cargo test --locked --doc
 else
   cargo test --locked --no-fail-fast
 fi
+
+echo "== tests again, with repositories on S3 (a SeaweedFS server per test binary)"
+# cargo test runs one test binary at a time, each sharing one server among its tests.
+DISKVAULT_TEST_BACKEND=s3 cargo test --locked --no-fail-fast \
+  --test engine --test bad_input --test check --test crash --test integrity --test s3
 
 echo "== fuzz (every parser of stored bytes, bounded time each)"
 scripts/fuzz.sh "${FUZZ_SECONDS:-10}"

@@ -305,7 +305,8 @@ pub fn run(
         drop(blob_tx);
         drop(result_txs);
 
-        // Data packer.
+        // Data packer. It packs every blob the workers sealed, also after an error elsewhere (the workers stop
+        // taking blocks then): stored and indexed, they make the rerun cheaper.
         {
             let pack_tx = pack_tx.clone();
             let abort = &abort;
@@ -313,9 +314,6 @@ pub fn run(
                 abort.run(|| {
                     let mut writer: Option<PackWriter> = None;
                     for blob in blob_rx {
-                        if abort.is_set() {
-                            return Ok(());
-                        }
                         let w = writer.get_or_insert_with(|| PackWriter::new(BlobType::Data, pack_target + (2 << 20)));
                         w.add(blob);
                         if w.len() >= pack_target {
@@ -326,9 +324,7 @@ pub fn run(
                         }
                     }
                     if let Some(w) = writer.filter(|w| !w.is_empty()) {
-                        if !abort.is_set() {
-                            let _ = pack_tx.send(w.finish(repo.keys()));
-                        }
+                        let _ = pack_tx.send(w.finish(repo.keys()));
                     }
                     Ok(())
                 })
@@ -343,9 +339,6 @@ pub fn run(
             s.spawn(move || {
                 abort.run(|| {
                     for pack in pack_rx {
-                        if abort.is_set() {
-                            break;
-                        }
                         repo.save_pack(&pack)?;
                         counters.add_stored(pack.bytes.len() as u64);
                         let indexed =

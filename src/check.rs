@@ -16,6 +16,7 @@ use std::collections::{HashMap, HashSet};
 use crate::error::Result;
 use crate::format::index::IndexedPack;
 use crate::format::pack::{self, PackEntry};
+use crate::format::verified::VerificationRecord;
 use crate::format::{names, BlobId, BlobType, ObjectId, SEGMENT_BLOCKS};
 use crate::progress::Counters;
 use crate::repository::{list_ids, Repository};
@@ -25,13 +26,10 @@ use crate::repository::{list_ids, Repository};
 pub enum DataSubset {
     None,
     All,
-    /// Part `n` of `m` (1-based), by pack id: running 1/m … m/m reads every pack once.
-    Part {
-        n: u32,
-        m: u32,
-    },
-    /// About this fraction of the packs (chosen at random).
-    Percent(f64),
+    /// This fraction of the packs (`n/m` or `x%`), the least recently verified first. Unlike restic's fixed
+    /// partitions, running `1/4` four times reads every pack once, from any host, because each run records
+    /// what it verified in `verified/`.
+    Fraction(f64),
 }
 
 impl DataSubset {
@@ -41,7 +39,7 @@ impl DataSubset {
             if !(v > 0.0 && v <= 100.0) {
                 return Err(format!("{s:?}: the percentage must be in (0, 100]"));
             }
-            return Ok(DataSubset::Percent(v));
+            return Ok(DataSubset::Fraction(v / 100.0));
         }
         let (n, m) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected n/m or a percentage"))?;
         let (n, m): (u32, u32) = (
@@ -51,23 +49,38 @@ impl DataSubset {
         if m == 0 || n == 0 || n > m {
             return Err(format!("{s:?}: need 1 <= n <= m"));
         }
-        Ok(DataSubset::Part { n, m })
+        Ok(DataSubset::Fraction(n as f64 / m as f64))
     }
+}
 
-    fn selects(&self, id: &ObjectId) -> bool {
-        match *self {
-            DataSubset::None => false,
-            DataSubset::All => true,
-            DataSubset::Part { n, m } => {
-                let v = u32::from_le_bytes(id.0[..4].try_into().unwrap());
-                v % m == n - 1
-            }
-            DataSubset::Percent(p) => {
-                let r = u32::from_le_bytes(crate::crypto::random_array::<4>());
-                (r as f64 / u32::MAX as f64) * 100.0 < p
-            }
+/// Verification records beyond this many are merged into one by the next data check.
+const MAX_VERIFICATION_RECORDS: usize = 8;
+
+/// Picks the packs to read: all, or the least recently verified fraction (never verified first).
+fn select_packs(
+    subset: DataSubset,
+    packs: &HashMap<ObjectId, u64>,
+    last_verified: &HashMap<ObjectId, i64>,
+) -> Vec<(ObjectId, u64)> {
+    let mut all: Vec<(ObjectId, u64)> = packs.iter().map(|(id, s)| (*id, *s)).collect();
+    match subset {
+        DataSubset::None => Vec::new(),
+        DataSubset::All => all,
+        DataSubset::Fraction(f) => {
+            all.sort_by_key(|(id, _)| (last_verified.get(id).copied().unwrap_or(i64::MIN), *id));
+            let n = ((all.len() as f64 * f).ceil() as usize).min(all.len());
+            all.truncate(n);
+            all
         }
     }
+}
+
+/// Blocks of one snapshot disk that cannot be restored, with the reason for each.
+#[derive(Debug, Clone)]
+pub struct AffectedDisk {
+    pub snapshot: ObjectId,
+    pub disk: String,
+    pub blocks: Vec<(u64, &'static str)>,
 }
 
 #[derive(Debug, Default)]
@@ -80,6 +93,8 @@ pub struct CheckReport {
     pub blobs: usize,
     pub packs_read: usize,
     pub bytes_read: u64,
+    /// Snapshot disks with unreadable blocks (input to `repair snapshots`).
+    pub affected: Vec<AffectedDisk>,
 }
 
 impl CheckReport {
@@ -163,9 +178,22 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
         }
     }
 
-    // Data.
-    let selected: Vec<(ObjectId, u64)> =
-        pack_sizes.iter().filter(|(id, _)| subset.selects(id)).map(|(id, s)| (*id, *s)).collect();
+    // Data: the selected packs, least recently verified first.
+    let record_ids = if subset == DataSubset::None { Vec::new() } else { list_ids(&**backend, names::VERIFIED)? };
+    let mut last_verified: HashMap<ObjectId, i64> = HashMap::new();
+    for rid in &record_ids {
+        match repo.load_verification(rid) {
+            Ok(rec) => {
+                for (id, secs) in rec.entries {
+                    let e = last_verified.entry(id).or_insert(secs);
+                    *e = (*e).max(secs);
+                }
+            }
+            // A lost record only costs ordering: warn and go on.
+            Err(e) => report.warnings.push(e.to_string()),
+        }
+    }
+    let selected = select_packs(subset, &pack_sizes, &last_verified);
     counters.add_total(selected.iter().map(|(_, s)| s).sum());
     let data_problems: Vec<Problem> = selected
         .par_iter()
@@ -180,6 +208,10 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
 
     let mut bad_packs: HashSet<ObjectId> = HashSet::new();
     let mut bad_blobs: HashSet<BlobId> = HashSet::new();
+    if !selected.is_empty() {
+        let failed: HashSet<ObjectId> = data_problems.iter().map(|p| p.pack).collect();
+        record_verification(repo, &selected, &failed, &record_ids, last_verified)?;
+    }
     for p in header_problems.into_iter().chain(data_problems) {
         match p.damage {
             Damage::Blob(b) => {
@@ -211,6 +243,7 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
             }
         };
         for disk in &snap.disks {
+            let mut affected: Vec<(u64, &'static str)> = Vec::new();
             let bs = disk.block_size as u64;
             let where_ = |block: u64| {
                 format!(
@@ -224,6 +257,7 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
             for (k, seg) in disk.segments.iter().enumerate() {
                 let first = k as u64 * SEGMENT_BLOCKS as u64;
                 if let Some(why) = damaged(&seg.id) {
+                    affected.extend((first..first + seg.blocks as u64).map(|b| (b, "manifest segment lost")));
                     report.errors.push(format!(
                         "{}: manifest segment {} is {why}: blocks {first}..{} are unreadable",
                         where_(first),
@@ -236,6 +270,7 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
                 let plain = match repo.read_blob(&crate::format::index::BlobLocation { pack, entry }) {
                     Ok(p) if entry.blob_type == BlobType::Segment && p.len() == seg.blocks as usize * 32 => p,
                     Ok(_) => {
+                        affected.extend((first..first + seg.blocks as u64).map(|b| (b, "manifest segment damaged")));
                         report.errors.push(format!(
                             "{}: manifest segment {} has the wrong size or type",
                             where_(first),
@@ -244,6 +279,7 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
                         continue;
                     }
                     Err(e) => {
+                        affected.extend((first..first + seg.blocks as u64).map(|b| (b, "manifest segment damaged")));
                         report.errors.push(format!("{}: {e}", where_(first)));
                         continue;
                     }
@@ -256,6 +292,7 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
                         continue;
                     }
                     if let Some(why) = damaged(&id) {
+                        affected.push((first + j as u64, why));
                         count += 1;
                         first_bad.get_or_insert((first + j as u64, why));
                     }
@@ -268,9 +305,38 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
                     ));
                 }
             }
+            if !affected.is_empty() {
+                report.affected.push(AffectedDisk { snapshot: *sid, disk: disk.name.clone(), blocks: affected });
+            }
         }
     }
     Ok(report)
+}
+
+/// Records the packs verified intact now; merges the records once there are too many.
+fn record_verification(
+    repo: &Repository,
+    selected: &[(ObjectId, u64)],
+    failed: &HashSet<ObjectId>,
+    previous_records: &[ObjectId],
+    mut last_verified: HashMap<ObjectId, i64>,
+) -> Result<()> {
+    let now = crate::util::now_secs();
+    let verified: Vec<(ObjectId, i64)> =
+        selected.iter().filter(|(id, _)| !failed.contains(id)).map(|(id, _)| (*id, now)).collect();
+    if previous_records.len() < MAX_VERIFICATION_RECORDS {
+        repo.save_verification(&VerificationRecord { entries: verified })?;
+        return Ok(());
+    }
+    // Merge: one record with everything, written before the records it replaces are deleted.
+    last_verified.extend(verified);
+    let mut entries: Vec<(ObjectId, i64)> = last_verified.into_iter().collect();
+    entries.sort();
+    let merged = repo.save_verification(&VerificationRecord { entries })?;
+    for id in previous_records.iter().filter(|id| **id != merged) {
+        repo.backend().delete(&names::verified(id))?;
+    }
+    Ok(())
 }
 
 struct Problem {

@@ -59,6 +59,10 @@ pub enum Error {
     #[error("restore of {disk}: {cause}")]
     Restore { disk: String, cause: String },
 
+    /// The operation finished, but not everything could be done (a partial restore); the report says what.
+    #[error("{0}")]
+    Incomplete(String),
+
     /// The user interrupted the operation.
     #[error("interrupted")]
     Interrupted,
@@ -90,6 +94,7 @@ impl Error {
         match self {
             Error::NoRepository(_) => 10,
             Error::WrongPassword => 12,
+            Error::Incomplete(_) => 3,
             Error::Interrupted => 130,
             _ => 1,
         }

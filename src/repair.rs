@@ -15,6 +15,9 @@ use crate::format::index::{IndexFile, IndexedPack};
 use crate::format::{names, BlobId, ObjectId};
 use crate::repository::Repository;
 
+/// Temporary objects older than this belong to dead writers (a live one finishes a pack in seconds).
+pub const STALE_TEMPORARY_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Packs per index file written by repair and adoption.
 const PACKS_PER_INDEX_FILE: usize = 512;
 
@@ -24,6 +27,8 @@ pub struct RepairReport {
     pub blobs_indexed: usize,
     pub index_files_written: usize,
     pub index_files_removed: usize,
+    /// Temporary objects of unfinished writes removed.
+    pub temporaries_removed: usize,
     /// Packs whose header could not be read: name and cause. They are left in place, not indexed.
     pub unreadable: Vec<String>,
 }
@@ -101,6 +106,7 @@ pub fn rebuild_index(repo: &Repository) -> Result<RepairReport> {
         repo.backend().delete(&names::index(id))?;
         report.index_files_removed += 1;
     }
+    report.temporaries_removed = repo.backend().remove_stale_temporaries(STALE_TEMPORARY_AGE)?;
     Ok(report)
 }
 
@@ -122,4 +128,114 @@ pub fn adopt_unindexed_packs(repo: &Repository, cache: &IndexCache) -> Result<Re
         tracing::warn!("not adopting a pack: {u}");
     }
     Ok(report)
+}
+
+/// Merges block numbers into byte ranges `[start, end)` of a disk.
+pub fn block_ranges_to_bytes(blocks: &[u64], block_size: u64, capacity: u64) -> Vec<(u64, u64)> {
+    let mut sorted = blocks.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for b in sorted {
+        let (start, end) = (b * block_size, ((b + 1) * block_size).min(capacity));
+        match out.last_mut() {
+            Some(r) if r.1 == start => r.1 = end,
+            _ => out.push((start, end)),
+        }
+    }
+    out
+}
+
+/// One repaired snapshot: the damaged one, its replacement, and what was lost per disk.
+#[derive(Debug)]
+pub struct RepairedSnapshot {
+    pub old: ObjectId,
+    pub new: ObjectId,
+    pub lost: Vec<(String, Vec<(u64, u64)>)>,
+}
+
+/// Writes, for every snapshot with unreadable blocks, a new snapshot whose manifest marks those blocks as
+/// lost: they restore as zeros, and the snapshot says so (tag `repaired`, annotations
+/// `repaired.from` and `repaired.damaged.<disk>` with the byte ranges). With `forget`, the damaged snapshots
+/// are then removed. Nothing is changed silently: the caller lists `affected` before asking for this.
+pub fn repair_snapshots(
+    repo: &Repository,
+    cache: &IndexCache,
+    affected: &[crate::check::AffectedDisk],
+    forget: bool,
+) -> Result<Vec<RepairedSnapshot>> {
+    use crate::format::pack::{BlobSealer, PackWriter};
+    use crate::format::snapshot::SegmentRef;
+    use crate::format::{BlobType, SEGMENT_BLOCKS};
+    use std::collections::{BTreeMap, HashSet};
+
+    let mut by_snapshot: BTreeMap<ObjectId, Vec<&crate::check::AffectedDisk>> = BTreeMap::new();
+    for a in affected {
+        by_snapshot.entry(a.snapshot).or_default().push(a);
+    }
+    let mut sealer = BlobSealer::new(repo.config().zstd_level);
+    let mut writer = PackWriter::new(BlobType::Segment, 1 << 20);
+    let mut new_segments: HashSet<BlobId> = HashSet::new();
+    let mut planned = Vec::new();
+    for (sid, disks) in by_snapshot {
+        let mut snap = repo.load_snapshot(&sid)?;
+        let mut lost = Vec::new();
+        for a in disks {
+            let Some(disk) = snap.disks.iter_mut().find(|d| d.name == a.disk) else { continue };
+            let bs = disk.block_size as u64;
+            let damaged: HashSet<u64> = a.blocks.iter().map(|(b, _)| *b).collect();
+            for (k, seg) in disk.segments.iter_mut().enumerate() {
+                let first = k as u64 * SEGMENT_BLOCKS as u64;
+                if !(first..first + seg.blocks as u64).any(|b| damaged.contains(&b)) {
+                    continue;
+                }
+                // A lost segment: all its ids are gone, every block of it is marked lost.
+                let mut ids = crate::backup::load_segment(repo, cache, seg)
+                    .unwrap_or_else(|_| vec![BlobId::ZERO; seg.blocks as usize]);
+                for (j, id) in ids.iter_mut().enumerate() {
+                    if damaged.contains(&(first + j as u64)) {
+                        *id = BlobId::ZERO;
+                    }
+                }
+                let plain: Vec<u8> = ids.iter().flat_map(|id| id.0).collect();
+                let new_id = repo.keys().blob_id(&plain);
+                if !cache.contains(&new_id)? && new_segments.insert(new_id) {
+                    writer.add(sealer.seal(repo.keys(), BlobType::Segment, new_id, &plain));
+                }
+                *seg = SegmentRef { id: new_id, blocks: seg.blocks };
+            }
+            let blocks: Vec<u64> = damaged.into_iter().collect();
+            let ranges = block_ranges_to_bytes(&blocks, bs, disk.capacity);
+            let text: Vec<String> = ranges.iter().map(|(s, e)| format!("{s}-{e}")).collect();
+            snap.annotations.insert(format!("repaired.damaged.{}", disk.name), text.join(","));
+            lost.push((disk.name.clone(), ranges));
+        }
+        snap.annotations.insert("repaired.from".into(), sid.hex());
+        if !snap.tags.iter().any(|t| t == "repaired") {
+            snap.tags.push("repaired".into());
+        }
+        planned.push((sid, snap, lost));
+    }
+    // Commit order: the segment pack, its index file, then the snapshots, then (optionally) the removals.
+    if !writer.is_empty() {
+        let pack = writer.finish(repo.keys());
+        repo.save_pack(&pack)?;
+        let file = IndexFile {
+            supersedes: Vec::new(),
+            packs: vec![IndexedPack { id: pack.id, pack_type: pack.header.pack_type, entries: pack.header.entries }],
+        };
+        let index_id = repo.save_index(&file)?;
+        cache.insert_index_file(&index_id, &file)?;
+    }
+    let mut out = Vec::new();
+    for (old, snap, lost) in planned {
+        let new = repo.save_snapshot(&snap)?;
+        out.push(RepairedSnapshot { old, new, lost });
+    }
+    if forget {
+        for r in &out {
+            repo.backend().delete(&names::snapshot(&r.old))?;
+        }
+    }
+    Ok(out)
 }

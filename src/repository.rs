@@ -15,6 +15,7 @@ use crate::format::index::{BlobLocation, IndexFile};
 use crate::format::keyfile::{KdfParams, KeyError, KeyFile};
 use crate::format::pack::{self, FinishedPack, PackHeader};
 use crate::format::snapshot::Snapshot;
+use crate::format::verified::VerificationRecord;
 use crate::format::{names, BlobId, ObjectId, BLOCK_SIZE, FORMAT_VERSION};
 
 /// Options for `init`.
@@ -61,6 +62,7 @@ fn get_verified(backend: &dyn Backend, name: &str, id: &ObjectId) -> Result<Vec<
 impl Repository {
     /// Creates a new repository: config and the first key.
     pub fn init(backend: Arc<dyn Backend>, password: &[u8], opts: &InitOptions) -> Result<Repository> {
+        backend.create_container()?;
         if backend.size(names::CONFIG)?.is_some() {
             return Err(Error::RepositoryExists(backend.location()));
         }
@@ -233,6 +235,22 @@ impl Repository {
 
     pub fn list_index_ids(&self) -> Result<Vec<ObjectId>> {
         list_ids(&*self.backend, names::INDEX)
+    }
+
+    // ---- verification records ----
+
+    pub fn save_verification(&self, rec: &VerificationRecord) -> Result<ObjectId> {
+        let bytes = envelope::seal(&self.keys, Kind::Verification, &rec.encode());
+        let id = BlobId::of_file(&bytes);
+        self.backend.put(&names::verified(&id), &bytes)?;
+        Ok(id)
+    }
+
+    pub fn load_verification(&self, id: &ObjectId) -> Result<VerificationRecord> {
+        let name = names::verified(id);
+        let bytes = get_verified(&*self.backend, &name, id)?;
+        let plain = envelope::open(&self.keys, Kind::Verification, &bytes).map_err(|e| map_header_err(&name, e))?;
+        VerificationRecord::decode(&plain).map_err(|e| Error::corrupt(&name, e))
     }
 
     // ---- snapshots ----

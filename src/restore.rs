@@ -30,21 +30,25 @@ pub struct RestoreOptions {
     pub verify: bool,
     /// Concurrent pack reads.
     pub fetchers: usize,
+    /// Restore what can be restored when blocks are damaged; report the rest (see [`RestoreStats::damaged`]).
+    pub allow_partial: bool,
 }
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        RestoreOptions { overwrite: false, verify: false, fetchers: 4 }
+        RestoreOptions { overwrite: false, verify: false, fetchers: 4, allow_partial: false }
     }
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct RestoreStats {
     pub blocks_written: u64,
     pub bytes_written: u64,
     pub zero_blocks: u64,
     pub bytes_fetched: u64,
     pub blocks_verified: u64,
+    /// With `allow_partial`: byte ranges that could not be restored (left as zeros), with the cause.
+    pub damaged: Vec<DamagedRange>,
 }
 
 /// Ranged reads are merged across gaps up to this size, and capped at this length.
@@ -105,7 +109,44 @@ struct ReadJob {
     wants: Vec<Want>,
 }
 
+/// A byte range of the restored disk that could not be restored, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DamagedRange {
+    pub start: u64,
+    pub end: u64,
+    pub cause: String,
+}
+
+/// Blocks that could not be restored, with the cause; merged into ranges at the end.
+#[derive(Default)]
+struct Damage(Mutex<Vec<(u64, String)>>);
+
+impl Damage {
+    fn add(&self, blocks: impl IntoIterator<Item = u64>, cause: &str) {
+        self.0.lock().unwrap().extend(blocks.into_iter().map(|b| (b, cause.to_string())));
+    }
+
+    fn into_ranges(self, disk: &DiskManifest) -> Vec<DamagedRange> {
+        let bs = disk.block_size as u64;
+        let mut blocks = self.0.into_inner().unwrap();
+        blocks.sort_by_key(|(b, _)| *b);
+        let mut out: Vec<DamagedRange> = Vec::new();
+        for (b, cause) in blocks {
+            let (start, end) = (b * bs, ((b + 1) * bs).min(disk.capacity));
+            match out.last_mut() {
+                Some(r) if r.end >= start && r.cause == cause => r.end = r.end.max(end),
+                _ => out.push(DamagedRange { start, end, cause }),
+            }
+        }
+        out
+    }
+}
+
 /// Restores `disk` to `target`.
+///
+/// Without `allow_partial` the first unreadable block stops the restore with an error naming the block, its
+/// byte range and the damaged object. With it, every block that can be restored is, the others are left as
+/// zeros, and [`RestoreStats::damaged`] lists their byte ranges and causes.
 pub fn restore_disk(
     repo: &Repository,
     cache: &IndexCache,
@@ -124,11 +165,32 @@ pub fn restore_disk(
         .build()
         .map_err(|e| Error::invalid(format!("thread pool: {e}")))?;
     let stats = Mutex::new(RestoreStats::default());
+    let damage = Damage::default();
     let zero_buf = vec![0u8; bs as usize];
+    let describe =
+        |block: u64| format!("block {block} (bytes {}..{})", block * bs, ((block + 1) * bs).min(disk.capacity));
+    // Stops at the first damage unless partial restores are allowed.
+    let damaged = |blocks: Vec<u64>, cause: String| -> Result<()> {
+        if !opts.allow_partial {
+            return Err(Error::Restore {
+                disk: disk.name.clone(),
+                cause: format!("{} cannot be restored: {cause}", describe(blocks[0])),
+            });
+        }
+        damage.add(blocks, &cause);
+        Ok(())
+    };
 
     for (k, seg) in disk.segments.iter().enumerate() {
         let first = k as u64 * SEGMENT_BLOCKS as u64;
-        let ids = load_segment(repo, cache, seg)?;
+        let ids = match load_segment(repo, cache, seg) {
+            Ok(ids) => ids,
+            Err(e) => {
+                let blocks: Vec<u64> = (first..first + seg.blocks as u64).collect();
+                damaged(blocks, format!("manifest segment {} is unreadable: {e}", seg.id.short()))?;
+                continue;
+            }
+        };
         let mut by_pack: HashMap<ObjectId, HashMap<BlobId, Want>> = HashMap::new();
         for (j, id) in ids.iter().enumerate() {
             let block = first + j as u64;
@@ -137,19 +199,14 @@ pub fn restore_disk(
                 if !t.holes_are_zero {
                     write_at(&t, &zero_buf[..len as usize], block * bs)?;
                 }
-                let mut s = stats.lock().unwrap();
-                s.zero_blocks += 1;
+                stats.lock().unwrap().zero_blocks += 1;
                 counters.add_done(len);
                 continue;
             }
-            let loc = cache.lookup(id)?.ok_or_else(|| Error::Restore {
-                disk: disk.name.clone(),
-                cause: format!(
-                    "block {block} (bytes {}..{}) needs blob {id}, which no index file lists (lost pack?)",
-                    block * bs,
-                    block * bs + len
-                ),
-            })?;
+            let Some(loc) = cache.lookup(id)? else {
+                damaged(vec![block], format!("blob {id} is not in any index file (lost pack?)"))?;
+                continue;
+            };
             by_pack
                 .entry(loc.pack)
                 .or_default()
@@ -161,20 +218,30 @@ pub fn restore_disk(
         let jobs = plan_reads(by_pack);
         pool.install(|| {
             jobs.par_iter().try_for_each(|job| {
-                let fetched = run_read_job(repo, disk, &t, job, counters)?;
+                let (blocks, bytes) = run_read_job(repo, disk, &t, job, counters, &damaged)?;
                 let mut s = stats.lock().unwrap();
                 s.bytes_fetched += job.len;
-                s.blocks_written += fetched.0;
-                s.bytes_written += fetched.1;
+                s.blocks_written += blocks;
+                s.bytes_written += bytes;
                 Ok::<_, Error>(())
             })
         })?;
     }
+    // Damaged blocks must read as zeros, whatever the target held before.
+    let damaged_ranges = damage.into_ranges(disk);
+    if !t.holes_are_zero {
+        for r in &damaged_ranges {
+            for off in (r.start..r.end).step_by(bs as usize) {
+                write_at(&t, &zero_buf[..(r.end - off).min(bs) as usize], off)?;
+            }
+        }
+    }
     t.file.sync_all().map_err(|e| Error::local(&t.path, format!("sync: {e}")))?;
     let mut stats = stats.into_inner().unwrap();
     if opts.verify {
-        stats.blocks_verified = verify_target(repo, cache, disk, &t)?;
+        stats.blocks_verified = verify_target(repo, cache, disk, &t, &damaged_ranges)?;
     }
+    stats.damaged = damaged_ranges;
     Ok(stats)
 }
 
@@ -213,44 +280,44 @@ fn write_at(t: &Target, data: &[u8], offset: u64) -> Result<()> {
 }
 
 /// Fetches one range, opens each blob in it, writes it everywhere it belongs. Returns (blocks, bytes) written.
+/// Unreadable blobs go to `damaged`, which decides whether that stops the restore.
 fn run_read_job(
     repo: &Repository,
     disk: &DiskManifest,
     t: &Target,
     job: &ReadJob,
     counters: &Counters,
+    damaged: &(dyn Fn(Vec<u64>, String) -> Result<()> + Sync),
 ) -> Result<(u64, u64)> {
     let name = names::pack(&job.pack);
     let bs = disk.block_size as u64;
-    let describe_blocks = |w: &Want| {
-        let b = w.blocks[0];
-        let more = if w.blocks.len() > 1 { format!(" and {} more blocks", w.blocks.len() - 1) } else { String::new() };
-        format!("block {b} (bytes {}..{}){more}", b * bs, (b * bs + bs).min(disk.capacity))
+    let data = match repo.backend().get_range(&name, job.offset, job.len) {
+        Ok(d) => d,
+        Err(e) => {
+            let blocks: Vec<u64> = job.wants.iter().flat_map(|w| w.blocks.iter().copied()).collect();
+            damaged(blocks, e.to_string())?;
+            return Ok((0, 0));
+        }
     };
-    let data = repo.backend().get_range(&name, job.offset, job.len).map_err(|e| Error::Restore {
-        disk: disk.name.clone(),
-        cause: format!("{} cannot be restored: {e}", describe_blocks(&job.wants[0])),
-    })?;
     let (mut blocks, mut bytes) = (0, 0);
     for w in &job.wants {
         let rel = (w.entry.offset as u64 - job.offset) as usize;
         let stored = &data[rel..rel + w.entry.stored_len as usize];
-        let plain = pack::open_blob(repo.keys(), &w.entry, stored).map_err(|cause| Error::Restore {
-            disk: disk.name.clone(),
-            cause: format!(
-                "{} cannot be restored: {name}: blob {} at offset {}: {cause}",
-                describe_blocks(w),
-                w.entry.id,
-                w.entry.offset
-            ),
-        })?;
+        let plain = match pack::open_blob(repo.keys(), &w.entry, stored) {
+            Ok(p) => p,
+            Err(cause) => {
+                damaged(
+                    w.blocks.clone(),
+                    format!("{name}: blob {} at offset {}: {cause}", w.entry.id, w.entry.offset),
+                )?;
+                continue;
+            }
+        };
         for &b in &w.blocks {
             let len = bs.min(disk.capacity - b * bs) as usize;
             if plain.len() != len {
-                return Err(Error::Restore {
-                    disk: disk.name.clone(),
-                    cause: format!("block {b}: blob {} holds {} bytes, the block has {len}", w.entry.id, plain.len()),
-                });
+                damaged(vec![b], format!("blob {} holds {} bytes, the block has {len}", w.entry.id, plain.len()))?;
+                continue;
             }
             write_at(t, &plain, b * bs)?;
             counters.add_done(len as u64);
@@ -262,12 +329,23 @@ fn run_read_job(
 }
 
 /// Re-reads the target and compares each block with the manifest. Returns the number of blocks checked.
-fn verify_target(repo: &Repository, cache: &IndexCache, disk: &DiskManifest, t: &Target) -> Result<u64> {
+/// Blocks in `skip` (known damaged, left as zeros) are not compared.
+fn verify_target(
+    repo: &Repository,
+    cache: &IndexCache,
+    disk: &DiskManifest,
+    t: &Target,
+    skip: &[DamagedRange],
+) -> Result<u64> {
     let bs = disk.block_size as u64;
     let mut checked = 0u64;
     for (k, seg) in disk.segments.iter().enumerate() {
-        let ids = load_segment(repo, cache, seg)?;
         let first = k as u64 * SEGMENT_BLOCKS as u64;
+        if skip.iter().any(|r| r.start <= first * bs && r.end >= ((first + seg.blocks as u64) * bs).min(disk.capacity))
+        {
+            continue;
+        }
+        let ids = load_segment(repo, cache, seg)?;
         let bad: Vec<u64> = ids
             .par_iter()
             .enumerate()
@@ -275,6 +353,9 @@ fn verify_target(repo: &Repository, cache: &IndexCache, disk: &DiskManifest, t: 
                 || vec![0u8; bs as usize],
                 |buf, (j, id)| {
                     let block = first + j as u64;
+                    if skip.iter().any(|r| r.start <= block * bs && block * bs < r.end) {
+                        return None;
+                    }
                     let len = bs.min(disk.capacity - block * bs) as usize;
                     let ok = t.file.read_exact_at(&mut buf[..len], block * bs).is_ok()
                         && if id.is_zero_block() {

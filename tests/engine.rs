@@ -114,12 +114,12 @@ fn unchanged_segments_are_reused_not_rewritten() {
         f.write_all_at(&random_bytes(3, 100), 0).unwrap();
     }
     write_changes(&cf, &[(0, 100)]);
-    let before = e.files("packs").len();
+    let before = e.objects("packs").len();
     let r = e.backup(&[p, "--name", "big", "--changed-areas", cf.to_str().unwrap()]);
     assert_eq!(r["disks"][0]["blocks_read"], 1);
     assert_eq!(r["disks"][0]["new_blocks"], 1);
     // One data pack and one metadata pack with exactly one segment (the second is reused).
-    assert_eq!(e.files("packs").len(), before + 2);
+    assert_eq!(e.objects("packs").len(), before + 2);
     let snaps = e.ok(&["snapshots", "--json"]).json();
     let id = snaps[1]["id"].as_str().unwrap();
     let cat = e.ok(&["cat", "snapshot", id]).json();

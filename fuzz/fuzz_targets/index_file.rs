@@ -1,11 +1,15 @@
-//! Index file payloads and local-cache values.
+//! Index file payloads, verification records and local-cache values.
 #![no_main]
 use diskvault::format::index::{BlobLocation, IndexFile};
+use diskvault::format::verified::VerificationRecord;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(f) = IndexFile::decode(data) {
         assert_eq!(f.encode(), data);
+    }
+    if let Ok(r) = VerificationRecord::decode(data) {
+        assert_eq!(r.encode(), data);
     }
     if let Ok(l) = BlobLocation::decode(data) {
         assert_eq!(&l.encode()[..], data);

@@ -160,6 +160,28 @@ impl Backend for LocalBackend {
             Err(e) => Err(Error::backend("delete", name, io_cause(&e))),
         }
     }
+
+    fn remove_stale_temporaries(&self, older_than: std::time::Duration) -> Result<usize> {
+        let mut removed = 0;
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(rd) = fs::read_dir(&dir) else { continue };
+            for entry in rd.flatten() {
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_dir() {
+                    stack.push(entry.path());
+                    continue;
+                }
+                let stale = meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age > older_than);
+                if stale && entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                    fs::remove_file(entry.path())
+                        .map_err(|e| Error::backend("delete", entry.path().display().to_string(), io_cause(&e)))?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
 }
 
 #[cfg(test)]

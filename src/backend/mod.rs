@@ -8,6 +8,8 @@
 //! - `list` never returns temporary objects of an unfinished `put`.
 
 pub mod local;
+#[cfg(feature = "s3")]
+pub mod s3;
 
 use std::sync::Arc;
 
@@ -44,14 +46,31 @@ pub trait Backend: Send + Sync {
 
     /// Removes an object; removing a missing object is not an error.
     fn delete(&self, name: &str) -> Result<()>;
+
+    /// Removes what unfinished writes left behind (temporary files, incomplete uploads) older than
+    /// `older_than`, so that writes still in progress elsewhere are not disturbed. Returns how many.
+    fn remove_stale_temporaries(&self, older_than: std::time::Duration) -> Result<usize>;
+
+    /// Creates what must exist before the first object (an S3 bucket); called by `init`.
+    fn create_container(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Requests that had to be retried so far (network backends), for reports.
+    fn retries(&self) -> u64 {
+        0
+    }
 }
 
-/// Opens the backend a repository location names: a local path (or `local:PATH`).
+/// Opens the backend a repository location names: `s3://bucket/prefix`, `s3:http(s)://host:port/bucket/prefix`,
+/// or a local path (optionally `local:PATH`). S3 options come from `DISKVAULT_S3_*` variables
+/// ([`s3::S3Options::from_env`]).
 pub fn open(location: &str) -> Result<Arc<dyn Backend>> {
-    if let Some(rest) = location.strip_prefix("s3:") {
-        return Err(Error::invalid(format!(
-            "S3 repositories (s3:{rest}) are not supported by this build yet; use a local directory"
-        )));
+    if location.starts_with("s3:") {
+        #[cfg(feature = "s3")]
+        return Ok(Arc::new(s3::S3Backend::open(location, s3::S3Options::from_env()?)?));
+        #[cfg(not(feature = "s3"))]
+        return Err(Error::invalid(format!("{location}: this diskvault was built without S3 support (feature `s3`)")));
     }
     let path = location.strip_prefix("local:").unwrap_or(location);
     if path.is_empty() {

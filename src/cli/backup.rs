@@ -120,9 +120,11 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
         backup::run(&repo, cache, jobs, &opts, &counters)?
     };
 
+    let retries = repo.backend().retries();
     if args.json {
         let v = serde_json::json!({
             "snapshot": id.hex(),
+            "retries": retries,
             "source": snap.source,
             "parent": snap.parent.map(|p| p.hex()),
             "duration_ms": snap.summary.duration_ms,
@@ -174,5 +176,8 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
         human_bytes((snap.summary.bytes_read as f64 / secs.max(0.001)) as u64),
         human_bytes(snap.summary.bytes_added)
     );
+    if retries > 0 {
+        println!("  {retries} storage requests failed at first and succeeded when retried");
+    }
     Ok(())
 }

@@ -7,8 +7,8 @@ use crate::format::{names, BlobId};
 
 #[derive(clap::Args, Debug)]
 pub struct CatArgs {
-    /// What to print: config, key, snapshot, index, pack (its header).
-    #[arg(value_parser = ["config", "key", "snapshot", "index", "pack"])]
+    /// What to print: config, key, snapshot, index, pack (its header), verified (a verification record).
+    #[arg(value_parser = ["config", "key", "snapshot", "index", "pack", "verified"])]
     kind: String,
     /// Object id (full; snapshots also accept a prefix or `latest`).
     id: Option<String>,
@@ -71,6 +71,12 @@ pub fn run(g: &Globals, args: &CatArgs) -> Result<()> {
             serde_json::json!({
                 "id": id.hex(), "size": size, "type": h.pack_type.name(),
                 "blobs": h.entries.iter().map(entry_json).collect::<Vec<_>>(),
+            })
+        }
+        "verified" => {
+            let rec = repo.load_verification(&need_id()?)?;
+            serde_json::json!({
+                "packs": rec.entries.iter().map(|(id, secs)| serde_json::json!({"pack": id.hex(), "verified_secs": secs})).collect::<Vec<_>>(),
             })
         }
         _ => unreachable!("clap restricts the values"),

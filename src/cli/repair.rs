@@ -1,26 +1,86 @@
-//! `diskvault repair index`.
+//! `diskvault repair index|snapshots`.
 
 use super::Globals;
+use crate::check::{self, DataSubset};
 use crate::error::Result;
+use crate::progress::Counters;
+use crate::repair;
+use crate::util::human_bytes;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum RepairCommand {
     /// Rebuild all index files from the pack headers (after a lost or damaged index file).
     Index,
+    /// List the snapshots and byte ranges affected by lost or damaged data; with --write, save repaired
+    /// snapshots that mark those ranges as lost (they restore as zeros, and say so).
+    Snapshots(SnapshotsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SnapshotsArgs {
+    /// Also read every pack to find damaged blobs (otherwise: lost packs, blobs and segments only).
+    #[arg(long)]
+    read_data: bool,
+    /// Write the repaired snapshots (without it, only list what is affected).
+    #[arg(long)]
+    write: bool,
+    /// With --write: remove the damaged snapshots once their repaired versions are saved.
+    #[arg(long, requires = "write")]
+    forget: bool,
 }
 
 pub fn run(g: &Globals, cmd: &RepairCommand) -> Result<()> {
     let repo = g.open_repo()?;
     match cmd {
         RepairCommand::Index => {
-            let r = crate::repair::rebuild_index(&repo)?;
+            let r = repair::rebuild_index(&repo)?;
             for u in &r.unreadable {
                 eprintln!("warning: pack left out of the index: {u}");
             }
             println!(
-                "indexed {} packs ({} blobs) in {} new index files; removed {} old index files",
-                r.packs_indexed, r.blobs_indexed, r.index_files_written, r.index_files_removed
+                "indexed {} packs ({} blobs) in {} new index files; removed {} old index files and {} stale temporary files",
+                r.packs_indexed, r.blobs_indexed, r.index_files_written, r.index_files_removed, r.temporaries_removed
             );
+        }
+        RepairCommand::Snapshots(a) => {
+            let subset = if a.read_data { DataSubset::All } else { DataSubset::None };
+            let report = check::run(&repo, subset, &Counters::default())?;
+            if report.affected.is_empty() {
+                println!("no snapshot references lost or damaged data");
+                return Ok(());
+            }
+            for d in &report.affected {
+                let snap = repo.load_snapshot(&d.snapshot)?;
+                let Some(disk) = snap.disk(&d.disk) else { continue };
+                let blocks: Vec<u64> = d.blocks.iter().map(|(b, _)| *b).collect();
+                let ranges = repair::block_ranges_to_bytes(&blocks, disk.block_size as u64, disk.capacity);
+                let lost: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+                println!(
+                    "snapshot {} ({}), disk {}: {} lost in {} ranges ({})",
+                    d.snapshot.short(),
+                    snap.source,
+                    d.disk,
+                    human_bytes(lost),
+                    ranges.len(),
+                    d.blocks[0].1
+                );
+                for (s, e) in &ranges {
+                    println!("  bytes {s}..{e}");
+                }
+            }
+            if !a.write {
+                println!("nothing changed; run with --write to save repaired snapshots that mark these ranges as lost");
+                return Ok(());
+            }
+            let cache = g.open_cache(&repo)?;
+            for r in repair::repair_snapshots(&repo, &cache, &report.affected, a.forget)? {
+                println!(
+                    "snapshot {} repaired as {}{}",
+                    r.old.short(),
+                    r.new.short(),
+                    if a.forget { " (damaged original removed)" } else { "" }
+                );
+            }
         }
     }
     Ok(())

@@ -31,6 +31,10 @@ pub struct RestoreArgs {
     /// Concurrent pack reads.
     #[arg(long, default_value_t = 4)]
     fetchers: usize,
+    /// If blocks are damaged or lost, restore everything else, leave those as zeros, list them and exit
+    /// with code 3 (instead of stopping at the first one).
+    #[arg(long)]
+    allow_partial: bool,
 }
 
 pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
@@ -58,7 +62,19 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
     };
     let cache = g.open_cache(&repo)?;
     let counters = Arc::new(Counters::default());
-    let opts = RestoreOptions { overwrite: args.overwrite, verify: args.verify, fetchers: args.fetchers };
+    if let Some(ranges) = snap.annotations.get(&format!("repaired.damaged.{}", disk.name)) {
+        eprintln!(
+            "warning: snapshot {} was repaired: byte ranges {ranges} of disk {} were lost and restore as zeros",
+            id.short(),
+            disk.name
+        );
+    }
+    let opts = RestoreOptions {
+        overwrite: args.overwrite,
+        verify: args.verify,
+        fetchers: args.fetchers,
+        allow_partial: args.allow_partial,
+    };
     let started = std::time::Instant::now();
     let stats = {
         let _r = Reporter::start("restore", counters.clone(), g.progress);
@@ -77,5 +93,16 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
         stats.zero_blocks,
         if args.verify { format!(", verified {} blocks", stats.blocks_verified) } else { String::new() }
     );
-    Ok(())
+    if stats.damaged.is_empty() {
+        return Ok(());
+    }
+    let lost: u64 = stats.damaged.iter().map(|r| r.end - r.start).sum();
+    for r in &stats.damaged {
+        eprintln!("damaged: bytes {}..{} ({}): {}", r.start, r.end, human_bytes(r.end - r.start), r.cause);
+    }
+    Err(Error::Incomplete(format!(
+        "restore incomplete: {} in {} ranges could not be restored and were left as zeros (listed above)",
+        human_bytes(lost),
+        stats.damaged.len()
+    )))
 }

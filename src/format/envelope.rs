@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! 0   4  magic "DVLT"
-//! 4   1  kind (1 config, 2 index, 3 snapshot; 4 key file and 5 pack use the same 8-byte header)
+//! 4   1  kind (1 config, 2 index, 3 snapshot, 6 verification record; 4 key file and 5 pack use the same
+//!          8-byte header)
 //! 5   1  format version (1)
 //! 6   2  reserved, zero
 //! 8  12  nonce
@@ -25,6 +26,7 @@ pub enum Kind {
     Key = 4,
     /// Used in pack trailers and as the pack header's associated data.
     Pack = 5,
+    Verification = 6,
 }
 
 pub fn header(kind: Kind) -> [u8; HEADER_LEN] {

@@ -8,6 +8,7 @@
 //! | `packs/<xx>/<id>` | [`pack`] | BLAKE3 of the file |
 //! | `index/<id>` | [`index`] | BLAKE3 of the file |
 //! | `snapshots/<id>` | [`snapshot`] | BLAKE3 of the file |
+//! | `verified/<id>` | [`verified`] | BLAKE3 of the file |
 //!
 //! Encrypted whole-file objects (config, index, snapshots) share one envelope ([`envelope`]).
 
@@ -17,6 +18,7 @@ pub mod index;
 pub mod keyfile;
 pub mod pack;
 pub mod snapshot;
+pub mod verified;
 
 use std::fmt;
 
@@ -117,6 +119,7 @@ pub mod names {
     pub const INDEX: &str = "index";
     pub const SNAPSHOTS: &str = "snapshots";
     pub const LOCKS: &str = "locks";
+    pub const VERIFIED: &str = "verified";
 
     pub fn pack(id: &ObjectId) -> String {
         let h = id.hex();
@@ -127,6 +130,9 @@ pub mod names {
     }
     pub fn snapshot(id: &ObjectId) -> String {
         format!("{SNAPSHOTS}/{}", id.hex())
+    }
+    pub fn verified(id: &ObjectId) -> String {
+        format!("{VERIFIED}/{}", id.hex())
     }
     pub fn key(id: &ObjectId) -> String {
         format!("{KEYS}/{}", id.hex())

@@ -3,7 +3,9 @@
 //!
 //! Accepted JSON forms:
 //! - a list of areas: `[{"start": 0, "length": 65536}, …]` (`offset` is accepted for `start`);
-//! - VMware's `DiskChangeInfo`: `{"startOffset": 0, "length": N, "changedArea": [{"start":…,"length":…}]}`.
+//! - VMware's `DiskChangeInfo`: `{"startOffset": 0, "length": N, "changedArea": [{"start":…,"length":…}]}`;
+//! - an object with a `changed` list and optionally `disk_size` (checked against the disk), other fields
+//!   ignored: what change-tracking exporters and the benchmark workload write.
 
 use std::path::Path;
 
@@ -32,6 +34,10 @@ enum ChangeFile {
         length: Option<u64>,
         changed_area: Vec<Area>,
     },
+    Wrapped {
+        changed: Vec<Area>,
+        disk_size: Option<u64>,
+    },
 }
 
 /// Reads and validates a changed-areas file against the disk's capacity.
@@ -48,6 +54,12 @@ pub fn parse(text: &[u8], capacity: u64) -> std::result::Result<Vec<Extent>, Str
     let areas = match parsed {
         ChangeFile::List(a) => a,
         ChangeFile::DiskChangeInfo { changed_area, .. } => changed_area,
+        ChangeFile::Wrapped { changed, disk_size } => {
+            if let Some(size) = disk_size.filter(|&s| s != capacity) {
+                return Err(format!("the change list is for a disk of {size} bytes, this disk has {capacity}"));
+            }
+            changed
+        }
     };
     let extents: Vec<Extent> = areas.into_iter().map(|a| Extent { start: a.start, length: a.length }).collect();
     validate(&extents, capacity)?;
@@ -89,6 +101,9 @@ mod tests {
         assert_eq!(parse(vm, 10).unwrap(), vec![Extent { start: 4, length: 6 }]);
         assert!(parse(r#"[{"start":5,"length":6}]"#, 10).is_err());
         assert!(parse(r#"[{"start":18446744073709551615,"length":6}]"#, 10).is_err());
+        let wrapped = r#"{"disk_size":10,"note":"x","changed":[{"offset":2,"length":3}]}"#;
+        assert_eq!(parse(wrapped, 10).unwrap(), vec![Extent { start: 2, length: 3 }]);
+        assert!(parse(wrapped, 11).unwrap_err().to_string().contains("disk of 10 bytes"));
         assert!(parse(r#"{"foo": 1}"#, 10).is_err());
         assert!(parse("not json", 10).is_err());
     }

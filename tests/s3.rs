@@ -1,0 +1,209 @@
+//! S3-specific behaviour against a real SeaweedFS: several hosts writing one repository at once with dedup
+//! across them, and a flaky or vanished server between client and store (a fault-injecting TCP proxy).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn three_hosts_back_up_at_once_and_dedup_across_each_other() {
+    let e = Env::s3();
+    e.ok(&["init"]);
+    let template = random_bytes(1, 8 * MIB);
+    let hosts: Vec<Env> = (0..3).map(|i| e.other_host(i)).collect();
+    let mut images = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let mut img = template.clone();
+        img.extend(random_bytes(10 + i as u64, 3 * MIB));
+        write(&h.path("disk.raw"), &img);
+        images.push(img);
+    }
+    // At once, each with its own local cache (a separate backup proxy).
+    let procs: Vec<_> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            h.command(&[
+                "backup",
+                "--json",
+                "--host",
+                &format!("proxy{i}"),
+                "--name",
+                &format!("vm{i}"),
+                h.path("disk.raw").to_str().unwrap(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    for p in procs {
+        let out = p.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    for (i, img) in images.iter().enumerate() {
+        assert_eq!(&e.restore("latest", &["--name", &format!("vm{i}")]), img, "vm{i}");
+    }
+    // A later backup on each host dedups against what the *other* hosts stored: a disk made of the other
+    // two hosts' unique blocks stores nothing new.
+    for (i, h) in hosts.iter().enumerate() {
+        let mut others = Vec::new();
+        for (j, img) in images.iter().enumerate() {
+            if j != i {
+                others.extend_from_slice(&img[8 * MIB..]);
+            }
+        }
+        write(&h.path("mix.raw"), &others);
+        let r = h.backup(&["--name", &format!("mix{i}"), h.path("mix.raw").to_str().unwrap()]);
+        assert_eq!(r["disks"][0]["new_blocks"], 0, "host {i} must dedup against the other hosts' blocks");
+    }
+    assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
+}
+
+/// A TCP proxy in front of the S3 server that breaks some connections: answers 503 SlowDown, drops the
+/// connection in the middle of the response, or stalls before forwarding.
+struct FaultProxy {
+    port: u16,
+    faults: Arc<AtomicU64>,
+    down: Arc<AtomicBool>,
+}
+
+impl FaultProxy {
+    /// Every `every`-th connection gets a fault (cycling through the three kinds).
+    fn start(upstream: u16, every: u64) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let faults = Arc::new(AtomicU64::new(0));
+        let down = Arc::new(AtomicBool::new(false));
+        let (f, d) = (faults.clone(), down.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                n += 1;
+                if d.load(Ordering::SeqCst) {
+                    // The server is "gone": refuse by closing at once.
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let fault = if n.is_multiple_of(every) { Some((n / every) % 3) } else { None };
+                if fault.is_some() {
+                    f.fetch_add(1, Ordering::SeqCst);
+                }
+                std::thread::spawn(move || serve(client, upstream, fault));
+            }
+        });
+        FaultProxy { port, faults, down }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+fn read_head(client: &mut TcpStream) -> Vec<u8> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+        match client.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    head
+}
+
+fn serve(mut client: TcpStream, upstream: u16, fault: Option<u64>) {
+    match fault {
+        Some(0) => {
+            let _ = read_head(&mut client);
+            let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+            let _ = write!(
+                client,
+                "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = client.shutdown(Shutdown::Both);
+            return;
+        }
+        Some(2) => std::thread::sleep(Duration::from_millis(1500)),
+        _ => {}
+    }
+    let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
+    // One request per connection: the server closes after answering, so the client opens a new connection
+    // (and meets the fault schedule) for every request.
+    let head = String::from_utf8_lossy(&read_head(&mut client)).into_owned();
+    let mut rewritten: String = head
+        .trim_end()
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    rewritten.push_str("Connection: close\r\n\r\n");
+    if up.write_all(rewritten.as_bytes()).is_err() {
+        return;
+    }
+    let (mut c2, mut u2) = (client.try_clone().unwrap(), up.try_clone().unwrap());
+    let to_up = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut c2, &mut u2);
+        let _ = u2.shutdown(Shutdown::Write);
+    });
+    let (mut up, mut client) = (up, client);
+    if fault == Some(1) {
+        // Forward the beginning of the answer, then break the connection.
+        let mut buf = vec![0u8; 200];
+        if let Ok(n) = up.read(&mut buf) {
+            let _ = client.write_all(&buf[..n.min(120)]);
+        }
+        let _ = client.shutdown(Shutdown::Both);
+        let _ = up.shutdown(Shutdown::Both);
+    } else {
+        let _ = std::io::copy(&mut up, &mut client);
+        let _ = client.shutdown(Shutdown::Both);
+    }
+    let _ = to_up.join();
+}
+
+#[test]
+fn backup_and_restore_succeed_through_a_flaky_connection_and_report_retries() {
+    let e = Env::s3();
+    e.ok(&["init", "--pack-size", "1"]);
+    let proxy = FaultProxy::start(s3::server().port, 4);
+    let flaky = e.via_endpoint(&proxy.endpoint());
+    let img = random_bytes(5, 24 * MIB + 123);
+    write(&flaky.path("disk.raw"), &img);
+    let out = flaky.ok(&["backup", flaky.path("disk.raw").to_str().unwrap()]);
+    assert!(proxy.faults.load(Ordering::SeqCst) > 0, "the proxy injected no fault");
+    assert!(out.stdout.contains("failed at first and succeeded when retried"), "retries are reported: {}", out.stdout);
+    assert_eq!(flaky.restore("latest", &[]), img);
+    // And the repository is whole, read directly.
+    assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
+}
+
+#[test]
+fn vanished_server_fails_clearly_and_the_next_run_resumes() {
+    let e = Env::s3();
+    e.ok(&["init", "--pack-size", "1"]);
+    let proxy = FaultProxy::start(s3::server().port, u64::MAX);
+    let via = e.via_endpoint(&proxy.endpoint());
+    let img = random_bytes(6, 20 * MIB);
+    write(&via.path("disk.raw"), &img);
+    proxy.down.store(true, Ordering::SeqCst);
+    let mut c = via.command(&["backup", via.path("disk.raw").to_str().unwrap()]);
+    c.env("DISKVAULT_S3_MAX_ATTEMPTS", "2");
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("error: storage backend"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    proxy.down.store(false, Ordering::SeqCst);
+    via.ok(&["backup", via.path("disk.raw").to_str().unwrap()]);
+    assert_eq!(via.restore("latest", &[]), img);
+}
