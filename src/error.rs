@@ -59,6 +59,10 @@ pub enum Error {
     #[error("restore of {disk}: {cause}")]
     Restore { disk: String, cause: String },
 
+    /// An exclusive lock is held by someone else; the message names the holder.
+    #[error("{0}")]
+    Locked(String),
+
     /// The operation finished, but not everything could be done (a partial restore); the report says what.
     #[error("{0}")]
     Incomplete(String),
@@ -95,6 +99,7 @@ impl Error {
             Error::NoRepository(_) => 10,
             Error::WrongPassword => 12,
             Error::Incomplete(_) => 3,
+            Error::Locked(_) => 11,
             Error::Interrupted => 130,
             _ => 1,
         }

@@ -207,3 +207,16 @@ fn vanished_server_fails_clearly_and_the_next_run_resumes() {
     via.ok(&["backup", via.path("disk.raw").to_str().unwrap()]);
     assert_eq!(via.restore("latest", &[]), img);
 }
+
+#[test]
+fn large_packs_go_up_as_multipart_uploads() {
+    // 40 MiB packs are above the multipart threshold (32 MiB): three parts each.
+    let e = Env::s3();
+    e.ok(&["init", "--pack-size", "40"]);
+    let img = random_bytes(8, 48 * MIB + 5);
+    write(&e.path("disk.raw"), &img);
+    e.ok(&["backup", "--upload-concurrency", "4", e.path("disk.raw").to_str().unwrap()]);
+    assert!(e.objects("packs").iter().any(|p| e.object_size(p) > 40 << 20), "no pack above the multipart threshold");
+    assert_eq!(e.restore("latest", &[]), img);
+    assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
+}

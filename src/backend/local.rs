@@ -161,6 +161,14 @@ impl Backend for LocalBackend {
         }
     }
 
+    fn age(&self, name: &str) -> Result<Option<std::time::Duration>> {
+        match fs::metadata(self.path(name)?) {
+            Ok(m) => Ok(Some(m.modified().ok().and_then(|t| t.elapsed().ok()).unwrap_or_default())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::backend("stat", name, io_cause(&e))),
+        }
+    }
+
     fn remove_stale_temporaries(&self, older_than: std::time::Duration) -> Result<usize> {
         let mut removed = 0;
         let mut stack = vec![self.root.clone()];

@@ -51,6 +51,10 @@ pub trait Backend: Send + Sync {
     /// `older_than`, so that writes still in progress elsewhere are not disturbed. Returns how many.
     fn remove_stale_temporaries(&self, older_than: std::time::Duration) -> Result<usize>;
 
+    /// How long ago the object was last written, by the storage's own clock (`None` if it does not exist).
+    /// Lock expiry uses this, so that no two clients' clocks need to agree.
+    fn age(&self, name: &str) -> Result<Option<std::time::Duration>>;
+
     /// Creates what must exist before the first object (an S3 bucket); called by `init`.
     fn create_container(&self) -> Result<()> {
         Ok(())

@@ -501,6 +501,27 @@ impl Backend for S3Backend {
         })
     }
 
+    fn age(&self, name: &str) -> Result<Option<Duration>> {
+        // The object's Last-Modified against that of a probe written now: both are the server's clock.
+        let last_modified = |key: String| async move {
+            self.counted();
+            match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+                Ok(o) => Ok(o.last_modified().map(|t| t.secs())),
+                Err(e) if e.as_service_error().is_some_and(|se| se.is_not_found()) || status(&e) == Some(404) => {
+                    Ok(None)
+                }
+                Err(e) => Err(Error::backend("stat", name, describe(&e))),
+            }
+        };
+        let Some(written) = self.runtime.block_on(last_modified(self.key(name)))? else { return Ok(None) };
+        let probe = format!("locks/.clock-{}", hex::encode(crate::crypto::random_array::<8>()));
+        self.put(&probe, b"clock probe")?;
+        let now = self.runtime.block_on(last_modified(self.key(&probe)));
+        let _ = self.delete(&probe);
+        let now = now?.ok_or_else(|| Error::backend("stat", probe.clone(), "probe object vanished"))?;
+        Ok(Some(Duration::from_secs(now.saturating_sub(written).max(0) as u64)))
+    }
+
     fn remove_stale_temporaries(&self, older_than: Duration) -> Result<usize> {
         // The temporaries of S3 are incomplete multipart uploads.
         self.runtime.block_on(async {

@@ -41,6 +41,9 @@ pub struct BackupArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// Packs uploaded at once (memory in flight is about this many packs).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    upload_concurrency: u32,
 }
 
 fn split_named(spec: &str) -> (Option<&str>, &str) {
@@ -114,6 +117,7 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
         opts.hostname = h.clone();
     }
     opts.parent = parent;
+    opts.uploaders = args.upload_concurrency as usize;
     let counters = Arc::new(Counters::default());
     let (id, snap) = {
         let _reporter = Reporter::start("backup", counters.clone(), g.progress);

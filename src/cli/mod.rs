@@ -66,6 +66,8 @@ enum Command {
     /// Manage the passwords (key files) that open the repository.
     #[command(subcommand)]
     Key(key::KeyCommand),
+    /// List the repository's locks and their holders.
+    Locks,
     /// Repair the repository.
     #[command(subcommand)]
     Repair(repair::RepairCommand),
@@ -191,6 +193,16 @@ fn init(g: &Globals, args: &InitArgs) -> Result<()> {
     Ok(())
 }
 
+fn list_locks(g: &Globals) -> Result<()> {
+    let repo = g.open_repo()?;
+    let locks = crate::lock::list(&repo)?;
+    for l in &locks {
+        println!("{}", l.describe());
+    }
+    println!("{} locks", locks.len());
+    Ok(())
+}
+
 /// Entry point of the binary; returns the process exit code.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
@@ -225,6 +237,7 @@ pub fn main() -> i32 {
         Command::Key(k) => key::run(&g, k),
         Command::Cat(a) => inspect::run(&g, a),
         Command::Repair(r) => repair::run(&g, r),
+        Command::Locks => list_locks(&g),
     };
     match result {
         Ok(()) => 0,

@@ -33,6 +33,7 @@ pub fn run(g: &Globals, cmd: &RepairCommand) -> Result<()> {
     let repo = g.open_repo()?;
     match cmd {
         RepairCommand::Index => {
+            let _lock = crate::lock::acquire_exclusive(&repo, "repair index")?;
             let r = repair::rebuild_index(&repo)?;
             for u in &r.unreadable {
                 eprintln!("warning: pack left out of the index: {u}");
@@ -72,6 +73,7 @@ pub fn run(g: &Globals, cmd: &RepairCommand) -> Result<()> {
                 println!("nothing changed; run with --write to save repaired snapshots that mark these ranges as lost");
                 return Ok(());
             }
+            let _lock = crate::lock::acquire_exclusive(&repo, "repair snapshots")?;
             let cache = g.open_cache(&repo)?;
             for r in repair::repair_snapshots(&repo, &cache, &report.affected, a.forget)? {
                 println!(

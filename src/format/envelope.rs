@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! 0   4  magic "DVLT"
-//! 4   1  kind (1 config, 2 index, 3 snapshot, 6 verification record; 4 key file and 5 pack use the same
+//! 4   1  kind (1 config, 2 index, 3 snapshot, 6 verification record, 7 lock; 4 key file and 5 pack use the same
 //!          8-byte header)
 //! 5   1  format version (1)
 //! 6   2  reserved, zero
@@ -27,6 +27,7 @@ pub enum Kind {
     /// Used in pack trailers and as the pack header's associated data.
     Pack = 5,
     Verification = 6,
+    Lock = 7,
 }
 
 pub fn header(kind: Kind) -> [u8; HEADER_LEN] {

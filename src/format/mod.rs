@@ -9,6 +9,7 @@
 //! | `index/<id>` | [`index`] | BLAKE3 of the file |
 //! | `snapshots/<id>` | [`snapshot`] | BLAKE3 of the file |
 //! | `verified/<id>` | [`verified`] | BLAKE3 of the file |
+//! | `locks/<name>` | [`lock`] | purpose (`exclusive`) |
 //!
 //! Encrypted whole-file objects (config, index, snapshots) share one envelope ([`envelope`]).
 
@@ -16,6 +17,7 @@ pub mod config;
 pub mod envelope;
 pub mod index;
 pub mod keyfile;
+pub mod lock;
 pub mod pack;
 pub mod snapshot;
 pub mod verified;

@@ -116,15 +116,17 @@ impl Server {
     }
 
     pub fn backend(&self, location: &str) -> Arc<dyn Backend> {
-        let opts = S3Options {
-            credentials: Some((ACCESS_KEY.into(), SECRET_KEY.into())),
-            max_attempts: 3,
-            ..Default::default()
-        };
-        Arc::new(S3Backend::open(location, opts).unwrap())
+        backend_at(location)
     }
 
     pub fn add_credentials(&self, c: &mut Command) {
         c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY).env("AWS_SECRET_ACCESS_KEY", SECRET_KEY).env("AWS_REGION", "us-east-1");
     }
+}
+
+/// A client for an S3 location of a test server (without starting one).
+pub fn backend_at(location: &str) -> Arc<dyn Backend> {
+    let opts =
+        S3Options { credentials: Some((ACCESS_KEY.into(), SECRET_KEY.into())), max_attempts: 3, ..Default::default() };
+    Arc::new(S3Backend::open(location, opts).unwrap())
 }

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Backup and restore throughput against a local SeaweedFS S3 server: diskvault next to restic's S3 backend,
+# in one run, on the ../shared/bench workload image (vm1-day0, default 4 GiB).
+#   benches/s3-compare.sh [SIZE_GIB]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+size=${1:-4}
+data=${DISKVAULT_BENCH_DATA:-${XDG_CACHE_HOME:-$HOME/.cache}/diskvault-bench}
+img=$data/${size}g/vm1-day0.raw
+[ -f "$img" ] || { echo "missing $img: run ../shared/bench/make-workload.sh $size"; exit 1; }
+scripts/setup.sh
+cargo build --release --locked
+dv=$PWD/target/release/diskvault
+work=$(mktemp -d)
+port=19302
+export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1
+weed mini -dir="$work/sw" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port=$port -master.port=19433 -volume.port=19440 \
+  -filer.port=19888 -webdav=false -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 > "$work/weed.log" 2>&1 &
+weed_pid=$!
+trap 'kill $weed_pid 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 1 120); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.5; done
+sleep 2
+ep=http://127.0.0.1:$port
+export RESTIC_PASSWORD=bench DISKVAULT_PASSWORD=bench DISKVAULT_CACHE_DIR=$work/dvcache
+imgsz=$(stat -c %s "$img")
+printf '| tool | step | wall s | MB/s (image) | CPU s | peak RSS MiB |\n|---|---|---|---|---|---|\n' > "$work/table.md"
+run() { # tool step cmd...
+  local tool=$1 step=$2; shift 2
+  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+  /usr/bin/time -f "%e %U %S %M" -o "$work/t" bash -c "$*" > "$work/$tool-$step.log" 2>&1 || { echo "$tool $step failed:"; tail -5 "$work/$tool-$step.log"; }
+  read -r wall user sys rss < "$work/t"
+  awk -v t="$tool" -v s="$step" -v w="$wall" -v u="$user" -v y="$sys" -v r="$rss" -v b="$imgsz" \
+    'BEGIN{printf "| %s | %s | %.2f | %.0f | %.1f | %.0f |\n", t, s, w, b/1048576/w, u+y, r/1024}' >> "$work/table.md"
+}
+run restic init "restic -r s3:$ep/restic-bench init --repository-version 2"
+run restic backup "restic -r s3:$ep/restic-bench --cache-dir $work/rcache backup $img"
+run restic restore "restic -r s3:$ep/restic-bench --cache-dir $work/rcache restore latest --target $work/r && cmp $work/r$img $img"
+rm -rf "$work/r"
+run diskvault init "$dv -q -r s3:$ep/diskvault-bench/repo init"
+run diskvault backup "$dv -q -r s3:$ep/diskvault-bench/repo backup --upload-concurrency 4 disk0=$img"
+run diskvault restore "$dv -q -r s3:$ep/diskvault-bench/repo restore latest --fetchers 8 --target $work/d.raw && cmp $work/d.raw $img"
+cat "$work/table.md"
