@@ -217,20 +217,38 @@ impl Repository {
         pack::open_header(&self.keys, &sealed, start).map_err(|e| Error::corrupt(&name, e))
     }
 
-    // ---- index files ----
+    // ---- content-named encrypted objects (index files, snapshots, verification records) ----
 
-    pub fn save_index(&self, index: &IndexFile) -> Result<ObjectId> {
-        let bytes = envelope::seal(&self.keys, Kind::Index, &index.encode());
+    /// Seals `payload` in the envelope, stores it under `name_of(id)` with id = hash of the bytes.
+    fn save_sealed(&self, kind: Kind, name_of: fn(&ObjectId) -> String, payload: &[u8]) -> Result<ObjectId> {
+        let bytes = envelope::seal(&self.keys, kind, payload);
         let id = BlobId::of_file(&bytes);
-        self.backend.put(&names::index(&id), &bytes)?;
+        self.backend.put(&name_of(&id), &bytes)?;
         Ok(id)
     }
 
-    pub fn load_index(&self, id: &ObjectId) -> Result<IndexFile> {
-        let name = names::index(id);
+    /// Reads, hash-checks and opens a sealed object, then decodes its payload; errors name the object.
+    fn load_sealed<T>(
+        &self,
+        kind: Kind,
+        name_of: fn(&ObjectId) -> String,
+        id: &ObjectId,
+        decode: impl FnOnce(&[u8]) -> std::result::Result<T, String>,
+    ) -> Result<T> {
+        let name = name_of(id);
         let bytes = get_verified(&*self.backend, &name, id)?;
-        let plain = envelope::open(&self.keys, Kind::Index, &bytes).map_err(|e| map_header_err(&name, e))?;
-        IndexFile::decode(&plain).map_err(|e| Error::corrupt(&name, e))
+        let plain = envelope::open(&self.keys, kind, &bytes).map_err(|e| map_header_err(&name, e))?;
+        decode(&plain).map_err(|e| Error::corrupt(&name, e))
+    }
+
+    // ---- index files ----
+
+    pub fn save_index(&self, index: &IndexFile) -> Result<ObjectId> {
+        self.save_sealed(Kind::Index, names::index, &index.encode())
+    }
+
+    pub fn load_index(&self, id: &ObjectId) -> Result<IndexFile> {
+        self.load_sealed(Kind::Index, names::index, id, IndexFile::decode)
     }
 
     pub fn list_index_ids(&self) -> Result<Vec<ObjectId>> {
@@ -240,33 +258,21 @@ impl Repository {
     // ---- verification records ----
 
     pub fn save_verification(&self, rec: &VerificationRecord) -> Result<ObjectId> {
-        let bytes = envelope::seal(&self.keys, Kind::Verification, &rec.encode());
-        let id = BlobId::of_file(&bytes);
-        self.backend.put(&names::verified(&id), &bytes)?;
-        Ok(id)
+        self.save_sealed(Kind::Verification, names::verified, &rec.encode())
     }
 
     pub fn load_verification(&self, id: &ObjectId) -> Result<VerificationRecord> {
-        let name = names::verified(id);
-        let bytes = get_verified(&*self.backend, &name, id)?;
-        let plain = envelope::open(&self.keys, Kind::Verification, &bytes).map_err(|e| map_header_err(&name, e))?;
-        VerificationRecord::decode(&plain).map_err(|e| Error::corrupt(&name, e))
+        self.load_sealed(Kind::Verification, names::verified, id, VerificationRecord::decode)
     }
 
     // ---- snapshots ----
 
     pub fn save_snapshot(&self, snap: &Snapshot) -> Result<ObjectId> {
-        let bytes = envelope::seal(&self.keys, Kind::Snapshot, &snap.encode());
-        let id = BlobId::of_file(&bytes);
-        self.backend.put(&names::snapshot(&id), &bytes)?;
-        Ok(id)
+        self.save_sealed(Kind::Snapshot, names::snapshot, &snap.encode())
     }
 
     pub fn load_snapshot(&self, id: &ObjectId) -> Result<Snapshot> {
-        let name = names::snapshot(id);
-        let bytes = get_verified(&*self.backend, &name, id)?;
-        let plain = envelope::open(&self.keys, Kind::Snapshot, &bytes).map_err(|e| map_header_err(&name, e))?;
-        Snapshot::decode(&plain).map_err(|e| Error::corrupt(&name, e))
+        self.load_sealed(Kind::Snapshot, names::snapshot, id, Snapshot::decode)
     }
 
     /// All snapshots, oldest first. A damaged snapshot is an error naming it.

@@ -294,6 +294,34 @@ impl S3Backend {
         req
     }
 
+    /// GET of a whole object or of `(offset, len)`.
+    fn fetch(&self, name: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>> {
+        self.runtime.block_on(async {
+            self.counted();
+            let mut req = self.client.get_object().bucket(&self.bucket).key(self.key(name));
+            if let Some((offset, len)) = range {
+                req = req.range(format!("bytes={}-{}", offset, offset + len - 1));
+            }
+            let out = match req.send().await {
+                Ok(o) => o,
+                Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) || status(&e) == Some(404) => {
+                    return Err(Error::Missing { object: name.into() })
+                }
+                Err(e) if status(&e) == Some(416) => {
+                    let at = range.map(|r| r.0).unwrap_or(0);
+                    return Err(Error::corrupt(name, format!("truncated: no bytes at offset {at}")));
+                }
+                Err(e) => return Err(Error::backend("get", name, describe(&e))),
+            };
+            let bytes = out
+                .body
+                .collect()
+                .await
+                .map_err(|e| Error::backend("get", name, format!("download broke off: {e}")))?;
+            Ok(bytes.into_bytes().to_vec())
+        })
+    }
+
     async fn put_multipart(&self, name: &str, data: &[u8]) -> Result<()> {
         let key = self.key(name);
         let err = |op: &'static str, e: String| Error::backend(op, name, e);
@@ -399,56 +427,21 @@ impl Backend for S3Backend {
     }
 
     fn get(&self, name: &str) -> Result<Vec<u8>> {
-        self.runtime.block_on(async {
-            self.counted();
-            let out = match self.client.get_object().bucket(&self.bucket).key(self.key(name)).send().await {
-                Ok(o) => o,
-                Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) || status(&e) == Some(404) => {
-                    return Err(Error::Missing { object: name.into() })
-                }
-                Err(e) => return Err(Error::backend("get", name, describe(&e))),
-            };
-            let bytes = out
-                .body
-                .collect()
-                .await
-                .map_err(|e| Error::backend("get", name, format!("download broke off: {e}")))?;
-            Ok(bytes.into_bytes().to_vec())
-        })
+        self.fetch(name, None)
     }
 
     fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         if len == 0 {
             return Ok(Vec::new());
         }
-        self.runtime.block_on(async {
-            self.counted();
-            let range = format!("bytes={}-{}", offset, offset + len - 1);
-            let out = match self.client.get_object().bucket(&self.bucket).key(self.key(name)).range(range).send().await
-            {
-                Ok(o) => o,
-                Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) || status(&e) == Some(404) => {
-                    return Err(Error::Missing { object: name.into() })
-                }
-                Err(e) if status(&e) == Some(416) => {
-                    return Err(Error::corrupt(name, format!("truncated: no bytes at offset {offset}")))
-                }
-                Err(e) => return Err(Error::backend("get", name, describe(&e))),
-            };
-            let bytes = out
-                .body
-                .collect()
-                .await
-                .map_err(|e| Error::backend("get", name, format!("download broke off: {e}")))?;
-            let v = bytes.into_bytes().to_vec();
-            if v.len() as u64 != len {
-                return Err(Error::corrupt(
-                    name,
-                    format!("truncated: wanted {len} bytes at offset {offset}, the object ends after {}", v.len()),
-                ));
-            }
-            Ok(v)
-        })
+        let v = self.fetch(name, Some((offset, len)))?;
+        if v.len() as u64 != len {
+            return Err(Error::corrupt(
+                name,
+                format!("truncated: wanted {len} bytes at offset {offset}, the object ends after {}", v.len()),
+            ));
+        }
+        Ok(v)
     }
 
     fn size(&self, name: &str) -> Result<Option<u64>> {

@@ -50,38 +50,18 @@ impl BlockRanges {
 
     /// The blocks touched by `extents` (which must lie within the disk; see [`changes::validate`]).
     pub fn from_extents(extents: &[Extent], block_size: u64) -> Self {
-        let mut ranges: Vec<Range<u64>> = extents
-            .iter()
-            .filter(|e| e.length > 0)
-            .map(|e| e.start / block_size..(e.end() - 1) / block_size + 1)
-            .collect();
-        ranges.sort_by_key(|r| r.start);
-        let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
-        for r in ranges {
-            match merged.last_mut() {
-                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-                _ => merged.push(r),
-            }
-        }
-        BlockRanges(merged)
+        let ranges =
+            extents.iter().filter(|e| e.length > 0).map(|e| e.start / block_size..(e.end() - 1) / block_size + 1);
+        BlockRanges(merge(ranges.collect()))
     }
 
-    /// Adds the blocks `from..to`.
+    /// Adds the blocks `range`.
     pub fn add(&mut self, range: Range<u64>) {
-        if range.is_empty() {
-            return;
+        if !range.is_empty() {
+            let mut v = std::mem::take(&mut self.0);
+            v.push(range);
+            self.0 = merge(v);
         }
-        let mut v = std::mem::take(&mut self.0);
-        v.push(range);
-        v.sort_by_key(|r| r.start);
-        let mut merged: Vec<Range<u64>> = Vec::with_capacity(v.len());
-        for r in v {
-            match merged.last_mut() {
-                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-                _ => merged.push(r),
-            }
-        }
-        self.0 = merged;
     }
 
     pub fn ranges(&self) -> &[Range<u64>] {
@@ -101,6 +81,19 @@ impl BlockRanges {
     pub fn cursor(&self) -> BlockCursor<'_> {
         BlockCursor { ranges: &self.0, pos: 0 }
     }
+}
+
+/// Sorts ranges and merges overlapping or touching ones.
+fn merge(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    merged
 }
 
 pub struct BlockCursor<'a> {
