@@ -60,6 +60,8 @@ pub struct BackupOptions {
     pub uploaders: usize,
     /// Write an index file (a checkpoint) every this many packs.
     pub checkpoint_packs: usize,
+    /// Record this time (Unix seconds) instead of the current time, as restic's `--time`.
+    pub time_override: Option<i64>,
 }
 
 impl BackupOptions {
@@ -73,6 +75,7 @@ impl BackupOptions {
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             uploaders: 2,
             checkpoint_packs: 16,
+            time_override: None,
         }
     }
 }
@@ -224,7 +227,10 @@ pub fn run(
     counters: &Counters,
 ) -> Result<(ObjectId, Snapshot)> {
     let started = Instant::now();
-    let (time_secs, time_nanos) = crate::util::now_time();
+    let (time_secs, time_nanos) = match opts.time_override {
+        Some(t) => (t, 0),
+        None => crate::util::now_time(),
+    };
     if jobs.is_empty() {
         return Err(Error::invalid("nothing to back up"));
     }

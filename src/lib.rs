@@ -16,6 +16,7 @@
 //! | [`backup`] | the backup pipeline: read → hash/dedup/compress/encrypt → pack → upload → index → manifest |
 //! | [`restore`] | restore of a snapshot disk to a file or block device, with verification |
 //! | [`check`] | repository integrity: structure, and every byte with `--read-data` |
+//! | [`forget`] | retention policies: which snapshots to keep and why; protection |
 //! | [`lock`] | exclusive repository locks with storage-clock expiry |
 //! | [`repair`] | rebuilding the index from pack headers; adopting packs of interrupted backups |
 //! | [`progress`] | progress bars and periodic progress lines |
@@ -40,6 +41,7 @@ pub mod check;
 pub mod cli;
 pub mod crypto;
 pub mod error;
+pub mod forget;
 pub mod format;
 pub mod lock;
 pub mod progress;

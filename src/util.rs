@@ -51,8 +51,42 @@ pub fn format_utc(secs: i64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-/// Howard Hinnant's days-to-civil algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
+/// Parses `YYYY-MM-DD[ HH:MM[:SS]]` (UTC) into Unix seconds.
+pub fn parse_utc(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let (date, time) = s.split_once([' ', 'T']).unwrap_or((s, "00:00:00"));
+    let d: Vec<i64> = date.split('-').map(|p| p.parse().ok()).collect::<Option<_>>()?;
+    let t: Vec<i64> = time.trim_end_matches('Z').split(':').map(|p| p.parse().ok()).collect::<Option<_>>()?;
+    let [y, m, day] = d[..] else { return None };
+    let (hh, mm, ss) = match t[..] {
+        [h, m] => (h, m, 0),
+        [h, m, s] => (h, m, s),
+        _ => return None,
+    };
+    if !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+        || !(0..24).contains(&hh)
+        || !(0..60).contains(&mm)
+        || !(0..61).contains(&ss)
+    {
+        return None;
+    }
+    Some(days_from_civil(y, m as u32, day as u32) * 86400 + hh * 3600 + mm * 60 + ss)
+}
+
+/// Howard Hinnant's civil-to-days algorithm.
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146097 + doe - 719468
+}
+
+/// Howard Hinnant's days-to-civil algorithm: (year, month, day) of a day number since 1970-01-01.
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719468;
     let era = z.div_euclid(146097);
     let doe = z.rem_euclid(146097);
@@ -71,5 +105,9 @@ mod tests {
     fn utc_format() {
         assert_eq!(super::format_utc(0), "1970-01-01 00:00:00");
         assert_eq!(super::format_utc(1_795_322_283), "2026-11-22 04:38:03");
+        assert_eq!(super::parse_utc("2026-11-22 04:38:03"), Some(1_795_322_283));
+        assert_eq!(super::parse_utc("1970-01-01"), Some(0));
+        assert_eq!(super::parse_utc("2024-02-29T12:00"), Some(1_709_208_000));
+        assert_eq!(super::parse_utc("2026-13-01"), None);
     }
 }

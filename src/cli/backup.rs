@@ -41,9 +41,16 @@ pub struct BackupArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// Record this time (UTC, `YYYY-MM-DD HH:MM:SS`) as the snapshot's time instead of now.
+    #[arg(long, value_parser = parse_time)]
+    time: Option<i64>,
     /// Packs uploaded at once (memory in flight is about this many packs).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     upload_concurrency: u32,
+}
+
+fn parse_time(s: &str) -> std::result::Result<i64, String> {
+    crate::util::parse_utc(s).ok_or_else(|| format!("{s:?} is not a time like 2026-11-22 04:38:03 (UTC)"))
 }
 
 fn split_named(spec: &str) -> (Option<&str>, &str) {
@@ -118,6 +125,7 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
     }
     opts.parent = parent;
     opts.uploaders = args.upload_concurrency as usize;
+    opts.time_override = args.time;
     let counters = Arc::new(Counters::default());
     let (id, snap) = {
         let _reporter = Reporter::start("backup", counters.clone(), g.progress);

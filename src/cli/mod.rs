@@ -4,6 +4,7 @@
 
 mod backup;
 mod check;
+mod forget;
 mod inspect;
 mod key;
 mod repair;
@@ -66,6 +67,12 @@ enum Command {
     /// Manage the passwords (key files) that open the repository.
     #[command(subcommand)]
     Key(key::KeyCommand),
+    /// Remove snapshots according to a retention policy.
+    Forget(forget::ForgetArgs),
+    /// Protect a snapshot from forget.
+    Protect(forget::ProtectArgs),
+    /// Remove a snapshot's protection.
+    Unprotect(forget::ProtectArgs),
     /// List the repository's locks and their holders.
     Locks,
     /// Repair the repository.
@@ -238,6 +245,9 @@ pub fn main() -> i32 {
         Command::Cat(a) => inspect::run(&g, a),
         Command::Repair(r) => repair::run(&g, r),
         Command::Locks => list_locks(&g),
+        Command::Forget(a) => forget::run(&g, a),
+        Command::Protect(a) => forget::protect(&g, a, true),
+        Command::Unprotect(a) => forget::protect(&g, a, false),
     };
     match result {
         Ok(()) => 0,

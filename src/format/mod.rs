@@ -122,6 +122,7 @@ pub mod names {
     pub const SNAPSHOTS: &str = "snapshots";
     pub const LOCKS: &str = "locks";
     pub const VERIFIED: &str = "verified";
+    pub const PROTECTED: &str = "protected";
 
     pub fn pack(id: &ObjectId) -> String {
         let h = id.hex();
@@ -132,6 +133,9 @@ pub mod names {
     }
     pub fn snapshot(id: &ObjectId) -> String {
         format!("{SNAPSHOTS}/{}", id.hex())
+    }
+    pub fn protected(snapshot: &ObjectId) -> String {
+        format!("{PROTECTED}/{}", snapshot.hex())
     }
     pub fn verified(id: &ObjectId) -> String {
         format!("{VERIFIED}/{}", id.hex())

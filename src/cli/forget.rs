@@ -1,0 +1,108 @@
+//! `diskvault forget`, `protect`, `unprotect`.
+
+use super::Globals;
+use crate::error::{Error, Result};
+use crate::forget::{self, GroupBy, Policy};
+use crate::util::format_utc;
+
+#[derive(clap::Args, Debug)]
+pub struct ForgetArgs {
+    /// Keep the newest N snapshots.
+    #[arg(long, default_value_t = 0)]
+    keep_last: u32,
+    /// Keep the newest snapshot of each of the last N hours that have one.
+    #[arg(long, default_value_t = 0)]
+    keep_hourly: u32,
+    /// … of each of the last N days.
+    #[arg(long, default_value_t = 0)]
+    keep_daily: u32,
+    /// … of each of the last N weeks (Monday to Sunday, UTC).
+    #[arg(long, default_value_t = 0)]
+    keep_weekly: u32,
+    /// … of each of the last N months.
+    #[arg(long, default_value_t = 0)]
+    keep_monthly: u32,
+    /// … of each of the last N years.
+    #[arg(long, default_value_t = 0)]
+    keep_yearly: u32,
+    /// Keep snapshots younger than this before the newest of their group (e.g. 14d, 6m, 1y2m).
+    #[arg(long, value_parser = forget::parse_duration)]
+    keep_within: Option<i64>,
+    /// Keep snapshots with this tag (repeatable).
+    #[arg(long = "keep-tag")]
+    keep_tags: Vec<String>,
+    /// How to group snapshots before applying the policy: source, host, or source,host.
+    #[arg(long, default_value = "source", value_parser = GroupBy::parse)]
+    group_by: GroupBy,
+    /// Only snapshots of this source.
+    #[arg(long)]
+    name: Option<String>,
+    /// Show what would be removed and which rule keeps what; change nothing.
+    #[arg(long, short = 'n')]
+    dry_run: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ProtectArgs {
+    /// Snapshot id (or unique prefix).
+    snapshot: String,
+}
+
+pub fn run(g: &Globals, args: &ForgetArgs) -> Result<()> {
+    let policy = Policy {
+        last: args.keep_last,
+        hourly: args.keep_hourly,
+        daily: args.keep_daily,
+        weekly: args.keep_weekly,
+        monthly: args.keep_monthly,
+        yearly: args.keep_yearly,
+        within_secs: args.keep_within,
+        tags: args.keep_tags.clone(),
+    };
+    if policy.is_empty() {
+        return Err(Error::invalid("no policy given (--keep-last, --keep-daily, … ): refusing to forget everything"));
+    }
+    let repo = g.open_repo()?;
+    let snaps: Vec<_> = repo
+        .list_snapshots()?
+        .into_iter()
+        .filter(|(_, s)| args.name.as_deref().is_none_or(|n| s.source == n))
+        .collect();
+    let protected = forget::protected(&repo)?;
+    let decisions = forget::decide(&snaps, &policy, args.group_by, &protected);
+    let mut group = None;
+    for d in &decisions {
+        if group.as_ref() != Some(&d.group) {
+            println!("{}:", d.group);
+            group = Some(d.group.clone());
+        }
+        if d.keep() {
+            println!("  keep    {}  {}  ({})", d.id.short(), format_utc(d.time_secs), d.reasons.join(", "));
+        } else {
+            println!("  remove  {}  {}", d.id.short(), format_utc(d.time_secs));
+        }
+    }
+    let to_remove = decisions.iter().filter(|d| !d.keep()).count();
+    if args.dry_run {
+        println!("dry run: {to_remove} snapshots would be removed, {} kept", decisions.len() - to_remove);
+        return Ok(());
+    }
+    let removed = forget::apply(&repo, &decisions)?;
+    println!(
+        "removed {removed} snapshots, kept {}; their data stays in the repository until it is pruned",
+        decisions.len() - removed
+    );
+    Ok(())
+}
+
+pub fn protect(g: &Globals, args: &ProtectArgs, protect: bool) -> Result<()> {
+    let repo = g.open_repo()?;
+    let (id, _) = repo.find_snapshot(&args.snapshot, None)?;
+    forget::set_protected(&repo, &id, protect)?;
+    println!(
+        "snapshot {} is {}",
+        id.short(),
+        if protect { "protected: forget keeps it" } else { "no longer protected" }
+    );
+    Ok(())
+}

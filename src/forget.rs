@@ -1,0 +1,273 @@
+//! Retention: which snapshots a policy keeps, and why (`forget`).
+//!
+//! Snapshots are grouped (by source by default: one VM's disks are one snapshot), each group is ordered
+//! newest first, and every rule keeps what it selects; a snapshot is removed only if no rule keeps it and it
+//! is not protected. The rules follow restic's: `last` keeps the newest n; `hourly`/`daily`/`weekly`/
+//! `monthly`/`yearly` keep the newest snapshot of each of the n newest periods that have one; `within`
+//! keeps everything younger than a duration before the group's newest snapshot; `tags` keeps snapshots
+//! carrying a tag. Periods are UTC. Forgetting removes snapshot objects only; their data stays until prune.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::error::{Error, Result};
+use crate::format::snapshot::Snapshot;
+use crate::format::{names, ObjectId};
+use crate::repository::Repository;
+use crate::util::civil_from_days;
+
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    pub last: u32,
+    pub hourly: u32,
+    pub daily: u32,
+    pub weekly: u32,
+    pub monthly: u32,
+    pub yearly: u32,
+    /// Keep snapshots at most this many seconds older than the group's newest.
+    pub within_secs: Option<i64>,
+    pub tags: Vec<String>,
+}
+
+impl Policy {
+    pub fn is_empty(&self) -> bool {
+        self.last + self.hourly + self.daily + self.weekly + self.monthly + self.yearly == 0
+            && self.within_secs.is_none()
+            && self.tags.is_empty()
+    }
+}
+
+/// How snapshots are grouped before the policy applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupBy {
+    Source,
+    Host,
+    SourceAndHost,
+}
+
+impl GroupBy {
+    pub fn parse(s: &str) -> std::result::Result<GroupBy, String> {
+        match s {
+            "source" => Ok(GroupBy::Source),
+            "host" => Ok(GroupBy::Host),
+            "source,host" | "host,source" => Ok(GroupBy::SourceAndHost),
+            _ => Err(format!("{s:?}: group by `source`, `host` or `source,host`")),
+        }
+    }
+
+    fn key(self, s: &Snapshot) -> String {
+        match self {
+            GroupBy::Source => s.source.clone(),
+            GroupBy::Host => s.hostname.clone(),
+            GroupBy::SourceAndHost => format!("{} on {}", s.source, s.hostname),
+        }
+    }
+}
+
+/// Parses `30d`, `12h`, `2w`, `6m` (30-day months), `1y` (365 days), or combinations like `1y6m`.
+pub fn parse_duration(s: &str) -> std::result::Result<i64, String> {
+    let mut total = 0i64;
+    let mut num = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: i64 = num.parse().map_err(|_| format!("{s:?}: expected a duration like 30d, 12h, 2w, 6m or 1y"))?;
+        num.clear();
+        total += n * match c {
+            'h' => 3600,
+            'd' => 86400,
+            'w' => 7 * 86400,
+            'm' => 30 * 86400,
+            'y' => 365 * 86400,
+            _ => return Err(format!("{s:?}: unknown unit {c:?} (use h, d, w, m, y)")),
+        };
+    }
+    if !num.is_empty() || total == 0 {
+        return Err(format!("{s:?}: expected a duration like 30d, 12h, 2w, 6m or 1y"));
+    }
+    Ok(total)
+}
+
+/// The verdict on one snapshot.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    pub id: ObjectId,
+    pub group: String,
+    pub time_secs: i64,
+    /// Why it is kept (empty: it is removed).
+    pub reasons: Vec<String>,
+}
+
+impl Decision {
+    pub fn keep(&self) -> bool {
+        !self.reasons.is_empty()
+    }
+}
+
+/// Applies the policy to every group. `protected` snapshots are always kept.
+pub fn decide(
+    snapshots: &[(ObjectId, Snapshot)],
+    policy: &Policy,
+    group_by: GroupBy,
+    protected: &HashSet<ObjectId>,
+) -> Vec<Decision> {
+    let mut groups: BTreeMap<String, Vec<&(ObjectId, Snapshot)>> = BTreeMap::new();
+    for s in snapshots {
+        groups.entry(group_by.key(&s.1)).or_default().push(s);
+    }
+    let mut out = Vec::new();
+    for (group, mut snaps) in groups {
+        snaps.sort_by_key(|(id, s)| std::cmp::Reverse((s.time_secs, s.time_nanos, *id)));
+        let newest = snaps.first().map(|(_, s)| s.time_secs).unwrap_or(0);
+        let mut decisions: Vec<Decision> = snaps
+            .iter()
+            .map(|(id, s)| Decision { id: *id, group: group.clone(), time_secs: s.time_secs, reasons: Vec::new() })
+            .collect();
+        for (i, (id, s)) in snaps.iter().enumerate() {
+            if protected.contains(id) {
+                decisions[i].reasons.push("protected".into());
+            }
+            if let Some(t) = policy.tags.iter().find(|t| s.tags.contains(t)) {
+                decisions[i].reasons.push(format!("tag {t}"));
+            }
+            if policy.within_secs.is_some_and(|w| newest - s.time_secs <= w) {
+                decisions[i].reasons.push("within".into());
+            }
+            if (i as u32) < policy.last {
+                decisions[i].reasons.push("last".into());
+            }
+        }
+        let periods: [(&str, u32, fn(i64) -> i64); 5] = [
+            ("hourly", policy.hourly, |t| t.div_euclid(3600)),
+            ("daily", policy.daily, |t| t.div_euclid(86400)),
+            // Weeks start on Monday; 1970-01-01 was a Thursday.
+            ("weekly", policy.weekly, |t| {
+                let d = t.div_euclid(86400);
+                d - (d + 3).rem_euclid(7)
+            }),
+            ("monthly", policy.monthly, |t| {
+                let (y, m, _) = civil_from_days(t.div_euclid(86400));
+                y * 12 + m as i64
+            }),
+            ("yearly", policy.yearly, |t| civil_from_days(t.div_euclid(86400)).0),
+        ];
+        for (name, count, bucket) in periods {
+            let mut left = count;
+            let mut last_bucket = None;
+            for (i, (_, s)) in snaps.iter().enumerate() {
+                if left == 0 {
+                    break;
+                }
+                let b = bucket(s.time_secs);
+                if last_bucket != Some(b) {
+                    decisions[i].reasons.push(name.into());
+                    last_bucket = Some(b);
+                    left -= 1;
+                }
+            }
+        }
+        out.extend(decisions);
+    }
+    out
+}
+
+/// Snapshot ids marked protected (`protected/<snapshot id>` objects).
+pub fn protected(repo: &Repository) -> Result<HashSet<ObjectId>> {
+    Ok(crate::repository::list_ids(&**repo.backend(), names::PROTECTED)?.into_iter().collect())
+}
+
+/// Marks or unmarks a snapshot as protected: a protected snapshot is never forgotten.
+pub fn set_protected(repo: &Repository, id: &ObjectId, protect: bool) -> Result<()> {
+    let name = names::protected(id);
+    if protect {
+        repo.backend().put(&name, b"")
+    } else {
+        repo.backend().delete(&name)
+    }
+}
+
+/// Removes the snapshots the decisions do not keep. Returns how many were removed.
+pub fn apply(repo: &Repository, decisions: &[Decision]) -> Result<usize> {
+    let protected = protected(repo)?;
+    let mut removed = 0;
+    for d in decisions.iter().filter(|d| !d.keep()) {
+        // Checked again just before deleting: protection may have been added meanwhile.
+        if protected.contains(&d.id) {
+            return Err(Error::invalid(format!("snapshot {} is protected", d.id.short())));
+        }
+        repo.backend().delete(&names::snapshot(&d.id))?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::snapshot::Summary;
+    use crate::format::BlobId;
+
+    fn snap(i: u8, time: i64, source: &str, tags: &[&str]) -> (ObjectId, Snapshot) {
+        (
+            BlobId([i; 32]),
+            Snapshot {
+                time_secs: time,
+                time_nanos: 0,
+                hostname: "h".into(),
+                username: "u".into(),
+                source: source.into(),
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                parent: None,
+                disks: vec![],
+                annotations: Default::default(),
+                summary: Summary::default(),
+            },
+        )
+    }
+
+    fn kept(d: &[Decision]) -> Vec<u8> {
+        let mut v: Vec<u8> = d.iter().filter(|d| d.keep()).map(|d| d.id.0[0]).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn daily_weekly_monthly() {
+        // One snapshot a day at noon from 2026-01-01 (a Thursday) for 60 days; ids 1..=60.
+        let base = crate::util::parse_utc("2026-01-01 12:00").unwrap();
+        let snaps: Vec<_> = (0..60).map(|d| snap(d as u8 + 1, base + d * 86400, "vm", &[])).collect();
+        let p = Policy { daily: 3, ..Default::default() };
+        assert_eq!(kept(&decide(&snaps, &p, GroupBy::Source, &HashSet::new())), vec![58, 59, 60]);
+        // Weekly: newest of each of the 2 newest weeks. Day 60 = 2026-03-01 (Sunday), its week starts on day 54.
+        let p = Policy { weekly: 2, ..Default::default() };
+        assert_eq!(kept(&decide(&snaps, &p, GroupBy::Source, &HashSet::new())), vec![53, 60]);
+        // Monthly 3: Mar 1 (60), Feb 28 (59), Jan 31 (31).
+        let p = Policy { monthly: 3, ..Default::default() };
+        assert_eq!(kept(&decide(&snaps, &p, GroupBy::Source, &HashSet::new())), vec![31, 59, 60]);
+        let p = Policy { within_secs: Some(2 * 86400), last: 1, ..Default::default() };
+        assert_eq!(kept(&decide(&snaps, &p, GroupBy::Source, &HashSet::new())), vec![58, 59, 60]);
+    }
+
+    #[test]
+    fn groups_tags_and_protection() {
+        let snaps =
+            vec![snap(1, 100, "a", &[]), snap(2, 200, "a", &["keep"]), snap(3, 300, "a", &[]), snap(4, 50, "b", &[])];
+        let p = Policy { last: 1, tags: vec!["keep".into()], ..Default::default() };
+        let prot: HashSet<ObjectId> = [BlobId([1; 32])].into();
+        assert_eq!(kept(&decide(&snaps, &p, GroupBy::Source, &prot)), vec![1, 2, 3, 4]);
+        assert_eq!(kept(&decide(&snaps, &p, GroupBy::Source, &HashSet::new())), vec![2, 3, 4]);
+        assert_eq!(
+            kept(&decide(&snaps, &Policy { last: 1, ..Default::default() }, GroupBy::Host, &HashSet::new())),
+            vec![3]
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1y6m").unwrap(), 365 * 86400 + 180 * 86400);
+        assert_eq!(parse_duration("12h").unwrap(), 43200);
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("3x").is_err());
+    }
+}

@@ -1,0 +1,104 @@
+//! `forget`: retention policies through the CLI, dry run, protection, and that kept snapshots still restore.
+
+mod common;
+
+use common::*;
+
+/// Backs up a small disk whose content differs per day; returns (snapshot id, image) per day.
+fn daily_backups(e: &Env, days: &[&str]) -> Vec<(String, Vec<u8>)> {
+    days.iter()
+        .enumerate()
+        .map(|(i, day)| {
+            let img = random_bytes(500 + i as u64, MIB + 17);
+            write(&e.path("disk.raw"), &img);
+            let r =
+                e.backup(&["--name", "vm", "--time", &format!("{day} 22:00:00"), e.path("disk.raw").to_str().unwrap()]);
+            (r["snapshot"].as_str().unwrap().to_string(), img)
+        })
+        .collect()
+}
+
+fn snapshot_ids(e: &Env) -> Vec<String> {
+    e.ok(&["snapshots", "--json"])
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn keep_daily_and_weekly_with_dry_run_and_protection() {
+    let e = Env::with_repo();
+    // Mon 2026-11-02 … Sun 2026-11-15: two weeks, one snapshot a day.
+    let days: Vec<String> = (2..=15).map(|d| format!("2026-11-{d:02}")).collect();
+    let days: Vec<&str> = days.iter().map(String::as_str).collect();
+    let snaps = daily_backups(&e, &days);
+
+    let r = e.fails(&["forget"]);
+    assert!(r.stderr.contains("no policy"), "{}", r.stderr);
+
+    let dry = e.ok(&["forget", "--keep-daily", "3", "--keep-weekly", "2", "--dry-run"]).stdout;
+    assert!(dry.contains("10 snapshots would be removed, 4 kept"), "{dry}");
+    assert!(dry.contains("daily, weekly"), "the rules that keep a snapshot are named: {dry}");
+    assert_eq!(snapshot_ids(&e).len(), 14, "a dry run changes nothing");
+
+    // Protect the oldest: forget must keep it.
+    let oldest = &snaps[0].0;
+    e.ok(&["protect", &oldest[..12]]);
+    let out = e.ok(&["forget", "--keep-daily", "3", "--keep-weekly", "2"]).stdout;
+    assert!(out.contains("removed 9 snapshots"), "{out}");
+    let left = snapshot_ids(&e);
+    // Kept: Nov 13, 14, 15 (daily; 15 is also the newest of its week), Nov 8 (newest of the week before), Nov 2 (protected).
+    let expected: Vec<&String> = [0usize, 6, 11, 12, 13].iter().map(|&i| &snaps[i].0).collect();
+    let mut got: Vec<&String> = left.iter().collect();
+    got.sort();
+    let mut want = expected.clone();
+    want.sort();
+    assert_eq!(got, want);
+    for i in [0usize, 6, 13] {
+        assert_eq!(e.restore(&snaps[i].0, &[]), snaps[i].1, "kept snapshot of day {i} restores");
+    }
+    assert!(e.ok(&["check"]).stdout.contains("no errors found"));
+    // Unprotected, it goes with the next forget.
+    e.ok(&["unprotect", &oldest[..12]]);
+    let out = e.ok(&["forget", "--keep-daily", "3", "--keep-weekly", "2"]).stdout;
+    assert!(out.contains("removed 1 snapshots"), "{out}");
+}
+
+#[test]
+fn keep_last_per_source_and_keep_tag() {
+    let e = Env::with_repo();
+    for (i, name) in ["a", "a", "a", "b", "b"].iter().enumerate() {
+        write(&e.path("d"), &random_bytes(i as u64, MIB));
+        let tag = if i == 0 { "golden" } else { "daily" };
+        e.backup(&[
+            "--name",
+            name,
+            "--tag",
+            tag,
+            "--time",
+            &format!("2026-10-0{} 10:00", i + 1),
+            e.path("d").to_str().unwrap(),
+        ]);
+    }
+    let out = e.ok(&["forget", "--keep-last", "1", "--keep-tag", "golden"]).stdout;
+    assert!(out.contains("removed 2 snapshots"), "{out}");
+    let snaps = e.ok(&["snapshots", "--json"]).json();
+    let mut kept: Vec<(String, String)> = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["source"].as_str().unwrap().to_string(), s["time"].as_str().unwrap().to_string()))
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        vec![
+            ("a".to_string(), "2026-10-01 10:00:00".to_string()),
+            ("a".to_string(), "2026-10-03 10:00:00".to_string()),
+            ("b".to_string(), "2026-10-05 10:00:00".to_string())
+        ]
+    );
+}
