@@ -89,6 +89,9 @@ pub fn parse_duration(s: &str) -> std::result::Result<i64, String> {
     Ok(total)
 }
 
+/// Maps a time (Unix seconds) to the number of its period (hour, day, week…).
+type PeriodOf = fn(i64) -> i64;
+
 /// The verdict on one snapshot.
 #[derive(Clone, Debug)]
 pub struct Decision {
@@ -138,7 +141,7 @@ pub fn decide(
                 decisions[i].reasons.push("last".into());
             }
         }
-        let periods: [(&str, u32, fn(i64) -> i64); 5] = [
+        let periods: [(&str, u32, PeriodOf); 5] = [
             ("hourly", policy.hourly, |t| t.div_euclid(3600)),
             ("daily", policy.daily, |t| t.div_euclid(86400)),
             // Weeks start on Monday; 1970-01-01 was a Thursday.
