@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
@@ -166,7 +166,8 @@ pub fn restore_disk(
         .map_err(|e| Error::invalid(format!("thread pool: {e}")))?;
     let stats = Mutex::new(RestoreStats::default());
     let damage = Damage::default();
-    let zero_buf = vec![0u8; bs as usize];
+    let zero_buf = Arc::new(vec![0u8; bs as usize]);
+    let mut writer = Writer::start(&t)?;
     let describe =
         |block: u64| format!("block {block} (bytes {}..{})", block * bs, ((block + 1) * bs).min(disk.capacity));
     // Stops at the first damage unless partial restores are allowed.
@@ -197,7 +198,7 @@ pub fn restore_disk(
             let len = bs.min(disk.capacity - block * bs);
             if id.is_zero_block() {
                 if !t.holes_are_zero {
-                    write_at(&t, &zero_buf[..len as usize], block * bs)?;
+                    writer.write(block * bs, zero_buf.clone(), len as usize)?;
                 }
                 stats.lock().unwrap().zero_blocks += 1;
                 counters.add_done(len);
@@ -216,26 +217,32 @@ pub fn restore_disk(
                 .push(block);
         }
         let jobs = plan_reads(by_pack);
-        pool.install(|| {
+        let fetched = pool.install(|| {
             jobs.par_iter().try_for_each(|job| {
-                let (blocks, bytes) = run_read_job(repo, disk, &t, job, counters, &damaged)?;
+                let (blocks, bytes) = run_read_job(repo, disk, &writer, job, counters, &damaged)?;
                 let mut s = stats.lock().unwrap();
                 s.bytes_fetched += job.len;
                 s.blocks_written += blocks;
                 s.bytes_written += bytes;
                 Ok::<_, Error>(())
             })
-        })?;
+        });
+        if let Err(e) = fetched {
+            // A write error stops the fetchers with "the writer stopped": report the write error itself.
+            writer.finish()?;
+            return Err(e);
+        }
     }
     // Damaged blocks must read as zeros, whatever the target held before.
     let damaged_ranges = damage.into_ranges(disk);
     if !t.holes_are_zero {
         for r in &damaged_ranges {
             for off in (r.start..r.end).step_by(bs as usize) {
-                write_at(&t, &zero_buf[..(r.end - off).min(bs) as usize], off)?;
+                writer.write(off, zero_buf.clone(), (r.end - off).min(bs) as usize)?;
             }
         }
     }
+    writer.finish()?;
     t.file.sync_all().map_err(|e| Error::local(&t.path, format!("sync: {e}")))?;
     let mut stats = stats.into_inner().unwrap();
     if opts.verify {
@@ -273,10 +280,49 @@ fn plan_reads(by_pack: HashMap<ObjectId, HashMap<BlobId, Want>>) -> Vec<ReadJob>
     jobs
 }
 
-fn write_at(t: &Target, data: &[u8], offset: u64) -> Result<()> {
-    t.file
-        .write_all_at(data, offset)
-        .map_err(|e| Error::local(&t.path, format!("write of {} bytes at offset {offset}: {e}", data.len())))
+/// `data[..len]` to write at an offset; the data is shared by every block that holds the same blob.
+type WriteOp = (u64, Arc<Vec<u8>>, usize);
+
+/// The one thread that writes the target. Fetchers decrypt in parallel, but concurrent `pwrite`s to one file
+/// contend on its inode lock (measured: most of a restore's CPU went to that spinning), so writes are
+/// funnelled here, in arrival order.
+struct Writer {
+    tx: Option<crossbeam_channel::Sender<WriteOp>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+    path: PathBuf,
+}
+
+impl Writer {
+    fn start(t: &Target) -> Result<Writer> {
+        let file = t.file.try_clone().map_err(|e| Error::local(&t.path, e))?;
+        let path = t.path.clone();
+        let (tx, rx) = crossbeam_channel::bounded::<WriteOp>(32);
+        let p = path.clone();
+        let thread = std::thread::spawn(move || {
+            for (offset, data, len) in rx {
+                file.write_all_at(&data[..len], offset)
+                    .map_err(|e| Error::local(&p, format!("write of {len} bytes at offset {offset}: {e}")))?;
+            }
+            Ok(())
+        });
+        Ok(Writer { tx: Some(tx), thread: Some(thread), path })
+    }
+
+    /// Queues `data[..len]` for `offset`. Fails only if the writer stopped on an error ([`Writer::finish`] has it).
+    fn write(&self, offset: u64, data: Arc<Vec<u8>>, len: usize) -> Result<()> {
+        let tx = self.tx.as_ref().expect("writer is open until finish");
+        tx.send((offset, data, len)).map_err(|_| Error::local(&self.path, "the writer stopped"))
+    }
+
+    /// Waits for every queued write; returns the writer's error, if any.
+    fn finish(&mut self) -> Result<()> {
+        self.tx.take();
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(Error::local(&self.path, "the writer thread panicked")),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Fetches one range, opens each blob in it, writes it everywhere it belongs. Returns (blocks, bytes) written.
@@ -284,7 +330,7 @@ fn write_at(t: &Target, data: &[u8], offset: u64) -> Result<()> {
 fn run_read_job(
     repo: &Repository,
     disk: &DiskManifest,
-    t: &Target,
+    writer: &Writer,
     job: &ReadJob,
     counters: &Counters,
     damaged: &(dyn Fn(Vec<u64>, String) -> Result<()> + Sync),
@@ -304,7 +350,7 @@ fn run_read_job(
         let rel = (w.entry.offset as u64 - job.offset) as usize;
         let stored = &data[rel..rel + w.entry.stored_len as usize];
         let plain = match pack::open_blob(repo.keys(), &w.entry, stored) {
-            Ok(p) => p,
+            Ok(p) => Arc::new(p),
             Err(cause) => {
                 damaged(
                     w.blocks.clone(),
@@ -319,7 +365,7 @@ fn run_read_job(
                 damaged(vec![b], format!("blob {} holds {} bytes, the block has {len}", w.entry.id, plain.len()))?;
                 continue;
             }
-            write_at(t, &plain, b * bs)?;
+            writer.write(b * bs, plain.clone(), len)?;
             counters.add_done(len as u64);
             blocks += 1;
             bytes += len as u64;

@@ -318,7 +318,8 @@ impl S3Backend {
                 .collect()
                 .await
                 .map_err(|e| Error::backend("get", name, format!("download broke off: {e}")))?;
-            Ok(bytes.into_bytes().to_vec())
+            // Vec::from reuses the buffer when the body arrived in one piece.
+            Ok(Vec::from(bytes.into_bytes()))
         })
     }
 
