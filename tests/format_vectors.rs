@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use diskvault::format::config::Config;
 use diskvault::format::index::{BlobLocation, IndexFile, IndexedPack};
 use diskvault::format::keyfile::{KdfParams, KeyFile};
+use diskvault::format::lock::LockInfo;
 use diskvault::format::pack::{PackEntry, PackHeader};
 use diskvault::format::snapshot::{DiskManifest, DiskStats, SegmentRef, Snapshot, Summary};
 use diskvault::format::verified::VerificationRecord;
@@ -130,6 +131,20 @@ fn verification_record_vector() {
     let r = VerificationRecord { entries: vec![(BlobId([4; 32]), 1_795_322_283), (BlobId([6; 32]), -1)] };
     check("verified.bin", &r.encode());
     assert_eq!(VerificationRecord::decode(&r.encode()).unwrap(), r);
+}
+
+#[test]
+fn lock_vector() {
+    let l = LockInfo {
+        purpose: "repair index".into(),
+        hostname: "proxy-1".into(),
+        username: "backup".into(),
+        pid: 4242,
+        created_secs: 1_795_322_283,
+        holder: [9; 16],
+    };
+    check("lock.bin", &l.encode());
+    assert_eq!(LockInfo::decode(&l.encode()).unwrap(), l);
 }
 
 /// The disk image stored in `vectors/repo-v1`: text, a zero block, and a short random tail.

@@ -220,3 +220,67 @@ fn large_packs_go_up_as_multipart_uploads() {
     assert_eq!(e.restore("latest", &[]), img);
     assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
 }
+
+#[test]
+fn object_lock_retention_makes_backups_immutable() {
+    // Object Lock must be enabled when the bucket is created: a bucket of its own.
+    let e = Env::s3();
+    let bucket = format!("dvlock-{}", std::process::id());
+    let location = format!("s3:{}/{bucket}/repo", s3::server().endpoint);
+    let run = |args: &[&str]| {
+        let mut c = e.command(args);
+        c.env("DISKVAULT_REPOSITORY", &location).env("DISKVAULT_S3_OBJECT_LOCK", "GOVERNANCE:2");
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["init"]);
+    write(&e.path("d"), &random_bytes(77, 2 * MIB));
+    run(&["backup", e.path("d").to_str().unwrap()]);
+    let (rt, client) = s3::raw_client();
+    rt.block_on(async {
+        let listed = client.list_objects_v2().bucket(&bucket).prefix("repo/packs/").send().await.unwrap();
+        let key = listed.contents()[0].key().unwrap().to_string();
+        let head = client.head_object().bucket(&bucket).key(&key).send().await.unwrap();
+        assert_eq!(head.object_lock_mode().map(|m| m.as_str()), Some("GOVERNANCE"), "{key} has no retention");
+        let until = head.object_lock_retain_until_date().expect("a retain-until date").secs();
+        let now = diskvault::util::now_secs();
+        assert!(until > now + 86400 && until <= now + 2 * 86400 + 60, "retain until {until}, now {now}");
+        // The stored version cannot be deleted while retained.
+        let versions = client.list_object_versions().bucket(&bucket).prefix(&key).send().await.unwrap();
+        let version = versions.versions()[0].version_id().unwrap().to_string();
+        let del = client.delete_object().bucket(&bucket).key(&key).version_id(&version).send().await;
+        assert!(del.is_err(), "a retained version was deleted");
+        // Locks are not retained (they are rewritten and removed by design).
+        let locks = client.list_objects_v2().bucket(&bucket).prefix("repo/locks/").send().await.unwrap();
+        assert!(locks.contents().is_empty());
+    });
+    // The repository works as usual.
+    let mut c = e.command(&["check", "--read-data"]);
+    c.env("DISKVAULT_REPOSITORY", &location);
+    assert!(c.output().unwrap().status.success());
+}
+
+#[test]
+fn server_side_encryption_is_requested_for_every_object() {
+    let e = Env::s3();
+    let run = |args: &[&str]| {
+        let mut c = e.command(args);
+        c.env("DISKVAULT_S3_SSE", "AES256");
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["init"]);
+    write(&e.path("d"), &random_bytes(78, MIB));
+    run(&["backup", e.path("d").to_str().unwrap()]);
+    let (rt, client) = s3::raw_client();
+    let location = e.location();
+    let prefix = location.split('/').skip(4).collect::<Vec<_>>().join("/");
+    rt.block_on(async {
+        let listed =
+            client.list_objects_v2().bucket(s3::BUCKET).prefix(format!("{prefix}/packs/")).send().await.unwrap();
+        let key = listed.contents()[0].key().unwrap().to_string();
+        let head = client.head_object().bucket(s3::BUCKET).key(&key).send().await.unwrap();
+        assert_eq!(head.server_side_encryption().map(|s| s.as_str()), Some("AES256"), "{key} is not stored encrypted");
+    });
+    assert_eq!(e.restore("latest", &[]), random_bytes(78, MIB));
+}

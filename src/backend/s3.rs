@@ -78,6 +78,12 @@ impl S3Options {
     }
 }
 
+/// The objects that make up backups (retention applies to them); locks, markers and verification records are
+/// rewritten or removed by design and get no retention.
+fn is_immutable(name: &str) -> bool {
+    name == "config" || ["packs/", "index/", "snapshots/", "keys/"].iter().any(|p| name.starts_with(p))
+}
+
 /// Objects larger than this are uploaded in parts of this size.
 const MULTIPART_PART: usize = 16 << 20;
 
@@ -257,7 +263,13 @@ impl S3Backend {
                 return Ok(());
             }
             self.counted();
-            match self.client.create_bucket().bucket(&self.bucket).send().await {
+            // Object Lock can only be enabled when a bucket is created.
+            let create = self
+                .client
+                .create_bucket()
+                .bucket(&self.bucket)
+                .object_lock_enabled_for_bucket(self.opts.object_lock.is_some());
+            match create.send().await {
                 Ok(_) => Ok(()),
                 Err(e) if matches!(e.code(), Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")) => Ok(()),
                 Err(e) => Err(Error::backend("create bucket", self.bucket.clone(), describe(&e))),
@@ -287,7 +299,7 @@ impl S3Backend {
         if let (Some(class), true) = (&self.opts.data_storage_class, name.starts_with("packs/")) {
             req = req.storage_class(StorageClass::from(class.as_str()));
         }
-        if let Some((mode, days)) = &self.opts.object_lock {
+        if let Some((mode, days)) = self.opts.object_lock.as_ref().filter(|_| is_immutable(name)) {
             let until = DateTime::from_secs(crate::util::now_secs() + *days as i64 * 86400);
             req = req.object_lock_mode(ObjectLockMode::from(mode.as_str())).object_lock_retain_until_date(until);
         }

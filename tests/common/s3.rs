@@ -130,3 +130,23 @@ pub fn backend_at(location: &str) -> Arc<dyn Backend> {
         S3Options { credentials: Some((ACCESS_KEY.into(), SECRET_KEY.into())), max_attempts: 3, ..Default::default() };
     Arc::new(S3Backend::open(location, opts).unwrap())
 }
+
+/// A plain S3 client for the test server, to look at objects the way the server stores them.
+pub fn raw_client() -> (tokio::runtime::Runtime, aws_sdk_s3::Client) {
+    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let conf = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test"))
+        .endpoint_url(&server().endpoint)
+        .force_path_style(true)
+        .http_client(http)
+        .build();
+    (rt, aws_sdk_s3::Client::from_conf(conf))
+}
