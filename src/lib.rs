@@ -19,6 +19,7 @@
 //! | [`forget`] | retention policies: which snapshots to keep and why; protection |
 //! | [`lock`] | exclusive repository locks with storage-clock expiry |
 //! | [`repair`] | rebuilding the index from pack headers; adopting packs of interrupted backups |
+//! | [`stats`] | logical vs stored size, dedup and compression ratios, what each snapshot adds |
 //! | [`progress`] | progress bars and periodic progress lines |
 //! | [`cli`] | the `diskvault` command line |
 //!
@@ -49,6 +50,7 @@ pub mod repair;
 pub mod repository;
 pub mod restore;
 pub mod source;
+pub mod stats;
 pub mod util;
 
 pub use error::{Error, Result};

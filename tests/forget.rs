@@ -102,3 +102,33 @@ fn keep_last_per_source_and_keep_tag() {
         ]
     );
 }
+
+#[test]
+fn stats_show_dedup_and_what_each_snapshot_adds() {
+    let e = Env::with_repo();
+    let base = random_bytes(900, 4 * MIB);
+    write(&e.path("a"), &base);
+    e.backup(&["--name", "vm", e.path("a").to_str().unwrap()]);
+    let mut changed = base.clone();
+    changed[MIB..2 * MIB].copy_from_slice(&random_bytes(901, MIB));
+    changed.extend(vec![0u8; 2 * MIB]);
+    write(&e.path("a"), &changed);
+    e.backup(&["--name", "vm", e.path("a").to_str().unwrap()]);
+    let s = e.ok(&["stats", "--json"]).json();
+    assert_eq!(s["snapshots"], 2);
+    assert_eq!(s["logical_bytes"], (4 + 6) * MIB as u64);
+    assert_eq!(s["data_bytes"], 8 * MIB as u64, "zero blocks are not data");
+    // 5 distinct data blocks (4 + 1 changed) of 1 MiB each, plus two small segments.
+    let plain = s["blob_plaintext_bytes"].as_u64().unwrap();
+    assert!(plain >= 5 * MIB as u64 && plain < 5 * MIB as u64 + 4096, "{plain}");
+    let unique: Vec<u64> = s["snapshot_unique_bytes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["unique_stored_bytes"].as_u64().unwrap())
+        .collect();
+    // Each snapshot alone holds one block of random (incompressible) data.
+    for u in unique {
+        assert!(u > MIB as u64 && u < MIB as u64 + 1024, "{u}");
+    }
+}

@@ -73,6 +73,12 @@ enum Command {
     Protect(forget::ProtectArgs),
     /// Remove a snapshot's protection.
     Unprotect(forget::ProtectArgs),
+    /// Sizes, deduplication and compression, per disk and per snapshot.
+    Stats {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the repository's locks and their holders.
     Locks,
     /// Repair the repository.
@@ -200,6 +206,50 @@ fn init(g: &Globals, args: &InitArgs) -> Result<()> {
     Ok(())
 }
 
+fn print_stats(g: &Globals, json: bool) -> Result<()> {
+    use crate::util::{format_utc, human_bytes};
+    let repo = g.open_repo()?;
+    let cache = g.open_cache(&repo)?;
+    let s = crate::stats::compute(&repo, &cache)?;
+    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    if json {
+        let v = serde_json::json!({
+            "snapshots": s.snapshots,
+            "logical_bytes": s.all.logical,
+            "data_bytes": s.all.data,
+            "blobs": s.blobs,
+            "blob_plaintext_bytes": s.blobs_raw,
+            "stored_bytes": s.blobs_stored,
+            "dedup_ratio": ratio(s.all.data, s.blobs_raw),
+            "compression_ratio": ratio(s.blobs_raw, s.blobs_stored),
+            "disks": s.per_disk.iter().map(|((src, d), t)| serde_json::json!({"source": src, "disk": d, "logical_bytes": t.logical, "data_bytes": t.data})).collect::<Vec<_>>(),
+            "snapshot_unique_bytes": s.unique.iter().map(|(id, src, t, u)| serde_json::json!({"id": id.hex(), "source": src, "time": format_utc(*t), "unique_stored_bytes": u})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("JSON of plain values"));
+        return Ok(());
+    }
+    println!("{} snapshots", s.snapshots);
+    println!("logical size    {:>12}  (all disks of all snapshots)", human_bytes(s.all.logical));
+    println!("non-zero data   {:>12}", human_bytes(s.all.data));
+    println!("distinct blobs  {:>12}  ({} blobs)", human_bytes(s.blobs_raw), s.blobs);
+    println!("stored          {:>12}", human_bytes(s.blobs_stored));
+    println!(
+        "dedup {:.2}x, compression {:.2}x, logical/stored {:.2}x",
+        ratio(s.all.data, s.blobs_raw),
+        ratio(s.blobs_raw, s.blobs_stored),
+        ratio(s.all.logical, s.blobs_stored)
+    );
+    println!("per disk:");
+    for ((src, d), t) in &s.per_disk {
+        println!("  {src} / {d}: logical {}, data {}", human_bytes(t.logical), human_bytes(t.data));
+    }
+    println!("stored only by each snapshot:");
+    for (id, src, t, u) in &s.unique {
+        println!("  {}  {}  {:<20} {}", id.short(), format_utc(*t), src, human_bytes(*u));
+    }
+    Ok(())
+}
+
 fn list_locks(g: &Globals) -> Result<()> {
     let repo = g.open_repo()?;
     let locks = crate::lock::list(&repo)?;
@@ -245,6 +295,7 @@ pub fn main() -> i32 {
         Command::Cat(a) => inspect::run(&g, a),
         Command::Repair(r) => repair::run(&g, r),
         Command::Locks => list_locks(&g),
+        Command::Stats { json } => print_stats(&g, *json),
         Command::Forget(a) => forget::run(&g, a),
         Command::Protect(a) => forget::protect(&g, a, true),
         Command::Unprotect(a) => forget::protect(&g, a, false),
