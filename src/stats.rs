@@ -48,8 +48,8 @@ pub fn compute(repo: &Repository, cache: &IndexCache) -> Result<Stats> {
             let bs = disk.block_size as u64;
             let mut blocks = 0u64;
             for seg in &disk.segments {
-                if !segments.contains_key(&seg.id) {
-                    segments.insert(seg.id, load_segment(repo, cache, seg)?);
+                if let std::collections::hash_map::Entry::Vacant(v) = segments.entry(seg.id) {
+                    v.insert(load_segment(repo, cache, seg)?);
                 }
                 for id in std::iter::once(&seg.id).chain(segments[&seg.id].iter()) {
                     if id.is_zero_block() {
