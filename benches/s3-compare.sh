@@ -34,9 +34,11 @@ run() { # tool step cmd...
 }
 run restic init "restic -r s3:$ep/restic-bench init --repository-version 2"
 run restic backup "restic -r s3:$ep/restic-bench --cache-dir $work/rcache backup $img"
-run restic restore "restic -r s3:$ep/restic-bench --cache-dir $work/rcache restore latest --target $work/r && cmp $work/r$img $img"
+run restic restore "restic -r s3:$ep/restic-bench --cache-dir $work/rcache restore latest --target $work/r"
+cmp "$work/r$img" "$img" && echo "restic restore: cmp ok" || echo "restic restore: CMP FAILED"
 rm -rf "$work/r"
 run diskvault init "$dv -q -r s3:$ep/diskvault-bench/repo init"
 run diskvault backup "$dv -q -r s3:$ep/diskvault-bench/repo backup --upload-concurrency 4 disk0=$img"
-run diskvault restore "$dv -q -r s3:$ep/diskvault-bench/repo restore latest --fetchers 8 --target $work/d.raw && cmp $work/d.raw $img"
+run diskvault restore "$dv -q -r s3:$ep/diskvault-bench/repo restore latest --fetchers 8 --target $work/d.raw"
+cmp "$work/d.raw" "$img" && echo "diskvault restore: cmp ok" || echo "diskvault restore: CMP FAILED"
 cat "$work/table.md"
