@@ -284,11 +284,17 @@ impl Repository {
         Ok(out)
     }
 
+    /// The snapshots of one source (all if `None`), oldest first.
+    pub fn list_snapshots_of(&self, source: Option<&str>) -> Result<Vec<(ObjectId, Snapshot)>> {
+        let mut all = self.list_snapshots()?;
+        all.retain(|(_, s)| source.is_none_or(|src| s.source == src));
+        Ok(all)
+    }
+
     /// Resolves a snapshot reference: a full id, a unique id prefix, or `latest` (optionally within a source).
     pub fn find_snapshot(&self, reference: &str, source: Option<&str>) -> Result<(ObjectId, Snapshot)> {
         if reference == "latest" {
-            let all = self.list_snapshots()?;
-            return all.into_iter().rev().find(|(_, s)| source.is_none_or(|src| s.source == src)).ok_or_else(|| {
+            return self.list_snapshots_of(source)?.pop().ok_or_else(|| {
                 Error::invalid(match source {
                     Some(src) => format!("no snapshot of source {src:?}"),
                     None => "the repository has no snapshots".into(),

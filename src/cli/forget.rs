@@ -63,11 +63,7 @@ pub fn run(g: &Globals, args: &ForgetArgs) -> Result<()> {
         return Err(Error::invalid("no policy given (--keep-last, --keep-daily, … ): refusing to forget everything"));
     }
     let repo = g.open_repo()?;
-    let snaps: Vec<_> = repo
-        .list_snapshots()?
-        .into_iter()
-        .filter(|(_, s)| args.name.as_deref().is_none_or(|n| s.source == n))
-        .collect();
+    let snaps = repo.list_snapshots_of(args.name.as_deref())?;
     let protected = forget::protected(&repo)?;
     let decisions = forget::decide(&snaps, &policy, args.group_by, &protected);
     let mut group = None;

@@ -16,11 +16,7 @@ pub struct SnapshotsArgs {
 
 pub fn run(g: &Globals, args: &SnapshotsArgs) -> Result<()> {
     let repo = g.open_repo()?;
-    let snaps: Vec<_> = repo
-        .list_snapshots()?
-        .into_iter()
-        .filter(|(_, s)| args.name.as_deref().is_none_or(|n| s.source == n))
-        .collect();
+    let snaps = repo.list_snapshots_of(args.name.as_deref())?;
     if args.json {
         let v: Vec<serde_json::Value> = snaps
             .iter()
