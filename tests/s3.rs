@@ -261,11 +261,11 @@ fn object_lock_retention_makes_backups_immutable() {
 }
 
 #[test]
-fn server_side_encryption_is_requested_for_every_object() {
+fn server_side_encryption_and_storage_class_are_applied() {
     let e = Env::s3();
     let run = |args: &[&str]| {
         let mut c = e.command(args);
-        c.env("DISKVAULT_S3_SSE", "AES256");
+        c.env("DISKVAULT_S3_SSE", "AES256").env("DISKVAULT_S3_STORAGE_CLASS", "STANDARD_IA");
         let out = c.output().unwrap();
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
@@ -276,11 +276,34 @@ fn server_side_encryption_is_requested_for_every_object() {
     let location = e.location();
     let prefix = location.split('/').skip(4).collect::<Vec<_>>().join("/");
     rt.block_on(async {
-        let listed =
-            client.list_objects_v2().bucket(s3::BUCKET).prefix(format!("{prefix}/packs/")).send().await.unwrap();
-        let key = listed.contents()[0].key().unwrap().to_string();
-        let head = client.head_object().bucket(s3::BUCKET).key(&key).send().await.unwrap();
-        assert_eq!(head.server_side_encryption().map(|s| s.as_str()), Some("AES256"), "{key} is not stored encrypted");
+        let head_of = |dir: &'static str| {
+            let (client, prefix) = (client.clone(), prefix.clone());
+            async move {
+                let listed = client
+                    .list_objects_v2()
+                    .bucket(s3::BUCKET)
+                    .prefix(format!("{prefix}/{dir}/"))
+                    .send()
+                    .await
+                    .unwrap();
+                let key = listed.contents()[0].key().unwrap().to_string();
+                (key.clone(), client.head_object().bucket(s3::BUCKET).key(&key).send().await.unwrap())
+            }
+        };
+        let (pack, head) = head_of("packs").await;
+        assert_eq!(head.server_side_encryption().map(|s| s.as_str()), Some("AES256"), "{pack} is not stored encrypted");
+        assert_eq!(
+            head.storage_class().map(|c| c.as_str()),
+            Some("STANDARD_IA"),
+            "{pack}: data packs use the storage class"
+        );
+        let (index, head) = head_of("index").await;
+        assert_eq!(
+            head.server_side_encryption().map(|s| s.as_str()),
+            Some("AES256"),
+            "{index} is not stored encrypted"
+        );
+        assert!(head.storage_class().is_none_or(|c| c.as_str() == "STANDARD"), "{index}: metadata stays STANDARD");
     });
     assert_eq!(e.restore("latest", &[]), random_bytes(78, MIB));
 }
