@@ -307,3 +307,35 @@ fn server_side_encryption_and_storage_class_are_applied() {
     });
     assert_eq!(e.restore("latest", &[]), random_bytes(78, MIB));
 }
+
+#[test]
+fn private_ca_bundle_is_required_and_used_for_tls() {
+    let server = s3::Server::start_tls();
+    let (https, cert) = server.tls.clone().unwrap();
+    let e = Env::s3();
+    let location = format!("s3:{https}/tlsbucket/repo");
+    let run = |ca: Option<&std::path::Path>, args: &[&str]| {
+        let mut c = e.command(args);
+        c.env("DISKVAULT_REPOSITORY", &location).env("DISKVAULT_S3_MAX_ATTEMPTS", "2");
+        if let Some(ca) = ca {
+            c.env("DISKVAULT_S3_CA_BUNDLE", ca);
+        }
+        c.output().unwrap()
+    };
+    // Never silently insecure: an unknown certificate is refused.
+    let out = run(None, &["init"]);
+    assert!(!out.status.success(), "a self-signed certificate was accepted without the CA bundle");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("error: storage backend"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // With the bundle: the whole round trip over TLS.
+    assert!(run(Some(&cert), &["init"]).status.success());
+    write(&e.path("d"), &random_bytes(79, MIB + 3));
+    assert!(run(Some(&cert), &["backup", e.path("d").to_str().unwrap()]).status.success());
+    let t = e.path("out");
+    let out = run(Some(&cert), &["restore", "latest", "--target", t.to_str().unwrap(), "--verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&t).unwrap(), random_bytes(79, MIB + 3));
+}

@@ -155,8 +155,16 @@ fn describe<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::
         }
         SdkError::TimeoutError(_) => "timed out (after retries)".into(),
         SdkError::DispatchFailure(d) => {
+            // The cause chain says why (refused, TLS certificate not trusted, DNS…).
+            let mut causes = Vec::new();
+            let mut src = std::error::Error::source(e);
+            while let Some(c) = src {
+                causes.push(c.to_string());
+                src = c.source();
+            }
+            let why = causes.last().cloned().unwrap_or_default();
             if d.is_io() {
-                "connection failed (is the S3 server reachable?)".into()
+                format!("connection failed (is the S3 server reachable?): {why}")
             } else if d.is_timeout() {
                 "connection timed out".into()
             } else {

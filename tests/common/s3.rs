@@ -26,6 +26,8 @@ pub struct Server {
     pub port: u16,
     next: AtomicU64,
     _data: tempfile::TempDir,
+    /// With [`Server::start_tls`]: the HTTPS endpoint and the PEM of the CA that signed its certificate.
+    pub tls: Option<(String, std::path::PathBuf)>,
 }
 
 static SERVER: OnceLock<Server> = OnceLock::new();
@@ -48,9 +50,47 @@ fn free_port() -> u16 {
 
 impl Server {
     fn start() -> Server {
+        Server::launch(false)
+    }
+
+    /// A second server that also serves S3 over HTTPS, with a certificate from a private CA (made with openssl).
+    pub fn start_tls() -> Server {
+        Server::launch(true)
+    }
+
+    fn launch(tls: bool) -> Server {
         let data = tempfile::tempdir().unwrap();
         let (s3, master, volume, filer) = (free_port(), free_port(), free_port(), free_port());
         let mut cmd = Command::new("weed");
+        let mut tls_info = None;
+        let mut tls_args: Vec<String> = Vec::new();
+        if tls {
+            // A private CA and a server certificate it signed, as a company PKI would issue.
+            let d = data.path();
+            let sh = format!(
+                "set -e; cd {dir}; \
+                 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=diskvault-test-ca -keyout ca.key -out ca.pem; \
+                 openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout key.pem -out leaf.csr; \
+                 printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext.cnf; \
+                 openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile ext.cnf -out cert.pem",
+                dir = d.display()
+            );
+            let ok = Command::new("sh")
+                .args(["-c", &sh])
+                .stderr(Stdio::null())
+                .stdout(Stdio::null())
+                .status()
+                .expect("sh runs");
+            assert!(ok.success(), "openssl could not make the test certificates");
+            let (cert, key) = (d.join("cert.pem"), d.join("key.pem"));
+            let https = free_port();
+            tls_args = vec![
+                format!("-s3.port.https={https}"),
+                format!("-s3.cert.file={}", cert.display()),
+                format!("-s3.key.file={}", key.display()),
+            ];
+            tls_info = Some((format!("https://127.0.0.1:{https}"), d.join("ca.pem")));
+        }
         cmd.args([
             "mini",
             &format!("-dir={}", data.path().display()),
@@ -65,6 +105,7 @@ impl Server {
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
         ])
+        .args(&tls_args)
         .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         .stdout(Stdio::null())
@@ -90,7 +131,7 @@ impl Server {
         });
         rx.recv().unwrap().unwrap_or_else(|e| panic!("cannot start SeaweedFS `weed` (run scripts/setup.sh): {e}"));
         let endpoint = format!("http://127.0.0.1:{s3}");
-        let server = Server { endpoint, port: s3, next: AtomicU64::new(0), _data: data };
+        let server = Server { endpoint, port: s3, next: AtomicU64::new(0), _data: data, tls: tls_info };
         // Ready when the S3 port answers and the bucket can be created.
         let start = Instant::now();
         let addr: SocketAddr = format!("127.0.0.1:{s3}").parse().unwrap();
