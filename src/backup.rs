@@ -396,7 +396,7 @@ pub fn run(
                 s.spawn(move || {
                     let mut out = None;
                     abort.run(|| {
-                        out = Some(assemble_disk(repo, &claims.cache, claims, meta, plan, rx, &pack_tx, pack_target)?);
+                        out = Some(assemble_disk(repo, claims, meta, plan, rx, &pack_tx, pack_target)?);
                         Ok(())
                     });
                     out
@@ -531,7 +531,6 @@ pub(crate) fn load_segment(repo: &Repository, cache: &IndexCache, seg: &SegmentR
 #[allow(clippy::too_many_arguments)]
 fn assemble_disk(
     repo: &Repository,
-    cache: &IndexCache,
     claims: &Claims,
     meta: &MetaPacker,
     plan: &DiskPlan,
@@ -562,7 +561,7 @@ fn assemble_disk(
             }
         }
         let parent_ids = match (&plan.parent, parent_seg) {
-            (Some(_), Some(ps)) => Some(load_segment(repo, cache, &ps)?),
+            (Some(_), Some(ps)) => Some(load_segment(repo, &claims.cache, &ps)?),
             _ => None,
         };
         let mut ids = Vec::with_capacity(n as usize * 32);

@@ -219,18 +219,13 @@ fn concurrent_backups_into_one_repository() {
         images.push(img);
     }
     // Three processes at once, sharing the repository and the local cache directory.
-    let procs: Vec<_> = (0..3)
-        .map(|i| {
-            e.command(&["backup", "--name", &format!("vm{i}"), e.path(&format!("vm{i}.raw")).to_str().unwrap()])
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for p in procs {
-        let out = p.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
+    Env::run_at_once(
+        (0..3)
+            .map(|i| {
+                e.command(&["backup", "--name", &format!("vm{i}"), e.path(&format!("vm{i}.raw")).to_str().unwrap()])
+            })
+            .collect(),
+    );
     for (i, img) in images.iter().enumerate() {
         assert_eq!(&e.restore("latest", &["--name", &format!("vm{i}")]), img);
     }

@@ -16,7 +16,7 @@ fn three_hosts_back_up_at_once_and_dedup_across_each_other() {
     let e = Env::s3();
     e.ok(&["init"]);
     let template = random_bytes(1, 8 * MIB);
-    let hosts: Vec<Env> = (0..3).map(|i| e.other_host(i)).collect();
+    let hosts: Vec<Env> = (0..3).map(|_| e.other_host()).collect();
     let mut images = Vec::new();
     for (i, h) in hosts.iter().enumerate() {
         let mut img = template.clone();
@@ -25,29 +25,23 @@ fn three_hosts_back_up_at_once_and_dedup_across_each_other() {
         images.push(img);
     }
     // At once, each with its own local cache (a separate backup proxy).
-    let procs: Vec<_> = hosts
-        .iter()
-        .enumerate()
-        .map(|(i, h)| {
-            h.command(&[
-                "backup",
-                "--json",
-                "--host",
-                &format!("proxy{i}"),
-                "--name",
-                &format!("vm{i}"),
-                h.path("disk.raw").to_str().unwrap(),
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-        })
-        .collect();
-    for p in procs {
-        let out = p.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
+    Env::run_at_once(
+        hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                h.command(&[
+                    "backup",
+                    "--json",
+                    "--host",
+                    &format!("proxy{i}"),
+                    "--name",
+                    &format!("vm{i}"),
+                    h.path("disk.raw").to_str().unwrap(),
+                ])
+            })
+            .collect(),
+    );
     for (i, img) in images.iter().enumerate() {
         assert_eq!(&e.restore("latest", &["--name", &format!("vm{i}")]), img, "vm{i}");
     }

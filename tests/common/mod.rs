@@ -51,15 +51,13 @@ impl Env {
     }
 
     /// The same repository with another local cache and host name: another backup proxy.
-    pub fn other_host(&self, n: u32) -> Env {
-        let e = Env {
+    pub fn other_host(&self) -> Env {
+        assert!(self.is_s3(), "other_host shares S3 repositories only");
+        Env {
             dir: tempfile::tempdir().unwrap(),
             password: self.password.clone(),
             s3_location: self.s3_location.clone(),
-        };
-        assert!(self.is_s3(), "other_host shares S3 repositories only");
-        let _ = n;
-        e
+        }
     }
 
     /// Points this environment at another S3 endpoint (a proxy in front of the server).
@@ -187,6 +185,23 @@ impl Env {
         };
         assert!(!r.stderr.contains("panicked"), "diskvault panicked on {args:?}:\n{}", r.stderr);
         r
+    }
+
+    /// Starts the commands all at once and requires every one to succeed; returns their stdouts.
+    pub fn run_at_once(commands: Vec<Command>) -> Vec<String> {
+        let children: Vec<_> = commands
+            .into_iter()
+            .map(|mut c| c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap())
+            .collect();
+        children
+            .into_iter()
+            .map(|child| {
+                let out = child.wait_with_output().unwrap();
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success() && !stderr.contains("panicked"), "{stderr}");
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+            .collect()
     }
 
     /// Runs and requires success.
