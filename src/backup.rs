@@ -142,6 +142,29 @@ fn plan_disk(job: &mut DiskJob, parent: Option<&Snapshot>, block_size: u64) -> R
     Ok(DiskPlan { name: job.name.clone(), capacity, blocks, read, parent: None, note })
 }
 
+/// An incremental reuses the parent's unchanged segments by id. A segment the index no longer lists (a prune
+/// dropped it, or the index is damaged) cannot be vouched for, so its blocks are read from the source instead.
+fn reread_unindexed_segments(plan: &mut DiskPlan, cache: &IndexCache) -> Result<()> {
+    let Some(parent) = &plan.parent else { return Ok(()) };
+    let mut first = 0u64;
+    let mut missing = 0;
+    for seg in &parent.segments {
+        let end = (first + seg.blocks as u64).min(plan.blocks);
+        if !cache.contains(&seg.id)? {
+            plan.read.add(first..end);
+            missing += 1;
+        }
+        first += seg.blocks as u64;
+    }
+    if missing > 0 {
+        tracing::warn!(
+            "disk {}: {missing} manifest segment(s) of the parent snapshot are no longer indexed; reading their blocks",
+            plan.name
+        );
+    }
+    Ok(())
+}
+
 /// A block read from the source, on its way to a worker.
 struct ReadBlock {
     disk: usize,
@@ -240,6 +263,10 @@ pub fn run(
             return Err(Error::invalid(format!("two disks are named {:?}", j.name)));
         }
     }
+    // The session marker comes before the index is read: a prune either waits for this backup, or rewrote the
+    // index before it, so that nothing it dropped is seen here (format-spec §9b).
+    let session = crate::lock::start_session(repo, "backup")?;
+    cache.sync(repo)?;
     // Packs a killed backup stored without indexing them: index them now, so that their blocks count as stored.
     let adopted = crate::repair::adopt_unindexed_packs(repo, &cache)?;
     if adopted.packs_indexed > 0 {
@@ -251,7 +278,11 @@ pub fn run(
     }
     let block_size = repo.config().block_size as u64;
     let parent_snap = opts.parent.as_ref().map(|(_, s)| s);
-    let plans: Vec<DiskPlan> = jobs.iter_mut().map(|j| plan_disk(j, parent_snap, block_size)).collect::<Result<_>>()?;
+    let mut plans: Vec<DiskPlan> =
+        jobs.iter_mut().map(|j| plan_disk(j, parent_snap, block_size)).collect::<Result<_>>()?;
+    for p in &mut plans {
+        reread_unindexed_segments(p, &cache)?;
+    }
     for p in &plans {
         if let Some(n) = &p.note {
             tracing::warn!("{n}");
@@ -450,7 +481,9 @@ pub fn run(
         annotations: opts.annotations.clone(),
         summary,
     };
+    session.ensure_held()?;
     let id = repo.save_snapshot(&snapshot)?;
+    drop(session);
     Ok((id, snapshot))
 }
 
@@ -549,7 +582,9 @@ fn assemble_disk(
         let first = seg * SEGMENT_BLOCKS as u64;
         let last = (first + SEGMENT_BLOCKS as u64).min(plan.blocks);
         let n = (last - first) as u32;
-        let any_read = plan.read.ranges().iter().any(|r| r.start < last && r.end > first);
+        let read_here: u64 =
+            plan.read.ranges().iter().map(|r| r.end.min(last).saturating_sub(r.start.max(first))).sum();
+        let any_read = read_here > 0;
         let parent_seg = plan.parent.as_ref().and_then(|p| p.segments.get(seg as usize)).copied();
 
         // Unchanged segment of an incremental: reuse the parent's segment as it is.
@@ -561,7 +596,7 @@ fn assemble_disk(
             }
         }
         let parent_ids = match (&plan.parent, parent_seg) {
-            (Some(_), Some(ps)) => Some(load_segment(repo, &claims.cache, &ps)?),
+            (Some(_), Some(ps)) if read_here < n as u64 => Some(load_segment(repo, &claims.cache, &ps)?),
             _ => None,
         };
         let mut ids = Vec::with_capacity(n as usize * 32);

@@ -247,3 +247,102 @@ impl IndexCache {
         &self.path
     }
 }
+
+/// A throw-away RocksDB database for work that must not hold the whole repository in memory (prune's mark
+/// and sweep): keys are a one-byte table tag and a 32-byte id. Created empty, removed on drop.
+pub struct ScratchDb {
+    db: Option<rocksdb::DB>,
+    path: PathBuf,
+    _temp: Option<tempdir::TempDir>,
+}
+
+impl ScratchDb {
+    /// Creates an empty database at `<cache_root>/<repository id>/<name>`, or in a temporary directory if
+    /// that is not possible.
+    pub fn create(repo: &Repository, cache_root: &Path, name: &str) -> Result<ScratchDb> {
+        let path = cache_root.join(repo.config().id_hex()).join(name);
+        match Self::create_at(&path) {
+            Ok(db) => Ok(ScratchDb { db: Some(db), path, _temp: None }),
+            Err(e) => {
+                tracing::warn!("{}: {e}; using a temporary directory", path.display());
+                let tmp = tempdir::TempDir::new()
+                    .map_err(|e| Error::Cache { path: std::env::temp_dir(), cause: e.to_string() })?;
+                let path = tmp.path().join(name);
+                let db = Self::create_at(&path).map_err(|e| Error::Cache { path: path.clone(), cause: e })?;
+                Ok(ScratchDb { db: Some(db), path, _temp: Some(tmp) })
+            }
+        }
+    }
+
+    fn create_at(path: &Path) -> std::result::Result<rocksdb::DB, String> {
+        if path.exists() {
+            rocksdb::DB::destroy(&rocksdb::Options::default(), path).map_err(|e| e.to_string())?;
+        }
+        std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
+        let mut o = db_options();
+        // Bounded memory whatever the repository size: small memtables, data spills to sorted files.
+        o.set_write_buffer_size(16 << 20);
+        o.set_max_write_buffer_number(2);
+        o.set_disable_auto_compactions(false);
+        rocksdb::DB::open(&o, path).map_err(|e| e.to_string())
+    }
+
+    fn db(&self) -> &rocksdb::DB {
+        self.db.as_ref().expect("open until dropped")
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> Error {
+        Error::Cache { path: self.path.clone(), cause: e.to_string() }
+    }
+
+    fn key(table: u8, id: &BlobId) -> [u8; 33] {
+        let mut k = [0u8; 33];
+        k[0] = table;
+        k[1..].copy_from_slice(&id.0);
+        k
+    }
+
+    pub fn put(&self, table: u8, id: &BlobId, value: &[u8]) -> Result<()> {
+        self.db().put(Self::key(table, id), value).map_err(|e| self.err(e))
+    }
+
+    /// Inserts many keys with one write.
+    pub fn put_all<'a>(&self, table: u8, items: impl IntoIterator<Item = (&'a BlobId, &'a [u8])>) -> Result<()> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for (id, v) in items {
+            batch.put(Self::key(table, id), v);
+        }
+        self.db().write(batch).map_err(|e| self.err(e))
+    }
+
+    pub fn get(&self, table: u8, id: &BlobId) -> Result<Option<Vec<u8>>> {
+        self.db().get(Self::key(table, id)).map_err(|e| self.err(e))
+    }
+
+    pub fn contains(&self, table: u8, id: &BlobId) -> Result<bool> {
+        Ok(self.db().get_pinned(Self::key(table, id)).map_err(|e| self.err(e))?.is_some())
+    }
+
+    /// Which of `ids` are present, in one batched lookup.
+    pub fn contains_many(&self, table: u8, ids: &[BlobId]) -> Result<Vec<bool>> {
+        let keys: Vec<[u8; 33]> = ids.iter().map(|id| Self::key(table, id)).collect();
+        self.db().multi_get(keys).into_iter().map(|r| r.map(|v| v.is_some()).map_err(|e| self.err(e))).collect()
+    }
+
+    /// Removes every key of a table.
+    pub fn clear_table(&self, table: u8) -> Result<()> {
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.delete_range([table], [table + 1]);
+        self.db().write(batch).map_err(|e| self.err(e))
+    }
+}
+
+impl Drop for ScratchDb {
+    fn drop(&mut self) {
+        drop(self.db.take());
+        if self._temp.is_none() {
+            let _ = rocksdb::DB::destroy(&rocksdb::Options::default(), &self.path);
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}

@@ -17,7 +17,8 @@
 //! | [`restore`] | restore of a snapshot disk to a file or block device, with verification |
 //! | [`check`] | repository integrity: structure, and every byte with `--read-data` |
 //! | [`forget`] | retention policies: which snapshots to keep and why; protection |
-//! | [`lock`] | exclusive repository locks with storage-clock expiry |
+//! | [`lock`] | the exclusive lock and session markers, with storage-clock expiry |
+//! | [`prune`] | mark, sweep, repack and two-phase deletion next to running backups, in bounded memory |
 //! | [`repair`] | rebuilding the index from pack headers; adopting packs of interrupted backups |
 //! | [`stats`] | logical vs stored size, dedup and compression ratios, what each snapshot adds |
 //! | [`progress`] | progress bars and periodic progress lines |
@@ -34,6 +35,10 @@
 //!
 //! **Restore**: snapshot → segments → block ids → index lookups → ranged pack reads → decrypt, decompress,
 //! re-check id → write at the block's offset (zero blocks stay holes).
+//!
+//! **Prune**: snapshots → segments → marks in a scratch RocksDB → index files streamed pack by pack (keep,
+//! repack, drop) → new index files → a deletion record; dropped packs are deleted once the sessions that
+//! might use them have ended ([`prune`]).
 
 pub mod backend;
 pub mod backup;
@@ -46,6 +51,7 @@ pub mod forget;
 pub mod format;
 pub mod lock;
 pub mod progress;
+pub mod prune;
 pub mod repair;
 pub mod repository;
 pub mod restore;

@@ -1,5 +1,9 @@
-//! Exclusive repository locks, for the operations that must not run twice at once (index repair, snapshot
-//! repair, and later prune). Backups take no lock: every object they write is content-addressed and new.
+//! Repository locks: the exclusive lock of the operations that must not run twice at once (prune, index
+//! repair, snapshot repair), and the session markers of readers and writers (backup, restore, check).
+//!
+//! Sessions never block anyone. They exist so that prune knows whom to wait for before it deletes a pack it
+//! has taken out of the index: a backup that deduplicated against a block of that pack, or a restore that
+//! resolved a blob to it, is still running as long as its session marker is alive (`format-spec` §9b).
 //!
 //! The lock is `locks/exclusive`, created with the backend's atomic create-if-absent (S3: a conditional
 //! `If-None-Match: *` PUT). Its holder rewrites it every quarter of the stale time. Another client treats
@@ -19,6 +23,8 @@ use crate::format::names;
 use crate::repository::Repository;
 
 pub const EXCLUSIVE: &str = "exclusive";
+/// Session markers are `locks/session-<32 hex>`.
+pub const SESSION_PREFIX: &str = "session-";
 
 /// After how long without a refresh a lock counts as abandoned: `DISKVAULT_LOCK_STALE_SECS`, default 300.
 pub fn stale_after() -> Duration {
@@ -32,6 +38,8 @@ pub struct LockGuard {
     name: String,
     bytes: Vec<u8>,
     stop: Arc<AtomicBool>,
+    /// Set when the refresher found the object gone or replaced: someone judged us abandoned.
+    lost: Arc<AtomicBool>,
     refresher: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -119,22 +127,96 @@ pub fn acquire_exclusive(repo: &Repository, purpose: &str) -> Result<LockGuard> 
 impl LockGuard {
     fn start(backend: Arc<dyn Backend>, name: String, bytes: Vec<u8>, stale: Duration) -> LockGuard {
         let stop = Arc::new(AtomicBool::new(false));
-        let (b, n, data, s) = (backend.clone(), name.clone(), bytes.clone(), stop.clone());
+        let lost = Arc::new(AtomicBool::new(false));
+        let (b, n, data, s, l) = (backend.clone(), name.clone(), bytes.clone(), stop.clone(), lost.clone());
         let refresher = std::thread::spawn(move || {
             let every = stale / 4;
             let mut last = Instant::now();
             while !s.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
-                if last.elapsed() >= every {
-                    if let Err(e) = b.put(&n, &data) {
-                        tracing::warn!("could not refresh the repository lock: {e}");
+                if last.elapsed() < every {
+                    continue;
+                }
+                last = Instant::now();
+                // Rewrite only what is still ours: recreating a lock someone removed as abandoned would
+                // hide from them that we came back.
+                match b.get(&n) {
+                    Ok(current) if current == data => {
+                        if let Err(e) = b.put(&n, &data) {
+                            tracing::warn!("could not refresh {n}: {e}");
+                        }
                     }
-                    last = Instant::now();
+                    Ok(_) | Err(Error::Missing { .. }) => {
+                        tracing::error!("{n} was removed by another client that judged it abandoned");
+                        l.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    Err(e) => tracing::warn!("could not refresh {n}: {e}"),
                 }
             }
         });
-        LockGuard { backend, name, bytes, stop, refresher: Some(refresher) }
+        LockGuard { backend, name, bytes, stop, lost, refresher: Some(refresher) }
     }
+
+    /// Fails if the lock was lost: it was not refreshed for the stale time and another client removed it.
+    /// A backup checks this before it commits its snapshot, since a prune may then have deleted blobs it uses.
+    pub fn ensure_held(&self) -> Result<()> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(Error::Locked(format!(
+                "{} expired while this operation ran (not refreshed for {} s; a stalled process or a lost \
+                 connection); other clients may have acted on it, so nothing is committed: run it again",
+                self.name,
+                stale_after().as_secs()
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Starts a session: a marker object `locks/session-<random>` that lives, refreshed, as long as the returned
+/// guard. Backups, restores and checks hold one, so that prune waits for them before deleting packs.
+pub fn start_session(repo: &Repository, purpose: &str) -> Result<LockGuard> {
+    let name = format!("{}/{SESSION_PREFIX}{}", names::LOCKS, hex::encode(crate::crypto::random_array::<16>()));
+    let info = LockInfo {
+        purpose: purpose.to_string(),
+        hostname: crate::util::hostname(),
+        username: crate::util::username(),
+        pid: std::process::id(),
+        created_secs: crate::util::now_secs(),
+        holder: crate::crypto::random_array(),
+    };
+    let bytes = envelope::seal(repo.keys(), Kind::Lock, &info.encode());
+    if !repo.backend().create_new(&name, &bytes)? {
+        return Err(Error::Locked(format!("{name} exists already (random name collision?); try again")));
+    }
+    Ok(LockGuard::start(repo.backend().clone(), name, bytes, stale_after()))
+}
+
+/// The live sessions. Abandoned ones (not refreshed for [`stale_after`] by the storage's clock) are removed,
+/// so that their holders notice ([`LockGuard::ensure_held`]) if they were only stalled.
+pub fn live_sessions(repo: &Repository) -> Result<Vec<LockState>> {
+    let stale = stale_after();
+    let mut out = Vec::new();
+    for o in repo.backend().list(names::LOCKS)? {
+        if !o.name.rsplit('/').next().is_some_and(|n| n.starts_with(SESSION_PREFIX)) {
+            continue;
+        }
+        let Some((bytes, state)) = read_lock(repo, &o.name)? else { continue };
+        if state.age.is_some_and(|a| a > stale) {
+            if repo.backend().get(&o.name).ok().as_deref() == Some(&bytes[..]) {
+                tracing::warn!("removing an abandoned session: {}", state.describe());
+                repo.backend().delete(&o.name)?;
+            }
+            continue;
+        }
+        out.push(state);
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
 }
 
 impl Drop for LockGuard {

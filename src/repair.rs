@@ -99,7 +99,10 @@ fn write_index_files(
 pub fn rebuild_index(repo: &Repository) -> Result<RepairReport> {
     let mut report = RepairReport::default();
     let old = repo.list_index_ids()?;
-    let packs = list_packs(repo)?;
+    // Packs a prune dropped from the index stay out of it (format-spec §9b).
+    let doomed = repo.doomed_packs()?;
+    let packs: Vec<(ObjectId, u64)> =
+        list_packs(repo)?.into_iter().filter(|(id, _)| doomed.binary_search(id).is_err()).collect();
     let good = read_headers(repo, &packs, &mut report);
     let new = write_index_files(repo, None, good, &old, &mut report)?;
     for id in old.iter().filter(|id| !new.contains(id)) {
@@ -114,8 +117,14 @@ pub fn rebuild_index(repo: &Repository) -> Result<RepairReport> {
 pub fn adopt_unindexed_packs(repo: &Repository, cache: &IndexCache) -> Result<RepairReport> {
     let mut report = RepairReport::default();
     let mut orphans = Vec::new();
-    for (id, size) in list_packs(repo)? {
-        if !cache.knows_pack(&id)? {
+    let packs = list_packs(repo)?;
+    if packs.iter().all(|(id, _)| cache.knows_pack(id).unwrap_or(false)) {
+        return Ok(report);
+    }
+    // Packs a prune dropped from the index are not orphans (format-spec §9b).
+    let doomed = repo.doomed_packs()?;
+    for (id, size) in packs {
+        if !cache.knows_pack(&id)? && doomed.binary_search(&id).is_err() {
             orphans.push((id, size));
         }
     }

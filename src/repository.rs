@@ -10,6 +10,7 @@ use crate::backend::Backend;
 use crate::crypto::{self, Keys};
 use crate::error::{Error, Result};
 use crate::format::config::Config;
+use crate::format::deletion::DeletionRecord;
 use crate::format::envelope::{self, HeaderError, Kind};
 use crate::format::index::{BlobLocation, IndexFile};
 use crate::format::keyfile::{KdfParams, KeyError, KeyFile};
@@ -265,6 +266,29 @@ impl Repository {
         self.load_sealed(Kind::Verification, names::verified, id, VerificationRecord::decode)
     }
 
+    // ---- deletion records (prune) ----
+
+    pub fn save_deletion(&self, rec: &DeletionRecord) -> Result<ObjectId> {
+        self.save_sealed(Kind::Deletion, names::deletion, &rec.encode())
+    }
+
+    pub fn load_deletion(&self, id: &ObjectId) -> Result<DeletionRecord> {
+        self.load_sealed(Kind::Deletion, names::deletion, id, DeletionRecord::decode)
+    }
+
+    /// Every deletion record. An unreadable one is an error: its packs must not be mistaken for orphans.
+    pub fn list_deletions(&self) -> Result<Vec<(ObjectId, DeletionRecord)>> {
+        list_ids(&*self.backend, names::DELETIONS)?.into_iter().map(|id| Ok((id, self.load_deletion(&id)?))).collect()
+    }
+
+    /// Packs that a prune has scheduled for deletion (sorted): not to be indexed again by adoption or repair.
+    pub fn doomed_packs(&self) -> Result<Vec<ObjectId>> {
+        let mut out: Vec<ObjectId> = self.list_deletions()?.into_iter().flat_map(|(_, r)| r.packs).collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
     // ---- snapshots ----
 
     pub fn save_snapshot(&self, snap: &Snapshot) -> Result<ObjectId> {
@@ -338,7 +362,7 @@ fn write_key(backend: &dyn Backend, secret: &[u8; 32], password: &[u8], kdf: Kdf
 }
 
 /// Ids of the objects in a flat directory of content-named files; other names are ignored with a warning.
-pub(crate) fn list_ids(backend: &dyn Backend, dir: &str) -> Result<Vec<ObjectId>> {
+pub fn list_ids(backend: &dyn Backend, dir: &str) -> Result<Vec<ObjectId>> {
     let mut ids = Vec::new();
     for info in backend.list(dir)? {
         match info.name.rsplit('/').next().and_then(BlobId::from_hex) {

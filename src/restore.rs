@@ -156,6 +156,9 @@ pub fn restore_disk(
     counters: &Counters,
 ) -> Result<RestoreStats> {
     disk.validate().map_err(|e| Error::corrupt("snapshot", e))?;
+    // A session from before the index is read until the last blob: a prune that moves blobs waits for it.
+    let session = crate::lock::start_session(repo, "restore")?;
+    cache.sync(repo)?;
     let t = open_target(target, disk.capacity, opts.overwrite)?;
     counters.add_total(disk.capacity);
     let bs = disk.block_size as u64;
@@ -249,6 +252,7 @@ pub fn restore_disk(
         stats.blocks_verified = verify_target(repo, cache, disk, &t, &damaged_ranges)?;
     }
     stats.damaged = damaged_ranges;
+    drop(session);
     Ok(stats)
 }
 

@@ -55,6 +55,12 @@ pub trait Backend: Send + Sync {
     /// Lock expiry uses this, so that no two clients' clocks need to agree.
     fn age(&self, name: &str) -> Result<Option<std::time::Duration>>;
 
+    /// How much longer the storage refuses to delete the object (S3 Object Lock retention), by the storage's
+    /// clock; `None` if nothing holds it. Prune does not delete what is still retained.
+    fn retention_left(&self, _name: &str) -> Result<Option<std::time::Duration>> {
+        Ok(None)
+    }
+
     /// Creates what must exist before the first object (an S3 bucket); called by `init`.
     fn create_container(&self) -> Result<()> {
         Ok(())

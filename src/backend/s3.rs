@@ -97,6 +97,8 @@ pub struct S3Backend {
     opts: S3Options,
     attempts: Arc<AtomicU64>,
     requests: AtomicU64,
+    /// Storage clock minus ours, in seconds, once measured (for Object Lock retention).
+    clock_offset: std::sync::OnceLock<i64>,
 }
 
 /// Splits `s3://bucket/prefix` or `s3:http(s)://host:port/bucket/prefix` into (endpoint, bucket, prefix).
@@ -247,6 +249,7 @@ impl S3Backend {
             opts,
             attempts,
             requests: AtomicU64::new(0),
+            clock_offset: std::sync::OnceLock::new(),
         })
     }
 
@@ -534,6 +537,40 @@ impl Backend for S3Backend {
         let _ = self.delete(&probe);
         let now = now?.ok_or_else(|| Error::backend("stat", probe.clone(), "probe object vanished"))?;
         Ok(Some(Duration::from_secs(now.saturating_sub(written).max(0) as u64)))
+    }
+
+    fn retention_left(&self, name: &str) -> Result<Option<Duration>> {
+        let until = self.runtime.block_on(async {
+            self.counted();
+            match self.client.head_object().bucket(&self.bucket).key(self.key(name)).send().await {
+                Ok(o) => Ok(o.object_lock_retain_until_date().map(|t| t.secs())),
+                Err(e) if e.as_service_error().is_some_and(|se| se.is_not_found()) || status(&e) == Some(404) => {
+                    Ok(None)
+                }
+                Err(e) => Err(Error::backend("stat", name, describe(&e))),
+            }
+        })?;
+        let Some(until) = until else { return Ok(None) };
+        // The storage's clock, not ours: the offset is measured once with a probe object.
+        let offset = match self.clock_offset.get() {
+            Some(o) => *o,
+            None => {
+                let probe = format!("locks/.clock-{}", hex::encode(crate::crypto::random_array::<8>()));
+                self.put(&probe, b"clock probe")?;
+                let written = self.runtime.block_on(async {
+                    self.client.head_object().bucket(&self.bucket).key(self.key(&probe)).send().await
+                });
+                let _ = self.delete(&probe);
+                let server_now = written
+                    .map_err(|e| Error::backend("stat", probe.clone(), describe(&e)))?
+                    .last_modified()
+                    .map(|t| t.secs())
+                    .ok_or_else(|| Error::backend("stat", probe, "no Last-Modified"))?;
+                *self.clock_offset.get_or_init(|| server_now - crate::util::now_secs())
+            }
+        };
+        let left = until - (crate::util::now_secs() + offset);
+        Ok((left > 0).then(|| Duration::from_secs(left as u64)))
     }
 
     fn remove_stale_temporaries(&self, older_than: Duration) -> Result<usize> {

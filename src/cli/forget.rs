@@ -40,6 +40,9 @@ pub struct ForgetArgs {
     /// Show what would be removed and which rule keeps what; change nothing.
     #[arg(long, short = 'n')]
     dry_run: bool,
+    /// Prune right after (with prune's default thresholds).
+    #[arg(long)]
+    prune: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -84,10 +87,16 @@ pub fn run(g: &Globals, args: &ForgetArgs) -> Result<()> {
         return Ok(());
     }
     let removed = forget::apply(&repo, &decisions)?;
-    println!(
-        "removed {removed} snapshots, kept {}; their data stays in the repository until it is pruned",
-        decisions.len() - removed
-    );
+    if !args.prune {
+        println!(
+            "removed {removed} snapshots, kept {}; their data stays in the repository until it is pruned",
+            decisions.len() - removed
+        );
+        return Ok(());
+    }
+    println!("removed {removed} snapshots, kept {}; pruning", decisions.len() - removed);
+    let r = crate::prune::run(&repo, &g.cache_root(), &crate::prune::PruneOptions::default())?;
+    super::prune::print_report(&r, false);
     Ok(())
 }
 

@@ -7,6 +7,7 @@ mod check;
 mod forget;
 mod inspect;
 mod key;
+mod prune;
 mod repair;
 mod restore;
 mod snapshots;
@@ -69,6 +70,8 @@ enum Command {
     Key(key::KeyCommand),
     /// Remove snapshots according to a retention policy.
     Forget(forget::ForgetArgs),
+    /// Delete data no snapshot references any more; safe while backups run.
+    Prune(prune::PruneArgs),
     /// Protect a snapshot from forget.
     Protect(forget::ProtectArgs),
     /// Remove a snapshot's protection.
@@ -133,8 +136,12 @@ impl Globals {
         Repository::open(backend, &self.password(false)?)
     }
 
+    pub fn cache_root(&self) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(cache::default_cache_root)
+    }
+
     pub fn open_cache(&self, repo: &Repository) -> Result<Arc<IndexCache>> {
-        let root = self.cache_dir.clone().unwrap_or_else(cache::default_cache_root);
+        let root = self.cache_root();
         let (c, stats) = IndexCache::open(repo, &root)?;
         if stats.index_files_loaded > 0 || stats.rebuilt {
             tracing::info!(
@@ -297,6 +304,7 @@ pub fn main() -> i32 {
         Command::Locks => list_locks(&g),
         Command::Stats { json } => print_stats(&g, *json),
         Command::Forget(a) => forget::run(&g, a),
+        Command::Prune(a) => prune::run(&g, a),
         Command::Protect(a) => forget::protect(&g, a, true),
         Command::Unprotect(a) => forget::protect(&g, a, false),
     };

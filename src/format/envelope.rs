@@ -28,6 +28,7 @@ pub enum Kind {
     Pack = 5,
     Verification = 6,
     Lock = 7,
+    Deletion = 8,
 }
 
 pub fn header(kind: Kind) -> [u8; HEADER_LEN] {

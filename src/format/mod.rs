@@ -9,11 +9,13 @@
 //! | `index/<id>` | [`index`] | BLAKE3 of the file |
 //! | `snapshots/<id>` | [`snapshot`] | BLAKE3 of the file |
 //! | `verified/<id>` | [`verified`] | BLAKE3 of the file |
-//! | `locks/<name>` | [`lock`] | purpose (`exclusive`) |
+//! | `locks/<name>` | [`lock`] | purpose (`exclusive`, `session-<hex>`) |
+//! | `deletions/<id>` | [`deletion`] | BLAKE3 of the file |
 //!
 //! Encrypted whole-file objects (config, index, snapshots) share one envelope ([`envelope`]).
 
 pub mod config;
+pub mod deletion;
 pub mod envelope;
 pub mod index;
 pub mod keyfile;
@@ -123,6 +125,7 @@ pub mod names {
     pub const LOCKS: &str = "locks";
     pub const VERIFIED: &str = "verified";
     pub const PROTECTED: &str = "protected";
+    pub const DELETIONS: &str = "deletions";
 
     pub fn pack(id: &ObjectId) -> String {
         let h = id.hex();
@@ -139,6 +142,9 @@ pub mod names {
     }
     pub fn verified(id: &ObjectId) -> String {
         format!("{VERIFIED}/{}", id.hex())
+    }
+    pub fn deletion(id: &ObjectId) -> String {
+        format!("{DELETIONS}/{}", id.hex())
     }
     pub fn key(id: &ObjectId) -> String {
         format!("{KEYS}/{}", id.hex())

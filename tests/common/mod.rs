@@ -97,6 +97,16 @@ impl Env {
         }
     }
 
+    /// The repository opened through the library (for tests that drive the engine in-process).
+    pub fn open_repo(&self) -> diskvault::repository::Repository {
+        diskvault::repository::Repository::open(self.backend(), self.password.as_bytes()).unwrap()
+    }
+
+    /// Total bytes of all packs.
+    pub fn pack_bytes(&self) -> u64 {
+        self.backend().list("packs").unwrap().iter().map(|o| o.size).sum()
+    }
+
     /// Stored object names below `dir` (`packs`, `index`…), sorted; temporary objects are not listed.
     pub fn objects(&self, dir: &str) -> Vec<String> {
         let mut v: Vec<String> = self.backend().list(dir).unwrap().into_iter().map(|o| o.name).collect();

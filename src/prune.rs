@@ -1,0 +1,596 @@
+//! `prune`: deletes the packs no snapshot needs and repacks the partly used ones, next to running backups
+//! from any number of hosts, in bounded memory.
+//!
+//! One run:
+//! 1. **Finish earlier prunes.** A deletion record (`deletions/<id>`) names packs an earlier prune took out of
+//!    the index. Once every session it waits for has ended, the packs are searched for anything written since
+//!    (newer snapshots, newer segment blobs, index files listing the pack again); what is referenced is
+//!    *rescued* (indexed again), the rest is deleted, except objects still under Object Lock retention.
+//! 2. **Mark** (only if no record still waits for sessions: one generation at a time): every block and
+//!    segment id the snapshots reference goes into a scratch RocksDB, never into an in-memory map.
+//! 3. **Sweep and rewrite**: the index files are streamed one at a time; each pack is kept, repacked (its used
+//!    blobs copied into new packs) or dropped; the kept and new packs go into new index files, then the old
+//!    index files are deleted.
+//! 4. **Record**: the dropped packs, the snapshots and index files of this run and the live sessions go into a
+//!    deletion record. With no session alive, step 1 runs on it at once.
+//!
+//! Why this is safe without synchronised clocks (`format-spec/README.md` §9b): a backup, restore or check
+//! holds a session marker from before it reads the index until it is done. A process whose session started
+//! after the rewrite never sees the dropped packs (its index cache is rebuilt when index files disappear,
+//! adoption skips recorded packs, and backups re-read parent segments that are no longer indexed). A process
+//! whose session started before is listed in the record, and the packs wait for it; what it committed
+//! meanwhile is found by the rescue search before anything is deleted.
+
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use crate::cache::{IndexCache, ScratchDb};
+use crate::error::{Error, Result};
+use crate::format::deletion::DeletionRecord;
+use crate::format::index::{BlobLocation, IndexFile, IndexedPack};
+use crate::format::pack::{PackWriter, SealedBlob};
+use crate::format::{names, BlobId, BlobType, ObjectId};
+use crate::repository::Repository;
+
+/// Scratch tables (first key byte).
+const MARKED: u8 = b'm';
+const CLAIMED: u8 = b'c';
+const SEEN_PACK: u8 = b's';
+const PACK_SIZE: u8 = b'z';
+const DOOMED_BLOB: u8 = b'd';
+const RESCUED: u8 = b'r';
+/// Values of `SEEN_PACK`.
+const KEEP: u8 = 1;
+const DROPPED: u8 = 0;
+
+/// Segments loaded and marked per parallel batch.
+const MARK_BATCH: usize = 64;
+/// Packs per index file written by prune.
+const PACKS_PER_INDEX_FILE: usize = 512;
+
+#[derive(Clone, Debug)]
+pub struct PruneOptions {
+    /// Repack a data pack when more than this fraction of its bytes is unused (0.0 to 1.0).
+    pub max_unused: f64,
+    /// Copy at most this many bytes while repacking (`None`: no limit).
+    pub max_repack: Option<u64>,
+    /// Report what would be done; change nothing.
+    pub dry_run: bool,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions { max_unused: 0.1, max_repack: None, dry_run: false }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct PruneReport {
+    pub snapshots: usize,
+    pub blobs_in_use: u64,
+    pub packs: u64,
+    pub pack_bytes: u64,
+    /// Packs no snapshot needs (dropped whole).
+    pub packs_unused: u64,
+    pub bytes_unused: u64,
+    /// Packs whose used blobs were copied into new packs.
+    pub packs_repacked: u64,
+    pub bytes_repacked: u64,
+    pub bytes_copied: u64,
+    /// Unused bytes left in kept packs (below `--max-unused` or beyond `--max-repack`).
+    pub unused_bytes_kept: u64,
+    /// Indexed packs that are missing from storage (left listed: `check` reports them).
+    pub packs_missing: u64,
+    pub index_files_written: usize,
+    pub index_files_removed: usize,
+    /// Of earlier records and this run's: packs deleted, rescued, held back by retention, still waiting.
+    pub packs_deleted: u64,
+    pub bytes_deleted: u64,
+    pub packs_rescued: u64,
+    pub packs_retained: u64,
+    pub packs_waiting: u64,
+    /// The sessions deletion waits for, described.
+    pub waiting_for: Vec<String>,
+    /// False if no new plan was made because an earlier record still waits for sessions.
+    pub planned: bool,
+    pub temporaries_removed: usize,
+    pub warnings: Vec<String>,
+}
+
+/// Runs a prune. Holds the exclusive lock throughout; backups, restores and checks keep running.
+pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<PruneReport> {
+    let _lock = crate::lock::acquire_exclusive(repo, "prune")?;
+    let mut report = PruneReport::default();
+    let scratch = ScratchDb::create(repo, cache_root, "prune-work")?;
+    for info in repo.backend().list(names::PACKS)? {
+        if let Some(id) = info.name.rsplit('/').next().and_then(BlobId::from_hex) {
+            scratch.put(PACK_SIZE, &id, &info.size.to_le_bytes())?;
+        }
+    }
+    let live = crate::lock::live_sessions(repo)?;
+
+    // 1. Earlier records.
+    let mut waiting = false;
+    for (rid, rec) in repo.list_deletions()? {
+        if opts.dry_run {
+            report.packs_waiting += rec.packs.len() as u64;
+            continue;
+        }
+        waiting |= finish_record(repo, &scratch, rid, rec, &live, &mut report)?;
+    }
+    if waiting {
+        return Ok(report);
+    }
+
+    // 2. Mark.
+    let (cache, _) = IndexCache::open(repo, cache_root)?;
+    let snapshots = repo.list_snapshots()?;
+    report.snapshots = snapshots.len();
+    report.blobs_in_use = mark(repo, &cache, &scratch, &snapshots)?;
+    drop(cache);
+    let mut snapshot_ids: Vec<ObjectId> = snapshots.iter().map(|(id, _)| *id).collect();
+    snapshot_ids.sort();
+    drop(snapshots);
+
+    // 3. Sweep and rewrite.
+    let mut sweep = Sweep::new(repo, &scratch, opts);
+    for id in repo.list_index_ids()? {
+        let file = repo.load_index(&id)?;
+        sweep.file(id, file, &mut report)?;
+    }
+    let SweepResult { doomed, accounted, replaced } = sweep.finish(&mut report)?;
+    report.planned = true;
+    if opts.dry_run {
+        return Ok(report);
+    }
+    for id in &replaced {
+        repo.backend().delete(&names::index(id))?;
+        report.index_files_removed += 1;
+    }
+    report.temporaries_removed = repo.backend().remove_stale_temporaries(crate::repair::STALE_TEMPORARY_AGE)?;
+    if doomed.is_empty() {
+        return Ok(report);
+    }
+
+    // 4. Record, then finish it at once if nobody is to be waited for.
+    let sessions: Vec<String> = crate::lock::live_sessions(repo)?.into_iter().map(|s| s.name).collect();
+    let rec = DeletionRecord {
+        created_secs: crate::util::now_secs(),
+        hostname: crate::util::hostname(),
+        packs: doomed,
+        snapshots: snapshot_ids,
+        index_files: accounted,
+        sessions,
+        released: false,
+    };
+    let rid = repo.save_deletion(&rec)?;
+    let live = crate::lock::live_sessions(repo)?;
+    finish_record(repo, &scratch, rid, rec, &live, &mut report)?;
+    Ok(report)
+}
+
+/// Marks every segment and block the snapshots reference. Returns how many distinct ids were marked.
+fn mark(
+    repo: &Repository,
+    cache: &IndexCache,
+    scratch: &ScratchDb,
+    snapshots: &[(ObjectId, crate::format::snapshot::Snapshot)],
+) -> Result<u64> {
+    let mut marked = 0u64;
+    let mut batch: Vec<(ObjectId, String, crate::format::snapshot::SegmentRef)> = Vec::new();
+    let flush = |batch: &mut Vec<(ObjectId, String, crate::format::snapshot::SegmentRef)>| -> Result<u64> {
+        let loaded: Vec<Vec<BlobId>> = batch
+            .par_iter()
+            .map(|(sid, disk, seg)| {
+                crate::backup::load_segment(repo, cache, seg).map_err(|e| {
+                    Error::invalid(format!(
+                        "snapshot {} disk {disk}: {e}; prune stops without deleting anything (run `check`)",
+                        sid.short()
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+        let mut n = 0u64;
+        for ((_, _, seg), ids) in batch.iter().zip(loaded) {
+            let fresh: Vec<BlobId> = ids.into_iter().filter(|id| !id.is_zero_block()).collect();
+            let present = scratch.contains_many(MARKED, &fresh)?;
+            let new: Vec<&BlobId> = fresh.iter().zip(present).filter(|(_, p)| !p).map(|(id, _)| id).collect();
+            n += new.len() as u64 + 1;
+            scratch.put_all(MARKED, new.into_iter().chain(std::iter::once(&seg.id)).map(|id| (id, &[][..])))?;
+        }
+        batch.clear();
+        Ok(n)
+    };
+    for (sid, snap) in snapshots {
+        for disk in &snap.disks {
+            for seg in &disk.segments {
+                if scratch.contains(MARKED, &seg.id)? || batch.iter().any(|(_, _, s)| s.id == seg.id) {
+                    continue;
+                }
+                batch.push((*sid, disk.name.clone(), *seg));
+                if batch.len() >= MARK_BATCH {
+                    marked += flush(&mut batch)?;
+                }
+            }
+        }
+    }
+    marked += flush(&mut batch)?;
+    Ok(marked)
+}
+
+/// The streaming sweep: decides per pack, copies blobs of repacked packs, writes the new index files.
+struct Sweep<'a> {
+    repo: &'a Repository,
+    scratch: &'a ScratchDb,
+    opts: &'a PruneOptions,
+    doomed: Vec<ObjectId>,
+    kept: Vec<IndexedPack>,
+    own_index: Vec<ObjectId>,
+    /// Old index files left as they were (nothing in them changed), and those to delete.
+    untouched: Vec<ObjectId>,
+    replaced: Vec<ObjectId>,
+    writers: [Option<PackWriter>; 2],
+    repack_budget: u64,
+}
+
+impl<'a> Sweep<'a> {
+    fn new(repo: &'a Repository, scratch: &'a ScratchDb, opts: &'a PruneOptions) -> Self {
+        Sweep {
+            repo,
+            scratch,
+            opts,
+            doomed: Vec::new(),
+            kept: Vec::new(),
+            own_index: Vec::new(),
+            untouched: Vec::new(),
+            replaced: Vec::new(),
+            writers: [None, None],
+            repack_budget: opts.max_repack.unwrap_or(u64::MAX),
+        }
+    }
+
+    /// One old index file: it is left as it is if all its packs stay, else replaced.
+    fn file(&mut self, id: ObjectId, file: IndexFile, report: &mut PruneReport) -> Result<()> {
+        let mut kept = Vec::new();
+        let mut changed = false;
+        for pack in file.packs {
+            // Listed before (a duplicate listing): this file changes if that pack does not stay.
+            if let Some(fate) = self.scratch.get(SEEN_PACK, &pack.id)? {
+                changed |= fate != [KEEP];
+                continue;
+            }
+            match self.pack(pack, report)? {
+                Some(p) => kept.push(p),
+                None => changed = true,
+            }
+        }
+        if changed {
+            self.replaced.push(id);
+            for p in kept {
+                self.keep(p)?;
+            }
+        } else {
+            self.untouched.push(id);
+        }
+        Ok(())
+    }
+
+    /// Decides one pack's fate; returns it if it stays in the index.
+    fn pack(&mut self, pack: IndexedPack, report: &mut PruneReport) -> Result<Option<IndexedPack>> {
+        let id = pack.id;
+        let fate = self.decide(pack, report)?;
+        self.scratch.put(SEEN_PACK, &id, &[if fate.is_some() { KEEP } else { DROPPED }])?;
+        Ok(fate)
+    }
+
+    fn decide(&mut self, pack: IndexedPack, report: &mut PruneReport) -> Result<Option<IndexedPack>> {
+        let Some(size) = pack_size(self.repo, self.scratch, &pack.id)? else {
+            // Indexed but missing: leave it listed so that `check` keeps reporting it, and let it claim nothing,
+            // so that a surviving copy of its blobs elsewhere counts as used.
+            report.packs_missing += 1;
+            report.warnings.push(format!("{}: indexed but missing (run `check`)", names::pack(&pack.id)));
+            return Ok(Some(pack));
+        };
+        report.packs += 1;
+        report.pack_bytes += size;
+        // A blob counts as used in the first pack that holds it; later copies are duplicates.
+        let ids: Vec<BlobId> = pack.entries.iter().map(|e| e.id).collect();
+        let marked = self.scratch.contains_many(MARKED, &ids)?;
+        let claimed = self.scratch.contains_many(CLAIMED, &ids)?;
+        let used: Vec<bool> = marked.iter().zip(&claimed).map(|(m, c)| *m && !c).collect();
+        let used_ids: Vec<&BlobId> = ids.iter().zip(&used).filter(|(_, u)| **u).map(|(id, _)| id).collect();
+        self.scratch.put_all(CLAIMED, used_ids.iter().map(|id| (*id, &[][..])))?;
+        let used_count = used_ids.len();
+        let unused_bytes: u64 =
+            pack.entries.iter().zip(&used).filter(|(_, u)| !**u).map(|(e, _)| e.stored_len as u64).sum();
+        let used_bytes: u64 =
+            pack.entries.iter().zip(&used).filter(|(_, u)| **u).map(|(e, _)| e.stored_len as u64).sum();
+        if used_count == 0 {
+            report.packs_unused += 1;
+            report.bytes_unused += size;
+            self.doomed.push(pack.id);
+            return Ok(None);
+        }
+        if unused_bytes == 0 {
+            return Ok(Some(pack));
+        }
+        // Segment packs are always repacked: an indexed segment blob must be a referenced one, so that a backup
+        // that reuses an indexed segment by id never relies on blocks a prune has dropped (§9b).
+        let repack = match pack.pack_type {
+            BlobType::Segment => true,
+            BlobType::Data => {
+                unused_bytes as f64 > self.opts.max_unused * size as f64 && used_bytes <= self.repack_budget
+            }
+        };
+        if !repack {
+            report.unused_bytes_kept += unused_bytes;
+            return Ok(Some(pack));
+        }
+        if self.opts.dry_run {
+            report.packs_repacked += 1;
+            report.bytes_repacked += size;
+            report.bytes_copied += used_bytes;
+            self.repack_budget = self.repack_budget.saturating_sub(used_bytes);
+            return Ok(None);
+        }
+        match self.copy_used(&pack, &used) {
+            Ok(copied) => {
+                report.packs_repacked += 1;
+                report.bytes_repacked += size;
+                report.bytes_copied += copied;
+                self.repack_budget = self.repack_budget.saturating_sub(copied);
+                self.doomed.push(pack.id);
+                Ok(None)
+            }
+            Err(e) => {
+                // A pack that cannot be read whole is left as it is (and listed); `check` tells the rest.
+                report.warnings.push(format!("not repacking: {e}"));
+                report.unused_bytes_kept += unused_bytes;
+                Ok(Some(pack))
+            }
+        }
+    }
+
+    fn keep(&mut self, pack: IndexedPack) -> Result<()> {
+        self.kept.push(pack);
+        if self.kept.len() >= PACKS_PER_INDEX_FILE {
+            self.flush_index()?;
+        }
+        Ok(())
+    }
+
+    fn flush_index(&mut self) -> Result<()> {
+        if self.kept.is_empty() || self.opts.dry_run {
+            self.kept.clear();
+            return Ok(());
+        }
+        let file = IndexFile { supersedes: Vec::new(), packs: std::mem::take(&mut self.kept) };
+        self.own_index.push(self.repo.save_index(&file)?);
+        Ok(())
+    }
+
+    /// Copies the used blobs of `pack` (verified: decrypted and re-hashed) into the open new pack of its type.
+    /// The sealed bytes are copied as they are: their associated data does not depend on the pack.
+    fn copy_used(&mut self, pack: &IndexedPack, used: &[bool]) -> Result<u64> {
+        let name = names::pack(&pack.id);
+        let bytes = self.repo.backend().get(&name)?;
+        let mut copied = 0u64;
+        let mut blobs = Vec::new();
+        for (e, _) in pack.entries.iter().zip(used).filter(|(_, u)| **u) {
+            let stored = bytes
+                .get(e.offset as usize..e.end() as usize)
+                .ok_or_else(|| Error::corrupt(&name, format!("blob {} lies beyond the end of the pack", e.id)))?;
+            crate::format::pack::open_blob(self.repo.keys(), e, stored)
+                .map_err(|c| Error::corrupt(&name, format!("blob {}: {c}", e.id)))?;
+            blobs.push(SealedBlob {
+                blob_type: e.blob_type,
+                id: e.id,
+                flags: e.flags,
+                raw_len: e.raw_len,
+                bytes: stored.to_vec(),
+            });
+        }
+        let target = self.repo.config().pack_target_size as usize;
+        for blob in blobs {
+            copied += blob.bytes.len() as u64;
+            let slot = (blob.blob_type == BlobType::Segment) as usize;
+            let w = self.writers[slot].get_or_insert_with(|| PackWriter::new(blob.blob_type, target + (4 << 20)));
+            w.add(blob);
+            if w.len() >= target {
+                let full = self.writers[slot].take().expect("just used");
+                self.store_new_pack(full)?;
+            }
+        }
+        Ok(copied)
+    }
+
+    fn store_new_pack(&mut self, w: PackWriter) -> Result<()> {
+        let pack = w.finish(self.repo.keys());
+        self.repo.save_pack(&pack)?;
+        self.keep(IndexedPack { id: pack.id, pack_type: pack.header.pack_type, entries: pack.header.entries })
+    }
+
+    /// Stores the last new packs and index file.
+    fn finish(mut self, report: &mut PruneReport) -> Result<SweepResult> {
+        for slot in 0..2 {
+            if let Some(w) = self.writers[slot].take().filter(|w| !w.is_empty()) {
+                self.store_new_pack(w)?;
+            }
+        }
+        self.flush_index()?;
+        report.index_files_written += self.own_index.len();
+        self.doomed.sort();
+        self.doomed.dedup();
+        let mut accounted = self.own_index;
+        accounted.extend(self.untouched);
+        accounted.sort();
+        Ok(SweepResult { doomed: self.doomed, accounted, replaced: self.replaced })
+    }
+}
+
+struct SweepResult {
+    /// Packs to delete (sorted).
+    doomed: Vec<ObjectId>,
+    /// Index files whose content this prune accounted for: written by it, or left untouched (sorted).
+    accounted: Vec<ObjectId>,
+    /// Old index files replaced by the new ones, to delete.
+    replaced: Vec<ObjectId>,
+}
+
+/// Finishes a deletion record if every session it waits for has ended: rescues what newer objects reference,
+/// deletes the rest (except what retention holds). Returns true if it still waits.
+fn finish_record(
+    repo: &Repository,
+    scratch: &ScratchDb,
+    rid: ObjectId,
+    mut rec: DeletionRecord,
+    live: &[crate::lock::LockState],
+    report: &mut PruneReport,
+) -> Result<bool> {
+    if !rec.released {
+        let pending: Vec<&crate::lock::LockState> = live.iter().filter(|s| rec.sessions.contains(&s.name)).collect();
+        if !pending.is_empty() {
+            report.packs_waiting += rec.packs.len() as u64;
+            report.waiting_for.extend(pending.iter().map(|s| s.describe()));
+            return Ok(true);
+        }
+        let rescued = rescue(repo, scratch, &rec)?;
+        if !rescued.is_empty() {
+            let mut headers = Vec::new();
+            for id in &rescued {
+                let size = pack_size(repo, scratch, id)?.ok_or_else(|| Error::Missing { object: names::pack(id) })?;
+                let h = repo.read_pack_header(id, size)?;
+                headers.push(IndexedPack { id: *id, pack_type: h.pack_type, entries: h.entries });
+            }
+            for chunk in headers.chunks(PACKS_PER_INDEX_FILE) {
+                repo.save_index(&IndexFile { supersedes: Vec::new(), packs: chunk.to_vec() })?;
+            }
+            report.packs_rescued += rescued.len() as u64;
+            rec.packs.retain(|p| rescued.binary_search(p).is_err());
+        }
+        rec.released = true;
+    }
+    // Delete, unless retention still holds the object.
+    let outcome: Vec<(ObjectId, Result<Option<u64>>)> = rec
+        .packs
+        .par_iter()
+        .map(|id| {
+            let name = names::pack(id);
+            let r = (|| {
+                if let Some(left) = repo.backend().retention_left(&name)? {
+                    tracing::info!("{name}: under retention for {} s more; not deleted", left.as_secs());
+                    return Ok(None);
+                }
+                let size = repo.backend().size(&name)?.unwrap_or(0);
+                repo.backend().delete(&name)?;
+                Ok(Some(size))
+            })();
+            (*id, r)
+        })
+        .collect();
+    let mut retained = Vec::new();
+    for (id, r) in outcome {
+        match r? {
+            Some(size) => {
+                report.packs_deleted += 1;
+                report.bytes_deleted += size;
+            }
+            None => retained.push(id),
+        }
+    }
+    if !retained.is_empty() {
+        report.packs_retained += retained.len() as u64;
+        repo.save_deletion(&DeletionRecord { packs: retained, ..rec })?;
+    }
+    repo.backend().delete(&names::deletion(&rid))?;
+    Ok(false)
+}
+
+/// Packs of `rec` that something written since its prune references, sorted. Searches the snapshots the prune
+/// did not see, the segment blobs of index files it did not write, and index files listing the pack again.
+fn rescue(repo: &Repository, scratch: &ScratchDb, rec: &DeletionRecord) -> Result<Vec<ObjectId>> {
+    scratch.clear_table(DOOMED_BLOB)?;
+    scratch.clear_table(RESCUED)?;
+    // Which blobs the packs hold (the packs still exist: nothing of a record is deleted before this).
+    for id in &rec.packs {
+        // Gone already: an earlier run was stopped while deleting.
+        let Some(size) = pack_size(repo, scratch, id)? else { continue };
+        let header = repo.read_pack_header(id, size)?;
+        let locs: Vec<(BlobId, [u8; BlobLocation::ENCODED_LEN])> =
+            header.entries.iter().map(|e| (e.id, BlobLocation { pack: *id, entry: *e }.encode())).collect();
+        scratch.put_all(DOOMED_BLOB, locs.iter().map(|(b, l)| (b, &l[..])))?;
+    }
+    let mut rescued: Vec<ObjectId> = Vec::new();
+    // Block ids referenced by a segment: rescue the packs of any doomed ones.
+    let check_ids = |ids: &[BlobId], rescued: &mut Vec<ObjectId>| -> Result<()> {
+        let hits = scratch.contains_many(DOOMED_BLOB, ids)?;
+        for (id, hit) in ids.iter().zip(hits) {
+            if hit {
+                if let Some(v) = scratch.get(DOOMED_BLOB, id)? {
+                    let loc = BlobLocation::decode(&v).map_err(scratch_err)?;
+                    rescued.push(loc.pack);
+                }
+            }
+        }
+        Ok(())
+    };
+    // Index files: a recorded pack listed again (adopted by a backup) is in use; segments written since are
+    // searched.
+    for iid in repo.list_index_ids()? {
+        let file = repo.load_index(&iid)?;
+        let newer = rec.index_files.binary_search(&iid).is_err();
+        for p in &file.packs {
+            if rec.packs.binary_search(&p.id).is_ok() {
+                rescued.push(p.id);
+            }
+            if newer && p.pack_type == BlobType::Segment {
+                let segments: Vec<Vec<u8>> = p
+                    .entries
+                    .par_iter()
+                    .map(|e| repo.read_blob(&BlobLocation { pack: p.id, entry: *e }))
+                    .collect::<Result<_>>()?;
+                for plain in segments {
+                    let ids: Vec<BlobId> = plain.chunks_exact(32).map(|c| BlobId(c.try_into().unwrap())).collect();
+                    check_ids(&ids, &mut rescued)?;
+                }
+            }
+        }
+    }
+    // Snapshots written since: their segments, if they are in recorded packs, and those segments' blocks.
+    for sid in crate::repository::list_ids(&**repo.backend(), names::SNAPSHOTS)? {
+        if rec.snapshots.binary_search(&sid).is_ok() {
+            continue;
+        }
+        let snap = repo.load_snapshot(&sid)?;
+        for disk in &snap.disks {
+            for seg in &disk.segments {
+                let Some(v) = scratch.get(DOOMED_BLOB, &seg.id)? else { continue };
+                let loc = BlobLocation::decode(&v).map_err(scratch_err)?;
+                rescued.push(loc.pack);
+                if scratch.contains(RESCUED, &seg.id)? {
+                    continue;
+                }
+                scratch.put(RESCUED, &seg.id, &[])?;
+                let plain = repo.read_blob(&loc)?;
+                let ids: Vec<BlobId> = plain.chunks_exact(32).map(|c| BlobId(c.try_into().unwrap())).collect();
+                check_ids(&ids, &mut rescued)?;
+            }
+        }
+    }
+    rescued.sort();
+    rescued.dedup();
+    Ok(rescued)
+}
+
+fn scratch_err(e: String) -> Error {
+    Error::invalid(format!("prune scratch database: {e}"))
+}
+
+/// A pack's size: as listed when the run started, else asked from the storage (a pack stored since).
+fn pack_size(repo: &Repository, scratch: &ScratchDb, id: &ObjectId) -> Result<Option<u64>> {
+    match scratch.get(PACK_SIZE, id)? {
+        Some(v) => Ok(Some(u64::from_le_bytes(v.as_slice().try_into().map_err(|_| scratch_err("bad size".into()))?))),
+        None => repo.backend().size(&names::pack(id)),
+    }
+}

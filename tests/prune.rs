@@ -1,0 +1,211 @@
+//! `prune`: forgotten data is deleted, kept data survives, and prune is safe next to running backups and
+//! when killed.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use diskvault::backup::{BackupOptions, DiskJob};
+use diskvault::cache::IndexCache;
+use diskvault::progress::Counters;
+use diskvault::prune::{self, PruneOptions};
+use diskvault::source::{DiskSource, Extent};
+
+/// Stored bytes a set of images needs at least: their distinct non-zero 1 MiB blocks (incompressible data).
+fn distinct_block_bytes(images: &[&[u8]]) -> u64 {
+    let mut seen = HashSet::new();
+    let mut total = 0;
+    for img in images {
+        for b in img.chunks(MIB) {
+            if b.iter().any(|&x| x != 0) && seen.insert(blake3::hash(b)) {
+                total += b.len() as u64;
+            }
+        }
+    }
+    total
+}
+
+#[test]
+fn prune_deletes_what_forgotten_snapshots_alone_used() {
+    let e = Env::new();
+    e.ok(&["init", "--pack-size", "4"]);
+    let disk = e.path("disk.raw");
+    let mut images = Vec::new();
+    let mut img = random_bytes(1, 12 * MIB);
+    for round in 0..4u64 {
+        // Each round rewrites 3 blocks of the disk with new data.
+        let at = (round as usize * 3 % 12) * MIB;
+        img[at..at + 3 * MIB].copy_from_slice(&random_bytes(100 + round, 3 * MIB));
+        write(&disk, &img);
+        e.backup(&["--name", "vm", disk.to_str().unwrap()]);
+        images.push(img.clone());
+    }
+    let before = e.pack_bytes();
+    let all: Vec<&[u8]> = images.iter().map(|v| v.as_slice()).collect();
+    assert!(before >= distinct_block_bytes(&all));
+
+    e.ok(&["forget", "--keep-last", "2"]);
+    let dry = e.ok(&["prune", "--dry-run", "--max-unused", "0"]);
+    assert!(dry.stdout.contains("would be removed"), "{}", dry.stdout);
+    assert_eq!(e.pack_bytes(), before, "a dry run changed the repository");
+
+    let out = e.ok(&["prune", "--max-unused", "0"]);
+    let after = e.pack_bytes();
+    let kept: Vec<&[u8]> = images[2..].iter().map(|v| v.as_slice()).collect();
+    let needed = distinct_block_bytes(&kept);
+    // Everything the kept snapshots need is there, and little else: the forgotten rounds' data is gone.
+    assert!(after >= needed, "{after} < {needed}\n{}", out.stdout);
+    assert!(
+        after <= needed + needed / 50 + 64 * 1024,
+        "{after} bytes of packs for {needed} bytes of data\n{}",
+        out.stdout
+    );
+    assert!(
+        before - after >= distinct_block_bytes(&all) - needed,
+        "freed {} of {}",
+        before - after,
+        distinct_block_bytes(&all) - needed
+    );
+    assert!(e.objects("deletions").is_empty(), "no backup ran, so nothing waits: {:?}", e.objects("deletions"));
+
+    for (i, img) in images.iter().enumerate().skip(2) {
+        let id = &e.ok(&["snapshots", "--json"]).json()[i - 2]["id"].as_str().unwrap().to_string();
+        assert_eq!(&e.restore(id, &[]), img, "round {i}");
+    }
+    let check = e.ok(&["check", "--read-data"]);
+    assert!(check.stdout.contains("no errors found"), "{}", check.stdout);
+    // A second prune finds nothing to do and leaves the index alone.
+    let index_before = e.objects("index");
+    let again = e.ok(&["prune", "--max-unused", "0"]);
+    assert!(again.stdout.contains("unused packs removed: 0"), "{}", again.stdout);
+    assert_eq!(e.objects("index"), index_before);
+    // An incremental on top of the pruned repository still works.
+    img[0..MIB].copy_from_slice(&random_bytes(999, MIB));
+    write(&disk, &img);
+    e.backup(&["--name", "vm", disk.to_str().unwrap()]);
+    assert_eq!(e.restore("latest", &[]), img);
+}
+
+/// A disk source that stops before one block until the test lets it go on.
+struct GatedSource {
+    data: Vec<u8>,
+    gate_at: u64,
+    reached: mpsc::Sender<()>,
+    release: mpsc::Receiver<()>,
+}
+
+impl DiskSource for GatedSource {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+    fn describe(&self) -> String {
+        "gated test source".into()
+    }
+    fn capacity(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> diskvault::Result<()> {
+        if offset == self.gate_at {
+            self.reached.send(()).unwrap();
+            self.release.recv().unwrap();
+        }
+        buf.copy_from_slice(&self.data[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn allocated(&mut self) -> diskvault::Result<Option<Vec<Extent>>> {
+        Ok(None)
+    }
+}
+
+#[test]
+fn prune_waits_for_a_backup_that_deduplicated_against_what_it_drops() {
+    let e = Env::with_repo();
+    let old = random_bytes(7, 4 * MIB);
+    write(&e.path("old.raw"), &old);
+    let first = e.backup(&["--name", "vm", e.path("old.raw").to_str().unwrap()]);
+
+    // A second backup of a disk that shares blocks 0 and 1 with the first: it deduplicates against them, then
+    // stalls before block 2.
+    let mut new = old[..2 * MIB].to_vec();
+    new.extend_from_slice(&random_bytes(8, 2 * MIB));
+    let (reached_tx, reached_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel();
+    let source = GatedSource { data: new.clone(), gate_at: 2 * MIB as u64, reached: reached_tx, release: release_rx };
+    let repo = e.open_repo();
+    let cache_root = e.cache();
+    let backup = std::thread::spawn(move || {
+        let (cache, _) = IndexCache::open(&repo, &cache_root).unwrap();
+        let job = DiskJob { name: "disk0".into(), source: Box::new(source), changed: None, change_token: None };
+        let mut opts = BackupOptions::new("vm2");
+        opts.workers = 1;
+        diskvault::backup::run(&repo, Arc::new(cache), vec![job], &opts, &Counters::default()).unwrap()
+    });
+    reached_rx.recv_timeout(Duration::from_secs(60)).expect("the backup reached its gate");
+
+    // Meanwhile the first snapshot is forgotten and pruned: its blocks are unused as far as prune can see.
+    e.delete_object(&format!("snapshots/{}", first["snapshot"].as_str().unwrap()));
+    let packs_before = e.objects("packs");
+    let repo = e.open_repo();
+    let opts = PruneOptions { max_unused: 0.0, ..PruneOptions::default() };
+    let r = prune::run(&repo, &e.path("prune-cache"), &opts).unwrap();
+    assert!(r.packs_unused >= 1, "{r:?}");
+    assert!(r.packs_waiting >= 1 && r.waiting_for.iter().any(|s| s.contains("backup")), "{r:?}");
+    assert_eq!(r.packs_deleted, 0, "deleted packs a running backup may use: {r:?}");
+    assert_eq!(e.objects("packs"), packs_before);
+    assert_eq!(e.objects("deletions").len(), 1);
+    // A second prune while the backup runs plans nothing new and deletes nothing.
+    let r = prune::run(&repo, &e.path("prune-cache"), &opts).unwrap();
+    assert!(!r.planned && r.packs_deleted == 0, "{r:?}");
+
+    release_tx.send(()).unwrap();
+    let (sid, _) = backup.join().unwrap();
+
+    // Now the record is finished: the blocks the new snapshot shares are rescued, not deleted.
+    let r = prune::run(&repo, &e.path("prune-cache"), &opts).unwrap();
+    assert!(r.packs_rescued >= 1, "{r:?}");
+    assert!(e.objects("deletions").is_empty());
+    assert_eq!(e.restore(&sid.hex(), &[]), new);
+    let check = e.ok(&["check", "--read-data"]);
+    assert!(check.stdout.contains("no errors found"), "{}", check.stdout);
+    // And what only the forgotten snapshot used is gone after one more prune.
+    prune::run(&repo, &e.path("prune-cache"), &opts).unwrap();
+    let needed = distinct_block_bytes(&[&new]);
+    assert!(e.pack_bytes() <= needed + needed / 50 + 64 * 1024, "{} bytes of packs for {needed}", e.pack_bytes());
+    assert_eq!(e.restore(&sid.hex(), &[]), new);
+}
+
+#[test]
+fn a_killed_prune_leaves_a_consistent_repository() {
+    let e = Env::new();
+    e.ok(&["init", "--pack-size", "1"]);
+    let disk = e.path("disk.raw");
+    let mut img = random_bytes(20, 24 * MIB);
+    for round in 0..3u64 {
+        let at = (round as usize * 8) * MIB;
+        img[at..at + 6 * MIB].copy_from_slice(&random_bytes(200 + round, 6 * MIB));
+        write(&disk, &img);
+        e.backup(&["--name", "vm", disk.to_str().unwrap()]);
+    }
+    e.ok(&["forget", "--keep-last", "1"]);
+    for delay_ms in [30u64, 120, 300] {
+        let mut c = e.command(&["prune", "--max-unused", "0"]);
+        let mut child = c.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+        // Whatever the prune got to, the kept snapshot is whole.
+        assert_eq!(e.restore("latest", &[]), img, "after a prune killed at {delay_ms} ms");
+        // The killed prune's lock expires (quickly, for the test) before the next one can run.
+        let _ = e.backend().delete("locks/exclusive");
+    }
+    let out = e.ok(&["prune", "--max-unused", "0"]);
+    let check = e.ok(&["check", "--read-data"]);
+    assert!(check.stdout.contains("no errors found"), "{}\n{}", out.stdout, check.stdout);
+    assert_eq!(e.restore("latest", &[]), img);
+    let needed = distinct_block_bytes(&[&img]);
+    assert!(e.pack_bytes() <= needed + needed / 50 + 64 * 1024, "{} bytes of packs for {needed}", e.pack_bytes());
+}
