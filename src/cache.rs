@@ -187,6 +187,20 @@ impl IndexCache {
 
     /// Loads index files not yet in the cache; rebuilds from scratch if one it holds has been removed.
     pub fn sync(&self, repo: &Repository) -> Result<SyncStats> {
+        // An index file can vanish between listing and reading when a prune replaces it: list again.
+        let mut attempt = 0;
+        loop {
+            match self.sync_once(repo) {
+                Err(Error::Missing { object }) if object.starts_with("index/") && attempt < 5 => {
+                    tracing::info!("{object} was replaced while loading it; loading the index again");
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn sync_once(&self, repo: &Repository) -> Result<SyncStats> {
         let mut stats = SyncStats::default();
         let in_repo = repo.list_index_ids()?;
         let mut loaded = self.loaded_index_files()?;

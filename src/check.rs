@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::index::IndexedPack;
 use crate::format::pack::{self, PackEntry};
 use crate::format::verified::VerificationRecord;
@@ -128,10 +128,19 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
     }
 
     // Index files, and what they say each pack holds.
-    let index_ids = repo.list_index_ids()?;
-    report.index_files = index_ids.len();
-    let loaded: Vec<(ObjectId, Result<crate::format::index::IndexFile>)> =
-        index_ids.par_iter().map(|id| (*id, repo.load_index(id))).collect();
+    // An index file listed a moment ago and gone now was replaced by a prune: read the new listing.
+    let mut attempt = 0;
+    let loaded = loop {
+        let index_ids = repo.list_index_ids()?;
+        let loaded: Vec<(ObjectId, Result<crate::format::index::IndexFile>)> =
+            index_ids.par_iter().map(|id| (*id, repo.load_index(id))).collect();
+        attempt += 1;
+        if attempt < 5 && loaded.iter().any(|(_, f)| matches!(f, Err(Error::Missing { .. }))) {
+            continue;
+        }
+        break loaded;
+    };
+    report.index_files = loaded.len();
     let mut indexed: HashMap<ObjectId, IndexedPack> = HashMap::new();
     let mut blobs: HashMap<BlobId, (ObjectId, PackEntry)> = HashMap::new();
     for (id, f) in loaded {

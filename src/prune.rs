@@ -82,6 +82,8 @@ pub struct PruneReport {
     pub unused_bytes_kept: u64,
     /// Indexed packs that are missing from storage (left listed: `check` reports them).
     pub packs_missing: u64,
+    /// Packs no index file listed, indexed before the sweep.
+    pub packs_adopted: u64,
     pub index_files_written: usize,
     pub index_files_removed: usize,
     /// Of earlier records and this run's: packs deleted, rescued, held back by retention, still waiting.
@@ -125,6 +127,11 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
 
     // 2. Mark.
     let (cache, _) = IndexCache::open(repo, cache_root)?;
+    // Packs no index file lists (an interrupted backup's or prune's) are indexed first, so that they are swept
+    // like any other. One that a running backup is about to index is dropped here, waits for that backup's
+    // session, and is then rescued by its snapshot.
+    let adopted = crate::repair::adopt_unindexed_packs(repo, &cache)?;
+    report.packs_adopted = adopted.packs_indexed as u64;
     let snapshots = repo.list_snapshots()?;
     report.snapshots = snapshots.len();
     report.blobs_in_use = mark(repo, &cache, &scratch, &snapshots)?;

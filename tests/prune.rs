@@ -209,3 +209,79 @@ fn a_killed_prune_leaves_a_consistent_repository() {
     let needed = distinct_block_bytes(&[&img]);
     assert!(e.pack_bytes() <= needed + needed / 50 + 64 * 1024, "{} bytes of packs for {needed}", e.pack_bytes());
 }
+
+/// Disk `k` after backup round `round`: a base image with one more block rewritten per round.
+fn stress_image(k: u64, round: u64) -> Vec<u8> {
+    let mut img = random_bytes(1000 + k, 6 * MIB);
+    for r in 0..=round {
+        let at = (r as usize % 6) * MIB;
+        img[at..at + MIB].copy_from_slice(&random_bytes(k * 100 + r, MIB));
+    }
+    img
+}
+
+#[test]
+fn backups_forget_and_prune_running_at_the_same_time() {
+    let e = Env::new();
+    e.ok(&["init", "--pack-size", "1"]);
+    let rounds = 8u64;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    std::thread::scope(|s| {
+        let backups: Vec<_> = (0..3u64)
+            .map(|k| {
+                let e = &e;
+                s.spawn(move || {
+                    let disk = e.path(&format!("disk{k}.raw"));
+                    for round in 0..rounds {
+                        write(&disk, &stress_image(k, round));
+                        let tag = format!("round-{round}");
+                        e.backup(&["--name", &format!("vm{k}"), "--tag", &tag, disk.to_str().unwrap()]);
+                    }
+                })
+            })
+            .collect();
+        let pruner = {
+            let (e, done) = (&e, done.clone());
+            s.spawn(move || {
+                let mut prunes = 0;
+                while !done.load(std::sync::atomic::Ordering::SeqCst) || prunes < 2 {
+                    e.ok(&["forget", "--keep-last", "2"]);
+                    let out = e.ok(&["prune", "--max-unused", "0"]);
+                    eprintln!("prune {prunes}:\n{}", out.stdout);
+                    prunes += 1;
+                }
+                prunes
+            })
+        };
+        let results: Vec<_> = backups.into_iter().map(|b| b.join()).collect();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        for r in results {
+            r.unwrap();
+        }
+        assert!(pruner.join().unwrap() >= 2);
+    });
+    // With no backup running, the last prune finishes every record.
+    e.ok(&["forget", "--keep-last", "2"]);
+    e.ok(&["prune", "--max-unused", "0"]);
+    e.ok(&["prune", "--max-unused", "0"]);
+    assert!(e.objects("deletions").is_empty(), "{:?}", e.objects("deletions"));
+
+    let snaps = e.ok(&["snapshots", "--json"]).json();
+    let snaps = snaps.as_array().unwrap();
+    assert_eq!(snaps.len(), 6, "two kept per disk");
+    let mut kept = Vec::new();
+    for s in snaps {
+        let k: u64 = s["source"].as_str().unwrap().trim_start_matches("vm").parse().unwrap();
+        let round: u64 = s["tags"][0].as_str().unwrap().trim_start_matches("round-").parse().unwrap();
+        assert!(round >= rounds - 2, "vm{k} kept round {round}");
+        let img = stress_image(k, round);
+        assert_eq!(e.restore(s["id"].as_str().unwrap(), &[]), img, "vm{k} round {round}");
+        kept.push(img);
+    }
+    let check = e.ok(&["check", "--read-data"]);
+    assert!(check.stdout.contains("no errors found"), "{}", check.stdout);
+    // The forgotten rounds' blocks are gone.
+    let kept: Vec<&[u8]> = kept.iter().map(|v| v.as_slice()).collect();
+    let needed = distinct_block_bytes(&kept);
+    assert!(e.pack_bytes() <= needed + needed / 50 + 64 * 1024, "{} bytes of packs for {needed}", e.pack_bytes());
+}

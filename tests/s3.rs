@@ -252,6 +252,24 @@ fn object_lock_retention_makes_backups_immutable() {
     let mut c = e.command(&["check", "--read-data"]);
     c.env("DISKVAULT_REPOSITORY", &location);
     assert!(c.output().unwrap().status.success());
+
+    // Prune does not delete what retention still holds: the packs stay, recorded for a later prune.
+    let packs_before = rt.block_on(async {
+        client.list_objects_v2().bucket(&bucket).prefix("repo/packs/").send().await.unwrap().contents().len()
+    });
+    run(&["forget", "--keep-tag", "nothing-has-this-tag"]);
+    let mut c = e.command(&["prune"]);
+    c.env("DISKVAULT_REPOSITORY", &location);
+    let out = c.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("{packs_before} held back by retention")), "{stdout}");
+    rt.block_on(async {
+        let listed = client.list_objects_v2().bucket(&bucket).prefix("repo/packs/").send().await.unwrap();
+        assert_eq!(listed.contents().len(), packs_before, "retained packs were deleted");
+        let records = client.list_objects_v2().bucket(&bucket).prefix("repo/deletions/").send().await.unwrap();
+        assert_eq!(records.contents().len(), 1, "the retained packs are recorded for a later prune");
+    });
 }
 
 #[test]
