@@ -25,17 +25,19 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use crate::cache::{IndexCache, ScratchDb};
+use crate::cache::ScratchDb;
 use crate::error::{Error, Result};
 use crate::format::deletion::DeletionRecord;
 use crate::format::index::{BlobLocation, IndexFile, IndexedPack};
 use crate::format::pack::{PackWriter, SealedBlob};
+use crate::format::snapshot::SegmentRef;
 use crate::format::{names, BlobId, BlobType, ObjectId};
 use crate::repository::Repository;
 
 /// Scratch tables (first key byte).
 const MARKED: u8 = b'm';
-const CLAIMED: u8 = b'c';
+const INDEXED_PACK: u8 = b'i';
+const SEGMENT_AT: u8 = b'l';
 const SEEN_PACK: u8 = b's';
 const PACK_SIZE: u8 = b'z';
 const DOOMED_BLOB: u8 = b'd';
@@ -46,8 +48,10 @@ const DROPPED: u8 = 0;
 
 /// Segments loaded and marked per parallel batch.
 const MARK_BATCH: usize = 64;
-/// Packs per index file written by prune.
+/// Packs and blob entries per index file written by prune: whichever limit comes first (an index file is
+/// loaded whole, so its size bounds memory).
 const PACKS_PER_INDEX_FILE: usize = 512;
+const ENTRIES_PER_INDEX_FILE: usize = 65536;
 
 #[derive(Clone, Debug)]
 pub struct PruneOptions {
@@ -98,12 +102,19 @@ pub struct PruneReport {
     pub planned: bool,
     pub temporaries_removed: usize,
     pub warnings: Vec<String>,
+    /// Seconds spent per phase, in order.
+    pub phases: Vec<(&'static str, f64)>,
 }
 
 /// Runs a prune. Holds the exclusive lock throughout; backups, restores and checks keep running.
 pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<PruneReport> {
     let _lock = crate::lock::acquire_exclusive(repo, "prune")?;
     let mut report = PruneReport::default();
+    let mut clock = std::time::Instant::now();
+    let mut phase = |report: &mut PruneReport, name: &'static str| {
+        report.phases.push((name, clock.elapsed().as_secs_f64()));
+        clock = std::time::Instant::now();
+    };
     let scratch = ScratchDb::create(repo, cache_root, "prune-work")?;
     for info in repo.backend().list(names::PACKS)? {
         if let Some(id) = info.name.rsplit('/').next().and_then(BlobId::from_hex) {
@@ -125,20 +136,25 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
         return Ok(report);
     }
 
-    // 2. Mark.
-    let (cache, _) = IndexCache::open(repo, cache_root)?;
+    phase(&mut report, "finish earlier records");
+
+    // 2. Mark. Where the segment blobs are comes from the index files themselves (not the local index cache,
+    // which would hold every blob).
+    for id in repo.list_index_ids()? {
+        note_index_file(&scratch, &repo.load_index(&id)?)?;
+    }
     // Packs no index file lists (an interrupted backup's or prune's) are indexed first, so that they are swept
     // like any other. One that a running backup is about to index is dropped here, waits for that backup's
     // session, and is then rescued by its snapshot.
-    let adopted = crate::repair::adopt_unindexed_packs(repo, &cache)?;
-    report.packs_adopted = adopted.packs_indexed as u64;
+    report.packs_adopted = adopt_unindexed(repo, &scratch, &mut report)?;
+    phase(&mut report, "read the index, adopt unindexed packs");
     let snapshots = repo.list_snapshots()?;
     report.snapshots = snapshots.len();
-    report.blobs_in_use = mark(repo, &cache, &scratch, &snapshots)?;
-    drop(cache);
+    mark(repo, &scratch, &snapshots)?;
     let mut snapshot_ids: Vec<ObjectId> = snapshots.iter().map(|(id, _)| *id).collect();
     snapshot_ids.sort();
     drop(snapshots);
+    phase(&mut report, "mark");
 
     // 3. Sweep and rewrite.
     let mut sweep = Sweep::new(repo, &scratch, opts);
@@ -147,6 +163,7 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
         sweep.file(id, file, &mut report)?;
     }
     let SweepResult { doomed, accounted, replaced } = sweep.finish(&mut report)?;
+    phase(&mut report, "sweep and write the index");
     report.planned = true;
     if opts.dry_run {
         return Ok(report);
@@ -174,23 +191,22 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
     let rid = repo.save_deletion(&rec)?;
     let live = crate::lock::live_sessions(repo)?;
     finish_record(repo, &scratch, rid, rec, &live, &mut report)?;
+    phase(&mut report, "record, rescue search, delete");
     Ok(report)
 }
 
 /// Marks every segment and block the snapshots reference. Returns how many distinct ids were marked.
 fn mark(
     repo: &Repository,
-    cache: &IndexCache,
     scratch: &ScratchDb,
     snapshots: &[(ObjectId, crate::format::snapshot::Snapshot)],
-) -> Result<u64> {
-    let mut marked = 0u64;
+) -> Result<()> {
     let mut batch: Vec<(ObjectId, String, crate::format::snapshot::SegmentRef)> = Vec::new();
-    let flush = |batch: &mut Vec<(ObjectId, String, crate::format::snapshot::SegmentRef)>| -> Result<u64> {
+    let flush = |batch: &mut Vec<(ObjectId, String, crate::format::snapshot::SegmentRef)>| -> Result<()> {
         let loaded: Vec<Vec<BlobId>> = batch
             .par_iter()
             .map(|(sid, disk, seg)| {
-                crate::backup::load_segment(repo, cache, seg).map_err(|e| {
+                load_segment(repo, scratch, seg).map_err(|e| {
                     Error::invalid(format!(
                         "snapshot {} disk {disk}: {e}; prune stops without deleting anything (run `check`)",
                         sid.short()
@@ -198,16 +214,13 @@ fn mark(
                 })
             })
             .collect::<Result<_>>()?;
-        let mut n = 0u64;
         for ((_, _, seg), ids) in batch.iter().zip(loaded) {
-            let fresh: Vec<BlobId> = ids.into_iter().filter(|id| !id.is_zero_block()).collect();
-            let present = scratch.contains_many(MARKED, &fresh)?;
-            let new: Vec<&BlobId> = fresh.iter().zip(present).filter(|(_, p)| !p).map(|(id, _)| id).collect();
-            n += new.len() as u64 + 1;
-            scratch.put_all(MARKED, new.into_iter().chain(std::iter::once(&seg.id)).map(|id| (id, &[][..])))?;
+            // Marking twice is harmless: no lookup before the write.
+            let used = ids.iter().filter(|id| !id.is_zero_block()).chain(std::iter::once(&seg.id));
+            scratch.put_all(MARKED, used.map(|id| (id, &[][..])))?;
         }
         batch.clear();
-        Ok(n)
+        Ok(())
     };
     for (sid, snap) in snapshots {
         for disk in &snap.disks {
@@ -217,13 +230,63 @@ fn mark(
                 }
                 batch.push((*sid, disk.name.clone(), *seg));
                 if batch.len() >= MARK_BATCH {
-                    marked += flush(&mut batch)?;
+                    flush(&mut batch)?;
                 }
             }
         }
     }
-    marked += flush(&mut batch)?;
-    Ok(marked)
+    flush(&mut batch)
+}
+
+/// Records which packs an index file lists, and where its segment blobs are.
+fn note_index_file(scratch: &ScratchDb, file: &IndexFile) -> Result<()> {
+    for p in &file.packs {
+        scratch.put(INDEXED_PACK, &p.id, &[])?;
+        if p.pack_type == BlobType::Segment {
+            let locs: Vec<(BlobId, [u8; BlobLocation::ENCODED_LEN])> =
+                p.entries.iter().map(|e| (e.id, BlobLocation { pack: p.id, entry: *e }.encode())).collect();
+            scratch.put_all(SEGMENT_AT, locs.iter().map(|(b, l)| (b, &l[..])))?;
+        }
+    }
+    Ok(())
+}
+
+/// Indexes the packs no index file lists and no deletion record names. Returns how many.
+fn adopt_unindexed(repo: &Repository, scratch: &ScratchDb, report: &mut PruneReport) -> Result<u64> {
+    let doomed = repo.doomed_packs()?;
+    let mut orphans = Vec::new();
+    for (id, size) in crate::repair::list_packs(repo)? {
+        if !scratch.contains(INDEXED_PACK, &id)? && doomed.binary_search(&id).is_err() {
+            orphans.push((id, size));
+        }
+    }
+    if orphans.is_empty() {
+        return Ok(0);
+    }
+    let mut rr = crate::repair::RepairReport::default();
+    let good = crate::repair::read_headers(repo, &orphans, &mut rr);
+    for p in &good {
+        note_index_file(scratch, &IndexFile { supersedes: Vec::new(), packs: vec![p.clone()] })?;
+    }
+    crate::repair::write_index_files(repo, None, good, &[], &mut rr)?;
+    report.warnings.extend(rr.unreadable.into_iter().map(|u| format!("not adopting a pack: {u}")));
+    Ok(rr.packs_indexed as u64)
+}
+
+/// The block ids of a manifest segment, located through the index files.
+fn load_segment(repo: &Repository, scratch: &ScratchDb, seg: &SegmentRef) -> Result<Vec<BlobId>> {
+    let v = scratch
+        .get(SEGMENT_AT, &seg.id)?
+        .ok_or_else(|| Error::Missing { object: format!("manifest segment {} (not in any index file)", seg.id) })?;
+    let loc = BlobLocation::decode(&v).map_err(scratch_err)?;
+    let plain = repo.read_blob(&loc)?;
+    if plain.len() != seg.blocks as usize * 32 {
+        return Err(Error::corrupt(
+            format!("manifest segment {}", seg.id),
+            format!("holds {} bytes, expected {} block ids", plain.len(), seg.blocks),
+        ));
+    }
+    Ok(plain.chunks_exact(32).map(|c| BlobId(c.try_into().unwrap())).collect())
 }
 
 /// The streaming sweep: decides per pack, copies blobs of repacked packs, writes the new index files.
@@ -233,6 +296,7 @@ struct Sweep<'a> {
     opts: &'a PruneOptions,
     doomed: Vec<ObjectId>,
     kept: Vec<IndexedPack>,
+    kept_entries: usize,
     own_index: Vec<ObjectId>,
     /// Old index files left as they were (nothing in them changed), and those to delete.
     untouched: Vec<ObjectId>,
@@ -249,6 +313,7 @@ impl<'a> Sweep<'a> {
             opts,
             doomed: Vec::new(),
             kept: Vec::new(),
+            kept_entries: 0,
             own_index: Vec::new(),
             untouched: Vec::new(),
             replaced: Vec::new(),
@@ -301,14 +366,14 @@ impl<'a> Sweep<'a> {
         };
         report.packs += 1;
         report.pack_bytes += size;
-        // A blob counts as used in the first pack that holds it; later copies are duplicates.
+        // A blob counts as used in the first pack that holds it (its mark is taken away there); later copies are
+        // duplicates.
         let ids: Vec<BlobId> = pack.entries.iter().map(|e| e.id).collect();
-        let marked = self.scratch.contains_many(MARKED, &ids)?;
-        let claimed = self.scratch.contains_many(CLAIMED, &ids)?;
-        let used: Vec<bool> = marked.iter().zip(&claimed).map(|(m, c)| *m && !c).collect();
+        let used = self.scratch.contains_many(MARKED, &ids)?;
         let used_ids: Vec<&BlobId> = ids.iter().zip(&used).filter(|(_, u)| **u).map(|(id, _)| id).collect();
-        self.scratch.put_all(CLAIMED, used_ids.iter().map(|id| (*id, &[][..])))?;
+        self.scratch.delete_all(MARKED, used_ids.iter().copied())?;
         let used_count = used_ids.len();
+        report.blobs_in_use += used_count as u64;
         let unused_bytes: u64 =
             pack.entries.iter().zip(&used).filter(|(_, u)| !**u).map(|(e, _)| e.stored_len as u64).sum();
         let used_bytes: u64 =
@@ -360,8 +425,9 @@ impl<'a> Sweep<'a> {
     }
 
     fn keep(&mut self, pack: IndexedPack) -> Result<()> {
+        self.kept_entries += pack.entries.len();
         self.kept.push(pack);
-        if self.kept.len() >= PACKS_PER_INDEX_FILE {
+        if self.kept.len() >= PACKS_PER_INDEX_FILE || self.kept_entries >= ENTRIES_PER_INDEX_FILE {
             self.flush_index()?;
         }
         Ok(())
@@ -370,8 +436,10 @@ impl<'a> Sweep<'a> {
     fn flush_index(&mut self) -> Result<()> {
         if self.kept.is_empty() || self.opts.dry_run {
             self.kept.clear();
+            self.kept_entries = 0;
             return Ok(());
         }
+        self.kept_entries = 0;
         let file = IndexFile { supersedes: Vec::new(), packs: std::mem::take(&mut self.kept) };
         self.own_index.push(self.repo.save_index(&file)?);
         Ok(())

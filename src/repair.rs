@@ -33,7 +33,7 @@ pub struct RepairReport {
     pub unreadable: Vec<String>,
 }
 
-fn list_packs(repo: &Repository) -> Result<Vec<(ObjectId, u64)>> {
+pub(crate) fn list_packs(repo: &Repository) -> Result<Vec<(ObjectId, u64)>> {
     Ok(repo
         .backend()
         .list(names::PACKS)?
@@ -46,7 +46,11 @@ fn list_packs(repo: &Repository) -> Result<Vec<(ObjectId, u64)>> {
 }
 
 /// Reads the headers of `packs` in parallel; returns the readable ones and the problems.
-fn read_headers(repo: &Repository, packs: &[(ObjectId, u64)], report: &mut RepairReport) -> Vec<IndexedPack> {
+pub(crate) fn read_headers(
+    repo: &Repository,
+    packs: &[(ObjectId, u64)],
+    report: &mut RepairReport,
+) -> Vec<IndexedPack> {
     let results: Vec<std::result::Result<IndexedPack, String>> = packs
         .par_iter()
         .map(|(id, size)| {
@@ -66,7 +70,7 @@ fn read_headers(repo: &Repository, packs: &[(ObjectId, u64)], report: &mut Repai
 }
 
 /// Writes index files for `packs`, each superseding `supersedes`; records them in the cache if given.
-fn write_index_files(
+pub(crate) fn write_index_files(
     repo: &Repository,
     cache: Option<&IndexCache>,
     packs: Vec<IndexedPack>,
