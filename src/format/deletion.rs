@@ -41,3 +41,41 @@ impl DeletionRecord {
         Ok(r)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::BlobId;
+
+    #[test]
+    fn bytes_are_as_the_spec_says() {
+        let r = DeletionRecord {
+            created_secs: 5,
+            hostname: "h".into(),
+            packs: vec![BlobId([1; 32]), BlobId([2; 32])],
+            snapshots: vec![],
+            index_files: vec![BlobId([3; 32])],
+            sessions: vec!["s".into()],
+            released: true,
+        };
+        let mut want = Vec::new();
+        want.extend_from_slice(&5i64.to_le_bytes());
+        want.extend_from_slice(&1u64.to_le_bytes());
+        want.push(b'h');
+        want.extend_from_slice(&2u64.to_le_bytes());
+        want.extend_from_slice(&[1; 32]);
+        want.extend_from_slice(&[2; 32]);
+        want.extend_from_slice(&0u64.to_le_bytes());
+        want.extend_from_slice(&1u64.to_le_bytes());
+        want.extend_from_slice(&[3; 32]);
+        want.extend_from_slice(&1u64.to_le_bytes());
+        want.extend_from_slice(&1u64.to_le_bytes());
+        want.push(b's');
+        want.push(1);
+        assert_eq!(r.encode(), want);
+        assert_eq!(DeletionRecord::decode(&want).unwrap(), r);
+        // Unsorted pack ids are refused.
+        let bad = DeletionRecord { packs: vec![BlobId([2; 32]), BlobId([1; 32])], ..r };
+        assert!(DeletionRecord::decode(&bad.encode()).is_err());
+    }
+}
