@@ -28,9 +28,10 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::cache::IndexCache;
 use crate::error::{Error, Result};
+use crate::format::index::BlobLocation;
 use crate::format::index::{IndexFile, IndexedPack};
 use crate::format::pack::{BlobSealer, FinishedPack, PackWriter, SealedBlob};
-use crate::format::snapshot::{DiskManifest, DiskStats, SegmentRef, Snapshot, Summary};
+use crate::format::snapshot::{segment_ids, DiskManifest, DiskStats, SegmentRef, Snapshot, Summary};
 use crate::format::{BlobId, BlobType, ObjectId, SEGMENT_BLOCKS};
 use crate::progress::Counters;
 use crate::repository::Repository;
@@ -241,7 +242,8 @@ pub fn is_zero(buf: &[u8]) -> bool {
         && mid.chunks(64).all(|c| c.iter().fold(0u128, |a, &x| a | x) == 0)
 }
 
-/// Runs a backup of `jobs` and commits a snapshot. Returns its id and content.
+/// Runs a backup of `jobs` and commits a snapshot. Returns its id and content. Brings `cache` up to date
+/// itself, once its session marker exists.
 pub fn run(
     repo: &Repository,
     cache: Arc<IndexCache>,
@@ -266,7 +268,14 @@ pub fn run(
     // The session marker comes before the index is read: a prune either waits for this backup, or rewrote the
     // index before it, so that nothing it dropped is seen here (format-spec §9b).
     let session = crate::lock::start_session(repo, "backup")?;
-    cache.sync(repo)?;
+    let synced = cache.sync(repo)?;
+    if synced.index_files_loaded > 0 || synced.rebuilt {
+        tracing::info!(
+            "local index cache: loaded {} index files{}",
+            synced.index_files_loaded,
+            if synced.rebuilt { ", rebuilt" } else { "" }
+        );
+    }
     // Packs a killed backup stored without indexing them: index them now, so that their blocks count as stored.
     let adopted = crate::repair::adopt_unindexed_packs(repo, &cache)?;
     if adopted.packs_indexed > 0 {
@@ -551,14 +560,19 @@ pub(crate) fn load_segment(repo: &Repository, cache: &IndexCache, seg: &SegmentR
     let loc = cache
         .lookup(&seg.id)?
         .ok_or_else(|| Error::Missing { object: format!("manifest segment {} (not in any index file)", seg.id) })?;
-    let plain = repo.read_blob(&loc)?;
+    read_segment(repo, &loc, seg)
+}
+
+/// Reads a segment blob stored at `loc` and checks it holds `seg.blocks` ids.
+pub(crate) fn read_segment(repo: &Repository, loc: &BlobLocation, seg: &SegmentRef) -> Result<Vec<BlobId>> {
+    let plain = repo.read_blob(loc)?;
     if plain.len() != seg.blocks as usize * 32 {
         return Err(Error::corrupt(
             format!("manifest segment {}", seg.id),
             format!("holds {} bytes, expected {} block ids", plain.len(), seg.blocks),
         ));
     }
-    Ok(plain.chunks_exact(32).map(|c| BlobId(c.try_into().unwrap())).collect())
+    Ok(segment_ids(&plain))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -126,6 +126,14 @@ impl IndexCache {
     /// the database is damaged beyond reopening), a private cache in a temporary directory is built instead:
     /// slower, never wrong.
     pub fn open(repo: &Repository, cache_root: &Path) -> Result<(IndexCache, SyncStats)> {
+        let cache = Self::open_unsynced(repo, cache_root)?;
+        let stats = cache.sync(repo)?;
+        Ok((cache, stats))
+    }
+
+    /// Opens the cache without catching up with `index/`, for callers that [`IndexCache::sync`] it themselves at
+    /// the right moment (backup and restore: after their session marker exists).
+    pub fn open_unsynced(repo: &Repository, cache_root: &Path) -> Result<IndexCache> {
         let path = cache_root.join(repo.config().id_hex()).join("index");
         let cache = match Self::open_at(&path, repo) {
             Ok(c) => c,
@@ -139,8 +147,7 @@ impl IndexCache {
                 c
             }
         };
-        let stats = cache.sync(repo)?;
-        Ok((cache, stats))
+        Ok(cache)
     }
 
     fn open_at(path: &Path, repo: &Repository) -> Result<IndexCache> {

@@ -88,10 +88,8 @@ pub fn list(repo: &Repository) -> Result<Vec<LockState>> {
     Ok(out)
 }
 
-/// Takes the exclusive lock, or fails with [`Error::Locked`] naming the holder. An abandoned lock (not
-/// refreshed for [`stale_after`]) is removed and taken over.
-pub fn acquire_exclusive(repo: &Repository, purpose: &str) -> Result<LockGuard> {
-    let name = format!("{}/{EXCLUSIVE}", names::LOCKS);
+/// The bytes of a lock object or session marker naming this process as holder.
+fn sealed_lock_info(repo: &Repository, purpose: &str) -> Vec<u8> {
     let info = LockInfo {
         purpose: purpose.to_string(),
         hostname: crate::util::hostname(),
@@ -100,7 +98,14 @@ pub fn acquire_exclusive(repo: &Repository, purpose: &str) -> Result<LockGuard> 
         created_secs: crate::util::now_secs(),
         holder: crate::crypto::random_array(),
     };
-    let bytes = envelope::seal(repo.keys(), Kind::Lock, &info.encode());
+    envelope::seal(repo.keys(), Kind::Lock, &info.encode())
+}
+
+/// Takes the exclusive lock, or fails with [`Error::Locked`] naming the holder. An abandoned lock (not
+/// refreshed for [`stale_after`]) is removed and taken over.
+pub fn acquire_exclusive(repo: &Repository, purpose: &str) -> Result<LockGuard> {
+    let name = format!("{}/{EXCLUSIVE}", names::LOCKS);
+    let bytes = sealed_lock_info(repo, purpose);
     let stale = stale_after();
     for _ in 0..3 {
         if repo.backend().create_new(&name, &bytes)? {
@@ -181,15 +186,7 @@ impl LockGuard {
 /// guard. Backups, restores and checks hold one, so that prune waits for them before deleting packs.
 pub fn start_session(repo: &Repository, purpose: &str) -> Result<LockGuard> {
     let name = format!("{}/{SESSION_PREFIX}{}", names::LOCKS, hex::encode(crate::crypto::random_array::<16>()));
-    let info = LockInfo {
-        purpose: purpose.to_string(),
-        hostname: crate::util::hostname(),
-        username: crate::util::username(),
-        pid: std::process::id(),
-        created_secs: crate::util::now_secs(),
-        holder: crate::crypto::random_array(),
-    };
-    let bytes = envelope::seal(repo.keys(), Kind::Lock, &info.encode());
+    let bytes = sealed_lock_info(repo, purpose);
     if !repo.backend().create_new(&name, &bytes)? {
         return Err(Error::Locked(format!("{name} exists already (random name collision?); try again")));
     }

@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::format::deletion::DeletionRecord;
 use crate::format::index::{BlobLocation, IndexFile, IndexedPack};
 use crate::format::pack::{PackWriter, SealedBlob};
-use crate::format::snapshot::SegmentRef;
+use crate::format::snapshot::{segment_ids, SegmentRef};
 use crate::format::{names, BlobId, BlobType, ObjectId};
 use crate::repository::Repository;
 
@@ -279,14 +279,7 @@ fn load_segment(repo: &Repository, scratch: &ScratchDb, seg: &SegmentRef) -> Res
         .get(SEGMENT_AT, &seg.id)?
         .ok_or_else(|| Error::Missing { object: format!("manifest segment {} (not in any index file)", seg.id) })?;
     let loc = BlobLocation::decode(&v).map_err(scratch_err)?;
-    let plain = repo.read_blob(&loc)?;
-    if plain.len() != seg.blocks as usize * 32 {
-        return Err(Error::corrupt(
-            format!("manifest segment {}", seg.id),
-            format!("holds {} bytes, expected {} block ids", plain.len(), seg.blocks),
-        ));
-    }
-    Ok(plain.chunks_exact(32).map(|c| BlobId(c.try_into().unwrap())).collect())
+    crate::backup::read_segment(repo, &loc, seg)
 }
 
 /// The streaming sweep: decides per pack, copies blobs of repacked packs, writes the new index files.
@@ -626,8 +619,7 @@ fn rescue(repo: &Repository, scratch: &ScratchDb, rec: &DeletionRecord) -> Resul
                     .map(|e| repo.read_blob(&BlobLocation { pack: p.id, entry: *e }))
                     .collect::<Result<_>>()?;
                 for plain in segments {
-                    let ids: Vec<BlobId> = plain.chunks_exact(32).map(|c| BlobId(c.try_into().unwrap())).collect();
-                    check_ids(&ids, &mut rescued)?;
+                    check_ids(&segment_ids(&plain), &mut rescued)?;
                 }
             }
         }
@@ -647,9 +639,7 @@ fn rescue(repo: &Repository, scratch: &ScratchDb, rec: &DeletionRecord) -> Resul
                     continue;
                 }
                 scratch.put(RESCUED, &seg.id, &[])?;
-                let plain = repo.read_blob(&loc)?;
-                let ids: Vec<BlobId> = plain.chunks_exact(32).map(|c| BlobId(c.try_into().unwrap())).collect();
-                check_ids(&ids, &mut rescued)?;
+                check_ids(&segment_ids(&repo.read_blob(&loc)?), &mut rescued)?;
             }
         }
     }

@@ -146,7 +146,8 @@ impl Damage {
 ///
 /// Without `allow_partial` the first unreadable block stops the restore with an error naming the block, its
 /// byte range and the damaged object. With it, every block that can be restored is, the others are left as
-/// zeros, and [`RestoreStats::damaged`] lists their byte ranges and causes.
+/// zeros, and [`RestoreStats::damaged`] lists their byte ranges and causes. Brings `cache` up to date itself,
+/// once its session marker exists.
 pub fn restore_disk(
     repo: &Repository,
     cache: &IndexCache,

@@ -191,17 +191,31 @@ fn a_killed_prune_leaves_a_consistent_repository() {
         e.backup(&["--name", "vm", disk.to_str().unwrap()]);
     }
     e.ok(&["forget", "--keep-last", "1"]);
-    for delay_ms in [30u64, 120, 300] {
-        let mut c = e.command(&["prune", "--max-unused", "0"]);
-        let mut child = c.spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
+    // Kill each prune right after it has made its first, second, fourth visible change to the repository.
+    let state = |e: &Env| [e.objects("packs"), e.objects("index"), e.objects("deletions")];
+    let mut killed_midway = 0;
+    for changes in [1, 2, 4] {
+        let mut last = state(&e);
+        let mut child = e.command(&["prune", "--max-unused", "0"]).spawn().unwrap();
+        let mut seen = 0;
+        while seen < changes && child.try_wait().unwrap().is_none() {
+            let now = state(&e);
+            if now != last {
+                seen += 1;
+                last = now;
+            }
+        }
+        if child.try_wait().unwrap().is_none() {
+            killed_midway += 1;
+        }
         let _ = child.kill();
         child.wait().unwrap();
         // Whatever the prune got to, the kept snapshot is whole.
-        assert_eq!(e.restore("latest", &[]), img, "after a prune killed at {delay_ms} ms");
-        // The killed prune's lock expires (quickly, for the test) before the next one can run.
+        assert_eq!(e.restore("latest", &[]), img, "after a prune killed after {changes} changes");
+        // The killed prune's lock would expire after the stale time (tests/locks.rs); here it is removed at once.
         let _ = e.backend().delete("locks/exclusive");
     }
+    assert!(killed_midway >= 1, "no prune was killed while it was changing the repository");
     let out = e.ok(&["prune", "--max-unused", "0"]);
     let check = e.ok(&["check", "--read-data"]);
     assert!(check.stdout.contains("no errors found"), "{}\n{}", out.stdout, check.stdout);

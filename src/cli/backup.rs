@@ -82,7 +82,7 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
     let source = args.name.clone().unwrap_or_else(|| disks[0].0.clone());
 
     let repo = g.open_repo()?;
-    let cache = g.open_cache(&repo)?;
+    let cache = g.open_cache_unsynced(&repo)?;
     let parent = if args.no_parent {
         None
     } else if let Some(p) = &args.parent {

@@ -140,6 +140,11 @@ impl Globals {
         self.cache_dir.clone().unwrap_or_else(cache::default_cache_root)
     }
 
+    /// The index cache, not yet brought up to date: backup and restore sync it once their session exists.
+    pub fn open_cache_unsynced(&self, repo: &Repository) -> Result<Arc<IndexCache>> {
+        Ok(Arc::new(IndexCache::open_unsynced(repo, &self.cache_root())?))
+    }
+
     pub fn open_cache(&self, repo: &Repository) -> Result<Arc<IndexCache>> {
         let root = self.cache_root();
         let (c, stats) = IndexCache::open(repo, &root)?;

@@ -85,6 +85,9 @@ pub(crate) fn print_report(r: &PruneReport, dry_run: bool) {
         r.packs,
         human_bytes(r.pack_bytes)
     );
+    if r.packs_adopted > 0 {
+        println!("indexed {} packs no index file listed (left by interrupted runs)", r.packs_adopted);
+    }
     println!("unused packs {would}removed: {} ({})", r.packs_unused, human_bytes(r.bytes_unused));
     println!(
         "packs {would}repacked: {} ({}), {} copied",

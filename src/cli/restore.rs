@@ -60,7 +60,7 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
             )));
         }
     };
-    let cache = g.open_cache(&repo)?;
+    let cache = g.open_cache_unsynced(&repo)?;
     let counters = Arc::new(Counters::default());
     if let Some(ranges) = snap.annotations.get(&format!("repaired.damaged.{}", disk.name)) {
         eprintln!(

@@ -129,3 +129,8 @@ impl Snapshot {
         self.disks.iter().find(|d| d.name == name)
     }
 }
+
+/// The block ids a segment blob holds, 32 bytes each (callers check the blob's length against the manifest).
+pub fn segment_ids(plain: &[u8]) -> Vec<BlobId> {
+    plain.chunks_exact(32).map(|c| BlobId(c.try_into().expect("32-byte chunk"))).collect()
+}
