@@ -517,6 +517,7 @@ fn read_disk(
     abort: &Abort,
     counters: &Counters,
 ) -> Result<()> {
+    job.source.will_read(&plan.read, block_size);
     for index in plan.read.iter() {
         if abort.is_set() {
             return Ok(());

@@ -15,8 +15,10 @@
 //! | [`source`] | what is backed up: the [`source::DiskSource`] trait, raw files/block devices, change lists |
 //! | [`backup`] | the backup pipeline: read → hash/dedup/compress/encrypt → pack → upload → index → manifest |
 //! | [`restore`] | restore of a snapshot disk to a file or block device, with verification |
+//! | [`serve`] | snapshot disks as NBD exports: block reads with a blob cache and read-ahead, write overlays |
 //! | [`check`] | repository integrity: structure, and every byte with `--read-data` |
 //! | [`forget`] | retention policies: which snapshots to keep and why; protection |
+//! | [`nbd`] | the NBD protocol: a client (NBD exports as sources) and `serve` (snapshots as NBD exports) |
 //! | [`lock`] | the exclusive lock and session markers, with storage-clock expiry |
 //! | [`prune`] | mark, sweep, repack and two-phase deletion next to running backups, in bounded memory |
 //! | [`repair`] | rebuilding the index from pack headers; adopting packs of interrupted backups |
@@ -50,11 +52,13 @@ pub mod error;
 pub mod forget;
 pub mod format;
 pub mod lock;
+pub mod nbd;
 pub mod progress;
 pub mod prune;
 pub mod repair;
 pub mod repository;
 pub mod restore;
+pub mod serve;
 pub mod source;
 pub mod stats;
 pub mod util;

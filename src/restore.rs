@@ -96,17 +96,17 @@ fn open_target(path: &Path, capacity: u64, overwrite: bool) -> Result<Target> {
 }
 
 /// One blob to fetch and the disk blocks it fills.
-struct Want {
-    entry: PackEntry,
-    blocks: Vec<u64>,
+pub(crate) struct Want {
+    pub entry: PackEntry,
+    pub blocks: Vec<u64>,
 }
 
 /// One ranged read of a pack and the blobs in it.
-struct ReadJob {
-    pack: ObjectId,
-    offset: u64,
-    len: u64,
-    wants: Vec<Want>,
+pub(crate) struct ReadJob {
+    pub pack: ObjectId,
+    pub offset: u64,
+    pub len: u64,
+    pub wants: Vec<Want>,
 }
 
 /// A byte range of the restored disk that could not be restored, and why.
@@ -257,7 +257,8 @@ pub fn restore_disk(
     Ok(stats)
 }
 
-fn plan_reads(by_pack: HashMap<ObjectId, HashMap<BlobId, Want>>) -> Vec<ReadJob> {
+/// Groups the wanted blobs of each pack into coalesced ranged reads, in disk order of their first block.
+pub(crate) fn plan_reads(by_pack: HashMap<ObjectId, HashMap<BlobId, Want>>) -> Vec<ReadJob> {
     let mut jobs = Vec::new();
     for (pack, wants) in by_pack {
         let mut wants: Vec<Want> = wants.into_values().collect();
@@ -340,10 +341,9 @@ fn run_read_job(
     counters: &Counters,
     damaged: &(dyn Fn(Vec<u64>, String) -> Result<()> + Sync),
 ) -> Result<(u64, u64)> {
-    let name = names::pack(&job.pack);
     let bs = disk.block_size as u64;
-    let data = match repo.backend().get_range(&name, job.offset, job.len) {
-        Ok(d) => d,
+    let opened = match fetch_blobs(repo, job) {
+        Ok(o) => o,
         Err(e) => {
             let blocks: Vec<u64> = job.wants.iter().flat_map(|w| w.blocks.iter().copied()).collect();
             damaged(blocks, e.to_string())?;
@@ -351,16 +351,11 @@ fn run_read_job(
         }
     };
     let (mut blocks, mut bytes) = (0, 0);
-    for w in &job.wants {
-        let rel = (w.entry.offset as u64 - job.offset) as usize;
-        let stored = &data[rel..rel + w.entry.stored_len as usize];
-        let plain = match pack::open_blob(repo.keys(), &w.entry, stored) {
+    for (w, plain) in job.wants.iter().zip(opened) {
+        let plain = match plain {
             Ok(p) => Arc::new(p),
             Err(cause) => {
-                damaged(
-                    w.blocks.clone(),
-                    format!("{name}: blob {} at offset {}: {cause}", w.entry.id, w.entry.offset),
-                )?;
+                damaged(w.blocks.clone(), format!("{}: {cause}", names::pack(&job.pack)))?;
                 continue;
             }
         };
@@ -377,6 +372,21 @@ fn run_read_job(
         }
     }
     Ok((blocks, bytes))
+}
+
+/// Reads one coalesced range and opens every blob in it (authenticated, decompressed, id re-checked): one
+/// result per want, in order. The outer error is the failed read; an inner one names the blob and the cause.
+pub(crate) fn fetch_blobs(repo: &Repository, job: &ReadJob) -> Result<Vec<std::result::Result<Vec<u8>, String>>> {
+    let data = repo.backend().get_range(&names::pack(&job.pack), job.offset, job.len)?;
+    let opened = job.wants.iter().map(|w| {
+        let rel = (w.entry.offset as u64 - job.offset) as usize;
+        let stored = data
+            .get(rel..rel + w.entry.stored_len as usize)
+            .ok_or_else(|| format!("blob {} at offset {}: the pack ends early", w.entry.id, w.entry.offset))?;
+        pack::open_blob(repo.keys(), &w.entry, stored)
+            .map_err(|cause| format!("blob {} at offset {}: {cause}", w.entry.id, w.entry.offset))
+    });
+    Ok(opened.collect())
 }
 
 /// Re-reads the target and compares each block with the manifest. Returns the number of blocks checked.

@@ -6,14 +6,16 @@ use std::sync::Arc;
 use super::Globals;
 use crate::backup::{self, BackupOptions, DiskJob};
 use crate::error::{Error, Result};
+use crate::nbd::client::TlsOptions;
 use crate::progress::{Counters, Reporter};
-use crate::source::file::FileSource;
+use crate::source::nbd::NbdOptions;
 use crate::util::human_bytes;
 
 #[derive(clap::Args, Debug)]
 pub struct BackupArgs {
-    /// Disks to back up: `PATH` or `NAME=PATH` (raw image files or block devices). Disk names default to
-    /// the file name.
+    /// Disks to back up: `SOURCE` or `NAME=SOURCE`, where a source is a raw image file, a block device, or
+    /// an NBD export (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`, `nbds://…` with TLS).
+    /// Disk names default to the file or export name.
     #[arg(required = true)]
     disks: Vec<String>,
     /// The source (VM) these disks belong to; snapshots are grouped by it. Defaults to the first disk's name.
@@ -29,6 +31,19 @@ pub struct BackupArgs {
     /// `DISK=FILE` with several disks. Only blocks touching them are read; the rest is taken from the parent.
     #[arg(long = "changed-areas")]
     changed_areas: Vec<String>,
+    /// NBD sources: back up only the areas this dirty bitmap (`qemu:dirty-bitmap:NAME`) marks, the rest is
+    /// taken from the parent snapshot. Without a parent the whole allocated disk is read.
+    #[arg(long, value_name = "NAME")]
+    dirty_bitmap: Option<String>,
+    /// NBD sources: connections per export when the server allows several (multi-conn).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
+    nbd_connections: u32,
+    /// NBD sources with TLS (`nbds://`): PEM file of the CA that signed the server's certificate.
+    #[arg(long, value_name = "FILE")]
+    nbd_tls_ca: Option<PathBuf>,
+    /// NBD sources with TLS: the name the server's certificate must carry (default: the host).
+    #[arg(long, value_name = "NAME")]
+    nbd_tls_server_name: Option<String>,
     /// Change-tracking token to record with every disk (for example the VMware changeId).
     #[arg(long)]
     change_token: Option<String>,
@@ -60,16 +75,32 @@ fn split_named(spec: &str) -> (Option<&str>, &str) {
     }
 }
 
-fn default_disk_name(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
+fn default_disk_name(spec: &str) -> String {
+    if crate::source::is_nbd_uri(spec) {
+        let export = crate::nbd::client::Address::parse(spec).map(|a| a.export).unwrap_or_default();
+        return match export.rsplit('/').next() {
+            Some(last) if !last.is_empty() => last.to_string(),
+            _ => "nbd".to_string(),
+        };
+    }
+    let path = Path::new(spec);
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| spec.to_string())
 }
 
 pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
-    let mut disks: Vec<(String, PathBuf)> = Vec::new();
+    let mut disks: Vec<(String, String)> = Vec::new();
     for spec in &args.disks {
-        let (name, path) = split_named(spec);
-        let path = PathBuf::from(path);
-        disks.push((name.map(str::to_string).unwrap_or_else(|| default_disk_name(&path)), path));
+        let (name, source) = split_named(spec);
+        disks.push((name.map(str::to_string).unwrap_or_else(|| default_disk_name(source)), source.to_string()));
+    }
+    let nbd_options = NbdOptions {
+        dirty_bitmap: args.dirty_bitmap.clone(),
+        connections: args.nbd_connections as usize,
+        tls: TlsOptions { ca_file: args.nbd_tls_ca.clone(), server_name: args.nbd_tls_server_name.clone() },
+        ..NbdOptions::default()
+    };
+    if args.dirty_bitmap.is_some() && !disks.iter().any(|(_, s)| crate::source::is_nbd_uri(s)) {
+        return Err(Error::invalid("--dirty-bitmap applies to NBD sources (nbd://…), and no disk is one"));
     }
     let mut changed: Vec<(Option<String>, PathBuf)> = Vec::new();
     for spec in &args.changed_areas {
@@ -90,22 +121,23 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
     } else {
         repo.find_snapshot("latest", Some(&source)).ok()
     };
-    if !changed.is_empty() && parent.is_none() {
+    if (!changed.is_empty() || args.dirty_bitmap.is_some()) && parent.is_none() {
         tracing::warn!("no parent snapshot of {source:?}: the change lists cannot be used, reading whole disks");
     }
 
     let mut jobs = Vec::new();
-    for (name, path) in &disks {
-        let src = FileSource::open(path)?;
-        let capacity = crate::source::DiskSource::capacity(&src);
+    for (name, spec) in &disks {
+        let mut src = crate::source::open(spec, &nbd_options)?;
+        let capacity = src.capacity();
         let change_file = changed.iter().find(|(n, _)| n.as_deref().is_none_or(|n| n == name)).map(|(_, p)| p);
         let extents = match change_file {
             Some(f) => Some(crate::source::changes::load(f, capacity)?),
+            None if parent.is_some() => src.changed()?,
             None => None,
         };
         jobs.push(DiskJob {
             name: name.clone(),
-            source: Box::new(src),
+            source: src,
             changed: if parent.is_some() { extents } else { None },
             change_token: args.change_token.clone(),
         });

@@ -10,6 +10,7 @@ mod key;
 mod prune;
 mod repair;
 mod restore;
+mod serve;
 mod snapshots;
 
 use std::path::PathBuf;
@@ -61,6 +62,8 @@ enum Command {
     Backup(backup::BackupArgs),
     /// Restore a disk of a snapshot to a file or block device.
     Restore(restore::RestoreArgs),
+    /// Serve snapshot disks as NBD exports (instant access; optionally writable through an overlay).
+    Serve(serve::ServeArgs),
     /// Verify the repository's structure, and with --read-data every byte.
     Check(check::CheckArgs),
     /// List snapshots.
@@ -301,6 +304,7 @@ pub fn main() -> i32 {
         Command::Init(a) => init(&g, a),
         Command::Backup(a) => backup::run(&g, a),
         Command::Restore(a) => restore::run(&g, a),
+        Command::Serve(a) => serve::run(&g, a),
         Command::Snapshots(a) => snapshots::run(&g, a),
         Command::Check(a) => check::run(&g, a),
         Command::Key(k) => key::run(&g, k),

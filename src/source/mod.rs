@@ -7,6 +7,7 @@
 
 pub mod changes;
 pub mod file;
+pub mod nbd;
 
 use std::ops::Range;
 
@@ -35,6 +36,28 @@ pub trait DiskSource: Send {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// The allocated (possibly non-zero) ranges, or `None` if the source cannot tell (read everything).
     fn allocated(&mut self) -> Result<Option<Vec<Extent>>>;
+    /// The byte ranges changed since the previous backup, when the source tracks them itself (an NBD dirty
+    /// bitmap); `None` when it does not.
+    fn changed(&mut self) -> Result<Option<Vec<Extent>>> {
+        Ok(None)
+    }
+    /// Told once, before the first [`DiskSource::read_at`], which blocks the backup will read, in order:
+    /// sources with latency read ahead.
+    fn will_read(&mut self, _blocks: &BlockRanges, _block_size: u64) {}
+}
+
+/// Opens a disk source: an NBD URI (`nbd://`, `nbd+unix://`, `nbds://`, `nbds+unix://`), or a raw image file or
+/// block device path.
+pub fn open(spec: &str, nbd_options: &nbd::NbdOptions) -> Result<Box<dyn DiskSource>> {
+    if is_nbd_uri(spec) {
+        Ok(Box::new(nbd::NbdSource::open(spec, nbd_options)?))
+    } else {
+        Ok(Box::new(file::FileSource::open(std::path::Path::new(spec))?))
+    }
+}
+
+pub fn is_nbd_uri(spec: &str) -> bool {
+    ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://"].iter().any(|p| spec.starts_with(p))
 }
 
 /// Sorted, non-overlapping ranges of block indices.

@@ -1,0 +1,166 @@
+//! `diskvault serve`: snapshot disks as NBD exports until interrupted.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::Globals;
+use crate::error::{Error, Result};
+use crate::nbd::server::{serve_connection, ConnectionCount, Exports, Stream};
+use crate::serve::{RepositoryExports, ServeOptions};
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// TCP address to listen on (`HOST:PORT`; port 0 picks a free one). Default 127.0.0.1:10809 unless
+    /// --socket is given.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Unix socket to listen on (created; removed at exit).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Serve only these snapshots (id or prefix, or `latest`; repeatable).
+    #[arg(long = "snapshot", value_name = "ID")]
+    snapshots: Vec<String>,
+    /// Serve only snapshots of this source.
+    #[arg(long)]
+    name: Option<String>,
+    /// Accept writes: each export gets a local copy-on-write overlay (the repository is never written;
+    /// the overlay is discarded when serve exits).
+    #[arg(long)]
+    writable: bool,
+    /// Directory for the overlay files of --writable.
+    #[arg(long, value_name = "DIR")]
+    overlay_dir: Option<PathBuf>,
+    /// Memory for decrypted blocks, shared by all exports.
+    #[arg(long, default_value = "256M", value_parser = super::prune::parse_size)]
+    cache_size: u64,
+    /// Blocks (1 MiB each) fetched ahead when a read misses the cache.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
+    readahead: u64,
+    /// Most clients connected at once.
+    #[arg(long, default_value_t = 64)]
+    max_clients: usize,
+}
+
+pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
+    if args.listen.is_some() && args.socket.is_some() {
+        return Err(Error::invalid("give --listen or --socket, not both"));
+    }
+    // SIGINT/SIGTERM are taken by sigwait below; blocked before any thread starts, so every thread inherits it.
+    let signals = block_termination_signals();
+    let repo = g.open_repo()?;
+    let cache = g.open_cache_unsynced(&repo)?;
+    // A session for as long as blobs may be read: a prune running meanwhile keeps the packs we might need.
+    let session = crate::lock::start_session(&repo, "serve")?;
+    cache.sync(&repo)?;
+    let mut snapshots = Vec::new();
+    for s in &args.snapshots {
+        snapshots.push(repo.find_snapshot(s, args.name.as_deref())?.0);
+    }
+    let opts = ServeOptions {
+        writable: args.writable,
+        overlay_dir: args.overlay_dir.clone().unwrap_or_else(std::env::temp_dir),
+        cache_bytes: args.cache_size,
+        readahead_blocks: args.readahead,
+        snapshots,
+        source: args.name.clone(),
+    };
+    let exports = Arc::new(RepositoryExports::new(repo, cache, opts));
+    let names = exports.list()?;
+    let count = Arc::new(ConnectionCount::default());
+    let max_clients = args.max_clients.max(1);
+
+    let (address, socket_path) = if let Some(path) = &args.socket {
+        let _ = std::fs::remove_file(path);
+        let listener = std::os::unix::net::UnixListener::bind(path)
+            .map_err(|e| Error::local(path, format!("cannot listen: {e}")))?;
+        let exports = exports.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(s) => spawn_client(Box::new(s), "unix client".into(), &exports, &count, max_clients),
+                    Err(e) => tracing::warn!("accept: {e}"),
+                }
+            }
+        });
+        (format!("nbd+unix:///EXPORT?socket={}", path.display()), Some(path.clone()))
+    } else {
+        let addr = args.listen.clone().unwrap_or_else(|| "127.0.0.1:10809".into());
+        let listener =
+            std::net::TcpListener::bind(&addr).map_err(|e| Error::invalid(format!("cannot listen on {addr}: {e}")))?;
+        let local = listener.local_addr().map_err(|e| Error::invalid(e.to_string()))?;
+        let exports = exports.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "client".into());
+                        spawn_client(Box::new(s), peer, &exports, &count, max_clients);
+                    }
+                    Err(e) => tracing::warn!("accept: {e}"),
+                }
+            }
+        });
+        (format!("nbd://{local}/EXPORT"), None)
+    };
+    println!(
+        "serving {} export{} at {address}{}",
+        names.len(),
+        if names.len() == 1 { "" } else { "s" },
+        if args.writable { " (writable overlays)" } else { " (read-only)" }
+    );
+    for (name, desc) in &names {
+        println!("  {name}  {desc}");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    let signal = wait_for_signal(&signals);
+    tracing::info!("signal {signal}: stopping");
+    if let Some(p) = socket_path {
+        let _ = std::fs::remove_file(p);
+    }
+    drop(session);
+    Ok(())
+}
+
+fn spawn_client(
+    stream: Box<dyn Stream>,
+    peer: String,
+    exports: &Arc<RepositoryExports>,
+    count: &Arc<ConnectionCount>,
+    max_clients: usize,
+) {
+    let Some(slot) = count.enter(max_clients) else {
+        tracing::warn!("{peer}: refused, {max_clients} clients are connected already");
+        stream.shutdown_both();
+        return;
+    };
+    let exports = exports.clone();
+    let spawned = std::thread::Builder::new().name("nbd-client".into()).spawn(move || {
+        serve_connection(stream, exports.as_ref(), &peer);
+        drop(slot);
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start a client thread: {e}");
+    }
+}
+
+fn block_termination_signals() -> libc::sigset_t {
+    // SAFETY: plain signal-mask calls on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is initialized, `sig` is a valid out pointer.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}

@@ -1,0 +1,497 @@
+//! Snapshot disks as NBD exports (instant access): [`RepositoryExports`] implements the NBD server's
+//! [`Exports`] for a repository, and [`SnapshotDisk`] its [`Device`] for one disk of one snapshot.
+//!
+//! A read maps bytes to 1 MiB blocks, blocks to ids (manifest segments, a few kept in memory), ids to pack
+//! locations (the index cache), and fetches missing blobs with read-ahead: the next blocks of the disk that
+//! are not cached are fetched in the same coalesced ranged reads as restore uses, so a sequential reader
+//! costs one storage request per few MiB. Plaintext blobs live in a byte-bounded LRU shared by all exports;
+//! blobs being fetched are marked in flight, so concurrent readers wait for them instead of fetching twice.
+//!
+//! With `writable`, each export gets a copy-on-write overlay: a sparse local file (unlinked at creation, so it
+//! disappears with the process) holding every 1 MiB block written so far, copied up from the snapshot on first
+//! write. The repository is never written.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::cache::IndexCache;
+use crate::error::{Error, Result};
+use crate::format::snapshot::DiskManifest;
+use crate::format::{BlobId, ObjectId, SEGMENT_BLOCKS};
+use crate::nbd::server::{Device, Exports};
+use crate::repository::Repository;
+use crate::restore::{fetch_blobs, plan_reads, Want};
+
+pub struct ServeOptions {
+    /// Accept writes into a local overlay.
+    pub writable: bool,
+    /// Where overlay files are created.
+    pub overlay_dir: PathBuf,
+    /// Bytes of decrypted blobs kept in memory, shared by all exports.
+    pub cache_bytes: u64,
+    /// Blocks fetched ahead of a read that misses the cache.
+    pub readahead_blocks: u64,
+    /// Only these snapshots (full ids); empty: all.
+    pub snapshots: Vec<ObjectId>,
+    /// Only snapshots of this source.
+    pub source: Option<String>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            writable: false,
+            overlay_dir: std::env::temp_dir(),
+            cache_bytes: 256 << 20,
+            readahead_blocks: 16,
+            snapshots: Vec::new(),
+            source: None,
+        }
+    }
+}
+
+/// What every export shares: the repository, its index, the blob cache.
+struct Shared {
+    repo: Repository,
+    cache: Arc<IndexCache>,
+    blobs: BlobCache,
+    /// Index syncs serialized: a lookup miss may mean a snapshot newer than the last sync.
+    sync_lock: Mutex<()>,
+}
+
+pub struct RepositoryExports {
+    shared: Arc<Shared>,
+    opts: ServeOptions,
+    /// Open devices by `<full snapshot id>/<disk>`: every connection to an export sees the same overlay.
+    open: Mutex<HashMap<String, Arc<SnapshotDisk>>>,
+}
+
+impl RepositoryExports {
+    /// `cache` must be synced with the repository (after the caller's session marker exists).
+    pub fn new(repo: Repository, cache: Arc<IndexCache>, opts: ServeOptions) -> RepositoryExports {
+        let blobs = BlobCache::new(opts.cache_bytes);
+        RepositoryExports {
+            shared: Arc::new(Shared { repo, cache, blobs, sync_lock: Mutex::new(()) }),
+            opts,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn admitted(&self, id: &ObjectId, source: &str) -> bool {
+        (self.opts.snapshots.is_empty() || self.opts.snapshots.contains(id))
+            && self.opts.source.as_deref().is_none_or(|s| s == source)
+    }
+
+    /// The export names: `<short snapshot id>/<disk>`, oldest snapshot first.
+    pub fn names(&self) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for (id, snap) in self.shared.repo.list_snapshots()? {
+            if !self.admitted(&id, &snap.source) {
+                continue;
+            }
+            for d in &snap.disks {
+                let desc = format!(
+                    "{} disk {} of {} at {} ({} bytes)",
+                    snap.source,
+                    d.name,
+                    id.short(),
+                    crate::util::format_utc(snap.time_secs),
+                    d.capacity
+                );
+                out.push((format!("{}/{}", id.short(), d.name), desc));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Exports for RepositoryExports {
+    fn list(&self) -> Result<Vec<(String, String)>> {
+        self.names()
+    }
+
+    fn open(&self, name: &str) -> Result<Option<Arc<dyn Device>>> {
+        let Some((snap_ref, disk_name)) = name.split_once('/') else { return Ok(None) };
+        let (id, snap) = match self.shared.repo.find_snapshot(snap_ref, self.opts.source.as_deref()) {
+            Ok(v) => v,
+            Err(Error::Invalid(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if !self.admitted(&id, &snap.source) {
+            return Ok(None);
+        }
+        let Some(disk) = snap.disk(disk_name) else { return Ok(None) };
+        let key = format!("{}/{}", id.hex(), disk.name);
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = open.get(&key) {
+            return Ok(Some(d.clone()));
+        }
+        disk.validate().map_err(|e| Error::corrupt(format!("snapshot {}", id.short()), e))?;
+        let overlay = if self.opts.writable {
+            Some(Overlay::create(&self.opts.overlay_dir, disk.capacity, disk.block_size as u64)?)
+        } else {
+            None
+        };
+        let device = Arc::new(SnapshotDisk {
+            shared: self.shared.clone(),
+            manifest: disk.clone(),
+            segments: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(64).expect("non-zero"))),
+            readahead: self.opts.readahead_blocks,
+            overlay,
+        });
+        open.insert(key, device.clone());
+        Ok(Some(device))
+    }
+}
+
+/// One disk of one snapshot, readable at any offset.
+pub struct SnapshotDisk {
+    shared: Arc<Shared>,
+    manifest: DiskManifest,
+    /// Loaded manifest segments by index.
+    segments: Mutex<lru::LruCache<usize, Arc<Vec<BlobId>>>>,
+    readahead: u64,
+    overlay: Option<Overlay>,
+}
+
+impl SnapshotDisk {
+    fn block_size(&self) -> u64 {
+        self.manifest.block_size as u64
+    }
+
+    fn block_len(&self, block: u64) -> usize {
+        self.block_size().min(self.manifest.capacity - block * self.block_size()) as usize
+    }
+
+    fn segment(&self, k: usize) -> Result<Arc<Vec<BlobId>>> {
+        if let Some(s) = self.segments.lock().unwrap_or_else(|p| p.into_inner()).get(&k) {
+            return Ok(s.clone());
+        }
+        let seg = &self.manifest.segments[k];
+        let ids = Arc::new(crate::backup::load_segment(&self.shared.repo, &self.shared.cache, seg)?);
+        self.segments.lock().unwrap_or_else(|p| p.into_inner()).put(k, ids.clone());
+        Ok(ids)
+    }
+
+    fn block_id(&self, block: u64) -> Result<BlobId> {
+        let k = (block / SEGMENT_BLOCKS as u64) as usize;
+        let ids = self.segment(k)?;
+        ids.get((block % SEGMENT_BLOCKS as u64) as usize)
+            .copied()
+            .ok_or_else(|| Error::corrupt("snapshot", format!("segment {k} has no entry for block {block}")))
+    }
+
+    /// The snapshot's content of `block` (not the overlay's).
+    fn base_block(&self, block: u64) -> Result<Arc<Vec<u8>>> {
+        let id = self.block_id(block)?;
+        if id.is_zero_block() {
+            return Ok(Arc::new(vec![0u8; self.block_len(block)]));
+        }
+        loop {
+            match self.shared.blobs.get_or_claim(&id) {
+                Claim::Ready(data) => return Ok(data),
+                Claim::Fetch => self.fetch_from(block, id)?,
+            }
+        }
+    }
+
+    /// Fetches blob `id` (of `block`) and, in the same ranged reads, the following blocks' blobs that are
+    /// neither cached nor being fetched. `id` is claimed by the caller; the others are claimed here.
+    fn fetch_from(&self, block: u64, id: BlobId) -> Result<()> {
+        let blocks = self.manifest.capacity.div_ceil(self.block_size());
+        let mut wanted: Vec<(u64, BlobId)> = vec![(block, id)];
+        let mut seen = HashSet::from([id]);
+        for b in block + 1..(block + self.readahead).min(blocks) {
+            let Ok(next) = self.block_id(b) else { break };
+            if next.is_zero_block() || !seen.insert(next) || !self.shared.blobs.try_claim(&next) {
+                continue;
+            }
+            wanted.push((b, next));
+        }
+        let result = self.fetch_claimed(block, id, &wanted);
+        // Whatever was not fetched is released, so that waiting readers try themselves.
+        for (_, bid) in &wanted {
+            self.shared.blobs.abandon(bid);
+        }
+        result
+    }
+
+    fn fetch_claimed(&self, block: u64, id: BlobId, wanted: &[(u64, BlobId)]) -> Result<()> {
+        let shared = &self.shared;
+        let mut by_pack: HashMap<ObjectId, HashMap<BlobId, Want>> = HashMap::new();
+        let mut unlocated = Vec::new();
+        for (b, bid) in wanted {
+            match self.locate(bid)? {
+                Some(loc) => {
+                    by_pack.entry(loc.pack).or_default().insert(*bid, Want { entry: loc.entry, blocks: vec![*b] });
+                }
+                None => unlocated.push(*bid),
+            }
+        }
+        if unlocated.contains(&id) {
+            return Err(Error::corrupt(
+                format!("blob {id}"),
+                format!("block {block} of disk {} is not in any index file (lost pack?)", self.manifest.name),
+            ));
+        }
+        let mut first_error = None;
+        for job in plan_reads(by_pack) {
+            let holds_id = job.wants.iter().any(|w| w.entry.id == id);
+            match fetch_blobs(&shared.repo, &job) {
+                Ok(opened) => {
+                    for (want, result) in job.wants.iter().zip(opened) {
+                        match result {
+                            Ok(plain) => shared.blobs.insert(want.entry.id, Arc::new(plain)),
+                            Err(cause) if want.entry.id == id => {
+                                first_error = Some(Error::corrupt(crate::format::names::pack(&job.pack), cause))
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                }
+                Err(e) if holds_id => first_error = Some(e),
+                Err(_) => {}
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The blob's location; on a miss the index cache is synced once (the snapshot may be newer than it).
+    fn locate(&self, id: &BlobId) -> Result<Option<crate::format::index::BlobLocation>> {
+        if let Some(loc) = self.shared.cache.lookup(id)? {
+            return Ok(Some(loc));
+        }
+        let _guard = self.shared.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(loc) = self.shared.cache.lookup(id)? {
+            return Ok(Some(loc));
+        }
+        self.shared.cache.sync(&self.shared.repo)?;
+        self.shared.cache.lookup(id)
+    }
+
+    /// Calls `f(block, start within block, range of buf)` for each block `offset..offset+len` touches.
+    fn for_blocks(
+        &self,
+        offset: u64,
+        len: usize,
+        mut f: impl FnMut(u64, usize, std::ops::Range<usize>) -> Result<()>,
+    ) -> Result<()> {
+        let bs = self.block_size();
+        let mut done = 0usize;
+        while done < len {
+            let pos = offset + done as u64;
+            let block = pos / bs;
+            let within = (pos % bs) as usize;
+            let n = (self.block_len(block) - within).min(len - done);
+            f(block, within, done..done + n)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl Device for SnapshotDisk {
+    fn size(&self) -> u64 {
+        self.manifest.capacity
+    }
+
+    fn writable(&self) -> bool {
+        self.overlay.is_some()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.for_blocks(offset, buf.len(), |block, within, range| {
+            if let Some(o) = &self.overlay {
+                if o.has(block) {
+                    return o.read(block * self.block_size() + within as u64, &mut buf[range]);
+                }
+            }
+            let data = self.base_block(block)?;
+            buf[range.clone()].copy_from_slice(&data[within..within + range.len()]);
+            Ok(())
+        })
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let Some(o) = &self.overlay else {
+            return Err(Error::invalid("the export is read-only"));
+        };
+        let _serial = o.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.for_blocks(offset, data.len(), |block, within, range| {
+            if !o.has(block) {
+                let base = self.base_block(block)?;
+                o.write(block * self.block_size(), &base)?;
+                o.mark(block);
+            }
+            o.write(block * self.block_size() + within as u64, &data[range])
+        })
+    }
+
+    fn flush(&self) -> Result<()> {
+        match &self.overlay {
+            Some(o) => o.file.sync_data().map_err(|e| Error::local(&o.path, e)),
+            None => Ok(()),
+        }
+    }
+
+    fn zero_extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let bs = self.block_size();
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        // At most one segment's worth per answer: clients ask again for the rest.
+        let limit = pos / bs + SEGMENT_BLOCKS as u64;
+        while pos < end && pos / bs < limit {
+            let block = pos / bs;
+            let block_end = ((block + 1) * bs).min(end);
+            let overlaid = self.overlay.as_ref().is_some_and(|o| o.has(block));
+            let zero = !overlaid && self.block_id(block)?.is_zero_block();
+            out.push((block_end - pos, zero));
+            pos = block_end;
+        }
+        Ok(out)
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) {
+        let bs = self.block_size();
+        let last = (offset + len.max(1) - 1) / bs;
+        for block in (offset / bs..=last).step_by(self.readahead.max(1) as usize) {
+            if let Err(e) = self.base_block(block) {
+                tracing::debug!("prefetch of block {block}: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Copy-on-write blocks of a writable export.
+struct Overlay {
+    file: File,
+    path: PathBuf,
+    present: Mutex<Vec<u64>>,
+    /// Writes (with their copy-ups) one at a time: a copy-up must not overwrite a concurrent write's bytes.
+    write_lock: Mutex<()>,
+}
+
+impl Overlay {
+    fn create(dir: &Path, capacity: u64, block_size: u64) -> Result<Overlay> {
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random).map_err(|e| Error::invalid(format!("no randomness: {e}")))?;
+        let path = dir.join(format!("diskvault-overlay-{}", hex::encode(random)));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::local(&path, format!("cannot create the overlay: {e}")))?;
+        // Unlinked at once: the overlay lives exactly as long as the server holds it open.
+        let _ = std::fs::remove_file(&path);
+        file.set_len(capacity).map_err(|e| Error::local(&path, e))?;
+        let blocks = capacity.div_ceil(block_size);
+        Ok(Overlay {
+            file,
+            path,
+            present: Mutex::new(vec![0; blocks.div_ceil(64) as usize]),
+            write_lock: Mutex::new(()),
+        })
+    }
+
+    fn has(&self, block: u64) -> bool {
+        let p = self.present.lock().unwrap_or_else(|p| p.into_inner());
+        p[(block / 64) as usize] & (1 << (block % 64)) != 0
+    }
+
+    fn mark(&self, block: u64) {
+        let mut p = self.present.lock().unwrap_or_else(|p| p.into_inner());
+        p[(block / 64) as usize] |= 1 << (block % 64);
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.file.read_exact_at(buf, offset).map_err(|e| Error::local(&self.path, format!("overlay read: {e}")))
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.file.write_all_at(data, offset).map_err(|e| Error::local(&self.path, format!("overlay write: {e}")))
+    }
+}
+
+/// Decrypted blobs by id, bounded in bytes, with in-flight fetches marked.
+struct BlobCache {
+    state: Mutex<CacheState>,
+    fetched: Condvar,
+}
+
+struct CacheState {
+    lru: lru::LruCache<BlobId, Arc<Vec<u8>>>,
+    bytes: u64,
+    limit: u64,
+    in_flight: HashSet<BlobId>,
+}
+
+enum Claim {
+    Ready(Arc<Vec<u8>>),
+    /// The caller must fetch it, then `insert` or `abandon`.
+    Fetch,
+}
+
+impl BlobCache {
+    fn new(limit: u64) -> BlobCache {
+        BlobCache {
+            state: Mutex::new(CacheState {
+                lru: lru::LruCache::unbounded(),
+                bytes: 0,
+                limit,
+                in_flight: HashSet::new(),
+            }),
+            fetched: Condvar::new(),
+        }
+    }
+
+    /// The cached blob, or a claim to fetch it; waits while another thread fetches it.
+    fn get_or_claim(&self, id: &BlobId) -> Claim {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(d) = s.lru.get(id) {
+                return Claim::Ready(d.clone());
+            }
+            if s.in_flight.insert(*id) {
+                return Claim::Fetch;
+            }
+            s = self.fetched.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Claims `id` for fetching if it is neither cached nor in flight.
+    fn try_claim(&self, id: &BlobId) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        !s.lru.contains(id) && s.in_flight.insert(*id)
+    }
+
+    fn insert(&self, id: BlobId, data: Arc<Vec<u8>>) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.in_flight.remove(&id);
+        s.bytes += data.len() as u64;
+        if let Some(old) = s.lru.put(id, data) {
+            s.bytes -= old.len() as u64;
+        }
+        while s.bytes > s.limit && s.lru.len() > 1 {
+            match s.lru.pop_lru() {
+                Some((_, d)) => s.bytes -= d.len() as u64,
+                None => break,
+            }
+        }
+        drop(s);
+        self.fetched.notify_all();
+    }
+
+    fn abandon(&self, id: &BlobId) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).in_flight.remove(id);
+        self.fetched.notify_all();
+    }
+}
