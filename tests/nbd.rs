@@ -132,7 +132,16 @@ fn full_and_dirty_bitmap_incrementals_from_qemu_nbd_restore_bit_exact() {
     let mut ids = Vec::new();
     {
         let server = QemuNbd::unix(&image, &sock, Some("b0"), 4);
-        let r = env.backup(&["--name", "vm", &format!("disk0={}", server.uri)]);
+        // The server allows 4 clients and says so (multi-conn): the backup reads over 4 connections.
+        let out = env
+            .command(&["backup", "--json", "--name", "vm", &format!("disk0={}", server.uri)])
+            .env("DISKVAULT_LOG", "diskvault=debug")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains("reading with 4 connection(s)"), "{stderr}");
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         // base:allocation: only the written blocks are read.
         let written = blocks_touched(&day0);
         assert_eq!(r["disks"][0]["blocks_read"], written, "{r}");
@@ -347,6 +356,13 @@ fn served_snapshots_read_by_qemu_and_nbdinfo() {
         tool("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(serve.uri(&e2)).arg(&b).spawn().unwrap();
     assert!(ca.wait().unwrap().success() && cb.wait().unwrap().success());
     assert!(std::fs::read(&a).unwrap() == v1 && std::fs::read(&b).unwrap() == v2);
+
+    // diskvault's own NBD client on a served export: a copy into another repository, reading only the
+    // blocks base:allocation calls data.
+    let other = Env::with_repo();
+    let r = other.backup(&["--name", "copy", &format!("d0={}", serve.uri(&e2))]);
+    assert_eq!(r["disks"][0]["blocks_read"], (v2.len().div_ceil(MIB) - zero_blocks.len()) as u64);
+    assert!(other.restore(r["snapshot"].as_str().unwrap(), &[]) == v2);
 
     // qemu-io reads across block boundaries.
     let out = run_tool(
@@ -566,4 +582,126 @@ fn hostile_clients_get_errors_and_the_server_survives() {
     run_tool(tool("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(serve.uri(&export)).arg(&out));
     assert!(std::fs::read(&out).unwrap() == v);
     serve.stop();
+}
+
+/// A CA and a server certificate for `localhost` (in qemu's x509 credential layout), and an unrelated CA.
+fn make_certificates(dir: &Path) {
+    let ssl = |args: &[&str]| {
+        run_tool(tool("openssl").current_dir(dir).args(args));
+    };
+    ssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca-cert.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=diskvault test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    ssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server-key.pem",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    write(
+        &dir.join("ext.cnf"),
+        b"subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    );
+    ssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca-cert.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-out",
+        "server-cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    ssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "other-key.pem",
+        "-out",
+        "other-ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=someone else",
+    ]);
+}
+
+#[test]
+fn tls_sources_verify_the_server() {
+    let env = Env::with_repo();
+    let image = new_qcow2(&env, "tls.qcow2", 16 * M);
+    guest_write(&env, &image, 5 * M, &random_bytes(21, 2 * MIB + 77));
+    let certs = env.path("certs");
+    std::fs::create_dir(&certs).unwrap();
+    make_certificates(&certs);
+    let sock = env.path("tls.sock");
+    let mut child = tool("qemu-nbd")
+        .args(["-r", "-f", "qcow2", "-t", "-e", "4", "-k"])
+        .arg(&sock)
+        .arg("--object")
+        .arg(format!("tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=off", certs.display()))
+        .args(["--tls-creds", "tls0"])
+        .arg(&image)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(20),
+            "qemu-nbd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let server = QemuNbd { child, uri: format!("nbds+unix:///?socket={}", sock.display()) };
+    let ca = certs.join("ca-cert.pem");
+    let other = certs.join("other-ca.pem");
+
+    let r = env.backup(&["--nbd-tls-ca", ca.to_str().unwrap(), &format!("d={}", server.uri)]);
+    assert_eq!(r["disks"][0]["blocks_read"], 3);
+    assert!(env.restore(r["snapshot"].as_str().unwrap(), &[]) == raw_content(&env, &image));
+
+    // A server signed by another CA, a name the certificate does not carry, and plain NBD to a TLS server.
+    let r = env.fails(&["backup", "--nbd-tls-ca", other.to_str().unwrap(), &server.uri]);
+    assert!(r.stderr.contains("TLS handshake") && r.stderr.contains("UnknownIssuer"), "{}", r.stderr);
+    let r =
+        env.fails(&["backup", "--nbd-tls-ca", ca.to_str().unwrap(), "--nbd-tls-server-name", "elsewhere", &server.uri]);
+    assert!(r.stderr.contains("not valid for name \"elsewhere\""), "{}", r.stderr);
+    let r = env.fails(&["backup", &format!("nbd+unix:///?socket={}", sock.display())]);
+    assert!(r.stderr.contains("requires TLS"), "{}", r.stderr);
+    let r = env.fails(&["backup", &server.uri]);
+    assert!(r.stderr.contains("--nbd-tls-ca"), "{}", r.stderr);
 }
