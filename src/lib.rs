@@ -19,6 +19,7 @@
 //! | [`check`] | repository integrity: structure, and every byte with `--read-data` |
 //! | [`forget`] | retention policies: which snapshots to keep and why; protection |
 //! | [`nbd`] | the NBD protocol: a client (NBD exports as sources) and `serve` (snapshots as NBD exports) |
+//! | [`vddk`] | VMware's VDDK loaded with libloading: connect, open, read, allocated blocks, under the guide's thread rules |
 //! | [`lock`] | the exclusive lock and session markers, with storage-clock expiry |
 //! | [`prune`] | mark, sweep, repack and two-phase deletion next to running backups, in bounded memory |
 //! | [`repair`] | rebuilding the index from pack headers; adopting packs of interrupted backups |
@@ -62,5 +63,6 @@ pub mod serve;
 pub mod source;
 pub mod stats;
 pub mod util;
+pub mod vddk;
 
 pub use error::{Error, Result};

@@ -9,6 +9,8 @@ use crate::error::{Error, Result};
 use crate::nbd::client::TlsOptions;
 use crate::progress::{Counters, Reporter};
 use crate::source::nbd::NbdOptions;
+use crate::source::vddk::VddkOptions;
+use crate::source::SourceOptions;
 use crate::util::human_bytes;
 
 #[derive(clap::Args, Debug)]
@@ -44,6 +46,11 @@ pub struct BackupArgs {
     /// NBD sources with TLS: the name the server's certificate must carry (default: the host).
     #[arg(long, value_name = "NAME")]
     nbd_tls_server_name: Option<String>,
+    /// VMware sources (`vddk://USER@SERVER/[DATASTORE] PATH.vmdk?moref=vm-N&snapshot=…&thumbprint=…`): the VDDK
+    /// directory, holding `lib64/libvixDiskLib.so.8` (or .7, .6). The password is read from
+    /// DISKVAULT_VSPHERE_PASSWORD.
+    #[arg(long, env = "DISKVAULT_VDDK_LIBDIR", value_name = "DIR")]
+    vddk_libdir: Option<PathBuf>,
     /// Change-tracking token to record with every disk (for example the VMware changeId).
     #[arg(long)]
     change_token: Option<String>,
@@ -83,6 +90,10 @@ fn default_disk_name(spec: &str) -> String {
             _ => "nbd".to_string(),
         };
     }
+    if let Ok(t) = crate::source::vddk::parse_uri(spec, Some("")) {
+        let file = t.path.rsplit(['/', ' ', ']']).next().unwrap_or("disk");
+        return file.strip_suffix(".vmdk").unwrap_or(file).to_string();
+    }
     let path = Path::new(spec);
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| spec.to_string())
 }
@@ -93,11 +104,23 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
         let (name, source) = split_named(spec);
         disks.push((name.map(str::to_string).unwrap_or_else(|| default_disk_name(source)), source.to_string()));
     }
+    if disks.iter().any(|(_, s)| s.starts_with("vddk://")) {
+        if let Some(dir) = &args.vddk_libdir {
+            crate::vddk::ensure_loader_path(dir)?;
+        }
+    }
     let nbd_options = NbdOptions {
         dirty_bitmap: args.dirty_bitmap.clone(),
         connections: args.nbd_connections as usize,
         tls: TlsOptions { ca_file: args.nbd_tls_ca.clone(), server_name: args.nbd_tls_server_name.clone() },
         ..NbdOptions::default()
+    };
+    let source_options = SourceOptions {
+        nbd: nbd_options,
+        vddk: VddkOptions {
+            libdir: args.vddk_libdir.clone(),
+            password: std::env::var("DISKVAULT_VSPHERE_PASSWORD").ok(),
+        },
     };
     if args.dirty_bitmap.is_some() && !disks.iter().any(|(_, s)| crate::source::is_nbd_uri(s)) {
         return Err(Error::invalid("--dirty-bitmap applies to NBD sources (nbd://…), and no disk is one"));
@@ -127,7 +150,7 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
 
     let mut jobs = Vec::new();
     for (name, spec) in &disks {
-        let mut src = crate::source::open(spec, &nbd_options)?;
+        let mut src = crate::source::open(spec, &source_options)?;
         let capacity = src.capacity();
         let change_file = changed.iter().find(|(n, _)| n.as_deref().is_none_or(|n| n == name)).map(|(_, p)| p);
         let extents = match change_file {

@@ -317,6 +317,8 @@ pub fn main() -> i32 {
         Command::Protect(a) => forget::protect(&g, a, true),
         Command::Unprotect(a) => forget::protect(&g, a, false),
     };
+    // Every VDDK disk is closed by now; the library wants its Exit.
+    crate::vddk::shutdown();
     match result {
         Ok(()) => 0,
         Err(e) => {

@@ -8,6 +8,7 @@
 pub mod changes;
 pub mod file;
 pub mod nbd;
+pub mod vddk;
 
 use std::ops::Range;
 
@@ -46,11 +47,20 @@ pub trait DiskSource: Send {
     fn will_read(&mut self, _blocks: &BlockRanges, _block_size: u64) {}
 }
 
-/// Opens a disk source: an NBD URI (`nbd://`, `nbd+unix://`, `nbds://`, `nbds+unix://`), or a raw image file or
-/// block device path.
-pub fn open(spec: &str, nbd_options: &nbd::NbdOptions) -> Result<Box<dyn DiskSource>> {
+/// How to reach network sources.
+#[derive(Clone, Default)]
+pub struct SourceOptions {
+    pub nbd: nbd::NbdOptions,
+    pub vddk: vddk::VddkOptions,
+}
+
+/// Opens a disk source: an NBD URI (`nbd://`, `nbd+unix://`, `nbds://`, `nbds+unix://`), a VMware disk
+/// (`vddk://`), or a raw image file or block device path.
+pub fn open(spec: &str, options: &SourceOptions) -> Result<Box<dyn DiskSource>> {
     if is_nbd_uri(spec) {
-        Ok(Box::new(nbd::NbdSource::open(spec, nbd_options)?))
+        Ok(Box::new(nbd::NbdSource::open(spec, &options.nbd)?))
+    } else if spec.starts_with("vddk://") {
+        Ok(Box::new(vddk::VddkSource::open(spec, &options.vddk)?))
     } else {
         Ok(Box::new(file::FileSource::open(std::path::Path::new(spec))?))
     }

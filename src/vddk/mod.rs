@@ -1,0 +1,671 @@
+//! VMware's Virtual Disk Development Kit (`libvixDiskLib.so`), loaded at run time with `libloading` from the
+//! directory the user names (never linked: it is proprietary and not always installed).
+//!
+//! The programming guide's rules are built in:
+//! - `InitEx` once per process, before any thread that uses the library, with thread-safe log callbacks that
+//!   go to `tracing` (the default callbacks are not thread-safe);
+//! - one thread owns connect, open, close, disconnect, `QueryAllocatedBlocks`, `PrepareForAccess` and
+//!   `EndAccess` ([`Library::on_owner`]); I/O on a handle happens on one thread at a time (`&mut`);
+//! - `PrepareForAccess` is always paired with `EndAccess`, also when anything in between fails ([`Disk`]'s drop);
+//! - reads are whole sectors; the tail of a disk that is not a multiple of the query chunk counts as allocated.
+//!
+//! Every VIX error becomes [`Error::Source`] naming the call, the numeric code and the library's own text.
+
+pub mod ffi;
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crossbeam_channel::Sender;
+
+use crate::error::{Error, Result};
+use crate::source::Extent;
+
+/// Library versions searched, newest first, as `<libdir>/lib64/libvixDiskLib.so.N` (as nbdkit's vddk plugin).
+pub const SUPPORTED_MAJORS: [u32; 3] = [8, 7, 6];
+
+/// The resolved entry points. Function pointers stay valid as long as `_lib` is loaded (for the process).
+struct Fns {
+    init_ex: ffi::InitEx,
+    exit: ffi::Exit,
+    allocate_connect_params: Option<ffi::AllocateConnectParams>,
+    free_connect_params: Option<ffi::FreeConnectParams>,
+    prepare_for_access: Option<ffi::PrepareForAccess>,
+    end_access: Option<ffi::PrepareForAccess>,
+    connect_ex: ffi::ConnectEx,
+    disconnect: ffi::Disconnect,
+    open: ffi::Open,
+    close: ffi::Close,
+    get_info: ffi::GetInfo,
+    free_info: ffi::FreeInfo,
+    get_transport_mode: Option<ffi::GetTransportMode>,
+    read: ffi::Read,
+    query_allocated_blocks: Option<ffi::QueryAllocatedBlocks>,
+    free_block_list: Option<ffi::FreeBlockList>,
+    get_error_text: ffi::GetErrorText,
+    free_error_text: ffi::FreeErrorText,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The loaded, initialized library (one per process).
+pub struct Library {
+    fns: Fns,
+    path: PathBuf,
+    major: u32,
+    owner: Mutex<Sender<Job>>,
+    _lib: libloading::Library,
+}
+
+static LIBRARY: OnceLock<std::result::Result<Arc<Library>, String>> = OnceLock::new();
+
+/// A raw pointer handed between the owner thread and an I/O thread. The library allows a handle to be used
+/// from any one thread at a time; [`Disk`] enforces the "one at a time".
+#[derive(Clone, Copy)]
+struct Ptr(*mut c_void);
+// SAFETY: see above; the pointers are opaque library objects, never dereferenced here.
+unsafe impl Send for Ptr {}
+
+impl Library {
+    /// Loads and initializes the library from `libdir` (once per process; later calls return the same one,
+    /// or an error if they name another directory).
+    pub fn load(libdir: &Path) -> Result<Arc<Library>> {
+        let loaded = LIBRARY.get_or_init(|| Library::load_new(libdir).map(Arc::new).map_err(|e| e.to_string()));
+        match loaded {
+            Ok(lib) if lib.path.starts_with(libdir) => Ok(lib.clone()),
+            Ok(lib) => Err(Error::invalid(format!(
+                "the VDDK was loaded from {} already; one process uses one library",
+                lib.path.display()
+            ))),
+            Err(e) => Err(Error::invalid(e.clone())),
+        }
+    }
+
+    fn load_new(libdir: &Path) -> Result<Library> {
+        let lib64 = libdir.join("lib64");
+        let mut tried = Vec::new();
+        for major in SUPPORTED_MAJORS {
+            let path = lib64.join(format!("libvixDiskLib.so.{major}"));
+            if !path.exists() {
+                tried.push(path.display().to_string());
+                continue;
+            }
+            // SAFETY: loading a shared library runs its initializers; that is what using the VDDK means.
+            let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| {
+                Error::invalid(format!(
+                    "cannot load the VDDK {}: {e} (its own libraries must be found: diskvault adds {} to \
+                     LD_LIBRARY_PATH itself when --vddk-libdir is given)",
+                    path.display(),
+                    lib64.display()
+                ))
+            })?;
+            let fns = resolve(&lib, &path)?;
+            return Library::init(lib, fns, path, major);
+        }
+        let other = std::fs::read_dir(&lib64)
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("libvixDiskLib.so."))
+            .collect::<Vec<_>>();
+        let hint = if other.is_empty() {
+            String::new()
+        } else {
+            format!("; found {} (diskvault supports VDDK 6, 7 and 8)", other.join(", "))
+        };
+        Err(Error::invalid(format!("no VDDK library: looked for {}{hint}", tried.join(", "))))
+    }
+
+    fn init(lib: libloading::Library, fns: Fns, path: PathBuf, major: u32) -> Result<Library> {
+        let libdir = path.parent().and_then(Path::parent).unwrap_or(Path::new("/"));
+        let libdir_c = CString::new(libdir.as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::invalid("the VDDK directory contains a NUL byte"))?;
+        // SAFETY: arguments as the ABI defines; the callbacks are thread-safe and live for the process.
+        let err =
+            unsafe { (fns.init_ex)(major, 0, log_info, log_warn, log_panic, libdir_c.as_ptr(), std::ptr::null()) };
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let library = Library { fns, path, major, owner: Mutex::new(tx), _lib: lib };
+        if err != ffi::VIX_OK {
+            return Err(library.error("VixDiskLib_InitEx", err, &format!("VDDK {major}")));
+        }
+        // The owner thread starts after InitEx, as the guide asks of every thread that calls the library.
+        std::thread::Builder::new()
+            .name("vddk-owner".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })
+            .map_err(|e| Error::invalid(format!("cannot start the VDDK thread: {e}")))?;
+        tracing::info!("VDDK {major} loaded from {}", library.path.display());
+        Ok(library)
+    }
+
+    pub fn major(&self) -> u32 {
+        self.major
+    }
+
+    /// Runs `f` on the thread that owns connect/open/close.
+    fn on_owner<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.owner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job)
+            .expect("the VDDK owner thread runs for the process");
+        rx.recv().expect("the VDDK owner thread answers every job")
+    }
+
+    /// The library's text for a VIX error, as an error naming the call and what it was about.
+    fn error(&self, call: &str, err: ffi::VixError, about: &str) -> Error {
+        // SAFETY: GetErrorText returns a library-allocated C string (or NULL) freed with FreeErrorText.
+        let text = unsafe {
+            let p = (self.fns.get_error_text)(err, std::ptr::null());
+            if p.is_null() {
+                "no description".to_string()
+            } else {
+                let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+                (self.fns.free_error_text)(p);
+                s
+            }
+        };
+        Error::source(about.to_string(), format!("{call} failed: VIX error {}: {text}", err & 0xFFFF))
+    }
+
+    /// Calls `VixDiskLib_Exit` (once, when the process is done with the library).
+    pub fn exit(&self) {
+        let f = self.fns.exit;
+        // SAFETY: no handle or connection is open any more when the caller exits the library.
+        self.on_owner(move || unsafe { f() });
+    }
+}
+
+fn resolve(lib: &libloading::Library, path: &Path) -> Result<Fns> {
+    fn req<T: Copy>(lib: &libloading::Library, path: &Path, name: &str) -> Result<T> {
+        // SAFETY: the symbol's type is the one the VDDK ABI defines for that name.
+        unsafe { lib.get::<T>(name.as_bytes()) }
+            .map(|s| *s)
+            .map_err(|_| Error::invalid(format!("{} is not a usable VDDK: it has no {name}", path.display())))
+    }
+    fn opt<T: Copy>(lib: &libloading::Library, name: &str) -> Option<T> {
+        // SAFETY: as above.
+        unsafe { lib.get::<T>(name.as_bytes()) }.ok().map(|s| *s)
+    }
+    Ok(Fns {
+        init_ex: req(lib, path, "VixDiskLib_InitEx")?,
+        exit: req(lib, path, "VixDiskLib_Exit")?,
+        allocate_connect_params: opt(lib, "VixDiskLib_AllocateConnectParams"),
+        free_connect_params: opt(lib, "VixDiskLib_FreeConnectParams"),
+        prepare_for_access: opt(lib, "VixDiskLib_PrepareForAccess"),
+        end_access: opt(lib, "VixDiskLib_EndAccess"),
+        connect_ex: req(lib, path, "VixDiskLib_ConnectEx")?,
+        disconnect: req(lib, path, "VixDiskLib_Disconnect")?,
+        open: req(lib, path, "VixDiskLib_Open")?,
+        close: req(lib, path, "VixDiskLib_Close")?,
+        get_info: req(lib, path, "VixDiskLib_GetInfo")?,
+        free_info: req(lib, path, "VixDiskLib_FreeInfo")?,
+        get_transport_mode: opt(lib, "VixDiskLib_GetTransportMode"),
+        read: req(lib, path, "VixDiskLib_Read")?,
+        query_allocated_blocks: opt(lib, "VixDiskLib_QueryAllocatedBlocks"),
+        free_block_list: opt(lib, "VixDiskLib_FreeBlockList"),
+        get_error_text: req(lib, path, "VixDiskLib_GetErrorText")?,
+        free_error_text: req(lib, path, "VixDiskLib_FreeErrorText")?,
+    })
+}
+
+extern "C" {
+    fn vsnprintf(buf: *mut c_char, size: usize, fmt: *const c_char, ap: *mut c_void) -> std::ffi::c_int;
+}
+
+/// Formats a `printf` format and `va_list` from the library.
+///
+/// # Safety
+/// `fmt` and `args` must be what the library passed to a log callback. On x86_64 a `va_list` parameter is a
+/// pointer to the argument area, which is what `vsnprintf` takes.
+unsafe fn format_log(fmt: *const c_char, args: *mut c_void) -> String {
+    if fmt.is_null() {
+        return String::new();
+    }
+    if cfg!(target_arch = "x86_64") {
+        let mut buf = vec![0u8; 2048];
+        let n = vsnprintf(buf.as_mut_ptr().cast(), buf.len(), fmt, args);
+        let n = (n.max(0) as usize).min(buf.len() - 1);
+        String::from_utf8_lossy(&buf[..n]).trim_end().to_string()
+    } else {
+        CStr::from_ptr(fmt).to_string_lossy().trim_end().to_string()
+    }
+}
+
+unsafe extern "C" fn log_info(fmt: *const c_char, args: *mut c_void) {
+    tracing::debug!(target: "diskvault::vddk", "{}", format_log(fmt, args));
+}
+
+unsafe extern "C" fn log_warn(fmt: *const c_char, args: *mut c_void) {
+    tracing::warn!(target: "diskvault::vddk", "VDDK: {}", format_log(fmt, args));
+}
+
+unsafe extern "C" fn log_panic(fmt: *const c_char, args: *mut c_void) {
+    tracing::error!(target: "diskvault::vddk", "VDDK panic: {}", format_log(fmt, args));
+}
+
+/// How to authenticate to vCenter/ESXi.
+#[derive(Clone, Debug)]
+pub enum Credentials {
+    Password {
+        user: String,
+        password: String,
+    },
+    /// An existing vSphere API session (`vmware_soap_session` cookie): no second login.
+    Session {
+        cookie: String,
+        user: String,
+    },
+}
+
+/// Which disk of which VM, through which server.
+#[derive(Clone, Debug)]
+pub struct DiskTarget {
+    pub server: String,
+    pub port: Option<u32>,
+    /// SHA-1 thumbprint of the server's certificate (`AA:BB:…`), as the VDDK verifies it.
+    pub thumbprint: Option<String>,
+    pub credentials: Credentials,
+    /// `vm-57`
+    pub moref: String,
+    /// The snapshot to read (`snapshot-12`); without one, the live disk (only for powered-off VMs).
+    pub snapshot: Option<String>,
+    /// `[datastore] vm/disk.vmdk`, as the snapshot's device backing names it.
+    pub path: String,
+    /// `nbdssl:nbd`…; `None` lets the library choose.
+    pub transports: Option<String>,
+}
+
+/// Owns the C strings the connect parameters point into.
+struct Params {
+    raw: *mut ffi::ConnectParams,
+    allocated_by_library: bool,
+    _strings: Vec<CString>,
+}
+
+// SAFETY: the parameters are plain data owned by one Disk; they move between the owner and I/O threads only
+// through `Library::on_owner` calls that the Disk serializes.
+unsafe impl Send for Params {}
+
+impl Params {
+    fn new(lib: &Library, t: &DiskTarget) -> Result<Params> {
+        let mut strings = Vec::new();
+        let mut cstr = |s: &str| -> Result<*mut c_char> {
+            let c = CString::new(s).map_err(|_| Error::invalid(format!("{s:?} contains a NUL byte")))?;
+            let p = c.as_ptr() as *mut c_char;
+            strings.push(c);
+            Ok(p)
+        };
+        // SAFETY: AllocateConnectParams returns zeroed parameters (or calloc'ed ones for VDDK < 6.7).
+        let (raw, allocated_by_library) = match lib.fns.allocate_connect_params {
+            Some(f) => (unsafe { f() }, true),
+            None => (Box::into_raw(Box::new(unsafe { std::mem::zeroed::<ffi::ConnectParams>() })), false),
+        };
+        if raw.is_null() {
+            return Err(Error::invalid("VixDiskLib_AllocateConnectParams returned nothing"));
+        }
+        // Owned from here on: dropped (and freed) also if a parameter below is refused.
+        let mut p = Params { raw, allocated_by_library, _strings: Vec::new() };
+        // SAFETY: raw points to a valid ConnectParams we own; the strings outlive it (kept in `_strings`).
+        unsafe {
+            let r = &mut *raw;
+            r.vmx_spec = cstr(&format!("moref={}", t.moref))?;
+            r.server_name = cstr(&t.server)?;
+            r.thumb_print = match &t.thumbprint {
+                Some(tp) => cstr(tp)?,
+                None => std::ptr::null_mut(),
+            };
+            r.port = t.port.unwrap_or(0);
+            match &t.credentials {
+                Credentials::Password { user, password } => {
+                    r.cred_type = ffi::CRED_UID;
+                    r.creds.uid = ffi::UidCreds { user_name: cstr(user)?, password: cstr(password)? };
+                }
+                Credentials::Session { cookie, user } => {
+                    r.cred_type = ffi::CRED_SESSIONID;
+                    r.creds.session_id =
+                        ffi::SessionIdCreds { cookie: cstr(cookie)?, user_name: cstr(user)?, key: cstr("diskvault")? };
+                }
+            }
+        }
+        p._strings = strings;
+        Ok(p)
+    }
+}
+
+impl Drop for Params {
+    fn drop(&mut self) {
+        if self.raw.is_null() {
+            return;
+        }
+        if self.allocated_by_library {
+            if let Some(f) = LIBRARY.get().and_then(|l| l.as_ref().ok()).and_then(|l| l.fns.free_connect_params) {
+                // SAFETY: allocated by AllocateConnectParams; our strings are detached first.
+                unsafe {
+                    let r = &mut *self.raw;
+                    r.vmx_spec = std::ptr::null_mut();
+                    r.server_name = std::ptr::null_mut();
+                    r.thumb_print = std::ptr::null_mut();
+                    r.creds.session_id = ffi::SessionIdCreds {
+                        cookie: std::ptr::null_mut(),
+                        user_name: std::ptr::null_mut(),
+                        key: std::ptr::null_mut(),
+                    };
+                    f(self.raw);
+                }
+            }
+        } else {
+            // SAFETY: created by Box::into_raw above.
+            drop(unsafe { Box::from_raw(self.raw) });
+        }
+    }
+}
+
+/// An open, read-only disk: connection, handle, and the access preparation that must be ended.
+pub struct Disk {
+    lib: Arc<Library>,
+    params: Option<Params>,
+    prepared: bool,
+    connection: Ptr,
+    handle: Ptr,
+    capacity: u64,
+    transport: String,
+    about: String,
+}
+
+// SAFETY: a Disk is used by one thread at a time (`&mut self` for I/O); open/close run on the owner thread.
+unsafe impl Send for Disk {}
+
+impl Disk {
+    /// `PrepareForAccess` → `ConnectEx` → `Open` (read-only) → `GetInfo`, on the owner thread. On failure,
+    /// everything done so far is undone (`EndAccess` included).
+    pub fn open(lib: Arc<Library>, target: &DiskTarget) -> Result<Disk> {
+        let about = format!(
+            "vddk://{}/{} ({}{})",
+            target.server,
+            target.path,
+            target.moref,
+            match &target.snapshot {
+                Some(s) => format!(", {s}"),
+                None => String::new(),
+            }
+        );
+        let params = Params::new(&lib, target)?;
+        let mut disk = Disk {
+            lib: lib.clone(),
+            params: Some(params),
+            prepared: false,
+            connection: Ptr(std::ptr::null_mut()),
+            handle: Ptr(std::ptr::null_mut()),
+            capacity: 0,
+            transport: String::new(),
+            about,
+        };
+        let raw = Ptr(disk.params.as_ref().expect("set above").raw.cast());
+        let fns = (lib.fns.prepare_for_access, lib.fns.connect_ex, lib.fns.open, lib.fns.get_info, lib.fns.free_info);
+        let (snapshot, transports, path) = (
+            target.snapshot.as_deref().map(CString::new).transpose(),
+            target.transports.as_deref().map(CString::new).transpose(),
+            CString::new(target.path.as_str()),
+        );
+        let (Ok(snapshot), Ok(transports), Ok(path)) = (snapshot, transports, path) else {
+            return Err(Error::invalid("a VDDK parameter contains a NUL byte"));
+        };
+        let opened = lib.on_owner(move || {
+            let raw = raw;
+            let params = raw.0 as *const ffi::ConnectParams;
+            let identity = c"diskvault";
+            let mut out = OpenSteps {
+                prepared: false,
+                connection: Ptr(std::ptr::null_mut()),
+                handle: Ptr(std::ptr::null_mut()),
+                capacity: 0,
+                error: None,
+            };
+            // SAFETY: every pointer is valid for the call; out-parameters are written by the library.
+            unsafe {
+                if let Some(prepare) = fns.0 {
+                    let e = prepare(params, identity.as_ptr());
+                    if e != ffi::VIX_OK {
+                        out.error = Some(("VixDiskLib_PrepareForAccess", e));
+                        return out;
+                    }
+                    out.prepared = true;
+                }
+                let mut conn: ffi::Connection = std::ptr::null_mut();
+                let e = (fns.1)(
+                    params,
+                    1,
+                    snapshot.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+                    transports.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+                    &mut conn,
+                );
+                if e != ffi::VIX_OK {
+                    out.error = Some(("VixDiskLib_ConnectEx", e));
+                    return out;
+                }
+                out.connection = Ptr(conn);
+                let mut handle: ffi::Handle = std::ptr::null_mut();
+                let e = (fns.2)(conn, path.as_ptr(), ffi::OPEN_READ_ONLY, &mut handle);
+                if e != ffi::VIX_OK {
+                    out.error = Some(("VixDiskLib_Open", e));
+                    return out;
+                }
+                out.handle = Ptr(handle);
+                let mut info: *mut ffi::Info = std::ptr::null_mut();
+                let e = (fns.3)(handle, &mut info);
+                if e != ffi::VIX_OK || info.is_null() {
+                    out.error = Some(("VixDiskLib_GetInfo", e));
+                    return out;
+                }
+                out.capacity = (*info).capacity * ffi::SECTOR_SIZE;
+                (fns.4)(info);
+            }
+            out
+        });
+        disk.prepared = opened.prepared;
+        disk.connection = opened.connection;
+        disk.handle = opened.handle;
+        disk.capacity = opened.capacity;
+        if let Some((call, e)) = opened.error {
+            let err = lib.error(call, e, &disk.about);
+            drop(disk); // closes what was opened, ends the access
+            return Err(err);
+        }
+        disk.transport = match lib.fns.get_transport_mode {
+            // SAFETY: returns a static string owned by the library.
+            Some(f) => unsafe {
+                let p = f(disk.handle.0);
+                if p.is_null() {
+                    "unknown".into()
+                } else {
+                    CStr::from_ptr(p).to_string_lossy().into_owned()
+                }
+            },
+            None => "unknown".into(),
+        };
+        tracing::info!("{}: opened with transport {}", disk.about, disk.transport);
+        Ok(disk)
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// The transport mode the library chose (`nbdssl`, `hotadd`, `san`…).
+    pub fn transport(&self) -> &str {
+        &self.transport
+    }
+
+    pub fn describe(&self) -> &str {
+        &self.about
+    }
+
+    /// Reads whole sectors at a sector-aligned offset, on the calling thread.
+    pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let ss = ffi::SECTOR_SIZE;
+        if !offset.is_multiple_of(ss) || !(buf.len() as u64).is_multiple_of(ss) {
+            return Err(Error::invalid(format!(
+                "{}: a VDDK read must be whole sectors (offset {offset}, {} bytes)",
+                self.about,
+                buf.len()
+            )));
+        }
+        // SAFETY: the handle is open, buf holds count sectors, and `&mut self` keeps other I/O off the handle.
+        let e = unsafe { (self.lib.fns.read)(self.handle.0, offset / ss, buf.len() as u64 / ss, buf.as_mut_ptr()) };
+        if e != ffi::VIX_OK {
+            let err = self.lib.error("VixDiskLib_Read", e, &self.about);
+            return Err(Error::source(
+                self.about.clone(),
+                format!("read of {} bytes at offset {offset}: {err}", buf.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The allocated byte ranges (`QueryAllocatedBlocks`, on the owner thread), or `None` if the library
+    /// cannot tell (VDDK before 6.7).
+    pub fn allocated(&mut self, chunk_bytes: u64) -> Result<Option<Vec<Extent>>> {
+        let (Some(query), Some(free)) = (self.lib.fns.query_allocated_blocks, self.lib.fns.free_block_list) else {
+            return Ok(None);
+        };
+        let ss = ffi::SECTOR_SIZE;
+        let chunk = (chunk_bytes / ss).max(ffi::MIN_CHUNK_SECTORS);
+        let sectors = self.capacity / ss;
+        let whole = sectors / chunk * chunk;
+        let handle = self.handle;
+        let result = self.lib.on_owner(move || {
+            let handle = handle;
+            let mut out: Vec<Extent> = Vec::new();
+            let mut start = 0u64;
+            while start < whole {
+                let n = (whole - start).min(ffi::MAX_CHUNKS_PER_QUERY * chunk);
+                let mut list: *mut ffi::BlockList = std::ptr::null_mut();
+                // SAFETY: start and n are chunk multiples within the disk; the list is freed below.
+                let e = unsafe { query(handle.0, start, n, chunk, &mut list) };
+                if e != ffi::VIX_OK {
+                    return Err((e, start));
+                }
+                if !list.is_null() {
+                    // SAFETY: the library wrote num_blocks entries starting at `blocks`.
+                    unsafe {
+                        let count = (*list).num_blocks as usize;
+                        let blocks = std::slice::from_raw_parts((*list).blocks.as_ptr(), count);
+                        for b in blocks {
+                            let ext = Extent { start: b.offset * ss, length: b.length * ss };
+                            match out.last_mut() {
+                                Some(l) if l.end() >= ext.start => l.length = l.length.max(ext.end() - l.start),
+                                _ => out.push(ext),
+                            }
+                        }
+                        free(list);
+                    }
+                }
+                start += n;
+            }
+            Ok(out)
+        });
+        let mut extents = result.map_err(|(e, at)| {
+            self.lib.error("VixDiskLib_QueryAllocatedBlocks", e, &format!("{} at sector {at}", self.about))
+        })?;
+        // The guide: a tail shorter than a chunk may go unchecked; count it as allocated.
+        if whole * ss < self.capacity {
+            extents.push(Extent { start: whole * ss, length: self.capacity - whole * ss });
+        }
+        crate::source::changes::validate(&extents, self.capacity).map_err(|e| {
+            Error::source(self.about.clone(), format!("QueryAllocatedBlocks answered ranges outside the disk: {e}"))
+        })?;
+        Ok(Some(extents))
+    }
+}
+
+/// What the owner thread did while opening.
+struct OpenSteps {
+    prepared: bool,
+    connection: Ptr,
+    handle: Ptr,
+    capacity: u64,
+    error: Option<(&'static str, ffi::VixError)>,
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        let fns = (self.lib.fns.close, self.lib.fns.disconnect, self.lib.fns.end_access);
+        let (handle, connection, prepared) = (self.handle, self.connection, self.prepared);
+        let raw = Ptr(self.params.as_ref().map_or(std::ptr::null_mut(), |p| p.raw.cast()));
+        let errors = self.lib.on_owner(move || {
+            let (handle, connection, raw) = (handle, connection, raw);
+            let mut errors = Vec::new();
+            // SAFETY: each object is closed once, in reverse order of opening.
+            unsafe {
+                if !handle.0.is_null() {
+                    let e = (fns.0)(handle.0);
+                    if e != ffi::VIX_OK {
+                        errors.push(("VixDiskLib_Close", e));
+                    }
+                }
+                if !connection.0.is_null() {
+                    let e = (fns.1)(connection.0);
+                    if e != ffi::VIX_OK {
+                        errors.push(("VixDiskLib_Disconnect", e));
+                    }
+                }
+                if prepared {
+                    if let Some(end) = fns.2 {
+                        let e = end(raw.0 as *const ffi::ConnectParams, c"diskvault".as_ptr());
+                        if e != ffi::VIX_OK {
+                            errors.push(("VixDiskLib_EndAccess", e));
+                        }
+                    }
+                }
+            }
+            errors
+        });
+        for (call, e) in errors {
+            tracing::warn!("{}", self.lib.error(call, e, &self.about));
+        }
+        self.params.take();
+    }
+}
+
+/// Calls `VixDiskLib_Exit` if the library was loaded (at the end of a command, after every disk is closed).
+pub fn shutdown() {
+    if let Some(Ok(lib)) = LIBRARY.get() {
+        lib.exit();
+    }
+}
+
+/// The real VDDK needs its own `lib64` on the dynamic loader's path. If it is missing, re-executes this
+/// process with it added (the loader reads the variable only at start). Returns only if no re-exec is needed.
+pub fn ensure_loader_path(libdir: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let lib64 = libdir.join("lib64");
+    let current = std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default();
+    if std::env::split_paths(&current).any(|p| p == lib64) {
+        return Ok(());
+    }
+    if std::env::var_os("DISKVAULT_VDDK_REEXEC").is_some() {
+        return Err(Error::invalid(format!("could not put {} on LD_LIBRARY_PATH", lib64.display())));
+    }
+    let mut paths = vec![lib64.clone()];
+    paths.extend(std::env::split_paths(&current));
+    let joined = std::env::join_paths(paths).map_err(|e| Error::invalid(e.to_string()))?;
+    let exe = std::env::current_exe().map_err(|e| Error::invalid(format!("cannot find this program: {e}")))?;
+    tracing::debug!("re-executing with LD_LIBRARY_PATH={}", joined.to_string_lossy());
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("LD_LIBRARY_PATH", joined)
+        .env("DISKVAULT_VDDK_REEXEC", "1")
+        .exec();
+    Err(Error::invalid(format!("cannot re-execute with {} on LD_LIBRARY_PATH: {err}", lib64.display())))
+}
