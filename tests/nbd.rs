@@ -285,13 +285,19 @@ fn served_disk(seed: u64) -> Vec<u8> {
     d
 }
 
+/// Backs up [`served_disk`]`(seed)` from `disk.img` as source `vm`, disk `d0`: (content, snapshot id).
+fn backed_up_disk(env: &Env, seed: u64) -> (Vec<u8>, String) {
+    let v = served_disk(seed);
+    write(&env.path("disk.img"), &v);
+    let r = env.backup(&["--name", "vm", &format!("d0={}", env.path("disk.img").display())]);
+    (v, r["snapshot"].as_str().unwrap().to_string())
+}
+
 #[test]
 fn served_snapshots_read_by_qemu_and_nbdinfo() {
     let env = Env::with_repo();
     let disk = env.path("disk.img");
-    let v1 = served_disk(1);
-    write(&disk, &v1);
-    let s1 = env.backup(&["--name", "vm", &format!("d0={}", disk.display())])["snapshot"].as_str().unwrap().to_string();
+    let (v1, s1) = backed_up_disk(&env, 1);
     let mut v2 = v1.clone();
     v2[MIB..MIB + 3000].copy_from_slice(&random_bytes(7, 3000));
     write(&disk, &v2);
@@ -380,10 +386,7 @@ fn served_snapshots_read_by_qemu_and_nbdinfo() {
 #[test]
 fn writable_overlay_keeps_the_repository_untouched() {
     let env = Env::with_repo();
-    let disk = env.path("disk.img");
-    let v = served_disk(3);
-    write(&disk, &v);
-    let id = env.backup(&["--name", "vm", &format!("d0={}", disk.display())])["snapshot"].as_str().unwrap().to_string();
+    let (v, id) = backed_up_disk(&env, 3);
     let objects_before = stored_objects(&env);
     let serve = Serve::start(&env, &["--writable", "--overlay-dir", env.dir.path().to_str().unwrap()]);
     let export = format!("{}/d0", &id[..8]);
@@ -521,10 +524,7 @@ impl RawClient {
 #[test]
 fn hostile_clients_get_errors_and_the_server_survives() {
     let env = Env::with_repo();
-    let disk = env.path("disk.img");
-    let v = served_disk(5);
-    write(&disk, &v);
-    let id = env.backup(&["--name", "vm", &format!("d0={}", disk.display())])["snapshot"].as_str().unwrap().to_string();
+    let (v, id) = backed_up_disk(&env, 5);
     let serve = Serve::start(&env, &[]);
     let export = format!("{}/d0", &id[..8]);
     let size = v.len() as u64;

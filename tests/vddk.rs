@@ -124,8 +124,15 @@ fn vddk_backup_reads_allocated_blocks_of_the_snapshot_image() {
         &[(0, 4096, 1), (5 * M + 100, 2 * MIB, 2), (40 * M, 1536, 3)],
     );
     sparse_disk(&vs.flat("disk1"), 40 * M + 512 * 3, &[(0, 4096, 9)]);
-    let r = vs.run(&env, &["backup", "--json", "--name", "vm1", &vs.uri("disk1", "&snapshot=snapshot-7")], &[]);
+    let r = vs.run(
+        &env,
+        &["backup", "--json", "--name", "vm1", &vs.uri("disk1", "&snapshot=snapshot-7")],
+        &[("DISKVAULT_LOG", "diskvault=debug")],
+    );
     assert_eq!(r.code, 0, "{}", r.stderr);
+    // The library's printf-style log lines arrive formatted (va_list handled), and the transport is reported.
+    assert!(r.stderr.contains("fake VDDK 8.0 initialised (test library)"), "{}", r.stderr);
+    assert!(r.stderr.contains("opened with transport nbdssl"), "{}", r.stderr);
     let j = r.json();
     assert_eq!(j["disks"][0]["name"], "disk1");
     assert_eq!(j["disks"][0]["capacity"], frozen.len() as u64);

@@ -50,7 +50,7 @@ impl Address {
             Some(i) => (&before_query[..i], &before_query[i + 1..]),
             None => (before_query, ""),
         };
-        let export = percent_decode(path)?;
+        let export = crate::util::percent_decode(path)?;
         if unix {
             if !authority.is_empty() {
                 return Err(format!("{url:?}: an nbd+unix URI has no host (nbd+unix:///export?socket=PATH)"));
@@ -60,7 +60,7 @@ impl Address {
                 .flat_map(|q| q.split('&'))
                 .find_map(|kv| kv.strip_prefix("socket="))
                 .ok_or_else(|| format!("{url:?}: an nbd+unix URI needs ?socket=PATH"))?;
-            return Ok(Address { endpoint: Endpoint::Unix(percent_decode(socket)?.into()), export, tls });
+            return Ok(Address { endpoint: Endpoint::Unix(crate::util::percent_decode(socket)?.into()), export, tls });
         }
         if authority.is_empty() {
             return Err(format!("{url:?}: no host"));
@@ -91,23 +91,6 @@ impl std::fmt::Display for Address {
             Endpoint::Unix(p) => write!(f, "nbd{s}+unix:///{}?socket={}", self.export, p.display()),
         }
     }
-}
-
-fn percent_decode(s: &str) -> std::result::Result<String, String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).ok_or_else(|| format!("bad percent escape in {s:?}"))?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad percent escape in {s:?}"))?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 after decoding"))
 }
 
 /// TLS settings for `nbds://` addresses.

@@ -32,7 +32,7 @@ pub fn parse_uri(uri: &str, password: Option<&str>) -> std::result::Result<DiskT
     let (main, query) = rest.split_once('?').ok_or_else(|| format!("{uri:?}: needs ?moref=vm-N"))?;
     let (authority, path) = main.split_once('/').ok_or_else(|| format!("{uri:?}: no disk path after the server"))?;
     let (user, hostport) = match authority.rsplit_once('@') {
-        Some((u, h)) => (Some(decode(u)?), h),
+        Some((u, h)) => (Some(crate::util::percent_decode(u)?), h),
         None => (None, authority),
     };
     let (server, port) = match hostport.rsplit_once(':') {
@@ -51,12 +51,12 @@ pub fn parse_uri(uri: &str, password: Option<&str>) -> std::result::Result<DiskT
         credentials: Credentials::Password { user: String::new(), password: String::new() },
         moref: String::new(),
         snapshot: None,
-        path: decode(path)?,
+        path: crate::util::percent_decode(path)?,
         transports: None,
     };
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
         let (k, v) = kv.split_once('=').ok_or_else(|| format!("{uri:?}: {kv:?} is not KEY=VALUE"))?;
-        let v = decode(v)?;
+        let v = crate::util::percent_decode(v)?;
         match k {
             "moref" => target.moref = v,
             "snapshot" => target.snapshot = Some(v),
@@ -78,26 +78,6 @@ pub fn parse_uri(uri: &str, password: Option<&str>) -> std::result::Result<DiskT
         return Err(format!("{uri:?}: no user (vddk://USER@SERVER/…)"));
     }
     Ok(target)
-}
-
-fn decode(s: &str) -> std::result::Result<String, String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = s.get(i + 1..i + 3).ok_or_else(|| format!("bad percent escape in {s:?}"))?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad percent escape in {s:?}"))?);
-                i += 3;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8"))
 }
 
 impl VddkSource {
