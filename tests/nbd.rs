@@ -234,7 +234,9 @@ struct Serve {
 
 impl Serve {
     fn start(env: &Env, extra: &[&str]) -> Serve {
-        let socket = env.path(&format!("serve-{}.sock", std::process::id()));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let socket = env.path(&format!("serve-{}-{n}.sock", std::process::id()));
         let mut args = vec!["serve", "--socket", socket.to_str().unwrap()];
         args.extend_from_slice(extra);
         let mut child = env.command(&args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
@@ -376,6 +378,14 @@ fn served_snapshots_read_by_qemu_and_nbdinfo() {
     );
     let expect: Vec<String> = v1[3 * MIB - 8..3 * MIB + 8].iter().map(|b| format!("{b:02x}")).collect();
     assert!(out.contains(&expect.join(" ")), "{out}");
+
+    // A filtered server lists and opens only the snapshot it was given.
+    let only = Serve::start(&env, &["--snapshot", &s1[..8]]);
+    assert_eq!(only.listing, vec![e1.clone()]);
+    let out = tool("nbdinfo").arg(only.uri(&e2)).output().unwrap();
+    assert!(!out.status.success(), "an export outside the filter was served");
+    run_tool(tool("nbdinfo").arg(only.uri(&e1)));
+    only.stop();
 
     // Serving wrote nothing into the repository.
     assert_eq!(stored_objects(&env), objects_before);
