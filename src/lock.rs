@@ -180,6 +180,11 @@ impl LockGuard {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// The flag [`LockGuard::ensure_held`] reads, for long-running readers that check it themselves.
+    pub fn lost_flag(&self) -> Arc<AtomicBool> {
+        self.lost.clone()
+    }
 }
 
 /// Starts a session: a marker object `locks/session-<random>` that lives, refreshed, as long as the returned

@@ -38,6 +38,9 @@ pub struct ServeOptions {
     pub snapshots: Vec<ObjectId>,
     /// Only snapshots of this source.
     pub source: Option<String>,
+    /// Set when the caller's session marker was lost: blobs are then no longer fetched (a prune may have
+    /// moved or deleted them), only served from memory or the overlay.
+    pub session_lost: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for ServeOptions {
@@ -49,12 +52,14 @@ impl Default for ServeOptions {
             readahead_blocks: 16,
             snapshots: Vec::new(),
             source: None,
+            session_lost: None,
         }
     }
 }
 
 /// What every export shares: the repository, its index, the blob cache.
 struct Shared {
+    session_lost: Option<Arc<std::sync::atomic::AtomicBool>>,
     repo: Repository,
     cache: Arc<IndexCache>,
     blobs: BlobCache,
@@ -74,7 +79,13 @@ impl RepositoryExports {
     pub fn new(repo: Repository, cache: Arc<IndexCache>, opts: ServeOptions) -> RepositoryExports {
         let blobs = BlobCache::new(opts.cache_bytes);
         RepositoryExports {
-            shared: Arc::new(Shared { repo, cache, blobs, sync_lock: Mutex::new(()) }),
+            shared: Arc::new(Shared {
+                session_lost: opts.session_lost.clone(),
+                repo,
+                cache,
+                blobs,
+                sync_lock: Mutex::new(()),
+            }),
             opts,
             open: Mutex::new(HashMap::new()),
         }
@@ -201,6 +212,14 @@ impl SnapshotDisk {
     /// Fetches blob `id` (of `block`) and, in the same ranged reads, the following blocks' blobs that are
     /// neither cached nor being fetched. `id` is claimed by the caller; the others are claimed here.
     fn fetch_from(&self, block: u64, id: BlobId) -> Result<()> {
+        if self.shared.session_lost.as_ref().is_some_and(|l| l.load(std::sync::atomic::Ordering::SeqCst)) {
+            self.shared.blobs.abandon(&id);
+            return Err(Error::Locked(
+                "serve's session marker expired (not refreshed in time), so a prune may have moved data: \
+                 restart serve"
+                    .into(),
+            ));
+        }
         let blocks = self.manifest.capacity.div_ceil(self.block_size());
         let mut wanted: Vec<(u64, BlobId)> = vec![(block, id)];
         let mut seen = HashSet::from([id]);

@@ -234,12 +234,22 @@ struct Serve {
 
 impl Serve {
     fn start(env: &Env, extra: &[&str]) -> Serve {
+        Serve::start_with(env, extra, &[])
+    }
+
+    fn start_with(env: &Env, extra: &[&str], vars: &[(&str, &str)]) -> Serve {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let socket = env.path(&format!("serve-{}-{n}.sock", std::process::id()));
         let mut args = vec!["serve", "--socket", socket.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let mut child = env.command(&args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        let mut child = env
+            .command(&args)
+            .envs(vars.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
         // The first line says it is listening; the export lines follow.
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut first = String::new();
@@ -714,4 +724,33 @@ fn tls_sources_verify_the_server() {
     assert!(r.stderr.contains("requires TLS"), "{}", r.stderr);
     let r = env.fails(&["backup", &server.uri]);
     assert!(r.stderr.contains("--nbd-tls-ca"), "{}", r.stderr);
+}
+
+#[test]
+fn serve_stops_fetching_when_its_session_is_lost() {
+    let env = Env::with_repo();
+    let (v, id) = backed_up_disk(&env, 8);
+    let serve = Serve::start_with(&env, &[], &[("DISKVAULT_LOCK_STALE_SECS", "2")]);
+    let uri = serve.uri(&format!("{}/d0", &id[..8]));
+    let read = |offset: usize, len: usize| {
+        tool("qemu-io")
+            .args(["-r", "-f", "raw", "-c"])
+            .arg(format!("read -v {offset} {len}"))
+            .arg(&uri)
+            .output()
+            .unwrap()
+    };
+    let out = read(0, 16);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains(&format!("{:02x}", v[0])));
+    // Another client judged the session abandoned and removed it: a prune may now move data, so serve must
+    // not fetch blobs by the locations it knew.
+    for marker in env.objects("locks") {
+        env.delete_object(&marker);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let tail = v.len() - 512;
+    let out = read(tail, 512);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("failed") || !out.status.success(), "a read after the session was lost succeeded: {text}");
+    serve.stop();
 }

@@ -63,6 +63,7 @@ pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
         readahead_blocks: args.readahead,
         snapshots,
         source: args.name.clone(),
+        session_lost: Some(session.lost_flag()),
     };
     let exports = Arc::new(RepositoryExports::new(repo, cache, opts));
     let names = exports.list()?;
