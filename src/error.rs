@@ -67,6 +67,10 @@ pub enum Error {
     #[error("{0}")]
     Incomplete(String),
 
+    /// A vSphere API call failed: the fault type and message, or what was wrong with the answer.
+    #[error("vSphere {call}: {cause}")]
+    VSphere { call: String, cause: String },
+
     /// The user interrupted the operation.
     #[error("interrupted")]
     Interrupted,

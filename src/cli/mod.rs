@@ -12,6 +12,7 @@ mod repair;
 mod restore;
 mod serve;
 mod snapshots;
+mod vm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -90,6 +91,9 @@ enum Command {
     /// Repair the repository.
     #[command(subcommand)]
     Repair(repair::RepairCommand),
+    /// VMware inventory and Changed Block Tracking.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
     /// Print a repository object as JSON (for debugging).
     Cat(inspect::CatArgs),
 }
@@ -311,6 +315,7 @@ pub fn main() -> i32 {
         Command::Cat(a) => inspect::run(&g, a),
         Command::Repair(r) => repair::run(&g, r),
         Command::Locks => list_locks(&g),
+        Command::Vm(c) => vm::run(c),
         Command::Stats { json } => print_stats(&g, *json),
         Command::Forget(a) => forget::run(&g, a),
         Command::Prune(a) => prune::run(&g, a),

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod s3;
+pub mod vsphere;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,0 +1,142 @@
+//! `diskvault vm …`: the vSphere inventory and Changed Block Tracking.
+
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::util::human_bytes;
+use crate::vsphere::{Client, Trust};
+
+/// How to reach vCenter (or ESXi).
+#[derive(clap::Args, Debug, Clone)]
+pub struct VsphereArgs {
+    /// vCenter or ESXi API address (`https://vcenter.example`, `/sdk` optional).
+    #[arg(long = "vsphere", env = "DISKVAULT_VSPHERE_URL", value_name = "URL")]
+    pub url: String,
+    /// User name; the password comes from DISKVAULT_VSPHERE_PASSWORD or a prompt.
+    #[arg(long = "vsphere-user", env = "DISKVAULT_VSPHERE_USER", value_name = "USER")]
+    pub user: String,
+    /// Trust the server whose certificate has this SHA-1 or SHA-256 thumbprint (`AA:BB:…`).
+    #[arg(long = "vsphere-thumbprint", env = "DISKVAULT_VSPHERE_THUMBPRINT", value_name = "HEX")]
+    pub thumbprint: Option<String>,
+    /// Trust servers whose certificate this CA (PEM) signed.
+    #[arg(long = "vsphere-ca-file", env = "DISKVAULT_VSPHERE_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl VsphereArgs {
+    pub fn connect(&self) -> Result<Client> {
+        // An empty value (an unset variable in a script) counts as not given.
+        let thumbprint = self.thumbprint.as_ref().filter(|t| !t.is_empty());
+        let ca_file = self.ca_file.as_ref().filter(|p| !p.as_os_str().is_empty());
+        let trust = match (thumbprint, ca_file) {
+            (Some(tp), None) => Trust::Thumbprint(tp.clone()),
+            (None, Some(ca)) => Trust::CaFile(ca.clone()),
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid("give --vsphere-thumbprint or --vsphere-ca-file, not both"))
+            }
+            (None, None) => {
+                return Err(Error::invalid(
+                    "the vSphere server's certificate must be verified: give --vsphere-thumbprint (shown by \
+                     `openssl s_client` or the vSphere client) or --vsphere-ca-file",
+                ))
+            }
+        };
+        let password = match std::env::var("DISKVAULT_VSPHERE_PASSWORD") {
+            Ok(p) => p,
+            Err(_) => String::from_utf8_lossy(&super::prompt_password("vSphere password", false)?).into_owned(),
+        };
+        Client::login(&self.url, &self.user, &password, &trust)
+    }
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum VmCommand {
+    /// List virtual machines with their disks and change tracking state.
+    List {
+        #[command(flatten)]
+        vsphere: VsphereArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn Changed Block Tracking on (effective from the next snapshot).
+    EnableCbt {
+        #[command(flatten)]
+        vsphere: VsphereArgs,
+        /// VM name or moref.
+        vm: String,
+    },
+    /// Turn Changed Block Tracking off.
+    DisableCbt {
+        #[command(flatten)]
+        vsphere: VsphereArgs,
+        vm: String,
+    },
+    /// Reset Changed Block Tracking (off, a snapshot cycle, on): the next backup reads every disk in full.
+    ResetCbt {
+        #[command(flatten)]
+        vsphere: VsphereArgs,
+        vm: String,
+    },
+}
+
+pub fn run(cmd: &VmCommand) -> Result<()> {
+    match cmd {
+        VmCommand::List { vsphere, json } => {
+            let mut c = vsphere.connect()?;
+            let vms = c.virtual_machines()?;
+            c.logout();
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&vms).expect("JSON of plain values"));
+                return Ok(());
+            }
+            println!("{:<24} {:<10} {:<11} {:<4} {:>5}  disks", "name", "moref", "power", "cbt", "snaps");
+            for vm in &vms {
+                let disks: Vec<String> = vm
+                    .disks
+                    .iter()
+                    .map(|d| format!("{} (key {}, {}, {})", d.label, d.key, human_bytes(d.capacity), d.file_name))
+                    .collect();
+                println!(
+                    "{:<24} {:<10} {:<11} {:<4} {:>5}  {}",
+                    vm.name,
+                    vm.moref,
+                    vm.power_state,
+                    if vm.cbt_enabled { "on" } else { "off" },
+                    vm.snapshots,
+                    disks.join("; ")
+                );
+            }
+            Ok(())
+        }
+        VmCommand::EnableCbt { vsphere, vm } | VmCommand::DisableCbt { vsphere, vm } => {
+            let on = matches!(cmd, VmCommand::EnableCbt { .. });
+            let mut c = vsphere.connect()?;
+            let info = c.find_vm(vm)?;
+            c.set_change_tracking(&info.moref, on)?;
+            c.logout();
+            println!(
+                "change tracking {} for {} ({}); it takes effect at the next snapshot",
+                if on { "enabled" } else { "disabled" },
+                info.name,
+                info.moref
+            );
+            Ok(())
+        }
+        VmCommand::ResetCbt { vsphere, vm } => {
+            let mut c = vsphere.connect()?;
+            let info = c.find_vm(vm)?;
+            c.set_change_tracking(&info.moref, false)?;
+            // A stun/unstun cycle makes the change take effect before tracking starts again.
+            let snap = c.create_snapshot(&info.moref, "diskvault-cbt-reset", false)?;
+            c.remove_snapshot(&snap)?;
+            c.set_change_tracking(&info.moref, true)?;
+            c.logout();
+            println!(
+                "change tracking reset for {} ({}): the next backup reads every disk in full",
+                info.name, info.moref
+            );
+            Ok(())
+        }
+    }
+}

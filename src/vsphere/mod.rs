@@ -1,0 +1,612 @@
+//! A small vSphere Web Services (SOAP) client: the dozen calls a backup tool needs, over HTTPS with the
+//! server's certificate verified by a CA file or pinned by its SHA-1/SHA-256 thumbprint (never unverified).
+//!
+//! Answers are parsed namespace-aware ([`xml`]); SOAP faults become errors naming the call, the fault type
+//! (`InvalidLogin`, `FileFault`…) and its message.
+
+pub mod xml;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::source::Extent;
+use xml::Element;
+
+/// How the server's certificate is trusted.
+#[derive(Clone, Debug)]
+pub enum Trust {
+    /// PEM file with the CA (or the server's own certificate) that must sign the server's certificate.
+    CaFile(PathBuf),
+    /// The certificate's SHA-1 or SHA-256 fingerprint, `AA:BB:…` (as vSphere shows it).
+    Thumbprint(String),
+}
+
+/// A managed object reference (`VirtualMachine:vm-42`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MoRef {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: String,
+}
+
+impl MoRef {
+    pub fn new(kind: &str, value: &str) -> MoRef {
+        MoRef { kind: kind.into(), value: value.into() }
+    }
+
+    fn from_element(e: &Element) -> Option<MoRef> {
+        Some(MoRef { kind: e.attribute("type")?.to_string(), value: e.text.trim().to_string() })
+    }
+
+    fn xml(&self, tag: &str) -> String {
+        format!("<{tag} type=\"{}\">{}</{tag}>", esc(&self.kind), esc(&self.value))
+    }
+}
+
+/// Escapes text for XML.
+pub fn esc(s: &str) -> String {
+    quick_xml::escape::escape(s).into_owned()
+}
+
+/// A virtual disk as the VM's (or a snapshot's) configuration describes it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VirtualDiskInfo {
+    pub key: i32,
+    pub label: String,
+    pub capacity: u64,
+    /// `[datastore] vm/disk.vmdk`
+    pub file_name: String,
+    /// CBT token at this point in time; empty when change tracking is not active.
+    pub change_id: String,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VmInfo {
+    pub moref: String,
+    pub name: String,
+    pub power_state: String,
+    pub cbt_enabled: bool,
+    pub snapshots: usize,
+    pub disks: Vec<VirtualDiskInfo>,
+}
+
+pub struct Client {
+    http: reqwest::blocking::Client,
+    url: String,
+    cookie: Option<String>,
+    property_collector: MoRef,
+    view_manager: MoRef,
+    session_manager: MoRef,
+    root_folder: MoRef,
+}
+
+const SOAP_ACTION: &str = "urn:vim25/6.5";
+
+impl Client {
+    /// Connects to `url` (`https://host/sdk`) and logs in.
+    pub fn login(url: &str, user: &str, password: &str, trust: &Trust) -> Result<Client> {
+        let url = if url.ends_with("/sdk") { url.to_string() } else { format!("{}/sdk", url.trim_end_matches('/')) };
+        if !url.starts_with("https://") {
+            return Err(Error::invalid(format!("{url}: the vSphere API is reached over https:// only")));
+        }
+        let tls = tls_config(trust)?;
+        let http = reqwest::blocking::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(Duration::from_secs(300))
+            .build()
+            .map_err(|e| Error::invalid(format!("HTTP client: {e}")))?;
+        let mut c = Client {
+            http,
+            url,
+            cookie: None,
+            property_collector: MoRef::new("PropertyCollector", "propertyCollector"),
+            view_manager: MoRef::new("ViewManager", "ViewManager"),
+            session_manager: MoRef::new("SessionManager", "SessionManager"),
+            root_folder: MoRef::new("Folder", "group-d1"),
+        };
+        let sc = c.call("RetrieveServiceContent", &MoRef::new("ServiceInstance", "ServiceInstance"), "")?;
+        let rv = sc.child("returnval").ok_or_else(|| c.bad("RetrieveServiceContent", "no returnval"))?;
+        let get = |n: &str| rv.child(n).and_then(MoRef::from_element);
+        let missing = |n: &str| Error::VSphere {
+            call: "RetrieveServiceContent".into(),
+            cause: format!("the service content has no {n}"),
+        };
+        c.property_collector = get("propertyCollector").ok_or_else(|| missing("propertyCollector"))?;
+        c.view_manager = get("viewManager").ok_or_else(|| missing("viewManager"))?;
+        c.session_manager = get("sessionManager").ok_or_else(|| missing("sessionManager"))?;
+        c.root_folder = get("rootFolder").ok_or_else(|| missing("rootFolder"))?;
+        let body = format!("<userName>{}</userName><password>{}</password>", esc(user), esc(password));
+        c.call("Login", &c.session_manager.clone(), &body)?;
+        if c.cookie.is_none() {
+            return Err(c.bad("Login", "the server set no session cookie"));
+        }
+        Ok(c)
+    }
+
+    /// The `vmware_soap_session` cookie value (for VDDK session reuse).
+    pub fn session_cookie(&self) -> Option<&str> {
+        self.cookie.as_deref().and_then(|c| c.split_once('=').map(|(_, v)| v.trim_matches('"')))
+    }
+
+    pub fn logout(mut self) {
+        let sm = self.session_manager.clone();
+        if let Err(e) = self.call("Logout", &sm, "") {
+            tracing::debug!("logout: {e}");
+        }
+    }
+
+    fn bad(&self, call: &str, cause: impl std::fmt::Display) -> Error {
+        Error::VSphere { call: call.into(), cause: format!("unexpected answer from {}: {cause}", self.url) }
+    }
+
+    /// Calls `method` on `this`; returns the `<methodResponse>` element.
+    pub fn call(&mut self, method: &str, this: &MoRef, body: &str) -> Result<Element> {
+        let envelope = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><soapenv:Envelope \
+             xmlns:soapenv=\"http://schemas.xmlsoap.org/soap/envelope/\" \
+             xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" \
+             xmlns:xsd=\"http://www.w3.org/2001/XMLSchema\"><soapenv:Body><{method} xmlns=\"urn:vim25\">{}{body}\
+             </{method}></soapenv:Body></soapenv:Envelope>",
+            this.xml("_this")
+        );
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header("Content-Type", "text/xml; charset=utf-8")
+            .header("SOAPAction", SOAP_ACTION)
+            .body(envelope);
+        if let Some(c) = &self.cookie {
+            req = req.header("Cookie", c);
+        }
+        let resp = req.send().map_err(|e| Error::VSphere { call: method.into(), cause: describe_http_error(&e) })?;
+        for v in resp.headers().get_all("set-cookie") {
+            if let Ok(v) = v.to_str() {
+                if let Some(first) = v.split(';').next().filter(|c| c.starts_with("vmware_soap_session=")) {
+                    self.cookie = Some(first.to_string());
+                }
+            }
+        }
+        let status = resp.status();
+        let bytes = resp.bytes().map_err(|e| Error::VSphere { call: method.into(), cause: e.to_string() })?;
+        parse_response(method, status.as_u16(), &bytes)
+    }
+
+    /// Waits for a task to finish; returns its `info.result` element (if any).
+    pub fn wait_task(&mut self, task: &MoRef, what: &str) -> Result<Option<Element>> {
+        let start = Instant::now();
+        loop {
+            let props = self.properties(task, &["info.state", "info.error", "info.result"])?;
+            let state = props.iter().find(|(n, _)| n == "info.state").map(|(_, v)| v.text.clone()).unwrap_or_default();
+            match state.as_str() {
+                "success" => return Ok(props.into_iter().find(|(n, _)| n == "info.result").map(|(_, v)| v)),
+                "error" => {
+                    let err = props.iter().find(|(n, _)| n == "info.error").map(|(_, v)| v);
+                    let fault = err.and_then(|e| e.child("fault")).and_then(|f| f.xsi_type()).unwrap_or("fault");
+                    let msg = err.and_then(|e| e.child_text("localizedMessage")).unwrap_or("");
+                    return Err(Error::VSphere { call: what.into(), cause: format!("{fault}: {msg}") });
+                }
+                _ if start.elapsed() > Duration::from_secs(3600) => {
+                    return Err(Error::VSphere {
+                        call: what.into(),
+                        cause: "the task did not finish in an hour".into(),
+                    })
+                }
+                _ => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// Properties of one object: (path, value element).
+    pub fn properties(&mut self, obj: &MoRef, paths: &[&str]) -> Result<Vec<(String, Element)>> {
+        let path_set: String = paths.iter().map(|p| format!("<pathSet>{}</pathSet>", esc(p))).collect();
+        let body = format!(
+            "<specSet><propSet><type>{}</type>{path_set}</propSet><objectSet>{}<skip>false</skip></objectSet></specSet>\
+             <options></options>",
+            esc(&obj.kind),
+            obj.xml("obj")
+        );
+        let pc = self.property_collector.clone();
+        let r = self.call("RetrievePropertiesEx", &pc, &body)?;
+        let mut out = Vec::new();
+        if let Some(objects) = r.child("returnval").and_then(|rv| rv.child("objects")) {
+            for p in objects.children_named("propSet") {
+                if let (Some(name), Some(val)) = (p.child_text("name"), p.child("val")) {
+                    out.push((name.to_string(), val.clone()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every virtual machine with what `vm list` shows.
+    pub fn virtual_machines(&mut self) -> Result<Vec<VmInfo>> {
+        let body =
+            format!("{}<type>VirtualMachine</type><recursive>true</recursive>", self.root_folder.xml("container"));
+        let vm_ = self.view_manager.clone();
+        let view = self.call("CreateContainerView", &vm_, &body)?;
+        let view = view
+            .child("returnval")
+            .and_then(MoRef::from_element)
+            .ok_or_else(|| self.bad("CreateContainerView", "no view"))?;
+        let paths =
+            ["name", "runtime.powerState", "config.hardware.device", "config.changeTrackingEnabled", "snapshot"];
+        let path_set: String = paths.iter().map(|p| format!("<pathSet>{p}</pathSet>")).collect();
+        let body = format!(
+            "<specSet><propSet><type>VirtualMachine</type>{path_set}</propSet><objectSet>{}<skip>true</skip>\
+             <selectSet xsi:type=\"TraversalSpec\"><name>view</name><type>ContainerView</type><path>view</path>\
+             <skip>false</skip></selectSet></objectSet></specSet><options></options>",
+            view.xml("obj")
+        );
+        let pc = self.property_collector.clone();
+        let mut answer = self.call("RetrievePropertiesEx", &pc, &body)?;
+        let mut vms = Vec::new();
+        loop {
+            let rv = answer.child("returnval").cloned().unwrap_or_default();
+            for o in rv.children_named("objects") {
+                vms.push(vm_from_object(o));
+            }
+            match rv.child_text("token") {
+                Some(token) => {
+                    let body = format!("<token>{}</token>", esc(token));
+                    answer = self.call("ContinueRetrievePropertiesEx", &pc, &body)?;
+                }
+                None => break,
+            }
+        }
+        let _ = self.call("DestroyView", &view, "");
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(vms)
+    }
+
+    /// The VM named `name` (or with moref `name`).
+    pub fn find_vm(&mut self, name: &str) -> Result<VmInfo> {
+        let vms = self.virtual_machines()?;
+        let matches: Vec<&VmInfo> = vms.iter().filter(|v| v.name == name || v.moref == name).collect();
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(Error::invalid(format!("no virtual machine named {name:?} (`vm list` shows them)"))),
+            _ => Err(Error::invalid(format!("{} virtual machines are named {name:?}: use the moref", matches.len()))),
+        }
+    }
+
+    /// Turns change tracking on or off (takes effect at the next stun/unstun, e.g. a snapshot).
+    pub fn set_change_tracking(&mut self, vm: &str, enabled: bool) -> Result<()> {
+        let this = MoRef::new("VirtualMachine", vm);
+        let body = format!("<spec><changeTrackingEnabled>{enabled}</changeTrackingEnabled></spec>");
+        let r = self.call("ReconfigVM_Task", &this, &body)?;
+        let task =
+            r.child("returnval").and_then(MoRef::from_element).ok_or_else(|| self.bad("ReconfigVM_Task", "no task"))?;
+        self.wait_task(&task, "ReconfigVM_Task")?;
+        Ok(())
+    }
+
+    /// Creates a snapshot (no memory); returns its moref.
+    pub fn create_snapshot(&mut self, vm: &str, name: &str, quiesce: bool) -> Result<MoRef> {
+        let this = MoRef::new("VirtualMachine", vm);
+        let body = format!(
+            "<name>{}</name><description>diskvault backup</description><memory>false</memory><quiesce>{quiesce}</quiesce>",
+            esc(name)
+        );
+        let r = self.call("CreateSnapshot_Task", &this, &body)?;
+        let task = r
+            .child("returnval")
+            .and_then(MoRef::from_element)
+            .ok_or_else(|| self.bad("CreateSnapshot_Task", "no task"))?;
+        let result = self.wait_task(&task, "CreateSnapshot_Task")?;
+        result
+            .as_ref()
+            .and_then(MoRef::from_element)
+            .ok_or_else(|| self.bad("CreateSnapshot_Task", "the task returned no snapshot"))
+    }
+
+    pub fn remove_snapshot(&mut self, snapshot: &MoRef) -> Result<()> {
+        let r = self.call("RemoveSnapshot_Task", snapshot, "<removeChildren>false</removeChildren>")?;
+        let task = r
+            .child("returnval")
+            .and_then(MoRef::from_element)
+            .ok_or_else(|| self.bad("RemoveSnapshot_Task", "no task"))?;
+        self.wait_task(&task, "RemoveSnapshot_Task")?;
+        Ok(())
+    }
+
+    /// The disks as a snapshot froze them (with their changeIds).
+    pub fn snapshot_disks(&mut self, snapshot: &MoRef) -> Result<Vec<VirtualDiskInfo>> {
+        let props = self.properties(snapshot, &["config.hardware.device"])?;
+        Ok(props.iter().find(|(n, _)| n == "config.hardware.device").map(|(_, v)| disks_of(v)).unwrap_or_default())
+    }
+
+    /// The byte ranges of disk `device_key` changed between `change_id` (or allocated, for `*`) and `snapshot`,
+    /// paged by `startOffset` until the capacity.
+    pub fn query_changed_disk_areas(
+        &mut self,
+        vm: &str,
+        snapshot: &MoRef,
+        device_key: i32,
+        change_id: &str,
+        capacity: u64,
+    ) -> Result<Vec<Extent>> {
+        let this = MoRef::new("VirtualMachine", vm);
+        let mut out: Vec<Extent> = Vec::new();
+        let mut start = 0u64;
+        while start < capacity {
+            let body = format!(
+                "{}<deviceKey>{device_key}</deviceKey><startOffset>{start}</startOffset><changeId>{}</changeId>",
+                snapshot.xml("snapshot"),
+                esc(change_id)
+            );
+            let r = self.call("QueryChangedDiskAreas", &this, &body)?;
+            let rv = r.child("returnval").ok_or_else(|| self.bad("QueryChangedDiskAreas", "no returnval"))?;
+            let num = |e: &Element, n: &str| e.child_text(n).and_then(|t| t.trim().parse::<u64>().ok());
+            let (Some(s), Some(len)) = (num(rv, "startOffset"), num(rv, "length")) else {
+                return Err(self.bad("QueryChangedDiskAreas", "no startOffset/length"));
+            };
+            if s != start || len == 0 {
+                return Err(
+                    self.bad("QueryChangedDiskAreas", format!("answered from {s} (+{len}) when asked from {start}"))
+                );
+            }
+            for a in rv.children_named("changedArea") {
+                let (Some(a_start), Some(a_len)) = (num(a, "start"), num(a, "length")) else {
+                    return Err(self.bad("QueryChangedDiskAreas", "a changed area without start/length"));
+                };
+                out.push(Extent { start: a_start, length: a_len });
+            }
+            start = s + len;
+        }
+        crate::source::changes::validate(&out, capacity).map_err(|e| self.bad("QueryChangedDiskAreas", e))?;
+        Ok(out)
+    }
+}
+
+/// Parses a SOAP answer: the method's response element, or the fault as an error.
+pub fn parse_response(method: &str, status: u16, body: &[u8]) -> Result<Element> {
+    let doc = Element::parse(body).map_err(|e| Error::VSphere {
+        call: method.into(),
+        cause: format!(
+            "HTTP {status}, not a SOAP answer ({e}): {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        ),
+    })?;
+    let soap_body = doc.child("Body").ok_or_else(|| Error::VSphere {
+        call: method.into(),
+        cause: format!("HTTP {status}: a SOAP envelope without a body"),
+    })?;
+    if let Some(fault) = soap_body.child("Fault") {
+        let message = fault.child_text("faultstring").unwrap_or("").trim().to_string();
+        let kind = fault
+            .child("detail")
+            .and_then(|d| d.children.first())
+            .map(|f| f.xsi_type().map(str::to_string).unwrap_or_else(|| f.name.trim_end_matches("Fault").to_string()))
+            .unwrap_or_else(|| "SOAP fault".to_string());
+        return Err(Error::VSphere { call: method.into(), cause: format!("{kind}: {message}") });
+    }
+    let want = format!("{method}Response");
+    soap_body
+        .child(&want)
+        .cloned()
+        .ok_or_else(|| Error::VSphere { call: method.into(), cause: format!("HTTP {status}: no {want} in the answer") })
+}
+
+fn vm_from_object(o: &Element) -> VmInfo {
+    let moref = o.child("obj").map(|e| e.text.trim().to_string()).unwrap_or_default();
+    let mut vm = VmInfo {
+        moref,
+        name: String::new(),
+        power_state: String::new(),
+        cbt_enabled: false,
+        snapshots: 0,
+        disks: Vec::new(),
+    };
+    for p in o.children_named("propSet") {
+        let (Some(name), Some(val)) = (p.child_text("name"), p.child("val")) else { continue };
+        match name {
+            "name" => vm.name = val.text.clone(),
+            "runtime.powerState" => vm.power_state = val.text.clone(),
+            "config.changeTrackingEnabled" => vm.cbt_enabled = val.text.trim() == "true",
+            "config.hardware.device" => vm.disks = disks_of(val),
+            "snapshot" => vm.snapshots = count_snapshots(val),
+            _ => {}
+        }
+    }
+    vm
+}
+
+/// Snapshots in a `VirtualMachineSnapshotInfo` tree.
+fn count_snapshots(info: &Element) -> usize {
+    fn walk(e: &Element) -> usize {
+        e.children_named("childSnapshotList").map(|c| 1 + walk(c)).sum()
+    }
+    info.children_named("rootSnapshotList").map(|r| 1 + walk(r)).sum()
+}
+
+/// The virtual disks in an `ArrayOfVirtualDevice`.
+pub fn disks_of(devices: &Element) -> Vec<VirtualDiskInfo> {
+    devices
+        .children
+        .iter()
+        .filter(|d| d.xsi_type() == Some("VirtualDisk"))
+        .map(|d| {
+            let capacity = d
+                .child_text("capacityInBytes")
+                .and_then(|t| t.trim().parse().ok())
+                .or_else(|| d.child_text("capacityInKB").and_then(|t| t.trim().parse::<u64>().ok()).map(|k| k * 1024))
+                .unwrap_or(0);
+            let backing = d.child("backing");
+            VirtualDiskInfo {
+                key: d.child_text("key").and_then(|k| k.trim().parse().ok()).unwrap_or(0),
+                label: d.path(&["deviceInfo", "label"]).map(|l| l.text.clone()).unwrap_or_default(),
+                capacity,
+                file_name: backing.and_then(|b| b.child_text("fileName")).unwrap_or("").to_string(),
+                change_id: backing.and_then(|b| b.child_text("changeId")).unwrap_or("").to_string(),
+            }
+        })
+        .collect()
+}
+
+fn describe_http_error(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(&format!(": {inner}"));
+        src = inner.source();
+    }
+    s
+}
+
+/// A TLS configuration that trusts exactly what `trust` says.
+fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::invalid(e.to_string()))?;
+    match trust {
+        Trust::CaFile(path) => {
+            use rustls::pki_types::pem::PemObject;
+            let mut roots = rustls::RootCertStore::empty();
+            let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| Error::local(path, format!("cannot read the CA file: {e}")))?;
+            for c in certs {
+                roots.add(c.map_err(|e| Error::local(path, e))?).map_err(|e| Error::local(path, e))?;
+            }
+            if roots.is_empty() {
+                return Err(Error::local(path, "holds no certificate"));
+            }
+            Ok(builder.with_root_certificates(roots).with_no_client_auth())
+        }
+        Trust::Thumbprint(tp) => {
+            let want = parse_thumbprint(tp)?;
+            Ok(builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedThumbprint { want, shown: tp.clone(), provider }))
+                .with_no_client_auth())
+        }
+    }
+}
+
+fn parse_thumbprint(tp: &str) -> Result<Vec<u8>> {
+    let hex: String = tp.chars().filter(|c| *c != ':').collect();
+    let bytes = hex::decode(&hex).map_err(|_| Error::invalid(format!("thumbprint {tp:?} is not hex (AA:BB:…)")))?;
+    if bytes.len() != 20 && bytes.len() != 32 {
+        return Err(Error::invalid(format!("thumbprint {tp:?} is neither SHA-1 (20 bytes) nor SHA-256 (32 bytes)")));
+    }
+    Ok(bytes)
+}
+
+fn colon_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02X}")).collect::<Vec<_>>().join(":")
+}
+
+/// Accepts exactly the certificate with the pinned fingerprint (signatures still verified).
+#[derive(Debug)]
+struct PinnedThumbprint {
+    want: Vec<u8>,
+    shown: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedThumbprint {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let algorithm =
+            if self.want.len() == 20 { &ring::digest::SHA1_FOR_LEGACY_USE_ONLY } else { &ring::digest::SHA256 };
+        let got = ring::digest::digest(algorithm, end_entity.as_ref());
+        if got.as_ref() == self.want.as_slice() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the server's certificate has thumbprint {}, not the pinned {}",
+                colon_hex(got.as_ref()),
+                self.shown
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device list as vCenter writes it (`xsi:` prefix) and as govmomi's simulator does.
+    fn devices(prefix: &str) -> String {
+        format!(
+            r#"<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:{prefix}="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body><RetrievePropertiesExResponse xmlns="urn:vim25"><returnval><objects><obj type="VirtualMachine">vm-42</obj><propSet><name>config.hardware.device</name><val {prefix}:type="ArrayOfVirtualDevice"><VirtualDevice {prefix}:type="VirtualIDEController"><key>200</key></VirtualDevice><VirtualDevice {prefix}:type="VirtualDisk"><key>2000</key><deviceInfo><label>Hard disk 1</label><summary>1,048,576 KB</summary></deviceInfo><backing {prefix}:type="VirtualDiskFlatVer2BackingInfo"><fileName>[ds1] vm/vm.vmdk</fileName><changeId>52 1a/4</changeId></backing><capacityInKB>1048576</capacityInKB><capacityInBytes>1073741824</capacityInBytes></VirtualDevice></val></propSet><propSet><name>name</name><val {prefix}:type="xsd:string">web &amp; db</val></propSet><propSet><name>config.changeTrackingEnabled</name><val {prefix}:type="xsd:boolean">true</val></propSet></objects></returnval></RetrievePropertiesExResponse></soapenv:Body></soapenv:Envelope>"#
+        )
+    }
+
+    #[test]
+    fn both_xsi_prefix_forms_parse_alike() {
+        for prefix in ["xsi", "XMLSchema-instance"] {
+            let r = parse_response("RetrievePropertiesEx", 200, devices(prefix).as_bytes()).unwrap();
+            let o = r.path(&["returnval", "objects"]).unwrap();
+            let vm = vm_from_object(o);
+            assert_eq!(vm.moref, "vm-42");
+            assert_eq!(vm.name, "web & db");
+            assert!(vm.cbt_enabled);
+            assert_eq!(vm.disks.len(), 1, "{prefix}");
+            let d = &vm.disks[0];
+            assert_eq!((d.key, d.capacity), (2000, 1 << 30));
+            assert_eq!(d.file_name, "[ds1] vm/vm.vmdk");
+            assert_eq!(d.change_id, "52 1a/4");
+            assert_eq!(d.label, "Hard disk 1");
+        }
+    }
+
+    #[test]
+    fn faults_name_their_type_in_both_forms() {
+        for (attrs, kind) in [
+            (r#"xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:type="InvalidLogin""#, "InvalidLogin"),
+            (
+                r#"xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instance" XMLSchema-instance:type="FileFault""#,
+                "FileFault",
+            ),
+            ("", "NotAuthenticated"),
+        ] {
+            let body = format!(
+                r#"<?xml version="1.0"?><soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"><soapenv:Body><soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>Cannot complete login</faultstring><detail><{kind}Fault xmlns="urn:vim25" {attrs}></{kind}Fault></detail></soapenv:Fault></soapenv:Body></soapenv:Envelope>"#
+            );
+            let e = parse_response("Login", 500, body.as_bytes()).unwrap_err().to_string();
+            assert!(e.contains(&format!("{kind}: Cannot complete login")), "{e}");
+        }
+        let e = parse_response("Login", 503, b"<html>busy</html>").unwrap_err().to_string();
+        assert!(e.contains("HTTP 503"), "{e}");
+        assert!(parse_response("Login", 200, b"<a><b></a>").is_err());
+    }
+
+    #[test]
+    fn thumbprints() {
+        assert_eq!(parse_thumbprint(&format!("{}CD", "AB:".repeat(19))).unwrap().len(), 20);
+        assert_eq!(parse_thumbprint(&format!("{}CD", "ab".repeat(31))).unwrap().len(), 32);
+        assert!(parse_thumbprint("AB:CD").is_err());
+        assert!(parse_thumbprint("zz").is_err());
+    }
+}

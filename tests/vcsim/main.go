@@ -1,0 +1,488 @@
+// A TEST-ONLY vSphere: govmomi's vCenter simulator (Debian's golang-github-vmware-govmomi-dev 0.24.2) with
+// Changed Block Tracking added from this main package, without patching govmomi (../shared/VMWARE.md §1):
+//
+//   - every VM disk gets a sparse flat file of its capacity: <datastore dir>/<vm>/<disk>-flat.vmdk, which a test
+//     writes into to play the guest;
+//   - a snapshot freezes each disk (<flat>@<snapshot moref>, the file the test VDDK reads for that snapshot),
+//     hashes it per 64 KiB, and records changeId "<uuid>/<n>" on the snapshot's copy of the disk backing and on
+//     the VM's when change tracking is on; turning tracking off and on again gives a new uuid (a CBT reset);
+//   - QueryChangedDiskAreas is answered from the hashes ("*" = non-zero areas), paged at 16 MiB windows so that
+//     clients must loop on startOffset, with FileFault where vCenter gives one.
+//
+// Started by tests/common/vsphere.rs on 127.0.0.1:0 with TLS; prints one JSON line with the URL, credentials,
+// certificate thumbprints and datastore directories, then serves until killed.
+package main
+
+import (
+	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"net"
+	"net/url"
+	"time"
+	"crypto/sha1"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/json"
+	"encoding/xml"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+
+	"github.com/google/uuid"
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/mo"
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+const granule = 64 << 10
+const pageWindow = 16 << 20
+
+// One disk's tracking state.
+type diskState struct {
+	uuid   string
+	states map[int][][32]byte // seq -> per-granule hashes at that snapshot
+	seq    int
+	size   int64
+}
+
+type tracker struct {
+	mu sync.Mutex
+	// "vm-42/2000" -> state
+	disks map[string]*diskState
+	// snapshot moref -> vm moref / device key -> seq
+	snapSeq   map[string]map[int32]int
+	snapVM    map[string]string
+	snapFiles map[string][]string
+	// vm moref -> tracking enabled at the last snapshot
+	lastEnabled map[string]bool
+	datastores  map[string]string
+}
+
+func (t *tracker) Reference() types.ManagedObjectReference {
+	return types.ManagedObjectReference{Type: "CBTTracker", Value: "cbt-tracker"}
+}
+
+func (t *tracker) UpdateObject(mo.Reference, []types.PropertyChange) {}
+
+// flatPath maps "[ds] dir/name.vmdk" to the local flat file.
+func (t *tracker) flatPath(fileName string) string {
+	end := strings.Index(fileName, "]")
+	if !strings.HasPrefix(fileName, "[") || end < 0 {
+		return ""
+	}
+	dir := t.datastores[fileName[1:end]]
+	rel := strings.TrimSpace(fileName[end+1:])
+	return dir + "/" + strings.TrimSuffix(rel, ".vmdk") + "-flat.vmdk"
+}
+
+func hashFile(path string, size int64) ([][32]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	n := (size + granule - 1) / granule
+	out := make([][32]byte, n)
+	buf := make([]byte, granule)
+	for i := int64(0); i < n; i++ {
+		k, err := f.ReadAt(buf, i*granule)
+		if err != nil && err != io.EOF {
+			return nil, err
+		}
+		out[i] = sha256.Sum256(buf[:k])
+	}
+	return out, nil
+}
+
+// copySparse copies src to dst, leaving all-zero granules as holes.
+func copySparse(src, dst string, size int64) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.Create(dst)
+	if err != nil {
+		return err
+	}
+	defer out.Close()
+	if err := out.Truncate(size); err != nil {
+		return err
+	}
+	buf := make([]byte, granule)
+	zero := make([]byte, granule)
+	for off := int64(0); off < size; off += granule {
+		k, err := in.ReadAt(buf, off)
+		if err != nil && err != io.EOF {
+			return err
+		}
+		if k > 0 && !bytes.Equal(buf[:k], zero[:k]) {
+			if _, err := out.WriteAt(buf[:k], off); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (t *tracker) PutObject(obj mo.Reference) {
+	snap, ok := obj.(*simulator.VirtualMachineSnapshot)
+	if !ok {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	vm := simulator.Map.Get(snap.Vm).(*simulator.VirtualMachine)
+	vmRef := snap.Vm.Value
+	enabled := vm.Config.ChangeTrackingEnabled != nil && *vm.Config.ChangeTrackingEnabled
+	wasEnabled := t.lastEnabled[vmRef]
+	t.lastEnabled[vmRef] = enabled
+	sref := snap.Self.Value
+	t.snapSeq[sref] = map[int32]int{}
+	t.snapVM[sref] = vmRef
+	// The snapshot shares device pointers with the VM: give it its own copies before changing backings.
+	devices := make([]types.BaseVirtualDevice, len(snap.Config.Hardware.Device))
+	for i, d := range snap.Config.Hardware.Device {
+		devices[i] = d
+		disk, ok := d.(*types.VirtualDisk)
+		if !ok {
+			continue
+		}
+		backing, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+		if !ok {
+			continue
+		}
+		flat := t.flatPath(backing.FileName)
+		frozen := flat + "@" + sref
+		size := disk.CapacityInBytes
+		if size == 0 {
+			size = disk.CapacityInKB * 1024
+		}
+		if err := copySparse(flat, frozen, size); err != nil {
+			fmt.Fprintf(os.Stderr, "vcsim-cbt: freezing %s: %v\n", flat, err)
+			continue
+		}
+		t.snapFiles[sref] = append(t.snapFiles[sref], frozen)
+		key := fmt.Sprintf("%s/%d", vmRef, disk.Key)
+		st := t.disks[key]
+		changeID := ""
+		if enabled {
+			if st == nil || !wasEnabled || st.size != size {
+				st = &diskState{uuid: uuid.New().String(), states: map[int][][32]byte{}, size: size}
+				t.disks[key] = st
+			}
+			hashes, err := hashFile(frozen, size)
+			if err != nil {
+				fmt.Fprintf(os.Stderr, "vcsim-cbt: hashing %s: %v\n", frozen, err)
+				continue
+			}
+			st.seq++
+			st.states[st.seq] = hashes
+			t.snapSeq[sref][disk.Key] = st.seq
+			changeID = fmt.Sprintf("%s/%d", st.uuid, st.seq)
+		} else {
+			delete(t.disks, key)
+		}
+		bcopy := *backing
+		bcopy.ChangeId = changeID
+		dcopy := *disk
+		dcopy.Backing = &bcopy
+		devices[i] = &dcopy
+		// The VM's own backing shows the latest changeId too, as vCenter does.
+		backing.ChangeId = changeID
+	}
+	hw := snap.Config.Hardware
+	hw.Device = devices
+	snap.Config.Hardware = hw
+}
+
+func (t *tracker) RemoveObject(ref types.ManagedObjectReference) {
+	if ref.Type != "VirtualMachineSnapshot" {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, f := range t.snapFiles[ref.Value] {
+		os.Remove(f)
+	}
+	delete(t.snapFiles, ref.Value)
+}
+
+type qcdaRequest struct {
+	This        string `xml:"_this"`
+	Snapshot    string `xml:"snapshot"`
+	DeviceKey   int32  `xml:"deviceKey"`
+	StartOffset int64  `xml:"startOffset"`
+	ChangeID    string `xml:"changeId"`
+}
+
+func fault(w http.ResponseWriter, kind, msg string) {
+	w.Header().Set("Content-Type", "text/xml; charset=utf-8")
+	w.WriteHeader(http.StatusInternalServerError)
+	var esc bytes.Buffer
+	xml.EscapeText(&esc, []byte(msg))
+	fmt.Fprintf(w, `<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body><soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>%s</faultstring><detail><%sFault xmlns="urn:vim25" xsi:type="%s"></%sFault></detail></soapenv:Fault></soapenv:Body></soapenv:Envelope>`,
+		esc.String(), kind, kind, kind)
+}
+
+func (t *tracker) queryChangedDiskAreas(w http.ResponseWriter, body []byte) {
+	var env struct {
+		Body struct {
+			Req qcdaRequest `xml:"QueryChangedDiskAreas"`
+		} `xml:"Body"`
+	}
+	if err := xml.Unmarshal(body, &env); err != nil {
+		fault(w, "InvalidArgument", "cannot parse QueryChangedDiskAreas: "+err.Error())
+		return
+	}
+	r := env.Body.Req
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.snapVM[r.Snapshot] != r.This {
+		fault(w, "InvalidArgument", fmt.Sprintf("snapshot %q is not a snapshot of %q", r.Snapshot, r.This))
+		return
+	}
+	key := fmt.Sprintf("%s/%d", r.This, r.DeviceKey)
+	st := t.disks[key]
+	seq, ok := t.snapSeq[r.Snapshot][r.DeviceKey]
+	if st == nil || !ok {
+		fault(w, "FileFault", "Change tracking is not active on this disk at this snapshot")
+		return
+	}
+	current := st.states[seq]
+	var base [][32]byte
+	if r.ChangeID != "*" {
+		parts := strings.SplitN(r.ChangeID, "/", 2)
+		n, err := strconv.Atoi(parts[len(parts)-1])
+		if len(parts) != 2 || err != nil || parts[0] != st.uuid || st.states[n] == nil {
+			fault(w, "FileFault", fmt.Sprintf("Error caused by file: change id %q is not valid for this disk", r.ChangeID))
+			return
+		}
+		base = st.states[n]
+	}
+	if r.StartOffset < 0 || r.StartOffset >= st.size {
+		fault(w, "InvalidArgument", fmt.Sprintf("startOffset %d is outside the disk", r.StartOffset))
+		return
+	}
+	zero := sha256.Sum256(make([]byte, granule))
+	end := r.StartOffset + pageWindow
+	if end > st.size {
+		end = st.size
+	}
+	var areas strings.Builder
+	var runStart, runEnd int64 = -1, -1
+	flush := func() {
+		if runStart >= 0 {
+			fmt.Fprintf(&areas, "<changedArea><start>%d</start><length>%d</length></changedArea>", runStart, runEnd-runStart)
+		}
+		runStart = -1
+	}
+	for g := r.StartOffset / granule; g*granule < end; g++ {
+		var changed bool
+		if base == nil {
+			// "*": the allocated areas; here, the granules that are not all zeros.
+			z := zero
+			if tail := st.size - g*granule; tail < granule {
+				z = sha256.Sum256(make([]byte, tail))
+			}
+			changed = current[g] != z
+		} else {
+			changed = current[g] != base[g]
+		}
+		if !changed {
+			flush()
+			continue
+		}
+		s, e := g*granule, (g+1)*granule
+		if e > st.size {
+			e = st.size
+		}
+		if runStart < 0 {
+			runStart = s
+		}
+		runEnd = e
+	}
+	flush()
+	w.Header().Set("Content-Type", "text/xml; charset=utf-8")
+	fmt.Fprintf(w, `<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body><QueryChangedDiskAreasResponse xmlns="urn:vim25"><returnval><startOffset>%d</startOffset><length>%d</length>%s</returnval></QueryChangedDiskAreasResponse></soapenv:Body></soapenv:Envelope>`,
+		r.StartOffset, end-r.StartOffset, areas.String())
+}
+
+func main() {
+	model := simulator.VPX()
+	model.Datacenter = 1
+	model.Cluster = 0
+	model.Host = 1
+	model.Machine = 2
+	if err := model.Create(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	// Our own CA and server certificate (vcsim's built-in test certificate has a key too short for rustls).
+	caPEM, serverCert := makeCertificates()
+	model.Service.TLS = &tls.Config{Certificates: []tls.Certificate{serverCert}}
+	// A real password check (vcsim accepts any password for its default user).
+	model.Service.Listen = &url.URL{Host: "127.0.0.1:0", User: url.UserPassword("administrator@vsphere.local", "vcsim-Passw0rd")}
+	t := &tracker{
+		disks:       map[string]*diskState{},
+		snapSeq:     map[string]map[int32]int{},
+		snapVM:      map[string]string{},
+		snapFiles:   map[string][]string{},
+		lastEnabled: map[string]bool{},
+		datastores:  map[string]string{},
+	}
+	for _, obj := range simulator.Map.All("Datastore") {
+		ds := obj.(*simulator.Datastore)
+		dir, _ := filepath.Abs(ds.Info.GetDatastoreInfo().Url)
+		t.datastores[ds.Name] = dir
+	}
+	// Disk size and count per VM from the environment (vcsim's default is one 1 MiB disk).
+	diskMB, _ := strconv.Atoi(os.Getenv("VCSIM_DISK_MB"))
+	if diskMB <= 0 {
+		diskMB = 64
+	}
+	disks, _ := strconv.Atoi(os.Getenv("VCSIM_DISKS"))
+	if disks <= 0 {
+		disks = 2
+	}
+	for _, obj := range simulator.Map.All("VirtualMachine") {
+		vm := obj.(*simulator.VirtualMachine)
+		var first *types.VirtualDisk
+		for _, d := range vm.Config.Hardware.Device {
+			if disk, ok := d.(*types.VirtualDisk); ok && first == nil {
+				first = disk
+			}
+		}
+		if first == nil {
+			continue
+		}
+		first.CapacityInKB = int64(diskMB) * 1024
+		first.CapacityInBytes = int64(diskMB) << 20
+		for n := 2; n <= disks; n++ {
+			d := *first
+			d.Key = first.Key + int32(n-1)
+			unit := *first.UnitNumber + int32(n-1)
+			d.UnitNumber = &unit
+			b := *first.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+			b.FileName = strings.Replace(b.FileName, "disk1.vmdk", fmt.Sprintf("disk%d.vmdk", n), 1)
+			b.Uuid = uuid.New().String()
+			d.Backing = &b
+			d.DeviceInfo = &types.Description{Label: fmt.Sprintf("Hard disk %d", n), Summary: fmt.Sprintf("%d KB", d.CapacityInKB)}
+			vm.Config.Hardware.Device = append(vm.Config.Hardware.Device, &d)
+		}
+	}
+	// Every disk gets a sparse flat file of its capacity, for the guest (the test) to write into.
+	for _, obj := range simulator.Map.All("VirtualMachine") {
+		vm := obj.(*simulator.VirtualMachine)
+		for _, d := range vm.Config.Hardware.Device {
+			disk, ok := d.(*types.VirtualDisk)
+			if !ok {
+				continue
+			}
+			if b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
+				size := disk.CapacityInBytes
+				if size == 0 {
+					size = disk.CapacityInKB * 1024
+				}
+				p := t.flatPath(b.FileName)
+				if f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o644); err == nil {
+					f.Truncate(size)
+					f.Close()
+				}
+			}
+		}
+	}
+	simulator.Map.AddHandler(t)
+	s := model.Service.NewServer()
+	inner := s.Config.Handler
+	s.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost && r.URL.Path == "/sdk" {
+			body, err := io.ReadAll(r.Body)
+			if err == nil && bytes.Contains(body, []byte("QueryChangedDiskAreas")) {
+				t.queryChangedDiskAreas(w, body)
+				return
+			}
+			r.Body = io.NopCloser(bytes.NewReader(body))
+		}
+		inner.ServeHTTP(w, r)
+	})
+	cert := s.Certificate()
+	sha1sum := sha1.Sum(cert.Raw)
+	sha256sum := sha256.Sum256(cert.Raw)
+	hexColons := func(b []byte) string {
+		parts := make([]string, len(b))
+		for i, x := range b {
+			parts[i] = fmt.Sprintf("%02X", x)
+		}
+		return strings.Join(parts, ":")
+	}
+	u := *s.URL
+	user := u.User.Username()
+	pass, _ := u.User.Password()
+	u.User = nil
+	info := map[string]interface{}{
+		"url":        u.String(),
+		"username":   user,
+		"password":   pass,
+		"sha1":       hexColons(sha1sum[:]),
+		"sha256":     hexColons(sha256sum[:]),
+		"datastores": t.datastores,
+		"ca_pem":     string(caPEM),
+	}
+	out, _ := json.Marshal(info)
+	fmt.Println(string(out))
+	c := make(chan os.Signal, 1)
+	signal.Notify(c, os.Interrupt, syscall.SIGTERM)
+	<-c
+	s.Close()
+	model.Remove()
+}
+
+// makeCertificates returns a CA (PEM) and a server certificate for 127.0.0.1/localhost that it signed.
+func makeCertificates() ([]byte, tls.Certificate) {
+	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ca := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "vcsim test CA"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		IsCA:                  true,
+		KeyUsage:              x509.KeyUsageCertSign,
+		BasicConstraintsValid: true,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, ca, ca, &caKey.PublicKey, caKey)
+	if err != nil {
+		panic(err)
+	}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	leaf := &x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		Subject:      pkix.Name{CommonName: "127.0.0.1"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		DNSNames:     []string{"localhost"},
+	}
+	caCert, _ := x509.ParseCertificate(caDER)
+	leafDER, err := x509.CreateCertificate(rand.Reader, leaf, caCert, &key.PublicKey, caKey)
+	if err != nil {
+		panic(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}),
+		tls.Certificate{Certificate: [][]byte{leafDER, caDER}, PrivateKey: key}
+}
