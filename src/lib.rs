@@ -19,6 +19,7 @@
 //! | [`check`] | repository integrity: structure, and every byte with `--read-data` |
 //! | [`forget`] | retention policies: which snapshots to keep and why; protection |
 //! | [`nbd`] | the NBD protocol: a client (NBD exports as sources) and `serve` (snapshots as NBD exports) |
+//! | [`vmware`] | backup of a VMware VM: snapshot, changeIds, changed areas or allocated blocks, VDDK reads, snapshot removal |
 //! | [`vsphere`] | the vSphere SOAP client: login with pinned or CA-verified TLS, inventory, CBT, snapshots, changed areas |
 //! | [`vddk`] | VMware's VDDK loaded with libloading: connect, open, read, allocated blocks, under the guide's thread rules |
 //! | [`lock`] | the exclusive lock and session markers, with storage-clock expiry |
@@ -65,6 +66,7 @@ pub mod source;
 pub mod stats;
 pub mod util;
 pub mod vddk;
+pub mod vmware;
 pub mod vsphere;
 
 pub use error::{Error, Result};

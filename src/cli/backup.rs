@@ -18,8 +18,20 @@ pub struct BackupArgs {
     /// Disks to back up: `SOURCE` or `NAME=SOURCE`, where a source is a raw image file, a block device, or
     /// an NBD export (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`, `nbds://…` with TLS).
     /// Disk names default to the file or export name.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "vm")]
     disks: Vec<String>,
+    /// Back up this VMware VM (name or moref) through vSphere and the VDDK: snapshot, changed blocks since the
+    /// last backup (CBT), snapshot removed afterwards. Needs --vsphere… and --vddk-libdir.
+    #[arg(long, conflicts_with = "disks")]
+    vm: Option<String>,
+    #[command(flatten)]
+    vsphere: super::vm::VsphereArgs,
+    /// With --vm: quiesce the guest's file systems for the snapshot (VMware Tools).
+    #[arg(long, requires = "vm")]
+    quiesce: bool,
+    /// With --vm: VDDK transport modes to allow, in order (`nbdssl`, `hotadd:nbdssl`, `san`…).
+    #[arg(long, requires = "vm", value_name = "MODES")]
+    transport: Option<String>,
     /// The source (VM) these disks belong to; snapshots are grouped by it. Defaults to the first disk's name.
     #[arg(long)]
     name: Option<String>,
@@ -99,6 +111,9 @@ fn default_disk_name(spec: &str) -> String {
 }
 
 pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
+    if let Some(vm) = &args.vm {
+        return run_vm(g, args, vm);
+    }
     let mut disks: Vec<(String, String)> = Vec::new();
     for spec in &args.disks {
         let (name, source) = split_named(spec);
@@ -187,6 +202,17 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
         backup::run(&repo, cache, jobs, &opts, &counters)?
     };
 
+    print_result(args, &repo, &id, &snap, None)
+}
+
+/// Prints what a backup did (JSON with --json); `vm` adds how each VMware disk was read.
+fn print_result(
+    args: &BackupArgs,
+    repo: &crate::repository::Repository,
+    id: &crate::format::ObjectId,
+    snap: &crate::format::snapshot::Snapshot,
+    vm: Option<&[crate::vmware::DiskReport]>,
+) -> Result<()> {
     let retries = repo.backend().retries();
     if args.json {
         let v = serde_json::json!({
@@ -198,6 +224,7 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
             "bytes_read": snap.summary.bytes_read,
             "bytes_added": snap.summary.bytes_added,
             "new_blobs": snap.summary.new_blobs,
+            "vmware_disks": vm,
             "disks": snap.disks.iter().map(|d| serde_json::json!({
                 "name": d.name,
                 "capacity": d.capacity,
@@ -247,4 +274,47 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
         println!("  {retries} storage requests failed at first and succeeded when retried");
     }
     Ok(())
+}
+
+fn run_vm(g: &Globals, args: &BackupArgs, vm: &str) -> Result<()> {
+    let libdir = args
+        .vddk_libdir
+        .clone()
+        .ok_or_else(|| Error::invalid("backing up a VM reads its disks with the VDDK: give --vddk-libdir DIR"))?;
+    crate::vddk::ensure_loader_path(&libdir)?;
+    let repo = g.open_repo()?;
+    let cache = g.open_cache_unsynced(&repo)?;
+    let mut client = args.vsphere.connect()?;
+    let mut opts = BackupOptions::new(vm);
+    opts.tags = args.tags.clone();
+    if let Some(h) = &args.host {
+        opts.hostname = h.clone();
+    }
+    opts.uploaders = args.upload_concurrency as usize;
+    opts.time_override = args.time;
+    let vm_opts = crate::vmware::VmBackupOptions {
+        libdir,
+        quiesce: args.quiesce,
+        transports: args.transport.clone(),
+        user: args.vsphere.user()?.to_string(),
+    };
+    let counters = Arc::new(Counters::default());
+    let result = {
+        let _reporter = Reporter::start("backup", counters.clone(), g.progress);
+        crate::vmware::backup_vm(&mut client, &repo, cache, vm, &vm_opts, opts, &counters)
+    };
+    client.logout();
+    let b = result?;
+    if !args.json {
+        for d in &b.disks {
+            println!(
+                "  {}: {} read over {}{}",
+                d.name,
+                d.mode,
+                d.transport,
+                d.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
+            );
+        }
+    }
+    print_result(args, &repo, &b.id, &b.snapshot, Some(&b.disks))
 }

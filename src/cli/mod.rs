@@ -12,7 +12,7 @@ mod repair;
 mod restore;
 mod serve;
 mod snapshots;
-mod vm;
+pub(crate) mod vm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,7 +60,7 @@ enum Command {
     /// Create a new repository.
     Init(InitArgs),
     /// Back up disk images or block devices as one snapshot.
-    Backup(backup::BackupArgs),
+    Backup(Box<backup::BackupArgs>),
     /// Restore a disk of a snapshot to a file or block device.
     Restore(restore::RestoreArgs),
     /// Serve snapshot disks as NBD exports (instant access; optionally writable through an overlay).

@@ -11,10 +11,10 @@ use crate::vsphere::{Client, Trust};
 pub struct VsphereArgs {
     /// vCenter or ESXi API address (`https://vcenter.example`, `/sdk` optional).
     #[arg(long = "vsphere", env = "DISKVAULT_VSPHERE_URL", value_name = "URL")]
-    pub url: String,
+    pub url: Option<String>,
     /// User name; the password comes from DISKVAULT_VSPHERE_PASSWORD or a prompt.
     #[arg(long = "vsphere-user", env = "DISKVAULT_VSPHERE_USER", value_name = "USER")]
-    pub user: String,
+    pub user: Option<String>,
     /// Trust the server whose certificate has this SHA-1 or SHA-256 thumbprint (`AA:BB:…`).
     #[arg(long = "vsphere-thumbprint", env = "DISKVAULT_VSPHERE_THUMBPRINT", value_name = "HEX")]
     pub thumbprint: Option<String>,
@@ -24,6 +24,18 @@ pub struct VsphereArgs {
 }
 
 impl VsphereArgs {
+    pub fn url(&self) -> Result<&str> {
+        self.url
+            .as_deref()
+            .ok_or_else(|| Error::invalid("no vSphere address: give --vsphere URL or DISKVAULT_VSPHERE_URL"))
+    }
+
+    pub fn user(&self) -> Result<&str> {
+        self.user
+            .as_deref()
+            .ok_or_else(|| Error::invalid("no vSphere user: give --vsphere-user or DISKVAULT_VSPHERE_USER"))
+    }
+
     pub fn connect(&self) -> Result<Client> {
         // An empty value (an unset variable in a script) counts as not given.
         let thumbprint = self.thumbprint.as_ref().filter(|t| !t.is_empty());
@@ -45,7 +57,7 @@ impl VsphereArgs {
             Ok(p) => p,
             Err(_) => String::from_utf8_lossy(&super::prompt_password("vSphere password", false)?).into_owned(),
         };
-        Client::login(&self.url, &self.user, &password, &trust)
+        Client::login(self.url()?, self.user()?, &password, &trust)
     }
 }
 

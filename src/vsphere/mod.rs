@@ -62,6 +62,19 @@ pub struct VirtualDiskInfo {
     pub change_id: String,
 }
 
+/// What a backup records of a VM's configuration.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VmConfig {
+    pub num_cpu: u32,
+    pub memory_mb: u64,
+    pub firmware: String,
+    pub guest_id: String,
+    pub uuid: String,
+    pub disks: Vec<VirtualDiskInfo>,
+    /// Every device's type (controllers, NICs…), in order.
+    pub devices: Vec<String>,
+}
+
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct VmInfo {
     pub moref: String,
@@ -74,6 +87,8 @@ pub struct VmInfo {
 
 pub struct Client {
     http: reqwest::blocking::Client,
+    /// SHA-1 of the server's certificate as seen in the handshake (the VDDK wants this form).
+    seen_sha1: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
     url: String,
     cookie: Option<String>,
     property_collector: MoRef,
@@ -91,7 +106,8 @@ impl Client {
         if !url.starts_with("https://") {
             return Err(Error::invalid(format!("{url}: the vSphere API is reached over https:// only")));
         }
-        let tls = tls_config(trust)?;
+        let seen_sha1 = Arc::new(std::sync::Mutex::new(None));
+        let tls = tls_config(trust, seen_sha1.clone())?;
         let http = reqwest::blocking::Client::builder()
             .use_preconfigured_tls(tls)
             .timeout(Duration::from_secs(300))
@@ -99,6 +115,7 @@ impl Client {
             .map_err(|e| Error::invalid(format!("HTTP client: {e}")))?;
         let mut c = Client {
             http,
+            seen_sha1,
             url,
             cookie: None,
             property_collector: MoRef::new("PropertyCollector", "propertyCollector"),
@@ -128,6 +145,21 @@ impl Client {
     /// The `vmware_soap_session` cookie value (for VDDK session reuse).
     pub fn session_cookie(&self) -> Option<&str> {
         self.cookie.as_deref().and_then(|c| c.split_once('=').map(|(_, v)| v.trim_matches('"')))
+    }
+
+    /// The server certificate's SHA-1 thumbprint (`AA:BB:…`), as verified during login.
+    pub fn server_sha1_thumbprint(&self) -> Option<String> {
+        self.seen_sha1.lock().unwrap_or_else(|p| p.into_inner()).as_deref().map(colon_hex)
+    }
+
+    /// The host (and port, if given) of the API address, for the VDDK's `serverName`.
+    pub fn server_host(&self) -> (String, Option<u32>) {
+        let rest = self.url.trim_start_matches("https://");
+        let authority = rest.split('/').next().unwrap_or(rest);
+        match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (h.to_string(), p.parse().ok()),
+            _ => (authority.to_string(), None),
+        }
     }
 
     pub fn logout(mut self) {
@@ -311,10 +343,31 @@ impl Client {
         Ok(())
     }
 
-    /// The disks as a snapshot froze them (with their changeIds).
-    pub fn snapshot_disks(&mut self, snapshot: &MoRef) -> Result<Vec<VirtualDiskInfo>> {
-        let props = self.properties(snapshot, &["config.hardware.device"])?;
-        Ok(props.iter().find(|(n, _)| n == "config.hardware.device").map(|(_, v)| disks_of(v)).unwrap_or_default())
+    /// The VM's configuration as a snapshot froze it: disks with their changeIds, and what recreating the VM
+    /// needs (CPUs, memory, firmware, guest OS).
+    pub fn snapshot_config(&mut self, snapshot: &MoRef) -> Result<VmConfig> {
+        let paths = [
+            "config.hardware.device",
+            "config.hardware.numCPU",
+            "config.hardware.memoryMB",
+            "config.firmware",
+            "config.guestId",
+            "config.uuid",
+        ];
+        let props = self.properties(snapshot, &paths)?;
+        let text = |n: &str| props.iter().find(|(p, _)| p == n).map(|(_, v)| v.text.trim().to_string());
+        let devices = props.iter().find(|(n, _)| n == "config.hardware.device").map(|(_, v)| v);
+        Ok(VmConfig {
+            num_cpu: text("config.hardware.numCPU").and_then(|t| t.parse().ok()).unwrap_or(0),
+            memory_mb: text("config.hardware.memoryMB").and_then(|t| t.parse().ok()).unwrap_or(0),
+            firmware: text("config.firmware").unwrap_or_default(),
+            guest_id: text("config.guestId").unwrap_or_default(),
+            uuid: text("config.uuid").unwrap_or_default(),
+            disks: devices.map(disks_of).unwrap_or_default(),
+            devices: devices
+                .map(|d| d.children.iter().filter_map(|c| c.xsi_type().map(str::to_string)).collect())
+                .unwrap_or_default(),
+        })
     }
 
     /// The byte ranges of disk `device_key` changed between `change_id` (or allocated, for `*`) and `snapshot`,
@@ -456,12 +509,12 @@ fn describe_http_error(e: &reqwest::Error) -> String {
 }
 
 /// A TLS configuration that trusts exactly what `trust` says.
-fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig> {
+fn tls_config(trust: &Trust, seen_sha1: Arc<std::sync::Mutex<Option<Vec<u8>>>>) -> Result<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::invalid(e.to_string()))?;
-    match trust {
+    let inner: Arc<dyn rustls::client::danger::ServerCertVerifier> = match trust {
         Trust::CaFile(path) => {
             use rustls::pki_types::pem::PemObject;
             let mut roots = rustls::RootCertStore::empty();
@@ -473,15 +526,61 @@ fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig> {
             if roots.is_empty() {
                 return Err(Error::local(path, "holds no certificate"));
             }
-            Ok(builder.with_root_certificates(roots).with_no_client_auth())
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| Error::local(path, e))?
         }
         Trust::Thumbprint(tp) => {
             let want = parse_thumbprint(tp)?;
-            Ok(builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedThumbprint { want, shown: tp.clone(), provider }))
-                .with_no_client_auth())
+            Arc::new(PinnedThumbprint { want, shown: tp.clone(), provider: provider.clone() })
         }
+    };
+    let verifier = Arc::new(Recording { inner, seen_sha1 });
+    Ok(builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth())
+}
+
+/// Delegates verification and remembers the verified certificate's SHA-1 (for the VDDK's thumbprint).
+#[derive(Debug)]
+struct Recording {
+    inner: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    seen_sha1: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Recording {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        let sha1 = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, end_entity.as_ref());
+        *self.seen_sha1.lock().unwrap_or_else(|p| p.into_inner()) = Some(sha1.as_ref().to_vec());
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 

@@ -1,0 +1,197 @@
+//! Backup of a VMware VM: snapshot → record the configuration and each disk's changeId → per disk a full read
+//! of the allocated blocks or an incremental from `QueryChangedDiskAreas` against the changeId stored in the
+//! parent backup → read through the VDDK into the engine → remove the snapshot, also when anything failed.
+//!
+//! A disk is read in full, and the report says why, when there is no earlier backup of it, tracking is off,
+//! the changeId's UUID changed (tracking was reset), the disk was resized, or the parent has no changeId.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::backup::{self, BackupOptions, DiskJob};
+use crate::cache::IndexCache;
+use crate::error::{Error, Result};
+use crate::format::snapshot::Snapshot;
+use crate::format::ObjectId;
+use crate::progress::Counters;
+use crate::repository::Repository;
+use crate::source::vddk::VddkSource;
+use crate::vddk::{Credentials, Disk, DiskTarget, Library};
+use crate::vsphere::{Client, MoRef, VirtualDiskInfo};
+
+pub struct VmBackupOptions {
+    /// The VDDK's directory.
+    pub libdir: PathBuf,
+    /// Ask VMware Tools to quiesce the guest's file systems for the snapshot.
+    pub quiesce: bool,
+    /// VDDK transport modes to allow (`nbdssl`, `hotadd:nbdssl`…); `None` lets the library choose.
+    pub transports: Option<String>,
+    /// The user name the API session belongs to (the VDDK reuses the session).
+    pub user: String,
+}
+
+/// How one disk was read, and why.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DiskReport {
+    pub name: String,
+    pub key: i32,
+    /// `full` or `incremental`.
+    pub mode: String,
+    /// Why a full read happened although a parent exists (or `None`).
+    pub reason: Option<String>,
+    pub change_id: String,
+    pub transport: String,
+}
+
+pub struct VmBackup {
+    pub id: ObjectId,
+    pub snapshot: Snapshot,
+    pub disks: Vec<DiskReport>,
+}
+
+/// The disk's name in the snapshot: its file's stem (`disk1` for `[ds] vm/disk1.vmdk`), stable across backups.
+pub fn disk_name(file_name: &str) -> String {
+    let file = file_name.rsplit(['/', ']', ' ']).next().unwrap_or(file_name);
+    file.strip_suffix(".vmdk").unwrap_or(file).to_string()
+}
+
+/// Backs up VM `vm` (name or moref) as one snapshot of source `<VM name>`.
+pub fn backup_vm(
+    client: &mut Client,
+    repo: &Repository,
+    cache: Arc<IndexCache>,
+    vm: &str,
+    opts: &VmBackupOptions,
+    mut backup_opts: BackupOptions,
+    counters: &Counters,
+) -> Result<VmBackup> {
+    let info = client.find_vm(vm)?;
+    // The library first: a missing or broken VDDK must fail before the VM is touched.
+    let lib = Library::load(&opts.libdir)?;
+    let label = format!("diskvault {}", crate::util::format_utc(crate::util::now_secs()));
+    let snap = client.create_snapshot(&info.moref, &label, opts.quiesce)?;
+    tracing::info!("{}: snapshot {} created", info.name, snap.value);
+    backup_opts.source = info.name.clone();
+    let result = backup_snapshot(client, repo, cache, &info.moref, &snap, lib, opts, backup_opts, counters);
+    // Always, whatever happened above.
+    let removed = client.remove_snapshot(&snap);
+    match (result, removed) {
+        (Ok(b), Ok(())) => Ok(b),
+        (Ok(b), Err(e)) => Err(Error::VSphere {
+            call: "RemoveSnapshot_Task".into(),
+            cause: format!(
+                "the backup was saved as snapshot {}, but VM snapshot {} of {} could not be removed: {e}; remove it \
+                 in vSphere",
+                b.id.short(),
+                snap.value,
+                info.name
+            ),
+        }),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(e2)) => {
+            tracing::error!(
+                "VM snapshot {} of {} could not be removed: {e2}; remove it in vSphere",
+                snap.value,
+                info.name
+            );
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backup_snapshot(
+    client: &mut Client,
+    repo: &Repository,
+    cache: Arc<IndexCache>,
+    moref: &str,
+    snap: &MoRef,
+    lib: Arc<Library>,
+    opts: &VmBackupOptions,
+    mut backup_opts: BackupOptions,
+    counters: &Counters,
+) -> Result<VmBackup> {
+    let config = client.snapshot_config(snap)?;
+    let parent = repo.find_snapshot("latest", Some(&backup_opts.source)).ok();
+    let (server, _) = client.server_host();
+    let thumbprint = client.server_sha1_thumbprint();
+    let cookie = client
+        .session_cookie()
+        .ok_or_else(|| Error::VSphere { call: "Login".into(), cause: "no session cookie to hand to the VDDK".into() })?
+        .to_string();
+    let mut jobs = Vec::new();
+    let mut reports = Vec::new();
+    for disk in &config.disks {
+        let name = disk_name(&disk.file_name);
+        let target = DiskTarget {
+            server: server.clone(),
+            port: None,
+            thumbprint: thumbprint.clone(),
+            credentials: Credentials::Session { cookie: cookie.clone(), user: opts.user.clone() },
+            moref: moref.to_string(),
+            snapshot: Some(snap.value.clone()),
+            path: disk.file_name.clone(),
+            transports: opts.transports.clone(),
+        };
+        let source = VddkSource::from_disk(Disk::open(lib.clone(), &target)?);
+        let transport = source.transport().to_string();
+        let (changed, reason) = match full_read_reason(disk, parent.as_ref().map(|(_, s)| s), &name) {
+            Some(reason) => (None, Some(reason)),
+            None => {
+                let parent_token = parent
+                    .as_ref()
+                    .and_then(|(_, p)| p.disk(&name))
+                    .and_then(|d| d.change_token.clone())
+                    .expect("checked by full_read_reason");
+                let areas = client.query_changed_disk_areas(moref, snap, disk.key, &parent_token, disk.capacity)?;
+                (Some(areas), None)
+            }
+        };
+        if let Some(r) = &reason {
+            if parent.is_some() {
+                tracing::warn!("disk {name}: reading in full: {r}");
+            }
+        }
+        reports.push(DiskReport {
+            name: name.clone(),
+            key: disk.key,
+            mode: if changed.is_some() { "incremental" } else { "full" }.into(),
+            reason,
+            change_id: disk.change_id.clone(),
+            transport,
+        });
+        jobs.push(DiskJob {
+            name,
+            source: Box::new(source),
+            changed,
+            change_token: (!disk.change_id.is_empty()).then(|| disk.change_id.clone()),
+        });
+    }
+    backup_opts.parent = parent;
+    backup_opts.annotations.insert("vmware.moref".into(), moref.to_string());
+    backup_opts
+        .annotations
+        .insert("vmware.config".into(), serde_json::to_string(&config).expect("JSON of plain values"));
+    let (id, snapshot) = backup::run(repo, cache, jobs, &backup_opts, counters)?;
+    Ok(VmBackup { id, snapshot, disks: reports })
+}
+
+/// Why disk `name` must be read in full, or `None` if its changes since the parent can be asked for.
+fn full_read_reason(disk: &VirtualDiskInfo, parent: Option<&Snapshot>, name: &str) -> Option<String> {
+    let Some(parent) = parent else { return Some("no earlier backup of this VM".into()) };
+    if disk.change_id.is_empty() {
+        return Some("change tracking is off for this disk (vm enable-cbt)".into());
+    }
+    let Some(pd) = parent.disk(name) else { return Some("the disk is new since the last backup".into()) };
+    let Some(token) = pd.change_token.as_deref().filter(|t| !t.is_empty()) else {
+        return Some("the last backup recorded no changeId for this disk".into());
+    };
+    let uuid = |c: &str| c.split('/').next().unwrap_or("").to_string();
+    if uuid(token) != uuid(&disk.change_id) {
+        return Some(format!("change tracking was reset (changeId {token} then, {} now)", disk.change_id));
+    }
+    if pd.capacity != disk.capacity {
+        return Some(format!("the disk was resized ({} -> {} bytes)", pd.capacity, disk.capacity));
+    }
+    None
+}

@@ -1,0 +1,214 @@
+//! Backups of a VMware VM end to end: the vSphere simulator with CBT (tests/vcsim) and the test VDDK
+//! (tests/vddk), driven by `diskvault backup --vm` exactly as against vCenter and VMware's library.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::vsphere::Vcsim;
+use common::*;
+
+const M: u64 = MIB as u64;
+
+/// `<dir>/lib64/libvixDiskLib.so.8` from tests/vddk/fake_vixDiskLib.c, once per test binary.
+fn fake_vddk() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fake-vddk");
+        std::fs::create_dir_all(dir.join("lib64")).unwrap();
+        let out = Command::new("gcc")
+            .args(["-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o"])
+            .arg(dir.join("lib64/libvixDiskLib.so.8"))
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vddk/fake_vixDiskLib.c"))
+            .arg("-lpthread")
+            .output()
+            .expect("gcc");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        dir
+    })
+}
+
+struct Lab {
+    env: Env,
+    sim: Vcsim,
+    vddk_log: PathBuf,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let env = Env::with_repo();
+        let sim = Vcsim::start();
+        let vddk_log = env.path("vddk.log");
+        Lab { env, sim, vddk_log }
+    }
+
+    fn run(&self, args: &[&str], extra: &[(&str, &str)]) -> Run {
+        let mut c = self.env.command(args);
+        c.envs(self.sim.env())
+            .env("DISKVAULT_VDDK_LIBDIR", fake_vddk())
+            .env("FAKE_VDDK_DATASTORES", format!("LocalDS_0={}", self.sim.datastores["LocalDS_0"].as_str().unwrap()))
+            .env("FAKE_VDDK_THUMBPRINT", &self.sim.sha1)
+            .env("FAKE_VDDK_LOG", &self.vddk_log)
+            .envs(extra.iter().copied());
+        let out = c.output().unwrap();
+        let r = Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+        r
+    }
+
+    fn ok(&self, args: &[&str]) -> serde_json::Value {
+        let r = self.run(args, &[]);
+        assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
+        r.json()
+    }
+
+    fn succeed(&self, args: &[&str]) {
+        let r = self.run(args, &[]);
+        assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
+    }
+
+    fn vm(&self) -> serde_json::Value {
+        self.ok(&["vm", "list", "--json"])[0].clone()
+    }
+
+    fn disk_file(&self, vm: &serde_json::Value, i: usize) -> PathBuf {
+        self.sim.flat_file(vm["disks"][i]["file_name"].as_str().unwrap())
+    }
+
+    /// The guest writes `data` at `offset` of disk `i`.
+    fn guest_write(&self, vm: &serde_json::Value, i: usize, offset: u64, data: &[u8]) {
+        let f = std::fs::OpenOptions::new().write(true).open(self.disk_file(vm, i)).unwrap();
+        f.write_all_at(data, offset).unwrap();
+    }
+
+    /// No VM snapshot is left, nor its frozen disk images; the VDDK's rules were kept.
+    fn assert_clean(&self) {
+        assert_eq!(self.vm()["snapshots"], 0, "a VM snapshot was left behind");
+        let dir = self.sim.datastores["LocalDS_0"].as_str().unwrap();
+        let leftovers: Vec<String> = std::fs::read_dir(Path::new(dir).join(self.vm()["name"].as_str().unwrap()))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains('@'))
+            .collect();
+        assert!(leftovers.is_empty(), "snapshot images left: {leftovers:?}");
+        let log = std::fs::read_to_string(&self.vddk_log).unwrap_or_default();
+        assert!(!log.contains("VIOLATION"), "{log}");
+        let count = |p: &str| log.lines().filter(|l| l.starts_with(p)).count();
+        assert_eq!(count("PrepareForAccess "), count("EndAccess "), "{log}");
+        assert_eq!(count("Open "), count("Close "), "{log}");
+    }
+}
+
+#[test]
+fn full_then_cbt_incrementals_restore_every_point_in_time() {
+    let lab = Lab::new();
+    let vm = lab.vm();
+    let name = vm["name"].as_str().unwrap().to_string();
+    lab.succeed(&["vm", "enable-cbt", &name]);
+
+    // Day 0: both disks get data.
+    lab.guest_write(&vm, 0, 0, &random_bytes(1, 3 * MIB));
+    lab.guest_write(&vm, 1, 10 * M + 4096, &random_bytes(2, MIB));
+    let mut expected: Vec<[Vec<u8>; 2]> = Vec::new();
+    let snapshot_now =
+        |lab: &Lab| [std::fs::read(lab.disk_file(&vm, 0)).unwrap(), std::fs::read(lab.disk_file(&vm, 1)).unwrap()];
+    let r = lab.ok(&["backup", "--json", "--vm", &name]);
+    assert_eq!(r["source"], name.as_str());
+    for d in r["vmware_disks"].as_array().unwrap() {
+        assert_eq!(d["mode"], "full");
+        assert_eq!(d["transport"], "nbdssl");
+        assert!(d["change_id"].as_str().unwrap().ends_with("/1"), "{d}");
+    }
+    // Full reads are of the allocated blocks only.
+    assert_eq!(r["disks"][0]["blocks_read"], 3);
+    assert_eq!(r["disks"][1]["blocks_read"], 2);
+    let mut ids = vec![r["snapshot"].as_str().unwrap().to_string()];
+    expected.push(snapshot_now(&lab));
+    lab.assert_clean();
+
+    // Three days of writes, each backed up from CBT: exactly the touched blocks are read.
+    let days: [&[(usize, u64, usize)]; 3] =
+        [&[(0, 5 * M, 4096), (1, 10 * M, 100)], &[(0, 63 * M, MIB), (0, 20 * M - 10, 20)], &[(1, 0, 2 * MIB + 1)]];
+    for (n, writes) in days.iter().enumerate() {
+        for (i, (disk, off, len)) in writes.iter().enumerate() {
+            lab.guest_write(&vm, *disk, *off, &random_bytes(10 * n as u64 + i as u64 + 3, *len));
+        }
+        let r = lab.ok(&["backup", "--json", "--vm", &name]);
+        for disk in 0..2 {
+            let areas: Vec<(u64, u64)> = writes.iter().filter(|w| w.0 == disk).map(|w| (w.1, w.2 as u64)).collect();
+            let want = if areas.is_empty() { 0 } else { blocks_touched(&areas) };
+            assert_eq!(r["vmware_disks"][disk]["mode"], "incremental", "{r}");
+            assert_eq!(r["disks"][disk]["blocks_read"], want, "day {n} disk {disk}: {r}");
+        }
+        assert_eq!(r["parent"].as_str().unwrap(), ids.last().unwrap());
+        ids.push(r["snapshot"].as_str().unwrap().to_string());
+        expected.push(snapshot_now(&lab));
+        lab.assert_clean();
+    }
+
+    // Every disk of every snapshot restores to its content at snapshot time, not to later writes.
+    for (id, want) in ids.iter().zip(&expected) {
+        for (disk, content) in ["disk1", "disk2"].iter().zip(want) {
+            let got = lab.env.restore(&format!("{id}:{disk}"), &[]);
+            assert!(got == *content, "snapshot {id} disk {disk} differs");
+        }
+    }
+
+    // The VM's configuration is recorded with the snapshot.
+    let snap = lab.env.ok(&["cat", "snapshot", &ids[0]]).json();
+    let config: serde_json::Value =
+        serde_json::from_str(snap["annotations"]["vmware.config"].as_str().unwrap()).unwrap();
+    assert_eq!(config["disks"].as_array().unwrap().len(), 2);
+    assert!(config["num_cpu"].as_u64().unwrap() >= 1 && config["memory_mb"].as_u64().unwrap() >= 1, "{config}");
+
+    // A CBT reset: the next backup reads in full and says why.
+    lab.succeed(&["vm", "reset-cbt", &name]);
+    lab.guest_write(&vm, 0, 30 * M, &random_bytes(77, 1000));
+    let r = lab.ok(&["backup", "--json", "--vm", &name]);
+    for d in r["vmware_disks"].as_array().unwrap() {
+        assert_eq!(d["mode"], "full");
+        assert!(d["reason"].as_str().unwrap().contains("change tracking was reset"), "{d}");
+    }
+    let now = std::fs::read(lab.disk_file(&vm, 0)).unwrap();
+    let allocated = now.chunks(MIB).filter(|c| c.iter().any(|&b| b != 0)).count();
+    assert_eq!(r["disks"][0]["blocks_read"], allocated as u64, "allocated blocks of disk1 after the reset: {r}");
+    let got = lab.env.restore(&format!("{}:disk1", r["snapshot"].as_str().unwrap()), &[]);
+    assert!(got == now);
+    lab.assert_clean();
+
+    // Tracking off: full reads, said so.
+    lab.succeed(&["vm", "disable-cbt", &name]);
+    let r = lab.ok(&["backup", "--json", "--vm", &name]);
+    assert!(r["vmware_disks"][0]["reason"].as_str().unwrap().contains("change tracking is off"), "{r}");
+    lab.assert_clean();
+}
+
+#[test]
+fn a_failed_backup_removes_the_vm_snapshot() {
+    let lab = Lab::new();
+    let vm = lab.vm();
+    let name = vm["name"].as_str().unwrap().to_string();
+    lab.guest_write(&vm, 0, 0, &random_bytes(5, 4 * MIB));
+    // A VIX error in the middle of disk1's reads.
+    let r = lab.run(&["backup", "--vm", &name], &[("FAKE_VDDK_FAIL_READ_SECTOR", "4100")]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("VixDiskLib_Read failed: VIX error 16002"), "{}", r.stderr);
+    lab.assert_clean();
+    assert!(lab.env.ok(&["snapshots", "--json"]).json().as_array().unwrap().is_empty());
+    // An unknown VM, and a VDDK that is missing: nothing is touched.
+    let r = lab.run(&["backup", "--vm", "nope"], &[]);
+    assert!(r.stderr.contains("no virtual machine named \"nope\""), "{}", r.stderr);
+    let empty = lab.env.path("empty-vddk");
+    std::fs::create_dir_all(empty.join("lib64")).unwrap();
+    let r = lab.run(&["backup", "--vm", &name], &[("DISKVAULT_VDDK_LIBDIR", empty.to_str().unwrap())]);
+    assert!(r.stderr.contains("no VDDK library"), "{}", r.stderr);
+    lab.assert_clean();
+}
