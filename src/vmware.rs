@@ -28,6 +28,8 @@ pub struct VmBackupOptions {
     pub transports: Option<String>,
     /// The user name the API session belongs to (the VDDK reuses the session).
     pub user: String,
+    /// Fraction (0.0-1.0) of the blocks CBT calls unchanged to re-read and compare with the parent (0: trust CBT).
+    pub verify_cbt_fraction: f64,
 }
 
 /// How one disk was read, and why.
@@ -133,7 +135,7 @@ fn backup_snapshot(
             path: disk.file_name.clone(),
             transports: opts.transports.clone(),
         };
-        let source = VddkSource::from_disk(Disk::open(lib.clone(), &target)?);
+        let mut source = VddkSource::from_disk(Disk::open(lib.clone(), &target)?);
         let transport = source.transport().to_string();
         let (changed, reason) = match full_read_reason(disk, parent.as_ref().map(|(_, s)| s), &name) {
             Some(reason) => (None, Some(reason)),
@@ -144,7 +146,14 @@ fn backup_snapshot(
                     .and_then(|d| d.change_token.clone())
                     .expect("checked by full_read_reason");
                 let areas = client.query_changed_disk_areas(moref, snap, disk.key, &parent_token, disk.capacity)?;
-                (Some(areas), None)
+                let parent_disk = parent.as_ref().and_then(|(_, p)| p.disk(&name)).expect("checked above");
+                match verify_cbt(repo, &cache, &mut source, parent_disk, &areas, opts.verify_cbt_fraction)? {
+                    None => (Some(areas), None),
+                    Some(mismatch) => {
+                        tracing::error!("disk {name}: {mismatch}; reading the whole disk");
+                        (None, Some(mismatch))
+                    }
+                }
             }
         };
         if let Some(r) = &reason {
@@ -194,4 +203,83 @@ fn full_read_reason(disk: &VirtualDiskInfo, parent: Option<&Snapshot>, name: &st
         return Some(format!("the disk was resized ({} -> {} bytes)", pd.capacity, disk.capacity));
     }
     None
+}
+
+/// CBT distrust: re-reads a random `fraction` of the blocks the change list calls unchanged and compares their
+/// ids with the parent's. Returns what was wrong, if anything (the caller then reads the disk in full).
+fn verify_cbt(
+    repo: &Repository,
+    cache: &IndexCache,
+    source: &mut VddkSource,
+    parent: &crate::format::snapshot::DiskManifest,
+    changed: &[crate::source::Extent],
+    fraction: f64,
+) -> Result<Option<String>> {
+    use crate::source::{BlockRanges, DiskSource};
+    if fraction <= 0.0 {
+        return Ok(None);
+    }
+    let bs = parent.block_size as u64;
+    let blocks = parent.capacity.div_ceil(bs);
+    let changed = BlockRanges::from_extents(changed, bs);
+    let mut cursor = changed.cursor();
+    let unchanged: Vec<u64> = (0..blocks).filter(|&b| !cursor.contains(b)).collect();
+    if unchanged.is_empty() {
+        return Ok(None);
+    }
+    let want = ((unchanged.len() as f64 * fraction).ceil() as usize).clamp(1, unchanged.len());
+    // A random sample, in disk order (one segment load per segment touched).
+    let mut sample: Vec<u64> = Vec::with_capacity(want);
+    let mut seed = [0u8; 8];
+    getrandom::fill(&mut seed).map_err(|e| Error::invalid(format!("no randomness: {e}")))?;
+    let mut x = u64::from_le_bytes(seed) | 1;
+    let mut pool = unchanged;
+    for i in 0..want {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let j = i + (x % (pool.len() - i) as u64) as usize;
+        pool.swap(i, j);
+    }
+    sample.extend_from_slice(&pool[..want]);
+    sample.sort_unstable();
+    let mut buf = vec![0u8; bs as usize];
+    let mut segment: Option<(usize, Vec<crate::format::BlobId>)> = None;
+    let mut wrong = Vec::new();
+    for &b in &sample {
+        let k = (b / crate::format::SEGMENT_BLOCKS as u64) as usize;
+        if segment.as_ref().is_none_or(|(sk, _)| *sk != k) {
+            let seg = parent.segments.get(k).ok_or_else(|| Error::corrupt("snapshot", format!("no segment {k}")))?;
+            segment = Some((k, crate::backup::load_segment(repo, cache, seg)?));
+        }
+        let ids = &segment.as_ref().expect("loaded above").1;
+        let expected = ids[(b % crate::format::SEGMENT_BLOCKS as u64) as usize];
+        let len = bs.min(parent.capacity - b * bs) as usize;
+        source.read_at(b * bs, &mut buf[..len])?;
+        let id = if crate::backup::is_zero(&buf[..len]) {
+            crate::format::BlobId::ZERO
+        } else {
+            repo.keys().blob_id(&buf[..len])
+        };
+        if id != expected {
+            wrong.push(b);
+        }
+    }
+    tracing::info!(
+        "CBT verification: {} of {} sampled unchanged blocks re-read, {} differ",
+        sample.len(),
+        blocks,
+        wrong.len()
+    );
+    if wrong.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "CBT verification: {} of {} re-read blocks that CBT called unchanged differ from the last backup (first: \
+         block {}, bytes {}..); change tracking cannot be trusted for this disk",
+        wrong.len(),
+        sample.len(),
+        wrong[0],
+        wrong[0] * bs
+    )))
 }

@@ -212,3 +212,40 @@ fn a_failed_backup_removes_the_vm_snapshot() {
     assert!(r.stderr.contains("no VDDK library"), "{}", r.stderr);
     lab.assert_clean();
 }
+
+#[test]
+fn cbt_verification_catches_changes_cbt_lost() {
+    let lab = Lab::new();
+    let vm = lab.vm();
+    let name = vm["name"].as_str().unwrap().to_string();
+    lab.succeed(&["vm", "enable-cbt", &name]);
+    lab.guest_write(&vm, 0, 0, &random_bytes(1, 3 * MIB));
+    lab.ok(&["backup", "--json", "--vm", &name]);
+
+    // The simulator's CBT now "loses" changes to block 41 of disk1, as real CBT bugs have.
+    let flat = lab.disk_file(&vm, 0);
+    write(&PathBuf::from(format!("{}.cbt-drop", flat.display())), format!("{} {}\n", 41 * M, M).as_bytes());
+    lab.guest_write(&vm, 0, 40 * M, &random_bytes(2, MIB));
+    lab.guest_write(&vm, 0, 41 * M + 5, &random_bytes(3, 1000));
+    let trusting = lab.ok(&["backup", "--json", "--vm", &name]);
+    assert_eq!(trusting["disks"][0]["blocks_read"], 1, "CBT reported only block 40");
+    let restored = lab.env.restore(&format!("{}:disk1", trusting["snapshot"].as_str().unwrap()), &[]);
+    assert!(restored != std::fs::read(&flat).unwrap(), "the simulated CBT bug did not lose the change");
+
+    // With verification, the difference is found and the disk read in full.
+    lab.guest_write(&vm, 0, 50 * M, &random_bytes(4, 100));
+    let r = lab.ok(&["backup", "--json", "--vm", &name, "--verify-cbt", "100%"]);
+    let d = &r["vmware_disks"][0];
+    assert_eq!(d["mode"], "full", "{r}");
+    assert!(d["reason"].as_str().unwrap().contains("CBT verification: 1 of"), "{d}");
+    assert_eq!(r["vmware_disks"][1]["mode"], "incremental", "disk2's CBT is right and stays trusted");
+    let restored = lab.env.restore(&format!("{}:disk1", r["snapshot"].as_str().unwrap()), &[]);
+    assert!(restored == std::fs::read(&flat).unwrap());
+    // A small sample finds nothing wrong when CBT is right.
+    std::fs::remove_file(format!("{}.cbt-drop", flat.display())).unwrap();
+    lab.guest_write(&vm, 0, 7 * M, &random_bytes(5, 10));
+    let r = lab.ok(&["backup", "--json", "--vm", &name, "--verify-cbt", "10"]);
+    assert_eq!(r["vmware_disks"][0]["mode"], "incremental", "{r}");
+    assert_eq!(r["disks"][0]["blocks_read"], 1);
+    lab.assert_clean();
+}

@@ -29,6 +29,10 @@ pub struct BackupArgs {
     /// With --vm: quiesce the guest's file systems for the snapshot (VMware Tools).
     #[arg(long, requires = "vm")]
     quiesce: bool,
+    /// With --vm: re-read this percentage of the blocks CBT calls unchanged and compare them with the last
+    /// backup; any difference is reported and the disk is read in full.
+    #[arg(long, requires = "vm", value_name = "PERCENT", default_value = "0", value_parser = super::prune::parse_percent)]
+    verify_cbt: f64,
     /// With --vm: VDDK transport modes to allow, in order (`nbdssl`, `hotadd:nbdssl`, `san`…).
     #[arg(long, requires = "vm", value_name = "MODES")]
     transport: Option<String>,
@@ -297,6 +301,7 @@ fn run_vm(g: &Globals, args: &BackupArgs, vm: &str) -> Result<()> {
         quiesce: args.quiesce,
         transports: args.transport.clone(),
         user: args.vsphere.user()?.to_string(),
+        verify_cbt_fraction: args.verify_cbt,
     };
     let counters = Arc::new(Counters::default());
     let result = {

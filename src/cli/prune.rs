@@ -18,7 +18,7 @@ pub struct PruneArgs {
     dry_run: bool,
 }
 
-fn parse_percent(s: &str) -> std::result::Result<f64, String> {
+pub(crate) fn parse_percent(s: &str) -> std::result::Result<f64, String> {
     let v: f64 = s.trim_end_matches('%').parse().map_err(|_| format!("{s:?} is not a percentage"))?;
     if !(0.0..=100.0).contains(&v) {
         return Err(format!("{s:?} is not between 0% and 100%"));

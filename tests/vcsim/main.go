@@ -69,6 +69,25 @@ type tracker struct {
 	// vm moref -> tracking enabled at the last snapshot
 	lastEnabled map[string]bool
 	datastores  map[string]string
+	// "vm-42/2000" -> the disk's flat file
+	flats map[string]string
+}
+
+// droppedRanges reads <flat>.cbt-drop ("offset length" per line): byte ranges whose changes this CBT "loses",
+// as real CBT bugs have (KB2090639, KB2136854), so that tests can check that diskvault's verification notices.
+func droppedRanges(flat string) [][2]int64 {
+	data, err := os.ReadFile(flat + ".cbt-drop")
+	if err != nil {
+		return nil
+	}
+	var out [][2]int64
+	for _, line := range strings.Split(string(data), "\n") {
+		var off, n int64
+		if _, err := fmt.Sscanf(line, "%d %d", &off, &n); err == nil {
+			out = append(out, [2]int64{off, off + n})
+		}
+	}
+	return out
 }
 
 func (t *tracker) Reference() types.ManagedObjectReference {
@@ -177,6 +196,7 @@ func (t *tracker) PutObject(obj mo.Reference) {
 		}
 		t.snapFiles[sref] = append(t.snapFiles[sref], frozen)
 		key := fmt.Sprintf("%s/%d", vmRef, disk.Key)
+		t.flats[key] = flat
 		st := t.disks[key]
 		changeID := ""
 		if enabled {
@@ -278,6 +298,7 @@ func (t *tracker) queryChangedDiskAreas(w http.ResponseWriter, body []byte) {
 		return
 	}
 	zero := sha256.Sum256(make([]byte, granule))
+	dropped := droppedRanges(t.flats[key])
 	end := r.StartOffset + pageWindow
 	if end > st.size {
 		end = st.size
@@ -301,6 +322,11 @@ func (t *tracker) queryChangedDiskAreas(w http.ResponseWriter, body []byte) {
 			changed = current[g] != z
 		} else {
 			changed = current[g] != base[g]
+			for _, d := range dropped {
+				if g*granule < d[1] && (g+1)*granule > d[0] {
+					changed = false
+				}
+			}
 		}
 		if !changed {
 			flush()
@@ -343,6 +369,7 @@ func main() {
 		snapFiles:   map[string][]string{},
 		lastEnabled: map[string]bool{},
 		datastores:  map[string]string{},
+		flats:       map[string]string{},
 	}
 	for _, obj := range simulator.Map.All("Datastore") {
 		ds := obj.(*simulator.Datastore)
