@@ -249,3 +249,39 @@ fn cbt_verification_catches_changes_cbt_lost() {
     assert_eq!(r["disks"][0]["blocks_read"], 1);
     lab.assert_clean();
 }
+
+#[test]
+fn restore_onto_the_vm_disk_writes_only_differing_blocks() {
+    let lab = Lab::new();
+    let vm = lab.vm();
+    let name = vm["name"].as_str().unwrap().to_string();
+    lab.guest_write(&vm, 0, 0, &random_bytes(1, 4 * MIB));
+    let r = lab.ok(&["backup", "--json", "--vm", &name]);
+    let id = r["snapshot"].as_str().unwrap().to_string();
+    let at_backup = std::fs::read(lab.disk_file(&vm, 0)).unwrap();
+    // Later the guest changes blocks 1 and 2, and writes into block 20 (zero at backup time).
+    lab.guest_write(&vm, 0, M + 100, &random_bytes(2, MIB));
+    lab.guest_write(&vm, 0, 20 * M, &random_bytes(3, 512));
+    assert!(std::fs::read(lab.disk_file(&vm, 0)).unwrap() != at_backup);
+
+    // Not while it runs.
+    let r = lab.run(&["restore", &format!("{id}:disk1"), "--to-vm", &name], &[]);
+    assert!(r.stderr.contains("needs it powered off"), "{}", r.stderr);
+    lab.succeed(&["vm", "power-off", &name]);
+    std::fs::remove_file(&lab.vddk_log).ok();
+    let r = lab.ok(&["restore", &format!("{id}:disk1"), "--to-vm", &name, "--json"]);
+    assert_eq!(r["blocks_compared"], 64);
+    assert_eq!(r["blocks_written"], 3, "{r}");
+    assert!(std::fs::read(lab.disk_file(&vm, 0)).unwrap() == at_backup, "the VM's disk is not the snapshot's");
+    let log = std::fs::read_to_string(&lab.vddk_log).unwrap();
+    assert_eq!(log.lines().filter(|l| l.starts_with("Write ")).count(), 3, "{log}");
+    assert!(log.contains("readOnly=0 snapshot= modes=nbdssl"), "writes go over an explicit nbdssl: {log}");
+    // Once more: nothing differs, nothing is written.
+    let r = lab.ok(&["restore", &format!("{id}:disk1"), "--to-vm", &name, "--json"]);
+    assert_eq!(r["blocks_written"], 0);
+    // Onto the other disk of the VM by name.
+    let r = lab.ok(&["restore", &format!("{id}:disk1"), "--to-vm", &name, "--vm-disk", "disk2", "--json"]);
+    assert_eq!(r["blocks_written"], 4);
+    assert!(std::fs::read(lab.disk_file(&vm, 1)).unwrap() == at_backup);
+    lab.assert_clean();
+}

@@ -20,8 +20,24 @@ pub struct RestoreArgs {
     #[arg(long)]
     name: Option<String>,
     /// File or block device to write.
-    #[arg(long, short = 't')]
-    target: PathBuf,
+    #[arg(long, short = 't', required_unless_present = "to_vm")]
+    target: Option<PathBuf>,
+    /// Restore onto this existing, powered-off VMware VM (name or moref) instead, writing only the blocks that
+    /// differ from the snapshot. Needs --vsphere… and --vddk-libdir.
+    #[arg(long, conflicts_with = "target", value_name = "VM")]
+    to_vm: Option<String>,
+    /// With --to-vm: the VM's disk to write (its file name without .vmdk, e.g. disk1); default: the same name
+    /// as the snapshot's disk.
+    #[arg(long, requires = "to_vm", value_name = "NAME")]
+    vm_disk: Option<String>,
+    #[command(flatten)]
+    vsphere: super::vm::VsphereArgs,
+    /// With --to-vm: the VDDK directory.
+    #[arg(long, env = "DISKVAULT_VDDK_LIBDIR", value_name = "DIR")]
+    vddk_libdir: Option<PathBuf>,
+    /// Print the result as JSON (with --to-vm).
+    #[arg(long)]
+    json: bool,
     /// Replace the target file if it exists.
     #[arg(long)]
     overwrite: bool,
@@ -62,6 +78,46 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
     };
     let cache = g.open_cache_unsynced(&repo)?;
     let counters = Arc::new(Counters::default());
+    if let Some(vm) = &args.to_vm {
+        let libdir = args
+            .vddk_libdir
+            .clone()
+            .ok_or_else(|| Error::invalid("restoring into a VM writes through the VDDK: give --vddk-libdir DIR"))?;
+        crate::vddk::ensure_loader_path(&libdir)?;
+        let mut client = args.vsphere.connect()?;
+        let report = {
+            let _r = Reporter::start("restore", counters.clone(), g.progress);
+            crate::vmware::restore_to_vm(
+                &mut client,
+                &repo,
+                &cache,
+                disk,
+                vm,
+                args.vm_disk.as_deref(),
+                &libdir,
+                args.vsphere.user()?,
+                &counters,
+            )
+        };
+        client.logout();
+        let report = report?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report).expect("JSON of plain values"));
+        } else {
+            println!(
+                "restored disk {} of snapshot {} onto {} of VM {}: compared {} blocks, wrote {} ({})",
+                disk.name,
+                id.short(),
+                report.vm_disk,
+                report.vm,
+                report.blocks_compared,
+                report.blocks_written,
+                human_bytes(report.bytes_written)
+            );
+        }
+        return Ok(());
+    }
+    let target = args.target.clone().expect("clap requires --target without --to-vm");
     if let Some(ranges) = snap.annotations.get(&format!("repaired.damaged.{}", disk.name)) {
         eprintln!(
             "warning: snapshot {} was repaired: byte ranges {ranges} of disk {} were lost and restore as zeros",
@@ -78,14 +134,14 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let stats = {
         let _r = Reporter::start("restore", counters.clone(), g.progress);
-        restore::restore_disk(&repo, &cache, disk, &args.target, &opts, &counters)?
+        restore::restore_disk(&repo, &cache, disk, &target, &opts, &counters)?
     };
     let secs = started.elapsed().as_secs_f64();
     println!(
         "restored disk {} of snapshot {} to {}: {} in {:.1} s ({}/s), {} blocks written, {} zero blocks{}",
         disk.name,
         id.short(),
-        args.target.display(),
+        target.display(),
         human_bytes(disk.capacity),
         secs,
         human_bytes((disk.capacity as f64 / secs.max(0.001)) as u64),

@@ -84,6 +84,12 @@ pub enum VmCommand {
         vsphere: VsphereArgs,
         vm: String,
     },
+    /// Power a VM off (hard), e.g. before restoring onto its disks.
+    PowerOff {
+        #[command(flatten)]
+        vsphere: VsphereArgs,
+        vm: String,
+    },
     /// Reset Changed Block Tracking (off, a snapshot cycle, on): the next backup reads every disk in full.
     ResetCbt {
         #[command(flatten)]
@@ -133,6 +139,16 @@ pub fn run(cmd: &VmCommand) -> Result<()> {
                 info.name,
                 info.moref
             );
+            Ok(())
+        }
+        VmCommand::PowerOff { vsphere, vm } => {
+            let mut c = vsphere.connect()?;
+            let info = c.find_vm(vm)?;
+            if info.power_state != "poweredOff" {
+                c.power_off(&info.moref)?;
+            }
+            c.logout();
+            println!("{} ({}) is powered off", info.name, info.moref);
             Ok(())
         }
         VmCommand::ResetCbt { vsphere, vm } => {

@@ -128,6 +128,8 @@ pub type GetInfo = unsafe extern "C" fn(Handle, out: *mut *mut Info) -> VixError
 pub type FreeInfo = unsafe extern "C" fn(*mut Info);
 pub type GetTransportMode = unsafe extern "C" fn(Handle) -> *const c_char;
 pub type Read = unsafe extern "C" fn(Handle, start: u64, count: u64, buf: *mut u8) -> VixError;
+pub type Write = unsafe extern "C" fn(Handle, start: u64, count: u64, buf: *const u8) -> VixError;
+pub type Flush = unsafe extern "C" fn(Handle) -> VixError;
 pub type QueryAllocatedBlocks =
     unsafe extern "C" fn(Handle, start: u64, count: u64, chunk: u64, out: *mut *mut BlockList) -> VixError;
 pub type FreeBlockList = unsafe extern "C" fn(*mut BlockList) -> VixError;

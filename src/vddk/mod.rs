@@ -41,6 +41,8 @@ struct Fns {
     free_info: ffi::FreeInfo,
     get_transport_mode: Option<ffi::GetTransportMode>,
     read: ffi::Read,
+    write: Option<ffi::Write>,
+    flush: Option<ffi::Flush>,
     query_allocated_blocks: Option<ffi::QueryAllocatedBlocks>,
     free_block_list: Option<ffi::FreeBlockList>,
     get_error_text: ffi::GetErrorText,
@@ -212,6 +214,8 @@ fn resolve(lib: &libloading::Library, path: &Path) -> Result<Fns> {
         free_info: req(lib, path, "VixDiskLib_FreeInfo")?,
         get_transport_mode: opt(lib, "VixDiskLib_GetTransportMode"),
         read: req(lib, path, "VixDiskLib_Read")?,
+        write: opt(lib, "VixDiskLib_Write"),
+        flush: opt(lib, "VixDiskLib_Flush"),
         query_allocated_blocks: opt(lib, "VixDiskLib_QueryAllocatedBlocks"),
         free_block_list: opt(lib, "VixDiskLib_FreeBlockList"),
         get_error_text: req(lib, path, "VixDiskLib_GetErrorText")?,
@@ -390,6 +394,21 @@ impl Disk {
     /// `PrepareForAccess` → `ConnectEx` → `Open` (read-only) → `GetInfo`, on the owner thread. On failure,
     /// everything done so far is undone (`EndAccess` included).
     pub fn open(lib: Arc<Library>, target: &DiskTarget) -> Result<Disk> {
+        Disk::open_mode(lib, target, false)
+    }
+
+    /// Opens the disk for reading and writing (restore into VMware). The guide asks for an explicit
+    /// transport for writes (`nbdssl` unless the target says otherwise).
+    pub fn open_writable(lib: Arc<Library>, target: &DiskTarget) -> Result<Disk> {
+        if lib.fns.write.is_none() {
+            return Err(Error::invalid("this VDDK has no VixDiskLib_Write"));
+        }
+        let mut t = target.clone();
+        t.transports.get_or_insert_with(|| "nbdssl".to_string());
+        Disk::open_mode(lib, &t, true)
+    }
+
+    fn open_mode(lib: Arc<Library>, target: &DiskTarget, writable: bool) -> Result<Disk> {
         let about = format!(
             "vddk://{}/{} ({}{})",
             target.server,
@@ -445,7 +464,7 @@ impl Disk {
                 let mut conn: ffi::Connection = std::ptr::null_mut();
                 let e = (fns.1)(
                     params,
-                    1,
+                    if writable { 0 } else { 1 },
                     snapshot.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
                     transports.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
                     &mut conn,
@@ -456,7 +475,8 @@ impl Disk {
                 }
                 out.connection = Ptr(conn);
                 let mut handle: ffi::Handle = std::ptr::null_mut();
-                let e = (fns.2)(conn, path.as_ptr(), ffi::OPEN_READ_ONLY, &mut handle);
+                let flags = if writable { 0 } else { ffi::OPEN_READ_ONLY };
+                let e = (fns.2)(conn, path.as_ptr(), flags, &mut handle);
                 if e != ffi::VIX_OK {
                     out.error = Some(("VixDiskLib_Open", e));
                     return out;
@@ -529,6 +549,36 @@ impl Disk {
                 self.about.clone(),
                 format!("read of {} bytes at offset {offset}: {err}", buf.len()),
             ));
+        }
+        Ok(())
+    }
+
+    /// Writes whole sectors at a sector-aligned offset (a disk opened with [`Disk::open_writable`]).
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let ss = ffi::SECTOR_SIZE;
+        let write = self.lib.fns.write.ok_or_else(|| Error::invalid("this VDDK has no VixDiskLib_Write"))?;
+        if !offset.is_multiple_of(ss) || !(data.len() as u64).is_multiple_of(ss) {
+            return Err(Error::invalid(format!("{}: a VDDK write must be whole sectors", self.about)));
+        }
+        // SAFETY: as for reads; the data outlives the call.
+        let e = unsafe { write(self.handle.0, offset / ss, data.len() as u64 / ss, data.as_ptr()) };
+        if e != ffi::VIX_OK {
+            let err = self.lib.error("VixDiskLib_Write", e, &self.about);
+            return Err(Error::source(
+                self.about.clone(),
+                format!("write of {} bytes at offset {offset}: {err}", data.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        if let Some(f) = self.lib.fns.flush {
+            // SAFETY: the handle is open.
+            let e = unsafe { f(self.handle.0) };
+            if e != ffi::VIX_OK {
+                return Err(self.lib.error("VixDiskLib_Flush", e, &self.about));
+            }
         }
         Ok(())
     }

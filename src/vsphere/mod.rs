@@ -333,6 +333,15 @@ impl Client {
             .ok_or_else(|| self.bad("CreateSnapshot_Task", "the task returned no snapshot"))
     }
 
+    /// Powers a VM off (hard, as PowerOffVM_Task does).
+    pub fn power_off(&mut self, vm: &str) -> Result<()> {
+        let r = self.call("PowerOffVM_Task", &MoRef::new("VirtualMachine", vm), "")?;
+        let task =
+            r.child("returnval").and_then(MoRef::from_element).ok_or_else(|| self.bad("PowerOffVM_Task", "no task"))?;
+        self.wait_task(&task, "PowerOffVM_Task")?;
+        Ok(())
+    }
+
     pub fn remove_snapshot(&mut self, snapshot: &MoRef) -> Result<()> {
         let r = self.call("RemoveSnapshot_Task", snapshot, "<removeChildren>false</removeChildren>")?;
         let task = r
