@@ -754,3 +754,25 @@ fn serve_stops_fetching_when_its_session_is_lost() {
     assert!(text.contains("failed") || !out.status.success(), "a read after the session was lost succeeded: {text}");
     serve.stop();
 }
+
+#[test]
+fn restore_writes_qcow2_and_vmdk_for_other_tools() {
+    let env = Env::with_repo();
+    let (v, id) = backed_up_disk(&env, 9);
+    let raw = env.path("d.raw");
+    write(&raw, &v);
+    for format in ["qcow2", "vmdk"] {
+        let out = env.path(&format!("d.{format}"));
+        env.ok(&["restore", &id, "--target", out.to_str().unwrap(), "--format", format]);
+        let info = run_tool(tool("qemu-img").args(["info", "--output=json"]).arg(&out));
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(info["format"], format);
+        assert_eq!(info["virtual-size"], v.len() as u64);
+        let cmp = run_tool(tool("qemu-img").args(["compare", "-f", format, "-F", "raw"]).arg(&out).arg(&raw));
+        assert!(cmp.contains("identical"), "{cmp}");
+        // No temporary raw file is left, and an existing target is not replaced without --overwrite.
+        assert!(!env.path(&format!("d.{format}.partial.raw")).exists());
+        let r = env.fails(&["restore", &id, "--target", out.to_str().unwrap(), "--format", format]);
+        assert!(r.stderr.contains("--overwrite"), "{}", r.stderr);
+    }
+}

@@ -35,6 +35,10 @@ pub struct RestoreArgs {
     /// With --to-vm: the VDDK directory.
     #[arg(long, env = "DISKVAULT_VDDK_LIBDIR", value_name = "DIR")]
     vddk_libdir: Option<PathBuf>,
+    /// Output format of --target: `raw` (sparse), or `qcow2` / `vmdk` for other tools (converted with
+    /// qemu-img from a temporary raw file next to the target).
+    #[arg(long, default_value = "raw", value_parser = ["raw", "qcow2", "vmdk"])]
+    format: String,
     /// Print the result as JSON (with --to-vm).
     #[arg(long)]
     json: bool,
@@ -117,7 +121,18 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let target = args.target.clone().expect("clap requires --target without --to-vm");
+    let final_target = args.target.clone().expect("clap requires --target without --to-vm");
+    if args.format != "raw" && final_target.exists() && !args.overwrite {
+        return Err(Error::local(&final_target, "exists already (use --overwrite to replace it)"));
+    }
+    // Other formats: restore raw next to the target first, then convert.
+    let target = if args.format == "raw" {
+        final_target.clone()
+    } else {
+        let mut name = final_target.file_name().unwrap_or_default().to_os_string();
+        name.push(".partial.raw");
+        final_target.with_file_name(name)
+    };
     if let Some(ranges) = snap.annotations.get(&format!("repaired.damaged.{}", disk.name)) {
         eprintln!(
             "warning: snapshot {} was repaired: byte ranges {ranges} of disk {} were lost and restore as zeros",
@@ -126,7 +141,8 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
         );
     }
     let opts = RestoreOptions {
-        overwrite: args.overwrite,
+        // The temporary raw file of a conversion is ours to replace.
+        overwrite: args.overwrite || args.format != "raw",
         verify: args.verify,
         fetchers: args.fetchers,
         allow_partial: args.allow_partial,
@@ -136,6 +152,12 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
         let _r = Reporter::start("restore", counters.clone(), g.progress);
         restore::restore_disk(&repo, &cache, disk, &target, &opts, &counters)?
     };
+    if args.format != "raw" {
+        let converted = convert_image(&target, &final_target, &args.format);
+        let _ = std::fs::remove_file(&target);
+        converted?;
+    }
+    let target = final_target;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "restored disk {} of snapshot {} to {}: {} in {:.1} s ({}/s), {} blocks written, {} zero blocks{}",
@@ -161,4 +183,18 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
         human_bytes(lost),
         stats.damaged.len()
     )))
+}
+
+/// Converts a raw image to `format` with qemu-img.
+fn convert_image(raw: &std::path::Path, out: &std::path::Path, format: &str) -> Result<()> {
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", format])
+        .arg(raw)
+        .arg(out)
+        .status()
+        .map_err(|e| Error::local(out, format!("cannot run qemu-img (install qemu-utils) to write {format}: {e}")))?;
+    if !status.success() {
+        return Err(Error::local(out, format!("qemu-img convert to {format} failed ({status})")));
+    }
+    Ok(())
 }
