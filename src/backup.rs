@@ -519,6 +519,9 @@ fn read_disk(
 ) -> Result<()> {
     job.source.will_read(&plan.read, block_size);
     for index in plan.read.iter() {
+        if crate::util::interrupted() {
+            return Err(Error::Interrupted);
+        }
         if abort.is_set() {
             return Ok(());
         }

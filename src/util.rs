@@ -117,6 +117,40 @@ pub fn percent_decode(s: &str) -> std::result::Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 after decoding"))
 }
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether SIGINT or SIGTERM arrived since [`catch_interrupts`].
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Turns SIGINT/SIGTERM into a flag that long operations poll ([`interrupted`]), so that they stop through
+/// their normal error path and clean up (a VM snapshot removed, VDDK access ended, session marker deleted).
+/// A second signal ends the process at once. Call before starting threads: they inherit the signal mask.
+pub fn catch_interrupts() {
+    // SAFETY: plain signal-mask calls on a local set.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is initialized, `sig` is a valid out pointer.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("interrupted: stopping and cleaning up (again to quit at once)");
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot watch for interrupts: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

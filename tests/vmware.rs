@@ -285,3 +285,33 @@ fn restore_onto_the_vm_disk_writes_only_differing_blocks() {
     assert!(std::fs::read(lab.disk_file(&vm, 1)).unwrap() == at_backup);
     lab.assert_clean();
 }
+
+#[test]
+fn an_interrupted_backup_removes_the_vm_snapshot() {
+    let lab = Lab::new();
+    let vm = lab.vm();
+    let name = vm["name"].as_str().unwrap().to_string();
+    lab.guest_write(&vm, 0, 0, &random_bytes(8, 24 * MIB));
+    let mut c = lab.env.command(&["backup", "--vm", &name]);
+    c.envs(lab.sim.env())
+        .env("DISKVAULT_VDDK_LIBDIR", fake_vddk())
+        .env("FAKE_VDDK_DATASTORES", format!("LocalDS_0={}", lab.sim.datastores["LocalDS_0"].as_str().unwrap()))
+        .env("FAKE_VDDK_THUMBPRINT", &lab.sim.sha1)
+        .env("FAKE_VDDK_LOG", &lab.vddk_log)
+        .env("FAKE_VDDK_READ_DELAY_MS", "100")
+        .stderr(std::process::Stdio::piped());
+    let child = c.spawn().unwrap();
+    // Ctrl-C once reads are under way.
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&lab.vddk_log).unwrap_or_default().lines().any(|l| l.starts_with("Read ")) {
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "no read started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    lab.assert_clean();
+    assert!(lab.env.ok(&["snapshots", "--json"]).json().as_array().unwrap().is_empty());
+}

@@ -115,6 +115,7 @@ fn default_disk_name(spec: &str) -> String {
 }
 
 pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
+    crate::util::catch_interrupts();
     if let Some(vm) = &args.vm {
         return run_vm(g, args, vm);
     }

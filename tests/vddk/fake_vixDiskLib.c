@@ -9,6 +9,7 @@
  *                         with a snapshot ref S, DIR/vm/disk-flat.vmdk@S if that exists (a frozen image).
  *   FAKE_VDDK_USER / FAKE_VDDK_PASSWORD / FAKE_VDDK_THUMBPRINT   expected credentials (any if unset)
  *   FAKE_VDDK_FAIL_READ_SECTOR  Read/ReadAsync covering this sector fail with VIX_E_DISK_NOIO (16002)
+ *   FAKE_VDDK_READ_DELAY_MS  every read takes this long (a slow network, to interrupt a backup)
  *   FAKE_VDDK_LOG         file receiving one line per event: calls, bytes read, rule violations ("VIOLATION ...")
  */
 #define _GNU_SOURCE
@@ -322,6 +323,8 @@ static VixError do_read(struct Handle *h, uint64_t start, uint64_t n, uint8_t *b
         event("Read failure injected at sector %s", fail);
         err = VIX_E_DISK_NOIO;
     } else {
+        const char *delay = getenv("FAKE_VDDK_READ_DELAY_MS");
+        if (delay) usleep((useconds_t)atoi(delay) * 1000);
         size_t len = (size_t)n * 512, done = 0;
         while (done < len) {
             ssize_t r = pread(h->fd, buf + done, len - done, (off_t)(start * 512 + done));
