@@ -113,7 +113,9 @@ fn backup_snapshot(
     mut backup_opts: BackupOptions,
     counters: &Counters,
 ) -> Result<VmBackup> {
-    let config = client.snapshot_config(snap)?;
+    let mut config = client.snapshot_config(snap)?;
+    config.name = backup_opts.source.clone();
+    (config.folder, config.resource_pool) = client.placement(moref)?;
     let parent = repo.find_snapshot("latest", Some(&backup_opts.source)).ok();
     let (server, _) = client.server_host();
     let thumbprint = client.server_sha1_thumbprint();
@@ -346,9 +348,6 @@ pub fn restore_to_vm(
         path: target_disk.file_name.clone(),
         transports: None,
     };
-    let mut out = Disk::open_writable(lib, &target)?;
-    let bs = disk.block_size as u64;
-    counters.add_total(disk.capacity);
     let mut report = VmRestoreReport {
         disk: disk.name.clone(),
         vm: info.name.clone(),
@@ -357,6 +356,24 @@ pub fn restore_to_vm(
         blocks_written: 0,
         bytes_written: 0,
     };
+    write_differences(repo, cache, disk, lib, &target, &mut report, counters)?;
+    session.ensure_held()?;
+    Ok(report)
+}
+
+/// Writes the blocks of `disk` that differ from what the VM disk `target` holds (read and hashed first).
+fn write_differences(
+    repo: &Repository,
+    cache: &IndexCache,
+    disk: &crate::format::snapshot::DiskManifest,
+    lib: Arc<Library>,
+    target: &DiskTarget,
+    report: &mut VmRestoreReport,
+    counters: &Counters,
+) -> Result<()> {
+    let mut out = Disk::open_writable(lib, target)?;
+    let bs = disk.block_size as u64;
+    counters.add_total(disk.capacity);
     let mut current = vec![0u8; bs as usize];
     for (k, seg) in disk.segments.iter().enumerate() {
         let ids = crate::backup::load_segment(repo, cache, seg)?;
@@ -390,7 +407,86 @@ pub fn restore_to_vm(
             report.bytes_written += len as u64;
         }
     }
-    out.flush()?;
+    out.flush()
+}
+
+/// Creates a new, powered-off VM named `name` from the configuration recorded in `snapshot` (CPUs, memory,
+/// firmware, guest OS, disks of the recorded sizes) on `datastore`, and writes every disk into it.
+#[allow(clippy::too_many_arguments)]
+pub fn restore_as_new_vm(
+    client: &mut Client,
+    repo: &Repository,
+    cache: &IndexCache,
+    snapshot: &Snapshot,
+    name: &str,
+    datastore: Option<&str>,
+    libdir: &std::path::Path,
+    user: &str,
+    counters: &Counters,
+) -> Result<Vec<VmRestoreReport>> {
+    let recorded = snapshot.annotations.get("vmware.config").ok_or_else(|| {
+        Error::invalid(
+            "this snapshot was not taken of a VMware VM (no recorded configuration): restore its disks to files",
+        )
+    })?;
+    let config: crate::vsphere::VmConfig =
+        serde_json::from_str(recorded).map_err(|e| Error::corrupt("snapshot annotation vmware.config", e))?;
+    if client.virtual_machines()?.iter().any(|v| v.name == name) {
+        return Err(Error::invalid(format!("a VM named {name:?} exists already")));
+    }
+    let datastore = match datastore {
+        Some(d) => d.to_string(),
+        None => config
+            .disks
+            .first()
+            .and_then(|d| d.file_name.strip_prefix('['))
+            .and_then(|r| r.split_once(']'))
+            .map(|(ds, _)| ds.to_string())
+            .ok_or_else(|| Error::invalid("no datastore recorded: give --datastore"))?,
+    };
+    let lib = Library::load(libdir)?;
+    let session = crate::lock::start_session(repo, "restore")?;
+    cache.sync(repo)?;
+    let moref = client.create_vm(name, &config, &datastore)?;
+    let created = client.find_vm(&moref)?;
+    if created.disks.len() != config.disks.len() {
+        return Err(Error::VSphere {
+            call: "CreateVM_Task".into(),
+            cause: format!("the new VM has {} disks, {} were asked for", created.disks.len(), config.disks.len()),
+        });
+    }
+    let (server, _) = client.server_host();
+    let cookie = client
+        .session_cookie()
+        .ok_or_else(|| Error::VSphere { call: "Login".into(), cause: "no session cookie to hand to the VDDK".into() })?
+        .to_string();
+    let mut reports = Vec::new();
+    for (recorded_disk, new_disk) in config.disks.iter().zip(&created.disks) {
+        let disk_name_in_snapshot = disk_name(&recorded_disk.file_name);
+        let disk = snapshot.disk(&disk_name_in_snapshot).ok_or_else(|| {
+            Error::corrupt("snapshot", format!("the recorded disk {disk_name_in_snapshot} is not in the snapshot"))
+        })?;
+        let target = DiskTarget {
+            server: server.clone(),
+            port: None,
+            thumbprint: client.server_sha1_thumbprint(),
+            credentials: Credentials::Session { cookie: cookie.clone(), user: user.to_string() },
+            moref: moref.clone(),
+            snapshot: None,
+            path: new_disk.file_name.clone(),
+            transports: None,
+        };
+        let mut report = VmRestoreReport {
+            disk: disk.name.clone(),
+            vm: name.to_string(),
+            vm_disk: new_disk.file_name.clone(),
+            blocks_compared: 0,
+            blocks_written: 0,
+            bytes_written: 0,
+        };
+        write_differences(repo, cache, disk, lib.clone(), &target, &mut report, counters)?;
+        reports.push(report);
+    }
     session.ensure_held()?;
-    Ok(report)
+    Ok(reports)
 }

@@ -315,3 +315,38 @@ fn an_interrupted_backup_removes_the_vm_snapshot() {
     lab.assert_clean();
     assert!(lab.env.ok(&["snapshots", "--json"]).json().as_array().unwrap().is_empty());
 }
+
+#[test]
+fn restore_as_a_new_vm_from_the_recorded_configuration() {
+    let lab = Lab::new();
+    let vm = lab.vm();
+    let name = vm["name"].as_str().unwrap().to_string();
+    lab.guest_write(&vm, 0, 0, &random_bytes(1, 3 * MIB));
+    lab.guest_write(&vm, 1, 33 * M, &random_bytes(2, 5000));
+    let id = lab.ok(&["backup", "--json", "--vm", &name])["snapshot"].as_str().unwrap().to_string();
+    let originals = [std::fs::read(lab.disk_file(&vm, 0)).unwrap(), std::fs::read(lab.disk_file(&vm, 1)).unwrap()];
+
+    let r = lab.ok(&["restore", &id, "--to-new-vm", "restored-vm", "--json"]);
+    assert_eq!(r.as_array().unwrap().len(), 2);
+    assert_eq!((r[0]["blocks_written"].as_u64(), r[1]["blocks_written"].as_u64()), (Some(3), Some(1)), "{r}");
+    let all = lab.ok(&["vm", "list", "--json"]);
+    let new =
+        all.as_array().unwrap().iter().find(|v| v["name"] == "restored-vm").expect("the new VM is listed").clone();
+    assert_eq!(new["power_state"], "poweredOff");
+    assert!(vm["num_cpu"].as_u64().unwrap() >= 1 && vm["memory_mb"].as_u64().unwrap() >= 1, "{vm}");
+    assert_eq!((&new["num_cpu"], &new["memory_mb"]), (&vm["num_cpu"], &vm["memory_mb"]));
+    assert_eq!(new["disks"].as_array().unwrap().len(), 2);
+    for (i, original) in originals.iter().enumerate() {
+        assert_eq!(new["disks"][i]["capacity"], vm["disks"][i]["capacity"]);
+        assert!(std::fs::read(lab.disk_file(&new, i)).unwrap() == *original, "disk {i} of the new VM differs");
+    }
+    // The name is taken now; a file backup has no VM configuration to restore from.
+    let r = lab.run(&["restore", &id, "--to-new-vm", "restored-vm"], &[]);
+    assert!(r.stderr.contains("exists already"), "{}", r.stderr);
+    let img = lab.env.path("plain.img");
+    write(&img, &random_bytes(3, MIB));
+    let plain = lab.env.backup(&["--name", "files", img.to_str().unwrap()])["snapshot"].as_str().unwrap().to_string();
+    let r = lab.run(&["restore", &plain, "--to-new-vm", "x"], &[]);
+    assert!(r.stderr.contains("not taken of a VMware VM"), "{}", r.stderr);
+    lab.assert_clean();
+}

@@ -20,12 +20,19 @@ pub struct RestoreArgs {
     #[arg(long)]
     name: Option<String>,
     /// File or block device to write.
-    #[arg(long, short = 't', required_unless_present = "to_vm")]
+    #[arg(long, short = 't', required_unless_present_any = ["to_vm", "to_new_vm"])]
     target: Option<PathBuf>,
     /// Restore onto this existing, powered-off VMware VM (name or moref) instead, writing only the blocks that
     /// differ from the snapshot. Needs --vsphere… and --vddk-libdir.
     #[arg(long, conflicts_with = "target", value_name = "VM")]
     to_vm: Option<String>,
+    /// Restore as a new, powered-off VMware VM of this name, created from the configuration recorded with the
+    /// snapshot (CPUs, memory, firmware, guest OS, disks), with every disk written into it.
+    #[arg(long, conflicts_with_all = ["target", "to_vm"], value_name = "NAME")]
+    to_new_vm: Option<String>,
+    /// With --to-new-vm: the datastore for the new VM (default: the one its first disk was on).
+    #[arg(long, requires = "to_new_vm", value_name = "NAME")]
+    datastore: Option<String>,
     /// With --to-vm: the VM's disk to write (its file name without .vmdk, e.g. disk1); default: the same name
     /// as the snapshot's disk.
     #[arg(long, requires = "to_vm", value_name = "NAME")]
@@ -65,6 +72,9 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
     let disk_name = args.disk.clone().or(disk_from_ref);
     let repo = g.open_repo()?;
     let (id, snap) = repo.find_snapshot(snap_ref, args.name.as_deref())?;
+    if let Some(name) = &args.to_new_vm {
+        return restore_new_vm(g, args, &repo, &id, &snap, name);
+    }
     let disk = match (&disk_name, snap.disks.as_slice()) {
         (Some(n), _) => snap.disk(n).ok_or_else(|| {
             let names: Vec<&str> = snap.disks.iter().map(|d| d.name.as_str()).collect();
@@ -195,6 +205,49 @@ fn convert_image(raw: &std::path::Path, out: &std::path::Path, format: &str) -> 
         .map_err(|e| Error::local(out, format!("cannot run qemu-img (install qemu-utils) to write {format}: {e}")))?;
     if !status.success() {
         return Err(Error::local(out, format!("qemu-img convert to {format} failed ({status})")));
+    }
+    Ok(())
+}
+
+fn restore_new_vm(
+    g: &Globals,
+    args: &RestoreArgs,
+    repo: &crate::repository::Repository,
+    id: &crate::format::ObjectId,
+    snap: &crate::format::snapshot::Snapshot,
+    name: &str,
+) -> Result<()> {
+    let libdir = args
+        .vddk_libdir
+        .clone()
+        .ok_or_else(|| Error::invalid("restoring into a VM writes through the VDDK: give --vddk-libdir DIR"))?;
+    crate::vddk::ensure_loader_path(&libdir)?;
+    let cache = g.open_cache_unsynced(repo)?;
+    let counters = Arc::new(Counters::default());
+    let mut client = args.vsphere.connect()?;
+    let reports = {
+        let _r = Reporter::start("restore", counters.clone(), g.progress);
+        crate::vmware::restore_as_new_vm(
+            &mut client,
+            repo,
+            &cache,
+            snap,
+            name,
+            args.datastore.as_deref(),
+            &libdir,
+            args.vsphere.user()?,
+            &counters,
+        )
+    };
+    client.logout();
+    let reports = reports?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports).expect("JSON of plain values"));
+        return Ok(());
+    }
+    println!("created VM {name} (powered off) from snapshot {}", id.short());
+    for r in &reports {
+        println!("  {} -> {}: wrote {} blocks ({})", r.disk, r.vm_disk, r.blocks_written, human_bytes(r.bytes_written));
     }
     Ok(())
 }

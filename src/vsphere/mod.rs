@@ -51,7 +51,7 @@ pub fn esc(s: &str) -> String {
 }
 
 /// A virtual disk as the VM's (or a snapshot's) configuration describes it.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VirtualDiskInfo {
     pub key: i32,
     pub label: String,
@@ -62,9 +62,14 @@ pub struct VirtualDiskInfo {
     pub change_id: String,
 }
 
-/// What a backup records of a VM's configuration.
-#[derive(Clone, Debug, serde::Serialize)]
+/// What a backup records of a VM's configuration (JSON in the snapshot's `vmware.config` annotation).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct VmConfig {
+    pub name: String,
+    /// Folder and resource pool the VM was in (morefs), where a restore creates a new VM by default.
+    pub folder: String,
+    pub resource_pool: String,
     pub num_cpu: u32,
     pub memory_mb: u64,
     pub firmware: String,
@@ -82,6 +87,8 @@ pub struct VmInfo {
     pub power_state: String,
     pub cbt_enabled: bool,
     pub snapshots: usize,
+    pub num_cpu: u32,
+    pub memory_mb: u64,
     pub disks: Vec<VirtualDiskInfo>,
 }
 
@@ -262,8 +269,15 @@ impl Client {
             .child("returnval")
             .and_then(MoRef::from_element)
             .ok_or_else(|| self.bad("CreateContainerView", "no view"))?;
-        let paths =
-            ["name", "runtime.powerState", "config.hardware.device", "config.changeTrackingEnabled", "snapshot"];
+        let paths = [
+            "name",
+            "runtime.powerState",
+            "config.hardware.device",
+            "config.changeTrackingEnabled",
+            "snapshot",
+            "config.hardware.numCPU",
+            "config.hardware.memoryMB",
+        ];
         let path_set: String = paths.iter().map(|p| format!("<pathSet>{p}</pathSet>")).collect();
         let body = format!(
             "<specSet><propSet><type>VirtualMachine</type>{path_set}</propSet><objectSet>{}<skip>true</skip>\
@@ -342,6 +356,66 @@ impl Client {
         Ok(())
     }
 
+    /// The folder and resource pool a VM is in (morefs).
+    pub fn placement(&mut self, vm: &str) -> Result<(String, String)> {
+        let props = self.properties(&MoRef::new("VirtualMachine", vm), &["parent", "resourcePool"])?;
+        let get =
+            |n: &str| props.iter().find(|(p, _)| p == n).map(|(_, v)| v.text.trim().to_string()).unwrap_or_default();
+        Ok((get("parent"), get("resourcePool")))
+    }
+
+    /// Creates a powered-off VM from a recorded configuration, with new thin disks of the recorded capacities
+    /// on `datastore` under one SCSI controller. Returns its moref.
+    pub fn create_vm(&mut self, name: &str, config: &VmConfig, datastore: &str) -> Result<String> {
+        if config.folder.is_empty() || config.resource_pool.is_empty() {
+            return Err(Error::invalid("the recorded configuration does not say where the VM was (folder, pool)"));
+        }
+        let mut devices = String::from(
+            "<deviceChange><operation>add</operation><device xsi:type=\"VirtualLsiLogicController\"><key>-100</key>\
+             <busNumber>0</busNumber><sharedBus>noSharing</sharedBus></device></deviceChange>",
+        );
+        for (i, d) in config.disks.iter().enumerate() {
+            let unit = if i >= 7 { i + 1 } else { i }; // unit 7 is the controller's own
+            devices.push_str(&format!(
+                "<deviceChange><operation>add</operation><fileOperation>create</fileOperation>\
+                 <device xsi:type=\"VirtualDisk\"><key>{}</key><backing xsi:type=\"VirtualDiskFlatVer2BackingInfo\">\
+                 <fileName>[{}]</fileName><diskMode>persistent</diskMode><thinProvisioned>true</thinProvisioned>\
+                 </backing><controllerKey>-100</controllerKey><unitNumber>{unit}</unitNumber>\
+                 <capacityInKB>{}</capacityInKB><capacityInBytes>{}</capacityInBytes></device></deviceChange>",
+                -101 - i as i64,
+                esc(datastore),
+                d.capacity.div_ceil(1024),
+                d.capacity
+            ));
+        }
+        let mut spec = format!("<config><name>{}</name>", esc(name));
+        if !config.guest_id.is_empty() {
+            spec.push_str(&format!("<guestId>{}</guestId>", esc(&config.guest_id)));
+        }
+        spec.push_str(&format!("<files><vmPathName>[{}]</vmPathName></files>", esc(datastore)));
+        if config.num_cpu > 0 {
+            spec.push_str(&format!("<numCPUs>{}</numCPUs>", config.num_cpu));
+        }
+        if config.memory_mb > 0 {
+            spec.push_str(&format!("<memoryMB>{}</memoryMB>", config.memory_mb));
+        }
+        spec.push_str(&devices);
+        if !config.firmware.is_empty() {
+            spec.push_str(&format!("<firmware>{}</firmware>", esc(&config.firmware)));
+        }
+        spec.push_str("</config>");
+        let body = format!("{spec}{}", MoRef::new("ResourcePool", &config.resource_pool).xml("pool"));
+        let r = self.call("CreateVM_Task", &MoRef::new("Folder", &config.folder), &body)?;
+        let task =
+            r.child("returnval").and_then(MoRef::from_element).ok_or_else(|| self.bad("CreateVM_Task", "no task"))?;
+        let result = self.wait_task(&task, "CreateVM_Task")?;
+        result
+            .as_ref()
+            .and_then(MoRef::from_element)
+            .map(|m| m.value)
+            .ok_or_else(|| self.bad("CreateVM_Task", "the task returned no VM"))
+    }
+
     pub fn remove_snapshot(&mut self, snapshot: &MoRef) -> Result<()> {
         let r = self.call("RemoveSnapshot_Task", snapshot, "<removeChildren>false</removeChildren>")?;
         let task = r
@@ -367,6 +441,9 @@ impl Client {
         let text = |n: &str| props.iter().find(|(p, _)| p == n).map(|(_, v)| v.text.trim().to_string());
         let devices = props.iter().find(|(n, _)| n == "config.hardware.device").map(|(_, v)| v);
         Ok(VmConfig {
+            name: String::new(),
+            folder: String::new(),
+            resource_pool: String::new(),
             num_cpu: text("config.hardware.numCPU").and_then(|t| t.parse().ok()).unwrap_or(0),
             memory_mb: text("config.hardware.memoryMB").and_then(|t| t.parse().ok()).unwrap_or(0),
             firmware: text("config.firmware").unwrap_or_default(),
@@ -459,6 +536,8 @@ fn vm_from_object(o: &Element) -> VmInfo {
         power_state: String::new(),
         cbt_enabled: false,
         snapshots: 0,
+        num_cpu: 0,
+        memory_mb: 0,
         disks: Vec::new(),
     };
     for p in o.children_named("propSet") {
@@ -469,6 +548,8 @@ fn vm_from_object(o: &Element) -> VmInfo {
             "config.changeTrackingEnabled" => vm.cbt_enabled = val.text.trim() == "true",
             "config.hardware.device" => vm.disks = disks_of(val),
             "snapshot" => vm.snapshots = count_snapshots(val),
+            "config.hardware.numCPU" => vm.num_cpu = val.text.trim().parse().unwrap_or(0),
+            "config.hardware.memoryMB" => vm.memory_mb = val.text.trim().parse().unwrap_or(0),
             _ => {}
         }
     }

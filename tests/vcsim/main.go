@@ -411,32 +411,14 @@ func main() {
 			vm.Config.Hardware.Device = append(vm.Config.Hardware.Device, &d)
 		}
 	}
-	// Every disk gets a sparse flat file of its capacity, for the guest (the test) to write into.
-	for _, obj := range simulator.Map.All("VirtualMachine") {
-		vm := obj.(*simulator.VirtualMachine)
-		for _, d := range vm.Config.Hardware.Device {
-			disk, ok := d.(*types.VirtualDisk)
-			if !ok {
-				continue
-			}
-			if b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
-				size := disk.CapacityInBytes
-				if size == 0 {
-					size = disk.CapacityInKB * 1024
-				}
-				p := t.flatPath(b.FileName)
-				if f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o644); err == nil {
-					f.Truncate(size)
-					f.Close()
-				}
-			}
-		}
-	}
+	t.ensureFlatFiles()
 	simulator.Map.AddHandler(t)
 	s := model.Service.NewServer()
 	inner := s.Config.Handler
 	s.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == http.MethodPost && r.URL.Path == "/sdk" {
+			// Disks of VMs created through the API get their flat files too.
+			t.ensureFlatFiles()
 			body, err := io.ReadAll(r.Body)
 			if err == nil && bytes.Contains(body, []byte("QueryChangedDiskAreas")) {
 				t.queryChangedDiskAreas(w, body)
@@ -512,4 +494,43 @@ func makeCertificates() ([]byte, tls.Certificate) {
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}),
 		tls.Certificate{Certificate: [][]byte{leafDER, caDER}, PrivateKey: key}
+}
+
+// ensureFlatFiles gives every VM disk that has none a sparse flat file of its capacity, for the guest (the
+// test) to write into and the test VDDK to read.
+func (t *tracker) ensureFlatFiles() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, obj := range simulator.Map.All("VirtualMachine") {
+		vm := obj.(*simulator.VirtualMachine)
+		if vm.Config == nil || vm.Config.Hardware.Device == nil {
+			continue
+		}
+		for _, d := range vm.Config.Hardware.Device {
+			disk, ok := d.(*types.VirtualDisk)
+			if !ok {
+				continue
+			}
+			b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+			if !ok {
+				continue
+			}
+			p := t.flatPath(b.FileName)
+			if p == "" {
+				continue
+			}
+			size := disk.CapacityInBytes
+			if size == 0 {
+				size = disk.CapacityInKB * 1024
+			}
+			// Created, or seen while its device was still being configured (size 0): grow it to the capacity.
+			if st, err := os.Stat(p); err == nil && st.Size() >= size {
+				continue
+			}
+			if f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o644); err == nil {
+				f.Truncate(size)
+				f.Close()
+			}
+		}
+	}
 }
