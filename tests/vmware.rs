@@ -350,3 +350,45 @@ fn restore_as_a_new_vm_from_the_recorded_configuration() {
     assert!(r.stderr.contains("not taken of a VMware VM"), "{}", r.stderr);
     lab.assert_clean();
 }
+
+#[test]
+fn several_vms_in_one_run_within_the_per_host_disk_bound() {
+    let lab = Lab::new();
+    let all = lab.ok(&["vm", "list", "--json"]);
+    let vms = all.as_array().unwrap();
+    assert_eq!(vms.len(), 2);
+    for (i, vm) in vms.iter().enumerate() {
+        lab.guest_write(vm, 0, 0, &random_bytes(i as u64 + 1, 2 * MIB));
+        lab.guest_write(vm, 1, 5 * M, &random_bytes(i as u64 + 11, MIB));
+    }
+    let (a, b) = (vms[0]["name"].as_str().unwrap(), vms[1]["name"].as_str().unwrap());
+    // Both VMs share the simulator's one host; 2 disks at most means one VM at a time.
+    let r = lab.ok(&["backup", "--json", "--vm", a, "--vm", b, "--max-disks-per-host", "2"]);
+    let results = r.as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for (res, vm) in results.iter().zip(vms) {
+        assert_eq!(res["source"], vm["name"]);
+        assert_eq!(res["disks"][0]["blocks_read"], 2);
+        assert_eq!(res["disks"][1]["blocks_read"], 1);
+        for (i, disk) in ["disk1", "disk2"].iter().enumerate() {
+            let got = lab.env.restore(&format!("{}:{disk}", res["snapshot"].as_str().unwrap()), &[]);
+            assert!(got == std::fs::read(lab.disk_file(vm, i)).unwrap(), "{} {disk}", vm["name"]);
+        }
+    }
+    // Never more than 2 disks open at once, by the test VDDK's own account.
+    let log = std::fs::read_to_string(&lab.vddk_log).unwrap();
+    let (mut open, mut most) = (0i32, 0i32);
+    for l in log.lines() {
+        if l.starts_with("Open ") {
+            open += 1;
+            most = most.max(open);
+        } else if l.starts_with("Close ") {
+            open -= 1;
+        }
+    }
+    assert!(most <= 2, "{most} disks were open at once:\n{log}");
+    // A VM that does not exist fails the run, naming it, before any snapshot is taken.
+    let r = lab.run(&["backup", "--vm", a, "--vm", "ghost"], &[]);
+    assert!(r.stderr.contains("no virtual machine named \"ghost\""), "{}", r.stderr);
+    lab.assert_clean();
+}

@@ -22,8 +22,12 @@ pub struct BackupArgs {
     disks: Vec<String>,
     /// Back up this VMware VM (name or moref) through vSphere and the VDDK: snapshot, changed blocks since the
     /// last backup (CBT), snapshot removed afterwards. Needs --vsphere… and --vddk-libdir.
+    /// (Repeatable: several VMs, each its own snapshot, in parallel within --max-disks-per-host.)
     #[arg(long, conflicts_with = "disks")]
-    vm: Option<String>,
+    vm: Vec<String>,
+    /// With several --vm: the most disks read at once from one ESXi host (NFC connections are limited).
+    #[arg(long, default_value_t = 8, requires = "vm", value_parser = clap::value_parser!(u32).range(1..=64))]
+    max_disks_per_host: u32,
     #[command(flatten)]
     vsphere: super::vm::VsphereArgs,
     /// With --vm: quiesce the guest's file systems for the snapshot (VMware Tools).
@@ -116,8 +120,8 @@ fn default_disk_name(spec: &str) -> String {
 
 pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
     crate::util::catch_interrupts();
-    if let Some(vm) = &args.vm {
-        return run_vm(g, args, vm);
+    if !args.vm.is_empty() {
+        return run_vms(g, args);
     }
     let mut disks: Vec<(String, String)> = Vec::new();
     for spec in &args.disks {
@@ -218,8 +222,23 @@ fn print_result(
     snap: &crate::format::snapshot::Snapshot,
     vm: Option<&[crate::vmware::DiskReport]>,
 ) -> Result<()> {
-    let retries = repo.backend().retries();
     if args.json {
+        let v = result_json(repo, id, snap, vm);
+        println!("{}", serde_json::to_string_pretty(&v).expect("JSON of plain values"));
+        return Ok(());
+    }
+    print_text(repo, id, snap)
+}
+
+/// The JSON `backup --json` prints for one snapshot.
+fn result_json(
+    repo: &crate::repository::Repository,
+    id: &crate::format::ObjectId,
+    snap: &crate::format::snapshot::Snapshot,
+    vm: Option<&[crate::vmware::DiskReport]>,
+) -> serde_json::Value {
+    let retries = repo.backend().retries();
+    {
         let v = serde_json::json!({
             "snapshot": id.hex(),
             "retries": retries,
@@ -241,9 +260,17 @@ fn print_result(
                 "new_bytes_stored": d.stats.new_bytes_stored,
             })).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&v).expect("JSON of plain values"));
-        return Ok(());
+        v
     }
+}
+
+/// The text summary of one snapshot.
+fn print_text(
+    repo: &crate::repository::Repository,
+    id: &crate::format::ObjectId,
+    snap: &crate::format::snapshot::Snapshot,
+) -> Result<()> {
+    let retries = repo.backend().retries();
     let secs = snap.summary.duration_ms as f64 / 1000.0;
     println!(
         "snapshot {} saved (source {}, {} disk{})",
@@ -281,7 +308,7 @@ fn print_result(
     Ok(())
 }
 
-fn run_vm(g: &Globals, args: &BackupArgs, vm: &str) -> Result<()> {
+fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
     let libdir = args
         .vddk_libdir
         .clone()
@@ -289,14 +316,14 @@ fn run_vm(g: &Globals, args: &BackupArgs, vm: &str) -> Result<()> {
     crate::vddk::ensure_loader_path(&libdir)?;
     let repo = g.open_repo()?;
     let cache = g.open_cache_unsynced(&repo)?;
-    let mut client = args.vsphere.connect()?;
-    let mut opts = BackupOptions::new(vm);
-    opts.tags = args.tags.clone();
-    if let Some(h) = &args.host {
-        opts.hostname = h.clone();
+    let password = args.vsphere.password()?;
+    // Where each VM runs decides what may run at once.
+    let mut probe = args.vsphere.connect_with(&password)?;
+    let mut vms = Vec::new();
+    for name in &args.vm {
+        vms.push(probe.find_vm(name)?);
     }
-    opts.uploaders = args.upload_concurrency as usize;
-    opts.time_override = args.time;
+    probe.logout();
     let vm_opts = crate::vmware::VmBackupOptions {
         libdir,
         quiesce: args.quiesce,
@@ -304,23 +331,114 @@ fn run_vm(g: &Globals, args: &BackupArgs, vm: &str) -> Result<()> {
         user: args.vsphere.user()?.to_string(),
         verify_cbt_fraction: args.verify_cbt,
     };
+    let limiter = HostLimiter::new(args.max_disks_per_host as usize);
     let counters = Arc::new(Counters::default());
-    let result = {
+    let results: Vec<Result<crate::vmware::VmBackup>> = {
         let _reporter = Reporter::start("backup", counters.clone(), g.progress);
-        crate::vmware::backup_vm(&mut client, &repo, cache, vm, &vm_opts, opts, &counters)
+        std::thread::scope(|s| {
+            let handles: Vec<_> = vms
+                .iter()
+                .map(|info| {
+                    let (repo, cache, counters, limiter, vm_opts, password) =
+                        (&repo, cache.clone(), &counters, &limiter, &vm_opts, &password);
+                    s.spawn(move || {
+                        let _slot = limiter.acquire(&info.host, info.disks.len());
+                        let mut client = args.vsphere.connect_with(password)?;
+                        let mut opts = BackupOptions::new(info.name.as_str());
+                        opts.tags = args.tags.clone();
+                        if let Some(h) = &args.host {
+                            opts.hostname = h.clone();
+                        }
+                        opts.uploaders = args.upload_concurrency as usize;
+                        opts.time_override = args.time;
+                        let r =
+                            crate::vmware::backup_vm(&mut client, repo, cache, &info.moref, vm_opts, opts, counters);
+                        client.logout();
+                        r
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(Error::invalid("a VM backup thread panicked"))))
+                .collect()
+        })
     };
-    client.logout();
-    let b = result?;
-    if !args.json {
-        for d in &b.disks {
-            println!(
-                "  {}: {} read over {}{}",
-                d.name,
-                d.mode,
-                d.transport,
-                d.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
-            );
+    let mut first_error = None;
+    let mut json = Vec::new();
+    for (info, result) in vms.iter().zip(results) {
+        match result {
+            Ok(b) => {
+                if args.json {
+                    json.push(result_json(&repo, &b.id, &b.snapshot, Some(&b.disks)));
+                    continue;
+                }
+                println!("VM {} ({}):", info.name, info.moref);
+                for d in &b.disks {
+                    println!(
+                        "  {}: {} read over {}{}",
+                        d.name,
+                        d.mode,
+                        d.transport,
+                        d.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
+                    );
+                }
+                print_text(&repo, &b.id, &b.snapshot)?;
+            }
+            Err(e) => {
+                eprintln!("error: VM {}: {e}", info.name);
+                first_error.get_or_insert(e);
+            }
         }
     }
-    print_result(args, &repo, &b.id, &b.snapshot, Some(&b.disks))
+    if args.json {
+        let out = if json.len() == 1 && args.vm.len() == 1 { json.remove(0) } else { serde_json::Value::Array(json) };
+        println!("{}", serde_json::to_string_pretty(&out).expect("JSON of plain values"));
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Bounds the disks read at once per ESXi host. A VM with more disks than the bound runs alone.
+struct HostLimiter {
+    max: usize,
+    busy: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    freed: std::sync::Condvar,
+}
+
+struct HostSlot<'a> {
+    limiter: &'a HostLimiter,
+    host: String,
+    disks: usize,
+}
+
+impl HostLimiter {
+    fn new(max: usize) -> HostLimiter {
+        HostLimiter { max: max.max(1), busy: Default::default(), freed: std::sync::Condvar::new() }
+    }
+
+    fn acquire(&self, host: &str, disks: usize) -> HostSlot<'_> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let now = busy.get(host).copied().unwrap_or(0);
+            if now == 0 || now + disks <= self.max {
+                *busy.entry(host.to_string()).or_default() += disks;
+                return HostSlot { limiter: self, host: host.to_string(), disks };
+            }
+            busy = self.freed.wait(busy).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Drop for HostSlot<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.limiter.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = busy.get_mut(&self.host) {
+            *n -= self.disks;
+        }
+        drop(busy);
+        self.limiter.freed.notify_all();
+    }
 }

@@ -36,7 +36,19 @@ impl VsphereArgs {
             .ok_or_else(|| Error::invalid("no vSphere user: give --vsphere-user or DISKVAULT_VSPHERE_USER"))
     }
 
+    /// The password, from DISKVAULT_VSPHERE_PASSWORD or the terminal (once).
+    pub fn password(&self) -> Result<String> {
+        match std::env::var("DISKVAULT_VSPHERE_PASSWORD") {
+            Ok(p) => Ok(p),
+            Err(_) => Ok(String::from_utf8_lossy(&super::prompt_password("vSphere password", false)?).into_owned()),
+        }
+    }
+
     pub fn connect(&self) -> Result<Client> {
+        self.connect_with(&self.password()?)
+    }
+
+    pub fn connect_with(&self, password: &str) -> Result<Client> {
         // An empty value (an unset variable in a script) counts as not given.
         let thumbprint = self.thumbprint.as_ref().filter(|t| !t.is_empty());
         let ca_file = self.ca_file.as_ref().filter(|p| !p.as_os_str().is_empty());
@@ -53,11 +65,7 @@ impl VsphereArgs {
                 ))
             }
         };
-        let password = match std::env::var("DISKVAULT_VSPHERE_PASSWORD") {
-            Ok(p) => p,
-            Err(_) => String::from_utf8_lossy(&super::prompt_password("vSphere password", false)?).into_owned(),
-        };
-        Client::login(self.url()?, self.user()?, &password, &trust)
+        Client::login(self.url()?, self.user()?, password, &trust)
     }
 }
 

@@ -89,6 +89,8 @@ pub struct VmInfo {
     pub snapshots: usize,
     pub num_cpu: u32,
     pub memory_mb: u64,
+    /// The ESXi host it runs on (moref).
+    pub host: String,
     pub disks: Vec<VirtualDiskInfo>,
 }
 
@@ -277,6 +279,7 @@ impl Client {
             "snapshot",
             "config.hardware.numCPU",
             "config.hardware.memoryMB",
+            "runtime.host",
         ];
         let path_set: String = paths.iter().map(|p| format!("<pathSet>{p}</pathSet>")).collect();
         let body = format!(
@@ -538,6 +541,7 @@ fn vm_from_object(o: &Element) -> VmInfo {
         snapshots: 0,
         num_cpu: 0,
         memory_mb: 0,
+        host: String::new(),
         disks: Vec::new(),
     };
     for p in o.children_named("propSet") {
@@ -550,6 +554,7 @@ fn vm_from_object(o: &Element) -> VmInfo {
             "snapshot" => vm.snapshots = count_snapshots(val),
             "config.hardware.numCPU" => vm.num_cpu = val.text.trim().parse().unwrap_or(0),
             "config.hardware.memoryMB" => vm.memory_mb = val.text.trim().parse().unwrap_or(0),
+            "runtime.host" => vm.host = val.text.trim().to_string(),
             _ => {}
         }
     }
