@@ -144,6 +144,8 @@ fn vddk_backup_reads_allocated_blocks_of_the_snapshot_image() {
     let log = vs.events();
     assert!(log.contains("ConnectEx moref=vm-42 readOnly=1 snapshot=snapshot-7"), "{log}");
     assert!(log.contains("QueryAllocatedBlocks 0 81920 2048"), "{log}");
+    // The planned blocks were read with ReadAsync (queued in batches, then one Wait).
+    assert_eq!(log.lines().filter(|l| l.starts_with("ReadAsync ")).count(), 5, "{log}");
 
     // The live disk without a snapshot, with the transport asked for.
     let r = vs.run(&env, &["backup", "--json", "--name", "vm1-live", &vs.uri("disk1", "&transports=nbdssl")], &[]);
@@ -175,7 +177,7 @@ fn vddk_errors_are_named_and_access_is_always_ended() {
     assert_ne!(r.code, 0);
     assert!(
         r.stderr.contains("read of 1048576 bytes at offset 2097152")
-            && r.stderr.contains("VixDiskLib_Read failed: VIX error 16002"),
+            && r.stderr.contains("VixDiskLib_ReadAsync failed: VIX error 16002"),
         "{}",
         r.stderr
     );

@@ -200,7 +200,7 @@ fn a_failed_backup_removes_the_vm_snapshot() {
     // A VIX error in the middle of disk1's reads.
     let r = lab.run(&["backup", "--vm", &name], &[("FAKE_VDDK_FAIL_READ_SECTOR", "4100")]);
     assert_ne!(r.code, 0);
-    assert!(r.stderr.contains("VixDiskLib_Read failed: VIX error 16002"), "{}", r.stderr);
+    assert!(r.stderr.contains("VixDiskLib_ReadAsync failed: VIX error 16002"), "{}", r.stderr);
     lab.assert_clean();
     assert!(lab.env.ok(&["snapshots", "--json"]).json().as_array().unwrap().is_empty());
     // An unknown VM, and a VDDK that is missing: nothing is touched.

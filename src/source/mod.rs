@@ -70,6 +70,39 @@ pub fn is_nbd_uri(spec: &str) -> bool {
     ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://"].iter().any(|p| spec.starts_with(p))
 }
 
+/// A backup's planned reads in order, as (sequence number, byte offset, length): what sources that read ahead
+/// (NBD, VDDK) walk.
+pub(crate) struct PlannedReads {
+    ranges: Vec<Range<u64>>,
+    range: usize,
+    next_block: u64,
+    block_size: u64,
+    capacity: u64,
+    seq: u64,
+}
+
+impl PlannedReads {
+    pub(crate) fn new(ranges: Vec<Range<u64>>, block_size: u64, capacity: u64) -> Self {
+        PlannedReads { ranges, range: 0, next_block: 0, block_size, capacity, seq: 0 }
+    }
+
+    pub(crate) fn next(&mut self) -> Option<(u64, u64, u32)> {
+        while self.range < self.ranges.len() {
+            let r = &self.ranges[self.range];
+            let b = self.next_block.max(r.start);
+            if b < r.end {
+                self.next_block = b + 1;
+                let offset = b * self.block_size;
+                let len = self.block_size.min(self.capacity - offset) as u32;
+                self.seq += 1;
+                return Some((self.seq - 1, offset, len));
+            }
+            self.range += 1;
+        }
+        None
+    }
+}
+
 /// Sorted, non-overlapping ranges of block indices.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockRanges(Vec<Range<u64>>);

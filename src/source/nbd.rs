@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::{BlockRanges, DiskSource, Extent};
+use super::{BlockRanges, DiskSource, Extent, PlannedReads};
 use crate::error::{Error, Result};
 use crate::nbd::client::{finish_read, Address, Connection, TlsOptions};
 use crate::nbd::proto::{BASE_ALLOCATION, STATE_DIRTY, STATE_ZERO};
@@ -147,34 +147,6 @@ impl DiskSource for NbdSource {
     }
 }
 
-/// The planned reads, handed out in order to the connection threads.
-struct Plan {
-    ranges: Vec<Range<u64>>,
-    range: usize,
-    next_block: u64,
-    block_size: u64,
-    capacity: u64,
-    seq: u64,
-}
-
-impl Plan {
-    fn next(&mut self) -> Option<(u64, u64, u32)> {
-        while self.range < self.ranges.len() {
-            let r = &self.ranges[self.range];
-            let b = self.next_block.max(r.start);
-            if b < r.end {
-                self.next_block = b + 1;
-                let offset = b * self.block_size;
-                let len = self.block_size.min(self.capacity - offset) as u32;
-                self.seq += 1;
-                return Some((self.seq - 1, offset, len));
-            }
-            self.range += 1;
-        }
-        None
-    }
-}
-
 type Delivery = (u64, u64, Result<Vec<u8>>);
 
 /// Reads the planned blocks ahead on one thread per connection, at most `window` blocks beyond the consumer.
@@ -189,7 +161,7 @@ struct Readahead {
 impl Readahead {
     fn start(conns: Vec<Connection>, ranges: Vec<Range<u64>>, block_size: u64, capacity: u64, depth: usize) -> Self {
         let window = conns.len() * depth.max(1) * 2;
-        let plan = Arc::new(Mutex::new(Plan { ranges, range: 0, next_block: 0, block_size, capacity, seq: 0 }));
+        let plan = Arc::new(Mutex::new(PlannedReads::new(ranges, block_size, capacity)));
         let (token_tx, token_rx) = crossbeam_channel::bounded(window);
         for _ in 0..window {
             token_tx.send(()).expect("fresh channel has room");
@@ -233,7 +205,7 @@ impl Readahead {
 /// One connection's thread: takes planned reads, keeps up to `depth` in flight, delivers the replies.
 fn connection_reader(
     mut conn: Connection,
-    plan: Arc<Mutex<Plan>>,
+    plan: Arc<Mutex<PlannedReads>>,
     tokens: Receiver<()>,
     results: Sender<Delivery>,
     depth: usize,

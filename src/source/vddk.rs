@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use super::{DiskSource, Extent};
+use super::{BlockRanges, DiskSource, Extent, PlannedReads};
 use crate::error::{Error, Result};
 use crate::vddk::{Credentials, Disk, DiskTarget, Library};
 
@@ -22,8 +22,14 @@ pub struct VddkOptions {
     pub password: Option<String>,
 }
 
+/// Blocks read per `ReadAsync` batch (queued together, then one `Wait`).
+const ASYNC_BATCH: usize = 8;
+
 pub struct VddkSource {
     disk: Disk,
+    plan: Option<PlannedReads>,
+    /// Blocks read ahead of the backup, in plan order: (offset, data).
+    ready: std::collections::VecDeque<(u64, Vec<u8>)>,
 }
 
 /// Parses a `vddk://` URI into a target (credentials from `password`).
@@ -86,11 +92,11 @@ impl VddkSource {
         let libdir =
             options.libdir.as_ref().ok_or_else(|| Error::invalid("a vddk:// source needs --vddk-libdir DIR"))?;
         let lib = Library::load(libdir)?;
-        Ok(VddkSource { disk: Disk::open(lib, &target)? })
+        Ok(VddkSource::from_disk(Disk::open(lib, &target)?))
     }
 
     pub fn from_disk(disk: Disk) -> VddkSource {
-        VddkSource { disk }
+        VddkSource { disk, plan: None, ready: std::collections::VecDeque::new() }
     }
 
     pub fn transport(&self) -> &str {
@@ -112,7 +118,36 @@ impl DiskSource for VddkSource {
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.disk.read_at(offset, buf)
+        if self.ready.is_empty() {
+            if let Some(plan) = &mut self.plan {
+                let mut batch = Vec::with_capacity(ASYNC_BATCH);
+                while batch.len() < ASYNC_BATCH {
+                    match plan.next() {
+                        Some((_, off, len)) => batch.push((off, vec![0u8; len as usize])),
+                        None => break,
+                    }
+                }
+                self.disk.read_many(&mut batch)?;
+                self.ready.extend(batch);
+            }
+        }
+        match self.ready.front() {
+            Some((at, data)) if *at == offset && data.len() == buf.len() => {
+                buf.copy_from_slice(data);
+                self.ready.pop_front();
+                Ok(())
+            }
+            _ => {
+                // Off the plan: read directly, and forget what was read ahead.
+                self.ready.clear();
+                self.plan = None;
+                self.disk.read_at(offset, buf)
+            }
+        }
+    }
+
+    fn will_read(&mut self, blocks: &BlockRanges, block_size: u64) {
+        self.plan = Some(PlannedReads::new(blocks.ranges().to_vec(), block_size, self.disk.capacity()));
     }
 
     fn allocated(&mut self) -> Result<Option<Vec<Extent>>> {

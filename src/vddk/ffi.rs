@@ -130,6 +130,10 @@ pub type GetTransportMode = unsafe extern "C" fn(Handle) -> *const c_char;
 pub type Read = unsafe extern "C" fn(Handle, start: u64, count: u64, buf: *mut u8) -> VixError;
 pub type Write = unsafe extern "C" fn(Handle, start: u64, count: u64, buf: *const u8) -> VixError;
 pub type Flush = unsafe extern "C" fn(Handle) -> VixError;
+pub type CompletionCb = unsafe extern "C" fn(data: *mut c_void, result: VixError);
+pub type ReadAsync =
+    unsafe extern "C" fn(Handle, start: u64, count: u64, buf: *mut u8, cb: CompletionCb, data: *mut c_void) -> VixError;
+pub type Wait = unsafe extern "C" fn(Handle) -> VixError;
 pub type QueryAllocatedBlocks =
     unsafe extern "C" fn(Handle, start: u64, count: u64, chunk: u64, out: *mut *mut BlockList) -> VixError;
 pub type FreeBlockList = unsafe extern "C" fn(*mut BlockList) -> VixError;

@@ -43,6 +43,8 @@ struct Fns {
     read: ffi::Read,
     write: Option<ffi::Write>,
     flush: Option<ffi::Flush>,
+    read_async: Option<ffi::ReadAsync>,
+    wait: Option<ffi::Wait>,
     query_allocated_blocks: Option<ffi::QueryAllocatedBlocks>,
     free_block_list: Option<ffi::FreeBlockList>,
     get_error_text: ffi::GetErrorText,
@@ -216,6 +218,8 @@ fn resolve(lib: &libloading::Library, path: &Path) -> Result<Fns> {
         read: req(lib, path, "VixDiskLib_Read")?,
         write: opt(lib, "VixDiskLib_Write"),
         flush: opt(lib, "VixDiskLib_Flush"),
+        read_async: opt(lib, "VixDiskLib_ReadAsync"),
+        wait: opt(lib, "VixDiskLib_Wait"),
         query_allocated_blocks: opt(lib, "VixDiskLib_QueryAllocatedBlocks"),
         free_block_list: opt(lib, "VixDiskLib_FreeBlockList"),
         get_error_text: req(lib, path, "VixDiskLib_GetErrorText")?,
@@ -553,6 +557,63 @@ impl Disk {
         Ok(())
     }
 
+    /// Reads several ranges with `ReadAsync` (all queued, then one `Wait`), where the library has it; else one
+    /// `Read` after another. Offsets and lengths are whole sectors.
+    pub fn read_many(&mut self, reads: &mut [(u64, Vec<u8>)]) -> Result<()> {
+        let ss = ffi::SECTOR_SIZE;
+        let (Some(read_async), Some(wait)) = (self.lib.fns.read_async, self.lib.fns.wait) else {
+            for (offset, buf) in reads.iter_mut() {
+                self.read_at(*offset, buf)?;
+            }
+            return Ok(());
+        };
+        if reads.iter().any(|(o, b)| !o.is_multiple_of(ss) || !(b.len() as u64).is_multiple_of(ss)) {
+            return Err(Error::invalid(format!("{}: a VDDK read must be whole sectors", self.about)));
+        }
+        use std::sync::atomic::Ordering::SeqCst;
+        const PENDING: u64 = u64::MAX;
+        let results: Vec<std::sync::atomic::AtomicU64> =
+            reads.iter().map(|_| std::sync::atomic::AtomicU64::new(PENDING)).collect();
+        let mut queue_error = None;
+        for (i, (offset, buf)) in reads.iter_mut().enumerate() {
+            let slot = &results[i] as *const std::sync::atomic::AtomicU64 as *mut c_void;
+            // SAFETY: the buffer and the result slot outlive the Wait below, which completes every queued read.
+            let e = unsafe {
+                read_async(self.handle.0, *offset / ss, buf.len() as u64 / ss, buf.as_mut_ptr(), read_done, slot)
+            };
+            if e == ffi::VIX_OK {
+                // Completed synchronously: the callback may not follow.
+                let _ = results[i].compare_exchange(PENDING, ffi::VIX_OK, SeqCst, SeqCst);
+            } else if e != ffi::VIX_ASYNC {
+                queue_error = Some((i, e));
+                break;
+            }
+        }
+        // SAFETY: the handle is open; Wait returns when every queued read has completed.
+        let waited = unsafe { wait(self.handle.0) };
+        if let Some((i, e)) = queue_error {
+            let err = self.lib.error("VixDiskLib_ReadAsync", e, &self.about);
+            return Err(Error::source(self.about.clone(), format!("read at offset {}: {err}", reads[i].0)));
+        }
+        if waited != ffi::VIX_OK {
+            return Err(self.lib.error("VixDiskLib_Wait", waited, &self.about));
+        }
+        for (i, r) in results.iter().enumerate() {
+            let e = r.load(SeqCst);
+            if e == PENDING {
+                return Err(Error::source(self.about.clone(), "VixDiskLib_Wait returned before a read completed"));
+            }
+            if e != ffi::VIX_OK {
+                let err = self.lib.error("VixDiskLib_ReadAsync", e, &self.about);
+                return Err(Error::source(
+                    self.about.clone(),
+                    format!("read of {} bytes at offset {}: {err}", reads[i].1.len(), reads[i].0),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Writes whole sectors at a sector-aligned offset (a disk opened with [`Disk::open_writable`]).
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         let ss = ffi::SECTOR_SIZE;
@@ -637,6 +698,13 @@ impl Disk {
         })?;
         Ok(Some(extents))
     }
+}
+
+/// Completion callback of `ReadAsync`: stores the result in the caller's slot.
+unsafe extern "C" fn read_done(data: *mut c_void, result: ffi::VixError) {
+    // SAFETY: `data` is the AtomicU64 slot `read_many` passed, alive until its Wait returns.
+    let slot = unsafe { &*(data as *const std::sync::atomic::AtomicU64) };
+    slot.store(result, std::sync::atomic::Ordering::SeqCst);
 }
 
 /// What the owner thread did while opening.

@@ -342,6 +342,7 @@ VixError VixDiskLib_Read(struct Handle *h, uint64_t start, uint64_t n, uint8_t *
 VixError VixDiskLib_ReadAsync(struct Handle *h, uint64_t start, uint64_t n, uint8_t *buf, VixDiskLibCompletionCB cb,
                               void *data) {
     /* Completes at once, from the calling thread, as the real library may. */
+    event("ReadAsync %llu %llu", (unsigned long long)start, (unsigned long long)n);
     VixError e = do_read(h, start, n, buf);
     cb(data, e);
     return VIX_ASYNC;
