@@ -333,21 +333,7 @@ pub fn restore_to_vm(
     let lib = Library::load(libdir)?;
     let session = crate::lock::start_session(repo, "restore")?;
     cache.sync(repo)?;
-    let (server, _) = client.server_host();
-    let cookie = client
-        .session_cookie()
-        .ok_or_else(|| Error::VSphere { call: "Login".into(), cause: "no session cookie to hand to the VDDK".into() })?
-        .to_string();
-    let target = DiskTarget {
-        server,
-        port: None,
-        thumbprint: client.server_sha1_thumbprint(),
-        credentials: Credentials::Session { cookie, user: user.to_string() },
-        moref: info.moref.clone(),
-        snapshot: None,
-        path: target_disk.file_name.clone(),
-        transports: None,
-    };
+    let target = vm_disk_target(client, &info.moref, &target_disk.file_name, user)?;
     let mut report = VmRestoreReport {
         disk: disk.name.clone(),
         vm: info.name.clone(),
@@ -356,22 +342,128 @@ pub fn restore_to_vm(
         blocks_written: 0,
         bytes_written: 0,
     };
-    write_differences(repo, cache, disk, lib, &target, &mut report, counters)?;
+    let mut out = Disk::open_writable(lib, &target)?;
+    write_blocks(repo, cache, disk, &mut out, Written::Unknown, &mut report, counters)?;
     session.ensure_held()?;
     Ok(report)
 }
 
-/// Writes the blocks of `disk` that differ from what the VM disk `target` holds (read and hashed first).
-fn write_differences(
+/// What the disk being written holds before the restore.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// Anything: every block is read and hashed, and written only if it differs.
+    Unknown,
+    /// Zeros (a disk just created): only non-zero blocks are written, and none is read (thin disks stay thin).
+    Zeros,
+}
+
+/// Restores `disk` of a snapshot into a new hosted VMDK at `path` (monolithicSparse, created through the
+/// VDDK), writing only its non-zero blocks. Refuses to replace an existing file.
+pub fn restore_to_hosted_vmdk(
     repo: &Repository,
     cache: &IndexCache,
     disk: &crate::format::snapshot::DiskManifest,
-    lib: Arc<Library>,
-    target: &DiskTarget,
+    libdir: &std::path::Path,
+    path: &std::path::Path,
+    counters: &Counters,
+) -> Result<VmRestoreReport> {
+    disk.validate().map_err(|e| Error::corrupt("snapshot", e))?;
+    if path.exists() {
+        return Err(Error::local(path, "exists already: a new VMDK is never written over an existing file"));
+    }
+    let lib = Library::load(libdir)?;
+    let session = crate::lock::start_session(repo, "restore")?;
+    cache.sync(repo)?;
+    crate::vddk::create_hosted(&lib, path, disk.capacity)?;
+    let mut report = VmRestoreReport {
+        disk: disk.name.clone(),
+        vm: String::new(),
+        vm_disk: path.display().to_string(),
+        blocks_compared: 0,
+        blocks_written: 0,
+        bytes_written: 0,
+    };
+    let written = Disk::open_writable(lib, &DiskTarget::hosted(path))
+        .and_then(|mut out| write_blocks(repo, cache, disk, &mut out, Written::Zeros, &mut report, counters));
+    if let Err(e) = written.and_then(|()| session.ensure_held()) {
+        // Half a disk is worse than none: the file was ours.
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(report)
+}
+
+/// Restores `disk` of a snapshot as a new thin VMDK `datastore_path` (`[datastore] dir/name.vmdk`) and
+/// attaches it to the VM `attach_to`. As the VDDK guide prescribes for managed disks: a hosted VMDK is created
+/// and written in `temp_dir`, cloned onto the datastore (`VixDiskLib_Clone`), then added to the VM
+/// (ReconfigVM_Task). The temporary VMDK is always removed.
+#[allow(clippy::too_many_arguments)]
+pub fn restore_to_new_vmdk(
+    client: &mut Client,
+    repo: &Repository,
+    cache: &IndexCache,
+    disk: &crate::format::snapshot::DiskManifest,
+    datastore_path: &str,
+    attach_to: &str,
+    libdir: &std::path::Path,
+    user: &str,
+    temp_dir: &std::path::Path,
+    counters: &Counters,
+) -> Result<VmRestoreReport> {
+    if !datastore_path.starts_with('[') || !datastore_path.ends_with(".vmdk") {
+        return Err(Error::invalid(format!(
+            "{datastore_path:?} is not a datastore path like \"[datastore1] dir/name.vmdk\""
+        )));
+    }
+    let info = client.find_vm(attach_to)?;
+    let temp = temp_dir.join(format!("diskvault-restore-{}.vmdk", hex::encode(crate::crypto::random_array::<8>())));
+    let mut report = restore_to_hosted_vmdk(repo, cache, disk, libdir, &temp, counters)?;
+    let lib = Library::load(libdir)?;
+    let target = vm_disk_target(client, &info.moref, datastore_path, user)?;
+    let cloned = crate::vddk::clone_to_datastore(&lib, &temp, &target, disk.capacity);
+    let _ = std::fs::remove_file(&temp);
+    cloned?;
+    client.attach_disk(&info.moref, datastore_path, disk.capacity).map_err(|e| {
+        Error::invalid(format!(
+            "the disk was restored to {datastore_path} but could not be attached to {}: {e}",
+            info.name
+        ))
+    })?;
+    report.vm = info.name;
+    report.vm_disk = datastore_path.to_string();
+    Ok(report)
+}
+
+/// A VM's disk reached with the API session's cookie (no second login).
+fn vm_disk_target(client: &Client, moref: &str, path: &str, user: &str) -> Result<DiskTarget> {
+    let (server, _) = client.server_host();
+    let cookie = client
+        .session_cookie()
+        .ok_or_else(|| Error::VSphere { call: "Login".into(), cause: "no session cookie to hand to the VDDK".into() })?
+        .to_string();
+    Ok(DiskTarget {
+        server,
+        port: None,
+        thumbprint: client.server_sha1_thumbprint(),
+        credentials: Credentials::Session { cookie, user: user.to_string() },
+        moref: moref.to_string(),
+        snapshot: None,
+        path: path.to_string(),
+        transports: None,
+    })
+}
+
+/// Writes the blocks of `disk` into `out`: those that differ from what it holds (read and hashed first), or,
+/// on a disk of zeros, the non-zero ones. A short last block is padded to whole sectors.
+fn write_blocks(
+    repo: &Repository,
+    cache: &IndexCache,
+    disk: &crate::format::snapshot::DiskManifest,
+    out: &mut Disk,
+    before: Written,
     report: &mut VmRestoreReport,
     counters: &Counters,
 ) -> Result<()> {
-    let mut out = Disk::open_writable(lib, target)?;
     let bs = disk.block_size as u64;
     counters.add_total(disk.capacity);
     let mut current = vec![0u8; bs as usize];
@@ -380,10 +472,16 @@ fn write_differences(
         for (j, id) in ids.iter().enumerate() {
             let b = k as u64 * crate::format::SEGMENT_BLOCKS as u64 + j as u64;
             let len = bs.min(disk.capacity - b * bs) as usize;
-            out.read_at(b * bs, &mut current[..len])?;
-            report.blocks_compared += 1;
             counters.add_done(len as u64);
-            let now = if crate::backup::is_zero(&current[..len]) {
+            if before == Written::Zeros {
+                if id.is_zero_block() {
+                    continue;
+                }
+            } else {
+                out.read_at(b * bs, &mut current[..len])?;
+                report.blocks_compared += 1;
+            }
+            let now = if before == Written::Zeros || crate::backup::is_zero(&current[..len]) {
                 crate::format::BlobId::ZERO
             } else {
                 repo.keys().blob_id(&current[..len])
@@ -402,6 +500,8 @@ fn write_differences(
             if data.len() != len {
                 return Err(Error::corrupt(format!("blob {id}"), format!("{} bytes, block {b} has {len}", data.len())));
             }
+            let mut data = data;
+            data.resize((len as u64).next_multiple_of(crate::vddk::ffi::SECTOR_SIZE) as usize, 0);
             out.write_at(b * bs, &data)?;
             report.blocks_written += 1;
             report.bytes_written += len as u64;
@@ -455,27 +555,13 @@ pub fn restore_as_new_vm(
             cause: format!("the new VM has {} disks, {} were asked for", created.disks.len(), config.disks.len()),
         });
     }
-    let (server, _) = client.server_host();
-    let cookie = client
-        .session_cookie()
-        .ok_or_else(|| Error::VSphere { call: "Login".into(), cause: "no session cookie to hand to the VDDK".into() })?
-        .to_string();
     let mut reports = Vec::new();
     for (recorded_disk, new_disk) in config.disks.iter().zip(&created.disks) {
         let disk_name_in_snapshot = disk_name(&recorded_disk.file_name);
         let disk = snapshot.disk(&disk_name_in_snapshot).ok_or_else(|| {
             Error::corrupt("snapshot", format!("the recorded disk {disk_name_in_snapshot} is not in the snapshot"))
         })?;
-        let target = DiskTarget {
-            server: server.clone(),
-            port: None,
-            thumbprint: client.server_sha1_thumbprint(),
-            credentials: Credentials::Session { cookie: cookie.clone(), user: user.to_string() },
-            moref: moref.clone(),
-            snapshot: None,
-            path: new_disk.file_name.clone(),
-            transports: None,
-        };
+        let target = vm_disk_target(client, &moref, &new_disk.file_name, user)?;
         let mut report = VmRestoreReport {
             disk: disk.name.clone(),
             vm: name.to_string(),
@@ -484,7 +570,8 @@ pub fn restore_as_new_vm(
             blocks_written: 0,
             bytes_written: 0,
         };
-        write_differences(repo, cache, disk, lib.clone(), &target, &mut report, counters)?;
+        let mut out = Disk::open_writable(lib.clone(), &target)?;
+        write_blocks(repo, cache, disk, &mut out, Written::Zeros, &mut report, counters)?;
         reports.push(report);
     }
     session.ensure_held()?;

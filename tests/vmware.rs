@@ -336,7 +336,22 @@ fn restore_as_a_new_vm_from_the_recorded_configuration() {
     assert!(vm["num_cpu"].as_u64().unwrap() >= 1 && vm["memory_mb"].as_u64().unwrap() >= 1, "{vm}");
     assert_eq!((&new["num_cpu"], &new["memory_mb"]), (&vm["num_cpu"], &vm["memory_mb"]));
     assert_eq!(new["disks"].as_array().unwrap().len(), 2);
+    // Controllers, slots and network adapters as recorded; new MAC addresses.
+    let kinds = |v: &serde_json::Value, what: &str, field: &str| -> Vec<String> {
+        v[what].as_array().unwrap().iter().map(|c| c[field].as_str().unwrap().to_string()).collect()
+    };
+    assert!(!vm["nics"].as_array().unwrap().is_empty(), "{vm}");
+    assert_eq!(kinds(&new, "nics", "kind"), kinds(&vm, "nics", "kind"));
+    assert_eq!(kinds(&new, "nics", "network"), kinds(&vm, "nics", "network"));
+    assert_eq!(kinds(&new, "nics", "portgroup_key"), kinds(&vm, "nics", "portgroup_key"));
+    assert_ne!(kinds(&new, "nics", "mac_address"), kinds(&vm, "nics", "mac_address"));
+    let scsi = |v: &serde_json::Value| -> Vec<String> {
+        kinds(v, "controllers", "kind").into_iter().filter(|k| k != "VirtualIDEController").collect()
+    };
+    assert!(!scsi(&vm).is_empty(), "{vm}");
+    assert_eq!(scsi(&new), scsi(&vm));
     for (i, original) in originals.iter().enumerate() {
+        assert_eq!(new["disks"][i]["unit_number"], vm["disks"][i]["unit_number"]);
         assert_eq!(new["disks"][i]["capacity"], vm["disks"][i]["capacity"]);
         assert!(std::fs::read(lab.disk_file(&new, i)).unwrap() == *original, "disk {i} of the new VM differs");
     }
@@ -390,5 +405,160 @@ fn several_vms_in_one_run_within_the_per_host_disk_bound() {
     // A VM that does not exist fails the run, naming it, before any snapshot is taken.
     let r = lab.run(&["backup", "--vm", a, "--vm", "ghost"], &[]);
     assert!(r.stderr.contains("no virtual machine named \"ghost\""), "{}", r.stderr);
+    lab.assert_clean();
+}
+
+#[test]
+fn restore_into_new_vmdks_created_through_the_vddk() {
+    let lab = Lab::new();
+    let vm = lab.vm();
+    let name = vm["name"].as_str().unwrap().to_string();
+    lab.guest_write(&vm, 0, 0, &random_bytes(1, 2 * MIB));
+    lab.guest_write(&vm, 0, 40 * M + 512, &random_bytes(2, 7000));
+    let id = lab.ok(&["backup", "--json", "--vm", &name])["snapshot"].as_str().unwrap().to_string();
+    let original = lab.disk_file(&vm, 0);
+    let capacity = vm["disks"][0]["capacity"].as_u64().unwrap();
+    // The guest goes on writing: the restores must give the snapshot's content.
+    let at_snapshot = std::fs::read(&original).unwrap();
+    lab.guest_write(&vm, 0, 0, &random_bytes(3, MIB));
+
+    // A hosted VMDK on this machine: sparse, read by qemu-img as the snapshot's disk.
+    let hosted = lab.env.path("restored.vmdk");
+    let hosted_s = hosted.to_str().unwrap();
+    let r = lab.ok(&["restore", &format!("{id}:disk1"), "--to-vmdk", hosted_s, "--json"]);
+    assert_eq!(r["blocks_written"], 3, "{r}");
+    let expected = lab.env.path("expected.raw");
+    std::fs::write(&expected, &at_snapshot).unwrap();
+    let info = Command::new("qemu-img").args(["info", "--output=json", hosted_s]).output().unwrap();
+    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!((info["format"].as_str(), info["virtual-size"].as_u64()), (Some("vmdk"), Some(capacity)), "{info}");
+    assert!(info["actual-size"].as_u64().unwrap() < 8 * M, "not sparse: {info}");
+    let cmp = Command::new("qemu-img").args(["compare", "-f", "vmdk", "-F", "raw", hosted_s]).arg(&expected).output();
+    let cmp = cmp.unwrap();
+    assert!(cmp.status.success(), "{}{}", String::from_utf8_lossy(&cmp.stdout), String::from_utf8_lossy(&cmp.stderr));
+    // Never over an existing file.
+    let r = lab.run(&["restore", &format!("{id}:disk1"), "--to-vmdk", hosted_s], &[]);
+    assert!(r.code != 0 && r.stderr.contains("exists already"), "{}", r.stderr);
+
+    // A managed disk on the datastore, attached to the VM (written locally first, then cloned there).
+    let new_path = format!("[LocalDS_0] {name}/restored-disk1.vmdk");
+    let r = lab.run(&["restore", &format!("{id}:disk1"), "--to-vmdk", &new_path], &[]);
+    assert!(r.code != 0 && r.stderr.contains("--attach-to"), "{}", r.stderr);
+    let temp = lab.env.path("vmdk-temp");
+    std::fs::create_dir_all(&temp).unwrap();
+    let r = lab.ok(&[
+        "restore",
+        &format!("{id}:disk1"),
+        "--to-vmdk",
+        &new_path,
+        "--attach-to",
+        &name,
+        "--temp-dir",
+        temp.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!((r["vm"].as_str(), r["blocks_written"].as_u64()), (Some(name.as_str()), Some(3)), "{r}");
+    assert_eq!(std::fs::read_dir(&temp).unwrap().count(), 0, "the temporary VMDK was left");
+    let after = lab.vm();
+    let disks = after["disks"].as_array().unwrap();
+    let added = disks.iter().find(|d| d["file_name"] == new_path.as_str()).expect("the new disk is attached");
+    assert_eq!(added["capacity"].as_u64(), Some(capacity));
+    assert!(std::fs::read(lab.sim.flat_file(&new_path)).unwrap() == at_snapshot, "the cloned disk differs");
+    let log = std::fs::read_to_string(&lab.vddk_log).unwrap();
+    assert!(log.lines().any(|l| l.starts_with("Create ") && l.contains("type=1")), "{log}");
+    assert!(log.lines().any(|l| l.starts_with("Clone ") && l.ends_with("-> 0")), "{log}");
+    // The same path again: the VDDK refuses to clone over it, and the VM keeps its three disks.
+    let r =
+        lab.run(&["restore", &format!("{id}:disk1"), "--to-vmdk", &new_path, "--attach-to", &name, "--temp-dir"], &[]);
+    assert_ne!(r.code, 0);
+    let r = lab.run(
+        &[
+            "restore",
+            &format!("{id}:disk1"),
+            "--to-vmdk",
+            &new_path,
+            "--attach-to",
+            &name,
+            "--temp-dir",
+            temp.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        r.code != 0 && r.stderr.contains("VixDiskLib_Clone") && r.stderr.contains("already exists"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(std::fs::read_dir(&temp).unwrap().count(), 0, "the temporary VMDK was left");
+    assert_eq!(lab.vm()["disks"].as_array().unwrap().len(), 3);
+    lab.assert_clean();
+}
+
+/// Grows a VM disk as vSphere does (ReconfigVM_Task, edit; change tracking goes on) and its flat file with it.
+fn grow_disk(lab: &Lab, vm: &serde_json::Value, i: usize, new_capacity: u64) {
+    use diskvault::vsphere::{Client, MoRef, Trust};
+    let mut client =
+        Client::login(&lab.sim.url, &lab.sim.user, &lab.sim.password, &Trust::Thumbprint(lab.sim.sha256.clone()))
+            .unwrap();
+    let d = &vm["disks"][i];
+    let body = format!(
+        "<spec><deviceChange><operation>edit</operation><device xsi:type=\"VirtualDisk\"><key>{}</key>\
+         <deviceInfo><label>{}</label><summary></summary></deviceInfo><backing xsi:type=\"VirtualDiskFlatVer2BackingInfo\"><fileName>{}</fileName><diskMode>persistent</diskMode>\
+         <changeId>{}</changeId></backing><controllerKey>{}</controllerKey><unitNumber>{}</unitNumber><capacityInKB>{}</capacityInKB>\
+         <capacityInBytes>{new_capacity}</capacityInBytes></device></deviceChange></spec>",
+        d["key"],
+        d["label"].as_str().unwrap(),
+        d["file_name"].as_str().unwrap(),
+        d["change_id"].as_str().unwrap(),
+        d["controller_key"],
+        d["unit_number"],
+        new_capacity / 1024
+    );
+    let moref = vm["moref"].as_str().unwrap();
+    let r = client.call("ReconfigVM_Task", &MoRef::new("VirtualMachine", moref), &body).unwrap();
+    let task = MoRef::new("Task", r.child("returnval").unwrap().text.trim());
+    client.wait_task(&task, "ReconfigVM_Task").unwrap();
+    client.logout();
+    let f = std::fs::OpenOptions::new().write(true).open(lab.disk_file(vm, i)).unwrap();
+    f.set_len(new_capacity).unwrap();
+}
+
+#[test]
+fn a_resized_disk_is_read_in_full_and_says_why() {
+    let lab = Lab::new();
+    let vm = lab.vm();
+    let name = vm["name"].as_str().unwrap().to_string();
+    lab.succeed(&["vm", "enable-cbt", &name]);
+    lab.guest_write(&vm, 0, 0, &random_bytes(1, 2 * MIB));
+    let first = lab.ok(&["backup", "--json", "--vm", &name]);
+    let disk1 = lab.disk_file(&vm, 0);
+    let day0 = std::fs::read(&disk1).unwrap();
+
+    // The admin grows disk1 from 64 to 80 MiB; the guest writes into the new space.
+    grow_disk(&lab, &vm, 0, 80 * M);
+    let by_name = |list: &serde_json::Value, field: &str, want: &str| -> serde_json::Value {
+        let found = list.as_array().unwrap().iter().find(|d| d[field].as_str().unwrap().contains(want));
+        found.unwrap_or_else(|| panic!("no {want} in {list}")).clone()
+    };
+    let vm_now = lab.vm();
+    assert_eq!(by_name(&vm_now["disks"], "file_name", "/disk1.vmdk")["capacity"].as_u64(), Some(80 * M), "{vm_now}");
+    lab.guest_write(&vm, 0, 70 * M, &random_bytes(2, MIB));
+    let r = lab.ok(&["backup", "--json", "--vm", &name]);
+    let d = by_name(&r["vmware_disks"], "name", "disk1");
+    assert_eq!(d["mode"], "full", "{r}");
+    assert!(d["reason"].as_str().unwrap().contains("resized (67108864 -> 83886080 bytes)"), "{d}");
+    assert_eq!(
+        by_name(&r["vmware_disks"], "name", "disk2")["mode"],
+        "incremental",
+        "the other disk stays incremental: {r}"
+    );
+    assert_eq!(by_name(&r["disks"], "name", "disk1")["blocks_read"], 3, "the allocated blocks of the grown disk: {r}");
+
+    // Both points in time restore bit-exact, at their own sizes.
+    let day1 = std::fs::read(&disk1).unwrap();
+    assert_eq!(day1.len() as u64, 80 * M);
+    assert!(lab.env.restore(&format!("{}:disk1", first["snapshot"].as_str().unwrap()), &[]) == day0);
+    assert!(lab.env.restore(&format!("{}:disk1", r["snapshot"].as_str().unwrap()), &[]) == day1);
     lab.assert_clean();
 }

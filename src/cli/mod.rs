@@ -62,7 +62,7 @@ enum Command {
     /// Back up disk images or block devices as one snapshot.
     Backup(Box<backup::BackupArgs>),
     /// Restore a disk of a snapshot to a file or block device.
-    Restore(restore::RestoreArgs),
+    Restore(Box<restore::RestoreArgs>),
     /// Serve snapshot disks as NBD exports (instant access; optionally writable through an overlay).
     Serve(serve::ServeArgs),
     /// Verify the repository's structure, and with --read-data every byte.

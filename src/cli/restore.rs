@@ -20,7 +20,7 @@ pub struct RestoreArgs {
     #[arg(long)]
     name: Option<String>,
     /// File or block device to write.
-    #[arg(long, short = 't', required_unless_present_any = ["to_vm", "to_new_vm"])]
+    #[arg(long, short = 't', required_unless_present_any = ["to_vm", "to_new_vm", "to_vmdk"])]
     target: Option<PathBuf>,
     /// Restore onto this existing, powered-off VMware VM (name or moref) instead, writing only the blocks that
     /// differ from the snapshot. Needs --vsphere… and --vddk-libdir.
@@ -30,6 +30,17 @@ pub struct RestoreArgs {
     /// snapshot (CPUs, memory, firmware, guest OS, disks), with every disk written into it.
     #[arg(long, conflicts_with_all = ["target", "to_vm"], value_name = "NAME")]
     to_new_vm: Option<String>,
+    /// Restore into a new VMDK created through the VDDK: a local file (a hosted, sparse VMDK), or a datastore
+    /// path "[datastore] dir/name.vmdk" (a thin disk cloned there and attached to the VM --attach-to).
+    #[arg(long, conflicts_with_all = ["target", "to_vm", "to_new_vm"], value_name = "PATH")]
+    to_vmdk: Option<String>,
+    /// With --to-vmdk "[datastore] …": the VM (name or moref) that gets the new disk.
+    #[arg(long, requires = "to_vmdk", value_name = "VM")]
+    attach_to: Option<String>,
+    /// With --to-vmdk "[datastore] …": where the hosted VMDK is written before it is cloned onto the datastore
+    /// (it needs room for the disk's data; default: the system's temporary directory).
+    #[arg(long, requires = "to_vmdk", value_name = "DIR")]
+    temp_dir: Option<PathBuf>,
     /// With --to-new-vm: the datastore for the new VM (default: the one its first disk was on).
     #[arg(long, requires = "to_new_vm", value_name = "NAME")]
     datastore: Option<String>,
@@ -92,12 +103,11 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
     };
     let cache = g.open_cache_unsynced(&repo)?;
     let counters = Arc::new(Counters::default());
+    if let Some(path) = &args.to_vmdk {
+        return restore_vmdk(g, args, &repo, &cache, &id, disk, path);
+    }
     if let Some(vm) = &args.to_vm {
-        let libdir = args
-            .vddk_libdir
-            .clone()
-            .ok_or_else(|| Error::invalid("restoring into a VM writes through the VDDK: give --vddk-libdir DIR"))?;
-        crate::vddk::ensure_loader_path(&libdir)?;
+        let libdir = vddk_libdir(args)?;
         let mut client = args.vsphere.connect()?;
         let report = {
             let _r = Reporter::start("restore", counters.clone(), g.progress);
@@ -217,11 +227,7 @@ fn restore_new_vm(
     snap: &crate::format::snapshot::Snapshot,
     name: &str,
 ) -> Result<()> {
-    let libdir = args
-        .vddk_libdir
-        .clone()
-        .ok_or_else(|| Error::invalid("restoring into a VM writes through the VDDK: give --vddk-libdir DIR"))?;
-    crate::vddk::ensure_loader_path(&libdir)?;
+    let libdir = vddk_libdir(args)?;
     let cache = g.open_cache_unsynced(repo)?;
     let counters = Arc::new(Counters::default());
     let mut client = args.vsphere.connect()?;
@@ -249,5 +255,74 @@ fn restore_new_vm(
     for r in &reports {
         println!("  {} -> {}: wrote {} blocks ({})", r.disk, r.vm_disk, r.blocks_written, human_bytes(r.bytes_written));
     }
+    Ok(())
+}
+
+/// The VDDK directory, on the loader's path (a re-exec if needed).
+fn vddk_libdir(args: &RestoreArgs) -> Result<PathBuf> {
+    let libdir = args
+        .vddk_libdir
+        .clone()
+        .ok_or_else(|| Error::invalid("restoring into VMware writes through the VDDK: give --vddk-libdir DIR"))?;
+    crate::vddk::ensure_loader_path(&libdir)?;
+    Ok(libdir)
+}
+
+/// `--to-vmdk`: a new hosted VMDK, or a new disk on a datastore attached to a VM.
+fn restore_vmdk(
+    g: &Globals,
+    args: &RestoreArgs,
+    repo: &crate::repository::Repository,
+    cache: &crate::cache::IndexCache,
+    id: &crate::format::ObjectId,
+    disk: &crate::format::snapshot::DiskManifest,
+    path: &str,
+) -> Result<()> {
+    let libdir = vddk_libdir(args)?;
+    let counters = Arc::new(Counters::default());
+    let report = if path.starts_with('[') {
+        let vm = args
+            .attach_to
+            .as_deref()
+            .ok_or_else(|| Error::invalid("a VMDK on a datastore is made for a VM: name it with --attach-to VM"))?;
+        let mut client = args.vsphere.connect()?;
+        let temp_dir = args.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let report = {
+            let _r = Reporter::start("restore", counters.clone(), g.progress);
+            crate::vmware::restore_to_new_vmdk(
+                &mut client,
+                repo,
+                cache,
+                disk,
+                path,
+                vm,
+                &libdir,
+                args.vsphere.user()?,
+                &temp_dir,
+                &counters,
+            )
+        };
+        client.logout();
+        report?
+    } else {
+        if args.attach_to.is_some() {
+            return Err(Error::invalid("--attach-to needs a datastore path: --to-vmdk \"[datastore] dir/name.vmdk\""));
+        }
+        let _r = Reporter::start("restore", counters.clone(), g.progress);
+        crate::vmware::restore_to_hosted_vmdk(repo, cache, disk, &libdir, std::path::Path::new(path), &counters)?
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("JSON of plain values"));
+        return Ok(());
+    }
+    let attached = if report.vm.is_empty() { String::new() } else { format!(", attached to VM {}", report.vm) };
+    println!(
+        "restored disk {} of snapshot {} into the new VMDK {}{attached}: wrote {} blocks ({})",
+        disk.name,
+        id.short(),
+        report.vm_disk,
+        report.blocks_written,
+        human_bytes(report.bytes_written)
+    );
     Ok(())
 }

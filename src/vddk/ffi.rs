@@ -13,6 +13,14 @@ pub const VIX_OK: VixError = 0;
 pub const VIX_ASYNC: u64 = 25000;
 pub const SECTOR_SIZE: u64 = 512;
 pub const OPEN_READ_ONLY: u32 = 4;
+/// `VIXDISKLIB_DISK_MONOLITHIC_SPARSE`: a growable hosted disk in one file (what `Create` makes).
+pub const DISK_MONOLITHIC_SPARSE: c_int = 1;
+/// `VIXDISKLIB_DISK_VMFS_THIN`: a thin-provisioned managed disk on a datastore (what `Clone` makes there).
+pub const DISK_VMFS_THIN: c_int = 7;
+/// `VIXDISKLIB_ADAPTER_SCSI_LSILOGIC`.
+pub const ADAPTER_SCSI_LSILOGIC: c_int = 3;
+/// `VIXDISKLIB_HWVERSION_ESX4X`: readable by every ESXi diskvault can talk to.
+pub const HWVERSION_ESX4X: u16 = 7;
 pub const CRED_UID: c_int = 1;
 pub const CRED_SESSIONID: c_int = 2;
 /// Smallest chunk QueryAllocatedBlocks accepts (sectors), and the most chunks per call.
@@ -86,6 +94,17 @@ pub struct Info {
     pub uuid: *mut c_char,
 }
 
+/// `VixDiskLibCreateParams` (32 bytes; the sector sizes exist from VDDK 7.0 on and are ignored before).
+#[repr(C)]
+pub struct CreateParams {
+    pub disk_type: c_int,
+    pub adapter_type: c_int,
+    pub hw_version: u16,
+    pub capacity: u64,
+    pub logical_sector_size: u32,
+    pub physical_sector_size: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Block {
@@ -134,6 +153,24 @@ pub type CompletionCb = unsafe extern "C" fn(data: *mut c_void, result: VixError
 pub type ReadAsync =
     unsafe extern "C" fn(Handle, start: u64, count: u64, buf: *mut u8, cb: CompletionCb, data: *mut c_void) -> VixError;
 pub type Wait = unsafe extern "C" fn(Handle) -> VixError;
+pub type ProgressFunc = unsafe extern "C" fn(data: *mut c_void, percent: c_int) -> Bool;
+pub type Create = unsafe extern "C" fn(
+    Connection,
+    path: *const c_char,
+    params: *const CreateParams,
+    progress: Option<ProgressFunc>,
+    data: *mut c_void,
+) -> VixError;
+pub type Clone = unsafe extern "C" fn(
+    dst: Connection,
+    dst_path: *const c_char,
+    src: Connection,
+    src_path: *const c_char,
+    params: *const CreateParams,
+    progress: Option<ProgressFunc>,
+    data: *mut c_void,
+    overwrite: Bool,
+) -> VixError;
 pub type QueryAllocatedBlocks =
     unsafe extern "C" fn(Handle, start: u64, count: u64, chunk: u64, out: *mut *mut BlockList) -> VixError;
 pub type FreeBlockList = unsafe extern "C" fn(*mut BlockList) -> VixError;
@@ -149,3 +186,5 @@ const _: () = assert!(std::mem::offset_of!(ConnectParams, spec_type) == 120);
 const _: () = assert!(std::mem::offset_of!(Info, capacity) == 24);
 const _: () = assert!(std::mem::offset_of!(Info, uuid) == 48);
 const _: () = assert!(std::mem::offset_of!(BlockList, blocks) == 8);
+const _: () = assert!(std::mem::size_of::<CreateParams>() == 32);
+const _: () = assert!(std::mem::offset_of!(CreateParams, capacity) == 16);

@@ -46,6 +46,8 @@ struct Fns {
     read_async: Option<ffi::ReadAsync>,
     wait: Option<ffi::Wait>,
     query_allocated_blocks: Option<ffi::QueryAllocatedBlocks>,
+    create: Option<ffi::Create>,
+    clone: Option<ffi::Clone>,
     free_block_list: Option<ffi::FreeBlockList>,
     get_error_text: ffi::GetErrorText,
     free_error_text: ffi::FreeErrorText,
@@ -221,6 +223,8 @@ fn resolve(lib: &libloading::Library, path: &Path) -> Result<Fns> {
         read_async: opt(lib, "VixDiskLib_ReadAsync"),
         wait: opt(lib, "VixDiskLib_Wait"),
         query_allocated_blocks: opt(lib, "VixDiskLib_QueryAllocatedBlocks"),
+        create: opt(lib, "VixDiskLib_Create"),
+        clone: opt(lib, "VixDiskLib_Clone"),
         free_block_list: opt(lib, "VixDiskLib_FreeBlockList"),
         get_error_text: req(lib, path, "VixDiskLib_GetErrorText")?,
         free_error_text: req(lib, path, "VixDiskLib_FreeErrorText")?,
@@ -274,9 +278,11 @@ pub enum Credentials {
         cookie: String,
         user: String,
     },
+    /// A hosted disk on this machine (a local connection: no server, no VM).
+    Local,
 }
 
-/// Which disk of which VM, through which server.
+/// Which disk of which VM, through which server; or a hosted disk on this machine ([`DiskTarget::hosted`]).
 #[derive(Clone, Debug)]
 pub struct DiskTarget {
     pub server: String,
@@ -292,6 +298,34 @@ pub struct DiskTarget {
     pub path: String,
     /// `nbdssl:nbd`…; `None` lets the library choose.
     pub transports: Option<String>,
+}
+
+impl DiskTarget {
+    /// A hosted (local) VMDK file, reached through a local connection.
+    pub fn hosted(path: &Path) -> DiskTarget {
+        DiskTarget {
+            server: String::new(),
+            port: None,
+            thumbprint: None,
+            credentials: Credentials::Local,
+            moref: String::new(),
+            snapshot: None,
+            path: path.to_string_lossy().into_owned(),
+            transports: None,
+        }
+    }
+
+    fn is_local(&self) -> bool {
+        matches!(self.credentials, Credentials::Local)
+    }
+
+    fn describe(&self) -> String {
+        if self.is_local() {
+            return format!("VMDK {}", self.path);
+        }
+        let snapshot = self.snapshot.as_ref().map(|s| format!(", {s}")).unwrap_or_default();
+        format!("vddk://{}/{} ({}{snapshot})", self.server, self.path, self.moref)
+    }
 }
 
 /// Owns the C strings the connect parameters point into.
@@ -327,6 +361,11 @@ impl Params {
         // SAFETY: raw points to a valid ConnectParams we own; the strings outlive it (kept in `_strings`).
         unsafe {
             let r = &mut *raw;
+            if t.is_local() {
+                // A local connection: every field stays empty.
+                p._strings = strings;
+                return Ok(p);
+            }
             r.vmx_spec = cstr(&format!("moref={}", t.moref))?;
             r.server_name = cstr(&t.server)?;
             r.thumb_print = match &t.thumbprint {
@@ -344,6 +383,7 @@ impl Params {
                     r.creds.session_id =
                         ffi::SessionIdCreds { cookie: cstr(cookie)?, user_name: cstr(user)?, key: cstr("diskvault")? };
                 }
+                Credentials::Local => unreachable!("returned above"),
             }
         }
         p._strings = strings;
@@ -408,21 +448,14 @@ impl Disk {
             return Err(Error::invalid("this VDDK has no VixDiskLib_Write"));
         }
         let mut t = target.clone();
-        t.transports.get_or_insert_with(|| "nbdssl".to_string());
+        if !t.is_local() {
+            t.transports.get_or_insert_with(|| "nbdssl".to_string());
+        }
         Disk::open_mode(lib, &t, true)
     }
 
     fn open_mode(lib: Arc<Library>, target: &DiskTarget, writable: bool) -> Result<Disk> {
-        let about = format!(
-            "vddk://{}/{} ({}{})",
-            target.server,
-            target.path,
-            target.moref,
-            match &target.snapshot {
-                Some(s) => format!(", {s}"),
-                None => String::new(),
-            }
-        );
+        let about = target.describe();
         let params = Params::new(&lib, target)?;
         let mut disk = Disk {
             lib: lib.clone(),
@@ -435,7 +468,9 @@ impl Disk {
             about,
         };
         let raw = Ptr(disk.params.as_ref().expect("set above").raw.cast());
-        let fns = (lib.fns.prepare_for_access, lib.fns.connect_ex, lib.fns.open, lib.fns.get_info, lib.fns.free_info);
+        // PrepareForAccess protects a VM from relocation; a hosted disk has none.
+        let prepare = if target.is_local() { None } else { lib.fns.prepare_for_access };
+        let fns = (prepare, lib.fns.connect_ex, lib.fns.open, lib.fns.get_info, lib.fns.free_info);
         let (snapshot, transports, path) = (
             target.snapshot.as_deref().map(CString::new).transpose(),
             target.transports.as_deref().map(CString::new).transpose(),
@@ -697,6 +732,99 @@ impl Disk {
             Error::source(self.about.clone(), format!("QueryAllocatedBlocks answered ranges outside the disk: {e}"))
         })?;
         Ok(Some(extents))
+    }
+}
+
+/// Creates a new, empty hosted VMDK (monolithicSparse, LSI Logic, hardware version 7) of `capacity` bytes at
+/// `path` with `VixDiskLib_Create` on a local connection. The guide: Create makes hosted disks only; a managed
+/// disk on a datastore is a hosted one cloned there ([`clone_to_datastore`]).
+pub fn create_hosted(lib: &Arc<Library>, path: &Path, capacity: u64) -> Result<()> {
+    let about = format!("VMDK {}", path.display());
+    let create = lib.fns.create.ok_or_else(|| Error::invalid("this VDDK has no VixDiskLib_Create"))?;
+    let local = Params::new(lib, &DiskTarget::hosted(path))?;
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::invalid(format!("{} contains a NUL byte", path.display())))?;
+    let params = create_params(ffi::DISK_MONOLITHIC_SPARSE, capacity);
+    let (connect, disconnect, raw) = (lib.fns.connect_ex, lib.fns.disconnect, Ptr(local.raw.cast()));
+    let result = lib.on_owner(move || {
+        let raw = raw;
+        let mut conn: ffi::Connection = std::ptr::null_mut();
+        // SAFETY: the parameters, path and create parameters outlive the calls; the connection is closed here.
+        unsafe {
+            let e = connect(raw.0 as *const ffi::ConnectParams, 0, std::ptr::null(), std::ptr::null(), &mut conn);
+            if e != ffi::VIX_OK {
+                return Err(("VixDiskLib_ConnectEx", e));
+            }
+            let e = create(conn, c_path.as_ptr(), &params, None, std::ptr::null_mut());
+            disconnect(conn);
+            if e != ffi::VIX_OK {
+                return Err(("VixDiskLib_Create", e));
+            }
+        }
+        Ok(())
+    });
+    drop(local);
+    result.map_err(|(call, e)| lib.error(call, e, &about))
+}
+
+/// Copies the hosted VMDK `hosted` onto a datastore as the thin managed disk `target.path`
+/// (`[datastore] dir/name.vmdk`), with `VixDiskLib_Clone` over `target`'s connection (for its VM). Refuses to
+/// replace an existing disk.
+pub fn clone_to_datastore(lib: &Arc<Library>, hosted: &Path, target: &DiskTarget, capacity: u64) -> Result<()> {
+    let about = target.describe();
+    let clone = lib.fns.clone.ok_or_else(|| Error::invalid("this VDDK has no VixDiskLib_Clone"))?;
+    let mut remote_target = target.clone();
+    remote_target.transports.get_or_insert_with(|| "nbdssl".to_string());
+    let remote = Params::new(lib, &remote_target)?;
+    let local = Params::new(lib, &DiskTarget::hosted(hosted))?;
+    let (Ok(src), Ok(dst), Ok(modes)) = (
+        CString::new(hosted.as_os_str().as_encoded_bytes()),
+        CString::new(target.path.as_str()),
+        CString::new(remote_target.transports.clone().unwrap_or_default()),
+    ) else {
+        return Err(Error::invalid("a VDDK parameter contains a NUL byte"));
+    };
+    let params = create_params(ffi::DISK_VMFS_THIN, capacity);
+    let (connect, disconnect) = (lib.fns.connect_ex, lib.fns.disconnect);
+    let (remote_raw, local_raw) = (Ptr(remote.raw.cast()), Ptr(local.raw.cast()));
+    let result = lib.on_owner(move || {
+        let (remote_raw, local_raw) = (remote_raw, local_raw);
+        let (mut dst_conn, mut src_conn): (ffi::Connection, ffi::Connection) =
+            (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: every pointer outlives the calls; both connections are closed before returning.
+        unsafe {
+            let e =
+                connect(remote_raw.0 as *const ffi::ConnectParams, 0, std::ptr::null(), modes.as_ptr(), &mut dst_conn);
+            if e != ffi::VIX_OK {
+                return Err(("VixDiskLib_ConnectEx", e));
+            }
+            let e =
+                connect(local_raw.0 as *const ffi::ConnectParams, 1, std::ptr::null(), std::ptr::null(), &mut src_conn);
+            if e != ffi::VIX_OK {
+                disconnect(dst_conn);
+                return Err(("VixDiskLib_ConnectEx (local)", e));
+            }
+            let e = clone(dst_conn, dst.as_ptr(), src_conn, src.as_ptr(), &params, None, std::ptr::null_mut(), 0);
+            disconnect(src_conn);
+            disconnect(dst_conn);
+            if e != ffi::VIX_OK {
+                return Err(("VixDiskLib_Clone", e));
+            }
+        }
+        Ok(())
+    });
+    drop((remote, local));
+    result.map_err(|(call, e)| lib.error(call, e, &about))
+}
+
+fn create_params(disk_type: std::ffi::c_int, capacity: u64) -> ffi::CreateParams {
+    ffi::CreateParams {
+        disk_type,
+        adapter_type: ffi::ADAPTER_SCSI_LSILOGIC,
+        hw_version: ffi::HWVERSION_ESX4X,
+        capacity: capacity.div_ceil(ffi::SECTOR_SIZE),
+        logical_sector_size: ffi::SECTOR_SIZE as u32,
+        physical_sector_size: ffi::SECTOR_SIZE as u32,
     }
 }
 

@@ -60,7 +60,51 @@ pub struct VirtualDiskInfo {
     pub file_name: String,
     /// CBT token at this point in time; empty when change tracking is not active.
     pub change_id: String,
+    /// The controller it hangs on (a key of [`VmConfig::controllers`]) and its slot there.
+    #[serde(default)]
+    pub controller_key: i32,
+    #[serde(default)]
+    pub unit_number: i32,
 }
+
+/// A disk controller (SCSI, SATA, NVMe, IDE) as the configuration describes it.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ControllerInfo {
+    pub key: i32,
+    /// The device type: `VirtualLsiLogicController`, `ParaVirtualSCSIController`, `VirtualAHCIController`…
+    pub kind: String,
+    pub bus_number: i32,
+    /// SCSI bus sharing (`noSharing`, `virtualSharing`, `physicalSharing`); empty for other controllers.
+    pub shared_bus: String,
+}
+
+/// A network adapter as the configuration describes it.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct NicInfo {
+    pub key: i32,
+    /// The device type: `VirtualVmxnet3`, `VirtualE1000e`…
+    pub kind: String,
+    /// A standard port group's name (network backing), or empty.
+    pub network: String,
+    /// A distributed port group (distributed virtual port backing), or empty.
+    pub portgroup_key: String,
+    pub switch_uuid: String,
+    pub mac_address: String,
+    /// `generated`, `assigned` or `manual`.
+    pub address_type: String,
+    pub start_connected: bool,
+}
+
+/// Disk controller types diskvault recreates (SCSI, SATA, NVMe); IDE controllers come with every VM.
+const SCSI_CONTROLLERS: [&str; 4] = [
+    "VirtualLsiLogicController",
+    "VirtualLsiLogicSASController",
+    "ParaVirtualSCSIController",
+    "VirtualBusLogicController",
+];
+const OTHER_CONTROLLERS: [&str; 3] = ["VirtualAHCIController", "VirtualNVMEController", "VirtualIDEController"];
 
 /// What a backup records of a VM's configuration (JSON in the snapshot's `vmware.config` annotation).
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -76,7 +120,9 @@ pub struct VmConfig {
     pub guest_id: String,
     pub uuid: String,
     pub disks: Vec<VirtualDiskInfo>,
-    /// Every device's type (controllers, NICs…), in order.
+    pub controllers: Vec<ControllerInfo>,
+    pub nics: Vec<NicInfo>,
+    /// Every device's type, in order.
     pub devices: Vec<String>,
 }
 
@@ -92,6 +138,8 @@ pub struct VmInfo {
     /// The ESXi host it runs on (moref).
     pub host: String,
     pub disks: Vec<VirtualDiskInfo>,
+    pub controllers: Vec<ControllerInfo>,
+    pub nics: Vec<NicInfo>,
 }
 
 pub struct Client {
@@ -373,24 +421,7 @@ impl Client {
         if config.folder.is_empty() || config.resource_pool.is_empty() {
             return Err(Error::invalid("the recorded configuration does not say where the VM was (folder, pool)"));
         }
-        let mut devices = String::from(
-            "<deviceChange><operation>add</operation><device xsi:type=\"VirtualLsiLogicController\"><key>-100</key>\
-             <busNumber>0</busNumber><sharedBus>noSharing</sharedBus></device></deviceChange>",
-        );
-        for (i, d) in config.disks.iter().enumerate() {
-            let unit = if i >= 7 { i + 1 } else { i }; // unit 7 is the controller's own
-            devices.push_str(&format!(
-                "<deviceChange><operation>add</operation><fileOperation>create</fileOperation>\
-                 <device xsi:type=\"VirtualDisk\"><key>{}</key><backing xsi:type=\"VirtualDiskFlatVer2BackingInfo\">\
-                 <fileName>[{}]</fileName><diskMode>persistent</diskMode><thinProvisioned>true</thinProvisioned>\
-                 </backing><controllerKey>-100</controllerKey><unitNumber>{unit}</unitNumber>\
-                 <capacityInKB>{}</capacityInKB><capacityInBytes>{}</capacityInBytes></device></deviceChange>",
-                -101 - i as i64,
-                esc(datastore),
-                d.capacity.div_ceil(1024),
-                d.capacity
-            ));
-        }
+        let devices = new_vm_devices(config, datastore);
         let mut spec = format!("<config><name>{}</name>", esc(name));
         if !config.guest_id.is_empty() {
             spec.push_str(&format!("<guestId>{}</guestId>", esc(&config.guest_id)));
@@ -417,6 +448,37 @@ impl Client {
             .and_then(MoRef::from_element)
             .map(|m| m.value)
             .ok_or_else(|| self.bad("CreateVM_Task", "the task returned no VM"))
+    }
+
+    /// Adds the existing disk file `path` (`[datastore] dir/name.vmdk`) to a VM, on the first free slot of its
+    /// first SCSI controller.
+    pub fn attach_disk(&mut self, vm: &str, path: &str, capacity: u64) -> Result<()> {
+        let this = MoRef::new("VirtualMachine", vm);
+        let props = self.properties(&this, &["config.hardware.device"])?;
+        let devices =
+            props.into_iter().next().map(|(_, d)| d).ok_or_else(|| self.bad("RetrieveProperties", "no devices"))?;
+        let controller = controllers_of(&devices)
+            .into_iter()
+            .find(|c| SCSI_CONTROLLERS.contains(&c.kind.as_str()))
+            .ok_or_else(|| Error::invalid(format!("VM {vm} has no SCSI controller to attach a disk to")))?;
+        let used: Vec<i32> = devices
+            .children
+            .iter()
+            .filter(|d| int(d, "controllerKey") == controller.key && d.child("unitNumber").is_some())
+            .map(|d| int(d, "unitNumber"))
+            .collect();
+        let unit = (0..16)
+            .find(|u| *u != 7 && !used.contains(u))
+            .ok_or_else(|| Error::invalid(format!("VM {vm}'s SCSI controller {} is full", controller.key)))?;
+        let body = format!(
+            "<spec><deviceChange><operation>add</operation>{}</deviceChange></spec>",
+            disk_device(-1, path, controller.key, unit, capacity)
+        );
+        let r = self.call("ReconfigVM_Task", &this, &body)?;
+        let task =
+            r.child("returnval").and_then(MoRef::from_element).ok_or_else(|| self.bad("ReconfigVM_Task", "no task"))?;
+        self.wait_task(&task, "ReconfigVM_Task")?;
+        Ok(())
     }
 
     pub fn remove_snapshot(&mut self, snapshot: &MoRef) -> Result<()> {
@@ -453,6 +515,8 @@ impl Client {
             guest_id: text("config.guestId").unwrap_or_default(),
             uuid: text("config.uuid").unwrap_or_default(),
             disks: devices.map(disks_of).unwrap_or_default(),
+            controllers: devices.map(controllers_of).unwrap_or_default(),
+            nics: devices.map(nics_of).unwrap_or_default(),
             devices: devices
                 .map(|d| d.children.iter().filter_map(|c| c.xsi_type().map(str::to_string)).collect())
                 .unwrap_or_default(),
@@ -543,6 +607,8 @@ fn vm_from_object(o: &Element) -> VmInfo {
         memory_mb: 0,
         host: String::new(),
         disks: Vec::new(),
+        controllers: Vec::new(),
+        nics: Vec::new(),
     };
     for p in o.children_named("propSet") {
         let (Some(name), Some(val)) = (p.child_text("name"), p.child("val")) else { continue };
@@ -550,7 +616,11 @@ fn vm_from_object(o: &Element) -> VmInfo {
             "name" => vm.name = val.text.clone(),
             "runtime.powerState" => vm.power_state = val.text.clone(),
             "config.changeTrackingEnabled" => vm.cbt_enabled = val.text.trim() == "true",
-            "config.hardware.device" => vm.disks = disks_of(val),
+            "config.hardware.device" => {
+                vm.disks = disks_of(val);
+                vm.controllers = controllers_of(val);
+                vm.nics = nics_of(val);
+            }
             "snapshot" => vm.snapshots = count_snapshots(val),
             "config.hardware.numCPU" => vm.num_cpu = val.text.trim().parse().unwrap_or(0),
             "config.hardware.memoryMB" => vm.memory_mb = val.text.trim().parse().unwrap_or(0),
@@ -567,6 +637,102 @@ fn count_snapshots(info: &Element) -> usize {
         e.children_named("childSnapshotList").map(|c| 1 + walk(c)).sum()
     }
     info.children_named("rootSnapshotList").map(|r| 1 + walk(r)).sum()
+}
+
+/// A thin, persistent `VirtualDisk` device on `file_name` (`[datastore]` alone lets the server name a new file).
+fn disk_device(key: i32, file_name: &str, controller_key: i32, unit: i32, capacity: u64) -> String {
+    format!(
+        "<device xsi:type=\"VirtualDisk\"><key>{key}</key><backing xsi:type=\"VirtualDiskFlatVer2BackingInfo\">\
+         <fileName>{}</fileName><diskMode>persistent</diskMode><thinProvisioned>true</thinProvisioned></backing>\
+         <controllerKey>{controller_key}</controllerKey><unitNumber>{unit}</unitNumber>\
+         <capacityInKB>{}</capacityInKB><capacityInBytes>{capacity}</capacityInBytes></device>",
+        esc(file_name),
+        capacity.div_ceil(1024),
+    )
+}
+
+/// The `deviceChange`s that recreate a recorded VM's controllers, disks (new, thin, on `datastore`) and network
+/// adapters (new MAC addresses: the copy may run next to the original). IDE controllers come with every VM
+/// and keep their keys; the others get temporary negative keys. Older records without controllers get one
+/// LSI Logic controller for all disks.
+fn new_vm_devices(config: &VmConfig, datastore: &str) -> String {
+    let add = |device: String, create: bool| {
+        let op = if create { "<fileOperation>create</fileOperation>" } else { "" };
+        format!("<deviceChange><operation>add</operation>{op}{device}</deviceChange>")
+    };
+    let mut out = String::new();
+    let mut keys: Vec<(i32, i32)> = Vec::new(); // recorded key -> key in the new VM
+    for (i, c) in config.controllers.iter().enumerate() {
+        if c.kind == "VirtualIDEController" {
+            keys.push((c.key, c.key));
+            continue;
+        }
+        let key = -100 - i as i32;
+        let shared = if SCSI_CONTROLLERS.contains(&c.kind.as_str()) {
+            let s = if c.shared_bus.is_empty() { "noSharing" } else { c.shared_bus.as_str() };
+            format!("<sharedBus>{}</sharedBus>", esc(s))
+        } else {
+            String::new()
+        };
+        out.push_str(&add(
+            format!(
+                "<device xsi:type=\"{}\"><key>{key}</key><busNumber>{}</busNumber>{shared}</device>",
+                esc(&c.kind),
+                c.bus_number
+            ),
+            false,
+        ));
+        keys.push((c.key, key));
+    }
+    let fallback = -99;
+    let mut next_unit = 0;
+    for (i, d) in config.disks.iter().enumerate() {
+        let (controller, unit) = match keys.iter().find(|(old, _)| *old == d.controller_key) {
+            Some((_, new)) => (*new, d.unit_number),
+            None => {
+                if next_unit == 0 {
+                    out.push_str(&add(
+                        format!(
+                            "<device xsi:type=\"VirtualLsiLogicController\"><key>{fallback}</key><busNumber>{}</busNumber>\
+                             <sharedBus>noSharing</sharedBus></device>",
+                            config.controllers.iter().filter(|c| SCSI_CONTROLLERS.contains(&c.kind.as_str())).count()
+                        ),
+                        false,
+                    ));
+                }
+                next_unit += if next_unit == 7 { 2 } else { 1 }; // unit 7 is the controller's own
+                (fallback, next_unit - 1)
+            }
+        };
+        out.push_str(&add(disk_device(-200 - i as i32, &format!("[{datastore}]"), controller, unit, d.capacity), true));
+    }
+    for (i, n) in config.nics.iter().enumerate() {
+        let backing = if !n.portgroup_key.is_empty() {
+            format!(
+                "<backing xsi:type=\"VirtualEthernetCardDistributedVirtualPortBackingInfo\"><port>\
+                 <switchUuid>{}</switchUuid><portgroupKey>{}</portgroupKey></port></backing>",
+                esc(&n.switch_uuid),
+                esc(&n.portgroup_key)
+            )
+        } else {
+            format!(
+                "<backing xsi:type=\"VirtualEthernetCardNetworkBackingInfo\"><deviceName>{}</deviceName></backing>",
+                esc(&n.network)
+            )
+        };
+        out.push_str(&add(
+            format!(
+                "<device xsi:type=\"{}\"><key>{}</key>{backing}<connectable><startConnected>{}</startConnected>\
+                 <allowGuestControl>true</allowGuestControl><connected>false</connected></connectable>\
+                 <addressType>generated</addressType></device>",
+                esc(&n.kind),
+                -300 - i as i32,
+                n.start_connected
+            ),
+            false,
+        ));
+    }
+    out
 }
 
 /// The virtual disks in an `ArrayOfVirtualDevice`.
@@ -588,6 +754,57 @@ pub fn disks_of(devices: &Element) -> Vec<VirtualDiskInfo> {
                 capacity,
                 file_name: backing.and_then(|b| b.child_text("fileName")).unwrap_or("").to_string(),
                 change_id: backing.and_then(|b| b.child_text("changeId")).unwrap_or("").to_string(),
+                controller_key: int(d, "controllerKey"),
+                unit_number: int(d, "unitNumber"),
+            }
+        })
+        .collect()
+}
+
+fn int(e: &Element, name: &str) -> i32 {
+    e.child_text(name).and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+}
+
+/// The disk controllers in an `ArrayOfVirtualDevice`.
+pub fn controllers_of(devices: &Element) -> Vec<ControllerInfo> {
+    devices
+        .children
+        .iter()
+        .filter_map(|d| {
+            let kind = d.xsi_type()?;
+            if !SCSI_CONTROLLERS.contains(&kind) && !OTHER_CONTROLLERS.contains(&kind) {
+                return None;
+            }
+            Some(ControllerInfo {
+                key: int(d, "key"),
+                kind: kind.to_string(),
+                bus_number: int(d, "busNumber"),
+                shared_bus: d.child_text("sharedBus").unwrap_or("").trim().to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The network adapters in an `ArrayOfVirtualDevice` (every device with an `addressType`).
+pub fn nics_of(devices: &Element) -> Vec<NicInfo> {
+    devices
+        .children
+        .iter()
+        .filter(|d| d.child("addressType").is_some())
+        .map(|d| {
+            let backing = d.child("backing");
+            let text = |e: Option<&Element>, path: &[&str]| {
+                e.and_then(|e| e.path(path)).map(|v| v.text.trim().to_string()).unwrap_or_default()
+            };
+            NicInfo {
+                key: int(d, "key"),
+                kind: d.xsi_type().unwrap_or("VirtualEthernetCard").to_string(),
+                network: text(backing, &["deviceName"]),
+                portgroup_key: text(backing, &["port", "portgroupKey"]),
+                switch_uuid: text(backing, &["port", "switchUuid"]),
+                mac_address: text(Some(d), &["macAddress"]),
+                address_type: text(Some(d), &["addressType"]),
+                start_connected: text(Some(d), &["connectable", "startConnected"]) == "true",
             }
         })
         .collect()
@@ -753,7 +970,7 @@ mod tests {
     /// A device list as vCenter writes it (`xsi:` prefix) and as govmomi's simulator does.
     fn devices(prefix: &str) -> String {
         format!(
-            r#"<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:{prefix}="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body><RetrievePropertiesExResponse xmlns="urn:vim25"><returnval><objects><obj type="VirtualMachine">vm-42</obj><propSet><name>config.hardware.device</name><val {prefix}:type="ArrayOfVirtualDevice"><VirtualDevice {prefix}:type="VirtualIDEController"><key>200</key></VirtualDevice><VirtualDevice {prefix}:type="VirtualDisk"><key>2000</key><deviceInfo><label>Hard disk 1</label><summary>1,048,576 KB</summary></deviceInfo><backing {prefix}:type="VirtualDiskFlatVer2BackingInfo"><fileName>[ds1] vm/vm.vmdk</fileName><changeId>52 1a/4</changeId></backing><capacityInKB>1048576</capacityInKB><capacityInBytes>1073741824</capacityInBytes></VirtualDevice></val></propSet><propSet><name>name</name><val {prefix}:type="xsd:string">web &amp; db</val></propSet><propSet><name>config.changeTrackingEnabled</name><val {prefix}:type="xsd:boolean">true</val></propSet></objects></returnval></RetrievePropertiesExResponse></soapenv:Body></soapenv:Envelope>"#
+            r#"<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:{prefix}="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body><RetrievePropertiesExResponse xmlns="urn:vim25"><returnval><objects><obj type="VirtualMachine">vm-42</obj><propSet><name>config.hardware.device</name><val {prefix}:type="ArrayOfVirtualDevice"><VirtualDevice {prefix}:type="VirtualIDEController"><key>200</key><busNumber>0</busNumber></VirtualDevice><VirtualDevice {prefix}:type="ParaVirtualSCSIController"><key>1000</key><busNumber>0</busNumber><sharedBus>noSharing</sharedBus></VirtualDevice><VirtualDevice {prefix}:type="VirtualVmxnet3"><key>4000</key><backing {prefix}:type="VirtualEthernetCardDistributedVirtualPortBackingInfo"><port><switchUuid>50 1e 2f</switchUuid><portgroupKey>dvportgroup-19</portgroupKey></port></backing><connectable><startConnected>true</startConnected></connectable><addressType>assigned</addressType><macAddress>00:50:56:9a:01:02</macAddress></VirtualDevice><VirtualDevice {prefix}:type="VirtualE1000e"><key>4001</key><backing {prefix}:type="VirtualEthernetCardNetworkBackingInfo"><deviceName>VM Network</deviceName></backing><addressType>generated</addressType></VirtualDevice><VirtualDevice {prefix}:type="VirtualDisk"><key>2000</key><controllerKey>1000</controllerKey><unitNumber>1</unitNumber><deviceInfo><label>Hard disk 1</label><summary>1,048,576 KB</summary></deviceInfo><backing {prefix}:type="VirtualDiskFlatVer2BackingInfo"><fileName>[ds1] vm/vm.vmdk</fileName><changeId>52 1a/4</changeId></backing><capacityInKB>1048576</capacityInKB><capacityInBytes>1073741824</capacityInBytes></VirtualDevice></val></propSet><propSet><name>name</name><val {prefix}:type="xsd:string">web &amp; db</val></propSet><propSet><name>config.changeTrackingEnabled</name><val {prefix}:type="xsd:boolean">true</val></propSet></objects></returnval></RetrievePropertiesExResponse></soapenv:Body></soapenv:Envelope>"#
         )
     }
 
@@ -772,7 +989,67 @@ mod tests {
             assert_eq!(d.file_name, "[ds1] vm/vm.vmdk");
             assert_eq!(d.change_id, "52 1a/4");
             assert_eq!(d.label, "Hard disk 1");
+            assert_eq!((d.controller_key, d.unit_number), (1000, 1));
+            let kinds: Vec<(&str, i32)> = vm.controllers.iter().map(|c| (c.kind.as_str(), c.key)).collect();
+            assert_eq!(kinds, [("VirtualIDEController", 200), ("ParaVirtualSCSIController", 1000)]);
+            assert_eq!(vm.controllers[1].shared_bus, "noSharing");
+            assert_eq!(vm.nics.len(), 2);
+            let (a, b) = (&vm.nics[0], &vm.nics[1]);
+            assert_eq!(
+                (a.kind.as_str(), a.portgroup_key.as_str(), a.switch_uuid.as_str()),
+                ("VirtualVmxnet3", "dvportgroup-19", "50 1e 2f")
+            );
+            assert_eq!(
+                (a.mac_address.as_str(), a.address_type.as_str(), a.start_connected),
+                ("00:50:56:9a:01:02", "assigned", true)
+            );
+            assert_eq!(
+                (b.kind.as_str(), b.network.as_str(), b.start_connected),
+                ("VirtualE1000e", "VM Network", false)
+            );
         }
+    }
+
+    #[test]
+    fn a_new_vm_gets_the_recorded_controllers_slots_and_networks() {
+        let r = parse_response("RetrievePropertiesEx", 200, devices("xsi").as_bytes()).unwrap();
+        let vm = vm_from_object(r.path(&["returnval", "objects"]).unwrap());
+        let config = VmConfig { disks: vm.disks, controllers: vm.controllers, nics: vm.nics, ..Default::default() };
+        let xml = new_vm_devices(&config, "ds2");
+        // IDE comes with the VM; PVSCSI is recreated under a temporary key and the disk keeps its slot on it.
+        assert!(!xml.contains("VirtualIDEController"), "{xml}");
+        assert!(xml.contains("<device xsi:type=\"ParaVirtualSCSIController\"><key>-101</key><busNumber>0</busNumber><sharedBus>noSharing</sharedBus>"), "{xml}");
+        assert!(
+            xml.contains("<fileName>[ds2]</fileName>")
+                && xml.contains("<controllerKey>-101</controllerKey><unitNumber>1</unitNumber>"),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("<portgroupKey>dvportgroup-19</portgroupKey>")
+                && xml.contains("<deviceName>VM Network</deviceName>"),
+            "{xml}"
+        );
+        // New MAC addresses: the copy may run next to the original.
+        assert!(
+            !xml.contains("00:50:56:9a:01:02") && xml.matches("<addressType>generated</addressType>").count() == 2,
+            "{xml}"
+        );
+
+        // A record from before controllers were kept: one LSI Logic controller, slots 0…6 and 8… (7 is its own).
+        let disk = VirtualDiskInfo {
+            key: 0,
+            label: String::new(),
+            capacity: 1 << 20,
+            file_name: String::new(),
+            change_id: String::new(),
+            controller_key: 0,
+            unit_number: 0,
+        };
+        let old = VmConfig { disks: vec![disk; 9], ..Default::default() };
+        let xml = new_vm_devices(&old, "ds");
+        assert_eq!(xml.matches("VirtualLsiLogicController").count(), 1, "{xml}");
+        let units: Vec<&str> = xml.split("<unitNumber>").skip(1).map(|t| t.split('<').next().unwrap()).collect();
+        assert_eq!(units, ["0", "1", "2", "3", "4", "5", "6", "8", "9"]);
     }
 
     #[test]

@@ -200,10 +200,12 @@ func (t *tracker) PutObject(obj mo.Reference) {
 		st := t.disks[key]
 		changeID := ""
 		if enabled {
-			if st == nil || !wasEnabled || st.size != size {
+			if st == nil || !wasEnabled {
 				st = &diskState{uuid: uuid.New().String(), states: map[int][][32]byte{}, size: size}
 				t.disks[key] = st
 			}
+			// A grown disk keeps its changeId UUID, as on ESXi: the new space counts as changed.
+			st.size = size
 			hashes, err := hashFile(frozen, size)
 			if err != nil {
 				fmt.Fprintf(os.Stderr, "vcsim-cbt: hashing %s: %v\n", frozen, err)
@@ -321,7 +323,7 @@ func (t *tracker) queryChangedDiskAreas(w http.ResponseWriter, body []byte) {
 			}
 			changed = current[g] != z
 		} else {
-			changed = current[g] != base[g]
+			changed = g >= int64(len(base)) || current[g] != base[g]
 			for _, d := range dropped {
 				if g*granule < d[1] && (g+1)*granule > d[0] {
 					changed = false

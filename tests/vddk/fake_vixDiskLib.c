@@ -11,6 +11,10 @@
  *   FAKE_VDDK_FAIL_READ_SECTOR  Read/ReadAsync covering this sector fail with VIX_E_DISK_NOIO (16002)
  *   FAKE_VDDK_READ_DELAY_MS  every read takes this long (a slow network, to interrupt a backup)
  *   FAKE_VDDK_LOG         file receiving one line per event: calls, bytes read, rule violations ("VIOLATION ...")
+ *
+ * A connection without a server name is local (hosted disks): Open takes a file path, Create makes a
+ * monolithicSparse VMDK (VMware's sparse extent format, readable by qemu-img), and Clone copies a local disk onto
+ * a datastore as a flat VMDK (descriptor + -flat file), as the real library does for managed disks.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -37,6 +41,7 @@ typedef void (*VixDiskLibCompletionCB)(void *cbData, VixError result);
 #define VIX_E_NOT_SUPPORTED 6
 #define VIX_E_FILE_ERROR 7
 #define VIX_E_FILE_READ_ONLY 11
+#define VIX_E_FILE_ALREADY_EXISTS 12
 #define VIX_E_AUTHENTICATION_FAIL 35
 #define VIX_E_DISK_NOINIT 16001
 #define VIX_E_DISK_NOIO 16002
@@ -79,14 +84,35 @@ typedef struct {
 typedef struct { uint64_t offset, length; } VixDiskLibBlock;
 typedef struct { uint32_t numBlocks; VixDiskLibBlock blocks[1]; } VixDiskLibBlockList;
 
-struct Connection { char *snapshot; char *transport; };
+struct Connection { char *snapshot; char *transport; int local; };
 struct Handle {
     int fd;
     uint64_t sectors;
     int read_only;
     volatile int busy; /* I/O in progress: a second concurrent call is a violation */
     char *path;
+    /* A sparse VMDK: grain size (sectors), the grain table entries (all tables are contiguous), where they are. */
+    int sparse;
+    uint64_t grain;
+    uint64_t ngrains;
+    uint32_t *gt;
+    uint64_t gt_sector;
 };
+
+typedef struct {
+    int diskType;
+    int adapterType;
+    uint16_t hwVersion;
+    uint64_t capacity;
+    uint32_t logicalSectorSize, physicalSectorSize;
+} VixDiskLibCreateParams;
+typedef Bool (*VixDiskLibProgressFunc)(void *data, int percent);
+
+#define DISK_MONOLITHIC_SPARSE 1
+#define DISK_VMFS_THIN 7
+#define GRAIN_SECTORS 128
+#define GTES_PER_GT 512
+#define DESCRIPTOR_SECTORS 20
 
 static int initialized;
 static pthread_t open_close_thread;
@@ -179,7 +205,16 @@ VixError VixDiskLib_EndAccess(const VixDiskLibConnectParams *p, const char *iden
 VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *p, Bool readOnly, const char *snapshotRef,
                               const char *transportModes, struct Connection **out) {
     if (!initialized) return VIX_E_DISK_NOINIT;
-    if (!p || !out || !p->serverName) return VIX_E_INVALID_ARG;
+    if (!p || !out) return VIX_E_INVALID_ARG;
+    if (!p->serverName || !*p->serverName) {
+        if (p->vmxSpec) return VIX_E_INVALID_ARG; /* a VM lives on a server */
+        struct Connection *c = calloc(1, sizeof *c);
+        c->local = 1;
+        c->transport = strdup("file");
+        event("ConnectEx local readOnly=%d", readOnly);
+        *out = c;
+        return VIX_OK;
+    }
     if (!str_eq_env(p->thumbPrint, "FAKE_VDDK_THUMBPRINT")) {
         event("ConnectEx refused: thumbprint %s", p->thumbPrint ? p->thumbPrint : "(none)");
         return VIX_E_CANNOT_CONNECT_TO_HOST;
@@ -253,11 +288,188 @@ static char *resolve(const char *path, const char *snapshot) {
     return NULL;
 }
 
+static void put32(uint8_t *b, uint32_t v) { memcpy(b, &v, 4); }
+static void put64(uint8_t *b, uint64_t v) { memcpy(b, &v, 8); }
+static uint32_t get32(const uint8_t *b) { uint32_t v; memcpy(&v, b, 4); return v; }
+static uint64_t get64(const uint8_t *b) { uint64_t v; memcpy(&v, b, 8); return v; }
+
+/* A local file starting with "KDMV" is a sparse VMDK: read its header and grain tables. */
+static VixError load_sparse(struct Handle *h) {
+    uint8_t hdr[512];
+    if (pread(h->fd, hdr, sizeof hdr, 0) != (ssize_t)sizeof hdr || memcmp(hdr, "KDMV", 4) != 0) return VIX_OK;
+    uint64_t capacity = get64(hdr + 12), grain = get64(hdr + 20), gd = get64(hdr + 56);
+    if (grain == 0 || get32(hdr + 44) != GTES_PER_GT) return VIX_E_FILE_ERROR;
+    uint32_t first_gt;
+    if (pread(h->fd, &first_gt, 4, (off_t)(gd * 512)) != 4) return VIX_E_FILE_ERROR;
+    h->sparse = 1;
+    h->grain = grain;
+    h->sectors = capacity;
+    h->ngrains = (capacity + grain - 1) / grain;
+    h->gt_sector = first_gt;
+    h->gt = calloc(h->ngrains, 4);
+    if (pread(h->fd, h->gt, h->ngrains * 4, (off_t)(h->gt_sector * 512)) != (ssize_t)(h->ngrains * 4))
+        return VIX_E_FILE_ERROR;
+    return VIX_OK;
+}
+
+/* Reads or writes whole sectors of a disk, through the grain tables when it is sparse. */
+static int disk_io(struct Handle *h, int write, uint64_t start, uint64_t n, uint8_t *buf) {
+    if (!h->sparse) {
+        size_t len = (size_t)n * 512, done = 0;
+        while (done < len) {
+            ssize_t r = write ? pwrite(h->fd, buf + done, len - done, (off_t)(start * 512 + done))
+                              : pread(h->fd, buf + done, len - done, (off_t)(start * 512 + done));
+            if (r <= 0) return -1;
+            done += (size_t)r;
+        }
+        return 0;
+    }
+    while (n > 0) {
+        uint64_t g = start / h->grain, in = start % h->grain, k = h->grain - in;
+        if (k > n) k = n;
+        uint32_t at = h->gt[g];
+        if (!at && write) {
+            /* A new grain at the end of the file, zero-filled, then recorded in its grain table. */
+            off_t end = lseek(h->fd, 0, SEEK_END);
+            uint64_t sector = ((uint64_t)end / 512 + h->grain - 1) / h->grain * h->grain;
+            if (ftruncate(h->fd, (off_t)((sector + h->grain) * 512)) != 0) return -1;
+            at = (uint32_t)sector;
+            if (pwrite(h->fd, &at, 4, (off_t)(h->gt_sector * 512 + g * 4)) != 4) return -1;
+            h->gt[g] = at;
+        }
+        if (write) {
+            if (pwrite(h->fd, buf, k * 512, (off_t)((at + in) * 512)) != (ssize_t)(k * 512)) return -1;
+        } else if (!at) {
+            memset(buf, 0, k * 512);
+        } else if (pread(h->fd, buf, k * 512, (off_t)((at + in) * 512)) != (ssize_t)(k * 512)) {
+            return -1;
+        }
+        buf += k * 512;
+        start += k;
+        n -= k;
+    }
+    return 0;
+}
+
+/* Writes an empty monolithicSparse VMDK of `capacity` sectors (header, descriptor, grain directory, tables). */
+static VixError create_sparse(const char *path, uint64_t capacity, int adapter, int hw) {
+    uint64_t ngrains = (capacity + GRAIN_SECTORS - 1) / GRAIN_SECTORS;
+    uint64_t ngts = (ngrains + GTES_PER_GT - 1) / GTES_PER_GT;
+    uint64_t gd = 1 + DESCRIPTOR_SECTORS, gd_sectors = (ngts * 4 + 511) / 512;
+    uint64_t gt0 = gd + gd_sectors, gt_sectors = ngts * GTES_PER_GT * 4 / 512;
+    uint64_t overhead = (gt0 + gt_sectors + GRAIN_SECTORS - 1) / GRAIN_SECTORS * GRAIN_SECTORS;
+    int fd = open(path, O_RDWR | O_CREAT | O_EXCL, 0644);
+    if (fd < 0) return errno == EEXIST ? VIX_E_FILE_ALREADY_EXISTS : VIX_E_FILE_ERROR;
+    uint8_t *meta = calloc(overhead, 512);
+    memcpy(meta, "KDMV", 4);
+    put32(meta + 4, 1);          /* version */
+    put32(meta + 8, 1);          /* flags: newline detection valid */
+    put64(meta + 12, capacity);
+    put64(meta + 20, GRAIN_SECTORS);
+    put64(meta + 28, 1);         /* descriptor offset */
+    put64(meta + 36, DESCRIPTOR_SECTORS);
+    put32(meta + 44, GTES_PER_GT);
+    put64(meta + 48, 0);         /* no redundant grain directory */
+    put64(meta + 56, gd);
+    put64(meta + 64, overhead);
+    memcpy(meta + 73, "\n \r\n", 4); /* after uncleanShutdown */
+    const char *base = strrchr(path, '/');
+    uint64_t cyl = capacity / (255 * 63);
+    snprintf((char *)meta + 512, DESCRIPTOR_SECTORS * 512,
+             "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\n\n"
+             "# Extent description\nRW %llu SPARSE \"%s\"\n\n# The Disk Data Base\n#DDB\n\n"
+             "ddb.virtualHWVersion = \"%d\"\nddb.adapterType = \"%s\"\nddb.geometry.cylinders = \"%llu\"\n"
+             "ddb.geometry.heads = \"255\"\nddb.geometry.sectors = \"63\"\n",
+             (unsigned long long)capacity, base ? base + 1 : path, hw, adapter == 1 ? "ide" : "lsilogic",
+             (unsigned long long)(cyl > 65535 ? 65535 : cyl));
+    for (uint64_t i = 0; i < ngts; i++) put32(meta + gd * 512 + i * 4, (uint32_t)(gt0 + i * GTES_PER_GT * 4 / 512));
+    int ok = pwrite(fd, meta, overhead * 512, 0) == (ssize_t)(overhead * 512);
+    free(meta);
+    close(fd);
+    return ok ? VIX_OK : VIX_E_FILE_ERROR;
+}
+
+VixError VixDiskLib_Create(const struct Connection *c, const char *path, const VixDiskLibCreateParams *p,
+                           VixDiskLibProgressFunc progress, void *data) {
+    (void)progress;
+    (void)data;
+    if (!initialized) return VIX_E_DISK_NOINIT;
+    if (!c || !path || !p || p->capacity == 0) return VIX_E_INVALID_ARG;
+    check_open_close_thread("Create");
+    /* As the real library: Create makes hosted disks only; managed disks come from Clone. */
+    if (!c->local || p->diskType != DISK_MONOLITHIC_SPARSE) return VIX_E_NOT_SUPPORTED;
+    VixError e = create_sparse(path, p->capacity, p->adapterType, p->hwVersion);
+    event("Create %s type=%d adapter=%d hw=%d capacity=%llu -> %llu", path, p->diskType, p->adapterType,
+          p->hwVersion, (unsigned long long)p->capacity, (unsigned long long)e);
+    return e;
+}
+
+VixError VixDiskLib_Clone(const struct Connection *dst, const char *dst_path, const struct Connection *src,
+                          const char *src_path, const VixDiskLibCreateParams *p, VixDiskLibProgressFunc progress,
+                          void *data, Bool overwrite) {
+    if (!initialized) return VIX_E_DISK_NOINIT;
+    if (!dst || !dst_path || !src || !src_path || !p) return VIX_E_INVALID_ARG;
+    check_open_close_thread("Clone");
+    if (dst->local || !src->local || p->diskType != DISK_VMFS_THIN) return VIX_E_NOT_SUPPORTED;
+    char *flat = resolve(dst_path, NULL);
+    if (!flat) return VIX_E_FILE_NOT_FOUND;
+    struct Handle in = {0};
+    in.fd = open(src_path, O_RDONLY);
+    if (in.fd < 0) {
+        free(flat);
+        return VIX_E_FILE_NOT_FOUND;
+    }
+    VixError e = load_sparse(&in);
+    int out = -1;
+    if (e == VIX_OK && !in.sparse) e = VIX_E_NOT_SUPPORTED;
+    if (e == VIX_OK) {
+        out = open(flat, O_RDWR | O_CREAT | (overwrite ? O_TRUNC : O_EXCL), 0644);
+        if (out < 0) e = errno == EEXIST ? VIX_E_FILE_ALREADY_EXISTS : VIX_E_FILE_ERROR;
+    }
+    uint64_t copied = 0;
+    if (e == VIX_OK && ftruncate(out, (off_t)(in.sectors * 512)) != 0) e = VIX_E_FILE_ERROR;
+    uint8_t *buf = malloc(in.grain * 512);
+    for (uint64_t g = 0; e == VIX_OK && g < in.ngrains; g++) {
+        if (!in.gt[g]) continue; /* thin: unallocated grains stay holes */
+        uint64_t n = in.grain;
+        if ((g + 1) * in.grain > in.sectors) n = in.sectors - g * in.grain;
+        if (disk_io(&in, 0, g * in.grain, n, buf) != 0 || pwrite(out, buf, n * 512, (off_t)(g * in.grain * 512)) !=
+                                                               (ssize_t)(n * 512))
+            e = VIX_E_FILE_ERROR;
+        copied += n;
+        if (progress) progress(data, (int)(g * 100 / in.ngrains));
+    }
+    free(buf);
+    if (out >= 0) close(out);
+    if (e == VIX_OK) {
+        /* The descriptor next to the flat extent: "[DS] dir/name.vmdk" -> DIR/dir/name.vmdk. */
+        char desc[4200];
+        size_t fl = strlen(flat);
+        snprintf(desc, sizeof desc, "%.*s.vmdk", (int)(fl - 10), flat);
+        FILE *f = fopen(desc, "w");
+        const char *base = strrchr(flat, '/');
+        if (f) {
+            fprintf(f, "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"vmfs\"\n\n"
+                       "RW %llu VMFS \"%s\"\n\nddb.thinProvisioned = \"1\"\n",
+                    (unsigned long long)in.sectors, base ? base + 1 : flat);
+            fclose(f);
+        } else {
+            e = VIX_E_FILE_ERROR;
+        }
+    }
+    event("Clone %s -> %s (%s) sectors=%llu copied=%llu -> %llu", src_path, dst_path, flat,
+          (unsigned long long)in.sectors, (unsigned long long)copied, (unsigned long long)e);
+    close(in.fd);
+    free(in.gt);
+    free(flat);
+    return e;
+}
+
 VixError VixDiskLib_Open(const struct Connection *c, const char *path, uint32_t flags, struct Handle **out) {
     if (!initialized) return VIX_E_DISK_NOINIT;
     if (!c || !path || !out) return VIX_E_INVALID_ARG;
     check_open_close_thread("Open");
-    char *file = resolve(path, c->snapshot);
+    char *file = c->local ? strdup(path) : resolve(path, c->snapshot);
     if (!file) return VIX_E_FILE_NOT_FOUND;
     int ro = (flags & VIXDISKLIB_FLAG_OPEN_READ_ONLY) != 0;
     int fd = open(file, ro ? O_RDONLY : O_RDWR);
@@ -272,6 +484,12 @@ VixError VixDiskLib_Open(const struct Connection *c, const char *path, uint32_t 
     h->sectors = (uint64_t)st.st_size / 512;
     h->read_only = ro;
     h->path = file;
+    if (c->local && load_sparse(h) != VIX_OK) {
+        close(fd);
+        free(file);
+        free(h);
+        return VIX_E_FILE_ERROR;
+    }
     event("Open %s -> %s readOnly=%d", path, file, ro);
     *out = h;
     return VIX_OK;
@@ -284,6 +502,7 @@ VixError VixDiskLib_Close(struct Handle *h) {
     event("Close %s", h->path);
     close(h->fd);
     free(h->path);
+    free(h->gt);
     free(h);
     return VIX_OK;
 }
@@ -325,12 +544,7 @@ static VixError do_read(struct Handle *h, uint64_t start, uint64_t n, uint8_t *b
     } else {
         const char *delay = getenv("FAKE_VDDK_READ_DELAY_MS");
         if (delay) usleep((useconds_t)atoi(delay) * 1000);
-        size_t len = (size_t)n * 512, done = 0;
-        while (done < len) {
-            ssize_t r = pread(h->fd, buf + done, len - done, (off_t)(start * 512 + done));
-            if (r <= 0) { err = VIX_E_FILE_ERROR; break; }
-            done += (size_t)r;
-        }
+        if (disk_io(h, 0, start, n, buf) != 0) err = VIX_E_FILE_ERROR;
         if (err == VIX_OK) event("Read %llu %llu", (unsigned long long)start, (unsigned long long)n);
     }
     __sync_lock_release(&h->busy);
@@ -362,10 +576,10 @@ VixError VixDiskLib_Write(struct Handle *h, uint64_t start, uint64_t n, const ui
         event("VIOLATION concurrent I/O on one handle");
         return VIX_E_OBJECT_IS_BUSY;
     }
-    ssize_t w = pwrite(h->fd, buf, (size_t)n * 512, (off_t)(start * 512));
+    int r = disk_io(h, 1, start, n, (uint8_t *)buf);
     __sync_lock_release(&h->busy);
     event("Write %llu %llu", (unsigned long long)start, (unsigned long long)n);
-    return w == (ssize_t)(n * 512) ? VIX_OK : VIX_E_FILE_ERROR;
+    return r == 0 ? VIX_OK : VIX_E_FILE_ERROR;
 }
 
 VixError VixDiskLib_Flush(struct Handle *h) { return h && fsync(h->fd) == 0 ? VIX_OK : VIX_E_FILE_ERROR; }
@@ -430,6 +644,7 @@ char *VixDiskLib_GetErrorText(VixError err, const char *locale) {
     case VIX_E_NOT_SUPPORTED: t = "The operation is not supported"; break;
     case VIX_E_FILE_ERROR: t = "A file access error occurred on the host or guest operating system"; break;
     case VIX_E_FILE_READ_ONLY: t = "The file is write-protected"; break;
+    case VIX_E_FILE_ALREADY_EXISTS: t = "The file already exists"; break;
     case VIX_E_AUTHENTICATION_FAIL: t = "Authentication failure"; break;
     case VIX_E_DISK_NOINIT: t = "The disk library has not been initialized"; break;
     case VIX_E_DISK_NOIO: t = "The called function requires the virtual disk to be opened for I/O"; break;
