@@ -295,6 +295,8 @@ pub struct VmRestoreReport {
     pub blocks_compared: u64,
     pub blocks_written: u64,
     pub bytes_written: u64,
+    /// Change tracking was on, turned off for the restore and back on: the next backup reads in full.
+    pub change_tracking_reset: bool,
 }
 
 /// Restores `disk` of a snapshot onto the matching disk of an existing, powered-off VM, writing only the
@@ -341,9 +343,29 @@ pub fn restore_to_vm(
         blocks_compared: 0,
         blocks_written: 0,
         bytes_written: 0,
+        change_tracking_reset: false,
     };
-    let mut out = Disk::open_writable(lib, &target)?;
-    write_blocks(repo, cache, disk, &mut out, Written::Unknown, &mut report, counters)?;
+    // The guide: disable change tracking for a full restore (SAN requires it). Turned back on afterwards, it
+    // starts anew, so the next backup reads the disks in full instead of trusting changes that CBT may not
+    // have seen.
+    if info.cbt_enabled {
+        client.stop_change_tracking(&info.moref)?;
+        report.change_tracking_reset = true;
+    }
+    let written = Disk::open_writable(lib, &target)
+        .and_then(|mut out| write_blocks(repo, cache, disk, &mut out, Written::Unknown, &mut report, counters));
+    if info.cbt_enabled {
+        let enabled = client.set_change_tracking(&info.moref, true);
+        if written.is_ok() {
+            enabled.map_err(|e| {
+                Error::invalid(format!(
+                    "restored, but change tracking could not be turned back on for {}: {e}",
+                    info.name
+                ))
+            })?;
+        }
+    }
+    written?;
     session.ensure_held()?;
     Ok(report)
 }
@@ -382,6 +404,7 @@ pub fn restore_to_hosted_vmdk(
         blocks_compared: 0,
         blocks_written: 0,
         bytes_written: 0,
+        change_tracking_reset: false,
     };
     let written = Disk::open_writable(lib, &DiskTarget::hosted(path))
         .and_then(|mut out| write_blocks(repo, cache, disk, &mut out, Written::Zeros, &mut report, counters));
@@ -569,6 +592,7 @@ pub fn restore_as_new_vm(
             blocks_compared: 0,
             blocks_written: 0,
             bytes_written: 0,
+            change_tracking_reset: false,
         };
         let mut out = Disk::open_writable(lib.clone(), &target)?;
         write_blocks(repo, cache, disk, &mut out, Written::Zeros, &mut report, counters)?;

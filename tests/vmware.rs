@@ -255,6 +255,7 @@ fn restore_onto_the_vm_disk_writes_only_differing_blocks() {
     let lab = Lab::new();
     let vm = lab.vm();
     let name = vm["name"].as_str().unwrap().to_string();
+    lab.succeed(&["vm", "enable-cbt", &name]);
     lab.guest_write(&vm, 0, 0, &random_bytes(1, 4 * MIB));
     let r = lab.ok(&["backup", "--json", "--vm", &name]);
     let id = r["snapshot"].as_str().unwrap().to_string();
@@ -273,6 +274,9 @@ fn restore_onto_the_vm_disk_writes_only_differing_blocks() {
     assert_eq!(r["blocks_compared"], 64);
     assert_eq!(r["blocks_written"], 3, "{r}");
     assert!(std::fs::read(lab.disk_file(&vm, 0)).unwrap() == at_backup, "the VM's disk is not the snapshot's");
+    // Change tracking was off while writing and is on again, started anew.
+    assert_eq!(r["change_tracking_reset"], true, "{r}");
+    assert_eq!(lab.vm()["cbt_enabled"], true);
     let log = std::fs::read_to_string(&lab.vddk_log).unwrap();
     assert_eq!(log.lines().filter(|l| l.starts_with("Write ")).count(), 3, "{log}");
     assert!(log.contains("readOnly=0 snapshot= modes=nbdssl"), "writes go over an explicit nbdssl: {log}");
@@ -283,6 +287,14 @@ fn restore_onto_the_vm_disk_writes_only_differing_blocks() {
     let r = lab.ok(&["restore", &format!("{id}:disk1"), "--to-vm", &name, "--vm-disk", "disk2", "--json"]);
     assert_eq!(r["blocks_written"], 4);
     assert!(std::fs::read(lab.disk_file(&vm, 1)).unwrap() == at_backup);
+    lab.assert_clean();
+    // The next backup does not trust changes from before the restore: it reads in full, and says why.
+    let r = lab.ok(&["backup", "--json", "--vm", &name]);
+    for d in r["vmware_disks"].as_array().unwrap() {
+        assert_eq!(d["mode"], "full", "{r}");
+        assert!(d["reason"].as_str().unwrap().contains("change tracking was reset"), "{d}");
+    }
+    assert!(lab.env.restore(&format!("{}:disk2", r["snapshot"].as_str().unwrap()), &[]) == at_backup);
     lab.assert_clean();
 }
 

@@ -138,6 +138,9 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
                 report.blocks_written,
                 human_bytes(report.bytes_written)
             );
+            if report.change_tracking_reset {
+                println!("change tracking was off during the restore and is on again: the next backup reads in full");
+            }
         }
         return Ok(());
     }

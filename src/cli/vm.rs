@@ -162,10 +162,7 @@ pub fn run(cmd: &VmCommand) -> Result<()> {
         VmCommand::ResetCbt { vsphere, vm } => {
             let mut c = vsphere.connect()?;
             let info = c.find_vm(vm)?;
-            c.set_change_tracking(&info.moref, false)?;
-            // A stun/unstun cycle makes the change take effect before tracking starts again.
-            let snap = c.create_snapshot(&info.moref, "diskvault-cbt-reset", false)?;
-            c.remove_snapshot(&snap)?;
+            c.stop_change_tracking(&info.moref)?;
             c.set_change_tracking(&info.moref, true)?;
             c.logout();
             println!(

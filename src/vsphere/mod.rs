@@ -379,6 +379,14 @@ impl Client {
         Ok(())
     }
 
+    /// Turns change tracking off and makes it take effect at once with a snapshot created and removed (a
+    /// stun/unstun cycle): the disks' tracking state is dropped, and changeIds start anew once it is back on.
+    pub fn stop_change_tracking(&mut self, vm: &str) -> Result<()> {
+        self.set_change_tracking(vm, false)?;
+        let snap = self.create_snapshot(vm, "diskvault-cbt-off", false)?;
+        self.remove_snapshot(&snap)
+    }
+
     /// Creates a snapshot (no memory); returns its moref.
     pub fn create_snapshot(&mut self, vm: &str, name: &str, quiesce: bool) -> Result<MoRef> {
         let this = MoRef::new("VirtualMachine", vm);
