@@ -223,11 +223,18 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
     let data_problems: Vec<Problem> = selected
         .par_iter()
         .flat_map_iter(|(id, size)| {
+            if crate::util::interrupted() {
+                return Vec::new();
+            }
             let p = check_pack_data(repo, id, indexed.get(id));
             counters.add_done(*size);
             p
         })
         .collect();
+    // Interrupted: nothing is reported (nor recorded as verified) from a partial read.
+    if crate::util::interrupted() {
+        return Err(Error::Interrupted);
+    }
     report.packs_read = selected.len();
     report.bytes_read = selected.iter().map(|(_, s)| s).sum();
 

@@ -187,6 +187,10 @@ pub fn restore_disk(
     };
 
     for (k, seg) in disk.segments.iter().enumerate() {
+        if crate::util::interrupted() {
+            writer.finish()?;
+            return Err(Error::Interrupted);
+        }
         let first = k as u64 * SEGMENT_BLOCKS as u64;
         let ids = match load_segment(repo, cache, seg) {
             Ok(ids) => ids,
@@ -223,6 +227,9 @@ pub fn restore_disk(
         let jobs = plan_reads(by_pack);
         let fetched = pool.install(|| {
             jobs.par_iter().try_for_each(|job| {
+                if crate::util::interrupted() {
+                    return Err(Error::Interrupted);
+                }
                 let (blocks, bytes) = run_read_job(repo, disk, &writer, job, counters, &damaged)?;
                 let mut s = stats.lock().unwrap();
                 s.bytes_fetched += job.len;

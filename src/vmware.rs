@@ -495,6 +495,9 @@ fn write_blocks(
         for (j, id) in ids.iter().enumerate() {
             let b = k as u64 * crate::format::SEGMENT_BLOCKS as u64 + j as u64;
             let len = bs.min(disk.capacity - b * bs) as usize;
+            if crate::util::interrupted() {
+                return Err(Error::Interrupted);
+            }
             counters.add_done(len as u64);
             if before == Written::Zeros {
                 if id.is_zero_block() {

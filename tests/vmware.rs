@@ -329,6 +329,40 @@ fn an_interrupted_backup_removes_the_vm_snapshot() {
 }
 
 #[test]
+fn an_interrupted_restore_into_a_vm_turns_change_tracking_back_on() {
+    let lab = Lab::new();
+    let vm = lab.vm();
+    let name = vm["name"].as_str().unwrap().to_string();
+    lab.succeed(&["vm", "enable-cbt", &name]);
+    lab.guest_write(&vm, 0, 0, &random_bytes(4, 8 * MIB));
+    let id = lab.ok(&["backup", "--json", "--vm", &name])["snapshot"].as_str().unwrap().to_string();
+    lab.succeed(&["vm", "power-off", &name]);
+    std::fs::remove_file(&lab.vddk_log).ok();
+    let mut c = lab.env.command(&["restore", &format!("{id}:disk1"), "--to-vm", &name]);
+    c.envs(lab.sim.env())
+        .env("DISKVAULT_VDDK_LIBDIR", fake_vddk())
+        .env("FAKE_VDDK_DATASTORES", format!("LocalDS_0={}", lab.sim.datastores["LocalDS_0"].as_str().unwrap()))
+        .env("FAKE_VDDK_THUMBPRINT", &lab.sim.sha1)
+        .env("FAKE_VDDK_LOG", &lab.vddk_log)
+        .env("FAKE_VDDK_READ_DELAY_MS", "100")
+        .stderr(std::process::Stdio::piped());
+    let child = c.spawn().unwrap();
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&lab.vddk_log).unwrap_or_default().lines().any(|l| l.starts_with("Read ")) {
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "no read started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(lab.vm()["cbt_enabled"], false, "change tracking is off while restoring");
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert_eq!(lab.vm()["cbt_enabled"], true, "change tracking was left off");
+    assert!(lab.env.objects("locks").is_empty(), "the restore's session marker was left");
+    lab.assert_clean();
+}
+
+#[test]
 fn restore_as_a_new_vm_from_the_recorded_configuration() {
     let lab = Lab::new();
     let vm = lab.vm();

@@ -19,6 +19,7 @@ pub struct CheckArgs {
 }
 
 pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
+    crate::util::catch_interrupts();
     let repo = g.open_repo()?;
     let subset = match (args.read_data, args.read_data_subset) {
         (true, _) => DataSubset::All,

@@ -81,6 +81,8 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
         None => (args.snapshot.as_str(), None),
     };
     let disk_name = args.disk.clone().or(disk_from_ref);
+    // Ctrl-C stops through the error path: the session marker is removed, change tracking turned back on.
+    crate::util::catch_interrupts();
     let repo = g.open_repo()?;
     let (id, snap) = repo.find_snapshot(snap_ref, args.name.as_deref())?;
     if let Some(name) = &args.to_new_vm {
@@ -173,7 +175,14 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let stats = {
         let _r = Reporter::start("restore", counters.clone(), g.progress);
-        restore::restore_disk(&repo, &cache, disk, &target, &opts, &counters)?
+        restore::restore_disk(&repo, &cache, disk, &target, &opts, &counters)
+    };
+    let stats = match stats {
+        Err(Error::Interrupted) => {
+            eprintln!("{} holds an incomplete disk: restore it again", target.display());
+            return Err(Error::Interrupted);
+        }
+        other => other?,
     };
     if args.format != "raw" {
         let converted = convert_image(&target, &final_target, &args.format);
