@@ -142,7 +142,12 @@ impl Backend for LocalBackend {
                     continue;
                 }
                 let child = format!("{prefix}/{fname}");
-                let meta = entry.metadata().map_err(|e| Error::backend("stat", child.clone(), io_cause(&e)))?;
+                let meta = match entry.metadata() {
+                    Ok(m) => m,
+                    // Deleted since the directory was read (a prune next to us): not there, as on S3.
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::backend("stat", child, io_cause(&e))),
+                };
                 if meta.is_dir() {
                     stack.push((entry.path(), child));
                 } else {
