@@ -277,7 +277,12 @@ pub fn run(
         );
     }
     // Packs a killed backup stored without indexing them: index them now, so that their blocks count as stored.
-    let adopted = crate::repair::adopt_unindexed_packs(repo, &cache)?;
+    let may_have_leftovers = cache.begin_backup()? || synced.rebuilt;
+    let adopted = if may_have_leftovers {
+        crate::repair::adopt_unindexed_packs(repo, &cache)?
+    } else {
+        crate::repair::RepairReport::default()
+    };
     if adopted.packs_indexed > 0 {
         tracing::info!(
             "indexed {} packs left by an interrupted backup ({} blobs)",
@@ -492,6 +497,7 @@ pub fn run(
     };
     session.ensure_held()?;
     let id = repo.save_snapshot(&snapshot)?;
+    cache.end_backup()?;
     drop(session);
     Ok((id, snapshot))
 }

@@ -21,6 +21,8 @@ const LAYOUT_VERSION: &[u8] = b"diskvault-index-cache-2";
 pub struct IndexCache {
     db: rocksdb::DB,
     path: PathBuf,
+    /// Created (or emptied) by this open: it knows nothing of earlier backups.
+    fresh: bool,
     /// A private cache in a temporary directory (the shared one was busy or unusable); removed on drop.
     _temp: Option<tempdir::TempDir>,
 }
@@ -162,7 +164,7 @@ impl IndexCache {
             }
             Err(e) => return Err(cache_err(&e)),
         };
-        let cache = IndexCache { db, path: path.to_path_buf(), _temp: None };
+        let mut cache = IndexCache { db, path: path.to_path_buf(), fresh: false, _temp: None };
         let mut expected = LAYOUT_VERSION.to_vec();
         expected.extend_from_slice(&repo.config().id);
         match cache.db.get(b"v").map_err(|e| cache_err(&e))? {
@@ -171,10 +173,29 @@ impl IndexCache {
                 tracing::warn!("local index cache {} has another layout; rebuilding it", path.display());
                 cache.clear()?;
                 cache.db.put(b"v", &expected).map_err(|e| cache_err(&e))?;
+                cache.fresh = true;
             }
-            None => cache.db.put(b"v", &expected).map_err(|e| cache_err(&e))?,
+            None => {
+                cache.db.put(b"v", &expected).map_err(|e| cache_err(&e))?;
+                cache.fresh = true;
+            }
         }
         Ok(cache)
+    }
+
+    /// Marks a backup as running with this cache. Returns whether packs may have been left unindexed that this
+    /// cache would know of: the last backup with it did not finish (killed, or failed after uploading), or
+    /// the cache is new. Only then does a backup look for such packs (listing every pack is slow on S3);
+    /// others' leftovers are adopted by `prune` and `repair index`.
+    pub fn begin_backup(&self) -> Result<bool> {
+        let unfinished = self.db.get(b"r").map_err(|e| self.err(e))?.is_some();
+        self.db.put(b"r", b"1").map_err(|e| self.err(e))?;
+        Ok(unfinished || self.fresh)
+    }
+
+    /// The backup finished: every pack it stored is indexed.
+    pub fn end_backup(&self) -> Result<()> {
+        self.db.delete(b"r").map_err(|e| self.err(e))
     }
 
     fn err(&self, e: impl std::fmt::Display) -> Error {

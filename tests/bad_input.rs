@@ -166,3 +166,21 @@ fn restore_never_overwrites_without_asking() {
     e.ok(&["restore", "latest", "--target", t.to_str().unwrap(), "--overwrite"]);
     assert_eq!(std::fs::read(&t).unwrap(), img);
 }
+
+#[test]
+fn a_pack_swapped_for_another_is_reported_by_check_with_and_without_read_data() {
+    let e = Env::with_repo();
+    // Two data packs: a second image of other data.
+    setup(&e);
+    write(&e.path("img2"), &random_bytes(8, 6 * MIB));
+    e.backup(&[e.path("img2").to_str().unwrap(), "--name", "vm2"]);
+    let packs = data_packs(&e);
+    assert!(packs.len() >= 2, "{packs:?}");
+    // Pack B's name now holds pack A's (valid, authentic) bytes.
+    e.write_object(&packs[1], &e.read_object(&packs[0]));
+    for args in [&["check"][..], &["check", "--read-data"][..]] {
+        let r = e.fails(args);
+        let line = r.stderr.lines().find(|l| l.contains(id_of(&packs[1])) && l.contains("does not match the index"));
+        assert!(line.is_some(), "{args:?}: {}", r.stderr);
+    }
+}
