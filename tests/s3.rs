@@ -67,6 +67,10 @@ struct FaultProxy {
     port: u16,
     faults: Arc<AtomicU64>,
     down: Arc<AtomicBool>,
+    /// When set: the answer to the first conditional create (If-None-Match) of each object is lost after the
+    /// server carried it out, so the client's retry finds the object there.
+    lose_first_create: Arc<AtomicBool>,
+    created: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl FaultProxy {
@@ -76,7 +80,9 @@ impl FaultProxy {
         let port = listener.local_addr().unwrap().port();
         let faults = Arc::new(AtomicU64::new(0));
         let down = Arc::new(AtomicBool::new(false));
-        let (f, d) = (faults.clone(), down.clone());
+        let lose_first_create = Arc::new(AtomicBool::new(false));
+        let created = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let (f, d, lose, seen) = (faults.clone(), down.clone(), lose_first_create.clone(), created.clone());
         std::thread::spawn(move || {
             let mut n = 0u64;
             for conn in listener.incoming() {
@@ -91,10 +97,11 @@ impl FaultProxy {
                 if fault.is_some() {
                     f.fetch_add(1, Ordering::SeqCst);
                 }
-                std::thread::spawn(move || serve(client, upstream, fault));
+                let lost = lose.load(Ordering::SeqCst).then(|| (seen.clone(), f.clone()));
+                std::thread::spawn(move || serve(client, upstream, fault, lost));
             }
         });
-        FaultProxy { port, faults, down }
+        FaultProxy { port, faults, down, lose_first_create, created }
     }
 
     fn endpoint(&self) -> String {
@@ -114,7 +121,9 @@ fn read_head(client: &mut TcpStream) -> Vec<u8> {
     head
 }
 
-fn serve(mut client: TcpStream, upstream: u16, fault: Option<u64>) {
+type LostCreates = (Arc<std::sync::Mutex<std::collections::HashSet<String>>>, Arc<AtomicU64>);
+
+fn serve(mut client: TcpStream, upstream: u16, fault: Option<u64>, lose_creates: Option<LostCreates>) {
     match fault {
         Some(0) => {
             let _ = read_head(&mut client);
@@ -150,6 +159,18 @@ fn serve(mut client: TcpStream, upstream: u16, fault: Option<u64>) {
         let _ = u2.shutdown(Shutdown::Write);
     });
     let (mut up, mut client) = (up, client);
+    let request_line = head.lines().next().unwrap_or("").to_string();
+    let conditional = head.to_ascii_lowercase().contains("\r\nif-none-match:");
+    if let Some((seen, lost)) = lose_creates.filter(|_| conditional) {
+        if seen.lock().unwrap().insert(request_line) {
+            // The server does the create; its answer never reaches the client.
+            let _ = std::io::copy(&mut up, &mut std::io::sink());
+            lost.fetch_add(1, Ordering::SeqCst);
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = to_up.join();
+            return;
+        }
+    }
     if fault == Some(1) {
         // Forward the beginning of the answer, then break the connection.
         let mut buf = vec![0u8; 200];
@@ -179,6 +200,24 @@ fn backup_and_restore_succeed_through_a_flaky_connection_and_report_retries() {
     assert_eq!(flaky.restore("latest", &[]), img);
     // And the repository is whole, read directly.
     assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
+}
+
+#[test]
+fn a_create_whose_answer_was_lost_is_recognised_as_ours_when_retried() {
+    let e = Env::s3();
+    e.ok(&["init", "--pack-size", "1"]);
+    let proxy = FaultProxy::start(s3::server().port, u64::MAX);
+    proxy.lose_first_create.store(true, Ordering::SeqCst);
+    let via = e.via_endpoint(&proxy.endpoint());
+    let img = random_bytes(9, 3 * MIB);
+    write(&via.path("disk.raw"), &img);
+    // Session markers and the exclusive lock are conditional creates: each first answer is lost.
+    via.ok(&["backup", via.path("disk.raw").to_str().unwrap()]);
+    assert_eq!(via.restore("latest", &[]), img);
+    via.ok(&["forget", "--keep-last", "1", "--prune"]);
+    assert!(proxy.created.lock().unwrap().len() >= 3, "{:?}", proxy.created.lock().unwrap());
+    assert!(proxy.faults.load(Ordering::SeqCst) >= 3);
+    assert!(e.ok(&["locks"]).stdout.contains("0 locks"), "a marker or lock was left");
 }
 
 #[test]

@@ -29,7 +29,9 @@ pub trait Backend: Send + Sync {
     /// Stores an object, replacing any existing object of that name, atomically and durably.
     fn put(&self, name: &str, data: &[u8]) -> Result<()>;
 
-    /// Stores an object only if none of that name exists. Returns `false` if one does.
+    /// Stores an object only if none of that name exists. Returns `false` if one does. Callers pass bytes unique
+    /// to them (sealed objects carry a random nonce), so a backend that retries may treat an existing object
+    /// holding exactly `data` as its own earlier attempt whose answer was lost.
     fn create_new(&self, name: &str, data: &[u8]) -> Result<bool>;
 
     /// Reads a whole object. A missing object is [`Error::Missing`].

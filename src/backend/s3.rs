@@ -439,15 +439,25 @@ impl Backend for S3Backend {
     }
 
     fn create_new(&self, name: &str, data: &[u8]) -> Result<bool> {
-        self.runtime.block_on(async {
-            self.counted();
-            match self.put_request(name, ByteStream::from(data.to_vec())).if_none_match("*").send().await {
-                Ok(_) => Ok(true),
-                // 412: the object exists. 409: a concurrent conditional write is in progress.
-                Err(e) if matches!(status(&e), Some(412 | 409)) => Ok(false),
-                Err(e) => Err(Error::backend("create", name, describe(&e))),
-            }
-        })
+        self.runtime
+            .block_on(async {
+                self.counted();
+                match self.put_request(name, ByteStream::from(data.to_vec())).if_none_match("*").send().await {
+                    Ok(_) => Ok(true),
+                    // 412: the object exists — possibly our own first attempt, which landed although its answer
+                    // was lost and the request retried. 409: a concurrent conditional write is in progress.
+                    Err(e) if matches!(status(&e), Some(412 | 409)) => Ok(false),
+                    Err(e) => Err(Error::backend("create", name, describe(&e))),
+                }
+            })
+            .map(|created| {
+                // Callers write unique bytes (sealed with a random nonce): the same bytes there mean it was us.
+                if created || self.fetch(name, None).ok().as_deref() != Some(data) {
+                    return created;
+                }
+                tracing::debug!("{name}: created by an earlier attempt of this request");
+                true
+            })
     }
 
     fn get(&self, name: &str) -> Result<Vec<u8>> {
