@@ -374,23 +374,12 @@ fn run_read_job(
     damaged: &(dyn Fn(Vec<u64>, String) -> Result<()> + Sync),
 ) -> Result<(u64, u64)> {
     let bs = disk.block_size as u64;
-    let data = match repo.backend().get_range(&names::pack(&job.pack), job.offset, job.len) {
-        Ok(d) => d,
-        Err(e) => {
-            let blocks: Vec<u64> = job.wants.iter().flat_map(|w| w.blocks.iter().copied()).collect();
-            damaged(blocks, e.to_string())?;
-            return Ok((0, 0));
-        }
-    };
     let (mut blocks, mut bytes) = (0, 0);
-    // One blob opened at a time: a range of well-compressed blobs would be many times its size in plain text.
-    for w in &job.wants {
-        let plain = match open_want(repo, job, &data, w) {
+    let mut stopped: Result<()> = Ok(());
+    let mut write_blob = |w: &Want, plain: std::result::Result<Vec<u8>, String>| -> Result<()> {
+        let plain = match plain {
             Ok(p) => Arc::new(p),
-            Err(cause) => {
-                damaged(w.blocks.clone(), format!("{}: {cause}", names::pack(&job.pack)))?;
-                continue;
-            }
+            Err(cause) => return damaged(w.blocks.clone(), format!("{}: {cause}", names::pack(&job.pack))),
         };
         for &b in &w.blocks {
             let len = bs.min(disk.capacity - b * bs) as usize;
@@ -403,15 +392,35 @@ fn run_read_job(
             blocks += 1;
             bytes += len as u64;
         }
+        Ok(())
+    };
+    let fetched = fetch_blobs(repo, job, |w, plain| {
+        if stopped.is_ok() {
+            stopped = write_blob(w, plain);
+        }
+    });
+    if let Err(e) = fetched {
+        let blocks: Vec<u64> = job.wants.iter().flat_map(|w| w.blocks.iter().copied()).collect();
+        damaged(blocks, e.to_string())?;
+        return Ok((0, 0));
     }
+    stopped?;
     Ok((blocks, bytes))
 }
 
-/// Reads one coalesced range and opens every blob in it (authenticated, decompressed, id re-checked): one
-/// result per want, in order. The outer error is the failed read; an inner one names the blob and the cause.
-pub(crate) fn fetch_blobs(repo: &Repository, job: &ReadJob) -> Result<Vec<std::result::Result<Vec<u8>, String>>> {
+/// Reads one coalesced range and opens every blob in it (authenticated, decompressed, id re-checked), handing
+/// each want's result to `each` in order. The error is the failed read; a blob's names the blob and the cause.
+pub(crate) fn fetch_blobs(
+    repo: &Repository,
+    job: &ReadJob,
+    mut each: impl FnMut(&Want, std::result::Result<Vec<u8>, String>),
+) -> Result<()> {
     let data = repo.backend().get_range(&names::pack(&job.pack), job.offset, job.len)?;
-    Ok(job.wants.iter().map(|w| open_want(repo, job, &data, w)).collect())
+    // One blob opened at a time: a range of well-compressed blobs is many times its size in plain text.
+    for w in &job.wants {
+        each(w, open_want(repo, job, &data, w));
+    }
+    Ok(())
 }
 
 /// Opens one wanted blob of a fetched range (`data` starts at `job.offset`).

@@ -47,6 +47,7 @@ pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
     }
     // SIGINT/SIGTERM are taken by sigwait below; blocked before any thread starts, so every thread inherits it.
     let signals = block_termination_signals();
+    return_freed_blobs_to_the_system();
     let repo = g.open_repo()?;
     let cache = g.open_cache_unsynced(&repo)?;
     // A session for as long as blobs may be read: a prune running meanwhile keeps the packs we might need.
@@ -164,4 +165,16 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     // SAFETY: `set` is initialized, `sig` is a valid out pointer.
     unsafe { libc::sigwait(set, &mut sig) };
     sig
+}
+
+/// `serve` runs for days with a blob cache that churns: glibc's allocator raises its mmap threshold after the
+/// first 1 MiB buffers are freed and then keeps freed blobs in its arenas, so the process held about twice
+/// the cache size (measured 490-510 MB with the 256 MiB default). A fixed threshold below the block size
+/// gives every blob its own mapping, returned to the system when the cache drops it (measured 306 MB).
+fn return_freed_blobs_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called before the serving threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 512 * 1024);
+    }
 }
