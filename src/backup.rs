@@ -311,6 +311,9 @@ pub fn run(
     let workers = opts.workers.max(1);
 
     let (block_tx, block_rx) = bounded::<ReadBlock>(workers * 2);
+    // Block buffers go back to the readers once hashed and sealed: a fresh zeroed 1 MiB buffer per block cost
+    // a memset and page faults per block (a few % of a full backup's CPU).
+    let (spare_tx, spare_rx) = bounded::<Vec<u8>>(workers * 4 + jobs.len());
     let (blob_tx, blob_rx) = bounded::<SealedBlob>(workers * 2);
     let (pack_tx, pack_rx) = bounded::<FinishedPack>(1);
     let (done_tx, done_rx) = bounded::<IndexedPack>(64);
@@ -324,9 +327,9 @@ pub fn run(
     std::thread::scope(|s| {
         // Readers.
         for (d, (job, plan)) in jobs.iter_mut().zip(&plans).enumerate() {
-            let block_tx = block_tx.clone();
+            let (block_tx, spare_rx) = (block_tx.clone(), spare_rx.clone());
             let abort = &abort;
-            s.spawn(move || abort.run(|| read_disk(d, job, plan, block_size, &block_tx, abort, counters)));
+            s.spawn(move || abort.run(|| read_disk(d, job, plan, block_size, &block_tx, &spare_rx, abort, counters)));
         }
         drop(block_tx);
 
@@ -335,6 +338,7 @@ pub fn run(
             let block_rx = block_rx.clone();
             let blob_tx = blob_tx.clone();
             let result_txs = result_txs.clone();
+            let spare_tx = spare_tx.clone();
             let (abort, claims) = (&abort, &claims);
             s.spawn(move || {
                 abort.run(|| {
@@ -344,6 +348,7 @@ pub fn run(
                             break;
                         }
                         let r = process_block(repo, claims, &mut sealer, &b.data, b.index, &blob_tx)?;
+                        let _ = spare_tx.try_send(b.data);
                         if result_txs[b.disk].send(r).is_err() {
                             break;
                         }
@@ -514,12 +519,14 @@ fn write_index(repo: &Repository, cache: &IndexCache, packs: Vec<IndexedPack>) -
     cache.insert_index_file(&id, &file)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn read_disk(
     disk: usize,
     job: &mut DiskJob,
     plan: &DiskPlan,
     block_size: u64,
     tx: &Sender<ReadBlock>,
+    spare: &Receiver<Vec<u8>>,
     abort: &Abort,
     counters: &Counters,
 ) -> Result<()> {
@@ -533,7 +540,8 @@ fn read_disk(
         }
         let offset = index * block_size;
         let len = block_size.min(plan.capacity - offset) as usize;
-        let mut data = vec![0u8; len];
+        let mut data = spare.try_recv().unwrap_or_default();
+        data.resize(len, 0);
         job.source.read_at(offset, &mut data)?;
         counters.add_done(len as u64);
         if tx.send(ReadBlock { disk, index, data }).is_err() {

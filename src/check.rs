@@ -237,7 +237,7 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
                 if crate::util::interrupted() {
                     return Vec::new();
                 }
-                let p = check_pack_data(repo, id, indexed.get(id));
+                let p = check_pack_data(repo, id, *size, indexed.get(id));
                 counters.add_done(*size);
                 p
             })
@@ -399,15 +399,27 @@ enum Damage {
 }
 
 /// Downloads one pack and verifies every byte of it. Returns the problems found.
-fn check_pack_data(repo: &Repository, id: &ObjectId, indexed: Option<&IndexedPack>) -> Vec<Problem> {
+fn check_pack_data(repo: &Repository, id: &ObjectId, size: u64, indexed: Option<&IndexedPack>) -> Vec<Problem> {
     let name = names::pack(id);
     let whole = |message: String| Problem { pack: *id, damage: Damage::Pack, message };
-    let bytes = match repo.backend().get(&name) {
-        Ok(b) => b,
-        Err(e) => return vec![whole(e.to_string())],
-    };
+    // Each checker thread reads its packs into one buffer (see `Backend::get_range_into`).
+    thread_local! {
+        static PACK: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    PACK.with_borrow_mut(|bytes| {
+        if let Err(e) = repo.backend().get_range_into(&name, 0, size, bytes) {
+            return vec![whole(e.to_string())];
+        }
+        check_pack_bytes(repo, id, indexed, bytes)
+    })
+}
+
+/// Verifies the bytes of pack `id`.
+fn check_pack_bytes(repo: &Repository, id: &ObjectId, indexed: Option<&IndexedPack>, bytes: &mut [u8]) -> Vec<Problem> {
+    let name = names::pack(id);
+    let whole = |message: String| Problem { pack: *id, damage: Damage::Pack, message };
     let mut problems = Vec::new();
-    if BlobId::of_file(&bytes) != *id {
+    if BlobId::of_file(bytes) != *id {
         // Keep going: the blob-level check below says which blobs are damaged.
         problems.push(Problem {
             pack: *id,
@@ -415,7 +427,7 @@ fn check_pack_data(repo: &Repository, id: &ObjectId, indexed: Option<&IndexedPac
             message: format!("{name}: content does not match its name"),
         });
     }
-    let entries = match pack::read_header(repo.keys(), &bytes) {
+    let entries = match pack::read_header(repo.keys(), bytes) {
         Ok(h) => {
             if indexed.is_some_and(|p| p.entries != h.entries || p.pack_type != h.pack_type) {
                 problems.push(Problem {
@@ -435,10 +447,24 @@ fn check_pack_data(repo: &Repository, id: &ObjectId, indexed: Option<&IndexedPac
             None => return vec![whole(format!("{name}: {e}"))],
         },
     };
+    // Blobs are decrypted where they lie (no copy), into one reused buffer; entries of an index that overlap
+    // (the header was unreadable) are opened from a copy, since an earlier one changed their bytes.
+    let mut plain = pack::PlainBlock::default();
+    let mut opened_to = 0;
     for e in &entries {
-        let cause = match bytes.get(e.offset as usize..e.end() as usize) {
+        let range = e.offset as usize..e.end() as usize;
+        let cause = match bytes.get_mut(range.clone()) {
             None => Some("beyond the end of the pack".to_string()),
-            Some(stored) => pack::open_blob(repo.keys(), e, stored).err(),
+            Some(stored) if range.start >= opened_to => {
+                opened_to = range.end;
+                pack::open_blob_in_place(repo.keys(), e, stored, &mut plain).err()
+            }
+            Some(_) => repo
+                .backend()
+                .get_range(&name, e.offset as u64, e.stored_len as u64)
+                .map_err(|err| err.to_string())
+                .and_then(|stored| pack::open_blob(repo.keys(), e, &stored))
+                .err(),
         };
         if let Some(c) = cause {
             problems.push(Problem {

@@ -13,7 +13,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -37,7 +37,9 @@ pub struct LockGuard {
     backend: Arc<dyn Backend>,
     name: String,
     bytes: Vec<u8>,
-    stop: Arc<AtomicBool>,
+    /// Dropped to stop the refresher: it wakes at once instead of at its next poll (every command that holds a
+    /// session would otherwise end up to a poll interval late).
+    stop: Option<crossbeam_channel::Sender<()>>,
     /// Set when the refresher found the object gone or replaced: someone judged us abandoned.
     lost: Arc<AtomicBool>,
     refresher: Option<std::thread::JoinHandle<()>>,
@@ -131,18 +133,16 @@ pub fn acquire_exclusive(repo: &Repository, purpose: &str) -> Result<LockGuard> 
 
 impl LockGuard {
     fn start(backend: Arc<dyn Backend>, name: String, bytes: Vec<u8>, stale: Duration) -> LockGuard {
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let lost = Arc::new(AtomicBool::new(false));
-        let (b, n, data, s, l) = (backend.clone(), name.clone(), bytes.clone(), stop.clone(), lost.clone());
+        let (b, n, data, l) = (backend.clone(), name.clone(), bytes.clone(), lost.clone());
         let refresher = std::thread::spawn(move || {
             let every = stale / 4;
-            let mut last = Instant::now();
-            while !s.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
-                if last.elapsed() < every {
-                    continue;
+            loop {
+                match stopped.recv_timeout(every) {
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    _ => return,
                 }
-                last = Instant::now();
                 // Rewrite only what is still ours: recreating a lock someone removed as abandoned would
                 // hide from them that we came back.
                 match b.get(&n) {
@@ -160,7 +160,7 @@ impl LockGuard {
                 }
             }
         });
-        LockGuard { backend, name, bytes, stop, lost, refresher: Some(refresher) }
+        LockGuard { backend, name, bytes, stop: Some(stop), lost, refresher: Some(refresher) }
     }
 
     /// Fails if the lock was lost: it was not refreshed for the stale time and another client removed it.
@@ -223,7 +223,7 @@ pub fn live_sessions(repo: &Repository) -> Result<Vec<LockState>> {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        drop(self.stop.take());
         if let Some(t) = self.refresher.take() {
             let _ = t.join();
         }

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use crate::backup::{is_zero, load_segment};
 use crate::cache::IndexCache;
 use crate::error::{Error, Result};
-use crate::format::pack::{self, PackEntry};
+use crate::format::pack::{self, PackEntry, PlainBlock};
 use crate::format::snapshot::DiskManifest;
 use crate::format::{names, BlobId, ObjectId, SEGMENT_BLOCKS};
 use crate::progress::Counters;
@@ -170,7 +170,7 @@ pub fn restore_disk(
         .map_err(|e| Error::invalid(format!("thread pool: {e}")))?;
     let stats = Mutex::new(RestoreStats::default());
     let damage = Damage::default();
-    let zero_buf = Arc::new(vec![0u8; bs as usize]);
+    let zero_buf = Arc::new(PlainBlock::zeroed(bs as usize));
     let mut writer = Writer::start(&t)?;
     let describe =
         |block: u64| format!("block {block} (bytes {}..{})", block * bs, ((block + 1) * bs).min(disk.capacity));
@@ -294,7 +294,7 @@ pub(crate) fn plan_reads(by_pack: HashMap<ObjectId, HashMap<BlobId, Want>>) -> V
 }
 
 /// `data[..len]` to write at an offset; the data is shared by every block that holds the same blob.
-type WriteOp = (u64, Arc<Vec<u8>>, usize);
+type WriteOp = (u64, Arc<PlainBlock>, usize);
 
 /// The one thread that writes the target. Fetchers decrypt in parallel, but concurrent `pwrite`s to one file
 /// contend on its inode lock (measured: most of a restore's CPU went to that spinning), so writes are
@@ -306,7 +306,7 @@ struct Writer {
 }
 
 /// Alignment of O_DIRECT writes (offset, length and buffer): a page, which covers 512- and 4096-byte sectors.
-const DIRECT_ALIGN: usize = 4096;
+const DIRECT_ALIGN: usize = pack::PLAIN_ALIGN;
 
 impl Writer {
     /// Writes go through a second descriptor opened with O_DIRECT where the file system allows it: restored
@@ -326,12 +326,17 @@ impl Writer {
                     |e: std::io::Error| Error::local(&p, format!("write of {len} bytes at offset {offset}: {e}"));
                 let aligned = offset.is_multiple_of(DIRECT_ALIGN as u64) && len.is_multiple_of(DIRECT_ALIGN);
                 if let (Some(d), true) = (&direct, aligned) {
-                    if staging.len() < len + DIRECT_ALIGN {
-                        staging = vec![0u8; len + DIRECT_ALIGN];
-                    }
-                    let start = staging.as_ptr().align_offset(DIRECT_ALIGN);
-                    let buf = &mut staging[start..start + len];
-                    buf.copy_from_slice(&data[..len]);
+                    // Opened blobs start page-aligned ([`PlainBlock`]) and are written as they are.
+                    let buf = if data.as_ptr().addr().is_multiple_of(DIRECT_ALIGN) {
+                        &data[..len]
+                    } else {
+                        if staging.len() < len + DIRECT_ALIGN {
+                            staging = vec![0u8; len + DIRECT_ALIGN];
+                        }
+                        let start = staging.as_ptr().align_offset(DIRECT_ALIGN);
+                        staging[start..start + len].copy_from_slice(&data[..len]);
+                        &staging[start..start + len]
+                    };
                     match d.write_all_at(buf, offset) {
                         Ok(()) => continue,
                         // Refused after all (some file systems decide per write): buffered from here on.
@@ -347,7 +352,7 @@ impl Writer {
     }
 
     /// Queues `data[..len]` for `offset`. Fails only if the writer stopped on an error ([`Writer::finish`] has it).
-    fn write(&self, offset: u64, data: Arc<Vec<u8>>, len: usize) -> Result<()> {
+    fn write(&self, offset: u64, data: Arc<PlainBlock>, len: usize) -> Result<()> {
         let tx = self.tx.as_ref().expect("writer is open until finish");
         tx.send((offset, data, len)).map_err(|_| Error::local(&self.path, "the writer stopped"))
     }
@@ -376,7 +381,7 @@ fn run_read_job(
     let bs = disk.block_size as u64;
     let (mut blocks, mut bytes) = (0, 0);
     let mut stopped: Result<()> = Ok(());
-    let mut write_blob = |w: &Want, plain: std::result::Result<Vec<u8>, String>| -> Result<()> {
+    let mut write_blob = |w: &Want, plain: std::result::Result<PlainBlock, String>| -> Result<()> {
         let plain = match plain {
             Ok(p) => Arc::new(p),
             Err(cause) => return damaged(w.blocks.clone(), format!("{}: {cause}", names::pack(&job.pack))),
@@ -394,10 +399,16 @@ fn run_read_job(
         }
         Ok(())
     };
-    let fetched = fetch_blobs(repo, job, |w, plain| {
-        if stopped.is_ok() {
-            stopped = write_blob(w, plain);
-        }
+    // Each fetcher thread reads its ranges into one buffer (see `Backend::get_range_into`).
+    thread_local! {
+        static RANGE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let fetched = RANGE.with_borrow_mut(|data| {
+        fetch_blobs(repo, job, data, |w, plain| {
+            if stopped.is_ok() {
+                stopped = write_blob(w, plain);
+            }
+        })
     });
     if let Err(e) = fetched {
         let blocks: Vec<u64> = job.wants.iter().flat_map(|w| w.blocks.iter().copied()).collect();
@@ -408,29 +419,32 @@ fn run_read_job(
     Ok((blocks, bytes))
 }
 
-/// Reads one coalesced range and opens every blob in it (authenticated, decompressed, id re-checked), handing
+/// Reads one coalesced range into `data` and opens every blob in it (authenticated, decompressed, id re-checked), handing
 /// each want's result to `each` in order. The error is the failed read; a blob's names the blob and the cause.
 pub(crate) fn fetch_blobs(
     repo: &Repository,
     job: &ReadJob,
-    mut each: impl FnMut(&Want, std::result::Result<Vec<u8>, String>),
+    data: &mut Vec<u8>,
+    mut each: impl FnMut(&Want, std::result::Result<PlainBlock, String>),
 ) -> Result<()> {
-    let data = repo.backend().get_range(&names::pack(&job.pack), job.offset, job.len)?;
+    repo.backend().get_range_into(&names::pack(&job.pack), job.offset, job.len, data)?;
     // One blob opened at a time: a range of well-compressed blobs is many times its size in plain text.
     for w in &job.wants {
-        each(w, open_want(repo, job, &data, w));
+        each(w, open_want(repo, job, data, w));
     }
     Ok(())
 }
 
-/// Opens one wanted blob of a fetched range (`data` starts at `job.offset`).
-fn open_want(repo: &Repository, job: &ReadJob, data: &[u8], w: &Want) -> std::result::Result<Vec<u8>, String> {
+/// Opens one wanted blob of a fetched range (`data` starts at `job.offset`), decrypting it where it lies.
+fn open_want(repo: &Repository, job: &ReadJob, data: &mut [u8], w: &Want) -> std::result::Result<PlainBlock, String> {
     let rel = (w.entry.offset as u64 - job.offset) as usize;
     let stored = data
-        .get(rel..rel + w.entry.stored_len as usize)
+        .get_mut(rel..rel + w.entry.stored_len as usize)
         .ok_or_else(|| format!("blob {} at offset {}: the pack ends early", w.entry.id, w.entry.offset))?;
-    pack::open_blob(repo.keys(), &w.entry, stored)
-        .map_err(|cause| format!("blob {} at offset {}: {cause}", w.entry.id, w.entry.offset))
+    let mut plain = PlainBlock::default();
+    pack::open_blob_in_place(repo.keys(), &w.entry, stored, &mut plain)
+        .map_err(|cause| format!("blob {} at offset {}: {cause}", w.entry.id, w.entry.offset))?;
+    Ok(plain)
 }
 
 /// Re-reads the target and compares each block with the manifest. Returns the number of blocks checked.

@@ -19,6 +19,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use crate::cache::IndexCache;
 use crate::error::{Error, Result};
+use crate::format::pack::PlainBlock;
 use crate::format::snapshot::DiskManifest;
 use crate::format::{BlobId, ObjectId, SEGMENT_BLOCKS};
 use crate::nbd::server::{Device, Exports};
@@ -196,10 +197,10 @@ impl SnapshotDisk {
     }
 
     /// The snapshot's content of `block` (not the overlay's).
-    fn base_block(&self, block: u64) -> Result<Arc<Vec<u8>>> {
+    fn base_block(&self, block: u64) -> Result<Arc<PlainBlock>> {
         let id = self.block_id(block)?;
         if id.is_zero_block() {
-            return Ok(Arc::new(vec![0u8; self.block_len(block)]));
+            return Ok(Arc::new(PlainBlock::zeroed(self.block_len(block))));
         }
         loop {
             match self.shared.blobs.get_or_claim(&id) {
@@ -259,7 +260,7 @@ impl SnapshotDisk {
         let mut first_error = None;
         for job in plan_reads(by_pack) {
             let holds_id = job.wants.iter().any(|w| w.entry.id == id);
-            let fetched = fetch_blobs(&shared.repo, &job, |want, result| match result {
+            let fetched = fetch_blobs(&shared.repo, &job, &mut Vec::new(), |want, result| match result {
                 Ok(plain) => shared.blobs.insert(want.entry.id, Arc::new(plain)),
                 Err(cause) if want.entry.id == id => {
                     first_error = Some(Error::corrupt(crate::format::names::pack(&job.pack), cause))
@@ -443,14 +444,14 @@ struct BlobCache {
 }
 
 struct CacheState {
-    lru: lru::LruCache<BlobId, Arc<Vec<u8>>>,
+    lru: lru::LruCache<BlobId, Arc<PlainBlock>>,
     bytes: u64,
     limit: u64,
     in_flight: HashSet<BlobId>,
 }
 
 enum Claim {
-    Ready(Arc<Vec<u8>>),
+    Ready(Arc<PlainBlock>),
     /// The caller must fetch it, then `insert` or `abandon`.
     Fetch,
 }
@@ -488,7 +489,7 @@ impl BlobCache {
         !s.lru.contains(id) && s.in_flight.insert(*id)
     }
 
-    fn insert(&self, id: BlobId, data: Arc<Vec<u8>>) {
+    fn insert(&self, id: BlobId, data: Arc<PlainBlock>) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.in_flight.remove(&id);
         s.bytes += data.len() as u64;

@@ -128,14 +128,21 @@ impl Backend for LocalBackend {
     }
 
     fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.get_range_into(name, offset, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn get_range_into(&self, name: &str, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
         let mut f = match File::open(self.path(name)?) {
             Ok(f) => f,
             Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::Missing { object: name.into() }),
             Err(e) => return Err(Error::backend("open", name, io_cause(&e))),
         };
-        let mut buf = Vec::with_capacity(len as usize);
+        buf.clear();
+        buf.reserve(len as usize);
         f.seek(SeekFrom::Start(offset))
-            .and_then(|_| f.take(len).read_to_end(&mut buf))
+            .and_then(|_| f.take(len).read_to_end(buf))
             .map_err(|e| Error::backend("read", name, io_cause(&e)))?;
         if buf.len() as u64 != len {
             return Err(Error::corrupt(
@@ -143,7 +150,7 @@ impl Backend for LocalBackend {
                 format!("truncated: wanted {len} bytes at offset {offset}, the object ends after {}", buf.len()),
             ));
         }
-        Ok(buf)
+        Ok(())
     }
 
     fn size(&self, name: &str) -> Result<Option<u64>> {

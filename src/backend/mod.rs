@@ -40,6 +40,14 @@ pub trait Backend: Send + Sync {
     /// Reads `len` bytes at `offset`. Fewer bytes than asked is an error naming the object.
     fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>>;
 
+    /// [`Backend::get_range`] into `buf`, replacing what it held, for callers that read range after range:
+    /// a reused buffer is already mapped, while a fresh one of many MiB costs a page fault per 4 KiB on every
+    /// read (a quarter of a local restore's CPU, measured).
+    fn get_range_into(&self, name: &str, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
+        *buf = self.get_range(name, offset, len)?;
+        Ok(())
+    }
+
     /// Size of an object, `None` if it does not exist.
     fn size(&self, name: &str) -> Result<Option<u64>>;
 

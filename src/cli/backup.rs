@@ -159,6 +159,23 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
     }
     let source = args.name.clone().unwrap_or_else(|| disks[0].0.clone());
 
+    // Sources and change lists first: they need no key, and the blocks a change list names are fetched while
+    // the key is derived (~0.1 s of Argon2).
+    let mut opened = Vec::new();
+    for (name, spec) in &disks {
+        let mut src = crate::source::open(spec, &source_options)?;
+        let change_file = changed.iter().find(|(n, _)| n.as_deref().is_none_or(|n| n == name)).map(|(_, p)| p);
+        let listed = match change_file {
+            Some(f) => Some(crate::source::changes::load(f, src.capacity())?),
+            None => None,
+        };
+        if let Some(extents) = &listed {
+            let block_size = crate::format::BLOCK_SIZE as u64;
+            src.hint_reads(&crate::source::BlockRanges::from_extents(extents, block_size), block_size);
+        }
+        opened.push((name.clone(), src, listed));
+    }
+
     let repo = g.open_repo()?;
     let cache = g.open_cache_unsynced(&repo)?;
     let parent = if args.no_parent {
@@ -173,17 +190,14 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
     }
 
     let mut jobs = Vec::new();
-    for (name, spec) in &disks {
-        let mut src = crate::source::open(spec, &source_options)?;
-        let capacity = src.capacity();
-        let change_file = changed.iter().find(|(n, _)| n.as_deref().is_none_or(|n| n == name)).map(|(_, p)| p);
-        let extents = match change_file {
-            Some(f) => Some(crate::source::changes::load(f, capacity)?),
+    for (name, mut src, listed) in opened {
+        let extents = match listed {
+            Some(extents) => Some(extents),
             None if parent.is_some() => src.changed()?,
             None => None,
         };
         jobs.push(DiskJob {
-            name: name.clone(),
+            name,
             source: src,
             changed: if parent.is_some() { extents } else { None },
             change_token: args.change_token.clone(),

@@ -180,36 +180,148 @@ impl BlobSealer {
 
 /// Authenticates, decompresses and re-hashes one stored blob. The error is the cause only.
 pub fn open_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<Vec<u8>, String> {
-    if stored.len() != entry.stored_len as usize {
-        return Err(format!("{} bytes where the index says {}", stored.len(), entry.stored_len));
-    }
+    check_stored_len(entry, stored)?;
     let body = keys.open(&blob_aad(entry.blob_type, entry.flags, &entry.id), stored).map_err(|e| e.to_string())?;
     let plain = if entry.flags & FLAG_ZSTD != 0 {
-        // One decompression context per thread: creating one per blob showed in profiles.
-        thread_local! {
-            static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-                const { std::cell::RefCell::new(None) };
-        }
         let mut out = Vec::with_capacity(entry.raw_len as usize);
-        DECOMPRESSOR
-            .with_borrow_mut(|slot| {
-                if slot.is_none() {
-                    *slot = Some(zstd::bulk::Decompressor::new()?);
-                }
-                slot.as_mut().expect("set above").decompress_to_buffer(&body, &mut out)
-            })
-            .map_err(|e| format!("zstd: {e}"))?;
+        decompress(&body, &mut out)?;
         out
     } else {
         body
     };
+    verify_plain(keys, entry, &plain)?;
+    Ok(plain)
+}
+
+/// [`open_blob`] for bytes the caller owns and no longer needs: decrypted where they lie, the plaintext
+/// decompressed (or copied) into `out`, whose buffer is reused. Restore, serve and check fetch whole ranges and
+/// open every blob in them: this saves a copy of each blob and, with a reused `out`, an allocation.
+pub fn open_blob_in_place(
+    keys: &Keys,
+    entry: &PackEntry,
+    stored: &mut [u8],
+    out: &mut PlainBlock,
+) -> Result<(), String> {
+    check_stored_len(entry, stored)?;
+    let aad = blob_aad(entry.blob_type, entry.flags, &entry.id);
+    let body = keys.open_in_place(&aad, stored).map_err(|e| e.to_string())?;
+    out.clear(entry.raw_len as usize);
+    if entry.flags & FLAG_ZSTD != 0 {
+        decompress(body, &mut out.writer())?;
+    } else {
+        out.extend_from_slice(body);
+    }
+    verify_plain(keys, entry, out)
+}
+
+fn check_stored_len(entry: &PackEntry, stored: &[u8]) -> Result<(), String> {
+    if stored.len() != entry.stored_len as usize {
+        return Err(format!("{} bytes where the index says {}", stored.len(), entry.stored_len));
+    }
+    Ok(())
+}
+
+fn verify_plain(keys: &Keys, entry: &PackEntry, plain: &[u8]) -> Result<(), String> {
     if plain.len() != entry.raw_len as usize {
         return Err(format!("plaintext is {} bytes where the index says {}", plain.len(), entry.raw_len));
     }
-    if keys.blob_id(&plain) != entry.id {
+    if keys.blob_id(plain) != entry.id {
         return Err("content does not match its id".into());
     }
-    Ok(plain)
+    Ok(())
+}
+
+/// Decompresses one zstd frame into `out` (up to its capacity).
+fn decompress<W: zstd::zstd_safe::WriteBuf + ?Sized>(frame: &[u8], out: &mut W) -> Result<(), String> {
+    // One decompression context per thread: creating one per blob showed in profiles.
+    thread_local! {
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DECOMPRESSOR
+        .with_borrow_mut(|slot| {
+            if slot.is_none() {
+                *slot = Some(zstd::bulk::Decompressor::new()?);
+            }
+            slot.as_mut().expect("set above").decompress_to_buffer(frame, out)
+        })
+        .map(|_| ())
+        .map_err(|e| format!("zstd: {e}"))
+}
+
+/// Alignment of [`PlainBlock`] data: a page, what O_DIRECT writes of 512- and 4096-byte sectors need.
+pub const PLAIN_ALIGN: usize = 4096;
+
+/// A blob's plaintext, starting at a page-aligned address so that restore can write it with O_DIRECT as it is.
+#[derive(Default)]
+pub struct PlainBlock {
+    /// `buf[start..]` is the plaintext; `buf[..start]` pads the start to [`PLAIN_ALIGN`].
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl PlainBlock {
+    /// `len` zero bytes.
+    pub fn zeroed(len: usize) -> PlainBlock {
+        let mut b = PlainBlock::default();
+        b.clear(len);
+        b.buf.resize(b.start + len, 0);
+        b
+    }
+
+    /// Empties the block, making room for `len` bytes at an aligned start.
+    fn clear(&mut self, len: usize) {
+        if self.buf.capacity() < len + PLAIN_ALIGN {
+            self.buf = Vec::with_capacity(len + PLAIN_ALIGN);
+        }
+        self.start = self.buf.as_ptr().align_offset(PLAIN_ALIGN);
+        self.buf.clear();
+        self.buf.resize(self.start, 0);
+    }
+
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// A zstd output buffer over the block's spare room.
+    fn writer(&mut self) -> PlainWriter<'_> {
+        PlainWriter(self)
+    }
+}
+
+impl std::ops::Deref for PlainBlock {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+impl From<Vec<u8>> for PlainBlock {
+    fn from(buf: Vec<u8>) -> Self {
+        PlainBlock { buf, start: 0 }
+    }
+}
+
+/// zstd writes a [`PlainBlock`]'s plaintext straight after its alignment padding.
+struct PlainWriter<'a>(&'a mut PlainBlock);
+
+// SAFETY: the pointer and capacity describe the vector's allocation past `start`, where `filled_until` is only
+// called after zstd initialised `n` bytes there (the trait's contract).
+unsafe impl zstd::zstd_safe::WriteBuf for PlainWriter<'_> {
+    fn as_slice(&self) -> &[u8] {
+        &self.0.buf[self.0.start..]
+    }
+    fn capacity(&self) -> usize {
+        self.0.buf.capacity() - self.0.start
+    }
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        // SAFETY: `start` is within the allocation (it is at most the vector's length).
+        unsafe { self.0.buf.as_mut_ptr().add(self.0.start) }
+    }
+    unsafe fn filled_until(&mut self, n: usize) {
+        // SAFETY: the caller initialised `n` bytes from `as_mut_ptr`, within the capacity.
+        unsafe { self.0.buf.set_len(self.0.start + n) }
+    }
 }
 
 /// Builds one pack in memory.
@@ -321,6 +433,39 @@ mod tests {
             assert_eq!(&open_blob(&k, e, stored).unwrap(), b);
         }
         assert_eq!(h.entries[0].flags, FLAG_ZSTD);
+    }
+
+    #[test]
+    fn blobs_open_in_place_into_an_aligned_reused_block() {
+        let k = keys();
+        let mut sealer = BlobSealer::new(3);
+        let compressible = vec![7u8; 1 << 20];
+        // Incompressible: stored without zstd, copied into the block.
+        let mut noise = vec![0u8; 1 << 20];
+        blake3::Hasher::new().update(b"noise").finalize_xof().fill(&mut noise);
+        let mut w = PackWriter::new(BlobType::Data, 4 << 20);
+        for b in [&compressible, &noise, &compressible[..1000].to_vec()] {
+            w.add(sealer.seal(&k, BlobType::Data, k.blob_id(b), b));
+        }
+        let p = w.finish(&k);
+        assert_eq!(p.header.entries[0].flags, FLAG_ZSTD);
+        assert_eq!(p.header.entries[1].flags, 0);
+        let mut out = PlainBlock::default();
+        for (e, b) in p.header.entries.iter().zip([&compressible[..], &noise[..], &compressible[..1000]]) {
+            let mut stored = p.bytes[e.offset as usize..e.end() as usize].to_vec();
+            open_blob_in_place(&k, e, &mut stored, &mut out).unwrap();
+            assert_eq!(&out[..], b);
+            assert!(out.as_ptr().addr().is_multiple_of(PLAIN_ALIGN));
+        }
+        // Tampered, or a wrong plaintext length in the entry: refused.
+        let e = p.header.entries[0];
+        let mut stored = p.bytes[e.offset as usize..e.end() as usize].to_vec();
+        stored[30] ^= 1;
+        assert!(open_blob_in_place(&k, &e, &mut stored, &mut out).is_err());
+        let mut short = e;
+        short.raw_len -= 1;
+        let mut stored = p.bytes[e.offset as usize..e.end() as usize].to_vec();
+        assert!(open_blob_in_place(&k, &short, &mut stored, &mut out).is_err());
     }
 
     #[test]

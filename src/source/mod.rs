@@ -33,7 +33,8 @@ pub trait DiskSource: Send {
     /// Path or URL, for the manifest and messages.
     fn describe(&self) -> String;
     fn capacity(&self) -> u64;
-    /// Fills `buf` from `offset`. `offset + buf.len()` never exceeds the capacity.
+    /// Fills `buf` from `offset`: every byte, since `buf` may hold an earlier block (buffers are reused).
+    /// `offset + buf.len()` never exceeds the capacity.
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// The allocated (possibly non-zero) ranges, or `None` if the source cannot tell (read everything).
     fn allocated(&mut self) -> Result<Option<Vec<Extent>>>;
@@ -45,6 +46,9 @@ pub trait DiskSource: Send {
     /// Told once, before the first [`DiskSource::read_at`], which blocks the backup will read, in order:
     /// sources with latency read ahead.
     fn will_read(&mut self, _blocks: &BlockRanges, _block_size: u64) {}
+    /// A likely plan known early (the blocks a change list names, before the repository is unlocked): a
+    /// source may start fetching them. [`DiskSource::will_read`] still comes with the real plan.
+    fn hint_reads(&mut self, _blocks: &BlockRanges, _block_size: u64) {}
 }
 
 /// How to reach network sources.
