@@ -9,6 +9,7 @@ data=${DISKVAULT_BENCH_DATA:-${XDG_CACHE_HOME:-$HOME/.cache}/diskvault-bench}
 src="$data/4g/vm1-day0.nonzero.bin"
 [ -f "$src" ] || { echo "run benches/compare.sh first (it builds $src)"; exit 1; }
 work="${1:-$(mktemp -d)}"
+mkdir -p "$work"
 cargo build --release --locked
 dv=$PWD/target/release/diskvault
 export DISKVAULT_PASSWORD=bench DISKVAULT_CACHE_DIR="$work/cache"
