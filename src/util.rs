@@ -124,19 +124,25 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-/// Turns SIGINT/SIGTERM into a flag that long operations poll ([`interrupted`]), so that they stop through
-/// their normal error path and clean up (a VM snapshot removed, VDDK access ended, session marker deleted).
-/// A second signal ends the process at once. Call before starting threads: they inherit the signal mask.
-pub fn catch_interrupts() {
+/// Blocks SIGINT and SIGTERM in the calling thread (and the threads it starts later), so that one thread can
+/// take them with `sigwait` on the returned set.
+pub fn block_termination_signals() -> libc::sigset_t {
     // SAFETY: plain signal-mask calls on a local set.
-    let set = unsafe {
+    unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
-    };
+    }
+}
+
+/// Turns SIGINT/SIGTERM into a flag that long operations poll ([`interrupted`]), so that they stop through
+/// their normal error path and clean up (a VM snapshot removed, VDDK access ended, session marker deleted).
+/// A second signal ends the process at once. Call before starting threads: they inherit the signal mask.
+pub fn catch_interrupts() {
+    let set = block_termination_signals();
     let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: `set` is initialized, `sig` is a valid out pointer.

@@ -74,14 +74,7 @@ impl Vsphere {
         for (k, v) in extra_env {
             c.env(k, v);
         }
-        let out = c.output().unwrap();
-        let r = Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
-        r
+        Run::of(c)
     }
 
     fn events(&self) -> String {

@@ -45,7 +45,8 @@ impl Lab {
         Lab { env, sim, vddk_log }
     }
 
-    fn run(&self, args: &[&str], extra: &[(&str, &str)]) -> Run {
+    /// diskvault pointed at the test vSphere and the test VDDK.
+    fn command(&self, args: &[&str], extra: &[(&str, &str)]) -> std::process::Command {
         let mut c = self.env.command(args);
         c.envs(self.sim.env())
             .env("DISKVAULT_VDDK_LIBDIR", fake_vddk())
@@ -53,14 +54,27 @@ impl Lab {
             .env("FAKE_VDDK_THUMBPRINT", &self.sim.sha1)
             .env("FAKE_VDDK_LOG", &self.vddk_log)
             .envs(extra.iter().copied());
-        let out = c.output().unwrap();
-        let r = Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
-        r
+        c
+    }
+
+    fn run(&self, args: &[&str], extra: &[(&str, &str)]) -> Run {
+        Run::of(self.command(args, extra))
+    }
+
+    /// Starts a command whose VDDK reads are slowed down and sends it SIGINT once reads are under way; returns
+    /// its exit code and stderr.
+    fn interrupt_during_reads(&self, args: &[&str], while_reading: impl FnOnce()) -> (Option<i32>, String) {
+        let mut c = self.command(args, &[("FAKE_VDDK_READ_DELAY_MS", "100")]);
+        let child = c.stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let start = std::time::Instant::now();
+        while !std::fs::read_to_string(&self.vddk_log).unwrap_or_default().lines().any(|l| l.starts_with("Read ")) {
+            assert!(start.elapsed() < std::time::Duration::from_secs(30), "no read started");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        while_reading();
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
     fn ok(&self, args: &[&str]) -> serde_json::Value {
@@ -304,25 +318,9 @@ fn an_interrupted_backup_removes_the_vm_snapshot() {
     let vm = lab.vm();
     let name = vm["name"].as_str().unwrap().to_string();
     lab.guest_write(&vm, 0, 0, &random_bytes(8, 24 * MIB));
-    let mut c = lab.env.command(&["backup", "--vm", &name]);
-    c.envs(lab.sim.env())
-        .env("DISKVAULT_VDDK_LIBDIR", fake_vddk())
-        .env("FAKE_VDDK_DATASTORES", format!("LocalDS_0={}", lab.sim.datastores["LocalDS_0"].as_str().unwrap()))
-        .env("FAKE_VDDK_THUMBPRINT", &lab.sim.sha1)
-        .env("FAKE_VDDK_LOG", &lab.vddk_log)
-        .env("FAKE_VDDK_READ_DELAY_MS", "100")
-        .stderr(std::process::Stdio::piped());
-    let child = c.spawn().unwrap();
     // Ctrl-C once reads are under way.
-    let start = std::time::Instant::now();
-    while !std::fs::read_to_string(&lab.vddk_log).unwrap_or_default().lines().any(|l| l.starts_with("Read ")) {
-        assert!(start.elapsed() < std::time::Duration::from_secs(30), "no read started");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let (code, stderr) = lab.interrupt_during_reads(&["backup", "--vm", &name], || {});
+    assert_eq!(code, Some(130), "{stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");
     lab.assert_clean();
     assert!(lab.env.ok(&["snapshots", "--json"]).json().as_array().unwrap().is_empty());
@@ -338,25 +336,10 @@ fn an_interrupted_restore_into_a_vm_turns_change_tracking_back_on() {
     let id = lab.ok(&["backup", "--json", "--vm", &name])["snapshot"].as_str().unwrap().to_string();
     lab.succeed(&["vm", "power-off", &name]);
     std::fs::remove_file(&lab.vddk_log).ok();
-    let mut c = lab.env.command(&["restore", &format!("{id}:disk1"), "--to-vm", &name]);
-    c.envs(lab.sim.env())
-        .env("DISKVAULT_VDDK_LIBDIR", fake_vddk())
-        .env("FAKE_VDDK_DATASTORES", format!("LocalDS_0={}", lab.sim.datastores["LocalDS_0"].as_str().unwrap()))
-        .env("FAKE_VDDK_THUMBPRINT", &lab.sim.sha1)
-        .env("FAKE_VDDK_LOG", &lab.vddk_log)
-        .env("FAKE_VDDK_READ_DELAY_MS", "100")
-        .stderr(std::process::Stdio::piped());
-    let child = c.spawn().unwrap();
-    let start = std::time::Instant::now();
-    while !std::fs::read_to_string(&lab.vddk_log).unwrap_or_default().lines().any(|l| l.starts_with("Read ")) {
-        assert!(start.elapsed() < std::time::Duration::from_secs(30), "no read started");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert_eq!(lab.vm()["cbt_enabled"], false, "change tracking is off while restoring");
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let (code, stderr) = lab.interrupt_during_reads(&["restore", &format!("{id}:disk1"), "--to-vm", &name], || {
+        assert_eq!(lab.vm()["cbt_enabled"], false, "change tracking is off while restoring");
+    });
+    assert_eq!(code, Some(130), "{stderr}");
     assert_eq!(lab.vm()["cbt_enabled"], true, "change tracking was left off");
     assert!(lab.env.objects("locks").is_empty(), "the restore's session marker was left");
     lab.assert_clean();

@@ -10,14 +10,7 @@ fn vm_cmd(env: &Env, sim: &Vcsim, args: &[&str], extra: &[(&str, &str)]) -> Run 
     let mut c = env.command(args);
     c.envs(sim.env());
     c.envs(extra.iter().copied());
-    let out = c.output().unwrap();
-    let r = Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
-    r
+    Run::of(c)
 }
 
 #[test]

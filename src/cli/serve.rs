@@ -46,7 +46,7 @@ pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
         return Err(Error::invalid("give --listen or --socket, not both"));
     }
     // SIGINT/SIGTERM are taken by sigwait below; blocked before any thread starts, so every thread inherits it.
-    let signals = block_termination_signals();
+    let signals = crate::util::block_termination_signals();
     return_freed_blobs_to_the_system();
     let repo = g.open_repo()?;
     let cache = g.open_cache_unsynced(&repo)?;
@@ -145,18 +145,6 @@ fn spawn_client(
     });
     if let Err(e) = spawned {
         tracing::warn!("cannot start a client thread: {e}");
-    }
-}
-
-fn block_termination_signals() -> libc::sigset_t {
-    // SAFETY: plain signal-mask calls on a local set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
     }
 }
 

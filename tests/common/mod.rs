@@ -30,6 +30,18 @@ pub struct Run {
 }
 
 impl Run {
+    /// Runs `c` to the end and collects what it printed; a panic in diskvault fails the test.
+    pub fn of(mut c: Command) -> Run {
+        let out: Output = c.output().expect("run diskvault");
+        let r = Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        assert!(!r.stderr.contains("panicked"), "diskvault panicked on {c:?}:\n{}", r.stderr);
+        r
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
     }
@@ -188,14 +200,7 @@ impl Env {
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
-        let out: Output = self.command(args).output().expect("run diskvault");
-        let r = Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        assert!(!r.stderr.contains("panicked"), "diskvault panicked on {args:?}:\n{}", r.stderr);
-        r
+        Run::of(self.command(args))
     }
 
     /// Starts the commands all at once and requires every one to succeed; returns their stdouts.
