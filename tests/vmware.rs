@@ -545,9 +545,7 @@ fn grow_disk(lab: &Lab, vm: &serde_json::Value, i: usize, new_capacity: u64) {
         new_capacity / 1024
     );
     let moref = vm["moref"].as_str().unwrap();
-    let r = client.call("ReconfigVM_Task", &MoRef::new("VirtualMachine", moref), &body).unwrap();
-    let task = MoRef::new("Task", r.child("returnval").unwrap().text.trim());
-    client.wait_task(&task, "ReconfigVM_Task").unwrap();
+    client.run_task("ReconfigVM_Task", &MoRef::new("VirtualMachine", moref), &body).unwrap();
     client.logout();
     let f = std::fs::OpenOptions::new().write(true).open(lab.disk_file(vm, i)).unwrap();
     f.set_len(new_capacity).unwrap();

@@ -265,8 +265,18 @@ impl Client {
     }
 
     /// Waits for a task to finish; returns its `info.result` element (if any).
+    /// Calls a `…_Task` method and waits for the task it starts; returns the task's result.
+    pub fn run_task(&mut self, method: &str, this: &MoRef, body: &str) -> Result<Option<Element>> {
+        let r = self.call(method, this, body)?;
+        let task = r.child("returnval").and_then(MoRef::from_element).ok_or_else(|| self.bad(method, "no task"))?;
+        self.wait_task(&task, method)
+    }
+
+    /// Polls a task until it ends: every 50 ms at first (a snapshot of an idle VM takes well under a second, and
+    /// a backup waits for two), backing off to every 2 s for long ones.
     pub fn wait_task(&mut self, task: &MoRef, what: &str) -> Result<Option<Element>> {
         let start = Instant::now();
+        let mut pause = Duration::from_millis(50);
         loop {
             let props = self.properties(task, &["info.state", "info.error", "info.result"])?;
             let state = props.iter().find(|(n, _)| n == "info.state").map(|(_, v)| v.text.clone()).unwrap_or_default();
@@ -284,7 +294,10 @@ impl Client {
                         cause: "the task did not finish in an hour".into(),
                     })
                 }
-                _ => std::thread::sleep(Duration::from_millis(200)),
+                _ => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
             }
         }
     }
@@ -374,10 +387,7 @@ impl Client {
     pub fn set_change_tracking(&mut self, vm: &str, enabled: bool) -> Result<()> {
         let this = MoRef::new("VirtualMachine", vm);
         let body = format!("<spec><changeTrackingEnabled>{enabled}</changeTrackingEnabled></spec>");
-        let r = self.call("ReconfigVM_Task", &this, &body)?;
-        let task =
-            r.child("returnval").and_then(MoRef::from_element).ok_or_else(|| self.bad("ReconfigVM_Task", "no task"))?;
-        self.wait_task(&task, "ReconfigVM_Task")?;
+        self.run_task("ReconfigVM_Task", &this, &body)?;
         Ok(())
     }
 
@@ -396,12 +406,7 @@ impl Client {
             "<name>{}</name><description>diskvault backup</description><memory>false</memory><quiesce>{quiesce}</quiesce>",
             esc(name)
         );
-        let r = self.call("CreateSnapshot_Task", &this, &body)?;
-        let task = r
-            .child("returnval")
-            .and_then(MoRef::from_element)
-            .ok_or_else(|| self.bad("CreateSnapshot_Task", "no task"))?;
-        let result = self.wait_task(&task, "CreateSnapshot_Task")?;
+        let result = self.run_task("CreateSnapshot_Task", &this, &body)?;
         result
             .as_ref()
             .and_then(MoRef::from_element)
@@ -410,10 +415,7 @@ impl Client {
 
     /// Powers a VM off (hard, as PowerOffVM_Task does).
     pub fn power_off(&mut self, vm: &str) -> Result<()> {
-        let r = self.call("PowerOffVM_Task", &MoRef::new("VirtualMachine", vm), "")?;
-        let task =
-            r.child("returnval").and_then(MoRef::from_element).ok_or_else(|| self.bad("PowerOffVM_Task", "no task"))?;
-        self.wait_task(&task, "PowerOffVM_Task")?;
+        self.run_task("PowerOffVM_Task", &MoRef::new("VirtualMachine", vm), "")?;
         Ok(())
     }
 
@@ -449,10 +451,7 @@ impl Client {
         }
         spec.push_str("</config>");
         let body = format!("{spec}{}", MoRef::new("ResourcePool", &config.resource_pool).xml("pool"));
-        let r = self.call("CreateVM_Task", &MoRef::new("Folder", &config.folder), &body)?;
-        let task =
-            r.child("returnval").and_then(MoRef::from_element).ok_or_else(|| self.bad("CreateVM_Task", "no task"))?;
-        let result = self.wait_task(&task, "CreateVM_Task")?;
+        let result = self.run_task("CreateVM_Task", &MoRef::new("Folder", &config.folder), &body)?;
         result
             .as_ref()
             .and_then(MoRef::from_element)
@@ -484,20 +483,12 @@ impl Client {
             "<spec><deviceChange><operation>add</operation>{}</deviceChange></spec>",
             disk_device(-1, path, controller.key, unit, capacity)
         );
-        let r = self.call("ReconfigVM_Task", &this, &body)?;
-        let task =
-            r.child("returnval").and_then(MoRef::from_element).ok_or_else(|| self.bad("ReconfigVM_Task", "no task"))?;
-        self.wait_task(&task, "ReconfigVM_Task")?;
+        self.run_task("ReconfigVM_Task", &this, &body)?;
         Ok(())
     }
 
     pub fn remove_snapshot(&mut self, snapshot: &MoRef) -> Result<()> {
-        let r = self.call("RemoveSnapshot_Task", snapshot, "<removeChildren>false</removeChildren>")?;
-        let task = r
-            .child("returnval")
-            .and_then(MoRef::from_element)
-            .ok_or_else(|| self.bad("RemoveSnapshot_Task", "no task"))?;
-        self.wait_task(&task, "RemoveSnapshot_Task")?;
+        self.run_task("RemoveSnapshot_Task", snapshot, "<removeChildren>false</removeChildren>")?;
         Ok(())
     }
 
