@@ -30,7 +30,7 @@ use crate::cache::IndexCache;
 use crate::error::{Error, Result};
 use crate::format::index::BlobLocation;
 use crate::format::index::{IndexFile, IndexedPack};
-use crate::format::pack::{BlobSealer, FinishedPack, PackWriter, SealedBlob};
+use crate::format::pack::{BlobSealer, FinishedPack, PackWriter, PlainBlock, SealedBlob};
 use crate::format::snapshot::{segment_ids, DiskManifest, DiskStats, SegmentRef, Snapshot, Summary};
 use crate::format::{BlobId, BlobType, ObjectId, SEGMENT_BLOCKS};
 use crate::progress::Counters;
@@ -170,7 +170,7 @@ fn reread_unindexed_segments(plan: &mut DiskPlan, cache: &IndexCache) -> Result<
 struct ReadBlock {
     disk: usize,
     index: u64,
-    data: Vec<u8>,
+    data: PlainBlock,
 }
 
 /// A worker's verdict on one block.
@@ -313,7 +313,7 @@ pub fn run(
     let (block_tx, block_rx) = bounded::<ReadBlock>(workers * 2);
     // Block buffers go back to the readers once hashed and sealed: a fresh zeroed 1 MiB buffer per block cost
     // a memset and page faults per block (a few % of a full backup's CPU).
-    let (spare_tx, spare_rx) = bounded::<Vec<u8>>(workers * 4 + jobs.len());
+    let (spare_tx, spare_rx) = bounded::<PlainBlock>(workers * 4 + jobs.len());
     let (blob_tx, blob_rx) = bounded::<SealedBlob>(workers * 2);
     let (pack_tx, pack_rx) = bounded::<FinishedPack>(1);
     let (done_tx, done_rx) = bounded::<IndexedPack>(64);
@@ -526,7 +526,7 @@ fn read_disk(
     plan: &DiskPlan,
     block_size: u64,
     tx: &Sender<ReadBlock>,
-    spare: &Receiver<Vec<u8>>,
+    spare: &Receiver<PlainBlock>,
     abort: &Abort,
     counters: &Counters,
 ) -> Result<()> {
@@ -540,8 +540,9 @@ fn read_disk(
         }
         let offset = index * block_size;
         let len = block_size.min(plan.capacity - offset) as usize;
+        // Page-aligned, so that a file source may read it with O_DIRECT.
         let mut data = spare.try_recv().unwrap_or_default();
-        data.resize(len, 0);
+        data.resize(len);
         job.source.read_at(offset, &mut data)?;
         counters.add_done(len as u64);
         if tx.send(ReadBlock { disk, index, data }).is_err() {

@@ -252,7 +252,8 @@ fn decompress<W: zstd::zstd_safe::WriteBuf + ?Sized>(frame: &[u8], out: &mut W) 
 /// Alignment of [`PlainBlock`] data: a page, what O_DIRECT writes of 512- and 4096-byte sectors need.
 pub const PLAIN_ALIGN: usize = 4096;
 
-/// A blob's plaintext, starting at a page-aligned address so that restore can write it with O_DIRECT as it is.
+/// A block's plaintext at a page-aligned address, so that it can be read (backup) or written (restore) with
+/// O_DIRECT as it is.
 #[derive(Default)]
 pub struct PlainBlock {
     /// `buf[start..]` is the plaintext; `buf[..start]` pads the start to [`PLAIN_ALIGN`].
@@ -267,6 +268,17 @@ impl PlainBlock {
         b.clear(len);
         b.buf.resize(b.start + len, 0);
         b
+    }
+
+    /// Makes the block `len` bytes long for a read to fill: what it held before stays (a reused buffer is not
+    /// zeroed again), only growth is zero-filled.
+    pub fn resize(&mut self, len: usize) {
+        if self.buf.capacity() < len + PLAIN_ALIGN
+            || !self.buf.as_ptr().wrapping_add(self.start).addr().is_multiple_of(PLAIN_ALIGN)
+        {
+            self.clear(len);
+        }
+        self.buf.resize(self.start + len, 0);
     }
 
     /// Empties the block, making room for `len` bytes at an aligned start.
@@ -293,6 +305,12 @@ impl std::ops::Deref for PlainBlock {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         &self.buf[self.start..]
+    }
+}
+
+impl std::ops::DerefMut for PlainBlock {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..]
     }
 }
 

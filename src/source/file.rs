@@ -1,10 +1,16 @@
 //! Raw disk images and block devices.
 //!
 //! Full backups skip holes: `SEEK_DATA`/`SEEK_HOLE` tell which ranges of a sparse file are allocated.
+//!
+//! Reads take one of two paths, chosen from the backup's plan ([`DiskSource::will_read`]): long runs of blocks
+//! (a full backup) are read with O_DIRECT into the pipeline's page-aligned buffers, skipping the page cache,
+//! whose filling cost more CPU than anything but compression and capped cold reads at ~560 MB/s on the
+//! project's VM (O_DIRECT: 1.4 GB/s from one thread); scattered blocks (a change list) go through the page cache
+//! with read-ahead along the plan, so that many are fetched at once.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -13,6 +19,11 @@ use crate::error::{Error, Result};
 
 /// How far ahead of the reader the kernel is asked to fetch planned blocks.
 const READ_AHEAD_BYTES: u64 = 64 << 20;
+/// Plans whose runs of consecutive blocks are this long on average are read with O_DIRECT.
+const DIRECT_MIN_RUN_BLOCKS: u64 = 8;
+/// O_DIRECT needs offsets, lengths and buffer addresses aligned to the logical sector size; a page covers
+/// 512- and 4096-byte sectors.
+const DIRECT_ALIGN: usize = 4096;
 
 pub struct FileSource {
     path: PathBuf,
@@ -20,6 +31,9 @@ pub struct FileSource {
     capacity: u64,
     is_block_device: bool,
     read_ahead: Option<ReadAhead>,
+    /// The same file opened with O_DIRECT, where the file system allows it, and whether the plan uses it.
+    direct: Option<File>,
+    use_direct: bool,
 }
 
 /// Read-ahead along the backup's plan: the kernel is asked (`POSIX_FADV_WILLNEED`) to fetch the planned blocks
@@ -86,7 +100,27 @@ impl FileSource {
         };
         // SAFETY: plain advisory call on a valid descriptor.
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
-        Ok(FileSource { path: path.to_path_buf(), file, capacity, is_block_device, read_ahead: None })
+        let direct = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok();
+        Ok(FileSource {
+            path: path.to_path_buf(),
+            file,
+            capacity,
+            is_block_device,
+            read_ahead: None,
+            direct,
+            use_direct: false,
+        })
+    }
+}
+
+impl FileSource {
+    fn read_error(&self, offset: u64, len: usize, e: std::io::Error) -> Error {
+        let cause = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            "the source ended early (did it shrink during the backup?)".to_string()
+        } else {
+            e.to_string()
+        };
+        Error::source(self.describe(), format!("read of {len} bytes at offset {offset} failed: {cause}"))
     }
 }
 
@@ -104,17 +138,21 @@ impl DiskSource for FileSource {
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let aligned = offset.is_multiple_of(DIRECT_ALIGN as u64)
+            && buf.len().is_multiple_of(DIRECT_ALIGN)
+            && buf.as_ptr().addr().is_multiple_of(DIRECT_ALIGN);
+        if let (true, true, Some(direct)) = (self.use_direct, aligned, &self.direct) {
+            match direct.read_exact_at(buf, offset) {
+                Ok(()) => return Ok(()),
+                // Refused after all (some file systems decide per read): through the page cache from here on.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.use_direct = false,
+                Err(e) => return Err(self.read_error(offset, buf.len(), e)),
+            }
+        }
         if let Some(ra) = &mut self.read_ahead {
             ra.advance(self.file.as_raw_fd(), offset);
         }
-        self.file.read_exact_at(buf, offset).map_err(|e| {
-            let cause = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                "the source ended early (did it shrink during the backup?)".to_string()
-            } else {
-                e.to_string()
-            };
-            Error::source(self.describe(), format!("read of {} bytes at offset {offset} failed: {cause}", buf.len()))
-        })
+        self.file.read_exact_at(buf, offset).map_err(|e| self.read_error(offset, buf.len(), e))
     }
 
     fn hint_reads(&mut self, blocks: &BlockRanges, block_size: u64) {
@@ -122,6 +160,12 @@ impl DiskSource for FileSource {
     }
 
     fn will_read(&mut self, blocks: &BlockRanges, block_size: u64) {
+        let runs = blocks.ranges().len() as u64;
+        self.use_direct = self.direct.is_some() && runs > 0 && blocks.block_count() / runs >= DIRECT_MIN_RUN_BLOCKS;
+        if self.use_direct {
+            self.read_ahead = None;
+            return;
+        }
         let plan = PlannedReads::new(blocks.ranges().to_vec(), block_size, self.capacity);
         let mut ra = ReadAhead { plan, advised: Default::default(), advised_bytes: 0 };
         ra.advance(self.file.as_raw_fd(), 0);
@@ -155,5 +199,70 @@ impl DiskSource for FileSource {
             pos = hole;
         }
         Ok(Some(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::pack::PlainBlock;
+
+    /// Reads every block of `path` along `plan` into reused aligned buffers, as a backup does.
+    fn read_along(path: &Path, plan: &BlockRanges) -> (Vec<(u64, Vec<u8>)>, bool) {
+        const BS: u64 = 1 << 20;
+        let mut src = FileSource::open(path).unwrap();
+        src.will_read(plan, BS);
+        let mut buf = PlainBlock::default();
+        let mut out = Vec::new();
+        for b in plan.iter() {
+            buf.resize(BS.min(src.capacity() - b * BS) as usize);
+            src.read_at(b * BS, &mut buf).unwrap();
+            out.push((b, buf.to_vec()));
+        }
+        (out, src.use_direct)
+    }
+
+    fn check_dir(dir: &Path) -> bool {
+        let path = dir.join("disk.raw");
+        let mut img = vec![0u8; (20 << 20) + 12_345];
+        blake3::Hasher::new().update(b"disk").finalize_xof().fill(&mut img);
+        std::fs::write(&path, &img).unwrap();
+        let block = |b: u64| img[(b << 20) as usize..((b + 1) << 20).min(img.len() as u64) as usize].to_vec();
+        // A dense plan (a full backup) with its short last block, then a scattered one (a change list).
+        let dense = BlockRanges::all(21);
+        let (got, direct) = read_along(&path, &dense);
+        assert!(got.iter().all(|(b, data)| *data == block(*b)), "dense plan read wrong bytes");
+        let mut scattered = BlockRanges::default();
+        for b in [1, 5, 9, 20] {
+            scattered.add(b..b + 1);
+        }
+        let (got, scattered_direct) = read_along(&path, &scattered);
+        assert!(!scattered_direct, "scattered blocks go through the page cache");
+        assert!(got.iter().all(|(b, data)| *data == block(*b)), "scattered plan read wrong bytes");
+        direct
+    }
+
+    fn takes_o_direct(path: &Path) -> bool {
+        OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).is_ok()
+    }
+
+    #[test]
+    fn reads_are_exact_with_and_without_o_direct() {
+        // Where the file system takes O_DIRECT (ext4, xfs, newer tmpfs), a full backup uses it; elsewhere reads go
+        // through the page cache. Exact either way.
+        let disk = tempfile::tempdir().unwrap();
+        assert_eq!(check_dir(disk.path()), takes_o_direct(&disk.path().join("disk.raw")));
+        if let Ok(shm) = tempfile::tempdir_in("/dev/shm") {
+            assert_eq!(check_dir(shm.path()), takes_o_direct(&shm.path().join("disk.raw")));
+        }
+        // A buffer that is not page-aligned is read through the page cache, whatever the plan.
+        let path = disk.path().join("disk.raw");
+        let mut src = FileSource::open(&path).unwrap();
+        src.will_read(&BlockRanges::all(21), 1 << 20);
+        let mut buf = vec![0u8; (1 << 20) + 1];
+        let unaligned =
+            if buf.as_ptr().addr().is_multiple_of(DIRECT_ALIGN) { &mut buf[1..] } else { &mut buf[..1 << 20] };
+        src.read_at(1 << 20, unaligned).unwrap();
+        assert_eq!(unaligned, &std::fs::read(&path).unwrap()[1 << 20..2 << 20]);
     }
 }
