@@ -6,31 +6,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
 
+use common::vddk::fake_vddk;
 use common::*;
 
 const M: u64 = MIB as u64;
-
-/// `<dir>/lib64/libvixDiskLib.so.8`, built once per test binary.
-fn fake_vddk() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("diskvault-fake-vddk-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("lib64")).unwrap();
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vddk/fake_vixDiskLib.c");
-        let out = Command::new("gcc")
-            .args(["-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o"])
-            .arg(dir.join("lib64/libvixDiskLib.so.8"))
-            .arg(&src)
-            .arg("-lpthread")
-            .output()
-            .expect("gcc");
-        assert!(out.status.success(), "building the test VDDK failed: {}", String::from_utf8_lossy(&out.stderr));
-        dir
-    })
-}
 
 /// A datastore directory and the environment the test VDDK reads.
 struct Vsphere {

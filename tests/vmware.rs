@@ -6,30 +6,12 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
+use common::vddk::fake_vddk;
 use common::vsphere::Vcsim;
 use common::*;
 
 const M: u64 = MIB as u64;
-
-/// `<dir>/lib64/libvixDiskLib.so.8` from tests/vddk/fake_vixDiskLib.c, once per test binary.
-fn fake_vddk() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fake-vddk");
-        std::fs::create_dir_all(dir.join("lib64")).unwrap();
-        let out = Command::new("gcc")
-            .args(["-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o"])
-            .arg(dir.join("lib64/libvixDiskLib.so.8"))
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vddk/fake_vixDiskLib.c"))
-            .arg("-lpthread")
-            .output()
-            .expect("gcc");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        dir
-    })
-}
 
 struct Lab {
     env: Env,

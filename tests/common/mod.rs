@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod s3;
+pub mod vddk;
 pub mod vsphere;
 
 use std::path::{Path, PathBuf};
@@ -15,6 +16,21 @@ use std::sync::Arc;
 use diskvault::backend::Backend;
 
 pub const MIB: usize = 1 << 20;
+
+/// Builds a test helper (a library, a program) at `out` from `src`, unless an earlier test process built it
+/// from the same source already: into a private path first, then renamed into place, so that test processes
+/// building it at the same time (nextest runs one per test) never load or run a file another is still writing.
+pub fn build_into(out: &Path, src: &Path, build: impl FnOnce(&Path)) {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(built), Some(source)) = (modified(out), modified(src)) {
+        if built >= source {
+            return;
+        }
+    }
+    let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
+    build(&tmp);
+    std::fs::rename(&tmp, out).unwrap();
+}
 
 pub struct Env {
     pub dir: tempfile::TempDir,

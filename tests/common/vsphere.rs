@@ -12,16 +12,18 @@ fn binary() -> &'static Path {
         let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
         let out = tmp.join("vcsim-cbt");
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vcsim/main.go");
-        let built = Command::new("go")
-            .args(["build", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .env("GO111MODULE", "off")
-            .env("GOPATH", "/usr/share/gocode")
-            .env("GOCACHE", tmp.join("gocache"))
-            .output()
-            .expect("go (golang-go) is not installed: run scripts/setup.sh");
-        assert!(built.status.success(), "building vcsim failed: {}", String::from_utf8_lossy(&built.stderr));
+        super::build_into(&out, &src, |to| {
+            let built = Command::new("go")
+                .args(["build", "-o"])
+                .arg(to)
+                .arg(&src)
+                .env("GO111MODULE", "off")
+                .env("GOPATH", "/usr/share/gocode")
+                .env("GOCACHE", tmp.join("gocache"))
+                .output()
+                .expect("go (golang-go) is not installed: run scripts/setup.sh");
+            assert!(built.status.success(), "building vcsim failed: {}", String::from_utf8_lossy(&built.stderr));
+        });
         out
     })
 }
