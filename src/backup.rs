@@ -30,12 +30,13 @@ use crate::cache::IndexCache;
 use crate::error::{Error, Result};
 use crate::format::index::BlobLocation;
 use crate::format::index::{IndexFile, IndexedPack};
-use crate::format::pack::{BlobSealer, FinishedPack, PackWriter, PlainBlock, SealedBlob};
+use crate::format::pack::{BlobSealer, FinishedPack, PackWriter, SealedBlob};
 use crate::format::snapshot::{segment_ids, DiskManifest, DiskStats, SegmentRef, Snapshot, Summary};
 use crate::format::{BlobId, BlobType, ObjectId, SEGMENT_BLOCKS};
 use crate::progress::Counters;
 use crate::repository::Repository;
 use crate::source::{BlockRanges, DiskSource, Extent};
+use crate::util::AlignedBuf;
 
 /// One disk to back up.
 pub struct DiskJob {
@@ -170,7 +171,7 @@ fn reread_unindexed_segments(plan: &mut DiskPlan, cache: &IndexCache) -> Result<
 struct ReadBlock {
     disk: usize,
     index: u64,
-    data: PlainBlock,
+    data: AlignedBuf,
 }
 
 /// A worker's verdict on one block.
@@ -313,7 +314,7 @@ pub fn run(
     let (block_tx, block_rx) = bounded::<ReadBlock>(workers * 2);
     // Block buffers go back to the readers once hashed and sealed: a fresh zeroed 1 MiB buffer per block cost
     // a memset and page faults per block (a few % of a full backup's CPU).
-    let (spare_tx, spare_rx) = bounded::<PlainBlock>(workers * 4 + jobs.len());
+    let (spare_tx, spare_rx) = bounded::<AlignedBuf>(workers * 4 + jobs.len());
     let (blob_tx, blob_rx) = bounded::<SealedBlob>(workers * 2);
     let (pack_tx, pack_rx) = bounded::<FinishedPack>(1);
     let (done_tx, done_rx) = bounded::<IndexedPack>(64);
@@ -526,7 +527,7 @@ fn read_disk(
     plan: &DiskPlan,
     block_size: u64,
     tx: &Sender<ReadBlock>,
-    spare: &Receiver<PlainBlock>,
+    spare: &Receiver<AlignedBuf>,
     abort: &Abort,
     counters: &Counters,
 ) -> Result<()> {

@@ -449,7 +449,7 @@ fn check_pack_bytes(repo: &Repository, id: &ObjectId, indexed: Option<&IndexedPa
     };
     // Blobs are decrypted where they lie (no copy), into one reused buffer; entries of an index that overlap
     // (the header was unreadable) are opened from a copy, since an earlier one changed their bytes.
-    let mut plain = pack::PlainBlock::default();
+    let mut plain = crate::util::AlignedBuf::default();
     let mut opened_to = 0;
     for e in &entries {
         let range = e.offset as usize..e.end() as usize;

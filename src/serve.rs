@@ -19,12 +19,12 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use crate::cache::IndexCache;
 use crate::error::{Error, Result};
-use crate::format::pack::PlainBlock;
 use crate::format::snapshot::DiskManifest;
 use crate::format::{BlobId, ObjectId, SEGMENT_BLOCKS};
 use crate::nbd::server::{Device, Exports};
 use crate::repository::Repository;
 use crate::restore::{fetch_blobs, plan_reads, Want};
+use crate::util::AlignedBuf;
 
 pub struct ServeOptions {
     /// Accept writes into a local overlay.
@@ -197,10 +197,10 @@ impl SnapshotDisk {
     }
 
     /// The snapshot's content of `block` (not the overlay's).
-    fn base_block(&self, block: u64) -> Result<Arc<PlainBlock>> {
+    fn base_block(&self, block: u64) -> Result<Arc<AlignedBuf>> {
         let id = self.block_id(block)?;
         if id.is_zero_block() {
-            return Ok(Arc::new(PlainBlock::zeroed(self.block_len(block))));
+            return Ok(Arc::new(AlignedBuf::zeroed(self.block_len(block))));
         }
         loop {
             match self.shared.blobs.get_or_claim(&id) {
@@ -260,7 +260,7 @@ impl SnapshotDisk {
         let mut first_error = None;
         for job in plan_reads(by_pack) {
             let holds_id = job.wants.iter().any(|w| w.entry.id == id);
-            let fetched = fetch_blobs(&shared.repo, &job, &mut Vec::new(), |want, result| match result {
+            let fetched = fetch_blobs(&shared.repo, &job, &mut Vec::new(), None, |want, result| match result {
                 Ok(plain) => shared.blobs.insert(want.entry.id, Arc::new(plain)),
                 Err(cause) if want.entry.id == id => {
                     first_error = Some(Error::corrupt(crate::format::names::pack(&job.pack), cause))
@@ -444,14 +444,14 @@ struct BlobCache {
 }
 
 struct CacheState {
-    lru: lru::LruCache<BlobId, Arc<PlainBlock>>,
+    lru: lru::LruCache<BlobId, Arc<AlignedBuf>>,
     bytes: u64,
     limit: u64,
     in_flight: HashSet<BlobId>,
 }
 
 enum Claim {
-    Ready(Arc<PlainBlock>),
+    Ready(Arc<AlignedBuf>),
     /// The caller must fetch it, then `insert` or `abandon`.
     Fetch,
 }
@@ -489,7 +489,7 @@ impl BlobCache {
         !s.lru.contains(id) && s.in_flight.insert(*id)
     }
 
-    fn insert(&self, id: BlobId, data: Arc<PlainBlock>) {
+    fn insert(&self, id: BlobId, data: Arc<AlignedBuf>) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.in_flight.remove(&id);
         s.bytes += data.len() as u64;

@@ -157,6 +157,99 @@ pub fn catch_interrupts() {
     }
 }
 
+/// Alignment of [`AlignedBuf`] data: a page, what O_DIRECT reads and writes of 512- and 4096-byte sectors need.
+pub const BUF_ALIGN: usize = 4096;
+
+/// Bytes at a page-aligned address, so that they can be read or written with O_DIRECT as they are: source blocks
+/// (backup), blob plaintexts (restore), pack ranges (restore, check). Reused, it is not zeroed again.
+#[derive(Default)]
+pub struct AlignedBuf {
+    /// `buf[start..]` is the content; `buf[..start]` pads the start to [`BUF_ALIGN`].
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl AlignedBuf {
+    /// `len` zero bytes.
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        let mut b = AlignedBuf::default();
+        b.clear(len);
+        b.buf.resize(b.start + len, 0);
+        b
+    }
+
+    /// Makes the block `len` bytes long for a read to fill: what it held before stays (a reused buffer is not
+    /// zeroed again), only growth is zero-filled.
+    pub fn resize(&mut self, len: usize) {
+        if self.buf.capacity() < len + BUF_ALIGN
+            || !self.buf.as_ptr().wrapping_add(self.start).addr().is_multiple_of(BUF_ALIGN)
+        {
+            self.clear(len);
+        }
+        self.buf.resize(self.start + len, 0);
+    }
+
+    /// Empties the block, making room for `len` bytes at an aligned start.
+    pub(crate) fn clear(&mut self, len: usize) {
+        if self.buf.capacity() < len + BUF_ALIGN {
+            self.buf = Vec::with_capacity(len + BUF_ALIGN);
+        }
+        self.start = self.buf.as_ptr().align_offset(BUF_ALIGN);
+        self.buf.clear();
+        self.buf.resize(self.start, 0);
+    }
+
+    pub(crate) fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// A zstd output buffer over the block's spare room.
+    pub(crate) fn writer(&mut self) -> AlignedBufWriter<'_> {
+        AlignedBufWriter(self)
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..]
+    }
+}
+
+impl From<Vec<u8>> for AlignedBuf {
+    fn from(buf: Vec<u8>) -> Self {
+        AlignedBuf { buf, start: 0 }
+    }
+}
+
+/// zstd writes an [`AlignedBuf`]'s content straight after its alignment padding.
+pub(crate) struct AlignedBufWriter<'a>(&'a mut AlignedBuf);
+
+// SAFETY: the pointer and capacity describe the vector's allocation past `start`, where `filled_until` is only
+// called after zstd initialised `n` bytes there (the trait's contract).
+unsafe impl zstd::zstd_safe::WriteBuf for AlignedBufWriter<'_> {
+    fn as_slice(&self) -> &[u8] {
+        &self.0.buf[self.0.start..]
+    }
+    fn capacity(&self) -> usize {
+        self.0.buf.capacity() - self.0.start
+    }
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        // SAFETY: `start` is within the allocation (it is at most the vector's length).
+        unsafe { self.0.buf.as_mut_ptr().add(self.0.start) }
+    }
+    unsafe fn filled_until(&mut self, n: usize) {
+        // SAFETY: the caller initialised `n` bytes from `as_mut_ptr`, within the capacity.
+        unsafe { self.0.buf.set_len(self.0.start + n) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

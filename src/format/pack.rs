@@ -12,6 +12,7 @@
 use super::envelope::{self, Kind};
 use super::{BlobId, BlobType, Reader};
 use crate::crypto::{Keys, SEAL_OVERHEAD};
+use crate::util::AlignedBuf;
 
 /// Flag bit: the blob's plaintext is a zstd frame.
 pub const FLAG_ZSTD: u8 = 1;
@@ -200,7 +201,7 @@ pub fn open_blob_in_place(
     keys: &Keys,
     entry: &PackEntry,
     stored: &mut [u8],
-    out: &mut PlainBlock,
+    out: &mut AlignedBuf,
 ) -> Result<(), String> {
     check_stored_len(entry, stored)?;
     let aad = blob_aad(entry.blob_type, entry.flags, &entry.id);
@@ -247,99 +248,6 @@ fn decompress<W: zstd::zstd_safe::WriteBuf + ?Sized>(frame: &[u8], out: &mut W) 
         })
         .map(|_| ())
         .map_err(|e| format!("zstd: {e}"))
-}
-
-/// Alignment of [`PlainBlock`] data: a page, what O_DIRECT writes of 512- and 4096-byte sectors need.
-pub const PLAIN_ALIGN: usize = 4096;
-
-/// A block's plaintext at a page-aligned address, so that it can be read (backup) or written (restore) with
-/// O_DIRECT as it is.
-#[derive(Default)]
-pub struct PlainBlock {
-    /// `buf[start..]` is the plaintext; `buf[..start]` pads the start to [`PLAIN_ALIGN`].
-    buf: Vec<u8>,
-    start: usize,
-}
-
-impl PlainBlock {
-    /// `len` zero bytes.
-    pub fn zeroed(len: usize) -> PlainBlock {
-        let mut b = PlainBlock::default();
-        b.clear(len);
-        b.buf.resize(b.start + len, 0);
-        b
-    }
-
-    /// Makes the block `len` bytes long for a read to fill: what it held before stays (a reused buffer is not
-    /// zeroed again), only growth is zero-filled.
-    pub fn resize(&mut self, len: usize) {
-        if self.buf.capacity() < len + PLAIN_ALIGN
-            || !self.buf.as_ptr().wrapping_add(self.start).addr().is_multiple_of(PLAIN_ALIGN)
-        {
-            self.clear(len);
-        }
-        self.buf.resize(self.start + len, 0);
-    }
-
-    /// Empties the block, making room for `len` bytes at an aligned start.
-    fn clear(&mut self, len: usize) {
-        if self.buf.capacity() < len + PLAIN_ALIGN {
-            self.buf = Vec::with_capacity(len + PLAIN_ALIGN);
-        }
-        self.start = self.buf.as_ptr().align_offset(PLAIN_ALIGN);
-        self.buf.clear();
-        self.buf.resize(self.start, 0);
-    }
-
-    fn extend_from_slice(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
-    }
-
-    /// A zstd output buffer over the block's spare room.
-    fn writer(&mut self) -> PlainWriter<'_> {
-        PlainWriter(self)
-    }
-}
-
-impl std::ops::Deref for PlainBlock {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        &self.buf[self.start..]
-    }
-}
-
-impl std::ops::DerefMut for PlainBlock {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.buf[self.start..]
-    }
-}
-
-impl From<Vec<u8>> for PlainBlock {
-    fn from(buf: Vec<u8>) -> Self {
-        PlainBlock { buf, start: 0 }
-    }
-}
-
-/// zstd writes a [`PlainBlock`]'s plaintext straight after its alignment padding.
-struct PlainWriter<'a>(&'a mut PlainBlock);
-
-// SAFETY: the pointer and capacity describe the vector's allocation past `start`, where `filled_until` is only
-// called after zstd initialised `n` bytes there (the trait's contract).
-unsafe impl zstd::zstd_safe::WriteBuf for PlainWriter<'_> {
-    fn as_slice(&self) -> &[u8] {
-        &self.0.buf[self.0.start..]
-    }
-    fn capacity(&self) -> usize {
-        self.0.buf.capacity() - self.0.start
-    }
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        // SAFETY: `start` is within the allocation (it is at most the vector's length).
-        unsafe { self.0.buf.as_mut_ptr().add(self.0.start) }
-    }
-    unsafe fn filled_until(&mut self, n: usize) {
-        // SAFETY: the caller initialised `n` bytes from `as_mut_ptr`, within the capacity.
-        unsafe { self.0.buf.set_len(self.0.start + n) }
-    }
 }
 
 /// Builds one pack in memory.
@@ -468,12 +376,12 @@ mod tests {
         let p = w.finish(&k);
         assert_eq!(p.header.entries[0].flags, FLAG_ZSTD);
         assert_eq!(p.header.entries[1].flags, 0);
-        let mut out = PlainBlock::default();
+        let mut out = AlignedBuf::default();
         for (e, b) in p.header.entries.iter().zip([&compressible[..], &noise[..], &compressible[..1000]]) {
             let mut stored = p.bytes[e.offset as usize..e.end() as usize].to_vec();
             open_blob_in_place(&k, e, &mut stored, &mut out).unwrap();
             assert_eq!(&out[..], b);
-            assert!(out.as_ptr().addr().is_multiple_of(PLAIN_ALIGN));
+            assert!(out.as_ptr().addr().is_multiple_of(crate::util::BUF_ALIGN));
         }
         // Tampered, or a wrong plaintext length in the entry: refused.
         let e = p.header.entries[0];

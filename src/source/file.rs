@@ -205,14 +205,14 @@ impl DiskSource for FileSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::pack::PlainBlock;
+    use crate::util::AlignedBuf;
 
     /// Reads every block of `path` along `plan` into reused aligned buffers, as a backup does.
     fn read_along(path: &Path, plan: &BlockRanges) -> (Vec<(u64, Vec<u8>)>, bool) {
         const BS: u64 = 1 << 20;
         let mut src = FileSource::open(path).unwrap();
         src.will_read(plan, BS);
-        let mut buf = PlainBlock::default();
+        let mut buf = AlignedBuf::default();
         let mut out = Vec::new();
         for b in plan.iter() {
             buf.resize(BS.min(src.capacity() - b * BS) as usize);
