@@ -243,6 +243,15 @@ pub fn is_zero(buf: &[u8]) -> bool {
         && mid.chunks(64).all(|c| c.iter().fold(0u128, |a, &x| a | x) == 0)
 }
 
+/// Starts a pipeline thread with a name (profiles and debuggers show which stage is busy).
+fn spawn_named<'scope, T: Send + 'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'scope,
+) -> std::thread::ScopedJoinHandle<'scope, T> {
+    std::thread::Builder::new().name(name.into()).spawn_scoped(s, f).expect("failed to spawn a thread")
+}
+
 /// Runs a backup of `jobs` and commits a snapshot. Returns its id and content. Brings `cache` up to date
 /// itself, once its session marker exists.
 pub fn run(
@@ -330,7 +339,9 @@ pub fn run(
         for (d, (job, plan)) in jobs.iter_mut().zip(&plans).enumerate() {
             let (block_tx, spare_rx) = (block_tx.clone(), spare_rx.clone());
             let abort = &abort;
-            s.spawn(move || abort.run(|| read_disk(d, job, plan, block_size, &block_tx, &spare_rx, abort, counters)));
+            spawn_named(s, "backup-read", move || {
+                abort.run(|| read_disk(d, job, plan, block_size, &block_tx, &spare_rx, abort, counters))
+            });
         }
         drop(block_tx);
 
@@ -341,7 +352,7 @@ pub fn run(
             let result_txs = result_txs.clone();
             let spare_tx = spare_tx.clone();
             let (abort, claims) = (&abort, &claims);
-            s.spawn(move || {
+            spawn_named(s, "backup-seal", move || {
                 abort.run(|| {
                     let mut sealer = BlobSealer::new(repo.config().zstd_level);
                     for b in block_rx {
@@ -367,7 +378,7 @@ pub fn run(
         {
             let pack_tx = pack_tx.clone();
             let abort = &abort;
-            s.spawn(move || {
+            spawn_named(s, "backup-pack", move || {
                 abort.run(|| {
                     let mut writer: Option<PackWriter> = None;
                     for blob in blob_rx {
@@ -390,10 +401,9 @@ pub fn run(
 
         // Uploaders.
         for _ in 0..opts.uploaders.max(1) {
-            let pack_rx = pack_rx.clone();
-            let done_tx = done_tx.clone();
+            let (pack_rx, done_tx) = (pack_rx.clone(), done_tx.clone());
             let abort = &abort;
-            s.spawn(move || {
+            spawn_named(s, "backup-store", move || {
                 abort.run(|| {
                     for pack in pack_rx {
                         repo.save_pack(&pack)?;
@@ -415,7 +425,7 @@ pub fn run(
         let indexer = {
             let abort = &abort;
             let cache = &cache;
-            s.spawn(move || {
+            spawn_named(s, "backup-index", move || {
                 let mut stats = IndexStats::default();
                 abort.run(|| {
                     let mut pending = Vec::new();
@@ -444,7 +454,7 @@ pub fn run(
             .zip(result_channels)
             .map(|(plan, (_, rx))| {
                 let (abort, claims, meta, pack_tx) = (&abort, &claims, &meta, pack_tx.clone());
-                s.spawn(move || {
+                spawn_named(s, "backup-assemble", move || {
                     let mut out = None;
                     abort.run(|| {
                         out = Some(assemble_disk(repo, claims, meta, plan, rx, &pack_tx, pack_target)?);
