@@ -288,3 +288,41 @@ fn password_file_and_command() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no password given"));
 }
+
+#[test]
+fn a_restore_reads_the_shared_cache_another_process_holds() {
+    let e = Env::with_repo();
+    let first = random_bytes(31, 6 * MIB);
+    let p1 = e.path("first.raw");
+    write(&p1, &first);
+    let id1 = e.backup(&[p1.to_str().unwrap(), "--name", "a"])["snapshot"].as_str().unwrap().to_string();
+    // This test process holds the shared cache for writing, as a running backup or `serve` would.
+    let repo = e.open_repo();
+    let (held, _) = diskvault::cache::IndexCache::open(&repo, &e.cache()).unwrap();
+    // Another host (its own cache) adds a snapshot whose index file the held cache has not loaded.
+    let second = random_bytes(32, 5 * MIB + 99);
+    let p2 = e.path("second.raw");
+    write(&p2, &second);
+    let mut c = e.command(&["backup", "--json", p2.to_str().unwrap(), "--name", "b"]);
+    c.env("DISKVAULT_CACHE_DIR", e.path("other-host-cache"));
+    let id2 = Run::of(c).json()["snapshot"].as_str().unwrap().to_string();
+
+    for (id, expected) in [(&id1, &first), (&id2, &second)] {
+        let target = e.path(&format!("restored-{id}"));
+        let mut c = e.command(&["restore", id, "--target", target.to_str().unwrap(), "--verify"]);
+        c.env("DISKVAULT_LOG", "diskvault=info");
+        let r = Run::of(c);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(r.stderr.contains("in use by another process; reading it"), "{}", r.stderr);
+        assert!(!r.stderr.contains("private temporary index cache"), "rebuilt a private cache: {}", r.stderr);
+        assert!(std::fs::read(&target).unwrap() == **expected, "snapshot {id} restored wrong bytes");
+    }
+    // A backup next to the holder deduplicates against what the shared cache knows and what it loaded.
+    let mut c = e.command(&["backup", "--json", p1.to_str().unwrap(), p2.to_str().unwrap(), "--name", "c"]);
+    c.env("DISKVAULT_LOG", "diskvault=info");
+    let r = Run::of(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let stored: u64 = r.json()["disks"].as_array().unwrap().iter().map(|d| d["new_blocks"].as_u64().unwrap()).sum();
+    assert_eq!(stored, 0, "every block was stored already: {}", r.stderr);
+    drop(held);
+}
