@@ -45,6 +45,9 @@ struct QemuNbd {
 impl QemuNbd {
     /// Over a Unix socket, allowing `shared` clients (multi-conn when more than one).
     fn unix(image: &Path, socket: &Path, bitmap: Option<&str>, shared: u32) -> QemuNbd {
+        // A killed earlier server leaves its socket file: waiting for the file would then return at once, before
+        // this server listens (seen as 'Connection refused').
+        let _ = std::fs::remove_file(socket);
         let mut c = tool("qemu-nbd");
         c.args(["-r", "-f", "qcow2", "-t", "-e", &shared.to_string(), "-k"]).arg(socket);
         if let Some(b) = bitmap {
