@@ -8,7 +8,7 @@
 //! `i` ‖ index file id → empty (loaded); `v` → cache layout version and repository id.
 //!
 //! One process at a time has the database open for writing. Another diskvault on the same host (a restore or
-//! `serve` while a backup runs) opens it read-only and keeps what it must add in memory ([`Overlay`]) instead
+//! `serve` while a backup runs) opens it read-only and keeps what it must add in memory (`Overlay`) instead
 //! of rebuilding a private copy from every index file.
 
 use std::collections::{HashMap, HashSet};

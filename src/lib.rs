@@ -27,6 +27,7 @@
 //! | [`repair`] | rebuilding the index from pack headers; adopting packs of interrupted backups |
 //! | [`stats`] | logical vs stored size, dedup and compression ratios, what each snapshot adds |
 //! | [`progress`] | progress bars and periodic progress lines |
+//! | [`util`] | small shared helpers: time formats, Ctrl-C handling, page-aligned buffers for O_DIRECT I/O |
 //! | [`cli`] | the `diskvault` command line |
 //!
 //! ## Data flow

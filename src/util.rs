@@ -1,4 +1,5 @@
-//! Small helpers shared by several modules.
+//! Small helpers shared by several modules: UTC times, SIGINT/SIGTERM handling, and [`AlignedBuf`], the
+//! page-aligned buffer that O_DIRECT reads and writes (source blocks, restored blocks) go through.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
