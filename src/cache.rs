@@ -6,14 +6,8 @@
 //!
 //! Keys: `b` ‖ blob id → [`BlobLocation`] (80 bytes); `p` ‖ pack id → empty (an index file lists it);
 //! `i` ‖ index file id → empty (loaded); `v` → cache layout version and repository id.
-//!
-//! One process at a time has the database open for writing. Another diskvault on the same host (a restore or
-//! `serve` while a backup runs) opens it read-only and keeps what it must add in memory (`Overlay`) instead
-//! of rebuilding a private copy from every index file.
 
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use rayon::prelude::*;
 
@@ -29,20 +23,8 @@ pub struct IndexCache {
     path: PathBuf,
     /// Created (or emptied) by this open: it knows nothing of earlier backups.
     fresh: bool,
-    /// A private cache in a temporary directory (the shared one was unusable); removed on drop.
+    /// A private cache in a temporary directory (the shared one was busy or unusable); removed on drop.
     _temp: Option<tempdir::TempDir>,
-    /// Set when the database is open read-only (another process has it for writing): what this process adds.
-    overlay: Option<Mutex<Overlay>>,
-}
-
-/// Entries a read-only cache could not write: index files loaded since the database was opened.
-#[derive(Default)]
-struct Overlay {
-    blobs: HashMap<BlobId, BlobLocation>,
-    packs: HashSet<ObjectId>,
-    index_files: HashSet<ObjectId>,
-    /// The database lists index files that are gone (a prune replaced them): only the overlay counts.
-    ignore_db: bool,
 }
 
 /// What [`IndexCache::open`] did to bring the cache up to date.
@@ -157,42 +139,17 @@ impl IndexCache {
         let path = cache_root.join(repo.config().id_hex()).join("index");
         let cache = match Self::open_at(&path, repo) {
             Ok(c) => c,
-            // Another process writes it: read what it has, keep additions in memory.
-            Err(e) if e.to_string().contains("lock") => match Self::open_read_only(&path, repo) {
-                Ok(c) => {
-                    tracing::info!("local index cache {} is in use by another process; reading it", path.display());
-                    c
-                }
-                Err(ro) => Self::open_private(repo, &format!("{e}; {ro}"))?,
-            },
-            Err(e) => Self::open_private(repo, &e.to_string())?,
+            Err(e) => {
+                tracing::warn!("{e}; using a private temporary index cache for this run");
+                let tmp = tempdir::TempDir::new()
+                    .map_err(|e| Error::Cache { path: std::env::temp_dir(), cause: e.to_string() })?;
+                let p = tmp.path().join("index");
+                let mut c = Self::open_at(&p, repo)?;
+                c._temp = Some(tmp);
+                c
+            }
         };
         Ok(cache)
-    }
-
-    /// A read-only view of the shared database, used only if it is this repository's, in this layout.
-    fn open_read_only(path: &Path, repo: &Repository) -> Result<IndexCache> {
-        let cache_err = |e: &dyn std::fmt::Display| Error::Cache { path: path.to_path_buf(), cause: e.to_string() };
-        let mut o = db_options();
-        // Every table file is opened now and kept open: the writer's compactions may delete files later.
-        o.set_max_open_files(-1);
-        let db = rocksdb::DB::open_for_read_only(&o, path, false).map_err(|e| cache_err(&e))?;
-        let mut expected = LAYOUT_VERSION.to_vec();
-        expected.extend_from_slice(&repo.config().id);
-        if db.get(b"v").map_err(|e| cache_err(&e))?.as_deref() != Some(&expected[..]) {
-            return Err(cache_err(&"another layout or repository"));
-        }
-        Ok(IndexCache { db, path: path.to_path_buf(), fresh: false, _temp: None, overlay: Some(Default::default()) })
-    }
-
-    /// A new cache in a temporary directory, removed when dropped: slower (rebuilt from `index/`), never wrong.
-    fn open_private(repo: &Repository, why: &str) -> Result<IndexCache> {
-        tracing::warn!("{why}; using a private temporary index cache for this run");
-        let tmp =
-            tempdir::TempDir::new().map_err(|e| Error::Cache { path: std::env::temp_dir(), cause: e.to_string() })?;
-        let mut c = Self::open_at(&tmp.path().join("index"), repo)?;
-        c._temp = Some(tmp);
-        Ok(c)
     }
 
     fn open_at(path: &Path, repo: &Repository) -> Result<IndexCache> {
@@ -207,7 +164,7 @@ impl IndexCache {
             }
             Err(e) => return Err(cache_err(&e)),
         };
-        let mut cache = IndexCache { db, path: path.to_path_buf(), fresh: false, _temp: None, overlay: None };
+        let mut cache = IndexCache { db, path: path.to_path_buf(), fresh: false, _temp: None };
         let mut expected = LAYOUT_VERSION.to_vec();
         expected.extend_from_slice(&repo.config().id);
         match cache.db.get(b"v").map_err(|e| cache_err(&e))? {
@@ -231,10 +188,6 @@ impl IndexCache {
     /// the cache is new. Only then does a backup look for such packs (listing every pack is slow on S3);
     /// others' leftovers are adopted by `prune` and `repair index`.
     pub fn begin_backup(&self) -> Result<bool> {
-        if self.overlay.is_some() {
-            // Read-only: the marker cannot be kept; look for leftovers, as a new cache would.
-            return Ok(true);
-        }
         let unfinished = self.db.get(b"r").map_err(|e| self.err(e))?.is_some();
         self.db.put(b"r", b"1").map_err(|e| self.err(e))?;
         Ok(unfinished || self.fresh)
@@ -242,9 +195,6 @@ impl IndexCache {
 
     /// The backup finished: every pack it stored is indexed.
     pub fn end_backup(&self) -> Result<()> {
-        if self.overlay.is_some() {
-            return Ok(());
-        }
         self.db.delete(b"r").map_err(|e| self.err(e))
     }
 
@@ -253,10 +203,6 @@ impl IndexCache {
     }
 
     fn clear(&self) -> Result<()> {
-        if let Some(o) = &self.overlay {
-            *o.lock().unwrap() = Overlay { ignore_db: true, ..Overlay::default() };
-            return Ok(());
-        }
         let mut batch = rocksdb::WriteBatch::default();
         for prefix in [b'b', b'i', b'p'] {
             batch.delete_range([prefix], [prefix + 1]);
@@ -266,13 +212,6 @@ impl IndexCache {
 
     fn loaded_index_files(&self) -> Result<Vec<ObjectId>> {
         let mut out = Vec::new();
-        if let Some(o) = &self.overlay {
-            let o = o.lock().unwrap();
-            out.extend(o.index_files.iter().copied());
-            if o.ignore_db {
-                return Ok(out);
-            }
-        }
         for item in self.db.prefix_iterator(b"i") {
             let (k, _) = item.map_err(|e| self.err(e))?;
             if k.first() != Some(&b'i') {
@@ -329,17 +268,6 @@ impl IndexCache {
 
     /// Records the entries of an index file (one write batch), and that the file is loaded.
     pub fn insert_index_file(&self, index_id: &ObjectId, file: &IndexFile) -> Result<()> {
-        if let Some(o) = &self.overlay {
-            let mut o = o.lock().unwrap();
-            for p in &file.packs {
-                o.packs.insert(p.id);
-                for e in &p.entries {
-                    o.blobs.insert(e.id, BlobLocation { pack: p.id, entry: *e });
-                }
-            }
-            o.index_files.insert(*index_id);
-            return Ok(());
-        }
         let mut batch = rocksdb::WriteBatch::default();
         for p in &file.packs {
             batch.put(pack_key(&p.id), []);
@@ -352,15 +280,6 @@ impl IndexCache {
     }
 
     pub fn lookup(&self, id: &BlobId) -> Result<Option<BlobLocation>> {
-        if let Some(o) = &self.overlay {
-            let o = o.lock().unwrap();
-            if let Some(loc) = o.blobs.get(id) {
-                return Ok(Some(*loc));
-            }
-            if o.ignore_db {
-                return Ok(None);
-            }
-        }
         match self.db.get_pinned(blob_key(id)).map_err(|e| self.err(e))? {
             None => Ok(None),
             Some(v) => BlobLocation::decode(&v)
@@ -371,17 +290,11 @@ impl IndexCache {
 
     /// Whether an index file lists this pack.
     pub fn knows_pack(&self, id: &ObjectId) -> Result<bool> {
-        if let Some(o) = &self.overlay {
-            let o = o.lock().unwrap();
-            if o.packs.contains(id) || o.ignore_db {
-                return Ok(o.packs.contains(id));
-            }
-        }
         Ok(self.db.get_pinned(pack_key(id)).map_err(|e| self.err(e))?.is_some())
     }
 
     pub fn contains(&self, id: &BlobId) -> Result<bool> {
-        Ok(self.lookup(id)?.is_some())
+        Ok(self.db.get_pinned(blob_key(id)).map_err(|e| self.err(e))?.is_some())
     }
 
     pub fn path(&self) -> &Path {

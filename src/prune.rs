@@ -140,8 +140,10 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
 
     // 2. Mark. Where the segment blobs are comes from the index files themselves (not the local index cache,
     // which would hold every blob).
+    let mut noted = std::collections::HashSet::new();
     for id in repo.list_index_ids()? {
         note_index_file(&scratch, &repo.load_index(&id)?)?;
+        noted.insert(id);
     }
     // Packs no index file lists (an interrupted backup's or prune's) are indexed first, so that they are swept
     // like any other. One that a running backup is about to index is dropped here, waits for that backup's
@@ -150,6 +152,13 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
     phase(&mut report, "read the index, adopt unindexed packs");
     let snapshots = repo.list_snapshots()?;
     report.snapshots = snapshots.len();
+    // A backup may have committed since the index was read: its snapshot is listed, its index file (written
+    // before the snapshot) is not noted yet. Note the index files that appeared, so its segments are found.
+    for id in repo.list_index_ids()? {
+        if !noted.contains(&id) {
+            note_index_file(&scratch, &repo.load_index(&id)?)?;
+        }
+    }
     mark(repo, &scratch, &snapshots)?;
     let mut snapshot_ids: Vec<ObjectId> = snapshots.iter().map(|(id, _)| *id).collect();
     snapshot_ids.sort();

@@ -278,7 +278,16 @@ impl Repository {
 
     /// Every deletion record. An unreadable one is an error: its packs must not be mistaken for orphans.
     pub fn list_deletions(&self) -> Result<Vec<(ObjectId, DeletionRecord)>> {
-        list_ids(&*self.backend, names::DELETIONS)?.into_iter().map(|id| Ok((id, self.load_deletion(&id)?))).collect()
+        let mut out = Vec::new();
+        for id in list_ids(&*self.backend, names::DELETIONS)? {
+            match self.load_deletion(&id) {
+                Ok(rec) => out.push((id, rec)),
+                // Listed a moment ago and gone now: a prune finished it (its packs are deleted or indexed again).
+                Err(Error::Missing { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     /// Packs that a prune has scheduled for deletion (sorted): not to be indexed again by adoption or repair.
