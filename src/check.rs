@@ -410,13 +410,18 @@ fn check_pack_data(repo: &Repository, id: &ObjectId, size: u64, indexed: Option<
         if let Err(e) = repo.backend().get_range_into(&name, 0, size, bytes) {
             return vec![whole(e.to_string())];
         }
-        check_pack_bytes(repo, id, indexed, bytes)
+        check_pack_bytes(repo, id, &name, indexed, bytes)
     })
 }
 
-/// Verifies the bytes of pack `id`.
-fn check_pack_bytes(repo: &Repository, id: &ObjectId, indexed: Option<&IndexedPack>, bytes: &mut [u8]) -> Vec<Problem> {
-    let name = names::pack(id);
+/// Verifies the bytes of pack `id` (stored as `name`).
+fn check_pack_bytes(
+    repo: &Repository,
+    id: &ObjectId,
+    name: &str,
+    indexed: Option<&IndexedPack>,
+    bytes: &mut [u8],
+) -> Vec<Problem> {
     let whole = |message: String| Problem { pack: *id, damage: Damage::Pack, message };
     let mut problems = Vec::new();
     if BlobId::of_file(bytes) != *id {
@@ -447,24 +452,16 @@ fn check_pack_bytes(repo: &Repository, id: &ObjectId, indexed: Option<&IndexedPa
             None => return vec![whole(format!("{name}: {e}"))],
         },
     };
-    // Blobs are decrypted where they lie (no copy), into one reused buffer; entries of an index that overlap
-    // (the header was unreadable) are opened from a copy, since an earlier one changed their bytes.
+    // Blobs are decrypted where they lie (no copy), into one reused buffer. That needs entries that do not
+    // overlap, which a readable header guarantees; entries taken from the index (the header was unreadable)
+    // may not, and are opened from copies.
+    let disjoint = entries.windows(2).all(|w| w[0].end() <= w[1].offset as u64);
     let mut plain = crate::util::AlignedBuf::default();
-    let mut opened_to = 0;
     for e in &entries {
-        let range = e.offset as usize..e.end() as usize;
-        let cause = match bytes.get_mut(range.clone()) {
+        let cause = match bytes.get_mut(e.offset as usize..e.end() as usize) {
             None => Some("beyond the end of the pack".to_string()),
-            Some(stored) if range.start >= opened_to => {
-                opened_to = range.end;
-                pack::open_blob_in_place(repo.keys(), e, stored, &mut plain).err()
-            }
-            Some(_) => repo
-                .backend()
-                .get_range(&name, e.offset as u64, e.stored_len as u64)
-                .map_err(|err| err.to_string())
-                .and_then(|stored| pack::open_blob(repo.keys(), e, &stored))
-                .err(),
+            Some(stored) if disjoint => pack::open_blob_in_place(repo.keys(), e, stored, &mut plain).err(),
+            Some(stored) => pack::open_blob(repo.keys(), e, stored).err(),
         };
         if let Some(c) = cause {
             problems.push(Problem {

@@ -22,7 +22,7 @@ use crate::format::snapshot::DiskManifest;
 use crate::format::{names, BlobId, ObjectId, SEGMENT_BLOCKS};
 use crate::progress::Counters;
 use crate::repository::Repository;
-use crate::util::AlignedBuf;
+use crate::util::{AlignedBuf, BUF_ALIGN};
 
 pub struct RestoreOptions {
     /// Replace an existing regular file.
@@ -327,9 +327,6 @@ struct Writer {
     path: PathBuf,
 }
 
-/// Alignment of O_DIRECT writes (offset, length and buffer): a page, which covers 512- and 4096-byte sectors.
-const DIRECT_ALIGN: usize = crate::util::BUF_ALIGN;
-
 impl Writer {
     /// Writes go through a second descriptor opened with O_DIRECT where the file system allows it: restored
     /// data skips the page cache (no copy into it, no reclaim, a cheap final sync) and is read back from
@@ -343,25 +340,14 @@ impl Writer {
         let p = path.clone();
         let thread = std::thread::spawn(move || {
             let mut direct = direct;
-            let mut staging: Vec<u8> = Vec::new();
             for (offset, data, len) in rx {
                 let fail =
                     |e: std::io::Error| Error::local(&p, format!("write of {len} bytes at offset {offset}: {e}"));
                 let data = Recycle(Some(data), &spare_tx);
-                let aligned = offset.is_multiple_of(DIRECT_ALIGN as u64) && len.is_multiple_of(DIRECT_ALIGN);
+                let aligned = offset.is_multiple_of(BUF_ALIGN as u64) && len.is_multiple_of(BUF_ALIGN);
+                // Blocks are `AlignedBuf`s: page-aligned, written as they are.
                 if let (Some(d), true) = (&direct, aligned) {
-                    // Opened blobs start page-aligned ([`AlignedBuf`]) and are written as they are.
-                    let buf = if data.as_ptr().addr().is_multiple_of(DIRECT_ALIGN) {
-                        &data[..len]
-                    } else {
-                        if staging.len() < len + DIRECT_ALIGN {
-                            staging = vec![0u8; len + DIRECT_ALIGN];
-                        }
-                        let start = staging.as_ptr().align_offset(DIRECT_ALIGN);
-                        staging[start..start + len].copy_from_slice(&data[..len]);
-                        &staging[start..start + len]
-                    };
-                    match d.write_all_at(buf, offset) {
+                    match d.write_all_at(&data[..len], offset) {
                         Ok(()) => continue,
                         // Refused after all (some file systems decide per write): buffered from here on.
                         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => direct = None,

@@ -174,13 +174,13 @@ impl AlignedBuf {
     /// `len` zero bytes.
     pub fn zeroed(len: usize) -> AlignedBuf {
         let mut b = AlignedBuf::default();
-        b.clear(len);
-        b.buf.resize(b.start + len, 0);
+        b.resize(len);
         b
     }
 
     /// Makes the block `len` bytes long for a read to fill: what it held before stays (a reused buffer is not
-    /// zeroed again), only growth is zero-filled.
+    /// zeroed again), only growth is zero-filled. (An `extend_from_slice` past the capacity moved the vector: the
+    /// start is then realigned.)
     pub fn resize(&mut self, len: usize) {
         if self.buf.capacity() < len + BUF_ALIGN
             || !self.buf.as_ptr().wrapping_add(self.start).addr().is_multiple_of(BUF_ALIGN)
@@ -220,12 +220,6 @@ impl std::ops::Deref for AlignedBuf {
 impl std::ops::DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         &mut self.buf[self.start..]
-    }
-}
-
-impl From<Vec<u8>> for AlignedBuf {
-    fn from(buf: Vec<u8>) -> Self {
-        AlignedBuf { buf, start: 0 }
     }
 }
 

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::{Backend, ObjectInfo};
 use crate::error::{Error, Result};
+use crate::util::{AlignedBuf, BUF_ALIGN};
 
 pub const TEMP_PREFIX: &str = ".tmp-";
 
@@ -57,7 +58,6 @@ impl LocalBackend {
 /// Objects from this size on are written with O_DIRECT: packs bypass the page cache, which a backup would
 /// otherwise fill with data it never reads again (and pay for the copy and the reclaim).
 const DIRECT_MIN: usize = 1 << 20;
-const DIRECT_ALIGN: usize = 4096;
 
 /// Writes `data` to the new file `path` and syncs it; O_DIRECT for large objects (the last page padded, then
 /// the file cut to size). EINVAL means the file system does not do O_DIRECT.
@@ -67,12 +67,9 @@ fn write_direct(path: &Path, data: &[u8]) -> std::io::Result<()> {
         return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     }
     let f = OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(path)?;
-    let padded = data.len().next_multiple_of(DIRECT_ALIGN);
-    let mut staging = vec![0u8; padded + DIRECT_ALIGN];
-    let start = staging.as_ptr().align_offset(DIRECT_ALIGN);
-    let buf = &mut staging[start..start + padded];
-    buf[..data.len()].copy_from_slice(data);
-    std::os::unix::fs::FileExt::write_all_at(&f, buf, 0)?;
+    let mut staging = AlignedBuf::zeroed(data.len().next_multiple_of(BUF_ALIGN));
+    staging[..data.len()].copy_from_slice(data);
+    std::os::unix::fs::FileExt::write_all_at(&f, &staging, 0)?;
     f.set_len(data.len() as u64)?;
     f.sync_all()
 }

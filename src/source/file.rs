@@ -16,14 +16,12 @@ use std::path::{Path, PathBuf};
 
 use super::{BlockRanges, DiskSource, Extent, PlannedReads};
 use crate::error::{Error, Result};
+use crate::util::BUF_ALIGN;
 
 /// How far ahead of the reader the kernel is asked to fetch planned blocks.
 const READ_AHEAD_BYTES: u64 = 64 << 20;
 /// Plans whose runs of consecutive blocks are this long on average are read with O_DIRECT.
 const DIRECT_MIN_RUN_BLOCKS: u64 = 8;
-/// O_DIRECT needs offsets, lengths and buffer addresses aligned to the logical sector size; a page covers
-/// 512- and 4096-byte sectors.
-const DIRECT_ALIGN: usize = 4096;
 
 pub struct FileSource {
     path: PathBuf,
@@ -111,9 +109,7 @@ impl FileSource {
             use_direct: false,
         })
     }
-}
 
-impl FileSource {
     fn read_error(&self, offset: u64, len: usize, e: std::io::Error) -> Error {
         let cause = if e.kind() == std::io::ErrorKind::UnexpectedEof {
             "the source ended early (did it shrink during the backup?)".to_string()
@@ -138,9 +134,10 @@ impl DiskSource for FileSource {
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let aligned = offset.is_multiple_of(DIRECT_ALIGN as u64)
-            && buf.len().is_multiple_of(DIRECT_ALIGN)
-            && buf.as_ptr().addr().is_multiple_of(DIRECT_ALIGN);
+        // O_DIRECT needs offset, length and buffer aligned to the sector size ([`BUF_ALIGN`] covers them).
+        let aligned = offset.is_multiple_of(BUF_ALIGN as u64)
+            && buf.len().is_multiple_of(BUF_ALIGN)
+            && buf.as_ptr().addr().is_multiple_of(BUF_ALIGN);
         if let (true, true, Some(direct)) = (self.use_direct, aligned, &self.direct) {
             match direct.read_exact_at(buf, offset) {
                 Ok(()) => return Ok(()),
@@ -255,13 +252,12 @@ mod tests {
         if let Ok(shm) = tempfile::tempdir_in("/dev/shm") {
             assert_eq!(check_dir(shm.path()), takes_o_direct(&shm.path().join("disk.raw")));
         }
-        // A buffer that is not page-aligned is read through the page cache, whatever the plan.
+        // A buffer that is not page-aligned (so not for O_DIRECT) is read exactly too.
         let path = disk.path().join("disk.raw");
         let mut src = FileSource::open(&path).unwrap();
         src.will_read(&BlockRanges::all(21), 1 << 20);
         let mut buf = vec![0u8; (1 << 20) + 1];
-        let unaligned =
-            if buf.as_ptr().addr().is_multiple_of(DIRECT_ALIGN) { &mut buf[1..] } else { &mut buf[..1 << 20] };
+        let unaligned = if buf.as_ptr().addr().is_multiple_of(BUF_ALIGN) { &mut buf[1..] } else { &mut buf[..1 << 20] };
         src.read_at(1 << 20, unaligned).unwrap();
         assert_eq!(unaligned, &std::fs::read(&path).unwrap()[1 << 20..2 << 20]);
     }
