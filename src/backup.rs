@@ -27,6 +27,7 @@ use std::time::Instant;
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::cache::IndexCache;
+use crate::delta::DeltaSealer;
 use crate::error::{Error, Result};
 use crate::format::index::BlobLocation;
 use crate::format::index::{IndexFile, IndexedPack};
@@ -64,6 +65,8 @@ pub struct BackupOptions {
     pub checkpoint_packs: usize,
     /// Record this time (Unix seconds) instead of the current time, as restic's `--time`.
     pub time_override: Option<i64>,
+    /// Store new blocks as deltas against similar stored blocks where that pays ([`crate::delta`]).
+    pub delta: bool,
 }
 
 impl BackupOptions {
@@ -78,6 +81,7 @@ impl BackupOptions {
             uploaders: 2,
             checkpoint_packs: 16,
             time_override: None,
+            delta: true,
         }
     }
 }
@@ -351,10 +355,10 @@ pub fn run(
             let blob_tx = blob_tx.clone();
             let result_txs = result_txs.clone();
             let spare_tx = spare_tx.clone();
-            let (abort, claims) = (&abort, &claims);
+            let (abort, claims, cache) = (&abort, &claims, &cache);
             spawn_named(s, "backup-seal", move || {
                 abort.run(|| {
-                    let mut sealer = BlobSealer::new(repo.config().zstd_level);
+                    let mut sealer = DeltaSealer::new(repo, cache, opts.delta);
                     for b in block_rx {
                         if abort.is_set() {
                             break;
@@ -566,7 +570,7 @@ fn read_disk(
 fn process_block(
     repo: &Repository,
     claims: &Claims,
-    sealer: &mut BlobSealer,
+    sealer: &mut DeltaSealer,
     data: &[u8],
     index: u64,
     blob_tx: &Sender<SealedBlob>,
@@ -578,7 +582,7 @@ fn process_block(
     if !claims.claim(&id)? {
         return Ok(BlockResult { index, id, kind: BlockKind::Known });
     }
-    let sealed = sealer.seal(repo.keys(), BlobType::Data, id, data);
+    let sealed = sealer.seal(id, data)?;
     let stored = sealed.bytes.len() as u32;
     // A closed channel means the packer stopped on an error, which the abort records.
     let _ = blob_tx.send(sealed);
@@ -595,7 +599,7 @@ pub(crate) fn load_segment(repo: &Repository, cache: &IndexCache, seg: &SegmentR
 
 /// Reads a segment blob stored at `loc` and checks it holds `seg.blocks` ids.
 pub(crate) fn read_segment(repo: &Repository, loc: &BlobLocation, seg: &SegmentRef) -> Result<Vec<BlobId>> {
-    let plain = repo.read_blob(loc)?;
+    let plain = repo.read_blob(loc, &crate::repository::NoDeltas)?;
     if plain.len() != seg.blocks as usize * 32 {
         return Err(Error::corrupt(
             format!("manifest segment {}", seg.id),

@@ -4,8 +4,11 @@
 //! other hosts wrote since the last run; if an index file it loaded has disappeared (prune or repair replaced
 //! it), or the database is unreadable, it is thrown away and rebuilt from `index/`. Deleting it loses nothing.
 //!
-//! Keys: `b` ‖ blob id → [`BlobLocation`] (80 bytes); `p` ‖ pack id → empty (an index file lists it);
-//! `i` ‖ index file id → empty (loaded); `v` → cache layout version and repository id.
+//! Keys: `b` ‖ blob id → [`BlobLocation`] (80 bytes, 112 for a delta blob); `p` ‖ pack id → empty (an index file lists it);
+//! `i` ‖ index file id → empty (loaded); `v` → cache layout version and repository id;
+//! `f` ‖ page feature (u64 LE) → id of a stored data block holding that page ([`crate::delta`]: where a new
+//! block's delta base is looked for). Features are hints, checked against the blob index when used, so they
+//! survive a rebuild of the blob index (after a prune) and are only dropped with the whole cache.
 
 use std::path::{Path, PathBuf};
 
@@ -16,7 +19,7 @@ use crate::format::index::{BlobLocation, IndexFile};
 use crate::format::{BlobId, ObjectId};
 use crate::repository::Repository;
 
-const LAYOUT_VERSION: &[u8] = b"diskvault-index-cache-2";
+const LAYOUT_VERSION: &[u8] = b"diskvault-index-cache-3";
 
 pub struct IndexCache {
     db: rocksdb::DB,
@@ -86,6 +89,13 @@ fn index_key(id: &ObjectId) -> [u8; 33] {
     let mut k = [0u8; 33];
     k[0] = b'i';
     k[1..].copy_from_slice(&id.0);
+    k
+}
+
+fn feature_key(feature: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b'f';
+    k[1..].copy_from_slice(&feature.to_le_bytes());
     k
 }
 
@@ -171,7 +181,7 @@ impl IndexCache {
             Some(v) if v == expected => {}
             Some(_) => {
                 tracing::warn!("local index cache {} has another layout; rebuilding it", path.display());
-                cache.clear()?;
+                cache.clear(true)?;
                 cache.db.put(b"v", &expected).map_err(|e| cache_err(&e))?;
                 cache.fresh = true;
             }
@@ -202,9 +212,10 @@ impl IndexCache {
         Error::Cache { path: self.path.clone(), cause: e.to_string() }
     }
 
-    fn clear(&self) -> Result<()> {
+    fn clear(&self, features_too: bool) -> Result<()> {
         let mut batch = rocksdb::WriteBatch::default();
-        for prefix in [b'b', b'i', b'p'] {
+        let prefixes: &[u8] = if features_too { b"bipf" } else { b"bip" };
+        for &prefix in prefixes {
             batch.delete_range([prefix], [prefix + 1]);
         }
         self.db.write(batch).map_err(|e| self.err(e))
@@ -248,7 +259,7 @@ impl IndexCache {
         let removed = loaded.iter().any(|id| in_repo.binary_search(id).is_err());
         if removed {
             tracing::info!("index files were replaced in the repository; rebuilding the local index cache");
-            self.clear()?;
+            self.clear(false)?;
             loaded.clear();
             stats.rebuilt = true;
         }
@@ -295,6 +306,28 @@ impl IndexCache {
 
     pub fn contains(&self, id: &BlobId) -> Result<bool> {
         Ok(self.db.get_pinned(blob_key(id)).map_err(|e| self.err(e))?.is_some())
+    }
+
+    /// The stored blocks that hold pages with these features (see [`crate::delta`]), one per feature found.
+    pub fn blocks_with_features(&self, features: &[u64]) -> Result<Vec<BlobId>> {
+        let keys = features.iter().map(|f| feature_key(*f));
+        let mut out = Vec::new();
+        for v in self.db.multi_get(keys) {
+            if let Some(v) = v.map_err(|e| self.err(e))? {
+                let id = <[u8; 32]>::try_from(&v[..]).map_err(|_| self.err("malformed feature entry"))?;
+                out.push(BlobId(id));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records that block `id` holds pages with these features (the newest block holding a page wins).
+    pub fn add_features(&self, id: &BlobId, features: &[u64]) -> Result<()> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for f in features {
+            batch.put(feature_key(*f), id.0);
+        }
+        self.db.write(batch).map_err(|e| self.err(e))
     }
 
     pub fn path(&self) -> &Path {
@@ -407,5 +440,11 @@ impl Drop for ScratchDb {
             let _ = rocksdb::DB::destroy(&rocksdb::Options::default(), &self.path);
             let _ = std::fs::remove_dir_all(&self.path);
         }
+    }
+}
+
+impl crate::repository::BlobLocator for IndexCache {
+    fn locate(&self, id: &BlobId) -> Result<Option<BlobLocation>> {
+        self.lookup(id)
     }
 }

@@ -14,12 +14,12 @@ use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
-use crate::format::index::IndexedPack;
+use crate::format::index::{BlobLocation, IndexedPack};
 use crate::format::pack::{self, PackEntry};
 use crate::format::verified::VerificationRecord;
 use crate::format::{names, BlobId, BlobType, ObjectId, SEGMENT_BLOCKS};
 use crate::progress::Counters;
-use crate::repository::{list_ids, Repository};
+use crate::repository::{list_ids, BlobLocator, Repository};
 
 /// Which packs `--read-data` reads.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -167,6 +167,24 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
         }
     }
     report.blobs = blobs.len();
+    // Every delta blob's base is an indexed plain data blob.
+    let base_problems: Vec<Problem> = blobs
+        .values()
+        .filter_map(|(pack, e)| {
+            let base = e.base?;
+            let why = match blobs.get(&base) {
+                None => "is in no index file",
+                Some((_, b)) if b.is_delta() || b.blob_type != BlobType::Data => "is not a plain data blob",
+                Some(_) => return None,
+            };
+            Some(Problem {
+                pack: *pack,
+                damage: Damage::Blob(e.id),
+                message: format!("{}: blob {}: its delta base {base} {why}", names::pack(pack), e.id),
+            })
+        })
+        .collect();
+    let locator = IndexedBlobs(&blobs);
     // Packs a prune dropped from the index wait for deletion: neither orphans nor data to verify.
     let dropped = |id: &ObjectId| doomed.binary_search(id).is_ok() && !indexed.contains_key(id);
     let awaiting_deletion = pack_sizes.keys().filter(|id| dropped(id)).count();
@@ -237,7 +255,7 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
                 if crate::util::interrupted() {
                     return Vec::new();
                 }
-                let p = check_pack_data(repo, id, *size, indexed.get(id));
+                let p = check_pack_data(repo, id, *size, indexed.get(id), &locator);
                 counters.add_done(*size);
                 p
             })
@@ -256,7 +274,7 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
         let failed: HashSet<ObjectId> = data_problems.iter().map(|p| p.pack).collect();
         record_verification(repo, &selected, &failed, &record_ids, last_verified)?;
     }
-    for p in header_problems.into_iter().chain(data_problems) {
+    for p in header_problems.into_iter().chain(base_problems).chain(data_problems) {
         match p.damage {
             Damage::Blob(b) => {
                 bad_blobs.insert(b);
@@ -272,7 +290,11 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
         None => Some("not indexed"),
         Some((pack, _)) if bad_packs.contains(pack) => Some("in a missing or damaged pack"),
         Some(_) if bad_blobs.contains(id) => Some("damaged"),
-        Some(_) => None,
+        Some((_, e)) => match e.base.map(|b| (blobs.get(&b), bad_blobs.contains(&b))) {
+            Some((Some((pack, _)), _)) if bad_packs.contains(pack) => Some("a delta whose base is in a damaged pack"),
+            Some((_, true)) => Some("a delta whose base is damaged"),
+            _ => None,
+        },
     };
 
     // Snapshots: every segment and block resolves to an intact blob.
@@ -311,7 +333,9 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
                     continue;
                 }
                 let (pack, entry) = blobs[&seg.id];
-                let plain = match repo.read_blob(&crate::format::index::BlobLocation { pack, entry }) {
+                let plain = match repo
+                    .read_blob(&crate::format::index::BlobLocation { pack, entry }, &crate::repository::NoDeltas)
+                {
                     Ok(p) if entry.blob_type == BlobType::Segment && p.len() == seg.blocks as usize * 32 => p,
                     Ok(_) => {
                         affected.extend((first..first + seg.blocks as u64).map(|b| (b, "manifest segment damaged")));
@@ -398,8 +422,23 @@ enum Damage {
     Noted,
 }
 
+/// The blobs the index files list, as a [`BlobLocator`] for reading delta blobs' bases.
+struct IndexedBlobs<'a>(&'a HashMap<BlobId, (ObjectId, PackEntry)>);
+
+impl BlobLocator for IndexedBlobs<'_> {
+    fn locate(&self, id: &BlobId) -> Result<Option<BlobLocation>> {
+        Ok(self.0.get(id).map(|(pack, entry)| BlobLocation { pack: *pack, entry: *entry }))
+    }
+}
+
 /// Downloads one pack and verifies every byte of it. Returns the problems found.
-fn check_pack_data(repo: &Repository, id: &ObjectId, size: u64, indexed: Option<&IndexedPack>) -> Vec<Problem> {
+fn check_pack_data(
+    repo: &Repository,
+    id: &ObjectId,
+    size: u64,
+    indexed: Option<&IndexedPack>,
+    locator: &dyn BlobLocator,
+) -> Vec<Problem> {
     let name = names::pack(id);
     let whole = |message: String| Problem { pack: *id, damage: Damage::Pack, message };
     // Each checker thread reads its packs into one buffer (see `Backend::get_range_into`).
@@ -410,7 +449,7 @@ fn check_pack_data(repo: &Repository, id: &ObjectId, size: u64, indexed: Option<
         if let Err(e) = repo.backend().get_range_into(&name, 0, size, bytes) {
             return vec![whole(e.to_string())];
         }
-        check_pack_bytes(repo, id, &name, indexed, bytes)
+        check_pack_bytes(repo, id, &name, indexed, bytes, locator)
     })
 }
 
@@ -421,6 +460,7 @@ fn check_pack_bytes(
     name: &str,
     indexed: Option<&IndexedPack>,
     bytes: &mut [u8],
+    locator: &dyn BlobLocator,
 ) -> Vec<Problem> {
     let whole = |message: String| Problem { pack: *id, damage: Damage::Pack, message };
     let mut problems = Vec::new();
@@ -458,10 +498,24 @@ fn check_pack_bytes(
     let disjoint = entries.windows(2).all(|w| w[0].end() <= w[1].offset as u64);
     let mut plain = crate::util::AlignedBuf::default();
     for e in &entries {
+        // A delta blob is decoded with its base, read from wherever it is stored.
+        let base = match repo.read_base(e, locator) {
+            Ok(b) => b,
+            Err(err) => {
+                problems.push(Problem {
+                    pack: *id,
+                    damage: Damage::Blob(e.id),
+                    message: format!("{name}: blob {} at offset {}: its delta base: {err}", e.id, e.offset),
+                });
+                continue;
+            }
+        };
         let cause = match bytes.get_mut(e.offset as usize..e.end() as usize) {
             None => Some("beyond the end of the pack".to_string()),
-            Some(stored) if disjoint => pack::open_blob_in_place(repo.keys(), e, stored, &mut plain).err(),
-            Some(stored) => pack::open_blob(repo.keys(), e, stored).err(),
+            Some(stored) if disjoint => {
+                pack::open_blob_in_place(repo.keys(), e, stored, &mut plain, base.as_deref()).err()
+            }
+            Some(stored) => pack::open_blob(repo.keys(), e, stored, base.as_deref()).err(),
         };
         if let Some(c) = cause {
             problems.push(Problem {

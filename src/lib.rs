@@ -14,6 +14,7 @@
 //! | [`cache`] | the local RocksDB dedup index, a rebuildable cache of `index/` |
 //! | [`source`] | what is backed up: the [`source::DiskSource`] trait, raw files/block devices, change lists |
 //! | [`backup`] | the backup pipeline: read → hash/dedup/compress/encrypt → pack → upload → index → manifest |
+//! | [`delta`] | new blocks stored as zstd deltas against a similar stored block: page features, base choice |
 //! | [`restore`] | restore of a snapshot disk to a file or block device, with verification |
 //! | [`serve`] | snapshot disks as NBD exports: block reads with a blob cache and read-ahead, write overlays |
 //! | [`check`] | repository integrity: structure, and every byte with `--read-data` |
@@ -34,13 +35,13 @@
 //!
 //! **Backup**: a [`source::DiskSource`] is read in 1 MiB blocks (only allocated blocks for a full backup, only
 //! changed blocks for an incremental). Each block gets a keyed BLAKE3 id; blocks whose id the local index
-//! ([`cache::IndexCache`]) already knows are not stored again. New blocks are zstd-compressed, encrypted and
-//! appended to a data pack. Finished packs are stored, then listed in an index file. The block ids of each
+//! ([`cache::IndexCache`]) already knows are not stored again. New blocks are zstd-compressed (as a delta
+//! against a similar stored block where that pays, [`delta`]), encrypted and appended to a data pack. Finished packs are stored, then listed in an index file. The block ids of each
 //! disk are grouped into segments (4096 ids, themselves stored as blobs in metadata packs), and a snapshot
 //! object listing the segments is written last: the commit point.
 //!
-//! **Restore**: snapshot → segments → block ids → index lookups → ranged pack reads → decrypt, decompress,
-//! re-check id → write at the block's offset (zero blocks stay holes).
+//! **Restore**: snapshot → segments → block ids → index lookups → ranged pack reads → decrypt, decompress
+//! (a delta blob with its base, read first) → re-check id → write at the block's offset (zero blocks stay holes).
 //!
 //! **Prune**: snapshots → segments → marks in a scratch RocksDB → index files streamed pack by pack (keep,
 //! repack, drop) → new index files → a deletion record; dropped packs are deleted once the sessions that
@@ -52,6 +53,7 @@ pub mod cache;
 pub mod check;
 pub mod cli;
 pub mod crypto;
+pub mod delta;
 pub mod error;
 pub mod forget;
 pub mod format;

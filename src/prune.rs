@@ -32,7 +32,7 @@ use crate::format::index::{BlobLocation, IndexFile, IndexedPack};
 use crate::format::pack::{PackWriter, SealedBlob};
 use crate::format::snapshot::{segment_ids, SegmentRef};
 use crate::format::{names, BlobId, BlobType, ObjectId};
-use crate::repository::Repository;
+use crate::repository::{NoDeltas, Repository};
 
 /// Scratch tables (first key byte).
 const MARKED: u8 = b'm';
@@ -247,12 +247,16 @@ fn mark(
     flush(&mut batch)
 }
 
-/// Records which packs an index file lists, and where its segment blobs are.
+/// Records which packs an index file lists, and where its segment blobs are. The bases of its delta blobs are
+/// marked: a base stays while any indexed delta names it, live or not (a dead delta's base is freed by the
+/// prune after the one that drops the delta), so a kept or re-used delta never loses its base.
 fn note_index_file(scratch: &ScratchDb, file: &IndexFile) -> Result<()> {
     for p in &file.packs {
         scratch.put(INDEXED_PACK, &p.id, &[])?;
+        let bases: Vec<BlobId> = p.entries.iter().filter_map(|e| e.base).collect();
+        scratch.put_all(MARKED, bases.iter().map(|b| (b, &[][..])))?;
         if p.pack_type == BlobType::Segment {
-            let locs: Vec<(BlobId, [u8; BlobLocation::ENCODED_LEN])> =
+            let locs: Vec<(BlobId, Vec<u8>)> =
                 p.entries.iter().map(|e| (e.id, BlobLocation { pack: p.id, entry: *e }.encode())).collect();
             scratch.put_all(SEGMENT_AT, locs.iter().map(|(b, l)| (b, &l[..])))?;
         }
@@ -458,13 +462,19 @@ impl<'a> Sweep<'a> {
             let stored = bytes
                 .get(e.offset as usize..e.end() as usize)
                 .ok_or_else(|| Error::corrupt(&name, format!("blob {} lies beyond the end of the pack", e.id)))?;
-            crate::format::pack::open_blob(self.repo.keys(), e, stored)
-                .map_err(|c| Error::corrupt(&name, format!("blob {}: {c}", e.id)))?;
+            // A delta's base may lie in any pack: it is authenticated here, decoded by check --read-data.
+            let verified = if e.is_delta() {
+                crate::format::pack::authenticate_blob(self.repo.keys(), e, stored)
+            } else {
+                crate::format::pack::open_blob(self.repo.keys(), e, stored, None).map(|_| ())
+            };
+            verified.map_err(|c| Error::corrupt(&name, format!("blob {}: {c}", e.id)))?;
             blobs.push(SealedBlob {
                 blob_type: e.blob_type,
                 id: e.id,
                 flags: e.flags,
                 raw_len: e.raw_len,
+                base: e.base,
                 bytes: stored.to_vec(),
             });
         }
@@ -594,7 +604,7 @@ fn rescue(repo: &Repository, scratch: &ScratchDb, rec: &DeletionRecord) -> Resul
         // Gone already: an earlier run was stopped while deleting.
         let Some(size) = pack_size(repo, scratch, id)? else { continue };
         let header = repo.read_pack_header(id, size)?;
-        let locs: Vec<(BlobId, [u8; BlobLocation::ENCODED_LEN])> =
+        let locs: Vec<(BlobId, Vec<u8>)> =
             header.entries.iter().map(|e| (e.id, BlobLocation { pack: *id, entry: *e }.encode())).collect();
         scratch.put_all(DOOMED_BLOB, locs.iter().map(|(b, l)| (b, &l[..])))?;
     }
@@ -613,7 +623,7 @@ fn rescue(repo: &Repository, scratch: &ScratchDb, rec: &DeletionRecord) -> Resul
         Ok(())
     };
     // Index files: a recorded pack listed again (adopted by a backup) is in use; segments written since are
-    // searched.
+    // searched, and so are the bases of delta blobs written since.
     for iid in repo.list_index_ids()? {
         let file = repo.load_index(&iid)?;
         let newer = rec.index_files.binary_search(&iid).is_err();
@@ -621,11 +631,15 @@ fn rescue(repo: &Repository, scratch: &ScratchDb, rec: &DeletionRecord) -> Resul
             if rec.packs.binary_search(&p.id).is_ok() {
                 rescued.push(p.id);
             }
+            if newer {
+                let bases: Vec<BlobId> = p.entries.iter().filter_map(|e| e.base).collect();
+                check_ids(&bases, &mut rescued)?;
+            }
             if newer && p.pack_type == BlobType::Segment {
                 let segments: Vec<Vec<u8>> = p
                     .entries
                     .par_iter()
-                    .map(|e| repo.read_blob(&BlobLocation { pack: p.id, entry: *e }))
+                    .map(|e| repo.read_blob(&BlobLocation { pack: p.id, entry: *e }, &NoDeltas))
                     .collect::<Result<_>>()?;
                 for plain in segments {
                     check_ids(&segment_ids(&plain), &mut rescued)?;
@@ -648,7 +662,7 @@ fn rescue(repo: &Repository, scratch: &ScratchDb, rec: &DeletionRecord) -> Resul
                     continue;
                 }
                 scratch.put(RESCUED, &seg.id, &[])?;
-                check_ids(&segment_ids(&repo.read_blob(&loc)?), &mut rescued)?;
+                check_ids(&segment_ids(&repo.read_blob(&loc, &NoDeltas)?), &mut rescued)?;
             }
         }
     }

@@ -14,10 +14,10 @@ use crate::format::deletion::DeletionRecord;
 use crate::format::envelope::{self, HeaderError, Kind};
 use crate::format::index::{BlobLocation, IndexFile};
 use crate::format::keyfile::{KdfParams, KeyError, KeyFile};
-use crate::format::pack::{self, FinishedPack, PackHeader};
+use crate::format::pack::{self, FinishedPack, PackEntry, PackHeader};
 use crate::format::snapshot::Snapshot;
 use crate::format::verified::VerificationRecord;
-use crate::format::{names, BlobId, ObjectId, BLOCK_SIZE, FORMAT_VERSION};
+use crate::format::{names, BlobId, BlobType, ObjectId, BLOCK_SIZE, FORMAT_VERSION};
 
 /// Options for `init`.
 #[derive(Clone, Debug)]
@@ -25,6 +25,20 @@ pub struct InitOptions {
     pub pack_target_size: u32,
     pub zstd_level: i32,
     pub kdf: KdfParams,
+}
+
+/// Finds where a blob is stored: the local index cache, or check's in-memory index.
+pub trait BlobLocator: Sync {
+    fn locate(&self, id: &BlobId) -> Result<Option<BlobLocation>>;
+}
+
+/// For reads of blobs that are never deltas (manifest segments).
+pub struct NoDeltas;
+
+impl BlobLocator for NoDeltas {
+    fn locate(&self, _: &BlobId) -> Result<Option<BlobLocation>> {
+        Ok(None)
+    }
 }
 
 impl Default for InitOptions {
@@ -193,16 +207,32 @@ impl Repository {
         self.backend.put(&names::pack(&pack.id), &pack.bytes)
     }
 
-    /// Reads one blob and returns its authenticated, id-checked plaintext.
-    pub fn read_blob(&self, loc: &BlobLocation) -> Result<Vec<u8>> {
+    /// Reads one blob and returns its authenticated, id-checked plaintext; a delta blob's base is found with
+    /// `locator` and read first.
+    pub fn read_blob(&self, loc: &BlobLocation, locator: &dyn BlobLocator) -> Result<Vec<u8>> {
+        let base = self.read_base(&loc.entry, locator)?;
         let name = names::pack(&loc.pack);
         let stored = self.backend.get_range(&name, loc.entry.offset as u64, loc.entry.stored_len as u64)?;
-        pack::open_blob(&self.keys, &loc.entry, &stored).map_err(|cause| {
+        pack::open_blob(&self.keys, &loc.entry, &stored, base.as_deref()).map_err(|cause| {
             Error::corrupt(
                 &name,
                 format!("{} blob {} at offset {}: {cause}", loc.entry.blob_type.name(), loc.entry.id, loc.entry.offset),
             )
         })
+    }
+
+    /// The plaintext of the base of `entry` if it is a delta blob (`None` otherwise). The base must be an indexed
+    /// data blob that is not a delta itself.
+    pub fn read_base(&self, entry: &PackEntry, locator: &dyn BlobLocator) -> Result<Option<Vec<u8>>> {
+        let Some(base) = entry.base else { return Ok(None) };
+        let object = || format!("blob {}", entry.id);
+        let loc = locator
+            .locate(&base)?
+            .ok_or_else(|| Error::corrupt(object(), format!("its delta base {base} is in no index file")))?;
+        if loc.entry.is_delta() || loc.entry.blob_type != BlobType::Data {
+            return Err(Error::corrupt(object(), format!("its delta base {base} is not a plain data blob")));
+        }
+        self.read_blob(&loc, locator).map(Some)
     }
 
     /// Reads and decrypts a pack's header with two ranged reads (trailer, then header).
@@ -213,16 +243,22 @@ impl Repository {
             return Err(Error::corrupt(&name, format!("truncated: {size} bytes")));
         }
         let trailer = self.backend.get_range(&name, size - tl, tl)?;
-        let (start, len) = pack::parse_trailer(&trailer, size).map_err(|e| Error::corrupt(&name, e))?;
+        let (start, len, version) = pack::parse_trailer(&trailer, size).map_err(|e| Error::corrupt(&name, e))?;
         let sealed = self.backend.get_range(&name, start, len as u64)?;
-        pack::open_header(&self.keys, &sealed, start).map_err(|e| Error::corrupt(&name, e))
+        pack::open_header(&self.keys, &sealed, start, version).map_err(|e| Error::corrupt(&name, e))
     }
 
     // ---- content-named encrypted objects (index files, snapshots, verification records) ----
 
     /// Seals `payload` in the envelope, stores it under `name_of(id)` with id = hash of the bytes.
-    fn save_sealed(&self, kind: Kind, name_of: fn(&ObjectId) -> String, payload: &[u8]) -> Result<ObjectId> {
-        let bytes = envelope::seal(&self.keys, kind, payload);
+    fn save_sealed(
+        &self,
+        kind: Kind,
+        version: u8,
+        name_of: fn(&ObjectId) -> String,
+        payload: &[u8],
+    ) -> Result<ObjectId> {
+        let bytes = envelope::seal_versioned(&self.keys, kind, version, payload);
         let id = BlobId::of_file(&bytes);
         self.backend.put(&name_of(&id), &bytes)?;
         Ok(id)
@@ -245,7 +281,7 @@ impl Repository {
     // ---- index files ----
 
     pub fn save_index(&self, index: &IndexFile) -> Result<ObjectId> {
-        self.save_sealed(Kind::Index, names::index, &index.encode())
+        self.save_sealed(Kind::Index, index.version(), names::index, &index.encode())
     }
 
     pub fn load_index(&self, id: &ObjectId) -> Result<IndexFile> {
@@ -259,7 +295,7 @@ impl Repository {
     // ---- verification records ----
 
     pub fn save_verification(&self, rec: &VerificationRecord) -> Result<ObjectId> {
-        self.save_sealed(Kind::Verification, names::verified, &rec.encode())
+        self.save_sealed(Kind::Verification, 1, names::verified, &rec.encode())
     }
 
     pub fn load_verification(&self, id: &ObjectId) -> Result<VerificationRecord> {
@@ -269,7 +305,7 @@ impl Repository {
     // ---- deletion records (prune) ----
 
     pub fn save_deletion(&self, rec: &DeletionRecord) -> Result<ObjectId> {
-        self.save_sealed(Kind::Deletion, names::deletion, &rec.encode())
+        self.save_sealed(Kind::Deletion, 1, names::deletion, &rec.encode())
     }
 
     pub fn load_deletion(&self, id: &ObjectId) -> Result<DeletionRecord> {
@@ -301,7 +337,7 @@ impl Repository {
     // ---- snapshots ----
 
     pub fn save_snapshot(&self, snap: &Snapshot) -> Result<ObjectId> {
-        self.save_sealed(Kind::Snapshot, names::snapshot, &snap.encode())
+        self.save_sealed(Kind::Snapshot, 1, names::snapshot, &snap.encode())
     }
 
     pub fn load_snapshot(&self, id: &ObjectId) -> Result<Snapshot> {

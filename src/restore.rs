@@ -21,7 +21,7 @@ use crate::format::pack::{self, PackEntry};
 use crate::format::snapshot::DiskManifest;
 use crate::format::{names, BlobId, ObjectId, SEGMENT_BLOCKS};
 use crate::progress::Counters;
-use crate::repository::Repository;
+use crate::repository::{BlobLocator, Repository};
 use crate::util::{AlignedBuf, BUF_ALIGN};
 
 pub struct RestoreOptions {
@@ -231,7 +231,7 @@ pub fn restore_disk(
                 if crate::util::interrupted() {
                     return Err(Error::Interrupted);
                 }
-                let (blocks, bytes) = run_read_job(repo, disk, &writer, job, counters, &damaged)?;
+                let (blocks, bytes) = run_read_job(repo, cache, disk, &writer, job, counters, &damaged)?;
                 let mut s = stats.lock().unwrap();
                 s.bytes_fetched += job.len;
                 s.blocks_written += blocks;
@@ -380,8 +380,10 @@ impl Writer {
 
 /// Fetches one range, opens each blob in it, writes it everywhere it belongs. Returns (blocks, bytes) written.
 /// Unreadable blobs go to `damaged`, which decides whether that stops the restore.
+#[allow(clippy::too_many_arguments)]
 fn run_read_job(
     repo: &Repository,
+    cache: &IndexCache,
     disk: &DiskManifest,
     writer: &Writer,
     job: &ReadJob,
@@ -414,7 +416,7 @@ fn run_read_job(
         static RANGE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     let fetched = RANGE.with_borrow_mut(|data| {
-        fetch_blobs(repo, job, data, Some(&writer.spare), |w, plain| {
+        fetch_blobs(repo, cache, job, data, Some(&writer.spare), |w, plain| {
             if stopped.is_ok() {
                 stopped = write_blob(w, plain);
             }
@@ -433,6 +435,7 @@ fn run_read_job(
 /// each want's result to `each` in order. The error is the failed read; a blob's names the blob and the cause.
 pub(crate) fn fetch_blobs(
     repo: &Repository,
+    locator: &dyn BlobLocator,
     job: &ReadJob,
     data: &mut Vec<u8>,
     spare: Option<&crossbeam_channel::Receiver<AlignedBuf>>,
@@ -442,7 +445,7 @@ pub(crate) fn fetch_blobs(
     // One blob opened at a time: a range of well-compressed blobs is many times its size in plain text.
     for w in &job.wants {
         let plain = spare.and_then(|s| s.try_recv().ok()).unwrap_or_default();
-        each(w, open_want(repo, job, data, w, plain));
+        each(w, open_want(repo, locator, job, data, w, plain));
     }
     Ok(())
 }
@@ -450,6 +453,7 @@ pub(crate) fn fetch_blobs(
 /// Opens one wanted blob of a fetched range (`data` starts at `job.offset`), decrypting it where it lies.
 fn open_want(
     repo: &Repository,
+    locator: &dyn BlobLocator,
     job: &ReadJob,
     data: &mut [u8],
     w: &Want,
@@ -459,8 +463,34 @@ fn open_want(
     let stored = data
         .get_mut(rel..rel + w.entry.stored_len as usize)
         .ok_or_else(|| format!("blob {} at offset {}: the pack ends early", w.entry.id, w.entry.offset))?;
-    pack::open_blob_in_place(repo.keys(), &w.entry, stored, &mut plain)
+    let base = match w.entry.base {
+        None => None,
+        Some(_) => Some(base_of(repo, locator, &w.entry).map_err(|e| e.to_string())?),
+    };
+    pack::open_blob_in_place(repo.keys(), &w.entry, stored, &mut plain, base.as_deref().map(|b| &b[..]))
         .map_err(|cause| format!("blob {} at offset {}: {cause}", w.entry.id, w.entry.offset))?;
+    Ok(plain)
+}
+
+/// The base of a delta blob, from a small per-thread cache of recent bases: consecutive changed blocks of a
+/// disk often share a base (a clone's file copied from one template block).
+fn base_of(repo: &Repository, locator: &dyn BlobLocator, delta: &PackEntry) -> Result<std::rc::Rc<Vec<u8>>> {
+    const KEPT: usize = 4;
+    thread_local! {
+        static BASES: std::cell::RefCell<Vec<(BlobId, std::rc::Rc<Vec<u8>>)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let id = delta.base.expect("called for delta blobs");
+    if let Some(b) = BASES.with_borrow(|v| v.iter().find(|(k, _)| *k == id).map(|(_, b)| b.clone())) {
+        return Ok(b);
+    }
+    let plain = std::rc::Rc::new(repo.read_base(delta, locator)?.expect("a delta has a base"));
+    BASES.with_borrow_mut(|v| {
+        if v.len() == KEPT {
+            v.remove(0);
+        }
+        v.push((id, plain.clone()));
+    });
     Ok(plain)
 }
 

@@ -260,13 +260,14 @@ impl SnapshotDisk {
         let mut first_error = None;
         for job in plan_reads(by_pack) {
             let holds_id = job.wants.iter().any(|w| w.entry.id == id);
-            let fetched = fetch_blobs(&shared.repo, &job, &mut Vec::new(), None, |want, result| match result {
-                Ok(plain) => shared.blobs.insert(want.entry.id, Arc::new(plain)),
-                Err(cause) if want.entry.id == id => {
-                    first_error = Some(Error::corrupt(crate::format::names::pack(&job.pack), cause))
-                }
-                Err(_) => {}
-            });
+            let fetched =
+                fetch_blobs(&shared.repo, &*shared.cache, &job, &mut Vec::new(), None, |want, result| match result {
+                    Ok(plain) => shared.blobs.insert(want.entry.id, Arc::new(plain)),
+                    Err(cause) if want.entry.id == id => {
+                        first_error = Some(Error::corrupt(crate::format::names::pack(&job.pack), cause))
+                    }
+                    Err(_) => {}
+                });
             match fetched {
                 Err(e) if holds_id => first_error = Some(e),
                 _ => {}

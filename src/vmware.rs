@@ -521,7 +521,7 @@ fn write_blocks(
                 let loc = cache.lookup(id)?.ok_or_else(|| {
                     Error::corrupt(format!("blob {id}"), format!("block {b} of disk {} is in no index file", disk.name))
                 })?;
-                repo.read_blob(&loc)?
+                repo.read_blob(&loc, cache)?
             };
             if data.len() != len {
                 return Err(Error::corrupt(format!("blob {id}"), format!("{} bytes, block {b} has {len}", data.len())));

@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     // The whole input as a stored pack: trailer and header parsing must fail cleanly.
     if let Ok(h) = pack::read_header(&keys, data) {
         for e in &h.entries {
-            let _ = pack::open_blob(&keys, e, &data[e.offset as usize..e.end() as usize]);
+            let _ = pack::open_blob(&keys, e, &data[e.offset as usize..e.end() as usize], None);
         }
     }
     // The input as a decrypted header: decode, and re-encoding must give the same bytes.

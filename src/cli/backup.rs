@@ -89,6 +89,10 @@ pub struct BackupArgs {
     /// Packs uploaded at once (memory in flight is about this many packs).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     upload_concurrency: u32,
+    /// Store every new block whole, never as a delta against a similar stored block (faster incrementals and
+    /// restores of changed blocks, more space: see `format-spec/` §6a).
+    #[arg(long)]
+    no_delta: bool,
 }
 
 fn parse_time(s: &str) -> std::result::Result<i64, String> {
@@ -219,6 +223,7 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
     opts.parent = parent;
     opts.uploaders = args.upload_concurrency as usize;
     opts.time_override = args.time;
+    opts.delta = !args.no_delta;
     let counters = Arc::new(Counters::default());
     let (id, snap) = {
         let _reporter = Reporter::start("backup", counters.clone(), g.progress);
@@ -365,6 +370,8 @@ fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
                         }
                         opts.uploaders = args.upload_concurrency as usize;
                         opts.time_override = args.time;
+                        opts.delta = !args.no_delta;
+                        opts.delta = !args.no_delta;
                         let r =
                             crate::vmware::backup_vm(&mut client, repo, cache, &info.moref, vm_opts, opts, counters);
                         client.logout();

@@ -4,7 +4,7 @@
 //! 0   4  magic "DVLT"
 //! 4   1  kind (1 config, 2 index, 3 snapshot, 6 verification record, 7 lock; 4 key file and 5 pack use the same
 //!          8-byte header)
-//! 5   1  format version (1)
+//! 5   1  format version (1; 2 for index files listing delta blobs)
 //! 6   2  reserved, zero
 //! 8  12  nonce
 //! 20  n  AES-256-GCM ciphertext of zstd(payload), AAD = bytes 0..8
@@ -31,12 +31,17 @@ pub enum Kind {
     Deletion = 8,
 }
 
+/// The header of a version 1 object: every object except packs and index files that hold delta blobs.
 pub fn header(kind: Kind) -> [u8; HEADER_LEN] {
-    [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], kind as u8, FORMAT_VERSION as u8, 0, 0]
+    header_versioned(kind, 1)
 }
 
-/// Checks magic, kind and version of an object's 8-byte header.
-pub fn check_header(bytes: &[u8], kind: Kind) -> Result<(), HeaderError> {
+pub fn header_versioned(kind: Kind, version: u8) -> [u8; HEADER_LEN] {
+    [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], kind as u8, version, 0, 0]
+}
+
+/// Checks magic, kind and version (1 up to [`FORMAT_VERSION`]) of an object's 8-byte header; returns the version.
+pub fn check_header(bytes: &[u8], kind: Kind) -> Result<u8, HeaderError> {
     if bytes.len() < HEADER_LEN {
         return Err(HeaderError::Other(format!("truncated: {} bytes, shorter than the header", bytes.len())));
     }
@@ -49,13 +54,13 @@ pub fn check_header(bytes: &[u8], kind: Kind) -> Result<(), HeaderError> {
             bytes[4], kind, kind as u8
         )));
     }
-    if bytes[5] as u32 != FORMAT_VERSION {
+    if bytes[5] == 0 || bytes[5] as u32 > FORMAT_VERSION {
         return Err(HeaderError::Version(bytes[5] as u32));
     }
     if bytes[6..8] != [0, 0] {
         return Err(HeaderError::Other("reserved header bytes are not zero".into()));
     }
-    Ok(())
+    Ok(bytes[5])
 }
 
 #[derive(Debug)]
@@ -65,7 +70,11 @@ pub enum HeaderError {
 }
 
 pub fn seal(keys: &Keys, kind: Kind, payload: &[u8]) -> Vec<u8> {
-    let hdr = header(kind);
+    seal_versioned(keys, kind, 1, payload)
+}
+
+pub fn seal_versioned(keys: &Keys, kind: Kind, version: u8, payload: &[u8]) -> Vec<u8> {
+    let hdr = header_versioned(kind, version);
     let compressed = zstd::bulk::compress(payload, 3).expect("zstd compression into a Vec cannot fail");
     let mut out = Vec::with_capacity(HEADER_LEN + compressed.len() + SEAL_OVERHEAD);
     out.extend_from_slice(&hdr);

@@ -4,11 +4,12 @@
 //! ```text
 //! supersedes_count u32 | supersedes_count × index file id[32]
 //! pack_count u32       | per pack: pack id[32] | pack type u8 | 3 reserved | entry_count u32 | entries (48 B each)
+//!                        | base ids of its delta entries (32 B each, in entry order; format version 2)
 //! ```
 //! `supersedes` lists index files this one replaces (written by prune and `repair index`); readers ignore a
 //! superseded file once the superseding one exists.
 
-use super::pack::{PackEntry, ENTRY_LEN};
+use super::pack::{decode_bases, encode_bases, PackEntry, ENTRY_LEN};
 use super::{BlobId, BlobType, ObjectId, Reader};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -41,8 +42,14 @@ impl IndexFile {
             for e in &p.entries {
                 e.encode_into(&mut out);
             }
+            encode_bases(&p.entries, &mut out);
         }
         out
+    }
+
+    /// The format version of this index file: 2 if it lists a delta blob.
+    pub fn version(&self) -> u8 {
+        self.packs.iter().map(|p| super::pack::version_for(&p.entries)).max().unwrap_or(1)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<IndexFile, String> {
@@ -82,6 +89,7 @@ impl IndexFile {
                 }
                 entries.push(e);
             }
+            decode_bases(&mut r, &mut entries).map_err(|e| format!("pack {}: {e}", id.short()))?;
             packs.push(IndexedPack { id, pack_type, entries });
         }
         if r.remaining() != 0 {
@@ -103,21 +111,20 @@ pub struct BlobLocation {
 }
 
 impl BlobLocation {
-    pub const ENCODED_LEN: usize = 32 + ENTRY_LEN;
-
-    pub fn encode(&self) -> [u8; Self::ENCODED_LEN] {
-        let mut out = [0u8; Self::ENCODED_LEN];
-        out[..32].copy_from_slice(&self.pack.0);
-        let mut v = Vec::with_capacity(ENTRY_LEN);
-        self.entry.encode_into(&mut v);
-        out[32..].copy_from_slice(&v);
+    /// `pack id ‖ entry`, and `‖ base id` for a delta blob: 80 or 112 bytes (the local cache's value).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + ENTRY_LEN + 32);
+        out.extend_from_slice(&self.pack.0);
+        self.entry.encode_into(&mut out);
+        encode_bases(std::slice::from_ref(&self.entry), &mut out);
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<BlobLocation, String> {
         let mut r = Reader::new(bytes);
         let pack = r.id()?;
-        let entry = PackEntry::decode(&mut r)?;
+        let mut entry = PackEntry::decode(&mut r)?;
+        decode_bases(&mut r, std::slice::from_mut(&mut entry))?;
         if r.remaining() != 0 {
             return Err("trailing bytes".into());
         }
@@ -142,11 +149,14 @@ mod tests {
             stored_len: 100,
             raw_len: 1 << 20,
             id: BlobId([5; 32]),
+            base: None,
         };
+        let d = PackEntry { flags: 3, id: BlobId([6; 32]), base: Some(BlobId([5; 32])), ..e };
         let f = IndexFile {
             supersedes: vec![BlobId([1; 32])],
-            packs: vec![IndexedPack { id: BlobId([2; 32]), pack_type: BlobType::Data, entries: vec![e, e] }],
+            packs: vec![IndexedPack { id: BlobId([2; 32]), pack_type: BlobType::Data, entries: vec![e, d, e] }],
         };
+        assert_eq!(f.version(), 2);
         let b = f.encode();
         assert_eq!(IndexFile::decode(&b).unwrap(), f);
         for cut in 0..b.len() {
@@ -155,7 +165,19 @@ mod tests {
         let mut huge = b.clone();
         huge[36..40].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(IndexFile::decode(&huge).is_err());
-        let loc = BlobLocation { pack: BlobId([2; 32]), entry: e };
-        assert_eq!(BlobLocation::decode(&loc.encode()).unwrap(), loc);
+        for entry in [e, d] {
+            let loc = BlobLocation { pack: BlobId([2; 32]), entry };
+            assert_eq!(BlobLocation::decode(&loc.encode()).unwrap(), loc);
+        }
+        // A delta blob without its base, or a compressed flag missing on a delta: refused.
+        let mut no_base = f.clone();
+        no_base.packs[0].entries[1].flags = 1;
+        no_base.packs[0].entries[1].base = None;
+        let mut b2 = no_base.encode();
+        b2[40 + 4 + 36 + 48 + 1] = 3;
+        assert!(IndexFile::decode(&b2).is_err());
+        let mut b3 = b.clone();
+        b3[40 + 4 + 36 + 48 + 1] = 2;
+        assert!(IndexFile::decode(&b3).is_err());
     }
 }

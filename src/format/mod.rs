@@ -28,8 +28,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// The format version this code writes, and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format version this code reads and writes. Version 2 adds delta blobs (`format-spec/` §6a): only
+/// packs and index files that hold delta blobs are written as version 2, every other object stays version 1.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// File magic shared by every diskvault object.
 pub const MAGIC: [u8; 4] = *b"DVLT";

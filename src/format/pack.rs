@@ -5,9 +5,14 @@
 //! blob 0 | blob 1 | … | blob n-1 | sealed header | header_len u32 LE | "DVLT" 5 1 0 0
 //! ```
 //! A blob is `nonce(12) ‖ AES-256-GCM(zstd(plaintext) or plaintext) ‖ tag(16)` with associated data
-//! `type u8 ‖ flags u8 ‖ id[32]`, so a blob cannot be passed off as another blob, another type, or with its
-//! compression flag flipped. The sealed header is `nonce ‖ AES-256-GCM(header) ‖ tag` with associated data the
-//! 8-byte trailer header. See `format-spec/pack.md`.
+//! `type u8 ‖ flags u8 ‖ id[32]` (‖ `base[32]` for a delta blob), so a blob cannot be passed off as another blob,
+//! another type, with its compression flag flipped or against another base. The sealed header is
+//! `nonce ‖ AES-256-GCM(header) ‖ tag` with associated data the 8-byte trailer header. See `format-spec/` §6.
+//!
+//! A **delta blob** (format version 2) is a data block compressed with a stored data block, its *base*, as
+//! zstd's raw-content prefix: a block that shares most of its pages with one stored before (the same disk
+//! offset yesterday, a clone's copy of a template block, a file moved by whole pages) costs only what differs.
+//! A base is never itself a delta, so a delta opens with exactly one extra blob read.
 
 use super::envelope::{self, Kind};
 use super::{BlobId, BlobType, Reader};
@@ -16,6 +21,8 @@ use crate::util::AlignedBuf;
 
 /// Flag bit: the blob's plaintext is a zstd frame.
 pub const FLAG_ZSTD: u8 = 1;
+/// Flag bit (format version 2): the zstd frame was compressed with the base blob's plaintext as prefix.
+pub const FLAG_DELTA: u8 = 2;
 /// Size of one header entry.
 pub const ENTRY_LEN: usize = 48;
 /// Trailer: header length (4) + object header (8).
@@ -34,6 +41,8 @@ pub struct PackEntry {
     pub stored_len: u32,
     pub raw_len: u32,
     pub id: BlobId,
+    /// The base of a delta blob (`flags & FLAG_DELTA`); stored after the entries, not in the 48 bytes.
+    pub base: Option<BlobId>,
 }
 
 impl PackEntry {
@@ -51,13 +60,24 @@ impl PackEntry {
         let t = r.u8()?;
         let blob_type = BlobType::from_u8(t).ok_or_else(|| format!("unknown blob type {t}"))?;
         let flags = r.u8()?;
-        if flags & !FLAG_ZSTD != 0 {
+        if flags & !(FLAG_ZSTD | FLAG_DELTA) != 0 {
             return Err(format!("unknown blob flags {flags:#x}"));
+        }
+        if flags & FLAG_DELTA != 0 && (flags & FLAG_ZSTD == 0 || blob_type != BlobType::Data) {
+            return Err(format!("a delta must be a compressed data blob (type {t}, flags {flags:#x})"));
         }
         if r.u16()? != 0 {
             return Err("reserved entry bytes are not zero".into());
         }
-        let e = PackEntry { blob_type, flags, offset: r.u32()?, stored_len: r.u32()?, raw_len: r.u32()?, id: r.id()? };
+        let e = PackEntry {
+            blob_type,
+            flags,
+            offset: r.u32()?,
+            stored_len: r.u32()?,
+            raw_len: r.u32()?,
+            id: r.id()?,
+            base: None,
+        };
         if e.raw_len > MAX_BLOB_RAW {
             return Err(format!("blob {} claims {} bytes of plaintext", e.id.short(), e.raw_len));
         }
@@ -69,6 +89,38 @@ impl PackEntry {
 
     pub fn end(&self) -> u64 {
         self.offset as u64 + self.stored_len as u64
+    }
+
+    pub fn is_delta(&self) -> bool {
+        self.flags & FLAG_DELTA != 0
+    }
+}
+
+/// Writes the base ids of the delta entries among `entries`, in entry order (the table after the entries).
+pub(crate) fn encode_bases(entries: &[PackEntry], out: &mut Vec<u8>) {
+    for b in entries.iter().filter_map(|e| e.base) {
+        out.extend_from_slice(&b.0);
+    }
+}
+
+/// Reads the base table that follows `entries` and fills in each delta entry's base.
+pub(crate) fn decode_bases(r: &mut Reader<'_>, entries: &mut [PackEntry]) -> Result<(), String> {
+    for e in entries.iter_mut().filter(|e| e.is_delta()) {
+        let base = r.id().map_err(|_| format!("delta blob {}: its base id is missing", e.id.short()))?;
+        if base == e.id {
+            return Err(format!("delta blob {} is its own base", e.id.short()));
+        }
+        e.base = Some(base);
+    }
+    Ok(())
+}
+
+/// The format version of a pack or index file holding these entries: 2 if one is a delta blob, else 1.
+pub fn version_for(entries: &[PackEntry]) -> u8 {
+    if entries.iter().any(|e| e.is_delta()) {
+        2
+    } else {
+        1
     }
 }
 
@@ -88,6 +140,7 @@ impl PackHeader {
         for e in &self.entries {
             e.encode_into(&mut out);
         }
+        encode_bases(&self.entries, &mut out);
         out
     }
 
@@ -100,7 +153,7 @@ impl PackHeader {
             return Err("reserved header bytes are not zero".into());
         }
         let count = r.u32()? as usize;
-        if r.remaining() != count.checked_mul(ENTRY_LEN).ok_or("entry count overflows")? {
+        if r.remaining() < count.checked_mul(ENTRY_LEN).ok_or("entry count overflows")? {
             return Err(format!("header claims {count} entries but holds {} bytes of entries", r.remaining()));
         }
         let mut entries = Vec::with_capacity(count);
@@ -124,20 +177,36 @@ impl PackHeader {
         if expected_offset != blobs_end {
             return Err(format!("blobs end at {expected_offset} but the header starts at {blobs_end}"));
         }
+        decode_bases(&mut r, &mut entries)?;
+        if r.remaining() != 0 {
+            return Err(format!("{} bytes after the entries and their bases", r.remaining()));
+        }
         Ok(PackHeader { pack_type, entries })
     }
 }
 
-fn blob_aad(blob_type: BlobType, flags: u8, id: &BlobId) -> [u8; 34] {
-    let mut aad = [0u8; 34];
+/// `type ‖ flags ‖ id`, and `‖ base` for a delta blob: 34 or 66 bytes.
+fn blob_aad(blob_type: BlobType, flags: u8, id: &BlobId, base: Option<&BlobId>) -> ([u8; 66], usize) {
+    let mut aad = [0u8; 66];
     aad[0] = blob_type as u8;
     aad[1] = flags;
-    aad[2..].copy_from_slice(&id.0);
-    aad
+    aad[2..34].copy_from_slice(&id.0);
+    match base {
+        Some(b) => {
+            aad[34..].copy_from_slice(&b.0);
+            (aad, 66)
+        }
+        None => (aad, 34),
+    }
+}
+
+fn entry_aad(e: &PackEntry) -> ([u8; 66], usize) {
+    blob_aad(e.blob_type, e.flags, &e.id, e.base.as_ref())
 }
 
 /// Compresses (when that saves space) and encrypts blobs; one per worker thread, so the zstd context is reused.
 pub struct BlobSealer {
+    level: i32,
     compressor: Option<zstd::bulk::Compressor<'static>>,
     scratch: Vec<u8>,
 }
@@ -148,6 +217,7 @@ pub struct SealedBlob {
     pub id: BlobId,
     pub flags: u8,
     pub raw_len: u32,
+    pub base: Option<BlobId>,
     pub bytes: Vec<u8>,
 }
 
@@ -156,7 +226,7 @@ impl BlobSealer {
     pub fn new(zstd_level: i32) -> Self {
         let compressor = (zstd_level != 0)
             .then(|| zstd::bulk::Compressor::new(zstd_level).expect("zstd level was validated in the config"));
-        BlobSealer { compressor, scratch: Vec::new() }
+        BlobSealer { level: zstd_level, compressor, scratch: Vec::new() }
     }
 
     pub fn seal(&mut self, keys: &Keys, blob_type: BlobType, id: BlobId, plaintext: &[u8]) -> SealedBlob {
@@ -174,24 +244,74 @@ impl BlobSealer {
             }
         }
         let mut bytes = Vec::with_capacity(body.len() + SEAL_OVERHEAD);
-        keys.seal_into(&blob_aad(blob_type, flags, &id), body, &mut bytes);
-        SealedBlob { blob_type, id, flags, raw_len: plaintext.len() as u32, bytes }
+        let (aad, n) = blob_aad(blob_type, flags, &id, None);
+        keys.seal_into(&aad[..n], body, &mut bytes);
+        SealedBlob { blob_type, id, flags, raw_len: plaintext.len() as u32, base: None, bytes }
+    }
+
+    /// Seals a data block as a delta against `base_plain`, the plaintext of the stored data blob `base`.
+    /// Returns `None` when that does not pay (compression is off, or the delta saves less than 1/8 of the
+    /// block): the caller then seals the block on its own.
+    pub fn seal_delta(
+        &mut self,
+        keys: &Keys,
+        id: BlobId,
+        plaintext: &[u8],
+        base: BlobId,
+        base_plain: &[u8],
+    ) -> Option<SealedBlob> {
+        if self.compressor.is_none() || base == id {
+            return None;
+        }
+        // A context per delta: zstd keeps the prefix by reference for one frame, which the long-lived
+        // compressor's 'static lifetime cannot express. Deltas are a small share of the blocks.
+        let mut cctx = zstd::zstd_safe::CCtx::create();
+        cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(self.level)).ok()?;
+        cctx.ref_prefix(base_plain).ok()?;
+        self.scratch.clear();
+        self.scratch.reserve(zstd::zstd_safe::compress_bound(plaintext.len()));
+        cctx.compress2(&mut self.scratch, plaintext).ok()?;
+        if self.scratch.len() >= plaintext.len() - plaintext.len() / 8 {
+            return None;
+        }
+        let flags = FLAG_ZSTD | FLAG_DELTA;
+        let mut bytes = Vec::with_capacity(self.scratch.len() + SEAL_OVERHEAD);
+        let (aad, n) = blob_aad(BlobType::Data, flags, &id, Some(&base));
+        keys.seal_into(&aad[..n], &self.scratch, &mut bytes);
+        Some(SealedBlob {
+            blob_type: BlobType::Data,
+            id,
+            flags,
+            raw_len: plaintext.len() as u32,
+            base: Some(base),
+            bytes,
+        })
     }
 }
 
-/// Authenticates, decompresses and re-hashes one stored blob. The error is the cause only.
-pub fn open_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<Vec<u8>, String> {
+/// Authenticates, decompresses and re-hashes one stored blob. `base` is the plaintext of a delta blob's base
+/// (see [`PackEntry::base`]), `None` for other blobs. The error is the cause only.
+pub fn open_blob(keys: &Keys, entry: &PackEntry, stored: &[u8], base: Option<&[u8]>) -> Result<Vec<u8>, String> {
     check_stored_len(entry, stored)?;
-    let body = keys.open(&blob_aad(entry.blob_type, entry.flags, &entry.id), stored).map_err(|e| e.to_string())?;
+    let (aad, n) = entry_aad(entry);
+    let body = keys.open(&aad[..n], stored).map_err(|e| e.to_string())?;
     let plain = if entry.flags & FLAG_ZSTD != 0 {
         let mut out = Vec::with_capacity(entry.raw_len as usize);
-        decompress(&body, &mut out)?;
+        decompress(entry, &body, &mut out, base)?;
         out
     } else {
         body
     };
     verify_plain(keys, entry, &plain)?;
     Ok(plain)
+}
+
+/// Authenticates one stored blob without decoding it: what prune checks before copying a delta blob, whose
+/// base may be in any pack. The bytes are those sealed for this entry (id, type, flags, base), unaltered.
+pub fn authenticate_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<(), String> {
+    check_stored_len(entry, stored)?;
+    let (aad, n) = entry_aad(entry);
+    keys.open(&aad[..n], stored).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// [`open_blob`] for bytes the caller owns and no longer needs: decrypted where they lie, the plaintext
@@ -202,13 +322,14 @@ pub fn open_blob_in_place(
     entry: &PackEntry,
     stored: &mut [u8],
     out: &mut AlignedBuf,
+    base: Option<&[u8]>,
 ) -> Result<(), String> {
     check_stored_len(entry, stored)?;
-    let aad = blob_aad(entry.blob_type, entry.flags, &entry.id);
-    let body = keys.open_in_place(&aad, stored).map_err(|e| e.to_string())?;
+    let (aad, n) = entry_aad(entry);
+    let body = keys.open_in_place(&aad[..n], stored).map_err(|e| e.to_string())?;
     out.clear(entry.raw_len as usize);
     if entry.flags & FLAG_ZSTD != 0 {
-        decompress(body, &mut out.writer())?;
+        decompress(entry, body, &mut out.writer(), base)?;
     } else {
         out.extend_from_slice(body);
     }
@@ -232,8 +353,22 @@ fn verify_plain(keys: &Keys, entry: &PackEntry, plain: &[u8]) -> Result<(), Stri
     Ok(())
 }
 
-/// Decompresses one zstd frame into `out` (up to its capacity).
-fn decompress<W: zstd::zstd_safe::WriteBuf + ?Sized>(frame: &[u8], out: &mut W) -> Result<(), String> {
+/// Decompresses one zstd frame into `out` (up to its capacity); a delta blob's with its base as prefix.
+fn decompress<W: zstd::zstd_safe::WriteBuf + ?Sized>(
+    entry: &PackEntry,
+    frame: &[u8],
+    out: &mut W,
+    base: Option<&[u8]>,
+) -> Result<(), String> {
+    if let Some(base_id) = entry.base {
+        let base = base.ok_or_else(|| format!("delta blob: its base {base_id} was not read"))?;
+        let mut dctx = zstd::zstd_safe::DCtx::create();
+        dctx.ref_prefix(base).map_err(|c| format!("zstd: {}", zstd::zstd_safe::get_error_name(c)))?;
+        return dctx
+            .decompress(out, frame)
+            .map(|_| ())
+            .map_err(|c| format!("zstd (delta against {base_id}): {}", zstd::zstd_safe::get_error_name(c)));
+    }
     // One decompression context per thread: creating one per blob showed in profiles.
     thread_local! {
         static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
@@ -271,6 +406,7 @@ impl PackWriter {
             stored_len: blob.bytes.len() as u32,
             raw_len: blob.raw_len,
             id: blob.id,
+            base: blob.base,
         });
         self.buf.extend_from_slice(&blob.bytes);
     }
@@ -285,8 +421,8 @@ impl PackWriter {
 
     /// Seals the header and returns the finished pack bytes, its id and its entries.
     pub fn finish(mut self, keys: &Keys) -> FinishedPack {
+        let trailer_hdr = envelope::header_versioned(Kind::Pack, version_for(&self.entries));
         let header = PackHeader { pack_type: self.pack_type, entries: self.entries };
-        let trailer_hdr = envelope::header(Kind::Pack);
         let start = self.buf.len();
         keys.seal_into(&trailer_hdr, &header.encode(), &mut self.buf);
         let header_len = (self.buf.len() - start) as u32;
@@ -303,34 +439,41 @@ pub struct FinishedPack {
 }
 
 /// Where the sealed header sits, read from a pack's 12-byte trailer. `pack_len` is the whole pack's length.
-pub fn parse_trailer(trailer: &[u8], pack_len: u64) -> Result<(u64, u32), String> {
+/// Returns the header's start and length, and the pack's format version.
+pub fn parse_trailer(trailer: &[u8], pack_len: u64) -> Result<(u64, u32, u8), String> {
     if pack_len < TRAILER_LEN as u64 || trailer.len() != TRAILER_LEN {
         return Err(format!("truncated: {pack_len} bytes is too short for a pack"));
     }
     let header_len = u32::from_le_bytes(trailer[..4].try_into().unwrap());
-    match envelope::check_header(&trailer[4..], Kind::Pack) {
-        Ok(()) => {}
+    let version = match envelope::check_header(&trailer[4..], Kind::Pack) {
+        Ok(v) => v,
         Err(envelope::HeaderError::Version(v)) => return Err(format!("pack format version {v} is not supported")),
         Err(envelope::HeaderError::Other(e)) => return Err(format!("bad trailer ({e}); truncated or not a pack")),
-    }
+    };
     let header_start = pack_len
         .checked_sub(TRAILER_LEN as u64 + header_len as u64)
         .ok_or_else(|| format!("header length {header_len} exceeds the pack size {pack_len}"))?;
-    Ok((header_start, header_len))
+    Ok((header_start, header_len, version))
 }
 
-/// Decrypts and decodes a pack header. `sealed` is the sealed header, `header_start` where it begins.
-pub fn open_header(keys: &Keys, sealed: &[u8], header_start: u64) -> Result<PackHeader, String> {
-    let plain = keys.open(&envelope::header(Kind::Pack), sealed).map_err(|e| format!("pack header: {e}"))?;
-    PackHeader::decode(&plain, header_start).map_err(|e| format!("pack header: {e}"))
+/// Decrypts and decodes a pack header. `sealed` is the sealed header, `header_start` where it begins, `version`
+/// the trailer's.
+pub fn open_header(keys: &Keys, sealed: &[u8], header_start: u64, version: u8) -> Result<PackHeader, String> {
+    let aad = envelope::header_versioned(Kind::Pack, version);
+    let plain = keys.open(&aad, sealed).map_err(|e| format!("pack header: {e}"))?;
+    let header = PackHeader::decode(&plain, header_start).map_err(|e| format!("pack header: {e}"))?;
+    if version < version_for(&header.entries) {
+        return Err("pack header: delta blobs in a format version 1 pack".into());
+    }
+    Ok(header)
 }
 
 /// Reads the header of a whole pack held in memory (used by `check --read-data` and index repair).
 pub fn read_header(keys: &Keys, pack: &[u8]) -> Result<PackHeader, String> {
     let len = pack.len() as u64;
     let trailer = &pack[pack.len().saturating_sub(TRAILER_LEN)..];
-    let (start, hlen) = parse_trailer(trailer, len)?;
-    open_header(keys, &pack[start as usize..start as usize + hlen as usize], start)
+    let (start, hlen, version) = parse_trailer(trailer, len)?;
+    open_header(keys, &pack[start as usize..start as usize + hlen as usize], start, version)
 }
 
 #[cfg(test)]
@@ -356,7 +499,7 @@ mod tests {
         assert_eq!(h, p.header);
         for (e, b) in h.entries.iter().zip(&blocks) {
             let stored = &p.bytes[e.offset as usize..e.end() as usize];
-            assert_eq!(&open_blob(&k, e, stored).unwrap(), b);
+            assert_eq!(&open_blob(&k, e, stored, None).unwrap(), b);
         }
         assert_eq!(h.entries[0].flags, FLAG_ZSTD);
     }
@@ -379,7 +522,7 @@ mod tests {
         let mut out = AlignedBuf::default();
         for (e, b) in p.header.entries.iter().zip([&compressible[..], &noise[..], &compressible[..1000]]) {
             let mut stored = p.bytes[e.offset as usize..e.end() as usize].to_vec();
-            open_blob_in_place(&k, e, &mut stored, &mut out).unwrap();
+            open_blob_in_place(&k, e, &mut stored, &mut out, None).unwrap();
             assert_eq!(&out[..], b);
             assert!(out.as_ptr().addr().is_multiple_of(crate::util::BUF_ALIGN));
         }
@@ -387,11 +530,55 @@ mod tests {
         let e = p.header.entries[0];
         let mut stored = p.bytes[e.offset as usize..e.end() as usize].to_vec();
         stored[30] ^= 1;
-        assert!(open_blob_in_place(&k, &e, &mut stored, &mut out).is_err());
+        assert!(open_blob_in_place(&k, &e, &mut stored, &mut out, None).is_err());
         let mut short = e;
         short.raw_len -= 1;
         let mut stored = p.bytes[e.offset as usize..e.end() as usize].to_vec();
-        assert!(open_blob_in_place(&k, &short, &mut stored, &mut out).is_err());
+        assert!(open_blob_in_place(&k, &short, &mut stored, &mut out, None).is_err());
+    }
+
+    #[test]
+    fn delta_blobs_open_only_with_their_base() {
+        let k = keys();
+        let mut sealer = BlobSealer::new(3);
+        let mut base = vec![0u8; 1 << 20];
+        blake3::Hasher::new().update(b"base").finalize_xof().fill(&mut base);
+        let mut block = base.clone();
+        block[4096..8192].fill(7);
+        let (base_id, id) = (k.blob_id(&base), k.blob_id(&block));
+        let delta = sealer.seal_delta(&k, id, &block, base_id, &base).expect("one changed page: the delta pays");
+        assert!(delta.bytes.len() < 16 << 10, "{} bytes", delta.bytes.len());
+        // Unrelated data gains nothing from the base: no delta.
+        let mut other = vec![0u8; 1 << 20];
+        blake3::Hasher::new().update(b"other").finalize_xof().fill(&mut other);
+        assert!(sealer.seal_delta(&k, k.blob_id(&other), &other, base_id, &base).is_none());
+
+        let mut w = PackWriter::new(BlobType::Data, 4 << 20);
+        w.add(sealer.seal(&k, BlobType::Data, base_id, &base));
+        w.add(delta);
+        let p = w.finish(&k);
+        assert_eq!(p.bytes[p.bytes.len() - 3], 2, "a pack with a delta blob is format version 2");
+        let h = read_header(&k, &p.bytes).unwrap();
+        assert_eq!(h, p.header);
+        let e = h.entries[1];
+        assert_eq!((e.base, e.flags), (Some(base_id), FLAG_ZSTD | FLAG_DELTA));
+        let stored = &p.bytes[e.offset as usize..e.end() as usize];
+        assert_eq!(open_blob(&k, &e, stored, Some(&base)).unwrap(), block);
+        let mut out = AlignedBuf::default();
+        open_blob_in_place(&k, &e, &mut stored.to_vec(), &mut out, Some(&base)).unwrap();
+        assert_eq!(&out[..], &block[..]);
+        authenticate_blob(&k, &e, stored).unwrap();
+        // Without the base, with another base's plaintext, or named against another base: refused.
+        assert!(open_blob(&k, &e, stored, None).unwrap_err().contains("base"));
+        assert!(open_blob(&k, &e, stored, Some(&other)).is_err());
+        let renamed = PackEntry { base: Some(k.blob_id(&other)), ..e };
+        assert!(open_blob(&k, &renamed, stored, Some(&other)).is_err());
+        assert!(authenticate_blob(&k, &renamed, stored).is_err());
+        // A pack without deltas stays version 1.
+        let mut w = PackWriter::new(BlobType::Data, 4 << 20);
+        w.add(sealer.seal(&k, BlobType::Data, base_id, &base));
+        let p1 = w.finish(&k);
+        assert_eq!(p1.bytes[p1.bytes.len() - 3], 1);
     }
 
     #[test]
@@ -414,10 +601,10 @@ mod tests {
         bad[20] ^= 1;
         let h = read_header(&k, &bad).unwrap();
         let e = h.entries[0];
-        assert!(open_blob(&k, &e, &bad[e.offset as usize..e.end() as usize]).is_err());
+        assert!(open_blob(&k, &e, &bad[e.offset as usize..e.end() as usize], None).is_err());
         // Flag flipped in the entry: authentication fails.
         let mut e2 = e;
         e2.flags ^= FLAG_ZSTD;
-        assert!(open_blob(&k, &e2, &p.bytes[e.offset as usize..e.end() as usize]).is_err());
+        assert!(open_blob(&k, &e2, &p.bytes[e.offset as usize..e.end() as usize], None).is_err());
     }
 }

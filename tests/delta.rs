@@ -1,0 +1,153 @@
+//! Delta blobs: a new block that shares most of its pages with a stored block is stored as a zstd delta against
+//! it (format version 2). Restores, check, prune and damage reports must treat them as exactly as whole blocks.
+
+mod common;
+
+use common::*;
+use diskvault::format::{names, BlobId};
+
+const PAGE: usize = 4096;
+
+/// Every delta blob of the repository's index: (delta id, base id).
+fn deltas(e: &Env) -> Vec<(BlobId, BlobId)> {
+    let repo = e.open_repo();
+    let mut out = Vec::new();
+    for id in repo.list_index_ids().unwrap() {
+        for p in repo.load_index(&id).unwrap().packs {
+            out.extend(p.entries.iter().filter_map(|en| en.base.map(|b| (en.id, b))));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Where a blob is stored: (pack object name, offset of the blob in it).
+fn blob_place(e: &Env, blob: &BlobId) -> (String, usize) {
+    let repo = e.open_repo();
+    for id in repo.list_index_ids().unwrap() {
+        for p in repo.load_index(&id).unwrap().packs {
+            if let Some(en) = p.entries.iter().find(|en| en.id == *blob) {
+                return (names::pack(&p.id), en.offset as usize);
+            }
+        }
+    }
+    panic!("blob {blob} is not indexed");
+}
+
+/// `img` with one 4 KiB page of new data in each of blocks 2..8: what a day of small writes does to a disk.
+fn small_writes(img: &[u8], seed: u64) -> Vec<u8> {
+    let mut out = img.to_vec();
+    for b in 2..8 {
+        let at = b * MIB + (b + seed as usize) % 200 * PAGE;
+        out[at..at + PAGE].copy_from_slice(&random_bytes(seed * 100 + b as u64, PAGE));
+    }
+    out
+}
+
+fn backup_day(e: &Env, path: &std::path::Path, img: &[u8], extra: &[&str]) -> String {
+    write(path, img);
+    let mut args = vec![path.to_str().unwrap(), "--name", "vm"];
+    args.extend_from_slice(extra);
+    e.backup(&args)["snapshot"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn similar_blocks_are_stored_as_deltas_and_restore_bit_exact() {
+    let e = Env::with_repo();
+    let path = e.path("disk.raw");
+    let day0 = random_bytes(1, 16 * MIB);
+    let s0 = backup_day(&e, &path, &day0, &[]);
+    assert!(deltas(&e).is_empty(), "nothing similar was stored before the first backup");
+
+    // Day 1: small writes in six blocks, and half a block of block 0's data copied into block 12 three pages
+    // off its old alignment (a file copied to another place).
+    let mut day1 = small_writes(&day0, 1);
+    day1[12 * MIB + 3 * PAGE..12 * MIB + 3 * PAGE + MIB / 2].copy_from_slice(&day0[..MIB / 2]);
+    let before = e.pack_bytes();
+    let s1 = backup_day(&e, &path, &day1, &[]);
+    let added = e.pack_bytes() - before;
+    let d = deltas(&e);
+    assert_eq!(d.len(), 7, "the seven changed blocks are deltas: {d:?}");
+    // Stored whole, the seven incompressible blocks would take 7 MiB.
+    assert!(added < MIB as u64, "{added} bytes stored for seven slightly changed blocks");
+    let repo = e.open_repo();
+    let day0_ids: Vec<BlobId> = day0.chunks(MIB).map(|b| repo.keys().blob_id(b)).collect();
+    assert!(d.iter().all(|(_, base)| day0_ids.contains(base)), "bases are day 0's blocks");
+
+    assert_eq!(e.restore(&s0, &[]), day0);
+    assert_eq!(e.restore(&s1, &[]), day1);
+    let check = e.ok(&["check", "--read-data"]);
+    assert!(check.stdout.contains("no errors found"), "{}", check.stdout);
+
+    // --no-delta stores changed blocks whole.
+    let day2 = small_writes(&day1, 2);
+    let before = e.pack_bytes();
+    let s2 = backup_day(&e, &path, &day2, &["--no-delta"]);
+    assert!(e.pack_bytes() - before >= 6 * MIB as u64, "--no-delta stored {} bytes", e.pack_bytes() - before);
+    assert_eq!(deltas(&e).len(), 7);
+    assert_eq!(e.restore(&s2, &[]), day2);
+}
+
+#[test]
+fn prune_keeps_the_base_of_a_live_delta_and_frees_it_later() {
+    let e = Env::new();
+    e.ok(&["init", "--pack-size", "1"]);
+    let path = e.path("disk.raw");
+    let day0 = random_bytes(2, 10 * MIB);
+    backup_day(&e, &path, &day0, &[]);
+    let day1 = small_writes(&day0, 1);
+    let s1 = backup_day(&e, &path, &day1, &[]);
+    assert_eq!(deltas(&e).len(), 6);
+
+    // Day 0 is forgotten: its changed blocks are no snapshot's any more, but day 1's deltas need them.
+    e.ok(&["forget", "--keep-last", "1"]);
+    e.ok(&["prune", "--max-unused", "0"]);
+    assert_eq!(e.restore(&s1, &[]), day1);
+    let check = e.ok(&["check", "--read-data"]);
+    assert!(check.stdout.contains("no errors found"), "{}", check.stdout);
+
+    // A new disk replaces everything; once day 1 is forgotten too, its deltas go, and their bases with the
+    // prune after that.
+    let other = random_bytes(3, 4 * MIB);
+    let s2 = backup_day(&e, &path, &other, &["--no-parent"]);
+    e.ok(&["forget", "--keep-last", "1"]);
+    e.ok(&["prune", "--max-unused", "0"]);
+    e.ok(&["prune", "--max-unused", "0"]);
+    let left = e.pack_bytes();
+    assert!(left < 4 * MIB as u64 + 256 * 1024, "{left} bytes of packs left for a 4 MiB snapshot");
+    assert!(deltas(&e).is_empty());
+    assert_eq!(e.restore(&s2, &[]), other);
+}
+
+#[test]
+fn a_damaged_base_is_reported_for_the_blocks_of_its_deltas() {
+    let e = Env::with_repo();
+    let path = e.path("disk.raw");
+    let day0 = random_bytes(4, 12 * MIB);
+    backup_day(&e, &path, &day0, &[]);
+    let day1 = small_writes(&day0, 1);
+    let s1 = backup_day(&e, &path, &day1, &[]);
+    let (delta, base) = deltas(&e)[0];
+    let (pack, offset) = blob_place(&e, &base);
+    e.flip(&pack, offset + 100);
+
+    // Restore stops with an error naming the delta and its base; nothing silently wrong.
+    let t = e.path("out.raw");
+    let r = e.fails(&["restore", &s1, "--target", t.to_str().unwrap()]);
+    assert!(r.stderr.contains(&delta.to_string()[..8]) || r.stderr.contains(&base.to_string()[..8]), "{}", r.stderr);
+    // Check names the damaged base, and the snapshot block that needs it through the delta.
+    let c = e.run(&["check", "--read-data"]);
+    assert_ne!(c.code, 0, "{}", c.stdout);
+    let all = format!("{}{}", c.stdout, c.stderr);
+    assert!(all.contains(&format!("blob {delta}")) && all.contains(&format!("its delta base: {pack}")), "{all}");
+    assert!(all.contains(&format!("snapshot {} (vm)", &s1[..8])), "day 1's changed block is reported: {all}");
+
+    // Day 0's pack lost: the structure check alone counts day 1's deltas (stored in day 1's pack) as lost too.
+    e.delete_object(&pack);
+    let c = e.run(&["check"]);
+    assert_ne!(c.code, 0, "{}", c.stdout);
+    let all = format!("{}{}", c.stdout, c.stderr);
+    let day1 = all.lines().find(|l| l.contains(&format!("snapshot {} (vm)", &s1[..8]))).unwrap_or_default();
+    assert!(day1.contains("12 block(s) in blocks 0..12 are unreadable"), "{all}");
+}
