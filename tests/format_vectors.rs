@@ -144,7 +144,8 @@ fn key_file_vector() {
         created_secs: 1_795_322_283,
         hostname: "proxy-1".into(),
         username: "backup".into(),
-        kdf: KdfParams::DEFAULT,
+        // Explicit: the vector pins the encoding, not the default parameters of new keys.
+        kdf: KdfParams { memory_kib: 64 * 1024, iterations: 3, parallelism: 1 },
         salt: [1; 32],
         wrapped_secret: vec![2; 60],
     };

@@ -19,8 +19,10 @@ pub struct KdfParams {
 }
 
 impl KdfParams {
-    /// Defaults for new keys: Argon2id, 64 MiB, 3 passes (OWASP's recommended range).
-    pub const DEFAULT: KdfParams = KdfParams { memory_kib: 64 * 1024, iterations: 3, parallelism: 1 };
+    /// Defaults for new keys: Argon2id, 64 MiB, 3 passes, 4 lanes: RFC 9106's second recommended option. The
+    /// lanes are computed in parallel (argon2's `parallel` feature): the same memory-hard work, done sooner by a
+    /// legitimate opener with several cores (every command pays it once: 100 -> 70 ms for `snapshots` here).
+    pub const DEFAULT: KdfParams = KdfParams { memory_kib: 64 * 1024, iterations: 3, parallelism: 4 };
 
     fn validate(&self) -> Result<(), String> {
         // Bounds keep a hostile key file from making `open` allocate or spin without end.
