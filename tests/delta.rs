@@ -74,6 +74,10 @@ fn similar_blocks_are_stored_as_deltas_and_restore_bit_exact() {
     let repo = e.open_repo();
     let day0_ids: Vec<BlobId> = day0.chunks(MIB).map(|b| repo.keys().blob_id(b)).collect();
     assert!(d.iter().all(|(_, base)| day0_ids.contains(base)), "bases are day 0's blocks");
+    // `cat index` shows which blobs are deltas and their bases.
+    let listed: String =
+        e.objects("index").iter().map(|n| e.ok(&["cat", "index", n.rsplit('/').next().unwrap()]).stdout).collect();
+    assert!(d.iter().all(|(_, base)| listed.contains(&format!("\"delta_base\": \"{}\"", base.hex()))), "{listed}");
     // The library's blob read (what a restore into VMware uses) resolves a delta through the index cache.
     let (cache, _) = diskvault::cache::IndexCache::open(&repo, &e.cache()).unwrap();
     let block2 = &day1[2 * MIB..3 * MIB];

@@ -18,6 +18,7 @@ fn entry_json(e: &PackEntry) -> serde_json::Value {
     serde_json::json!({
         "type": e.blob_type.name(), "id": e.id.hex(), "offset": e.offset,
         "stored_len": e.stored_len, "raw_len": e.raw_len, "compressed": e.flags & 1 != 0,
+        "delta_base": e.base.map(|b| b.hex()),
     })
 }
 
