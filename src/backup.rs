@@ -27,7 +27,7 @@ use std::time::Instant;
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::cache::IndexCache;
-use crate::delta::DeltaSealer;
+use crate::delta::{BasePrefetch, DeltaSealer};
 use crate::error::{Error, Result};
 use crate::format::index::BlobLocation;
 use crate::format::index::{IndexFile, IndexedPack};
@@ -337,17 +337,25 @@ pub fn run(
 
     let mut disk_outputs: Vec<Option<(Vec<SegmentRef>, DiskStats)>> = plans.iter().map(|_| None).collect();
     let mut index_written = IndexStats::default();
+    let prefetch = if opts.delta && repo.config().zstd_level != 0 { base_prefetch(repo, &cache, &plans) } else { None };
 
     std::thread::scope(|s| {
         // Readers.
         for (d, (job, plan)) in jobs.iter_mut().zip(&plans).enumerate() {
             let (block_tx, spare_rx) = (block_tx.clone(), spare_rx.clone());
-            let abort = &abort;
+            let (abort, prefetch) = (&abort, prefetch.as_ref());
             spawn_named(s, "backup-read", move || {
-                abort.run(|| read_disk(d, job, plan, block_size, &block_tx, &spare_rx, abort, counters))
+                abort.run(|| read_disk(d, job, plan, block_size, &block_tx, &spare_rx, abort, counters, prefetch))
             });
         }
         drop(block_tx);
+
+        // Delta bases read ahead (incrementals from change lists).
+        if let Some(p) = &prefetch {
+            for _ in 0..crate::delta::PREFETCH_THREADS {
+                spawn_named(s, "backup-base", move || p.run(repo));
+            }
+        }
 
         // Workers.
         for _ in 0..workers {
@@ -355,10 +363,10 @@ pub fn run(
             let blob_tx = blob_tx.clone();
             let result_txs = result_txs.clone();
             let spare_tx = spare_tx.clone();
-            let (abort, claims, cache) = (&abort, &claims, &cache);
+            let (abort, claims, cache, prefetch) = (&abort, &claims, &cache, prefetch.as_ref());
             spawn_named(s, "backup-seal", move || {
                 abort.run(|| {
-                    let mut sealer = DeltaSealer::new(repo, cache, opts.delta);
+                    let mut sealer = DeltaSealer::new(repo, cache, prefetch, opts.delta);
                     for b in block_rx {
                         if abort.is_set() {
                             break;
@@ -471,6 +479,10 @@ pub fn run(
         for (d, a) in assemblers.into_iter().enumerate() {
             disk_outputs[d] = a.join().unwrap_or(None);
         }
+        // Every block is sealed (or the backup stopped): no base is needed any more.
+        if let Some(p) = &prefetch {
+            p.stop();
+        }
         // All segments are emitted: close the metadata pack.
         if !abort.is_set() {
             if let Some(w) = meta.writer.lock().unwrap().take().filter(|w| !w.is_empty()) {
@@ -544,9 +556,13 @@ fn read_disk(
     spare: &Receiver<AlignedBuf>,
     abort: &Abort,
     counters: &Counters,
+    prefetch: Option<&BasePrefetch>,
 ) -> Result<()> {
     job.source.will_read(&plan.read, block_size);
-    for index in plan.read.iter() {
+    for (k, index) in plan.read.iter().enumerate() {
+        if let Some(p) = prefetch {
+            p.advance(disk, k as u64);
+        }
         if crate::util::interrupted() {
             return Err(Error::Interrupted);
         }
@@ -587,6 +603,44 @@ fn process_block(
     // A closed channel means the packer stopped on an error, which the abort records.
     let _ = blob_tx.send(sealed);
     Ok(BlockResult { index, id, kind: BlockKind::New { stored } })
+}
+
+/// The likely delta bases of an incremental from a change list: the parent's block at each offset to be read,
+/// where the index lists it as a plain data blob. `None` when no disk has such candidates. Best effort: a parent
+/// segment that cannot be read only means no prefetch for its blocks (the backup itself reports it).
+fn base_prefetch(repo: &Repository, cache: &IndexCache, plans: &[DiskPlan]) -> Option<BasePrefetch> {
+    let mut candidates = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let mut disk = Vec::new();
+        if let Some(parent) = &plan.parent {
+            let mut segment: Option<(usize, Vec<BlobId>)> = None;
+            for (k, block) in plan.read.iter().enumerate() {
+                let s = (block / SEGMENT_BLOCKS as u64) as usize;
+                let Some(seg) = parent.segments.get(s) else { break };
+                if segment.as_ref().map(|(i, _)| *i) != Some(s) {
+                    match load_segment(repo, cache, seg) {
+                        Ok(ids) => segment = Some((s, ids)),
+                        Err(e) => {
+                            tracing::debug!("no delta base prefetch for segment {s}: {e}");
+                            segment = Some((s, Vec::new()));
+                        }
+                    }
+                }
+                let ids = &segment.as_ref().expect("loaded above").1;
+                let Some(id) = ids.get(block as usize % SEGMENT_BLOCKS).filter(|id| !id.is_zero_block()) else {
+                    continue;
+                };
+                if let Ok(Some(loc)) = cache.lookup(id) {
+                    if !loc.entry.is_delta() && loc.entry.blob_type == BlobType::Data {
+                        disk.push((k as u64, loc));
+                    }
+                }
+            }
+        }
+        candidates.push(disk);
+    }
+    let p = BasePrefetch::new(candidates);
+    (!p.is_empty()).then_some(p)
 }
 
 /// Loads the block ids of one of the parent's segments.

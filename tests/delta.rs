@@ -98,6 +98,18 @@ fn similar_blocks_are_stored_as_deltas_and_restore_bit_exact() {
     assert!(e.pack_bytes() - before >= 6 * MIB as u64, "--no-delta stored {} bytes", e.pack_bytes() - before);
     assert_eq!(deltas(&e).len(), 7);
     assert_eq!(e.restore(&s2, &[]), day2);
+
+    // An incremental from a change list: the parent's blocks at the changed offsets are read ahead as bases.
+    let day3 = small_writes(&day2, 3);
+    let areas: Vec<(u64, u64)> = (2..8u64).map(|b| (b * MIB as u64, MIB as u64)).collect();
+    let cf = e.path("changes.json");
+    write_changes(&cf, &areas);
+    let before = e.pack_bytes();
+    let s3 = backup_day(&e, &path, &day3, &["--changed-areas", cf.to_str().unwrap()]);
+    assert!(e.pack_bytes() - before < MIB as u64, "{} bytes for six slightly changed blocks", e.pack_bytes() - before);
+    assert_eq!(deltas(&e).len(), 13);
+    assert_eq!(e.restore(&s3, &[]), day3);
+    assert_eq!(e.restore(&s1, &[]), day1);
 }
 
 #[test]
