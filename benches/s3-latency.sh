@@ -21,7 +21,8 @@ weed mini -dir="$work/sw" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port=$port -maste
 weed_pid=$!
 python3 benches/lagproxy.py $lag $port "$delay" > "$work/proxy.log" 2>&1 &
 proxy_pid=$!
-trap 'kill $weed_pid $proxy_pid 2>/dev/null; rm -rf "$work"' EXIT
+# weed mini takes seconds to stop on SIGTERM: kill it for good before its directory goes.
+trap 'kill $weed_pid $proxy_pid 2>/dev/null; sleep 1; kill -9 $weed_pid 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 1 120); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.5; done
 sleep 2
 for round in 1 2; do
