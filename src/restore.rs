@@ -96,6 +96,22 @@ fn open_target(path: &Path, capacity: u64, overwrite: bool) -> Result<Target> {
     Ok(Target { file, path: path.into(), holes_are_zero: true })
 }
 
+/// Where the bases of delta blobs come from while blobs are opened: those read ahead for a batch of deltas
+/// (restore), else a read of their own through `locator` (with a small per-thread cache).
+pub(crate) struct Bases<'a> {
+    pub locator: &'a dyn BlobLocator,
+    pub preloaded: Mutex<HashMap<BlobId, Arc<AlignedBuf>>>,
+}
+
+impl<'a> Bases<'a> {
+    pub fn new(locator: &'a dyn BlobLocator) -> Self {
+        Bases { locator, preloaded: Mutex::new(HashMap::new()) }
+    }
+}
+
+/// Distinct bases read ahead at once for delta blobs (each up to a block: bounds restore's memory).
+const BASES_PER_BATCH: usize = 32;
+
 /// One blob to fetch and the disk blocks it fills.
 pub(crate) struct Want {
     pub entry: PackEntry,
@@ -225,20 +241,34 @@ pub fn restore_disk(
                 .blocks
                 .push(block);
         }
-        let jobs = plan_reads(by_pack);
-        let fetched = pool.install(|| {
-            jobs.par_iter().try_for_each(|job| {
-                if crate::util::interrupted() {
-                    return Err(Error::Interrupted);
-                }
-                let (blocks, bytes) = run_read_job(repo, cache, disk, &writer, job, counters, &damaged)?;
-                let mut s = stats.lock().unwrap();
-                s.bytes_fetched += job.len;
-                s.blocks_written += blocks;
-                s.bytes_written += bytes;
-                Ok::<_, Error>(())
+        // Whole blobs first, then delta blobs in batches whose bases are read ahead together: with one ranged
+        // read per base, restoring from remote storage waited for a round trip per delta.
+        let (whole, delta_batches) = split_deltas(by_pack, cache)?;
+        let bases = Bases::new(cache);
+        let run_jobs = |jobs: Vec<ReadJob>| {
+            pool.install(|| {
+                jobs.par_iter().try_for_each(|job| {
+                    if crate::util::interrupted() {
+                        return Err(Error::Interrupted);
+                    }
+                    let (blocks, bytes) = run_read_job(repo, &bases, disk, &writer, job, counters, &damaged)?;
+                    let mut s = stats.lock().unwrap();
+                    s.bytes_fetched += job.len;
+                    s.blocks_written += blocks;
+                    s.bytes_written += bytes;
+                    Ok::<_, Error>(())
+                })
             })
-        });
+        };
+        let mut fetched = run_jobs(plan_reads(whole));
+        for (base_wants, deltas) in delta_batches {
+            if fetched.is_err() {
+                break;
+            }
+            preload_bases(repo, &pool, &bases, base_wants);
+            fetched = run_jobs(plan_reads(deltas));
+            bases.preloaded.lock().unwrap().clear();
+        }
         if let Err(e) = fetched {
             // A write error stops the fetchers with "the writer stopped": report the write error itself.
             writer.finish()?;
@@ -292,6 +322,62 @@ pub(crate) fn plan_reads(by_pack: HashMap<ObjectId, HashMap<BlobId, Want>>) -> V
     // Read packs in disk order of their first block: the target is written roughly sequentially.
     jobs.sort_by_key(|j| j.wants.iter().flat_map(|w| w.blocks.first()).min().copied().unwrap_or(0));
     jobs
+}
+
+/// Wanted blobs by pack, with the delta blobs taken out: (the others, then batches of (bases to read ahead, the
+/// deltas that use them)). A base the index does not list is left to the delta's own read, which reports it.
+type WantsByPack = HashMap<ObjectId, HashMap<BlobId, Want>>;
+
+fn split_deltas(by_pack: WantsByPack, cache: &IndexCache) -> Result<(WantsByPack, Vec<(WantsByPack, WantsByPack)>)> {
+    let mut whole: WantsByPack = HashMap::new();
+    let mut deltas: Vec<(ObjectId, Want)> = Vec::new();
+    for (pack, wants) in by_pack {
+        for (id, w) in wants {
+            if w.entry.base.is_some() {
+                deltas.push((pack, w));
+            } else {
+                whole.entry(pack).or_default().insert(id, w);
+            }
+        }
+    }
+    // Deltas sharing a base end up in one batch.
+    deltas.sort_by_key(|(_, w)| (w.entry.base, w.entry.offset));
+    let mut batches: Vec<(WantsByPack, WantsByPack)> = Vec::new();
+    let mut in_batch = 0;
+    let mut last_base = None;
+    for (pack, w) in deltas {
+        let base = w.entry.base.expect("deltas only");
+        if last_base != Some(base) {
+            if batches.is_empty() || in_batch == BASES_PER_BATCH {
+                batches.push((HashMap::new(), HashMap::new()));
+                in_batch = 0;
+            }
+            in_batch += 1;
+            last_base = Some(base);
+            if let Some(loc) = cache.lookup(&base)? {
+                let batch = batches.last_mut().expect("pushed above");
+                batch.0.entry(loc.pack).or_default().insert(base, Want { entry: loc.entry, blocks: Vec::new() });
+            }
+        }
+        batches.last_mut().expect("pushed above").1.entry(pack).or_default().insert(w.entry.id, w);
+    }
+    Ok((whole, batches))
+}
+
+/// Reads a batch of bases with coalesced ranged reads in parallel into `bases`. Failures are left to the
+/// deltas' own reads of their bases, which name the damage.
+fn preload_bases(repo: &Repository, pool: &rayon::ThreadPool, bases: &Bases, wants: WantsByPack) {
+    let jobs = plan_reads(wants);
+    pool.install(|| {
+        jobs.par_iter().for_each(|job| {
+            let mut data = Vec::new();
+            let _ = fetch_blobs(repo, bases, job, &mut data, None, |w, plain| {
+                if let Ok(p) = plain {
+                    bases.preloaded.lock().unwrap().insert(w.entry.id, Arc::new(p));
+                }
+            });
+        })
+    });
 }
 
 /// A queued block that goes back to the fetchers once written, if nothing else shares it.
@@ -383,7 +469,7 @@ impl Writer {
 #[allow(clippy::too_many_arguments)]
 fn run_read_job(
     repo: &Repository,
-    cache: &IndexCache,
+    bases: &Bases,
     disk: &DiskManifest,
     writer: &Writer,
     job: &ReadJob,
@@ -416,7 +502,7 @@ fn run_read_job(
         static RANGE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     let fetched = RANGE.with_borrow_mut(|data| {
-        fetch_blobs(repo, cache, job, data, Some(&writer.spare), |w, plain| {
+        fetch_blobs(repo, bases, job, data, Some(&writer.spare), |w, plain| {
             if stopped.is_ok() {
                 stopped = write_blob(w, plain);
             }
@@ -435,7 +521,7 @@ fn run_read_job(
 /// each want's result to `each` in order. The error is the failed read; a blob's names the blob and the cause.
 pub(crate) fn fetch_blobs(
     repo: &Repository,
-    locator: &dyn BlobLocator,
+    bases: &Bases,
     job: &ReadJob,
     data: &mut Vec<u8>,
     spare: Option<&crossbeam_channel::Receiver<AlignedBuf>>,
@@ -445,7 +531,7 @@ pub(crate) fn fetch_blobs(
     // One blob opened at a time: a range of well-compressed blobs is many times its size in plain text.
     for w in &job.wants {
         let plain = spare.and_then(|s| s.try_recv().ok()).unwrap_or_default();
-        each(w, open_want(repo, locator, job, data, w, plain));
+        each(w, open_want(repo, bases, job, data, w, plain));
     }
     Ok(())
 }
@@ -453,7 +539,7 @@ pub(crate) fn fetch_blobs(
 /// Opens one wanted blob of a fetched range (`data` starts at `job.offset`), decrypting it where it lies.
 fn open_want(
     repo: &Repository,
-    locator: &dyn BlobLocator,
+    bases: &Bases,
     job: &ReadJob,
     data: &mut [u8],
     w: &Want,
@@ -463,11 +549,13 @@ fn open_want(
     let stored = data
         .get_mut(rel..rel + w.entry.stored_len as usize)
         .ok_or_else(|| format!("blob {} at offset {}: the pack ends early", w.entry.id, w.entry.offset))?;
-    let base = match w.entry.base {
-        None => None,
-        Some(_) => Some(base_of(repo, locator, &w.entry).map_err(|e| e.to_string())?),
+    let preloaded = w.entry.base.and_then(|b| bases.preloaded.lock().unwrap().get(&b).cloned());
+    let read = match (w.entry.base, &preloaded) {
+        (Some(_), None) => Some(base_of(repo, bases.locator, &w.entry).map_err(|e| e.to_string())?),
+        _ => None,
     };
-    pack::open_blob_in_place(repo.keys(), &w.entry, stored, &mut plain, base.as_deref().map(|b| &b[..]))
+    let base: Option<&[u8]> = preloaded.as_deref().map(|b| &b[..]).or(read.as_deref().map(|b| &b[..]));
+    pack::open_blob_in_place(repo.keys(), &w.entry, stored, &mut plain, base)
         .map_err(|cause| format!("blob {} at offset {}: {cause}", w.entry.id, w.entry.offset))?;
     Ok(plain)
 }

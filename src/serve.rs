@@ -23,7 +23,7 @@ use crate::format::snapshot::DiskManifest;
 use crate::format::{BlobId, ObjectId, SEGMENT_BLOCKS};
 use crate::nbd::server::{Device, Exports};
 use crate::repository::Repository;
-use crate::restore::{fetch_blobs, plan_reads, Want};
+use crate::restore::{fetch_blobs, plan_reads, Bases, Want};
 use crate::util::AlignedBuf;
 
 pub struct ServeOptions {
@@ -258,16 +258,16 @@ impl SnapshotDisk {
             ));
         }
         let mut first_error = None;
+        let bases = Bases::new(&*shared.cache);
         for job in plan_reads(by_pack) {
             let holds_id = job.wants.iter().any(|w| w.entry.id == id);
-            let fetched =
-                fetch_blobs(&shared.repo, &*shared.cache, &job, &mut Vec::new(), None, |want, result| match result {
-                    Ok(plain) => shared.blobs.insert(want.entry.id, Arc::new(plain)),
-                    Err(cause) if want.entry.id == id => {
-                        first_error = Some(Error::corrupt(crate::format::names::pack(&job.pack), cause))
-                    }
-                    Err(_) => {}
-                });
+            let fetched = fetch_blobs(&shared.repo, &bases, &job, &mut Vec::new(), None, |want, result| match result {
+                Ok(plain) => shared.blobs.insert(want.entry.id, Arc::new(plain)),
+                Err(cause) if want.entry.id == id => {
+                    first_error = Some(Error::corrupt(crate::format::names::pack(&job.pack), cause))
+                }
+                Err(_) => {}
+            });
             match fetched {
                 Err(e) if holds_id => first_error = Some(e),
                 _ => {}

@@ -113,6 +113,24 @@ fn similar_blocks_are_stored_as_deltas_and_restore_bit_exact() {
 }
 
 #[test]
+fn a_restore_reads_the_bases_of_many_deltas_in_batches() {
+    // More distinct bases than restore reads ahead at once (32).
+    let e = Env::with_repo();
+    let path = e.path("disk.raw");
+    let day0 = random_bytes(5, 48 * MIB);
+    let s0 = backup_day(&e, &path, &day0, &[]);
+    let mut day1 = day0.clone();
+    for b in 0..48 {
+        let at = b * MIB + (b * 7 % 250) * PAGE;
+        day1[at..at + 100].copy_from_slice(&random_bytes(900 + b as u64, 100));
+    }
+    let s1 = backup_day(&e, &path, &day1, &[]);
+    assert!(deltas(&e).len() >= 48, "{} deltas", deltas(&e).len());
+    assert_eq!(e.restore(&s1, &[]), day1);
+    assert_eq!(e.restore(&s0, &[]), day0);
+}
+
+#[test]
 fn prune_keeps_the_base_of_a_live_delta_and_frees_it_later() {
     let e = Env::new();
     e.ok(&["init", "--pack-size", "1"]);
