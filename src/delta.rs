@@ -52,6 +52,13 @@ pub fn features(block: &[u8]) -> Vec<u64> {
         .collect()
 }
 
+/// What [`DeltaSealer::try_delta`] did.
+enum Tried {
+    Delta(SealedBlob),
+    /// No delta; the block sealed whole if that was done to compare.
+    Whole(Option<SealedBlob>),
+}
+
 /// Seals new data blocks, as deltas where a similar stored block makes that pay. One per backup worker.
 pub struct DeltaSealer<'a> {
     repo: &'a Repository,
@@ -91,52 +98,61 @@ impl<'a> DeltaSealer<'a> {
             return Ok(self.sealer.seal(self.repo.keys(), BlobType::Data, id, data));
         }
         let features = features(data);
-        if let Some((base, votes)) = self.candidate(&features)? {
-            if let Some(base_plain) = self.base(&base) {
-                let keys = self.repo.keys();
-                // Most sampled pages are in the base: the delta wins, no need to compress the block twice.
-                if votes * 2 >= features.len() {
-                    if let Some(d) = self.sealer.seal_delta(keys, id, data, base, &base_plain) {
-                        self.keep_base(base, base_plain);
-                        self.deltas += 1;
-                        return Ok(d);
-                    }
-                } else {
-                    let whole = self.sealer.seal(keys, BlobType::Data, id, data);
-                    let delta = self.sealer.seal_delta(keys, id, data, base, &base_plain);
-                    self.keep_base(base, base_plain);
-                    match delta {
-                        Some(d) if d.bytes.len() < whole.bytes.len() - whole.bytes.len() / 8 => {
-                            self.deltas += 1;
-                            return Ok(d);
-                        }
-                        _ => {
-                            self.cache.add_features(&id, &features)?;
-                            return Ok(whole);
-                        }
-                    }
-                }
-                self.keep_base(base, base_plain);
+        let whole = match self.try_delta(id, data, &features) {
+            Tried::Delta(d) => {
+                self.deltas += 1;
+                return Ok(d);
             }
-        }
-        let whole = self.sealer.seal(self.repo.keys(), BlobType::Data, id, data);
+            Tried::Whole(Some(w)) => w,
+            Tried::Whole(None) => self.sealer.seal(self.repo.keys(), BlobType::Data, id, data),
+        };
+        // Stored whole: a possible base for later blocks.
         self.cache.add_features(&id, &features)?;
         Ok(whole)
     }
 
-    /// The stored block most of `features` point to, with its number of votes.
-    fn candidate(&self, features: &[u64]) -> Result<Option<(BlobId, usize)>> {
-        if features.is_empty() {
-            return Ok(None);
+    /// Seals the block as a delta if a similar stored block makes that pay; otherwise hands back the block
+    /// sealed whole if that was needed to decide.
+    fn try_delta(&mut self, id: BlobId, data: &[u8], features: &[u64]) -> Tried {
+        let Some((base, votes)) = self.candidate(features) else { return Tried::Whole(None) };
+        let Some(base_plain) = self.base(&base) else { return Tried::Whole(None) };
+        let keys = self.repo.keys();
+        let delta = self.sealer.seal_delta(keys, id, data, base, &base_plain);
+        self.keep_base(base, base_plain);
+        let Some(delta) = delta else { return Tried::Whole(None) };
+        // Most sampled pages are in the base: the delta wins, no need to compress the block on its own too.
+        if votes * 2 >= features.len() {
+            return Tried::Delta(delta);
         }
+        let whole = self.sealer.seal(keys, BlobType::Data, id, data);
+        if delta.bytes.len() < whole.bytes.len() - whole.bytes.len() / 8 {
+            Tried::Delta(delta)
+        } else {
+            Tried::Whole(Some(whole))
+        }
+    }
+
+    /// The stored block most of `features` point to, with its number of votes. A cache that cannot be read
+    /// only costs the delta.
+    fn candidate(&self, features: &[u64]) -> Option<(BlobId, usize)> {
+        if features.is_empty() {
+            return None;
+        }
+        let found = match self.cache.blocks_with_features(features) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("looking for a delta base: {e}");
+                return None;
+            }
+        };
         let mut votes: Vec<(BlobId, usize)> = Vec::new();
-        for b in self.cache.blocks_with_features(features)? {
+        for b in found {
             match votes.iter_mut().find(|(id, _)| *id == b) {
                 Some((_, n)) => *n += 1,
                 None => votes.push((b, 1)),
             }
         }
-        Ok(votes.into_iter().max_by_key(|(_, n)| *n))
+        votes.into_iter().max_by_key(|(_, n)| *n)
     }
 
     /// The plaintext of a candidate base, if the index lists it as a plain data blob and it reads back intact.
