@@ -8,20 +8,6 @@ use diskvault::format::{names, BlobId};
 
 const PAGE: usize = 4096;
 
-/// Every delta blob of the repository's index: (delta id, base id).
-fn deltas(e: &Env) -> Vec<(BlobId, BlobId)> {
-    let repo = e.open_repo();
-    let mut out = Vec::new();
-    for id in repo.list_index_ids().unwrap() {
-        for p in repo.load_index(&id).unwrap().packs {
-            out.extend(p.entries.iter().filter_map(|en| en.base.map(|b| (en.id, b))));
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
 /// Where a blob is stored: (pack object name, offset of the blob in it).
 fn blob_place(e: &Env, blob: &BlobId) -> (String, usize) {
     let repo = e.open_repo();
@@ -58,7 +44,7 @@ fn similar_blocks_are_stored_as_deltas_and_restore_bit_exact() {
     let path = e.path("disk.raw");
     let day0 = random_bytes(1, 16 * MIB);
     let s0 = backup_day(&e, &path, &day0, &[]);
-    assert!(deltas(&e).is_empty(), "nothing similar was stored before the first backup");
+    assert!(e.delta_blobs().is_empty(), "nothing similar was stored before the first backup");
 
     // Day 1: small writes in six blocks, and half a block of block 0's data copied into block 12 three pages
     // off its old alignment (a file copied to another place).
@@ -67,7 +53,7 @@ fn similar_blocks_are_stored_as_deltas_and_restore_bit_exact() {
     let before = e.pack_bytes();
     let s1 = backup_day(&e, &path, &day1, &[]);
     let added = e.pack_bytes() - before;
-    let d = deltas(&e);
+    let d = e.delta_blobs();
     assert_eq!(d.len(), 7, "the seven changed blocks are deltas: {d:?}");
     // Stored whole, the seven incompressible blocks would take 7 MiB.
     assert!(added < MIB as u64, "{added} bytes stored for seven slightly changed blocks");
@@ -96,7 +82,7 @@ fn similar_blocks_are_stored_as_deltas_and_restore_bit_exact() {
     let before = e.pack_bytes();
     let s2 = backup_day(&e, &path, &day2, &["--no-delta"]);
     assert!(e.pack_bytes() - before >= 6 * MIB as u64, "--no-delta stored {} bytes", e.pack_bytes() - before);
-    assert_eq!(deltas(&e).len(), 7);
+    assert_eq!(e.delta_blobs().len(), 7);
     assert_eq!(e.restore(&s2, &[]), day2);
 
     // An incremental from a change list: the parent's blocks at the changed offsets are read ahead as bases.
@@ -107,7 +93,7 @@ fn similar_blocks_are_stored_as_deltas_and_restore_bit_exact() {
     let before = e.pack_bytes();
     let s3 = backup_day(&e, &path, &day3, &["--changed-areas", cf.to_str().unwrap()]);
     assert!(e.pack_bytes() - before < MIB as u64, "{} bytes for six slightly changed blocks", e.pack_bytes() - before);
-    assert_eq!(deltas(&e).len(), 13);
+    assert_eq!(e.delta_blobs().len(), 13);
     assert_eq!(e.restore(&s3, &[]), day3);
     assert_eq!(e.restore(&s1, &[]), day1);
 }
@@ -125,7 +111,7 @@ fn a_restore_reads_the_bases_of_many_deltas_in_batches() {
         day1[at..at + 100].copy_from_slice(&random_bytes(900 + b as u64, 100));
     }
     let s1 = backup_day(&e, &path, &day1, &[]);
-    assert!(deltas(&e).len() >= 48, "{} deltas", deltas(&e).len());
+    assert!(e.delta_blobs().len() >= 48, "{} deltas", e.delta_blobs().len());
     assert_eq!(e.restore(&s1, &[]), day1);
     assert_eq!(e.restore(&s0, &[]), day0);
 }
@@ -139,7 +125,7 @@ fn prune_keeps_the_base_of_a_live_delta_and_frees_it_later() {
     backup_day(&e, &path, &day0, &[]);
     let day1 = small_writes(&day0, 1);
     let s1 = backup_day(&e, &path, &day1, &[]);
-    assert_eq!(deltas(&e).len(), 6);
+    assert_eq!(e.delta_blobs().len(), 6);
 
     // Day 0 is forgotten: its changed blocks are no snapshot's any more, but day 1's deltas need them.
     e.ok(&["forget", "--keep-last", "1"]);
@@ -157,7 +143,7 @@ fn prune_keeps_the_base_of_a_live_delta_and_frees_it_later() {
     e.ok(&["prune", "--max-unused", "0"]);
     let left = e.pack_bytes();
     assert!(left < 4 * MIB as u64 + 256 * 1024, "{left} bytes of packs left for a 4 MiB snapshot");
-    assert!(deltas(&e).is_empty());
+    assert!(e.delta_blobs().is_empty());
     assert_eq!(e.restore(&s2, &[]), other);
 }
 
@@ -169,7 +155,7 @@ fn a_damaged_base_is_reported_for_the_blocks_of_its_deltas() {
     backup_day(&e, &path, &day0, &[]);
     let day1 = small_writes(&day0, 1);
     let s1 = backup_day(&e, &path, &day1, &[]);
-    let (delta, base) = deltas(&e)[0];
+    let (delta, base) = e.delta_blobs()[0];
     let (pack, offset) = blob_place(&e, &base);
     e.flip(&pack, offset + 100);
 

@@ -131,6 +131,20 @@ impl Env {
         diskvault::repository::Repository::open(self.backend(), self.password.as_bytes()).unwrap()
     }
 
+    /// Every delta blob the repository's index files list, as (delta id, base id), sorted.
+    pub fn delta_blobs(&self) -> Vec<(diskvault::format::BlobId, diskvault::format::BlobId)> {
+        let repo = self.open_repo();
+        let mut out = Vec::new();
+        for id in repo.list_index_ids().unwrap() {
+            for p in repo.load_index(&id).unwrap().packs {
+                out.extend(p.entries.iter().filter_map(|en| en.base.map(|b| (en.id, b))));
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Total bytes of all packs.
     pub fn pack_bytes(&self) -> u64 {
         self.backend().list("packs").unwrap().iter().map(|o| o.size).sum()
