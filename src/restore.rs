@@ -102,12 +102,29 @@ fn open_target(path: &Path, capacity: u64, overwrite: bool) -> Result<Target> {
 pub(crate) struct Bases<'a> {
     pub locator: &'a dyn BlobLocator,
     pub preloaded: Mutex<HashMap<BlobId, Arc<AlignedBuf>>>,
+    /// Buffers of a finished batch, for the next one (fresh 1 MiB buffers cost page faults).
+    spare: Mutex<Vec<AlignedBuf>>,
 }
 
 impl<'a> Bases<'a> {
     pub fn new(locator: &'a dyn BlobLocator) -> Self {
-        Bases { locator, preloaded: Mutex::new(HashMap::new()) }
+        Bases { locator, preloaded: Mutex::new(HashMap::new()), spare: Mutex::new(Vec::new()) }
     }
+
+    /// Forgets the batch's bases, keeping their buffers.
+    fn end_batch(&self) {
+        let done: Vec<Arc<AlignedBuf>> = self.preloaded.lock().unwrap().drain().map(|(_, b)| b).collect();
+        self.spare.lock().unwrap().extend(done.into_iter().filter_map(|b| Arc::try_unwrap(b).ok()));
+    }
+}
+
+/// Runs `f` with this thread's range buffer: each fetcher reads its ranges into one buffer (see
+/// `Backend::get_range_into`).
+fn with_range_buffer<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+    thread_local! {
+        static RANGE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    RANGE.with_borrow_mut(f)
 }
 
 /// Distinct bases read ahead at once for delta blobs (each up to a block: bounds restore's memory).
@@ -268,7 +285,7 @@ pub fn restore_disk(
             }
             preload_bases(repo, &pool, &bases, base_wants);
             fetched = run_jobs(plan_reads(deltas));
-            bases.preloaded.lock().unwrap().clear();
+            bases.end_batch();
         }
         if let Err(e) = fetched {
             // A write error stops the fetchers with "the writer stopped": report the write error itself.
@@ -369,16 +386,22 @@ fn split_deltas(by_pack: WantsByPack, cache: &IndexCache) -> Result<(WantsByPack
 /// deltas' own reads of their bases, which name the damage.
 fn preload_bases(repo: &Repository, pool: &rayon::ThreadPool, bases: &Bases, wants: WantsByPack) {
     let jobs = plan_reads(wants);
+    let (spare_tx, spare_rx) = crossbeam_channel::unbounded();
+    for b in bases.spare.lock().unwrap().drain(..) {
+        let _ = spare_tx.send(b);
+    }
     pool.install(|| {
         jobs.par_iter().for_each(|job| {
-            let mut data = Vec::new();
-            let _ = fetch_blobs(repo, bases, job, &mut data, None, |w, plain| {
-                if let Ok(p) = plain {
-                    bases.preloaded.lock().unwrap().insert(w.entry.id, Arc::new(p));
-                }
+            let _ = with_range_buffer(|data| {
+                fetch_blobs(repo, bases, job, data, Some(&spare_rx), |w, plain| {
+                    if let Ok(p) = plain {
+                        bases.preloaded.lock().unwrap().insert(w.entry.id, Arc::new(p));
+                    }
+                })
             });
         })
     });
+    bases.spare.lock().unwrap().extend(spare_rx.try_iter());
 }
 
 /// A queued block that goes back to the fetchers once written, if nothing else shares it.
@@ -498,11 +521,7 @@ fn run_read_job(
         }
         Ok(())
     };
-    // Each fetcher thread reads its ranges into one buffer (see `Backend::get_range_into`).
-    thread_local! {
-        static RANGE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    let fetched = RANGE.with_borrow_mut(|data| {
+    let fetched = with_range_buffer(|data| {
         fetch_blobs(repo, bases, job, data, Some(&writer.spare), |w, plain| {
             if stopped.is_ok() {
                 stopped = write_blob(w, plain);
