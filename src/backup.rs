@@ -631,7 +631,7 @@ fn base_prefetch(repo: &Repository, cache: &IndexCache, plans: &[DiskPlan]) -> O
                     continue;
                 };
                 if let Ok(Some(loc)) = cache.lookup(id) {
-                    if !loc.entry.is_delta() && loc.entry.blob_type == BlobType::Data {
+                    if loc.entry.can_be_base() {
                         disk.push((k as u64, loc));
                     }
                 }

@@ -174,7 +174,7 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
             let base = e.base?;
             let why = match blobs.get(&base) {
                 None => "is in no index file",
-                Some((_, b)) if b.is_delta() || b.blob_type != BlobType::Data => "is not a plain data blob",
+                Some((_, b)) if !b.can_be_base() => "is not a plain data blob",
                 Some(_) => return None,
             };
             Some(Problem {

@@ -165,7 +165,7 @@ impl<'a> DeltaSealer<'a> {
             return Some(b);
         }
         let loc = match self.cache.lookup(id) {
-            Ok(Some(loc)) if !loc.entry.is_delta() && loc.entry.blob_type == BlobType::Data => loc,
+            Ok(Some(loc)) if loc.entry.can_be_base() => loc,
             // Not indexed (yet, or any more): features are hints.
             Ok(_) => return None,
             Err(e) => {
@@ -236,11 +236,10 @@ impl BasePrefetch {
     /// Disk `disk`'s reader has read `count` blocks.
     pub fn advance(&self, disk: usize, count: u64) {
         let mut st = self.lock();
-        st.read[disk] = count;
+        let PrefetchState { read, ready, .. } = &mut *st;
+        read[disk] = count;
         // Read long ago and taken by no worker: not the base chosen (or the block was known).
-        let stale = |d: usize, pos: u64, read: &[u64]| pos + PREFETCH_WINDOW < read[d];
-        let read = st.read.clone();
-        st.ready.retain(|_, (d, pos, _)| !stale(*d, *pos, &read));
+        ready.retain(|_, (d, pos, _)| *pos + PREFETCH_WINDOW >= read[*d]);
         self.changed.notify_all();
     }
 

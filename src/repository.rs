@@ -17,7 +17,7 @@ use crate::format::keyfile::{KdfParams, KeyError, KeyFile};
 use crate::format::pack::{self, FinishedPack, PackEntry, PackHeader};
 use crate::format::snapshot::Snapshot;
 use crate::format::verified::VerificationRecord;
-use crate::format::{names, BlobId, BlobType, ObjectId, BLOCK_SIZE, FORMAT_VERSION};
+use crate::format::{names, BlobId, ObjectId, BLOCK_SIZE, FORMAT_VERSION};
 
 /// Options for `init`.
 #[derive(Clone, Debug)]
@@ -229,7 +229,7 @@ impl Repository {
         let loc = locator
             .locate(&base)?
             .ok_or_else(|| Error::corrupt(object(), format!("its delta base {base} is in no index file")))?;
-        if loc.entry.is_delta() || loc.entry.blob_type != BlobType::Data {
+        if !loc.entry.can_be_base() {
             return Err(Error::corrupt(object(), format!("its delta base {base} is not a plain data blob")));
         }
         self.read_blob(&loc, locator).map(Some)

@@ -97,11 +97,11 @@ fn open_target(path: &Path, capacity: u64, overwrite: bool) -> Result<Target> {
     Ok(Target { file, path: path.into(), holes_are_zero: true })
 }
 
-/// Where the bases of delta blobs come from while blobs are opened: those read ahead for a batch of deltas
-/// (restore), else a read of their own through `locator` (with a small per-thread cache).
+/// Where the bases of delta blobs come from while blobs are opened ([`Bases::with_base`]): those read ahead for
+/// a batch of deltas (restore), else a read of their own through `locator`.
 pub(crate) struct Bases<'a> {
-    pub locator: &'a dyn BlobLocator,
-    pub preloaded: Mutex<HashMap<BlobId, Arc<AlignedBuf>>>,
+    locator: &'a dyn BlobLocator,
+    preloaded: Mutex<HashMap<BlobId, Arc<AlignedBuf>>>,
     /// Buffers of a finished batch, for the next one (fresh 1 MiB buffers cost page faults).
     spare: Mutex<Vec<AlignedBuf>>,
 }
@@ -109,6 +109,43 @@ pub(crate) struct Bases<'a> {
 impl<'a> Bases<'a> {
     pub fn new(locator: &'a dyn BlobLocator) -> Self {
         Bases { locator, preloaded: Mutex::new(HashMap::new()), spare: Mutex::new(Vec::new()) }
+    }
+
+    /// Opens a blob with `open`, given its delta base if it is a delta blob: the base read ahead for this batch,
+    /// else one of this thread's recent bases, else read now (consecutive changed blocks of a disk often share
+    /// a base, such as a clone's file copied from one template block).
+    fn with_base<T>(
+        &self,
+        repo: &Repository,
+        entry: &PackEntry,
+        open: impl FnOnce(Option<&[u8]>) -> T,
+    ) -> std::result::Result<T, String> {
+        const KEPT: usize = 4;
+        thread_local! {
+            static RECENT: std::cell::RefCell<Vec<(BlobId, std::rc::Rc<Vec<u8>>)>> =
+                const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let Some(id) = entry.base else { return Ok(open(None)) };
+        if let Some(b) = self.preloaded.lock().unwrap().get(&id).cloned() {
+            return Ok(open(Some(&b)));
+        }
+        let recent = RECENT.with_borrow(|v| v.iter().find(|(k, _)| *k == id).map(|(_, b)| b.clone()));
+        let base = match recent {
+            Some(b) => b,
+            None => {
+                let b = std::rc::Rc::new(
+                    repo.read_base(entry, self.locator).map_err(|e| e.to_string())?.expect("a delta has a base"),
+                );
+                RECENT.with_borrow_mut(|v| {
+                    if v.len() == KEPT {
+                        v.remove(0);
+                    }
+                    v.push((id, b.clone()));
+                });
+                b
+            }
+        };
+        Ok(open(Some(&base)))
     }
 
     /// Forgets the batch's bases, keeping their buffers.
@@ -569,36 +606,10 @@ fn open_want(
     let stored = data
         .get_mut(rel..rel + w.entry.stored_len as usize)
         .ok_or_else(|| format!("blob {} at offset {}: the pack ends early", w.entry.id, w.entry.offset))?;
-    let preloaded = w.entry.base.and_then(|b| bases.preloaded.lock().unwrap().get(&b).cloned());
-    let read = match (w.entry.base, &preloaded) {
-        (Some(_), None) => Some(base_of(repo, bases.locator, &w.entry).map_err(|e| e.to_string())?),
-        _ => None,
-    };
-    let base: Option<&[u8]> = preloaded.as_deref().map(|b| &b[..]).or(read.as_deref().map(|b| &b[..]));
-    pack::open_blob_in_place(repo.keys(), &w.entry, stored, &mut plain, base)
+    bases
+        .with_base(repo, &w.entry, |base| pack::open_blob_in_place(repo.keys(), &w.entry, stored, &mut plain, base))
+        .and_then(|opened| opened)
         .map_err(|cause| format!("blob {} at offset {}: {cause}", w.entry.id, w.entry.offset))?;
-    Ok(plain)
-}
-
-/// The base of a delta blob, from a small per-thread cache of recent bases: consecutive changed blocks of a
-/// disk often share a base (a clone's file copied from one template block).
-fn base_of(repo: &Repository, locator: &dyn BlobLocator, delta: &PackEntry) -> Result<std::rc::Rc<Vec<u8>>> {
-    const KEPT: usize = 4;
-    thread_local! {
-        static BASES: std::cell::RefCell<Vec<(BlobId, std::rc::Rc<Vec<u8>>)>> =
-            const { std::cell::RefCell::new(Vec::new()) };
-    }
-    let id = delta.base.expect("called for delta blobs");
-    if let Some(b) = BASES.with_borrow(|v| v.iter().find(|(k, _)| *k == id).map(|(_, b)| b.clone())) {
-        return Ok(b);
-    }
-    let plain = std::rc::Rc::new(repo.read_base(delta, locator)?.expect("a delta has a base"));
-    BASES.with_borrow_mut(|v| {
-        if v.len() == KEPT {
-            v.remove(0);
-        }
-        v.push((id, plain.clone()));
-    });
     Ok(plain)
 }
 

@@ -31,6 +31,15 @@ fn small_writes(img: &[u8], seed: u64) -> Vec<u8> {
     out
 }
 
+/// Day 0 of a test disk: `mib` MiB of random data backed up from `disk.raw` as source `vm`.
+/// Returns (the image path, day 0's content, its snapshot id).
+fn first_day(e: &Env, seed: u64, mib: usize) -> (std::path::PathBuf, Vec<u8>, String) {
+    let path = e.path("disk.raw");
+    let day0 = random_bytes(seed, mib * MIB);
+    let s0 = backup_day(e, &path, &day0, &[]);
+    (path, day0, s0)
+}
+
 fn backup_day(e: &Env, path: &std::path::Path, img: &[u8], extra: &[&str]) -> String {
     write(path, img);
     let mut args = vec![path.to_str().unwrap(), "--name", "vm"];
@@ -41,9 +50,7 @@ fn backup_day(e: &Env, path: &std::path::Path, img: &[u8], extra: &[&str]) -> St
 #[test]
 fn similar_blocks_are_stored_as_deltas_and_restore_bit_exact() {
     let e = Env::with_repo();
-    let path = e.path("disk.raw");
-    let day0 = random_bytes(1, 16 * MIB);
-    let s0 = backup_day(&e, &path, &day0, &[]);
+    let (path, day0, s0) = first_day(&e, 1, 16);
     assert!(e.delta_blobs().is_empty(), "nothing similar was stored before the first backup");
 
     // Day 1: small writes in six blocks, and half a block of block 0's data copied into block 12 three pages
@@ -85,7 +92,7 @@ fn similar_blocks_are_stored_as_deltas_and_restore_bit_exact() {
     assert_eq!(e.delta_blobs().len(), 7);
     assert_eq!(e.restore(&s2, &[]), day2);
 
-    // An incremental from a change list: the parent's blocks at the changed offsets are read ahead as bases.
+    // An incremental from a change list (the path on which backup reads the likely bases ahead).
     let day3 = small_writes(&day2, 3);
     let areas: Vec<(u64, u64)> = (2..8u64).map(|b| (b * MIB as u64, MIB as u64)).collect();
     let cf = e.path("changes.json");
@@ -99,12 +106,10 @@ fn similar_blocks_are_stored_as_deltas_and_restore_bit_exact() {
 }
 
 #[test]
-fn a_restore_reads_the_bases_of_many_deltas_in_batches() {
+fn a_restore_of_deltas_with_more_bases_than_one_read_ahead_batch_is_bit_exact() {
     // More distinct bases than restore reads ahead at once (32).
     let e = Env::with_repo();
-    let path = e.path("disk.raw");
-    let day0 = random_bytes(5, 48 * MIB);
-    let s0 = backup_day(&e, &path, &day0, &[]);
+    let (path, day0, s0) = first_day(&e, 5, 48);
     let mut day1 = day0.clone();
     for b in 0..48 {
         let at = b * MIB + (b * 7 % 250) * PAGE;
@@ -120,9 +125,7 @@ fn a_restore_reads_the_bases_of_many_deltas_in_batches() {
 fn prune_keeps_the_base_of_a_live_delta_and_frees_it_later() {
     let e = Env::new();
     e.ok(&["init", "--pack-size", "1"]);
-    let path = e.path("disk.raw");
-    let day0 = random_bytes(2, 10 * MIB);
-    backup_day(&e, &path, &day0, &[]);
+    let (path, day0, _) = first_day(&e, 2, 10);
     let day1 = small_writes(&day0, 1);
     let s1 = backup_day(&e, &path, &day1, &[]);
     assert_eq!(e.delta_blobs().len(), 6);
@@ -150,9 +153,7 @@ fn prune_keeps_the_base_of_a_live_delta_and_frees_it_later() {
 #[test]
 fn a_damaged_base_is_reported_for_the_blocks_of_its_deltas() {
     let e = Env::with_repo();
-    let path = e.path("disk.raw");
-    let day0 = random_bytes(4, 12 * MIB);
-    backup_day(&e, &path, &day0, &[]);
+    let (path, day0, _) = first_day(&e, 4, 12);
     let day1 = small_writes(&day0, 1);
     let s1 = backup_day(&e, &path, &day1, &[]);
     let (delta, base) = e.delta_blobs()[0];

@@ -183,25 +183,35 @@ fn repo_v1_image() -> Vec<u8> {
     img
 }
 
-#[test]
-fn repository_written_by_v1_stays_readable() {
-    let dir = vectors().join("repo-v1");
-    // The committed repository is a directory: test it as one, whatever backend the suite tests.
+/// A local test environment with a copy of the committed repository `vectors/<name>` (whatever backend the
+/// suite tests: the committed repository is a directory). With `DISKVAULT_UPDATE_VECTORS` the repository is
+/// first written anew: `init`, then `write` (diskvault commands on the committed directory).
+fn committed_repository(name: &str, password: &str, write: impl FnOnce(&common::Env, &dyn Fn(&[&str]))) -> common::Env {
+    let dir = vectors().join(name);
     let mut e = common::Env::local();
-    e.password = "format-v1".into();
-    let img_path = e.path("image.raw");
-    common::write(&img_path, &repo_v1_image());
+    e.password = password.into();
     if updating() {
         let _ = std::fs::remove_dir_all(&dir);
-        let mut c = e.command(&["init", "--pack-size", "1"]);
-        c.env("DISKVAULT_REPOSITORY", &dir);
-        assert!(c.status().unwrap().success());
-        let mut c = e.command(&["backup", "--name", "vector", &format!("disk0={}", img_path.display())]);
-        c.env("DISKVAULT_REPOSITORY", &dir);
-        assert!(c.status().unwrap().success());
+        let run = |args: &[&str]| {
+            let mut c = e.command(args);
+            c.env("DISKVAULT_REPOSITORY", &dir);
+            assert!(c.status().unwrap().success(), "{args:?}");
+        };
+        run(&["init", "--pack-size", "1"]);
+        write(&e, &run);
     }
     // Work on a copy: opening must not need to write to the repository.
     copy_dir(&dir, &e.repo());
+    e
+}
+
+#[test]
+fn repository_written_by_v1_stays_readable() {
+    let e = committed_repository("repo-v1", "format-v1", |e, run| {
+        let img_path = e.path("image.raw");
+        common::write(&img_path, &repo_v1_image());
+        run(&["backup", "--name", "vector", &format!("disk0={}", img_path.display())]);
+    });
     let restored = e.restore("latest", &["--name", "vector"]);
     assert!(restored == repo_v1_image(), "the v1 repository no longer restores its image");
     let snaps = e.ok(&["snapshots", "--json"]).json();
@@ -225,24 +235,13 @@ fn repo_v2_images() -> [Vec<u8>; 2] {
 
 #[test]
 fn repository_written_by_v2_with_delta_blobs_stays_readable() {
-    let dir = vectors().join("repo-v2");
-    let mut e = common::Env::local();
-    e.password = "format-v2".into();
-    let img_path = e.path("image.raw");
-    if updating() {
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut c = e.command(&["init", "--pack-size", "1"]);
-        c.env("DISKVAULT_REPOSITORY", &dir);
-        assert!(c.status().unwrap().success());
+    let e = committed_repository("repo-v2", "format-v2", |e, run| {
+        let img_path = e.path("image.raw");
         for (img, time) in repo_v2_images().iter().zip(["2026-11-30 01:00:00", "2026-11-30 02:00:00"]) {
             common::write(&img_path, img);
-            let disk = format!("disk0={}", img_path.display());
-            let mut c = e.command(&["backup", "--name", "vector", "--time", time, &disk]);
-            c.env("DISKVAULT_REPOSITORY", &dir);
-            assert!(c.status().unwrap().success());
+            run(&["backup", "--name", "vector", "--time", time, &format!("disk0={}", img_path.display())]);
         }
-    }
-    copy_dir(&dir, &e.repo());
+    });
     let snaps = e.ok(&["snapshots", "--json"]).json();
     let ids: Vec<&str> = snaps.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 2);

@@ -94,6 +94,11 @@ impl PackEntry {
     pub fn is_delta(&self) -> bool {
         self.flags & FLAG_DELTA != 0
     }
+
+    /// Whether this blob may be a delta blob's base: a data blob that is not a delta itself (§6a).
+    pub fn can_be_base(&self) -> bool {
+        self.blob_type == BlobType::Data && !self.is_delta()
+    }
 }
 
 /// Writes the base ids of the delta entries among `entries`, in entry order (the table after the entries).
