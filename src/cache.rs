@@ -205,7 +205,15 @@ impl IndexCache {
 
     /// The backup finished: every pack it stored is indexed.
     pub fn end_backup(&self) -> Result<()> {
-        self.db.delete(b"r").map_err(|e| self.err(e))
+        self.db.delete(b"r").map_err(|e| self.err(e))?;
+        self.persist()
+    }
+
+    /// Writes what this process added to a table file. Otherwise the next process replays this one's log and
+    /// writes that table itself while opening, before it can start: 70-170 ms of a CBT incremental after a
+    /// 4 GiB full backup (cold page cache), 20-30 ms once the full backup had persisted its entries.
+    fn persist(&self) -> Result<()> {
+        self.db.flush().map_err(|e| self.err(e))
     }
 
     fn err(&self, e: impl std::fmt::Display) -> Error {
@@ -273,6 +281,9 @@ impl IndexCache {
                 self.insert_index_file(id, file)?;
                 stats.index_files_loaded += 1;
             }
+        }
+        if stats.index_files_loaded > 0 || stats.rebuilt {
+            self.persist()?;
         }
         Ok(stats)
     }
