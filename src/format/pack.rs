@@ -271,7 +271,9 @@ impl BlobSealer {
         // A context per delta: zstd keeps the prefix by reference for one frame, which the long-lived
         // compressor's 'static lifetime cannot express. Deltas are a small share of the blocks.
         let mut cctx = zstd::zstd_safe::CCtx::create();
-        cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(self.level)).ok()?;
+        for p in delta_params(self.level) {
+            cctx.set_parameter(p).ok()?;
+        }
         cctx.ref_prefix(base_plain).ok()?;
         self.scratch.clear();
         self.scratch.reserve(zstd::zstd_safe::compress_bound(plaintext.len()));
@@ -292,6 +294,19 @@ impl BlobSealer {
             bytes,
         })
     }
+}
+
+/// zstd parameters of a delta against a 1 MiB base. At the default levels (1 to 3) deltas use zstd's fast
+/// strategy with a window and hash table that reach across the whole base: most of a delta is long matches
+/// into the base, which the fast strategy finds as well as level 3's double hash, with a third of the work of
+/// loading the base (measured on the benchmark's 115 day-1 deltas: 0.24-0.30 s vs 0.41-0.51 s, 3.9 vs 4.0 MiB).
+/// Higher levels are the user's choice of size over speed and are kept.
+fn delta_params(level: i32) -> Vec<zstd::zstd_safe::CParameter> {
+    use zstd::zstd_safe::CParameter;
+    if level > 3 {
+        return vec![CParameter::CompressionLevel(level), CParameter::WindowLog(21)];
+    }
+    vec![CParameter::CompressionLevel(1), CParameter::WindowLog(21), CParameter::HashLog(17)]
 }
 
 /// Authenticates, decompresses and re-hashes one stored blob. `base` is the plaintext of a delta blob's base
@@ -540,6 +555,33 @@ mod tests {
         short.raw_len -= 1;
         let mut stored = p.bytes[e.offset as usize..e.end() as usize].to_vec();
         assert!(open_blob_in_place(&k, &short, &mut stored, &mut out, None).is_err());
+    }
+
+    #[test]
+    fn deltas_reach_the_whole_base_at_every_level() {
+        // Pages at their base offset are 1 MiB back, beyond the window zstd's fast levels use by default.
+        let k = keys();
+        let mut base = vec![0u8; 1 << 20];
+        blake3::Hasher::new().update(b"base").finalize_xof().fill(&mut base);
+        let mut block = base.clone();
+        block[..4096].fill(1);
+        block[(1 << 20) - 4096..].fill(2);
+        block.copy_within(8192..12288, 512 << 10);
+        let (base_id, id) = (k.blob_id(&base), k.blob_id(&block));
+        for level in [1, 3, 9, 19] {
+            let delta = BlobSealer::new(level).seal_delta(&k, id, &block, base_id, &base).expect("the delta pays");
+            assert!(delta.bytes.len() < 16 << 10, "level {level}: {} bytes", delta.bytes.len());
+            let e = PackEntry {
+                blob_type: BlobType::Data,
+                flags: delta.flags,
+                id,
+                offset: 0,
+                stored_len: delta.bytes.len() as u32,
+                raw_len: delta.raw_len,
+                base: delta.base,
+            };
+            assert_eq!(open_blob(&k, &e, &delta.bytes, Some(&base)).unwrap(), block, "level {level}");
+        }
     }
 
     #[test]
