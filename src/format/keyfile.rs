@@ -53,10 +53,15 @@ pub enum KeyError {
     Corrupt(String),
 }
 
-fn derive(password: &[u8], kdf: &KdfParams, salt: &[u8; 32]) -> Result<[u8; 32], String> {
+/// Argon2id (RFC 9106, version 0x13) with a key file's parameters and a 32-byte output.
+fn argon2id(kdf: &KdfParams) -> Result<argon2::Argon2<'static>, String> {
     let params = argon2::Params::new(kdf.memory_kib, kdf.iterations, kdf.parallelism, Some(32))
         .map_err(|e| format!("Argon2 parameters: {e}"))?;
-    let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    Ok(argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params))
+}
+
+fn derive(password: &[u8], kdf: &KdfParams, salt: &[u8; 32]) -> Result<[u8; 32], String> {
+    let a = argon2id(kdf)?;
     let mut out = [0u8; 32];
     match KdfMemory::map(kdf.memory_kib as usize) {
         Some(mut memory) => a.hash_password_into_with_memory(password, salt, &mut out, memory.blocks()),
@@ -176,12 +181,10 @@ mod tests {
         // The mapped working memory must not change the result: RFC 9106's Argon2id, as the crate computes it
         // in memory of its own, for the default parameters (4 lanes) and the smallest ones.
         for kdf in [KdfParams::DEFAULT, FAST] {
+            assert!(KdfMemory::map(kdf.memory_kib as usize).is_some(), "derive would fall back to the crate's memory");
             let salt = [9u8; 32];
-            let params = argon2::Params::new(kdf.memory_kib, kdf.iterations, kdf.parallelism, Some(32)).unwrap();
             let mut expected = [0u8; 32];
-            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
-                .hash_password_into(b"pw", &salt, &mut expected)
-                .unwrap();
+            argon2id(&kdf).unwrap().hash_password_into(b"pw", &salt, &mut expected).unwrap();
             assert_eq!(derive(b"pw", &kdf, &salt).unwrap(), expected);
         }
     }

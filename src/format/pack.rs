@@ -571,16 +571,12 @@ mod tests {
         for level in [1, 3, 9, 19] {
             let delta = BlobSealer::new(level).seal_delta(&k, id, &block, base_id, &base).expect("the delta pays");
             assert!(delta.bytes.len() < 16 << 10, "level {level}: {} bytes", delta.bytes.len());
-            let e = PackEntry {
-                blob_type: BlobType::Data,
-                flags: delta.flags,
-                id,
-                offset: 0,
-                stored_len: delta.bytes.len() as u32,
-                raw_len: delta.raw_len,
-                base: delta.base,
-            };
-            assert_eq!(open_blob(&k, &e, &delta.bytes, Some(&base)).unwrap(), block, "level {level}");
+            let mut w = PackWriter::new(BlobType::Data, 4 << 20);
+            w.add(delta);
+            let p = w.finish(&k);
+            let e = p.header.entries[0];
+            let stored = &p.bytes[e.offset as usize..e.end() as usize];
+            assert_eq!(open_blob(&k, &e, stored, Some(&base)).unwrap(), block, "level {level}");
         }
     }
 
