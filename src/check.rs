@@ -5,7 +5,8 @@
 //! indexed. Packs that no index lists are reported (a killed backup leaves them; they are harmless).
 //!
 //! Data (`--read-data`, or a subset): every selected pack is downloaded whole, its hash compared with its
-//! name, its header decrypted, and every blob authenticated, decompressed and re-hashed.
+//! name, its header decrypted, and every blob authenticated, decompressed and re-hashed; delta blobs last,
+//! with their bases read ahead in batches (see [`check_deltas`]).
 //!
 //! Problems are collected, not fatal: the report names the object, and for snapshots the disk and byte
 //! offset concerned.
@@ -20,6 +21,9 @@ use crate::format::verified::VerificationRecord;
 use crate::format::{names, BlobId, BlobType, ObjectId, SEGMENT_BLOCKS};
 use crate::progress::Counters;
 use crate::repository::{list_ids, BlobLocator, Repository};
+use crate::restore::{
+    fetch_blobs, plan_reads, preload_bases, split_deltas, with_range_buffer, Bases, ReadJob, Want, WantsByPack,
+};
 
 /// Which packs `--read-data` reads.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -248,19 +252,28 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
         .thread_name(|i| format!("check-{i}"))
         .build()
         .map_err(|e| Error::invalid(format!("thread pool: {e}")))?;
-    let data_problems: Vec<Problem> = pool.install(|| {
-        selected
+    let data_problems: Vec<Problem> = pool.install(|| -> Result<Vec<Problem>> {
+        let (mut problems, deltas): (Vec<Problem>, Vec<(ObjectId, PackEntry)>) = selected
             .par_iter()
-            .flat_map_iter(|(id, size)| {
+            .map(|(id, size)| {
                 if crate::util::interrupted() {
-                    return Vec::new();
+                    return (Vec::new(), Vec::new());
                 }
-                let p = check_pack_data(repo, id, *size, indexed.get(id), &locator);
+                let (p, deltas) = check_pack_data(repo, id, *size, indexed.get(id), &locator);
                 counters.add_done(*size);
-                p
+                (p, deltas.into_iter().map(|e| (*id, e)).collect())
             })
-            .collect()
-    });
+            .reduce(
+                || (Vec::new(), Vec::new()),
+                |mut a, b| {
+                    a.0.extend(b.0);
+                    a.1.extend(b.1);
+                    a
+                },
+            );
+        problems.extend(check_deltas(repo, &locator, deltas)?);
+        Ok(problems)
+    })?;
     // Interrupted: nothing is reported (nor recorded as verified) from a partial read.
     if crate::util::interrupted() {
         return Err(Error::Interrupted);
@@ -431,14 +444,15 @@ impl BlobLocator for IndexedBlobs<'_> {
     }
 }
 
-/// Downloads one pack and verifies every byte of it. Returns the problems found.
+/// Downloads one pack and verifies every byte of it but its delta blobs. Returns the problems found, and the
+/// delta blobs for [`check_deltas`].
 fn check_pack_data(
     repo: &Repository,
     id: &ObjectId,
     size: u64,
     indexed: Option<&IndexedPack>,
     locator: &dyn BlobLocator,
-) -> Vec<Problem> {
+) -> (Vec<Problem>, Vec<PackEntry>) {
     let name = names::pack(id);
     let whole = |message: String| Problem { pack: *id, damage: Damage::Pack, message };
     // Each checker thread reads its packs into one buffer (see `Backend::get_range_into`).
@@ -447,13 +461,14 @@ fn check_pack_data(
     }
     PACK.with_borrow_mut(|bytes| {
         if let Err(e) = repo.backend().get_range_into(&name, 0, size, bytes) {
-            return vec![whole(e.to_string())];
+            return (vec![whole(e.to_string())], Vec::new());
         }
         check_pack_bytes(repo, id, &name, indexed, bytes, locator)
     })
 }
 
-/// Verifies the bytes of pack `id` (stored as `name`).
+/// Verifies the bytes of pack `id` (stored as `name`), but for its delta blobs, which are returned for
+/// [`check_deltas`] (a blob listed twice in the pack is checked here the second time).
 fn check_pack_bytes(
     repo: &Repository,
     id: &ObjectId,
@@ -461,7 +476,7 @@ fn check_pack_bytes(
     indexed: Option<&IndexedPack>,
     bytes: &mut [u8],
     locator: &dyn BlobLocator,
-) -> Vec<Problem> {
+) -> (Vec<Problem>, Vec<PackEntry>) {
     let whole = |message: String| Problem { pack: *id, damage: Damage::Pack, message };
     let mut problems = Vec::new();
     if BlobId::of_file(bytes) != *id {
@@ -489,7 +504,7 @@ fn check_pack_bytes(
                 problems.push(Problem { pack: *id, damage: Damage::Noted, message: format!("{name}: {e}") });
                 p.entries.clone()
             }
-            None => return vec![whole(format!("{name}: {e}"))],
+            None => return (vec![whole(format!("{name}: {e}"))], Vec::new()),
         },
     };
     // Blobs are decrypted where they lie (no copy), into one reused buffer. That needs entries that do not
@@ -497,7 +512,14 @@ fn check_pack_bytes(
     // may not, and are opened from copies.
     let disjoint = entries.windows(2).all(|w| w[0].end() <= w[1].offset as u64);
     let mut plain = crate::util::AlignedBuf::default();
+    let mut deltas: Vec<PackEntry> = Vec::new();
+    let mut deferred: HashSet<BlobId> = HashSet::new();
     for e in &entries {
+        let in_pack = e.end() <= bytes.len() as u64;
+        if e.base.is_some() && in_pack && deferred.insert(e.id) {
+            deltas.push(*e);
+            continue;
+        }
         // A delta blob is decoded with its base, read from wherever it is stored.
         let base = match repo.read_base(e, locator) {
             Ok(b) => b,
@@ -523,6 +545,60 @@ fn check_pack_bytes(
                 damage: Damage::Blob(e.id),
                 message: format!("{name}: {} blob {} at offset {}: {c}", e.blob_type.name(), e.id, e.offset),
             });
+        }
+    }
+    (problems, deltas)
+}
+
+/// Opens the delta blobs of the packs read, after the rest: their bases are read ahead in batches with
+/// coalesced ranged reads in parallel, as restore does them (a read per base cost a round trip per delta on
+/// remote storage, one delta after another within a pack). The deltas are read again with ranged reads: they
+/// are small, and their packs' bytes were verified whole by [`check_pack_bytes`].
+fn check_deltas(
+    repo: &Repository,
+    locator: &dyn BlobLocator,
+    deltas: Vec<(ObjectId, PackEntry)>,
+) -> Result<Vec<Problem>> {
+    let mut wants: WantsByPack = HashMap::new();
+    for (pack, entry) in deltas {
+        wants.entry(pack).or_default().insert(entry.id, Want { entry, blocks: Vec::new() });
+    }
+    // A base the index does not list is left to the delta's own read, which reports it.
+    let (_, batches) = split_deltas(wants, locator)?;
+    let bases = Bases::new(locator);
+    let mut problems = Vec::new();
+    for (base_wants, delta_wants) in batches {
+        if crate::util::interrupted() {
+            break;
+        }
+        preload_bases(repo, &bases, base_wants);
+        let found: Vec<Problem> =
+            plan_reads(delta_wants).par_iter().flat_map_iter(|job| check_delta_read(repo, &bases, job)).collect();
+        problems.extend(found);
+        bases.end_batch();
+    }
+    Ok(problems)
+}
+
+/// Reads one coalesced range of delta blobs and opens each with its base. Returns the problems found.
+fn check_delta_read(repo: &Repository, bases: &Bases, job: &ReadJob) -> Vec<Problem> {
+    let name = names::pack(&job.pack);
+    let damaged = |w: &Want, cause: &str| Problem {
+        pack: job.pack,
+        damage: Damage::Blob(w.entry.id),
+        message: format!("{name}: {} {cause}", w.entry.blob_type.name()),
+    };
+    let mut problems = Vec::new();
+    let fetched = with_range_buffer(|data| {
+        fetch_blobs(repo, bases, job, data, None, |w, plain| {
+            if let Err(cause) = plain {
+                problems.push(damaged(w, &cause));
+            }
+        })
+    });
+    if let Err(e) = fetched {
+        for w in &job.wants {
+            problems.push(damaged(w, &format!("blob {} at offset {}: {e}", w.entry.id, w.entry.offset)));
         }
     }
     problems

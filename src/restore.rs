@@ -149,7 +149,7 @@ impl<'a> Bases<'a> {
     }
 
     /// Forgets the batch's bases, keeping their buffers.
-    fn end_batch(&self) {
+    pub(crate) fn end_batch(&self) {
         let done: Vec<Arc<AlignedBuf>> = self.preloaded.lock().unwrap().drain().map(|(_, b)| b).collect();
         self.spare.lock().unwrap().extend(done.into_iter().filter_map(|b| Arc::try_unwrap(b).ok()));
     }
@@ -157,7 +157,7 @@ impl<'a> Bases<'a> {
 
 /// Runs `f` with this thread's range buffer: each fetcher reads its ranges into one buffer (see
 /// `Backend::get_range_into`).
-fn with_range_buffer<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+pub(crate) fn with_range_buffer<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
     thread_local! {
         static RANGE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
@@ -320,7 +320,7 @@ pub fn restore_disk(
             if fetched.is_err() {
                 break;
             }
-            preload_bases(repo, &pool, &bases, base_wants);
+            pool.install(|| preload_bases(repo, &bases, base_wants));
             fetched = run_jobs(plan_reads(deltas));
             bases.end_batch();
         }
@@ -381,9 +381,12 @@ pub(crate) fn plan_reads(by_pack: HashMap<ObjectId, HashMap<BlobId, Want>>) -> V
 
 /// Wanted blobs by pack, with the delta blobs taken out: (the others, then batches of (bases to read ahead, the
 /// deltas that use them)). A base the index does not list is left to the delta's own read, which reports it.
-type WantsByPack = HashMap<ObjectId, HashMap<BlobId, Want>>;
+pub(crate) type WantsByPack = HashMap<ObjectId, HashMap<BlobId, Want>>;
 
-fn split_deltas(by_pack: WantsByPack, cache: &IndexCache) -> Result<(WantsByPack, Vec<(WantsByPack, WantsByPack)>)> {
+pub(crate) fn split_deltas(
+    by_pack: WantsByPack,
+    locator: &dyn BlobLocator,
+) -> Result<(WantsByPack, Vec<(WantsByPack, WantsByPack)>)> {
     let mut whole: WantsByPack = HashMap::new();
     let mut deltas: Vec<(ObjectId, Want)> = Vec::new();
     for (pack, wants) in by_pack {
@@ -409,7 +412,7 @@ fn split_deltas(by_pack: WantsByPack, cache: &IndexCache) -> Result<(WantsByPack
             }
             in_batch += 1;
             last_base = Some(base);
-            if let Some(loc) = cache.lookup(&base)? {
+            if let Some(loc) = locator.locate(&base)? {
                 let batch = batches.last_mut().expect("pushed above");
                 batch.0.entry(loc.pack).or_default().insert(base, Want { entry: loc.entry, blocks: Vec::new() });
             }
@@ -419,24 +422,22 @@ fn split_deltas(by_pack: WantsByPack, cache: &IndexCache) -> Result<(WantsByPack
     Ok((whole, batches))
 }
 
-/// Reads a batch of bases with coalesced ranged reads in parallel into `bases`. Failures are left to the
-/// deltas' own reads of their bases, which name the damage.
-fn preload_bases(repo: &Repository, pool: &rayon::ThreadPool, bases: &Bases, wants: WantsByPack) {
+/// Reads a batch of bases with coalesced ranged reads in parallel (in the current rayon pool) into `bases`.
+/// Failures are left to the deltas' own reads of their bases, which name the damage.
+pub(crate) fn preload_bases(repo: &Repository, bases: &Bases, wants: WantsByPack) {
     let jobs = plan_reads(wants);
     let (spare_tx, spare_rx) = crossbeam_channel::unbounded();
     for b in bases.spare.lock().unwrap().drain(..) {
         let _ = spare_tx.send(b);
     }
-    pool.install(|| {
-        jobs.par_iter().for_each(|job| {
-            let _ = with_range_buffer(|data| {
-                fetch_blobs(repo, bases, job, data, Some(&spare_rx), |w, plain| {
-                    if let Ok(p) = plain {
-                        bases.preloaded.lock().unwrap().insert(w.entry.id, Arc::new(p));
-                    }
-                })
-            });
-        })
+    jobs.par_iter().for_each(|job| {
+        let _ = with_range_buffer(|data| {
+            fetch_blobs(repo, bases, job, data, Some(&spare_rx), |w, plain| {
+                if let Ok(p) = plain {
+                    bases.preloaded.lock().unwrap().insert(w.entry.id, Arc::new(p));
+                }
+            })
+        });
     });
     bases.spare.lock().unwrap().extend(spare_rx.try_iter());
 }
@@ -608,6 +609,7 @@ fn open_want(
         .ok_or_else(|| format!("blob {} at offset {}: the pack ends early", w.entry.id, w.entry.offset))?;
     bases
         .with_base(repo, &w.entry, |base| pack::open_blob_in_place(repo.keys(), &w.entry, stored, &mut plain, base))
+        .map_err(|cause| format!("its delta base: {cause}"))
         .and_then(|opened| opened)
         .map_err(|cause| format!("blob {} at offset {}: {cause}", w.entry.id, w.entry.offset))?;
     Ok(plain)

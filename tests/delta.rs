@@ -122,6 +122,35 @@ fn a_restore_of_deltas_with_more_bases_than_one_read_ahead_batch_is_bit_exact() 
 }
 
 #[test]
+fn check_opens_every_delta_with_its_base_and_names_a_damaged_one() {
+    // More distinct bases than check reads ahead at once (32), as for restore above.
+    let e = Env::with_repo();
+    let (path, day0, _) = first_day(&e, 6, 40);
+    let mut day1 = day0.clone();
+    for b in 0..40 {
+        let at = b * MIB + (b * 11 % 250) * PAGE;
+        day1[at..at + 100].copy_from_slice(&random_bytes(700 + b as u64, 100));
+    }
+    let s1 = backup_day(&e, &path, &day1, &[]);
+    let deltas = e.delta_blobs();
+    assert!(deltas.len() >= 40, "{} deltas", deltas.len());
+    let check = e.ok(&["check", "--read-data"]);
+    assert!(check.stdout.contains("no errors found"), "{}", check.stdout);
+
+    // One delta's own bytes damaged (its base intact): check names that blob, and the block of day 1 that
+    // needs it, and no other blob.
+    let (delta, _) = deltas[deltas.len() / 2];
+    let (pack, offset) = blob_place(&e, &delta);
+    e.flip(&pack, offset + 10);
+    let c = e.run(&["check", "--read-data"]);
+    assert_ne!(c.code, 0, "{}", c.stdout);
+    let all = format!("{}{}", c.stdout, c.stderr);
+    assert!(all.contains(&format!("{pack}: data blob {delta} at offset {offset}")), "{all}");
+    assert_eq!(all.matches(" blob ").count(), 1, "only the damaged delta is reported: {all}");
+    assert!(all.contains(&format!("snapshot {} (vm)", &s1[..8])), "{all}");
+}
+
+#[test]
 fn prune_keeps_the_base_of_a_live_delta_and_frees_it_later() {
     let e = Env::new();
     e.ok(&["init", "--pack-size", "1"]);

@@ -64,7 +64,7 @@ fn keep_daily_and_weekly_with_dry_run_and_protection() {
     // Unprotected, it goes with the next forget.
     e.ok(&["unprotect", &oldest[..12]]);
     let out = e.ok(&["forget", "--keep-daily", "3", "--keep-weekly", "2"]).stdout;
-    assert!(out.contains("removed 1 snapshots"), "{out}");
+    assert!(out.contains("removed 1 snapshot, kept"), "{out}");
 }
 
 #[test]

@@ -292,11 +292,10 @@ fn print_text(
     let retries = repo.backend().retries();
     let secs = snap.summary.duration_ms as f64 / 1000.0;
     println!(
-        "snapshot {} saved (source {}, {} disk{})",
+        "snapshot {} saved (source {}, {})",
         id.short(),
         snap.source,
-        snap.disks.len(),
-        if snap.disks.len() == 1 { "" } else { "s" }
+        crate::util::count(snap.disks.len(), "disk")
     );
     if let Some(p) = snap.parent {
         println!("  parent {}", p.short());

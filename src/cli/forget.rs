@@ -3,7 +3,7 @@
 use super::Globals;
 use crate::error::{Error, Result};
 use crate::forget::{self, GroupBy, Policy};
-use crate::util::format_utc;
+use crate::util::{count, format_utc};
 
 #[derive(clap::Args, Debug)]
 pub struct ForgetArgs {
@@ -83,18 +83,19 @@ pub fn run(g: &Globals, args: &ForgetArgs) -> Result<()> {
     }
     let to_remove = decisions.iter().filter(|d| !d.keep()).count();
     if args.dry_run {
-        println!("dry run: {to_remove} snapshots would be removed, {} kept", decisions.len() - to_remove);
+        println!("dry run: {} would be removed, {} kept", count(to_remove, "snapshot"), decisions.len() - to_remove);
         return Ok(());
     }
     let removed = forget::apply(&repo, &decisions)?;
     if !args.prune {
         println!(
-            "removed {removed} snapshots, kept {}; their data stays in the repository until it is pruned",
+            "removed {}, kept {}; their data stays in the repository until it is pruned",
+            count(removed, "snapshot"),
             decisions.len() - removed
         );
         return Ok(());
     }
-    println!("removed {removed} snapshots, kept {}; pruning", decisions.len() - removed);
+    println!("removed {}, kept {}; pruning", count(removed, "snapshot"), decisions.len() - removed);
     let r = crate::prune::run(&repo, &g.cache_root(), &crate::prune::PruneOptions::default())?;
     super::prune::print_report(&r, false);
     Ok(())

@@ -247,7 +247,7 @@ fn print_stats(g: &Globals, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v).expect("JSON of plain values"));
         return Ok(());
     }
-    println!("{} snapshots", s.snapshots);
+    println!("{}", crate::util::count(s.snapshots, "snapshot"));
     println!("logical size    {:>12}  (all disks of all snapshots)", human_bytes(s.all.logical));
     println!("non-zero data   {:>12}", human_bytes(s.all.data));
     println!("distinct blobs  {:>12}  ({} blobs)", human_bytes(s.blobs_raw), s.blobs);

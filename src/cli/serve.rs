@@ -106,9 +106,8 @@ pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
         (format!("nbd://{local}/EXPORT"), None)
     };
     println!(
-        "serving {} export{} at {address}{}",
-        names.len(),
-        if names.len() == 1 { "" } else { "s" },
+        "serving {} at {address}{}",
+        crate::util::count(names.len(), "export"),
         if args.writable { " (writable overlays)" } else { " (read-only)" }
     );
     for (name, desc) in &names {

@@ -68,6 +68,6 @@ pub fn run(g: &Globals, args: &SnapshotsArgs) -> Result<()> {
             s.tags.join(",")
         );
     }
-    println!("{} snapshots", snaps.len());
+    println!("{}", crate::util::count(snaps.len(), "snapshot"));
     Ok(())
 }
