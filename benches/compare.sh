@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # diskvault next to restic, rustic (default and fixed 1 MiB chunks, if installed) and borg on the realistic VM images of
 # ../shared/bench, in one run, so that the ratios are fair on a noisy machine (diskvault_nodelta: the same binary
-# with backup --no-delta). Prints one table.
+# with backup --no-delta; diskvault_zstd1: a repository made with init --compression 1). Prints one table.
 #   benches/compare.sh [SIZE_GIB]        (default 4)
 #   env TOOLS="limits restic borg diskvault" to pick tools; SHARED_BENCH=path/to/shared/bench
 set -euo pipefail
@@ -14,7 +14,8 @@ command -v restic >/dev/null && command -v borg >/dev/null || NO_CARGO=${NO_CARG
 [ -f "$data/${size}g/vm2-day0.raw" ] || "$bench/make-workload.sh" "$size"
 # rustic (a 30-50 min build) is measured when install-peers.sh has built it into $data/tools/bin.
 export PATH="$data/tools/bin:$PATH"
-default_tools="limits restic borg diskvault diskvault_nodelta"
-command -v rustic >/dev/null && default_tools="limits restic rustic rustic_fixed1m borg diskvault diskvault_nodelta"
+default_tools="limits restic borg diskvault diskvault_nodelta diskvault_zstd1"
+command -v rustic >/dev/null &&
+  default_tools="limits restic rustic rustic_fixed1m borg diskvault diskvault_nodelta diskvault_zstd1"
 DISKVAULT_BIN=$PWD/target/release/diskvault TOOL_DEFS_DIR=$PWD/benches/peers \
   TOOLS=${TOOLS:-$default_tools} "$bench/bench-peers.sh" "$size"
