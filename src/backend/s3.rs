@@ -319,6 +319,16 @@ impl S3Backend {
 
     /// GET of a whole object or of `(offset, len)`.
     fn fetch(&self, name: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.fetch_into(name, range, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// [`S3Backend::fetch`] into `buf`, replacing what it held. The body is copied into `buf` as it arrives:
+    /// collecting it first held each download twice (its pieces, then one contiguous copy), and a reader
+    /// thread's buffer was not reused (a check against S3 peaked at 270-340 MiB).
+    fn fetch_into(&self, name: &str, range: Option<(u64, u64)>, buf: &mut Vec<u8>) -> Result<()> {
+        buf.clear();
         self.runtime.block_on(async {
             self.counted();
             let mut req = self.client.get_object().bucket(&self.bucket).key(self.key(name));
@@ -336,13 +346,22 @@ impl S3Backend {
                 }
                 Err(e) => return Err(Error::backend("get", name, describe(&e))),
             };
-            let bytes = out
-                .body
-                .collect()
-                .await
-                .map_err(|e| Error::backend("get", name, format!("download broke off: {e}")))?;
-            // Vec::from reuses the buffer when the body arrived in one piece.
-            Ok(Vec::from(bytes.into_bytes()))
+            // Only the asked length is trusted: a server that sends more is refused before it fills memory.
+            let limit = range.map_or(usize::MAX, |(_, len)| len as usize);
+            if limit != usize::MAX {
+                buf.reserve(limit);
+            }
+            let mut body = out.body;
+            loop {
+                match body.try_next().await {
+                    Ok(Some(piece)) if buf.len() + piece.len() > limit => {
+                        return Err(Error::corrupt(name, format!("the server sent more than the {limit} bytes asked")))
+                    }
+                    Ok(Some(piece)) => buf.extend_from_slice(&piece),
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err(Error::backend("get", name, format!("download broke off: {e}"))),
+                }
+            }
         })
     }
 
@@ -465,17 +484,24 @@ impl Backend for S3Backend {
     }
 
     fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.get_range_into(name, offset, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn get_range_into(&self, name: &str, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
+        buf.clear();
         if len == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
-        let v = self.fetch(name, Some((offset, len)))?;
-        if v.len() as u64 != len {
+        self.fetch_into(name, Some((offset, len)), buf)?;
+        if buf.len() as u64 != len {
             return Err(Error::corrupt(
                 name,
-                format!("truncated: wanted {len} bytes at offset {offset}, the object ends after {}", v.len()),
+                format!("truncated: wanted {len} bytes at offset {offset}, the object ends after {}", buf.len()),
             ));
         }
-        Ok(v)
+        Ok(())
     }
 
     fn size(&self, name: &str) -> Result<Option<u64>> {
