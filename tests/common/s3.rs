@@ -37,12 +37,18 @@ pub fn server() -> &'static Server {
     SERVER.get_or_init(Server::start)
 }
 
-/// A free loopback port `p` such that `p + 10000` (SeaweedFS's gRPC port for it) is free too.
+/// A free loopback port `p` such that `p + 10000` (SeaweedFS's gRPC port for it) is free too, both below the
+/// kernel's ephemeral range (32768-60999 by default). A port the kernel handed out for `bind(0)` could become
+/// the local port of one of weed's own connections before weed listened on it: the filer, which starts after
+/// the master and the volume server have connected, once failed with "bind: address already in use".
 fn free_port() -> u16 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    // A different walk through 10000..22000 per test process (test binaries of one run may overlap).
+    let start =
+        std::process::id() as u64 * 7919 + std::time::SystemTime::UNIX_EPOCH.elapsed().unwrap().as_nanos() as u64;
     loop {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = l.local_addr().unwrap().port();
-        if p < 55000 && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+        let p = 10000 + ((start + NEXT.fetch_add(1, Ordering::Relaxed) * 4099) % 12000) as u16;
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
             return p;
         }
     }
