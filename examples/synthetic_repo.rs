@@ -56,12 +56,7 @@ impl Packer<'_> {
     fn flush(&mut self) {
         if let Some(w) = self.writer.take().filter(|w| !w.is_empty()) {
             let pack = w.finish(self.repo.keys());
-            self.repo.save_pack(&pack).unwrap();
-            self.indexed.push(IndexedPack {
-                id: pack.id,
-                pack_type: pack.header.pack_type,
-                entries: pack.header.entries,
-            });
+            self.indexed.push(self.repo.save_pack(pack).unwrap());
         }
         if self.indexed.len() >= PACKS_PER_INDEX {
             self.write_index();

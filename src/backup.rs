@@ -418,10 +418,9 @@ pub fn run(
             spawn_named(s, "backup-store", move || {
                 abort.run(|| {
                     for pack in pack_rx {
-                        repo.save_pack(&pack)?;
-                        counters.add_stored(pack.bytes.len() as u64);
-                        let indexed =
-                            IndexedPack { id: pack.id, pack_type: pack.header.pack_type, entries: pack.header.entries };
+                        let stored = pack.bytes.len() as u64;
+                        let indexed = repo.save_pack(pack)?;
+                        counters.add_stored(stored);
                         if done_tx.send(indexed).is_err() {
                             break;
                         }

@@ -316,8 +316,8 @@ mod tests {
             w.add(sealer.seal(repo.keys(), BlobType::Data, repo.keys().blob_id(b), b));
         }
         let pack = w.finish(repo.keys());
-        repo.save_pack(&pack).unwrap();
-        let locs = pack.header.entries.iter().map(|e| BlobLocation { pack: pack.id, entry: *e }).collect();
+        let indexed = repo.save_pack(pack).unwrap();
+        let locs = indexed.entries.iter().map(|e| BlobLocation { pack: indexed.id, entry: *e }).collect();
         (repo, locs)
     }
 

@@ -494,8 +494,8 @@ impl<'a> Sweep<'a> {
 
     fn store_new_pack(&mut self, w: PackWriter) -> Result<()> {
         let pack = w.finish(self.repo.keys());
-        self.repo.save_pack(&pack)?;
-        self.keep(IndexedPack { id: pack.id, pack_type: pack.header.pack_type, entries: pack.header.entries })
+        let indexed = self.repo.save_pack(pack)?;
+        self.keep(indexed)
     }
 
     /// Stores the last new packs and index file.

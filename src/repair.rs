@@ -232,11 +232,7 @@ pub fn repair_snapshots(
     // Commit order: the segment pack, its index file, then the snapshots, then (optionally) the removals.
     if !writer.is_empty() {
         let pack = writer.finish(repo.keys());
-        repo.save_pack(&pack)?;
-        let file = IndexFile {
-            supersedes: Vec::new(),
-            packs: vec![IndexedPack { id: pack.id, pack_type: pack.header.pack_type, entries: pack.header.entries }],
-        };
+        let file = IndexFile { supersedes: Vec::new(), packs: vec![repo.save_pack(pack)?] };
         let index_id = repo.save_index(&file)?;
         cache.insert_index_file(&index_id, &file)?;
     }

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::format::config::Config;
 use crate::format::deletion::DeletionRecord;
 use crate::format::envelope::{self, HeaderError, Kind};
-use crate::format::index::{BlobLocation, IndexFile};
+use crate::format::index::{BlobLocation, IndexFile, IndexedPack};
 use crate::format::keyfile::{KdfParams, KeyError, KeyFile};
 use crate::format::pack::{self, FinishedPack, PackEntry, PackHeader};
 use crate::format::snapshot::Snapshot;
@@ -203,8 +203,12 @@ impl Repository {
 
     // ---- packs and blobs ----
 
-    pub fn save_pack(&self, pack: &FinishedPack) -> Result<()> {
-        self.backend.put(&names::pack(&pack.id), &pack.bytes)
+    /// Stores a finished pack (its bytes go to the backend without a copy) and returns what an index file lists
+    /// for it.
+    pub fn save_pack(&self, pack: FinishedPack) -> Result<IndexedPack> {
+        let FinishedPack { id, bytes, header } = pack;
+        self.backend.put_owned(&names::pack(&id), bytes)?;
+        Ok(IndexedPack { id, pack_type: header.pack_type, entries: header.entries })
     }
 
     /// Reads one blob and returns its authenticated, id-checked plaintext; a delta blob's base is found with

@@ -34,6 +34,12 @@ pub trait Backend: Send + Sync {
     /// holding exactly `data` as its own earlier attempt whose answer was lost.
     fn create_new(&self, name: &str, data: &[u8]) -> Result<bool>;
 
+    /// [`Backend::put`] of a buffer the caller gives up: a backend that must own what it sends (S3) takes it
+    /// without a copy.
+    fn put_owned(&self, name: &str, data: Vec<u8>) -> Result<()> {
+        self.put(name, &data)
+    }
+
     /// Reads a whole object. A missing object is [`Error::Missing`].
     fn get(&self, name: &str) -> Result<Vec<u8>>;
 

@@ -22,6 +22,7 @@ use aws_sdk_s3::types::{
     ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockMode, ServerSideEncryption, StorageClass,
 };
 use aws_sdk_s3::Client;
+use bytes::Bytes;
 
 use super::{Backend, ObjectInfo};
 use crate::error::{Error, Result};
@@ -365,7 +366,23 @@ impl S3Backend {
         })
     }
 
-    async fn put_multipart(&self, name: &str, data: &[u8]) -> Result<()> {
+    /// PUT of `data`, in parts when it is large. Every attempt and every part shares `data`'s buffer: a pack
+    /// copied into the request cost a second pack of memory per upload in flight.
+    fn put_bytes(&self, name: &str, data: Bytes) -> Result<()> {
+        self.runtime.block_on(async {
+            if data.len() > MULTIPART_PART * 2 {
+                return self.put_multipart(name, data).await;
+            }
+            self.counted();
+            self.put_request(name, ByteStream::from(data))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| Error::backend("put", name, describe(&e)))
+        })
+    }
+
+    async fn put_multipart(&self, name: &str, data: Bytes) -> Result<()> {
         let key = self.key(name);
         let err = |op: &'static str, e: String| Error::backend(op, name, e);
         let mut create = self
@@ -393,8 +410,9 @@ impl S3Backend {
             upload.upload_id().ok_or_else(|| err("start multipart upload", "no upload id".into()))?.to_string();
         let result: Result<()> = async {
             let mut parts = Vec::new();
-            for (i, chunk) in data.chunks(MULTIPART_PART).enumerate() {
+            for (i, start) in (0..data.len()).step_by(MULTIPART_PART).enumerate() {
                 let n = i as i32 + 1;
+                let chunk = data.slice(start..(start + MULTIPART_PART).min(data.len()));
                 self.counted();
                 let out = self
                     .client
@@ -404,7 +422,7 @@ impl S3Backend {
                     .upload_id(&upload_id)
                     .part_number(n)
                     .checksum_algorithm(ChecksumAlgorithm::Sha256)
-                    .body(ByteStream::from(chunk.to_vec()))
+                    .body(ByteStream::from(chunk))
                     .send()
                     .await
                     .map_err(|e| err("upload part", describe(&e)))?;
@@ -444,17 +462,11 @@ impl Backend for S3Backend {
     }
 
     fn put(&self, name: &str, data: &[u8]) -> Result<()> {
-        self.runtime.block_on(async {
-            if data.len() > MULTIPART_PART * 2 {
-                return self.put_multipart(name, data).await;
-            }
-            self.counted();
-            self.put_request(name, ByteStream::from(data.to_vec()))
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| Error::backend("put", name, describe(&e)))
-        })
+        self.put_bytes(name, Bytes::copy_from_slice(data))
+    }
+
+    fn put_owned(&self, name: &str, data: Vec<u8>) -> Result<()> {
+        self.put_bytes(name, Bytes::from(data))
     }
 
     fn create_new(&self, name: &str, data: &[u8]) -> Result<bool> {
