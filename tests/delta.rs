@@ -31,6 +31,17 @@ fn small_writes(img: &[u8], seed: u64) -> Vec<u8> {
     out
 }
 
+/// `img` with 100 new bytes in every block, one page apart from block to block: a delta for each block, each
+/// against its own base.
+fn a_write_in_every_block(img: &[u8], seed: u64) -> Vec<u8> {
+    let mut out = img.to_vec();
+    for b in 0..img.len() / MIB {
+        let at = b * MIB + (b * 7 + seed as usize) % 250 * PAGE;
+        out[at..at + 100].copy_from_slice(&random_bytes(seed * 1000 + b as u64, 100));
+    }
+    out
+}
+
 /// Day 0 of a test disk: `mib` MiB of random data backed up from `disk.raw` as source `vm`.
 /// Returns (the image path, day 0's content, its snapshot id).
 fn first_day(e: &Env, seed: u64, mib: usize) -> (std::path::PathBuf, Vec<u8>, String) {
@@ -110,11 +121,7 @@ fn a_restore_of_deltas_with_more_bases_than_one_read_ahead_batch_is_bit_exact() 
     // More distinct bases than restore reads ahead at once (32).
     let e = Env::with_repo();
     let (path, day0, s0) = first_day(&e, 5, 48);
-    let mut day1 = day0.clone();
-    for b in 0..48 {
-        let at = b * MIB + (b * 7 % 250) * PAGE;
-        day1[at..at + 100].copy_from_slice(&random_bytes(900 + b as u64, 100));
-    }
+    let day1 = a_write_in_every_block(&day0, 9);
     let s1 = backup_day(&e, &path, &day1, &[]);
     assert!(e.delta_blobs().len() >= 48, "{} deltas", e.delta_blobs().len());
     assert_eq!(e.restore(&s1, &[]), day1);
@@ -126,11 +133,7 @@ fn check_opens_every_delta_with_its_base_and_names_a_damaged_one() {
     // More distinct bases than check reads ahead at once (32), as for restore above.
     let e = Env::with_repo();
     let (path, day0, _) = first_day(&e, 6, 40);
-    let mut day1 = day0.clone();
-    for b in 0..40 {
-        let at = b * MIB + (b * 11 % 250) * PAGE;
-        day1[at..at + 100].copy_from_slice(&random_bytes(700 + b as u64, 100));
-    }
+    let day1 = a_write_in_every_block(&day0, 7);
     let s1 = backup_day(&e, &path, &day1, &[]);
     let deltas = e.delta_blobs();
     assert!(deltas.len() >= 40, "{} deltas", deltas.len());

@@ -349,9 +349,7 @@ impl S3Backend {
             };
             // Only the asked length is trusted: a server that sends more is refused before it fills memory.
             let limit = range.map_or(usize::MAX, |(_, len)| len as usize);
-            if limit != usize::MAX {
-                buf.reserve(limit);
-            }
+            buf.reserve(range.map_or(0, |_| limit));
             let mut body = out.body;
             loop {
                 match body.try_next().await {
