@@ -229,8 +229,13 @@ pub struct SealedBlob {
 impl BlobSealer {
     /// `zstd_level` 0 turns compression off.
     pub fn new(zstd_level: i32) -> Self {
-        let compressor = (zstd_level != 0)
-            .then(|| zstd::bulk::Compressor::new(zstd_level).expect("zstd level was validated in the config"));
+        let compressor = (zstd_level != 0).then(|| {
+            let mut c = zstd::bulk::Compressor::new(zstd_level).expect("zstd level was validated in the config");
+            for p in block_params(zstd_level) {
+                c.set_parameter(p).expect("a valid zstd parameter");
+            }
+            c
+        });
         BlobSealer { level: zstd_level, compressor, scratch: Vec::new() }
     }
 
@@ -294,6 +299,18 @@ impl BlobSealer {
             bytes,
         })
     }
+}
+
+/// zstd parameters of a whole block, beyond its level. Level 3 (the default) searches 1 MiB blocks with
+/// 2^15 + 2^14 hash entries instead of zstd's 2^17 + 2^16: its tables then stay in a core's L2 cache next to the
+/// block. Measured on the benchmark's three backups, 3 alternating runs each: the full backup's CPU 10.6 ->
+/// 9.3 s (median), the repository 794.6 -> 798.9 MiB (+0.5%); 2^14 + 2^14 saved no more CPU and stored +0.9%.
+fn block_params(level: i32) -> Vec<zstd::zstd_safe::CParameter> {
+    use zstd::zstd_safe::CParameter;
+    if level == 3 {
+        return vec![CParameter::HashLog(15), CParameter::ChainLog(14)];
+    }
+    Vec::new()
 }
 
 /// zstd parameters of a delta against a 1 MiB base. At the default levels (1 to 3) deltas use zstd's fast
