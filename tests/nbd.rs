@@ -609,7 +609,8 @@ fn hostile_clients_get_errors_and_the_server_survives() {
     serve.stop();
 }
 
-/// A CA and a server certificate for `localhost` (in qemu's x509 credential layout), and an unrelated CA.
+/// A CA, a server certificate for `localhost` and a client certificate it signed (in qemu's x509 credential
+/// layout), and an unrelated CA.
 fn make_certificates(dir: &Path) {
     let ssl = |args: &[&str]| {
         run_tool(tool("openssl").current_dir(dir).args(args));
@@ -665,6 +666,37 @@ fn make_certificates(dir: &Path) {
         "2",
         "-extfile",
         "ext.cnf",
+    ]);
+    // A client certificate from the same CA, for servers that admit only clients they know.
+    ssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "client-key.pem",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=operator",
+    ]);
+    write(&dir.join("client-ext.cnf"), b"basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n");
+    ssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca-cert.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-out",
+        "client-cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "client-ext.cnf",
     ]);
     ssl(&[
         "req",
@@ -729,6 +761,82 @@ fn tls_sources_verify_the_server() {
     assert!(r.stderr.contains("requires TLS"), "{}", r.stderr);
     let r = env.fails(&["backup", &server.uri]);
     assert!(r.stderr.contains("--nbd-tls-ca"), "{}", r.stderr);
+}
+
+/// qemu's x509 credentials for a client in a directory of their own: the CA it trusts, and optionally the
+/// client certificate of [`make_certificates`].
+fn qemu_client_creds(certs: &Path, name: &str, ca: &str, with_cert: bool) -> PathBuf {
+    let dir = certs.join(name);
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(certs.join(ca), dir.join("ca-cert.pem")).unwrap();
+    if with_cert {
+        std::fs::copy(certs.join("client-cert.pem"), dir.join("client-cert.pem")).unwrap();
+        std::fs::copy(certs.join("client-key.pem"), dir.join("client-key.pem")).unwrap();
+    }
+    dir
+}
+
+/// `qemu-img convert` of an export served over TLS on a Unix socket, with the client credentials in `creds`.
+fn qemu_convert_tls(serve: &Serve, export: &str, creds: &Path, out: &Path) -> std::process::Output {
+    tool("qemu-img")
+        .arg("convert")
+        .arg("--object")
+        .arg(format!("tls-creds-x509,id=tls0,dir={},endpoint=client", creds.display()))
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=nbd,server.type=unix,server.path={},export={export},tls-creds=tls0,tls-hostname=localhost",
+            serve.socket.display()
+        ))
+        .args(["-O", "raw"])
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn served_snapshots_over_tls_admit_only_trusted_clients() {
+    let env = Env::with_repo();
+    let (v, id) = backed_up_disk(&env, 5);
+    let export = format!("{}/d0", &id[..8]);
+    let certs = env.path("certs");
+    std::fs::create_dir(&certs).unwrap();
+    make_certificates(&certs);
+    let pem = |f: &str| certs.join(f).to_str().unwrap().to_string();
+    let (cert, key, ca) = (pem("server-cert.pem"), pem("server-key.pem"), pem("ca-cert.pem"));
+    let known = qemu_client_creds(&certs, "known", "ca-cert.pem", true);
+    let anonymous = qemu_client_creds(&certs, "anonymous", "ca-cert.pem", false);
+    let wrong_ca = qemu_client_creds(&certs, "wrong-ca", "other-ca.pem", true);
+
+    // Client certificates required.
+    let serve = Serve::start(&env, &["--tls-cert", &cert, "--tls-key", &key, "--tls-client-ca", &ca]);
+    let out = env.path("tls.raw");
+    let r = qemu_convert_tls(&serve, &export, &anonymous, &out);
+    assert!(!r.status.success(), "a client without a certificate was served");
+    let r = qemu_convert_tls(&serve, &export, &wrong_ca, &out);
+    assert!(!r.status.success(), "a client that does not trust the server's CA went on");
+    let plain = tool("qemu-img").args(["info"]).arg(serve.uri(&export)).output().unwrap();
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert!(!plain.status.success() && stderr.contains("this server requires TLS"), "{stderr}");
+    // diskvault's own NBD client has no client certificate: refused, and told why.
+    let r = env.fails(&[
+        "backup",
+        "--nbd-tls-ca",
+        &ca,
+        &format!("nbds+unix:///{export}?socket={}", serve.socket.display()),
+    ]);
+    assert!(r.stderr.contains("CertificateRequired"), "{}", r.stderr);
+    // After all that, a known client reads every byte.
+    let r = qemu_convert_tls(&serve, &export, &known, &out);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(std::fs::read(&out).unwrap() == v, "the export read over TLS differs from the disk");
+    serve.stop();
+
+    // TLS without client certificates: diskvault's client (several connections) backs the export up again.
+    let serve = Serve::start(&env, &["--tls-cert", &cert, "--tls-key", &key]);
+    let uri = format!("nbds+unix:///{export}?socket={}", serve.socket.display());
+    let r = env.backup(&["--name", "copy", "--nbd-tls-ca", &ca, &format!("d0={uri}")]);
+    assert!(env.restore(r["snapshot"].as_str().unwrap(), &[]) == v);
+    serve.stop();
 }
 
 #[test]

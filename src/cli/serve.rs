@@ -39,6 +39,24 @@ pub struct ServeArgs {
     /// Most clients connected at once.
     #[arg(long, default_value_t = 64)]
     max_clients: usize,
+    /// Require TLS, with this certificate (PEM, the server's first, then its chain). Clients connect with
+    /// `nbds://` or qemu's `tls-creds`.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// With TLS, admit only clients whose certificate this CA signed (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+/// What every client connection is served with.
+struct Clients {
+    exports: Arc<RepositoryExports>,
+    count: Arc<ConnectionCount>,
+    max: usize,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
@@ -66,44 +84,57 @@ pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
         source: args.name.clone(),
         session_lost: Some(session.lost_flag()),
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(crate::nbd::tls::server_config(cert, key, args.tls_client_ca.as_deref()).map_err(Error::invalid)?)
+        }
+        _ => None,
+    };
     let exports = Arc::new(RepositoryExports::new(repo, cache, opts));
     let names = exports.list()?;
-    let count = Arc::new(ConnectionCount::default());
-    let max_clients = args.max_clients.max(1);
+    let clients =
+        Arc::new(Clients { exports: exports.clone(), count: Arc::default(), max: args.max_clients.max(1), tls });
 
     let (address, socket_path) = if let Some(path) = &args.socket {
         let _ = std::fs::remove_file(path);
         let listener = std::os::unix::net::UnixListener::bind(path)
             .map_err(|e| Error::local(path, format!("cannot listen: {e}")))?;
-        let exports = exports.clone();
+        let scheme = if clients.tls.is_some() { "nbds+unix" } else { "nbd+unix" };
+        let clients = clients.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 match conn {
-                    Ok(s) => spawn_client(Box::new(s), "unix client".into(), &exports, &count, max_clients),
+                    Ok(s) => spawn_client(Box::new(s), "unix client".into(), &clients),
                     Err(e) => tracing::warn!("accept: {e}"),
                 }
             }
         });
-        (format!("nbd+unix:///EXPORT?socket={}", path.display()), Some(path.clone()))
+        (format!("{scheme}:///EXPORT?socket={}", path.display()), Some(path.clone()))
     } else {
         let addr = args.listen.clone().unwrap_or_else(|| "127.0.0.1:10809".into());
         let listener =
             std::net::TcpListener::bind(&addr).map_err(|e| Error::invalid(format!("cannot listen on {addr}: {e}")))?;
         let local = listener.local_addr().map_err(|e| Error::invalid(e.to_string()))?;
-        let exports = exports.clone();
+        if clients.tls.is_none() && !local.ip().is_loopback() {
+            tracing::warn!(
+                "serving decrypted disks without TLS to anyone who can reach {local}: see --tls-cert and --tls-client-ca"
+            );
+        }
+        let scheme = if clients.tls.is_some() { "nbds" } else { "nbd" };
+        let clients = clients.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 match conn {
                     Ok(s) => {
                         let _ = s.set_nodelay(true);
                         let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "client".into());
-                        spawn_client(Box::new(s), peer, &exports, &count, max_clients);
+                        spawn_client(Box::new(s), peer, &clients);
                     }
                     Err(e) => tracing::warn!("accept: {e}"),
                 }
             }
         });
-        (format!("nbd://{local}/EXPORT"), None)
+        (format!("{scheme}://{local}/EXPORT"), None)
     };
     println!(
         "serving {} at {address}{}",
@@ -125,21 +156,15 @@ pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
     Ok(())
 }
 
-fn spawn_client(
-    stream: Box<dyn Stream>,
-    peer: String,
-    exports: &Arc<RepositoryExports>,
-    count: &Arc<ConnectionCount>,
-    max_clients: usize,
-) {
-    let Some(slot) = count.enter(max_clients) else {
-        tracing::warn!("{peer}: refused, {max_clients} clients are connected already");
+fn spawn_client(stream: Box<dyn Stream>, peer: String, clients: &Arc<Clients>) {
+    let Some(slot) = clients.count.enter(clients.max) else {
+        tracing::warn!("{peer}: refused, {} clients are connected already", clients.max);
         stream.shutdown_both();
         return;
     };
-    let exports = exports.clone();
+    let c = clients.clone();
     let spawned = std::thread::Builder::new().name("nbd-client".into()).spawn(move || {
-        serve_connection(stream, exports.as_ref(), &peer);
+        serve_connection(stream, c.exports.as_ref(), &peer, c.tls.as_ref());
         drop(slot);
     });
     if let Err(e) = spawned {

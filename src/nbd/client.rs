@@ -660,26 +660,9 @@ impl Negotiation {
 }
 
 fn tls_config(tls: &TlsOptions) -> std::result::Result<Arc<rustls::ClientConfig>, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
     let ca =
         tls.ca_file.as_ref().ok_or("an nbds:// address needs --nbd-tls-ca FILE (the CA that signed the server)")?;
-    let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(ca).map_err(|e| format!("cannot read CA file {}: {e}", ca.display()))?;
-    for c in certs {
-        let c = c.map_err(|e| format!("CA file {}: {e}", ca.display()))?;
-        roots.add(c).map_err(|e| format!("CA file {}: {e}", ca.display()))?;
-    }
-    if roots.is_empty() {
-        return Err(format!("CA file {} holds no certificate", ca.display()));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+    super::tls::client_config(ca)
 }
 
 #[cfg(test)]

@@ -73,10 +73,16 @@ impl Stream for std::os::unix::net::UnixStream {
 #[derive(Default)]
 pub struct ConnectionCount(AtomicUsize);
 
-/// Serves one client until it disconnects or breaks the protocol. `peer` names it in log lines.
-pub fn serve_connection(stream: Box<dyn Stream>, exports: &dyn Exports, peer: &str) {
+/// Serves one client until it disconnects or breaks the protocol. `peer` names it in log lines. With `tls`,
+/// the client must start TLS (`NBD_OPT_STARTTLS`) before anything but `NBD_OPT_ABORT`.
+pub fn serve_connection(
+    stream: Box<dyn Stream>,
+    exports: &dyn Exports,
+    peer: &str,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+) {
     let closer = stream.try_clone_stream().ok();
-    match negotiate(stream, exports) {
+    match negotiate(stream, exports, tls) {
         Ok(Some(session)) => {
             tracing::debug!("{peer}: serving export {:?}", session.name);
             if let Err(e) = transmission(session) {
@@ -136,7 +142,11 @@ fn transmission_flags(device: &dyn Device) -> u16 {
 }
 
 /// The negotiation phase. `Ok(None)`: the client left (`NBD_OPT_ABORT` or an unknown `EXPORT_NAME`).
-fn negotiate(stream: Box<dyn Stream>, exports: &dyn Exports) -> Result<Option<Session>> {
+fn negotiate(
+    stream: Box<dyn Stream>,
+    exports: &dyn Exports,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+) -> Result<Option<Session>> {
     let mut writer = stream.try_clone_stream().map_err(io_err)?;
     let mut reader = BufReader::new(stream);
     let mut greeting = Vec::with_capacity(18);
@@ -152,6 +162,8 @@ fn negotiate(stream: Box<dyn Stream>, exports: &dyn Exports) -> Result<Option<Se
     let mut structured = false;
     // The export a SET_META_CONTEXT applied to, if base:allocation was selected.
     let mut meta_for: Option<String> = None;
+    // TLS the client has yet to start: until then only STARTTLS and ABORT are answered.
+    let mut tls_due = tls;
     loop {
         let head = read_exact(&mut reader, 16)?;
         let mut h = Bytes::new(&head, "option header");
@@ -165,6 +177,14 @@ fn negotiate(stream: Box<dyn Stream>, exports: &dyn Exports) -> Result<Option<Se
             return Err(proto_err(format!("option {option} with a payload of {len} bytes")));
         }
         let data = read_exact(&mut reader, len as usize)?;
+        if tls_due.is_some() && option != OPT_STARTTLS && option != OPT_ABORT {
+            if option == OPT_EXPORT_NAME {
+                // This option has no error reply: the protocol's answer is to close.
+                return Err(proto_err("asked for an export before starting TLS, which this server requires"));
+            }
+            option_reply(&mut writer, option, REP_ERR_TLS_REQD, b"this server requires TLS (NBD_OPT_STARTTLS)")?;
+            continue;
+        }
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
@@ -203,9 +223,28 @@ fn negotiate(stream: Box<dyn Stream>, exports: &dyn Exports) -> Result<Option<Se
                     Err(e) => option_reply(&mut writer, option, REP_ERR_UNKNOWN, e.to_string().as_bytes())?,
                 }
             }
-            OPT_STARTTLS => {
-                option_reply(&mut writer, option, REP_ERR_POLICY, b"this server does not offer TLS")?;
-            }
+            OPT_STARTTLS => match tls_due.take() {
+                Some(config) if data.is_empty() => {
+                    option_reply(&mut writer, option, REP_ACK, &[])?;
+                    if !reader.buffer().is_empty() {
+                        return Err(proto_err("data after NBD_OPT_STARTTLS, before the TLS handshake"));
+                    }
+                    let plain = super::tls::accept(reader.into_inner(), config.clone()).map_err(proto_err)?;
+                    writer = plain.try_clone_stream().map_err(io_err)?;
+                    reader = BufReader::new(plain);
+                    // Anything negotiated before TLS does not count (the protocol says so).
+                    structured = false;
+                    meta_for = None;
+                }
+                Some(config) => {
+                    tls_due = Some(config);
+                    option_reply(&mut writer, option, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")?;
+                }
+                None if tls.is_some() => {
+                    option_reply(&mut writer, option, REP_ERR_INVALID, b"TLS is already on")?;
+                }
+                None => option_reply(&mut writer, option, REP_ERR_POLICY, b"this server does not offer TLS")?,
+            },
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
                     option_reply(&mut writer, option, REP_ERR_INVALID, b"takes no data")?;

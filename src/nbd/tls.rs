@@ -1,0 +1,198 @@
+//! TLS for NBD (`NBD_OPT_STARTTLS`): certificate loading for both ends, and the server's side of a
+//! connection.
+//!
+//! The server answers requests from several threads: one reads the socket while workers write replies (see
+//! [`super::server`]). A rustls connection is one object for both directions, so a TLS connection is handed to
+//! the server as one end of a Unix socket pair, and two threads carry the bytes between the other end and the
+//! network, each holding the rustls connection only while it encrypts or decrypts (never while it waits).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::server::Stream;
+
+/// The certificates of a PEM file, as trust anchors. The error names the file.
+pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in read_certs(path)? {
+        roots.add(c).map_err(|e| format!("CA file {}: {e}", path.display()))?;
+    }
+    Ok(roots)
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A client configuration that trusts the CAs in `ca_file`.
+pub fn client_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(load_roots(ca_file)?)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A server configuration: its certificate chain and key, and, if given, the CA whose certificates clients
+/// must present (without it any client that reaches the server may connect).
+pub fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let chain = read_certs(cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| format!("key file {}: {e}", key_file.display()))?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider())
+                    .build()
+                    .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("certificate {} with key {}: {e}", cert_file.display(), key_file.display()))?;
+    Ok(Arc::new(config))
+}
+
+/// The rustls connection and the network socket's writing side: whoever writes TLS records holds both, so
+/// records leave in the order rustls made them.
+struct Shared {
+    conn: rustls::ServerConnection,
+    net: Box<dyn Stream>,
+}
+
+impl Shared {
+    fn flush_tls(&mut self) -> std::io::Result<()> {
+        while self.conn.wants_write() {
+            self.conn.write_tls(&mut self.net)?;
+        }
+        self.net.flush()
+    }
+}
+
+/// Moves the plaintext rustls has decrypted into `out`. Returns whether the client closed the connection.
+fn take_plaintext(conn: &mut rustls::ServerConnection, out: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 16 << 10];
+    loop {
+        match conn.reader().read(&mut chunk) {
+            Ok(0) => return true, // close_notify
+            Ok(k) => out.extend_from_slice(&chunk[..k]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true, // closed without close_notify
+        }
+    }
+}
+
+fn lock(s: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs the server's side of a TLS handshake on `net` and returns the plaintext stream of the connection.
+/// The handshake's failure (an untrusted client certificate, a client speaking something else) is the error.
+pub fn accept(net: Box<dyn Stream>, config: Arc<rustls::ServerConfig>) -> Result<Box<dyn Stream>, String> {
+    let mut conn = rustls::ServerConnection::new(config).map_err(|e| format!("TLS: {e}"))?;
+    let mut net = net;
+    while conn.is_handshaking() {
+        if let Err(e) = conn.complete_io(&mut net) {
+            // Tell the client why, where rustls has an alert for it.
+            let _ = conn.write_tls(&mut net);
+            return Err(format!("TLS handshake: {e}"));
+        }
+    }
+    let (app, inner) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
+    let mut net_reader = net.try_clone_stream().map_err(|e| format!("TLS: {e}"))?;
+    let mut app_reader = inner.try_clone().map_err(|e| format!("socket pair: {e}"))?;
+    let mut app_writer = inner;
+    let shared = Arc::new(Mutex::new(Shared { conn, net }));
+
+    // Network -> server: decrypt what arrives, hand the plaintext on.
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name("nbd-tls-in".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            let mut plain = Vec::new();
+            loop {
+                // What rustls holds decrypted: first, what came with the end of the handshake (a client's
+                // first option may), then what the last read brought.
+                let closed = take_plaintext(&mut lock(&s).conn, &mut plain);
+                if !plain.is_empty() && app_writer.write_all(&plain).is_err() {
+                    break;
+                }
+                plain.clear();
+                if closed {
+                    break;
+                }
+                let n = match net_reader.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let mut sh = lock(&s);
+                let mut rest = &buf[..n];
+                let mut failed = false;
+                while !rest.is_empty() && !failed {
+                    failed = !matches!(sh.conn.read_tls(&mut rest), Ok(k) if k > 0);
+                    if let Err(e) = sh.conn.process_new_packets() {
+                        tracing::info!("NBD TLS connection: {e}");
+                        failed = true;
+                    }
+                }
+                // Alerts and key updates owed to the client.
+                let _ = sh.flush_tls();
+                if failed {
+                    break;
+                }
+            }
+            // The server sees the end of its input; the client sees ours once the server is done.
+            let _ = app_writer.shutdown(std::net::Shutdown::Write);
+        })
+        .map_err(|e| format!("thread: {e}"))?;
+
+    // Server -> network: encrypt the server's replies.
+    std::thread::Builder::new()
+        .name("nbd-tls-out".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = match app_reader.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let mut sh = lock(&shared);
+                if sh.conn.writer().write_all(&buf[..n]).is_err() || sh.flush_tls().is_err() {
+                    break;
+                }
+            }
+            let mut sh = lock(&shared);
+            sh.conn.send_close_notify();
+            let _ = sh.flush_tls();
+            sh.net.shutdown_both();
+            let _ = app_reader.shutdown(std::net::Shutdown::Both);
+        })
+        .map_err(|e| format!("thread: {e}"))?;
+    Ok(Box::new(app))
+}
