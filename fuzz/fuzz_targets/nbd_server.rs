@@ -90,5 +90,5 @@ fuzz_target!(|data: &[u8]| {
     }
     let disk = Arc::new(Disk(Mutex::new(vec![0u8; 256 << 10])));
     let stream = Input(Arc::new(Mutex::new(std::io::Cursor::new(data.to_vec()))));
-    serve_connection(Box::new(stream), &OneExport(disk), "fuzz");
+    serve_connection(Box::new(stream), &OneExport(disk), "fuzz", None);
 });
