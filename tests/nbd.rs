@@ -817,25 +817,34 @@ fn served_snapshots_over_tls_admit_only_trusted_clients() {
     let plain = tool("qemu-img").args(["info"]).arg(serve.uri(&export)).output().unwrap();
     let stderr = String::from_utf8_lossy(&plain.stderr);
     assert!(!plain.status.success() && stderr.contains("this server requires TLS"), "{stderr}");
-    // diskvault's own NBD client has no client certificate: refused, and told why.
-    let r = env.fails(&[
-        "backup",
+    // diskvault's own NBD client: refused without a certificate, and told why; with one, it backs the export up.
+    let uri = format!("nbds+unix:///{export}?socket={}", serve.socket.display());
+    let r = env.fails(&["backup", "--nbd-tls-ca", &ca, &uri]);
+    assert!(r.stderr.contains("CertificateRequired"), "{}", r.stderr);
+    let (client_cert, client_key) = (pem("client-cert.pem"), pem("client-key.pem"));
+    let r = env.backup(&[
+        "--name",
+        "copy",
         "--nbd-tls-ca",
         &ca,
-        &format!("nbds+unix:///{export}?socket={}", serve.socket.display()),
+        "--nbd-tls-cert",
+        &client_cert,
+        "--nbd-tls-key",
+        &client_key,
+        &format!("d0={uri}"),
     ]);
-    assert!(r.stderr.contains("CertificateRequired"), "{}", r.stderr);
-    // After all that, a known client reads every byte.
+    assert!(env.restore(r["snapshot"].as_str().unwrap(), &[]) == v);
+    // After all that, a known qemu client reads every byte.
     let r = qemu_convert_tls(&serve, &export, &known, &out);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(std::fs::read(&out).unwrap() == v, "the export read over TLS differs from the disk");
     serve.stop();
 
-    // TLS without client certificates: diskvault's client (several connections) backs the export up again.
+    // TLS without client certificates: anyone who trusts the server's CA reads.
     let serve = Serve::start(&env, &["--tls-cert", &cert, "--tls-key", &key]);
-    let uri = format!("nbds+unix:///{export}?socket={}", serve.socket.display());
-    let r = env.backup(&["--name", "copy", "--nbd-tls-ca", &ca, &format!("d0={uri}")]);
-    assert!(env.restore(r["snapshot"].as_str().unwrap(), &[]) == v);
+    let r = qemu_convert_tls(&serve, &export, &anonymous, &out);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(std::fs::read(&out).unwrap() == v);
     serve.stop();
 }
 

@@ -66,6 +66,12 @@ pub struct BackupArgs {
     /// NBD sources with TLS: the name the server's certificate must carry (default: the host).
     #[arg(long, value_name = "NAME")]
     nbd_tls_server_name: Option<String>,
+    /// NBD sources with TLS: a client certificate (PEM) for servers that require one.
+    #[arg(long, value_name = "FILE", requires = "nbd_tls_key")]
+    nbd_tls_cert: Option<PathBuf>,
+    /// The private key of --nbd-tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "nbd_tls_cert")]
+    nbd_tls_key: Option<PathBuf>,
     /// VMware sources (`vddk://USER@SERVER/[DATASTORE] PATH.vmdk?moref=vm-N&snapshot=…&thumbprint=…`): the VDDK
     /// directory, holding `lib64/libvixDiskLib.so.8` (or .7, .6). The password is read from
     /// DISKVAULT_VSPHERE_PASSWORD.
@@ -140,7 +146,11 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
     let nbd_options = NbdOptions {
         dirty_bitmap: args.dirty_bitmap.clone(),
         connections: args.nbd_connections as usize,
-        tls: TlsOptions { ca_file: args.nbd_tls_ca.clone(), server_name: args.nbd_tls_server_name.clone() },
+        tls: TlsOptions {
+            ca_file: args.nbd_tls_ca.clone(),
+            server_name: args.nbd_tls_server_name.clone(),
+            client_cert: args.nbd_tls_cert.clone().zip(args.nbd_tls_key.clone()),
+        },
         ..NbdOptions::default()
     };
     let source_options = SourceOptions {

@@ -100,6 +100,8 @@ pub struct TlsOptions {
     pub ca_file: Option<PathBuf>,
     /// The name the server's certificate must carry (default: the host of the address, or `localhost`).
     pub server_name: Option<String>,
+    /// A client certificate (PEM chain) and its key, for servers that admit only clients they know.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 trait Transport: Read + Write + Send {}
@@ -662,7 +664,7 @@ impl Negotiation {
 fn tls_config(tls: &TlsOptions) -> std::result::Result<Arc<rustls::ClientConfig>, String> {
     let ca =
         tls.ca_file.as_ref().ok_or("an nbds:// address needs --nbd-tls-ca FILE (the CA that signed the server)")?;
-    super::tls::client_config(ca)
+    super::tls::client_config(ca, tls.client_cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path())))
 }
 
 #[cfg(test)]

@@ -40,14 +40,32 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// A client configuration that trusts the CAs in `ca_file`.
-pub fn client_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
-    let config = rustls::ClientConfig::builder_with_provider(provider())
+/// A client configuration that trusts the CAs in `ca_file`, presenting `client_cert` (certificate chain and
+/// key files) if given.
+pub fn client_config(ca_file: &Path, client_cert: Option<(&Path, &Path)>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(load_roots(ca_file)?)
-        .with_no_client_auth();
+        .with_root_certificates(load_roots(ca_file)?);
+    let config = match client_cert {
+        Some((cert, key)) => {
+            let (chain, key_der) = read_identity(cert, key)?;
+            builder.with_client_auth_cert(chain, key_der).map_err(|e| identity_err(cert, key, e))?
+        }
+        None => builder.with_no_client_auth(),
+    };
     Ok(Arc::new(config))
+}
+
+/// A certificate chain and its private key, from PEM files.
+fn read_identity(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let chain = read_certs(cert)?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("key file {}: {e}", key.display()))?;
+    Ok((chain, key_der))
+}
+
+fn identity_err(cert: &Path, key: &Path, e: rustls::Error) -> String {
+    format!("certificate {} with key {}: {e}", cert.display(), key.display())
 }
 
 /// A server configuration: its certificate chain and key, and, if given, the CA whose certificates clients
@@ -57,8 +75,7 @@ pub fn server_config(
     key_file: &Path,
     client_ca: Option<&Path>,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
-    let chain = read_certs(cert_file)?;
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| format!("key file {}: {e}", key_file.display()))?;
+    let (chain, key) = read_identity(cert_file, key_file)?;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
@@ -72,9 +89,7 @@ pub fn server_config(
         }
         None => builder.with_no_client_auth(),
     };
-    let config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| format!("certificate {} with key {}: {e}", cert_file.display(), key_file.display()))?;
+    let config = builder.with_single_cert(chain, key).map_err(|e| identity_err(cert_file, key_file, e))?;
     Ok(Arc::new(config))
 }
 
