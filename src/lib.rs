@@ -19,7 +19,7 @@
 //! | [`serve`] | snapshot disks as NBD exports: block reads with a blob cache and read-ahead, write overlays |
 //! | [`check`] | repository integrity: structure, and every byte with `--read-data` |
 //! | [`forget`] | retention policies: which snapshots to keep and why; protection |
-//! | [`nbd`] | the NBD protocol: a client (NBD exports as sources) and `serve` (snapshots as NBD exports) |
+//! | [`nbd`] | the NBD protocol: a client (NBD exports as sources) and `serve` (snapshots as NBD exports), both with TLS |
 //! | [`vmware`] | backup of a VMware VM: snapshot, changeIds, changed areas or allocated blocks, VDDK reads, snapshot removal |
 //! | [`vsphere`] | the vSphere SOAP client: login with pinned or CA-verified TLS, inventory, CBT, snapshots, changed areas |
 //! | [`vddk`] | VMware's VDDK loaded with libloading: connect, open, read, allocated blocks, under the guide's thread rules |
