@@ -840,11 +840,31 @@ fn served_snapshots_over_tls_admit_only_trusted_clients() {
     assert!(std::fs::read(&out).unwrap() == v, "the export read over TLS differs from the disk");
     serve.stop();
 
-    // TLS without client certificates: anyone who trusts the server's CA reads.
-    let serve = Serve::start(&env, &["--tls-cert", &cert, "--tls-key", &key]);
+    // TLS without client certificates: anyone who trusts the server's CA reads, and writes to a writable
+    // export (a 3 MiB write is many TLS records in one request).
+    let overlays = env.dir.path().to_str().unwrap();
+    let serve = Serve::start(&env, &["--tls-cert", &cert, "--tls-key", &key, "--writable", "--overlay-dir", overlays]);
     let r = qemu_convert_tls(&serve, &export, &anonymous, &out);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(std::fs::read(&out).unwrap() == v);
+    let written = tool("qemu-io")
+        .arg("--object")
+        .arg(format!("tls-creds-x509,id=tls0,dir={},endpoint=client", anonymous.display()))
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=nbd,server.type=unix,server.path={},export={export},tls-creds=tls0,tls-hostname=localhost",
+            serve.socket.display()
+        ))
+        .args(["-c", &format!("write -P 0x3c {MIB} {}", 3 * MIB)])
+        .output()
+        .unwrap();
+    let says = String::from_utf8_lossy(&written.stdout);
+    assert!(written.status.success() && says.contains("wrote 3145728/3145728"), "{says}");
+    let r = qemu_convert_tls(&serve, &export, &anonymous, &out);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let mut want = v.clone();
+    want[MIB..4 * MIB].fill(0x3c);
+    assert!(std::fs::read(&out).unwrap() == want, "the write over TLS did not land as written");
     serve.stop();
 }
 

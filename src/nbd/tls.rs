@@ -151,10 +151,9 @@ pub fn accept(net: Box<dyn Stream>, config: Arc<rustls::ServerConfig>) -> Result
         .spawn(move || {
             let mut buf = vec![0u8; 64 << 10];
             let mut plain = Vec::new();
+            // What came with the end of the handshake (a client's first option may).
+            let mut closed = take_plaintext(&mut lock(&s).conn, &mut plain);
             loop {
-                // What rustls holds decrypted: first, what came with the end of the handshake (a client's
-                // first option may), then what the last read brought.
-                let closed = take_plaintext(&mut lock(&s).conn, &mut plain);
                 if !plain.is_empty() && app_writer.write_all(&plain).is_err() {
                     break;
                 }
@@ -168,19 +167,17 @@ pub fn accept(net: Box<dyn Stream>, config: Arc<rustls::ServerConfig>) -> Result
                 };
                 let mut sh = lock(&s);
                 let mut rest = &buf[..n];
-                let mut failed = false;
-                while !rest.is_empty() && !failed {
-                    failed = !matches!(sh.conn.read_tls(&mut rest), Ok(k) if k > 0);
+                while !rest.is_empty() && !closed {
+                    closed = !matches!(sh.conn.read_tls(&mut rest), Ok(k) if k > 0);
                     if let Err(e) = sh.conn.process_new_packets() {
                         tracing::info!("NBD TLS connection: {e}");
-                        failed = true;
+                        closed = true;
                     }
+                    // Record by record: rustls holds at most 16 KiB of decrypted data unread.
+                    closed |= take_plaintext(&mut sh.conn, &mut plain);
                 }
                 // Alerts and key updates owed to the client.
                 let _ = sh.flush_tls();
-                if failed {
-                    break;
-                }
             }
             // The server sees the end of its input; the client sees ours once the server is done.
             let _ = app_writer.shutdown(std::net::Shutdown::Write);
