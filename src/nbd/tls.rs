@@ -101,6 +101,20 @@ struct Shared {
 }
 
 impl Shared {
+    /// Encrypts and sends `data`. rustls takes only so much plaintext before its records are written out, so
+    /// it goes in as rustls takes it, each part sent before the next.
+    fn send(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let taken = self.conn.writer().write(data)?;
+            self.flush_tls()?;
+            if taken == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            data = &data[taken..];
+        }
+        Ok(())
+    }
+
     fn flush_tls(&mut self) -> std::io::Result<()> {
         while self.conn.wants_write() {
             self.conn.write_tls(&mut self.net)?;
@@ -194,8 +208,7 @@ pub fn accept(net: Box<dyn Stream>, config: Arc<rustls::ServerConfig>) -> Result
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                let mut sh = lock(&shared);
-                if sh.conn.writer().write_all(&buf[..n]).is_err() || sh.flush_tls().is_err() {
+                if lock(&shared).send(&buf[..n]).is_err() {
                     break;
                 }
             }
