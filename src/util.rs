@@ -1,5 +1,6 @@
-//! Small helpers shared by several modules: UTC times, SIGINT/SIGTERM handling, and [`AlignedBuf`], the
-//! page-aligned buffer that O_DIRECT reads and writes (source blocks, restored blocks) go through.
+//! Small helpers shared by several modules: UTC times, SIGINT/SIGTERM handling, certificate files for TLS, and
+//! [`AlignedBuf`], the page-aligned buffer that O_DIRECT reads and writes (source blocks, restored blocks) go
+//! through.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -128,6 +129,33 @@ pub fn percent_decode(s: &str) -> std::result::Result<String, String> {
 }
 
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The crypto behind every TLS connection (rustls with ring, the assembly AES-GCM also uses).
+pub fn tls_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The certificates of a PEM file (at least one). The error names the file.
+pub fn read_pem_certs(path: &std::path::Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The certificates of a CA file, as trust anchors. The error names the file.
+pub fn load_ca_file(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in read_pem_certs(path)? {
+        roots.add(c).map_err(|e| format!("CA file {}: {e}", path.display()))?;
+    }
+    Ok(roots)
+}
 
 /// Whether SIGINT or SIGTERM arrived since [`catch_interrupts`].
 pub fn interrupted() -> bool {

@@ -634,70 +634,37 @@ fn make_certificates(dir: &Path) {
         "-addext",
         "keyUsage=critical,keyCertSign,cRLSign",
     ]);
-    ssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server-key.pem",
-        "-out",
-        "server.csr",
-        "-subj",
+    // `NAME-key.pem` and `NAME-cert.pem` for `subject`, signed by the CA, with these X.509 extensions.
+    let signed = |name: &str, subject: &str, extensions: &[u8]| {
+        let (key, csr, ext, cert) =
+            (format!("{name}-key.pem"), format!("{name}.csr"), format!("{name}-ext.cnf"), format!("{name}-cert.pem"));
+        ssl(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", subject]);
+        write(&dir.join(&ext), extensions);
+        ssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+    };
+    signed(
+        "server",
         "/CN=localhost",
-    ]);
-    write(
-        &dir.join("ext.cnf"),
         b"subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
     );
-    ssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca-cert.pem",
-        "-CAkey",
-        "ca-key.pem",
-        "-CAcreateserial",
-        "-out",
-        "server-cert.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
     // A client certificate from the same CA, for servers that admit only clients they know.
-    ssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "client-key.pem",
-        "-out",
-        "client.csr",
-        "-subj",
-        "/CN=operator",
-    ]);
-    write(&dir.join("client-ext.cnf"), b"basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n");
-    ssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "client.csr",
-        "-CA",
-        "ca-cert.pem",
-        "-CAkey",
-        "ca-key.pem",
-        "-CAcreateserial",
-        "-out",
-        "client-cert.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "client-ext.cnf",
-    ]);
+    signed("client", "/CN=operator", b"basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n");
     ssl(&[
         "req",
         "-x509",
@@ -776,21 +743,24 @@ fn qemu_client_creds(certs: &Path, name: &str, ca: &str, with_cert: bool) -> Pat
     dir
 }
 
-/// `qemu-img convert` of an export served over TLS on a Unix socket, with the client credentials in `creds`.
-fn qemu_convert_tls(serve: &Serve, export: &str, creds: &Path, out: &Path) -> std::process::Output {
-    tool("qemu-img")
-        .arg("convert")
+/// `command` (`qemu-img convert`, `qemu-io`) opening an export served over TLS on a Unix socket, with the
+/// client credentials in `creds`; the caller adds the rest.
+fn qemu_tls(command: &[&str], serve: &Serve, export: &str, creds: &Path) -> Command {
+    let mut c = tool(command[0]);
+    c.args(&command[1..])
         .arg("--object")
         .arg(format!("tls-creds-x509,id=tls0,dir={},endpoint=client", creds.display()))
         .arg("--image-opts")
         .arg(format!(
             "driver=nbd,server.type=unix,server.path={},export={export},tls-creds=tls0,tls-hostname=localhost",
             serve.socket.display()
-        ))
-        .args(["-O", "raw"])
-        .arg(out)
-        .output()
-        .unwrap()
+        ));
+    c
+}
+
+/// `qemu-img convert` of an export served over TLS into `out`.
+fn qemu_convert_tls(serve: &Serve, export: &str, creds: &Path, out: &Path) -> std::process::Output {
+    qemu_tls(&["qemu-img", "convert"], serve, export, creds).args(["-O", "raw"]).arg(out).output().unwrap()
 }
 
 #[test]
@@ -847,14 +817,7 @@ fn served_snapshots_over_tls_admit_only_trusted_clients() {
     let r = qemu_convert_tls(&serve, &export, &anonymous, &out);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(std::fs::read(&out).unwrap() == v);
-    let written = tool("qemu-io")
-        .arg("--object")
-        .arg(format!("tls-creds-x509,id=tls0,dir={},endpoint=client", anonymous.display()))
-        .arg("--image-opts")
-        .arg(format!(
-            "driver=nbd,server.type=unix,server.path={},export={export},tls-creds=tls0,tls-hostname=localhost",
-            serve.socket.display()
-        ))
+    let written = qemu_tls(&["qemu-io"], &serve, &export, &anonymous)
         .args(["-c", &format!("write -P 0x3c {MIB} {}", 3 * MIB)])
         .output()
         .unwrap();

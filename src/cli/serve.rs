@@ -53,7 +53,7 @@ pub struct ServeArgs {
 
 /// What every client connection is served with.
 struct Clients {
-    exports: Arc<RepositoryExports>,
+    exports: RepositoryExports,
     count: Arc<ConnectionCount>,
     max: usize,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -90,10 +90,9 @@ pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
         }
         _ => None,
     };
-    let exports = Arc::new(RepositoryExports::new(repo, cache, opts));
+    let exports = RepositoryExports::new(repo, cache, opts);
     let names = exports.list()?;
-    let clients =
-        Arc::new(Clients { exports: exports.clone(), count: Arc::default(), max: args.max_clients.max(1), tls });
+    let clients = Arc::new(Clients { exports, count: Arc::default(), max: args.max_clients.max(1), tls });
 
     let (address, socket_path) = if let Some(path) = &args.socket {
         let _ = std::fs::remove_file(path);
@@ -164,7 +163,7 @@ fn spawn_client(stream: Box<dyn Stream>, peer: String, clients: &Arc<Clients>) {
     };
     let c = clients.clone();
     let spawned = std::thread::Builder::new().name("nbd-client".into()).spawn(move || {
-        serve_connection(stream, c.exports.as_ref(), &peer, c.tls.as_ref());
+        serve_connection(stream, &c.exports, &peer, c.tls.as_ref());
         drop(slot);
     });
     if let Err(e) = spawned {

@@ -1,5 +1,5 @@
-//! TLS for NBD (`NBD_OPT_STARTTLS`): certificate loading for both ends, and the server's side of a
-//! connection.
+//! TLS for NBD (`NBD_OPT_STARTTLS`): the client's and the server's configurations (certificate files are read
+//! by [`crate::util`]'s helpers), and the server's side of a connection.
 //!
 //! The server answers requests from several threads: one reads the socket while workers write replies (see
 //! [`super::server`]). A rustls connection is one object for both directions, so a TLS connection is handed to
@@ -14,39 +14,17 @@ use std::sync::{Arc, Mutex};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::util::{load_ca_file, read_pem_certs, tls_provider};
+
 use super::server::Stream;
-
-/// The certificates of a PEM file, as trust anchors. The error names the file.
-pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in read_certs(path)? {
-        roots.add(c).map_err(|e| format!("CA file {}: {e}", path.display()))?;
-    }
-    Ok(roots)
-}
-
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{} holds no certificate", path.display()));
-    }
-    Ok(certs)
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 /// A client configuration that trusts the CAs in `ca_file`, presenting `client_cert` (certificate chain and
 /// key files) if given.
 pub fn client_config(ca_file: &Path, client_cert: Option<(&Path, &Path)>) -> Result<Arc<rustls::ClientConfig>, String> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(tls_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(load_roots(ca_file)?);
+        .with_root_certificates(load_ca_file(ca_file)?);
     let config = match client_cert {
         Some((cert, key)) => {
             let (chain, key_der) = read_identity(cert, key)?;
@@ -59,7 +37,7 @@ pub fn client_config(ca_file: &Path, client_cert: Option<(&Path, &Path)>) -> Res
 
 /// A certificate chain and its private key, from PEM files.
 fn read_identity(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
-    let chain = read_certs(cert)?;
+    let chain = read_pem_certs(cert)?;
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("key file {}: {e}", key.display()))?;
     Ok((chain, key_der))
 }
@@ -76,15 +54,17 @@ pub fn server_config(
     client_ca: Option<&Path>,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
     let (chain, key) = read_identity(cert_file, key_file)?;
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
+    let builder = rustls::ServerConfig::builder_with_provider(tls_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
     let builder = match client_ca {
         Some(ca) => {
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider())
-                    .build()
-                    .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(load_ca_file(ca)?),
+                tls_provider(),
+            )
+            .build()
+            .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),

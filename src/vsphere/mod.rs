@@ -823,22 +823,13 @@ fn describe_http_error(e: &reqwest::Error) -> String {
 
 /// A TLS configuration that trusts exactly what `trust` says.
 fn tls_config(trust: &Trust, seen_sha1: Arc<std::sync::Mutex<Option<Vec<u8>>>>) -> Result<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::util::tls_provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::invalid(e.to_string()))?;
     let inner: Arc<dyn rustls::client::danger::ServerCertVerifier> = match trust {
         Trust::CaFile(path) => {
-            use rustls::pki_types::pem::PemObject;
-            let mut roots = rustls::RootCertStore::empty();
-            let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
-                .map_err(|e| Error::local(path, format!("cannot read the CA file: {e}")))?;
-            for c in certs {
-                roots.add(c.map_err(|e| Error::local(path, e))?).map_err(|e| Error::local(path, e))?;
-            }
-            if roots.is_empty() {
-                return Err(Error::local(path, "holds no certificate"));
-            }
+            let roots = crate::util::load_ca_file(path).map_err(Error::invalid)?;
             rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
                 .map_err(|e| Error::local(path, e))?
