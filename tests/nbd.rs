@@ -831,6 +831,39 @@ fn served_snapshots_over_tls_admit_only_trusted_clients() {
     serve.stop();
 }
 
+/// In TLS 1.3 a server judges a client certificate after the client has finished its handshake: the client
+/// learns of the refusal only when it next reads or writes, and by then the server may have closed the
+/// connection. The client must still name the cause, not report a broken pipe (this raced in CI before).
+#[test]
+fn a_refused_client_certificate_is_named_after_the_server_hung_up() {
+    use diskvault::nbd::tls::{client_config, server_config, ClientStream};
+    let dir = tempfile::tempdir().unwrap();
+    make_certificates(dir.path());
+    let file = |f: &str| dir.path().join(f);
+    let server = server_config(&file("server-cert.pem"), &file("server-key.pem"), Some(&file("ca-cert.pem"))).unwrap();
+    let (client_sock, mut server_sock) = UnixStream::pair().unwrap();
+    let refusing = std::thread::spawn(move || {
+        let mut conn = rustls::ServerConnection::new(server).unwrap();
+        while conn.is_handshaking() {
+            if let Err(e) = conn.complete_io(&mut server_sock) {
+                let _ = conn.write_tls(&mut server_sock);
+                return e.to_string();
+            }
+        }
+        "the server accepted a client without a certificate".to_string()
+    });
+    let config = client_config(&file("ca-cert.pem"), None).unwrap();
+    let conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
+    let mut client = ClientStream::connect(conn, client_sock).unwrap();
+    // The server has refused and closed its end before the client says anything.
+    let refusal = refusing.join().unwrap();
+    assert!(refusal.contains("CertificateRequired") || refusal.contains("peer sent no certificates"), "{refusal}");
+    let _ = client.write(b"NBD option");
+    let mut buf = [0u8; 16];
+    let e = client.read(&mut buf).expect_err("read from a connection the server refused");
+    assert!(e.to_string().contains("CertificateRequired"), "{e}");
+}
+
 #[test]
 fn serve_stops_fetching_when_its_session_is_lost() {
     let env = Env::with_repo();

@@ -567,11 +567,9 @@ impl Negotiation {
         if !self.stream.buffer().is_empty() {
             return Err(self.err("NBD protocol error: data after the STARTTLS reply"));
         }
-        let mut tls_stream = rustls::StreamOwned::new(conn, plain);
         // Complete the handshake now, so certificate errors are reported as such.
-        while tls_stream.conn.is_handshaking() {
-            tls_stream.conn.complete_io(&mut tls_stream.sock).map_err(|e| self.err(format!("TLS handshake: {e}")))?;
-        }
+        let tls_stream =
+            super::tls::ClientStream::connect(conn, plain).map_err(|e| self.err(format!("TLS handshake: {e}")))?;
         self.stream = BufReader::with_capacity(1 << 20, Box::new(tls_stream));
         Ok(())
     }

@@ -35,6 +35,53 @@ pub fn client_config(ca_file: &Path, client_cert: Option<(&Path, &Path)>) -> Res
     Ok(Arc::new(config))
 }
 
+/// The client's side of a TLS connection, as a stream.
+///
+/// In TLS 1.3 a server judges the client's certificate after the client has finished its part of the
+/// handshake, so a refusal (an alert, then the server closes) can arrive while the client's next write finds
+/// the connection gone (rustls sends what it owes before each read, too). A read or write that fails therefore
+/// looks for an alert the server left behind and reports that instead of a bare "broken pipe".
+pub struct ClientStream<S: Read + Write>(rustls::StreamOwned<rustls::ClientConnection, S>);
+
+impl<S: Read + Write> ClientStream<S> {
+    /// Runs the handshake to its end on `sock`; its failure (an untrusted server, a name the certificate does
+    /// not carry, a refused client certificate) is the error.
+    pub fn connect(mut conn: rustls::ClientConnection, mut sock: S) -> std::io::Result<Self> {
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock)?;
+        }
+        Ok(ClientStream(rustls::StreamOwned::new(conn, sock)))
+    }
+
+    fn explain(&mut self, e: std::io::Error) -> std::io::Error {
+        while let Ok(n) = self.0.conn.read_tls(&mut self.0.sock) {
+            if n == 0 {
+                break;
+            }
+            if let Err(tls) = self.0.conn.process_new_packets() {
+                return std::io::Error::new(std::io::ErrorKind::ConnectionAborted, tls);
+            }
+        }
+        e
+    }
+}
+
+impl<S: Read + Write> Read for ClientStream<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf).map_err(|e| self.explain(e))
+    }
+}
+
+impl<S: Read + Write> Write for ClientStream<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf).map_err(|e| self.explain(e))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush().map_err(|e| self.explain(e))
+    }
+}
+
 /// A certificate chain and its private key, from PEM files.
 fn read_identity(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
     let chain = read_pem_certs(cert)?;
