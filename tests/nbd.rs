@@ -864,6 +864,73 @@ fn a_refused_client_certificate_is_named_after_the_server_hung_up() {
     assert!(e.to_string().contains("CertificateRequired"), "{e}");
 }
 
+/// A client that connects and never chooses an export would hold one of `--max-clients` slots for good: serve
+/// disconnects it after `--handshake-limit`, also when it trickles bytes, and leaves negotiated clients alone.
+#[test]
+fn clients_that_do_not_negotiate_are_disconnected() {
+    use diskvault::nbd::client::{Address, Connection, TlsOptions};
+    let env = Env::with_repo();
+    let (v, id) = backed_up_disk(&env, 10);
+    let serve = Serve::start(&env, &["--handshake-limit", "1", "--max-clients", "1"]);
+    let address = Address::parse(&serve.uri(&format!("{}/d0", &id[..8]))).unwrap();
+    let connect = || Connection::connect(&address, &[], &TlsOptions::default());
+
+    // A raw connection, once the server greeted it. Connections of a moment ago (Serve::start's probe) may
+    // still hold the one slot for a moment.
+    let greeted = || {
+        let start = Instant::now();
+        loop {
+            let mut s = UnixStream::connect(&serve.socket).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            if s.read_exact(&mut [0u8; 18]).is_ok() {
+                return s;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "serve refused a client for 5 s with no other");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // Greeted, then silent: it holds the only slot until the limit ends it.
+    let mut idle = greeted();
+    let connected = Instant::now();
+    assert!(connect().is_err(), "a second client was served next to the first with --max-clients 1");
+    let mut rest = Vec::new();
+    idle.read_to_end(&mut rest).expect("serve closes an idle connection (this is not the test's read timeout)");
+    let held = connected.elapsed();
+    assert!(held >= Duration::from_millis(800) && held < Duration::from_secs(10), "idle client held {held:?}");
+
+    // The slot is free again (the server thread ends just after the close), and a negotiated client is not
+    // cut off by the limit.
+    let start = Instant::now();
+    let mut client = loop {
+        match connect() {
+            Ok(c) => break c,
+            Err(e) => assert!(start.elapsed() < Duration::from_secs(5), "the idle client's slot stayed taken: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut block = vec![0u8; MIB];
+    client.read_at(0, &mut block).unwrap();
+    assert!(block == v[..MIB], "a negotiated client read wrong data after the handshake limit");
+    client.disconnect();
+
+    // A client sending one byte at a time never stays silent long, yet is still disconnected at the limit.
+    let mut trickle = greeted();
+    let start = Instant::now();
+    let mut request = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+    request.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    request.extend_from_slice(&[0u8; 64]);
+    let mut sent = 0;
+    while sent < request.len() && trickle.write_all(&request[sent..sent + 1]).is_ok() {
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(sent < request.len(), "a trickling client stayed connected for {:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(10), "a trickling client stayed connected for {:?}", start.elapsed());
+    serve.stop();
+}
+
 #[test]
 fn serve_stops_fetching_when_its_session_is_lost() {
     let env = Env::with_repo();

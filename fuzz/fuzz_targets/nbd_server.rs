@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
 use diskvault::nbd::proto;
-use diskvault::nbd::server::{serve_connection, Device, Exports, Stream};
+use diskvault::nbd::server::{serve_connection, Admission, Device, Exports, Stream};
 use libfuzzer_sys::fuzz_target;
 
 /// Reads come from the fuzz input; writes are discarded.
@@ -90,5 +90,5 @@ fuzz_target!(|data: &[u8]| {
     }
     let disk = Arc::new(Disk(Mutex::new(vec![0u8; 256 << 10])));
     let stream = Input(Arc::new(Mutex::new(std::io::Cursor::new(data.to_vec()))));
-    serve_connection(Box::new(stream), &OneExport(disk), "fuzz", None);
+    serve_connection(Box::new(stream), &OneExport(disk), "fuzz", &Admission::default());
 });

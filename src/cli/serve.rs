@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::Globals;
 use crate::error::{Error, Result};
-use crate::nbd::server::{serve_connection, ConnectionCount, Exports, Stream};
+use crate::nbd::server::{serve_connection, Admission, ConnectionCount, Exports, Stream};
 use crate::serve::{RepositoryExports, ServeOptions};
 
 #[derive(clap::Args, Debug)]
@@ -39,6 +39,9 @@ pub struct ServeArgs {
     /// Most clients connected at once.
     #[arg(long, default_value_t = 64)]
     max_clients: usize,
+    /// Disconnect a client that has not chosen an export this many seconds after connecting (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    handshake_limit: u64,
     /// Require TLS, with this certificate (PEM, the server's first, then its chain). Clients connect with
     /// `nbds://` or qemu's `tls-creds`.
     #[arg(long, value_name = "PEM", requires = "tls_key")]
@@ -56,7 +59,7 @@ struct Clients {
     exports: RepositoryExports,
     count: Arc<ConnectionCount>,
     max: usize,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    admission: Admission,
 }
 
 pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
@@ -92,13 +95,15 @@ pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
     };
     let exports = RepositoryExports::new(repo, cache, opts);
     let names = exports.list()?;
-    let clients = Arc::new(Clients { exports, count: Arc::default(), max: args.max_clients.max(1), tls });
+    let handshake_limit = (args.handshake_limit > 0).then(|| std::time::Duration::from_secs(args.handshake_limit));
+    let admission = Admission { tls, handshake_limit };
+    let clients = Arc::new(Clients { exports, count: Arc::default(), max: args.max_clients.max(1), admission });
 
     let (address, socket_path) = if let Some(path) = &args.socket {
         let _ = std::fs::remove_file(path);
         let listener = std::os::unix::net::UnixListener::bind(path)
             .map_err(|e| Error::local(path, format!("cannot listen: {e}")))?;
-        let scheme = if clients.tls.is_some() { "nbds+unix" } else { "nbd+unix" };
+        let scheme = if clients.admission.tls.is_some() { "nbds+unix" } else { "nbd+unix" };
         let clients = clients.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -114,12 +119,12 @@ pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
         let listener =
             std::net::TcpListener::bind(&addr).map_err(|e| Error::invalid(format!("cannot listen on {addr}: {e}")))?;
         let local = listener.local_addr().map_err(|e| Error::invalid(e.to_string()))?;
-        if clients.tls.is_none() && !local.ip().is_loopback() {
+        if clients.admission.tls.is_none() && !local.ip().is_loopback() {
             tracing::warn!(
                 "serving decrypted disks without TLS to anyone who can reach {local}: see --tls-cert and --tls-client-ca"
             );
         }
-        let scheme = if clients.tls.is_some() { "nbds" } else { "nbd" };
+        let scheme = if clients.admission.tls.is_some() { "nbds" } else { "nbd" };
         let clients = clients.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -163,7 +168,7 @@ fn spawn_client(stream: Box<dyn Stream>, peer: String, clients: &Arc<Clients>) {
     };
     let c = clients.clone();
     let spawned = std::thread::Builder::new().name("nbd-client".into()).spawn(move || {
-        serve_connection(stream, &c.exports, &peer, c.tls.as_ref());
+        serve_connection(stream, &c.exports, &peer, &c.admission);
         drop(slot);
     });
     if let Err(e) = spawned {

@@ -10,6 +10,7 @@
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::proto::*;
 use crate::error::{Error, Result};
@@ -73,16 +74,24 @@ impl Stream for std::os::unix::net::UnixStream {
 #[derive(Default)]
 pub struct ConnectionCount(AtomicUsize);
 
-/// Serves one client until it disconnects or breaks the protocol. `peer` names it in log lines. With `tls`,
-/// the client must start TLS (`NBD_OPT_STARTTLS`) before anything but `NBD_OPT_ABORT`.
-pub fn serve_connection(
-    stream: Box<dyn Stream>,
-    exports: &dyn Exports,
-    peer: &str,
-    tls: Option<&Arc<rustls::ServerConfig>>,
-) {
+/// How the server admits clients.
+#[derive(Clone, Default)]
+pub struct Admission {
+    /// Clients must start TLS (`NBD_OPT_STARTTLS`) with this configuration before anything but
+    /// `NBD_OPT_ABORT`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// A client that has not chosen an export this long after connecting is disconnected, so that idle or
+    /// stalled clients cannot hold connection slots (qemu-nbd's `--handshake-limit`).
+    pub handshake_limit: Option<Duration>,
+}
+
+/// Serves one client until it disconnects or breaks the protocol. `peer` names it in log lines.
+pub fn serve_connection(stream: Box<dyn Stream>, exports: &dyn Exports, peer: &str, admission: &Admission) {
     let closer = stream.try_clone_stream().ok();
-    match negotiate(stream, exports, tls) {
+    let deadline = admission.handshake_limit.and_then(|limit| handshake_deadline(&*stream, limit, peer));
+    let negotiated = negotiate(stream, exports, admission.tls.as_ref());
+    drop(deadline);
+    match negotiated {
         Ok(Some(session)) => {
             tracing::debug!("{peer}: serving export {:?}", session.name);
             if let Err(e) = transmission(session) {
@@ -95,6 +104,22 @@ pub fn serve_connection(
     if let Some(c) = closer {
         c.shutdown_both();
     }
+}
+
+/// Shuts `stream` down after `limit` unless the returned sender is dropped first. A timer thread rather than
+/// socket timeouts: a client trickling a byte at a time would reset a per-read timeout forever.
+fn handshake_deadline(stream: &dyn Stream, limit: Duration, peer: &str) -> Option<crossbeam_channel::Sender<()>> {
+    let stream = stream.try_clone_stream().ok()?;
+    let (done, wait) = crossbeam_channel::bounded::<()>(0);
+    let peer = peer.to_string();
+    let timer = move || {
+        if wait.recv_timeout(limit) == Err(crossbeam_channel::RecvTimeoutError::Timeout) {
+            tracing::warn!("{peer}: no export chosen within {} s of connecting: disconnected", limit.as_secs_f64());
+            stream.shutdown_both();
+        }
+    };
+    std::thread::Builder::new().name("nbd-handshake".into()).spawn(timer).ok()?;
+    Some(done)
 }
 
 /// What negotiation settles: the export, and how to talk in the transmission phase.
