@@ -63,8 +63,10 @@ pub struct BackupOptions {
     pub uploaders: usize,
     /// Write an index file (a checkpoint) every this many packs.
     pub checkpoint_packs: usize,
-    /// Record this time (Unix seconds) instead of the current time, as restic's `--time`.
-    pub time_override: Option<i64>,
+    /// Record this time (Unix seconds and nanoseconds) instead of the current time, as restic's `--time`.
+    pub time_override: Option<(i64, u32)>,
+    /// Recorded as who made the snapshot (default: the user running the backup).
+    pub username: String,
     /// Store new blocks as deltas against similar stored blocks where that pays ([`crate::delta`]).
     pub delta: bool,
 }
@@ -81,6 +83,7 @@ impl BackupOptions {
             uploaders: 2,
             checkpoint_packs: 16,
             time_override: None,
+            username: crate::util::username(),
             delta: true,
         }
     }
@@ -267,7 +270,7 @@ pub fn run(
 ) -> Result<(ObjectId, Snapshot)> {
     let started = Instant::now();
     let (time_secs, time_nanos) = match opts.time_override {
-        Some(t) => (t, 0),
+        Some(t) => t,
         None => crate::util::now_time(),
     };
     if jobs.is_empty() {
@@ -518,7 +521,7 @@ pub fn run(
         time_secs,
         time_nanos,
         hostname: opts.hostname.clone(),
-        username: crate::util::username(),
+        username: opts.username.clone(),
         source: opts.source.clone(),
         tags: opts.tags.clone(),
         parent: opts.parent.as_ref().map(|(id, _)| *id),

@@ -12,11 +12,12 @@
 //! | [`backend`] | where objects live: the [`backend::Backend`] trait and the local-directory backend |
 //! | [`repository`] | an open repository: unlocks keys, reads/writes objects and blobs, resolves snapshots |
 //! | [`cache`] | the local RocksDB dedup index, a rebuildable cache of `index/` |
-//! | [`source`] | what is backed up: the [`source::DiskSource`] trait, raw files/block devices, change lists |
+//! | [`source`] | what is backed up: the [`source::DiskSource`] trait, raw files/block devices, NBD, VDDK, another repository's snapshots, change lists |
 //! | [`backup`] | the backup pipeline: read → hash/dedup/compress/encrypt → pack → upload → index → manifest |
 //! | [`delta`] | new blocks stored as zstd deltas against a similar stored block: page features, base choice |
 //! | [`restore`] | restore of a snapshot disk to a file or block device, with verification |
 //! | [`serve`] | snapshot disks as NBD exports: block reads with a blob cache and read-ahead, write overlays |
+//! | [`copy`] | snapshots of another repository stored in this one: read through [`serve`]'s disks, stored by [`backup`] |
 //! | [`check`] | repository integrity: structure, and every byte with `--read-data` |
 //! | [`forget`] | retention policies: which snapshots to keep and why; protection |
 //! | [`nbd`] | the NBD protocol: a client (NBD exports as sources) and `serve` (snapshots as NBD exports), both with TLS |
@@ -52,6 +53,7 @@ pub mod backup;
 pub mod cache;
 pub mod check;
 pub mod cli;
+pub mod copy;
 pub mod crypto;
 pub mod delta;
 pub mod error;

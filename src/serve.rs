@@ -141,21 +141,34 @@ impl Exports for RepositoryExports {
         if let Some(d) = open.get(&key) {
             return Ok(Some(d.clone()));
         }
+        let device = Arc::new(self.disk(&id, disk, self.opts.readahead_blocks)?);
+        open.insert(key, device.clone());
+        Ok(Some(device))
+    }
+}
+
+impl RepositoryExports {
+    /// The repository the exports read.
+    pub fn repository(&self) -> &Repository {
+        &self.shared.repo
+    }
+
+    /// A reader of `disk` of snapshot `id` fetching `readahead` blocks per miss, sharing the blob cache (not
+    /// listed among the exports; `copy` reads disks this way).
+    pub fn disk(&self, id: &ObjectId, disk: &DiskManifest, readahead: u64) -> Result<SnapshotDisk> {
         disk.validate().map_err(|e| Error::corrupt(format!("snapshot {}", id.short()), e))?;
         let overlay = if self.opts.writable {
             Some(Overlay::create(&self.opts.overlay_dir, disk.capacity, disk.block_size as u64)?)
         } else {
             None
         };
-        let device = Arc::new(SnapshotDisk {
+        Ok(SnapshotDisk {
             shared: self.shared.clone(),
             manifest: disk.clone(),
             segments: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(64).expect("non-zero"))),
-            readahead: self.opts.readahead_blocks,
+            readahead: readahead.max(1),
             overlay,
-        });
-        open.insert(key, device.clone());
-        Ok(Some(device))
+        })
     }
 }
 

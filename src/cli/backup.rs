@@ -232,7 +232,7 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
     }
     opts.parent = parent;
     opts.uploaders = args.upload_concurrency as usize;
-    opts.time_override = args.time;
+    opts.time_override = args.time.map(|t| (t, 0));
     opts.delta = !args.no_delta;
     let counters = Arc::new(Counters::default());
     let (id, snap) = {
@@ -378,7 +378,7 @@ fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
                             opts.hostname = h.clone();
                         }
                         opts.uploaders = args.upload_concurrency as usize;
-                        opts.time_override = args.time;
+                        opts.time_override = args.time.map(|t| (t, 0));
                         opts.delta = !args.no_delta;
                         opts.delta = !args.no_delta;
                         let r =

@@ -4,6 +4,7 @@
 
 mod backup;
 mod check;
+mod copy;
 mod forget;
 mod inspect;
 mod key;
@@ -67,6 +68,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Verify the repository's structure, and with --read-data every byte.
     Check(check::CheckArgs),
+    /// Copy snapshots from another repository into this one (offsite copies); already copied ones are skipped.
+    Copy(copy::CopyArgs),
     /// List snapshots.
     Snapshots(snapshots::SnapshotsArgs),
     /// Manage the passwords (key files) that open the repository.
@@ -126,16 +129,13 @@ impl Globals {
 
     /// The repository password from the environment, a file, a command, or the terminal.
     pub fn password(&self, confirm: bool) -> Result<Vec<u8>> {
-        if let Ok(p) = std::env::var("DISKVAULT_PASSWORD") {
-            return Ok(p.into_bytes());
-        }
-        if let Some(f) = &self.password_file {
-            return read_password_file(f);
-        }
-        if let Some(cmd) = &self.password_command {
-            return password_from_command(cmd);
-        }
-        prompt_password("repository password", confirm)
+        password_from(
+            "DISKVAULT_PASSWORD",
+            self.password_file.as_deref(),
+            self.password_command.as_deref(),
+            "repository password",
+            confirm,
+        )
     }
 
     pub fn open_repo(&self) -> Result<Repository> {
@@ -165,6 +165,27 @@ impl Globals {
         }
         Ok(Arc::new(c))
     }
+}
+
+/// A password from the environment variable `var`, else `file`, else `command`, else the terminal (asking for
+/// `what`, twice with `confirm`).
+pub(crate) fn password_from(
+    var: &str,
+    file: Option<&std::path::Path>,
+    command: Option<&str>,
+    what: &str,
+    confirm: bool,
+) -> Result<Vec<u8>> {
+    if let Ok(p) = std::env::var(var) {
+        return Ok(p.into_bytes());
+    }
+    if let Some(f) = file {
+        return read_password_file(f);
+    }
+    if let Some(cmd) = command {
+        return password_from_command(cmd);
+    }
+    prompt_password(what, confirm)
 }
 
 pub(crate) fn read_password_file(f: &std::path::Path) -> Result<Vec<u8>> {
@@ -311,6 +332,7 @@ pub fn main() -> i32 {
         Command::Serve(a) => serve::run(&g, a),
         Command::Snapshots(a) => snapshots::run(&g, a),
         Command::Check(a) => check::run(&g, a),
+        Command::Copy(a) => copy::run(&g, a),
         Command::Key(k) => key::run(&g, k),
         Command::Cat(a) => inspect::run(&g, a),
         Command::Repair(r) => repair::run(&g, r),

@@ -1,6 +1,6 @@
 //! Disk sources: what a backup reads. A source knows its capacity, reads at offsets, and may know which
-//! ranges are allocated (for full backups) — raw image files and block devices here; VDDK and NBD implement
-//! the same trait.
+//! ranges are allocated (for full backups) — raw image files and block devices here; VDDK, NBD and the
+//! snapshots of another repository (`copy`) implement the same trait.
 //!
 //! Change information (VMware's changed areas, NBD dirty bitmaps) arrives as [`Extent`] lists and is turned
 //! into block ranges by [`BlockRanges`], the one place that maps bytes to 1 MiB blocks.
@@ -8,6 +8,7 @@
 pub mod changes;
 pub mod file;
 pub mod nbd;
+pub mod snapshot;
 pub mod vddk;
 
 use std::ops::Range;

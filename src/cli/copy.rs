@@ -1,0 +1,120 @@
+//! `diskvault copy`: snapshots of another repository stored in this one ([`crate::copy`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::Globals;
+use crate::copy::{Copied, CopyOptions};
+use crate::error::{Error, Result};
+use crate::progress::{Counters, Reporter};
+use crate::repository::Repository;
+use crate::util::{format_utc, human_bytes};
+
+#[derive(clap::Args, Debug)]
+pub struct CopyArgs {
+    /// The repository to copy from (a directory or an S3 location, as -r takes them).
+    #[arg(long, env = "DISKVAULT_FROM_REPOSITORY", value_name = "LOCATION")]
+    from_repo: String,
+    /// Read the source repository's password from this file (first line). The environment variable
+    /// DISKVAULT_FROM_PASSWORD holds it directly.
+    #[arg(long, env = "DISKVAULT_FROM_PASSWORD_FILE", value_name = "FILE")]
+    from_password_file: Option<PathBuf>,
+    /// Run this shell command and use its first output line as the source repository's password.
+    #[arg(long, env = "DISKVAULT_FROM_PASSWORD_COMMAND", value_name = "COMMAND")]
+    from_password_command: Option<String>,
+    /// Only snapshots of this source.
+    #[arg(long)]
+    name: Option<String>,
+    /// Packs uploaded at once.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    upload_concurrency: u32,
+    /// Store every new block whole, as `backup --no-delta`.
+    #[arg(long)]
+    no_delta: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Snapshots to copy (id, prefix or `latest`); default: every snapshot (of --name).
+    #[arg(value_name = "SNAPSHOT")]
+    snapshots: Vec<String>,
+}
+
+pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
+    let password = super::password_from(
+        "DISKVAULT_FROM_PASSWORD",
+        args.from_password_file.as_deref(),
+        args.from_password_command.as_deref(),
+        "source repository password",
+        false,
+    )?;
+    let src = Repository::open(crate::backend::open(&args.from_repo)?, &password).inspect_err(|e| {
+        if matches!(e, Error::WrongPassword) {
+            eprintln!("source repository {}:", args.from_repo);
+        }
+    })?;
+    let dest = g.open_repo()?;
+    if src.config().id == dest.config().id {
+        return Err(Error::invalid("the source and the destination are the same repository"));
+    }
+    let mut wanted = Vec::new();
+    if args.snapshots.is_empty() {
+        wanted = src.list_snapshots_of(args.name.as_deref())?;
+    } else {
+        for s in &args.snapshots {
+            let found = src.find_snapshot(s, args.name.as_deref())?;
+            if !wanted.iter().any(|(id, _)| *id == found.0) {
+                wanted.push(found);
+            }
+        }
+    }
+    let src_cache = g.open_cache_unsynced(&src)?;
+    let dest_cache = g.open_cache_unsynced(&dest)?;
+    let opts = CopyOptions { uploaders: args.upload_concurrency as usize, delta: !args.no_delta, ..Default::default() };
+    let counters = Arc::new(Counters::default());
+    let selected = wanted.len();
+    let json = args.json;
+    let copied = {
+        let _reporter = Reporter::start("copy", counters.clone(), g.progress);
+        crate::copy::copy(src, src_cache, &dest, dest_cache, wanted, &opts, &counters, |c| {
+            if !json {
+                print_copied(c);
+            }
+        })?
+    };
+    let skipped = selected - copied.len();
+    if json {
+        let v = serde_json::json!({
+            "copied": copied.iter().map(|c| serde_json::json!({
+                "from": c.from.hex(),
+                "snapshot": c.id.hex(),
+                "source": c.snapshot.source,
+                "time": format_utc(c.snapshot.time_secs),
+                "parent": c.snapshot.parent.map(|p| p.hex()),
+                "bytes_read": c.snapshot.summary.bytes_read,
+                "bytes_added": c.snapshot.summary.bytes_added,
+            })).collect::<Vec<_>>(),
+            "already_copied": skipped,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("JSON of plain values"));
+    } else {
+        println!(
+            "{} copied, {} in the destination already",
+            crate::util::count(copied.len(), "snapshot"),
+            crate::util::count(skipped, "snapshot")
+        );
+    }
+    Ok(())
+}
+
+fn print_copied(c: &Copied) {
+    let s = &c.snapshot;
+    println!(
+        "copied {} -> {}  {}  {}: read {}, added {}",
+        c.from.short(),
+        c.id.short(),
+        format_utc(s.time_secs),
+        s.source,
+        human_bytes(s.summary.bytes_read),
+        human_bytes(s.summary.bytes_added)
+    );
+}

@@ -1,0 +1,212 @@
+//! `copy`: snapshots of one repository stored in another (an offsite copy; restic's `copy`, Proxmox Backup
+//! Server's sync jobs).
+//!
+//! The repositories have their own keys, so block ids differ between them: every disk is read back as data
+//! from the source (serve's [`SnapshotDisk`](crate::serve::SnapshotDisk): coalesced ranged reads, decrypted,
+//! decompressed) and stored by the ordinary backup pipeline in the destination, where it deduplicates against
+//! everything there. A copy keeps the original's time, host, user, source, tags and annotations, and records
+//! the original's id under the annotation `copy.from`: snapshots copied before are skipped, so running `copy`
+//! again continues where it stopped.
+//!
+//! Copies are incremental. Snapshots go oldest first; when the destination holds a copy of an older snapshot
+//! of the same source, only the blocks whose ids differ between the two originals are read (segments with
+//! equal ids are not even loaded), and the rest is inherited from that copy, as a CBT incremental inherits
+//! from its parent. That is exact: equal ids in the source mean equal bytes, and the earlier copy holds the
+//! bytes of its original.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::backup::{BackupOptions, DiskJob};
+use crate::cache::IndexCache;
+use crate::error::Result;
+use crate::format::snapshot::{DiskManifest, Snapshot};
+use crate::format::{BlobId, ObjectId};
+use crate::progress::Counters;
+use crate::repository::Repository;
+use crate::serve::{RepositoryExports, ServeOptions};
+use crate::source::snapshot::SnapshotSource;
+use crate::source::Extent;
+
+/// The annotation of a copied snapshot that holds the original's id (hex).
+pub const COPIED_FROM: &str = "copy.from";
+
+/// Blocks fetched per read miss in a full copy (read in coalesced ranged requests).
+const FULL_COPY_READAHEAD: u64 = 16;
+
+pub struct CopyOptions {
+    /// Concurrent pack uploads to the destination.
+    pub uploaders: usize,
+    /// Store new blocks as deltas where that pays (as backup).
+    pub delta: bool,
+    /// Memory for decrypted source blobs.
+    pub cache_bytes: u64,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        CopyOptions { uploaders: 2, delta: true, cache_bytes: 32 << 20 }
+    }
+}
+
+/// One snapshot copied.
+pub struct Copied {
+    /// The original, in the source repository.
+    pub from: ObjectId,
+    /// The copy, in the destination.
+    pub id: ObjectId,
+    pub snapshot: Snapshot,
+}
+
+/// The destination's copies by the id of their originals.
+pub fn copies_in(dest: &Repository) -> Result<HashMap<ObjectId, (ObjectId, Snapshot)>> {
+    let mut out = HashMap::new();
+    for (id, snap) in dest.list_snapshots()? {
+        if let Some(from) = snap.annotations.get(COPIED_FROM).and_then(|h| BlobId::from_hex(h)) {
+            out.insert(from, (id, snap));
+        }
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+/// Copies `wanted` (snapshots of the source repository that `src_cache` indexes) into `dest`, oldest first,
+/// skipping those `dest` has copies of; `copied` is told of each copy as it is committed. A failure stops the
+/// copy: the snapshots committed before it stay, and a rerun goes on from there.
+pub fn copy(
+    src: Repository,
+    src_cache: Arc<IndexCache>,
+    dest: &Repository,
+    dest_cache: Arc<IndexCache>,
+    mut wanted: Vec<(ObjectId, Snapshot)>,
+    opts: &CopyOptions,
+    counters: &Counters,
+    mut copied: impl FnMut(&Copied),
+) -> Result<Vec<Copied>> {
+    let mut done = copies_in(dest)?;
+    wanted.retain(|(id, _)| !done.contains_key(id));
+    wanted.sort_by_key(|(_, s)| (s.time_secs, s.time_nanos));
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Every snapshot of the source, for finding the originals of earlier copies (the parents).
+    let originals = src.list_snapshots()?;
+    // The source's packs stay where they are while we read them: a prune there waits for this session.
+    let session = crate::lock::start_session(&src, "copy")?;
+    src_cache.sync(&src)?;
+    let exports = RepositoryExports::new(
+        src,
+        src_cache.clone(),
+        ServeOptions { cache_bytes: opts.cache_bytes, session_lost: Some(session.lost_flag()), ..Default::default() },
+    );
+    let mut out = Vec::new();
+    for (from, snap) in wanted {
+        // The latest earlier snapshot of the same source that the destination has a copy of.
+        let parent = originals
+            .iter()
+            .rfind(|(id, s)| {
+                s.source == snap.source
+                    && (s.time_secs, s.time_nanos) <= (snap.time_secs, snap.time_nanos)
+                    && *id != from
+                    && done.contains_key(id)
+            })
+            .map(|(id, s)| (s.clone(), done[id].clone()));
+        let mut jobs = Vec::new();
+        for disk in &snap.disks {
+            // Incremental only where the earlier copy holds the disk as its original did.
+            let earlier = parent.as_ref().and_then(|(original, (_, copy))| {
+                original.disk(&disk.name).filter(|o| copy.disk(&disk.name).is_some_and(|c| c.capacity == o.capacity))
+            });
+            // Read-ahead fetches the blocks after a miss, which an incremental copy mostly does not want.
+            let (allocated, changed, readahead) = match plan_disk(&exports, &src_cache, disk, earlier)? {
+                DiskRead::Allocated(extents) => (Some(extents), None, FULL_COPY_READAHEAD),
+                DiskRead::Changed(extents) => (None, Some(extents), 1),
+            };
+            let reader = exports.disk(&from, disk, readahead)?;
+            jobs.push(DiskJob {
+                name: disk.name.clone(),
+                source: Box::new(SnapshotSource::new(reader, disk.clone(), allocated)),
+                changed,
+                change_token: disk.change_token.clone(),
+            });
+        }
+        let mut o = BackupOptions::new(snap.source.clone());
+        o.tags = snap.tags.clone();
+        o.hostname = snap.hostname.clone();
+        o.username = snap.username.clone();
+        o.time_override = Some((snap.time_secs, snap.time_nanos));
+        o.annotations = snap.annotations.clone();
+        o.annotations.insert(COPIED_FROM.into(), from.hex());
+        o.parent = parent.map(|(_, copy)| copy);
+        o.uploaders = opts.uploaders;
+        o.delta = opts.delta;
+        tracing::info!("copying snapshot {} of {}", from.short(), snap.source);
+        let (id, snapshot) = crate::backup::run(dest, dest_cache.clone(), jobs, &o, counters)?;
+        session.ensure_held()?;
+        let c = Copied { from, id, snapshot };
+        copied(&c);
+        done.insert(from, (c.id, c.snapshot.clone()));
+        out.push(c);
+    }
+    drop(session);
+    Ok(out)
+}
+
+/// What a copy reads of one disk.
+enum DiskRead {
+    /// The allocated (non-zero) extents: a full copy.
+    Allocated(Vec<Extent>),
+    /// The extents whose blocks differ from the same disk in an earlier snapshot that the destination has a
+    /// copy of; the rest is inherited from that copy.
+    Changed(Vec<Extent>),
+}
+
+/// What to read of `disk`: its changes against `earlier` if given, else everything allocated.
+fn plan_disk(
+    exports: &RepositoryExports,
+    cache: &IndexCache,
+    disk: &DiskManifest,
+    earlier: Option<&DiskManifest>,
+) -> Result<DiskRead> {
+    let repo = exports.repository();
+    let comparable = earlier.filter(|e| e.capacity == disk.capacity && e.block_size == disk.block_size);
+    let bs = disk.block_size as u64;
+    let (mut allocated, mut changed) = (Vec::new(), Vec::new());
+    let mut first_block = 0u64;
+    for (k, seg) in disk.segments.iter().enumerate() {
+        let before = comparable.and_then(|e| e.segments.get(k));
+        if comparable.is_some() && before.map(|b| b.id) == Some(seg.id) {
+            // An unchanged segment: none of its blocks is read.
+            first_block += seg.blocks as u64;
+            continue;
+        }
+        let ids = crate::backup::load_segment(repo, cache, seg)?;
+        let old = match before {
+            Some(b) => Some(crate::backup::load_segment(repo, cache, b)?),
+            None => None,
+        };
+        for (i, id) in ids.iter().enumerate() {
+            let block = first_block + i as u64;
+            let range = Extent { start: block * bs, length: bs.min(disk.capacity - block * bs) };
+            if !id.is_zero_block() {
+                push_extent(&mut allocated, range);
+            }
+            if old.as_ref().and_then(|o| o.get(i)) != Some(id) {
+                push_extent(&mut changed, range);
+            }
+        }
+        first_block += seg.blocks as u64;
+    }
+    Ok(match comparable {
+        Some(_) => DiskRead::Changed(changed),
+        None => DiskRead::Allocated(allocated),
+    })
+}
+
+/// Appends `e` to `extents`, merging it with the last one when they touch.
+fn push_extent(extents: &mut Vec<Extent>, e: Extent) {
+    match extents.last_mut() {
+        Some(last) if last.end() == e.start => last.length += e.length,
+        _ => extents.push(e),
+    }
+}

@@ -1,0 +1,134 @@
+//! `copy`: snapshots of one repository stored in another that has its own password and keys (an offsite
+//! copy), restorable there bit-exact, incremental, never copied twice, and refused cleanly on bad input.
+
+mod common;
+
+use common::*;
+
+/// A destination repository with a password of its own.
+fn destination() -> Env {
+    let mut e = Env::new();
+    e.password = "another password entirely".into();
+    e.ok(&["init"]);
+    e
+}
+
+/// `copy --json` into `dest` from `src`, with the source's password in DISKVAULT_FROM_PASSWORD.
+fn copy(dest: &Env, src: &Env, from_password: &str, extra: &[&str]) -> Run {
+    let mut c = dest.command(&["copy", "--json", "--from-repo", &src.location()]);
+    c.args(extra).env("DISKVAULT_FROM_PASSWORD", from_password);
+    Run::of(c)
+}
+
+fn backup(env: &Env, name: &str, data: &[u8], extra: &[&str]) -> String {
+    let image = env.path(&format!("{name}.raw"));
+    write(&image, data);
+    let mut args = vec!["--name", name];
+    args.extend_from_slice(extra);
+    let spec = format!("d0={}", image.display());
+    args.push(&spec);
+    env.backup(&args)["snapshot"].as_str().unwrap().to_string()
+}
+
+fn snapshots(env: &Env) -> Vec<serde_json::Value> {
+    env.ok(&["snapshots", "--json"]).json().as_array().unwrap().clone()
+}
+
+#[test]
+fn copies_restore_bit_exact_build_on_earlier_copies_and_are_made_once() {
+    let src = Env::with_repo();
+    let dest = destination();
+    // Day 0: data, a run of zero blocks and a short last block; day 1: one block rewritten, one zeroed, the
+    // short last block changed; and another VM.
+    let mut day0 = random_bytes(1, 12 * MIB);
+    day0[4 * MIB..6 * MIB].fill(0);
+    day0.extend_from_slice(&random_bytes(2, 4096));
+    let mut day1 = day0.clone();
+    day1[MIB..2 * MIB].copy_from_slice(&random_bytes(3, MIB));
+    day1[8 * MIB..9 * MIB].fill(0);
+    day1[12 * MIB..].fill(7);
+    let other = random_bytes(4, 5 * MIB);
+    let s0 = backup(&src, "vm1", &day0, &["--tag", "daily"]);
+    let s1 = backup(&src, "vm1", &day1, &[]);
+    let s2 = backup(&src, "vm2", &other, &[]);
+
+    let r = copy(&dest, &src, &src.password, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report = r.json();
+    let copied = report["copied"].as_array().unwrap();
+    assert_eq!(copied.len(), 3, "{report}");
+    assert_eq!(report["already_copied"], 0);
+    let copy_of = |original: &str| {
+        let c = copied.iter().find(|c| c["from"] == original).unwrap_or_else(|| panic!("{original} not copied"));
+        c.clone()
+    };
+    // Day 1's copy built on day 0's and read only the three blocks whose ids differ between the originals.
+    let (c0, c1) = (copy_of(&s0), copy_of(&s1));
+    assert_eq!(c1["parent"], c0["snapshot"]);
+    assert_eq!(c1["bytes_read"], (2 * MIB + 4096) as u64, "{c1}");
+    // A full copy reads only the non-zero blocks.
+    assert_eq!(c0["bytes_read"], (10 * MIB + 4096) as u64, "{c0}");
+
+    for (original, data) in [(&s0, &day0), (&s1, &day1), (&s2, &other)] {
+        let id = copy_of(original)["snapshot"].as_str().unwrap().to_string();
+        assert!(dest.restore(&id, &[]) == *data, "the copy of {original} restores other bytes");
+    }
+    // The copies carry the originals' time, host, user, source, tags and disk names, and say what they copy.
+    let (originals, copies) = (snapshots(&src), snapshots(&dest));
+    for o in &originals {
+        let c = copies.iter().find(|c| c["annotations"]["copy.from"] == o["id"]).expect("a copy of each");
+        for field in ["time", "time_secs", "hostname", "username", "source", "tags"] {
+            assert_eq!(c[field], o[field], "{field}");
+        }
+        assert_eq!(c["disks"][0]["name"], o["disks"][0]["name"]);
+        assert_eq!(c["disks"][0]["capacity"], o["disks"][0]["capacity"]);
+    }
+    dest.ok(&["check", "--read-data"]);
+
+    // Copied once: a second run copies nothing; after a new source snapshot, only that one.
+    let again = copy(&dest, &src, &src.password, &[]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(again.json()["copied"].as_array().unwrap().len(), 0);
+    assert_eq!(again.json()["already_copied"], 3);
+    let mut day2 = day1.clone();
+    day2[10 * MIB..11 * MIB].fill(0x5a);
+    let s3 = backup(&src, "vm1", &day2, &[]);
+    let r = copy(&dest, &src, &src.password, &["--name", "vm1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report = r.json();
+    let copied = report["copied"].as_array().unwrap();
+    assert_eq!(copied.len(), 1, "{report}");
+    assert_eq!(copied[0]["from"], s3.as_str());
+    assert_eq!(copied[0]["parent"], c1["snapshot"]);
+    assert_eq!(copied[0]["bytes_read"], MIB as u64);
+    assert!(dest.restore(copied[0]["snapshot"].as_str().unwrap(), &[]) == day2);
+}
+
+#[test]
+fn bad_sources_are_refused_and_leave_the_destination_as_it_was() {
+    let src = Env::with_repo();
+    let dest = destination();
+    let data = random_bytes(5, 6 * MIB);
+    backup(&src, "vm", &data, &[]);
+
+    let r = copy(&dest, &src, "not the password", &[]);
+    assert_eq!(r.code, 12, "{}", r.stderr);
+    assert!(r.stderr.contains("source repository") && r.stderr.contains("wrong password"), "{}", r.stderr);
+    let r = copy(&dest, &dest, &dest.password, &[]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("same repository"), "{}", r.stderr);
+    let missing = Env::new();
+    let r = copy(&dest, &missing, "x", &[]);
+    assert_eq!(r.code, 10, "{}", r.stderr);
+
+    // A damaged data pack in the source: the copy fails naming the pack, and no snapshot appears.
+    let pack = src.objects("packs").into_iter().max_by_key(|p| src.object_size(p)).unwrap();
+    src.flip(&pack, 5000);
+    let r = copy(&dest, &src, &src.password, &[]);
+    assert_ne!(r.code, 0, "a copy from a damaged pack succeeded");
+    let pack_id = pack.rsplit('/').next().unwrap();
+    assert!(r.stderr.contains(&pack_id[..16]), "the error names the pack: {}", r.stderr);
+    assert!(!r.stderr.contains("panicked"));
+    assert!(snapshots(&dest).is_empty(), "a snapshot was committed from damaged data");
+    dest.ok(&["check"]);
+}
