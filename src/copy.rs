@@ -31,8 +31,8 @@ use crate::source::Extent;
 /// The annotation of a copied snapshot that holds the original's id (hex).
 pub const COPIED_FROM: &str = "copy.from";
 
-/// Blocks fetched per read miss in a full copy (read in coalesced ranged requests).
-const FULL_COPY_READAHEAD: u64 = 16;
+/// Blocks fetched per request in a full copy (read in coalesced ranged requests).
+const FULL_COPY_READAHEAD: u64 = 8;
 
 pub struct CopyOptions {
     /// Concurrent pack uploads to the destination.
@@ -125,7 +125,7 @@ pub fn copy(
             let reader = exports.disk(&from, disk, readahead)?;
             jobs.push(DiskJob {
                 name: disk.name.clone(),
-                source: Box::new(SnapshotSource::new(reader, disk.clone(), allocated)),
+                source: Box::new(SnapshotSource::new(reader, disk.clone(), allocated, readahead)),
                 changed,
                 change_token: disk.change_token.clone(),
             });

@@ -40,6 +40,7 @@ pub struct CopyArgs {
 }
 
 pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
+    limit_allocator_arenas();
     let password = super::password_from(
         "DISKVAULT_FROM_PASSWORD",
         args.from_password_file.as_deref(),
@@ -117,4 +118,16 @@ fn print_copied(c: &Copied) {
         human_bytes(s.summary.bytes_read),
         human_bytes(s.summary.bytes_added)
     );
+}
+
+/// Each snapshot is copied by a new set of pipeline threads, and glibc kept the memory freed by earlier ones in
+/// arenas of their own: copying the benchmark's three snapshots in one run peaked at 358-380 MiB, each alone
+/// at 200-227 MiB. One arena for all threads: 209-214 MiB (two: 200-266), no slower; the pipeline allocates a
+/// few buffers per 1 MiB block, so the lock is not contended.
+fn limit_allocator_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called before the copy starts its threads.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
 }
