@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use crate::backup::{BackupOptions, DiskJob};
 use crate::cache::IndexCache;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::snapshot::{DiskManifest, Snapshot};
 use crate::format::{BlobId, ObjectId};
 use crate::progress::Counters;
@@ -101,6 +101,9 @@ pub fn copy(
     );
     let mut out = Vec::new();
     for (from, snap) in wanted {
+        if crate::util::interrupted() {
+            return Err(Error::Interrupted);
+        }
         // The latest earlier snapshot of the same source that the destination has a copy of.
         let parent = originals
             .iter()

@@ -132,3 +132,38 @@ fn bad_sources_are_refused_and_leave_the_destination_as_it_was() {
     assert!(snapshots(&dest).is_empty(), "a snapshot was committed from damaged data");
     dest.ok(&["check"]);
 }
+
+#[test]
+fn an_interrupted_copy_stops_cleanly_and_the_next_run_completes_it() {
+    let src = Env::with_repo();
+    let dest = destination();
+    let disks: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(20 + i, 64 * MIB)).collect();
+    let originals: Vec<String> = disks.iter().map(|d| backup(&src, "vm", d, &[])).collect();
+
+    // Interrupted once the first snapshot is copied, while the second is being read.
+    let mut c = dest.command(&["copy", "--from-repo", &src.location()]);
+    c.env("DISKVAULT_FROM_PASSWORD", &src.password).stdout(std::process::Stdio::piped());
+    let mut child = c.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut out, &mut first).unwrap();
+    assert!(first.starts_with("copied"), "{first}");
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(130), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let copied = snapshots(&dest).len();
+    assert!((1..3).contains(&copied), "{copied} snapshots copied before the interrupt took effect");
+    // Both repositories are left without the copy's session markers.
+    assert!(src.objects("locks").is_empty(), "{:?}", src.objects("locks"));
+    assert!(dest.objects("locks").is_empty(), "{:?}", dest.objects("locks"));
+
+    let r = copy(&dest, &src, &src.password, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["already_copied"], copied);
+    for (original, data) in originals.iter().zip(&disks) {
+        let c = snapshots(&dest).into_iter().find(|c| c["annotations"]["copy.from"] == original.as_str()).unwrap();
+        assert!(dest.restore(c["id"].as_str().unwrap(), &[]) == *data);
+    }
+}

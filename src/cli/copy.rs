@@ -41,6 +41,7 @@ pub struct CopyArgs {
 
 pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
     limit_allocator_arenas();
+    crate::util::catch_interrupts();
     let password = super::password_from(
         "DISKVAULT_FROM_PASSWORD",
         args.from_password_file.as_deref(),
