@@ -128,7 +128,7 @@ pub fn copy(
             let reader = exports.disk(&from, disk, readahead)?;
             jobs.push(DiskJob {
                 name: disk.name.clone(),
-                source: Box::new(SnapshotSource::new(reader, disk.clone(), allocated, readahead)),
+                source: Box::new(SnapshotSource::new(reader, allocated)),
                 changed,
                 change_token: disk.change_token.clone(),
             });
@@ -191,11 +191,11 @@ fn plan_disk(
         for (i, id) in ids.iter().enumerate() {
             let block = first_block + i as u64;
             let range = Extent { start: block * bs, length: bs.min(disk.capacity - block * bs) };
-            if !id.is_zero_block() {
-                push_extent(&mut allocated, range);
-            }
-            if old.as_ref().and_then(|o| o.get(i)) != Some(id) {
-                push_extent(&mut changed, range);
+            match &old {
+                Some(o) if o.get(i) != Some(id) => push_extent(&mut changed, range),
+                None if comparable.is_some() => push_extent(&mut changed, range),
+                None if !id.is_zero_block() => push_extent(&mut allocated, range),
+                _ => {}
             }
         }
         first_block += seg.blocks as u64;

@@ -183,6 +183,16 @@ pub struct SnapshotDisk {
 }
 
 impl SnapshotDisk {
+    /// The disk as the snapshot describes it.
+    pub fn manifest(&self) -> &DiskManifest {
+        &self.manifest
+    }
+
+    /// Blocks fetched per read miss.
+    pub fn readahead(&self) -> u64 {
+        self.readahead
+    }
+
     fn block_size(&self) -> u64 {
         self.manifest.block_size as u64
     }

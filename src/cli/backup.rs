@@ -380,7 +380,6 @@ fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
                         opts.uploaders = args.upload_concurrency as usize;
                         opts.time_override = args.time.map(|t| (t, 0));
                         opts.delta = !args.no_delta;
-                        opts.delta = !args.no_delta;
                         let r =
                             crate::vmware::backup_vm(&mut client, repo, cache, &info.moref, vm_opts, opts, counters);
                         client.logout();

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::Result;
-use crate::format::snapshot::DiskManifest;
 use crate::nbd::server::Device;
 use crate::serve::SnapshotDisk;
 
@@ -21,10 +20,7 @@ const LEAD_BLOCKS: u64 = 8;
 
 pub struct SnapshotSource {
     disk: Arc<SnapshotDisk>,
-    manifest: DiskManifest,
     allocated: Option<Vec<Extent>>,
-    /// Blocks fetched per request (the disk's read-ahead), the step of the fetching thread.
-    fetch_blocks: u64,
     /// The block the reader is at, and whether the fetching thread should stop.
     position: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -32,15 +28,12 @@ pub struct SnapshotSource {
 }
 
 impl SnapshotSource {
-    /// `disk` reads `manifest`'s disk, fetching `fetch_blocks` blocks per request; `allocated` are its blocks
-    /// that are not all-zero (from the manifest's block ids), the only ones a full copy reads (`None`: unknown,
-    /// read all).
-    pub fn new(disk: SnapshotDisk, manifest: DiskManifest, allocated: Option<Vec<Extent>>, fetch_blocks: u64) -> Self {
+    /// `allocated` are the blocks of `disk` that are not all-zero (from the manifest's block ids), the only ones
+    /// a full copy reads (`None`: unknown, read all). The fetching thread steps by the disk's read-ahead.
+    pub fn new(disk: SnapshotDisk, allocated: Option<Vec<Extent>>) -> Self {
         SnapshotSource {
             disk: Arc::new(disk),
-            manifest,
             allocated,
-            fetch_blocks: fetch_blocks.max(1),
             position: Arc::default(),
             stop: Arc::default(),
             fetcher: None,
@@ -51,7 +44,7 @@ impl SnapshotSource {
 impl DiskSource for SnapshotSource {
     /// The original's kind: a copy records what the disk was first read from.
     fn kind(&self) -> &'static str {
-        match self.manifest.source_kind.as_str() {
+        match self.disk.manifest().source_kind.as_str() {
             "file" => "file",
             "vddk" => "vddk",
             "nbd" => "nbd",
@@ -60,15 +53,15 @@ impl DiskSource for SnapshotSource {
     }
 
     fn describe(&self) -> String {
-        self.manifest.source_path.clone()
+        self.disk.manifest().source_path.clone()
     }
 
     fn capacity(&self) -> u64 {
-        self.manifest.capacity
+        self.disk.manifest().capacity
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.position.store(offset / self.manifest.block_size as u64, Ordering::Relaxed);
+        self.position.store(offset / self.disk.manifest().block_size as u64, Ordering::Relaxed);
         self.disk.read(offset, buf)
     }
 
@@ -79,7 +72,7 @@ impl DiskSource for SnapshotSource {
     fn will_read(&mut self, blocks: &BlockRanges, block_size: u64) {
         let ranges = blocks.ranges().to_vec();
         let (disk, position, stop) = (self.disk.clone(), self.position.clone(), self.stop.clone());
-        let (step, capacity) = (self.fetch_blocks, self.manifest.capacity);
+        let (step, capacity) = (self.disk.readahead(), self.disk.manifest().capacity);
         let fetch = move || {
             for r in ranges {
                 let mut block = r.start;
