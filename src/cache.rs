@@ -108,12 +108,17 @@ fn pack_key(id: &ObjectId) -> [u8; 33] {
 
 /// Minimal self-cleaning temporary directory (tempfile is a dev-dependency only).
 mod tempdir {
+    use std::os::fd::AsRawFd;
     use std::path::{Path, PathBuf};
+
+    const PREFIX: &str = "diskvault-cache-";
+
+    /// `<temp dir>/diskvault-cache-<pid>-<random>`, removed on drop.
     pub struct TempDir(PathBuf);
     impl TempDir {
         pub fn new() -> std::io::Result<TempDir> {
             let p = std::env::temp_dir().join(format!(
-                "diskvault-cache-{}-{}",
+                "{PREFIX}{}-{}",
                 std::process::id(),
                 hex::encode(crate::crypto::random_array::<6>())
             ));
@@ -127,6 +132,79 @@ mod tempdir {
     impl Drop for TempDir {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Removes the temporary directories of processes that were killed before they could (a private index
+    /// cache holds the whole repository's index). Once per process. A directory stays while the process named
+    /// in it runs, or while a database in it is open (its owner may be in another PID namespace that shares
+    /// the temporary directory): RocksDB holds a record lock on its `LOCK` file while open.
+    pub fn remove_abandoned() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+            for entry in entries.flatten() {
+                let Some(pid) = entry.file_name().to_str().and_then(owner_pid) else { continue };
+                let dir = entry.path();
+                if pid == std::process::id() || process_exists(pid) || holds_open_database(&dir) {
+                    continue;
+                }
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => tracing::info!("removed {}, left by a process that no longer runs", dir.display()),
+                    Err(e) => tracing::debug!("cannot remove abandoned {}: {e}", dir.display()),
+                }
+            }
+        });
+    }
+
+    /// The process id in a name made by [`TempDir::new`].
+    fn owner_pid(name: &str) -> Option<u32> {
+        let (pid, random) = name.strip_prefix(PREFIX)?.split_once('-')?;
+        let pid: u32 = pid.parse().ok()?;
+        (pid > 0 && random.len() == 12 && random.bytes().all(|b| b.is_ascii_hexdigit())).then_some(pid)
+    }
+
+    fn process_exists(pid: u32) -> bool {
+        let Ok(pid) = libc::pid_t::try_from(pid) else { return true };
+        // SAFETY: signal 0 only checks whether the process exists.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+
+    /// Whether another process holds the lock of a database directly under `dir`. In doubt, yes.
+    fn holds_open_database(dir: &Path) -> bool {
+        let Ok(subdirs) = std::fs::read_dir(dir) else { return true };
+        for sub in subdirs.flatten() {
+            let Ok(lock) = std::fs::File::open(sub.path().join("LOCK")) else {
+                continue;
+            };
+            // SAFETY: a zeroed flock is a valid argument; F_GETLK only reports a conflicting lock.
+            let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+            fl.l_type = libc::F_WRLCK as libc::c_short;
+            fl.l_whence = libc::SEEK_SET as libc::c_short;
+            let r = unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_GETLK, &mut fl) };
+            if r == -1 || fl.l_type != libc::F_UNLCK as libc::c_short {
+                return true;
+            }
+        }
+        false
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn only_names_made_by_tempdir_have_an_owner() {
+            assert_eq!(super::owner_pid("diskvault-cache-4242-0123456789ab"), Some(4242));
+            for name in [
+                "diskvault-cache",
+                "diskvault-cache-0-0123456789ab",
+                "diskvault-cache-4242-notes",
+                "diskvault-cache-4242-0123456789abc",
+                "diskvault-cache--0123456789ab",
+                "other-4242-0123456789ab",
+            ] {
+                assert_eq!(super::owner_pid(name), None, "{name}");
+            }
         }
     }
 }
@@ -146,6 +224,7 @@ impl IndexCache {
     /// Opens the cache without catching up with `index/`, for callers that [`IndexCache::sync`] it themselves at
     /// the right moment (backup and restore: after their session marker exists).
     pub fn open_unsynced(repo: &Repository, cache_root: &Path) -> Result<IndexCache> {
+        tempdir::remove_abandoned();
         let path = cache_root.join(repo.config().id_hex()).join("index");
         let cache = match Self::open_at(&path, repo) {
             Ok(c) => c,

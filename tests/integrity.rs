@@ -208,6 +208,46 @@ fn unusable_cache_directory_falls_back_to_a_private_cache() {
 }
 
 #[test]
+fn private_caches_left_by_killed_processes_are_removed() {
+    use std::os::fd::AsRawFd;
+    let e = Env::with_repo();
+    write(&e.path("img"), &random_bytes(14, MIB));
+    let tmp = e.path("tmp");
+    let made_by = |pid: u32, random: &str| {
+        let d = tmp.join(format!("diskvault-cache-{pid}-{random}"));
+        std::fs::create_dir_all(d.join("index")).unwrap();
+        std::fs::write(d.join("index/LOCK"), b"").unwrap();
+        std::fs::write(d.join("index/000009.sst"), vec![7u8; 4096]).unwrap();
+        d
+    };
+    // A process that has ended (pids are handed out in increasing order: not reused within the test).
+    let mut ended = std::process::Command::new("true").spawn().unwrap();
+    let dead = ended.id();
+    ended.wait().unwrap();
+    let abandoned = made_by(dead, "0123456789ab");
+    let of_a_running_process = made_by(std::process::id(), "0123456789ab");
+    // Named after a process that is gone here, but its database is open: a process in another PID namespace.
+    let open_elsewhere = made_by(dead, "ba9876543210");
+    let lock = std::fs::OpenOptions::new().write(true).open(open_elsewhere.join("index/LOCK")).unwrap();
+    // SAFETY: plain record-lock call on an open descriptor with a zero-initialised flock.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    assert_eq!(unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_SETLK, &fl) }, 0);
+    let not_ours = tmp.join(format!("diskvault-cache-{dead}-notes"));
+    std::fs::create_dir_all(&not_ours).unwrap();
+
+    let mut c = e.command(&["backup", e.path("img").to_str().unwrap()]);
+    c.env("TMPDIR", &tmp);
+    let r = Run::of(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!abandoned.exists(), "the private cache of a process that was killed is removed");
+    assert!(of_a_running_process.exists() && open_elsewhere.exists(), "caches in use are kept");
+    assert!(not_ours.exists(), "only directories named as diskvault names them are touched");
+    drop(lock);
+}
+
+#[test]
 fn concurrent_backups_into_one_repository() {
     let e = Env::with_repo();
     let shared = random_bytes(13, 6 * MIB);
