@@ -29,6 +29,7 @@
 //! | [`repair`] | rebuilding the index from pack headers; adopting packs of interrupted backups |
 //! | [`stats`] | logical vs stored size, dedup and compression ratios, what each snapshot adds |
 //! | [`progress`] | progress bars and periodic progress lines |
+//! | [`metrics`] | Prometheus metrics of a run for node_exporter's textfile collector (`--metrics-file`) |
 //! | [`util`] | small shared helpers: time formats, Ctrl-C handling, page-aligned buffers for O_DIRECT I/O |
 //! | [`cli`] | the `diskvault` command line |
 //!
@@ -60,6 +61,7 @@ pub mod error;
 pub mod forget;
 pub mod format;
 pub mod lock;
+pub mod metrics;
 pub mod nbd;
 pub mod progress;
 pub mod prune;

@@ -288,3 +288,82 @@ fn password_file_and_command() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no password given"));
 }
+
+/// `name{labels}` → value of a Prometheus text file, after checking every line is a comment or a sample.
+fn prometheus_samples(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut samples = std::collections::HashMap::new();
+    for line in text.lines() {
+        if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line:?}"));
+        let (name, labels) = series.split_once('{').unwrap_or_else(|| panic!("no labels: {line:?}"));
+        assert!(name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "metric name {name:?}");
+        assert!(labels.ends_with('}') && labels.contains("command=\""), "labels of {line:?}");
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("value of {line:?}"));
+        assert!(samples.insert(series.to_string(), value).is_none(), "{series} twice");
+    }
+    samples
+}
+
+#[test]
+fn metrics_file_reports_each_run_for_prometheus() {
+    let e = Env::with_repo();
+    let mut img = random_bytes(31, 3 * MIB);
+    img.extend(vec![0u8; MIB]);
+    write(&e.path("vm.raw"), &img);
+    let metrics = e.path("diskvault.prom");
+    let m = metrics.to_str().unwrap();
+    let read = || prometheus_samples(&std::fs::read_to_string(&metrics).unwrap());
+    let repo = e.location();
+    let common = |command: &str| format!("command=\"{command}\",repository=\"{repo}\"");
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+
+    e.ok(&["backup", "--metrics-file", m, "--name", "web01", e.path("vm.raw").to_str().unwrap()]);
+    let s = read();
+    let b = common("backup");
+    assert_eq!(s[&format!("diskvault_run_success{{{b}}}")], 1.0);
+    assert_eq!(s[&format!("diskvault_run_exit_code{{{b}}}")], 0.0);
+    let succeeded = s[&format!("diskvault_last_success_timestamp_seconds{{{b}}}")];
+    assert!(succeeded >= started.floor() && succeeded < started + 600.0, "{succeeded} vs {started}");
+    assert_eq!(s[&format!("diskvault_backup_bytes_read{{{b},source=\"web01\"}}")], img.len() as f64);
+    let disk = format!("{b},source=\"web01\",disk=\"vm.raw\"");
+    assert_eq!(s[&format!("diskvault_backup_disk_capacity_bytes{{{disk}}}")], img.len() as f64);
+    assert_eq!(s[&format!("diskvault_backup_disk_new_blocks{{{disk}}}")], 3.0);
+    assert_eq!(s[&format!("diskvault_backup_disk_zero_blocks{{{disk}}}")], 1.0);
+    assert!(s[&format!("diskvault_backup_bytes_added{{{b},source=\"web01\"}}")] > (3 * MIB) as f64);
+
+    // A failed run says so and keeps the time of the last success, for "no good backup for a day" alerts.
+    let r = e.run(&["backup", "--metrics-file", m, "--name", "web01", e.path("gone.raw").to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let s = read();
+    assert_eq!(s[&format!("diskvault_run_success{{{b}}}")], 0.0);
+    assert_eq!(s[&format!("diskvault_run_exit_code{{{b}}}")], 1.0);
+    assert_eq!(s[&format!("diskvault_last_success_timestamp_seconds{{{b}}}")], succeeded);
+    assert!(!s.keys().any(|k| k.starts_with("diskvault_backup_")), "no numbers of a backup that did not happen");
+    let mut wrong = e.command(&["backup", "--metrics-file", m, "--name", "web01", e.path("vm.raw").to_str().unwrap()]);
+    wrong.env("DISKVAULT_PASSWORD", "not the password");
+    assert_eq!(Run::of(wrong).code, 12);
+    assert_eq!(read()[&format!("diskvault_run_exit_code{{{b}}}")], 12.0);
+
+    // check: the damage it finds is a number an alert can watch.
+    let check = e.path("check.prom");
+    let c = check.to_str().unwrap();
+    e.ok(&["check", "--read-data", "--metrics-file", c]);
+    let s = prometheus_samples(&std::fs::read_to_string(&check).unwrap());
+    let k = common("check");
+    assert_eq!((s[&format!("diskvault_run_success{{{k}}}")], s[&format!("diskvault_check_errors{{{k}}}")]), (1.0, 0.0));
+    assert!(s[&format!("diskvault_check_bytes_read{{{k}}}")] > (3 * MIB) as f64);
+    let pack = e.objects("packs").into_iter().max_by_key(|p| e.object_size(p)).unwrap();
+    e.flip(&pack, 1000);
+    assert_eq!(e.run(&["check", "--read-data", "--metrics-file", c]).code, 1);
+    let s = prometheus_samples(&std::fs::read_to_string(&check).unwrap());
+    assert_eq!(s[&format!("diskvault_run_success{{{k}}}")], 0.0);
+    assert!(s[&format!("diskvault_check_errors{{{k}}}")] >= 1.0);
+    let leftovers: Vec<_> = std::fs::read_dir(e.path(""))
+        .unwrap()
+        .flatten()
+        .filter(|f| f.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary metrics files left: {leftovers:?}");
+}

@@ -243,6 +243,41 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
     print_result(args, &repo, &id, &snap, None)
 }
 
+/// A saved snapshot's numbers as metrics for `--metrics-file`, labelled by source (and disk).
+fn record_metrics(snap: &crate::format::snapshot::Snapshot) {
+    use crate::metrics::gauge;
+    let src = [("source", snap.source.as_str())];
+    let s = &snap.summary;
+    let time = snap.time_secs as f64 + snap.time_nanos as f64 / 1e9;
+    gauge(
+        "diskvault_backup_snapshot_timestamp_seconds",
+        "Time of the snapshot this run saved (Unix time).",
+        &src,
+        time,
+    );
+    gauge(
+        "diskvault_backup_duration_seconds",
+        "Wall time of the backup of the source.",
+        &src,
+        s.duration_ms as f64 / 1e3,
+    );
+    gauge("diskvault_backup_bytes_read", "Bytes read from the source's disks.", &src, s.bytes_read as f64);
+    gauge("diskvault_backup_bytes_added", "Bytes the backup added to the repository.", &src, s.bytes_added as f64);
+    for d in &snap.disks {
+        let l = [("source", snap.source.as_str()), ("disk", d.name.as_str())];
+        let st = &d.stats;
+        gauge("diskvault_backup_disk_capacity_bytes", "Capacity of the disk.", &l, d.capacity as f64);
+        gauge("diskvault_backup_disk_bytes_read", "Bytes read from the disk.", &l, st.bytes_read as f64);
+        gauge("diskvault_backup_disk_blocks_read", "Blocks read from the disk.", &l, st.blocks_read as f64);
+        let unchanged = st.blocks_inherited as f64;
+        gauge("diskvault_backup_disk_blocks_unchanged", "Blocks taken from the parent without reading.", &l, unchanged);
+        gauge("diskvault_backup_disk_zero_blocks", "Blocks that are all zeros.", &l, st.zero_blocks as f64);
+        gauge("diskvault_backup_disk_new_blocks", "Blocks the repository did not hold yet.", &l, st.new_blocks as f64);
+        let stored = st.new_bytes_stored as f64;
+        gauge("diskvault_backup_disk_new_bytes_stored", "Bytes stored for the new blocks.", &l, stored);
+    }
+}
+
 /// Prints what a backup did (JSON with --json); `vm` adds how each VMware disk was read.
 fn print_result(
     args: &BackupArgs,
@@ -251,6 +286,7 @@ fn print_result(
     snap: &crate::format::snapshot::Snapshot,
     vm: Option<&[crate::vmware::DiskReport]>,
 ) -> Result<()> {
+    record_metrics(snap);
     if args.json {
         let v = result_json(repo, id, snap, vm);
         println!("{}", serde_json::to_string_pretty(&v).expect("JSON of plain values"));
@@ -398,6 +434,7 @@ fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
     for (info, result) in vms.iter().zip(results) {
         match result {
             Ok(b) => {
+                record_metrics(&b.snapshot);
                 if args.json {
                     json.push(result_json(&repo, &b.id, &b.snapshot, Some(&b.disks)));
                     continue;

@@ -31,6 +31,20 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
         let _r = Reporter::start("check", counters.clone(), g.progress);
         check::run(&repo, subset, &counters)?
     };
+    {
+        use crate::metrics::gauge;
+        gauge(
+            "diskvault_check_errors",
+            "Damage found (each error message counts once).",
+            &[],
+            report.errors.len() as f64,
+        );
+        gauge("diskvault_check_warnings", "Warnings of the check.", &[], report.warnings.len() as f64);
+        gauge("diskvault_check_snapshots", "Snapshots checked.", &[], report.snapshots as f64);
+        gauge("diskvault_check_packs", "Packs in the repository's index.", &[], report.packs as f64);
+        gauge("diskvault_check_packs_read", "Packs read and verified byte for byte.", &[], report.packs_read as f64);
+        gauge("diskvault_check_bytes_read", "Bytes of packs read and verified.", &[], report.bytes_read as f64);
+    }
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }

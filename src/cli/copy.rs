@@ -84,6 +84,20 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
         })?
     };
     let skipped = selected - copied.len();
+    {
+        use crate::metrics::gauge;
+        gauge("diskvault_copy_snapshots_copied", "Snapshots copied by this run.", &[], copied.len() as f64);
+        gauge(
+            "diskvault_copy_snapshots_already_copied",
+            "Selected snapshots the destination held already.",
+            &[],
+            skipped as f64,
+        );
+        let read: u64 = copied.iter().map(|c| c.snapshot.summary.bytes_read).sum();
+        let added: u64 = copied.iter().map(|c| c.snapshot.summary.bytes_added).sum();
+        gauge("diskvault_copy_bytes_read", "Bytes of disk data read from the source repository.", &[], read as f64);
+        gauge("diskvault_copy_bytes_added", "Bytes added to this repository.", &[], added as f64);
+    }
     if json {
         let v = serde_json::json!({
             "copied": copied.iter().map(|c| serde_json::json!({

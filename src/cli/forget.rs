@@ -97,6 +97,7 @@ pub fn run(g: &Globals, args: &ForgetArgs) -> Result<()> {
     }
     println!("removed {}, kept {}; pruning", count(removed, "snapshot"), decisions.len() - removed);
     let r = crate::prune::run(&repo, &g.cache_root(), &crate::prune::PruneOptions::default())?;
+    super::prune::record_metrics(&r);
     super::prune::print_report(&r, false);
     Ok(())
 }

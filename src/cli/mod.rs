@@ -48,6 +48,11 @@ pub struct Cli {
     #[arg(short, long, global = true)]
     quiet: bool,
 
+    /// When the command ends, write Prometheus metrics of the run to this file (for node_exporter's textfile
+    /// collector: a `.prom` file in its directory), replacing it.
+    #[arg(long, env = "DISKVAULT_METRICS_FILE", global = true)]
+    metrics_file: Option<PathBuf>,
+
     /// More log output (-v info, -vv debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
@@ -99,6 +104,31 @@ enum Command {
     Vm(vm::VmCommand),
     /// Print a repository object as JSON (for debugging).
     Cat(inspect::CatArgs),
+}
+
+impl Command {
+    /// The subcommand's name, as metrics label it.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Init(_) => "init",
+            Command::Backup(_) => "backup",
+            Command::Restore(_) => "restore",
+            Command::Serve(_) => "serve",
+            Command::Check(_) => "check",
+            Command::Copy(_) => "copy",
+            Command::Snapshots(_) => "snapshots",
+            Command::Key(_) => "key",
+            Command::Forget(_) => "forget",
+            Command::Prune(_) => "prune",
+            Command::Protect(_) => "protect",
+            Command::Unprotect(_) => "unprotect",
+            Command::Stats { .. } => "stats",
+            Command::Locks => "locks",
+            Command::Repair(_) => "repair",
+            Command::Vm(_) => "vm",
+            Command::Cat(_) => "cat",
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -318,6 +348,7 @@ pub fn main() -> i32 {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("diskvault={level}")));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 
+    let started = std::time::Instant::now();
     let g = Globals {
         repo: cli.repo,
         password_file: cli.password_file,
@@ -346,11 +377,24 @@ pub fn main() -> i32 {
     };
     // Every VDDK disk is closed by now; the library wants its Exit.
     crate::vddk::shutdown();
-    match result {
+    let code = match result {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");
             e.exit_code()
         }
+    };
+    if let Some(path) = &cli.metrics_file {
+        let outcome = crate::metrics::Outcome {
+            command: cli.command.name(),
+            repository: g.repo.as_deref().unwrap_or(""),
+            duration: started.elapsed(),
+            exit_code: code,
+        };
+        if let Err(e) = crate::metrics::write_file(path, &outcome) {
+            // The run's own result stands; a monitoring gap is reported, not turned into a failed backup.
+            eprintln!("warning: cannot write the metrics file {}: {e}", path.display());
+        }
     }
+    code
 }

@@ -49,8 +49,32 @@ pub fn run(g: &Globals, args: &PruneArgs) -> Result<()> {
     let repo = g.open_repo()?;
     let opts = PruneOptions { max_unused: args.max_unused, max_repack: args.max_repack, dry_run: args.dry_run };
     let r = prune::run(&repo, &g.cache_root(), &opts)?;
+    if !args.dry_run {
+        record_metrics(&r);
+    }
     print_report(&r, args.dry_run);
     Ok(())
+}
+
+/// A prune's numbers as metrics for `--metrics-file` (also after `forget --prune`).
+pub(crate) fn record_metrics(r: &PruneReport) {
+    use crate::metrics::gauge;
+    gauge("diskvault_prune_packs_deleted", "Packs deleted by this run.", &[], r.packs_deleted as f64);
+    gauge("diskvault_prune_bytes_deleted", "Bytes of the packs deleted by this run.", &[], r.bytes_deleted as f64);
+    gauge(
+        "diskvault_prune_packs_waiting",
+        "Dropped packs waiting for running sessions to end.",
+        &[],
+        r.packs_waiting as f64,
+    );
+    gauge(
+        "diskvault_prune_packs_repacked",
+        "Packs whose used blobs were copied into new packs.",
+        &[],
+        r.packs_repacked as f64,
+    );
+    gauge("diskvault_prune_unused_bytes_kept", "Unused bytes left in kept packs.", &[], r.unused_bytes_kept as f64);
+    gauge("diskvault_prune_pack_bytes", "Bytes of all packs examined.", &[], r.pack_bytes as f64);
 }
 
 pub(crate) fn print_report(r: &PruneReport, dry_run: bool) {

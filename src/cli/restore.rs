@@ -191,6 +191,21 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
     }
     let target = final_target;
     let secs = started.elapsed().as_secs_f64();
+    {
+        use crate::metrics::gauge;
+        let l = [("disk", disk.name.as_str())];
+        gauge("diskvault_restore_duration_seconds", "Wall time of the restore.", &l, secs);
+        gauge("diskvault_restore_disk_capacity_bytes", "Capacity of the restored disk.", &l, disk.capacity as f64);
+        gauge("diskvault_restore_bytes_written", "Bytes written to the target.", &l, stats.bytes_written as f64);
+        gauge("diskvault_restore_bytes_fetched", "Bytes read from the repository.", &l, stats.bytes_fetched as f64);
+        let damaged: u64 = stats.damaged.iter().map(|r| r.end - r.start).sum();
+        gauge(
+            "diskvault_restore_damaged_bytes",
+            "Bytes that could not be restored (left as zeros).",
+            &l,
+            damaged as f64,
+        );
+    }
     println!(
         "restored disk {} of snapshot {} to {}: {} in {:.1} s ({}/s), {} blocks written, {} zero blocks{}",
         disk.name,
