@@ -230,11 +230,36 @@ fn cbt_verification_catches_changes_cbt_lost() {
 
     // With verification, the difference is found and the disk read in full.
     lab.guest_write(&vm, 0, 50 * M, &random_bytes(4, 100));
-    let r = lab.ok(&["backup", "--json", "--vm", &name, "--verify-cbt", "100%"]);
+    let metrics = lab.env.path("vm.prom");
+    let r = lab.ok(&[
+        "backup",
+        "--json",
+        "--vm",
+        &name,
+        "--verify-cbt",
+        "100%",
+        "--metrics-file",
+        metrics.to_str().unwrap(),
+    ]);
     let d = &r["vmware_disks"][0];
     assert_eq!(d["mode"], "full", "{r}");
     assert!(d["reason"].as_str().unwrap().contains("CBT verification: 1 of"), "{d}");
     assert_eq!(r["vmware_disks"][1]["mode"], "incremental", "disk2's CBT is right and stays trusted");
+    // Monitoring sees the fallback per disk.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let gauge = |metric: &str, disk: &str| {
+        let series = format!(
+            "{metric}{{command=\"backup\",repository=\"{}\",source=\"{name}\",disk=\"{disk}\"}} ",
+            lab.env.location()
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("no {series} in {text}"))
+            .to_string()
+    };
+    assert_eq!(gauge("diskvault_backup_disk_full_read_fallback", "disk1"), "1");
+    assert_eq!(gauge("diskvault_backup_disk_full_read_fallback", "disk2"), "0");
+    assert_eq!(gauge("diskvault_backup_disk_incremental", "disk2"), "1");
     let restored = lab.env.restore(&format!("{}:disk1", r["snapshot"].as_str().unwrap()), &[]);
     assert!(restored == std::fs::read(&flat).unwrap());
     // A small sample finds nothing wrong when CBT is right.

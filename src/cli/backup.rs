@@ -278,6 +278,30 @@ fn record_metrics(snap: &crate::format::snapshot::Snapshot) {
     }
 }
 
+/// How each disk of a VMware backup was read, as metrics: a disk read whole although it had a parent means CBT
+/// was reset, off, or failed `--verify-cbt`, something to alert on when it keeps happening.
+fn record_vm_metrics(source: &str, disks: &[crate::vmware::DiskReport]) {
+    use crate::metrics::gauge;
+    for d in disks {
+        let l = [("source", source), ("disk", d.name.as_str())];
+        let incremental = if d.mode == "incremental" { 1.0 } else { 0.0 };
+        gauge(
+            "diskvault_backup_disk_incremental",
+            "1 if only the areas CBT reported changed were read.",
+            &l,
+            incremental,
+        );
+        let fallback = if d.reason.is_some() { 1.0 } else { 0.0 };
+        gauge(
+            "diskvault_backup_disk_full_read_fallback",
+            "1 if the disk was read whole although an earlier backup could have been the base (CBT reset, off, \
+             resized or failed --verify-cbt).",
+            &l,
+            fallback,
+        );
+    }
+}
+
 /// Prints what a backup did (JSON with --json); `vm` adds how each VMware disk was read.
 fn print_result(
     args: &BackupArgs,
@@ -435,6 +459,7 @@ fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
         match result {
             Ok(b) => {
                 record_metrics(&b.snapshot);
+                record_vm_metrics(&b.snapshot.source, &b.disks);
                 if args.json {
                     json.push(result_json(&repo, &b.id, &b.snapshot, Some(&b.disks)));
                     continue;
