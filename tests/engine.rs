@@ -333,6 +333,15 @@ fn metrics_file_reports_each_run_for_prometheus() {
     assert_eq!(s[&format!("diskvault_backup_disk_zero_blocks{{{disk}}}")], 1.0);
     assert!(s[&format!("diskvault_backup_bytes_added{{{b},source=\"web01\"}}")] > (3 * MIB) as f64);
 
+    // From a monitoring host: the newest snapshot of each source, whichever proxy made it.
+    let taken = s[&format!("diskvault_backup_snapshot_timestamp_seconds{{{b},source=\"web01\"}}")];
+    let listed = e.path("snapshots.prom");
+    e.ok(&["snapshots", "--metrics-file", listed.to_str().unwrap()]);
+    let l = prometheus_samples(&std::fs::read_to_string(&listed).unwrap());
+    let src = format!("{},source=\"web01\"", common("snapshots"));
+    assert_eq!(l[&format!("diskvault_snapshots{{{src}}}")], 1.0);
+    assert_eq!(l[&format!("diskvault_snapshot_newest_timestamp_seconds{{{src}}}")], taken);
+
     // A failed run says so and keeps the time of the last success, for "no good backup for a day" alerts.
     let r = e.run(&["backup", "--metrics-file", m, "--name", "web01", e.path("gone.raw").to_str().unwrap()]);
     assert_eq!(r.code, 1, "{}", r.stderr);

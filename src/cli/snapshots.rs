@@ -17,6 +17,7 @@ pub struct SnapshotsArgs {
 pub fn run(g: &Globals, args: &SnapshotsArgs) -> Result<()> {
     let repo = g.open_repo()?;
     let snaps = repo.list_snapshots_of(args.name.as_deref())?;
+    record_metrics(&snaps);
     if args.json {
         let v: Vec<serde_json::Value> = snaps
             .iter()
@@ -70,4 +71,21 @@ pub fn run(g: &Globals, args: &SnapshotsArgs) -> Result<()> {
     }
     println!("{}", crate::util::count(snaps.len(), "snapshot"));
     Ok(())
+}
+
+/// Per source, how many snapshots there are and when the newest was taken: run from one monitoring host,
+/// `snapshots --metrics-file` watches every VM that any proxy backs up into the repository.
+fn record_metrics(snaps: &[(crate::format::ObjectId, crate::format::snapshot::Snapshot)]) {
+    use crate::metrics::gauge;
+    let mut by_source: std::collections::BTreeMap<&str, (usize, f64)> = std::collections::BTreeMap::new();
+    for (_, s) in snaps {
+        let time = s.time_secs as f64 + s.time_nanos as f64 / 1e9;
+        let e = by_source.entry(s.source.as_str()).or_insert((0, f64::MIN));
+        *e = (e.0 + 1, e.1.max(time));
+    }
+    for (source, (count, newest)) in by_source {
+        let l = [("source", source)];
+        gauge("diskvault_snapshots", "Snapshots of the source in the repository.", &l, count as f64);
+        gauge("diskvault_snapshot_newest_timestamp_seconds", "Time of the source's newest snapshot.", &l, newest);
+    }
 }
