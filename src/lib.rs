@@ -26,7 +26,7 @@
 //! | [`vddk`] | VMware's VDDK loaded with libloading: connect, open, read, allocated blocks, under the guide's thread rules |
 //! | [`lock`] | the exclusive lock and session markers, with storage-clock expiry |
 //! | [`prune`] | mark, sweep, repack and two-phase deletion next to running backups, in bounded memory |
-//! | [`repair`] | rebuilding the index from pack headers; adopting packs of interrupted backups |
+//! | [`repair`] | rebuilding the index from pack headers; adopting packs of interrupted backups; taking damaged packs out |
 //! | [`stats`] | logical vs stored size, dedup and compression ratios, what each snapshot adds |
 //! | [`progress`] | progress bars and periodic progress lines |
 //! | [`metrics`] | Prometheus metrics of a run for node_exporter's textfile collector (`--metrics-file`) |

@@ -462,13 +462,8 @@ impl<'a> Sweep<'a> {
             let stored = bytes
                 .get(e.offset as usize..e.end() as usize)
                 .ok_or_else(|| Error::corrupt(&name, format!("blob {} lies beyond the end of the pack", e.id)))?;
-            // A delta's base may lie in any pack: it is authenticated here, decoded by check --read-data.
-            let verified = if e.is_delta() {
-                crate::format::pack::authenticate_blob(self.repo.keys(), e, stored)
-            } else {
-                crate::format::pack::open_blob(self.repo.keys(), e, stored, None).map(|_| ())
-            };
-            verified.map_err(|c| Error::corrupt(&name, format!("blob {}: {c}", e.id)))?;
+            crate::format::pack::verify_for_copy(self.repo.keys(), e, stored)
+                .map_err(|c| Error::corrupt(&name, format!("blob {}: {c}", e.id)))?;
             blobs.push(SealedBlob {
                 blob_type: e.blob_type,
                 id: e.id,

@@ -5,14 +5,20 @@
 //! - [`adopt_unindexed_packs`] (at the start of every backup) indexes packs that a killed backup stored but
 //!   did not get to list in an index file, so that the rerun deduplicates against them instead of uploading
 //!   their blocks again.
+//! - [`repair_packs`] (`repair packs`) takes damaged packs out of the repository, keeping their intact blobs in
+//!   new packs. A damaged blob then no longer counts as stored: the next backup of a disk that still holds
+//!   the block stores it again, and every older snapshot that references it becomes restorable again (blobs
+//!   are found by id). As long as a damaged blob stays indexed, backups deduplicate against it and new
+//!   snapshots inherit the damage.
 
 use rayon::prelude::*;
 
 use crate::backend::ObjectInfo;
 use crate::cache::IndexCache;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::index::{IndexFile, IndexedPack};
-use crate::format::{names, BlobId, ObjectId};
+use crate::format::pack::{PackWriter, SealedBlob};
+use crate::format::{names, BlobId, BlobType, ObjectId};
 use crate::repository::Repository;
 
 /// Temporary objects older than this belong to dead writers (a live one finishes a pack in seconds).
@@ -141,6 +147,133 @@ pub fn adopt_unindexed_packs(repo: &Repository, cache: &IndexCache) -> Result<Re
         tracing::warn!("not adopting a pack: {u}");
     }
     Ok(report)
+}
+
+/// What [`repair_packs`] found in one pack.
+#[derive(Debug)]
+pub struct PackRepair {
+    pub pack: ObjectId,
+    /// Blobs copied into new packs.
+    pub salvaged: usize,
+    /// Blobs that could not be verified, with the cause; they are no longer in the index.
+    pub lost: Vec<(BlobId, String)>,
+    /// Every blob verified: the pack was left as it is.
+    pub intact: bool,
+}
+
+/// Takes the damaged blobs of `packs` out of the repository: every blob of each pack is verified (as prune
+/// does before copying), the intact ones are copied into new packs, and index files listing the pack are
+/// replaced by ones listing the new packs instead; then the pack is deleted. A pack whose blobs all verify is
+/// left as it is. A pack that cannot be read at all (missing, unreadable) loses all its blobs.
+///
+/// Call with the exclusive lock held. Refused while sessions run: they may read the packs being deleted (prune
+/// waits for them instead; a damaged pack must not wait to be rescued by its own damaged blobs). Order makes
+/// an interrupted run safe to repeat: new packs, then new index files (superseding the old ones), then the
+/// packs are deleted, then the old index files.
+pub fn repair_packs(repo: &Repository, packs: &[ObjectId]) -> Result<Vec<PackRepair>> {
+    let live = crate::lock::live_sessions(repo)?;
+    if !live.is_empty() {
+        let who: Vec<String> = live.iter().map(|s| s.describe()).collect();
+        return Err(Error::invalid(format!(
+            "{} running: repair packs deletes packs they may be reading; run it when they have ended ({})",
+            crate::util::count(live.len(), "session"),
+            who.join("; ")
+        )));
+    }
+    // The index files that list the packs, and each pack's entries as indexed (its own header may be damaged).
+    let mut listing: Vec<(ObjectId, IndexFile)> = Vec::new();
+    let mut entries: std::collections::HashMap<ObjectId, IndexedPack> = std::collections::HashMap::new();
+    for iid in repo.list_index_ids()? {
+        let file = repo.load_index(&iid)?;
+        let mut lists = false;
+        for p in &file.packs {
+            if packs.contains(&p.id) {
+                lists = true;
+                entries.entry(p.id).or_insert_with(|| p.clone());
+            }
+        }
+        if lists {
+            listing.push((iid, file));
+        }
+    }
+    let mut results = Vec::new();
+    let mut dropped = Vec::new();
+    let target = repo.config().pack_target_size as usize;
+    let mut writers: [Option<PackWriter>; 2] = [None, None];
+    let mut new_packs = Vec::new();
+    for id in packs {
+        let name = names::pack(id);
+        let Some(indexed) = entries.get(id) else {
+            return Err(Error::invalid(format!("{name} is not in the index (`repair index` indexes stored packs)")));
+        };
+        if let Some(left) = repo.backend().retention_left(&name)? {
+            return Err(Error::invalid(format!(
+                "{name} is under object-lock retention for {} s more and cannot be deleted yet",
+                left.as_secs()
+            )));
+        }
+        let mut report = PackRepair { pack: *id, salvaged: 0, lost: Vec::new(), intact: false };
+        match repo.backend().get(&name) {
+            Err(e) => report.lost = indexed.entries.iter().map(|e2| (e2.id, e.to_string())).collect(),
+            Ok(bytes) => {
+                let mut intact = Vec::new();
+                for e in &indexed.entries {
+                    let verified = match bytes.get(e.offset as usize..e.end() as usize) {
+                        None => Err("beyond the end of the pack".to_string()),
+                        Some(stored) => crate::format::pack::verify_for_copy(repo.keys(), e, stored).map(|()| stored),
+                    };
+                    match verified {
+                        Ok(stored) => intact.push(SealedBlob {
+                            blob_type: e.blob_type,
+                            id: e.id,
+                            flags: e.flags,
+                            raw_len: e.raw_len,
+                            base: e.base,
+                            bytes: stored.to_vec(),
+                        }),
+                        Err(cause) => report.lost.push((e.id, cause)),
+                    }
+                }
+                if report.lost.is_empty() {
+                    report.intact = true;
+                    results.push(report);
+                    continue;
+                }
+                report.salvaged = intact.len();
+                for blob in intact {
+                    let slot = (blob.blob_type == BlobType::Segment) as usize;
+                    let w = writers[slot].get_or_insert_with(|| PackWriter::new(blob.blob_type, target + (4 << 20)));
+                    w.add(blob);
+                    if w.len() >= target {
+                        let full = writers[slot].take().expect("just used");
+                        new_packs.push(repo.save_pack(full.finish(repo.keys()))?);
+                    }
+                }
+            }
+        }
+        dropped.push(*id);
+        results.push(report);
+    }
+    if dropped.is_empty() {
+        return Ok(results);
+    }
+    for w in writers.into_iter().flatten().filter(|w| !w.is_empty()) {
+        new_packs.push(repo.save_pack(w.finish(repo.keys()))?);
+    }
+    let replaced: Vec<ObjectId> = listing.iter().map(|(iid, _)| *iid).collect();
+    let mut kept: Vec<IndexedPack> =
+        listing.into_iter().flat_map(|(_, f)| f.packs).filter(|p| !dropped.contains(&p.id)).collect();
+    kept.sort_by_key(|p| p.id);
+    kept.dedup_by_key(|p| p.id);
+    kept.extend(new_packs);
+    write_index_files(repo, None, kept, &replaced, &mut RepairReport::default())?;
+    for id in &dropped {
+        repo.backend().delete(&names::pack(id))?;
+    }
+    for iid in &replaced {
+        repo.backend().delete(&names::index(iid))?;
+    }
+    Ok(results)
 }
 
 /// Merges block numbers into byte ranges `[start, end)` of a disk.

@@ -193,6 +193,70 @@ ls $R/snapshots | wc -l | sed 's/^/snapshots=/'
 }
 
 #[test]
+fn repair_packs_lets_the_next_backup_heal_older_snapshots() {
+    let e = Env::with_repo();
+    let img = random_bytes(41, 4 * MIB);
+    write(&e.path("img"), &img);
+    let path = e.path("img");
+    let first = e.backup(&[path.to_str().unwrap(), "--name", "vm"])["snapshot"].as_str().unwrap().to_string();
+    // The four blocks share one data pack: damage the second.
+    let pack = e.objects("packs").into_iter().max_by_key(|p| e.object_size(p)).unwrap();
+    e.flip(&pack, MIB + MIB / 2);
+    let r = e.run(&["check", "--read-data"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains(id_of(&pack)), "check names the pack: {}", r.stderr);
+    // While the damaged blob is indexed, a backup of the intact source deduplicates against it.
+    let again = e.backup(&[path.to_str().unwrap(), "--name", "vm", "--no-parent"]);
+    assert_eq!(again["disks"][0]["new_blocks"], 0);
+
+    let r = e.ok(&["repair", "packs", &pack]);
+    assert!(r.stdout.contains("3 blobs kept in new packs, 1 lost; removed"), "{}", r.stdout);
+    assert!(!e.objects("packs").contains(&pack), "the damaged pack is deleted");
+    // The lost block is now missing rather than damaged; the three others restore from their new pack.
+    let r = e.run(&["check"]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    let t = e.path("partial");
+    let r = e.run(&["restore", &first, "--target", t.to_str().unwrap(), "--allow-partial"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let damaged: Vec<&str> = r.stderr.lines().filter(|l| l.starts_with("damaged: ")).collect();
+    assert_eq!(damaged.len(), 1, "{}", r.stderr);
+    // Blobs go into a pack in the order the workers finish them: which block the flip hit varies.
+    let range = damaged[0]["damaged: bytes ".len()..].split_whitespace().next().unwrap();
+    let (start, end) = range.split_once("..").unwrap();
+    let (start, end): (usize, usize) = (start.parse().unwrap(), end.parse().unwrap());
+    assert!(end - start == MIB && start % MIB == 0, "{}", damaged[0]);
+    let out = std::fs::read(&t).unwrap();
+    assert_eq!((&out[..start], &out[end..]), (&img[..start], &img[end..]));
+    // The next backup stores the lost block again, and only it.
+    let healing = e.backup(&[path.to_str().unwrap(), "--name", "vm", "--no-parent"]);
+    assert_eq!(healing["disks"][0]["new_blocks"], 1, "only the lost block is stored again");
+    e.ok(&["check", "--read-data"]);
+    assert_eq!(e.restore(&first, &[]), img, "the first snapshot restores again");
+    assert_eq!(e.restore(again["snapshot"].as_str().unwrap(), &[]), img);
+
+    // A pack with nothing wrong is left alone; a pack the index does not list is refused.
+    let intact = e.objects("packs").into_iter().max_by_key(|p| e.object_size(p)).unwrap();
+    let r = e.ok(&["repair", "packs", id_of(&intact)]);
+    assert!(r.stdout.contains("left as it is"), "{}", r.stdout);
+    assert!(e.objects("packs").contains(&intact));
+    let r = e.fails(&["repair", "packs", &"ab".repeat(32)]);
+    assert!(r.stderr.contains("not in the index"), "{}", r.stderr);
+    e.ok(&["check", "--read-data"]);
+
+    // Not while others may read the packs: a running `serve` holds a session.
+    let sock = e.path("serve.sock");
+    let mut serve = e.command(&["serve", "--socket", sock.to_str().unwrap()]).spawn().unwrap();
+    let started = std::time::Instant::now();
+    while !sock.exists() && started.elapsed() < std::time::Duration::from_secs(30) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let r = e.fails(&["repair", "packs", id_of(&intact)]);
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(r.stderr.contains("1 session running"), "{}", r.stderr);
+}
+
+#[test]
 fn unusable_cache_directory_falls_back_to_a_private_cache() {
     let e = Env::with_repo();
     let img = random_bytes(12, 3 * MIB);

@@ -67,6 +67,10 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
         println!("no errors found");
         Ok(())
     } else {
+        eprintln!(
+            "to heal: `repair packs` with the damaged packs, then back up the affected sources again; \
+             `repair snapshots` lists what stays lost"
+        );
         Err(Error::invalid(format!("the repository has {} errors (listed above)", report.errors.len())))
     }
 }

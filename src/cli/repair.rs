@@ -1,8 +1,9 @@
-//! `diskvault repair index|snapshots`.
+//! `diskvault repair index|packs|snapshots`.
 
 use super::Globals;
 use crate::check::{self, DataSubset};
 use crate::error::Result;
+use crate::format::ObjectId;
 use crate::progress::Counters;
 use crate::repair;
 use crate::util::human_bytes;
@@ -11,9 +12,25 @@ use crate::util::human_bytes;
 pub enum RepairCommand {
     /// Rebuild all index files from the pack headers (after a lost or damaged index file).
     Index,
+    /// Take damaged packs (as `check --read-data` names them) out of the repository, keeping their intact blobs:
+    /// the next backup stores the lost blocks again where its source still has them, and older snapshots that
+    /// reference them become restorable again.
+    Packs(PacksArgs),
     /// List the snapshots and byte ranges affected by lost or damaged data; with --write, save repaired
     /// snapshots that mark those ranges as lost (they restore as zeros, and say so).
     Snapshots(SnapshotsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PacksArgs {
+    /// Pack ids (hex), or their names as check prints them (`packs/4d/4d52…`).
+    #[arg(required = true, value_parser = parse_pack)]
+    packs: Vec<ObjectId>,
+}
+
+fn parse_pack(s: &str) -> std::result::Result<ObjectId, String> {
+    let hex = s.trim_end_matches(':').rsplit('/').next().unwrap_or(s);
+    ObjectId::from_hex(hex).ok_or_else(|| format!("{s:?} is not a pack id (64 hex digits)"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -42,6 +59,28 @@ pub fn run(g: &Globals, cmd: &RepairCommand) -> Result<()> {
                 "indexed {} packs ({} blobs) in {} new index files; removed {} old index files and {} stale temporary files",
                 r.packs_indexed, r.blobs_indexed, r.index_files_written, r.index_files_removed, r.temporaries_removed
             );
+        }
+        RepairCommand::Packs(a) => {
+            let _lock = crate::lock::acquire_exclusive(&repo, "repair packs")?;
+            let mut lost = 0;
+            for r in repair::repair_packs(&repo, &a.packs)? {
+                let name = crate::format::names::pack(&r.pack);
+                if r.intact {
+                    println!("{name}: every blob verified; left as it is");
+                    continue;
+                }
+                lost += r.lost.len();
+                println!("{name}: {} blobs kept in new packs, {} lost; removed", r.salvaged, r.lost.len());
+                for (id, cause) in &r.lost {
+                    println!("  lost blob {id}: {cause}");
+                }
+            }
+            if lost > 0 {
+                println!(
+                    "back up the affected sources again: blocks they still hold are stored again, and older snapshots \
+                     that reference them become restorable; `repair snapshots` lists what stays lost"
+                );
+            }
         }
         RepairCommand::Snapshots(a) => {
             let subset = if a.read_data { DataSubset::All } else { DataSubset::None };

@@ -351,6 +351,17 @@ pub fn authenticate_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Resul
     keys.open(&aad[..n], stored).map(|_| ()).map_err(|e| e.to_string())
 }
 
+/// Verifies a stored blob before it is copied into another pack (prune's repacking, `repair packs`): opened
+/// and re-hashed, or for a delta blob, whose base may lie in any pack, authenticated (check --read-data decodes
+/// it with its base).
+pub fn verify_for_copy(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<(), String> {
+    if entry.is_delta() {
+        authenticate_blob(keys, entry, stored)
+    } else {
+        open_blob(keys, entry, stored, None).map(|_| ())
+    }
+}
+
 /// [`open_blob`] for bytes the caller owns and no longer needs: decrypted where they lie, the plaintext
 /// decompressed (or copied) into `out`, whose buffer is reused. Restore, serve and check fetch whole ranges and
 /// open every blob in them: this saves a copy of each blob and, with a reused `out`, an allocation.
