@@ -157,8 +157,10 @@ pub struct PackRepair {
     pub salvaged: usize,
     /// Blobs that could not be verified, with the cause; they are no longer in the index.
     pub lost: Vec<(BlobId, String)>,
-    /// Every blob verified: the pack was left as it is.
+    /// Every blob verified, the header and the pack's name agree with its bytes: the pack was left as it is.
     pub intact: bool,
+    /// What else was wrong with the pack (its header, its name), if anything.
+    pub damage: Option<String>,
 }
 
 /// Takes the damaged blobs of `packs` out of the repository: every blob of each pack is verified (as prune
@@ -212,7 +214,7 @@ pub fn repair_packs(repo: &Repository, packs: &[ObjectId]) -> Result<Vec<PackRep
                 left.as_secs()
             )));
         }
-        let mut report = PackRepair { pack: *id, salvaged: 0, lost: Vec::new(), intact: false };
+        let mut report = PackRepair { pack: *id, salvaged: 0, lost: Vec::new(), intact: false, damage: None };
         match repo.backend().get(&name) {
             Err(e) => report.lost = indexed.entries.iter().map(|e2| (e2.id, e.to_string())).collect(),
             Ok(bytes) => {
@@ -234,7 +236,15 @@ pub fn repair_packs(repo: &Repository, packs: &[ObjectId]) -> Result<Vec<PackRep
                         Err(cause) => report.lost.push((e.id, cause)),
                     }
                 }
-                if report.lost.is_empty() {
+                // Intact blobs in a pack whose header or name no longer fits its bytes are moved too: `repair
+                // index` rebuilds the index from headers, and check would keep reporting the pack.
+                report.damage = match crate::format::pack::read_header(repo.keys(), &bytes) {
+                    Err(e) => Some(format!("header: {e}")),
+                    Ok(h) if h.entries != indexed.entries => Some("header does not match the index".into()),
+                    Ok(_) if ObjectId::of_file(&bytes) != *id => Some("content does not match its name".into()),
+                    Ok(_) => None,
+                };
+                if report.lost.is_empty() && report.damage.is_none() {
                     report.intact = true;
                     results.push(report);
                     continue;

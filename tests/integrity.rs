@@ -234,6 +234,16 @@ fn repair_packs_lets_the_next_backup_heal_older_snapshots() {
     assert_eq!(e.restore(&first, &[]), img, "the first snapshot restores again");
     assert_eq!(e.restore(again["snapshot"].as_str().unwrap(), &[]), img);
 
+    // Damage to a pack's header alone loses nothing, but the pack is rewritten: `repair index` reads headers.
+    let pack = e.objects("packs").into_iter().max_by_key(|p| e.object_size(p)).unwrap();
+    e.flip(&pack, e.object_size(&pack) as usize - 100);
+    assert_eq!(e.run(&["check", "--read-data"]).code, 1);
+    let r = e.ok(&["repair", "packs", &pack]);
+    assert!(r.stdout.contains("(header: ") && r.stdout.contains(", 0 lost; removed"), "{}", r.stdout);
+    e.ok(&["check", "--read-data"]);
+    e.ok(&["repair", "index"]);
+    assert_eq!(e.restore(&first, &[]), img);
+
     // A pack with nothing wrong is left alone; a pack the index does not list is refused.
     let intact = e.objects("packs").into_iter().max_by_key(|p| e.object_size(p)).unwrap();
     let r = e.ok(&["repair", "packs", id_of(&intact)]);

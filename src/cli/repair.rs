@@ -70,7 +70,8 @@ pub fn run(g: &Globals, cmd: &RepairCommand) -> Result<()> {
                     continue;
                 }
                 lost += r.lost.len();
-                println!("{name}: {} blobs kept in new packs, {} lost; removed", r.salvaged, r.lost.len());
+                let why = r.damage.as_deref().map(|d| format!(" ({d})")).unwrap_or_default();
+                println!("{name}{why}: {} blobs kept in new packs, {} lost; removed", r.salvaged, r.lost.len());
                 for (id, cause) in &r.lost {
                     println!("  lost blob {id}: {cause}");
                 }
