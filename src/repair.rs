@@ -170,8 +170,8 @@ pub struct PackRepair {
 ///
 /// Call with the exclusive lock held. Refused while sessions run: they may read the packs being deleted (prune
 /// waits for them instead; a damaged pack must not wait to be rescued by its own damaged blobs). Order makes
-/// an interrupted run safe to repeat: new packs, then new index files (superseding the old ones), then the
-/// packs are deleted, then the old index files.
+/// an interrupted run safe to repeat: new packs, new index files, then the old index files are deleted, then
+/// the packs. A pack no index file lists but still stored is accepted too (read by its header).
 pub fn repair_packs(repo: &Repository, packs: &[ObjectId]) -> Result<Vec<PackRepair>> {
     let live = crate::lock::live_sessions(repo)?;
     if !live.is_empty() {
@@ -205,8 +205,21 @@ pub fn repair_packs(repo: &Repository, packs: &[ObjectId]) -> Result<Vec<PackRep
     let mut new_packs = Vec::new();
     for id in packs {
         let name = names::pack(id);
-        let Some(indexed) = entries.get(id) else {
-            return Err(Error::invalid(format!("{name} is not in the index (`repair index` indexes stored packs)")));
+        // A stored pack no index file lists (left by an interrupted run, or not adopted yet) is read by its
+        // own header; without one, nothing in it can be salvaged.
+        let unindexed;
+        let indexed = match entries.get(id) {
+            Some(p) => p,
+            None => {
+                let Some(size) = repo.backend().size(&name)? else {
+                    return Err(Error::invalid(format!("{name} is neither in the index nor stored")));
+                };
+                unindexed = match repo.read_pack_header(id, size) {
+                    Ok(h) => IndexedPack { id: *id, pack_type: h.pack_type, entries: h.entries },
+                    Err(_) => IndexedPack { id: *id, pack_type: BlobType::Data, entries: Vec::new() },
+                };
+                &unindexed
+            }
         };
         if let Some(left) = repo.backend().retention_left(&name)? {
             return Err(Error::invalid(format!(
@@ -277,11 +290,13 @@ pub fn repair_packs(repo: &Repository, packs: &[ObjectId]) -> Result<Vec<PackRep
     kept.dedup_by_key(|p| p.id);
     kept.extend(new_packs);
     write_index_files(repo, None, kept, &replaced, &mut RepairReport::default())?;
-    for id in &dropped {
-        repo.backend().delete(&names::pack(id))?;
-    }
+    // Index files first: a reader that still loaded one naming a deleted pack could look a salvaged blob up
+    // there. A pack left stored by an interruption here is unindexed; a second run removes it.
     for iid in &replaced {
         repo.backend().delete(&names::index(iid))?;
+    }
+    for id in &dropped {
+        repo.backend().delete(&names::pack(id))?;
     }
     Ok(results)
 }
