@@ -354,21 +354,63 @@ impl IndexCache {
             loaded.clear();
             stats.rebuilt = true;
         }
-        let missing: Vec<ObjectId> = in_repo.into_iter().filter(|id| loaded.binary_search(id).is_err()).collect();
-        // Fetch and decrypt in parallel, insert in bounded batches.
-        for chunk in missing.chunks(64) {
-            let files: Vec<(ObjectId, IndexFile)> =
-                chunk.par_iter().map(|id| Ok((*id, repo.load_index(id)?))).collect::<Result<_>>()?;
-            for (id, file) in &files {
-                stats.blobs_added += file.blob_count();
-                self.insert_index_file(id, file)?;
-                stats.index_files_loaded += 1;
+        let missing: Vec<ObjectId> = in_repo.iter().filter(|id| loaded.binary_search(id).is_err()).copied().collect();
+        // Index files that a file of this run supersedes (format-spec §5: readers ignore a superseded file once
+        // the superseding one exists; only an interrupted `repair index` leaves both).
+        let mut superseded: Vec<ObjectId> = Vec::new();
+        let excluded = self.load_index_files(repo, &missing, &in_repo, &mut superseded, &mut stats)?;
+        let stale = |s: &ObjectId| (loaded.binary_search(s).is_ok() || missing.contains(s)) && !excluded.contains(s);
+        if superseded.iter().any(stale) {
+            // Entries of a superseded file are in the cache (loaded before the file superseding it): rebuild,
+            // first learning what every file supersedes, then leaving those out.
+            tracing::info!("index files were superseded; rebuilding the local index cache");
+            self.clear(false)?;
+            stats = SyncStats { rebuilt: true, ..SyncStats::default() };
+            for chunk in in_repo.chunks(64) {
+                let files: Vec<IndexFile> = chunk.par_iter().map(|id| repo.load_index(id)).collect::<Result<_>>()?;
+                for f in files {
+                    superseded.extend(f.supersedes.into_iter().filter(|s| in_repo.binary_search(s).is_ok()));
+                }
             }
+            self.load_index_files(repo, &in_repo, &in_repo, &mut superseded, &mut stats)?;
         }
         if stats.index_files_loaded > 0 || stats.rebuilt {
             self.persist();
         }
         Ok(stats)
+    }
+
+    /// Loads `ids` (fetched and decrypted in parallel, inserted in bounded batches), collecting into
+    /// `superseded` the files of `in_repo` they supersede; a file already in `superseded` is recorded as loaded
+    /// with no entries, and returned. A file superseded by one loaded after it is not caught here: the caller
+    /// compares `superseded` with what was loaded.
+    fn load_index_files(
+        &self,
+        repo: &Repository,
+        ids: &[ObjectId],
+        in_repo: &[ObjectId],
+        superseded: &mut Vec<ObjectId>,
+        stats: &mut SyncStats,
+    ) -> Result<Vec<ObjectId>> {
+        let mut excluded = Vec::new();
+        for chunk in ids.chunks(64) {
+            let files: Vec<(ObjectId, IndexFile)> =
+                chunk.par_iter().map(|id| Ok((*id, repo.load_index(id)?))).collect::<Result<_>>()?;
+            for (_, file) in &files {
+                superseded.extend(file.supersedes.iter().filter(|s| in_repo.binary_search(s).is_ok()));
+            }
+            for (id, file) in &files {
+                if superseded.contains(id) {
+                    self.insert_index_file(id, &IndexFile::default())?;
+                    excluded.push(*id);
+                    continue;
+                }
+                stats.blobs_added += file.blob_count();
+                self.insert_index_file(id, file)?;
+                stats.index_files_loaded += 1;
+            }
+        }
+        Ok(excluded)
     }
 
     /// Records the entries of an index file (one write batch), and that the file is loaded.

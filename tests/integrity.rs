@@ -273,6 +273,52 @@ fn repair_packs_lets_the_next_backup_heal_older_snapshots() {
 }
 
 #[test]
+fn a_superseded_index_file_is_ignored() {
+    use diskvault::format::index::IndexFile;
+    let e = Env::with_repo();
+    let img = random_bytes(50, 3 * MIB);
+    write(&e.path("img"), &img);
+    e.backup(&[e.path("img").to_str().unwrap(), "--name", "vm"]);
+    let repo = e.open_repo();
+    let original = e.objects("index");
+    let good: Vec<IndexFile> = original.iter().map(|f| repo.load_index(&id_hex(f)).unwrap()).collect();
+    let packs: Vec<_> = good.iter().flat_map(|f| f.packs.clone()).collect();
+    // What an interrupted `repair index` leaves: an old, wrong index file (here its blobs' offsets rotated)
+    // next to the file rebuilt from the headers, which supersedes it. The cache loads files in name order and
+    // a later entry wins: make the wrong file come last, so that only honouring `supersedes` gets it right.
+    let mut attempt = 0u32;
+    loop {
+        let mut wrong = packs.clone();
+        for p in &mut wrong {
+            let offsets: Vec<u32> = p.entries.iter().map(|en| en.offset).collect();
+            for (i, en) in p.entries.iter_mut().enumerate() {
+                en.offset = offsets[(i + 1) % offsets.len()];
+            }
+        }
+        // Index files may list a pack twice; a copy of one makes each attempt's file different.
+        wrong.extend(packs.iter().take(attempt as usize % 2).cloned());
+        attempt += 1;
+        let wrong_id = repo.save_index(&IndexFile { supersedes: Vec::new(), packs: wrong }).unwrap();
+        let rebuilt_id = repo.save_index(&IndexFile { supersedes: vec![wrong_id], packs: packs.clone() }).unwrap();
+        if wrong_id > rebuilt_id {
+            break;
+        }
+        for id in [wrong_id, rebuilt_id] {
+            e.delete_object(&diskvault::format::names::index(&id));
+        }
+        assert!(attempt < 64, "no ordering found");
+    }
+    for f in &original {
+        e.delete_object(f);
+    }
+    assert_eq!(e.restore("latest", &[]), img, "the superseded file's locations are not used");
+}
+
+fn id_hex(name: &str) -> diskvault::format::BlobId {
+    diskvault::format::BlobId::from_hex(id_of(name)).unwrap()
+}
+
+#[test]
 fn unusable_cache_directory_falls_back_to_a_private_cache() {
     let e = Env::with_repo();
     let img = random_bytes(12, 3 * MIB);
