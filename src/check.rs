@@ -99,6 +99,8 @@ pub struct CheckReport {
     pub bytes_read: u64,
     /// Snapshot disks with unreadable blocks (input to `repair snapshots`).
     pub affected: Vec<AffectedDisk>,
+    /// Packs in which a problem was found, sorted (input to `repair packs`).
+    pub damaged_packs: Vec<ObjectId>,
 }
 
 impl CheckReport {
@@ -288,6 +290,7 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
         record_verification(repo, &selected, &failed, &record_ids, last_verified)?;
     }
     for p in header_problems.into_iter().chain(base_problems).chain(data_problems) {
+        report.damaged_packs.push(p.pack);
         match p.damage {
             Damage::Blob(b) => {
                 bad_blobs.insert(b);
@@ -299,6 +302,8 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
         }
         report.errors.push(p.message);
     }
+    report.damaged_packs.sort();
+    report.damaged_packs.dedup();
     let damaged = |id: &BlobId| match blobs.get(id) {
         None => Some("not indexed"),
         Some((pack, _)) if bad_packs.contains(pack) => Some("in a missing or damaged pack"),

@@ -68,8 +68,8 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
         Ok(())
     } else {
         eprintln!(
-            "to heal: `repair packs` with the damaged packs, then back up the affected sources again; \
-             `repair snapshots` lists what stays lost"
+            "to heal: `repair packs` (with these packs, or alone to find them), then back up the affected \
+             sources again; `repair snapshots` lists what stays lost"
         );
         Err(Error::invalid(format!("the repository has {} errors (listed above)", report.errors.len())))
     }

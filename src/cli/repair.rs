@@ -23,8 +23,9 @@ pub enum RepairCommand {
 
 #[derive(clap::Args, Debug)]
 pub struct PacksArgs {
-    /// Pack ids (hex), or their names as check prints them (`packs/4d/4d52…`).
-    #[arg(required = true, value_parser = parse_pack)]
+    /// Pack ids (hex), or their names as check prints them (`packs/4d/4d52…`). None: read every pack first
+    /// (as `check --read-data`) and repair those found damaged.
+    #[arg(value_parser = parse_pack)]
     packs: Vec<ObjectId>,
 }
 
@@ -62,8 +63,22 @@ pub fn run(g: &Globals, cmd: &RepairCommand) -> Result<()> {
         }
         RepairCommand::Packs(a) => {
             let _lock = crate::lock::acquire_exclusive(&repo, "repair packs")?;
+            let packs = if a.packs.is_empty() {
+                let report = check::run(&repo, DataSubset::All, &Counters::default())?;
+                for e in &report.errors {
+                    eprintln!("damaged: {e}");
+                }
+                if report.damaged_packs.is_empty() {
+                    println!("every pack read back intact; nothing to repair");
+                    return Ok(());
+                }
+                println!("{} with damage found", crate::util::count(report.damaged_packs.len(), "pack"));
+                report.damaged_packs
+            } else {
+                a.packs.clone()
+            };
             let mut lost = 0;
-            for r in repair::repair_packs(&repo, &a.packs)? {
+            for r in repair::repair_packs(&repo, &packs)? {
                 let name = crate::format::names::pack(&r.pack);
                 if r.intact {
                     println!("{name}: every blob verified; left as it is");
