@@ -464,14 +464,7 @@ impl<'a> Sweep<'a> {
                 .ok_or_else(|| Error::corrupt(&name, format!("blob {} lies beyond the end of the pack", e.id)))?;
             crate::format::pack::verify_for_copy(self.repo.keys(), e, stored)
                 .map_err(|c| Error::corrupt(&name, format!("blob {}: {c}", e.id)))?;
-            blobs.push(SealedBlob {
-                blob_type: e.blob_type,
-                id: e.id,
-                flags: e.flags,
-                raw_len: e.raw_len,
-                base: e.base,
-                bytes: stored.to_vec(),
-            });
+            blobs.push(SealedBlob::copy_of(e, stored));
         }
         let target = self.repo.config().pack_target_size as usize;
         for blob in blobs {

@@ -238,14 +238,7 @@ pub fn repair_packs(repo: &Repository, packs: &[ObjectId]) -> Result<Vec<PackRep
                         Some(stored) => crate::format::pack::verify_for_copy(repo.keys(), e, stored).map(|()| stored),
                     };
                     match verified {
-                        Ok(stored) => intact.push(SealedBlob {
-                            blob_type: e.blob_type,
-                            id: e.id,
-                            flags: e.flags,
-                            raw_len: e.raw_len,
-                            base: e.base,
-                            bytes: stored.to_vec(),
-                        }),
+                        Ok(stored) => intact.push(SealedBlob::copy_of(e, stored)),
                         Err(cause) => report.lost.push((e.id, cause)),
                     }
                 }

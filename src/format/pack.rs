@@ -226,6 +226,20 @@ pub struct SealedBlob {
     pub bytes: Vec<u8>,
 }
 
+impl SealedBlob {
+    /// A stored blob as it is, for another pack: its sealed bytes do not depend on the pack they are in.
+    pub fn copy_of(entry: &PackEntry, stored: &[u8]) -> SealedBlob {
+        SealedBlob {
+            blob_type: entry.blob_type,
+            id: entry.id,
+            flags: entry.flags,
+            raw_len: entry.raw_len,
+            base: entry.base,
+            bytes: stored.to_vec(),
+        }
+    }
+}
+
 impl BlobSealer {
     /// `zstd_level` 0 turns compression off.
     pub fn new(zstd_level: i32) -> Self {
