@@ -166,13 +166,17 @@ pub struct PackRepair {
 /// Takes the damaged blobs of `packs` out of the repository: every blob of each pack is verified (as prune
 /// does before copying), the intact ones are copied into new packs, and index files listing the pack are
 /// replaced by ones listing the new packs instead; then the pack is deleted. A pack whose blobs all verify is
-/// left as it is. A pack that cannot be read at all (missing, unreadable) loses all its blobs.
+/// left as it is. A pack that is no longer stored loses all its blobs; one that cannot be read for another
+/// reason (a storage error) stops the repair.
 ///
 /// Call with the exclusive lock held. Refused while sessions run: they may read the packs being deleted (prune
 /// waits for them instead; a damaged pack must not wait to be rescued by its own damaged blobs). Order makes
 /// an interrupted run safe to repeat: new packs, new index files, then the old index files are deleted, then
 /// the packs. A pack no index file lists but still stored is accepted too (read by its header).
 pub fn repair_packs(repo: &Repository, packs: &[ObjectId]) -> Result<Vec<PackRepair>> {
+    let mut packs = packs.to_vec();
+    packs.sort();
+    packs.dedup();
     let live = crate::lock::live_sessions(repo)?;
     if !live.is_empty() {
         let who: Vec<String> = live.iter().map(|s| s.describe()).collect();
@@ -203,7 +207,7 @@ pub fn repair_packs(repo: &Repository, packs: &[ObjectId]) -> Result<Vec<PackRep
     let target = repo.config().pack_target_size as usize;
     let mut writers: [Option<PackWriter>; 2] = [None, None];
     let mut new_packs = Vec::new();
-    for id in packs {
+    for id in &packs {
         let name = names::pack(id);
         // A stored pack no index file lists (left by an interrupted run, or not adopted yet) is read by its
         // own header; without one, nothing in it can be salvaged.
@@ -229,7 +233,12 @@ pub fn repair_packs(repo: &Repository, packs: &[ObjectId]) -> Result<Vec<PackRep
         }
         let mut report = PackRepair { pack: *id, salvaged: 0, lost: Vec::new(), intact: false, damage: None };
         match repo.backend().get(&name) {
-            Err(e) => report.lost = indexed.entries.iter().map(|e2| (e2.id, e.to_string())).collect(),
+            // Gone: its blobs are lost. Any other failure (a storage error) stops the repair: a pack that could
+            // not be read this time is not damaged for that.
+            Err(e @ Error::Missing { .. }) => {
+                report.lost = indexed.entries.iter().map(|en| (en.id, e.to_string())).collect()
+            }
+            Err(e) => return Err(e),
             Ok(bytes) => {
                 let mut intact = Vec::new();
                 for e in &indexed.entries {

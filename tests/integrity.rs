@@ -262,6 +262,19 @@ fn repair_packs_lets_the_next_backup_heal_older_snapshots() {
     assert!(r.stderr.contains("neither in the index nor stored"), "{}", r.stderr);
     e.ok(&["check", "--read-data"]);
 
+    // An indexed pack that is gone: its blobs are lost, it leaves the index (the same id twice is one pack).
+    let before = e.objects("packs");
+    write(&e.path("extra"), &random_bytes(42, MIB));
+    e.backup(&[e.path("extra").to_str().unwrap(), "--name", "extra"]);
+    let gone = e.objects("packs").into_iter().filter(|p| !before.contains(p)).max_by_key(|p| e.object_size(p)).unwrap();
+    e.delete_object(&gone);
+    let r = e.ok(&["repair", "packs", id_of(&gone), &gone]);
+    assert!(r.stdout.contains("0 blobs kept in new packs, 1 lost; removed"), "{}", r.stdout);
+    assert!(!e.run(&["check"]).stderr.contains(id_of(&gone)), "no index file lists the lost pack any more");
+    let r = e.backup(&[e.path("extra").to_str().unwrap(), "--name", "extra", "--no-parent"]);
+    assert_eq!(r["disks"][0]["new_blocks"], 1);
+    e.ok(&["check", "--read-data"]);
+
     // Not while others may read the packs: a running `serve` holds a session.
     let sock = e.path("serve.sock");
     let mut serve = e.command(&["serve", "--socket", sock.to_str().unwrap()]).spawn().unwrap();
