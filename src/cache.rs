@@ -359,7 +359,9 @@ impl IndexCache {
         // the superseding one exists; only an interrupted `repair index` leaves both).
         let mut superseded: Vec<ObjectId> = Vec::new();
         let excluded = self.load_index_files(repo, &missing, &in_repo, &mut superseded, &mut stats)?;
-        let stale = |s: &ObjectId| (loaded.binary_search(s).is_ok() || missing.contains(s)) && !excluded.contains(s);
+        let stale = |s: &ObjectId| {
+            (loaded.binary_search(s).is_ok() || missing.binary_search(s).is_ok()) && !excluded.contains(s)
+        };
         if superseded.iter().any(stale) {
             // Entries of a superseded file are in the cache (loaded before the file superseding it): rebuild,
             // first learning what every file supersedes, then leaving those out.

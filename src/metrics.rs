@@ -55,23 +55,15 @@ pub fn write_file(path: &Path, outcome: &Outcome) -> std::io::Result<()> {
         std::fs::read_to_string(path).ok().and_then(|old| previous_value(&old, LAST_SUCCESS, &common_text))
     };
 
-    let mut out = String::new();
-    let mut put = |name: &str, help: &str, labels: &str, value: f64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{labels} {value}");
-    };
-    put("diskvault_run_success", "Whether the last run succeeded (1) or failed (0).", &common_text, {
-        if outcome.exit_code == 0 {
-            1.0
-        } else {
-            0.0
-        }
-    });
-    put("diskvault_run_exit_code", "Exit code of the last run.", &common_text, outcome.exit_code as f64);
-    put("diskvault_run_duration_seconds", "Wall time of the last run.", &common_text, outcome.duration.as_secs_f64());
-    put("diskvault_run_timestamp_seconds", "When the last run ended (Unix time).", &common_text, now);
+    let success = if outcome.exit_code == 0 { 1.0 } else { 0.0 };
+    gauge("diskvault_run_success", "Whether the last run succeeded (1) or failed (0).", &[], success);
+    gauge("diskvault_run_exit_code", "Exit code of the last run.", &[], outcome.exit_code as f64);
+    gauge("diskvault_run_duration_seconds", "Wall time of the last run.", &[], outcome.duration.as_secs_f64());
+    gauge("diskvault_run_timestamp_seconds", "When the last run ended (Unix time).", &[], now);
     if let Some(t) = last_success {
-        put(LAST_SUCCESS, "When a run last succeeded (Unix time).", &common_text, t);
+        gauge(LAST_SUCCESS, "When a run last succeeded (Unix time).", &[], t);
     }
+    let mut out = String::new();
     let samples = SAMPLES.lock().unwrap_or_else(|p| p.into_inner());
     let mut names: Vec<&'static str> = Vec::new();
     for s in samples.iter() {

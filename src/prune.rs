@@ -29,7 +29,7 @@ use crate::cache::ScratchDb;
 use crate::error::{Error, Result};
 use crate::format::deletion::DeletionRecord;
 use crate::format::index::{BlobLocation, IndexFile, IndexedPack};
-use crate::format::pack::{PackWriter, SealedBlob};
+use crate::format::pack::{PackWriter, PackWriters, SealedBlob};
 use crate::format::snapshot::{segment_ids, SegmentRef};
 use crate::format::{names, BlobId, BlobType, ObjectId};
 use crate::repository::{NoDeltas, Repository};
@@ -307,7 +307,7 @@ struct Sweep<'a> {
     /// Old index files left as they were (nothing in them changed), and those to delete.
     untouched: Vec<ObjectId>,
     replaced: Vec<ObjectId>,
-    writers: [Option<PackWriter>; 2],
+    writers: PackWriters,
     repack_budget: u64,
 }
 
@@ -323,7 +323,7 @@ impl<'a> Sweep<'a> {
             own_index: Vec::new(),
             untouched: Vec::new(),
             replaced: Vec::new(),
-            writers: [None, None],
+            writers: PackWriters::new(repo.config().pack_target_size as usize),
             repack_budget: opts.max_repack.unwrap_or(u64::MAX),
         }
     }
@@ -466,14 +466,9 @@ impl<'a> Sweep<'a> {
                 .map_err(|c| Error::corrupt(&name, format!("blob {}: {c}", e.id)))?;
             blobs.push(SealedBlob::copy_of(e, stored));
         }
-        let target = self.repo.config().pack_target_size as usize;
         for blob in blobs {
             copied += blob.bytes.len() as u64;
-            let slot = (blob.blob_type == BlobType::Segment) as usize;
-            let w = self.writers[slot].get_or_insert_with(|| PackWriter::new(blob.blob_type, target + (4 << 20)));
-            w.add(blob);
-            if w.len() >= target {
-                let full = self.writers[slot].take().expect("just used");
+            if let Some(full) = self.writers.add(blob) {
                 self.store_new_pack(full)?;
             }
         }
@@ -488,10 +483,8 @@ impl<'a> Sweep<'a> {
 
     /// Stores the last new packs and index file.
     fn finish(mut self, report: &mut PruneReport) -> Result<SweepResult> {
-        for slot in 0..2 {
-            if let Some(w) = self.writers[slot].take().filter(|w| !w.is_empty()) {
-                self.store_new_pack(w)?;
-            }
+        for w in self.writers.finish() {
+            self.store_new_pack(w)?;
         }
         self.flush_index()?;
         report.index_files_written += self.own_index.len();

@@ -17,7 +17,7 @@ use crate::backend::ObjectInfo;
 use crate::cache::IndexCache;
 use crate::error::{Error, Result};
 use crate::format::index::{IndexFile, IndexedPack};
-use crate::format::pack::{PackWriter, SealedBlob};
+use crate::format::pack::{PackWriters, SealedBlob};
 use crate::format::{names, BlobId, BlobType, ObjectId};
 use crate::repository::Repository;
 
@@ -204,8 +204,7 @@ pub fn repair_packs(repo: &Repository, packs: &[ObjectId]) -> Result<Vec<PackRep
     }
     let mut results = Vec::new();
     let mut dropped = Vec::new();
-    let target = repo.config().pack_target_size as usize;
-    let mut writers: [Option<PackWriter>; 2] = [None, None];
+    let mut writers = PackWriters::new(repo.config().pack_target_size as usize);
     let mut new_packs = Vec::new();
     for id in &packs {
         let name = names::pack(id);
@@ -266,11 +265,7 @@ pub fn repair_packs(repo: &Repository, packs: &[ObjectId]) -> Result<Vec<PackRep
                 }
                 report.salvaged = intact.len();
                 for blob in intact {
-                    let slot = (blob.blob_type == BlobType::Segment) as usize;
-                    let w = writers[slot].get_or_insert_with(|| PackWriter::new(blob.blob_type, target + (4 << 20)));
-                    w.add(blob);
-                    if w.len() >= target {
-                        let full = writers[slot].take().expect("just used");
+                    if let Some(full) = writers.add(blob) {
                         new_packs.push(repo.save_pack(full.finish(repo.keys()))?);
                     }
                 }
@@ -282,7 +277,7 @@ pub fn repair_packs(repo: &Repository, packs: &[ObjectId]) -> Result<Vec<PackRep
     if dropped.is_empty() {
         return Ok(results);
     }
-    for w in writers.into_iter().flatten().filter(|w| !w.is_empty()) {
+    for w in writers.finish() {
         new_packs.push(repo.save_pack(w.finish(repo.keys()))?);
     }
     let replaced: Vec<ObjectId> = listing.iter().map(|(iid, _)| *iid).collect();

@@ -248,7 +248,7 @@ fn record_metrics(snap: &crate::format::snapshot::Snapshot) {
     use crate::metrics::gauge;
     let src = [("source", snap.source.as_str())];
     let s = &snap.summary;
-    let time = snap.time_secs as f64 + snap.time_nanos as f64 / 1e9;
+    let time = snap.unix_time();
     gauge(
         "diskvault_backup_snapshot_timestamp_seconds",
         "Time of the snapshot this run saved (Unix time).",

@@ -79,7 +79,7 @@ fn record_metrics(snaps: &[(crate::format::ObjectId, crate::format::snapshot::Sn
     use crate::metrics::gauge;
     let mut by_source: std::collections::BTreeMap<&str, (usize, f64)> = std::collections::BTreeMap::new();
     for (_, s) in snaps {
-        let time = s.time_secs as f64 + s.time_nanos as f64 / 1e9;
+        let time = s.unix_time();
         let e = by_source.entry(s.source.as_str()).or_insert((0, f64::MIN));
         *e = (e.0 + 1, e.1.max(time));
     }

@@ -447,6 +447,38 @@ fn decompress<W: zstd::zstd_safe::WriteBuf + ?Sized>(
         .map_err(|e| format!("zstd: {e}"))
 }
 
+/// Open packs, one per blob type (data, segments), that blobs copied out of other packs go into (prune's
+/// repacking, `repair packs`).
+pub struct PackWriters {
+    open: [Option<PackWriter>; 2],
+    target: usize,
+}
+
+impl PackWriters {
+    /// Packs are handed back once they reach `target` bytes.
+    pub fn new(target: usize) -> Self {
+        PackWriters { open: [None, None], target }
+    }
+
+    /// Adds a blob to the open pack of its type; returns that pack if it is now full, to be stored.
+    pub fn add(&mut self, blob: SealedBlob) -> Option<PackWriter> {
+        let slot = (blob.blob_type == BlobType::Segment) as usize;
+        let target = self.target;
+        let w = self.open[slot].get_or_insert_with(|| PackWriter::new(blob.blob_type, target + (4 << 20)));
+        w.add(blob);
+        if w.len() >= target {
+            self.open[slot].take()
+        } else {
+            None
+        }
+    }
+
+    /// The packs still open that hold something, to be stored.
+    pub fn finish(&mut self) -> Vec<PackWriter> {
+        self.open.iter_mut().filter_map(Option::take).filter(|w| !w.is_empty()).collect()
+    }
+}
+
 /// Builds one pack in memory.
 pub struct PackWriter {
     pack_type: BlobType,

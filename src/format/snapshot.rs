@@ -105,6 +105,11 @@ impl DiskManifest {
 }
 
 impl Snapshot {
+    /// The snapshot's time in seconds since the Unix epoch, with its fraction.
+    pub fn unix_time(&self) -> f64 {
+        self.time_secs as f64 + self.time_nanos as f64 / 1e9
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         bincode_encode(self)
     }
