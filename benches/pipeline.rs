@@ -90,6 +90,7 @@ fn whole_backup(c: &mut Criterion) {
                     source: Box::new(FileSource::open(&image).unwrap()),
                     changed: None,
                     change_token: None,
+                    resume: None,
                 };
                 backup::run(&repo, cache, vec![job], &BackupOptions::new("bench"), &Counters::default()).unwrap()
             },
@@ -106,6 +107,7 @@ fn whole_backup(c: &mut Criterion) {
         source: Box::new(FileSource::open(&image).unwrap()),
         changed: None,
         change_token: None,
+        resume: None,
     };
     let (_, snap) =
         backup::run(&repo, cache.clone(), vec![job], &BackupOptions::new("bench"), &Counters::default()).unwrap();
@@ -116,6 +118,7 @@ fn whole_backup(c: &mut Criterion) {
                 source: Box::new(FileSource::open(&image).unwrap()),
                 changed: None,
                 change_token: None,
+                resume: None,
             };
             backup::run(&repo, cache.clone(), vec![job], &BackupOptions::new("bench"), &Counters::default()).unwrap()
         })

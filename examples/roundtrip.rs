@@ -73,6 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         source: Box::new(FileSource::open(&image)?),
         changed: None,
         change_token: None,
+        resume: None,
     };
     let (id0, snap0) =
         backup::run(&repo, cache.clone(), vec![job], &BackupOptions::new("sample-vm"), &Counters::default())?;
@@ -99,6 +100,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         source: Box::new(FileSource::open(&image)?),
         changed: Some(changes.to_vec()),
         change_token: None,
+        resume: None,
     };
     let mut opts = BackupOptions::new("sample-vm");
     opts.parent = Some((id0, snap0.clone()));

@@ -22,13 +22,14 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::cache::IndexCache;
 use crate::delta::{BasePrefetch, DeltaSealer};
 use crate::error::{Error, Result};
+use crate::format::checkpoint::{Checkpoint, CheckpointDisk};
 use crate::format::index::BlobLocation;
 use crate::format::index::{IndexFile, IndexedPack};
 use crate::format::pack::{BlobSealer, FinishedPack, PackWriter, SealedBlob};
@@ -48,6 +49,20 @@ pub struct DiskJob {
     pub changed: Option<Vec<Extent>>,
     /// Change-tracking token to record for the next incremental (VMware changeId, bitmap name).
     pub change_token: Option<String>,
+    /// Continue an interrupted backup of this disk: blocks not in `changed` come from here instead of the
+    /// parent snapshot's disk.
+    pub resume: Option<ResumeBase>,
+}
+
+/// What a resumed disk's unread blocks are: the segments an interrupted backup's checkpoint lists (format-spec
+/// §8c), then the parent snapshot's segments from there on (or zeros where the interrupted backup was a full
+/// read). `changed` then holds what changed in the checkpointed part since it was read, and what the
+/// interrupted backup still had to read.
+pub struct ResumeBase {
+    pub manifest: DiskManifest,
+    /// The first this many segments come from the checkpoint: their blocks were read, but not necessarily
+    /// stored, so every one the index does not list is read again.
+    pub checkpoint_segments: usize,
 }
 
 pub struct BackupOptions {
@@ -69,6 +84,10 @@ pub struct BackupOptions {
     pub username: String,
     /// Store new blocks as deltas against similar stored blocks where that pays ([`crate::delta`]).
     pub delta: bool,
+    /// Save a checkpoint (format-spec §8c) at most this often, so that an interrupted backup can be resumed
+    /// ([`ResumeBase`]); `None` saves none (only sources whose changes since a checkpoint can be asked for,
+    /// VMware disks with CBT, can resume).
+    pub checkpoint_interval: Option<Duration>,
 }
 
 impl BackupOptions {
@@ -85,6 +104,7 @@ impl BackupOptions {
             time_override: None,
             username: crate::util::username(),
             delta: true,
+            checkpoint_interval: None,
         }
     }
 }
@@ -99,13 +119,18 @@ struct DiskPlan {
     parent: Option<DiskManifest>,
     /// Why a full read happened although change information was given (reported to the user).
     note: Option<String>,
+    /// The first this many segments of `parent` come from a checkpoint ([`ResumeBase`]).
+    checkpoint_segments: usize,
 }
 
 /// Decides what to read for each disk: the change list against the parent, or the allocated ranges.
 fn plan_disk(job: &mut DiskJob, parent: Option<&Snapshot>, block_size: u64) -> Result<DiskPlan> {
     let capacity = job.source.capacity();
     let blocks = capacity.div_ceil(block_size);
-    let parent_disk = parent.and_then(|p| p.disk(&job.name)).cloned();
+    let (parent_disk, checkpoint_segments) = match &job.resume {
+        Some(r) => (Some(r.manifest.clone()), r.checkpoint_segments),
+        None => (parent.and_then(|p| p.disk(&job.name)).cloned(), 0),
+    };
     let mut note = None;
     if let Some(changed) = &job.changed {
         match &parent_disk {
@@ -134,6 +159,7 @@ fn plan_disk(job: &mut DiskJob, parent: Option<&Snapshot>, block_size: u64) -> R
                     read,
                     parent: Some(pd.clone()),
                     note: None,
+                    checkpoint_segments,
                 });
             }
             None => {
@@ -148,7 +174,7 @@ fn plan_disk(job: &mut DiskJob, parent: Option<&Snapshot>, block_size: u64) -> R
         Some(extents) => BlockRanges::from_extents(&extents, block_size),
         None => BlockRanges::all(blocks),
     };
-    Ok(DiskPlan { name: job.name.clone(), capacity, blocks, read, parent: None, note })
+    Ok(DiskPlan { name: job.name.clone(), capacity, blocks, read, parent: None, note, checkpoint_segments: 0 })
 }
 
 /// An incremental reuses the parent's unchanged segments by id. A segment the index no longer lists (a prune
@@ -170,6 +196,36 @@ fn reread_unindexed_segments(plan: &mut DiskPlan, cache: &IndexCache) -> Result<
             "disk {}: {missing} manifest segment(s) of the parent snapshot are no longer indexed; reading their blocks",
             plan.name
         );
+    }
+    Ok(())
+}
+
+/// A resumed disk's checkpoint segments list blocks the interrupted backup read but may not have stored (the
+/// pack it was filling when it stopped) or that a prune removed since: those the index does not list are read
+/// again. (Segments the index does not list are read whole by [`reread_unindexed_segments`].)
+fn reread_unstored_checkpoint_blocks(repo: &Repository, plan: &mut DiskPlan, cache: &IndexCache) -> Result<()> {
+    let Some(base) = &plan.parent else { return Ok(()) };
+    let mut missing = Vec::new();
+    let mut cursor = plan.read.cursor();
+    for (k, seg) in base.segments.iter().take(plan.checkpoint_segments).enumerate() {
+        if !cache.contains(&seg.id)? {
+            continue;
+        }
+        let first = k as u64 * SEGMENT_BLOCKS as u64;
+        for (j, id) in load_segment(repo, cache, seg)?.iter().enumerate() {
+            let b = first + j as u64;
+            if !cursor.contains(b) && !id.is_zero_block() && !cache.contains(id)? {
+                missing.push(b..b + 1);
+            }
+        }
+    }
+    if !missing.is_empty() {
+        tracing::info!(
+            "disk {}: {} blocks of the checkpoint were not stored by the interrupted backup; reading them",
+            plan.name,
+            missing.len()
+        );
+        plan.read.add_all(missing);
     }
     Ok(())
 }
@@ -242,6 +298,101 @@ struct MetaPacker {
     sealer: Mutex<BlobSealer>,
 }
 
+impl MetaPacker {
+    /// Stores the open metadata pack now (not when it is full) and hands it to the indexer.
+    fn flush(&self, repo: &Repository, done_tx: &Sender<IndexedPack>, counters: &Counters) -> Result<()> {
+        let Some(w) = self.writer.lock().unwrap().take().filter(|w| !w.is_empty()) else { return Ok(()) };
+        let pack = w.finish(repo.keys());
+        let stored = pack.bytes.len() as u64;
+        let indexed = repo.save_pack(pack)?;
+        counters.add_stored(stored);
+        done_tx.send(indexed).map_err(|_| Error::Interrupted)
+    }
+}
+
+/// Saves checkpoints (format-spec §8c) while a resumable backup runs: when a disk has assembled a segment and
+/// the interval has passed, the segments of every disk so far, once the metadata pack holding them is stored.
+/// Each checkpoint replaces the previous one; the last is deleted once the snapshot is saved.
+struct Checkpointer {
+    interval: Duration,
+    /// The checkpoint with no segments yet.
+    template: Checkpoint,
+    state: Mutex<CheckpointState>,
+}
+
+struct CheckpointState {
+    last: Instant,
+    segments: Vec<Vec<SegmentRef>>,
+    saved: Option<ObjectId>,
+}
+
+impl Checkpointer {
+    fn new(
+        opts: &BackupOptions,
+        plans: &[DiskPlan],
+        jobs: &[DiskJob],
+        time: (i64, u32),
+        block_size: u32,
+    ) -> Option<Checkpointer> {
+        let interval = opts.checkpoint_interval?;
+        let disks = plans
+            .iter()
+            .zip(jobs)
+            .map(|(p, j)| CheckpointDisk {
+                name: p.name.clone(),
+                capacity: p.capacity,
+                block_size,
+                change_token: j.change_token.clone(),
+                segments: Vec::new(),
+            })
+            .collect();
+        let template = Checkpoint {
+            time_secs: time.0,
+            time_nanos: time.1,
+            hostname: opts.hostname.clone(),
+            username: opts.username.clone(),
+            source: opts.source.clone(),
+            parent: opts.parent.as_ref().map(|(id, _)| *id),
+            disks,
+        };
+        let state = CheckpointState { last: Instant::now(), segments: vec![Vec::new(); plans.len()], saved: None };
+        Some(Checkpointer { interval, template, state: Mutex::new(state) })
+    }
+
+    /// Disk `disk` has assembled its next segment, `seg` (already in the metadata packer).
+    fn segment_done(
+        &self,
+        repo: &Repository,
+        meta: &MetaPacker,
+        done_tx: &Sender<IndexedPack>,
+        counters: &Counters,
+        disk: usize,
+        seg: SegmentRef,
+    ) -> Result<()> {
+        let mut st = self.state.lock().unwrap();
+        st.segments[disk].push(seg);
+        if st.last.elapsed() < self.interval {
+            return Ok(());
+        }
+        // The segment blobs first: a checkpoint never names a segment that only this process holds.
+        meta.flush(repo, done_tx, counters)?;
+        let mut c = self.template.clone();
+        for (d, segments) in c.disks.iter_mut().zip(&st.segments) {
+            d.segments = segments.clone();
+        }
+        let id = repo.save_checkpoint(&c)?;
+        if let Some(previous) = st.saved.replace(id) {
+            repo.delete_checkpoint(&previous);
+        }
+        st.last = Instant::now();
+        Ok(())
+    }
+
+    fn saved(self) -> Option<ObjectId> {
+        self.state.into_inner().unwrap().saved
+    }
+}
+
 pub fn is_zero(buf: &[u8]) -> bool {
     // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the aligned middle part.
     let (pre, mid, post) = unsafe { buf.align_to::<u128>() };
@@ -294,7 +445,9 @@ pub fn run(
         );
     }
     // Packs a killed backup stored without indexing them: index them now, so that their blocks count as stored.
-    let may_have_leftovers = cache.begin_backup()? || synced.rebuilt;
+    // A resumed backup looks for them whatever this host's cache says: the interrupted one may have run elsewhere.
+    let resuming = jobs.iter().any(|j| j.resume.is_some());
+    let may_have_leftovers = cache.begin_backup()? || synced.rebuilt || resuming;
     let adopted = if may_have_leftovers {
         crate::repair::adopt_unindexed_packs(repo, &cache)?
     } else {
@@ -313,6 +466,7 @@ pub fn run(
         jobs.iter_mut().map(|j| plan_disk(j, parent_snap, block_size)).collect::<Result<_>>()?;
     for p in &mut plans {
         reread_unindexed_segments(p, &cache)?;
+        reread_unstored_checkpoint_blocks(repo, p, &cache)?;
     }
     for p in &plans {
         if let Some(n) = &p.note {
@@ -340,6 +494,7 @@ pub fn run(
 
     let mut disk_outputs: Vec<Option<(Vec<SegmentRef>, DiskStats)>> = plans.iter().map(|_| None).collect();
     let mut index_written = IndexStats::default();
+    let checkpointer = Checkpointer::new(opts, &plans, &jobs, (time_secs, time_nanos), block_size as u32);
     let prefetch = if opts.delta && repo.config().zstd_level != 0 { base_prefetch(repo, &cache, &plans) } else { None };
 
     std::thread::scope(|s| {
@@ -433,7 +588,6 @@ pub fn run(
             });
         }
         drop(pack_rx);
-        drop(done_tx);
 
         // Indexer.
         let indexer = {
@@ -466,18 +620,26 @@ pub fn run(
         let assemblers: Vec<_> = plans
             .iter()
             .zip(result_channels)
-            .map(|(plan, (_, rx))| {
-                let (abort, claims, meta, pack_tx) = (&abort, &claims, &meta, pack_tx.clone());
+            .enumerate()
+            .map(|(d, (plan, (_, rx)))| {
+                let (abort, claims, meta, pack_tx, done_tx) =
+                    (&abort, &claims, &meta, pack_tx.clone(), done_tx.clone());
+                let checkpoints = checkpointer.as_ref().map(|c| (c, d, done_tx));
                 spawn_named(s, "backup-assemble", move || {
                     let mut out = None;
                     abort.run(|| {
-                        out = Some(assemble_disk(repo, claims, meta, plan, rx, &pack_tx, pack_target)?);
+                        let on_segment = |seg: SegmentRef| match &checkpoints {
+                            Some((c, d, done_tx)) => c.segment_done(repo, meta, done_tx, counters, *d, seg),
+                            None => Ok(()),
+                        };
+                        out = Some(assemble_disk(repo, claims, meta, plan, rx, &pack_tx, pack_target, on_segment)?);
                         Ok(())
                     });
                     out
                 })
             })
             .collect();
+        drop(done_tx);
         for (d, a) in assemblers.into_iter().enumerate() {
             disk_outputs[d] = a.join().unwrap_or(None);
         }
@@ -496,6 +658,13 @@ pub fn run(
     });
 
     if let Some(e) = abort.error.into_inner().unwrap() {
+        if let Some(saved) = checkpointer.and_then(Checkpointer::saved) {
+            tracing::warn!(
+                "the progress of this backup is saved (checkpoint {}): the next backup of {} continues from there",
+                saved.short(),
+                opts.source
+            );
+        }
         return Err(e);
     }
 
@@ -531,6 +700,9 @@ pub fn run(
     };
     session.ensure_held()?;
     let id = repo.save_snapshot(&snapshot)?;
+    if let Some(saved) = checkpointer.and_then(Checkpointer::saved) {
+        repo.delete_checkpoint(&saved);
+    }
     cache.end_backup()?;
     drop(session);
     Ok((id, snapshot))
@@ -674,6 +846,7 @@ fn assemble_disk(
     results: Receiver<BlockResult>,
     pack_tx: &Sender<FinishedPack>,
     pack_target: usize,
+    on_segment: impl Fn(SegmentRef) -> Result<()>,
 ) -> Result<(Vec<SegmentRef>, DiskStats)> {
     let mut stats = DiskStats::default();
     let mut pending: HashMap<u64, BlockResult> = HashMap::new();
@@ -696,6 +869,7 @@ fn assemble_disk(
             if let Some(ps) = parent_seg.filter(|ps| ps.blocks == n) {
                 segments.push(ps);
                 stats.blocks_inherited += n as u64;
+                on_segment(ps)?;
                 continue;
             }
         }
@@ -766,6 +940,7 @@ fn assemble_disk(
             }
         }
         segments.push(SegmentRef { id: seg_id, blocks: n });
+        on_segment(SegmentRef { id: seg_id, blocks: n })?;
     }
     Ok((segments, stats))
 }

@@ -131,6 +131,7 @@ pub fn copy(
                 source: Box::new(SnapshotSource::new(reader, allocated)),
                 changed,
                 change_token: disk.change_token.clone(),
+                resume: None,
             });
         }
         let mut o = BackupOptions::new(snap.source.clone());

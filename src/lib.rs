@@ -7,7 +7,7 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`format`] | every stored object's bytes: config, key files, packs, index files, snapshots (the contract in `format-spec/`) |
+//! | [`format`] | every stored object's bytes: config, key files, packs, index files, snapshots, checkpoints (the contract in `format-spec/`) |
 //! | [`crypto`] | key derivation, keyed BLAKE3 block ids, AES-256-GCM sealing |
 //! | [`backend`] | where objects live: the [`backend::Backend`] trait and the local-directory backend |
 //! | [`repository`] | an open repository: unlocks keys, reads/writes objects and blobs, resolves snapshots |
@@ -21,7 +21,7 @@
 //! | [`check`] | repository integrity: structure, and every byte with `--read-data` |
 //! | [`forget`] | retention policies: which snapshots to keep and why; protection |
 //! | [`nbd`] | the NBD protocol: a client (NBD exports as sources) and `serve` (snapshots as NBD exports), both with TLS |
-//! | [`vmware`] | backup of a VMware VM: snapshot, changeIds, changed areas or allocated blocks, VDDK reads, snapshot removal |
+//! | [`vmware`] | backup of a VMware VM: snapshot, changeIds, changed areas or allocated blocks, VDDK reads, snapshot removal, continuing an interrupted backup from its checkpoint |
 //! | [`vsphere`] | the vSphere SOAP client: login with pinned or CA-verified TLS, inventory, CBT, snapshots, changed areas |
 //! | [`vddk`] | VMware's VDDK loaded with libloading: connect, open, read, allocated blocks, under the guide's thread rules |
 //! | [`lock`] | the exclusive lock and session markers, with storage-clock expiry |

@@ -160,6 +160,7 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
         }
     }
     mark(repo, &scratch, &snapshots)?;
+    mark_checkpoints(repo, &scratch, &mut report)?;
     let mut snapshot_ids: Vec<ObjectId> = snapshots.iter().map(|(id, _)| *id).collect();
     snapshot_ids.sort();
     drop(snapshots);
@@ -245,6 +246,31 @@ fn mark(
         }
     }
     flush(&mut batch)
+}
+
+/// Marks what the checkpoints of interrupted backups name (format-spec §8c), so that a prune between an
+/// interrupted backup and its retry does not undo the progress. Unlike a snapshot's, a checkpoint's segments
+/// and blocks need not all be stored (it is a shortcut, checked block by block when used): a segment that
+/// cannot be read is left out with a warning, and the retry reads its blocks again.
+fn mark_checkpoints(repo: &Repository, scratch: &ScratchDb, report: &mut PruneReport) -> Result<()> {
+    for (cid, c) in repo.list_checkpoints(None)? {
+        for disk in &c.disks {
+            for seg in &disk.segments {
+                if scratch.contains(MARKED, &seg.id)? {
+                    continue;
+                }
+                match load_segment(repo, scratch, seg) {
+                    Ok(ids) => {
+                        let used = ids.iter().filter(|id| !id.is_zero_block()).chain(std::iter::once(&seg.id));
+                        scratch.put_all(MARKED, used.map(|id| (id, &[][..])))?;
+                    }
+                    Err(Error::Missing { .. }) => {}
+                    Err(e) => report.warnings.push(format!("checkpoint {} disk {}: {e}", cid.short(), disk.name)),
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Records which packs an index file lists, and where its segment blobs are. The bases of its delta blobs are

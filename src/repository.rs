@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use crate::backend::Backend;
 use crate::crypto::{self, Keys};
 use crate::error::{Error, Result};
+use crate::format::checkpoint::Checkpoint;
 use crate::format::config::Config;
 use crate::format::deletion::DeletionRecord;
 use crate::format::envelope::{self, HeaderError, Kind};
@@ -336,6 +337,38 @@ impl Repository {
         out.sort();
         out.dedup();
         Ok(out)
+    }
+
+    // ---- checkpoints of running VMware backups ----
+
+    pub fn save_checkpoint(&self, c: &Checkpoint) -> Result<ObjectId> {
+        self.save_sealed(Kind::Checkpoint, 1, names::checkpoint, &c.encode())
+    }
+
+    pub fn load_checkpoint(&self, id: &ObjectId) -> Result<Checkpoint> {
+        self.load_sealed(Kind::Checkpoint, names::checkpoint, id, Checkpoint::decode)
+    }
+
+    /// The checkpoints of interrupted backups (of one source, or all), oldest first. A checkpoint is only a
+    /// shortcut: one that cannot be read is skipped with a warning (a backup then reads what it covered).
+    pub fn list_checkpoints(&self, source: Option<&str>) -> Result<Vec<(ObjectId, Checkpoint)>> {
+        let mut out = Vec::new();
+        for id in list_ids(&*self.backend, names::CHECKPOINTS)? {
+            match self.load_checkpoint(&id) {
+                Ok(c) if source.is_none_or(|s| c.source == s) => out.push((id, c)),
+                Ok(_) | Err(Error::Missing { .. }) => {}
+                Err(e) => tracing::warn!("ignoring checkpoint {}: {e}", id.short()),
+            }
+        }
+        out.sort_by_key(|(_, c)| (c.time_secs, c.time_nanos));
+        Ok(out)
+    }
+
+    /// Deletes a checkpoint; a failure only leaves a stale shortcut behind, so it is a warning.
+    pub fn delete_checkpoint(&self, id: &ObjectId) {
+        if let Err(e) = self.backend.delete(&names::checkpoint(id)) {
+            tracing::warn!("could not delete checkpoint {}: {e}", id.short());
+        }
     }
 
     // ---- snapshots ----

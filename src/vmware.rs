@@ -8,14 +8,16 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::backup::{self, BackupOptions, DiskJob};
+use crate::backup::{self, BackupOptions, DiskJob, ResumeBase};
 use crate::cache::IndexCache;
 use crate::error::{Error, Result};
-use crate::format::snapshot::Snapshot;
+use crate::format::checkpoint::Checkpoint;
+use crate::format::snapshot::{DiskManifest, Snapshot};
 use crate::format::ObjectId;
 use crate::progress::Counters;
 use crate::repository::Repository;
 use crate::source::vddk::VddkSource;
+use crate::source::Extent;
 use crate::vddk::{Credentials, Disk, DiskTarget, Library};
 use crate::vsphere::{Client, MoRef, VirtualDiskInfo};
 
@@ -30,6 +32,10 @@ pub struct VmBackupOptions {
     pub user: String,
     /// Fraction (0.0-1.0) of the blocks CBT calls unchanged to re-read and compare with the parent (0: trust CBT).
     pub verify_cbt_fraction: f64,
+    /// Save a checkpoint this often while reading, so that an interrupted backup can be resumed.
+    pub checkpoint_interval: std::time::Duration,
+    /// Continue an interrupted backup of the VM from its checkpoint (re-reading only what changed since).
+    pub resume: bool,
 }
 
 /// How one disk was read, and why.
@@ -37,10 +43,13 @@ pub struct VmBackupOptions {
 pub struct DiskReport {
     pub name: String,
     pub key: i32,
-    /// `full` or `incremental`.
+    /// `full`, `incremental`, or `resumed` (an interrupted backup continued from its checkpoint).
     pub mode: String,
-    /// Why a full read happened although a parent exists (or `None`).
+    /// Why a full read happened although a parent exists (or `None`); for a resumed disk, why the part the
+    /// interrupted backup had not reached is read in full.
     pub reason: Option<String>,
+    /// For a resumed disk: the checkpoint continued from, and how much of the disk it covered.
+    pub resumed_from: Option<String>,
     pub change_id: String,
     pub transport: String,
 }
@@ -117,6 +126,10 @@ fn backup_snapshot(
     config.name = backup_opts.source.clone();
     (config.folder, config.resource_pool) = client.placement(moref)?;
     let parent = repo.find_snapshot("latest", Some(&backup_opts.source)).ok();
+    // Checkpoints of interrupted backups of this VM: the newest continues if it was made on the same parent.
+    let checkpoints = repo.list_checkpoints(Some(&backup_opts.source))?;
+    let parent_id = parent.as_ref().map(|(id, _)| *id);
+    let resume_from = checkpoints.iter().rev().find(|(_, c)| c.parent == parent_id).filter(|_| opts.resume);
     let (server, _) = client.server_host();
     let thumbprint = client.server_sha1_thumbprint();
     let cookie = client
@@ -139,7 +152,37 @@ fn backup_snapshot(
         };
         let mut source = VddkSource::from_disk(Disk::open(lib.clone(), &target)?);
         let transport = source.transport().to_string();
-        let (changed, reason) = match full_read_reason(disk, parent.as_ref().map(|(_, s)| s), &name) {
+        let parent_snapshot = parent.as_ref().map(|(_, s)| s);
+        let resumed = match resume_from {
+            Some((cid, c)) => resume_disk(client, moref, snap, disk, &name, (cid, c), parent_snapshot, &mut source)?,
+            None => None,
+        };
+        if let Some(r) = resumed {
+            tracing::info!("disk {name}: {}", r.description);
+            match verify_cbt(repo, &cache, &mut source, &r.base.manifest, &r.changed, opts.verify_cbt_fraction)? {
+                Some(mismatch) => tracing::error!("disk {name}: {mismatch}; not continuing the interrupted backup"),
+                None => {
+                    reports.push(DiskReport {
+                        name: name.clone(),
+                        key: disk.key,
+                        mode: "resumed".into(),
+                        reason: r.rest_reason,
+                        resumed_from: Some(r.description),
+                        change_id: disk.change_id.clone(),
+                        transport,
+                    });
+                    jobs.push(DiskJob {
+                        name,
+                        source: Box::new(source),
+                        changed: Some(r.changed),
+                        change_token: (!disk.change_id.is_empty()).then(|| disk.change_id.clone()),
+                        resume: Some(r.base),
+                    });
+                    continue;
+                }
+            }
+        }
+        let (changed, reason) = match full_read_reason(disk, parent_snapshot, &name) {
             Some(reason) => (None, Some(reason)),
             None => {
                 let parent_token = parent
@@ -168,6 +211,7 @@ fn backup_snapshot(
             key: disk.key,
             mode: if changed.is_some() { "incremental" } else { "full" }.into(),
             reason,
+            resumed_from: None,
             change_id: disk.change_id.clone(),
             transport,
         });
@@ -176,6 +220,7 @@ fn backup_snapshot(
             source: Box::new(source),
             changed,
             change_token: (!disk.change_id.is_empty()).then(|| disk.change_id.clone()),
+            resume: None,
         });
     }
     backup_opts.parent = parent;
@@ -183,8 +228,106 @@ fn backup_snapshot(
     backup_opts
         .annotations
         .insert("vmware.config".into(), serde_json::to_string(&config).expect("JSON of plain values"));
+    backup_opts.checkpoint_interval = Some(opts.checkpoint_interval);
     let (id, snapshot) = backup::run(repo, cache, jobs, &backup_opts, counters)?;
+    // The snapshot holds everything the checkpoints were for.
+    for (cid, _) in &checkpoints {
+        repo.delete_checkpoint(cid);
+    }
     Ok(VmBackup { id, snapshot, disks: reports })
+}
+
+/// How a disk continues from a checkpoint.
+struct ResumedDisk {
+    /// What changed in the checkpointed part since it was read, and what the interrupted backup had yet to read.
+    changed: Vec<Extent>,
+    base: ResumeBase,
+    /// Why the part not reached is read in full (as the interrupted backup would have), if it is.
+    rest_reason: Option<String>,
+    description: String,
+}
+
+/// Continues disk `name` from checkpoint `c` if that is sound: the checkpoint covers part of this disk, change
+/// tracking has run without a reset since (same changeId UUID) and the disk has its size. CBT then says what
+/// changed in the covered part since the checkpoint's VM snapshot; the rest is read as the interrupted backup
+/// would have (changes since the parent's changeId, or the allocated blocks).
+#[allow(clippy::too_many_arguments)]
+fn resume_disk(
+    client: &mut Client,
+    moref: &str,
+    snap: &MoRef,
+    disk: &VirtualDiskInfo,
+    name: &str,
+    (cid, c): (&ObjectId, &Checkpoint),
+    parent: Option<&Snapshot>,
+    source: &mut VddkSource,
+) -> Result<Option<ResumedDisk>> {
+    use crate::source::DiskSource;
+    let Some(cd) = c.disk(name).filter(|cd| !cd.segments.is_empty()) else { return Ok(None) };
+    let Some(token) = cd.change_token.as_deref().filter(|t| !t.is_empty()) else { return Ok(None) };
+    let uuid = |c: &str| c.split('/').next().unwrap_or("").to_string();
+    if disk.change_id.is_empty() || uuid(token) != uuid(&disk.change_id) || cd.capacity != disk.capacity {
+        tracing::warn!(
+            "disk {name}: not continuing checkpoint {}: change tracking was reset or the disk resized",
+            cid.short()
+        );
+        return Ok(None);
+    }
+    let bs = cd.block_size as u64;
+    let done = (cd.blocks_done() * bs).min(disk.capacity);
+    let clip = |areas: &[Extent], from: u64, to: u64| -> Vec<Extent> {
+        areas
+            .iter()
+            .filter_map(|e| {
+                let (start, end) = (e.start.max(from), e.end().min(to));
+                (start < end).then(|| Extent { start, length: end - start })
+            })
+            .collect()
+    };
+    // vSphere may no longer know the checkpoint's changeId (snapshot consolidation): then read as if it had
+    // not been made.
+    let since_checkpoint = match client.query_changed_disk_areas(moref, snap, disk.key, token, disk.capacity) {
+        Ok(areas) => areas,
+        Err(e) => {
+            tracing::warn!("disk {name}: not continuing checkpoint {}: {e}", cid.short());
+            return Ok(None);
+        }
+    };
+    let mut changed = clip(&since_checkpoint, 0, done);
+    let mut segments = cd.segments.clone();
+    let rest_reason = full_read_reason(disk, parent, name);
+    match (rest_reason.is_none(), parent.and_then(|p| p.disk(name))) {
+        (true, Some(pd)) => {
+            let parent_token = pd.change_token.as_deref().expect("checked by full_read_reason");
+            let since_parent = client.query_changed_disk_areas(moref, snap, disk.key, parent_token, disk.capacity)?;
+            changed.extend(clip(&since_parent, done, disk.capacity));
+            segments.extend_from_slice(&pd.segments[cd.segments.len()..]);
+        }
+        _ => {
+            let allocated = source.allocated()?.unwrap_or_else(|| vec![Extent { start: 0, length: disk.capacity }]);
+            changed.extend(clip(&allocated, done, disk.capacity));
+        }
+    }
+    let description = format!(
+        "continuing the backup interrupted at {} (checkpoint {}): {} of {} read then, only what changed since \
+         is read again",
+        crate::util::format_utc(c.time_secs),
+        cid.short(),
+        crate::util::human_bytes(done),
+        crate::util::human_bytes(disk.capacity)
+    );
+    let manifest = DiskManifest {
+        name: name.to_string(),
+        source_kind: source.kind().to_string(),
+        source_path: source.describe(),
+        capacity: disk.capacity,
+        block_size: cd.block_size,
+        change_token: cd.change_token.clone(),
+        segments,
+        stats: Default::default(),
+    };
+    let base = ResumeBase { manifest, checkpoint_segments: cd.segments.len() };
+    Ok(Some(ResumedDisk { changed, base, rest_reason, description }))
 }
 
 /// Why disk `name` must be read in full, or `None` if its changes since the parent can be asked for.
@@ -222,7 +365,8 @@ fn verify_cbt(
         return Ok(None);
     }
     let bs = parent.block_size as u64;
-    let blocks = parent.capacity.div_ceil(bs);
+    // Only blocks the manifest lists (a resumed disk's base may end early: zeros where a full read continues).
+    let blocks = parent.capacity.div_ceil(bs).min(parent.segments.iter().map(|s| s.blocks as u64).sum());
     let changed = BlockRanges::from_extents(changed, bs);
     let mut cursor = changed.cursor();
     let unchanged: Vec<u64> = (0..blocks).filter(|&b| !cursor.contains(b)).collect();
@@ -248,14 +392,26 @@ fn verify_cbt(
     let mut buf = vec![0u8; bs as usize];
     let mut segment: Option<(usize, Vec<crate::format::BlobId>)> = None;
     let mut wrong = Vec::new();
+    let mut compared = 0;
     for &b in &sample {
         let k = (b / crate::format::SEGMENT_BLOCKS as u64) as usize;
         if segment.as_ref().is_none_or(|(sk, _)| *sk != k) {
             let seg = parent.segments.get(k).ok_or_else(|| Error::corrupt("snapshot", format!("no segment {k}")))?;
-            segment = Some((k, crate::backup::load_segment(repo, cache, seg)?));
+            // The cache is brought up to date only once the backup's session starts: a segment another host
+            // wrote may not be in it yet. The sample then leaves that segment out.
+            let ids = match crate::backup::load_segment(repo, cache, seg) {
+                Ok(ids) => ids,
+                Err(Error::Missing { object }) => {
+                    tracing::debug!("CBT verification: skipping segment {k}: {object} not in the local cache");
+                    Vec::new()
+                }
+                Err(e) => return Err(e),
+            };
+            segment = Some((k, ids));
         }
         let ids = &segment.as_ref().expect("loaded above").1;
-        let expected = ids[(b % crate::format::SEGMENT_BLOCKS as u64) as usize];
+        let Some(&expected) = ids.get((b % crate::format::SEGMENT_BLOCKS as u64) as usize) else { continue };
+        compared += 1;
         let len = bs.min(parent.capacity - b * bs) as usize;
         source.read_at(b * bs, &mut buf[..len])?;
         let id = if crate::backup::is_zero(&buf[..len]) {
@@ -269,7 +425,7 @@ fn verify_cbt(
     }
     tracing::info!(
         "CBT verification: {} of {} sampled unchanged blocks re-read, {} differ",
-        sample.len(),
+        compared,
         blocks,
         wrong.len()
     );
@@ -280,7 +436,7 @@ fn verify_cbt(
         "CBT verification: {} of {} re-read blocks that CBT called unchanged differ from the last backup (first: \
          block {}, bytes {}..); change tracking cannot be trusted for this disk",
         wrong.len(),
-        sample.len(),
+        compared,
         wrong[0],
         wrong[0] * bs
     )))

@@ -10,6 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use diskvault::format::checkpoint::{Checkpoint, CheckpointDisk};
 use diskvault::format::config::Config;
 use diskvault::format::index::{BlobLocation, IndexFile, IndexedPack};
 use diskvault::format::keyfile::{KdfParams, KeyFile};
@@ -136,6 +137,31 @@ fn snapshot_vector() {
     };
     check("snapshot.bin", &s.encode());
     assert_eq!(Snapshot::decode(&s.encode()).unwrap(), s);
+}
+
+#[test]
+fn checkpoint_vector() {
+    let disk = |name: &str, capacity: u64, segments: Vec<SegmentRef>| CheckpointDisk {
+        name: name.into(),
+        capacity,
+        block_size: 1 << 20,
+        change_token: Some("52 3c 1a-7/12".into()),
+        segments,
+    };
+    let c = Checkpoint {
+        time_secs: 1_795_322_283,
+        time_nanos: 5,
+        hostname: "proxy-1".into(),
+        username: "backup".into(),
+        source: "vm-web-01".into(),
+        parent: Some(BlobId([7; 32])),
+        disks: vec![
+            disk("disk0", 9000 << 20, vec![SegmentRef { id: BlobId([5; 32]), blocks: 4096 }]),
+            disk("disk1", 3 << 20, vec![]),
+        ],
+    };
+    check("checkpoint.bin", &c.encode());
+    assert_eq!(Checkpoint::decode(&c.encode()).unwrap(), c);
 }
 
 #[test]

@@ -481,6 +481,7 @@ fn source_read_error_fails_the_backup_without_a_snapshot() {
         source: Box::new(FailingSource { data: data.clone(), bad_offset: bad }),
         changed: None,
         change_token: None,
+        resume: None,
     };
     let counters = diskvault::progress::Counters::default();
     let err = backup::run(&repo, cache.clone(), vec![job(7 * MIB as u64 + 5)], &BackupOptions::new("vm"), &counters)

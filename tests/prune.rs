@@ -139,7 +139,8 @@ fn prune_waits_for_a_backup_that_deduplicated_against_what_it_drops() {
     let cache_root = e.cache();
     let backup = std::thread::spawn(move || {
         let (cache, _) = IndexCache::open(&repo, &cache_root).unwrap();
-        let job = DiskJob { name: "disk0".into(), source: Box::new(source), changed: None, change_token: None };
+        let job =
+            DiskJob { name: "disk0".into(), source: Box::new(source), changed: None, change_token: None, resume: None };
         let mut opts = BackupOptions::new("vm2");
         opts.workers = 1;
         diskvault::backup::run(&repo, Arc::new(cache), vec![job], &opts, &Counters::default()).unwrap()

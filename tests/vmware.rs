@@ -596,3 +596,145 @@ fn a_resized_disk_is_read_in_full_and_says_why() {
     assert!(lab.env.restore(&format!("{}:disk1", r["snapshot"].as_str().unwrap()), &[]) == day1);
     lab.assert_clean();
 }
+
+/// Whether two files hold the same bytes, read a MiB at a time (multi-GiB sparse disks).
+fn same_content(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (mut fa, mut fb) = (std::fs::File::open(a).unwrap(), std::fs::File::open(b).unwrap());
+    if fa.metadata().unwrap().len() != fb.metadata().unwrap().len() {
+        return false;
+    }
+    let (mut ba, mut bb) = (vec![0u8; MIB], vec![0u8; MIB]);
+    loop {
+        let n = fa.read(&mut ba).unwrap();
+        if n == 0 {
+            return true;
+        }
+        fb.read_exact(&mut bb[..n]).unwrap();
+        if ba[..n] != bb[..n] {
+            return false;
+        }
+    }
+}
+
+#[test]
+fn an_interrupted_backup_continues_from_its_checkpoint() {
+    let lab = Lab::new();
+    let vm = lab.vm();
+    let name = vm["name"].as_str().unwrap().to_string();
+    lab.succeed(&["vm", "enable-cbt", &name]);
+    // disk1 is a thin 4 GiB + 32 MiB disk: two manifest segments, the first 4096 blocks long.
+    grow_disk(&lab, &vm, 0, 4128 * M);
+    lab.guest_write(&vm, 0, 0, &random_bytes(1, 6 * MIB));
+    lab.guest_write(&vm, 0, 3000 * M, &random_bytes(2, 2 * MIB));
+    lab.guest_write(&vm, 0, 4096 * M, &random_bytes(3, 24 * MIB));
+
+    // The connection to the host breaks 20 MiB into disk1's second segment (disk2 is empty).
+    let sector = ((4096 + 20) * M / 512).to_string();
+    let r = lab.run(
+        &["backup", "--vm", &name, "--checkpoint-interval", "0"],
+        &[("FAKE_VDDK_FAIL_READ_SECTOR", sector.as_str())],
+    );
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("VIX error 16002"), "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("the next backup of {name} continues from there")), "{}", r.stderr);
+    lab.assert_clean();
+    let listing = lab.env.ok(&["snapshots"]).stdout;
+    assert!(listing.contains("0 snapshots"), "{listing}");
+    assert!(
+        listing.contains(&format!("interrupted backup of {name}"))
+            && listing.contains("disk1 4.00 GiB of 4.03 GiB")
+            && listing.contains("disk2 64.00 MiB of 64.00 MiB"),
+        "{listing}"
+    );
+    // A prune in between keeps what the checkpoint names, although no snapshot does yet.
+    lab.env.ok(&["prune"]);
+
+    // Meanwhile the guest writes into the part that was read, into the part that was not, and into disk2.
+    lab.guest_write(&vm, 0, 100 * M + 7, &random_bytes(4, 1000));
+    lab.guest_write(&vm, 0, 4124 * M, &random_bytes(5, MIB));
+    lab.guest_write(&vm, 1, 10 * M, &random_bytes(6, MIB));
+    let r = lab.ok(&["backup", "--json", "--vm", &name]);
+    let disk = |list: &str, name: &str| -> serde_json::Value {
+        let found = r[list].as_array().unwrap().iter().find(|d| d["name"] == name);
+        found.unwrap_or_else(|| panic!("no {name} in {r}")).clone()
+    };
+    let (d1, d2) = (disk("vmware_disks", "disk1"), disk("vmware_disks", "disk2"));
+    assert_eq!((d1["mode"].as_str(), d2["mode"].as_str()), (Some("resumed"), Some("resumed")), "{r}");
+    assert!(d1["resumed_from"].as_str().unwrap().contains("4.00 GiB of 4.03 GiB read then"), "{d1}");
+    // disk1: the changed block of the first segment, and the second segment's 25 allocated blocks; disk2:
+    // its one changed block. Nothing that was read before the interruption is read again.
+    assert_eq!(disk("disks", "disk1")["blocks_read"], 1 + 25, "{r}");
+    assert_eq!(disk("disks", "disk2")["blocks_read"], 1, "{r}");
+    lab.assert_clean();
+    let resumed = r["snapshot"].as_str().unwrap().to_string();
+    let restored = lab.env.path("disk1.raw");
+    lab.env.ok(&["restore", &format!("{resumed}:disk1"), "--target", restored.to_str().unwrap()]);
+    assert!(same_content(&restored, &lab.disk_file(&vm, 0)), "the resumed backup of disk1 restores different bytes");
+    assert!(lab.env.restore(&format!("{resumed}:disk2"), &[]) == std::fs::read(lab.disk_file(&vm, 1)).unwrap());
+    // The checkpoint is gone with the snapshot that completed it; the next backup is an ordinary incremental.
+    let listing = lab.env.ok(&["snapshots"]).stdout;
+    assert!(!listing.contains("interrupted backup"), "{listing}");
+    lab.guest_write(&vm, 0, 4097 * M, &random_bytes(7, 10));
+    let r = lab.ok(&["backup", "--json", "--vm", &name]);
+    let d1 = r["vmware_disks"].as_array().unwrap().iter().find(|d| d["name"] == "disk1").unwrap().clone();
+    assert_eq!(d1["mode"], "incremental", "{r}");
+    assert_eq!(r["parent"].as_str(), Some(resumed.as_str()));
+    let read: Vec<(String, u64)> = r["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["name"].as_str().unwrap().to_string(), d["blocks_read"].as_u64().unwrap()))
+        .collect();
+    assert!(read.contains(&("disk1".to_string(), 1)) && read.contains(&("disk2".to_string(), 0)), "{r}");
+    std::fs::remove_file(&restored).unwrap();
+    lab.env.ok(&[
+        "restore",
+        &format!("{}:disk1", r["snapshot"].as_str().unwrap()),
+        "--target",
+        restored.to_str().unwrap(),
+    ]);
+    assert!(same_content(&restored, &lab.disk_file(&vm, 0)));
+    lab.env.ok(&["check", "--read-data"]);
+}
+
+#[test]
+fn a_killed_backup_continues_and_reads_again_what_it_had_not_stored() {
+    let lab = Lab::new();
+    let vm = lab.vm();
+    let name = vm["name"].as_str().unwrap().to_string();
+    lab.succeed(&["vm", "enable-cbt", &name]);
+    grow_disk(&lab, &vm, 0, 4128 * M);
+    lab.guest_write(&vm, 0, 0, &random_bytes(1, 6 * MIB));
+    lab.guest_write(&vm, 0, 4096 * M, &random_bytes(3, 24 * MIB));
+
+    // The proxy dies (SIGKILL) once the first segment is checkpointed, while its blocks still sit in the data
+    // pack being filled: the checkpoint names blocks that were never stored.
+    let mut c =
+        lab.command(&["backup", "--vm", &name, "--checkpoint-interval", "0"], &[("FAKE_VDDK_READ_DELAY_MS", "300")]);
+    let mut child = c.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let start = std::time::Instant::now();
+    while !lab.env.run(&["snapshots"]).stdout.contains("disk1 4.00 GiB of 4.03 GiB") {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "no checkpoint covers disk1's first segment");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let r = lab.ok(&["backup", "--json", "--vm", &name]);
+    let d1 = r["vmware_disks"].as_array().unwrap().iter().find(|d| d["name"] == "disk1").unwrap().clone();
+    assert_eq!(d1["mode"], "resumed", "{r}");
+    // The first segment's 6 blocks again (not stored), and the 24 blocks of the second; not the 4090 holes of a
+    // segment read whole.
+    let d = r["disks"].as_array().unwrap().iter().find(|d| d["name"] == "disk1").unwrap().clone();
+    assert_eq!(d["blocks_read"], 6 + 24, "{r}");
+    let restored = lab.env.path("disk1.raw");
+    lab.env.ok(&[
+        "restore",
+        &format!("{}:disk1", r["snapshot"].as_str().unwrap()),
+        "--target",
+        restored.to_str().unwrap(),
+    ]);
+    assert!(same_content(&restored, &lab.disk_file(&vm, 0)));
+    lab.env.ok(&["check", "--read-data"]);
+}

@@ -40,6 +40,13 @@ pub struct BackupArgs {
     /// With --vm: VDDK transport modes to allow, in order (`nbdssl`, `hotadd:nbdssl`, `san`…).
     #[arg(long, requires = "vm", value_name = "MODES")]
     transport: Option<String>,
+    /// With --vm: save the backup's progress at most this often (seconds), so that a backup that is
+    /// interrupted continues from there next time instead of reading the whole disk again.
+    #[arg(long, requires = "vm", value_name = "SECONDS", default_value_t = 300)]
+    checkpoint_interval: u64,
+    /// With --vm: do not continue an interrupted backup from its checkpoint; read as if it had not happened.
+    #[arg(long, requires = "vm")]
+    no_resume: bool,
     /// The source (VM) these disks belong to; snapshots are grouped by it. Defaults to the first disk's name.
     #[arg(long)]
     name: Option<String>,
@@ -215,6 +222,7 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
             source: src,
             changed: if parent.is_some() { extents } else { None },
             change_token: args.change_token.clone(),
+            resume: None,
         });
     }
     for (n, _) in &changed {
@@ -298,6 +306,13 @@ fn record_vm_metrics(source: &str, disks: &[crate::vmware::DiskReport]) {
              resized or failed --verify-cbt).",
             &l,
             fallback,
+        );
+        let resumed = if d.mode == "resumed" { 1.0 } else { 0.0 };
+        gauge(
+            "diskvault_backup_disk_resumed",
+            "1 if the disk continued an interrupted backup from its checkpoint.",
+            &l,
+            resumed,
         );
     }
 }
@@ -418,6 +433,8 @@ fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
         transports: args.transport.clone(),
         user: args.vsphere.user()?.to_string(),
         verify_cbt_fraction: args.verify_cbt,
+        checkpoint_interval: std::time::Duration::from_secs(args.checkpoint_interval),
+        resume: !args.no_resume,
     };
     let limiter = HostLimiter::new(args.max_disks_per_host as usize);
     let counters = Arc::new(Counters::default());
@@ -473,6 +490,9 @@ fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
                         d.transport,
                         d.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
                     );
+                    if let Some(from) = &d.resumed_from {
+                        println!("    {from}");
+                    }
                 }
                 print_text(&repo, &b.id, &b.snapshot)?;
             }

@@ -70,6 +70,25 @@ pub fn run(g: &Globals, args: &SnapshotsArgs) -> Result<()> {
         );
     }
     println!("{}", crate::util::count(snaps.len(), "snapshot"));
+    // Interrupted VMware backups that the next `backup --vm` continues (format-spec §8c).
+    for (id, c) in repo.list_checkpoints(args.name.as_deref())? {
+        let disks: Vec<String> = c
+            .disks
+            .iter()
+            .map(|d| {
+                let done = (d.blocks_done() * d.block_size as u64).min(d.capacity);
+                format!("{} {} of {}", d.name, human_bytes(done), human_bytes(d.capacity))
+            })
+            .collect();
+        println!(
+            "interrupted backup of {} started {} on {} (checkpoint {}): {} read; the next backup continues it",
+            c.source,
+            format_utc(c.time_secs),
+            c.hostname,
+            id.short(),
+            disks.join(", ")
+        );
+    }
     Ok(())
 }
 

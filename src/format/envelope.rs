@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! 0   4  magic "DVLT"
-//! 4   1  kind (1 config, 2 index, 3 snapshot, 6 verification record, 7 lock; 4 key file and 5 pack use the same
-//!          8-byte header)
+//! 4   1  kind (1 config, 2 index, 3 snapshot, 6 verification record, 7 lock, 8 deletion record, 9 checkpoint;
+//!          4 key file and 5 pack use the same 8-byte header)
 //! 5   1  format version (1; 2 for index files listing delta blobs)
 //! 6   2  reserved, zero
 //! 8  12  nonce
@@ -29,6 +29,7 @@ pub enum Kind {
     Verification = 6,
     Lock = 7,
     Deletion = 8,
+    Checkpoint = 9,
 }
 
 /// The header of a version 1 object: every object except packs and index files that hold delta blobs.

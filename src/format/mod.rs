@@ -14,6 +14,7 @@
 //!
 //! Encrypted whole-file objects (config, index, snapshots) share one envelope ([`envelope`]).
 
+pub mod checkpoint;
 pub mod config;
 pub mod deletion;
 pub mod envelope;
@@ -127,6 +128,7 @@ pub mod names {
     pub const VERIFIED: &str = "verified";
     pub const PROTECTED: &str = "protected";
     pub const DELETIONS: &str = "deletions";
+    pub const CHECKPOINTS: &str = "checkpoints";
 
     pub fn pack(id: &ObjectId) -> String {
         let h = id.hex();
@@ -146,6 +148,9 @@ pub mod names {
     }
     pub fn deletion(id: &ObjectId) -> String {
         format!("{DELETIONS}/{}", id.hex())
+    }
+    pub fn checkpoint(id: &ObjectId) -> String {
+        format!("{CHECKPOINTS}/{}", id.hex())
     }
     pub fn key(id: &ObjectId) -> String {
         format!("{KEYS}/{}", id.hex())

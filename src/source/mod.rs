@@ -128,11 +128,14 @@ impl BlockRanges {
 
     /// Adds the blocks `range`.
     pub fn add(&mut self, range: Range<u64>) {
-        if !range.is_empty() {
-            let mut v = std::mem::take(&mut self.0);
-            v.push(range);
-            self.0 = merge(v);
-        }
+        self.add_all([range]);
+    }
+
+    /// Adds the blocks of every range (one merge for all of them).
+    pub fn add_all(&mut self, ranges: impl IntoIterator<Item = Range<u64>>) {
+        let mut v = std::mem::take(&mut self.0);
+        v.extend(ranges.into_iter().filter(|r| !r.is_empty()));
+        self.0 = merge(v);
     }
 
     pub fn ranges(&self) -> &[Range<u64>] {
