@@ -21,12 +21,14 @@
 //! whose session started before is listed in the record, and the packs wait for it; what it committed
 //! meanwhile is found by the rescue search before anything is deleted.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use rayon::prelude::*;
 
 use crate::cache::ScratchDb;
 use crate::error::{Error, Result};
+use crate::format::checkpoint::Checkpoint;
 use crate::format::deletion::DeletionRecord;
 use crate::format::index::{BlobLocation, IndexFile, IndexedPack};
 use crate::format::pack::{PackWriter, PackWriters, SealedBlob};
@@ -101,6 +103,8 @@ pub struct PruneReport {
     /// False if no new plan was made because an earlier record still waits for sessions.
     pub planned: bool,
     pub temporaries_removed: usize,
+    /// Checkpoints of interrupted backups that can no longer be continued, deleted (§8c).
+    pub checkpoints_removed: usize,
     pub warnings: Vec<String>,
     /// Seconds spent per phase, in order.
     pub phases: Vec<(&'static str, f64)>,
@@ -160,7 +164,8 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
         }
     }
     mark(repo, &scratch, &snapshots)?;
-    mark_checkpoints(repo, &scratch, &mut report)?;
+    let checkpoints = current_checkpoints(repo, &snapshots, opts.dry_run, &mut report)?;
+    mark_checkpoints(repo, &scratch, &checkpoints, &mut report)?;
     let mut snapshot_ids: Vec<ObjectId> = snapshots.iter().map(|(id, _)| *id).collect();
     snapshot_ids.sort();
     drop(snapshots);
@@ -248,12 +253,47 @@ fn mark(
     flush(&mut batch)
 }
 
+/// A checkpoint is not kept longer than this (its VM was perhaps removed after the interrupted backup).
+pub const CHECKPOINT_MAX_AGE_SECS: i64 = 30 * 24 * 3600;
+
+/// The checkpoints a backup can still continue; the others are deleted (counted only with `dry_run`). A backup
+/// continues only a checkpoint made on its parent, the latest snapshot of the source, so one whose parent is not
+/// that any more can never be continued; one older than [`CHECKPOINT_MAX_AGE_SECS`] is given up.
+fn current_checkpoints(
+    repo: &Repository,
+    snapshots: &[(ObjectId, crate::format::snapshot::Snapshot)],
+    dry_run: bool,
+    report: &mut PruneReport,
+) -> Result<Vec<(ObjectId, Checkpoint)>> {
+    // `snapshots` is sorted oldest first: the last one of a source is its latest.
+    let latest: HashMap<&str, ObjectId> = snapshots.iter().map(|(id, s)| (s.source.as_str(), *id)).collect();
+    let now = crate::util::now_secs();
+    let mut kept = Vec::new();
+    for (id, c) in repo.list_checkpoints(None)? {
+        let continuable = c.parent == latest.get(c.source.as_str()).copied();
+        if continuable && now - c.time_secs < CHECKPOINT_MAX_AGE_SECS {
+            kept.push((id, c));
+            continue;
+        }
+        report.checkpoints_removed += 1;
+        if !dry_run {
+            repo.delete_checkpoint(&id);
+        }
+    }
+    Ok(kept)
+}
+
 /// Marks what the checkpoints of interrupted backups name (format-spec §8c), so that a prune between an
 /// interrupted backup and its retry does not undo the progress. Unlike a snapshot's, a checkpoint's segments
 /// and blocks need not all be stored (it is a shortcut, checked block by block when used): a segment that
 /// cannot be read is left out with a warning, and the retry reads its blocks again.
-fn mark_checkpoints(repo: &Repository, scratch: &ScratchDb, report: &mut PruneReport) -> Result<()> {
-    for (cid, c) in repo.list_checkpoints(None)? {
+fn mark_checkpoints(
+    repo: &Repository,
+    scratch: &ScratchDb,
+    checkpoints: &[(ObjectId, Checkpoint)],
+    report: &mut PruneReport,
+) -> Result<()> {
+    for (cid, c) in checkpoints {
         for disk in &c.disks {
             for seg in &disk.segments {
                 if scratch.contains(MARKED, &seg.id)? {

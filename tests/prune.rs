@@ -300,3 +300,66 @@ fn backups_forget_and_prune_running_at_the_same_time() {
     let needed = distinct_block_bytes(&kept);
     assert!(e.pack_bytes() <= needed + needed / 50 + 64 * 1024, "{} bytes of packs for {needed}", e.pack_bytes());
 }
+
+#[test]
+fn prune_keeps_what_checkpoints_name_until_they_can_no_longer_be_continued() {
+    use diskvault::format::checkpoint::{Checkpoint, CheckpointDisk};
+    let e = Env::with_repo();
+    let (one, two) = (random_bytes(31, 4 * MIB), random_bytes(32, 4 * MIB));
+    let disk = e.path("disk0");
+    write(&disk, &one);
+    let a = e.backup(&["--name", "vm", disk.to_str().unwrap()]);
+    write(&disk, &two);
+    let b = e.backup(&["--name", "vm", disk.to_str().unwrap()]);
+    let repo = e.open_repo();
+    let id = |v: &serde_json::Value| diskvault::format::BlobId::from_hex(v["snapshot"].as_str().unwrap()).unwrap();
+    let (a_id, b) = (id(&a), id(&b));
+    let a = repo.load_snapshot(&a_id).unwrap();
+    // An interrupted backup on top of B had read `one` again when it stopped; others are beyond use.
+    let checkpoint = |source: &str, parent, age_secs: i64| Checkpoint {
+        time_secs: diskvault::util::now_secs() - age_secs,
+        time_nanos: 0,
+        hostname: "proxy-2".into(),
+        username: "backup".into(),
+        source: source.into(),
+        parent,
+        disks: vec![CheckpointDisk {
+            name: a.disks[0].name.clone(),
+            capacity: a.disks[0].capacity,
+            block_size: a.disks[0].block_size,
+            change_token: Some("52 aa/3".into()),
+            segments: a.disks[0].segments.clone(),
+        }],
+    };
+    let current = repo.save_checkpoint(&checkpoint("vm", Some(b), 60)).unwrap();
+    let mut elsewhere = checkpoint("vm-without-snapshots", None, 60);
+    elsewhere.disks[0].segments.clear();
+    let other_vm = repo.save_checkpoint(&elsewhere).unwrap();
+    repo.save_checkpoint(&checkpoint("vm", Some(b), 31 * 24 * 3600)).unwrap();
+    repo.save_checkpoint(&checkpoint("vm", a.parent, 60)).unwrap();
+    let remaining = |e: &Env| -> HashSet<String> { e.objects("checkpoints").into_iter().collect() };
+    assert_eq!(remaining(&e).len(), 4);
+
+    // The snapshot that stored `one` is forgotten: the checkpoint keeps its blocks.
+    e.delete_object(&format!("snapshots/{}", a_id.hex()));
+    let opts = PruneOptions { max_unused: 0.0, ..PruneOptions::default() };
+    let dry = prune::run(&repo, &e.path("prune-cache"), &PruneOptions { dry_run: true, ..opts.clone() }).unwrap();
+    assert_eq!(dry.checkpoints_removed, 2, "{dry:?}");
+    assert_eq!(remaining(&e).len(), 4, "a dry run deleted checkpoints");
+    let r = prune::run(&repo, &e.path("prune-cache"), &opts).unwrap();
+    assert_eq!(r.checkpoints_removed, 2, "{r:?}");
+    let want: HashSet<String> = [current, other_vm].iter().map(|c| format!("checkpoints/{}", c.hex())).collect();
+    assert_eq!(remaining(&e), want);
+    let both = distinct_block_bytes(&[&one, &two]);
+    assert!(e.pack_bytes() >= both, "blocks only a checkpoint names were deleted");
+
+    // A later backup of the VM completes: the checkpoint can no longer be continued and its blocks go.
+    e.backup(&["--name", "vm", disk.to_str().unwrap()]);
+    let r = prune::run(&repo, &e.path("prune-cache"), &opts).unwrap();
+    assert_eq!(r.checkpoints_removed, 1, "{r:?}");
+    let r = prune::run(&repo, &e.path("prune-cache"), &opts).unwrap();
+    assert_eq!(r.checkpoints_removed, 0, "{r:?}");
+    let needed = distinct_block_bytes(&[&two]);
+    assert!(e.pack_bytes() < both, "{} bytes of packs, {needed} needed: {r:?}", e.pack_bytes());
+    assert_eq!(e.restore("latest", &[]), two);
+}

@@ -120,6 +120,12 @@ pub(crate) fn print_report(r: &PruneReport, dry_run: bool) {
         human_bytes(r.bytes_copied)
     );
     println!("unused space left in kept packs: {}", human_bytes(r.unused_bytes_kept));
+    if r.checkpoints_removed > 0 {
+        println!(
+            "checkpoints of interrupted backups that can no longer be continued {would}removed: {}",
+            r.checkpoints_removed
+        );
+    }
     if !dry_run {
         println!("index: {} files written, {} removed", r.index_files_written, r.index_files_removed);
         if r.packs_waiting > 0 {
