@@ -79,13 +79,19 @@ pub fn backup_vm(
     let info = client.find_vm(vm)?;
     // The library first: a missing or broken VDDK must fail before the VM is touched.
     let lib = Library::load(&opts.libdir)?;
+    // A session marker for as long as the VM snapshot exists; the snapshot names it, so that if this process dies
+    // with the snapshot in place, a later backup sees the marker gone and removes the snapshot.
+    let session = crate::lock::start_session(repo, "backup")?;
+    remove_abandoned_snapshots(client, repo, &info, &lib, &opts.user);
     let label = format!("diskvault {}", crate::util::format_utc(crate::util::now_secs()));
-    let snap = client.create_snapshot(&info.moref, &label, opts.quiesce)?;
+    let snap =
+        client.create_snapshot(&info.moref, &label, &snapshot_description(repo, session.name()), opts.quiesce)?;
     tracing::info!("{}: snapshot {} created", info.name, snap.value);
     backup_opts.source = info.name.clone();
     let result = backup_snapshot(client, repo, cache, &info.moref, &snap, lib, opts, backup_opts, counters);
     // Always, whatever happened above.
     let removed = client.remove_snapshot(&snap);
+    drop(session);
     match (result, removed) {
         (Ok(b), Ok(())) => Ok(b),
         (Ok(b), Err(e)) => Err(Error::VSphere {
@@ -106,6 +112,64 @@ pub fn backup_vm(
                 info.name
             );
             Err(e)
+        }
+    }
+}
+
+/// The description of the VM snapshots a backup makes: whose they are (this repository, this session marker).
+fn snapshot_description(repo: &Repository, session: &str) -> String {
+    format!("{SNAPSHOT_OWNER}{} {session}", hex::encode(&repo.config().id[..8]))
+}
+
+const SNAPSHOT_OWNER: &str = "diskvault backup into repository ";
+
+/// Removes the VM snapshots that backups into this repository made and could not remove (the process was
+/// killed, the proxy lost power): their session marker has ended (§9a: deleted, or abandoned by the storage's
+/// clock). Left alone, such a snapshot grows its delta disk until the datastore fills. Snapshots of backups
+/// still running (from any proxy) and of other repositories are left alone; failures are only reported.
+fn remove_abandoned_snapshots(
+    client: &mut Client,
+    repo: &Repository,
+    info: &crate::vsphere::VmInfo,
+    lib: &Arc<Library>,
+    user: &str,
+) {
+    let prefix = snapshot_description(repo, "");
+    let ours: Vec<_> = info
+        .snapshot_tree
+        .iter()
+        .filter_map(|s| s.description.strip_prefix(&prefix).map(|session| (s, session)))
+        .collect();
+    if ours.is_empty() {
+        return;
+    }
+    let live: Vec<String> = match crate::lock::live_sessions(repo) {
+        Ok(l) => l.into_iter().map(|s| s.name).collect(),
+        Err(e) => {
+            tracing::warn!("VM {}: not looking for abandoned snapshots: {e}", info.name);
+            return;
+        }
+    };
+    for (s, session) in ours {
+        if live.iter().any(|l| l == session) {
+            continue;
+        }
+        tracing::warn!(
+            "VM {}: removing snapshot {:?} ({}) left by a backup that did not finish ({session} has ended)",
+            info.name,
+            s.name,
+            s.moref
+        );
+        if let Err(e) = client.remove_snapshot(&MoRef::new("VirtualMachineSnapshot", &s.moref)) {
+            tracing::error!("VM {}: snapshot {} could not be removed: {e}; remove it in vSphere", info.name, s.moref);
+        }
+        // The dead backup also kept the VM from being relocated: one PrepareForAccess per disk it opened.
+        for disk in &info.disks {
+            let ended = vm_disk_target(client, &info.moref, &disk.file_name, user)
+                .and_then(|target| crate::vddk::end_abandoned_access(lib, &target));
+            if let Err(e) = ended {
+                tracing::error!("VM {}: relocation may stay disabled (re-enable it in vSphere): {e}", info.name);
+            }
         }
     }
 }

@@ -86,6 +86,12 @@ impl Lab {
 
     /// No VM snapshot is left, nor its frozen disk images; the VDDK's rules were kept.
     fn assert_clean(&self) {
+        self.assert_released(&[("PrepareForAccess ", "EndAccess "), ("Open ", "Close ")]);
+    }
+
+    /// As [`Lab::assert_clean`], checking only the pairs of calls given (a killed process cannot close its
+    /// handles; what it began on the server side, later processes must end).
+    fn assert_released(&self, pairs: &[(&str, &str)]) {
         assert_eq!(self.vm()["snapshots"], 0, "a VM snapshot was left behind");
         let dir = self.sim.datastores["LocalDS_0"].as_str().unwrap();
         let leftovers: Vec<String> = std::fs::read_dir(Path::new(dir).join(self.vm()["name"].as_str().unwrap()))
@@ -98,8 +104,9 @@ impl Lab {
         let log = std::fs::read_to_string(&self.vddk_log).unwrap_or_default();
         assert!(!log.contains("VIOLATION"), "{log}");
         let count = |p: &str| log.lines().filter(|l| l.starts_with(p)).count();
-        assert_eq!(count("PrepareForAccess "), count("EndAccess "), "{log}");
-        assert_eq!(count("Open "), count("Close "), "{log}");
+        for (begin, end) in pairs {
+            assert_eq!(count(begin), count(end), "{begin}/{end}: {log}");
+        }
     }
 }
 
@@ -699,7 +706,7 @@ fn an_interrupted_backup_continues_from_its_checkpoint() {
 }
 
 #[test]
-fn a_killed_backup_continues_and_reads_again_what_it_had_not_stored() {
+fn a_killed_backup_continues_its_work_and_its_vm_snapshot_is_removed() {
     let lab = Lab::new();
     let vm = lab.vm();
     let name = vm["name"].as_str().unwrap().to_string();
@@ -720,8 +727,21 @@ fn a_killed_backup_continues_and_reads_again_what_it_had_not_stored() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    assert_eq!(lab.vm()["snapshots"], 1, "the killed backup could not remove its VM snapshot");
+    // While its session marker could still belong to a live backup (another proxy's), the snapshot stays.
+    let r = lab.run(&["backup", "--vm", &name], &[("FAKE_VDDK_FAIL_READ_SECTOR", "0")]);
+    assert!(r.code != 0 && !r.stderr.contains("did not finish"), "{}", r.stderr);
+    assert_eq!(lab.vm()["snapshots"], 1, "{}", r.stderr);
 
-    let r = lab.ok(&["backup", "--json", "--vm", &name]);
+    // The retry, once the killed backup's session marker has gone stale (2 s here, 300 s by default), removes
+    // the VM snapshot it left behind, and continues its work.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let retry = lab.run(&["backup", "--json", "--vm", &name], &[("DISKVAULT_LOCK_STALE_SECS", "2")]);
+    assert_eq!(retry.code, 0, "{}", retry.stderr);
+    assert!(retry.stderr.contains("left by a backup that did not finish"), "{}", retry.stderr);
+    // Snapshot and frozen images gone, and the VM can be relocated again (EndAccess for the dead backup's disks).
+    lab.assert_released(&[("PrepareForAccess ", "EndAccess ")]);
+    let r = retry.json();
     let d1 = r["vmware_disks"].as_array().unwrap().iter().find(|d| d["name"] == "disk1").unwrap().clone();
     assert_eq!(d1["mode"], "resumed", "{r}");
     // The first segment's 6 blocks again (not stored), and the 24 blocks of the second; not the 4090 holes of a

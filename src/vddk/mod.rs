@@ -735,6 +735,24 @@ impl Disk {
     }
 }
 
+/// `EndAccess` for a disk of `target`'s VM on behalf of a backup that died between its `PrepareForAccess` and
+/// `EndAccess`: the guide's remedy, so that the VM can be relocated (vMotion) again.
+pub fn end_abandoned_access(lib: &Arc<Library>, target: &DiskTarget) -> Result<()> {
+    let end = lib.fns.end_access.ok_or_else(|| Error::invalid("this VDDK has no VixDiskLib_EndAccess"))?;
+    let params = Params::new(lib, target)?;
+    let raw = Ptr(params.raw.cast());
+    let e = lib.on_owner(move || {
+        let raw = raw;
+        // SAFETY: the parameters outlive the call.
+        unsafe { end(raw.0 as *const ffi::ConnectParams, c"diskvault".as_ptr()) }
+    });
+    drop(params);
+    if e != ffi::VIX_OK {
+        return Err(lib.error("VixDiskLib_EndAccess", e, &target.describe()));
+    }
+    Ok(())
+}
+
 /// Creates a new, empty hosted VMDK (monolithicSparse, LSI Logic, hardware version 7) of `capacity` bytes at
 /// `path` with `VixDiskLib_Create` on a local connection. The guide: Create makes hosted disks only; a managed
 /// disk on a datastore is a hosted one cloned there ([`clone_to_datastore`]).

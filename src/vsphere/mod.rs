@@ -126,6 +126,14 @@ pub struct VmConfig {
     pub devices: Vec<String>,
 }
 
+/// One snapshot of a VM.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VmSnapshot {
+    pub moref: String,
+    pub name: String,
+    pub description: String,
+}
+
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct VmInfo {
     pub moref: String,
@@ -133,6 +141,8 @@ pub struct VmInfo {
     pub power_state: String,
     pub cbt_enabled: bool,
     pub snapshots: usize,
+    /// Every snapshot of the VM (the tree, flattened parents first).
+    pub snapshot_tree: Vec<VmSnapshot>,
     pub num_cpu: u32,
     pub memory_mb: u64,
     /// The ESXi host it runs on (moref).
@@ -395,16 +405,17 @@ impl Client {
     /// stun/unstun cycle): the disks' tracking state is dropped, and changeIds start anew once it is back on.
     pub fn stop_change_tracking(&mut self, vm: &str) -> Result<()> {
         self.set_change_tracking(vm, false)?;
-        let snap = self.create_snapshot(vm, "diskvault-cbt-off", false)?;
+        let snap = self.create_snapshot(vm, "diskvault-cbt-off", "diskvault: change tracking off", false)?;
         self.remove_snapshot(&snap)
     }
 
     /// Creates a snapshot (no memory); returns its moref.
-    pub fn create_snapshot(&mut self, vm: &str, name: &str, quiesce: bool) -> Result<MoRef> {
+    pub fn create_snapshot(&mut self, vm: &str, name: &str, description: &str, quiesce: bool) -> Result<MoRef> {
         let this = MoRef::new("VirtualMachine", vm);
         let body = format!(
-            "<name>{}</name><description>diskvault backup</description><memory>false</memory><quiesce>{quiesce}</quiesce>",
-            esc(name)
+            "<name>{}</name><description>{}</description><memory>false</memory><quiesce>{quiesce}</quiesce>",
+            esc(name),
+            esc(description)
         );
         let result = self.run_task("CreateSnapshot_Task", &this, &body)?;
         result
@@ -604,6 +615,7 @@ fn vm_from_object(o: &Element) -> VmInfo {
         power_state: String::new(),
         cbt_enabled: false,
         snapshots: 0,
+        snapshot_tree: Vec::new(),
         num_cpu: 0,
         memory_mb: 0,
         host: String::new(),
@@ -622,7 +634,10 @@ fn vm_from_object(o: &Element) -> VmInfo {
                 vm.controllers = controllers_of(val);
                 vm.nics = nics_of(val);
             }
-            "snapshot" => vm.snapshots = count_snapshots(val),
+            "snapshot" => {
+                vm.snapshot_tree = snapshots_of(val);
+                vm.snapshots = vm.snapshot_tree.len();
+            }
             "config.hardware.numCPU" => vm.num_cpu = val.text.trim().parse().unwrap_or(0),
             "config.hardware.memoryMB" => vm.memory_mb = val.text.trim().parse().unwrap_or(0),
             "runtime.host" => vm.host = val.text.trim().to_string(),
@@ -632,12 +647,20 @@ fn vm_from_object(o: &Element) -> VmInfo {
     vm
 }
 
-/// Snapshots in a `VirtualMachineSnapshotInfo` tree.
-fn count_snapshots(info: &Element) -> usize {
-    fn walk(e: &Element) -> usize {
-        e.children_named("childSnapshotList").map(|c| 1 + walk(c)).sum()
+/// The snapshots in a `VirtualMachineSnapshotInfo` tree, parents first.
+fn snapshots_of(info: &Element) -> Vec<VmSnapshot> {
+    fn walk(e: &Element, out: &mut Vec<VmSnapshot>) {
+        let text = |name: &str| e.child_text(name).unwrap_or("").trim().to_string();
+        out.push(VmSnapshot { moref: text("snapshot"), name: text("name"), description: text("description") });
+        for c in e.children_named("childSnapshotList") {
+            walk(c, out);
+        }
     }
-    info.children_named("rootSnapshotList").map(|r| 1 + walk(r)).sum()
+    let mut out = Vec::new();
+    for r in info.children_named("rootSnapshotList") {
+        walk(r, &mut out);
+    }
+    out
 }
 
 /// A thin, persistent `VirtualDisk` device on `file_name` (`[datastore]` alone lets the server name a new file).

@@ -170,7 +170,7 @@ VixError VixDiskLib_InitEx(uint32_t major, uint32_t minor, VixDiskLibGenericLogF
 }
 
 void VixDiskLib_Exit(void) {
-    if (prepared != 0) event("VIOLATION Exit with %d PrepareForAccess not ended", prepared);
+    if (prepared > 0) event("VIOLATION Exit with %d PrepareForAccess not ended", prepared);
     event("Exit");
     initialized = 0;
 }
@@ -196,7 +196,8 @@ VixError VixDiskLib_PrepareForAccess(const VixDiskLibConnectParams *p, const cha
 VixError VixDiskLib_EndAccess(const VixDiskLibConnectParams *p, const char *identity) {
     if (!initialized) return VIX_E_DISK_NOINIT;
     (void)identity;
-    if (prepared <= 0) event("VIOLATION EndAccess without PrepareForAccess");
+    /* Without a PrepareForAccess in this process it ends one of a process that died (the guide's remedy); the
+     * tests count both calls across all processes of a test. */
     prepared--;
     event("EndAccess %s", p && p->vmxSpec ? p->vmxSpec : "?");
     return VIX_OK;
