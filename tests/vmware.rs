@@ -624,17 +624,37 @@ fn same_content(a: &Path, b: &Path) -> bool {
     }
 }
 
-#[test]
-fn an_interrupted_backup_continues_from_its_checkpoint() {
+/// The element of a JSON list whose `name` is `name`.
+fn named(list: &serde_json::Value, name: &str) -> serde_json::Value {
+    let found = list.as_array().unwrap().iter().find(|d| d["name"] == name);
+    found.unwrap_or_else(|| panic!("no {name} in {list}")).clone()
+}
+
+/// A VM with change tracking whose disk1 is a thin 4 GiB + 32 MiB disk: two manifest segments, the first 4096
+/// blocks long, with 8 blocks of data in the first and 24 in the second. disk2 is empty.
+fn lab_with_a_two_segment_disk() -> (Lab, serde_json::Value, String) {
     let lab = Lab::new();
     let vm = lab.vm();
     let name = vm["name"].as_str().unwrap().to_string();
     lab.succeed(&["vm", "enable-cbt", &name]);
-    // disk1 is a thin 4 GiB + 32 MiB disk: two manifest segments, the first 4096 blocks long.
     grow_disk(&lab, &vm, 0, 4128 * M);
     lab.guest_write(&vm, 0, 0, &random_bytes(1, 6 * MIB));
     lab.guest_write(&vm, 0, 3000 * M, &random_bytes(2, 2 * MIB));
     lab.guest_write(&vm, 0, 4096 * M, &random_bytes(3, 24 * MIB));
+    (lab, vm, name)
+}
+
+/// Restores disk1 of `snapshot` to a file and compares it with the VM's disk as it is now.
+fn assert_disk1_restores(lab: &Lab, vm: &serde_json::Value, snapshot: &str) {
+    let restored = lab.env.path("disk1.raw");
+    let _ = std::fs::remove_file(&restored);
+    lab.env.ok(&["restore", &format!("{snapshot}:disk1"), "--target", restored.to_str().unwrap()]);
+    assert!(same_content(&restored, &lab.disk_file(vm, 0)), "snapshot {snapshot} of disk1 restores different bytes");
+}
+
+#[test]
+fn an_interrupted_backup_continues_from_its_checkpoint() {
+    let (lab, vm, name) = lab_with_a_two_segment_disk();
 
     // The connection to the host breaks 20 MiB into disk1's second segment (disk2 is empty).
     let sector = ((4096 + 20) * M / 512).to_string();
@@ -662,58 +682,36 @@ fn an_interrupted_backup_continues_from_its_checkpoint() {
     lab.guest_write(&vm, 0, 4124 * M, &random_bytes(5, MIB));
     lab.guest_write(&vm, 1, 10 * M, &random_bytes(6, MIB));
     let r = lab.ok(&["backup", "--json", "--vm", &name]);
-    let disk = |list: &str, name: &str| -> serde_json::Value {
-        let found = r[list].as_array().unwrap().iter().find(|d| d["name"] == name);
-        found.unwrap_or_else(|| panic!("no {name} in {r}")).clone()
-    };
-    let (d1, d2) = (disk("vmware_disks", "disk1"), disk("vmware_disks", "disk2"));
+    let (d1, d2) = (named(&r["vmware_disks"], "disk1"), named(&r["vmware_disks"], "disk2"));
     assert_eq!((d1["mode"].as_str(), d2["mode"].as_str()), (Some("resumed"), Some("resumed")), "{r}");
     assert!(d1["resumed_from"].as_str().unwrap().contains("4.00 GiB of 4.03 GiB read then"), "{d1}");
     // disk1: the changed block of the first segment, and the second segment's 25 allocated blocks; disk2:
     // its one changed block. Nothing that was read before the interruption is read again.
-    assert_eq!(disk("disks", "disk1")["blocks_read"], 1 + 25, "{r}");
-    assert_eq!(disk("disks", "disk2")["blocks_read"], 1, "{r}");
+    assert_eq!(named(&r["disks"], "disk1")["blocks_read"], 1 + 25, "{r}");
+    assert_eq!(named(&r["disks"], "disk2")["blocks_read"], 1, "{r}");
     lab.assert_clean();
     let resumed = r["snapshot"].as_str().unwrap().to_string();
-    let restored = lab.env.path("disk1.raw");
-    lab.env.ok(&["restore", &format!("{resumed}:disk1"), "--target", restored.to_str().unwrap()]);
-    assert!(same_content(&restored, &lab.disk_file(&vm, 0)), "the resumed backup of disk1 restores different bytes");
+    assert_disk1_restores(&lab, &vm, &resumed);
     assert!(lab.env.restore(&format!("{resumed}:disk2"), &[]) == std::fs::read(lab.disk_file(&vm, 1)).unwrap());
     // The checkpoint is gone with the snapshot that completed it; the next backup is an ordinary incremental.
     let listing = lab.env.ok(&["snapshots"]).stdout;
     assert!(!listing.contains("interrupted backup"), "{listing}");
     lab.guest_write(&vm, 0, 4097 * M, &random_bytes(7, 10));
     let r = lab.ok(&["backup", "--json", "--vm", &name]);
-    let d1 = r["vmware_disks"].as_array().unwrap().iter().find(|d| d["name"] == "disk1").unwrap().clone();
-    assert_eq!(d1["mode"], "incremental", "{r}");
+    assert_eq!(named(&r["vmware_disks"], "disk1")["mode"], "incremental", "{r}");
     assert_eq!(r["parent"].as_str(), Some(resumed.as_str()));
-    let read: Vec<(String, u64)> = r["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| (d["name"].as_str().unwrap().to_string(), d["blocks_read"].as_u64().unwrap()))
-        .collect();
-    assert!(read.contains(&("disk1".to_string(), 1)) && read.contains(&("disk2".to_string(), 0)), "{r}");
-    std::fs::remove_file(&restored).unwrap();
-    lab.env.ok(&[
-        "restore",
-        &format!("{}:disk1", r["snapshot"].as_str().unwrap()),
-        "--target",
-        restored.to_str().unwrap(),
-    ]);
-    assert!(same_content(&restored, &lab.disk_file(&vm, 0)));
+    assert_eq!(
+        (&named(&r["disks"], "disk1")["blocks_read"], &named(&r["disks"], "disk2")["blocks_read"]),
+        (&1.into(), &0.into()),
+        "{r}"
+    );
+    assert_disk1_restores(&lab, &vm, r["snapshot"].as_str().unwrap());
     lab.env.ok(&["check", "--read-data"]);
 }
 
 #[test]
 fn a_killed_backup_continues_its_work_and_its_vm_snapshot_is_removed() {
-    let lab = Lab::new();
-    let vm = lab.vm();
-    let name = vm["name"].as_str().unwrap().to_string();
-    lab.succeed(&["vm", "enable-cbt", &name]);
-    grow_disk(&lab, &vm, 0, 4128 * M);
-    lab.guest_write(&vm, 0, 0, &random_bytes(1, 6 * MIB));
-    lab.guest_write(&vm, 0, 4096 * M, &random_bytes(3, 24 * MIB));
+    let (lab, vm, name) = lab_with_a_two_segment_disk();
 
     // The proxy dies (SIGKILL) once the first segment is checkpointed, while its blocks still sit in the data
     // pack being filled: the checkpoint names blocks that were never stored.
@@ -742,19 +740,10 @@ fn a_killed_backup_continues_its_work_and_its_vm_snapshot_is_removed() {
     // Snapshot and frozen images gone, and the VM can be relocated again (EndAccess for the dead backup's disks).
     lab.assert_released(&[("PrepareForAccess ", "EndAccess ")]);
     let r = retry.json();
-    let d1 = r["vmware_disks"].as_array().unwrap().iter().find(|d| d["name"] == "disk1").unwrap().clone();
-    assert_eq!(d1["mode"], "resumed", "{r}");
-    // The first segment's 6 blocks again (not stored), and the 24 blocks of the second; not the 4090 holes of a
+    assert_eq!(named(&r["vmware_disks"], "disk1")["mode"], "resumed", "{r}");
+    // The first segment's 8 blocks again (not stored), and the 24 blocks of the second; not the 4088 holes of a
     // segment read whole.
-    let d = r["disks"].as_array().unwrap().iter().find(|d| d["name"] == "disk1").unwrap().clone();
-    assert_eq!(d["blocks_read"], 6 + 24, "{r}");
-    let restored = lab.env.path("disk1.raw");
-    lab.env.ok(&[
-        "restore",
-        &format!("{}:disk1", r["snapshot"].as_str().unwrap()),
-        "--target",
-        restored.to_str().unwrap(),
-    ]);
-    assert!(same_content(&restored, &lab.disk_file(&vm, 0)));
+    assert_eq!(named(&r["disks"], "disk1")["blocks_read"], 8 + 24, "{r}");
+    assert_disk1_restores(&lab, &vm, r["snapshot"].as_str().unwrap());
     lab.env.ok(&["check", "--read-data"]);
 }

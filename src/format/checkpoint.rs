@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::snapshot::SegmentRef;
+use super::snapshot::{check_disks_and_time, SegmentRef};
 use super::{bincode_decode, bincode_encode, ObjectId, BLOCK_SIZE, SEGMENT_BLOCKS};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,17 +67,10 @@ impl Checkpoint {
 
     pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
         let c: Checkpoint = bincode_decode(bytes)?;
-        if c.time_nanos >= 1_000_000_000 {
-            return Err("invalid time".into());
-        }
         for d in &c.disks {
             d.validate()?;
         }
-        let mut names: Vec<&str> = c.disks.iter().map(|d| d.name.as_str()).collect();
-        names.sort_unstable();
-        if names.windows(2).any(|w| w[0] == w[1]) {
-            return Err("two disks have the same name".into());
-        }
+        check_disks_and_time(c.disks.iter().map(|d| d.name.as_str()), c.time_nanos)?;
         Ok(c)
     }
 

@@ -119,20 +119,26 @@ impl Snapshot {
         for d in &s.disks {
             d.validate()?;
         }
-        let mut names: Vec<&str> = s.disks.iter().map(|d| d.name.as_str()).collect();
-        names.sort_unstable();
-        if names.windows(2).any(|w| w[0] == w[1]) {
-            return Err("two disks have the same name".into());
-        }
-        if s.time_nanos >= 1_000_000_000 {
-            return Err("invalid time".into());
-        }
+        check_disks_and_time(s.disks.iter().map(|d| d.name.as_str()), s.time_nanos)?;
         Ok(s)
     }
 
     pub fn disk(&self, name: &str) -> Option<&DiskManifest> {
         self.disks.iter().find(|d| d.name == name)
     }
+}
+
+/// Rules a snapshot and a checkpoint share: disk names are unique, the nanoseconds below one second.
+pub(crate) fn check_disks_and_time<'a>(names: impl Iterator<Item = &'a str>, time_nanos: u32) -> Result<(), String> {
+    let mut names: Vec<&str> = names.collect();
+    names.sort_unstable();
+    if names.windows(2).any(|w| w[0] == w[1]) {
+        return Err("two disks have the same name".into());
+    }
+    if time_nanos >= 1_000_000_000 {
+        return Err("invalid time".into());
+    }
+    Ok(())
 }
 
 /// The block ids a segment blob holds, 32 bytes each (callers check the blob's length against the manifest).
