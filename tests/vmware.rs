@@ -718,10 +718,12 @@ fn a_killed_backup_continues_its_work_and_its_vm_snapshot_is_removed() {
     let mut c =
         lab.command(&["backup", "--vm", &name, "--checkpoint-interval", "0"], &[("FAKE_VDDK_READ_DELAY_MS", "300")]);
     let mut child = c.stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let start = std::time::Instant::now();
-    while !lab.env.run(&["snapshots"]).stdout.contains("disk1 4.00 GiB of 4.03 GiB") {
+    let (repo, start) = (lab.env.open_repo(), std::time::Instant::now());
+    let covers_disk1 =
+        |c: &diskvault::format::checkpoint::Checkpoint| c.disk("disk1").is_some_and(|d| d.blocks_done() > 0);
+    while !repo.list_checkpoints(None).unwrap().iter().any(|(_, c)| covers_disk1(c)) {
         assert!(start.elapsed() < std::time::Duration::from_secs(60), "no checkpoint covers disk1's first segment");
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
     child.kill().unwrap();
     child.wait().unwrap();
