@@ -2,7 +2,8 @@
 //!
 //! Structure (always): every index file decodes; every indexed pack exists, is large enough, and its header
 //! lists exactly what the index says; every snapshot decodes and every segment and block it references is
-//! indexed. Packs that no index lists are reported (a killed backup leaves them; they are harmless).
+//! indexed. Packs that no index lists are reported (a killed backup leaves them; they are harmless), and so are
+//! checkpoints that do not decode (a warning: a backup then reads what they covered).
 //!
 //! Data (`--read-data`, or a subset): every selected pack is downloaded whole, its hash compared with its
 //! name, its header decrypted, and every blob authenticated, decompressed and re-hashed; delta blobs last,
@@ -314,6 +315,15 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
             _ => None,
         },
     };
+
+    // Checkpoints of interrupted backups (format-spec §8c) are shortcuts, not data: a damaged one only means
+    // the next backup reads what it covered, so it is a warning.
+    for cid in list_ids(&**backend, names::CHECKPOINTS)? {
+        match repo.load_checkpoint(&cid) {
+            Ok(_) | Err(Error::Missing { .. }) => {}
+            Err(e) => report.warnings.push(format!("{e} (a checkpoint: the next backup of its VM reads in full)")),
+        }
+    }
 
     // Snapshots: every segment and block resolves to an intact blob.
     let snap_ids = list_ids(&**backend, names::SNAPSHOTS)?;

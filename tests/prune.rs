@@ -339,6 +339,13 @@ fn prune_keeps_what_checkpoints_name_until_they_can_no_longer_be_continued() {
     repo.save_checkpoint(&checkpoint("vm", a.parent, 60)).unwrap();
     let remaining = |e: &Env| -> HashSet<String> { e.objects("checkpoints").into_iter().collect() };
     assert_eq!(remaining(&e).len(), 4);
+    // A damaged checkpoint is a warning for check (the data is elsewhere), and skipped by everyone else.
+    let damaged = format!("checkpoints/{}", "ab".repeat(32));
+    e.backend().put(&damaged, b"DVLT\x09\x01\0\0 not a checkpoint").unwrap();
+    let check = e.ok(&["check"]);
+    let out = format!("{}{}", check.stdout, check.stderr);
+    assert!(out.contains(&damaged) && out.contains("no errors found"), "{out}");
+    e.delete_object(&damaged);
 
     // The snapshot that stored `one` is forgotten: the checkpoint keeps its blocks.
     e.delete_object(&format!("snapshots/{}", a_id.hex()));
