@@ -40,7 +40,8 @@
 //! ([`cache::IndexCache`]) already knows are not stored again. New blocks are zstd-compressed (as a delta
 //! against a similar stored block where that pays, [`delta`]), encrypted and appended to a data pack. Finished packs are stored, then listed in an index file. The block ids of each
 //! disk are grouped into segments (4096 ids, themselves stored as blobs in metadata packs), and a snapshot
-//! object listing the segments is written last: the commit point.
+//! object listing the segments is written last: the commit point. A VMware backup also saves checkpoints (the
+//! segments so far), from which an interrupted one is continued ([`vmware`], [`backup::ResumeBase`]).
 //!
 //! **Restore**: snapshot → segments → block ids → index lookups → ranged pack reads → decrypt, decompress
 //! (a delta blob with its base, read first) → re-check id → write at the block's offset (zero blocks stay holes).
