@@ -681,7 +681,12 @@ fn an_interrupted_backup_continues_from_its_checkpoint() {
     lab.guest_write(&vm, 0, 100 * M + 7, &random_bytes(4, 1000));
     lab.guest_write(&vm, 0, 4124 * M, &random_bytes(5, MIB));
     lab.guest_write(&vm, 1, 10 * M, &random_bytes(6, MIB));
-    let r = lab.ok(&["backup", "--json", "--vm", &name]);
+    // With CBT verification: half the blocks CBT calls unchanged since the checkpoint are re-read and compared.
+    let retry =
+        lab.run(&["backup", "--json", "--vm", &name, "--verify-cbt", "50%"], &[("DISKVAULT_LOG", "diskvault=info")]);
+    assert_eq!(retry.code, 0, "{}", retry.stderr);
+    assert!(retry.stderr.contains("sampled unchanged blocks re-read, 0 differ"), "{}", retry.stderr);
+    let r = retry.json();
     let (d1, d2) = (named(&r["vmware_disks"], "disk1"), named(&r["vmware_disks"], "disk2"));
     assert_eq!((d1["mode"].as_str(), d2["mode"].as_str()), (Some("resumed"), Some("resumed")), "{r}");
     assert!(d1["resumed_from"].as_str().unwrap().contains("4.00 GiB of 4.03 GiB read then"), "{d1}");
