@@ -58,6 +58,8 @@ pub struct VmBackup {
     pub id: ObjectId,
     pub snapshot: Snapshot,
     pub disks: Vec<DiskReport>,
+    /// VM snapshots of earlier backups that died, removed first (their names).
+    pub removed_vm_snapshots: Vec<String>,
 }
 
 /// The disk's name in the snapshot: its file's stem (`disk1` for `[ds] vm/disk1.vmdk`), stable across backups.
@@ -82,7 +84,7 @@ pub fn backup_vm(
     // A session marker for as long as the VM snapshot exists; the snapshot names it, so that if this process dies
     // with the snapshot in place, a later backup sees the marker gone and removes the snapshot.
     let session = crate::lock::start_session(repo, "backup")?;
-    remove_abandoned_snapshots(client, repo, &info, &lib, &opts.user);
+    let removed_vm_snapshots = remove_abandoned_snapshots(client, repo, &info, &lib, &opts.user);
     let label = format!("diskvault {}", crate::util::format_utc(crate::util::now_secs()));
     let snap =
         client.create_snapshot(&info.moref, &label, &snapshot_description(repo, session.name()), opts.quiesce)?;
@@ -92,6 +94,7 @@ pub fn backup_vm(
     // Always, whatever happened above.
     let removed = client.remove_snapshot(&snap);
     drop(session);
+    let result = result.map(|b| VmBackup { removed_vm_snapshots, ..b });
     match (result, removed) {
         (Ok(b), Ok(())) => Ok(b),
         (Ok(b), Err(e)) => Err(Error::VSphere {
@@ -133,21 +136,22 @@ fn remove_abandoned_snapshots(
     info: &crate::vsphere::VmInfo,
     lib: &Arc<Library>,
     user: &str,
-) {
+) -> Vec<String> {
     let prefix = snapshot_description(repo, "");
     let ours: Vec<_> = info
         .snapshot_tree
         .iter()
         .filter_map(|s| s.description.strip_prefix(&prefix).map(|session| (s, session)))
         .collect();
+    let mut removed = Vec::new();
     if ours.is_empty() {
-        return;
+        return removed;
     }
     let live: Vec<String> = match crate::lock::live_sessions(repo) {
         Ok(l) => l.into_iter().map(|s| s.name).collect(),
         Err(e) => {
             tracing::warn!("VM {}: not looking for abandoned snapshots: {e}", info.name);
-            return;
+            return removed;
         }
     };
     for (s, session) in ours {
@@ -160,8 +164,15 @@ fn remove_abandoned_snapshots(
             s.name,
             s.moref
         );
-        if let Err(e) = client.remove_snapshot(&MoRef::new("VirtualMachineSnapshot", &s.moref)) {
-            tracing::error!("VM {}: snapshot {} could not be removed: {e}; remove it in vSphere", info.name, s.moref);
+        match client.remove_snapshot(&MoRef::new("VirtualMachineSnapshot", &s.moref)) {
+            Ok(()) => removed.push(s.name.clone()),
+            Err(e) => {
+                tracing::error!(
+                    "VM {}: snapshot {} could not be removed: {e}; remove it in vSphere",
+                    info.name,
+                    s.moref
+                )
+            }
         }
         // The dead backup also kept the VM from being relocated: one PrepareForAccess per disk it opened.
         for disk in &info.disks {
@@ -172,6 +183,7 @@ fn remove_abandoned_snapshots(
             }
         }
     }
+    removed
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -298,7 +310,7 @@ fn backup_snapshot(
     for (cid, _) in &checkpoints {
         repo.delete_checkpoint(cid);
     }
-    Ok(VmBackup { id, snapshot, disks: reports })
+    Ok(VmBackup { id, snapshot, disks: reports, removed_vm_snapshots: Vec::new() })
 }
 
 /// How a disk continues from a checkpoint.

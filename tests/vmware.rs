@@ -747,6 +747,8 @@ fn a_killed_backup_continues_its_work_and_its_vm_snapshot_is_removed() {
     // Snapshot and frozen images gone, and the VM can be relocated again (EndAccess for the dead backup's disks).
     lab.assert_released(&[("PrepareForAccess ", "EndAccess ")]);
     let r = retry.json();
+    let removed = r["removed_vm_snapshots"].as_array().unwrap();
+    assert!(removed.len() == 1 && removed[0].as_str().unwrap().starts_with("diskvault "), "{r}");
     assert_eq!(named(&r["vmware_disks"], "disk1")["mode"], "resumed", "{r}");
     // The first segment's 8 blocks again (not stored), and the 24 blocks of the second; not the 4088 holes of a
     // segment read whole.

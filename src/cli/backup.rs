@@ -477,11 +477,22 @@ fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
             Ok(b) => {
                 record_metrics(&b.snapshot);
                 record_vm_metrics(&b.snapshot.source, &b.disks);
+                crate::metrics::gauge(
+                    "diskvault_backup_abandoned_vm_snapshots_removed",
+                    "VM snapshots of earlier backups that died, removed by this one.",
+                    &[("source", b.snapshot.source.as_str())],
+                    b.removed_vm_snapshots.len() as f64,
+                );
                 if args.json {
-                    json.push(result_json(&repo, &b.id, &b.snapshot, Some(&b.disks)));
+                    let mut v = result_json(&repo, &b.id, &b.snapshot, Some(&b.disks));
+                    v["removed_vm_snapshots"] = serde_json::json!(b.removed_vm_snapshots);
+                    json.push(v);
                     continue;
                 }
                 println!("VM {} ({}):", info.name, info.moref);
+                for s in &b.removed_vm_snapshots {
+                    println!("  removed VM snapshot {s:?} left by a backup that did not finish");
+                }
                 for d in &b.disks {
                     println!(
                         "  {}: {} read over {}{}",
