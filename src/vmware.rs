@@ -233,10 +233,15 @@ fn backup_snapshot(
             Some((cid, c)) => resume_disk(client, moref, snap, disk, &name, (cid, c), parent_snapshot, &mut source)?,
             None => None,
         };
+        let mut cbt_failed = None;
         if let Some(r) = resumed {
             tracing::info!("disk {name}: {}", r.description);
             match verify_cbt(repo, &cache, &mut source, &r.base.manifest, &r.changed, opts.verify_cbt_fraction)? {
-                Some(mismatch) => tracing::error!("disk {name}: {mismatch}; not continuing the interrupted backup"),
+                // CBT is not to be trusted for this disk at all: read it whole, as an incremental would.
+                Some(mismatch) => {
+                    tracing::error!("disk {name}: {mismatch}; not continuing the interrupted backup, reading in full");
+                    cbt_failed = Some(mismatch);
+                }
                 None => {
                     reports.push(DiskReport {
                         name: name.clone(),
@@ -258,7 +263,7 @@ fn backup_snapshot(
                 }
             }
         }
-        let (changed, reason) = match full_read_reason(disk, parent_snapshot, &name) {
+        let (changed, reason) = match cbt_failed.or_else(|| full_read_reason(disk, parent_snapshot, &name)) {
             Some(reason) => (None, Some(reason)),
             None => {
                 let parent_token = parent

@@ -756,3 +756,27 @@ fn a_killed_backup_continues_its_work_and_its_vm_snapshot_is_removed() {
     assert_disk1_restores(&lab, &vm, r["snapshot"].as_str().unwrap());
     lab.env.ok(&["check", "--read-data"]);
 }
+
+#[test]
+fn a_resumed_backup_whose_cbt_lies_is_read_in_full() {
+    let (lab, vm, name) = lab_with_a_two_segment_disk();
+    let sector = ((4096 + 20) * M / 512).to_string();
+    let r = lab.run(
+        &["backup", "--vm", &name, "--checkpoint-interval", "0"],
+        &[("FAKE_VDDK_FAIL_READ_SECTOR", sector.as_str())],
+    );
+    assert_ne!(r.code, 0);
+    // CBT "loses" a change in the part the checkpoint covers.
+    let flat = lab.disk_file(&vm, 0);
+    write(&PathBuf::from(format!("{}.cbt-drop", flat.display())), format!("{} {}\n", 2000 * M, M).as_bytes());
+    lab.guest_write(&vm, 0, 2000 * M + 9, &random_bytes(9, 5000));
+    let r = lab.ok(&["backup", "--json", "--vm", &name, "--verify-cbt", "100%"]);
+    let d1 = named(&r["vmware_disks"], "disk1");
+    assert_eq!(d1["mode"], "full", "{r}");
+    assert!(d1["reason"].as_str().unwrap().contains("CBT verification: 1 of"), "{d1}");
+    assert_eq!(named(&r["vmware_disks"], "disk2")["mode"], "resumed", "disk2's CBT is right: {r}");
+    // Read in full: the 8 + 24 allocated blocks and the one CBT lost.
+    assert_eq!(named(&r["disks"], "disk1")["blocks_read"], 8 + 24 + 1, "{r}");
+    assert_disk1_restores(&lab, &vm, r["snapshot"].as_str().unwrap());
+    lab.assert_clean();
+}
