@@ -644,6 +644,19 @@ fn lab_with_a_two_segment_disk() -> (Lab, serde_json::Value, String) {
     (lab, vm, name)
 }
 
+/// A backup that saves a checkpoint after every segment and fails with a VIX read error 20 MiB into disk1's
+/// second segment (the connection to the host broke). Returns its stderr.
+fn backup_failing_in_the_second_segment(lab: &Lab, name: &str) -> String {
+    let sector = ((4096 + 20) * M / 512).to_string();
+    let r = lab.run(
+        &["backup", "--vm", name, "--checkpoint-interval", "0"],
+        &[("FAKE_VDDK_FAIL_READ_SECTOR", sector.as_str())],
+    );
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("VIX error 16002"), "{}", r.stderr);
+    r.stderr
+}
+
 /// Restores disk1 of `snapshot` to a file and compares it with the VM's disk as it is now.
 fn assert_disk1_restores(lab: &Lab, vm: &serde_json::Value, snapshot: &str) {
     let restored = lab.env.path("disk1.raw");
@@ -656,15 +669,8 @@ fn assert_disk1_restores(lab: &Lab, vm: &serde_json::Value, snapshot: &str) {
 fn an_interrupted_backup_continues_from_its_checkpoint() {
     let (lab, vm, name) = lab_with_a_two_segment_disk();
 
-    // The connection to the host breaks 20 MiB into disk1's second segment (disk2 is empty).
-    let sector = ((4096 + 20) * M / 512).to_string();
-    let r = lab.run(
-        &["backup", "--vm", &name, "--checkpoint-interval", "0"],
-        &[("FAKE_VDDK_FAIL_READ_SECTOR", sector.as_str())],
-    );
-    assert_ne!(r.code, 0);
-    assert!(r.stderr.contains("VIX error 16002"), "{}", r.stderr);
-    assert!(r.stderr.contains(&format!("the next backup of {name} continues from there")), "{}", r.stderr);
+    let stderr = backup_failing_in_the_second_segment(&lab, &name);
+    assert!(stderr.contains(&format!("the next backup of {name} continues from there")), "{stderr}");
     lab.assert_clean();
     let listing = lab.env.ok(&["snapshots"]).stdout;
     assert!(listing.contains("0 snapshots"), "{listing}");
@@ -760,12 +766,7 @@ fn a_killed_backup_continues_its_work_and_its_vm_snapshot_is_removed() {
 #[test]
 fn a_resumed_backup_whose_cbt_lies_is_read_in_full() {
     let (lab, vm, name) = lab_with_a_two_segment_disk();
-    let sector = ((4096 + 20) * M / 512).to_string();
-    let r = lab.run(
-        &["backup", "--vm", &name, "--checkpoint-interval", "0"],
-        &[("FAKE_VDDK_FAIL_READ_SECTOR", sector.as_str())],
-    );
-    assert_ne!(r.code, 0);
+    backup_failing_in_the_second_segment(&lab, &name);
     // CBT "loses" a change in the part the checkpoint covers.
     let flat = lab.disk_file(&vm, 0);
     write(&PathBuf::from(format!("{}.cbt-drop", flat.display())), format!("{} {}\n", 2000 * M, M).as_bytes());

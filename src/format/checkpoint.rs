@@ -77,11 +77,6 @@ impl Checkpoint {
     pub fn disk(&self, name: &str) -> Option<&CheckpointDisk> {
         self.disks.iter().find(|d| d.name == name)
     }
-
-    /// The checkpoint's time in seconds since the Unix epoch, with its fraction.
-    pub fn unix_time(&self) -> f64 {
-        self.time_secs as f64 + self.time_nanos as f64 / 1e9
-    }
 }
 
 #[cfg(test)]
