@@ -258,7 +258,8 @@ pub const CHECKPOINT_MAX_AGE_SECS: i64 = 30 * 24 * 3600;
 
 /// The checkpoints a backup can still continue; the others are deleted (counted only with `dry_run`). A backup
 /// continues only a checkpoint made on its parent, the latest snapshot of the source, so one whose parent is not
-/// that any more can never be continued; one older than [`CHECKPOINT_MAX_AGE_SECS`] is given up.
+/// that any more, or that is damaged, can never be continued; one older than [`CHECKPOINT_MAX_AGE_SECS`] is
+/// given up.
 fn current_checkpoints(
     repo: &Repository,
     snapshots: &[(ObjectId, crate::format::snapshot::Snapshot)],
@@ -269,7 +270,25 @@ fn current_checkpoints(
     let latest: HashMap<&str, ObjectId> = snapshots.iter().map(|(id, s)| (s.source.as_str(), *id)).collect();
     let now = crate::util::now_secs();
     let mut kept = Vec::new();
-    for (id, c) in repo.list_checkpoints(None)? {
+    for id in crate::repository::list_ids(&**repo.backend(), names::CHECKPOINTS)? {
+        let c = match repo.load_checkpoint(&id) {
+            Ok(c) => c,
+            Err(Error::Missing { .. }) => continue,
+            // Backups skip a damaged checkpoint, so it can never be continued. (One of a newer format version, or
+            // one that could not be read this time, stays.)
+            Err(e @ Error::Corrupt { .. }) => {
+                report.warnings.push(format!("removing a damaged checkpoint: {e}"));
+                report.checkpoints_removed += 1;
+                if !dry_run {
+                    repo.delete_checkpoint(&id);
+                }
+                continue;
+            }
+            Err(e) => {
+                report.warnings.push(format!("keeping a checkpoint that could not be read: {e}"));
+                continue;
+            }
+        };
         let continuable = c.parent == latest.get(c.source.as_str()).copied();
         if continuable && now - c.time_secs < CHECKPOINT_MAX_AGE_SECS {
             kept.push((id, c));
