@@ -315,14 +315,13 @@ impl MetaPacker {
 /// Each checkpoint replaces the previous one; the last is deleted once the snapshot is saved.
 struct Checkpointer {
     interval: Duration,
-    /// The checkpoint with no segments yet.
-    template: Checkpoint,
     state: Mutex<CheckpointState>,
 }
 
 struct CheckpointState {
     last: Instant,
-    segments: Vec<Vec<SegmentRef>>,
+    /// Every disk's segments assembled so far.
+    checkpoint: Checkpoint,
     saved: Option<ObjectId>,
 }
 
@@ -346,7 +345,7 @@ impl Checkpointer {
                 segments: Vec::new(),
             })
             .collect();
-        let template = Checkpoint {
+        let checkpoint = Checkpoint {
             time_secs: time.0,
             time_nanos: time.1,
             hostname: opts.hostname.clone(),
@@ -355,8 +354,8 @@ impl Checkpointer {
             parent: opts.parent.as_ref().map(|(id, _)| *id),
             disks,
         };
-        let state = CheckpointState { last: Instant::now(), segments: vec![Vec::new(); plans.len()], saved: None };
-        Some(Checkpointer { interval, template, state: Mutex::new(state) })
+        let state = CheckpointState { last: Instant::now(), checkpoint, saved: None };
+        Some(Checkpointer { interval, state: Mutex::new(state) })
     }
 
     /// Disk `disk` has assembled its next segment, `seg` (already in the metadata packer).
@@ -370,17 +369,13 @@ impl Checkpointer {
         seg: SegmentRef,
     ) -> Result<()> {
         let mut st = self.state.lock().unwrap();
-        st.segments[disk].push(seg);
+        st.checkpoint.disks[disk].segments.push(seg);
         if st.last.elapsed() < self.interval {
             return Ok(());
         }
         // The segment blobs first: a checkpoint never names a segment that only this process holds.
         meta.flush(repo, done_tx, counters)?;
-        let mut c = self.template.clone();
-        for (d, segments) in c.disks.iter_mut().zip(&st.segments) {
-            d.segments = segments.clone();
-        }
-        let id = repo.save_checkpoint(&c)?;
+        let id = repo.save_checkpoint(&st.checkpoint)?;
         if let Some(previous) = st.saved.replace(id) {
             repo.delete_checkpoint(&previous);
         }

@@ -230,9 +230,7 @@ fn mark(
             })
             .collect::<Result<_>>()?;
         for ((_, _, seg), ids) in batch.iter().zip(loaded) {
-            // Marking twice is harmless: no lookup before the write.
-            let used = ids.iter().filter(|id| !id.is_zero_block()).chain(std::iter::once(&seg.id));
-            scratch.put_all(MARKED, used.map(|id| (id, &[][..])))?;
+            mark_segment(scratch, seg, &ids)?;
         }
         batch.clear();
         Ok(())
@@ -251,6 +249,12 @@ fn mark(
         }
     }
     flush(&mut batch)
+}
+
+/// Marks a segment blob and the blocks it lists. Marking twice is harmless: no lookup before the write.
+fn mark_segment(scratch: &ScratchDb, seg: &SegmentRef, ids: &[BlobId]) -> Result<()> {
+    let used = ids.iter().filter(|id| !id.is_zero_block()).chain(std::iter::once(&seg.id));
+    scratch.put_all(MARKED, used.map(|id| (id, &[][..])))
 }
 
 /// A checkpoint is not kept longer than this (its VM was perhaps removed after the interrupted backup).
@@ -319,10 +323,7 @@ fn mark_checkpoints(
                     continue;
                 }
                 match load_segment(repo, scratch, seg) {
-                    Ok(ids) => {
-                        let used = ids.iter().filter(|id| !id.is_zero_block()).chain(std::iter::once(&seg.id));
-                        scratch.put_all(MARKED, used.map(|id| (id, &[][..])))?;
-                    }
+                    Ok(ids) => mark_segment(scratch, seg, &ids)?,
                     Err(Error::Missing { .. }) => {}
                     Err(e) => report.warnings.push(format!("checkpoint {} disk {}: {e}", cid.short(), disk.name)),
                 }

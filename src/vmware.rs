@@ -233,6 +233,8 @@ fn backup_snapshot(
             Some((cid, c)) => resume_disk(client, moref, snap, disk, &name, (cid, c), parent_snapshot, &mut source)?,
             None => None,
         };
+        // A resumed disk reads what changed since the checkpoint and what the interrupted backup had not reached.
+        let (mut changed, mut reason, mut resume, mut resumed_from) = (None, None, None, None);
         let mut cbt_failed = None;
         if let Some(r) = resumed {
             tracing::info!("disk {name}: {}", r.description);
@@ -243,56 +245,44 @@ fn backup_snapshot(
                     cbt_failed = Some(mismatch);
                 }
                 None => {
-                    reports.push(DiskReport {
-                        name: name.clone(),
-                        key: disk.key,
-                        mode: "resumed".into(),
-                        reason: r.rest_reason,
-                        resumed_from: Some(r.description),
-                        change_id: disk.change_id.clone(),
-                        transport,
-                    });
-                    jobs.push(DiskJob {
-                        name,
-                        source: Box::new(source),
-                        changed: Some(r.changed),
-                        change_token: (!disk.change_id.is_empty()).then(|| disk.change_id.clone()),
-                        resume: Some(r.base),
-                    });
-                    continue;
+                    (changed, reason, resume, resumed_from) =
+                        (Some(r.changed), r.rest_reason, Some(r.base), Some(r.description))
                 }
             }
         }
-        let (changed, reason) = match cbt_failed.or_else(|| full_read_reason(disk, parent_snapshot, &name)) {
-            Some(reason) => (None, Some(reason)),
-            None => {
-                let parent_token = parent
-                    .as_ref()
-                    .and_then(|(_, p)| p.disk(&name))
-                    .and_then(|d| d.change_token.clone())
-                    .expect("checked by full_read_reason");
-                let areas = client.query_changed_disk_areas(moref, snap, disk.key, &parent_token, disk.capacity)?;
-                let parent_disk = parent.as_ref().and_then(|(_, p)| p.disk(&name)).expect("checked above");
-                match verify_cbt(repo, &cache, &mut source, parent_disk, &areas, opts.verify_cbt_fraction)? {
-                    None => (Some(areas), None),
-                    Some(mismatch) => {
-                        tracing::error!("disk {name}: {mismatch}; reading the whole disk");
-                        (None, Some(mismatch))
+        if resume.is_none() {
+            (changed, reason) = match cbt_failed.or_else(|| full_read_reason(disk, parent_snapshot, &name)) {
+                Some(reason) => (None, Some(reason)),
+                None => {
+                    let parent_disk = parent_snapshot.and_then(|p| p.disk(&name)).expect("checked by full_read_reason");
+                    let parent_token = parent_disk.change_token.as_deref().expect("checked by full_read_reason");
+                    let areas = client.query_changed_disk_areas(moref, snap, disk.key, parent_token, disk.capacity)?;
+                    match verify_cbt(repo, &cache, &mut source, parent_disk, &areas, opts.verify_cbt_fraction)? {
+                        None => (Some(areas), None),
+                        Some(mismatch) => {
+                            tracing::error!("disk {name}: {mismatch}; reading the whole disk");
+                            (None, Some(mismatch))
+                        }
                     }
                 }
-            }
-        };
-        if let Some(r) = &reason {
-            if parent.is_some() {
-                tracing::warn!("disk {name}: reading in full: {r}");
+            };
+            if let Some(r) = &reason {
+                if parent.is_some() {
+                    tracing::warn!("disk {name}: reading in full: {r}");
+                }
             }
         }
+        let mode = match (&resume, &changed) {
+            (Some(_), _) => "resumed",
+            (None, Some(_)) => "incremental",
+            (None, None) => "full",
+        };
         reports.push(DiskReport {
             name: name.clone(),
             key: disk.key,
-            mode: if changed.is_some() { "incremental" } else { "full" }.into(),
+            mode: mode.into(),
             reason,
-            resumed_from: None,
+            resumed_from,
             change_id: disk.change_id.clone(),
             transport,
         });
@@ -301,7 +291,7 @@ fn backup_snapshot(
             source: Box::new(source),
             changed,
             change_token: (!disk.change_id.is_empty()).then(|| disk.change_id.clone()),
-            resume: None,
+            resume,
         });
     }
     backup_opts.parent = parent;
@@ -346,8 +336,10 @@ fn resume_disk(
     use crate::source::DiskSource;
     let Some(cd) = c.disk(name).filter(|cd| !cd.segments.is_empty()) else { return Ok(None) };
     let Some(token) = cd.change_token.as_deref().filter(|t| !t.is_empty()) else { return Ok(None) };
-    let uuid = |c: &str| c.split('/').next().unwrap_or("").to_string();
-    if disk.change_id.is_empty() || uuid(token) != uuid(&disk.change_id) || cd.capacity != disk.capacity {
+    if disk.change_id.is_empty()
+        || change_id_uuid(token) != change_id_uuid(&disk.change_id)
+        || cd.capacity != disk.capacity
+    {
         tracing::warn!(
             "disk {name}: not continuing checkpoint {}: change tracking was reset or the disk resized",
             cid.short()
@@ -411,6 +403,11 @@ fn resume_disk(
     Ok(Some(ResumedDisk { changed, base, rest_reason, description }))
 }
 
+/// The UUID part of a changeId (`<uuid>/<sequence>`): it changes when change tracking is reset.
+fn change_id_uuid(change_id: &str) -> &str {
+    change_id.split('/').next().unwrap_or("")
+}
+
 /// Why disk `name` must be read in full, or `None` if its changes since the parent can be asked for.
 fn full_read_reason(disk: &VirtualDiskInfo, parent: Option<&Snapshot>, name: &str) -> Option<String> {
     let Some(parent) = parent else { return Some("no earlier backup of this VM".into()) };
@@ -421,8 +418,7 @@ fn full_read_reason(disk: &VirtualDiskInfo, parent: Option<&Snapshot>, name: &st
     let Some(token) = pd.change_token.as_deref().filter(|t| !t.is_empty()) else {
         return Some("the last backup recorded no changeId for this disk".into());
     };
-    let uuid = |c: &str| c.split('/').next().unwrap_or("").to_string();
-    if uuid(token) != uuid(&disk.change_id) {
+    if change_id_uuid(token) != change_id_uuid(&disk.change_id) {
         return Some(format!("change tracking was reset (changeId {token} then, {} now)", disk.change_id));
     }
     if pd.capacity != disk.capacity {

@@ -56,6 +56,9 @@ struct Fns {
 type Job = Box<dyn FnOnce() + Send>;
 
 /// The loaded, initialized library (one per process).
+/// The identity `PrepareForAccess` and `EndAccess` are called with: one process may end another's access.
+const IDENTITY: &std::ffi::CStr = c"diskvault";
+
 pub struct Library {
     fns: Fns,
     path: PathBuf,
@@ -482,7 +485,6 @@ impl Disk {
         let opened = lib.on_owner(move || {
             let raw = raw;
             let params = raw.0 as *const ffi::ConnectParams;
-            let identity = c"diskvault";
             let mut out = OpenSteps {
                 prepared: false,
                 connection: Ptr(std::ptr::null_mut()),
@@ -493,7 +495,7 @@ impl Disk {
             // SAFETY: every pointer is valid for the call; out-parameters are written by the library.
             unsafe {
                 if let Some(prepare) = fns.0 {
-                    let e = prepare(params, identity.as_ptr());
+                    let e = prepare(params, IDENTITY.as_ptr());
                     if e != ffi::VIX_OK {
                         out.error = Some(("VixDiskLib_PrepareForAccess", e));
                         return out;
@@ -744,7 +746,7 @@ pub fn end_abandoned_access(lib: &Arc<Library>, target: &DiskTarget) -> Result<(
     let e = lib.on_owner(move || {
         let raw = raw;
         // SAFETY: the parameters outlive the call.
-        unsafe { end(raw.0 as *const ffi::ConnectParams, c"diskvault".as_ptr()) }
+        unsafe { end(raw.0 as *const ffi::ConnectParams, IDENTITY.as_ptr()) }
     });
     drop(params);
     if e != ffi::VIX_OK {
@@ -886,7 +888,7 @@ impl Drop for Disk {
                 }
                 if prepared {
                     if let Some(end) = fns.2 {
-                        let e = end(raw.0 as *const ffi::ConnectParams, c"diskvault".as_ptr());
+                        let e = end(raw.0 as *const ffi::ConnectParams, IDENTITY.as_ptr());
                         if e != ffi::VIX_OK {
                             errors.push(("VixDiskLib_EndAccess", e));
                         }
