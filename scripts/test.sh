@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# Space matters: the S3 server refuses writes on a filesystem with little space left (see tests/common/s3.rs).
+df -h . "${TMPDIR:-/tmp}" /dev/shm 2>/dev/null || true
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

