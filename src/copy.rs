@@ -56,6 +56,8 @@ pub struct Copied {
     /// The copy, in the destination.
     pub id: ObjectId,
     pub snapshot: Snapshot,
+    /// Ranged reads of the source's packs it took (one request each on S3; delta bases not counted).
+    pub source_reads: u64,
 }
 
 /// The destination's copies by the id of their originals.
@@ -145,9 +147,10 @@ pub fn copy(
         o.uploaders = opts.uploaders;
         o.delta = opts.delta;
         tracing::info!("copying snapshot {} of {}", from.short(), snap.source);
+        let reads_before = exports.pack_reads();
         let (id, snapshot) = crate::backup::run(dest, dest_cache.clone(), jobs, &o, counters)?;
         session.ensure_held()?;
-        let c = Copied { from, id, snapshot };
+        let c = Copied { from, id, snapshot, source_reads: exports.pack_reads() - reads_before };
         copied(&c);
         done.insert(from, (c.id, c.snapshot.clone()));
         out.push(c);

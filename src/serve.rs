@@ -66,6 +66,8 @@ struct Shared {
     blobs: BlobCache,
     /// Index syncs serialized: a lookup miss may mean a snapshot newer than the last sync.
     sync_lock: Mutex<()>,
+    /// Ranged reads of packs made so far (delta bases not counted).
+    pack_reads: std::sync::atomic::AtomicU64,
 }
 
 pub struct RepositoryExports {
@@ -86,6 +88,7 @@ impl RepositoryExports {
                 cache,
                 blobs,
                 sync_lock: Mutex::new(()),
+                pack_reads: Default::default(),
             }),
             opts,
             open: Mutex::new(HashMap::new()),
@@ -151,6 +154,12 @@ impl RepositoryExports {
     /// The repository the exports read.
     pub fn repository(&self) -> &Repository {
         &self.shared.repo
+    }
+
+    /// Ranged reads of packs made so far by all exports (each one request to the storage; reads of delta
+    /// bases are not counted).
+    pub fn pack_reads(&self) -> u64 {
+        self.shared.pack_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A reader of `disk` of snapshot `id` fetching `readahead` blocks per miss, sharing the blob cache (not
@@ -246,15 +255,8 @@ impl SnapshotDisk {
         }
         let blocks = self.manifest.capacity.div_ceil(self.block_size());
         let mut wanted: Vec<(u64, BlobId)> = vec![(block, id)];
-        let mut seen = HashSet::from([id]);
-        for b in block + 1..(block + self.readahead).min(blocks) {
-            let Ok(next) = self.block_id(b) else { break };
-            if next.is_zero_block() || !seen.insert(next) || !self.shared.blobs.try_claim(&next) {
-                continue;
-            }
-            wanted.push((b, next));
-        }
-        let result = self.fetch_claimed(block, id, &wanted);
+        self.claim(block + 1..(block + self.readahead).min(blocks), &mut wanted);
+        let result = self.fetch_claimed(Some((block, id)), &wanted);
         // Whatever was not fetched is released, so that waiting readers try themselves.
         for (_, bid) in &wanted {
             self.shared.blobs.abandon(bid);
@@ -262,7 +264,39 @@ impl SnapshotDisk {
         result
     }
 
-    fn fetch_claimed(&self, block: u64, id: BlobId, wanted: &[(u64, BlobId)]) -> Result<()> {
+    /// Fetches the blobs of `blocks` that are neither cached nor being fetched, in as few ranged reads as their
+    /// places in the packs allow (blocks far apart on the disk are often neighbours in a pack: an incremental
+    /// backup stores its changed blocks together). Errors are left to the reads of the blocks themselves.
+    pub fn prefetch_blocks(&self, blocks: impl IntoIterator<Item = u64>) {
+        if self.shared.session_lost.as_ref().is_some_and(|l| l.load(std::sync::atomic::Ordering::SeqCst)) {
+            return;
+        }
+        let mut wanted = Vec::new();
+        self.claim(blocks, &mut wanted);
+        if let Err(e) = self.fetch_claimed(None, &wanted) {
+            tracing::debug!("prefetch of {} blocks: {e}", wanted.len());
+        }
+        for (_, bid) in &wanted {
+            self.shared.blobs.abandon(bid);
+        }
+    }
+
+    /// Claims, into `wanted`, the blobs of `blocks` that are not all-zero, not in `wanted` already, and neither
+    /// cached nor being fetched by another reader.
+    fn claim(&self, blocks: impl IntoIterator<Item = u64>, wanted: &mut Vec<(u64, BlobId)>) {
+        let mut seen: HashSet<BlobId> = wanted.iter().map(|(_, id)| *id).collect();
+        for b in blocks {
+            let Ok(next) = self.block_id(b) else { break };
+            if next.is_zero_block() || !seen.insert(next) || !self.shared.blobs.try_claim(&next) {
+                continue;
+            }
+            wanted.push((b, next));
+        }
+    }
+
+    /// Fetches the claimed `wanted` blobs into the cache. A failure to fetch `primary` (the block a reader
+    /// waits for) is the error; the others' are left to their own reads.
+    fn fetch_claimed(&self, primary: Option<(u64, BlobId)>, wanted: &[(u64, BlobId)]) -> Result<()> {
         let shared = &self.shared;
         let mut by_pack: HashMap<ObjectId, HashMap<BlobId, Want>> = HashMap::new();
         let mut unlocated = Vec::new();
@@ -274,19 +308,21 @@ impl SnapshotDisk {
                 None => unlocated.push(*bid),
             }
         }
-        if unlocated.contains(&id) {
+        if let Some((block, id)) = primary.filter(|(_, id)| unlocated.contains(id)) {
             return Err(Error::corrupt(
                 format!("blob {id}"),
                 format!("block {block} of disk {} is not in any index file (lost pack?)", self.manifest.name),
             ));
         }
+        let id = primary.map(|(_, id)| id);
         let mut first_error = None;
         let bases = Bases::new(&*shared.cache);
         for job in plan_reads(by_pack) {
-            let holds_id = job.wants.iter().any(|w| w.entry.id == id);
+            let holds_id = job.wants.iter().any(|w| Some(w.entry.id) == id);
+            shared.pack_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let fetched = fetch_blobs(&shared.repo, &bases, &job, &mut Vec::new(), None, |want, result| match result {
                 Ok(plain) => shared.blobs.insert(want.entry.id, Arc::new(plain)),
-                Err(cause) if want.entry.id == id => {
+                Err(cause) if Some(want.entry.id) == id => {
                     first_error = Some(Error::corrupt(crate::format::names::pack(&job.pack), cause))
                 }
                 Err(_) => {}

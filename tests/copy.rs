@@ -104,6 +104,34 @@ fn copies_restore_bit_exact_build_on_earlier_copies_and_are_made_once() {
     assert!(dest.restore(copied[0]["snapshot"].as_str().unwrap(), &[]) == day2);
 }
 
+/// An incremental copy fetches the changed blocks, scattered over the disk but neighbours in the source's
+/// packs, in batches: a few ranged reads (GETs on S3), not one per block.
+#[test]
+fn an_incremental_copy_reads_scattered_changes_in_few_requests() {
+    let src = Env::with_repo();
+    let dest = destination();
+    let day0 = random_bytes(11, 96 * MIB);
+    let mut day1 = day0.clone();
+    for k in 0..24 {
+        let b = 4 * k + 1;
+        day1[b * MIB..(b + 1) * MIB].copy_from_slice(&random_bytes(100 + k as u64, MIB));
+    }
+    backup(&src, "vm1", &day0, &[]);
+    let s1 = backup(&src, "vm1", &day1, &[]);
+
+    let r = copy(&dest, &src, &src.password, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report = r.json();
+    let copied = report["copied"].as_array().unwrap();
+    let c1 = copied.iter().find(|c| c["from"] == s1.as_str()).expect("day 1 copied");
+    assert_eq!(c1["bytes_read"], 24 * MIB as u64, "the copy read other blocks than the changed ones: {report}");
+    let reads = c1["source_reads"].as_u64().unwrap();
+    // 24 MiB of incompressible blocks lie in two packs of the source: batches of 8 make 3 reads, 4 if a batch
+    // straddles the packs, a few more if the copy's reader overtakes the fetcher.
+    assert!((1..=8).contains(&reads), "24 changed blocks took {reads} reads of the source's packs: {report}");
+    assert!(dest.restore(c1["snapshot"].as_str().unwrap(), &[]) == day1, "the incremental copy restores other bytes");
+}
+
 #[test]
 fn bad_sources_are_refused_and_leave_the_destination_as_it_was() {
     let src = Env::with_repo();

@@ -97,6 +97,13 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
         let added: u64 = copied.iter().map(|c| c.snapshot.summary.bytes_added).sum();
         gauge("diskvault_copy_bytes_read", "Bytes of disk data read from the source repository.", &[], read as f64);
         gauge("diskvault_copy_bytes_added", "Bytes added to this repository.", &[], added as f64);
+        let reads: u64 = copied.iter().map(|c| c.source_reads).sum();
+        gauge(
+            "diskvault_copy_source_reads",
+            "Ranged reads of the source repository's packs (requests on S3; delta bases not counted).",
+            &[],
+            reads as f64,
+        );
     }
     if json {
         let v = serde_json::json!({
@@ -108,6 +115,7 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
                 "parent": c.snapshot.parent.map(|p| p.hex()),
                 "bytes_read": c.snapshot.summary.bytes_read,
                 "bytes_added": c.snapshot.summary.bytes_added,
+                "source_reads": c.source_reads,
             })).collect::<Vec<_>>(),
             "already_copied": skipped,
         });
@@ -125,12 +133,13 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
 fn print_copied(c: &Copied) {
     let s = &c.snapshot;
     println!(
-        "copied {} -> {}  {}  {}: read {}, added {}",
+        "copied {} -> {}  {}  {}: read {} in {}, added {}",
         c.from.short(),
         c.id.short(),
         format_utc(s.time_secs),
         s.source,
         human_bytes(s.summary.bytes_read),
+        crate::util::count(c.source_reads as usize, "request"),
         human_bytes(s.summary.bytes_added)
     );
 }

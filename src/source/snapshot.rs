@@ -2,7 +2,10 @@
 //! [`SnapshotDisk`], which fetches, decrypts and decompresses blobs with read-ahead.
 //!
 //! Once the backup says which blocks it will read, a thread fetches them a little ahead of the reader, so
-//! fetching and decompressing overlap with the reading thread and the pipeline behind it.
+//! fetching and decompressing overlap with the reading thread and the pipeline behind it. It fetches the plan's
+//! blocks in batches, wherever they lie on the disk: the changed blocks of an incremental copy are scattered
+//! over the disk but mostly neighbours in the source's packs, so a batch is usually one ranged read (one GET
+//! on S3) rather than one per block.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,9 +17,12 @@ use crate::serve::SnapshotDisk;
 
 use super::{BlockRanges, DiskSource, Extent};
 
-/// How far (in blocks) the fetching thread may run ahead of the reader: with the disk's read-ahead on top,
-/// what it fetched must still be in the blob cache when the reader gets there.
-const LEAD_BLOCKS: u64 = 8;
+/// How many blocks the fetching thread fetches at a time, and how far (in blocks of the plan) it may run ahead
+/// of the reader: two batches, so that the next batch is claimed before the reader is through the last one
+/// (else the reader would fetch blocks itself, one request each); and what it fetched must still be in the
+/// blob cache (32 MiB for `copy`) when the reader gets there.
+const FETCH_BATCH: usize = 8;
+const LEAD_BLOCKS: u64 = 2 * FETCH_BATCH as u64;
 
 pub struct SnapshotSource {
     disk: Arc<SnapshotDisk>,
@@ -69,30 +75,60 @@ impl DiskSource for SnapshotSource {
         Ok(self.allocated.clone())
     }
 
-    fn will_read(&mut self, blocks: &BlockRanges, block_size: u64) {
-        let ranges = blocks.ranges().to_vec();
+    fn will_read(&mut self, blocks: &BlockRanges, _block_size: u64) {
+        let plan = blocks.clone();
+        let ranks = Ranks::new(&plan);
         let (disk, position, stop) = (self.disk.clone(), self.position.clone(), self.stop.clone());
-        let (step, capacity) = (self.disk.readahead(), self.disk.manifest().capacity);
         let fetch = move || {
-            for r in ranges {
-                let mut block = r.start;
-                while block < r.end {
-                    // Polling: a block takes a millisecond or more to fetch and decompress.
-                    while block >= position.load(Ordering::Relaxed) + LEAD_BLOCKS && !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let start = block * block_size;
-                    let end = ((block + step).min(r.end) * block_size).min(capacity);
-                    // Errors are the reader's to report, when it reads the block itself.
-                    disk.prefetch(start, end - start);
-                    block += step;
+            let mut planned = plan.iter();
+            let mut fetched = 0u64;
+            loop {
+                let batch: Vec<u64> = planned.by_ref().take(FETCH_BATCH).collect();
+                if batch.is_empty() {
+                    return;
                 }
+                // Polling: a block takes a millisecond or more to fetch and decompress.
+                while fetched >= ranks.of(position.load(Ordering::Relaxed)) + LEAD_BLOCKS
+                    && !stop.load(Ordering::Relaxed)
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                fetched += batch.len() as u64;
+                disk.prefetch_blocks(batch);
             }
         };
         self.fetcher = std::thread::Builder::new().name("copy-fetch".into()).spawn(fetch).ok();
+    }
+}
+
+/// The number of planned blocks before a block: how far along the plan the reader is.
+struct Ranks(Vec<(std::ops::Range<u64>, u64)>);
+
+impl Ranks {
+    fn new(plan: &BlockRanges) -> Self {
+        let mut before = 0;
+        Ranks(
+            plan.ranges()
+                .iter()
+                .map(|r| {
+                    before += r.end - r.start;
+                    (r.clone(), before - (r.end - r.start))
+                })
+                .collect(),
+        )
+    }
+
+    fn of(&self, block: u64) -> u64 {
+        match self.0.partition_point(|(r, _)| r.start <= block) {
+            0 => 0,
+            i => {
+                let (r, before) = &self.0[i - 1];
+                before + block.min(r.end) - r.start
+            }
+        }
     }
 }
 
@@ -102,5 +138,22 @@ impl Drop for SnapshotSource {
         if let Some(t) = self.fetcher.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_count_the_planned_blocks_before_a_block() {
+        let mut plan = BlockRanges::default();
+        plan.add_all([2..5, 10..11, 20..24]);
+        let ranks = Ranks::new(&plan);
+        let expected = [(0, 0), (2, 0), (3, 1), (5, 3), (9, 3), (10, 3), (11, 4), (20, 4), (23, 7), (24, 8), (99, 8)];
+        for (block, rank) in expected {
+            assert_eq!(ranks.of(block), rank, "block {block}");
+        }
+        assert_eq!(Ranks::new(&BlockRanges::default()).of(7), 0);
     }
 }
