@@ -245,7 +245,7 @@ impl SnapshotDisk {
     /// Fetches blob `id` (of `block`) and, in the same ranged reads, the following blocks' blobs that are
     /// neither cached nor being fetched. `id` is claimed by the caller; the others are claimed here.
     fn fetch_from(&self, block: u64, id: BlobId) -> Result<()> {
-        if self.shared.session_lost.as_ref().is_some_and(|l| l.load(std::sync::atomic::Ordering::SeqCst)) {
+        if self.session_lost() {
             self.shared.blobs.abandon(&id);
             return Err(Error::Locked(
                 "serve's session marker expired (not refreshed in time), so a prune may have moved data: \
@@ -257,10 +257,7 @@ impl SnapshotDisk {
         let mut wanted: Vec<(u64, BlobId)> = vec![(block, id)];
         self.claim(block + 1..(block + self.readahead).min(blocks), &mut wanted);
         let result = self.fetch_claimed(Some((block, id)), &wanted);
-        // Whatever was not fetched is released, so that waiting readers try themselves.
-        for (_, bid) in &wanted {
-            self.shared.blobs.abandon(bid);
-        }
+        self.release(&wanted);
         result
     }
 
@@ -268,7 +265,7 @@ impl SnapshotDisk {
     /// places in the packs allow (blocks far apart on the disk are often neighbours in a pack: an incremental
     /// backup stores its changed blocks together). Errors are left to the reads of the blocks themselves.
     pub fn prefetch_blocks(&self, blocks: impl IntoIterator<Item = u64>) {
-        if self.shared.session_lost.as_ref().is_some_and(|l| l.load(std::sync::atomic::Ordering::SeqCst)) {
+        if self.session_lost() {
             return;
         }
         let mut wanted = Vec::new();
@@ -276,7 +273,17 @@ impl SnapshotDisk {
         if let Err(e) = self.fetch_claimed(None, &wanted) {
             tracing::debug!("prefetch of {} blocks: {e}", wanted.len());
         }
-        for (_, bid) in &wanted {
+        self.release(&wanted);
+    }
+
+    /// Whether the caller's session marker was lost (blobs may then have been moved by a prune).
+    fn session_lost(&self) -> bool {
+        self.shared.session_lost.as_ref().is_some_and(|l| l.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Releases the claims of `wanted`: whatever was not fetched, waiting readers then fetch themselves.
+    fn release(&self, wanted: &[(u64, BlobId)]) {
+        for (_, bid) in wanted {
             self.shared.blobs.abandon(bid);
         }
     }
