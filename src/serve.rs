@@ -7,9 +7,15 @@
 //! costs one storage request per few MiB. Plaintext blobs live in a byte-bounded LRU shared by all exports;
 //! blobs being fetched are marked in flight, so concurrent readers wait for them instead of fetching twice.
 //!
-//! With `writable`, each export gets a copy-on-write overlay: a sparse local file (unlinked at creation, so it
-//! disappears with the process) holding every 1 MiB block written so far, copied up from the snapshot on first
-//! write. The repository is never written.
+//! With `writable`, each export gets a copy-on-write overlay: a sparse local file holding every 1 MiB block
+//! written so far, copied up from the snapshot on first write. The repository is never written. By default
+//! the file is unlinked at creation, so it disappears with the process. With `keep_overlays` it is kept as
+//! `diskvault-overlay-<snapshot id>-<hex of the disk name>` in the overlay directory, with a map of the blocks
+//! it holds next to it (`….map`), and the next serve of the same disk continues it: a VM booted from a backup
+//! keeps what it wrote across a restart of serve. The map is saved when a client flushes (after the data is
+//! synced) and when serve stops, so whatever a flush acknowledged survives even a killed server, as a disk
+//! promises. Map file (local, not a repository object): `b"DVOVMAP1"`, capacity u64 LE, block size u64 LE,
+//! one bit per block in u64 LE words (block k is bit k%64 of word k/64), then the BLAKE3 hash of all that.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -31,6 +37,8 @@ pub struct ServeOptions {
     pub writable: bool,
     /// Where overlay files are created.
     pub overlay_dir: PathBuf,
+    /// Keep overlays in `overlay_dir` and continue them when the same disk is served again.
+    pub keep_overlays: bool,
     /// Bytes of decrypted blobs kept in memory, shared by all exports.
     pub cache_bytes: u64,
     /// Blocks fetched ahead of a read that misses the cache.
@@ -49,6 +57,7 @@ impl Default for ServeOptions {
         ServeOptions {
             writable: false,
             overlay_dir: std::env::temp_dir(),
+            keep_overlays: false,
             cache_bytes: 256 << 20,
             readahead_blocks: 16,
             snapshots: Vec::new(),
@@ -156,6 +165,13 @@ impl RepositoryExports {
         &self.shared.repo
     }
 
+    /// Makes every open export's overlay durable (see [`Device::flush`]): serve calls it when it stops.
+    pub fn flush_all(&self) -> Result<()> {
+        let open: Vec<Arc<SnapshotDisk>> =
+            self.open.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        open.iter().try_for_each(|d| d.flush())
+    }
+
     /// Ranged reads of packs made so far by all exports (each one request to the storage; reads of delta
     /// bases are not counted).
     pub fn pack_reads(&self) -> u64 {
@@ -166,10 +182,11 @@ impl RepositoryExports {
     /// listed among the exports; `copy` reads disks this way).
     pub fn disk(&self, id: &ObjectId, disk: &DiskManifest, readahead: u64) -> Result<SnapshotDisk> {
         disk.validate().map_err(|e| Error::corrupt(format!("snapshot {}", id.short()), e))?;
-        let overlay = if self.opts.writable {
-            Some(Overlay::create(&self.opts.overlay_dir, disk.capacity, disk.block_size as u64)?)
-        } else {
-            None
+        let (dir, bs) = (&self.opts.overlay_dir, disk.block_size as u64);
+        let overlay = match (self.opts.writable, self.opts.keep_overlays) {
+            (false, _) => None,
+            (true, false) => Some(Overlay::create(dir, disk.capacity, bs)?),
+            (true, true) => Some(Overlay::open_kept(dir, id, &disk.name, disk.capacity, bs)?),
         };
         Ok(SnapshotDisk {
             shared: self.shared.clone(),
@@ -418,7 +435,7 @@ impl Device for SnapshotDisk {
 
     fn flush(&self) -> Result<()> {
         match &self.overlay {
-            Some(o) => o.file.sync_data().map_err(|e| Error::local(&o.path, e)),
+            Some(o) => o.flush(),
             None => Ok(()),
         }
     }
@@ -460,7 +477,11 @@ struct Overlay {
     present: Mutex<Vec<u64>>,
     /// Writes (with their copy-ups) one at a time: a copy-up must not overwrite a concurrent write's bytes.
     write_lock: Mutex<()>,
+    /// A kept overlay's map file, and the disk's capacity and block size it records.
+    map: Option<(PathBuf, u64, u64)>,
 }
+
+const OVERLAY_MAP_MAGIC: &[u8; 8] = b"DVOVMAP1";
 
 impl Overlay {
     fn create(dir: &Path, capacity: u64, block_size: u64) -> Result<Overlay> {
@@ -482,7 +503,88 @@ impl Overlay {
             path,
             present: Mutex::new(vec![0; blocks.div_ceil(64) as usize]),
             write_lock: Mutex::new(()),
+            map: None,
         })
+    }
+
+    /// The kept overlay of `disk` of `snapshot` in `dir`, continued if it exists (see the module docs).
+    fn open_kept(dir: &Path, snapshot: &ObjectId, disk: &str, capacity: u64, block_size: u64) -> Result<Overlay> {
+        let path = dir.join(format!("diskvault-overlay-{}-{}", snapshot.hex(), hex::encode(disk)));
+        let map_path = path.with_extension("map");
+        let words = capacity.div_ceil(block_size).div_ceil(64) as usize;
+        let present = match std::fs::read(&map_path) {
+            Ok(bytes) => Self::decode_map(&bytes, capacity, block_size, words)
+                .map_err(|e| Error::local(&map_path, format!("overlay map: {e}")))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![0; words],
+            Err(e) => return Err(Error::local(&map_path, format!("overlay map: {e}"))),
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::local(&path, format!("cannot open the overlay: {e}")))?;
+        file.set_len(capacity).map_err(|e| Error::local(&path, e))?;
+        let kept = present.iter().map(|w| w.count_ones()).sum::<u32>();
+        if kept > 0 {
+            tracing::info!("{}: continuing an overlay of {kept} written blocks", path.display());
+        }
+        Ok(Overlay {
+            file,
+            path,
+            present: Mutex::new(present),
+            write_lock: Mutex::new(()),
+            map: Some((map_path, capacity, block_size)),
+        })
+    }
+
+    fn decode_map(bytes: &[u8], capacity: u64, block_size: u64, words: usize) -> std::result::Result<Vec<u64>, String> {
+        let body_len = 24 + words * 8;
+        if bytes.len() != body_len + 32 {
+            return Err(format!("{} bytes where {} were expected", bytes.len(), body_len + 32));
+        }
+        let (body, hash) = bytes.split_at(body_len);
+        if blake3::hash(body).as_bytes() != hash || &body[..8] != OVERLAY_MAP_MAGIC {
+            return Err("damaged (checksum or magic)".into());
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8 bytes"));
+        if (u64_at(8), u64_at(16)) != (capacity, block_size) {
+            return Err(format!(
+                "made for a disk of {} bytes in blocks of {}, not {capacity} in blocks of {block_size}",
+                u64_at(8),
+                u64_at(16)
+            ));
+        }
+        Ok((0..words).map(|k| u64_at(24 + 8 * k)).collect())
+    }
+
+    /// Makes the writes so far durable: the data, then (for a kept overlay) the map naming it.
+    fn flush(&self) -> Result<()> {
+        // The map saved is the one from before the sync: a block marked since may not have its copied-up
+        // bytes on disk yet, and must not be named.
+        let present = self.present.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.file.sync_data().map_err(|e| Error::local(&self.path, e))?;
+        let Some((map_path, capacity, block_size)) = &self.map else { return Ok(()) };
+        let mut body = Vec::new();
+        body.extend_from_slice(OVERLAY_MAP_MAGIC);
+        body.extend_from_slice(&capacity.to_le_bytes());
+        body.extend_from_slice(&block_size.to_le_bytes());
+        for w in present {
+            body.extend_from_slice(&w.to_le_bytes());
+        }
+        let hash = blake3::hash(&body);
+        body.extend_from_slice(hash.as_bytes());
+        // Replaced atomically: a crash leaves the previous map or this one.
+        let tmp = map_path.with_extension("map.tmp");
+        let save = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &body)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, map_path)?;
+            File::open(map_path.parent().unwrap_or(Path::new(".")))?.sync_all()
+        };
+        save().map_err(|e| Error::local(map_path, format!("saving the overlay map: {e}")))
     }
 
     fn has(&self, block: u64) -> bool {

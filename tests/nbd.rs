@@ -457,6 +457,68 @@ fn writable_overlay_keeps_the_repository_untouched() {
         .any(|e| e.file_name().to_string_lossy().starts_with("diskvault-overlay")));
 }
 
+/// With --keep-overlays, what a VM booted from a backup wrote stays across restarts of serve: writes a client
+/// flushed survive even a killed server; the repository is untouched; a damaged map is refused, not ignored.
+#[test]
+fn kept_overlays_survive_a_restart_and_a_killed_server() {
+    let env = Env::with_repo();
+    let (v, id) = backed_up_disk(&env, 4);
+    let objects_before = stored_objects(&env);
+    let dir = env.path("overlays");
+    std::fs::create_dir(&dir).unwrap();
+    let args = ["--writable", "--overlay-dir", dir.to_str().unwrap(), "--keep-overlays"];
+    let export = format!("{}/d0", &id[..8]);
+    let qemu_io = |uri: &str, cmd: &str| run_tool(tool("qemu-io").args(["-f", "raw", "-c", cmd, uri]));
+    let read_all = |uri: &str| {
+        let out = env.path("read.raw");
+        run_tool(tool("qemu-img").args(["convert", "-f", "raw", "-O", "raw", uri]).arg(&out));
+        std::fs::read(&out).unwrap()
+    };
+
+    // qemu-io flushes when it closes the disk; then serve is killed (SIGKILL, no chance to save more).
+    let serve = Serve::start(&env, &args);
+    let patch = random_bytes(12, 10_000);
+    write(&env.path("patch.bin"), &patch);
+    qemu_io(&serve.uri(&export), &format!("write -s {} {} 10000", env.path("patch.bin").display(), 3 * MIB - 5000));
+    qemu_io(&serve.uri(&export), &format!("write -P 0x5a {} 4096", 12 * MIB));
+    drop(serve);
+    let mut want = v.clone();
+    want[3 * MIB - 5000..3 * MIB + 5000].copy_from_slice(&patch);
+    want[12 * MIB..12 * MIB + 4096].fill(0x5a);
+    let serve = Serve::start(&env, &args);
+    assert!(read_all(&serve.uri(&export)) == want, "the flushed writes did not survive a killed serve");
+
+    // More writes, a clean stop, a third start: all of it is there.
+    qemu_io(&serve.uri(&export), &format!("write -P 0x6b {} 1000", v.len() - 1000));
+    serve.stop();
+    let tail = want.len() - 1000;
+    want[tail..].fill(0x6b);
+    let serve = Serve::start(&env, &args);
+    assert!(read_all(&serve.uri(&export)) == want, "the overlay was not continued after a clean stop");
+    serve.stop();
+
+    // Without --keep-overlays the disk is the snapshot again; the repository never changed.
+    let serve = Serve::start(&env, &args[..3]);
+    assert!(read_all(&serve.uri(&export)) == v, "a temporary overlay saw a kept one");
+    serve.stop();
+    assert_eq!(stored_objects(&env), objects_before);
+    assert!(env.restore(&id, &[]) == v);
+
+    // A damaged map: the export cannot be opened (rather than silently serving the snapshot's old bytes).
+    let map =
+        std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).find(|p| p.extension() == Some("map".as_ref()));
+    let map = map.expect("a kept overlay has a map file");
+    let mut bytes = std::fs::read(&map).unwrap();
+    bytes[30] ^= 1;
+    write(&map, &bytes);
+    let serve = Serve::start(&env, &args);
+    let out = env.path("refused.raw");
+    let r =
+        tool("qemu-img").args(["convert", "-f", "raw", "-O", "raw", &serve.uri(&export)]).arg(&out).output().unwrap();
+    assert!(!r.status.success(), "an export with a damaged overlay map was served");
+    serve.stop();
+}
+
 /// A client speaking NBD by hand, to send what real clients never do.
 struct RawClient(UnixStream);
 

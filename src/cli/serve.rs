@@ -24,12 +24,16 @@ pub struct ServeArgs {
     #[arg(long)]
     name: Option<String>,
     /// Accept writes: each export gets a local copy-on-write overlay (the repository is never written;
-    /// the overlay is discarded when serve exits).
+    /// the overlay is discarded when serve exits, unless --keep-overlays).
     #[arg(long)]
     writable: bool,
     /// Directory for the overlay files of --writable.
     #[arg(long, value_name = "DIR")]
     overlay_dir: Option<PathBuf>,
+    /// Keep the overlays of --writable in --overlay-dir, and continue them when serve serves the same disks
+    /// again (writes a client flushed survive a restart or a crash of serve). Delete the files to discard.
+    #[arg(long, requires_all = ["writable", "overlay_dir"])]
+    keep_overlays: bool,
     /// Memory for decrypted blocks, shared by all exports.
     #[arg(long, default_value = "256M", value_parser = super::prune::parse_size)]
     cache_size: u64,
@@ -81,6 +85,7 @@ pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
     let opts = ServeOptions {
         writable: args.writable,
         overlay_dir: args.overlay_dir.clone().unwrap_or_else(std::env::temp_dir),
+        keep_overlays: args.keep_overlays,
         cache_bytes: args.cache_size,
         readahead_blocks: args.readahead,
         snapshots,
@@ -153,11 +158,13 @@ pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
 
     let signal = wait_for_signal(&signals);
     tracing::info!("signal {signal}: stopping");
+    // Kept overlays record what they hold; an error here is the exit status.
+    let flushed = clients.exports.flush_all();
     if let Some(p) = socket_path {
         let _ = std::fs::remove_file(p);
     }
     drop(session);
-    Ok(())
+    flushed
 }
 
 fn spawn_client(stream: Box<dyn Stream>, peer: String, clients: &Arc<Clients>) {
