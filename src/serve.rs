@@ -680,3 +680,33 @@ impl BlobCache {
         self.fetched.notify_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_overlay_is_continued_only_for_the_disk_it_was_made_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot = ObjectId::of_file(b"a snapshot");
+        let (capacity, bs) = (130 << 20, 1 << 20);
+        let o = Overlay::open_kept(dir.path(), &snapshot, "scsi0:1", capacity, bs).unwrap();
+        o.write(129 << 20, b"written").unwrap();
+        for block in [0, 63, 64, 129] {
+            o.mark(block);
+        }
+        o.flush().unwrap();
+        drop(o);
+        let o = Overlay::open_kept(dir.path(), &snapshot, "scsi0:1", capacity, bs).unwrap();
+        let held: Vec<u64> = (0..130).filter(|&b| o.has(b)).collect();
+        assert_eq!(held, [0, 63, 64, 129]);
+        let mut buf = [0u8; 7];
+        o.read(129 << 20, &mut buf).unwrap();
+        assert_eq!(&buf, b"written");
+        // Another disk of the snapshot has its own overlay; the same disk grown is refused.
+        let other = Overlay::open_kept(dir.path(), &snapshot, "scsi0:2", capacity, bs).unwrap();
+        assert!((0..130).all(|b| !other.has(b)));
+        let e = Overlay::open_kept(dir.path(), &snapshot, "scsi0:1", capacity + bs, bs).err().unwrap().to_string();
+        assert!(e.contains("overlay map") && e.contains("made for a disk of 136314880 bytes"), "{e}");
+    }
+}
