@@ -71,6 +71,90 @@ pub fn copies_in(dest: &Repository) -> Result<HashMap<ObjectId, (ObjectId, Snaps
     Ok(out)
 }
 
+/// What a copy would do with one snapshot (`copy --dry-run`).
+pub struct PlannedCopy {
+    /// The original, in the source repository.
+    pub from: ObjectId,
+    pub snapshot: Snapshot,
+    /// The original of the earlier copy it would build on (read only the blocks that differ from it).
+    pub parent: Option<ObjectId>,
+    /// Bytes of disk data it would read from the source.
+    pub bytes_to_read: u64,
+}
+
+/// The snapshots of `wanted` that `dest` has no copies of, oldest first, and the copies it has.
+fn pending(
+    dest: &Repository,
+    mut wanted: Vec<(ObjectId, Snapshot)>,
+) -> Result<(HashMap<ObjectId, (ObjectId, Snapshot)>, Vec<(ObjectId, Snapshot)>)> {
+    let done = copies_in(dest)?;
+    wanted.retain(|(id, _)| !done.contains_key(id));
+    wanted.sort_by_key(|(_, s)| (s.time_secs, s.time_nanos));
+    Ok((done, wanted))
+}
+
+/// The latest earlier snapshot of the same source as `snap` (`from`) that the destination has a copy of:
+/// (its original id, the original, the copy).
+fn earlier_copy(
+    originals: &[(ObjectId, Snapshot)],
+    done: &HashMap<ObjectId, (ObjectId, Snapshot)>,
+    from: &ObjectId,
+    snap: &Snapshot,
+) -> Option<(ObjectId, Snapshot, (ObjectId, Snapshot))> {
+    originals
+        .iter()
+        .rfind(|(id, s)| {
+            s.source == snap.source
+                && (s.time_secs, s.time_nanos) <= (snap.time_secs, snap.time_nanos)
+                && id != from
+                && done.contains_key(id)
+        })
+        .map(|(id, s)| (*id, s.clone(), done[id].clone()))
+}
+
+/// The disk of `original` that a copy of `disk` may build on: where the earlier copy holds it as its original
+/// did.
+fn earlier_disk<'a>(
+    parent: Option<&'a (ObjectId, Snapshot, (ObjectId, Snapshot))>,
+    disk: &DiskManifest,
+) -> Option<&'a DiskManifest> {
+    parent.and_then(|(_, original, (_, copy))| {
+        original.disk(&disk.name).filter(|o| copy.disk(&disk.name).is_some_and(|c| c.capacity == o.capacity))
+    })
+}
+
+/// What [`copy`] would do with `wanted`: which snapshots it would copy, on which earlier copies, reading how
+/// much. Nothing is written to either repository but the source's session marker while it reads manifests.
+pub fn plan(
+    src: &Repository,
+    src_cache: &IndexCache,
+    dest: &Repository,
+    wanted: Vec<(ObjectId, Snapshot)>,
+) -> Result<Vec<PlannedCopy>> {
+    let (mut done, wanted) = pending(dest, wanted)?;
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let originals = src.list_snapshots()?;
+    let _session = crate::lock::start_session(src, "copy --dry-run")?;
+    src_cache.sync(src)?;
+    let mut out = Vec::new();
+    for (from, snap) in wanted {
+        let parent = earlier_copy(&originals, &done, &from, &snap);
+        let mut bytes_to_read = 0;
+        for disk in &snap.disks {
+            let extents = match plan_disk(src, src_cache, disk, earlier_disk(parent.as_ref(), disk))? {
+                DiskRead::Allocated(e) | DiskRead::Changed(e) => e,
+            };
+            bytes_to_read += extents.iter().map(|e| e.length).sum::<u64>();
+        }
+        // Later snapshots of the run build on this one, as they would on its copy.
+        done.insert(from, (from, snap.clone()));
+        out.push(PlannedCopy { from, parent: parent.map(|(id, _, _)| id), snapshot: snap, bytes_to_read });
+    }
+    Ok(out)
+}
+
 #[allow(clippy::too_many_arguments)]
 /// Copies `wanted` (snapshots of the source repository that `src_cache` indexes) into `dest`, oldest first,
 /// skipping those `dest` has copies of; `copied` is told of each copy as it is committed. A failure stops the
@@ -80,14 +164,12 @@ pub fn copy(
     src_cache: Arc<IndexCache>,
     dest: &Repository,
     dest_cache: Arc<IndexCache>,
-    mut wanted: Vec<(ObjectId, Snapshot)>,
+    wanted: Vec<(ObjectId, Snapshot)>,
     opts: &CopyOptions,
     counters: &Counters,
     mut copied: impl FnMut(&Copied),
 ) -> Result<Vec<Copied>> {
-    let mut done = copies_in(dest)?;
-    wanted.retain(|(id, _)| !done.contains_key(id));
-    wanted.sort_by_key(|(_, s)| (s.time_secs, s.time_nanos));
+    let (mut done, wanted) = pending(dest, wanted)?;
     if wanted.is_empty() {
         return Ok(Vec::new());
     }
@@ -106,24 +188,13 @@ pub fn copy(
         if crate::util::interrupted() {
             return Err(Error::Interrupted);
         }
-        // The latest earlier snapshot of the same source that the destination has a copy of.
-        let parent = originals
-            .iter()
-            .rfind(|(id, s)| {
-                s.source == snap.source
-                    && (s.time_secs, s.time_nanos) <= (snap.time_secs, snap.time_nanos)
-                    && *id != from
-                    && done.contains_key(id)
-            })
-            .map(|(id, s)| (s.clone(), done[id].clone()));
+        let parent = earlier_copy(&originals, &done, &from, &snap);
         let mut jobs = Vec::new();
         for disk in &snap.disks {
             // Incremental only where the earlier copy holds the disk as its original did.
-            let earlier = parent.as_ref().and_then(|(original, (_, copy))| {
-                original.disk(&disk.name).filter(|o| copy.disk(&disk.name).is_some_and(|c| c.capacity == o.capacity))
-            });
+            let earlier = earlier_disk(parent.as_ref(), disk);
             // Read-ahead fetches the blocks after a miss, which an incremental copy mostly does not want.
-            let (allocated, changed, readahead) = match plan_disk(&exports, &src_cache, disk, earlier)? {
+            let (allocated, changed, readahead) = match plan_disk(exports.repository(), &src_cache, disk, earlier)? {
                 DiskRead::Allocated(extents) => (Some(extents), None, FULL_COPY_READAHEAD),
                 DiskRead::Changed(extents) => (None, Some(extents), 1),
             };
@@ -143,7 +214,7 @@ pub fn copy(
         o.time_override = Some((snap.time_secs, snap.time_nanos));
         o.annotations = snap.annotations.clone();
         o.annotations.insert(COPIED_FROM.into(), from.hex());
-        o.parent = parent.map(|(_, copy)| copy);
+        o.parent = parent.map(|(_, _, copy)| copy);
         o.uploaders = opts.uploaders;
         o.delta = opts.delta;
         tracing::info!("copying snapshot {} of {}", from.short(), snap.source);
@@ -170,12 +241,11 @@ enum DiskRead {
 
 /// What to read of `disk`: its changes against `earlier` if given, else everything allocated.
 fn plan_disk(
-    exports: &RepositoryExports,
+    repo: &Repository,
     cache: &IndexCache,
     disk: &DiskManifest,
     earlier: Option<&DiskManifest>,
 ) -> Result<DiskRead> {
-    let repo = exports.repository();
     let comparable = earlier.filter(|e| e.capacity == disk.capacity && e.block_size == disk.block_size);
     let bs = disk.block_size as u64;
     let (mut allocated, mut changed) = (Vec::new(), Vec::new());

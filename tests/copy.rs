@@ -52,6 +52,15 @@ fn copies_restore_bit_exact_build_on_earlier_copies_and_are_made_once() {
     let s1 = backup(&src, "vm1", &day1, &[]);
     let s2 = backup(&src, "vm2", &other, &[]);
 
+    // A dry run says what the copy will do, and copies nothing.
+    let dry = copy(&dest, &src, &src.password, &["--dry-run"]);
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    let plan = dry.json()["would_copy"].as_array().unwrap().clone();
+    assert_eq!(plan.iter().map(|p| p["from"].as_str().unwrap()).collect::<Vec<_>>(), [&s0, &s1, &s2]);
+    assert_eq!(plan[1]["builds_on"], s0.as_str());
+    assert!(plan[0]["builds_on"].is_null() && plan[2]["builds_on"].is_null());
+    assert!(snapshots(&dest).is_empty(), "the dry run copied something");
+
     let r = copy(&dest, &src, &src.password, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let report = r.json();
@@ -68,6 +77,10 @@ fn copies_restore_bit_exact_build_on_earlier_copies_and_are_made_once() {
     assert_eq!(c1["bytes_read"], (2 * MIB + 4096) as u64, "{c1}");
     // A full copy reads only the non-zero blocks.
     assert_eq!(c0["bytes_read"], (10 * MIB + 4096) as u64, "{c0}");
+    // As the dry run said.
+    for p in &plan {
+        assert_eq!(p["bytes_to_read"], copy_of(p["from"].as_str().unwrap())["bytes_read"], "{p}");
+    }
 
     for (original, data) in [(&s0, &day0), (&s1, &day1), (&s2, &other)] {
         let id = copy_of(original)["snapshot"].as_str().unwrap().to_string();

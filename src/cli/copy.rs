@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::Globals;
-use crate::copy::{Copied, CopyOptions};
+use crate::copy::{Copied, CopyOptions, PlannedCopy};
 use crate::error::{Error, Result};
 use crate::progress::{Counters, Reporter};
 use crate::repository::Repository;
@@ -31,6 +31,9 @@ pub struct CopyArgs {
     /// Store every new block whole, as `backup --no-delta`.
     #[arg(long)]
     no_delta: bool,
+    /// Only say which snapshots would be copied, on which earlier copies, reading how much.
+    #[arg(long)]
+    dry_run: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -71,6 +74,11 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
     }
     let src_cache = g.open_cache_unsynced(&src)?;
     let dest_cache = g.open_cache_unsynced(&dest)?;
+    if args.dry_run {
+        let selected = wanted.len();
+        let planned = crate::copy::plan(&src, &src_cache, &dest, wanted)?;
+        return print_plan(&planned, selected - planned.len(), args.json);
+    }
     let opts = CopyOptions { uploaders: args.upload_concurrency as usize, delta: !args.no_delta, ..Default::default() };
     let counters = Arc::new(Counters::default());
     let selected = wanted.len();
@@ -127,6 +135,42 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
             crate::util::count(skipped, "snapshot")
         );
     }
+    Ok(())
+}
+
+fn print_plan(planned: &[PlannedCopy], skipped: usize, json: bool) -> Result<()> {
+    if json {
+        let v = serde_json::json!({
+            "would_copy": planned.iter().map(|p| serde_json::json!({
+                "from": p.from.hex(),
+                "source": p.snapshot.source,
+                "time": format_utc(p.snapshot.time_secs),
+                "builds_on": p.parent.map(|id| id.hex()),
+                "bytes_to_read": p.bytes_to_read,
+            })).collect::<Vec<_>>(),
+            "already_copied": skipped,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("JSON of plain values"));
+        return Ok(());
+    }
+    for p in planned {
+        let on = match p.parent {
+            Some(id) => format!("only what differs from {}", id.short()),
+            None => "in full".into(),
+        };
+        println!(
+            "would copy {}  {}  {}: read {}, {on}",
+            p.from.short(),
+            format_utc(p.snapshot.time_secs),
+            p.snapshot.source,
+            human_bytes(p.bytes_to_read)
+        );
+    }
+    println!(
+        "{} would be copied, {} in the destination already (dry run: nothing copied)",
+        crate::util::count(planned.len(), "snapshot"),
+        crate::util::count(skipped, "snapshot")
+    );
     Ok(())
 }
 
