@@ -60,8 +60,11 @@ pub struct Copied {
     pub source_reads: u64,
 }
 
+/// Copies by the id of their originals: (the copy's id, the copy).
+pub type Copies = HashMap<ObjectId, (ObjectId, Snapshot)>;
+
 /// The destination's copies by the id of their originals.
-pub fn copies_in(dest: &Repository) -> Result<HashMap<ObjectId, (ObjectId, Snapshot)>> {
+pub fn copies_in(dest: &Repository) -> Result<Copies> {
     let mut out = HashMap::new();
     for (id, snap) in dest.list_snapshots()? {
         if let Some(from) = snap.annotations.get(COPIED_FROM).and_then(|h| BlobId::from_hex(h)) {
@@ -83,10 +86,7 @@ pub struct PlannedCopy {
 }
 
 /// The snapshots of `wanted` that `dest` has no copies of, oldest first, and the copies it has.
-fn pending(
-    dest: &Repository,
-    mut wanted: Vec<(ObjectId, Snapshot)>,
-) -> Result<(HashMap<ObjectId, (ObjectId, Snapshot)>, Vec<(ObjectId, Snapshot)>)> {
+fn pending(dest: &Repository, mut wanted: Vec<(ObjectId, Snapshot)>) -> Result<(Copies, Vec<(ObjectId, Snapshot)>)> {
     let done = copies_in(dest)?;
     wanted.retain(|(id, _)| !done.contains_key(id));
     wanted.sort_by_key(|(_, s)| (s.time_secs, s.time_nanos));
@@ -97,7 +97,7 @@ fn pending(
 /// (its original id, the original, the copy).
 fn earlier_copy(
     originals: &[(ObjectId, Snapshot)],
-    done: &HashMap<ObjectId, (ObjectId, Snapshot)>,
+    done: &Copies,
     from: &ObjectId,
     snap: &Snapshot,
 ) -> Option<(ObjectId, Snapshot, (ObjectId, Snapshot))> {
