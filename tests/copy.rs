@@ -140,8 +140,9 @@ fn an_incremental_copy_reads_scattered_changes_in_few_requests() {
     assert_eq!(c1["bytes_read"], 24 * MIB as u64, "the copy read other blocks than the changed ones: {report}");
     let reads = c1["source_reads"].as_u64().unwrap();
     // 24 MiB of incompressible blocks lie in two packs of the source: batches of 8 make 3 reads, 4 if a batch
-    // straddles the packs, a few more if the copy's reader overtakes the fetcher.
-    assert!((1..=8).contains(&reads), "24 changed blocks took {reads} reads of the source's packs: {report}");
+    // straddles the packs, a few more if the copy's reader overtakes the fetcher (3-6 with the two cores
+    // contended three times over); one read per block would be 24.
+    assert!((1..=12).contains(&reads), "24 changed blocks took {reads} reads of the source's packs: {report}");
     assert!(dest.restore(c1["snapshot"].as_str().unwrap(), &[]) == day1, "the incremental copy restores other bytes");
 }
 
