@@ -10,7 +10,6 @@
 //! pushes onto a vector.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -85,13 +84,7 @@ pub fn write_file(path: &Path, outcome: &Outcome) -> std::io::Result<()> {
     let name = path.file_name().ok_or_else(|| std::io::Error::other("the metrics file needs a file name"))?;
     // The collector reads only `*.prom`: a temporary name without that suffix is never read half-written.
     let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
-    let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(out.as_bytes()))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    crate::util::replace_file(path, &tmp, out.as_bytes(), false)
 }
 
 /// `{k="v",…}` for the common labels followed by the sample's own, values escaped as the format requires.

@@ -214,11 +214,6 @@ impl SnapshotDisk {
         &self.manifest
     }
 
-    /// Blocks fetched per read miss.
-    pub fn readahead(&self) -> u64 {
-        self.readahead
-    }
-
     fn block_size(&self) -> u64 {
         self.manifest.block_size as u64
     }
@@ -563,9 +558,9 @@ impl Overlay {
     fn flush(&self) -> Result<()> {
         // The map saved is the one from before the sync: a block marked since may not have its copied-up
         // bytes on disk yet, and must not be named.
-        let present = self.present.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let present = self.map.as_ref().map(|_| self.present.lock().unwrap_or_else(|p| p.into_inner()).clone());
         self.file.sync_data().map_err(|e| Error::local(&self.path, e))?;
-        let Some((map_path, capacity, block_size)) = &self.map else { return Ok(()) };
+        let (Some((map_path, capacity, block_size)), Some(present)) = (&self.map, present) else { return Ok(()) };
         let mut body = Vec::new();
         body.extend_from_slice(OVERLAY_MAP_MAGIC);
         body.extend_from_slice(&capacity.to_le_bytes());
@@ -575,16 +570,8 @@ impl Overlay {
         }
         let hash = blake3::hash(&body);
         body.extend_from_slice(hash.as_bytes());
-        // Replaced atomically: a crash leaves the previous map or this one.
-        let tmp = map_path.with_extension("map.tmp");
-        let save = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            std::io::Write::write_all(&mut f, &body)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, map_path)?;
-            File::open(map_path.parent().unwrap_or(Path::new(".")))?.sync_all()
-        };
-        save().map_err(|e| Error::local(map_path, format!("saving the overlay map: {e}")))
+        crate::util::replace_file(map_path, &map_path.with_extension("map.tmp"), &body, true)
+            .map_err(|e| Error::local(map_path, format!("saving the overlay map: {e}")))
     }
 
     fn has(&self, block: u64) -> bool {

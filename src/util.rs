@@ -30,6 +30,27 @@ pub fn username() -> String {
 }
 
 /// `1 snapshot`, `2 snapshots`: a count and its noun, for people (nouns whose plural takes an `s`).
+/// Replaces the local file `path` with `data` through the temporary file `tmp` (same directory), so a reader
+/// or a crash sees the old file or the new one, never a part. `durable`: synced, and the rename too.
+pub fn replace_file(path: &std::path::Path, tmp: &std::path::Path, data: &[u8], durable: bool) -> std::io::Result<()> {
+    let written = std::fs::File::create(tmp).and_then(|mut f| {
+        std::io::Write::write_all(&mut f, data)?;
+        if durable {
+            f.sync_all()?;
+        }
+        std::fs::rename(tmp, path)
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    written?;
+    if durable {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 pub fn count(n: usize, noun: &str) -> String {
     if n == 1 {
         format!("1 {noun}")
