@@ -13,6 +13,9 @@
 //! equal ids are not even loaded), and the rest is inherited from that copy, as a CBT incremental inherits
 //! from its parent. That is exact: equal ids in the source mean equal bytes, and the earlier copy holds the
 //! bytes of its original.
+//!
+//! One copy from a given source runs into a destination at a time (`locks/copy-<source id>`, see
+//! [`crate::lock::acquire_copy`]): two at once would both find the same snapshots not yet copied.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -169,6 +172,9 @@ pub fn copy(
     counters: &Counters,
     mut copied: impl FnMut(&Copied),
 ) -> Result<Vec<Copied>> {
+    // Taken before deciding what is not copied yet: a second copy from this source decides only once the
+    // first is done (it fails now; a rerun then finds its snapshots copied).
+    let copy_lock = crate::lock::acquire_copy(dest, &src.config().id, "copy")?;
     let (mut done, wanted) = pending(dest, wanted)?;
     if wanted.is_empty() {
         return Ok(Vec::new());
@@ -221,12 +227,15 @@ pub fn copy(
         let reads_before = exports.pack_reads();
         let (id, snapshot) = crate::backup::run(dest, dest_cache.clone(), jobs, &o, counters)?;
         session.ensure_held()?;
+        // Lost (not refreshed for the stale time): another copy may have started; stop rather than race it.
+        copy_lock.ensure_held()?;
         let c = Copied { from, id, snapshot, source_reads: exports.pack_reads() - reads_before };
         copied(&c);
         done.insert(from, (c.id, c.snapshot.clone()));
         out.push(c);
     }
     drop(session);
+    drop(copy_lock);
     Ok(out)
 }
 

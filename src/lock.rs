@@ -1,5 +1,5 @@
 //! Repository locks: the exclusive lock of the operations that must not run twice at once (prune, index
-//! repair, snapshot repair), and the session markers of readers and writers (backup, restore, check).
+//! repair, snapshot repair), the lock of copies from one source repository, and the session markers of readers and writers (backup, restore, check).
 //!
 //! Sessions never block anyone. They exist so that prune knows whom to wait for before it deletes a pack it
 //! has taken out of the index: a backup that deduplicated against a block of that pack, or a restore that
@@ -23,6 +23,8 @@ use crate::format::names;
 use crate::repository::Repository;
 
 pub const EXCLUSIVE: &str = "exclusive";
+/// Locks of copies are `locks/copy-<64 hex>`, the source repository's config id.
+pub const COPY_PREFIX: &str = "copy-";
 /// Session markers are `locks/session-<32 hex>`.
 pub const SESSION_PREFIX: &str = "session-";
 
@@ -106,7 +108,21 @@ fn sealed_lock_info(repo: &Repository, purpose: &str) -> Vec<u8> {
 /// Takes the exclusive lock, or fails with [`Error::Locked`] naming the holder. An abandoned lock (not
 /// refreshed for [`stale_after`]) is removed and taken over.
 pub fn acquire_exclusive(repo: &Repository, purpose: &str) -> Result<LockGuard> {
-    let name = format!("{}/{EXCLUSIVE}", names::LOCKS);
+    acquire(repo, EXCLUSIVE, purpose, "the repository is locked")
+}
+
+/// Takes the lock of copies from the repository whose config id is `source_id` into `repo`
+/// (`locks/copy-<source id hex>`), or fails with [`Error::Locked`] naming the copy that holds it. Two copies
+/// from one source at once would each find the same snapshots not yet copied and store them twice. Copies
+/// from other sources, backups and prune are not held up.
+pub fn acquire_copy(repo: &Repository, source_id: &[u8; 32], purpose: &str) -> Result<LockGuard> {
+    let name = format!("{COPY_PREFIX}{}", hex::encode(source_id));
+    acquire(repo, &name, purpose, "another copy from the same source repository into this one is running")
+}
+
+/// Takes `locks/<name>` with the backend's atomic create-if-absent; `busy` starts the error when it is held.
+fn acquire(repo: &Repository, name: &str, purpose: &str, busy: &str) -> Result<LockGuard> {
+    let name = format!("{}/{name}", names::LOCKS);
     let bytes = sealed_lock_info(repo, purpose);
     let stale = stale_after();
     for _ in 0..3 {
@@ -123,12 +139,12 @@ pub fn acquire_exclusive(repo: &Repository, purpose: &str) -> Result<LockGuard> 
             continue;
         }
         return Err(Error::Locked(format!(
-            "the repository is locked: {}; it expires {} s after its last refresh if its holder is gone",
+            "{busy}: {}; it expires {} s after its last refresh if its holder is gone",
             state.describe(),
             stale.as_secs()
         )));
     }
-    Err(Error::Locked("the repository lock is changing hands; try again".into()))
+    Err(Error::Locked(format!("{name} is changing hands; try again")))
 }
 
 impl LockGuard {

@@ -209,3 +209,55 @@ fn an_interrupted_copy_stops_cleanly_and_the_next_run_completes_it() {
         assert!(dest.restore(c["id"].as_str().unwrap(), &[]) == *data);
     }
 }
+
+#[test]
+fn two_copies_from_one_source_at_once_store_each_snapshot_once() {
+    let src = Env::with_repo();
+    let dest = destination();
+    let originals: Vec<String> = (0..3).map(|i| backup(&src, "vm", &random_bytes(40 + i, 24 * MIB), &[])).collect();
+
+    // A copy from this source holds its lock: another is refused, naming the holder, and copies nothing.
+    let held = diskvault::lock::acquire_copy(&dest.open_repo(), &src.open_repo().config().id, "copy").unwrap();
+    let r = copy(&dest, &src, &src.password, &[]);
+    assert_eq!(r.code, 11, "{}", r.stderr);
+    assert!(r.stderr.contains("another copy from the same source"), "{}", r.stderr);
+    assert!(snapshots(&dest).is_empty());
+    // Copies from another source are not held up.
+    let other = Env::with_repo();
+    backup(&other, "other-vm", &random_bytes(50, 4 * MIB), &[]);
+    let r = copy(&dest, &other, &other.password, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    drop(held);
+
+    // Two copies started together: whichever runs second either finds the lock or nothing left to copy.
+    let runs: Vec<std::process::Output> = (0..2)
+        .map(|_| {
+            let mut c = dest.command(&["copy", "--json", "--from-repo", &src.location()]);
+            c.env("DISKVAULT_FROM_PASSWORD", &src.password);
+            c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|child| child.wait_with_output().unwrap())
+        .collect();
+    for out in &runs {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match out.status.code() {
+            Some(0) => {}
+            Some(11) => assert!(stderr.contains("another copy from the same source"), "{stderr}"),
+            code => panic!("copy ended with {code:?}: {stderr}"),
+        }
+    }
+    assert!(runs.iter().any(|o| o.status.success()), "neither copy ran");
+    let from: Vec<String> = snapshots(&dest)
+        .iter()
+        .filter_map(|s| s["annotations"]["copy.from"].as_str().map(String::from))
+        .filter(|f| originals.contains(f))
+        .collect();
+    let mut unique = from.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(from.len(), unique.len(), "a snapshot was copied twice: {from:?}");
+    assert_eq!(unique.len(), 3, "{from:?}");
+    assert!(dest.objects("locks").is_empty(), "{:?}", dest.objects("locks"));
+}
