@@ -48,6 +48,23 @@ impl Default for InitOptions {
     }
 }
 
+/// Which snapshots a command considers, as restic's filters: of this source, of any of these hosts, and
+/// carrying every tag of at least one of these tag sets. Empty parts select everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotFilter {
+    pub source: Option<String>,
+    pub hosts: Vec<String>,
+    pub tag_sets: Vec<Vec<String>>,
+}
+
+impl SnapshotFilter {
+    pub fn matches(&self, s: &Snapshot) -> bool {
+        self.source.as_ref().is_none_or(|src| s.source == *src)
+            && (self.hosts.is_empty() || self.hosts.contains(&s.hostname))
+            && (self.tag_sets.is_empty() || self.tag_sets.iter().any(|set| set.iter().all(|t| s.tags.contains(t))))
+    }
+}
+
 pub struct Repository {
     backend: Arc<dyn Backend>,
     keys: Keys,
@@ -392,8 +409,13 @@ impl Repository {
 
     /// The snapshots of one source (all if `None`), oldest first.
     pub fn list_snapshots_of(&self, source: Option<&str>) -> Result<Vec<(ObjectId, Snapshot)>> {
+        self.list_snapshots_matching(&SnapshotFilter { source: source.map(String::from), ..Default::default() })
+    }
+
+    /// The snapshots `filter` selects, oldest first.
+    pub fn list_snapshots_matching(&self, filter: &SnapshotFilter) -> Result<Vec<(ObjectId, Snapshot)>> {
         let mut all = self.list_snapshots()?;
-        all.retain(|(_, s)| source.is_none_or(|src| s.source == src));
+        all.retain(|(_, s)| filter.matches(s));
         Ok(all)
     }
 

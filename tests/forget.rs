@@ -132,3 +132,64 @@ fn stats_show_dedup_and_what_each_snapshot_adds() {
         assert!(u > MIB as u64 && u < MIB as u64 + 1024, "{u}");
     }
 }
+
+#[test]
+fn host_and_tag_filters_select_what_snapshots_forget_and_copy_consider() {
+    let e = Env::with_repo();
+    // (source, host, tags): six snapshots, a day apart.
+    let made = [
+        ("a", "esx1", "daily"),
+        ("a", "esx1", "daily,app"),
+        ("a", "esx2", "weekly,app"),
+        ("b", "esx2", "daily"),
+        ("b", "esx2", "daily,app"),
+        ("b", "esx1", "weekly"),
+    ];
+    let mut ids = Vec::new();
+    for (i, (name, host, tags)) in made.iter().enumerate() {
+        write(&e.path("d"), &random_bytes(700 + i as u64, MIB));
+        let day = format!("2026-10-0{} 10:00", i + 1);
+        let mut args = vec!["--name", name, "--host", host, "--time", &day];
+        for t in tags.split(',') {
+            args.extend(["--tag", t]);
+        }
+        let d = e.path("d");
+        args.push(d.to_str().unwrap());
+        ids.push(e.backup(&args)["snapshot"].as_str().unwrap().to_string());
+    }
+    let listed = |args: &[&str]| -> Vec<String> {
+        let mut a = vec!["snapshots", "--json"];
+        a.extend_from_slice(args);
+        e.ok(&a).json().as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect()
+    };
+    let of = |k: &[usize]| -> Vec<String> { k.iter().map(|&i| ids[i].clone()).collect() };
+    assert_eq!(listed(&["--host", "esx1"]), of(&[0, 1, 5]));
+    assert_eq!(listed(&["--host", "esx1", "--host", "esx2"]).len(), 6);
+    // Comma: all of the tags; repeated: any of the sets.
+    assert_eq!(listed(&["--tag", "daily,app"]), of(&[1, 4]));
+    assert_eq!(listed(&["--tag", "weekly", "--tag", "daily,app"]), of(&[1, 2, 4, 5]));
+    assert_eq!(listed(&["--name", "b", "--tag", "daily"]), of(&[3, 4]));
+    assert_eq!(listed(&["--host", "esx2", "--tag", "app"]), of(&[2, 4]));
+    assert!(listed(&["--tag", "monthly"]).is_empty());
+    // The newest N of each source, after the filters.
+    assert_eq!(listed(&["--latest", "1"]), of(&[2, 5]));
+    assert_eq!(listed(&["--latest", "2", "--tag", "daily"]), of(&[0, 1, 3, 4]));
+    let text = e.ok(&["snapshots", "--host", "esx1"]).stdout;
+    assert!(text.contains("3 snapshots") && !text.contains(&ids[2][..8]), "{text}");
+
+    // forget applies its policy to the selected snapshots only.
+    let out = e.ok(&["forget", "--keep-last", "1", "--tag", "daily"]).stdout;
+    assert!(out.contains("removed 2 snapshots"), "{out}");
+    assert_eq!(listed(&[]), of(&[1, 2, 4, 5]), "forget removed other than the older daily snapshots per source");
+
+    // copy takes the same filters.
+    let dest = Env::new();
+    dest.ok(&["init"]);
+    let mut c = dest.command(&["copy", "--json", "--from-repo", &e.location(), "--host", "esx2"]);
+    c.env("DISKVAULT_FROM_PASSWORD", &e.password);
+    let r = Run::of(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let from: Vec<String> =
+        r.json()["copied"].as_array().unwrap().iter().map(|c| c["from"].as_str().unwrap().to_string()).collect();
+    assert_eq!(from, of(&[2, 4]));
+}

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::Globals;
+use super::{FilterArgs, Globals};
 use crate::copy::{Copied, CopyOptions, PlannedCopy};
 use crate::error::{Error, Result};
 use crate::progress::{Counters, Reporter};
@@ -22,9 +22,8 @@ pub struct CopyArgs {
     /// Run this shell command and use its first output line as the source repository's password.
     #[arg(long, env = "DISKVAULT_FROM_PASSWORD_COMMAND", value_name = "COMMAND")]
     from_password_command: Option<String>,
-    /// Only snapshots of this source.
-    #[arg(long)]
-    name: Option<String>,
+    #[command(flatten)]
+    filter: FilterArgs,
     /// Packs uploaded at once.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     upload_concurrency: u32,
@@ -37,7 +36,7 @@ pub struct CopyArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
-    /// Snapshots to copy (id, prefix or `latest`); default: every snapshot (of --name).
+    /// Snapshots to copy (id, prefix or `latest`); default: every snapshot the filters select.
     #[arg(value_name = "SNAPSHOT")]
     snapshots: Vec<String>,
 }
@@ -63,10 +62,10 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
     }
     let mut wanted = Vec::new();
     if args.snapshots.is_empty() {
-        wanted = src.list_snapshots_of(args.name.as_deref())?;
+        wanted = src.list_snapshots_matching(&args.filter.filter())?;
     } else {
         for s in &args.snapshots {
-            let found = src.find_snapshot(s, args.name.as_deref())?;
+            let found = src.find_snapshot(s, args.filter.name.as_deref())?;
             if !wanted.iter().any(|(id, _)| *id == found.0) {
                 wanted.push(found);
             }

@@ -1,6 +1,6 @@
 //! `diskvault forget`, `protect`, `unprotect`.
 
-use super::Globals;
+use super::{FilterArgs, Globals};
 use crate::error::{Error, Result};
 use crate::forget::{self, GroupBy, Policy};
 use crate::util::{count, format_utc};
@@ -34,9 +34,8 @@ pub struct ForgetArgs {
     /// How to group snapshots before applying the policy: source, host, or source,host.
     #[arg(long, default_value = "source", value_parser = GroupBy::parse)]
     group_by: GroupBy,
-    /// Only snapshots of this source.
-    #[arg(long)]
-    name: Option<String>,
+    #[command(flatten)]
+    filter: FilterArgs,
     /// Show what would be removed and which rule keeps what; change nothing.
     #[arg(long, short = 'n')]
     dry_run: bool,
@@ -66,7 +65,7 @@ pub fn run(g: &Globals, args: &ForgetArgs) -> Result<()> {
         return Err(Error::invalid("no policy given (--keep-last, --keep-daily, … ): refusing to forget everything"));
     }
     let repo = g.open_repo()?;
-    let snaps = repo.list_snapshots_of(args.name.as_deref())?;
+    let snaps = repo.list_snapshots_matching(&args.filter.filter())?;
     let protected = forget::protected(&repo)?;
     let decisions = forget::decide(&snaps, &policy, args.group_by, &protected);
     let mut group = None;

@@ -61,6 +61,34 @@ pub struct Cli {
     command: Command,
 }
 
+/// The snapshot filters of `snapshots`, `forget` and `copy` (restic's `--host` and `--tag`).
+#[derive(clap::Args, Debug, Default)]
+pub struct FilterArgs {
+    /// Only snapshots of this source.
+    #[arg(long)]
+    name: Option<String>,
+    /// Only snapshots made on this host (repeatable: on any of them).
+    #[arg(long = "host", value_name = "HOST")]
+    hosts: Vec<String>,
+    /// Only snapshots with these tags (comma-separated: all of them; repeatable: any of the sets).
+    #[arg(long = "tag", value_name = "TAG[,TAG…]")]
+    tags: Vec<String>,
+}
+
+impl FilterArgs {
+    fn filter(&self) -> crate::repository::SnapshotFilter {
+        crate::repository::SnapshotFilter {
+            source: self.name.clone(),
+            hosts: self.hosts.clone(),
+            tag_sets: self
+                .tags
+                .iter()
+                .map(|set| set.split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect())
+                .collect(),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Create a new repository.

@@ -1,14 +1,16 @@
 //! `diskvault snapshots`.
 
-use super::Globals;
+use super::{FilterArgs, Globals};
 use crate::error::Result;
 use crate::util::{format_utc, human_bytes};
 
 #[derive(clap::Args, Debug)]
 pub struct SnapshotsArgs {
-    /// Only snapshots of this source.
-    #[arg(long)]
-    name: Option<String>,
+    #[command(flatten)]
+    filter: FilterArgs,
+    /// Only the newest N snapshots of each source.
+    #[arg(long, value_name = "N")]
+    latest: Option<usize>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -16,8 +18,12 @@ pub struct SnapshotsArgs {
 
 pub fn run(g: &Globals, args: &SnapshotsArgs) -> Result<()> {
     let repo = g.open_repo()?;
-    let snaps = repo.list_snapshots_of(args.name.as_deref())?;
+    let mut snaps = repo.list_snapshots_matching(&args.filter.filter())?;
+    // Metrics describe every snapshot of the selection, whatever --latest shows.
     record_metrics(&snaps);
+    if let Some(n) = args.latest {
+        snaps = newest_per_source(snaps, n);
+    }
     if args.json {
         let v: Vec<serde_json::Value> = snaps
             .iter()
@@ -71,7 +77,7 @@ pub fn run(g: &Globals, args: &SnapshotsArgs) -> Result<()> {
     }
     println!("{}", crate::util::count(snaps.len(), "snapshot"));
     // Interrupted VMware backups that the next `backup --vm` continues (format-spec §8c).
-    for (id, c) in repo.list_checkpoints(args.name.as_deref())? {
+    for (id, c) in repo.list_checkpoints(args.filter.name.as_deref())? {
         let disks: Vec<String> = c
             .disks
             .iter()
@@ -107,4 +113,24 @@ fn record_metrics(snaps: &[(crate::format::ObjectId, crate::format::snapshot::Sn
         gauge("diskvault_snapshots", "Snapshots of the source in the repository.", &l, count as f64);
         gauge("diskvault_snapshot_newest_timestamp_seconds", "Time of the source's newest snapshot.", &l, newest);
     }
+}
+
+/// The newest `n` snapshots of each source in `snaps` (oldest first), in the same order.
+fn newest_per_source(
+    snaps: Vec<(crate::format::ObjectId, crate::format::snapshot::Snapshot)>,
+    n: usize,
+) -> Vec<(crate::format::ObjectId, crate::format::snapshot::Snapshot)> {
+    let mut left: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut out: Vec<_> = snaps
+        .into_iter()
+        .rev()
+        .filter(|(_, s)| {
+            let k = left.entry(s.source.clone()).or_insert(n);
+            let keep = *k > 0;
+            *k = k.saturating_sub(1);
+            keep
+        })
+        .collect();
+    out.reverse();
+    out
 }
