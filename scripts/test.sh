@@ -26,7 +26,7 @@ echo "== tests again, with repositories on S3 (a SeaweedFS server per test binar
 # cargo test runs one test binary at a time, each sharing one server among its tests.
 DISKVAULT_TEST_BACKEND=s3 cargo test --locked --no-fail-fast \
   --test engine --test bad_input --test check --test crash --test integrity --test locks --test forget --test prune --test nbd --test s3 \
-  --test delta --test copy
+  --test delta --test copy --test bandwidth
 
 echo "== fuzz (every parser of stored bytes, bounded time each)"
 scripts/fuzz.sh "${FUZZ_SECONDS:-10}"

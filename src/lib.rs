@@ -9,7 +9,7 @@
 //! |---|---|
 //! | [`format`] | every stored object's bytes: config, key files, packs, index files, snapshots, checkpoints (the contract in `format-spec/`) |
 //! | [`crypto`] | key derivation, keyed BLAKE3 block ids, AES-256-GCM sealing |
-//! | [`backend`] | where objects live: the [`backend::Backend`] trait and the local-directory backend |
+//! | [`backend`] | where objects live: the [`backend::Backend`] trait, the local-directory and S3 backends, bandwidth limits ([`backend::throttle`]) |
 //! | [`repository`] | an open repository: unlocks keys, reads/writes objects and blobs, resolves snapshots |
 //! | [`cache`] | the local RocksDB dedup index, a rebuildable cache of `index/` |
 //! | [`source`] | what is backed up: the [`source::DiskSource`] trait, raw files/block devices, NBD, VDDK, another repository's snapshots, change lists |
@@ -24,7 +24,7 @@
 //! | [`vmware`] | backup of a VMware VM: snapshot, changeIds, changed areas or allocated blocks, VDDK reads, snapshot removal, continuing an interrupted backup from its checkpoint |
 //! | [`vsphere`] | the vSphere SOAP client: login with pinned or CA-verified TLS, inventory, CBT, snapshots, changed areas |
 //! | [`vddk`] | VMware's VDDK loaded with libloading: connect, open, read, allocated blocks, under the guide's thread rules |
-//! | [`lock`] | the exclusive lock and session markers, with storage-clock expiry |
+//! | [`lock`] | the exclusive lock, copy locks and session markers, with storage-clock expiry |
 //! | [`prune`] | mark, sweep, repack and two-phase deletion next to running backups, in bounded memory |
 //! | [`repair`] | rebuilding the index from pack headers; adopting packs of interrupted backups; taking damaged packs out |
 //! | [`stats`] | logical vs stored size, dedup and compression ratios, what each snapshot adds |

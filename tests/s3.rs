@@ -198,6 +198,13 @@ fn backup_and_restore_succeed_through_a_flaky_connection_and_report_retries() {
     assert!(proxy.faults.load(Ordering::SeqCst) > 0, "the proxy injected no fault");
     assert!(out.stdout.contains("failed at first and succeeded when retried"), "retries are reported: {}", out.stdout);
     assert_eq!(flaky.restore("latest", &[]), img);
+    // A bandwidth-limited upload streams its body: a retried request streams the same bytes again.
+    let faults = proxy.faults.load(Ordering::SeqCst);
+    let img2 = random_bytes(15, 12 * MIB);
+    write(&flaky.path("disk2.raw"), &img2);
+    let r = flaky.backup(&["--limit-upload", "64M", "--name", "two", flaky.path("disk2.raw").to_str().unwrap()]);
+    assert!(proxy.faults.load(Ordering::SeqCst) > faults, "no fault during the limited backup");
+    assert_eq!(flaky.restore(r["snapshot"].as_str().unwrap(), &["--limit-download", "64M"]), img2);
     // And the repository is whole, read directly.
     assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
 }
@@ -251,6 +258,11 @@ fn large_packs_go_up_as_multipart_uploads() {
     e.ok(&["backup", "--upload-concurrency", "4", e.path("disk.raw").to_str().unwrap()]);
     assert!(e.objects("packs").iter().any(|p| e.object_size(p) > 40 << 20), "no pack above the multipart threshold");
     assert_eq!(e.restore("latest", &[]), img);
+    // Parts of a bandwidth-limited upload are streamed, each with the checksum computed by diskvault.
+    let img2 = random_bytes(18, 48 * MIB + 5);
+    write(&e.path("disk2.raw"), &img2);
+    let r = e.backup(&["--limit-upload", "256M", "--name", "two", e.path("disk2.raw").to_str().unwrap()]);
+    assert_eq!(e.restore(r["snapshot"].as_str().unwrap(), &[]), img2);
     assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
 }
 

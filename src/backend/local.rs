@@ -8,6 +8,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use super::throttle::{Limits, Paced};
 use super::{Backend, ObjectInfo};
 use crate::error::{Error, Result};
 use crate::util::{AlignedBuf, BUF_ALIGN};
@@ -16,11 +17,17 @@ pub const TEMP_PREFIX: &str = ".tmp-";
 
 pub struct LocalBackend {
     root: PathBuf,
+    limits: Limits,
 }
 
 impl LocalBackend {
     pub fn new(root: PathBuf) -> Self {
-        LocalBackend { root }
+        Self::with_limits(root, Limits::default())
+    }
+
+    /// A backend whose writes and reads keep to `limits` (a repository on a network file system).
+    pub fn with_limits(root: PathBuf, limits: Limits) -> Self {
+        LocalBackend { root, limits }
     }
 
     fn path(&self, name: &str) -> Result<PathBuf> {
@@ -35,15 +42,22 @@ impl LocalBackend {
         let dir = path.parent().expect("object paths have a parent");
         fs::create_dir_all(dir)?;
         let tmp = dir.join(format!("{TEMP_PREFIX}{}", hex::encode(crate::crypto::random_array::<8>())));
-        let result = write_direct(&tmp, data).or_else(|e| {
+        let upload = self.limits.upload.as_deref();
+        // A limited upload is written piece by piece as its budget allows: through the page cache.
+        let direct = if upload.is_some() {
+            Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+        } else {
+            write_direct(&tmp, data)
+        };
+        let result = direct.or_else(|e| {
             if e.raw_os_error() != Some(libc::EINVAL) {
                 return Err(e);
             }
             // The file system refuses O_DIRECT (tmpfs…): through the page cache.
             let _ = fs::remove_file(&tmp);
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let mut f = Paced::new(OpenOptions::new().write(true).create_new(true).open(&tmp)?, upload);
             f.write_all(data)?;
-            f.sync_all()
+            f.into_inner().sync_all()
         });
         match result {
             Ok(()) => Ok(tmp),
@@ -117,7 +131,15 @@ impl Backend for LocalBackend {
     }
 
     fn get(&self, name: &str) -> Result<Vec<u8>> {
-        match fs::read(self.path(name)?) {
+        let path = self.path(name)?;
+        let read = match self.limits.download.as_deref() {
+            None => fs::read(path),
+            Some(t) => File::open(path).and_then(|f| {
+                let mut v = Vec::new();
+                Paced::new(f, Some(t)).read_to_end(&mut v).map(|_| v)
+            }),
+        };
+        match read {
             Ok(v) => Ok(v),
             Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::Missing { object: name.into() }),
             Err(e) => Err(Error::backend("read", name, io_cause(&e))),
@@ -139,7 +161,7 @@ impl Backend for LocalBackend {
         buf.clear();
         buf.reserve(len as usize);
         f.seek(SeekFrom::Start(offset))
-            .and_then(|_| f.take(len).read_to_end(buf))
+            .and_then(|_| Paced::new(f.take(len), self.limits.download.as_deref()).read_to_end(buf))
             .map_err(|e| Error::backend("read", name, io_cause(&e)))?;
         if buf.len() as u64 != len {
             return Err(Error::corrupt(

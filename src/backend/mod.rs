@@ -10,6 +10,7 @@
 pub mod local;
 #[cfg(feature = "s3")]
 pub mod s3;
+pub mod throttle;
 
 use std::sync::Arc;
 
@@ -92,9 +93,17 @@ pub trait Backend: Send + Sync {
 /// or a local path (optionally `local:PATH`). S3 options come from `DISKVAULT_S3_*` variables
 /// ([`s3::S3Options::from_env`]).
 pub fn open(location: &str) -> Result<Arc<dyn Backend>> {
+    open_limited(location, &throttle::Limits::default())
+}
+
+/// [`open`], with bandwidth limits on what goes to and comes from the storage.
+pub fn open_limited(location: &str, limits: &throttle::Limits) -> Result<Arc<dyn Backend>> {
     if location.starts_with("s3:") {
         #[cfg(feature = "s3")]
-        return Ok(Arc::new(s3::S3Backend::open(location, s3::S3Options::from_env()?)?));
+        return Ok(Arc::new(s3::S3Backend::open(
+            location,
+            s3::S3Options { limits: limits.clone(), ..s3::S3Options::from_env()? },
+        )?));
         #[cfg(not(feature = "s3"))]
         return Err(Error::invalid(format!("{location}: this diskvault was built without S3 support (feature `s3`)")));
     }
@@ -102,5 +111,5 @@ pub fn open(location: &str) -> Result<Arc<dyn Backend>> {
     if path.is_empty() {
         return Err(Error::invalid("empty repository location"));
     }
-    Ok(Arc::new(local::LocalBackend::new(path.into())))
+    Ok(Arc::new(local::LocalBackend::with_limits(path.into(), limits.clone())))
 }

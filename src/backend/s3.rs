@@ -17,13 +17,14 @@ use std::time::Duration;
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::{ByteStream, DateTime};
+use aws_sdk_s3::primitives::{ByteStream, DateTime, SdkBody};
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockMode, ServerSideEncryption, StorageClass,
 };
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 
+use super::throttle::{self, Limits, Throttle};
 use super::{Backend, ObjectInfo};
 use crate::error::{Error, Result};
 
@@ -48,6 +49,8 @@ pub struct S3Options {
     pub max_attempts: u32,
     /// Access key and secret; default: the standard AWS credential chain.
     pub credentials: Option<(String, String)>,
+    /// Bandwidth limits (`--limit-upload`, `--limit-download`).
+    pub limits: Limits,
 }
 
 impl S3Options {
@@ -75,6 +78,7 @@ impl S3Options {
             object_lock,
             max_attempts: var("DISKVAULT_S3_MAX_ATTEMPTS").and_then(|v| v.parse().ok()).unwrap_or(8),
             credentials: None,
+            limits: Limits::default(),
         })
     }
 }
@@ -290,17 +294,12 @@ impl S3Backend {
     }
 
     /// Storage class, encryption and retention for one object.
-    fn put_request(
-        &self,
-        name: &str,
-        body: ByteStream,
-    ) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
+    fn put_request(&self, name: &str) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
         let mut req = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(self.key(name))
-            .body(body)
             .checksum_algorithm(ChecksumAlgorithm::Sha256);
         if let Some(sse) = &self.opts.sse {
             req = req.server_side_encryption(ServerSideEncryption::from(sse.as_str()));
@@ -316,6 +315,41 @@ impl S3Backend {
             req = req.object_lock_mode(ObjectLockMode::from(mode.as_str())).object_lock_retain_until_date(until);
         }
         req
+    }
+
+    /// A PUT of `data` as object `name`.
+    fn put_object(
+        &self,
+        name: &str,
+        data: Bytes,
+    ) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
+        self.with_body(
+            self.put_request(name),
+            data,
+            |r, b, len| r.body(b).content_length(len),
+            |r, c| r.checksum_sha256(c),
+        )
+    }
+
+    /// Sets `data` as the body of `req` (with `body`). Under an upload limit it is streamed piece by piece as
+    /// the budget allows ([`PacedBody`]), and its SHA-256 is given here (`checksum`): the SDK would send a
+    /// streamed body's checksum as an aws-chunked trailer, which not every S3 server takes. Otherwise the body
+    /// goes from memory as it is and the SDK adds the checksum.
+    fn with_body<R>(
+        &self,
+        req: R,
+        data: Bytes,
+        body: impl FnOnce(R, ByteStream, i64) -> R,
+        checksum: impl FnOnce(R, String) -> R,
+    ) -> R {
+        let len = data.len() as i64;
+        let Some(throttle) = self.opts.limits.upload.clone() else { return body(req, ByteStream::from(data), len) };
+        let sum = aws_smithy_types::base64::encode(ring::digest::digest(&ring::digest::SHA256, &data));
+        // Retryable: each attempt streams the same bytes again.
+        let stream = ByteStream::new(SdkBody::retryable(move || {
+            SdkBody::from_body_1_x(PacedBody { data: data.clone(), throttle: throttle.clone(), wait: None })
+        }));
+        checksum(body(req, stream, len), sum)
     }
 
     /// GET of a whole object or of `(offset, len)`.
@@ -356,7 +390,13 @@ impl S3Backend {
                     Ok(Some(piece)) if buf.len() + piece.len() > limit => {
                         return Err(Error::corrupt(name, format!("the server sent more than the {limit} bytes asked")))
                     }
-                    Ok(Some(piece)) => buf.extend_from_slice(&piece),
+                    Ok(Some(piece)) => {
+                        buf.extend_from_slice(&piece);
+                        // Waiting before the next piece holds the connection back: TCP slows the sender.
+                        if let Some(t) = &self.opts.limits.download {
+                            tokio::time::sleep(t.reserve(piece.len())).await;
+                        }
+                    }
                     Ok(None) => return Ok(()),
                     Err(e) => return Err(Error::backend("get", name, format!("download broke off: {e}"))),
                 }
@@ -372,11 +412,7 @@ impl S3Backend {
                 return self.put_multipart(name, data).await;
             }
             self.counted();
-            self.put_request(name, ByteStream::from(data))
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| Error::backend("put", name, describe(&e)))
+            self.put_object(name, data).send().await.map(|_| ()).map_err(|e| Error::backend("put", name, describe(&e)))
         })
     }
 
@@ -412,15 +448,16 @@ impl S3Backend {
                 let n = i as i32 + 1;
                 let chunk = data.slice(start..(start + MULTIPART_PART).min(data.len()));
                 self.counted();
-                let out = self
+                let req = self
                     .client
                     .upload_part()
                     .bucket(&self.bucket)
                     .key(&key)
                     .upload_id(&upload_id)
                     .part_number(n)
-                    .checksum_algorithm(ChecksumAlgorithm::Sha256)
-                    .body(ByteStream::from(chunk))
+                    .checksum_algorithm(ChecksumAlgorithm::Sha256);
+                let out = self
+                    .with_body(req, chunk, |r, b, len| r.body(b).content_length(len), |r, c| r.checksum_sha256(c))
                     .send()
                     .await
                     .map_err(|e| err("upload part", describe(&e)))?;
@@ -471,7 +508,7 @@ impl Backend for S3Backend {
         self.runtime
             .block_on(async {
                 self.counted();
-                match self.put_request(name, ByteStream::from(data.to_vec())).if_none_match("*").send().await {
+                match self.put_object(name, Bytes::copy_from_slice(data)).if_none_match("*").send().await {
                     Ok(_) => Ok(true),
                     // 412: the object exists — possibly our own first attempt, which landed although its answer
                     // was lost and the request retried. 409: a concurrent conditional write is in progress.
@@ -658,6 +695,48 @@ impl Backend for S3Backend {
 
     fn retries(&self) -> u64 {
         S3Backend::retries(self)
+    }
+}
+
+/// An upload body that hands out [`throttle::PIECE`]-sized pieces of `data`, each once the upload budget
+/// allows: hyper sends a piece, then the body waits out its cost before the next.
+struct PacedBody {
+    data: Bytes,
+    throttle: Arc<Throttle>,
+    wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl http_body::Body for PacedBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::future::Future;
+        let this = &mut *self;
+        if let Some(wait) = this.wait.as_mut() {
+            std::task::ready!(wait.as_mut().poll(cx));
+            this.wait = None;
+        }
+        if this.data.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let piece = this.data.split_to(this.data.len().min(throttle::PIECE));
+        let cost = this.throttle.reserve(piece.len());
+        if !cost.is_zero() {
+            this.wait = Some(Box::pin(tokio::time::sleep(cost)));
+        }
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.data.len() as u64)
     }
 }
 

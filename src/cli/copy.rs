@@ -51,7 +51,7 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
         "source repository password",
         false,
     )?;
-    let src = Repository::open(crate::backend::open(&args.from_repo)?, &password).inspect_err(|e| {
+    let src = Repository::open(g.open_backend(&args.from_repo)?, &password).inspect_err(|e| {
         if matches!(e, Error::WrongPassword) {
             eprintln!("source repository {}:", args.from_repo);
         }

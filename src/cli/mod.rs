@@ -57,6 +57,15 @@ pub struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
 
+    /// Limit what is sent to the repository (and to the destination of a copy) to this rate: KiB/s as a bare
+    /// number (as restic), or with a unit, e.g. 20M (MiB/s).
+    #[arg(long, env = "DISKVAULT_LIMIT_UPLOAD", global = true, value_name = "RATE", value_parser = crate::backend::throttle::parse_rate)]
+    limit_upload: Option<u64>,
+
+    /// Limit what is read from the repository (and from the source of a copy) to this rate, as --limit-upload.
+    #[arg(long, env = "DISKVAULT_LIMIT_DOWNLOAD", global = true, value_name = "RATE", value_parser = crate::backend::throttle::parse_rate)]
+    limit_download: Option<u64>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -176,6 +185,8 @@ pub(crate) struct Globals {
     password_command: Option<String>,
     cache_dir: Option<PathBuf>,
     pub progress: Mode,
+    /// Bandwidth limits, shared by every repository the command opens (one budget per direction).
+    limits: crate::backend::throttle::Limits,
 }
 
 impl Globals {
@@ -197,8 +208,12 @@ impl Globals {
     }
 
     pub fn open_repo(&self) -> Result<Repository> {
-        let backend = crate::backend::open(self.location()?)?;
-        Repository::open(backend, &self.password(false)?)
+        Repository::open(self.open_backend(self.location()?)?, &self.password(false)?)
+    }
+
+    /// The storage at `location`, within the command's bandwidth limits.
+    pub fn open_backend(&self, location: &str) -> Result<Arc<dyn crate::backend::Backend>> {
+        crate::backend::open_limited(location, &self.limits)
     }
 
     pub fn cache_root(&self) -> PathBuf {
@@ -288,7 +303,7 @@ pub(crate) fn prompt_password(what: &str, confirm: bool) -> Result<Vec<u8>> {
 
 fn init(g: &Globals, args: &InitArgs) -> Result<()> {
     let location = g.location()?;
-    let backend = crate::backend::open(location)?;
+    let backend = g.open_backend(location)?;
     let password = g.password(true)?;
     if password.is_empty() {
         return Err(Error::invalid("an empty password is not allowed"));
@@ -383,6 +398,7 @@ pub fn main() -> i32 {
         password_command: cli.password_command,
         cache_dir: cli.cache_dir,
         progress: if cli.quiet { Mode::Quiet } else { Mode::Auto },
+        limits: crate::backend::throttle::Limits::new(cli.limit_upload, cli.limit_download),
     };
     let result = match &cli.command {
         Command::Init(a) => init(&g, a),
