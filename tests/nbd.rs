@@ -1043,3 +1043,32 @@ fn restore_writes_qcow2_and_vmdk_for_other_tools() {
         assert!(r.stderr.contains("--overwrite"), "{}", r.stderr);
     }
 }
+
+/// `NBD_CMD_CACHE` on a snapshot export: the hinted range is fetched in coalesced ranged reads of the packs,
+/// and reading it afterwards goes to no pack again (in-process, to count the reads).
+#[test]
+fn a_cache_hint_fetches_its_range_in_few_reads() {
+    use diskvault::nbd::server::Device;
+    let e = Env::with_repo();
+    let data = random_bytes(61, 32 * MIB);
+    write(&e.path("d.raw"), &data);
+    e.backup(&["--name", "vm", e.path("d.raw").to_str().unwrap()]);
+
+    let repo = e.open_repo();
+    let (id, snap) = repo.find_snapshot("latest", None).unwrap();
+    let cache = std::sync::Arc::new(diskvault::cache::IndexCache::open(&repo, &e.cache()).unwrap().0);
+    let exports = diskvault::serve::RepositoryExports::new(repo, cache, Default::default());
+    // No read-ahead of its own: what is fetched ahead is what the hint asked for.
+    let disk = exports.disk(&id, &snap.disks[0], 1).unwrap();
+    disk.prefetch(0, data.len() as u64);
+    let hinted = exports.pack_reads();
+    // 32 incompressible blocks lie in two or three packs of 16 MiB: a read per pack, or two when a pack
+    // passes the 16 MiB cap of a ranged read; one read per block would be 32.
+    assert!((1..=6).contains(&hinted), "the hint of 32 blocks took {hinted} reads");
+    let mut back = vec![0u8; data.len()];
+    for (k, chunk) in back.chunks_mut(MIB).enumerate() {
+        disk.read((k * MIB) as u64, chunk).unwrap();
+    }
+    assert!(back == data, "the hinted range reads back other bytes");
+    assert_eq!(exports.pack_reads(), hinted, "reads of the hinted range went to the packs again");
+}
