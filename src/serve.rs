@@ -480,6 +480,10 @@ struct Overlay {
     write_lock: Mutex<()>,
     /// A kept overlay's map file, and the disk's capacity and block size it records.
     map: Option<(PathBuf, u64, u64)>,
+    /// The blocks the map file names, held while it is replaced: concurrent flushes (several connections)
+    /// take turns on its temporary file, and each saves the union of what was saved and what it synced, so a
+    /// flush that snapshotted earlier cannot save an older map over a newer one.
+    saved: Mutex<Vec<u64>>,
 }
 
 const OVERLAY_MAP_MAGIC: &[u8; 8] = b"DVOVMAP1";
@@ -508,6 +512,7 @@ impl Overlay {
             present: Mutex::new(vec![0; blocks.div_ceil(64) as usize]),
             write_lock: Mutex::new(()),
             map: None,
+            saved: Mutex::new(Vec::new()),
         })
     }
 
@@ -537,6 +542,7 @@ impl Overlay {
         Ok(Overlay {
             file,
             path,
+            saved: Mutex::new(present.clone()),
             present: Mutex::new(present),
             write_lock: Mutex::new(()),
             map: Some((map_path, capacity, block_size)),
@@ -570,17 +576,27 @@ impl Overlay {
         let present = self.map.as_ref().map(|_| self.present.lock().unwrap_or_else(|p| p.into_inner()).clone());
         self.file.sync_data().map_err(|e| Error::local(&self.path, e))?;
         let (Some((map_path, capacity, block_size)), Some(present)) = (&self.map, present) else { return Ok(()) };
+        let mut saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
+        // Blocks are never unmarked: what was saved plus what this flush synced.
+        let merged: Vec<u64> = saved.iter().zip(&present).map(|(a, b)| a | b).collect();
+        // No block written for the first time since the last save (a guest rewriting what it wrote, or
+        // flushing often): the map on disk is current, and rewriting it would cost two more syncs.
+        if merged == *saved {
+            return Ok(());
+        }
         let mut body = Vec::new();
         body.extend_from_slice(OVERLAY_MAP_MAGIC);
         body.extend_from_slice(&capacity.to_le_bytes());
         body.extend_from_slice(&block_size.to_le_bytes());
-        for w in present {
+        for w in &merged {
             body.extend_from_slice(&w.to_le_bytes());
         }
         let hash = blake3::hash(&body);
         body.extend_from_slice(hash.as_bytes());
         crate::util::replace_file(map_path, &map_path.with_extension("map.tmp"), &body, true)
-            .map_err(|e| Error::local(map_path, format!("saving the overlay map: {e}")))
+            .map_err(|e| Error::local(map_path, format!("saving the overlay map: {e}")))?;
+        *saved = merged;
+        Ok(())
     }
 
     fn has(&self, block: u64) -> bool {
@@ -709,5 +725,44 @@ mod tests {
         assert!((0..130).all(|b| !other.has(b)));
         let e = Overlay::open_kept(dir.path(), &snapshot, "scsi0:1", capacity + bs, bs).err().unwrap().to_string();
         assert!(e.contains("overlay map") && e.contains("made for a disk of 136314880 bytes"), "{e}");
+    }
+
+    #[test]
+    fn a_kept_overlay_map_is_saved_only_when_it_grew_and_never_loses_a_block_to_concurrent_flushes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot = ObjectId::of_file(b"another snapshot");
+        let (capacity, bs) = (256 << 20, 1 << 20);
+        let o = Overlay::open_kept(dir.path(), &snapshot, "d", capacity, bs).unwrap();
+        let map = o.map.as_ref().unwrap().0.clone();
+        let inode = || std::fs::metadata(&map).map(|m| m.ino()).ok();
+        o.mark(3);
+        o.flush().unwrap();
+        let first = inode();
+        assert!(first.is_some());
+        // Nothing new marked: the map is not replaced.
+        o.flush().unwrap();
+        assert_eq!(inode(), first);
+        o.mark(4);
+        o.flush().unwrap();
+        assert_ne!(inode(), first);
+
+        // Eight connections marking and flushing at once: every block marked before a flush that returned is
+        // in the map.
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let o = &o;
+                s.spawn(move || {
+                    for k in 0..30u64 {
+                        o.mark(8 + t * 30 + k);
+                        o.flush().unwrap();
+                    }
+                });
+            }
+        });
+        drop(o);
+        let o = Overlay::open_kept(dir.path(), &snapshot, "d", capacity, bs).unwrap();
+        let missing: Vec<u64> = [3, 4].into_iter().chain(8..248).filter(|&b| !o.has(b)).collect();
+        assert!(missing.is_empty(), "blocks missing from the saved map: {missing:?}");
     }
 }
