@@ -36,30 +36,50 @@ impl Policy {
     }
 }
 
-/// How snapshots are grouped before the policy applies.
+/// What snapshots are grouped by before a policy is applied to each group (restic's `--group-by`): any of
+/// source, host and tags; none puts every snapshot in one group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GroupBy {
-    Source,
-    Host,
-    SourceAndHost,
+pub struct GroupBy {
+    pub source: bool,
+    pub host: bool,
+    pub tags: bool,
 }
 
 impl GroupBy {
+    pub const SOURCE: GroupBy = GroupBy { source: true, host: false, tags: false };
+    pub const HOST: GroupBy = GroupBy { source: false, host: true, tags: false };
+
+    /// A comma-separated list of `source`, `host`, `tags`, or the empty string.
     pub fn parse(s: &str) -> std::result::Result<GroupBy, String> {
-        match s {
-            "source" => Ok(GroupBy::Source),
-            "host" => Ok(GroupBy::Host),
-            "source,host" | "host,source" => Ok(GroupBy::SourceAndHost),
-            _ => Err(format!("{s:?}: group by `source`, `host` or `source,host`")),
+        let mut g = GroupBy { source: false, host: false, tags: false };
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "source" => g.source = true,
+                "host" => g.host = true,
+                "tags" => g.tags = true,
+                _ => return Err(format!("{part:?}: group by any of `source`, `host`, `tags` (comma-separated)")),
+            }
         }
+        Ok(g)
     }
 
     fn key(self, s: &Snapshot) -> String {
-        match self {
-            GroupBy::Source => s.source.clone(),
-            GroupBy::Host => s.hostname.clone(),
-            GroupBy::SourceAndHost => format!("{} on {}", s.source, s.hostname),
+        let mut key = match (self.source, self.host) {
+            (true, true) => format!("{} on {}", s.source, s.hostname),
+            (true, false) => s.source.clone(),
+            (false, true) => s.hostname.clone(),
+            (false, false) => String::new(),
+        };
+        if self.tags {
+            let mut tags = s.tags.clone();
+            tags.sort();
+            tags.dedup();
+            key = format!("{key}{}tags [{}]", if key.is_empty() { "" } else { " " }, tags.join(","));
         }
+        if key.is_empty() {
+            key = "all snapshots".into();
+        }
+        key
     }
 }
 
@@ -241,15 +261,15 @@ mod tests {
         let base = crate::util::parse_utc("2026-01-01 12:00").unwrap();
         let snaps: Vec<_> = (0..60).map(|d| snap(d as u8 + 1, base + d * 86400, "vm", &[])).collect();
         let p = Policy { daily: 3, ..Default::default() };
-        assert_eq!(kept(&decide(&snaps, &p, GroupBy::Source, &HashSet::new())), vec![58, 59, 60]);
+        assert_eq!(kept(&decide(&snaps, &p, GroupBy::SOURCE, &HashSet::new())), vec![58, 59, 60]);
         // Weekly: newest of each of the 2 newest weeks. Day 60 = 2026-03-01 (Sunday), its week starts on day 54.
         let p = Policy { weekly: 2, ..Default::default() };
-        assert_eq!(kept(&decide(&snaps, &p, GroupBy::Source, &HashSet::new())), vec![53, 60]);
+        assert_eq!(kept(&decide(&snaps, &p, GroupBy::SOURCE, &HashSet::new())), vec![53, 60]);
         // Monthly 3: Mar 1 (60), Feb 28 (59), Jan 31 (31).
         let p = Policy { monthly: 3, ..Default::default() };
-        assert_eq!(kept(&decide(&snaps, &p, GroupBy::Source, &HashSet::new())), vec![31, 59, 60]);
+        assert_eq!(kept(&decide(&snaps, &p, GroupBy::SOURCE, &HashSet::new())), vec![31, 59, 60]);
         let p = Policy { within_secs: Some(2 * 86400), last: 1, ..Default::default() };
-        assert_eq!(kept(&decide(&snaps, &p, GroupBy::Source, &HashSet::new())), vec![58, 59, 60]);
+        assert_eq!(kept(&decide(&snaps, &p, GroupBy::SOURCE, &HashSet::new())), vec![58, 59, 60]);
     }
 
     #[test]
@@ -258,10 +278,10 @@ mod tests {
             vec![snap(1, 100, "a", &[]), snap(2, 200, "a", &["keep"]), snap(3, 300, "a", &[]), snap(4, 50, "b", &[])];
         let p = Policy { last: 1, tags: vec!["keep".into()], ..Default::default() };
         let prot: HashSet<ObjectId> = [BlobId([1; 32])].into();
-        assert_eq!(kept(&decide(&snaps, &p, GroupBy::Source, &prot)), vec![1, 2, 3, 4]);
-        assert_eq!(kept(&decide(&snaps, &p, GroupBy::Source, &HashSet::new())), vec![2, 3, 4]);
+        assert_eq!(kept(&decide(&snaps, &p, GroupBy::SOURCE, &prot)), vec![1, 2, 3, 4]);
+        assert_eq!(kept(&decide(&snaps, &p, GroupBy::SOURCE, &HashSet::new())), vec![2, 3, 4]);
         assert_eq!(
-            kept(&decide(&snaps, &Policy { last: 1, ..Default::default() }, GroupBy::Host, &HashSet::new())),
+            kept(&decide(&snaps, &Policy { last: 1, ..Default::default() }, GroupBy::HOST, &HashSet::new())),
             vec![3]
         );
     }

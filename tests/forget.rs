@@ -193,3 +193,44 @@ fn host_and_tag_filters_select_what_snapshots_forget_and_copy_consider() {
         r.json()["copied"].as_array().unwrap().iter().map(|c| c["from"].as_str().unwrap().to_string()).collect();
     assert_eq!(from, of(&[2, 4]));
 }
+
+#[test]
+fn group_by_tags_or_nothing_applies_the_policy_per_tag_set_or_to_all() {
+    let e = Env::with_repo();
+    let made = [("a", "daily"), ("a", "daily"), ("a", "weekly"), ("a", "weekly"), ("b", "daily")];
+    let mut ids = Vec::new();
+    for (i, (name, tag)) in made.iter().enumerate() {
+        write(&e.path("d"), &random_bytes(800 + i as u64, MIB));
+        let day = format!("2026-10-0{} 10:00", i + 1);
+        let d = e.path("d");
+        let r = e.backup(&["--name", name, "--tag", tag, "--time", &day, d.to_str().unwrap()]);
+        ids.push(r["snapshot"].as_str().unwrap().to_string());
+    }
+    let left = || -> Vec<String> {
+        let mut v: Vec<String> = e
+            .ok(&["snapshots", "--json"])
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let of = |k: &[usize]| -> Vec<String> {
+        let mut v: Vec<String> = k.iter().map(|&i| ids[i].clone()).collect();
+        v.sort();
+        v
+    };
+    let dry = e.ok(&["forget", "--keep-last", "1", "--group-by", "source,tags", "--dry-run"]).stdout;
+    assert!(dry.contains("a tags [daily]:") && dry.contains("a tags [weekly]:"), "{dry}");
+    e.ok(&["forget", "--keep-last", "1", "--group-by", "source,tags"]);
+    assert_eq!(left(), of(&[1, 3, 4]), "the newest of each source and tag set is kept");
+    // No grouping: one group across sources.
+    e.ok(&["forget", "--keep-last", "1", "--group-by", ""]);
+    assert_eq!(left(), of(&[4]));
+    let r = e.run(&["forget", "--keep-last", "1", "--group-by", "paths"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("group by any of"), "{}", r.stderr);
+}

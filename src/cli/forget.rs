@@ -31,7 +31,7 @@ pub struct ForgetArgs {
     /// Keep snapshots with this tag (repeatable).
     #[arg(long = "keep-tag")]
     keep_tags: Vec<String>,
-    /// How to group snapshots before applying the policy: source, host, or source,host.
+    /// How to group snapshots before applying the policy: any of source, host, tags (comma-separated; empty: one group).
     #[arg(long, default_value = "source", value_parser = GroupBy::parse)]
     group_by: GroupBy,
     #[command(flatten)]
