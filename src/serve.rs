@@ -160,6 +160,38 @@ impl Exports for RepositoryExports {
 }
 
 impl RepositoryExports {
+    /// Kept overlays in the overlay directory whose snapshot is no longer in the repository (forgotten, then
+    /// pruned or not): no export serves their writes any more. Listed for the operator, never deleted here:
+    /// they may hold the only copy of what a VM wrote.
+    pub fn orphaned_overlays(&self) -> Result<Vec<(PathBuf, ObjectId)>> {
+        if !self.opts.keep_overlays {
+            return Ok(Vec::new());
+        }
+        let snapshots: HashSet<ObjectId> =
+            crate::repository::list_ids(&**self.shared.repo.backend(), crate::format::names::SNAPSHOTS)?
+                .into_iter()
+                .collect();
+        let dir = &self.opts.overlay_dir;
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::local(dir, e))?;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // `diskvault-overlay-<snapshot hex>-<disk hex>`; maps and temporaries have an extension.
+            let Some((snapshot, _disk)) = name.strip_prefix("diskvault-overlay-").and_then(|r| r.split_once('-'))
+            else {
+                continue;
+            };
+            if name.contains('.') {
+                continue;
+            }
+            if let Some(id) = ObjectId::from_hex(snapshot).filter(|id| !snapshots.contains(id)) {
+                out.push((entry.path(), id));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// The repository the exports read.
     pub fn repository(&self) -> &Repository {
         &self.shared.repo

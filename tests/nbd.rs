@@ -1072,3 +1072,38 @@ fn a_cache_hint_fetches_its_range_in_few_reads() {
     assert!(back == data, "the hinted range reads back other bytes");
     assert_eq!(exports.pack_reads(), hinted, "reads of the hinted range went to the packs again");
 }
+
+/// Kept overlays of snapshots that were since forgotten are reported when serve starts, and left in place
+/// (in-process: `RepositoryExports::orphaned_overlays`, which serve logs as warnings).
+#[test]
+fn kept_overlays_of_forgotten_snapshots_are_reported_not_deleted() {
+    use diskvault::nbd::server::Device;
+    use diskvault::serve::{RepositoryExports, ServeOptions};
+    let env = Env::with_repo();
+    let (_, old) = backed_up_disk(&env, 31);
+    let (_, new) = backed_up_disk(&env, 32);
+    let dir = env.path("overlays");
+    std::fs::create_dir(&dir).unwrap();
+    let exports = || {
+        let repo = env.open_repo();
+        let cache = std::sync::Arc::new(diskvault::cache::IndexCache::open(&repo, &env.cache()).unwrap().0);
+        let opts = ServeOptions { writable: true, keep_overlays: true, overlay_dir: dir.clone(), ..Default::default() };
+        RepositoryExports::new(repo, cache, opts)
+    };
+    let e = exports();
+    for id in [&old, &new] {
+        let (id, snap) = e.repository().find_snapshot(id, None).unwrap();
+        let disk = e.disk(&id, &snap.disks[0], 1).unwrap();
+        disk.write(0, b"a guest's write").unwrap();
+        disk.flush().unwrap();
+    }
+    assert!(e.orphaned_overlays().unwrap().is_empty());
+    drop(e);
+
+    env.ok(&["forget", "--keep-last", "1"]);
+    let orphans = exports().orphaned_overlays().unwrap();
+    assert_eq!(orphans.len(), 1, "{orphans:?}");
+    let (path, snapshot) = &orphans[0];
+    assert_eq!(snapshot.hex(), old);
+    assert!(path.exists() && path.with_extension("map").exists(), "the overlay of a forgotten snapshot was deleted");
+}

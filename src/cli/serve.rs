@@ -99,6 +99,14 @@ pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
         _ => None,
     };
     let exports = RepositoryExports::new(repo, cache, opts);
+    for (path, snapshot) in exports.orphaned_overlays()? {
+        tracing::warn!(
+            "{}: a kept overlay of snapshot {}, which is no longer in the repository: nothing serves its writes \
+             any more; delete it and its .map once they are not needed",
+            path.display(),
+            snapshot.short()
+        );
+    }
     let names = exports.list()?;
     let handshake_limit = (args.handshake_limit > 0).then(|| std::time::Duration::from_secs(args.handshake_limit));
     let admission = Admission { tls, handshake_limit };
