@@ -239,6 +239,13 @@ pub fn copy(
     Ok(out)
 }
 
+/// The extents of `disk` whose blocks are not all-zero (from its manifest).
+pub(crate) fn allocated_extents(repo: &Repository, cache: &IndexCache, disk: &DiskManifest) -> Result<Vec<Extent>> {
+    match plan_disk(repo, cache, disk, None)? {
+        DiskRead::Allocated(extents) | DiskRead::Changed(extents) => Ok(extents),
+    }
+}
+
 /// What a copy reads of one disk.
 enum DiskRead {
     /// The allocated (non-zero) extents: a full copy.

@@ -350,6 +350,60 @@ pub fn restore_disk(
     Ok(stats)
 }
 
+/// Writes every byte of `disk` (of snapshot `id`), in order, to `out`: a pipe (`restore --target -`), where
+/// nothing can be written out of order and no hole can be left. Blocks are read as `copy` reads a source
+/// ([`SnapshotSource`](crate::source::snapshot::SnapshotSource)): a thread fetches the allocated blocks a few
+/// batches ahead in coalesced ranged reads, every blob authenticated, decompressed and its id re-checked; zero
+/// blocks are written as zeros. Returns the bytes written. A damaged block stops the stream with an error
+/// naming it: what was written before it is a correct prefix of the disk.
+pub fn stream_disk(
+    repo: Repository,
+    cache: Arc<IndexCache>,
+    id: &ObjectId,
+    disk: &DiskManifest,
+    out: &mut dyn std::io::Write,
+    counters: &Counters,
+) -> Result<u64> {
+    use crate::source::DiskSource;
+    disk.validate().map_err(|e| Error::corrupt("snapshot", e))?;
+    let session = crate::lock::start_session(&repo, "restore")?;
+    cache.sync(&repo)?;
+    counters.add_total(disk.capacity);
+    let bs = disk.block_size as u64;
+    let allocated = crate::copy::allocated_extents(&repo, &cache, disk)?;
+    let exports = crate::serve::RepositoryExports::new(
+        repo,
+        cache,
+        // Enough for the batches the fetching thread runs ahead (as `copy`).
+        crate::serve::ServeOptions {
+            cache_bytes: 32 << 20,
+            session_lost: Some(session.lost_flag()),
+            ..Default::default()
+        },
+    );
+    let plan = crate::source::BlockRanges::from_extents(&allocated, bs);
+    let mut source = crate::source::snapshot::SnapshotSource::new(exports.disk(id, disk, 1)?, Some(allocated));
+    source.will_read(&plan, bs);
+    let mut block = vec![0u8; bs as usize];
+    let mut offset = 0;
+    while offset < disk.capacity {
+        if crate::util::interrupted() {
+            return Err(Error::Interrupted);
+        }
+        let len = bs.min(disk.capacity - offset) as usize;
+        source.read_at(offset, &mut block[..len]).map_err(|e| Error::Restore {
+            disk: disk.name.clone(),
+            cause: format!("block {} (bytes {offset}..{}) cannot be restored: {e}", offset / bs, offset + len as u64),
+        })?;
+        out.write_all(&block[..len]).map_err(|e| Error::local("standard output", e))?;
+        counters.add_done(len as u64);
+        offset += len as u64;
+    }
+    out.flush().map_err(|e| Error::local("standard output", e))?;
+    session.ensure_held()?;
+    Ok(offset)
+}
+
 /// Groups the wanted blobs of each pack into coalesced ranged reads, in disk order of their first block.
 pub(crate) fn plan_reads(by_pack: HashMap<ObjectId, HashMap<BlobId, Want>>) -> Vec<ReadJob> {
     let mut jobs = Vec::new();

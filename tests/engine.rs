@@ -34,6 +34,53 @@ fn full_backup_restores_bit_exact() {
 }
 
 #[test]
+fn restore_to_standard_output_streams_the_disk_in_order() {
+    let e = Env::with_repo();
+    let img = mixed_image();
+    let path = e.path("mixed.raw");
+    write(&path, &img);
+    e.backup(&[path.to_str().unwrap(), "--name", "vm1"]);
+    let out = e.command(&["restore", "latest", "--target", "-"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(out.stdout == img, "the stream differs from the disk ({} bytes for {})", out.stdout.len(), img.len());
+    assert!(stderr.contains("to standard output"), "the report goes to standard error: {stderr}");
+
+    // What cannot work on a pipe is refused before anything is written.
+    for extra in [&["--verify"][..], &["--format", "qcow2"], &["--allow-partial"]] {
+        let mut args = vec!["restore", "latest", "--target", "-"];
+        args.extend_from_slice(extra);
+        let r = e.command(&args).output().unwrap();
+        assert!(!r.status.success() && r.stdout.is_empty(), "{extra:?} was accepted");
+    }
+
+    // A reader that goes away: the restore stops with an error, without a panic.
+    let mut child = e
+        .command(&["restore", "latest", "--target", "-"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = vec![0u8; 1000];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut head).unwrap();
+    assert!(head[..] == img[..1000]);
+    drop(child.stdout.take());
+    let done = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(!done.status.success(), "a restore into a closed pipe succeeded");
+    assert!(stderr.contains("standard output") && !stderr.contains("panicked"), "{stderr}");
+
+    // A damaged pack: the stream stops at the block, naming it; what came before is the disk's beginning.
+    let pack = e.objects("packs").into_iter().max_by_key(|p| e.object_size(p)).unwrap();
+    e.flip(&pack, 100);
+    let out = e.command(&["restore", "latest", "--target", "-"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a damaged disk streamed successfully");
+    assert!(stderr.contains("cannot be restored") && !stderr.contains("panicked"), "{stderr}");
+    assert!(out.stdout.len() < img.len() && out.stdout[..] == img[..out.stdout.len()], "a wrong prefix was written");
+}
+
+#[test]
 fn sparse_source_is_skipped_and_restored_sparse() {
     let e = Env::with_repo();
     let path = e.path("sparse.raw");

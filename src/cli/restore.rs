@@ -19,7 +19,7 @@ pub struct RestoreArgs {
     /// With `latest`: the latest snapshot of this source.
     #[arg(long)]
     name: Option<String>,
-    /// File or block device to write.
+    /// File or block device to write; `-` streams the raw disk, every byte in order, to standard output.
     #[arg(long, short = 't', required_unless_present_any = ["to_vm", "to_new_vm", "to_vmdk"])]
     target: Option<PathBuf>,
     /// Restore onto this existing, powered-off VMware VM (name or moref) instead, writing only the blocks that
@@ -147,6 +147,9 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
         return Ok(());
     }
     let final_target = args.target.clone().expect("clap requires --target without --to-vm");
+    if final_target.as_os_str() == "-" {
+        return restore_to_stdout(g, args, repo, cache, &id, disk, &counters);
+    }
     if args.format != "raw" && final_target.exists() && !args.overwrite {
         return Err(Error::local(&final_target, "exists already (use --overwrite to replace it)"));
     }
@@ -350,6 +353,58 @@ fn restore_vmdk(
         report.vm_disk,
         report.blocks_written,
         human_bytes(report.bytes_written)
+    );
+    Ok(())
+}
+
+/// `--target -`: the raw disk streamed to standard output (reports go to standard error).
+fn restore_to_stdout(
+    g: &Globals,
+    args: &RestoreArgs,
+    repo: crate::repository::Repository,
+    cache: Arc<crate::cache::IndexCache>,
+    id: &crate::format::ObjectId,
+    disk: &crate::format::snapshot::DiskManifest,
+    counters: &Arc<Counters>,
+) -> Result<()> {
+    let refuse = |what: &str| Err(Error::invalid(format!("--target - streams a raw disk: {what}")));
+    if args.format != "raw" {
+        return refuse("--format must be raw");
+    }
+    if args.verify {
+        return refuse("--verify cannot re-read standard output");
+    }
+    if args.allow_partial {
+        return refuse("--allow-partial needs a file or device to leave damaged ranges in");
+    }
+    {
+        use std::io::IsTerminal;
+        if std::io::stdout().is_terminal() {
+            return refuse("standard output is a terminal; pipe or redirect it");
+        }
+    }
+    let started = std::time::Instant::now();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+    let written = {
+        let _r = Reporter::start("restore", counters.clone(), g.progress);
+        restore::stream_disk(repo, cache, id, disk, &mut out, counters)?
+    };
+    let secs = started.elapsed().as_secs_f64();
+    {
+        use crate::metrics::gauge;
+        let l = [("disk", disk.name.as_str())];
+        gauge("diskvault_restore_duration_seconds", "Wall time of the restore.", &l, secs);
+        gauge("diskvault_restore_disk_capacity_bytes", "Capacity of the restored disk.", &l, disk.capacity as f64);
+        gauge("diskvault_restore_bytes_written", "Bytes written to the target.", &l, written as f64);
+    }
+    eprintln!(
+        "restored disk {} of snapshot {} to standard output: {} in {:.1} s ({}/s)",
+        disk.name,
+        id.short(),
+        human_bytes(written),
+        secs,
+        human_bytes((written as f64 / secs.max(0.001)) as u64)
     );
     Ok(())
 }
