@@ -1,5 +1,6 @@
 //! Repository locks: the exclusive lock of the operations that must not run twice at once (prune, index
-//! repair, snapshot repair), the lock of copies from one source repository, and the session markers of readers and writers (backup, restore, check).
+//! repair, snapshot repair), the lock of copies from one source repository, and the session markers of
+//! readers and writers (backup, restore, check).
 //!
 //! Sessions never block anyone. They exist so that prune knows whom to wait for before it deletes a pack it
 //! has taken out of the index: a backup that deduplicated against a block of that pack, or a restore that

@@ -43,22 +43,18 @@ impl LocalBackend {
         fs::create_dir_all(dir)?;
         let tmp = dir.join(format!("{TEMP_PREFIX}{}", hex::encode(crate::crypto::random_array::<8>())));
         let upload = self.limits.upload.as_deref();
-        // A limited upload is written piece by piece as its budget allows: through the page cache.
-        let direct = if upload.is_some() {
-            Err(std::io::Error::from_raw_os_error(libc::EINVAL))
-        } else {
-            write_direct(&tmp, data)
+        let result = match upload {
+            // A limited upload is written piece by piece as its budget allows: through the page cache.
+            Some(_) => write_buffered(&tmp, data, upload),
+            None => write_direct(&tmp, data).or_else(|e| {
+                if e.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(e);
+                }
+                // The file system refuses O_DIRECT (tmpfs…): through the page cache.
+                let _ = fs::remove_file(&tmp);
+                write_buffered(&tmp, data, None)
+            }),
         };
-        let result = direct.or_else(|e| {
-            if e.raw_os_error() != Some(libc::EINVAL) {
-                return Err(e);
-            }
-            // The file system refuses O_DIRECT (tmpfs…): through the page cache.
-            let _ = fs::remove_file(&tmp);
-            let mut f = Paced::new(OpenOptions::new().write(true).create_new(true).open(&tmp)?, upload);
-            f.write_all(data)?;
-            f.into_inner().sync_all()
-        });
         match result {
             Ok(()) => Ok(tmp),
             Err(e) => {
@@ -86,6 +82,13 @@ fn write_direct(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::os::unix::fs::FileExt::write_all_at(&f, &staging, 0)?;
     f.set_len(data.len() as u64)?;
     f.sync_all()
+}
+
+/// Writes `data` to the new file `path` through the page cache, paced by `throttle`, and syncs it.
+fn write_buffered(path: &Path, data: &[u8], throttle: Option<&super::throttle::Throttle>) -> std::io::Result<()> {
+    let mut f = Paced::new(OpenOptions::new().write(true).create_new(true).open(path)?, throttle);
+    f.write_all(data)?;
+    f.into_inner().sync_all()
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
