@@ -22,9 +22,10 @@ use std::sync::Arc;
 
 use crate::backup::{BackupOptions, DiskJob};
 use crate::cache::IndexCache;
+use crate::diff::push_extent;
 use crate::error::{Error, Result};
 use crate::format::snapshot::{DiskManifest, Snapshot};
-use crate::format::{BlobId, ObjectId};
+use crate::format::{BlobId, ObjectId, SEGMENT_BLOCKS};
 use crate::progress::Counters;
 use crate::repository::Repository;
 use crate::serve::{RepositoryExports, ServeOptions};
@@ -262,44 +263,21 @@ fn plan_disk(
     disk: &DiskManifest,
     earlier: Option<&DiskManifest>,
 ) -> Result<DiskRead> {
-    let comparable = earlier.filter(|e| e.capacity == disk.capacity && e.block_size == disk.block_size);
     let bs = disk.block_size as u64;
-    let (mut allocated, mut changed) = (Vec::new(), Vec::new());
-    let mut first_block = 0u64;
+    let extent = |block: u64| Extent { start: block * bs, length: bs.min(disk.capacity - block * bs) };
+    if let Some(e) = earlier.filter(|e| e.capacity == disk.capacity && e.block_size == disk.block_size) {
+        let mut changed = Vec::new();
+        crate::diff::for_changed_blocks(repo, cache, e, disk, |block, _, _| push_extent(&mut changed, extent(block)))?;
+        return Ok(DiskRead::Changed(changed));
+    }
+    let mut allocated = Vec::new();
     for (k, seg) in disk.segments.iter().enumerate() {
-        let before = comparable.and_then(|e| e.segments.get(k));
-        if comparable.is_some() && before.map(|b| b.id) == Some(seg.id) {
-            // An unchanged segment: none of its blocks is read.
-            first_block += seg.blocks as u64;
-            continue;
-        }
-        let ids = crate::backup::load_segment(repo, cache, seg)?;
-        let old = match before {
-            Some(b) => Some(crate::backup::load_segment(repo, cache, b)?),
-            None => None,
-        };
-        for (i, id) in ids.iter().enumerate() {
-            let block = first_block + i as u64;
-            let range = Extent { start: block * bs, length: bs.min(disk.capacity - block * bs) };
-            match &old {
-                Some(o) if o.get(i) != Some(id) => push_extent(&mut changed, range),
-                None if comparable.is_some() => push_extent(&mut changed, range),
-                None if !id.is_zero_block() => push_extent(&mut allocated, range),
-                _ => {}
+        let first = (k * SEGMENT_BLOCKS) as u64;
+        for (i, id) in crate::backup::load_segment(repo, cache, seg)?.iter().enumerate() {
+            if !id.is_zero_block() {
+                push_extent(&mut allocated, extent(first + i as u64));
             }
         }
-        first_block += seg.blocks as u64;
     }
-    Ok(match comparable {
-        Some(_) => DiskRead::Changed(changed),
-        None => DiskRead::Allocated(allocated),
-    })
-}
-
-/// Appends `e` to `extents`, merging it with the last one when they touch.
-fn push_extent(extents: &mut Vec<Extent>, e: Extent) {
-    match extents.last_mut() {
-        Some(last) if last.end() == e.start => last.length += e.length,
-        _ => extents.push(e),
-    }
+    Ok(DiskRead::Allocated(allocated))
 }

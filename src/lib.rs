@@ -17,6 +17,7 @@
 //! | [`delta`] | new blocks stored as zstd deltas against a similar stored block: page features, base choice |
 //! | [`restore`] | restore of a snapshot disk to a file or block device, with verification |
 //! | [`serve`] | snapshot disks as NBD exports: block reads with a blob cache and read-ahead, write overlays |
+//! | [`diff`] | which blocks of a disk differ between two snapshots, from the manifests alone |
 //! | [`copy`] | snapshots of another repository stored in this one: read through [`serve`]'s disks, stored by [`backup`] |
 //! | [`check`] | repository integrity: structure, and every byte with `--read-data` |
 //! | [`forget`] | retention policies: which snapshots to keep and why; protection |
@@ -58,6 +59,7 @@ pub mod cli;
 pub mod copy;
 pub mod crypto;
 pub mod delta;
+pub mod diff;
 pub mod error;
 pub mod forget;
 pub mod format;

@@ -81,6 +81,69 @@ fn restore_to_standard_output_streams_the_disk_in_order() {
 }
 
 #[test]
+fn diff_lists_the_byte_ranges_that_changed_between_snapshots() {
+    let e = Env::with_repo();
+    let mut day0 = random_bytes(90, 8 * MIB);
+    day0[6 * MIB..7 * MIB].fill(0);
+    let mut day1 = day0.clone();
+    day1[MIB + 5..MIB + 15].copy_from_slice(b"ten bytes!"); // rewritten
+    day1[6 * MIB..7 * MIB].copy_from_slice(&random_bytes(91, MIB)); // allocated
+    day1[7 * MIB..8 * MIB].fill(0); // zeroed
+    day1.extend(random_bytes(92, MIB + 100)); // grown by a block and 100 bytes, both allocated
+    let snap = |data: &[u8], disks: &[&str]| -> String {
+        write(&e.path("d.raw"), data);
+        let mut args = vec!["--name".to_string(), "vm".to_string()];
+        args.extend(disks.iter().map(|d| format!("{d}={}", e.path("d.raw").display())));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        e.backup(&args)["snapshot"].as_str().unwrap().to_string()
+    };
+    let s0 = snap(&day0, &["d0"]);
+    let s1 = snap(&day1, &["d0"]);
+    let s2 = snap(&day1, &["d0", "d1"]);
+
+    let j = e.ok(&["diff", &s0[..8], &s1, "--json"]).json();
+    let d = &j["disks"][0];
+    assert_eq!((d["name"].as_str(), d["status"].as_str()), (Some("d0"), Some("changed")), "{j}");
+    assert_eq!(
+        (d["old_capacity"].as_u64(), d["new_capacity"].as_u64()),
+        (Some(8 * MIB as u64), Some(9 * MIB as u64 + 100))
+    );
+    assert_eq!(
+        (d["allocated_blocks"].as_u64(), d["zeroed_blocks"].as_u64(), d["rewritten_blocks"].as_u64()),
+        (Some(3), Some(1), Some(1)),
+        "{j}"
+    );
+    let mib = MIB as u64;
+    assert_eq!(
+        d["extents"],
+        serde_json::json!([{"start": mib, "length": mib}, {"start": 6 * mib, "length": 3 * mib + 100}])
+    );
+    assert_eq!(d["changed_bytes"], 4 * mib + 100);
+    let text = e.ok(&["diff", &s0, &s1]).stdout;
+    assert!(text.contains("d0: resized from") && text.contains("in 5 blocks and 2 ranges"), "{text}");
+    assert!(text.contains(&format!("bytes {}..{}", 6 * mib, 9 * mib + 100)), "{text}");
+
+    // A disk added; the same disk unchanged; the order of the arguments is the direction.
+    let j = e.ok(&["diff", &s1, &s2, "--json"]).json();
+    let status: Vec<(&str, &str)> = j["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["name"].as_str().unwrap(), d["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(status, [("d0", "unchanged"), ("d1", "added")]);
+    let j = e.ok(&["diff", &s2, &s1, "--disk", "d1", "--json"]).json();
+    assert_eq!(j["disks"][0]["status"], "removed");
+    let j = e.ok(&["diff", &s1, &s0, "--json"]).json();
+    assert_eq!(
+        (j["disks"][0]["allocated_blocks"].as_u64(), j["disks"][0]["zeroed_blocks"].as_u64()),
+        (Some(1), Some(3))
+    );
+    let r = e.fails(&["diff", &s0, &s1, "--disk", "nosuch"]);
+    assert!(r.stderr.contains("a disk \"nosuch\""), "{}", r.stderr);
+}
+
+#[test]
 fn sparse_source_is_skipped_and_restored_sparse() {
     let e = Env::with_repo();
     let path = e.path("sparse.raw");

@@ -5,6 +5,7 @@
 mod backup;
 mod check;
 mod copy;
+mod diff;
 mod forget;
 mod inspect;
 mod key;
@@ -114,6 +115,8 @@ enum Command {
     Copy(copy::CopyArgs),
     /// List snapshots.
     Snapshots(snapshots::SnapshotsArgs),
+    /// Which byte ranges of each disk differ between two snapshots (from the manifests; no data is read).
+    Diff(diff::DiffArgs),
     /// Manage the passwords (key files) that open the repository.
     #[command(subcommand)]
     Key(key::KeyCommand),
@@ -154,6 +157,7 @@ impl Command {
             Command::Check(_) => "check",
             Command::Copy(_) => "copy",
             Command::Snapshots(_) => "snapshots",
+            Command::Diff(_) => "diff",
             Command::Key(_) => "key",
             Command::Forget(_) => "forget",
             Command::Prune(_) => "prune",
@@ -406,6 +410,7 @@ pub fn main() -> i32 {
         Command::Restore(a) => restore::run(&g, a),
         Command::Serve(a) => serve::run(&g, a),
         Command::Snapshots(a) => snapshots::run(&g, a),
+        Command::Diff(a) => diff::run(&g, a),
         Command::Check(a) => check::run(&g, a),
         Command::Copy(a) => copy::run(&g, a),
         Command::Key(k) => key::run(&g, k),
