@@ -7,7 +7,7 @@
 //!
 //! Data (`--read-data`, or a subset): every selected pack is downloaded whole, its hash compared with its
 //! name, its header decrypted, and every blob authenticated, decompressed and re-hashed; delta blobs last,
-//! with their bases read ahead in batches (see [`check_deltas`]).
+//! with their bases read ahead in batches (see `check_deltas`).
 //!
 //! Problems are collected, not fatal: the report names the object, and for snapshots the disk and byte
 //! offset concerned.

@@ -3,7 +3,7 @@
 //! The disk is restored one manifest segment (4096 blocks) at a time. Within a segment, the blobs needed are
 //! grouped by pack and coalesced into ranged reads; a pool of fetchers reads them in parallel, authenticates
 //! and decompresses every blob, re-checks its id, and writes it at every offset that holds it. Delta blobs
-//! ([`crate::delta`]) come last, in batches whose bases are read ahead together ([`Bases`]). Zero blocks
+//! ([`crate::delta`]) come last, in batches whose bases are read ahead together (`Bases`). Zero blocks
 //! become holes in a fresh file (zeros are written on block devices). `verify` re-reads the target afterwards
 //! and compares every block's id with the manifest.
 

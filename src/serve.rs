@@ -485,7 +485,7 @@ impl Device for SnapshotDisk {
         Ok(out)
     }
 
-    /// `NBD_CMD_CACHE`: the range's blocks fetched in coalesced reads, [`PREFETCH_BATCH`] blocks at a time, up
+    /// `NBD_CMD_CACHE`: the range's blocks fetched in coalesced reads, `PREFETCH_BATCH` blocks at a time, up
     /// to half the blob cache (more would evict what this hint just fetched before the client reads it).
     fn prefetch(&self, offset: u64, len: u64) {
         let bs = self.block_size();

@@ -5,7 +5,7 @@
 //! - `InitEx` once per process, before any thread that uses the library, with thread-safe log callbacks that
 //!   go to `tracing` (the default callbacks are not thread-safe);
 //! - one thread owns connect, open, close, disconnect, `QueryAllocatedBlocks`, `PrepareForAccess` and
-//!   `EndAccess` ([`Library::on_owner`]); I/O on a handle happens on one thread at a time (`&mut`);
+//!   `EndAccess` (`Library::on_owner`); I/O on a handle happens on one thread at a time (`&mut`);
 //! - `PrepareForAccess` is always paired with `EndAccess`, also when anything in between fails ([`Disk`]'s drop);
 //! - reads are whole sectors; the tail of a disk that is not a multiple of the query chunk counts as allocated.
 //!
