@@ -164,7 +164,11 @@ impl Backend for LocalBackend {
         buf.clear();
         buf.reserve(len as usize);
         f.seek(SeekFrom::Start(offset))
-            .and_then(|_| Paced::new(f.take(len), self.limits.download.as_deref()).read_to_end(buf))
+            .and_then(|_| match self.limits.download.as_deref() {
+                // Unpaced, `Take` tells read_to_end its length: one read of the whole range.
+                None => f.take(len).read_to_end(buf),
+                throttle => Paced::new(f.take(len), throttle).read_to_end(buf),
+            })
             .map_err(|e| Error::backend("read", name, io_cause(&e)))?;
         if buf.len() as u64 != len {
             return Err(Error::corrupt(
