@@ -102,6 +102,10 @@ pub struct CheckReport {
     pub affected: Vec<AffectedDisk>,
     /// Packs in which a problem was found, sorted (input to `repair packs`).
     pub damaged_packs: Vec<ObjectId>,
+    /// With data read: packs no check has verified yet (after this one), and when the least recently
+    /// verified of the others was verified (its clock, seconds since the epoch).
+    pub never_verified: usize,
+    pub oldest_verification: Option<i64>,
 }
 
 impl CheckReport {
@@ -111,6 +115,19 @@ impl CheckReport {
 }
 
 pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result<CheckReport> {
+    run_within(repo, subset, None, counters)
+}
+
+/// [`run`], reading data for at most `budget`: the selected packs are read least recently verified first, and
+/// those not begun when the budget is spent are left for the next check (their headers are still checked
+/// against the index).
+pub fn run_within(
+    repo: &Repository,
+    subset: DataSubset,
+    budget: Option<std::time::Duration>,
+    counters: &Counters,
+) -> Result<CheckReport> {
+    let deadline = budget.map(|b| std::time::Instant::now() + b);
     let mut report = CheckReport::default();
     let backend = repo.backend();
     // Prune waits for this session before it deletes packs it has dropped from the index.
@@ -211,7 +228,8 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
             let Some(&size) = pack_sizes.get(id) else {
                 return problem(format!("{name}: indexed but missing ({} blobs lost)", p.entries.len()));
             };
-            if subset == DataSubset::All {
+            // A full data pass reads every header with its pack; one on a budget may not get to every pack.
+            if subset == DataSubset::All && deadline.is_none() {
                 return None;
             }
             match repo.read_pack_header(id, size) {
@@ -247,7 +265,11 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
             Err(e) => report.warnings.push(e.to_string()),
         }
     }
-    let selected = select_packs(subset, &pack_sizes, &last_verified);
+    let mut selected = select_packs(subset, &pack_sizes, &last_verified);
+    if deadline.is_some() {
+        // What the budget leaves out should be what was verified most recently.
+        selected.sort_by_key(|(id, _)| (last_verified.get(id).copied().unwrap_or(i64::MIN), *id));
+    }
     counters.add_total(selected.iter().map(|(_, s)| s).sum());
     // More readers than cores: a pack's download overlaps the checking of others.
     let pool = rayon::ThreadPoolBuilder::new()
@@ -255,41 +277,56 @@ pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result
         .thread_name(|i| format!("check-{i}"))
         .build()
         .map_err(|e| Error::invalid(format!("thread pool: {e}")))?;
-    let data_problems: Vec<Problem> = pool.install(|| -> Result<Vec<Problem>> {
-        let (mut problems, deltas): (Vec<Problem>, Vec<(ObjectId, PackEntry)>) = selected
-            .par_iter()
-            .map(|(id, size)| {
-                if crate::util::interrupted() {
-                    return (Vec::new(), Vec::new());
-                }
-                let (p, deltas) = check_pack_data(repo, id, *size, indexed.get(id), &locator);
-                counters.add_done(*size);
-                (p, deltas.into_iter().map(|e| (*id, e)).collect())
-            })
-            .reduce(
-                || (Vec::new(), Vec::new()),
-                |mut a, b| {
-                    a.0.extend(b.0);
-                    a.1.extend(b.1);
-                    a
-                },
-            );
-        problems.extend(check_deltas(repo, &locator, deltas)?);
-        Ok(problems)
+    // Readers take the selected packs in order, each until none is left or the budget is spent.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let read_one = |_| {
+        let mut out = DataPass::default();
+        loop {
+            if crate::util::interrupted() || deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return out;
+            }
+            let Some(&(id, size)) = selected.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) else {
+                return out;
+            };
+            let (p, deltas) = check_pack_data(repo, &id, size, indexed.get(&id), &locator);
+            counters.add_done(size);
+            out.problems.extend(p);
+            out.deltas.extend(deltas.into_iter().map(|e| (id, e)));
+            out.read.push((id, size));
+        }
+    };
+    let (data_problems, read): (Vec<Problem>, Vec<(ObjectId, u64)>) = pool.install(|| -> Result<_> {
+        let mut pass =
+            (0..pool.current_num_threads()).into_par_iter().map(read_one).reduce(DataPass::default, |mut a, b| {
+                a.problems.extend(b.problems);
+                a.deltas.extend(b.deltas);
+                a.read.extend(b.read);
+                a
+            });
+        pass.problems.extend(check_deltas(repo, &locator, pass.deltas)?);
+        Ok((pass.problems, pass.read))
     })?;
     // Interrupted: nothing is reported (nor recorded as verified) from a partial read.
     if crate::util::interrupted() {
         return Err(Error::Interrupted);
     }
-    report.packs_read = selected.len();
-    report.bytes_read = selected.iter().map(|(_, s)| s).sum();
+    report.packs_read = read.len();
+    report.bytes_read = read.iter().map(|(_, s)| s).sum();
+    let failed: HashSet<ObjectId> = data_problems.iter().map(|p| p.pack).collect();
+    if subset != DataSubset::None {
+        let now = crate::util::now_secs();
+        let verified_now: HashSet<ObjectId> =
+            read.iter().map(|(id, _)| *id).filter(|id| !failed.contains(id)).collect();
+        let last = |id: &ObjectId| if verified_now.contains(id) { Some(now) } else { last_verified.get(id).copied() };
+        report.never_verified = pack_sizes.keys().filter(|id| last(id).is_none()).count();
+        report.oldest_verification = pack_sizes.keys().filter_map(last).min();
+    }
+    if !read.is_empty() {
+        record_verification(repo, &read, &failed, &record_ids, last_verified)?;
+    }
 
     let mut bad_packs: HashSet<ObjectId> = HashSet::new();
     let mut bad_blobs: HashSet<BlobId> = HashSet::new();
-    if !selected.is_empty() {
-        let failed: HashSet<ObjectId> = data_problems.iter().map(|p| p.pack).collect();
-        record_verification(repo, &selected, &failed, &record_ids, last_verified)?;
-    }
     for p in header_problems.into_iter().chain(base_problems).chain(data_problems) {
         report.damaged_packs.push(p.pack);
         match p.damage {
@@ -433,6 +470,14 @@ fn record_verification(
         repo.backend().delete(&names::verified(id))?;
     }
     Ok(())
+}
+
+/// What the readers of the data pass found: problems, delta blobs left for [`check_deltas`], packs read.
+#[derive(Default)]
+struct DataPass {
+    problems: Vec<Problem>,
+    deltas: Vec<(ObjectId, PackEntry)>,
+    read: Vec<(ObjectId, u64)>,
 }
 
 struct Problem {

@@ -45,6 +45,45 @@ fn subsets_read_the_requested_fraction() {
     }
 }
 
+/// "N of M packs never verified" from check's output.
+fn never_verified(stdout: &str) -> usize {
+    let i = stdout.find("verification: ").expect("no verification line in the output");
+    stdout[i + 14..].split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_time_budget_reads_the_least_recently_verified_first_and_coverage_is_reported() {
+    let e = Env::new();
+    setup(&e);
+    let total = e.objects("packs").len();
+    let quarter = total.div_ceil(4);
+    let r = e.ok(&["check", "--read-data-subset", "1/4"]);
+    assert_eq!(never_verified(&r.stdout), total - quarter, "{}", r.stdout);
+
+    // At 2 MiB/s the readers get through a few 1 MiB packs before a 1 s budget is spent; the rest waits.
+    let r = e.ok(&["check", "--read-data", "--max-duration", "1s", "--limit-download", "2M"]);
+    let k = packs_read(&r.stdout);
+    assert!(k >= 1 && k <= total - quarter, "a 1 s budget read {k} of {total} packs: {}", r.stdout);
+    // Those were packs never verified before, not the quarter verified a moment ago.
+    assert_eq!(never_verified(&r.stdout), total - quarter - k, "{}", r.stdout);
+
+    // Without a tight budget everything is read, and the coverage is complete.
+    let metrics = e.path("check.prom");
+    let r = e.ok(&["check", "--read-data", "--max-duration", "1h", "--metrics-file", metrics.to_str().unwrap()]);
+    assert_eq!(packs_read(&r.stdout), total);
+    assert_eq!(never_verified(&r.stdout), 0, "{}", r.stdout);
+    let prom = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        prom.lines().any(|l| l.starts_with("diskvault_check_packs_never_verified{") && l.ends_with(" 0")),
+        "{prom}"
+    );
+    assert!(prom.contains("diskvault_check_oldest_verification_timestamp_seconds"), "{prom}");
+
+    let r = e.run(&["check", "--max-duration", "1h"]);
+    assert_ne!(r.code, 0, "a budget without data to read was accepted");
+    assert!(r.stderr.contains("--read-data"), "{}", r.stderr);
+}
+
 #[test]
 fn flipped_byte_in_data_pack_is_found_by_read_data_only() {
     let e = Env::new();

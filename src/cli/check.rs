@@ -16,6 +16,10 @@ pub struct CheckArgs {
     /// Read and verify a subset of the packs: `n/m` (part n of m, by pack id) or `x%`.
     #[arg(long, value_parser = DataSubset::parse)]
     read_data_subset: Option<DataSubset>,
+    /// Read data for at most this long (e.g. 45min, 2h), least recently verified packs first; the rest is
+    /// left for the next check. With --read-data or --read-data-subset.
+    #[arg(long, value_name = "DURATION", value_parser = crate::forget::parse_duration)]
+    max_duration: Option<i64>,
 }
 
 pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
@@ -26,10 +30,14 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
         (false, Some(s)) => s,
         (false, None) => DataSubset::None,
     };
+    if args.max_duration.is_some() && subset == DataSubset::None {
+        return Err(Error::invalid("--max-duration limits reading data: give --read-data or --read-data-subset"));
+    }
+    let budget = args.max_duration.map(|s| std::time::Duration::from_secs(s as u64));
     let counters = Arc::new(Counters::default());
     let report = {
         let _r = Reporter::start("check", counters.clone(), g.progress);
-        check::run(&repo, subset, &counters)?
+        check::run_within(&repo, subset, budget, &counters)?
     };
     {
         use crate::metrics::gauge;
@@ -44,6 +52,22 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
         gauge("diskvault_check_packs", "Packs in the repository's index.", &[], report.packs as f64);
         gauge("diskvault_check_packs_read", "Packs read and verified byte for byte.", &[], report.packs_read as f64);
         gauge("diskvault_check_bytes_read", "Bytes of packs read and verified.", &[], report.bytes_read as f64);
+        if subset != DataSubset::None {
+            gauge(
+                "diskvault_check_packs_never_verified",
+                "Packs that no check has read and verified yet.",
+                &[],
+                report.never_verified as f64,
+            );
+            if let Some(t) = report.oldest_verification {
+                gauge(
+                    "diskvault_check_oldest_verification_timestamp_seconds",
+                    "When the least recently verified pack was last read and verified.",
+                    &[],
+                    t as f64,
+                );
+            }
+        }
     }
     for w in &report.warnings {
         eprintln!("warning: {w}");
@@ -63,6 +87,13 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
             String::new()
         }
     );
+    if subset != DataSubset::None {
+        let oldest = report.oldest_verification.map(crate::util::format_utc).unwrap_or_else(|| "never".into());
+        println!(
+            "verification: {} of {} packs never verified; the least recently verified on {oldest} (UTC)",
+            report.never_verified, report.packs
+        );
+    }
     if report.is_healthy() {
         println!("no errors found");
         Ok(())
