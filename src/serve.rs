@@ -520,6 +520,30 @@ struct Overlay {
 
 const OVERLAY_MAP_MAGIC: &[u8; 8] = b"DVOVMAP1";
 
+/// Decodes a kept overlay's map file (see the module docs) made for a disk of `capacity` bytes in blocks of
+/// `block_size`: its bitmap of the blocks the overlay holds, one bit per block. A local file read back at
+/// start, so every damage is an error, never a panic (fuzzed: `fuzz/fuzz_targets/overlay_map.rs`).
+pub fn decode_overlay_map(bytes: &[u8], capacity: u64, block_size: u64) -> std::result::Result<Vec<u64>, String> {
+    let words = capacity.div_ceil(block_size.max(1)).div_ceil(64) as usize;
+    let body_len = words.checked_mul(8).and_then(|n| n.checked_add(24)).ok_or("the disk is too large for a map")?;
+    if bytes.len() != body_len + 32 {
+        return Err(format!("{} bytes where {} were expected", bytes.len(), body_len + 32));
+    }
+    let (body, hash) = bytes.split_at(body_len);
+    if blake3::hash(body).as_bytes() != hash || &body[..8] != OVERLAY_MAP_MAGIC {
+        return Err("damaged (checksum or magic)".into());
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8 bytes"));
+    if (u64_at(8), u64_at(16)) != (capacity, block_size) {
+        return Err(format!(
+            "made for a disk of {} bytes in blocks of {}, not {capacity} in blocks of {block_size}",
+            u64_at(8),
+            u64_at(16)
+        ));
+    }
+    Ok((0..words).map(|k| u64_at(24 + 8 * k)).collect())
+}
+
 /// Blocks an `NBD_CMD_CACHE` hint fetches per round of coalesced reads.
 const PREFETCH_BATCH: u64 = 32;
 
@@ -554,7 +578,7 @@ impl Overlay {
         let map_path = path.with_extension("map");
         let words = capacity.div_ceil(block_size).div_ceil(64) as usize;
         let present = match std::fs::read(&map_path) {
-            Ok(bytes) => Self::decode_map(&bytes, capacity, block_size, words)
+            Ok(bytes) => decode_overlay_map(&bytes, capacity, block_size)
                 .map_err(|e| Error::local(&map_path, format!("overlay map: {e}")))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![0; words],
             Err(e) => return Err(Error::local(&map_path, format!("overlay map: {e}"))),
@@ -579,26 +603,6 @@ impl Overlay {
             write_lock: Mutex::new(()),
             map: Some((map_path, capacity, block_size)),
         })
-    }
-
-    fn decode_map(bytes: &[u8], capacity: u64, block_size: u64, words: usize) -> std::result::Result<Vec<u64>, String> {
-        let body_len = 24 + words * 8;
-        if bytes.len() != body_len + 32 {
-            return Err(format!("{} bytes where {} were expected", bytes.len(), body_len + 32));
-        }
-        let (body, hash) = bytes.split_at(body_len);
-        if blake3::hash(body).as_bytes() != hash || &body[..8] != OVERLAY_MAP_MAGIC {
-            return Err("damaged (checksum or magic)".into());
-        }
-        let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8 bytes"));
-        if (u64_at(8), u64_at(16)) != (capacity, block_size) {
-            return Err(format!(
-                "made for a disk of {} bytes in blocks of {}, not {capacity} in blocks of {block_size}",
-                u64_at(8),
-                u64_at(16)
-            ));
-        }
-        Ok((0..words).map(|k| u64_at(24 + 8 * k)).collect())
     }
 
     /// Makes the writes so far durable: the data, then (for a kept overlay) the map naming it.
@@ -757,6 +761,17 @@ mod tests {
         assert!((0..130).all(|b| !other.has(b)));
         let e = Overlay::open_kept(dir.path(), &snapshot, "scsi0:1", capacity + bs, bs).err().unwrap().to_string();
         assert!(e.contains("overlay map") && e.contains("made for a disk of 136314880 bytes"), "{e}");
+    }
+
+    /// The seeds of `fuzz/fuzz_targets/overlay_map.rs` are valid maps, so the fuzzer starts past the checksum.
+    #[test]
+    fn the_fuzz_seed_maps_decode() {
+        let seed = |name: &str| std::fs::read(format!("{}/fuzz/corpus/overlay_map/{name}", env!("CARGO_MANIFEST_DIR")));
+        let words = decode_overlay_map(&seed("map-130m").unwrap(), 130 << 20, 1 << 20).unwrap();
+        assert_eq!(words, [0x8000000000000001, 3, 2]);
+        assert_eq!(decode_overlay_map(&seed("map-4k").unwrap(), 4096, 4096).unwrap(), [1]);
+        assert!(decode_overlay_map(&seed("map-empty").unwrap(), 0, 1 << 20).unwrap().is_empty());
+        assert!(decode_overlay_map(&seed("map-4k").unwrap(), 8192, 4096).is_err());
     }
 
     #[test]
