@@ -22,10 +22,10 @@ use std::sync::Arc;
 
 use crate::backup::{BackupOptions, DiskJob};
 use crate::cache::IndexCache;
-use crate::diff::push_extent;
+use crate::diff::{block_extent, push_extent};
 use crate::error::{Error, Result};
 use crate::format::snapshot::{DiskManifest, Snapshot};
-use crate::format::{BlobId, ObjectId, SEGMENT_BLOCKS};
+use crate::format::{BlobId, ObjectId};
 use crate::progress::Counters;
 use crate::repository::Repository;
 use crate::serve::{RepositoryExports, ServeOptions};
@@ -240,13 +240,6 @@ pub fn copy(
     Ok(out)
 }
 
-/// The extents of `disk` whose blocks are not all-zero (from its manifest).
-pub(crate) fn allocated_extents(repo: &Repository, cache: &IndexCache, disk: &DiskManifest) -> Result<Vec<Extent>> {
-    match plan_disk(repo, cache, disk, None)? {
-        DiskRead::Allocated(extents) | DiskRead::Changed(extents) => Ok(extents),
-    }
-}
-
 /// What a copy reads of one disk.
 enum DiskRead {
     /// The allocated (non-zero) extents: a full copy.
@@ -264,20 +257,12 @@ fn plan_disk(
     earlier: Option<&DiskManifest>,
 ) -> Result<DiskRead> {
     let bs = disk.block_size as u64;
-    let extent = |block: u64| Extent { start: block * bs, length: bs.min(disk.capacity - block * bs) };
     if let Some(e) = earlier.filter(|e| e.capacity == disk.capacity && e.block_size == disk.block_size) {
         let mut changed = Vec::new();
-        crate::diff::for_changed_blocks(repo, cache, e, disk, |block, _, _| push_extent(&mut changed, extent(block)))?;
+        crate::diff::for_changed_blocks(repo, cache, e, disk, |block, _, _| {
+            push_extent(&mut changed, block_extent(block, bs, disk.capacity))
+        })?;
         return Ok(DiskRead::Changed(changed));
     }
-    let mut allocated = Vec::new();
-    for (k, seg) in disk.segments.iter().enumerate() {
-        let first = (k * SEGMENT_BLOCKS) as u64;
-        for (i, id) in crate::backup::load_segment(repo, cache, seg)?.iter().enumerate() {
-            if !id.is_zero_block() {
-                push_extent(&mut allocated, extent(first + i as u64));
-            }
-        }
-    }
-    Ok(DiskRead::Allocated(allocated))
+    Ok(DiskRead::Allocated(crate::diff::allocated_extents(repo, cache, disk)?))
 }

@@ -46,6 +46,23 @@ pub fn for_changed_blocks(
     Ok(())
 }
 
+/// The extents of `disk` whose blocks are not all-zero: where it differs from an empty disk. `copy` reads
+/// these of a full copy, `restore --target -` fetches them ahead.
+pub fn allocated_extents(repo: &Repository, cache: &IndexCache, disk: &DiskManifest) -> Result<Vec<Extent>> {
+    let bs = disk.block_size as u64;
+    let mut allocated = Vec::new();
+    for (k, seg) in disk.segments.iter().enumerate() {
+        let first = (k * SEGMENT_BLOCKS) as u64;
+        for (i, id) in crate::backup::load_segment(repo, cache, seg)?.iter().enumerate() {
+            if !id.is_zero_block() {
+                let block = first + i as u64;
+                push_extent(&mut allocated, block_extent(block, bs, disk.capacity));
+            }
+        }
+    }
+    Ok(allocated)
+}
+
 /// How a disk changed between two snapshots.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct DiskDiff {
@@ -98,9 +115,14 @@ pub fn diff_disk(
             (_, true) => d.zeroed_blocks += 1,
             _ => d.rewritten_blocks += 1,
         }
-        push_extent(&mut d.extents, Extent { start: block * bs, length: bs.min(end - block * bs) });
+        push_extent(&mut d.extents, block_extent(block, bs, end));
     })?;
     Ok(Some(d))
+}
+
+/// The bytes of `block` (of `block_size`) on a disk that ends at `end`.
+pub(crate) fn block_extent(block: u64, block_size: u64, end: u64) -> Extent {
+    Extent { start: block * block_size, length: block_size.min(end - block * block_size) }
 }
 
 /// Appends `e` to `extents`, merging it with the last one when they touch.

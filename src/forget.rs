@@ -83,39 +83,6 @@ impl GroupBy {
     }
 }
 
-/// Parses a duration in seconds: `30d`, `12h`, `2w`, `6m` (30-day months), `1y` (365 days), `45min`, `90s`,
-/// or combinations like `1y6m` and `1h30min`.
-pub fn parse_duration(s: &str) -> std::result::Result<i64, String> {
-    let bad = || format!("{s:?}: expected a duration like 30d, 12h, 2w, 6m, 1y, 45min or 90s");
-    let mut total = 0i64;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-        let n: i64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "s" => 1,
-            "min" => 60,
-            "h" => 3600,
-            "d" => 86400,
-            "w" => 7 * 86400,
-            "m" => 30 * 86400,
-            "y" => 365 * 86400,
-            u => return Err(format!("{s:?}: unknown unit {u:?} (use s, min, h, d, w, m for months, y)")),
-        };
-        total = n.checked_mul(unit).and_then(|v| total.checked_add(v)).ok_or_else(bad)?;
-        rest = &rest[unit_len..];
-    }
-    if total == 0 {
-        return Err(bad());
-    }
-    Ok(total)
-}
-
 /// Maps a time (Unix seconds) to the number of its period (hour, day, week…).
 type PeriodOf = fn(i64) -> i64;
 
@@ -291,18 +258,5 @@ mod tests {
             kept(&decide(&snaps, &Policy { last: 1, ..Default::default() }, GroupBy::HOST, &HashSet::new())),
             vec![3]
         );
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("1y6m").unwrap(), 365 * 86400 + 180 * 86400);
-        assert_eq!(parse_duration("12h").unwrap(), 43200);
-        assert!(parse_duration("5").is_err());
-        assert!(parse_duration("3x").is_err());
-        assert_eq!(parse_duration("1h30min").unwrap(), 5400);
-        assert_eq!(parse_duration("90s").unwrap(), 90);
-        for bad in ["", "h", "0d", "5 d", "1.5h", "99999999999999999999y"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
-        }
     }
 }

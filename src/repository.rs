@@ -421,9 +421,18 @@ impl Repository {
 
     /// Resolves a snapshot reference: a full id, a unique id prefix, or `latest` (optionally within a source).
     pub fn find_snapshot(&self, reference: &str, source: Option<&str>) -> Result<(ObjectId, Snapshot)> {
+        self.find_snapshot_matching(
+            reference,
+            &SnapshotFilter { source: source.map(String::from), ..Default::default() },
+        )
+    }
+
+    /// [`Repository::find_snapshot`], where `latest` is the latest snapshot `filter` selects.
+    pub fn find_snapshot_matching(&self, reference: &str, filter: &SnapshotFilter) -> Result<(ObjectId, Snapshot)> {
         if reference == "latest" {
-            return self.list_snapshots_of(source)?.pop().ok_or_else(|| {
-                Error::invalid(match source {
+            return self.list_snapshots_matching(filter)?.pop().ok_or_else(|| {
+                Error::invalid(match &filter.source {
+                    _ if filter.hosts.len() + filter.tag_sets.len() > 0 => "no snapshot matches the filters".into(),
                     Some(src) => format!("no snapshot of source {src:?}"),
                     None => "the repository has no snapshots".into(),
                 })

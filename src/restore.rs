@@ -370,7 +370,7 @@ pub fn stream_disk(
     cache.sync(&repo)?;
     counters.add_total(disk.capacity);
     let bs = disk.block_size as u64;
-    let allocated = crate::copy::allocated_extents(&repo, &cache, disk)?;
+    let allocated = crate::diff::allocated_extents(&repo, &cache, disk)?;
     let exports = crate::serve::RepositoryExports::new(
         repo,
         cache,

@@ -177,8 +177,7 @@ impl RepositoryExports {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             // `diskvault-overlay-<snapshot hex>-<disk hex>`; maps and temporaries have an extension.
-            let Some((snapshot, _disk)) = name.strip_prefix("diskvault-overlay-").and_then(|r| r.split_once('-'))
-            else {
+            let Some((snapshot, _disk)) = name.strip_prefix(OVERLAY_PREFIX).and_then(|r| r.split_once('-')) else {
                 continue;
             };
             if name.contains('.') {
@@ -519,6 +518,9 @@ struct Overlay {
 }
 
 const OVERLAY_MAP_MAGIC: &[u8; 8] = b"DVOVMAP1";
+/// Overlay files are `<prefix><16 hex random>` (temporary, unlinked at once) or `<prefix><snapshot hex>-<disk
+/// name hex>` (kept).
+const OVERLAY_PREFIX: &str = "diskvault-overlay-";
 
 /// Decodes a kept overlay's map file (see the module docs) made for a disk of `capacity` bytes in blocks of
 /// `block_size`: its bitmap of the blocks the overlay holds, one bit per block. A local file read back at
@@ -551,7 +553,7 @@ impl Overlay {
     fn create(dir: &Path, capacity: u64, block_size: u64) -> Result<Overlay> {
         let mut random = [0u8; 8];
         getrandom::fill(&mut random).map_err(|e| Error::invalid(format!("no randomness: {e}")))?;
-        let path = dir.join(format!("diskvault-overlay-{}", hex::encode(random)));
+        let path = dir.join(format!("{OVERLAY_PREFIX}{}", hex::encode(random)));
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -574,7 +576,7 @@ impl Overlay {
 
     /// The kept overlay of `disk` of `snapshot` in `dir`, continued if it exists (see the module docs).
     fn open_kept(dir: &Path, snapshot: &ObjectId, disk: &str, capacity: u64, block_size: u64) -> Result<Overlay> {
-        let path = dir.join(format!("diskvault-overlay-{}-{}", snapshot.hex(), hex::encode(disk)));
+        let path = dir.join(format!("{OVERLAY_PREFIX}{}-{}", snapshot.hex(), hex::encode(disk)));
         let map_path = path.with_extension("map");
         let words = capacity.div_ceil(block_size).div_ceil(64) as usize;
         let present = match std::fs::read(&map_path) {

@@ -14,9 +14,15 @@ fn setup(e: &Env) {
     }
 }
 
+/// The number after the first `marker` in check's output.
+fn number_after(stdout: &str, marker: &str) -> usize {
+    let i = stdout.find(marker).unwrap_or_else(|| panic!("no {marker:?} in the output: {stdout}"));
+    stdout[i + marker.len()..].split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// "read N packs".
 fn packs_read(stdout: &str) -> usize {
-    let i = stdout.find("read ").expect("no 'read N packs' in the output");
-    stdout[i + 5..].split_whitespace().next().unwrap().parse().unwrap()
+    number_after(stdout, "read ")
 }
 
 #[test]
@@ -45,10 +51,9 @@ fn subsets_read_the_requested_fraction() {
     }
 }
 
-/// "N of M packs never verified" from check's output.
+/// "verification: N of M packs never verified".
 fn never_verified(stdout: &str) -> usize {
-    let i = stdout.find("verification: ").expect("no verification line in the output");
-    stdout[i + 14..].split_whitespace().next().unwrap().parse().unwrap()
+    number_after(stdout, "verification: ")
 }
 
 #[test]

@@ -192,6 +192,14 @@ fn host_and_tag_filters_select_what_snapshots_forget_and_copy_consider() {
     let from: Vec<String> =
         r.json()["copied"].as_array().unwrap().iter().map(|c| c["from"].as_str().unwrap().to_string()).collect();
     assert_eq!(from, of(&[2, 4]));
+    // `latest` is the latest the filters select (of esx2: 4), not the repository's latest (5).
+    let dest = Env::new();
+    dest.ok(&["init"]);
+    let mut c = dest.command(&["copy", "--json", "--from-repo", &e.location(), "--host", "esx2", "latest"]);
+    c.env("DISKVAULT_FROM_PASSWORD", &e.password);
+    let r = Run::of(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["copied"][0]["from"], ids[4].as_str());
 }
 
 #[test]

@@ -1044,6 +1044,13 @@ fn restore_writes_qcow2_and_vmdk_for_other_tools() {
     }
 }
 
+/// `env`'s repository served in this process (for tests that count reads or look at overlays directly).
+fn exports_in_process(env: &Env, opts: diskvault::serve::ServeOptions) -> diskvault::serve::RepositoryExports {
+    let repo = env.open_repo();
+    let cache = std::sync::Arc::new(diskvault::cache::IndexCache::open(&repo, &env.cache()).unwrap().0);
+    diskvault::serve::RepositoryExports::new(repo, cache, opts)
+}
+
 /// `NBD_CMD_CACHE` on a snapshot export: the hinted range is fetched in coalesced ranged reads of the packs,
 /// and reading it afterwards goes to no pack again (in-process, to count the reads).
 #[test]
@@ -1054,10 +1061,8 @@ fn a_cache_hint_fetches_its_range_in_few_reads() {
     write(&e.path("d.raw"), &data);
     e.backup(&["--name", "vm", e.path("d.raw").to_str().unwrap()]);
 
-    let repo = e.open_repo();
-    let (id, snap) = repo.find_snapshot("latest", None).unwrap();
-    let cache = std::sync::Arc::new(diskvault::cache::IndexCache::open(&repo, &e.cache()).unwrap().0);
-    let exports = diskvault::serve::RepositoryExports::new(repo, cache, Default::default());
+    let exports = exports_in_process(&e, Default::default());
+    let (id, snap) = exports.repository().find_snapshot("latest", None).unwrap();
     // No read-ahead of its own: what is fetched ahead is what the hint asked for.
     let disk = exports.disk(&id, &snap.disks[0], 1).unwrap();
     disk.prefetch(0, data.len() as u64);
@@ -1078,17 +1083,15 @@ fn a_cache_hint_fetches_its_range_in_few_reads() {
 #[test]
 fn kept_overlays_of_forgotten_snapshots_are_reported_not_deleted() {
     use diskvault::nbd::server::Device;
-    use diskvault::serve::{RepositoryExports, ServeOptions};
+    use diskvault::serve::ServeOptions;
     let env = Env::with_repo();
     let (_, old) = backed_up_disk(&env, 31);
     let (_, new) = backed_up_disk(&env, 32);
     let dir = env.path("overlays");
     std::fs::create_dir(&dir).unwrap();
     let exports = || {
-        let repo = env.open_repo();
-        let cache = std::sync::Arc::new(diskvault::cache::IndexCache::open(&repo, &env.cache()).unwrap().0);
         let opts = ServeOptions { writable: true, keep_overlays: true, overlay_dir: dir.clone(), ..Default::default() };
-        RepositoryExports::new(repo, cache, opts)
+        exports_in_process(&env, opts)
     };
     let e = exports();
     for id in [&old, &new] {

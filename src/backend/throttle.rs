@@ -33,10 +33,15 @@ impl Throttle {
     /// Takes `n` bytes from the bucket; returns how long the caller must wait before it moves more (the
     /// bucket goes into debt, so concurrent callers queue up behind each other in order).
     pub fn reserve(&self, n: usize) -> Duration {
+        self.reserve_at(n, Instant::now())
+    }
+
+    /// [`Throttle::reserve`] at the time `now` (not before the last call's).
+    fn reserve_at(&self, n: usize, now: Instant) -> Duration {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
         let (available, last) = *s;
-        let available = (available + now.duration_since(last).as_secs_f64() * self.bytes_per_sec).min(self.burst);
+        let available =
+            (available + now.saturating_duration_since(last).as_secs_f64() * self.bytes_per_sec).min(self.burst);
         let left = available - n as f64;
         *s = (left, now);
         if left >= 0.0 {
@@ -156,11 +161,19 @@ mod tests {
     #[test]
     fn the_bucket_goes_into_debt_and_refills_at_its_rate() {
         let t = Throttle::new(1 << 20);
+        let t0 = t.state.lock().unwrap().1;
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let close = |d: Duration, ms: f64| (d.as_secs_f64() * 1000.0 - ms).abs() < 0.01;
         // The burst (a piece or an eighth of a second, here 128 KiB) is free; beyond it, the debt is waited out.
-        assert_eq!(t.reserve(128 << 10), Duration::ZERO);
-        let wait = t.reserve(512 << 10);
-        assert!(wait >= Duration::from_millis(480) && wait <= Duration::from_millis(500), "{wait:?}");
-        // The next caller queues behind the debt.
-        assert!(t.reserve(PIECE) > wait);
+        assert_eq!(t.reserve_at(128 << 10, at(0)), Duration::ZERO);
+        let wait = t.reserve_at(512 << 10, at(0));
+        assert!(close(wait, 500.0), "{wait:?}");
+        // The next caller queues behind the debt: 64 KiB more is 62.5 ms more.
+        assert!(close(t.reserve_at(PIECE, at(0)), 562.5));
+        // Time pays it back at the rate: 562.5 ms later the bucket is even, and an idle second refills only
+        // the burst, not a second's worth.
+        assert_eq!(t.reserve_at(0, at(563)), Duration::ZERO);
+        assert_eq!(t.reserve_at(128 << 10, at(1563)), Duration::ZERO);
+        assert!(close(t.reserve_at(128 << 10, at(1563)), 125.0));
     }
 }

@@ -18,7 +18,7 @@ pub struct CheckArgs {
     read_data_subset: Option<DataSubset>,
     /// Read data for at most this long (e.g. 45min, 2h), least recently verified packs first; the rest is
     /// left for the next check. With --read-data or --read-data-subset.
-    #[arg(long, value_name = "DURATION", value_parser = crate::forget::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::util::parse_duration)]
     max_duration: Option<i64>,
 }
 

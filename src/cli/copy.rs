@@ -36,7 +36,8 @@ pub struct CopyArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
-    /// Snapshots to copy (id, prefix or `latest`); default: every snapshot the filters select.
+    /// Snapshots to copy (id, prefix, or `latest`: the latest the filters select); default: every snapshot the
+    /// filters select.
     #[arg(value_name = "SNAPSHOT")]
     snapshots: Vec<String>,
 }
@@ -61,11 +62,12 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
         return Err(Error::invalid("the source and the destination are the same repository"));
     }
     let mut wanted = Vec::new();
+    let filter = args.filter.filter();
     if args.snapshots.is_empty() {
-        wanted = src.list_snapshots_matching(&args.filter.filter())?;
+        wanted = src.list_snapshots_matching(&filter)?;
     } else {
         for s in &args.snapshots {
-            let found = src.find_snapshot(s, args.filter.name.as_deref())?;
+            let found = src.find_snapshot_matching(s, &filter)?;
             if !wanted.iter().any(|(id, _)| *id == found.0) {
                 wanted.push(found);
             }

@@ -26,7 +26,7 @@ pub struct ForgetArgs {
     #[arg(long, default_value_t = 0)]
     keep_yearly: u32,
     /// Keep snapshots younger than this before the newest of their group (e.g. 14d, 6m, 1y2m).
-    #[arg(long, value_parser = forget::parse_duration)]
+    #[arg(long, value_parser = crate::util::parse_duration)]
     keep_within: Option<i64>,
     /// Keep snapshots with this tag (repeatable).
     #[arg(long = "keep-tag")]

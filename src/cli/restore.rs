@@ -194,21 +194,7 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
     }
     let target = final_target;
     let secs = started.elapsed().as_secs_f64();
-    {
-        use crate::metrics::gauge;
-        let l = [("disk", disk.name.as_str())];
-        gauge("diskvault_restore_duration_seconds", "Wall time of the restore.", &l, secs);
-        gauge("diskvault_restore_disk_capacity_bytes", "Capacity of the restored disk.", &l, disk.capacity as f64);
-        gauge("diskvault_restore_bytes_written", "Bytes written to the target.", &l, stats.bytes_written as f64);
-        gauge("diskvault_restore_bytes_fetched", "Bytes read from the repository.", &l, stats.bytes_fetched as f64);
-        let damaged: u64 = stats.damaged.iter().map(|r| r.end - r.start).sum();
-        gauge(
-            "diskvault_restore_damaged_bytes",
-            "Bytes that could not be restored (left as zeros).",
-            &l,
-            damaged as f64,
-        );
-    }
+    record_metrics(disk, secs, stats.bytes_written, Some(&stats));
     println!(
         "restored disk {} of snapshot {} to {}: {} in {:.1} s ({}/s), {} blocks written, {} zero blocks{}",
         disk.name,
@@ -391,13 +377,7 @@ fn restore_to_stdout(
         restore::stream_disk(repo, cache, id, disk, &mut out, counters)?
     };
     let secs = started.elapsed().as_secs_f64();
-    {
-        use crate::metrics::gauge;
-        let l = [("disk", disk.name.as_str())];
-        gauge("diskvault_restore_duration_seconds", "Wall time of the restore.", &l, secs);
-        gauge("diskvault_restore_disk_capacity_bytes", "Capacity of the restored disk.", &l, disk.capacity as f64);
-        gauge("diskvault_restore_bytes_written", "Bytes written to the target.", &l, written as f64);
-    }
+    record_metrics(disk, secs, written, None);
     eprintln!(
         "restored disk {} of snapshot {} to standard output: {} in {:.1} s ({}/s)",
         disk.name,
@@ -407,4 +387,29 @@ fn restore_to_stdout(
         human_bytes((written as f64 / secs.max(0.001)) as u64)
     );
     Ok(())
+}
+
+/// The metrics of a restore of `disk`; `stats` of a restore into a file or device (a stream has no fetch
+/// counts and stops at damage).
+fn record_metrics(
+    disk: &crate::format::snapshot::DiskManifest,
+    secs: f64,
+    written: u64,
+    stats: Option<&restore::RestoreStats>,
+) {
+    use crate::metrics::gauge;
+    let l = [("disk", disk.name.as_str())];
+    gauge("diskvault_restore_duration_seconds", "Wall time of the restore.", &l, secs);
+    gauge("diskvault_restore_disk_capacity_bytes", "Capacity of the restored disk.", &l, disk.capacity as f64);
+    gauge("diskvault_restore_bytes_written", "Bytes written to the target.", &l, written as f64);
+    if let Some(stats) = stats {
+        gauge("diskvault_restore_bytes_fetched", "Bytes read from the repository.", &l, stats.bytes_fetched as f64);
+        let damaged: u64 = stats.damaged.iter().map(|r| r.end - r.start).sum();
+        gauge(
+            "diskvault_restore_damaged_bytes",
+            "Bytes that could not be restored (left as zeros).",
+            &l,
+            damaged as f64,
+        );
+    }
 }
