@@ -3,13 +3,14 @@
 # ../shared/bench, in one run, so that the ratios are fair on a noisy machine (diskvault_nodelta: the same binary
 # with backup --no-delta; diskvault_zstd1: a repository made with init --compression 1). Prints one table.
 #   benches/compare.sh [SIZE_GIB]        (default 4)
+#   (then the floor of the CBT incremental: examples/cbt_floor.rs)
 #   env TOOLS="limits restic borg diskvault" to pick tools; SHARED_BENCH=path/to/shared/bench
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=${1:-4}
 bench=${SHARED_BENCH:-../shared/bench}
 data=${DISKVAULT_BENCH_DATA:-${XDG_CACHE_HOME:-$HOME/.cache}/diskvault-bench}
-cargo build --release --locked
+cargo build --release --locked --bin diskvault --example cbt_floor
 command -v restic >/dev/null && command -v borg >/dev/null || NO_CARGO=${NO_CARGO:-1} "$bench/install-peers.sh"
 [ -f "$data/${size}g/vm2-day0.raw" ] || "$bench/make-workload.sh" "$size"
 # rustic (a 30-50 min build) is measured when install-peers.sh has built it into $data/tools/bin.
@@ -19,3 +20,23 @@ command -v rustic >/dev/null &&
   default_tools="limits restic rustic rustic_fixed1m borg diskvault diskvault_nodelta diskvault_zstd1"
 DISKVAULT_BIN=$PWD/target/release/diskvault TOOL_DEFS_DIR=$PWD/benches/peers \
   TOOLS=${TOOLS:-$default_tools} "$bench/bench-peers.sh" "$size"
+
+# The floor of the CBT incremental (b-backup-vm1-day1 above), measured after the peers in the same run: just
+# reading the blocks the changed-areas file names and hashing them, then also compressing and encrypting them
+# whole (examples/cbt_floor.rs; cold page cache, all cores, three runs each).
+img=$data/${size}g
+if [ -f "$img/vm1-day1.changed.json" ] && sync && echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then
+  echo
+  echo "| floor of the CBT incremental of vm1-day1 | run 1 s | run 2 s | run 3 s |"
+  echo "|---|---|---|---|"
+  for mode in read+hash read+hash+seal; do
+    flag=""; [ $mode = read+hash+seal ] && flag=--seal
+    times=""
+    for _ in 1 2 3; do
+      sync; echo 3 > /proc/sys/vm/drop_caches
+      t=$(target/release/examples/cbt_floor "$img/vm1-day1.raw" "$img/vm1-day1.changed.json" $flag | awk '{print $NF}')
+      times="$times | $t"
+    done
+    echo "| $mode$times |"
+  done
+fi
