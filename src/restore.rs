@@ -519,7 +519,10 @@ type WriteOp = (u64, Arc<AlignedBuf>, usize);
 
 /// The one thread that writes the target. Fetchers decrypt in parallel, but concurrent `pwrite`s to one file
 /// contend on its inode lock (measured: most of a restore's CPU went to that spinning), so writes are
-/// funnelled here, in arrival order.
+/// funnelled here. The writer takes whatever is queued, sorts it by offset and writes each run of adjacent
+/// blocks with one `pwritev` of up to [`MAX_WRITE`]: the disk of the benchmark's VM took O_DIRECT writes of
+/// 1 MiB at 1.6 GB/s and of 2-8 MiB at 2.1-2.7 GB/s, and with one block per write the writer was what a
+/// restore waited for.
 struct Writer {
     tx: Option<crossbeam_channel::Sender<WriteOp>>,
     /// Blocks written and no longer shared come back here for the fetchers to decompress into: a fresh
@@ -529,6 +532,11 @@ struct Writer {
     path: PathBuf,
 }
 
+/// Queued writes: also the most the writer takes at once.
+const WRITE_QUEUE: usize = 16;
+/// The longest run of adjacent blocks written with one call.
+const MAX_WRITE: usize = 8 << 20;
+
 impl Writer {
     /// Writes go through a second descriptor opened with O_DIRECT where the file system allows it: restored
     /// data skips the page cache (no copy into it, no reclaim, a cheap final sync) and is read back from
@@ -537,26 +545,27 @@ impl Writer {
         let file = t.file.try_clone().map_err(|e| Error::local(&t.path, e))?;
         let direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(&t.path).ok();
         let path = t.path.clone();
-        let (tx, rx) = crossbeam_channel::bounded::<WriteOp>(32);
+        let (tx, rx) = crossbeam_channel::bounded::<WriteOp>(WRITE_QUEUE);
         let (spare_tx, spare) = crossbeam_channel::bounded::<AlignedBuf>(64);
         let p = path.clone();
         let thread = std::thread::spawn(move || {
             let mut direct = direct;
-            for (offset, data, len) in rx {
-                let fail =
-                    |e: std::io::Error| Error::local(&p, format!("write of {len} bytes at offset {offset}: {e}"));
-                let data = Recycle(Some(data), &spare_tx);
-                let aligned = offset.is_multiple_of(BUF_ALIGN as u64) && len.is_multiple_of(BUF_ALIGN);
-                // Blocks are `AlignedBuf`s: page-aligned, written as they are.
-                if let (Some(d), true) = (&direct, aligned) {
-                    match d.write_all_at(&data[..len], offset) {
-                        Ok(()) => continue,
-                        // Refused after all (some file systems decide per write): buffered from here on.
-                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => direct = None,
-                        Err(e) => return Err(fail(e)),
-                    }
+            let mut batch: Vec<(u64, Recycle, usize)> = Vec::with_capacity(WRITE_QUEUE);
+            while let Ok(first) = rx.recv() {
+                batch.extend(
+                    std::iter::once(first)
+                        .chain(rx.try_iter().take(WRITE_QUEUE - 1))
+                        .map(|(offset, data, len)| (offset, Recycle(Some(data), &spare_tx), len)),
+                );
+                batch.sort_unstable_by_key(|w| w.0);
+                while !batch.is_empty() {
+                    let n = adjacent_run(&batch);
+                    write_run(&file, &mut direct, &batch[..n]).map_err(|(offset, len, e)| {
+                        Error::local(&p, format!("write of {len} bytes at offset {offset}: {e}"))
+                    })?;
+                    // Written: the blocks go back to the fetchers.
+                    batch.drain(..n);
                 }
-                file.write_all_at(&data[..len], offset).map_err(fail)?;
             }
             Ok(())
         });
@@ -578,6 +587,76 @@ impl Writer {
             None => Ok(()),
         }
     }
+}
+
+/// How many of `writes` (sorted by offset) form a run of adjacent, page-aligned blocks that one O_DIRECT call
+/// can write: at least one.
+fn adjacent_run(writes: &[(u64, Recycle, usize)]) -> usize {
+    let aligned = |&(offset, _, len): &(u64, Recycle, usize)| {
+        offset.is_multiple_of(BUF_ALIGN as u64) && len.is_multiple_of(BUF_ALIGN)
+    };
+    let (mut n, mut end, mut bytes) = (1, writes[0].0 + writes[0].2 as u64, writes[0].2);
+    if !aligned(&writes[0]) {
+        return 1;
+    }
+    while let Some(w) = writes.get(n) {
+        if w.0 != end || !aligned(w) || bytes + w.2 > MAX_WRITE {
+            break;
+        }
+        end += w.2 as u64;
+        bytes += w.2;
+        n += 1;
+    }
+    n
+}
+
+/// Writes a run of adjacent blocks: one `pwritev` through the O_DIRECT descriptor while the file system takes
+/// it (the blocks are [`AlignedBuf`]s, page-aligned), else block by block through the buffered one. The error
+/// names the offset and length of what failed.
+fn write_run(
+    file: &File,
+    direct: &mut Option<File>,
+    run: &[(u64, Recycle, usize)],
+) -> std::result::Result<(), (u64, usize, std::io::Error)> {
+    let offset = run[0].0;
+    let aligned = run.len() > 1 || (offset.is_multiple_of(BUF_ALIGN as u64) && run[0].2.is_multiple_of(BUF_ALIGN));
+    if let (Some(d), true) = (direct.as_ref(), aligned) {
+        let mut slices: Vec<std::io::IoSlice> =
+            run.iter().map(|(_, data, len)| std::io::IoSlice::new(&data[..*len])).collect();
+        match write_all_vectored_at(d, &mut slices, offset) {
+            Ok(()) => return Ok(()),
+            // Refused after all (some file systems decide per write): buffered from here on.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => *direct = None,
+            Err(e) => return Err((offset, run.iter().map(|w| w.2).sum(), e)),
+        }
+    }
+    for (offset, data, len) in run {
+        file.write_all_at(&data[..*len], *offset).map_err(|e| (*offset, *len, e))?;
+    }
+    Ok(())
+}
+
+/// `pwritev` until every byte of `slices` is written at `offset` (the kernel may write less than asked).
+fn write_all_vectored_at(file: &File, mut slices: &mut [std::io::IoSlice], mut offset: u64) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    while !slices.is_empty() {
+        let count = slices.len().min(1024) as libc::c_int;
+        // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix, and every slice borrows a live buffer.
+        let n = unsafe { libc::pwritev(file.as_raw_fd(), slices.as_ptr().cast(), count, offset as libc::off_t) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        offset += n as u64;
+        std::io::IoSlice::advance_slices(&mut slices, n as usize);
+    }
+    Ok(())
 }
 
 /// Fetches one range, opens each blob in it, writes it everywhere it belongs. Returns (blocks, bytes) written.
@@ -723,4 +802,53 @@ fn verify_target(
         checked += ids.len() as u64;
     }
     Ok(checked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adjacent_aligned_blocks_are_written_together_up_to_the_limit() {
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        const MIB: u64 = 1 << 20;
+        let w = |offset: u64, len: usize| (offset, Recycle(Some(Arc::new(AlignedBuf::zeroed(len))), &tx), len);
+        // Blocks 0-2 adjacent, a gap, block 5, then a short (unaligned) last block right after it.
+        let writes = [w(0, MIB as usize), w(MIB, MIB as usize), w(2 * MIB, MIB as usize), w(5 * MIB, MIB as usize)];
+        assert_eq!(adjacent_run(&writes), 3);
+        assert_eq!(adjacent_run(&writes[3..]), 1);
+        let tail = [w(5 * MIB, MIB as usize), w(6 * MIB, 1000)];
+        assert_eq!(adjacent_run(&tail), 1, "an unaligned block is written on its own");
+        assert_eq!(adjacent_run(&tail[1..]), 1);
+        let long: Vec<_> = (0..20).map(|i| w(i * MIB, MIB as usize)).collect();
+        assert_eq!(adjacent_run(&long), MAX_WRITE / MIB as usize);
+    }
+
+    #[test]
+    fn a_run_is_written_where_it_belongs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("target.raw");
+        let file = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
+        file.set_len(16 << 20).unwrap();
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let block = |fill: u8, len: usize| {
+            let mut b = AlignedBuf::zeroed(len);
+            b.fill(fill);
+            Arc::new(b)
+        };
+        let mut writes: Vec<(u64, Recycle, usize)> =
+            (0..3u8).map(|i| ((i as u64 + 1) << 20, Recycle(Some(block(i + 1, 1 << 20)), &tx), 1 << 20)).collect();
+        // A shared block written shorter than its buffer, as the disk's last block is.
+        writes.push((4 << 20, Recycle(Some(block(9, 1 << 20)), &tx), 4096));
+        let mut direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(&path).ok();
+        assert_eq!(adjacent_run(&writes), 4);
+        write_run(&file, &mut direct, &writes).unwrap();
+        let data = std::fs::read(&path).unwrap();
+        assert!(data[..1 << 20].iter().all(|&b| b == 0));
+        for i in 0..3usize {
+            assert!(data[(i + 1) << 20..(i + 2) << 20].iter().all(|&b| b == i as u8 + 1), "block {}", i + 1);
+        }
+        assert!(data[4 << 20..(4 << 20) + 4096].iter().all(|&b| b == 9));
+        assert!(data[(4 << 20) + 4096..].iter().all(|&b| b == 0));
+    }
 }
