@@ -352,8 +352,8 @@ pub fn restore_disk(
 
 /// Writes every byte of `disk` (of snapshot `id`), in order, to `out`: a pipe (`restore --target -`), where
 /// nothing can be written out of order and no hole can be left. Blocks are read as `copy` reads a source
-/// ([`SnapshotSource`](crate::source::snapshot::SnapshotSource)): a thread fetches the allocated blocks a few
-/// batches ahead in coalesced ranged reads, every blob authenticated, decompressed and its id re-checked; zero
+/// ([`SnapshotSource`](crate::source::snapshot::SnapshotSource)): a thread per core fetches the allocated blocks
+/// a few batches ahead in coalesced ranged reads, every blob authenticated, decompressed and its id re-checked; zero
 /// blocks are written as zeros. Returns the bytes written. A damaged block stops the stream with an error
 /// naming it: what was written before it is a correct prefix of the disk.
 pub fn stream_disk(
@@ -382,7 +382,10 @@ pub fn stream_disk(
         },
     );
     let plan = crate::source::BlockRanges::from_extents(&allocated, bs);
-    let mut source = crate::source::snapshot::SnapshotSource::new(exports.disk(id, disk, 1)?, Some(allocated));
+    // Decompressing is the work here: a fetching thread per core, the reader only copies.
+    let fetchers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut source =
+        crate::source::snapshot::SnapshotSource::new(exports.disk(id, disk, 1)?, Some(allocated), fetchers);
     source.will_read(&plan, bs);
     let mut block = vec![0u8; bs as usize];
     let mut offset = 0;

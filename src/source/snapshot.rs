@@ -1,8 +1,8 @@
 //! A disk of a snapshot in another repository, as a backup source (`copy`): reads go through serve's
 //! [`SnapshotDisk`], which fetches, decrypts and decompresses blobs with read-ahead.
 //!
-//! Once the backup says which blocks it will read, a thread fetches them a little ahead of the reader, so
-//! fetching and decompressing overlap with the reading thread and the pipeline behind it. It fetches the plan's
+//! Once the backup says which blocks it will read, fetching threads fetch them a little ahead of the reader, so
+//! fetching and decompressing overlap with the reading thread and the pipeline behind it. They fetch the plan's
 //! blocks in batches, wherever they lie on the disk: the changed blocks of an incremental copy are scattered
 //! over the disk but mostly neighbours in the source's packs, so a batch is usually one ranged read (one GET
 //! on S3) rather than one per block.
@@ -17,32 +17,34 @@ use crate::serve::SnapshotDisk;
 
 use super::{BlockRanges, DiskSource, Extent};
 
-/// How many blocks the fetching thread fetches at a time, and how far (in blocks of the plan) it may run ahead
-/// of the reader: two batches, so that the next batch is claimed before the reader is through the last one
-/// (else the reader would fetch blocks itself, one request each); and what it fetched must still be in the
-/// blob cache (32 MiB for `copy`) when the reader gets there.
+/// How many blocks a fetching thread fetches at a time. Together the fetching threads run at most one batch
+/// each, plus one, ahead of the reader (in blocks of the plan): the next batch is claimed before the reader is
+/// through the last one (else the reader would fetch blocks itself, one request each), and what was fetched
+/// must still be in the blob cache (32 MiB for `copy` and `restore --target -`) when the reader gets there.
 const FETCH_BATCH: usize = 8;
-const LEAD_BLOCKS: u64 = 2 * FETCH_BATCH as u64;
 
 pub struct SnapshotSource {
     disk: Arc<SnapshotDisk>,
     allocated: Option<Vec<Extent>>,
-    /// The block the reader is at, and whether the fetching thread should stop.
+    fetchers: usize,
+    /// The block the reader is at, and whether the fetching threads should stop.
     position: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
-    fetcher: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl SnapshotSource {
     /// `allocated` are the blocks of `disk` that are not all-zero (from the manifest's block ids), the only ones
-    /// a full copy reads (`None`: unknown, read all). The fetching thread steps by the disk's read-ahead.
-    pub fn new(disk: SnapshotDisk, allocated: Option<Vec<Extent>>) -> Self {
+    /// a full copy reads (`None`: unknown, read all). `fetchers` threads (at least one) fetch, decrypt and
+    /// decompress the planned blocks ahead of the reader, in batches, each taking the next batch of the plan.
+    pub fn new(disk: SnapshotDisk, allocated: Option<Vec<Extent>>, fetchers: usize) -> Self {
         SnapshotSource {
             disk: Arc::new(disk),
             allocated,
+            fetchers: fetchers.max(1),
             position: Arc::default(),
             stop: Arc::default(),
-            fetcher: None,
+            threads: Vec::new(),
         }
     }
 }
@@ -76,31 +78,35 @@ impl DiskSource for SnapshotSource {
     }
 
     fn will_read(&mut self, blocks: &BlockRanges, _block_size: u64) {
-        let plan = blocks.clone();
-        let ranks = Ranks::new(&plan);
-        let (disk, position, stop) = (self.disk.clone(), self.position.clone(), self.stop.clone());
-        let fetch = move || {
-            let mut planned = plan.iter();
-            let mut fetched = 0u64;
-            loop {
-                let batch: Vec<u64> = planned.by_ref().take(FETCH_BATCH).collect();
-                if batch.is_empty() {
+        let ranks = Arc::new(Ranks::new(blocks));
+        let planned = blocks.block_count();
+        let lead = (self.fetchers as u64 + 1) * FETCH_BATCH as u64;
+        // The rank (position in the plan) of the next batch to fetch.
+        let next = Arc::new(AtomicU64::new(0));
+        for i in 0..self.fetchers {
+            let (disk, position, stop) = (self.disk.clone(), self.position.clone(), self.stop.clone());
+            let (ranks, next) = (ranks.clone(), next.clone());
+            let fetch = move || loop {
+                let first = next.fetch_add(FETCH_BATCH as u64, Ordering::Relaxed);
+                if first >= planned {
                     return;
                 }
                 // Polling: a block takes a millisecond or more to fetch and decompress.
-                while fetched >= ranks.of(position.load(Ordering::Relaxed)) + LEAD_BLOCKS
-                    && !stop.load(Ordering::Relaxed)
-                {
+                while first >= ranks.of(position.load(Ordering::Relaxed)) + lead && !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }
-                fetched += batch.len() as u64;
-                disk.prefetch_blocks(batch);
+                let end = (first + FETCH_BATCH as u64).min(planned);
+                disk.prefetch_blocks((first..end).map(|rank| ranks.block_at(rank)));
+            };
+            match std::thread::Builder::new().name(format!("snapshot-fetch-{i}")).spawn(fetch) {
+                Ok(t) => self.threads.push(t),
+                // Fewer fetchers only cost speed: the reader fetches what none fetched.
+                Err(e) => tracing::debug!("fetching thread: {e}"),
             }
-        };
-        self.fetcher = std::thread::Builder::new().name("copy-fetch".into()).spawn(fetch).ok();
+        }
     }
 }
 
@@ -121,6 +127,13 @@ impl Ranks {
         )
     }
 
+    /// The planned block of rank `rank` (which must be below the plan's block count).
+    fn block_at(&self, rank: u64) -> u64 {
+        let i = self.0.partition_point(|(_, before)| *before <= rank) - 1;
+        let (r, before) = &self.0[i];
+        r.start + (rank - before)
+    }
+
     fn of(&self, block: u64) -> u64 {
         match self.0.partition_point(|(r, _)| r.start <= block) {
             0 => 0,
@@ -135,7 +148,7 @@ impl Ranks {
 impl Drop for SnapshotSource {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.fetcher.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -146,7 +159,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ranks_count_the_planned_blocks_before_a_block() {
+    fn ranks_count_the_planned_blocks_before_a_block_and_name_the_block_of_a_rank() {
         let mut plan = BlockRanges::default();
         plan.add_all([2..5, 10..11, 20..24]);
         let ranks = Ranks::new(&plan);
@@ -155,5 +168,9 @@ mod tests {
             assert_eq!(ranks.of(block), rank, "block {block}");
         }
         assert_eq!(Ranks::new(&BlockRanges::default()).of(7), 0);
+        let blocks: Vec<u64> = plan.iter().collect();
+        for (rank, block) in blocks.iter().enumerate() {
+            assert_eq!(ranks.block_at(rank as u64), *block, "rank {rank}");
+        }
     }
 }
