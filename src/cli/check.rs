@@ -16,8 +16,9 @@ pub struct CheckArgs {
     /// Read and verify a subset of the packs: `n/m` (part n of m, by pack id) or `x%`.
     #[arg(long, value_parser = DataSubset::parse)]
     read_data_subset: Option<DataSubset>,
-    /// Read data for at most this long (e.g. 45min, 2h), least recently verified packs first; the rest is
-    /// left for the next check. With --read-data or --read-data-subset.
+    /// Read data until the check has run this long (e.g. 45min, 2h; counted from its start, as borg counts
+    /// its --max-duration), least recently verified packs first; packs not begun by then are left for the
+    /// next check. With --read-data or --read-data-subset.
     #[arg(long, value_name = "DURATION", value_parser = crate::util::parse_duration)]
     max_duration: Option<i64>,
 }
