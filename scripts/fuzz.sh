@@ -18,8 +18,13 @@ cargo fuzz build --fuzz-dir fuzz >/dev/null
 for t in $targets; do
   mkdir -p "$scratch/$t"
   echo "== fuzz $t (${secs}s)"
+  extra=()
+  # The NBD server's worker threads free their thread-locals (crossbeam's channel context) as they exit,
+  # just after the connection's thread scope has seen them finish: LeakSanitizer then reports those bytes
+  # as leaked now and then, and libFuzzer stops the run there. Allocation limits are still enforced.
+  [ "$t" = nbd_server ] && extra=(-detect_leaks=0)
   cargo fuzz run --fuzz-dir fuzz "$t" "$scratch/$t" "fuzz/corpus/$t" -- \
-    -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 2>&1 | grep -E '^(stat::number_of_executed_units|stat::new_units_added|==|SUMMARY|ERROR)' || true
+    -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 "${extra[@]}" 2>&1 | grep -E '^(stat::number_of_executed_units|stat::new_units_added|==|SUMMARY|ERROR)' || true
   # cargo fuzz exits non-zero on a crash; pipefail is hidden by grep, so check for artifacts.
   if ls fuzz/artifacts/"$t"/crash-* fuzz/artifacts/"$t"/oom-* fuzz/artifacts/"$t"/timeout-* >/dev/null 2>&1; then
     echo "fuzz: $t found a failing input in fuzz/artifacts/$t" >&2
