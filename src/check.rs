@@ -515,15 +515,13 @@ fn check_pack_data(
 ) -> (Vec<Problem>, Vec<PackEntry>) {
     let name = names::pack(id);
     let whole = |message: String| Problem { pack: *id, damage: Damage::Pack, message };
-    // Each checker thread reads its packs into one buffer (see `Backend::get_range_into`).
+    // Each checker thread reads its packs into one buffer (see `Backend::get_range_placed`).
     thread_local! {
         static PACK: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    PACK.with_borrow_mut(|bytes| {
-        if let Err(e) = repo.backend().get_range_into(&name, 0, size, bytes) {
-            return (vec![whole(e.to_string())], Vec::new());
-        }
-        check_pack_bytes(repo, id, &name, indexed, bytes, locator)
+    PACK.with_borrow_mut(|bytes| match repo.backend().get_range_placed(&name, 0, size, bytes) {
+        Ok(range) => check_pack_bytes(repo, id, &name, indexed, &mut bytes[range], locator),
+        Err(e) => (vec![whole(e.to_string())], Vec::new()),
     })
 }
 

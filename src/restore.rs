@@ -156,7 +156,7 @@ impl<'a> Bases<'a> {
 }
 
 /// Runs `f` with this thread's range buffer: each fetcher reads its ranges into one buffer (see
-/// `Backend::get_range_into`).
+/// `Backend::get_range_placed`).
 pub(crate) fn with_range_buffer<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
     thread_local! {
         static RANGE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -721,7 +721,8 @@ pub(crate) fn fetch_blobs(
     spare: Option<&crossbeam_channel::Receiver<AlignedBuf>>,
     mut each: impl FnMut(&Want, std::result::Result<AlignedBuf, String>),
 ) -> Result<()> {
-    repo.backend().get_range_into(&names::pack(&job.pack), job.offset, job.len, data)?;
+    let range = repo.backend().get_range_placed(&names::pack(&job.pack), job.offset, job.len, data)?;
+    let data = &mut data[range];
     // One blob opened at a time: a range of well-compressed blobs is many times its size in plain text.
     for w in &job.wants {
         let plain = spare.and_then(|s| s.try_recv().ok()).unwrap_or_default();

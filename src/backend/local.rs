@@ -91,6 +91,70 @@ fn write_buffered(path: &Path, data: &[u8], throttle: Option<&super::throttle::T
     f.into_inner().sync_all()
 }
 
+/// Reads `len` bytes at `offset` of `path` with O_DIRECT into `buf` (its previous content dropped), at the first
+/// page-aligned address of its allocation; returns where in `buf` they are. The read covers whole pages around
+/// the range; only the pages at its ends are read beyond it. `None`: the file system refuses O_DIRECT. Ending
+/// before `offset + len` is an `UnexpectedEof` error saying where the object ends.
+fn read_direct(
+    path: &Path,
+    offset: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<std::ops::Range<usize>>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let file = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let first = offset - offset % BUF_ALIGN as u64;
+    let span = usize::try_from((offset + len).next_multiple_of(BUF_ALIGN as u64) - first)
+        .map_err(|_| std::io::Error::from(ErrorKind::OutOfMemory))?;
+    buf.clear();
+    buf.reserve(span + BUF_ALIGN);
+    // Only the padding before the aligned start is written here; the read fills the rest.
+    let pad = buf.as_ptr().align_offset(BUF_ALIGN);
+    buf.resize(pad, 0);
+    let mut done = 0usize;
+    while done < span {
+        // SAFETY: `pad + span` is within the reserved capacity, and the kernel writes at most `span - done`
+        // bytes from `pad + done`; `set_len` below covers only bytes it wrote.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                buf.as_mut_ptr().add(pad + done).cast(),
+                span - done,
+                (first + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EINVAL) if done == 0 => return Ok(None),
+                _ => return Err(e),
+            }
+        }
+        // SAFETY: the kernel initialised these `n` bytes.
+        unsafe { buf.set_len(pad + done + n as usize) };
+        done += n as usize;
+        // A short read (the end of the file) leaves an unaligned position that O_DIRECT cannot continue from.
+        if n == 0 || !done.is_multiple_of(BUF_ALIGN) {
+            break;
+        }
+    }
+    let start = pad + (offset - first) as usize;
+    if buf.len() < start + len as usize {
+        let ends = (first + done as u64).max(offset) - offset;
+        return Err(std::io::Error::new(
+            ErrorKind::UnexpectedEof,
+            format!("truncated: wanted {len} bytes at offset {offset}, the object ends after {ends}"),
+        ));
+    }
+    Ok(Some(start..start + len as usize))
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -177,6 +241,24 @@ impl Backend for LocalBackend {
             ));
         }
         Ok(())
+    }
+
+    fn get_range_placed(&self, name: &str, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<std::ops::Range<usize>> {
+        if len < DIRECT_MIN as u64 || self.limits.download.is_some() {
+            self.get_range_into(name, offset, len, buf)?;
+            return Ok(0..buf.len());
+        }
+        match read_direct(&self.path(name)?, offset, len, buf) {
+            Ok(Some(range)) => Ok(range),
+            // No O_DIRECT here (tmpfs, some network file systems): through the page cache.
+            Ok(None) => {
+                self.get_range_into(name, offset, len, buf)?;
+                Ok(0..buf.len())
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::Missing { object: name.into() }),
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(Error::corrupt(name, e.to_string())),
+            Err(e) => Err(Error::backend("read", name, io_cause(&e))),
+        }
     }
 
     fn size(&self, name: &str) -> Result<Option<u64>> {
@@ -281,6 +363,40 @@ mod tests {
         b.delete("locks/x").unwrap();
         b.delete("locks/x").unwrap();
         assert_eq!(b.size("locks/x").unwrap(), None);
+    }
+
+    /// Placed range reads (O_DIRECT from 1 MiB, where the file system takes it) hand back exactly the bytes a
+    /// buffered range read does, wherever the range starts and ends, and refuse ranges past the end or of
+    /// missing objects as the buffered read does.
+    #[test]
+    fn placed_range_reads_match_buffered_ones() {
+        let data: Vec<u8> = (0..(5 << 20) + 1234).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+        let mut roots = vec![tempfile::tempdir().unwrap()];
+        if Path::new("/dev/shm").is_dir() {
+            roots.push(tempfile::tempdir_in("/dev/shm").unwrap());
+        }
+        let n = data.len() as u64;
+        for root in &roots {
+            let b = LocalBackend::new(root.path().to_path_buf());
+            b.put("packs/ab/p", &data).unwrap();
+            let mut buf = Vec::new();
+            for (offset, len) in [
+                (0, n),
+                (0, 1 << 20),
+                (4096, 2 << 20),
+                (777, (3 << 20) + 5),
+                (n - (1 << 20) - 3, (1 << 20) + 3),
+                (10, 100),
+            ] {
+                let r = b.get_range_placed("packs/ab/p", offset, len, &mut buf).unwrap();
+                let want = &data[offset as usize..(offset + len) as usize];
+                assert!(buf[r] == *want, "{offset}+{len} in {}", root.path().display());
+            }
+            let past = b.get_range_placed("packs/ab/p", n - (1 << 20), (1 << 20) + 1, &mut buf).unwrap_err();
+            assert!(past.to_string().contains("truncated") && past.to_string().contains("packs/ab/p"), "{past}");
+            let missing = b.get_range_placed("packs/ab/q", 0, 2 << 20, &mut buf).unwrap_err();
+            assert!(matches!(missing, Error::Missing { .. }), "{missing}");
+        }
     }
 
     /// Large objects (O_DIRECT, padded then cut) keep their exact size and bytes, on a disk file system and on

@@ -12,6 +12,7 @@ pub mod local;
 pub mod s3;
 pub mod throttle;
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -53,6 +54,15 @@ pub trait Backend: Send + Sync {
     fn get_range_into(&self, name: &str, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<()> {
         *buf = self.get_range(name, offset, len)?;
         Ok(())
+    }
+
+    /// [`Backend::get_range_into`], except that the bytes may land anywhere in `buf`: the returned range of it
+    /// holds them (what else `buf` holds is unspecified). A local directory then reads large ranges with
+    /// O_DIRECT straight into a page-aligned part of `buf`, without the kernel's copy out of the page cache
+    /// (17% of `check --read-data`'s CPU).
+    fn get_range_placed(&self, name: &str, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<Range<usize>> {
+        self.get_range_into(name, offset, len, buf)?;
+        Ok(0..buf.len())
     }
 
     /// Size of an object, `None` if it does not exist.
