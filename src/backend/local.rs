@@ -365,16 +365,23 @@ mod tests {
         assert_eq!(b.size("locks/x").unwrap(), None);
     }
 
+    /// Repository roots on a disk file system, which takes O_DIRECT, and on tmpfs where there is one (older
+    /// kernels refuse O_DIRECT there: the buffered fallback).
+    fn disk_and_tmpfs_roots() -> Vec<tempfile::TempDir> {
+        let mut roots = vec![tempfile::tempdir().unwrap()];
+        if Path::new("/dev/shm").is_dir() {
+            roots.push(tempfile::tempdir_in("/dev/shm").unwrap());
+        }
+        roots
+    }
+
     /// Placed range reads (O_DIRECT from 1 MiB, where the file system takes it) hand back exactly the bytes a
     /// buffered range read does, wherever the range starts and ends, and refuse ranges past the end or of
     /// missing objects as the buffered read does.
     #[test]
     fn placed_range_reads_match_buffered_ones() {
         let data: Vec<u8> = (0..(5 << 20) + 1234).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
-        let mut roots = vec![tempfile::tempdir().unwrap()];
-        if Path::new("/dev/shm").is_dir() {
-            roots.push(tempfile::tempdir_in("/dev/shm").unwrap());
-        }
+        let roots = disk_and_tmpfs_roots();
         let n = data.len() as u64;
         for root in &roots {
             let b = LocalBackend::new(root.path().to_path_buf());
@@ -404,10 +411,7 @@ mod tests {
     #[test]
     fn large_objects_round_trip_with_and_without_o_direct() {
         let data: Vec<u8> = (0..(3 << 20) + 777).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-        let mut roots = vec![tempfile::tempdir().unwrap()];
-        if Path::new("/dev/shm").is_dir() {
-            roots.push(tempfile::tempdir_in("/dev/shm").unwrap());
-        }
+        let roots = disk_and_tmpfs_roots();
         for root in &roots {
             let b = LocalBackend::new(root.path().to_path_buf());
             b.put("packs/ab/big", &data).unwrap();
