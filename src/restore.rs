@@ -535,8 +535,9 @@ struct Writer {
     path: PathBuf,
 }
 
-/// Queued writes: also the most the writer takes at once.
-const WRITE_QUEUE: usize = 16;
+/// Queued writes: also the most the writer takes at once. 32 against 16: median cold restore of the benchmark's
+/// vm1-day1 1.58 vs 1.71 s (ten shuffled runs each), peak RSS 189 vs 160 MiB.
+const WRITE_QUEUE: usize = 32;
 /// The longest run of adjacent blocks written with one call.
 const MAX_WRITE: usize = 8 << 20;
 
