@@ -18,7 +18,7 @@ use diskvault::format::BlobType;
 use diskvault::source::{changes, file::FileSource, BlockRanges, DiskSource};
 use diskvault::util::AlignedBuf;
 
-const BLOCK: u64 = 1 << 20;
+const BLOCK: u64 = diskvault::format::BLOCK_SIZE as u64;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -31,7 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let plan = BlockRanges::from_extents(&changes::load(&changed, capacity)?, BLOCK);
     let blocks: Vec<u64> = plan.iter().collect();
     let keys = Keys::from_master_secret(&diskvault::crypto::random_array());
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let threads = diskvault::util::cores();
 
     let start = Instant::now();
     // The threads take the blocks in order from one queue, each reading the ones it takes.

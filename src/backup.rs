@@ -98,7 +98,7 @@ impl BackupOptions {
             hostname: crate::util::hostname(),
             parent: None,
             annotations: BTreeMap::new(),
-            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            workers: crate::util::cores(),
             uploaders: 2,
             checkpoint_packs: 16,
             time_override: None,

@@ -28,14 +28,14 @@ use crate::format::snapshot::{DiskManifest, Snapshot};
 use crate::format::{BlobId, ObjectId};
 use crate::progress::Counters;
 use crate::repository::Repository;
+use crate::serve::{RepositoryExports, ServeOptions};
+use crate::source::snapshot::SnapshotSource;
+use crate::source::Extent;
 
 /// Threads that fetch and decompress the source's blocks for the backup pipeline, whose workers compress them
 /// again and need the cores more: a copy of the benchmark's vm1-day0 took 3.3-3.8 s with one and 3.8-4.2 s
 /// with two (and ~15% more CPU).
 const COPY_FETCHERS: usize = 1;
-use crate::serve::{RepositoryExports, ServeOptions};
-use crate::source::snapshot::SnapshotSource;
-use crate::source::Extent;
 
 /// The annotation of a copied snapshot that holds the original's id (hex).
 pub const COPIED_FROM: &str = "copy.from";

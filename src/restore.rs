@@ -383,7 +383,7 @@ pub fn stream_disk(
     );
     let plan = crate::source::BlockRanges::from_extents(&allocated, bs);
     // Decompressing is the work here: a fetching thread per core, the reader only copies.
-    let fetchers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let fetchers = crate::util::cores();
     let mut source =
         crate::source::snapshot::SnapshotSource::new(exports.disk(id, disk, 1)?, Some(allocated), fetchers);
     source.will_read(&plan, bs);
@@ -524,8 +524,8 @@ type WriteOp = (u64, Arc<AlignedBuf>, usize);
 /// contend on its inode lock (measured: most of a restore's CPU went to that spinning), so writes are
 /// funnelled here. The writer takes whatever is queued, sorts it by offset and writes each run of adjacent
 /// blocks with one `pwritev` of up to [`MAX_WRITE`]: the disk of the benchmark's VM took O_DIRECT writes of
-/// 1 MiB at 1.6 GB/s and of 2-8 MiB at 2.1-2.7 GB/s, and with one block per write the writer was what a
-/// restore waited for.
+/// 1 MiB at 1.6 GB/s and of 2-8 MiB at 2.1-2.7 GB/s. (A restore's wall time measured the same within that
+/// disk's noise, with less system CPU; block devices, where zero blocks are written too, get long runs.)
 struct Writer {
     tx: Option<crossbeam_channel::Sender<WriteOp>>,
     /// Blocks written and no longer shared come back here for the fetchers to decompress into: a fresh
@@ -596,15 +596,12 @@ impl Writer {
 /// How many of `writes` (sorted by offset) form a run of adjacent, page-aligned blocks that one O_DIRECT call
 /// can write: at least one.
 fn adjacent_run(writes: &[(u64, Recycle, usize)]) -> usize {
-    let aligned = |&(offset, _, len): &(u64, Recycle, usize)| {
-        offset.is_multiple_of(BUF_ALIGN as u64) && len.is_multiple_of(BUF_ALIGN)
-    };
     let (mut n, mut end, mut bytes) = (1, writes[0].0 + writes[0].2 as u64, writes[0].2);
-    if !aligned(&writes[0]) {
+    if !page_aligned(writes[0].0, writes[0].2) {
         return 1;
     }
     while let Some(w) = writes.get(n) {
-        if w.0 != end || !aligned(w) || bytes + w.2 > MAX_WRITE {
+        if w.0 != end || !page_aligned(w.0, w.2) || bytes + w.2 > MAX_WRITE {
             break;
         }
         end += w.2 as u64;
@@ -614,7 +611,12 @@ fn adjacent_run(writes: &[(u64, Recycle, usize)]) -> usize {
     n
 }
 
-/// Writes a run of adjacent blocks: one `pwritev` through the O_DIRECT descriptor while the file system takes
+/// Whether a write of `len` bytes at `offset` from an [`AlignedBuf`] can go through O_DIRECT.
+fn page_aligned(offset: u64, len: usize) -> bool {
+    offset.is_multiple_of(BUF_ALIGN as u64) && len.is_multiple_of(BUF_ALIGN)
+}
+
+/// Writes a run of adjacent blocks (from [`adjacent_run`]): one `pwritev` through the O_DIRECT descriptor while the file system takes
 /// it (the blocks are [`AlignedBuf`]s, page-aligned), else block by block through the buffered one. The error
 /// names the offset and length of what failed.
 fn write_run(
@@ -623,8 +625,7 @@ fn write_run(
     run: &[(u64, Recycle, usize)],
 ) -> std::result::Result<(), (u64, usize, std::io::Error)> {
     let offset = run[0].0;
-    let aligned = run.len() > 1 || (offset.is_multiple_of(BUF_ALIGN as u64) && run[0].2.is_multiple_of(BUF_ALIGN));
-    if let (Some(d), true) = (direct.as_ref(), aligned) {
+    if let (Some(d), true) = (direct.as_ref(), page_aligned(offset, run[0].2)) {
         let mut slices: Vec<std::io::IoSlice> =
             run.iter().map(|(_, data, len)| std::io::IoSlice::new(&data[..*len])).collect();
         match write_all_vectored_at(d, &mut slices, offset) {
@@ -814,7 +815,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn adjacent_aligned_blocks_are_written_together_up_to_the_limit() {
+    fn runs_are_adjacent_page_aligned_blocks_up_to_the_limit() {
         let (tx, _rx) = crossbeam_channel::unbounded();
         const MIB: u64 = 1 << 20;
         let w = |offset: u64, len: usize| (offset, Recycle(Some(Arc::new(AlignedBuf::zeroed(len))), &tx), len);

@@ -216,6 +216,11 @@ pub fn catch_interrupts() {
     }
 }
 
+/// The cores this process may use (2 if the system cannot tell): the default number of worker threads.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
 /// Alignment of [`AlignedBuf`] data: a page, what O_DIRECT reads and writes of 512- and 4096-byte sectors need.
 pub const BUF_ALIGN: usize = 4096;
 

@@ -91,21 +91,25 @@ fn write_buffered(path: &Path, data: &[u8], throttle: Option<&super::throttle::T
     f.into_inner().sync_all()
 }
 
+/// What [`read_direct`] found.
+enum Direct {
+    /// The range, at this place in the buffer.
+    Read(std::ops::Range<usize>),
+    /// The object ends this many bytes after the offset, before the range does.
+    Short(u64),
+    /// The file system refuses O_DIRECT.
+    Refused,
+}
+
 /// Reads `len` bytes at `offset` of `path` with O_DIRECT into `buf` (its previous content dropped), at the first
-/// page-aligned address of its allocation; returns where in `buf` they are. The read covers whole pages around
-/// the range; only the pages at its ends are read beyond it. `None`: the file system refuses O_DIRECT. Ending
-/// before `offset + len` is an `UnexpectedEof` error saying where the object ends.
-fn read_direct(
-    path: &Path,
-    offset: u64,
-    len: u64,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<Option<std::ops::Range<usize>>> {
+/// page-aligned address of its allocation. The read covers whole pages around the range; only the pages at its
+/// ends are read beyond it.
+fn read_direct(path: &Path, offset: u64, len: u64, buf: &mut Vec<u8>) -> std::io::Result<Direct> {
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
     let file = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
         Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Direct::Refused),
         Err(e) => return Err(e),
     };
     let first = offset - offset % BUF_ALIGN as u64;
@@ -132,7 +136,7 @@ fn read_direct(
             let e = std::io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
-                Some(libc::EINVAL) if done == 0 => return Ok(None),
+                Some(libc::EINVAL) if done == 0 => return Ok(Direct::Refused),
                 _ => return Err(e),
             }
         }
@@ -146,13 +150,9 @@ fn read_direct(
     }
     let start = pad + (offset - first) as usize;
     if buf.len() < start + len as usize {
-        let ends = (first + done as u64).max(offset) - offset;
-        return Err(std::io::Error::new(
-            ErrorKind::UnexpectedEof,
-            format!("truncated: wanted {len} bytes at offset {offset}, the object ends after {ends}"),
-        ));
+        return Ok(Direct::Short((first + done as u64).max(offset) - offset));
     }
-    Ok(Some(start..start + len as usize))
+    Ok(Direct::Read(start..start + len as usize))
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -235,29 +235,30 @@ impl Backend for LocalBackend {
             })
             .map_err(|e| Error::backend("read", name, io_cause(&e)))?;
         if buf.len() as u64 != len {
-            return Err(Error::corrupt(
-                name,
-                format!("truncated: wanted {len} bytes at offset {offset}, the object ends after {}", buf.len()),
-            ));
+            return Err(super::truncated(name, offset, len, buf.len() as u64));
         }
         Ok(())
     }
 
     fn get_range_placed(&self, name: &str, offset: u64, len: u64, buf: &mut Vec<u8>) -> Result<std::ops::Range<usize>> {
-        if len < DIRECT_MIN as u64 || self.limits.download.is_some() {
-            self.get_range_into(name, offset, len, buf)?;
-            return Ok(0..buf.len());
-        }
-        match read_direct(&self.path(name)?, offset, len, buf) {
-            Ok(Some(range)) => Ok(range),
-            // No O_DIRECT here (tmpfs, some network file systems): through the page cache.
-            Ok(None) => {
+        // Small and bandwidth-limited reads, and file systems without O_DIRECT (tmpfs, some network file
+        // systems), go through the page cache.
+        let direct = if len < DIRECT_MIN as u64 || self.limits.download.is_some() {
+            Direct::Refused
+        } else {
+            match read_direct(&self.path(name)?, offset, len, buf) {
+                Ok(d) => d,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::Missing { object: name.into() }),
+                Err(e) => return Err(Error::backend("read", name, io_cause(&e))),
+            }
+        };
+        match direct {
+            Direct::Read(range) => Ok(range),
+            Direct::Short(got) => Err(super::truncated(name, offset, len, got)),
+            Direct::Refused => {
                 self.get_range_into(name, offset, len, buf)?;
                 Ok(0..buf.len())
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::Missing { object: name.into() }),
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(Error::corrupt(name, e.to_string())),
-            Err(e) => Err(Error::backend("read", name, io_cause(&e))),
         }
     }
 

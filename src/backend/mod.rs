@@ -123,3 +123,9 @@ pub fn open_limited(location: &str, limits: &throttle::Limits) -> Result<Arc<dyn
     }
     Ok(Arc::new(local::LocalBackend::with_limits(path.into(), limits.clone())))
 }
+
+/// A ranged read that got `got` of the `len` bytes asked at `offset`: the object is shorter than its reader
+/// expects (every backend reports it alike).
+pub(crate) fn truncated(name: &str, offset: u64, len: u64, got: u64) -> Error {
+    Error::corrupt(name, format!("truncated: wanted {len} bytes at offset {offset}, the object ends after {got}"))
+}

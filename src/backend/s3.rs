@@ -543,10 +543,7 @@ impl Backend for S3Backend {
         }
         self.fetch_into(name, Some((offset, len)), buf)?;
         if buf.len() as u64 != len {
-            return Err(Error::corrupt(
-                name,
-                format!("truncated: wanted {len} bytes at offset {offset}, the object ends after {}", buf.len()),
-            ));
+            return Err(super::truncated(name, offset, len, buf.len() as u64));
         }
         Ok(())
     }
