@@ -6,8 +6,9 @@
 //! checkpoints that do not decode (a warning: a backup then reads what they covered).
 //!
 //! Data (`--read-data`, or a subset): every selected pack is downloaded whole, its hash compared with its
-//! name, its header decrypted, and every blob authenticated, decompressed and re-hashed; delta blobs last,
-//! with their bases read ahead in batches (see `check_deltas`).
+//! name, its header decrypted, and every blob authenticated, decompressed and re-hashed. A delta blob is opened
+//! with its base's plaintext when a reader opens that base later in the pass (packs holding deltas are read
+//! first, see `PendingDeltas`); the others last, with their bases read ahead in batches (see `check_deltas`).
 //!
 //! Problems are collected, not fatal: the report names the object, and for snapshots the disk and byte
 //! offset concerned.
@@ -269,6 +270,10 @@ pub fn run_within(
     if deadline.is_some() {
         // What the budget leaves out should be what was verified most recently.
         selected.sort_by_key(|(id, _)| (last_verified.get(id).copied().unwrap_or(i64::MIN), *id));
+    } else {
+        // Packs holding delta blobs first: their deltas wait for their bases (see `PendingDeltas`).
+        let holds_deltas = |id: &ObjectId| indexed.get(id).is_some_and(|p| p.entries.iter().any(|e| e.is_delta()));
+        selected.sort_by_key(|(id, _)| !holds_deltas(id));
     }
     counters.add_total(selected.iter().map(|(_, s)| s).sum());
     // More readers than cores: a pack's download overlaps the checking of others.
@@ -279,6 +284,7 @@ pub fn run_within(
         .map_err(|e| Error::invalid(format!("thread pool: {e}")))?;
     // Readers take the selected packs in order, each until none is left or the budget is spent.
     let next = std::sync::atomic::AtomicUsize::new(0);
+    let pending = PendingDeltas::default();
     let read_one = |_| {
         let mut out = DataPass::default();
         loop {
@@ -288,7 +294,7 @@ pub fn run_within(
             let Some(&(id, size)) = selected.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) else {
                 return out;
             };
-            let (p, deltas) = check_pack_data(repo, &id, size, indexed.get(&id), &locator);
+            let (p, deltas) = check_pack_data(repo, &id, size, indexed.get(&id), &locator, &pending);
             counters.add_done(size);
             out.problems.extend(p);
             out.deltas.extend(deltas.into_iter().map(|e| (id, e)));
@@ -303,6 +309,12 @@ pub fn run_within(
                 a.read.extend(b.read);
                 a
             });
+        let (left, opened) = pending.finish();
+        tracing::debug!(
+            "delta blobs: {opened} opened with their base in the data pass, {} after it",
+            left.len() + pass.deltas.len()
+        );
+        pass.deltas.extend(left);
         pass.problems.extend(check_deltas(repo, &locator, pass.deltas)?);
         Ok((pass.problems, pass.read))
     })?;
@@ -512,6 +524,7 @@ fn check_pack_data(
     size: u64,
     indexed: Option<&IndexedPack>,
     locator: &dyn BlobLocator,
+    pending: &PendingDeltas,
 ) -> (Vec<Problem>, Vec<PackEntry>) {
     let name = names::pack(id);
     let whole = |message: String| Problem { pack: *id, damage: Damage::Pack, message };
@@ -520,7 +533,7 @@ fn check_pack_data(
         static PACK: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     PACK.with_borrow_mut(|bytes| match repo.backend().get_range_placed(&name, 0, size, bytes) {
-        Ok(range) => check_pack_bytes(repo, id, &name, indexed, &mut bytes[range], locator),
+        Ok(range) => check_pack_bytes(repo, id, &name, indexed, &mut bytes[range], locator, pending),
         Err(e) => (vec![whole(e.to_string())], Vec::new()),
     })
 }
@@ -534,6 +547,7 @@ fn check_pack_bytes(
     indexed: Option<&IndexedPack>,
     bytes: &mut [u8],
     locator: &dyn BlobLocator,
+    pending: &PendingDeltas,
 ) -> (Vec<Problem>, Vec<PackEntry>) {
     let whole = |message: String| Problem { pack: *id, damage: Damage::Pack, message };
     let mut problems = Vec::new();
@@ -570,12 +584,16 @@ fn check_pack_bytes(
     // may not, and are opened from copies.
     let disjoint = entries.windows(2).all(|w| w[0].end() <= w[1].offset as u64);
     let mut plain = crate::util::AlignedBuf::default();
+    let mut delta_plain = crate::util::AlignedBuf::default();
     let mut deltas: Vec<PackEntry> = Vec::new();
     let mut deferred: HashSet<BlobId> = HashSet::new();
     for e in &entries {
         let in_pack = e.end() <= bytes.len() as u64;
         if e.base.is_some() && in_pack && deferred.insert(e.id) {
-            deltas.push(*e);
+            let stored = &bytes[e.offset as usize..e.end() as usize];
+            if !pending.hold(*id, *e, stored) {
+                deltas.push(*e);
+            }
             continue;
         }
         // A delta blob is decoded with its base, read from wherever it is stored.
@@ -595,23 +613,109 @@ fn check_pack_bytes(
             Some(stored) if disjoint => {
                 pack::open_blob_in_place(repo.keys(), e, stored, &mut plain, base.as_deref()).err()
             }
-            Some(stored) => pack::open_blob(repo.keys(), e, stored, base.as_deref()).err(),
+            Some(stored) => match pack::open_blob(repo.keys(), e, stored, base.as_deref()) {
+                Ok(p) => {
+                    plain.clear(p.len());
+                    plain.extend_from_slice(&p);
+                    None
+                }
+                Err(c) => Some(c),
+            },
         };
-        if let Some(c) = cause {
-            problems.push(Problem {
-                pack: *id,
-                damage: Damage::Blob(e.id),
-                message: format!("{name}: {} blob {} at offset {}: {c}", e.blob_type.name(), e.id, e.offset),
-            });
+        match cause {
+            Some(c) => problems.push(blob_problem(id, e, &c)),
+            // Deltas held for this blob are opened now, while its plaintext is at hand.
+            None if e.can_be_base() => {
+                for mut d in pending.take(&e.id) {
+                    if let Err(c) =
+                        pack::open_blob_in_place(repo.keys(), &d.entry, &mut d.stored, &mut delta_plain, Some(&plain))
+                    {
+                        problems.push(blob_problem(&d.pack, &d.entry, &c));
+                    }
+                }
+            }
+            None => {}
         }
     }
     (problems, deltas)
 }
 
-/// Opens the delta blobs of the packs read, after the rest: their bases are read ahead in batches with
-/// coalesced ranged reads in parallel, as restore does them (a read per base cost a round trip per delta on
-/// remote storage, one delta after another within a pack). The deltas are read again with ranged reads: they
-/// are small, and their packs' bytes were verified whole by [`check_pack_bytes`].
+/// Blob `e` of pack `pack` did not open, because of `cause`.
+fn blob_problem(pack: &ObjectId, e: &PackEntry, cause: &str) -> Problem {
+    Problem {
+        pack: *pack,
+        damage: Damage::Blob(e.id),
+        message: format!("{}: {} blob {} at offset {}: {cause}", names::pack(pack), e.blob_type.name(), e.id, e.offset),
+    }
+}
+
+/// Delta blobs met in the data pass, held for their base: when a reader opens that base later in the pass, it
+/// opens them too, with the base's plaintext at hand ([`check_pack_bytes`]). The packs that hold deltas are read
+/// first, so that most bases come after their deltas. A delta whose base was opened before it was met (or is in
+/// a pack not selected, or is damaged), or that found no room, is read again with its base after the pass
+/// ([`check_deltas`]). Measured on the benchmark's repository: that phase took 0.2 s of a 1.2 s check, reading
+/// and decompressing each base a second time.
+#[derive(Default)]
+struct PendingDeltas {
+    state: std::sync::Mutex<PendingState>,
+}
+
+#[derive(Default)]
+struct PendingState {
+    by_base: HashMap<BlobId, Vec<PendingDelta>>,
+    bytes: usize,
+    opened: usize,
+}
+
+struct PendingDelta {
+    pack: ObjectId,
+    entry: PackEntry,
+    /// As stored in the pack (sealed).
+    stored: Vec<u8>,
+}
+
+/// Bytes of delta blobs held for their bases at most (deltas are small: 34 KiB on average in the benchmark).
+const PENDING_DELTA_BYTES: usize = 64 << 20;
+
+impl PendingDeltas {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds delta blob `entry` of `pack`, stored as `stored`, for its base. False if there is no room.
+    fn hold(&self, pack: ObjectId, entry: PackEntry, stored: &[u8]) -> bool {
+        let Some(base) = entry.base else { return false };
+        let mut st = self.lock();
+        if st.bytes + stored.len() > PENDING_DELTA_BYTES {
+            return false;
+        }
+        st.bytes += stored.len();
+        st.by_base.entry(base).or_default().push(PendingDelta { pack, entry, stored: stored.to_vec() });
+        true
+    }
+
+    /// The deltas held for `base`, which is being opened.
+    fn take(&self, base: &BlobId) -> Vec<PendingDelta> {
+        let mut st = self.lock();
+        let Some(taken) = st.by_base.remove(base) else { return Vec::new() };
+        st.bytes -= taken.iter().map(|d| d.stored.len()).sum::<usize>();
+        st.opened += taken.len();
+        taken
+    }
+
+    /// The deltas whose base no reader opened, and how many were opened with their base.
+    fn finish(&self) -> (Vec<(ObjectId, PackEntry)>, usize) {
+        let mut st = self.lock();
+        let left = std::mem::take(&mut st.by_base).into_values().flatten().map(|d| (d.pack, d.entry)).collect();
+        st.bytes = 0;
+        (left, st.opened)
+    }
+}
+
+/// Opens the delta blobs the data pass did not (see [`PendingDeltas`]), after it: their bases are read ahead in
+/// batches with coalesced ranged reads in parallel, as restore does them (a read per base cost a round trip per
+/// delta on remote storage, one delta after another within a pack). The deltas are read again with ranged reads:
+/// they are small, and their packs' bytes were verified whole by [`check_pack_bytes`].
 fn check_deltas(
     repo: &Repository,
     locator: &dyn BlobLocator,
@@ -660,4 +764,80 @@ fn check_delta_read(repo: &Repository, bases: &Bases, job: &ReadJob) -> Vec<Prob
         }
     }
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::keyfile::KdfParams;
+    use crate::format::pack::{BlobSealer, FinishedPack, PackWriter, SealedBlob};
+    use crate::repository::InitOptions;
+
+    fn repo(dir: &std::path::Path) -> Repository {
+        let backend = crate::backend::open(dir.to_str().unwrap()).unwrap();
+        let kdf = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+        Repository::init(backend, b"pw", &InitOptions { kdf, ..Default::default() }).unwrap()
+    }
+
+    fn pack_of(repo: &Repository, blob: SealedBlob) -> FinishedPack {
+        let mut w = PackWriter::new(BlobType::Data, 2 << 20);
+        w.add(blob);
+        w.finish(repo.keys())
+    }
+
+    /// Checks `pack`'s bytes as the data pass does; returns (problems, deltas left for after the pass).
+    fn check(repo: &Repository, pack: &FinishedPack, pending: &PendingDeltas) -> (Vec<Problem>, Vec<PackEntry>) {
+        let locator = crate::repository::NoDeltas;
+        let mut bytes = pack.bytes.clone();
+        check_pack_bytes(repo, &pack.id, &names::pack(&pack.id), None, &mut bytes, &locator, pending)
+    }
+
+    #[test]
+    fn a_delta_met_before_its_base_is_opened_with_it_in_the_data_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repo(dir.path());
+        let keys = repo.keys();
+        let mut base = vec![0u8; 1 << 20];
+        blake3::Hasher::new().update(b"base").finalize_xof().fill(&mut base);
+        let mut changed = base.clone();
+        changed[4096..8192].fill(7);
+        let (base_id, changed_id) = (keys.blob_id(&base), keys.blob_id(&changed));
+        let mut sealer = BlobSealer::new(3);
+        let delta = sealer.seal_delta(keys, changed_id, &changed, base_id, &base).expect("a delta pays");
+        let delta_pack = pack_of(&repo, delta);
+        let base_pack = pack_of(&repo, sealer.seal(keys, BlobType::Data, base_id, &base));
+
+        // The delta's pack first: the delta is held, then opened with its base.
+        let pending = PendingDeltas::default();
+        let (p, left) = check(&repo, &delta_pack, &pending);
+        assert!(p.is_empty() && left.is_empty());
+        let (p, left) = check(&repo, &base_pack, &pending);
+        assert!(p.is_empty() && left.is_empty());
+        let (left, opened) = pending.finish();
+        assert!(left.is_empty());
+        assert_eq!(opened, 1);
+
+        // A damaged delta is named, and its pack, when its base is opened.
+        let pending = PendingDeltas::default();
+        let mut damaged =
+            FinishedPack { id: delta_pack.id, bytes: delta_pack.bytes.clone(), header: delta_pack.header.clone() };
+        let at = damaged.header.entries[0].offset as usize + 10;
+        damaged.bytes[at] ^= 1;
+        let (p, _) = check(&repo, &damaged, &pending);
+        assert!(p.iter().all(|p| matches!(p.damage, Damage::Noted)), "only the pack's hash so far");
+        let (p, _) = check(&repo, &base_pack, &pending);
+        assert_eq!(p.len(), 1);
+        assert!(matches!(p[0].damage, Damage::Blob(id) if id == changed_id) && p[0].pack == delta_pack.id);
+        let offset = damaged.header.entries[0].offset;
+        assert!(p[0].message.contains(&format!("data blob {changed_id} at offset {offset}")), "{}", p[0].message);
+
+        // The base opened first: the delta waits for the pass's end, to be read again with its base.
+        let pending = PendingDeltas::default();
+        check(&repo, &base_pack, &pending);
+        let (_, left) = check(&repo, &delta_pack, &pending);
+        assert!(left.is_empty());
+        let (left, opened) = pending.finish();
+        assert_eq!(opened, 0);
+        assert_eq!(left, vec![(delta_pack.id, delta_pack.header.entries[0])]);
+    }
 }
