@@ -3,7 +3,7 @@
 //! The disk is restored one manifest segment (4096 blocks) at a time. Within a segment, the blobs needed are
 //! grouped by pack and coalesced into ranged reads; a pool of fetchers reads them in parallel, authenticates
 //! and decompresses every blob, re-checks its id, and writes it at every offset that holds it. Delta blobs
-//! ([`crate::delta`]) come last, in batches whose bases are read ahead together (`Bases`). Zero blocks
+//! ([`crate::delta`]) are fetched alongside, in batches whose bases are read ahead together (`Bases`). Zero blocks
 //! become holes in a fresh file (zeros are written on block devices). `verify` re-reads the target afterwards
 //! and compares every block's id with the manifest.
 
@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
@@ -296,34 +297,50 @@ pub fn restore_disk(
                 .blocks
                 .push(block);
         }
-        // Whole blobs first, then delta blobs in batches whose bases are read ahead together: with one ranged
-        // read per base, restoring from remote storage waited for a round trip per delta.
+        // Whole blobs, and alongside them the delta blobs in batches whose bases are read ahead together (with
+        // one ranged read per base, restoring from remote storage waited for a round trip per delta). The deltas
+        // do not wait for the whole blobs: after them, the reads of their bases and the batches' turns left
+        // the disk half idle (0.2 s of a 1.6 s restore of the benchmark's day 1).
         let (whole, delta_batches) = split_deltas(by_pack, cache)?;
         let bases = Bases::new(cache);
-        let run_jobs = |jobs: Vec<ReadJob>| {
-            pool.install(|| {
-                jobs.par_iter().try_for_each(|job| {
-                    if crate::util::interrupted() {
-                        return Err(Error::Interrupted);
-                    }
-                    let (blocks, bytes) = run_read_job(repo, &bases, disk, &writer, job, counters, &damaged)?;
-                    let mut s = stats.lock().unwrap();
-                    s.bytes_fetched += job.len;
-                    s.blocks_written += blocks;
-                    s.bytes_written += bytes;
-                    Ok::<_, Error>(())
-                })
-            })
-        };
-        let mut fetched = run_jobs(plan_reads(whole));
-        for (base_wants, deltas) in delta_batches {
-            if fetched.is_err() {
-                break;
+        // Set when one side fails: the other stops too, and the failure is the one reported.
+        let failed = AtomicBool::new(false);
+        let run_jobs = |jobs: Vec<ReadJob>| -> Result<()> {
+            let done = jobs.par_iter().try_for_each(|job| -> std::result::Result<(), Option<Error>> {
+                if failed.load(Ordering::Relaxed) {
+                    return Err(None);
+                }
+                if crate::util::interrupted() {
+                    return Err(Some(Error::Interrupted));
+                }
+                let (blocks, bytes) = run_read_job(repo, &bases, disk, &writer, job, counters, &damaged)?;
+                let mut s = stats.lock().unwrap();
+                s.bytes_fetched += job.len;
+                s.blocks_written += blocks;
+                s.bytes_written += bytes;
+                Ok(())
+            });
+            match done {
+                Ok(()) | Err(None) => Ok(()),
+                Err(Some(e)) => {
+                    failed.store(true, Ordering::Relaxed);
+                    Err(e)
+                }
             }
-            pool.install(|| preload_bases(repo, &bases, base_wants));
-            fetched = run_jobs(plan_reads(deltas));
-            bases.end_batch();
-        }
+        };
+        let run_deltas = || -> Result<()> {
+            for (base_wants, deltas) in delta_batches {
+                if failed.load(Ordering::Relaxed) {
+                    break;
+                }
+                preload_bases(repo, &bases, base_wants);
+                run_jobs(plan_reads(deltas))?;
+                bases.end_batch();
+            }
+            Ok(())
+        };
+        let (whole_done, deltas_done) = pool.install(|| rayon::join(|| run_jobs(plan_reads(whole)), run_deltas));
+        let fetched = whole_done.and(deltas_done);
         if let Err(e) = fetched {
             // A write error stops the fetchers with "the writer stopped": report the write error itself.
             writer.finish()?;

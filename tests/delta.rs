@@ -211,3 +211,37 @@ fn a_damaged_base_is_reported_for_the_blocks_of_its_deltas() {
     let day1 = all.lines().find(|l| l.contains(&format!("snapshot {} (vm)", &s1[..8]))).unwrap_or_default();
     assert!(day1.contains("12 block(s) in blocks 0..12 are unreadable"), "{all}");
 }
+
+#[test]
+fn a_restore_onto_a_file_system_that_fills_up_fails_cleanly_with_deltas_in_flight() {
+    let e = Env::with_repo();
+    let (path, day0, _) = first_day(&e, 8, 40);
+    // Deltas in the last 20 blocks, new whole blocks in the first 20: restore writes both kinds at once.
+    let mut day1 = a_write_in_every_block(&day0, 3);
+    day1[..20 * MIB].copy_from_slice(&random_bytes(99, 20 * MIB));
+    let s1 = backup_day(&e, &path, &day1, &[]);
+    assert!(e.delta_blobs().len() >= 20, "{} deltas", e.delta_blobs().len());
+
+    // The target on a 24 MiB tmpfs in a private mount namespace.
+    let mnt = e.path("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let target = mnt.join("out.raw");
+    let restore = e.command(&["restore", &s1, "--target", target.to_str().unwrap()]);
+    let mut c = std::process::Command::new("unshare");
+    let script = format!("mount -t tmpfs -o size=24m tmpfs {} || exit 99; exec \"$@\"", mnt.display());
+    c.args(["-rm", "sh", "-c", &script, "sh"]).arg(restore.get_program()).args(restore.get_args());
+    for (k, v) in restore.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    let out = c.output().expect("unshare (util-linux) runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("out.raw") && stderr.contains("No space left on device"),
+        "names the target and why: {stderr}"
+    );
+}
