@@ -3,8 +3,9 @@
 # ../shared/bench, in one run, so that the ratios are fair on a noisy machine (diskvault_nodelta: the same binary
 # with backup --no-delta; diskvault_zstd1: a repository made with init --compression 1). Prints one table.
 #   benches/compare.sh [SIZE_GIB]        (default 4)
-#   (then the floor of the CBT incremental: examples/cbt_floor.rs)
-#   env TOOLS="limits restic borg diskvault" to pick tools; SHARED_BENCH=path/to/shared/bench
+#   (then the floor of the CBT incremental: examples/cbt_floor.rs, and issue 8's targets: benches/targets.py)
+#   env TOOLS="limits restic borg diskvault" to pick tools; ROUNDS=3 to run every tool three times in turn (the
+#   targets table then gives each round's ratios and their median); SHARED_BENCH=path/to/shared/bench
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size=${1:-4}
@@ -18,13 +19,20 @@ export PATH="$data/tools/bin:$PATH"
 default_tools="limits restic borg diskvault diskvault_nodelta diskvault_zstd1"
 command -v rustic >/dev/null &&
   default_tools="limits restic rustic rustic_fixed1m borg diskvault diskvault_nodelta diskvault_zstd1"
-DISKVAULT_BIN=$PWD/target/release/diskvault TOOL_DEFS_DIR=$PWD/benches/peers \
-  TOOLS=${TOOLS:-$default_tools} "$bench/bench-peers.sh" "$size"
+rounds=()
+for round in $(seq 1 "${ROUNDS:-1}"); do
+  res=$data/results/${size}g-$(date +%Y%m%d-%H%M%S)-round$round
+  rounds+=("$res")
+  DISKVAULT_BIN=$PWD/target/release/diskvault TOOL_DEFS_DIR=$PWD/benches/peers RES=$res \
+    TOOLS=${TOOLS:-$default_tools} "$bench/bench-peers.sh" "$size"
+done
 
 # The floor of the CBT incremental (b-backup-vm1-day1 above), measured after the peers in the same run: just
 # reading the blocks the changed-areas file names and hashing them, then also compressing and encrypting them
 # whole (examples/cbt_floor.rs; cold page cache, all cores, three runs each).
 img=$data/${size}g
+floor=$(mktemp)
+trap 'rm -f "$floor"' EXIT
 if [ -f "$img/vm1-day1.changed.json" ] && sync && echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then
   echo
   echo "| floor of the CBT incremental of vm1-day1 | run 1 s | run 2 s | run 3 s |"
@@ -38,5 +46,8 @@ if [ -f "$img/vm1-day1.changed.json" ] && sync && echo 3 > /proc/sys/vm/drop_cac
       times="$times | $t"
     done
     echo "| $mode$times |"
+    echo "$mode ${times//|/}" >> "$floor"
   done
 fi
+echo
+python3 benches/targets.py "$floor" "${rounds[@]}"
