@@ -192,8 +192,9 @@ impl<'a> DeltaSealer<'a> {
 }
 
 /// Likely bases read ahead of the backup's workers (see the module docs). Each disk has a queue of candidates
-/// in the order its reader reads the blocks; a candidate is read once the reader is within
-/// `PREFETCH_WINDOW` blocks of it, and dropped if no worker took it by the time the reader is a window past. Every failure only costs the prefetch: the worker then reads the base itself or stores the block whole.
+/// in the order its reader reads the blocks; a candidate is read once the reader is within `PREFETCH_WINDOW`
+/// blocks of it, and dropped if no worker took it by the time the reader is a window past. Every failure only
+/// costs the prefetch: the worker then reads the base itself or stores the block whole.
 #[derive(Default)]
 pub struct BasePrefetch {
     state: Mutex<PrefetchState>,

@@ -118,7 +118,7 @@ fn similar_blocks_are_stored_as_deltas_and_restore_bit_exact() {
 
 #[test]
 fn a_restore_of_deltas_with_more_bases_than_one_read_ahead_batch_is_bit_exact() {
-    // More distinct bases than restore reads ahead at once (32).
+    // More distinct bases than restore reads ahead at once (16).
     let e = Env::with_repo();
     let (path, day0, s0) = first_day(&e, 5, 48);
     let day1 = a_write_in_every_block(&day0, 9);
@@ -130,7 +130,7 @@ fn a_restore_of_deltas_with_more_bases_than_one_read_ahead_batch_is_bit_exact() 
 
 #[test]
 fn check_opens_every_delta_with_its_base_and_names_a_damaged_one() {
-    // More distinct bases than check reads ahead at once (32), as for restore above.
+    // More distinct bases than check reads ahead at once after its data pass (16), for deltas it leaves there.
     let e = Env::with_repo();
     let (path, day0, _) = first_day(&e, 6, 40);
     let day1 = a_write_in_every_block(&day0, 7);
