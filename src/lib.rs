@@ -38,14 +38,18 @@
 //!
 //! **Backup**: a [`source::DiskSource`] is read in 1 MiB blocks (only allocated blocks for a full backup, only
 //! changed blocks for an incremental). Each block gets a keyed BLAKE3 id; blocks whose id the local index
-//! ([`cache::IndexCache`]) already knows are not stored again. New blocks are zstd-compressed (as a delta
-//! against a similar stored block where that pays, [`delta`]), encrypted and appended to a data pack. Finished packs are stored, then listed in an index file. The block ids of each
-//! disk are grouped into segments (4096 ids, themselves stored as blobs in metadata packs), and a snapshot
-//! object listing the segments is written last: the commit point. A VMware backup also saves checkpoints (the
-//! segments so far), from which an interrupted one is continued ([`vmware`], [`backup::ResumeBase`]).
+//! ([`cache::IndexCache`]) already knows are not stored again. New blocks are zstd-compressed (as a delta against a
+//! similar stored block where that pays, [`delta`]), encrypted and appended to a data pack. Finished packs are
+//! stored, then listed in an index file. The block ids of each disk are grouped into segments (4096 ids, themselves
+//! stored as blobs in metadata packs), and a snapshot object listing the segments is written last: the commit
+//! point. A VMware backup also saves checkpoints (the segments so far), from which an interrupted one is continued
+//! ([`vmware`], [`backup::ResumeBase`]).
 //!
 //! **Restore**: snapshot → segments → block ids → index lookups → ranged pack reads → decrypt, decompress
 //! (a delta blob with its base, read first) → re-check id → write at the block's offset (zero blocks stay holes).
+//!
+//! **Check** (`--read-data`): every pack read whole → its hash against its name → header against the index →
+//! every blob authenticated, decompressed, id re-checked (a delta blob when the pass opens its base, [`check`]).
 //!
 //! **Prune**: snapshots → segments → marks in a scratch RocksDB → index files streamed pack by pack (keep,
 //! repack, drop) → new index files → a deletion record; dropped packs are deleted once the sessions that
