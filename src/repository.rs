@@ -377,7 +377,9 @@ impl Repository {
                 Err(e) => tracing::warn!("ignoring checkpoint {}: {e}", id.short()),
             }
         }
-        out.sort_by_key(|(_, c)| (c.time_secs, c.time_nanos));
+        // A backup's checkpoints share its start time and each covers more than the last; a backup stopped
+        // between writing one and deleting the previous leaves both, and the one to continue is the fuller.
+        out.sort_by_key(|(_, c)| (c.time_secs, c.time_nanos, c.blocks_done()));
         Ok(out)
     }
 
@@ -485,4 +487,46 @@ pub fn list_ids(backend: &dyn Backend, dir: &str) -> Result<Vec<ObjectId>> {
     }
     ids.sort();
     Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::checkpoint::CheckpointDisk;
+    use crate::format::snapshot::SegmentRef;
+    use crate::format::{BLOCK_SIZE, SEGMENT_BLOCKS};
+
+    #[test]
+    fn of_one_backups_checkpoints_the_fullest_is_listed_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = crate::backend::open(dir.path().to_str().unwrap()).unwrap();
+        let kdf = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+        let repo = Repository::init(backend, b"pw", &InitOptions { kdf, ..Default::default() }).unwrap();
+        // Twelve checkpoints of one backup (one more segment each), as a backup killed between writing each
+        // and deleting the one before would leave them; listed in an order their ids decide.
+        let segments = 12;
+        for done in 1..=segments {
+            let segment = SegmentRef { id: BlobId([done as u8; 32]), blocks: SEGMENT_BLOCKS as u32 };
+            let disk = CheckpointDisk {
+                name: "disk1".into(),
+                capacity: segments * SEGMENT_BLOCKS as u64 * BLOCK_SIZE as u64,
+                block_size: BLOCK_SIZE,
+                change_token: Some("52 de/7".into()),
+                segments: vec![segment; done as usize],
+            };
+            let c = Checkpoint {
+                time_secs: 1_700_000_000,
+                time_nanos: 5,
+                hostname: "proxy".into(),
+                username: "backup".into(),
+                source: "vm".into(),
+                parent: None,
+                disks: vec![disk],
+            };
+            repo.save_checkpoint(&c).unwrap();
+        }
+        let listed = repo.list_checkpoints(Some("vm")).unwrap();
+        let done: Vec<u64> = listed.iter().map(|(_, c)| c.blocks_done() / SEGMENT_BLOCKS as u64).collect();
+        assert_eq!(done, (1..=segments).collect::<Vec<_>>());
+    }
 }

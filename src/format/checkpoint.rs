@@ -74,6 +74,11 @@ impl Checkpoint {
         Ok(c)
     }
 
+    /// How many blocks the checkpoint covers, over all its disks.
+    pub fn blocks_done(&self) -> u64 {
+        self.disks.iter().map(CheckpointDisk::blocks_done).sum()
+    }
+
     pub fn disk(&self, name: &str) -> Option<&CheckpointDisk> {
         self.disks.iter().find(|d| d.name == name)
     }
