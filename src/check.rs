@@ -769,15 +769,8 @@ fn check_delta_read(repo: &Repository, bases: &Bases, job: &ReadJob) -> Vec<Prob
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::keyfile::KdfParams;
     use crate::format::pack::{BlobSealer, FinishedPack, PackWriter, SealedBlob};
-    use crate::repository::InitOptions;
-
-    fn repo(dir: &std::path::Path) -> Repository {
-        let backend = crate::backend::open(dir.to_str().unwrap()).unwrap();
-        let kdf = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
-        Repository::init(backend, b"pw", &InitOptions { kdf, ..Default::default() }).unwrap()
-    }
+    use crate::repository::test_repository;
 
     fn pack_of(repo: &Repository, blob: SealedBlob) -> FinishedPack {
         let mut w = PackWriter::new(BlobType::Data, 2 << 20);
@@ -795,7 +788,7 @@ mod tests {
     #[test]
     fn a_delta_met_before_its_base_is_opened_with_it_in_the_data_pass() {
         let dir = tempfile::tempdir().unwrap();
-        let repo = repo(dir.path());
+        let repo = test_repository(dir.path());
         let keys = repo.keys();
         let mut base = vec![0u8; 1 << 20];
         blake3::Hasher::new().update(b"base").finalize_xof().fill(&mut base);

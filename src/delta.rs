@@ -302,15 +302,11 @@ impl BasePrefetch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::keyfile::KdfParams;
     use crate::format::pack::PackWriter;
-    use crate::repository::InitOptions;
 
     /// A local repository holding `blocks` in one pack, and where each is.
     fn repo_with(dir: &std::path::Path, blocks: &[Vec<u8>]) -> (Repository, Vec<BlobLocation>) {
-        let backend = crate::backend::open(dir.to_str().unwrap()).unwrap();
-        let kdf = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
-        let repo = Repository::init(backend, b"pw", &InitOptions { kdf, ..Default::default() }).unwrap();
+        let repo = crate::repository::test_repository(dir);
         let mut sealer = BlobSealer::new(3);
         let mut w = PackWriter::new(BlobType::Data, 8 << 20);
         for b in blocks {

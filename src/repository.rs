@@ -489,6 +489,14 @@ pub fn list_ids(backend: &dyn Backend, dir: &str) -> Result<Vec<ObjectId>> {
     Ok(ids)
 }
 
+/// A local repository in `dir` with a key derivation cheap enough for unit tests.
+#[cfg(test)]
+pub(crate) fn test_repository(dir: &std::path::Path) -> Repository {
+    let backend = crate::backend::open(dir.to_str().expect("a UTF-8 path")).expect("a local backend");
+    let kdf = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+    Repository::init(backend, b"pw", &InitOptions { kdf, ..Default::default() }).expect("init")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,9 +507,7 @@ mod tests {
     #[test]
     fn of_one_backups_checkpoints_the_fullest_is_listed_last() {
         let dir = tempfile::tempdir().unwrap();
-        let backend = crate::backend::open(dir.path().to_str().unwrap()).unwrap();
-        let kdf = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
-        let repo = Repository::init(backend, b"pw", &InitOptions { kdf, ..Default::default() }).unwrap();
+        let repo = test_repository(dir.path());
         // Twelve checkpoints of one backup (one more segment each), as a backup killed between writing each
         // and deleting the one before would leave them; listed in an order their ids decide.
         let segments = 12;

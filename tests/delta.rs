@@ -213,7 +213,7 @@ fn a_damaged_base_is_reported_for_the_blocks_of_its_deltas() {
 }
 
 #[test]
-fn a_restore_onto_a_file_system_that_fills_up_fails_cleanly_with_deltas_in_flight() {
+fn a_restore_of_deltas_and_whole_blocks_onto_a_file_system_that_fills_up_fails_cleanly() {
     let e = Env::with_repo();
     let (path, day0, _) = first_day(&e, 8, 40);
     // Deltas in the last 20 blocks, new whole blocks in the first 20: restore writes both kinds at once.
