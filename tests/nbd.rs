@@ -369,6 +369,17 @@ fn served_snapshots_read_by_qemu_and_nbdinfo() {
         from_map.extend(s / M..e.div_ceil(M));
     }
     assert_eq!(from_map, zero_blocks);
+    // Asked for one extent (qemu always is), the server answers the whole run of blocks in the same state,
+    // not one block of it: qemu would ask again for every 1 MiB.
+    let mut c = RawClient::session_with_allocation(&serve.socket, &e2);
+    let size = v2.len() as u32;
+    for (offset, run, flags) in
+        [(0, 3 * M, 0), (3 * M, 5 * M, STATE_HOLE | STATE_ZERO), (10 * M, 10 * M, STATE_HOLE | STATE_ZERO)]
+    {
+        c.request_with_flags(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, offset, size - offset as u32, &[]);
+        let (_, extents) = parse_block_status(&c.reply().unwrap()).unwrap();
+        assert_eq!(extents, vec![StatusExtent { length: run as u32, flags }], "one extent from {offset}");
+    }
 
     // Two clients at once, on different exports, both bit-exact.
     let a = env.path("a.raw");
@@ -565,8 +576,24 @@ impl RawClient {
         c
     }
 
+    /// A session with structured replies and the `base:allocation` context.
+    fn session_with_allocation(socket: &Path, export: &str) -> RawClient {
+        let mut c = RawClient::greet(socket);
+        c.option(OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(c.option_result(), REP_ACK);
+        c.option(OPT_SET_META_CONTEXT, &encode_meta_context(export, &[BASE_ALLOCATION]));
+        assert_eq!(c.option_result(), REP_ACK);
+        c.option(OPT_GO, &encode_go(export, &[]));
+        assert_eq!(c.option_result(), REP_ACK);
+        c
+    }
+
     fn request(&mut self, command: u16, offset: u64, length: u32, payload: &[u8]) {
-        let r = Request { flags: 0, command, cookie: 42, offset, length };
+        self.request_with_flags(0, command, offset, length, payload);
+    }
+
+    fn request_with_flags(&mut self, flags: u16, command: u16, offset: u64, length: u32, payload: &[u8]) {
+        let r = Request { flags, command, cookie: 42, offset, length };
         self.0.write_all(&r.encode()).unwrap();
         self.0.write_all(payload).unwrap();
     }
@@ -594,6 +621,7 @@ impl RawClient {
                 self.0.read_exact(&mut p).unwrap();
                 match h.kind {
                     REPLY_TYPE_OFFSET_DATA => Ok(p[8..].to_vec()),
+                    REPLY_TYPE_BLOCK_STATUS => Ok(p),
                     k if k & (1 << 15) != 0 => Err(parse_error_chunk(&p).unwrap()),
                     k => panic!("chunk type {k}"),
                 }
@@ -1076,6 +1104,41 @@ fn a_cache_hint_fetches_its_range_in_few_reads() {
     }
     assert!(back == data, "the hinted range reads back other bytes");
     assert_eq!(exports.pack_reads(), hinted, "reads of the hinted range went to the packs again");
+}
+
+/// A sequential reader of a snapshot export finds the blocks ahead of it fetched in the background, in few
+/// ranged reads; a reader of scattered blocks makes one read per block and fetches nothing around them (it
+/// would wait for what it does not want). In-process, to count the reads.
+#[test]
+fn sequential_readers_are_read_ahead_and_scattered_readers_are_not() {
+    use diskvault::nbd::server::Device;
+    let e = Env::with_repo();
+    let data = random_bytes(62, 48 * MIB);
+    write(&e.path("d.raw"), &data);
+    e.backup(&["--name", "vm", e.path("d.raw").to_str().unwrap()]);
+    let exports = exports_in_process(&e, Default::default());
+    let (id, snap) = exports.repository().find_snapshot("latest", None).unwrap();
+    let disk = exports.disk(&id, &snap.disks[0], 16).unwrap();
+
+    let mut buf = vec![0u8; MIB];
+    for b in [40, 5, 30, 12] {
+        disk.read((b * MIB) as u64, &mut buf[..4096]).unwrap();
+        assert!(buf[..4096] == data[b * MIB..b * MIB + 4096], "block {b} reads back other bytes");
+    }
+    assert_eq!(exports.pack_reads(), 4, "scattered reads fetched more than their own blocks");
+    disk.read((20 * MIB) as u64, &mut buf[..4096]).unwrap();
+    assert_eq!(exports.pack_reads(), 5, "block 20 was fetched ahead although no read came near it");
+
+    let mut back = vec![0u8; data.len()];
+    for (k, chunk) in back.chunks_mut(MIB).enumerate() {
+        disk.read((k * MIB) as u64, chunk).unwrap();
+    }
+    assert!(back == data, "the sequential read returns other bytes");
+    // 43 blocks were not cached: one read each without read-ahead. With it: blocks 0 and 1 on their own, then
+    // windows of 16 blocks, a ranged read per pack of 16 MiB each touches (more where a cached block splits a
+    // range).
+    let reads = exports.pack_reads() - 5;
+    assert!((3..=16).contains(&reads), "a sequential read of 43 uncached blocks took {reads} reads");
 }
 
 /// Kept overlays of snapshots that were since forgotten are reported when serve starts, and left in place

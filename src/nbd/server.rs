@@ -539,19 +539,18 @@ fn handle(job: &Job, device: &dyn Device, replies: &Replies, base_allocation: bo
                 Ok(e) => e,
                 Err(e) => return replies.error(req, EIO, &e.to_string()),
             };
+            // With REQ_ONE (qemu always sets it) the one extent is still the whole run of equal state, not
+            // just the device's first piece of it: answering a block at a time made qemu ask 4096 times for a
+            // 4 GiB disk.
+            let one = req.flags & CMD_FLAG_REQ_ONE != 0;
             let mut out: Vec<StatusExtent> = Vec::new();
             for (len, zero) in extents {
                 let flags = if zero { STATE_HOLE | STATE_ZERO } else { 0 };
                 match out.last_mut() {
                     Some(l) if l.flags == flags && l.length as u64 + len <= u32::MAX as u64 => l.length += len as u32,
+                    Some(_) if one => break,
                     _ => out.push(StatusExtent { length: len.min(u32::MAX as u64) as u32, flags }),
                 }
-                if req.flags & CMD_FLAG_REQ_ONE != 0 {
-                    break;
-                }
-            }
-            if req.flags & CMD_FLAG_REQ_ONE != 0 {
-                out.truncate(1);
             }
             if out.is_empty() {
                 return replies.error(req, EIO, "no allocation information");
