@@ -38,7 +38,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "256M", value_parser = super::prune::parse_size)]
     cache_size: u64,
     /// Blocks (1 MiB each) a sequential reader gets fetched ahead of it, in the background (1: none).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
+    #[arg(long, default_value_t = crate::serve::DEFAULT_READAHEAD_BLOCKS, value_parser = clap::value_parser!(u64).range(1..=256))]
     readahead: u64,
     /// Most clients connected at once.
     #[arg(long, default_value_t = 64)]
