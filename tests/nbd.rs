@@ -678,6 +678,13 @@ fn hostile_clients_get_errors_and_the_server_survives() {
     assert_eq!(c.reply().unwrap_err().0, EINVAL, "unknown command");
     c.request(CMD_READ, 3 * M - 100, 200, &[]);
     assert_eq!(c.reply().unwrap(), v[3 * MIB - 100..3 * MIB + 100], "a good read after the bad ones");
+    // Reads larger than a worker keeps a buffer for, and smaller ones after them (workers reuse buffers).
+    c.request(CMD_READ, M / 2, 9 * M as u32, &[]);
+    assert!(c.reply().unwrap() == v[MIB / 2..MIB / 2 + 9 * MIB], "a 9 MiB read");
+    for (offset, len) in [(8 * M - 5, 3 * MIB), (100, 1000), (size - 4000, 4000)] {
+        c.request(CMD_READ, offset, len as u32, &[]);
+        assert!(c.reply().unwrap() == v[offset as usize..offset as usize + len], "read of {len} at {offset}");
+    }
     // A request with a broken magic loses framing: the server hangs up.
     let mut bad = Request { flags: 0, command: CMD_READ, cookie: 1, offset: 0, length: 1 }.encode();
     bad[0] ^= 0xff;
