@@ -1086,6 +1086,19 @@ fn exports_in_process(env: &Env, opts: diskvault::serve::ServeOptions) -> diskva
     diskvault::serve::RepositoryExports::new(repo, cache, opts)
 }
 
+/// `data` backed up as source `vm` and the repository served in this process: the exports, the snapshot's id
+/// and its disk.
+fn backed_up_in_process(
+    e: &Env,
+    data: &[u8],
+) -> (diskvault::serve::RepositoryExports, diskvault::format::ObjectId, diskvault::format::snapshot::DiskManifest) {
+    write(&e.path("d.raw"), data);
+    e.backup(&["--name", "vm", e.path("d.raw").to_str().unwrap()]);
+    let exports = exports_in_process(e, Default::default());
+    let (id, snap) = exports.repository().find_snapshot("latest", None).unwrap();
+    (exports, id, snap.disks[0].clone())
+}
+
 /// `NBD_CMD_CACHE` on a snapshot export: the hinted range is fetched in coalesced ranged reads of the packs,
 /// and reading it afterwards goes to no pack again (in-process, to count the reads).
 #[test]
@@ -1093,13 +1106,9 @@ fn a_cache_hint_fetches_its_range_in_few_reads() {
     use diskvault::nbd::server::Device;
     let e = Env::with_repo();
     let data = random_bytes(61, 32 * MIB);
-    write(&e.path("d.raw"), &data);
-    e.backup(&["--name", "vm", e.path("d.raw").to_str().unwrap()]);
-
-    let exports = exports_in_process(&e, Default::default());
-    let (id, snap) = exports.repository().find_snapshot("latest", None).unwrap();
+    let (exports, id, manifest) = backed_up_in_process(&e, &data);
     // No read-ahead of its own: what is fetched ahead is what the hint asked for.
-    let disk = exports.disk(&id, &snap.disks[0], 1).unwrap();
+    let disk = exports.disk(&id, &manifest, 1).unwrap();
     disk.prefetch(0, data.len() as u64);
     let hinted = exports.pack_reads();
     // 32 incompressible blocks lie in two or three packs of 16 MiB: a read per pack, or two when a pack
@@ -1121,11 +1130,8 @@ fn sequential_readers_are_read_ahead_and_scattered_readers_are_not() {
     use diskvault::nbd::server::Device;
     let e = Env::with_repo();
     let data = random_bytes(62, 48 * MIB);
-    write(&e.path("d.raw"), &data);
-    e.backup(&["--name", "vm", e.path("d.raw").to_str().unwrap()]);
-    let exports = exports_in_process(&e, Default::default());
-    let (id, snap) = exports.repository().find_snapshot("latest", None).unwrap();
-    let disk = exports.disk(&id, &snap.disks[0], 16).unwrap();
+    let (exports, id, manifest) = backed_up_in_process(&e, &data);
+    let disk = exports.disk(&id, &manifest, 16).unwrap();
 
     let mut buf = vec![0u8; MIB];
     for b in [40, 5, 30, 12] {
