@@ -9,8 +9,17 @@
 //! `f` ‖ page feature (u64 LE) → id of a stored data block holding that page ([`crate::delta`]: where a new
 //! block's delta base is looked for). Features are hints, checked against the blob index when used, so they
 //! survive a rebuild of the blob index (after a prune) and are only dropped with the whole cache.
+//!
+//! One process at a time can write it (RocksDB's lock). A second process on the same host (a backup while
+//! `serve` runs, two backup jobs at once) reads the shared cache as it was when it opened (read-only, so no
+//! lock) and keeps what it adds — newer index files, features of the blocks it stores — in a private cache
+//! in a temporary directory, consulted first. It so deduplicates and finds delta bases as the first process
+//! does, without rebuilding the index from the repository. Should the shared cache turn out to be out of date
+//! (it holds an index file the repository no longer has), it is no longer consulted and the private cache is
+//! filled from the whole `index/`.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
@@ -28,6 +37,10 @@ pub struct IndexCache {
     fresh: bool,
     /// A private cache in a temporary directory (the shared one was busy or unusable); removed on drop.
     _temp: Option<tempdir::TempDir>,
+    /// When the shared cache was busy: it, read-only as it was when this process opened it, below `db`.
+    shared: Option<rocksdb::DB>,
+    /// Cleared when `shared` is found out of date: from then on only `db` is consulted.
+    shared_usable: AtomicBool,
 }
 
 /// What [`IndexCache::open`] did to bring the cache up to date.
@@ -229,16 +242,62 @@ impl IndexCache {
         let cache = match Self::open_at(&path, repo) {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!("{e}; using a private temporary index cache for this run");
+                let shared = Self::open_shared_read_only(&path, repo);
+                match &shared {
+                    Some(_) => tracing::info!(
+                        "{e}: reading the local index cache as another process left it, with this run's \
+                         additions in a private temporary cache"
+                    ),
+                    None => tracing::warn!("{e}; using a private temporary index cache for this run"),
+                }
                 let tmp = tempdir::TempDir::new()
                     .map_err(|e| Error::Cache { path: std::env::temp_dir(), cause: e.to_string() })?;
                 let p = tmp.path().join("index");
                 let mut c = Self::open_at(&p, repo)?;
                 c._temp = Some(tmp);
+                if shared.is_some() {
+                    // The shared cache knows the earlier backups: leftovers of unfinished ones are its owner's.
+                    c.fresh = false;
+                    c.shared = shared;
+                }
                 c
             }
         };
         Ok(cache)
+    }
+
+    /// The shared cache at `path` opened read-only (which takes no lock), if it is this repository's in the
+    /// current layout. Every table file is opened at once and kept open, so that the process writing the cache
+    /// can compact it meanwhile: a table file it deletes stays readable here.
+    fn open_shared_read_only(path: &Path, repo: &Repository) -> Option<rocksdb::DB> {
+        let mut opts = db_options();
+        opts.set_max_open_files(-1);
+        let db = match rocksdb::DB::open_for_read_only(&opts, path, false) {
+            Ok(db) => db,
+            Err(e) => {
+                tracing::debug!("local index cache {}: cannot read it either: {e}", path.display());
+                return None;
+            }
+        };
+        let mut expected = LAYOUT_VERSION.to_vec();
+        expected.extend_from_slice(&repo.config().id);
+        match db.get(b"v") {
+            Ok(Some(v)) if v == expected => Some(db),
+            _ => None,
+        }
+    }
+
+    /// The shared cache below the private one, while it is usable.
+    fn shared(&self) -> Option<&rocksdb::DB> {
+        self.shared.as_ref().filter(|_| self.shared_usable.load(Ordering::Relaxed))
+    }
+
+    /// Stops consulting the shared cache (it is out of date).
+    fn drop_shared(&self) {
+        if self.shared().is_some() {
+            tracing::info!("the local index cache another process holds is out of date; no longer reading it");
+            self.shared_usable.store(false, Ordering::Relaxed);
+        }
     }
 
     fn open_at(path: &Path, repo: &Repository) -> Result<IndexCache> {
@@ -253,7 +312,14 @@ impl IndexCache {
             }
             Err(e) => return Err(cache_err(&e)),
         };
-        let mut cache = IndexCache { db, path: path.to_path_buf(), fresh: false, _temp: None };
+        let mut cache = IndexCache {
+            db,
+            path: path.to_path_buf(),
+            fresh: false,
+            _temp: None,
+            shared: None,
+            shared_usable: AtomicBool::new(true),
+        };
         let mut expected = LAYOUT_VERSION.to_vec();
         expected.extend_from_slice(&repo.config().id);
         match cache.db.get(b"v").map_err(|e| cache_err(&e))? {
@@ -312,9 +378,20 @@ impl IndexCache {
         self.db.write(batch).map_err(|e| self.err(e))
     }
 
+    /// The index files loaded, into this process's cache or the shared one below it.
     fn loaded_index_files(&self) -> Result<Vec<ObjectId>> {
+        let mut out = self.index_files_in(&self.db)?;
+        if let Some(shared) = self.shared() {
+            out.extend(self.index_files_in(shared)?);
+            out.sort();
+            out.dedup();
+        }
+        Ok(out)
+    }
+
+    fn index_files_in(&self, db: &rocksdb::DB) -> Result<Vec<ObjectId>> {
         let mut out = Vec::new();
-        for item in self.db.prefix_iterator(b"i") {
+        for item in db.prefix_iterator(b"i") {
             let (k, _) = item.map_err(|e| self.err(e))?;
             if k.first() != Some(&b'i') {
                 break;
@@ -345,6 +422,11 @@ impl IndexCache {
     fn sync_once(&self, repo: &Repository) -> Result<SyncStats> {
         let mut stats = SyncStats::default();
         let in_repo = repo.list_index_ids()?;
+        if let Some(shared) = self.shared() {
+            if self.index_files_in(shared)?.iter().any(|id| in_repo.binary_search(id).is_err()) {
+                self.drop_shared();
+            }
+        }
         let mut loaded = self.loaded_index_files()?;
         loaded.sort();
         let removed = loaded.iter().any(|id| in_repo.binary_search(id).is_err());
@@ -366,6 +448,7 @@ impl IndexCache {
             // Entries of a superseded file are in the cache (loaded before the file superseding it): rebuild,
             // first learning what every file supersedes, then leaving those out.
             tracing::info!("index files were superseded; rebuilding the local index cache");
+            self.drop_shared();
             self.clear(false)?;
             stats = SyncStats { rebuilt: true, ..SyncStats::default() };
             for chunk in in_repo.chunks(64) {
@@ -429,7 +512,7 @@ impl IndexCache {
     }
 
     pub fn lookup(&self, id: &BlobId) -> Result<Option<BlobLocation>> {
-        match self.db.get_pinned(blob_key(id)).map_err(|e| self.err(e))? {
+        match self.get_pinned(&blob_key(id))? {
             None => Ok(None),
             Some(v) => BlobLocation::decode(&v)
                 .map(Some)
@@ -437,20 +520,40 @@ impl IndexCache {
         }
     }
 
+    /// The value of `key` in this process's cache, else in the shared one below it.
+    fn get_pinned(&self, key: &[u8]) -> Result<Option<rocksdb::DBPinnableSlice<'_>>> {
+        if let Some(v) = self.db.get_pinned(key).map_err(|e| self.err(e))? {
+            return Ok(Some(v));
+        }
+        match self.shared() {
+            Some(shared) => shared.get_pinned(key).map_err(|e| self.err(e)),
+            None => Ok(None),
+        }
+    }
+
     /// Whether an index file lists this pack.
     pub fn knows_pack(&self, id: &ObjectId) -> Result<bool> {
-        Ok(self.db.get_pinned(pack_key(id)).map_err(|e| self.err(e))?.is_some())
+        Ok(self.get_pinned(&pack_key(id))?.is_some())
     }
 
     pub fn contains(&self, id: &BlobId) -> Result<bool> {
-        Ok(self.db.get_pinned(blob_key(id)).map_err(|e| self.err(e))?.is_some())
+        Ok(self.get_pinned(&blob_key(id))?.is_some())
     }
 
-    /// The stored blocks that hold pages with these features (see [`crate::delta`]), one per feature found.
+    /// The stored blocks that hold pages with these features (see [`crate::delta`]), one per feature found
+    /// (this process's entry for a feature before the shared cache's).
     pub fn blocks_with_features(&self, features: &[u64]) -> Result<Vec<BlobId>> {
-        let keys = features.iter().map(|f| feature_key(*f));
+        let keys: Vec<[u8; 9]> = features.iter().map(|f| feature_key(*f)).collect();
+        let mut found = self.db.multi_get(&keys);
+        if let Some(shared) = self.shared() {
+            for (v, below) in found.iter_mut().zip(shared.multi_get(&keys)) {
+                if matches!(v, Ok(None)) {
+                    *v = below;
+                }
+            }
+        }
         let mut out = Vec::new();
-        for v in self.db.multi_get(keys) {
+        for v in found {
             if let Some(v) = v.map_err(|e| self.err(e))? {
                 let id = <[u8; 32]>::try_from(&v[..]).map_err(|_| self.err("malformed feature entry"))?;
                 out.push(BlobId(id));

@@ -349,6 +349,35 @@ fn unusable_cache_directory_falls_back_to_a_private_cache() {
     assert_eq!(e.restore("latest", &[]), img);
 }
 
+/// A second process on the host while another holds the cache (a backup while `serve` runs, two backup jobs at
+/// once) reads the shared cache as the other left it: it finds its delta bases there (page features are kept
+/// only in the local cache; a private cache rebuilt from the repository has none) and adds what it stores to
+/// a private cache of its own.
+#[test]
+fn a_cache_held_by_another_process_is_read_below_a_private_one() {
+    let e = Env::with_repo();
+    let img = e.path("img");
+    let day0 = random_bytes(21, 8 * MIB);
+    let mut day1 = day0.clone();
+    for b in 0..8 {
+        day1[b * MIB + 8192..b * MIB + 12288].copy_from_slice(&random_bytes(30 + b as u64, 4096));
+    }
+    write(&img, &day0);
+    e.backup(&[img.to_str().unwrap()]);
+    assert!(e.delta_blobs().is_empty());
+
+    // This test process holds the shared cache, as `serve` would.
+    let repo = e.open_repo();
+    let held = diskvault::cache::IndexCache::open(&repo, &e.cache()).unwrap().0;
+    write(&img, &day1);
+    let r = e.run(&["-v", "backup", "--json", img.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(e.delta_blobs().len(), 8, "the changed blocks found no delta base in the held cache");
+    assert!(r.stderr.contains("as another process left it"), "{}", r.stderr);
+    drop(held);
+    assert!(e.restore("latest", &[]) == day1);
+}
+
 #[test]
 fn private_caches_left_by_killed_processes_are_removed() {
     use std::os::fd::AsRawFd;
