@@ -378,6 +378,39 @@ fn a_cache_held_by_another_process_is_read_below_a_private_one() {
     assert!(e.restore("latest", &[]) == day1);
 }
 
+/// A held cache that a prune has since made out of date (it still lists blocks the prune deleted, in packs it
+/// repacked) is not read: a backup by another process stores such blocks again instead of deduplicating
+/// against what is gone, and restores find every block where it is now.
+#[test]
+fn a_held_cache_made_out_of_date_by_a_prune_is_not_read() {
+    let e = Env::new();
+    e.ok(&["init", "--pack-size", "4"]);
+    let img = e.path("img");
+    let day0 = random_bytes(41, 8 * MIB);
+    let mut day1 = day0.clone();
+    // Blocks 2-5 change: the packs of day 0 (blocks 0-3, 4-7) are each half used by day 1 alone.
+    day1[2 * MIB..6 * MIB].copy_from_slice(&random_bytes(42, 4 * MIB));
+    write(&img, &day0);
+    e.backup(&["--name", "vm", img.to_str().unwrap()]);
+    write(&img, &day1);
+    let s2 = e.backup(&["--name", "vm", "--no-delta", img.to_str().unwrap()])["snapshot"].as_str().unwrap().to_string();
+
+    let repo = e.open_repo();
+    let held = diskvault::cache::IndexCache::open(&repo, &e.cache()).unwrap().0;
+    let packs_before = e.objects("packs");
+    e.ok(&["forget", "--keep-last", "1"]);
+    e.ok(&["prune", "--max-unused", "0"]);
+    let packs_after = e.objects("packs");
+    assert!(packs_before.iter().any(|p| !packs_after.contains(p)), "the prune repacked nothing");
+    assert!(e.restore(&s2, &[]) == day1, "day 1 restores other bytes");
+    // Day 0's own blocks are gone from the repository; the held cache still lists them.
+    write(&img, &day0);
+    let r = e.backup(&["--name", "vm", "--no-delta", "--no-parent", img.to_str().unwrap()]);
+    assert_eq!(r["disks"][0]["new_blocks"], 4, "blocks the prune deleted were taken as stored: {r}");
+    assert!(e.restore(r["snapshot"].as_str().unwrap(), &[]) == day0, "day 0 backed up again restores other bytes");
+    drop(held);
+}
+
 #[test]
 fn private_caches_left_by_killed_processes_are_removed() {
     use std::os::fd::AsRawFd;
