@@ -16,7 +16,9 @@
 //! in a temporary directory, consulted first. It so deduplicates and finds delta bases as the first process
 //! does, without rebuilding the index from the repository. Should the shared cache turn out to be out of date
 //! (it holds an index file the repository no longer has), it is no longer consulted and the private cache is
-//! filled from the whole `index/`.
+//! filled from the whole `index/`. `serve`, which runs for days and only reads, takes this second place on
+//! purpose once it has brought the cache up to date ([`IndexCache::into_reader`]): the backups on the host
+//! keep writing the shared cache.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -239,10 +241,14 @@ impl IndexCache {
     pub fn open_unsynced(repo: &Repository, cache_root: &Path) -> Result<IndexCache> {
         tempdir::remove_abandoned();
         let path = cache_root.join(repo.config().id_hex()).join("index");
-        let cache = match Self::open_at(&path, repo) {
-            Ok(c) => c,
+        Self::open_path(&path, repo)
+    }
+
+    fn open_path(path: &Path, repo: &Repository) -> Result<IndexCache> {
+        match Self::open_at(path, repo) {
+            Ok(c) => Ok(c),
             Err(e) => {
-                let shared = Self::open_shared_read_only(&path, repo);
+                let shared = Self::open_shared_read_only(path, repo);
                 match &shared {
                     Some(_) => tracing::info!(
                         "{e}: reading the local index cache as another process left it, with this run's \
@@ -250,20 +256,39 @@ impl IndexCache {
                     ),
                     None => tracing::warn!("{e}; using a private temporary index cache for this run"),
                 }
-                let tmp = tempdir::TempDir::new()
-                    .map_err(|e| Error::Cache { path: std::env::temp_dir(), cause: e.to_string() })?;
-                let p = tmp.path().join("index");
-                let mut c = Self::open_at(&p, repo)?;
-                c._temp = Some(tmp);
-                if shared.is_some() {
-                    // The shared cache knows the earlier backups: leftovers of unfinished ones are its owner's.
-                    c.fresh = false;
-                    c.shared = shared;
-                }
-                c
+                Self::private_above(shared, repo)
             }
-        };
-        Ok(cache)
+        }
+    }
+
+    /// A private cache in a temporary directory, above `shared` (read-only) if given.
+    fn private_above(shared: Option<rocksdb::DB>, repo: &Repository) -> Result<IndexCache> {
+        let tmp =
+            tempdir::TempDir::new().map_err(|e| Error::Cache { path: std::env::temp_dir(), cause: e.to_string() })?;
+        let mut c = Self::open_at(&tmp.path().join("index"), repo)?;
+        c._temp = Some(tmp);
+        if shared.is_some() {
+            // The shared cache knows the earlier backups: leftovers of unfinished ones are its owner's.
+            c.fresh = false;
+            c.shared = shared;
+        }
+        Ok(c)
+    }
+
+    /// Leaves the shared cache to the processes that write it, for a process that runs for long and only
+    /// reads (`serve`): this cache, brought up to date by the caller, is closed and read read-only from then on,
+    /// below a private cache. Held for days, it made every backup on the host a second process (see the
+    /// module docs) whose features and index entries never reached the shared cache.
+    pub fn into_reader(self, repo: &Repository) -> Result<IndexCache> {
+        if self._temp.is_some() {
+            return Ok(self);
+        }
+        let path = self.path.clone();
+        drop(self);
+        match Self::open_shared_read_only(&path, repo) {
+            Some(shared) => Self::private_above(Some(shared), repo),
+            None => Self::open_path(&path, repo),
+        }
     }
 
     /// The shared cache at `path` opened read-only (which takes no lock), if it is this repository's in the

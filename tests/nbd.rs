@@ -419,6 +419,30 @@ fn served_snapshots_read_by_qemu_and_nbdinfo() {
     assert!(env.objects("locks").is_empty(), "serve left its session marker");
 }
 
+/// A snapshot backed up while serve runs is listed and served (its index entries are newer than serve's
+/// cache), and the backup writes the host's index cache as usual: serve only reads it.
+#[test]
+fn a_snapshot_backed_up_while_serve_runs_is_served() {
+    let env = Env::with_repo();
+    backed_up_disk(&env, 8);
+    let serve = Serve::start(&env, &[]);
+    let v2 = served_disk(9);
+    write(&env.path("disk.img"), &v2);
+    let r = env.run(&["-v", "backup", "--json", "--name", "vm", &format!("d0={}", env.path("disk.img").display())]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains("private temporary"), "serve held the index cache: {}", r.stderr);
+    let id = r.json()["snapshot"].as_str().unwrap().to_string();
+    let out = env.path("new.raw");
+    run_tool(
+        tool("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(serve.uri(&format!("{}/d0", &id[..8])))
+            .arg(&out),
+    );
+    assert!(std::fs::read(&out).unwrap() == v2, "the new snapshot is served with other bytes");
+    serve.stop();
+}
+
 #[test]
 fn writable_overlay_keeps_the_repository_untouched() {
     let env = Env::with_repo();

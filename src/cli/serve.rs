@@ -74,10 +74,12 @@ pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
     let signals = crate::util::block_termination_signals();
     return_freed_blobs_to_the_system();
     let repo = g.open_repo()?;
-    let cache = g.open_cache_unsynced(&repo)?;
+    let cache = crate::cache::IndexCache::open_unsynced(&repo, &g.cache_root())?;
     // A session for as long as blobs may be read: a prune running meanwhile keeps the packs we might need.
     let session = crate::lock::start_session(&repo, "serve")?;
     cache.sync(&repo)?;
+    // Backups on this host keep writing the shared cache while serve runs.
+    let cache = std::sync::Arc::new(cache.into_reader(&repo)?);
     let mut snapshots = Vec::new();
     for s in &args.snapshots {
         snapshots.push(repo.find_snapshot(s, args.name.as_deref())?.0);
