@@ -11,12 +11,12 @@
 //! | [`crypto`] | key derivation, keyed BLAKE3 block ids, AES-256-GCM sealing |
 //! | [`backend`] | where objects live: the [`backend::Backend`] trait, the local-directory and S3 backends, bandwidth limits ([`backend::throttle`]) |
 //! | [`repository`] | an open repository: unlocks keys, reads/writes objects and blobs, resolves snapshots |
-//! | [`cache`] | the local RocksDB dedup index, a rebuildable cache of `index/` |
+//! | [`cache`] | the local RocksDB dedup index, a rebuildable cache of `index/`; one process of a host writes it, others read it below a private cache |
 //! | [`source`] | what is backed up: the [`source::DiskSource`] trait, raw files/block devices, NBD, VDDK, another repository's snapshots, change lists |
 //! | [`backup`] | the backup pipeline: read → hash/dedup/compress/encrypt → pack → upload → index → manifest |
 //! | [`delta`] | new blocks stored as zstd deltas against a similar stored block: page features, base choice |
 //! | [`restore`] | restore of a snapshot disk to a file or block device, with verification |
-//! | [`serve`] | snapshot disks as NBD exports: block reads with a blob cache and read-ahead, write overlays |
+//! | [`serve`] | snapshot disks as NBD exports: block reads with a blob cache and read-ahead for sequential readers, write overlays |
 //! | [`diff`] | which blocks of a disk differ between two snapshots, from the manifests alone |
 //! | [`copy`] | snapshots of another repository stored in this one: read through [`serve`]'s disks, stored by [`backup`] |
 //! | [`check`] | repository integrity: structure, and every byte with `--read-data` |
