@@ -3,10 +3,10 @@
 //!
 //! A read maps bytes to 1 MiB blocks, blocks to ids (manifest segments, a few kept in memory), ids to pack
 //! locations (the index cache), and fetches a missing blob with a ranged read of its own. A sequential reader
-//! gets read-ahead: the next blocks of the disk that are not cached are fetched in the
-//! background, in the same coalesced ranged reads as restore uses (one storage request per few MiB), a window
-//! ahead of it. Plaintext blobs live in a byte-bounded LRU shared by all exports; blobs being fetched are
-//! marked in flight, so concurrent readers wait for them instead of fetching twice.
+//! gets read-ahead: the next blocks of the disk that are not cached are fetched in the background, in the same
+//! coalesced ranged reads as restore uses (one storage request per few MiB), a window ahead of it. Plaintext
+//! blobs live in a byte-bounded LRU shared by all exports; blobs being fetched are marked in flight, so
+//! concurrent readers wait for them instead of fetching twice.
 //!
 //! With `writable`, each export gets a copy-on-write overlay: a sparse local file holding every 1 MiB block
 //! written so far, copied up from the snapshot on first write. The repository is never written. By default
