@@ -86,9 +86,11 @@ struct Shared {
 }
 
 impl Shared {
-    /// Makes one planned ranged read of a pack, caches the blobs it holds and releases their claims. Only a
-    /// failure concerning `primary` is returned (the others are left to the reads of their blocks).
+    /// Makes one planned ranged read of a pack, caches the blobs it holds and releases their claims (however
+    /// it ends: were it to panic, readers waiting for its blobs would wait forever). Only a failure concerning
+    /// `primary` is returned (the others are left to the reads of their blocks).
     fn fetch_job(&self, job: &ReadJob, primary: Option<BlobId>) -> Result<()> {
+        let _release = ReleaseClaims { blobs: &self.blobs, ids: job.wants.iter().map(|w| w.entry.id).collect() };
         let holds_primary = primary.is_none_or(|p| job.wants.iter().any(|w| w.entry.id == p));
         self.pack_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let bases = Bases::new(&*self.cache);
@@ -107,7 +109,6 @@ impl Shared {
                 Err(_) => {}
             },
         );
-        job.wants.iter().for_each(|w| self.blobs.abandon(&w.entry.id));
         match (fetched, failed) {
             (Err(e), _) if holds_primary => Err(e),
             (_, Some(e)) => Err(e),
@@ -115,8 +116,8 @@ impl Shared {
         }
     }
 
-    /// [`Shared::fetch_job`] on a thread of its own; if none can be started, the claims are released (the
-    /// readers of those blocks then fetch them).
+    /// [`Shared::fetch_job`] on a thread of its own; if none can be started, the claims are released at once
+    /// (the readers of those blocks then fetch them).
     fn fetch_in_background(self: &Arc<Self>, job: ReadJob) {
         let ids: Vec<BlobId> = job.wants.iter().map(|w| w.entry.id).collect();
         let shared = self.clone();
@@ -126,8 +127,20 @@ impl Shared {
             }
         });
         if started.is_err() {
-            ids.iter().for_each(|id| self.blobs.abandon(id));
+            drop(ReleaseClaims { blobs: &self.blobs, ids });
         }
+    }
+}
+
+/// Releases claims on blobs when dropped (whatever has not been fetched, readers then fetch themselves).
+struct ReleaseClaims<'a> {
+    blobs: &'a BlobCache,
+    ids: Vec<BlobId>,
+}
+
+impl Drop for ReleaseClaims<'_> {
+    fn drop(&mut self) {
+        self.ids.iter().for_each(|id| self.blobs.abandon(id));
     }
 }
 
