@@ -884,6 +884,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn read_ahead_follows_sequential_readers_only() {
+        let mut ra = ReadAhead::default();
+        // A first read, and reads far from every other: no predecessor was read, no window.
+        for block in [100, 7, 300] {
+            assert_eq!(ra.read(block), None);
+            assert!(!ra.follows_a_read(block), "block {block}");
+        }
+        assert!(ra.follows_a_read(101) && ra.follows_a_read(8) && !ra.follows_a_read(102));
+        // A window 8..40 fetched ahead: reads in its first half start nothing, the first read in its second half
+        // (also one that skipped a hole) starts the next window, once.
+        ra.add_window(8, 40);
+        assert_eq!(ra.read(8), None);
+        assert_eq!(ra.read(23), None);
+        assert_eq!(ra.read(30), Some(40));
+        assert_eq!(ra.read(31), None, "the next window was started twice");
+        // Readers elsewhere on the disk push out the oldest windows and reads, not the newest.
+        for k in 0..KEPT_WINDOWS as u64 + 1 {
+            ra.add_window(1000 + 100 * k, 1032 + 100 * k);
+        }
+        assert_eq!(ra.read(1020), None, "the oldest window was kept");
+        assert_eq!(ra.read(1000 + 100 * KEPT_WINDOWS as u64 + 20), Some(1032 + 100 * KEPT_WINDOWS as u64));
+        for block in 5000..5000 + KEPT_RECENT as u64 {
+            ra.read(block);
+        }
+        assert!(!ra.follows_a_read(101), "reads long past still count");
+        assert!(ra.follows_a_read(5000 + KEPT_RECENT as u64));
+    }
+
+    #[test]
     fn a_kept_overlay_is_continued_only_for_the_disk_it_was_made_for() {
         let dir = tempfile::tempdir().unwrap();
         let snapshot = ObjectId::of_file(b"a snapshot");
