@@ -742,8 +742,7 @@ fn read_disk(
         let len = block_size.min(plan.capacity - offset) as usize;
         // Page-aligned, so that a file source may read it with O_DIRECT.
         let mut data = spare.try_recv().unwrap_or_default();
-        data.resize(len);
-        job.source.read_at(offset, &mut data)?;
+        job.source.read_block(offset, len, &mut data)?;
         counters.add_done(len as u64);
         if tx.send(ReadBlock { disk, index, data }).is_err() {
             return Ok(());

@@ -241,6 +241,17 @@ impl AlignedBuf {
         b
     }
 
+    /// A buffer holding `v`, as it is (not aligned: [`AlignedBuf::resize`] realigns it, moving it, if a reader
+    /// needs that).
+    pub(crate) fn from_vec(v: Vec<u8>) -> AlignedBuf {
+        AlignedBuf { buf: v, start: 0 }
+    }
+
+    /// The storage, for another buffer's use: its content (alignment padding included) is of no interest.
+    pub(crate) fn into_storage(self) -> Vec<u8> {
+        self.buf
+    }
+
     /// Makes the block `len` bytes long for a read to fill: what it held before stays (a reused buffer is not
     /// zeroed again), only growth is zero-filled. (An `extend_from_slice` past the capacity moved the vector: the
     /// start is then realigned.)

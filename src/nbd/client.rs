@@ -124,8 +124,18 @@ impl ExportInfo {
 
 /// A request in flight.
 pub enum Pending {
-    Read { offset: u64, buf: Vec<u8>, filled: u64, error: Option<String> },
-    Status { context: u32, extents: Vec<StatusExtent>, error: Option<String> },
+    /// `pieces`: the ranges of `buf` (start, length) the reply has filled so far.
+    Read {
+        offset: u64,
+        buf: Vec<u8>,
+        pieces: Vec<(u64, u64)>,
+        error: Option<String>,
+    },
+    Status {
+        context: u32,
+        extents: Vec<StatusExtent>,
+        error: Option<String>,
+    },
 }
 
 /// One negotiated connection in the transmission phase.
@@ -226,11 +236,24 @@ impl Connection {
 
     /// Sends a read of `len` bytes at `offset` and registers it in `pending`.
     pub fn send_read(&mut self, offset: u64, len: u32, pending: &mut HashMap<u64, Pending>) -> Result<u64> {
+        self.send_read_into(offset, len, Vec::new(), pending)
+    }
+
+    /// [`Connection::send_read`] into `buf`, a buffer that may hold an earlier read: the reply must fill every
+    /// byte of it (checked when it completes), so it is not zeroed first.
+    pub fn send_read_into(
+        &mut self,
+        offset: u64,
+        len: u32,
+        mut buf: Vec<u8>,
+        pending: &mut HashMap<u64, Pending>,
+    ) -> Result<u64> {
         if len > self.info.max_request {
             return Err(Error::invalid(format!("read of {len} bytes exceeds the server's limit")));
         }
         let cookie = self.send(CMD_READ, 0, offset, len)?;
-        pending.insert(cookie, Pending::Read { offset, buf: vec![0u8; len as usize], filled: 0, error: None });
+        buf.resize(len as usize, 0);
+        pending.insert(cookie, Pending::Read { offset, buf, pieces: Vec::new(), error: None });
         Ok(cookie)
     }
 
@@ -248,12 +271,12 @@ impl Connection {
                     .get_mut(&cookie)
                     .ok_or_else(|| self.protocol(format!("reply to unknown cookie {cookie}")))?;
                 match p {
-                    Pending::Read { buf, filled, error: err, .. } => {
+                    Pending::Read { buf, pieces, error: err, .. } => {
                         if error != 0 {
                             *err = Some(error_name(error).to_string());
                         } else {
                             self.stream.read_exact(buf).map_err(|e| Error::source(self.address.clone(), e))?;
-                            *filled = buf.len() as u64;
+                            pieces.push((0, buf.len() as u64));
                         }
                     }
                     Pending::Status { error: err, .. } => {
@@ -283,7 +306,7 @@ impl Connection {
             return Err(protocol(format!("reply chunk for unknown cookie {}", h.cookie)));
         };
         match (h.kind, p) {
-            (REPLY_TYPE_OFFSET_DATA, Pending::Read { offset, buf, filled, .. }) => {
+            (REPLY_TYPE_OFFSET_DATA, Pending::Read { offset, buf, pieces, .. }) => {
                 if h.length < 8 || (h.length - 8) as usize > buf.len() {
                     return Err(protocol(format!("data chunk of {} bytes for a read of {}", h.length, buf.len())));
                 }
@@ -295,9 +318,9 @@ impl Connection {
                 self.stream
                     .read_exact(&mut buf[rel as usize..(rel + len) as usize])
                     .map_err(|e| Error::source(address.clone(), e))?;
-                *filled += len;
+                pieces.push((rel, len));
             }
-            (REPLY_TYPE_OFFSET_HOLE, Pending::Read { offset, buf, filled, .. }) => {
+            (REPLY_TYPE_OFFSET_HOLE, Pending::Read { offset, buf, pieces, .. }) => {
                 let payload = self.payload(h.length, 12)?;
                 let mut r = Bytes::new(&payload, "hole chunk");
                 let (at, len) = (r.u64().map_err(&protocol)?, r.u32().map_err(&protocol)? as u64);
@@ -305,7 +328,7 @@ impl Connection {
                     protocol(format!("hole chunk at {at}+{len} lies outside the read {}+{}", offset, buf.len()))
                 })?;
                 buf[rel as usize..(rel + len) as usize].fill(0);
-                *filled += len;
+                pieces.push((rel, len));
             }
             (REPLY_TYPE_BLOCK_STATUS, Pending::Status { context, extents, .. }) => {
                 let payload = self.payload(h.length, MAX_CHUNK_PAYLOAD)?;
@@ -335,10 +358,8 @@ impl Connection {
         if h.flags & REPLY_FLAG_DONE == 0 {
             return Ok(None);
         }
-        if let Some(Pending::Read { buf, filled, error: None, .. }) = pending.get_mut(&h.cookie) {
-            if *filled != buf.len() as u64 {
-                return Err(protocol(format!("a read of {} bytes was answered with {filled}", buf.len())));
-            }
+        if let Some(Pending::Read { buf, pieces, error: None, .. }) = pending.get_mut(&h.cookie) {
+            filled_exactly(pieces, buf.len() as u64).map_err(protocol)?;
         }
         Ok(Some(h.cookie))
     }
@@ -445,6 +466,25 @@ impl Connection {
 }
 
 /// The data of a completed read, or its error.
+/// Whether the `pieces` (start, length) a reply filled cover a read of `len` bytes exactly once each: the
+/// buffer may hold an earlier read, which a gap or an overlap would leak into this one.
+fn filled_exactly(pieces: &mut [(u64, u64)], len: u64) -> std::result::Result<(), String> {
+    pieces.sort_unstable();
+    let mut next = 0;
+    for &(start, n) in pieces.iter() {
+        if start != next {
+            return Err(format!(
+                "a read of {len} bytes was answered with chunks that overlap or leave a gap at {next}"
+            ));
+        }
+        next += n;
+    }
+    if next != len {
+        return Err(format!("a read of {len} bytes was answered with {next}"));
+    }
+    Ok(())
+}
+
 pub fn finish_read(address: &str, p: Pending) -> Result<Vec<u8>> {
     match p {
         Pending::Read { error: Some(e), offset, buf, .. } => Err(Error::source(
@@ -668,6 +708,20 @@ fn tls_config(tls: &TlsOptions) -> std::result::Result<Arc<rustls::ClientConfig>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_must_be_filled_exactly_once() {
+        // In any order, data and holes, empty chunks allowed.
+        assert!(filled_exactly(&mut [(4096, 4096), (0, 4096)], 8192).is_ok());
+        assert!(filled_exactly(&mut [(0, 8192), (8192, 0)], 8192).is_ok());
+        // A gap (the buffer's earlier content would be returned), an overlap with the same total, too little
+        // or too much.
+        assert!(filled_exactly(&mut [(0, 4096), (6000, 2192)], 8192).unwrap_err().contains("gap at 4096"));
+        assert!(filled_exactly(&mut [(0, 4096), (2048, 4096)], 8192).is_err());
+        assert!(filled_exactly(&mut [(0, 4096), (0, 4096)], 8192).is_err());
+        assert!(filled_exactly(&mut [(0, 4096)], 8192).is_err());
+        assert!(filled_exactly(&mut [(0, 8192), (8192, 1)], 8192).is_err());
+    }
 
     #[test]
     fn uris() {

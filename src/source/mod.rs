@@ -14,6 +14,7 @@ pub mod vddk;
 use std::ops::Range;
 
 use crate::error::Result;
+use crate::util::AlignedBuf;
 
 /// A byte range of a disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -37,6 +38,12 @@ pub trait DiskSource: Send {
     /// Fills `buf` from `offset`: every byte, since `buf` may hold an earlier block (buffers are reused).
     /// `offset + buf.len()` never exceeds the capacity.
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Makes `buf` the `len` bytes at `offset`: read into it, or exchanged for a buffer the source has already
+    /// filled (which saves a copy of every block).
+    fn read_block(&mut self, offset: u64, len: usize, buf: &mut AlignedBuf) -> Result<()> {
+        buf.resize(len);
+        self.read_at(offset, buf)
+    }
     /// The allocated (possibly non-zero) ranges, or `None` if the source cannot tell (read everything).
     fn allocated(&mut self) -> Result<Option<Vec<Extent>>>;
     /// The byte ranges changed since the previous backup, when the source tracks them itself (an NBD dirty

@@ -17,6 +17,7 @@ use super::{BlockRanges, DiskSource, Extent, PlannedReads};
 use crate::error::{Error, Result};
 use crate::nbd::client::{finish_read, Address, Connection, TlsOptions};
 use crate::nbd::proto::{BASE_ALLOCATION, STATE_DIRTY, STATE_ZERO};
+use crate::util::AlignedBuf;
 
 #[derive(Clone)]
 pub struct NbdOptions {
@@ -96,9 +97,22 @@ impl DiskSource for NbdSource {
         if let Some(ra) = &mut self.readahead {
             if let Some(data) = ra.take(offset, buf.len())? {
                 buf.copy_from_slice(&data);
+                ra.recycle(data);
                 return Ok(());
             }
         }
+        self.conn()?.read_at(offset, buf)
+    }
+
+    fn read_block(&mut self, offset: u64, len: usize, buf: &mut AlignedBuf) -> Result<()> {
+        if let Some(ra) = &mut self.readahead {
+            if let Some(data) = ra.take(offset, len)? {
+                // The block read ahead becomes the pipeline's buffer; the pipeline's goes to the next read.
+                ra.recycle(std::mem::replace(buf, AlignedBuf::from_vec(data)).into_storage());
+                return Ok(());
+            }
+        }
+        buf.resize(len);
         self.conn()?.read_at(offset, buf)
     }
 
@@ -152,6 +166,8 @@ type Delivery = (u64, u64, Result<Vec<u8>>);
 /// Reads the planned blocks ahead on one thread per connection, at most `window` blocks beyond the consumer.
 struct Readahead {
     results: Receiver<Delivery>,
+    /// Buffers of consumed blocks, for the connections' next reads (a fresh one per read cost its zeroing).
+    recycled: Sender<Vec<u8>>,
     /// One token per block the threads may read ahead; returned as blocks are consumed.
     tokens: Sender<()>,
     arrived: BTreeMap<u64, (u64, Result<Vec<u8>>)>,
@@ -167,16 +183,23 @@ impl Readahead {
             token_tx.send(()).expect("fresh channel has room");
         }
         let (result_tx, result_rx) = crossbeam_channel::unbounded();
+        let (recycled_tx, recycled_rx) = crossbeam_channel::bounded(window);
         for (i, conn) in conns.into_iter().enumerate() {
-            let (plan, tokens, results) = (plan.clone(), token_rx.clone(), result_tx.clone());
+            let (plan, tokens, results, buffers) =
+                (plan.clone(), token_rx.clone(), result_tx.clone(), recycled_rx.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("nbd-read-{i}"))
-                .spawn(move || connection_reader(conn, plan, tokens, results, depth.max(1)));
+                .spawn(move || connection_reader(conn, plan, tokens, results, buffers, depth.max(1)));
             if let Err(e) = spawned {
                 tracing::warn!("cannot start an NBD reader thread: {e}");
             }
         }
-        Readahead { results: result_rx, tokens: token_tx, arrived: BTreeMap::new(), next_seq: 0 }
+        Readahead { results: result_rx, recycled: recycled_tx, tokens: token_tx, arrived: BTreeMap::new(), next_seq: 0 }
+    }
+
+    /// A buffer for the connections to read into again.
+    fn recycle(&self, buf: Vec<u8>) {
+        let _ = self.recycled.try_send(buf);
     }
 
     /// The next planned block if it is the one at `offset`; `None` if the reads left the plan.
@@ -208,6 +231,7 @@ fn connection_reader(
     plan: Arc<Mutex<PlannedReads>>,
     tokens: Receiver<()>,
     results: Sender<Delivery>,
+    buffers: Receiver<Vec<u8>>,
     depth: usize,
 ) {
     let mut pending = HashMap::new();
@@ -227,7 +251,7 @@ fn connection_reader(
                 exhausted = true;
                 break;
             };
-            match conn.send_read(offset, len, &mut pending) {
+            match conn.send_read_into(offset, len, buffers.try_recv().unwrap_or_default(), &mut pending) {
                 Ok(cookie) => {
                     in_flight.insert(cookie, (seq, offset));
                 }
