@@ -813,15 +813,14 @@ fn base_prefetch(repo: &Repository, cache: &IndexCache, plans: &[DiskPlan]) -> O
 
 /// Loads the block ids of one of the parent's segments.
 pub(crate) fn load_segment(repo: &Repository, cache: &IndexCache, seg: &SegmentRef) -> Result<Vec<BlobId>> {
-    let loc = cache
-        .lookup(&seg.id)?
-        .ok_or_else(|| Error::Missing { object: format!("manifest segment {} (not in any index file)", seg.id) })?;
-    read_segment(repo, &loc, seg)
+    read_segment(repo, cache.lookup(&seg.id)?, seg)
 }
 
-/// Reads a segment blob stored at `loc` and checks it holds `seg.blocks` ids.
-pub(crate) fn read_segment(repo: &Repository, loc: &BlobLocation, seg: &SegmentRef) -> Result<Vec<BlobId>> {
-    let plain = repo.read_blob(loc, &crate::repository::NoDeltas)?;
+/// Reads a segment blob stored at `loc` (`None`: no index file lists it) and checks it holds `seg.blocks` ids.
+pub(crate) fn read_segment(repo: &Repository, loc: Option<BlobLocation>, seg: &SegmentRef) -> Result<Vec<BlobId>> {
+    let loc =
+        loc.ok_or_else(|| Error::Missing { object: format!("manifest segment {} (not in any index file)", seg.id) })?;
+    let plain = repo.read_blob(&loc, &crate::repository::NoDeltas)?;
     if plain.len() != seg.blocks as usize * 32 {
         return Err(Error::corrupt(
             format!("manifest segment {}", seg.id),

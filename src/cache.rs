@@ -403,17 +403,6 @@ impl IndexCache {
         self.db.write(batch).map_err(|e| self.err(e))
     }
 
-    /// The index files loaded, into this process's cache or the shared one below it.
-    fn loaded_index_files(&self) -> Result<Vec<ObjectId>> {
-        let mut out = self.index_files_in(&self.db)?;
-        if let Some(shared) = self.shared() {
-            out.extend(self.index_files_in(shared)?);
-            out.sort();
-            out.dedup();
-        }
-        Ok(out)
-    }
-
     fn index_files_in(&self, db: &rocksdb::DB) -> Result<Vec<ObjectId>> {
         let mut out = Vec::new();
         for item in db.prefix_iterator(b"i") {
@@ -447,13 +436,19 @@ impl IndexCache {
     fn sync_once(&self, repo: &Repository) -> Result<SyncStats> {
         let mut stats = SyncStats::default();
         let in_repo = repo.list_index_ids()?;
+        // The index files loaded, into this process's cache or the shared one below it (unless that one is out
+        // of date: it holds a file the repository no longer has).
+        let mut loaded = self.index_files_in(&self.db)?;
         if let Some(shared) = self.shared() {
-            if self.index_files_in(shared)?.iter().any(|id| in_repo.binary_search(id).is_err()) {
+            let below = self.index_files_in(shared)?;
+            if below.iter().any(|id| in_repo.binary_search(id).is_err()) {
                 self.drop_shared();
+            } else {
+                loaded.extend(below);
             }
         }
-        let mut loaded = self.loaded_index_files()?;
         loaded.sort();
+        loaded.dedup();
         let removed = loaded.iter().any(|id| in_repo.binary_search(id).is_err());
         if removed {
             tracing::info!("index files were replaced in the repository; rebuilding the local index cache");

@@ -374,11 +374,11 @@ fn adopt_unindexed(repo: &Repository, scratch: &ScratchDb, report: &mut PruneRep
 
 /// The block ids of a manifest segment, located through the index files.
 fn load_segment(repo: &Repository, scratch: &ScratchDb, seg: &SegmentRef) -> Result<Vec<BlobId>> {
-    let v = scratch
-        .get(SEGMENT_AT, &seg.id)?
-        .ok_or_else(|| Error::Missing { object: format!("manifest segment {} (not in any index file)", seg.id) })?;
-    let loc = BlobLocation::decode(&v).map_err(scratch_err)?;
-    crate::backup::read_segment(repo, &loc, seg)
+    let loc = match scratch.get(SEGMENT_AT, &seg.id)? {
+        Some(v) => Some(BlobLocation::decode(&v).map_err(scratch_err)?),
+        None => None,
+    };
+    crate::backup::read_segment(repo, loc, seg)
 }
 
 /// The streaming sweep: decides per pack, copies blobs of repacked packs, writes the new index files.

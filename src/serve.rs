@@ -381,10 +381,7 @@ impl SnapshotDisk {
         }
         let seg = &self.manifest.segments[k];
         // Located as blobs are: a snapshot backed up while serve runs is newer than its index cache.
-        let loc = self
-            .locate(&seg.id)?
-            .ok_or_else(|| Error::Missing { object: format!("manifest segment {} (not in any index file)", seg.id) })?;
-        let ids = Arc::new(crate::backup::read_segment(&self.shared.repo, &loc, seg)?);
+        let ids = Arc::new(crate::backup::read_segment(&self.shared.repo, self.locate(&seg.id)?, seg)?);
         self.segments.lock().unwrap_or_else(|p| p.into_inner()).put(k, ids.clone());
         Ok(ids)
     }

@@ -1123,6 +1123,16 @@ fn backed_up_in_process(
     (exports, id, snap.disks[0].clone())
 }
 
+/// The first `len` bytes of `disk`, read 1 MiB at a time from the start.
+fn read_in_order(disk: &diskvault::serve::SnapshotDisk, len: usize) -> Vec<u8> {
+    use diskvault::nbd::server::Device;
+    let mut back = vec![0u8; len];
+    for (k, chunk) in back.chunks_mut(MIB).enumerate() {
+        disk.read((k * MIB) as u64, chunk).unwrap();
+    }
+    back
+}
+
 /// `NBD_CMD_CACHE` on a snapshot export: the hinted range is fetched in coalesced ranged reads of the packs,
 /// and reading it afterwards goes to no pack again (in-process, to count the reads).
 #[test]
@@ -1138,11 +1148,7 @@ fn a_cache_hint_fetches_its_range_in_few_reads() {
     // 32 incompressible blocks lie in two or three packs of 16 MiB: a read per pack, or two when a pack
     // passes the 16 MiB cap of a ranged read; one read per block would be 32.
     assert!((1..=6).contains(&hinted), "the hint of 32 blocks took {hinted} reads");
-    let mut back = vec![0u8; data.len()];
-    for (k, chunk) in back.chunks_mut(MIB).enumerate() {
-        disk.read((k * MIB) as u64, chunk).unwrap();
-    }
-    assert!(back == data, "the hinted range reads back other bytes");
+    assert!(read_in_order(&disk, data.len()) == data, "the hinted range reads back other bytes");
     assert_eq!(exports.pack_reads(), hinted, "reads of the hinted range went to the packs again");
 }
 
@@ -1166,11 +1172,7 @@ fn sequential_readers_are_read_ahead_and_scattered_readers_are_not() {
     disk.read((20 * MIB) as u64, &mut buf[..4096]).unwrap();
     assert_eq!(exports.pack_reads(), 5, "block 20 was fetched ahead although no read came near it");
 
-    let mut back = vec![0u8; data.len()];
-    for (k, chunk) in back.chunks_mut(MIB).enumerate() {
-        disk.read((k * MIB) as u64, chunk).unwrap();
-    }
-    assert!(back == data, "the sequential read returns other bytes");
+    assert!(read_in_order(&disk, data.len()) == data, "the sequential read returns other bytes");
     // 43 blocks were not cached: one read each without read-ahead. With it: blocks 0 and 1 on their own, then
     // windows of 16 blocks, a ranged read per pack of 16 MiB each touches (more where a cached block splits a
     // range).

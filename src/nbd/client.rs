@@ -465,7 +465,6 @@ impl Connection {
     }
 }
 
-/// The data of a completed read, or its error.
 /// Whether the `pieces` (start, length) a reply filled cover a read of `len` bytes exactly once each: the
 /// buffer may hold an earlier read, which a gap or an overlap would leak into this one.
 fn filled_exactly(pieces: &mut [(u64, u64)], len: u64) -> std::result::Result<(), String> {
@@ -485,6 +484,7 @@ fn filled_exactly(pieces: &mut [(u64, u64)], len: u64) -> std::result::Result<()
     Ok(())
 }
 
+/// The data of a completed read, or its error.
 pub fn finish_read(address: &str, p: Pending) -> Result<Vec<u8>> {
     match p {
         Pending::Read { error: Some(e), offset, buf, .. } => Err(Error::source(
