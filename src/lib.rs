@@ -26,6 +26,7 @@
 //! | [`vsphere`] | the vSphere SOAP client: login with pinned or CA-verified TLS, inventory, CBT, snapshots, changed areas |
 //! | [`vddk`] | VMware's VDDK loaded with libloading: connect, open, read, allocated blocks, under the guide's thread rules |
 //! | [`lock`] | the exclusive lock, copy locks and session markers, with storage-clock expiry |
+//! | [`object_lock`] | S3 Object Lock retention kept ahead for everything the snapshots need (generations of extensions) |
 //! | [`prune`] | mark, sweep, repack and two-phase deletion next to running backups, in bounded memory |
 //! | [`repair`] | rebuilding the index from pack headers; adopting packs of interrupted backups; taking damaged packs out |
 //! | [`stats`] | logical vs stored size, dedup and compression ratios, what each snapshot adds |
@@ -70,6 +71,7 @@ pub mod format;
 pub mod lock;
 pub mod metrics;
 pub mod nbd;
+pub mod object_lock;
 pub mod progress;
 pub mod prune;
 pub mod repair;

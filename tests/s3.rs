@@ -324,6 +324,112 @@ fn object_lock_retention_makes_backups_immutable() {
 }
 
 #[test]
+fn object_lock_extends_the_retention_of_what_snapshots_need() {
+    let e = Env::s3();
+    let bucket = format!("dvlockx-{}", std::process::id());
+    let location = format!("s3:{}/{bucket}/repo", s3::server().endpoint);
+    let run = |lock: Option<&str>, args: &[&str]| {
+        let mut c = e.command(args);
+        c.env("DISKVAULT_REPOSITORY", &location);
+        if let Some(lock) = lock {
+            c.env("DISKVAULT_S3_OBJECT_LOCK", lock);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let ok = |lock: Option<&str>, args: &[&str]| {
+        let (code, stdout, stderr) = run(lock, args);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        stdout
+    };
+    let lock = Some("GOVERNANCE:1");
+    ok(lock, &["init"]);
+    let one = random_bytes(81, 2 * MIB);
+    let two = random_bytes(82, 3 * MIB);
+    write(&e.path("one"), &one);
+    write(&e.path("two"), &two);
+    ok(lock, &["backup", "--name", "one", "--tag", "old", e.path("one").to_str().unwrap()]);
+    // A host without the setting writes objects nobody retains.
+    ok(None, &["backup", "--name", "two", "--tag", "new", e.path("two").to_str().unwrap()]);
+
+    let (rt, client) = s3::raw_client();
+    let now = diskvault::util::now_secs();
+    // Every object that makes up backups, with its retention's end (None: not retained).
+    let retained = || {
+        rt.block_on(async {
+            let mut out = std::collections::BTreeMap::new();
+            for dir in ["config", "keys/", "snapshots/", "index/", "packs/"] {
+                let listed =
+                    client.list_objects_v2().bucket(&bucket).prefix(format!("repo/{dir}")).send().await.unwrap();
+                for o in listed.contents() {
+                    let key = o.key().unwrap().to_string();
+                    let head = client.head_object().bucket(&bucket).key(&key).send().await.unwrap();
+                    out.insert(key, head.object_lock_retain_until_date().map(|t| t.secs()));
+                }
+            }
+            out
+        })
+    };
+    let before = retained();
+    let unretained = before.values().filter(|u| u.is_none()).count();
+    assert!(unretained >= 3, "the second backup's pack, index file and snapshot: {before:?}");
+
+    // Without the setting there is no promise to keep: refused, naming the variable.
+    let (code, _, stderr) = run(None, &["object-lock"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("DISKVAULT_S3_OBJECT_LOCK"), "{stderr}");
+
+    // A dry run reports every object as due (1 day is within 1 + 7 days) and changes nothing.
+    let dry: serde_json::Value = serde_json::from_str(&ok(lock, &["object-lock", "--dry-run", "--json"])).unwrap();
+    assert_eq!(dry["objects"].as_u64(), Some(before.len() as u64), "{dry}");
+    assert_eq!(dry["extended"], dry["objects"], "{dry}");
+    assert_eq!(dry["had_none"].as_u64(), Some(unretained as u64), "{dry}");
+    assert_eq!(retained(), before, "a dry run changed retention");
+
+    // Forget the first snapshot; the prune drops its pack, which retention still holds, then extends the rest.
+    ok(lock, &["forget", "--keep-tag", "new"]);
+    let pruned = ok(lock, &["prune"]);
+    // The first backup's packs (its data and its manifest) are the retained ones.
+    let dropped: Vec<String> = before
+        .iter()
+        .filter(|(k, until)| k.starts_with("repo/packs/") && until.is_some())
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert!(pruned.contains(&format!("{} held back by retention", dropped.len())), "{pruned}");
+    assert!(pruned.contains("every object the repository needs is retained until at least"), "{pruned}");
+    let extended_to = now + 15 * 86400;
+    for (key, until) in retained() {
+        let until = until.unwrap_or_else(|| panic!("{key} is not retained after the prune"));
+        if dropped.contains(&key) {
+            // Left to expire: extending it would keep it forever.
+            assert!(until <= now + 86400 + 120, "{key}: the dropped pack was extended to {until}");
+        } else {
+            assert!(
+                (extended_to - 120..=extended_to + 120).contains(&until),
+                "{key}: retained until {until}, not ~{extended_to}"
+            );
+        }
+    }
+
+    // The next run finds everything held for long enough and sends no extension.
+    let again: serde_json::Value = serde_json::from_str(&ok(lock, &["object-lock", "--json"])).unwrap();
+    assert_eq!(again["extended"].as_u64(), Some(0), "{again}");
+    assert_eq!(again["held"], again["objects"], "{again}");
+    assert_eq!(again["dropped_packs"].as_u64(), Some(dropped.len() as u64), "{again}");
+    let earliest = again["earliest_until"].as_i64().unwrap();
+    assert!((extended_to - 120..=extended_to + 120).contains(&earliest), "{again}");
+
+    // The data is what it was.
+    let target = e.path("restored");
+    ok(lock, &["restore", "latest", "--name", "two", "--target", target.to_str().unwrap(), "--verify"]);
+    assert_eq!(std::fs::read(&target).unwrap(), two);
+}
+
+#[test]
 fn server_side_encryption_and_storage_class_are_applied() {
     let e = Env::s3();
     let run = |args: &[&str]| {

@@ -17,6 +17,22 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
+/// How long a backend makes the storage keep what it writes (S3 Object Lock): `GOVERNANCE` (only accounts with
+/// the right to bypass it may delete early) or `COMPLIANCE` (nobody may), for `days`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    pub mode: String,
+    pub days: u32,
+}
+
+/// One object's storage retention.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retention {
+    pub mode: String,
+    /// How much longer it lasts, by the storage's clock (zero once it has ended).
+    pub left: std::time::Duration,
+}
+
 /// An object name and its size, as listed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -82,10 +98,27 @@ pub trait Backend: Send + Sync {
     /// Lock expiry uses this, so that no two clients' clocks need to agree.
     fn age(&self, name: &str) -> Result<Option<std::time::Duration>>;
 
-    /// How much longer the storage refuses to delete the object (S3 Object Lock retention), by the storage's
-    /// clock; `None` if nothing holds it. Prune does not delete what is still retained.
-    fn retention_left(&self, _name: &str) -> Result<Option<std::time::Duration>> {
+    /// The Object Lock retention this backend gives every object that makes up backups as it writes it
+    /// (`DISKVAULT_S3_OBJECT_LOCK`), if any.
+    fn retention_policy(&self) -> Option<RetentionPolicy> {
+        None
+    }
+
+    /// The object's storage retention (S3 Object Lock), `None` if it has none or does not exist.
+    fn retention(&self, _name: &str) -> Result<Option<Retention>> {
         Ok(None)
+    }
+
+    /// How much longer the storage refuses to delete the object, by the storage's clock; `None` if nothing
+    /// holds it. Prune does not delete what is still retained.
+    fn retention_left(&self, name: &str) -> Result<Option<std::time::Duration>> {
+        Ok(self.retention(name)?.map(|r| r.left).filter(|left| !left.is_zero()))
+    }
+
+    /// Makes the storage refuse to delete the object for `keep` from now (by its clock), in `mode`. Returns
+    /// `false` if the object does not exist. Storage without retention refuses.
+    fn extend_retention(&self, name: &str, _mode: &str, _keep: std::time::Duration) -> Result<bool> {
+        Err(Error::backend("extend the retention of", name, "this storage has no object retention"))
     }
 
     /// Creates what must exist before the first object (an S3 bucket); called by `init`.

@@ -19,13 +19,14 @@ use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, DateTime, SdkBody};
 use aws_sdk_s3::types::{
-    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockMode, ServerSideEncryption, StorageClass,
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockMode, ObjectLockRetention,
+    ObjectLockRetentionMode, ServerSideEncryption, StorageClass,
 };
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 
 use super::throttle::{self, Limits, Throttle};
-use super::{Backend, ObjectInfo};
+use super::{Backend, ObjectInfo, Retention, RetentionPolicy};
 use crate::error::{Error, Result};
 
 /// Options users of S3 expect; all optional.
@@ -260,6 +261,27 @@ impl S3Backend {
 
     fn key(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
+    }
+
+    /// Now by the storage's clock (Object Lock dates are the storage's): the offset from ours is measured once,
+    /// with a probe object.
+    fn storage_now(&self) -> Result<i64> {
+        if let Some(offset) = self.clock_offset.get() {
+            return Ok(crate::util::now_secs() + offset);
+        }
+        let probe = format!("locks/.clock-{}", hex::encode(crate::crypto::random_array::<8>()));
+        self.put(&probe, b"clock probe")?;
+        let written = self
+            .runtime
+            .block_on(async { self.client.head_object().bucket(&self.bucket).key(self.key(&probe)).send().await });
+        let _ = self.delete(&probe);
+        let server_now = written
+            .map_err(|e| Error::backend("stat", probe.clone(), describe(&e)))?
+            .last_modified()
+            .map(|t| t.secs())
+            .ok_or_else(|| Error::backend("stat", probe, "no Last-Modified"))?;
+        let offset = *self.clock_offset.get_or_init(|| server_now - crate::util::now_secs());
+        Ok(crate::util::now_secs() + offset)
     }
 
     fn counted(&self) {
@@ -619,38 +641,48 @@ impl Backend for S3Backend {
         Ok(Some(Duration::from_secs(now.saturating_sub(written).max(0) as u64)))
     }
 
-    fn retention_left(&self, name: &str) -> Result<Option<Duration>> {
-        let until = self.runtime.block_on(async {
+    fn retention_policy(&self) -> Option<RetentionPolicy> {
+        self.opts.object_lock.as_ref().map(|(mode, days)| RetentionPolicy { mode: mode.clone(), days: *days })
+    }
+
+    fn retention(&self, name: &str) -> Result<Option<Retention>> {
+        let held = self.runtime.block_on(async {
             self.counted();
             match self.client.head_object().bucket(&self.bucket).key(self.key(name)).send().await {
-                Ok(o) => Ok(o.object_lock_retain_until_date().map(|t| t.secs())),
+                Ok(o) => {
+                    Ok(o.object_lock_mode().zip(o.object_lock_retain_until_date()).map(|(m, t)| (m.clone(), t.secs())))
+                }
                 Err(e) if e.as_service_error().is_some_and(|se| se.is_not_found()) || status(&e) == Some(404) => {
                     Ok(None)
                 }
                 Err(e) => Err(Error::backend("stat", name, describe(&e))),
             }
         })?;
-        let Some(until) = until else { return Ok(None) };
-        // The storage's clock, not ours: the offset is measured once with a probe object.
-        let offset = match self.clock_offset.get() {
-            Some(o) => *o,
-            None => {
-                let probe = format!("locks/.clock-{}", hex::encode(crate::crypto::random_array::<8>()));
-                self.put(&probe, b"clock probe")?;
-                let written = self.runtime.block_on(async {
-                    self.client.head_object().bucket(&self.bucket).key(self.key(&probe)).send().await
-                });
-                let _ = self.delete(&probe);
-                let server_now = written
-                    .map_err(|e| Error::backend("stat", probe.clone(), describe(&e)))?
-                    .last_modified()
-                    .map(|t| t.secs())
-                    .ok_or_else(|| Error::backend("stat", probe, "no Last-Modified"))?;
-                *self.clock_offset.get_or_init(|| server_now - crate::util::now_secs())
+        let Some((mode, until)) = held else { return Ok(None) };
+        let left = until - self.storage_now()?;
+        Ok(Some(Retention { mode: mode.as_str().to_string(), left: Duration::from_secs(left.max(0) as u64) }))
+    }
+
+    fn extend_retention(&self, name: &str, mode: &str, keep: Duration) -> Result<bool> {
+        let until = DateTime::from_secs(self.storage_now()? + keep.as_secs() as i64);
+        let retention =
+            ObjectLockRetention::builder().mode(ObjectLockRetentionMode::from(mode)).retain_until_date(until).build();
+        self.runtime.block_on(async {
+            self.counted();
+            let sent = self
+                .client
+                .put_object_retention()
+                .bucket(&self.bucket)
+                .key(self.key(name))
+                .retention(retention)
+                .send()
+                .await;
+            match sent {
+                Ok(_) => Ok(true),
+                Err(e) if status(&e) == Some(404) => Ok(false),
+                Err(e) => Err(Error::backend("extend the retention of", name, describe(&e))),
             }
-        };
-        let left = until - (crate::util::now_secs() + offset);
-        Ok((left > 0).then(|| Duration::from_secs(left as u64)))
+        })
     }
 
     fn remove_stale_temporaries(&self, older_than: Duration) -> Result<usize> {

@@ -9,6 +9,7 @@ mod diff;
 mod forget;
 mod inspect;
 mod key;
+mod object_lock;
 mod prune;
 mod repair;
 mod restore;
@@ -124,6 +125,9 @@ enum Command {
     Forget(forget::ForgetArgs),
     /// Delete data no snapshot references any more; safe while backups run.
     Prune(prune::PruneArgs),
+    /// Keep what the snapshots need under S3 Object Lock retention (DISKVAULT_S3_OBJECT_LOCK days ahead); prune
+    /// does this too.
+    ObjectLock(object_lock::ObjectLockArgs),
     /// Protect a snapshot from forget.
     Protect(forget::ProtectArgs),
     /// Remove a snapshot's protection.
@@ -161,6 +165,7 @@ impl Command {
             Command::Key(_) => "key",
             Command::Forget(_) => "forget",
             Command::Prune(_) => "prune",
+            Command::ObjectLock(_) => "object-lock",
             Command::Protect(_) => "protect",
             Command::Unprotect(_) => "unprotect",
             Command::Stats { .. } => "stats",
@@ -421,6 +426,7 @@ pub fn main() -> i32 {
         Command::Stats { json } => print_stats(&g, *json),
         Command::Forget(a) => forget::run(&g, a),
         Command::Prune(a) => prune::run(&g, a),
+        Command::ObjectLock(a) => object_lock::run(&g, a),
         Command::Protect(a) => forget::protect(&g, a, true),
         Command::Unprotect(a) => forget::protect(&g, a, false),
     };
