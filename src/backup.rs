@@ -235,6 +235,8 @@ struct ReadBlock {
     disk: usize,
     index: u64,
     data: AlignedBuf,
+    /// The parent's block at this offset, a delta base to try ([`BasePrefetch::likely_base`]).
+    likely_base: Option<BlobId>,
 }
 
 /// A worker's verdict on one block.
@@ -524,7 +526,7 @@ pub fn run(
                         if abort.is_set() {
                             break;
                         }
-                        let r = process_block(repo, claims, &mut sealer, &b.data, b.index, &blob_tx)?;
+                        let r = process_block(repo, claims, &mut sealer, &b, &blob_tx)?;
                         let _ = spare_tx.try_send(b.data);
                         if result_txs[b.disk].send(r).is_err() {
                             break;
@@ -744,7 +746,8 @@ fn read_disk(
         let mut data = spare.try_recv().unwrap_or_default();
         job.source.read_block(offset, len, &mut data)?;
         counters.add_done(len as u64);
-        if tx.send(ReadBlock { disk, index, data }).is_err() {
+        let likely_base = prefetch.and_then(|p| p.likely_base(disk, k as u64));
+        if tx.send(ReadBlock { disk, index, data, likely_base }).is_err() {
             return Ok(());
         }
     }
@@ -755,10 +758,10 @@ fn process_block(
     repo: &Repository,
     claims: &Claims,
     sealer: &mut DeltaSealer,
-    data: &[u8],
-    index: u64,
+    block: &ReadBlock,
     blob_tx: &Sender<SealedBlob>,
 ) -> Result<BlockResult> {
+    let (data, index) = (&block.data[..], block.index);
     if is_zero(data) {
         return Ok(BlockResult { index, id: BlobId::ZERO, kind: BlockKind::Zero });
     }
@@ -766,7 +769,7 @@ fn process_block(
     if !claims.claim(&id)? {
         return Ok(BlockResult { index, id, kind: BlockKind::Known });
     }
-    let sealed = sealer.seal(id, data)?;
+    let sealed = sealer.seal(id, data, block.likely_base)?;
     let stored = sealed.bytes.len() as u32;
     // A closed channel means the packer stopped on an error, which the abort records.
     let _ = blob_tx.send(sealed);

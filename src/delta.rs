@@ -11,6 +11,11 @@
 //! any blob) and given to zstd as a prefix ([`BlobSealer::seal_delta`]). The delta is kept when it is clearly
 //! smaller than the block compressed on its own.
 //!
+//! Features exist only in the local cache of the process that stored a block. An incremental from a change
+//! list therefore also tries the parent's block at the same offset when no features point anywhere (a new
+//! backup host, a wiped cache, a block another backup job stored), if it holds much of the new block in the
+//! same places.
+//!
 //! Bases are never deltas, so restore reads at most one extra blob per delta. Only blocks whose index file is
 //! written can be bases, so a base is always in the repository before any delta that names it.
 //!
@@ -50,6 +55,17 @@ pub fn features(block: &[u8]) -> Vec<u64> {
         .map(xxhash_rust::xxh3::xxh3_64)
         .filter(|h| h & SAMPLE_MASK == 0)
         .collect()
+}
+
+/// [`same_places`] compares blocks in pieces of this size.
+const SAME_PLACE_PIECE: usize = 256;
+
+/// The share of `block` that `base` holds at the same place, as (equal pieces, pieces) of [`SAME_PLACE_PIECE`]
+/// bytes: an in-place rewrite of a few bytes per page keeps most pieces, unrelated data none.
+fn same_places(block: &[u8], base: &[u8]) -> (usize, usize) {
+    let pieces = block.len().div_ceil(SAME_PLACE_PIECE);
+    let same = block.chunks(SAME_PLACE_PIECE).zip(base.chunks(SAME_PLACE_PIECE)).filter(|(a, b)| a == b).count();
+    (same, pieces)
 }
 
 /// What [`DeltaSealer::try_delta`] did.
@@ -93,12 +109,14 @@ impl<'a> DeltaSealer<'a> {
         DeltaSealer { repo, cache, prefetch, sealer, enabled, bases: Vec::new(), deltas: 0, bases_read: 0 }
     }
 
-    pub fn seal(&mut self, id: BlobId, data: &[u8]) -> Result<SealedBlob> {
+    /// Seals a new data block. `likely_base`: the parent's block at the same offset (an incremental from a change
+    /// list, [`BasePrefetch::likely_base`]), tried when no stored block shares sampled pages with this one.
+    pub fn seal(&mut self, id: BlobId, data: &[u8], likely_base: Option<BlobId>) -> Result<SealedBlob> {
         if !self.enabled {
             return Ok(self.sealer.seal(self.repo.keys(), BlobType::Data, id, data));
         }
         let features = features(data);
-        let whole = match self.try_delta(id, data, &features) {
+        let whole = match self.try_delta(id, data, &features, likely_base) {
             Tried::Delta(d) => {
                 self.deltas += 1;
                 return Ok(d);
@@ -113,15 +131,40 @@ impl<'a> DeltaSealer<'a> {
 
     /// Seals the block as a delta if a similar stored block makes that pay; otherwise hands back the block
     /// sealed whole if that was needed to decide.
-    fn try_delta(&mut self, id: BlobId, data: &[u8], features: &[u64]) -> Tried {
-        let Some((base, votes)) = self.candidate(features) else { return Tried::Whole(None) };
+    ///
+    /// The base is the stored block most sampled pages point to. Failing that, the likely base: features exist
+    /// only in the local cache of the host and process that stored a block whole, so after a new or wiped
+    /// cache, or for blocks a second backup job on the host stored, the parent's own block at the offset has
+    /// none (measured on the benchmark's day-1 incremental with a fresh cache: 83 MiB stored instead of 48).
+    /// A likely base is used only if it holds much of the block at the same places.
+    fn try_delta(&mut self, id: BlobId, data: &[u8], features: &[u64], likely_base: Option<BlobId>) -> Tried {
+        let (base, voted_similar) = match self.candidate(features) {
+            // Most sampled pages are in the base.
+            Some((base, votes)) => (base, Some(votes * 2 >= features.len())),
+            None => match likely_base.filter(|b| *b != id) {
+                Some(base) => (base, None),
+                None => return Tried::Whole(None),
+            },
+        };
         let Some(base_plain) = self.base(&base) else { return Tried::Whole(None) };
+        let similar = match voted_similar {
+            Some(similar) => similar,
+            None => match same_places(data, &base_plain) {
+                (same, pieces) if same * 2 >= pieces => true,
+                (same, pieces) if same * 8 >= pieces => false,
+                // Unrelated data (the offset was reused): not worth a delta attempt.
+                _ => {
+                    self.keep_base(base, base_plain);
+                    return Tried::Whole(None);
+                }
+            },
+        };
         let keys = self.repo.keys();
         let delta = self.sealer.seal_delta(keys, id, data, base, &base_plain);
         self.keep_base(base, base_plain);
         let Some(delta) = delta else { return Tried::Whole(None) };
-        // Most sampled pages are in the base: the delta wins, no need to compress the block on its own too.
-        if votes * 2 >= features.len() {
+        // The base holds most of the block: the delta wins, no need to compress the block on its own too.
+        if similar {
             return Tried::Delta(delta);
         }
         let whole = self.sealer.seal(keys, BlobType::Data, id, data);
@@ -199,6 +242,8 @@ impl<'a> DeltaSealer<'a> {
 pub struct BasePrefetch {
     state: Mutex<PrefetchState>,
     changed: Condvar,
+    /// Per disk: (position in the disk's read order, the candidate's id), by position.
+    likely: Vec<Vec<(u64, BlobId)>>,
 }
 
 #[derive(Default)]
@@ -218,12 +263,19 @@ impl BasePrefetch {
     /// `candidates[d]`: the likely base of each block disk `d` will read, by position in its read order.
     pub fn new(candidates: Vec<Vec<(u64, BlobLocation)>>) -> Self {
         let disks = candidates.len();
+        let likely = candidates.iter().map(|c| c.iter().map(|(pos, loc)| (*pos, loc.entry.id)).collect()).collect();
         let state = PrefetchState {
             queues: candidates.into_iter().map(VecDeque::from).collect(),
             read: vec![0; disks],
             ..Default::default()
         };
-        BasePrefetch { state: Mutex::new(state), changed: Condvar::new() }
+        BasePrefetch { state: Mutex::new(state), changed: Condvar::new(), likely }
+    }
+
+    /// The candidate base of the block disk `disk` reads at position `pos` of its read order.
+    pub fn likely_base(&self, disk: usize, pos: u64) -> Option<BlobId> {
+        let likely = self.likely.get(disk)?;
+        likely.binary_search_by_key(&pos, |(p, _)| *p).ok().map(|i| likely[i].1)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -359,6 +411,24 @@ mod tests {
             assert_eq!(take_within_a_second(&p, &locs[35].entry.id).as_deref(), Some(&blocks[35]));
             assert_eq!(p.take(&locs[5].entry.id), None, "read long ago and never taken: dropped");
         });
+    }
+
+    #[test]
+    fn same_places_counts_the_pieces_a_base_holds_unchanged() {
+        let block: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        assert_eq!(same_places(&block, &block), (4096, 4096));
+        // A few bytes rewritten in every 4 KiB page: 15 of every 16 pieces are unchanged.
+        let mut rewritten = block.clone();
+        for page in rewritten.chunks_mut(PAGE) {
+            page[100..110].fill(0xee);
+        }
+        assert_eq!(same_places(&rewritten, &block), (3840, 4096));
+        // The same data a page further on is not in the same places.
+        let mut shifted = vec![0u8; PAGE];
+        shifted.extend_from_slice(&block[..block.len() - PAGE]);
+        assert_eq!(same_places(&shifted, &block), (0, 4096));
+        // A short last block (and its base, as short) compares what it has.
+        assert_eq!(same_places(&block[..5000], &block[..5000]), (20, 20));
     }
 
     #[test]

@@ -117,6 +117,35 @@ fn similar_blocks_are_stored_as_deltas_and_restore_bit_exact() {
 }
 
 #[test]
+fn an_incremental_from_a_change_list_finds_its_bases_without_the_cache_that_stored_them() {
+    // Features of stored blocks exist only in the local cache of the process that stored them: a new backup
+    // host, a wiped cache, or a second backup job on the host has none. The parent's block at the offset is
+    // the base to try then.
+    let e = Env::with_repo();
+    let (path, day0, _) = first_day(&e, 5, 12);
+    std::fs::remove_dir_all(e.cache()).unwrap();
+    let mut day1 = small_writes(&day0, 5);
+    // Block 10 rewritten with unrelated data: no delta for it.
+    day1[10 * MIB..11 * MIB].copy_from_slice(&random_bytes(55, MIB));
+    let areas: Vec<(u64, u64)> = (2..8u64).chain([10]).map(|b| (b * MIB as u64, MIB as u64)).collect();
+    let cf = e.path("changes.json");
+    write_changes(&cf, &areas);
+    let before = e.pack_bytes();
+    let s1 = backup_day(&e, &path, &day1, &["--changed-areas", cf.to_str().unwrap()]);
+    let added = e.pack_bytes() - before;
+    let d = e.delta_blobs();
+    let repo = e.open_repo();
+    let day0_ids: Vec<BlobId> = day0.chunks(MIB).map(|b| repo.keys().blob_id(b)).collect();
+    let mut expected: Vec<(BlobId, BlobId)> =
+        (2..8).map(|b| (repo.keys().blob_id(&day1[b * MIB..(b + 1) * MIB]), day0_ids[b])).collect();
+    expected.sort();
+    assert_eq!(d, expected, "each changed block is a delta against its day-0 block at the same offset");
+    // Six small deltas and one incompressible block stored whole.
+    assert!(added < 2 * MIB as u64 && added > MIB as u64, "{added} bytes stored");
+    assert_eq!(e.restore(&s1, &[]), day1);
+}
+
+#[test]
 fn a_restore_of_deltas_with_more_bases_than_one_read_ahead_batch_is_bit_exact() {
     // More distinct bases than restore reads ahead at once (16).
     let e = Env::with_repo();
