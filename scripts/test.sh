@@ -28,5 +28,5 @@ DISKVAULT_TEST_BACKEND=s3 cargo test --locked --no-fail-fast \
   --test engine --test bad_input --test check --test crash --test integrity --test locks --test forget --test prune --test nbd --test s3 \
   --test delta --test copy --test bandwidth
 
-echo "== fuzz (every parser of stored bytes, bounded time each)"
+echo "== fuzz (every parser of stored bytes, the NBD and vSphere clients' answers; bounded time each)"
 scripts/fuzz.sh "${FUZZ_SECONDS:-10}"

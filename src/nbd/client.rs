@@ -170,18 +170,38 @@ impl Connection {
                     .map_err(|e| err(format!("cannot connect to socket {}: {e}", path.display())))?,
             ),
         };
+        Self::negotiate(stream, name, &addr.export, contexts, addr.tls.then_some((addr, tls)))
+    }
+
+    /// [`Connection::connect`] over a stream the caller opened, without TLS (what the fuzz target drives with
+    /// arbitrary server bytes).
+    pub fn over_stream(
+        stream: impl Read + Write + Send + 'static,
+        name: &str,
+        export: &str,
+        contexts: &[String],
+    ) -> Result<Connection> {
+        Self::negotiate(Box::new(stream), name.to_string(), export, contexts, None)
+    }
+
+    fn negotiate(
+        stream: Box<dyn Transport>,
+        name: String,
+        export: &str,
+        contexts: &[String],
+        tls: Option<(&Address, &TlsOptions)>,
+    ) -> Result<Connection> {
         let mut n = Negotiation { stream: BufReader::with_capacity(1 << 20, stream), name: name.clone() };
-        let no_zeroes = n.greeting()?;
-        if addr.tls {
+        n.greeting()?;
+        if let Some((addr, tls)) = tls {
             n.start_tls(addr, tls)?;
         }
-        let _ = no_zeroes;
         let structured = n.structured_replies()?;
         let mut ctx = HashMap::new();
         if structured && !contexts.is_empty() {
-            ctx = n.set_meta_contexts(&addr.export, contexts)?;
+            ctx = n.set_meta_contexts(export, contexts)?;
         }
-        let info = n.go(&addr.export)?;
+        let info = n.go(export)?;
         Ok(Connection { stream: n.stream, address: name, info, structured, contexts: ctx, next_cookie: 1 })
     }
 
@@ -312,7 +332,7 @@ impl Connection {
                 }
                 let at = read_u64(&mut self.stream).map_err(|e| Error::source(address.clone(), e))?;
                 let len = (h.length - 8) as u64;
-                let rel = at.checked_sub(*offset).filter(|r| r + len <= buf.len() as u64).ok_or_else(|| {
+                let rel = within(at, len, *offset, buf.len()).ok_or_else(|| {
                     protocol(format!("data chunk at {at}+{len} lies outside the read {}+{}", offset, buf.len()))
                 })?;
                 self.stream
@@ -324,7 +344,7 @@ impl Connection {
                 let payload = self.payload(h.length, 12)?;
                 let mut r = Bytes::new(&payload, "hole chunk");
                 let (at, len) = (r.u64().map_err(&protocol)?, r.u32().map_err(&protocol)? as u64);
-                let rel = at.checked_sub(*offset).filter(|r| r + len <= buf.len() as u64).ok_or_else(|| {
+                let rel = within(at, len, *offset, buf.len()).ok_or_else(|| {
                     protocol(format!("hole chunk at {at}+{len} lies outside the read {}+{}", offset, buf.len()))
                 })?;
                 buf[rel as usize..(rel + len) as usize].fill(0);
@@ -463,6 +483,13 @@ impl Connection {
         let _ = self.send(CMD_DISC, 0, 0, 0);
         let _ = self.stream.get_mut().flush();
     }
+}
+
+/// Where a reply's `len` bytes at disk offset `at` start in the buffer of a read at `read_offset` of `read_len`
+/// bytes, if they lie inside it (a server's numbers may be anything: no arithmetic on them may overflow).
+fn within(at: u64, len: u64, read_offset: u64, read_len: usize) -> Option<u64> {
+    let rel = at.checked_sub(read_offset)?;
+    rel.checked_add(len).filter(|end| *end <= read_len as u64).map(|_| rel)
 }
 
 /// Whether the `pieces` (start, length) a reply filled cover a read of `len` bytes exactly once each: the
@@ -708,6 +735,17 @@ fn tls_config(tls: &TlsOptions) -> std::result::Result<Arc<rustls::ClientConfig>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_must_lie_inside_its_read_whatever_its_numbers() {
+        assert_eq!(within(4096, 512, 4096, 1024), Some(0));
+        assert_eq!(within(4096 + 512, 512, 4096, 1024), Some(512));
+        assert_eq!(within(4096 + 513, 512, 4096, 1024), None);
+        assert_eq!(within(4095, 1, 4096, 1024), None);
+        // Sums that overflow u64 (they wrapped to a small end before, and the slice index panicked).
+        assert_eq!(within(u64::MAX, 16, 0, 1024), None);
+        assert_eq!(within(4096 + 8, u64::MAX - 4, 4096, 1024), None);
+    }
 
     #[test]
     fn a_read_must_be_filled_exactly_once() {

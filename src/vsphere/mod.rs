@@ -555,27 +555,33 @@ impl Client {
                 esc(change_id)
             );
             let r = self.call("QueryChangedDiskAreas", &this, &body)?;
-            let rv = r.child("returnval").ok_or_else(|| self.bad("QueryChangedDiskAreas", "no returnval"))?;
-            let num = |e: &Element, n: &str| e.child_text(n).and_then(|t| t.trim().parse::<u64>().ok());
-            let (Some(s), Some(len)) = (num(rv, "startOffset"), num(rv, "length")) else {
-                return Err(self.bad("QueryChangedDiskAreas", "no startOffset/length"));
-            };
-            if s != start || len == 0 {
-                return Err(
-                    self.bad("QueryChangedDiskAreas", format!("answered from {s} (+{len}) when asked from {start}"))
-                );
-            }
-            for a in rv.children_named("changedArea") {
-                let (Some(a_start), Some(a_len)) = (num(a, "start"), num(a, "length")) else {
-                    return Err(self.bad("QueryChangedDiskAreas", "a changed area without start/length"));
-                };
-                out.push(Extent { start: a_start, length: a_len });
-            }
-            start = s + len;
+            let (areas, next) = changed_areas_answer(&r, start).map_err(|e| self.bad("QueryChangedDiskAreas", e))?;
+            out.extend(areas);
+            start = next;
         }
         crate::source::changes::validate(&out, capacity).map_err(|e| self.bad("QueryChangedDiskAreas", e))?;
         Ok(out)
     }
+}
+
+/// One `QueryChangedDiskAreas` answer to a question from byte `asked_from`: its changed areas, and where the
+/// next question starts (the answer covers `startOffset` + `length`).
+pub fn changed_areas_answer(response: &Element, asked_from: u64) -> std::result::Result<(Vec<Extent>, u64), String> {
+    let rv = response.child("returnval").ok_or("no returnval")?;
+    let num = |e: &Element, n: &str| e.child_text(n).and_then(|t| t.trim().parse::<u64>().ok());
+    let (Some(s), Some(len)) = (num(rv, "startOffset"), num(rv, "length")) else {
+        return Err("no startOffset/length".into());
+    };
+    let next = s.checked_add(len).filter(|_| s == asked_from && len > 0);
+    let next = next.ok_or_else(|| format!("answered from {s} (+{len}) when asked from {asked_from}"))?;
+    let mut areas = Vec::new();
+    for a in rv.children_named("changedArea") {
+        let (Some(start), Some(length)) = (num(a, "start"), num(a, "length")) else {
+            return Err("a changed area without start/length".into());
+        };
+        areas.push(Extent { start, length });
+    }
+    Ok((areas, next))
 }
 
 /// Parses a SOAP answer: the method's response element, or the fault as an error.
@@ -607,7 +613,8 @@ pub fn parse_response(method: &str, status: u16, body: &[u8]) -> Result<Element>
         .ok_or_else(|| Error::VSphere { call: method.into(), cause: format!("HTTP {status}: no {want} in the answer") })
 }
 
-fn vm_from_object(o: &Element) -> VmInfo {
+/// A VM as an `ObjectContent` of `RetrieveProperties` describes it (missing properties stay empty).
+pub fn vm_from_object(o: &Element) -> VmInfo {
     let moref = o.child("obj").map(|e| e.text.trim().to_string()).unwrap_or_default();
     let mut vm = VmInfo {
         moref,
@@ -769,7 +776,11 @@ pub fn disks_of(devices: &Element) -> Vec<VirtualDiskInfo> {
             let capacity = d
                 .child_text("capacityInBytes")
                 .and_then(|t| t.trim().parse().ok())
-                .or_else(|| d.child_text("capacityInKB").and_then(|t| t.trim().parse::<u64>().ok()).map(|k| k * 1024))
+                .or_else(|| {
+                    d.child_text("capacityInKB")
+                        .and_then(|t| t.trim().parse::<u64>().ok())
+                        .and_then(|k| k.checked_mul(1024))
+                })
                 .unwrap_or(0);
             let backing = d.child("backing");
             VirtualDiskInfo {
