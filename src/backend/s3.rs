@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::head_object::HeadObjectOutput;
 use aws_sdk_s3::primitives::{ByteStream, DateTime, SdkBody};
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockMode, ObjectLockRetention,
@@ -263,24 +264,42 @@ impl S3Backend {
         format!("{}{name}", self.prefix)
     }
 
-    /// Now by the storage's clock (Object Lock dates are the storage's): the offset from ours is measured once,
-    /// with a probe object.
-    fn storage_now(&self) -> Result<i64> {
-        if let Some(offset) = self.clock_offset.get() {
-            return Ok(crate::util::now_secs() + offset);
-        }
+    /// An object's metadata (`HeadObject`), `None` if it does not exist.
+    fn head(&self, name: &str) -> Result<Option<HeadObjectOutput>> {
+        self.runtime.block_on(async {
+            self.counted();
+            match self.client.head_object().bucket(&self.bucket).key(self.key(name)).send().await {
+                Ok(o) => Ok(Some(o)),
+                Err(e) if e.as_service_error().is_some_and(|se| se.is_not_found()) || status(&e) == Some(404) => {
+                    Ok(None)
+                }
+                Err(e) => Err(Error::backend("stat", name, describe(&e))),
+            }
+        })
+    }
+
+    /// Now by the storage's clock, from the Last-Modified of a probe object written for the purpose.
+    fn probe_clock(&self) -> Result<i64> {
         let probe = format!("locks/.clock-{}", hex::encode(crate::crypto::random_array::<8>()));
         self.put(&probe, b"clock probe")?;
-        let written = self
-            .runtime
-            .block_on(async { self.client.head_object().bucket(&self.bucket).key(self.key(&probe)).send().await });
+        let written = self.head(&probe);
         let _ = self.delete(&probe);
-        let server_now = written
-            .map_err(|e| Error::backend("stat", probe.clone(), describe(&e)))?
+        written?
+            .ok_or_else(|| Error::backend("stat", probe.clone(), "probe object vanished"))?
             .last_modified()
             .map(|t| t.secs())
-            .ok_or_else(|| Error::backend("stat", probe, "no Last-Modified"))?;
-        let offset = *self.clock_offset.get_or_init(|| server_now - crate::util::now_secs());
+            .ok_or_else(|| Error::backend("stat", probe, "no Last-Modified"))
+    }
+
+    /// Now by the storage's clock (Object Lock dates are the storage's): the offset from ours is measured once.
+    fn storage_now(&self) -> Result<i64> {
+        let offset = match self.clock_offset.get() {
+            Some(offset) => *offset,
+            None => {
+                let storage_now = self.probe_clock()?;
+                *self.clock_offset.get_or_init(|| storage_now - crate::util::now_secs())
+            }
+        };
         Ok(crate::util::now_secs() + offset)
     }
 
@@ -571,16 +590,7 @@ impl Backend for S3Backend {
     }
 
     fn size(&self, name: &str) -> Result<Option<u64>> {
-        self.runtime.block_on(async {
-            self.counted();
-            match self.client.head_object().bucket(&self.bucket).key(self.key(name)).send().await {
-                Ok(o) => Ok(Some(o.content_length().unwrap_or(0) as u64)),
-                Err(e) if e.as_service_error().is_some_and(|se| se.is_not_found()) || status(&e) == Some(404) => {
-                    Ok(None)
-                }
-                Err(e) => Err(Error::backend("stat", name, describe(&e))),
-            }
-        })
+        Ok(self.head(name)?.map(|o| o.content_length().unwrap_or(0) as u64))
     }
 
     fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
@@ -621,23 +631,10 @@ impl Backend for S3Backend {
     }
 
     fn age(&self, name: &str) -> Result<Option<Duration>> {
-        // The object's Last-Modified against that of a probe written now: both are the server's clock.
-        let last_modified = |key: String| async move {
-            self.counted();
-            match self.client.head_object().bucket(&self.bucket).key(key).send().await {
-                Ok(o) => Ok(o.last_modified().map(|t| t.secs())),
-                Err(e) if e.as_service_error().is_some_and(|se| se.is_not_found()) || status(&e) == Some(404) => {
-                    Ok(None)
-                }
-                Err(e) => Err(Error::backend("stat", name, describe(&e))),
-            }
-        };
-        let Some(written) = self.runtime.block_on(last_modified(self.key(name)))? else { return Ok(None) };
-        let probe = format!("locks/.clock-{}", hex::encode(crate::crypto::random_array::<8>()));
-        self.put(&probe, b"clock probe")?;
-        let now = self.runtime.block_on(last_modified(self.key(&probe)));
-        let _ = self.delete(&probe);
-        let now = now?.ok_or_else(|| Error::backend("stat", probe.clone(), "probe object vanished"))?;
+        // The object's Last-Modified against that of a probe written now: both are the storage's clock (a fresh
+        // probe each time: lock expiry must not rest on our clock having kept pace since an earlier probe).
+        let Some(written) = self.head(name)?.and_then(|o| o.last_modified().map(|t| t.secs())) else { return Ok(None) };
+        let now = self.probe_clock()?;
         Ok(Some(Duration::from_secs(now.saturating_sub(written).max(0) as u64)))
     }
 
@@ -646,20 +643,13 @@ impl Backend for S3Backend {
     }
 
     fn retention(&self, name: &str) -> Result<Option<Retention>> {
-        let held = self.runtime.block_on(async {
-            self.counted();
-            match self.client.head_object().bucket(&self.bucket).key(self.key(name)).send().await {
-                Ok(o) => {
-                    Ok(o.object_lock_mode().zip(o.object_lock_retain_until_date()).map(|(m, t)| (m.clone(), t.secs())))
-                }
-                Err(e) if e.as_service_error().is_some_and(|se| se.is_not_found()) || status(&e) == Some(404) => {
-                    Ok(None)
-                }
-                Err(e) => Err(Error::backend("stat", name, describe(&e))),
-            }
-        })?;
-        let Some((mode, until)) = held else { return Ok(None) };
-        let left = until - self.storage_now()?;
+        let head = self.head(name)?;
+        let Some((mode, until)) =
+            head.as_ref().and_then(|o| o.object_lock_mode().zip(o.object_lock_retain_until_date()))
+        else {
+            return Ok(None);
+        };
+        let left = until.secs() - self.storage_now()?;
         Ok(Some(Retention { mode: mode.as_str().to_string(), left: Duration::from_secs(left.max(0) as u64) }))
     }
 

@@ -462,7 +462,7 @@ impl Connection {
                 if e.length == 0 {
                     return Err(self.protocol("a block status extent of length 0"));
                 }
-                let end = (offset + e.length as u64).min(size);
+                let end = offset.saturating_add(e.length as u64).min(size);
                 if want(e.flags) {
                     match out.last_mut() {
                         Some(last) if last.end() == offset => last.length += end - offset,
