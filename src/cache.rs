@@ -16,7 +16,8 @@
 //! in a temporary directory, consulted first. It so deduplicates and finds delta bases as the first process
 //! does, without rebuilding the index from the repository. Should the shared cache turn out to be out of date
 //! (it holds an index file the repository no longer has), it is no longer consulted and the private cache is
-//! filled from the whole `index/`. `serve`, which runs for days and only reads, takes this second place on
+//! filled from the whole `index/`. The features it recorded are left in files beside the shared cache when its
+//! backup ends, and the next process that writes the shared cache takes them in: they exist nowhere else. `serve`, which runs for days and only reads, takes this second place on
 //! purpose once it has brought the cache up to date ([`IndexCache::into_reader`]): the backups on the host
 //! keep writing the shared cache.
 
@@ -43,7 +44,16 @@ pub struct IndexCache {
     shared: Option<rocksdb::DB>,
     /// Cleared when `shared` is found out of date: from then on only `db` is consulted.
     shared_usable: AtomicBool,
+    /// Where a private cache leaves the features of the blocks its backup stored, for the next process that
+    /// writes the shared cache ([`IndexCache::end_backup`]); `None` for the shared cache itself.
+    spool: Option<PathBuf>,
 }
+
+/// Features a private cache recorded, left for the shared cache: files of 40-byte records (feature u64 LE, block
+/// id), named `*.features` once complete. Features are hints checked against the blob index when used, so a
+/// damaged file costs at most useless lookups.
+const FEATURE_SPOOL: &str = "features-pending";
+const SPOOL_RECORD: usize = 40;
 
 /// What [`IndexCache::open`] did to bring the cache up to date.
 #[derive(Debug, Default, Clone, Copy)]
@@ -224,6 +234,20 @@ mod tempdir {
     }
 }
 
+/// Reads until `buf` is full or the file ends; returns how many bytes it holds.
+fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 impl IndexCache {
     /// Opens (or creates) the cache of `repo` under `cache_root` and brings it up to date with `index/`.
     ///
@@ -245,8 +269,12 @@ impl IndexCache {
     }
 
     fn open_path(path: &Path, repo: &Repository) -> Result<IndexCache> {
+        let spool = path.with_file_name(FEATURE_SPOOL);
         match Self::open_at(path, repo) {
-            Ok(c) => Ok(c),
+            Ok(c) => {
+                c.import_spooled_features(&spool);
+                Ok(c)
+            }
             Err(e) => {
                 let shared = Self::open_shared_read_only(path, repo);
                 match &shared {
@@ -256,17 +284,19 @@ impl IndexCache {
                     ),
                     None => tracing::warn!("{e}; using a private temporary index cache for this run"),
                 }
-                Self::private_above(shared, repo)
+                Self::private_above(shared, spool, repo)
             }
         }
     }
 
-    /// A private cache in a temporary directory, above `shared` (read-only) if given.
-    fn private_above(shared: Option<rocksdb::DB>, repo: &Repository) -> Result<IndexCache> {
+    /// A private cache in a temporary directory, above `shared` (read-only) if given; its features go to
+    /// `spool` at the end of a backup.
+    fn private_above(shared: Option<rocksdb::DB>, spool: PathBuf, repo: &Repository) -> Result<IndexCache> {
         let tmp =
             tempdir::TempDir::new().map_err(|e| Error::Cache { path: std::env::temp_dir(), cause: e.to_string() })?;
         let mut c = Self::open_at(&tmp.path().join("index"), repo)?;
         c._temp = Some(tmp);
+        c.spool = Some(spool);
         if shared.is_some() {
             // The shared cache knows the earlier backups: leftovers of unfinished ones are its owner's.
             c.fresh = false;
@@ -286,7 +316,7 @@ impl IndexCache {
         let path = self.path.clone();
         drop(self);
         match Self::open_shared_read_only(&path, repo) {
-            Some(shared) => Self::private_above(Some(shared), repo),
+            Some(shared) => Self::private_above(Some(shared), path.with_file_name(FEATURE_SPOOL), repo),
             None => Self::open_path(&path, repo),
         }
     }
@@ -344,6 +374,7 @@ impl IndexCache {
             _temp: None,
             shared: None,
             shared_usable: AtomicBool::new(true),
+            spool: None,
         };
         let mut expected = LAYOUT_VERSION.to_vec();
         expected.extend_from_slice(&repo.config().id);
@@ -373,11 +404,84 @@ impl IndexCache {
         Ok(unfinished || self.fresh)
     }
 
-    /// The backup finished: every pack it stored is indexed.
+    /// The backup finished: every pack it stored is indexed. A private cache leaves the features it recorded
+    /// for the shared one (otherwise lost with it: later backups would find no delta base in those blocks).
     pub fn end_backup(&self) -> Result<()> {
         self.db.delete(b"r").map_err(|e| self.err(e))?;
-        self.persist();
+        match &self.spool {
+            Some(spool) => self.spool_features(spool),
+            None => self.persist(),
+        }
         Ok(())
+    }
+
+    /// Writes this cache's features to a new file in `spool`. Only a warning if that fails: they are hints.
+    fn spool_features(&self, spool: &Path) {
+        let write = || -> std::io::Result<usize> {
+            let mut records = Vec::new();
+            for item in self.db.prefix_iterator(b"f") {
+                let (k, v) = item.map_err(std::io::Error::other)?;
+                if k.first() != Some(&b'f') {
+                    break;
+                }
+                if k.len() == 9 && v.len() == 32 {
+                    records.extend_from_slice(&k[1..]);
+                    records.extend_from_slice(&v);
+                }
+            }
+            if records.is_empty() {
+                return Ok(0);
+            }
+            std::fs::create_dir_all(spool)?;
+            let name = format!("{}-{}", std::process::id(), hex::encode(crate::crypto::random_array::<8>()));
+            let tmp = spool.join(format!(".{name}.tmp"));
+            crate::util::replace_file(&spool.join(format!("{name}.features")), &tmp, &records, false)?;
+            Ok(records.len() / SPOOL_RECORD)
+        };
+        match write() {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!("left {n} page features in {} for the shared index cache", spool.display()),
+            Err(e) => tracing::warn!("cannot leave page features in {}: {e}", spool.display()),
+        }
+    }
+
+    /// Takes in the features private caches left in `spool`, and removes their files. Only warnings on failure.
+    fn import_spooled_features(&self, spool: &Path) {
+        let Ok(dir) = std::fs::read_dir(spool) else { return };
+        for entry in dir.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|x| x != "features" && x != "tmp") {
+                continue;
+            }
+            if path.extension().is_some_and(|x| x == "tmp") {
+                // Left by a process killed while writing it.
+                let old = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                if old.is_some_and(|age| age.as_secs() > 3600) {
+                    let _ = std::fs::remove_file(&path);
+                }
+                continue;
+            }
+            let imported = (|| -> std::result::Result<(), String> {
+                // In pieces: a large backup leaves hundreds of MiB of features.
+                let mut file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+                let mut piece = vec![0u8; SPOOL_RECORD << 16];
+                loop {
+                    let n = read_full(&mut file, &mut piece).map_err(|e| e.to_string())?;
+                    let mut batch = rocksdb::WriteBatch::default();
+                    for r in piece[..n].chunks_exact(SPOOL_RECORD) {
+                        batch.put([&[b'f'][..], &r[..8]].concat(), &r[8..]);
+                    }
+                    self.db.write(batch).map_err(|e| e.to_string())?;
+                    if n < piece.len() {
+                        return std::fs::remove_file(&path).map_err(|e| e.to_string());
+                    }
+                }
+            })();
+            match imported {
+                Ok(()) => tracing::debug!("took in the page features of {}", path.display()),
+                Err(e) => tracing::warn!("page features left in {}: {e}", path.display()),
+            }
+        }
     }
 
     /// Writes what this process added to a table file. Otherwise the next process replays this one's log and

@@ -378,6 +378,45 @@ fn a_cache_held_by_another_process_is_read_below_a_private_one() {
     assert!(e.restore("latest", &[]) == day1);
 }
 
+/// The page features of blocks a second process stored (kept in its private cache) reach the shared cache: a
+/// later backup of another disk finds such a block as the delta base of a block holding most of its pages at
+/// another offset, which only features can point to.
+#[test]
+fn features_recorded_by_a_second_process_reach_the_shared_cache() {
+    let e = Env::with_repo();
+    let first = e.path("first");
+    write(&first, &random_bytes(60, 2 * MIB));
+    e.backup(&["--name", "a", first.to_str().unwrap()]);
+
+    let repo = e.open_repo();
+    let held = diskvault::cache::IndexCache::open(&repo, &e.cache()).unwrap().0;
+    let second = e.path("second");
+    let vm2 = random_bytes(61, 4 * MIB);
+    write(&second, &vm2);
+    let r = e.run(&["-v", "backup", "--json", "--name", "b", second.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("as another process left it"), "{}", r.stderr);
+    drop(held);
+
+    // Block 0 of a third disk: three new pages, then 253 pages of the second disk's block 1.
+    let third = e.path("third");
+    let mut vm3 = random_bytes(62, 3 * 4096);
+    vm3.extend_from_slice(&vm2[MIB..2 * MIB - 3 * 4096]);
+    vm3.extend_from_slice(&random_bytes(63, MIB));
+    write(&third, &vm3);
+    e.backup(&["--name", "c", third.to_str().unwrap()]);
+    let ids =
+        |img: &[u8]| -> Vec<diskvault::format::BlobId> { img.chunks(MIB).map(|b| repo.keys().blob_id(b)).collect() };
+    assert_eq!(
+        e.delta_blobs(),
+        vec![(ids(&vm3)[0], ids(&vm2)[1])],
+        "block 0 of the third disk is a delta against the second's block 1"
+    );
+    let pending = e.cache().join(repo.config().id_hex()).join("features-pending");
+    assert_eq!(std::fs::read_dir(&pending).map(|d| d.count()).unwrap_or(0), 0, "features left in {pending:?}");
+    assert!(e.restore("latest", &["--name", "c"]) == vm3);
+}
+
 /// A held cache that a prune has since made out of date (it still lists blocks the prune deleted, in packs it
 /// repacked) is not read: a backup by another process stores such blocks again instead of deduplicating
 /// against what is gone, and restores find every block where it is now.
