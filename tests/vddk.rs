@@ -120,6 +120,25 @@ fn vddk_backup_reads_allocated_blocks_of_the_snapshot_image() {
     // The planned blocks were read with ReadAsync (queued in batches, then one Wait).
     assert_eq!(log.lines().filter(|l| l.starts_with("ReadAsync ")).count(), 5, "{log}");
 
+    // Allocated blocks answered out of order and overlapping: the same blocks are read, the same image restored.
+    let r = vs.run(
+        &env,
+        &["backup", "--json", "--name", "vm1-odd", &vs.uri("disk1", "&snapshot=snapshot-7")],
+        &[("FAKE_VDDK_ALLOCATED_ANSWER", "reversed")],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["disks"][0]["blocks_read"], 5, "{}", r.stdout);
+    assert!(env.restore(r.json()["snapshot"].as_str().unwrap(), &[]) == frozen);
+    // A block whose byte offset does not fit 64 bits: refused, named, no snapshot.
+    let r = vs.run(
+        &env,
+        &["backup", "--name", "vm1-beyond", &vs.uri("disk1", "&snapshot=snapshot-7")],
+        &[("FAKE_VDDK_ALLOCATED_ANSWER", "beyond")],
+    );
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("QueryAllocatedBlocks answered sector 1152921504606846976"), "{}", r.stderr);
+    assert!(!env.ok(&["snapshots"]).stdout.contains("vm1-beyond"));
+
     // The live disk without a snapshot, with the transport asked for.
     let r = vs.run(&env, &["backup", "--json", "--name", "vm1-live", &vs.uri("disk1", "&transports=nbdssl")], &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);

@@ -694,7 +694,8 @@ impl Disk {
         let handle = self.handle;
         let result = self.lib.on_owner(move || {
             let handle = handle;
-            let mut out: Vec<Extent> = Vec::new();
+            // (offset, length) in sectors, as the library answered.
+            let mut out: Vec<(u64, u64)> = Vec::new();
             let mut start = 0u64;
             while start < whole {
                 let n = (whole - start).min(ffi::MAX_CHUNKS_PER_QUERY * chunk);
@@ -709,13 +710,7 @@ impl Disk {
                     unsafe {
                         let count = (*list).num_blocks as usize;
                         let blocks = std::slice::from_raw_parts((*list).blocks.as_ptr(), count);
-                        for b in blocks {
-                            let ext = Extent { start: b.offset * ss, length: b.length * ss };
-                            match out.last_mut() {
-                                Some(l) if l.end() >= ext.start => l.length = l.length.max(ext.end() - l.start),
-                                _ => out.push(ext),
-                            }
-                        }
+                        out.extend(blocks.iter().map(|b| (b.offset, b.length)));
                         free(list);
                     }
                 }
@@ -723,9 +718,25 @@ impl Disk {
             }
             Ok(out)
         });
-        let mut extents = result.map_err(|(e, at)| {
+        let mut sectors = result.map_err(|(e, at)| {
             self.lib.error("VixDiskLib_QueryAllocatedBlocks", e, &format!("{} at sector {at}", self.about))
         })?;
+        // Sorted and merged here, with checked arithmetic: the library's numbers are not trusted to be sane.
+        sectors.sort_unstable();
+        let mut extents: Vec<Extent> = Vec::new();
+        for (offset, length) in sectors {
+            let (Some(start), Some(length)) = (offset.checked_mul(ss), length.checked_mul(ss)) else {
+                return Err(Error::source(
+                    self.about.clone(),
+                    format!("QueryAllocatedBlocks answered sector {offset} (+{length}), beyond any disk"),
+                ));
+            };
+            let end = start.saturating_add(length);
+            match extents.last_mut() {
+                Some(l) if l.end() >= start => l.length = l.length.max(end - l.start),
+                _ => extents.push(Extent { start, length }),
+            }
+        }
         // The guide: a tail shorter than a chunk may go unchecked; count it as allocated.
         if whole * ss < self.capacity {
             extents.push(Extent { start: whole * ss, length: self.capacity - whole * ss });

@@ -621,6 +621,25 @@ VixError VixDiskLib_QueryAllocatedBlocks(struct Handle *h, uint64_t start, uint6
         }
         pos = (off_t)b;
     }
+    /* Answers a real library should not give, to test that they are handled: the list backwards with the first
+     * block repeated (unsorted, overlapping), or a block whose byte offset overflows 64 bits. */
+    const char *odd = getenv("FAKE_VDDK_ALLOCATED_ANSWER");
+    if (odd && count > 0) {
+        list = realloc(list, sizeof(VixDiskLibBlockList) + (count + 1) * sizeof(VixDiskLibBlock));
+        if (strcmp(odd, "reversed") == 0) {
+            for (uint32_t i = 0; i < count / 2; i++) {
+                VixDiskLibBlock t = list->blocks[i];
+                list->blocks[i] = list->blocks[count - 1 - i];
+                list->blocks[count - 1 - i] = t;
+            }
+            list->blocks[count] = list->blocks[count - 1];
+            count++;
+        } else if (strcmp(odd, "beyond") == 0) {
+            list->blocks[count].offset = 1ULL << 60;
+            list->blocks[count].length = chunk;
+            count++;
+        }
+    }
     list->numBlocks = count;
     event("QueryAllocatedBlocks %llu %llu %llu -> %u", (unsigned long long)start, (unsigned long long)n,
           (unsigned long long)chunk, count);
