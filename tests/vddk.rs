@@ -138,6 +138,15 @@ fn vddk_backup_reads_allocated_blocks_of_the_snapshot_image() {
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("QueryAllocatedBlocks answered sector 1152921504606846976"), "{}", r.stderr);
     assert!(!env.ok(&["snapshots"]).stdout.contains("vm1-beyond"));
+    // A capacity beyond any VMware disk (here one whose byte count overflows 64 bits): refused.
+    let r = vs.run(
+        &env,
+        &["backup", "--name", "vm1-huge", &vs.uri("disk1", "&snapshot=snapshot-7")],
+        &[("FAKE_VDDK_CAPACITY_SECTORS", "36893488147419103")],
+    );
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("more than any VMware disk (62 TB)"), "{}", r.stderr);
+    vs.assert_rules_kept();
 
     // The live disk without a snapshot, with the transport asked for.
     let r = vs.run(&env, &["backup", "--json", "--name", "vm1-live", &vs.uri("disk1", "&transports=nbdssl")], &[]);

@@ -55,10 +55,13 @@ struct Fns {
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// The loaded, initialized library (one per process).
 /// The identity `PrepareForAccess` and `EndAccess` are called with: one process may end another's access.
 const IDENTITY: &std::ffi::CStr = c"diskvault";
 
+/// The largest virtual disk VMware supports is 62 TB; a library reporting more is not believed.
+const MAX_CAPACITY: u64 = 64 << 40;
+
+/// The loaded, initialized library (one per process).
 pub struct Library {
     fns: Fns,
     path: PathBuf,
@@ -529,7 +532,7 @@ impl Disk {
                     out.error = Some(("VixDiskLib_GetInfo", e));
                     return out;
                 }
-                out.capacity = (*info).capacity * ffi::SECTOR_SIZE;
+                out.capacity = (*info).capacity.saturating_mul(ffi::SECTOR_SIZE);
                 (fns.4)(info);
             }
             out
@@ -541,6 +544,14 @@ impl Disk {
         if let Some((call, e)) = opened.error {
             let err = lib.error(call, e, &disk.about);
             drop(disk); // closes what was opened, ends the access
+            return Err(err);
+        }
+        if disk.capacity > MAX_CAPACITY {
+            let err = Error::source(
+                disk.about.clone(),
+                format!("VixDiskLib_GetInfo reports {} bytes, more than any VMware disk (62 TB)", disk.capacity),
+            );
+            drop(disk);
             return Err(err);
         }
         disk.transport = match lib.fns.get_transport_mode {

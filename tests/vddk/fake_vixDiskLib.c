@@ -514,6 +514,9 @@ VixError VixDiskLib_GetInfo(struct Handle *h, VixDiskLibInfo **out) {
     if (!h || !out) return VIX_E_INVALID_ARG;
     VixDiskLibInfo *i = calloc(1, sizeof *i);
     i->capacity = h->sectors;
+    /* A capacity no VMware disk has, to test that it is not believed. */
+    const char *capacity = getenv("FAKE_VDDK_CAPACITY_SECTORS");
+    if (capacity) i->capacity = strtoull(capacity, NULL, 10);
     i->adapterType = 3;
     i->numLinks = 1;
     i->uuid = strdup("60 00 C2 9a 5b 1e 2f 3c-4d 5e 6f 70 81 92 a3 b4");
