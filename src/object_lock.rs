@@ -13,7 +13,7 @@
 //! idea: fewer retention requests for a few days' longer storage of dropped packs). Format spec §9c.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -117,7 +117,7 @@ pub fn extend(repo: &Repository, dry_run: bool) -> Result<ObjectLockReport> {
         }
         Ok(())
     };
-    let interrupted = std::sync::atomic::AtomicBool::new(false);
+    let interrupted = AtomicBool::new(false);
     std::thread::scope(|s| {
         for _ in 0..CONCURRENCY.min(needed.len()) {
             s.spawn(|| {
