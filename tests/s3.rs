@@ -427,6 +427,18 @@ fn object_lock_extends_the_retention_of_what_snapshots_need() {
     let target = e.path("restored");
     ok(lock, &["restore", "latest", "--name", "two", "--target", target.to_str().unwrap(), "--verify"]);
     assert_eq!(std::fs::read(&target).unwrap(), two);
+
+    // A bucket created without Object Lock refuses every extension: a failure that says so.
+    e.ok(&["init"]);
+    let mut c = e.command(&["object-lock"]);
+    c.env("DISKVAULT_S3_OBJECT_LOCK", "GOVERNANCE:1");
+    let out = c.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("extend the retention of config") && stderr.contains("is Object Lock enabled on the bucket?"),
+        "{stderr}"
+    );
 }
 
 #[test]

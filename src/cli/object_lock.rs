@@ -41,11 +41,16 @@ fn finish(r: &ObjectLockReport, dry_run: bool) -> Result<()> {
     if !dry_run {
         record_metrics(r);
     }
+    let hint = if r.failures.len() as u64 == r.objects {
+        " (every object failed: is Object Lock enabled on the bucket? It is chosen when the bucket is created)"
+    } else {
+        ""
+    };
     match r.failures.len() {
         0 => Ok(()),
         n => Err(Error::invalid(format!(
             "the retention of {n} objects could not be checked or extended (listed above); they may be deleted \
-             before the promised {} days",
+             before the promised {} days{hint}",
             r.days
         ))),
     }
@@ -95,8 +100,13 @@ fn print_report(r: &ObjectLockReport, dry_run: bool) {
     if r.gone > 0 {
         println!("  {} disappeared while this ran (deleted by a prune)", r.gone);
     }
-    for f in &r.failures {
+    // The same cause usually fails every object (a bucket without Object Lock): the first ones tell it.
+    const SHOWN: usize = 10;
+    for f in r.failures.iter().take(SHOWN) {
         eprintln!("error: {f}");
+    }
+    if r.failures.len() > SHOWN {
+        eprintln!("error: … and {} more objects (`--json` lists them all)", r.failures.len() - SHOWN);
     }
     match r.earliest_until {
         Some(t) if !dry_run && r.failures.is_empty() => {
