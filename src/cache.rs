@@ -17,9 +17,9 @@
 //! does, without rebuilding the index from the repository. Should the shared cache turn out to be out of date
 //! (it holds an index file the repository no longer has), it is no longer consulted and the private cache is
 //! filled from the whole `index/`. The features it recorded are left in files beside the shared cache when its
-//! backup ends, and the next process that writes the shared cache takes them in: they exist nowhere else. `serve`, which runs for days and only reads, takes this second place on
-//! purpose once it has brought the cache up to date ([`IndexCache::into_reader`]): the backups on the host
-//! keep writing the shared cache.
+//! backup ends, and the next process that writes the shared cache takes them in: they exist nowhere else.
+//! `serve`, which runs for days and only reads, takes this second place on purpose once it has brought the cache
+//! up to date ([`IndexCache::into_reader`]): the backups on the host keep writing the shared cache.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -417,28 +417,41 @@ impl IndexCache {
 
     /// Writes this cache's features to a new file in `spool`. Only a warning if that fails: they are hints.
     fn spool_features(&self, spool: &Path) {
+        let name = format!("{}-{}", std::process::id(), hex::encode(crate::crypto::random_array::<8>()));
+        let tmp = spool.join(format!(".{name}.tmp"));
+        // Streamed: a large backup leaves hundreds of MiB of features.
         let write = || -> std::io::Result<usize> {
-            let mut records = Vec::new();
+            let mut out: Option<std::io::BufWriter<std::fs::File>> = None;
+            let mut count = 0;
             for item in self.db.prefix_iterator(b"f") {
                 let (k, v) = item.map_err(std::io::Error::other)?;
                 if k.first() != Some(&b'f') {
                     break;
                 }
                 if k.len() == 9 && v.len() == 32 {
-                    records.extend_from_slice(&k[1..]);
-                    records.extend_from_slice(&v);
+                    let out = match &mut out {
+                        Some(out) => out,
+                        None => {
+                            std::fs::create_dir_all(spool)?;
+                            out.insert(std::io::BufWriter::new(std::fs::File::create(&tmp)?))
+                        }
+                    };
+                    std::io::Write::write_all(out, &k[1..])?;
+                    std::io::Write::write_all(out, &v)?;
+                    count += 1;
                 }
             }
-            if records.is_empty() {
-                return Ok(0);
+            if let Some(out) = out {
+                out.into_inner().map_err(|e| e.into_error())?;
+                std::fs::rename(&tmp, spool.join(format!("{name}.features")))?;
             }
-            std::fs::create_dir_all(spool)?;
-            let name = format!("{}-{}", std::process::id(), hex::encode(crate::crypto::random_array::<8>()));
-            let tmp = spool.join(format!(".{name}.tmp"));
-            crate::util::replace_file(&spool.join(format!("{name}.features")), &tmp, &records, false)?;
-            Ok(records.len() / SPOOL_RECORD)
+            Ok(count)
         };
-        match write() {
+        let written = write();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        match written {
             Ok(0) => {}
             Ok(n) => tracing::debug!("left {n} page features in {} for the shared index cache", spool.display()),
             Err(e) => tracing::warn!("cannot leave page features in {}: {e}", spool.display()),
