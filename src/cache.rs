@@ -234,20 +234,6 @@ mod tempdir {
     }
 }
 
-/// Reads until `buf` is full or the file ends; returns how many bytes it holds.
-fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
 impl IndexCache {
     /// Opens (or creates) the cache of `repo` under `cache_root` and brings it up to date with `index/`.
     ///
@@ -476,16 +462,19 @@ impl IndexCache {
             }
             let imported = (|| -> std::result::Result<(), String> {
                 // In pieces: a large backup leaves hundreds of MiB of features.
+                const PIECE: u64 = (SPOOL_RECORD as u64) << 16;
                 let mut file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
-                let mut piece = vec![0u8; SPOOL_RECORD << 16];
+                let mut piece = Vec::with_capacity(PIECE as usize);
                 loop {
-                    let n = read_full(&mut file, &mut piece).map_err(|e| e.to_string())?;
+                    piece.clear();
+                    std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, PIECE), &mut piece)
+                        .map_err(|e| e.to_string())?;
                     let mut batch = rocksdb::WriteBatch::default();
-                    for r in piece[..n].chunks_exact(SPOOL_RECORD) {
+                    for r in piece.chunks_exact(SPOOL_RECORD) {
                         batch.put([&[b'f'][..], &r[..8]].concat(), &r[8..]);
                     }
                     self.db.write(batch).map_err(|e| e.to_string())?;
-                    if n < piece.len() {
+                    if (piece.len() as u64) < PIECE {
                         return std::fs::remove_file(&path).map_err(|e| e.to_string());
                     }
                 }

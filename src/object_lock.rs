@@ -77,10 +77,10 @@ pub fn extend(repo: &Repository, dry_run: bool) -> Result<ObjectLockReport> {
     for dir in [names::KEYS, names::SNAPSHOTS, names::INDEX] {
         needed.extend(backend.list(dir)?.into_iter().map(|o| o.name));
     }
-    for o in backend.list(names::PACKS)? {
-        match o.name.rsplit('/').next().and_then(ObjectId::from_hex) {
-            Some(id) if dropped.contains(&id) => report.dropped_packs += 1,
-            _ => needed.push(o.name),
+    for id in crate::repository::list_ids(backend, names::PACKS)? {
+        match dropped.contains(&id) {
+            true => report.dropped_packs += 1,
+            false => needed.push(names::pack(&id)),
         }
     }
     report.objects = needed.len() as u64;

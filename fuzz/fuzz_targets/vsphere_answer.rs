@@ -7,8 +7,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     for method in ["RetrievePropertiesEx", "QueryChangedDiskAreas"] {
         let Ok(response) = vsphere::parse_response(method, 200, data) else { continue };
-        if let Ok((areas, next)) = vsphere::changed_areas_answer(&response, 0) {
-            assert!(next > 0);
+        if let Ok((areas, _)) = vsphere::changed_areas_answer(&response, 0) {
             let _ = diskvault::source::changes::validate(&areas, 1 << 40);
         }
         walk(&response);

@@ -541,17 +541,16 @@ impl Disk {
         disk.connection = opened.connection;
         disk.handle = opened.handle;
         disk.capacity = opened.capacity;
-        if let Some((call, e)) = opened.error {
-            let err = lib.error(call, e, &disk.about);
-            drop(disk); // closes what was opened, ends the access
-            return Err(err);
-        }
-        if disk.capacity > MAX_CAPACITY {
-            let err = Error::source(
+        let err = match opened.error {
+            Some((call, e)) => Some(lib.error(call, e, &disk.about)),
+            None if disk.capacity > MAX_CAPACITY => Some(Error::source(
                 disk.about.clone(),
                 format!("VixDiskLib_GetInfo reports {} bytes, more than any VMware disk (62 TB)", disk.capacity),
-            );
-            drop(disk);
+            )),
+            None => None,
+        };
+        if let Some(err) = err {
+            drop(disk); // closes what was opened, ends the access
             return Err(err);
         }
         disk.transport = match lib.fns.get_transport_mode {
