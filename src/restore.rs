@@ -4,7 +4,8 @@
 //! grouped by pack and coalesced into ranged reads; a pool of fetchers reads them in parallel, authenticates
 //! and decompresses every blob, re-checks its id, and writes it at every offset that holds it. Delta blobs
 //! ([`crate::delta`]) are fetched alongside, in batches whose bases are read ahead together (`Bases`). Zero blocks
-//! become holes in a fresh file (zeros are written on block devices). `verify` re-reads the target afterwards
+//! become holes in a fresh file; on a block device they are zeroed by the device where it can (`fallocate`:
+//! WRITE ZEROES, unmapping where allowed), else written. `verify` re-reads the target afterwards
 //! and compares every block's id with the manifest.
 
 use std::collections::HashMap;
@@ -61,8 +62,61 @@ const MAX_READ: u64 = 16 << 20;
 struct Target {
     file: File,
     path: PathBuf,
-    /// Holes already read as zeros (fresh sparse file); otherwise zero blocks are written.
+    /// Holes already read as zeros (fresh sparse file); otherwise zero blocks are zeroed ([`Target::zero`]).
     holes_are_zero: bool,
+    /// The device has taken a zeroing request, or none was tried yet ([`zero_device_range`]).
+    zeroes_offloaded: AtomicBool,
+}
+
+impl Target {
+    /// Makes `range` of the target read as zeros, on a target whose holes are not zero already (a block
+    /// device): with one request to the device where it takes one, else by writing zero blocks through
+    /// `writer` (`zero_block` is one block of zeros).
+    fn zero(&self, range: std::ops::Range<u64>, writer: &Writer, zero_block: &Arc<AlignedBuf>) -> Result<()> {
+        if self.holes_are_zero || range.is_empty() {
+            return Ok(());
+        }
+        if self.zeroes_offloaded.load(Ordering::Relaxed) {
+            match zero_device_range(&self.file, range.start, range.end - range.start) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!("{}: zeroing {range:?} on the device: {e}; writing zeros", self.path.display());
+                    // Neither request exists for this device: do not ask again for every range.
+                    if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                        self.zeroes_offloaded.store(false, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        let bs = zero_block.len() as u64;
+        for off in range.clone().step_by(bs as usize) {
+            writer.write(off, zero_block.clone(), (range.end - off).min(bs) as usize)?;
+        }
+        Ok(())
+    }
+}
+
+/// Zeroes `len` bytes at `offset` of a block device without sending them: `fallocate(PUNCH_HOLE)` asks the
+/// device to zero the range and lets it deallocate it (a thin LVM volume, an SSD, a virtual disk or a SAN LUN
+/// that honours WRITE ZEROES with unmap stays thin, instantly); a device that cannot unmap gets
+/// `fallocate(ZERO_RANGE)`, which the kernel turns into WRITE ZEROES or, failing that, writes the zeros
+/// itself. Restoring the benchmark's vm1-day1 (2.6 of its 4 GiB are zero blocks) onto a loop device over a
+/// sparse file: 3.7 s writing zero blocks, which allocated all 4.1 GB of the file; 1.6 s and 1.4 GB this way.
+fn zero_device_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    };
+    let fallocate = |mode| {
+        // SAFETY: a plain system call on an open descriptor; no memory is passed.
+        if unsafe { libc::fallocate(file.as_raw_fd(), mode, off, n) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+        .or_else(|_| fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE))
 }
 
 fn open_target(path: &Path, capacity: u64, overwrite: bool) -> Result<Target> {
@@ -77,7 +131,7 @@ fn open_target(path: &Path, capacity: u64, overwrite: bool) -> Result<Target> {
         if size < capacity {
             return Err(Error::local(path, format!("the block device has {size} bytes, the disk needs {capacity}")));
         }
-        return Ok(Target { file, path: path.into(), holes_are_zero: false });
+        return Ok(Target { file, path: path.into(), holes_are_zero: false, zeroes_offloaded: AtomicBool::new(true) });
     }
     if let Some(m) = &meta {
         if !m.is_file() {
@@ -95,7 +149,7 @@ fn open_target(path: &Path, capacity: u64, overwrite: bool) -> Result<Target> {
         .open(path)
         .map_err(|e| Error::local(path, format!("cannot create: {e}")))?;
     file.set_len(capacity).map_err(|e| Error::local(path, e))?;
-    Ok(Target { file, path: path.into(), holes_are_zero: true })
+    Ok(Target { file, path: path.into(), holes_are_zero: true, zeroes_offloaded: AtomicBool::new(false) })
 }
 
 /// Where the bases of delta blobs come from while blobs are opened ([`Bases::with_base`]): those read ahead for
@@ -277,12 +331,15 @@ pub fn restore_disk(
             }
         };
         let mut by_pack: HashMap<ObjectId, HashMap<BlobId, Want>> = HashMap::new();
+        // Runs of zero blocks (byte ranges), zeroed after the segment's data.
+        let mut zeros: Vec<std::ops::Range<u64>> = Vec::new();
         for (j, id) in ids.iter().enumerate() {
             let block = first + j as u64;
             let len = bs.min(disk.capacity - block * bs);
             if id.is_zero_block() {
-                if !t.holes_are_zero {
-                    writer.write(block * bs, zero_buf.clone(), len as usize)?;
+                match zeros.last_mut() {
+                    Some(run) if run.end == block * bs => run.end += len,
+                    _ => zeros.push(block * bs..block * bs + len),
                 }
                 stats.lock().unwrap().zero_blocks += 1;
                 counters.add_done(len);
@@ -343,7 +400,9 @@ pub fn restore_disk(
             Ok(())
         };
         let (whole_done, deltas_done) = pool.install(|| rayon::join(|| run_jobs(plan_reads(whole)), run_deltas));
-        let fetched = whole_done.and(deltas_done);
+        let fetched = whole_done
+            .and(deltas_done)
+            .and_then(|()| zeros.into_iter().try_for_each(|run| t.zero(run, &writer, &zero_buf)));
         if let Err(e) = fetched {
             // A write error stops the fetchers with "the writer stopped": report the write error itself.
             writer.finish()?;
@@ -352,14 +411,9 @@ pub fn restore_disk(
     }
     // Damaged blocks must read as zeros, whatever the target held before.
     let damaged_ranges = damage.into_ranges(disk);
-    if !t.holes_are_zero {
-        for r in &damaged_ranges {
-            for off in (r.start..r.end).step_by(bs as usize) {
-                writer.write(off, zero_buf.clone(), (r.end - off).min(bs) as usize)?;
-            }
-        }
-    }
+    let zeroed = damaged_ranges.iter().try_for_each(|r| t.zero(r.start..r.end, &writer, &zero_buf));
     writer.finish()?;
+    zeroed?;
     t.file.sync_all().map_err(|e| Error::local(&t.path, format!("sync: {e}")))?;
     let mut stats = stats.into_inner().unwrap();
     if opts.verify {
@@ -849,6 +903,31 @@ mod tests {
         assert_eq!(adjacent_run(&tail[1..]), 1);
         let long: Vec<_> = (0..20).map(|i| w(i * MIB, MIB as usize)).collect();
         assert_eq!(adjacent_run(&long), MAX_WRITE / MIB as usize);
+    }
+
+    /// Zero ranges of a target that takes no zeroing request are written with zero blocks. (The refusal here:
+    /// `fallocate` on a read-only descriptor; the writer has its own.)
+    #[test]
+    fn zero_ranges_are_written_where_the_device_refuses_to_zero_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("device");
+        std::fs::write(&path, vec![0xAAu8; 5 << 20]).unwrap();
+        let target = |file: File| Target {
+            file,
+            path: path.clone(),
+            holes_are_zero: false,
+            zeroes_offloaded: AtomicBool::new(true),
+        };
+        let mut writer = Writer::start(&target(OpenOptions::new().write(true).open(&path).unwrap())).unwrap();
+        let refusing = target(File::open(&path).unwrap());
+        let zero = Arc::new(AlignedBuf::zeroed(1 << 20));
+        // Two whole blocks and a short one.
+        refusing.zero((1 << 20)..(3 << 20) + 4096, &writer, &zero).unwrap();
+        writer.finish().unwrap();
+        let data = std::fs::read(&path).unwrap();
+        assert!(data[..1 << 20].iter().all(|&b| b == 0xAA), "before the range");
+        assert!(data[1 << 20..(3 << 20) + 4096].iter().all(|&b| b == 0), "the range is not zeros");
+        assert!(data[(3 << 20) + 4096..].iter().all(|&b| b == 0xAA), "after the range");
     }
 
     #[test]

@@ -28,6 +28,16 @@ impl Drop for Loop {
     }
 }
 
+/// Where the next data (not a hole) of `file` at or after `offset` begins.
+fn next_data(file: &std::path::Path, offset: u64) -> u64 {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::File::open(file).unwrap();
+    // SAFETY: a plain system call on an open descriptor.
+    let at = unsafe { libc::lseek(f.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+    assert!(at >= 0, "lseek(SEEK_DATA): {}", std::io::Error::last_os_error());
+    at as u64
+}
+
 #[test]
 fn backup_from_and_restore_to_block_devices() {
     let e = Env::local();
@@ -55,6 +65,9 @@ fn backup_from_and_restore_to_block_devices() {
     let out = std::fs::read(&dst_file).unwrap();
     assert!(out[..img.len()] == img[..], "the device does not hold the disk");
     assert!(out[img.len()..].iter().all(|&b| b == 0xAA), "bytes beyond the disk were changed");
+    // The zero block was zeroed by the device, which unmapped it (a thin volume stays thin), not written: the
+    // loop device punched a hole where it lies in its backing file.
+    assert_eq!(next_data(&dst_file, 3 * MIB as u64), 4 * MIB as u64, "the zero block was written, not unmapped");
 
     // A device smaller than the disk is refused before anything is written.
     let small_file = e.path("small.img");
