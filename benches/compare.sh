@@ -3,7 +3,8 @@
 # ../shared/bench, in one run, so that the ratios are fair on a noisy machine (diskvault_nodelta: the same binary
 # with backup --no-delta; diskvault_zstd1: a repository made with init --compression 1). Prints one table.
 #   benches/compare.sh [SIZE_GIB]        (default 4)
-#   (then the floor of the CBT incremental: examples/cbt_floor.rs, and issue 8's targets: benches/targets.py)
+#   (then the floor of the CBT incremental: examples/cbt_floor.rs, the unique blocks of each image:
+#   ../shared/bench/analyze-workload.py, and issue 8's targets: benches/targets.py)
 #   env TOOLS="limits restic borg diskvault" to pick tools; ROUNDS=3 to run every tool three times in turn (the
 #   targets table then gives each round's ratios and their median); SHARED_BENCH=path/to/shared/bench
 set -euo pipefail
@@ -49,5 +50,9 @@ if [ -f "$img/vm1-day1.changed.json" ] && sync && echo 3 > /proc/sys/vm/drop_cac
     echo "$mode ${times//|/}" >> "$floor"
   done
 fi
+# What each image adds that no earlier one holds, as a fixed 1 MiB block engine without deltas would store it
+# (unique blocks, each compressed alone with zstd -3): the second VM's target compares with this.
+ideal=$img/ideal-fixed-1024k-zstd3.json
+[ "$ideal" -nt "$img/vm2-day0.raw" ] || python3 "$bench/analyze-workload.py" "$img" > /dev/null
 echo
-python3 benches/targets.py "$floor" "${rounds[@]}"
+python3 benches/targets.py --ideal "$ideal" "$floor" "${rounds[@]}"

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Issue 8's targets, checked against the rounds of one `benches/compare.sh` run.
 
-    benches/targets.py FLOOR_FILE RESULT_DIR...
+    benches/targets.py [--ideal IDEAL_JSON] FLOOR_FILE RESULT_DIR...
 
 Each RESULT_DIR is one round of ../shared/bench/bench-peers.sh (results.csv, logs/). FLOOR_FILE holds the floor
-of the CBT incremental as compare.sh measures it ("read+hash 0.10 0.11 0.10", one line per mode). Prints one
-table: each target's ratio in every round, the median over the rounds, and in how many rounds it was met.
+of the CBT incremental as compare.sh measures it ("read+hash 0.10 0.11 0.10", one line per mode). IDEAL_JSON is
+../shared/bench/analyze-workload.py's account of the blocks each image adds that no earlier one holds, and what
+they take compressed one by one: the second VM must add no more than its own. Prints one table: each target's
+ratio in every round, the median over the rounds, and in how many rounds it was met.
 """
 import csv
+import json
 import os
 import re
 import statistics
@@ -56,7 +59,18 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def round_values(rows, result_dir, floor):
+def unique_blocks(ideal_file, image):
+    """(unique blocks, their zstd-compressed MiB) that `image` adds to the images before it, or (None, None)."""
+    if not ideal_file:
+        return None, None
+    with open(ideal_file) as f:
+        for step in json.load(f)["steps"]:
+            if step["image"] == image:
+                return step["new_unique_blocks"], step["new_zstd_mib"]
+    return None, None
+
+
+def round_values(rows, result_dir, floor, ideal):
     dv = lambda step, field="wall_s": num(rows, "diskvault", step, field)  # noqa: E731
     restic = lambda step, field="wall_s": num(rows, "restic", step, field)  # noqa: E731
     limit = machine_limit(rows, result_dir)
@@ -70,6 +84,7 @@ def round_values(rows, result_dir, floor):
     added = dv("c-backup-vm2-day0", "repo_bytes"), dv("b-backup-vm1-day1", "repo_bytes")
     vm2_added = (added[0] - added[1]) / MIB if None not in added else None
     stored = dv("c-backup-vm2-day0", "repo_bytes"), restic("c-backup-vm2-day0", "repo_bytes")
+    vm2_unique, vm2_unique_mib = ideal
     return {
         "full backup >= 4x restic": (ratio(restic("a-backup-vm1-day0"), dv("a-backup-vm1-day0")), 4, "x"),
         "full backup >= 2x rustic, fixed 1 MiB": (
@@ -87,7 +102,8 @@ def round_values(rows, result_dir, floor):
             -stored[1] / MIB if stored[1] else None,
             " MiB",
         ),
-        "second VM: MiB added to the repository": (vm2_added, None, " MiB"),
+        f"second VM adds <= its {vm2_unique or '?'} unique blocks, compressed alone": (
+            vm2_added, -vm2_unique_mib if vm2_unique_mib else None, " MiB"),
     }
 
 
@@ -105,15 +121,20 @@ def fmt(value, unit):
 
 
 def main():
-    if len(sys.argv) < 3:
+    args = sys.argv[1:]
+    ideal_file = None
+    if args[:1] == ["--ideal"]:
+        ideal_file, args = args[1], args[2:]
+    if len(args) < 2:
         sys.exit(__doc__)
+    ideal = unique_blocks(ideal_file, "vm2-day0")
     floor = None
-    with open(sys.argv[1]) as f:
+    with open(args[0]) as f:
         for line in f:
             parts = line.split()
             if parts and parts[0] == "read+hash":
                 floor = statistics.median(float(t) for t in parts[1:])
-    rounds = [round_values(load(d), d, floor) for d in sys.argv[2:]]
+    rounds = [round_values(load(d), d, floor, ideal) for d in args[1:]]
     n = len(rounds)
     print(f"| issue 8 target | {' | '.join(f'round {i + 1}' for i in range(n))} | median | met |")
     print(f"|---|{'---|' * n}---|---|")
@@ -129,6 +150,7 @@ def main():
         verdict = f"{sum(judged)} of {len(judged)}" if judged else "(reported)" if known else "(not run)"
         cells = " | ".join(
             fmt(v, unit) + (f" (restic {fmt(-t, unit)})" if name.startswith("stored") and t else "")
+            + (f" (unique {fmt(-t, unit)})" if name.startswith("second VM") and t else "")
             for v, t in zip(values, targets)
         )
         print(f"| {name} | {cells} | {fmt(median, unit)} | {verdict} |")
