@@ -17,7 +17,7 @@ use crate::format::ObjectId;
 use crate::progress::Counters;
 use crate::repository::Repository;
 use crate::source::vddk::VddkSource;
-use crate::source::Extent;
+use crate::source::{DiskSource, Extent};
 use crate::vddk::{Credentials, Disk, DiskTarget, Library};
 use crate::vsphere::{Client, MoRef, VirtualDiskInfo};
 
@@ -238,7 +238,16 @@ fn backup_snapshot(
         let mut cbt_failed = None;
         if let Some(r) = resumed {
             tracing::info!("disk {name}: {}", r.description);
-            match verify_cbt(repo, &cache, &mut source, &r.base.manifest, &r.changed, opts.verify_cbt_fraction)? {
+            match verify_cbt(
+                repo,
+                &cache,
+                &mut |o, b| source.read_at(o, b),
+                &r.base.manifest,
+                &r.changed,
+                opts.verify_cbt_fraction,
+            )?
+            .1
+            {
                 // CBT is not to be trusted for this disk at all: read it whole, as an incremental would.
                 Some(mismatch) => {
                     tracing::error!("disk {name}: {mismatch}; not continuing the interrupted backup, reading in full");
@@ -256,8 +265,18 @@ fn backup_snapshot(
                 None => {
                     let parent_disk = parent_snapshot.and_then(|p| p.disk(&name)).expect("checked by full_read_reason");
                     let parent_token = parent_disk.change_token.as_deref().expect("checked by full_read_reason");
-                    let areas = client.query_changed_disk_areas(moref, snap, disk.key, parent_token, disk.capacity)?;
-                    match verify_cbt(repo, &cache, &mut source, parent_disk, &areas, opts.verify_cbt_fraction)? {
+                    let areas =
+                        client.query_changed_disk_areas(moref, Some(snap), disk.key, parent_token, disk.capacity)?;
+                    match verify_cbt(
+                        repo,
+                        &cache,
+                        &mut |o, b| source.read_at(o, b),
+                        parent_disk,
+                        &areas,
+                        opts.verify_cbt_fraction,
+                    )?
+                    .1
+                    {
                         None => (Some(areas), None),
                         Some(mismatch) => {
                             tracing::error!("disk {name}: {mismatch}; reading the whole disk");
@@ -359,7 +378,7 @@ fn resume_disk(
     };
     // vSphere may no longer know the checkpoint's changeId (snapshot consolidation): then read as if it had
     // not been made.
-    let since_checkpoint = match client.query_changed_disk_areas(moref, snap, disk.key, token, disk.capacity) {
+    let since_checkpoint = match client.query_changed_disk_areas(moref, Some(snap), disk.key, token, disk.capacity) {
         Ok(areas) => areas,
         Err(e) => {
             tracing::warn!("disk {name}: not continuing checkpoint {}: {e}", cid.short());
@@ -372,7 +391,8 @@ fn resume_disk(
     match (rest_reason.is_none(), parent.and_then(|p| p.disk(name))) {
         (true, Some(pd)) => {
             let parent_token = pd.change_token.as_deref().expect("checked by full_read_reason");
-            let since_parent = client.query_changed_disk_areas(moref, snap, disk.key, parent_token, disk.capacity)?;
+            let since_parent =
+                client.query_changed_disk_areas(moref, Some(snap), disk.key, parent_token, disk.capacity)?;
             changed.extend(clip(&since_parent, done, disk.capacity));
             segments.extend_from_slice(&pd.segments[cd.segments.len()..]);
         }
@@ -427,19 +447,20 @@ fn full_read_reason(disk: &VirtualDiskInfo, parent: Option<&Snapshot>, name: &st
     None
 }
 
-/// CBT distrust: re-reads a random `fraction` of the blocks the change list calls unchanged and compares their
-/// ids with the parent's. Returns what was wrong, if anything (the caller then reads the disk in full).
+/// CBT distrust: re-reads (with `read`) a random `fraction` of the blocks the change list calls unchanged and
+/// compares their ids with those of `parent`, the backup the changes are counted from. Returns what was wrong, if
+/// anything (the caller then reads, or compares, the whole disk).
 fn verify_cbt(
     repo: &Repository,
     cache: &IndexCache,
-    source: &mut VddkSource,
+    read: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
     parent: &crate::format::snapshot::DiskManifest,
     changed: &[crate::source::Extent],
     fraction: f64,
-) -> Result<Option<String>> {
-    use crate::source::{BlockRanges, DiskSource};
+) -> Result<(u64, Option<String>)> {
+    use crate::source::BlockRanges;
     if fraction <= 0.0 {
-        return Ok(None);
+        return Ok((0, None));
     }
     let bs = parent.block_size as u64;
     // Only blocks the manifest lists (a resumed disk's base may end early: zeros where a full read continues).
@@ -448,7 +469,7 @@ fn verify_cbt(
     let mut cursor = changed.cursor();
     let unchanged: Vec<u64> = (0..blocks).filter(|&b| !cursor.contains(b)).collect();
     if unchanged.is_empty() {
-        return Ok(None);
+        return Ok((0, None));
     }
     let want = ((unchanged.len() as f64 * fraction).ceil() as usize).clamp(1, unchanged.len());
     // A random sample, in disk order (one segment load per segment touched).
@@ -471,6 +492,10 @@ fn verify_cbt(
     let mut wrong = Vec::new();
     let mut compared = 0;
     for &b in &sample {
+        // A 1% sample of a 2 TB disk is 20 GB to read.
+        if crate::util::interrupted() {
+            return Err(Error::Interrupted);
+        }
         let k = (b / crate::format::SEGMENT_BLOCKS as u64) as usize;
         if segment.as_ref().is_none_or(|(sk, _)| *sk != k) {
             let seg = parent.segments.get(k).ok_or_else(|| Error::corrupt("snapshot", format!("no segment {k}")))?;
@@ -490,7 +515,7 @@ fn verify_cbt(
         let Some(&expected) = ids.get((b % crate::format::SEGMENT_BLOCKS as u64) as usize) else { continue };
         compared += 1;
         let len = bs.min(parent.capacity - b * bs) as usize;
-        source.read_at(b * bs, &mut buf[..len])?;
+        read(b * bs, &mut buf[..len])?;
         let id = if crate::backup::is_zero(&buf[..len]) {
             crate::format::BlobId::ZERO
         } else {
@@ -507,16 +532,19 @@ fn verify_cbt(
         wrong.len()
     );
     if wrong.is_empty() {
-        return Ok(None);
+        return Ok((compared, None));
     }
-    Ok(Some(format!(
-        "CBT verification: {} of {} re-read blocks that CBT called unchanged differ from the last backup (first: \
-         block {}, bytes {}..); change tracking cannot be trusted for this disk",
-        wrong.len(),
+    Ok((
         compared,
-        wrong[0],
-        wrong[0] * bs
-    )))
+        Some(format!(
+            "CBT verification: {} of {} re-read blocks that CBT called unchanged differ from the backup (first: \
+         block {}, bytes {}..); change tracking cannot be trusted for this disk",
+            wrong.len(),
+            compared,
+            wrong[0],
+            wrong[0] * bs
+        )),
+    ))
 }
 
 /// What a restore onto a VM's disk did.
@@ -525,15 +553,60 @@ pub struct VmRestoreReport {
     pub disk: String,
     pub vm: String,
     pub vm_disk: String,
+    /// Blocks read from the VM's disk and compared with the snapshot (with CBT: only the sample that checks it).
     pub blocks_compared: u64,
     pub blocks_written: u64,
     pub bytes_written: u64,
     /// Change tracking was on, turned off for the restore and back on: the next backup reads in full.
     pub change_tracking_reset: bool,
+    /// With CBT ("quick rollback"): the blocks the VM changed since the backup, the only ones written.
+    pub changed_since_backup: Option<u64>,
+    /// Why every block was compared instead of asking CBT what changed since the backup.
+    pub compared_all_because: Option<String>,
+}
+
+impl VmRestoreReport {
+    fn new(disk: String, vm: String, vm_disk: String) -> Self {
+        VmRestoreReport {
+            disk,
+            vm,
+            vm_disk,
+            blocks_compared: 0,
+            blocks_written: 0,
+            bytes_written: 0,
+            change_tracking_reset: false,
+            changed_since_backup: None,
+            compared_all_because: None,
+        }
+    }
+}
+
+/// How a restore onto an existing VM's disk finds the blocks to write.
+#[derive(Clone, Copy, Debug)]
+pub struct VmRestoreOptions {
+    /// Ask CBT which areas the VM changed since the backup and write only those, where CBT can tell (the VM
+    /// tracked changes without a reset since); otherwise every block is read and compared.
+    pub use_cbt: bool,
+    /// With CBT: the share of the other blocks re-read and compared with the snapshot first; a difference
+    /// means CBT cannot be trusted, and every block is compared.
+    pub verify_cbt_fraction: f64,
+}
+
+impl Default for VmRestoreOptions {
+    fn default() -> Self {
+        VmRestoreOptions { use_cbt: true, verify_cbt_fraction: 0.01 }
+    }
 }
 
 /// Restores `disk` of a snapshot onto the matching disk of an existing, powered-off VM, writing only the
-/// blocks whose content differs from the snapshot (read and hashed through the VDDK first).
+/// blocks whose content differs from the snapshot.
+///
+/// Where the VM's disk has tracked changes without a reset since the backup (its changeId has the UUID of the
+/// one the backup recorded), CBT says which areas the VM wrote since (`QueryChangedDiskAreas` against the
+/// backup's changeId on the powered-off disk as it is): only the blocks in them are written, after a sample
+/// of the others was re-read and found as the snapshot has them ("quick rollback": minutes for a VM that
+/// changed little, instead of reading the whole disk through the VDDK). Otherwise, or if the sample differs,
+/// every block is read and hashed, and written if it differs; the report says why.
 #[allow(clippy::too_many_arguments)]
 pub fn restore_to_vm(
     client: &mut Client,
@@ -544,6 +617,7 @@ pub fn restore_to_vm(
     vm_disk: Option<&str>,
     libdir: &std::path::Path,
     user: &str,
+    opts: VmRestoreOptions,
     counters: &Counters,
 ) -> Result<VmRestoreReport> {
     disk.validate().map_err(|e| Error::corrupt("snapshot", e))?;
@@ -569,14 +643,15 @@ pub fn restore_to_vm(
     let session = crate::lock::start_session(repo, "restore")?;
     cache.sync(repo)?;
     let target = vm_disk_target(client, &info.moref, &target_disk.file_name, user)?;
-    let mut report = VmRestoreReport {
-        disk: disk.name.clone(),
-        vm: info.name.clone(),
-        vm_disk: target_disk.file_name.clone(),
-        blocks_compared: 0,
-        blocks_written: 0,
-        bytes_written: 0,
-        change_tracking_reset: false,
+    let mut report = VmRestoreReport::new(disk.name.clone(), info.name.clone(), target_disk.file_name.clone());
+    // Asked before change tracking is turned off below, which drops what it knows.
+    let since_backup = match changed_since_backup(client, &info, target_disk, disk, opts) {
+        Ok(areas) => Some(areas),
+        Err(reason) => {
+            tracing::info!("disk {}: comparing every block: {reason}", disk.name);
+            report.compared_all_because = Some(reason);
+            None
+        }
     };
     // The guide: disable change tracking for a full restore (SAN requires it). Turned back on afterwards, it
     // starts anew, so the next backup reads the disks in full instead of trusting changes that CBT may not
@@ -585,8 +660,26 @@ pub fn restore_to_vm(
         client.stop_change_tracking(&info.moref)?;
         report.change_tracking_reset = true;
     }
-    let written = Disk::open_writable(lib, &target)
-        .and_then(|mut out| write_blocks(repo, cache, disk, &mut out, Written::Unknown, &mut report, counters));
+    let written = Disk::open_writable(lib, &target).and_then(|mut out| {
+        let mut before = Written::Unknown;
+        if let Some(areas) = &since_backup {
+            let fraction = opts.verify_cbt_fraction;
+            let (sampled, mismatch) = verify_cbt(repo, cache, &mut |o, b| out.read_at(o, b), disk, areas, fraction)?;
+            report.blocks_compared += sampled;
+            match mismatch {
+                None => {
+                    let changed = crate::source::BlockRanges::from_extents(areas, disk.block_size as u64);
+                    report.changed_since_backup = Some(changed.block_count());
+                    before = Written::SnapshotExcept(changed);
+                }
+                Some(m) => {
+                    tracing::error!("disk {}: {m}; comparing every block", disk.name);
+                    report.compared_all_because = Some(m);
+                }
+            }
+        }
+        write_blocks(repo, cache, disk, &mut out, before, &mut report, counters)
+    });
     if info.cbt_enabled {
         let enabled = client.set_change_tracking(&info.moref, true);
         if written.is_ok() {
@@ -603,13 +696,53 @@ pub fn restore_to_vm(
     Ok(report)
 }
 
+/// The areas of the VM's disk `target` that the VM changed since `disk` was backed up from it, by CBT; or why
+/// CBT cannot tell.
+fn changed_since_backup(
+    client: &mut Client,
+    vm: &crate::vsphere::VmInfo,
+    target: &VirtualDiskInfo,
+    disk: &DiskManifest,
+    opts: VmRestoreOptions,
+) -> std::result::Result<Vec<Extent>, String> {
+    if !opts.use_cbt {
+        return Err("asked to (--no-cbt)".into());
+    }
+    let backup_token = match (disk.source_kind.as_str(), disk.change_token.as_deref()) {
+        ("vddk", Some(t)) if !t.is_empty() => t,
+        _ => return Err("the backup recorded no changeId for this disk".into()),
+    };
+    if !vm.cbt_enabled || target.change_id.is_empty() {
+        return Err("change tracking is off on the VM's disk".into());
+    }
+    // Same UUID: the same disk, tracked without a reset since the backup (another disk, or one whose tracking
+    // was reset, has another).
+    if change_id_uuid(backup_token) != change_id_uuid(&target.change_id) {
+        return Err(format!(
+            "the VM's disk is not tracked since the backup (changeId {backup_token} then, {} now: another disk, or \
+             change tracking was reset)",
+            target.change_id
+        ));
+    }
+    if target.capacity != disk.capacity {
+        return Err(format!(
+            "the disk was resized since the backup ({} bytes then, {} now)",
+            disk.capacity, target.capacity
+        ));
+    }
+    client
+        .query_changed_disk_areas(&vm.moref, None, target.key, backup_token, target.capacity)
+        .map_err(|e| format!("vSphere cannot say what changed since the backup: {e}"))
+}
+
 /// What the disk being written holds before the restore.
-#[derive(Clone, Copy, PartialEq, Eq)]
 enum Written {
     /// Anything: every block is read and hashed, and written only if it differs.
     Unknown,
     /// Zeros (a disk just created): only non-zero blocks are written, and none is read (thin disks stay thin).
     Zeros,
+    /// The snapshot's content except in these blocks (CBT's changes since the backup), which are written.
+    SnapshotExcept(crate::source::BlockRanges),
 }
 
 /// Restores `disk` of a snapshot into a new hosted VMDK at `path` (monolithicSparse, created through the
@@ -630,15 +763,7 @@ pub fn restore_to_hosted_vmdk(
     let session = crate::lock::start_session(repo, "restore")?;
     cache.sync(repo)?;
     crate::vddk::create_hosted(&lib, path, disk.capacity)?;
-    let mut report = VmRestoreReport {
-        disk: disk.name.clone(),
-        vm: String::new(),
-        vm_disk: path.display().to_string(),
-        blocks_compared: 0,
-        blocks_written: 0,
-        bytes_written: 0,
-        change_tracking_reset: false,
-    };
+    let mut report = VmRestoreReport::new(disk.name.clone(), String::new(), path.display().to_string());
     let written = Disk::open_writable(lib, &DiskTarget::hosted(path))
         .and_then(|mut out| write_blocks(repo, cache, disk, &mut out, Written::Zeros, &mut report, counters));
     if let Err(e) = written.and_then(|()| session.ensure_held()) {
@@ -710,7 +835,8 @@ fn vm_disk_target(client: &Client, moref: &str, path: &str, user: &str) -> Resul
 }
 
 /// Writes the blocks of `disk` into `out`: those that differ from what it holds (read and hashed first), or,
-/// on a disk of zeros, the non-zero ones. A short last block is padded to whole sectors.
+/// on a disk of zeros, the non-zero ones, or on a disk that holds the snapshot but for some blocks, those. A
+/// short last block is padded to whole sectors.
 fn write_blocks(
     repo: &Repository,
     cache: &IndexCache,
@@ -723,6 +849,10 @@ fn write_blocks(
     let bs = disk.block_size as u64;
     counters.add_total(disk.capacity);
     let mut current = vec![0u8; bs as usize];
+    let mut changed = match &before {
+        Written::SnapshotExcept(blocks) => Some(blocks.cursor()),
+        _ => None,
+    };
     for (k, seg) in disk.segments.iter().enumerate() {
         let ids = crate::backup::load_segment(repo, cache, seg)?;
         for (j, id) in ids.iter().enumerate() {
@@ -732,20 +862,21 @@ fn write_blocks(
                 return Err(Error::Interrupted);
             }
             counters.add_done(len as u64);
-            if before == Written::Zeros {
-                if id.is_zero_block() {
-                    continue;
+            let write = match &before {
+                Written::Zeros => !id.is_zero_block(),
+                Written::SnapshotExcept(_) => changed.as_mut().is_some_and(|c| c.contains(b)),
+                Written::Unknown => {
+                    out.read_at(b * bs, &mut current[..len])?;
+                    report.blocks_compared += 1;
+                    let now = if crate::backup::is_zero(&current[..len]) {
+                        crate::format::BlobId::ZERO
+                    } else {
+                        repo.keys().blob_id(&current[..len])
+                    };
+                    now != *id
                 }
-            } else {
-                out.read_at(b * bs, &mut current[..len])?;
-                report.blocks_compared += 1;
-            }
-            let now = if before == Written::Zeros || crate::backup::is_zero(&current[..len]) {
-                crate::format::BlobId::ZERO
-            } else {
-                repo.keys().blob_id(&current[..len])
             };
-            if now == *id {
+            if !write {
                 continue;
             }
             let data = if id.is_zero_block() {
@@ -821,15 +952,7 @@ pub fn restore_as_new_vm(
             Error::corrupt("snapshot", format!("the recorded disk {disk_name_in_snapshot} is not in the snapshot"))
         })?;
         let target = vm_disk_target(client, &moref, &new_disk.file_name, user)?;
-        let mut report = VmRestoreReport {
-            disk: disk.name.clone(),
-            vm: name.to_string(),
-            vm_disk: new_disk.file_name.clone(),
-            blocks_compared: 0,
-            blocks_written: 0,
-            bytes_written: 0,
-            change_tracking_reset: false,
-        };
+        let mut report = VmRestoreReport::new(disk.name.clone(), name.to_string(), new_disk.file_name.clone());
         let mut out = Disk::open_writable(lib.clone(), &target)?;
         write_blocks(repo, cache, disk, &mut out, Written::Zeros, &mut report, counters)?;
         reports.push(report);

@@ -23,7 +23,8 @@ pub struct RestoreArgs {
     #[arg(long, short = 't', required_unless_present_any = ["to_vm", "to_new_vm", "to_vmdk"])]
     target: Option<PathBuf>,
     /// Restore onto this existing, powered-off VMware VM (name or moref) instead, writing only the blocks that
-    /// differ from the snapshot. Needs --vsphere… and --vddk-libdir.
+    /// differ from the snapshot: those CBT says the VM changed since the backup where it can tell, else every
+    /// block is read and compared. Needs --vsphere… and --vddk-libdir.
     #[arg(long, conflicts_with = "target", value_name = "VM")]
     to_vm: Option<String>,
     /// Restore as a new, powered-off VMware VM of this name, created from the configuration recorded with the
@@ -48,6 +49,13 @@ pub struct RestoreArgs {
     /// as the snapshot's disk.
     #[arg(long, requires = "to_vm", value_name = "NAME")]
     vm_disk: Option<String>,
+    /// With --to-vm: read and compare every block even where CBT can say what changed since the backup.
+    #[arg(long, requires = "to_vm")]
+    no_cbt: bool,
+    /// With --to-vm and CBT: re-read this percentage of the blocks CBT calls unchanged since the backup and
+    /// compare them with the snapshot first; any difference and every block is compared.
+    #[arg(long, requires = "to_vm", value_name = "PERCENT", default_value = "1", value_parser = super::prune::parse_percent)]
+    verify_cbt: f64,
     #[command(flatten)]
     vsphere: super::vm::VsphereArgs,
     /// With --to-vm: the VDDK directory.
@@ -122,6 +130,7 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
                 args.vm_disk.as_deref(),
                 &libdir,
                 args.vsphere.user()?,
+                crate::vmware::VmRestoreOptions { use_cbt: !args.no_cbt, verify_cbt_fraction: args.verify_cbt },
                 &counters,
             )
         };
@@ -130,16 +139,33 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
         if args.json {
             println!("{}", serde_json::to_string_pretty(&report).expect("JSON of plain values"));
         } else {
-            println!(
-                "restored disk {} of snapshot {} onto {} of VM {}: compared {} blocks, wrote {} ({})",
-                disk.name,
-                id.short(),
-                report.vm_disk,
-                report.vm,
-                report.blocks_compared,
-                report.blocks_written,
-                human_bytes(report.bytes_written)
-            );
+            match report.changed_since_backup {
+                Some(changed) => println!(
+                    "restored disk {} of snapshot {} onto {} of VM {}: CBT: {changed} blocks changed since the \
+                     backup, written ({}); {} other blocks re-read to check CBT",
+                    disk.name,
+                    id.short(),
+                    report.vm_disk,
+                    report.vm,
+                    human_bytes(report.bytes_written),
+                    report.blocks_compared
+                ),
+                None => println!(
+                    "restored disk {} of snapshot {} onto {} of VM {}: compared {} blocks, wrote {} ({}){}",
+                    disk.name,
+                    id.short(),
+                    report.vm_disk,
+                    report.vm,
+                    report.blocks_compared,
+                    report.blocks_written,
+                    human_bytes(report.bytes_written),
+                    report
+                        .compared_all_because
+                        .as_deref()
+                        .map(|r| format!("; every block compared: {r}"))
+                        .unwrap_or_default()
+                ),
+            }
             if report.change_tracking_reset {
                 println!("change tracking was off during the restore and is on again: the next backup reads in full");
             }

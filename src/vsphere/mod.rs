@@ -536,11 +536,11 @@ impl Client {
     }
 
     /// The byte ranges of disk `device_key` changed between `change_id` (or allocated, for `*`) and `snapshot`,
-    /// paged by `startOffset` until the capacity.
+    /// or the disk as it is now (`None`: only for a powered-off VM), paged by `startOffset` until the capacity.
     pub fn query_changed_disk_areas(
         &mut self,
         vm: &str,
-        snapshot: &MoRef,
+        snapshot: Option<&MoRef>,
         device_key: i32,
         change_id: &str,
         capacity: u64,
@@ -551,7 +551,7 @@ impl Client {
         while start < capacity {
             let body = format!(
                 "{}<deviceKey>{device_key}</deviceKey><startOffset>{start}</startOffset><changeId>{}</changeId>",
-                snapshot.xml("snapshot"),
+                snapshot.map(|s| s.xml("snapshot")).unwrap_or_default(),
                 esc(change_id)
             );
             let r = self.call("QueryChangedDiskAreas", &this, &body)?;

@@ -7,7 +7,8 @@
 //     hashes it per 64 KiB, and records changeId "<uuid>/<n>" on the snapshot's copy of the disk backing and on
 //     the VM's when change tracking is on; turning tracking off and on again gives a new uuid (a CBT reset);
 //   - QueryChangedDiskAreas is answered from the hashes ("*" = non-zero areas), paged at 16 MiB windows so that
-//     clients must loop on startOffset, with FileFault where vCenter gives one.
+//     clients must loop on startOffset, with FileFault where vCenter gives one; without a snapshot, for a
+//     powered-off VM, against the disk as it is now (hashed then);
 //
 // Started by tests/common/vsphere.rs on 127.0.0.1:0 with TLS; prints one JSON line with the URL, credentials,
 // certificate thumbprints and datastore directories, then serves until killed.
@@ -296,20 +297,50 @@ func (t *tracker) queryChangedDiskAreas(w http.ResponseWriter, body []byte) {
 		return
 	}
 	r := env.Body.Req
+	// Without a snapshot, changes up to the disk as it is now: vCenter answers that for a powered-off VM only.
+	// (The VM is looked up before the tracker's lock: the simulator calls PutObject holding its own.)
+	var vm *simulator.VirtualMachine
+	if r.Snapshot == "" {
+		obj := simulator.Map.Get(types.ManagedObjectReference{Type: "VirtualMachine", Value: r.This})
+		var ok bool
+		if vm, ok = obj.(*simulator.VirtualMachine); !ok {
+			fault(w, "InvalidArgument", fmt.Sprintf("no VM %q", r.This))
+			return
+		}
+		if vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOff {
+			fault(w, "InvalidState", "changes up to the current state need a snapshot while the VM is powered on")
+			return
+		}
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.snapVM[r.Snapshot] != r.This {
-		fault(w, "InvalidArgument", fmt.Sprintf("snapshot %q is not a snapshot of %q", r.Snapshot, r.This))
-		return
-	}
 	key := fmt.Sprintf("%s/%d", r.This, r.DeviceKey)
 	st := t.disks[key]
-	seq, ok := t.snapSeq[r.Snapshot][r.DeviceKey]
-	if st == nil || !ok {
-		fault(w, "FileFault", "Change tracking is not active on this disk at this snapshot")
-		return
+	var current [][32]byte
+	if vm != nil {
+		enabled := vm.Config.ChangeTrackingEnabled != nil && *vm.Config.ChangeTrackingEnabled
+		if st == nil || !enabled || t.flats[key] == "" {
+			fault(w, "FileFault", "Change tracking is not active on this disk")
+			return
+		}
+		hashes, err := hashFile(t.flats[key], st.size)
+		if err != nil {
+			fault(w, "FileFault", "reading the disk: "+err.Error())
+			return
+		}
+		current = hashes
+	} else {
+		if t.snapVM[r.Snapshot] != r.This {
+			fault(w, "InvalidArgument", fmt.Sprintf("snapshot %q is not a snapshot of %q", r.Snapshot, r.This))
+			return
+		}
+		seq, ok := t.snapSeq[r.Snapshot][r.DeviceKey]
+		if st == nil || !ok {
+			fault(w, "FileFault", "Change tracking is not active on this disk at this snapshot")
+			return
+		}
+		current = st.states[seq]
 	}
-	current := st.states[seq]
 	var base [][32]byte
 	if r.ChangeID != "*" {
 		parts := strings.SplitN(r.ChangeID, "/", 2)
