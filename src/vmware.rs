@@ -598,29 +598,30 @@ impl Default for VmRestoreOptions {
     }
 }
 
-/// Restores `disk` of a snapshot onto the matching disk of an existing, powered-off VM, writing only the
-/// blocks whose content differs from the snapshot.
+/// Restores disks of a snapshot onto the matching disks of an existing, powered-off VM, writing only the
+/// blocks whose content differs from the snapshot. `disks`: each disk of the snapshot, and the name of the VM's
+/// disk to write (its file name without `.vmdk`), by default the same name.
 ///
-/// Where the VM's disk has tracked changes without a reset since the backup (its changeId has the UUID of the
+/// Where a VM's disk has tracked changes without a reset since the backup (its changeId has the UUID of the
 /// one the backup recorded), CBT says which areas the VM wrote since (`QueryChangedDiskAreas` against the
 /// backup's changeId on the powered-off disk as it is): only the blocks in them are written, after a sample
 /// of the others was re-read and found as the snapshot has them ("quick rollback": minutes for a VM that
 /// changed little, instead of reading the whole disk through the VDDK). Otherwise, or if the sample differs,
-/// every block is read and hashed, and written if it differs; the report says why.
+/// every block is read and hashed, and written if it differs; the report says why. Every disk's changes are
+/// asked for before change tracking is turned off for the writes (which drops what it knows): restoring the
+/// disks of a VM one command at a time would leave CBT to the first only.
 #[allow(clippy::too_many_arguments)]
 pub fn restore_to_vm(
     client: &mut Client,
     repo: &Repository,
     cache: &IndexCache,
-    disk: &crate::format::snapshot::DiskManifest,
+    disks: &[(&DiskManifest, Option<&str>)],
     vm: &str,
-    vm_disk: Option<&str>,
     libdir: &std::path::Path,
     user: &str,
     opts: VmRestoreOptions,
     counters: &Counters,
-) -> Result<VmRestoreReport> {
-    disk.validate().map_err(|e| Error::corrupt("snapshot", e))?;
+) -> Result<Vec<VmRestoreReport>> {
     let info = client.find_vm(vm)?;
     if info.power_state != "poweredOff" {
         return Err(Error::invalid(format!(
@@ -628,58 +629,76 @@ pub fn restore_to_vm(
             info.name, info.power_state, info.name
         )));
     }
-    let want = vm_disk.unwrap_or(&disk.name);
-    let target_disk = info.disks.iter().find(|d| disk_name(&d.file_name) == want).ok_or_else(|| {
-        let names: Vec<String> = info.disks.iter().map(|d| disk_name(&d.file_name)).collect();
-        Error::invalid(format!("VM {} has no disk {want:?} (its disks: {})", info.name, names.join(", ")))
-    })?;
-    if target_disk.capacity < disk.capacity {
-        return Err(Error::invalid(format!(
-            "VM disk {} has {} bytes, the snapshot's disk {} needs {}",
-            target_disk.file_name, target_disk.capacity, disk.name, disk.capacity
-        )));
+    let mut targets = Vec::new();
+    for &(disk, vm_disk) in disks {
+        disk.validate().map_err(|e| Error::corrupt("snapshot", e))?;
+        let want = vm_disk.unwrap_or(&disk.name);
+        let target_disk = info.disks.iter().find(|d| disk_name(&d.file_name) == want).ok_or_else(|| {
+            let names: Vec<String> = info.disks.iter().map(|d| disk_name(&d.file_name)).collect();
+            Error::invalid(format!("VM {} has no disk {want:?} (its disks: {})", info.name, names.join(", ")))
+        })?;
+        if target_disk.capacity < disk.capacity {
+            return Err(Error::invalid(format!(
+                "VM disk {} has {} bytes, the snapshot's disk {} needs {}",
+                target_disk.file_name, target_disk.capacity, disk.name, disk.capacity
+            )));
+        }
+        if targets.iter().any(|(_, t): &(&DiskManifest, &VirtualDiskInfo)| t.key == target_disk.key) {
+            return Err(Error::invalid(format!("VM disk {} is the target of two disks", target_disk.file_name)));
+        }
+        targets.push((disk, target_disk));
     }
     let lib = Library::load(libdir)?;
     let session = crate::lock::start_session(repo, "restore")?;
     cache.sync(repo)?;
-    let target = vm_disk_target(client, &info.moref, &target_disk.file_name, user)?;
-    let mut report = VmRestoreReport::new(disk.name.clone(), info.name.clone(), target_disk.file_name.clone());
-    // Asked before change tracking is turned off below, which drops what it knows.
-    let since_backup = match changed_since_backup(client, &info, target_disk, disk, opts) {
-        Ok(areas) => Some(areas),
-        Err(reason) => {
-            tracing::info!("disk {}: comparing every block: {reason}", disk.name);
-            report.compared_all_because = Some(reason);
-            None
-        }
-    };
+    let mut jobs = Vec::new();
+    for (disk, target_disk) in targets {
+        let target = vm_disk_target(client, &info.moref, &target_disk.file_name, user)?;
+        let mut report = VmRestoreReport::new(disk.name.clone(), info.name.clone(), target_disk.file_name.clone());
+        // Asked before change tracking is turned off below.
+        let since_backup = match changed_since_backup(client, &info, target_disk, disk, opts) {
+            Ok(areas) => Some(areas),
+            Err(reason) => {
+                tracing::info!("disk {}: comparing every block: {reason}", disk.name);
+                report.compared_all_because = Some(reason);
+                None
+            }
+        };
+        report.change_tracking_reset = info.cbt_enabled;
+        jobs.push((disk, target, since_backup, report));
+    }
     // The guide: disable change tracking for a full restore (SAN requires it). Turned back on afterwards, it
     // starts anew, so the next backup reads the disks in full instead of trusting changes that CBT may not
     // have seen.
     if info.cbt_enabled {
         client.stop_change_tracking(&info.moref)?;
-        report.change_tracking_reset = true;
     }
-    let written = Disk::open_writable(lib, &target).and_then(|mut out| {
-        let mut before = Written::Unknown;
-        if let Some(areas) = &since_backup {
-            let fraction = opts.verify_cbt_fraction;
-            let (sampled, mismatch) = verify_cbt(repo, cache, &mut |o, b| out.read_at(o, b), disk, areas, fraction)?;
-            report.blocks_compared += sampled;
-            match mismatch {
-                None => {
-                    let changed = crate::source::BlockRanges::from_extents(areas, disk.block_size as u64);
-                    report.changed_since_backup = Some(changed.block_count());
-                    before = Written::SnapshotExcept(changed);
-                }
-                Some(m) => {
-                    tracing::error!("disk {}: {m}; comparing every block", disk.name);
-                    report.compared_all_because = Some(m);
+    let written: Result<Vec<VmRestoreReport>> = jobs
+        .into_iter()
+        .map(|(disk, target, since_backup, mut report)| {
+            let mut out = Disk::open_writable(lib.clone(), &target)?;
+            let mut before = Written::Unknown;
+            if let Some(areas) = &since_backup {
+                let fraction = opts.verify_cbt_fraction;
+                let (sampled, mismatch) =
+                    verify_cbt(repo, cache, &mut |o, b| out.read_at(o, b), disk, areas, fraction)?;
+                report.blocks_compared += sampled;
+                match mismatch {
+                    None => {
+                        let changed = crate::source::BlockRanges::from_extents(areas, disk.block_size as u64);
+                        report.changed_since_backup = Some(changed.block_count());
+                        before = Written::SnapshotExcept(changed);
+                    }
+                    Some(m) => {
+                        tracing::error!("disk {}: {m}; comparing every block", disk.name);
+                        report.compared_all_because = Some(m);
+                    }
                 }
             }
-        }
-        write_blocks(repo, cache, disk, &mut out, before, &mut report, counters)
-    });
+            write_blocks(repo, cache, disk, &mut out, before, &mut report, counters)?;
+            Ok(report)
+        })
+        .collect();
     if info.cbt_enabled {
         let enabled = client.set_change_tracking(&info.moref, true);
         if written.is_ok() {
@@ -691,9 +710,9 @@ pub fn restore_to_vm(
             })?;
         }
     }
-    written?;
+    let reports = written?;
     session.ensure_held()?;
-    Ok(report)
+    Ok(reports)
 }
 
 /// The areas of the VM's disk `target` that the VM changed since `disk` was backed up from it, by CBT; or why

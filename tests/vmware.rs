@@ -348,24 +348,33 @@ fn quick_rollback_writes_only_what_the_vm_changed_since_the_backup() {
     lab.guest_write(&vm, 0, 0, &random_bytes(1, 4 * MIB));
     let first = lab.ok(&["backup", "--json", "--vm", &name]);
     let id = first["snapshot"].as_str().unwrap().to_string();
-    let at_backup = std::fs::read(lab.disk_file(&vm, 0)).unwrap();
-    // The guest changes block 30; a later backup; then blocks 1 and 2, and block 20 (zero at the first backup).
+    let at_backup = [std::fs::read(lab.disk_file(&vm, 0)).unwrap(), std::fs::read(lab.disk_file(&vm, 1)).unwrap()];
+    // The guest changes block 30 of disk1; a later backup; then blocks 1 and 2, block 20 (zero at the first
+    // backup), and block 5 of disk2 (all zeros then).
     lab.guest_write(&vm, 0, 30 * M + 7, &random_bytes(2, 100));
     lab.ok(&["backup", "--json", "--vm", &name]);
     lab.guest_write(&vm, 0, M + 100, &random_bytes(3, MIB));
     lab.guest_write(&vm, 0, 20 * M, &random_bytes(4, 512));
+    lab.guest_write(&vm, 1, 5 * M, &random_bytes(5, 4096));
     lab.succeed(&["vm", "power-off", &name]);
 
-    // Back to the first backup: CBT names the four blocks changed since, across the later backup; they are
-    // written, and of the other 60 only a 1% sample (one block) is read to check CBT.
+    // The whole VM back to the first backup: CBT names the blocks changed since, across the later backup, on
+    // each disk (asked for both before change tracking is turned off for the writes); they are written, and of
+    // the others only a 1% sample per disk (one block) is read to check CBT.
     std::fs::remove_file(&lab.vddk_log).ok();
-    let r = lab.ok(&["restore", &format!("{id}:disk1"), "--to-vm", &name, "--json"]);
-    assert_eq!(r["changed_since_backup"], 4, "{r}");
-    assert_eq!(r["blocks_written"], 4, "{r}");
-    assert_eq!(r["blocks_compared"], 1, "{r}");
-    assert!(r["compared_all_because"].is_null(), "{r}");
-    assert_eq!(sectors_read(&lab), 2048, "one 1 MiB block read from the VM's disk");
-    assert!(std::fs::read(lab.disk_file(&vm, 0)).unwrap() == at_backup, "the VM's disk is not the snapshot's");
+    let r = lab.ok(&["restore", &id, "--to-vm", &name, "--json"]);
+    let disk = |n: &str| r.as_array().unwrap().iter().find(|d| d["disk"] == n).unwrap_or_else(|| panic!("{r}")).clone();
+    let (d1, d2) = (disk("disk1"), disk("disk2"));
+    assert_eq!(d1["changed_since_backup"], 4, "{r}");
+    assert_eq!(d1["blocks_written"], 4, "{r}");
+    assert_eq!(d1["blocks_compared"], 1, "{r}");
+    assert!(d1["compared_all_because"].is_null(), "{r}");
+    assert_eq!(d2["changed_since_backup"], 1, "{r}");
+    assert_eq!(d2["blocks_written"], 1, "{r}");
+    assert_eq!(sectors_read(&lab), 2 * 2048, "one 1 MiB block read from each of the VM's disks");
+    for (i, want) in at_backup.iter().enumerate() {
+        assert!(std::fs::read(lab.disk_file(&vm, i)).unwrap() == *want, "disk {i} of the VM is not the snapshot's");
+    }
     lab.assert_clean();
 }
 

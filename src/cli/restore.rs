@@ -96,6 +96,17 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
     if let Some(name) = &args.to_new_vm {
         return restore_new_vm(g, args, &repo, &id, &snap, name);
     }
+    // Onto a VM, a snapshot's disks go all at once unless one is chosen (see `restore_to_vm`).
+    if let (Some(vm), None) = (&args.to_vm, &disk_name) {
+        if snap.disks.len() > 1 {
+            if args.vm_disk.is_some() {
+                return Err(Error::invalid("--vm-disk needs one disk of the snapshot (ID:DISK or --disk)"));
+            }
+            let cache = g.open_cache_unsynced(&repo)?;
+            let disks: Vec<_> = snap.disks.iter().map(|d| (d, None)).collect();
+            return restore_to_vm(g, args, &repo, &cache, &id, &disks, vm);
+        }
+    }
     let disk = match (&disk_name, snap.disks.as_slice()) {
         (Some(n), _) => snap.disk(n).ok_or_else(|| {
             let names: Vec<&str> = snap.disks.iter().map(|d| d.name.as_str()).collect();
@@ -117,60 +128,7 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
         return restore_vmdk(g, args, &repo, &cache, &id, disk, path);
     }
     if let Some(vm) = &args.to_vm {
-        let libdir = vddk_libdir(args)?;
-        let mut client = args.vsphere.connect()?;
-        let report = {
-            let _r = Reporter::start("restore", counters.clone(), g.progress);
-            crate::vmware::restore_to_vm(
-                &mut client,
-                &repo,
-                &cache,
-                disk,
-                vm,
-                args.vm_disk.as_deref(),
-                &libdir,
-                args.vsphere.user()?,
-                crate::vmware::VmRestoreOptions { use_cbt: !args.no_cbt, verify_cbt_fraction: args.verify_cbt },
-                &counters,
-            )
-        };
-        client.logout();
-        let report = report?;
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&report).expect("JSON of plain values"));
-        } else {
-            match report.changed_since_backup {
-                Some(changed) => println!(
-                    "restored disk {} of snapshot {} onto {} of VM {}: CBT: {changed} blocks changed since the \
-                     backup, written ({}); {} other blocks re-read to check CBT",
-                    disk.name,
-                    id.short(),
-                    report.vm_disk,
-                    report.vm,
-                    human_bytes(report.bytes_written),
-                    report.blocks_compared
-                ),
-                None => println!(
-                    "restored disk {} of snapshot {} onto {} of VM {}: compared {} blocks, wrote {} ({}){}",
-                    disk.name,
-                    id.short(),
-                    report.vm_disk,
-                    report.vm,
-                    report.blocks_compared,
-                    report.blocks_written,
-                    human_bytes(report.bytes_written),
-                    report
-                        .compared_all_because
-                        .as_deref()
-                        .map(|r| format!("; every block compared: {r}"))
-                        .unwrap_or_default()
-                ),
-            }
-            if report.change_tracking_reset {
-                println!("change tracking was off during the restore and is on again: the next backup reads in full");
-            }
-        }
-        return Ok(());
+        return restore_to_vm(g, args, &repo, &cache, &id, &[(disk, args.vm_disk.as_deref())], vm);
     }
     let final_target = args.target.clone().expect("clap requires --target without --to-vm");
     if final_target.as_os_str() == "-" {
@@ -308,6 +266,79 @@ fn vddk_libdir(args: &RestoreArgs) -> Result<PathBuf> {
         .ok_or_else(|| Error::invalid("restoring into VMware writes through the VDDK: give --vddk-libdir DIR"))?;
     crate::vddk::ensure_loader_path(&libdir)?;
     Ok(libdir)
+}
+
+/// `restore … --to-vm`: the disks onto the VM's, and what was done (JSON: one report per disk; an object when
+/// one disk was restored, as before several could be).
+fn restore_to_vm(
+    g: &Globals,
+    args: &RestoreArgs,
+    repo: &crate::repository::Repository,
+    cache: &crate::cache::IndexCache,
+    id: &crate::format::ObjectId,
+    disks: &[(&crate::format::snapshot::DiskManifest, Option<&str>)],
+    vm: &str,
+) -> Result<()> {
+    let libdir = vddk_libdir(args)?;
+    let mut client = args.vsphere.connect()?;
+    let counters = Arc::new(Counters::default());
+    let reports = {
+        let _r = Reporter::start("restore", counters.clone(), g.progress);
+        crate::vmware::restore_to_vm(
+            &mut client,
+            repo,
+            cache,
+            disks,
+            vm,
+            &libdir,
+            args.vsphere.user()?,
+            crate::vmware::VmRestoreOptions { use_cbt: !args.no_cbt, verify_cbt_fraction: args.verify_cbt },
+            &counters,
+        )
+    };
+    client.logout();
+    let reports = reports?;
+    if args.json {
+        let json = match reports.as_slice() {
+            [one] => serde_json::to_string_pretty(one),
+            all => serde_json::to_string_pretty(all),
+        };
+        println!("{}", json.expect("JSON of plain values"));
+        return Ok(());
+    }
+    for report in &reports {
+        match report.changed_since_backup {
+            Some(changed) => println!(
+                "restored disk {} of snapshot {} onto {} of VM {}: CBT: {changed} blocks changed since the backup, \
+                 written ({}); {} other blocks re-read to check CBT",
+                report.disk,
+                id.short(),
+                report.vm_disk,
+                report.vm,
+                human_bytes(report.bytes_written),
+                report.blocks_compared
+            ),
+            None => println!(
+                "restored disk {} of snapshot {} onto {} of VM {}: compared {} blocks, wrote {} ({}){}",
+                report.disk,
+                id.short(),
+                report.vm_disk,
+                report.vm,
+                report.blocks_compared,
+                report.blocks_written,
+                human_bytes(report.bytes_written),
+                report
+                    .compared_all_because
+                    .as_deref()
+                    .map(|r| format!("; every block compared: {r}"))
+                    .unwrap_or_default()
+            ),
+        }
+    }
+    if reports.iter().any(|r| r.change_tracking_reset) {
+        println!("change tracking was off during the restore and is on again: the next backup reads in full");
+    }
+    Ok(())
 }
 
 /// `--to-vmdk`: a new hosted VMDK, or a new disk on a datastore attached to a VM.
