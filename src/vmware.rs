@@ -36,7 +36,28 @@ pub struct VmBackupOptions {
     pub checkpoint_interval: std::time::Duration,
     /// Continue an interrupted backup of the VM from its checkpoint (re-reading only what changed since).
     pub resume: bool,
+    /// Disks not to back up: names (`disk2`, the file name without `.vmdk`) or labels (`Hard disk 2`).
+    pub exclude_disks: Vec<String>,
 }
+
+/// A disk of the VM the backup left out, and why.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SkippedDisk {
+    pub name: String,
+    pub label: String,
+    pub reason: String,
+}
+
+/// Whether a backup leaves `disk` out, and why: excluded, or not in VM snapshots.
+fn left_out(disk: &VirtualDiskInfo, opts: &VmBackupOptions) -> Option<SkippedDisk> {
+    let name = disk_name(&disk.file_name);
+    let excluded = opts.exclude_disks.iter().any(|x| *x == name || *x == disk.label);
+    let reason = if excluded { Some("excluded (--exclude-disk)") } else { disk.not_in_snapshots() }?;
+    Some(SkippedDisk { name, label: disk.label.clone(), reason: reason.into() })
+}
+
+/// The annotation of a VMware snapshot that lists the disks it left out (JSON of [`SkippedDisk`]s).
+pub const SKIPPED_DISKS: &str = "vmware.skipped_disks";
 
 /// How one disk was read, and why.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -58,6 +79,8 @@ pub struct VmBackup {
     pub id: ObjectId,
     pub snapshot: Snapshot,
     pub disks: Vec<DiskReport>,
+    /// Disks left out: excluded, or not in VM snapshots (independent disks, physical-mode RDMs).
+    pub skipped_disks: Vec<SkippedDisk>,
     /// VM snapshots of earlier backups that died, removed first (their names).
     pub removed_vm_snapshots: Vec<String>,
 }
@@ -79,6 +102,12 @@ pub fn backup_vm(
     counters: &Counters,
 ) -> Result<VmBackup> {
     let info = client.find_vm(vm)?;
+    // Nothing to back up: say so before a VM snapshot is taken.
+    let left_out: Vec<SkippedDisk> = info.disks.iter().filter_map(|d| left_out(d, opts)).collect();
+    if left_out.len() == info.disks.len() {
+        let why: Vec<String> = left_out.iter().map(|d| format!("{}: {}", d.name, d.reason)).collect();
+        return Err(Error::invalid(format!("VM {}: no disk to back up ({})", info.name, why.join("; "))));
+    }
     // The library first: a missing or broken VDDK must fail before the VM is touched.
     let lib = Library::load(&opts.libdir)?;
     // A session marker for as long as the VM snapshot exists; the snapshot names it, so that if this process dies
@@ -214,8 +243,16 @@ fn backup_snapshot(
         .to_string();
     let mut jobs = Vec::new();
     let mut reports = Vec::new();
+    let mut skipped = Vec::new();
     for disk in &config.disks {
         let name = disk_name(&disk.file_name);
+        if let Some(skip) = left_out(disk, opts) {
+            if disk.not_in_snapshots().is_some() {
+                tracing::warn!("disk {name} ({}) is not backed up: {}", disk.label, skip.reason);
+            }
+            skipped.push(skip);
+            continue;
+        }
         let target = DiskTarget {
             server: server.clone(),
             port: None,
@@ -313,8 +350,14 @@ fn backup_snapshot(
             resume,
         });
     }
+    if jobs.is_empty() {
+        return Err(Error::invalid("the VM snapshot has no disk to back up"));
+    }
     backup_opts.parent = parent;
     backup_opts.annotations.insert("vmware.moref".into(), moref.to_string());
+    if !skipped.is_empty() {
+        backup_opts.annotations.insert(SKIPPED_DISKS.into(), serde_json::to_string(&skipped).expect("JSON"));
+    }
     backup_opts
         .annotations
         .insert("vmware.config".into(), serde_json::to_string(&config).expect("JSON of plain values"));
@@ -324,7 +367,7 @@ fn backup_snapshot(
     for (cid, _) in &checkpoints {
         repo.delete_checkpoint(cid);
     }
-    Ok(VmBackup { id, snapshot, disks: reports, removed_vm_snapshots: Vec::new() })
+    Ok(VmBackup { id, snapshot, disks: reports, skipped_disks: skipped, removed_vm_snapshots: Vec::new() })
 }
 
 /// How a disk continues from a checkpoint.
@@ -563,6 +606,8 @@ pub struct VmRestoreReport {
     pub changed_since_backup: Option<u64>,
     /// Why every block was compared instead of asking CBT what changed since the backup.
     pub compared_all_because: Option<String>,
+    /// A disk of a new VM that the backup left out (why): created, and left empty.
+    pub left_empty_because: Option<String>,
 }
 
 impl VmRestoreReport {
@@ -577,6 +622,7 @@ impl VmRestoreReport {
             change_tracking_reset: false,
             changed_since_backup: None,
             compared_all_because: None,
+            left_empty_because: None,
         }
     }
 }
@@ -964,12 +1010,32 @@ pub fn restore_as_new_vm(
             cause: format!("the new VM has {} disks, {} were asked for", created.disks.len(), config.disks.len()),
         });
     }
+    let skipped: Vec<SkippedDisk> = match snapshot.annotations.get(SKIPPED_DISKS) {
+        Some(json) => {
+            serde_json::from_str(json).map_err(|e| Error::corrupt(format!("annotation {SKIPPED_DISKS}"), e))?
+        }
+        None => Vec::new(),
+    };
     let mut reports = Vec::new();
     for (recorded_disk, new_disk) in config.disks.iter().zip(&created.disks) {
         let disk_name_in_snapshot = disk_name(&recorded_disk.file_name);
-        let disk = snapshot.disk(&disk_name_in_snapshot).ok_or_else(|| {
-            Error::corrupt("snapshot", format!("the recorded disk {disk_name_in_snapshot} is not in the snapshot"))
-        })?;
+        let Some(disk) = snapshot.disk(&disk_name_in_snapshot) else {
+            // Left out by the backup: the new VM keeps its place in the configuration, empty.
+            let reason =
+                skipped.iter().find(|d| d.name == disk_name_in_snapshot).map(|d| d.reason.clone()).ok_or_else(
+                    || {
+                        Error::corrupt(
+                            "snapshot",
+                            format!("the recorded disk {disk_name_in_snapshot} is not in the snapshot"),
+                        )
+                    },
+                )?;
+            tracing::warn!("disk {disk_name_in_snapshot} was not backed up ({reason}): created empty");
+            let mut report = VmRestoreReport::new(disk_name_in_snapshot, name.to_string(), new_disk.file_name.clone());
+            report.left_empty_because = Some(format!("not backed up: {reason}"));
+            reports.push(report);
+            continue;
+        };
         let target = vm_disk_target(client, &moref, &new_disk.file_name, user)?;
         let mut report = VmRestoreReport::new(disk.name.clone(), name.to_string(), new_disk.file_name.clone());
         let mut out = Disk::open_writable(lib.clone(), &target)?;

@@ -21,8 +21,12 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
+        Lab::with_simulator(&[])
+    }
+
+    fn with_simulator(settings: &[(&str, &str)]) -> Lab {
         let env = Env::with_repo();
-        let sim = Vcsim::start();
+        let sim = Vcsim::start_with(settings);
         let vddk_log = env.path("vddk.log");
         Lab { env, sim, vddk_log }
     }
@@ -496,6 +500,45 @@ fn restore_as_a_new_vm_from_the_recorded_configuration() {
     let plain = lab.env.backup(&["--name", "files", img.to_str().unwrap()])["snapshot"].as_str().unwrap().to_string();
     let r = lab.run(&["restore", &plain, "--to-new-vm", "x"], &[]);
     assert!(r.stderr.contains("not taken of a VMware VM"), "{}", r.stderr);
+    lab.assert_clean();
+}
+
+#[test]
+fn excluded_and_independent_disks_are_left_out_and_restored_empty() {
+    // disk3 is independent: VM snapshots leave it out (the simulator then has nothing to read it from).
+    let lab = Lab::with_simulator(&[("VCSIM_DISKS", "3"), ("VCSIM_INDEPENDENT_DISKS", "3")]);
+    let vm = lab.vm();
+    let name = vm["name"].as_str().unwrap().to_string();
+    assert_eq!(vm["disks"][1]["label"], "Hard disk 2", "{vm}");
+    for i in 0..3 {
+        lab.guest_write(&vm, i, 0, &random_bytes(i as u64 + 1, MIB));
+    }
+    let r = lab.ok(&["backup", "--json", "--vm", &name, "--exclude-disk", "Hard disk 2"]);
+    let read: Vec<&str> = r["vmware_disks"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
+    assert_eq!(read, ["disk1"], "{r}");
+    let skipped = &r["skipped_disks"];
+    assert_eq!((&skipped[0]["name"], &skipped[0]["reason"]), (&"disk2".into(), &"excluded (--exclude-disk)".into()));
+    assert_eq!(skipped[1]["name"], "disk3");
+    assert!(skipped[1]["reason"].as_str().unwrap().contains("independent disk"), "{r}");
+    let id = r["snapshot"].as_str().unwrap().to_string();
+    assert!(lab.env.restore(&format!("{id}:disk1"), &[]) == std::fs::read(lab.disk_file(&vm, 0)).unwrap());
+
+    // As a new VM: the configuration keeps all three disks; the two left out are created empty, and say why.
+    let r = lab.ok(&["restore", &id, "--to-new-vm", "copy-vm", "--json"]);
+    let report = |d: &str| r.as_array().unwrap().iter().find(|x| x["disk"] == d).unwrap().clone();
+    assert_eq!(report("disk1")["blocks_written"], 1, "{r}");
+    assert!(report("disk2")["left_empty_because"].as_str().unwrap().contains("excluded"), "{r}");
+    assert!(report("disk3")["left_empty_because"].as_str().unwrap().contains("independent"), "{r}");
+    let all = lab.ok(&["vm", "list", "--json"]);
+    let new = all.as_array().unwrap().iter().find(|v| v["name"] == "copy-vm").unwrap().clone();
+    assert_eq!(new["disks"].as_array().unwrap().len(), 3);
+    assert!(std::fs::read(lab.disk_file(&new, 0)).unwrap() == std::fs::read(lab.disk_file(&vm, 0)).unwrap());
+    assert!(std::fs::read(lab.disk_file(&new, 1)).unwrap().iter().all(|&b| b == 0), "disk2 was not left empty");
+
+    // Leaving out every disk is refused, before any VM snapshot is taken.
+    let r = lab.run(&["backup", "--vm", &name, "--exclude-disk", "disk1", "--exclude-disk", "disk2"], &[]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("no disk to back up (disk1: excluded"), "{}", r.stderr);
     lab.assert_clean();
 }
 

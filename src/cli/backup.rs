@@ -47,6 +47,11 @@ pub struct BackupArgs {
     /// With --vm: do not continue an interrupted backup from its checkpoint; read as if it had not happened.
     #[arg(long, requires = "vm")]
     no_resume: bool,
+    /// With --vm: leave this disk out, by name (`disk2`: its file name without .vmdk) or label (`Hard disk 2`);
+    /// repeatable. (Independent disks and physical-mode RDMs are always left out: VM snapshots do not include
+    /// them.)
+    #[arg(long = "exclude-disk", requires = "vm", value_name = "DISK")]
+    exclude_disks: Vec<String>,
     /// The source (VM) these disks belong to; snapshots are grouped by it. Defaults to the first disk's name.
     #[arg(long)]
     name: Option<String>,
@@ -437,6 +442,7 @@ fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
         verify_cbt_fraction: args.verify_cbt,
         checkpoint_interval: std::time::Duration::from_secs(args.checkpoint_interval),
         resume: !args.no_resume,
+        exclude_disks: args.exclude_disks.clone(),
     };
     let limiter = HostLimiter::new(args.max_disks_per_host as usize);
     let counters = Arc::new(Counters::default());
@@ -488,6 +494,7 @@ fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
                 if args.json {
                     let mut v = result_json(&repo, &b.id, &b.snapshot, Some(&b.disks));
                     v["removed_vm_snapshots"] = serde_json::json!(b.removed_vm_snapshots);
+                    v["skipped_disks"] = serde_json::json!(b.skipped_disks);
                     json.push(v);
                     continue;
                 }
@@ -506,6 +513,9 @@ fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
                     if let Some(from) = &d.resumed_from {
                         println!("    {from}");
                     }
+                }
+                for d in &b.skipped_disks {
+                    println!("  {} ({}): not backed up: {}", d.name, d.label, d.reason);
                 }
                 print_text(&repo, &b.id, &b.snapshot)?;
             }

@@ -253,7 +253,16 @@ fn restore_new_vm(
     }
     println!("created VM {name} (powered off) from snapshot {}", id.short());
     for r in &reports {
-        println!("  {} -> {}: wrote {} blocks ({})", r.disk, r.vm_disk, r.blocks_written, human_bytes(r.bytes_written));
+        match &r.left_empty_because {
+            Some(why) => println!("  {} -> {}: left empty ({why})", r.disk, r.vm_disk),
+            None => println!(
+                "  {} -> {}: wrote {} blocks ({})",
+                r.disk,
+                r.vm_disk,
+                r.blocks_written,
+                human_bytes(r.bytes_written)
+            ),
+        }
     }
     Ok(())
 }

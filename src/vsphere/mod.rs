@@ -65,6 +65,25 @@ pub struct VirtualDiskInfo {
     pub controller_key: i32,
     #[serde(default)]
     pub unit_number: i32,
+    /// `persistent`, `independent_persistent`, `independent_nonpersistent`… (empty where not given).
+    #[serde(default)]
+    pub disk_mode: String,
+    /// A raw device mapping in physical compatibility mode.
+    #[serde(default)]
+    pub physical_rdm: bool,
+}
+
+impl VirtualDiskInfo {
+    /// Why VM snapshots leave this disk out (so a backup, which reads a snapshot, cannot read it), if they do.
+    pub fn not_in_snapshots(&self) -> Option<&'static str> {
+        if self.disk_mode.starts_with("independent") {
+            Some("an independent disk: VM snapshots leave it out")
+        } else if self.physical_rdm {
+            Some("a physical-mode raw device mapping: VM snapshots leave it out")
+        } else {
+            None
+        }
+    }
 }
 
 /// A disk controller (SCSI, SATA, NVMe, IDE) as the configuration describes it.
@@ -791,6 +810,11 @@ pub fn disks_of(devices: &Element) -> Vec<VirtualDiskInfo> {
                 change_id: backing.and_then(|b| b.child_text("changeId")).unwrap_or("").to_string(),
                 controller_key: int(d, "controllerKey"),
                 unit_number: int(d, "unitNumber"),
+                disk_mode: backing.and_then(|b| b.child_text("diskMode")).unwrap_or("").trim().to_string(),
+                physical_rdm: backing.is_some_and(|b| {
+                    b.xsi_type() == Some("VirtualDiskRawDiskMappingVer1BackingInfo")
+                        && b.child_text("compatibilityMode").is_some_and(|m| m.trim() == "physicalMode")
+                }),
             }
         })
         .collect()
@@ -1070,6 +1094,8 @@ mod tests {
             change_id: String::new(),
             controller_key: 0,
             unit_number: 0,
+            disk_mode: String::new(),
+            physical_rdm: false,
         };
         let old = VmConfig { disks: vec![disk; 9], ..Default::default() };
         let xml = new_vm_devices(&old, "ds");

@@ -43,9 +43,15 @@ pub struct Vcsim {
 
 impl Vcsim {
     pub fn start() -> Vcsim {
+        Vcsim::start_with(&[])
+    }
+
+    /// With settings of tests/vcsim/main.go (`VCSIM_DISKS`, `VCSIM_INDEPENDENT_DISKS`…) beyond the defaults.
+    pub fn start_with(settings: &[(&str, &str)]) -> Vcsim {
         let mut child = Command::new(binary())
             .env("VCSIM_DISK_MB", "64")
             .env("VCSIM_DISKS", "2")
+            .envs(settings.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -2,7 +2,8 @@
 // Changed Block Tracking added from this main package, without patching govmomi (../shared/VMWARE.md §1):
 //
 //   - every VM disk gets a sparse flat file of its capacity: <datastore dir>/<vm>/<disk>-flat.vmdk, which a test
-//     writes into to play the guest;
+//     writes into to play the guest; VCSIM_DISKS disks per VM, of VCSIM_DISK_MB, those in VCSIM_INDEPENDENT_DISKS
+//     (numbers from 2) independent;
 //   - a snapshot freezes each disk (<flat>@<snapshot moref>, the file the test VDDK reads for that snapshot),
 //     hashes it per 64 KiB, and records changeId "<uuid>/<n>" on the snapshot's copy of the disk backing and on
 //     the VM's when change tracking is on; turning tracking off and on again gives a new uuid (a CBT reset);
@@ -208,6 +209,10 @@ func (t *tracker) PutObject(obj mo.Reference) {
 		}
 		backing, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
 		if !ok {
+			continue
+		}
+		// As on ESXi, a snapshot leaves independent disks out: nothing to read them from.
+		if strings.HasPrefix(backing.DiskMode, "independent") {
 			continue
 		}
 		flat := t.flatPath(backing.FileName)
@@ -464,6 +469,12 @@ func main() {
 			b := *first.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
 			b.FileName = strings.Replace(b.FileName, "disk1.vmdk", fmt.Sprintf("disk%d.vmdk", n), 1)
 			b.Uuid = uuid.New().String()
+			// VCSIM_INDEPENDENT_DISKS="3,4": those disks are independent (persistent), left out of snapshots.
+			for _, k := range strings.Split(os.Getenv("VCSIM_INDEPENDENT_DISKS"), ",") {
+				if k == strconv.Itoa(n) {
+					b.DiskMode = string(types.VirtualDiskModeIndependent_persistent)
+				}
+			}
 			d.Backing = &b
 			d.DeviceInfo = &types.Description{Label: fmt.Sprintf("Hard disk %d", n), Summary: fmt.Sprintf("%d KB", d.CapacityInKB)}
 			vm.Config.Hardware.Device = append(vm.Config.Hardware.Device, &d)
