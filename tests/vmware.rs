@@ -492,6 +492,16 @@ fn restore_as_a_new_vm_from_the_recorded_configuration() {
         assert_eq!(new["disks"][i]["capacity"], vm["disks"][i]["capacity"]);
         assert!(std::fs::read(lab.disk_file(&new, i)).unwrap() == *original, "disk {i} of the new VM differs");
     }
+    // A damaged pack: the restore stops, naming the blob, its pack and a block it holds (of either disk: which
+    // pack is the largest depends on how the backup's threads met), and the half-restored VM goes.
+    let packs = lab.env.objects("packs");
+    let data_pack = packs.iter().max_by_key(|p| lab.env.read_object(p).len()).unwrap();
+    lab.env.flip(data_pack, 1000);
+    let r = lab.run(&["restore", &id, "--to-new-vm", "broken-vm"], &[]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains(data_pack.as_str()) && r.stderr.contains(" of disk disk"), "{}", r.stderr);
+    assert!(lab.ok(&["vm", "list", "--json"]).as_array().unwrap().iter().all(|v| v["name"] != "broken-vm"));
+    lab.env.flip(data_pack, 1000);
     // The name is taken now; a file backup has no VM configuration to restore from.
     let r = lab.run(&["restore", &id, "--to-new-vm", "restored-vm"], &[]);
     assert!(r.stderr.contains("exists already"), "{}", r.stderr);

@@ -449,6 +449,12 @@ impl Client {
         Ok(())
     }
 
+    /// Deletes a (powered-off) VM and its disks.
+    pub fn destroy_vm(&mut self, vm: &str) -> Result<()> {
+        self.run_task("Destroy_Task", &MoRef::new("VirtualMachine", vm), "")?;
+        Ok(())
+    }
+
     /// The folder and resource pool a VM is in (morefs).
     pub fn placement(&mut self, vm: &str) -> Result<(String, String)> {
         let props = self.properties(&MoRef::new("VirtualMachine", vm), &["parent", "resourcePool"])?;
