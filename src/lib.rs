@@ -7,7 +7,7 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`format`](mod@format) | every stored object's bytes: config, key files, packs, index files, snapshots, checkpoints (the contract in `format-spec/`) |
+//! | [`format`](mod@format) | every stored object's bytes: config, key files, packs, index files, snapshots, checkpoints, and the recovery key's text (the contract in `format-spec/`) |
 //! | [`crypto`] | key derivation, keyed BLAKE3 block ids, AES-256-GCM sealing |
 //! | [`backend`] | where objects live: the [`backend::Backend`] trait, the local-directory and S3 backends, bandwidth limits ([`backend::throttle`]) |
 //! | [`repository`] | an open repository: unlocks keys, reads/writes objects and blobs, resolves snapshots |

@@ -16,6 +16,7 @@ use crate::format::envelope::{self, HeaderError, Kind};
 use crate::format::index::{BlobLocation, IndexFile, IndexedPack};
 use crate::format::keyfile::{KdfParams, KeyError, KeyFile};
 use crate::format::pack::{self, FinishedPack, PackEntry, PackHeader};
+use crate::format::recovery_key::RecoveryKey;
 use crate::format::snapshot::Snapshot;
 use crate::format::verified::VerificationRecord;
 use crate::format::{names, BlobId, ObjectId, BLOCK_SIZE, FORMAT_VERSION};
@@ -166,6 +167,49 @@ impl Repository {
             Some(e) => Err(Error::invalid(format!("no readable key file accepts this password ({e})"))),
             None => Err(Error::WrongPassword),
         }
+    }
+
+    /// Opens a repository with its recovery key instead of a password (every key file lost, damaged or
+    /// forgotten) and adds a key file for `password`, which opens it from then on.
+    pub fn recover(
+        backend: Arc<dyn Backend>,
+        recovery: &RecoveryKey,
+        password: &[u8],
+        kdf: KdfParams,
+    ) -> Result<Repository> {
+        let config_bytes = match backend.get(names::CONFIG) {
+            Ok(b) => b,
+            Err(Error::Missing { .. }) => return Err(Error::NoRepository(backend.location())),
+            Err(e) => return Err(e),
+        };
+        envelope::check_header(&config_bytes, Kind::Config).map_err(|e| map_header_err(names::CONFIG, e))?;
+        let keys = Keys::from_master_secret(&recovery.secret);
+        let plain = envelope::open(&keys, Kind::Config, &config_bytes).map_err(|e| match e {
+            HeaderError::Other(cause) => Error::invalid(format!(
+                "the recovery key (of repository {}) does not open this repository's config: {cause} (a key of \
+                 another repository, or a damaged config)",
+                hex::encode(recovery.repository)
+            )),
+            e => map_header_err(names::CONFIG, e),
+        })?;
+        let config = Config::decode(&plain).map_err(|e| Error::corrupt(names::CONFIG, e))?;
+        if config.id != recovery.repository {
+            // The secret opened the config, so it is this repository's (a copy made with the same secret, or an
+            // edited first line): go on, but say so.
+            tracing::warn!(
+                "the recovery key names repository {}, this one is {}; its secret opens it",
+                hex::encode(recovery.repository),
+                hex::encode(config.id)
+            );
+        }
+        let key_id = write_key(&*backend, &recovery.secret, password, kdf)?;
+        Ok(Repository { backend, keys, config, key_id, master_secret: recovery.secret })
+    }
+
+    /// The recovery key: the master secret as text (`format::recovery_key`). Whoever holds it can read and
+    /// write the repository, whatever its key files and passwords.
+    pub fn recovery_key(&self) -> RecoveryKey {
+        RecoveryKey { repository: self.config.id, secret: self.master_secret }
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {

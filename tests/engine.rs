@@ -385,6 +385,62 @@ fn keys_add_list_remove_passwd() {
 }
 
 #[test]
+fn the_recovery_key_opens_a_repository_whose_key_files_are_all_gone() {
+    let mut e = Env::with_repo();
+    let img = random_bytes(51, 3 * MIB);
+    write(&e.path("i"), &img);
+    e.backup(&[e.path("i").to_str().unwrap()]);
+    let printed = e.ok(&["key", "export"]).stdout;
+    assert!(printed.starts_with("diskvault recovery key v1\n") && printed.lines().count() == 4, "{printed}");
+    let file = e.path("recovery.txt");
+    e.ok(&["key", "export", "--output", file.to_str().unwrap()]);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), printed);
+    let r = e.fails(&["key", "export", "--output", file.to_str().unwrap()]);
+    assert!(r.stderr.contains("cannot create"), "{}", r.stderr);
+
+    // A recovery key with a mistyped digit, and one of another repository, are refused; nothing is added.
+    let secret_line = printed.lines().find(|l| l.starts_with("secret")).unwrap();
+    let digit = secret_line.chars().nth(8).unwrap();
+    let typo = format!("{}{}{}", &secret_line[..8], if digit == '0' { '1' } else { '0' }, &secret_line[9..]);
+    std::fs::write(e.path("typo.txt"), printed.replace(secret_line, &typo)).unwrap();
+    let other = Env::with_repo();
+    let other_key = other.ok(&["key", "export"]).stdout;
+    std::fs::write(e.path("other.txt"), other_key).unwrap();
+    for (f, says) in [("typo.txt", "check digits"), ("other.txt", "does not open this repository")] {
+        let out = e
+            .command(&["key", "recover", "--recovery-key-file", e.path(f).to_str().unwrap()])
+            .env("DISKVAULT_NEW_PASSWORD", "new")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(says), "{f}: {stderr}");
+    }
+    assert_eq!(e.objects("keys").len(), 1);
+
+    // Every key file lost: no password opens the repository, the recovery key adds one that does.
+    for k in e.objects("keys") {
+        e.delete_object(&k);
+    }
+    e.fails(&["snapshots"]);
+    let recover = ["key", "recover", "--recovery-key-file", file.to_str().unwrap()];
+    let out = e.command(&recover).stdin(std::process::Stdio::null()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no new password given: set DISKVAULT_NEW_PASSWORD"), "{stderr}");
+    let out = e
+        .command(&recover)
+        .env_remove("DISKVAULT_PASSWORD")
+        .env("DISKVAULT_NEW_PASSWORD", "recovered")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    e.password = "recovered".into();
+    assert_eq!(e.restore("latest", &[]), img);
+    e.ok(&["check", "--read-data"]);
+}
+
+#[test]
 fn password_file_and_command() {
     let e = Env::with_repo();
     let pf = e.path("pw");
@@ -401,7 +457,8 @@ fn password_file_and_command() {
     let out =
         e.command(&["snapshots"]).env_remove("DISKVAULT_PASSWORD").stdin(std::process::Stdio::null()).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no password given"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no repository password given: set DISKVAULT_PASSWORD"), "{stderr}");
 }
 
 /// `name{labels}` → value of a Prometheus text file, after checking every line is a comment or a sample.

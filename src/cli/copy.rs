@@ -50,6 +50,7 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
         args.from_password_file.as_deref(),
         args.from_password_command.as_deref(),
         "source repository password",
+        "set DISKVAULT_FROM_PASSWORD, or use --from-password-file or --from-password-command",
         false,
     )?;
     let src = Repository::open(g.open_backend(&args.from_repo)?, &password).inspect_err(|e| {

@@ -1,11 +1,13 @@
-//! `diskvault key list|add|remove|passwd`.
+//! `diskvault key list|add|remove|passwd|export|recover`.
 
 use std::path::PathBuf;
 
 use super::Globals;
 use crate::error::{Error, Result};
 use crate::format::keyfile::KdfParams;
+use crate::format::recovery_key::RecoveryKey;
 use crate::format::BlobId;
+use crate::repository::Repository;
 use crate::util::format_utc;
 
 #[derive(clap::Subcommand, Debug)]
@@ -21,6 +23,22 @@ pub enum KeyCommand {
     },
     /// Change the password of the key in use.
     Passwd(NewPassword),
+    /// Print the recovery key: the repository's master secret as text, to keep offline (on paper, in a safe).
+    /// With it `key recover` opens the repository when every key file is lost, damaged or its password
+    /// forgotten. Whoever holds it can read and write every backup: guard it like all passwords together.
+    Export {
+        /// Write it to this new file (mode 0600) instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Add a password to the repository from its recovery key (`key export`), without any other password.
+    Recover {
+        /// The recovery key, as `key export` wrote it (or typed back in).
+        #[arg(long)]
+        recovery_key_file: PathBuf,
+        #[command(flatten)]
+        new_password: NewPassword,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -37,7 +55,7 @@ impl NewPassword {
         } else if let Ok(p) = std::env::var("DISKVAULT_NEW_PASSWORD") {
             p.into_bytes()
         } else {
-            super::prompt_password("new password", true)?
+            super::prompt_password("new password", "set DISKVAULT_NEW_PASSWORD, or use --new-password-file", true)?
         };
         if p.is_empty() {
             return Err(Error::invalid("an empty password is not allowed"));
@@ -47,6 +65,9 @@ impl NewPassword {
 }
 
 pub fn run(g: &Globals, cmd: &KeyCommand) -> Result<()> {
+    if let KeyCommand::Recover { recovery_key_file, new_password } = cmd {
+        return recover(g, recovery_key_file, new_password);
+    }
     let mut repo = g.open_repo()?;
     match cmd {
         KeyCommand::List => {
@@ -86,6 +107,41 @@ pub fn run(g: &Globals, cmd: &KeyCommand) -> Result<()> {
             let id = repo.change_password(&np.get()?, KdfParams::DEFAULT)?;
             println!("password changed (new key {})", id.short());
         }
+        KeyCommand::Export { output } => export(&repo, output.as_deref())?,
+        KeyCommand::Recover { .. } => {} // run above, without opening the repository with a password
     }
+    Ok(())
+}
+
+fn export(repo: &Repository, output: Option<&std::path::Path>) -> Result<()> {
+    let text = repo.recovery_key().encode();
+    let Some(path) = output else {
+        print!("{text}");
+        return Ok(());
+    };
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::local(path, format!("cannot create: {e}")))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::local(path, format!("cannot write: {e}")))?;
+    eprintln!(
+        "recovery key written to {}: keep it offline; it opens the repository without a password",
+        path.display()
+    );
+    Ok(())
+}
+
+fn recover(g: &Globals, file: &std::path::Path, new_password: &NewPassword) -> Result<()> {
+    let text = std::fs::read_to_string(file).map_err(|e| Error::local(file, format!("cannot read: {e}")))?;
+    let key = RecoveryKey::decode(&text).map_err(|e| Error::invalid(format!("{}: {e}", file.display())))?;
+    let backend = g.open_backend(g.location()?)?;
+    let repo = Repository::recover(backend, &key, &new_password.get()?, KdfParams::DEFAULT)?;
+    println!("added key {} from the recovery key", repo.key_id().short());
     Ok(())
 }

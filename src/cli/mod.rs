@@ -212,6 +212,7 @@ impl Globals {
             self.password_file.as_deref(),
             self.password_command.as_deref(),
             "repository password",
+            "set DISKVAULT_PASSWORD, or use --password-file or --password-command",
             confirm,
         )
     }
@@ -250,12 +251,13 @@ impl Globals {
 }
 
 /// A password from the environment variable `var`, else `file`, else `command`, else the terminal (asking for
-/// `what`, twice with `confirm`).
+/// `what`, twice with `confirm`; without a terminal the error names the other `sources`).
 pub(crate) fn password_from(
     var: &str,
     file: Option<&std::path::Path>,
     command: Option<&str>,
     what: &str,
+    sources: &str,
     confirm: bool,
 ) -> Result<Vec<u8>> {
     if let Ok(p) = std::env::var(var) {
@@ -267,7 +269,7 @@ pub(crate) fn password_from(
     if let Some(cmd) = command {
         return password_from_command(cmd);
     }
-    prompt_password(what, confirm)
+    prompt_password(what, sources, confirm)
 }
 
 pub(crate) fn read_password_file(f: &std::path::Path) -> Result<Vec<u8>> {
@@ -289,12 +291,11 @@ fn password_from_command(cmd: &str) -> Result<Vec<u8>> {
     Ok(s.lines().next().unwrap_or("").as_bytes().to_vec())
 }
 
-pub(crate) fn prompt_password(what: &str, confirm: bool) -> Result<Vec<u8>> {
+/// Asks the terminal for `what`; without a terminal, the error says where else it can come from (`sources`).
+pub(crate) fn prompt_password(what: &str, sources: &str, confirm: bool) -> Result<Vec<u8>> {
     use std::io::IsTerminal;
     if !std::io::stdin().is_terminal() {
-        return Err(Error::invalid(
-            "no password given: set DISKVAULT_PASSWORD, or use --password-file or --password-command",
-        ));
+        return Err(Error::invalid(format!("no {what} given: {sources}")));
     }
     let p = rpassword::prompt_password(format!("enter {what}: ")).map_err(|e| Error::invalid(e.to_string()))?;
     if confirm {
@@ -324,7 +325,8 @@ fn init(g: &Globals, args: &InitArgs) -> Result<()> {
     };
     let repo = Repository::init(backend, &password, &opts)?;
     println!("created diskvault repository {} at {location}", &repo.config().id_hex()[..10]);
-    println!("Keep the password safe: without it the data cannot be read.");
+    println!("Keep the password safe: without it the data cannot be read. `diskvault key export` prints a recovery");
+    println!("key to keep offline, which opens the repository should every password be lost.");
     Ok(())
 }
 

@@ -40,7 +40,12 @@ impl VsphereArgs {
     pub fn password(&self) -> Result<String> {
         match std::env::var("DISKVAULT_VSPHERE_PASSWORD") {
             Ok(p) => Ok(p),
-            Err(_) => Ok(String::from_utf8_lossy(&super::prompt_password("vSphere password", false)?).into_owned()),
+            Err(_) => Ok(String::from_utf8_lossy(&super::prompt_password(
+                "vSphere password",
+                "set DISKVAULT_VSPHERE_PASSWORD",
+                false,
+            )?)
+            .into_owned()),
         }
     }
 

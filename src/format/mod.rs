@@ -11,6 +11,7 @@
 //! | `verified/<id>` | [`verified`] | BLAKE3 of the file |
 //! | `locks/<name>` | [`lock`] | purpose (`exclusive`, `session-<hex>`) |
 //! | `deletions/<id>` | [`deletion`] | BLAKE3 of the file |
+//! | the recovery key (text, kept outside) | [`recovery_key`] | - |
 //!
 //! Encrypted whole-file objects (config, index, snapshots) share one envelope ([`envelope`]).
 
@@ -22,6 +23,7 @@ pub mod index;
 pub mod keyfile;
 pub mod lock;
 pub mod pack;
+pub mod recovery_key;
 pub mod snapshot;
 pub mod verified;
 
