@@ -1086,8 +1086,88 @@ fn fetch_window(
     Ok(out)
 }
 
+/// Where `restore --to-new-vm` creates the VM, and which networks its NICs join instead of the recorded ones.
+/// What is not given is as recorded: the VM's folder and resource pool, the datastore of its first disk, its
+/// networks. Restoring into another cluster or vCenter (disaster recovery) needs them.
+#[derive(Clone, Debug, Default)]
+pub struct NewVmPlacement {
+    pub datastore: Option<String>,
+    /// A folder: inventory path (`DC0/vm/restored`) or moref (`group-v3`).
+    pub folder: Option<String>,
+    /// A resource pool (or vApp): inventory path (`DC0/host/cluster/Resources`) or moref.
+    pub resource_pool: Option<String>,
+    /// (recorded network, network to use instead): a recorded standard port group's name or distributed port
+    /// group's key, and a standard port group's name.
+    pub networks: Vec<(String, String)>,
+}
+
+impl NewVmPlacement {
+    /// Changes `config` where this placement says otherwise; inventory paths are looked up.
+    fn apply(&self, client: &mut Client, config: &mut crate::vsphere::VmConfig) -> Result<()> {
+        if let Some(folder) = &self.folder {
+            config.folder = resolve_placement(client, folder, &["Folder"], "folder")?;
+        }
+        if let Some(pool) = &self.resource_pool {
+            config.resource_pool = resolve_placement(client, pool, &["ResourcePool", "VirtualApp"], "resource pool")?;
+        }
+        let networks = if self.networks.is_empty() { Vec::new() } else { client.networks()? };
+        for (recorded, new) in &self.networks {
+            match networks.iter().find(|(_, name)| name == new) {
+                Some((moref, _)) if moref.kind == "Network" => {}
+                Some((moref, _)) => {
+                    return Err(Error::invalid(format!(
+                        "--network {recorded}={new}: {new} is a {} ({}); NICs can be moved to a standard port group",
+                        moref.kind, moref.value
+                    )))
+                }
+                None => {
+                    let names: Vec<&str> = networks.iter().map(|(_, n)| n.as_str()).collect();
+                    return Err(Error::invalid(format!(
+                        "--network {recorded}={new}: there is no network {new:?} (networks: {})",
+                        names.join(", ")
+                    )));
+                }
+            }
+            let mut mapped = false;
+            for nic in config.nics.iter_mut() {
+                if nic.network == *recorded || (!nic.portgroup_key.is_empty() && nic.portgroup_key == *recorded) {
+                    nic.network = new.clone();
+                    nic.portgroup_key.clear();
+                    nic.switch_uuid.clear();
+                    mapped = true;
+                }
+            }
+            if !mapped {
+                let mut had: Vec<&str> = config
+                    .nics
+                    .iter()
+                    .map(|n| if n.portgroup_key.is_empty() { n.network.as_str() } else { n.portgroup_key.as_str() })
+                    .collect();
+                had.dedup();
+                return Err(Error::invalid(format!(
+                    "--network {recorded}={new}: no recorded NIC is on {recorded:?} (they are on: {})",
+                    if had.is_empty() { "none, the VM had no NIC".to_string() } else { had.join(", ") }
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A folder or resource pool given as an inventory path (has a `/`) or a moref, as a moref of one of `kinds`.
+fn resolve_placement(client: &mut Client, given: &str, kinds: &[&str], what: &str) -> Result<String> {
+    if !given.contains('/') {
+        return Ok(given.to_string());
+    }
+    match client.find_by_inventory_path(given)? {
+        Some(found) if kinds.contains(&found.kind.as_str()) => Ok(found.value),
+        Some(found) => Err(Error::invalid(format!("{given:?} is a {} ({}), not a {what}", found.kind, found.value))),
+        None => Err(Error::invalid(format!("no {what} at the inventory path {given:?}"))),
+    }
+}
+
 /// Creates a new, powered-off VM named `name` from the configuration recorded in `snapshot` (CPUs, memory,
-/// firmware, guest OS, disks of the recorded sizes) on `datastore`, and writes every disk into it.
+/// firmware, guest OS, disks of the recorded sizes, NICs) where `placement` says, and writes every disk into it.
 #[allow(clippy::too_many_arguments)]
 pub fn restore_as_new_vm(
     client: &mut Client,
@@ -1095,7 +1175,7 @@ pub fn restore_as_new_vm(
     cache: &IndexCache,
     snapshot: &Snapshot,
     name: &str,
-    datastore: Option<&str>,
+    placement: &NewVmPlacement,
     libdir: &std::path::Path,
     user: &str,
     counters: &Counters,
@@ -1105,13 +1185,14 @@ pub fn restore_as_new_vm(
             "this snapshot was not taken of a VMware VM (no recorded configuration): restore its disks to files",
         )
     })?;
-    let config: crate::vsphere::VmConfig =
+    let mut config: crate::vsphere::VmConfig =
         serde_json::from_str(recorded).map_err(|e| Error::corrupt("snapshot annotation vmware.config", e))?;
     if client.virtual_machines()?.iter().any(|v| v.name == name) {
         return Err(Error::invalid(format!("a VM named {name:?} exists already")));
     }
-    let datastore = match datastore {
-        Some(d) => d.to_string(),
+    placement.apply(client, &mut config)?;
+    let datastore = match &placement.datastore {
+        Some(d) => d.clone(),
         None => config
             .disks
             .first()

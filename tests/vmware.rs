@@ -514,6 +514,55 @@ fn restore_as_a_new_vm_from_the_recorded_configuration() {
 }
 
 #[test]
+fn restore_as_a_new_vm_into_another_folder_pool_and_network() {
+    let lab = Lab::new();
+    let vm = lab.vm();
+    let name = vm["name"].as_str().unwrap().to_string();
+    lab.guest_write(&vm, 0, 0, &random_bytes(4, 2 * MIB));
+    let id = lab.ok(&["backup", "--json", "--vm", &name])["snapshot"].as_str().unwrap().to_string();
+    let original = std::fs::read(lab.disk_file(&vm, 0)).unwrap();
+    // A folder for restores next to the VM's own (the datacenter's VM folder).
+    let trust = diskvault::vsphere::Trust::Thumbprint(lab.sim.sha1.clone());
+    let mut client = diskvault::vsphere::Client::login(&lab.sim.url, &lab.sim.user, &lab.sim.password, &trust).unwrap();
+    let vm_folder = client.find_by_inventory_path("DC0/vm").unwrap().expect("the datacenter's VM folder");
+    assert_eq!(vm["folder"], vm_folder.value.as_str(), "{vm}");
+    client.call("CreateFolder", &vm_folder, "<name>restored</name>").unwrap();
+    let restored_folder = client.find_by_inventory_path("DC0/vm/restored").unwrap().expect("the new folder");
+    let pool = client.find_by_inventory_path("DC0/host/DC0_H0/Resources").unwrap().expect("the host's pool");
+    client.logout();
+    // The recorded NIC's network (a distributed port group's key, or a standard one's name) and another.
+    let nic = &vm["nics"][0];
+    let (recorded, other) = match nic["portgroup_key"].as_str().unwrap() {
+        "" => (nic["network"].as_str().unwrap().to_string(), "DR Network"),
+        key => (key.to_string(), "VM Network"),
+    };
+
+    // Wrong places are refused before anything is created.
+    for (args, says) in [
+        (["--folder", "DC0/vm/nowhere"], "no folder at the inventory path \"DC0/vm/nowhere\""),
+        (["--resource-pool", "DC0/vm"], "is a Folder"),
+        (["--network", "no-such-net=VM Network"], "no recorded NIC is on \"no-such-net\""),
+        (["--network", &format!("{recorded}=DR Network")], "there is no network \"DR Network\""),
+        (["--network", &format!("{recorded}=DC0_DVPG0")], "DC0_DVPG0 is a DistributedVirtualPortgroup"),
+    ] {
+        let r = lab.run(&[&["restore", &id, "--to-new-vm", "dr-vm"][..], &args[..]].concat(), &[]);
+        assert!(r.code != 0 && r.stderr.contains(says), "{args:?}: {}", r.stderr);
+    }
+    assert!(lab.ok(&["vm", "list", "--json"]).as_array().unwrap().iter().all(|v| v["name"] != "dr-vm"));
+
+    let map = format!("{recorded}={other}");
+    let args = ["--folder", "DC0/vm/restored", "--resource-pool", &pool.value, "--network", &map];
+    lab.succeed(&[&["restore", &id, "--to-new-vm", "dr-vm"][..], &args[..]].concat());
+    let all = lab.ok(&["vm", "list", "--json"]);
+    let new = all.as_array().unwrap().iter().find(|v| v["name"] == "dr-vm").expect("the new VM is listed").clone();
+    assert_eq!(new["folder"], restored_folder.value.as_str(), "{new}");
+    assert_eq!(new["resource_pool"], pool.value.as_str(), "{new}");
+    assert_eq!((new["nics"][0]["network"].as_str(), new["nics"][0]["portgroup_key"].as_str()), (Some(other), Some("")));
+    assert!(std::fs::read(lab.disk_file(&new, 0)).unwrap() == original, "the new VM's disk differs");
+    lab.assert_clean();
+}
+
+#[test]
 fn excluded_and_independent_disks_are_left_out_and_restored_empty() {
     // disk3 is independent: VM snapshots leave it out (the simulator then has nothing to read it from).
     let lab = Lab::with_simulator(&[("VCSIM_DISKS", "3"), ("VCSIM_INDEPENDENT_DISKS", "3")]);

@@ -45,6 +45,18 @@ pub struct RestoreArgs {
     /// With --to-new-vm: the datastore for the new VM (default: the one its first disk was on).
     #[arg(long, requires = "to_new_vm", value_name = "NAME")]
     datastore: Option<String>,
+    /// With --to-new-vm: the folder for the new VM, as an inventory path ("DC0/vm/restored") or moref (default:
+    /// the folder the VM was in).
+    #[arg(long, requires = "to_new_vm", value_name = "PATH")]
+    folder: Option<String>,
+    /// With --to-new-vm: the resource pool, as an inventory path ("DC0/host/cluster/Resources") or moref
+    /// (default: the pool the VM was in).
+    #[arg(long, requires = "to_new_vm", value_name = "PATH")]
+    resource_pool: Option<String>,
+    /// With --to-new-vm: NICs recorded on network RECORDED (a standard port group's name, or a distributed port
+    /// group's key) join the standard port group NEW instead. Repeatable.
+    #[arg(long = "network", requires = "to_new_vm", value_name = "RECORDED=NEW", value_parser = parse_network_map)]
+    networks: Vec<(String, String)>,
     /// With --to-vm: the VM's disk to write (its file name without .vmdk, e.g. disk1); default: the same name
     /// as the snapshot's disk.
     #[arg(long, requires = "to_vm", value_name = "NAME")]
@@ -81,6 +93,13 @@ pub struct RestoreArgs {
     /// with code 3 (instead of stopping at the first one).
     #[arg(long)]
     allow_partial: bool,
+}
+
+fn parse_network_map(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((recorded, new)) if !recorded.is_empty() && !new.is_empty() => Ok((recorded.into(), new.into())),
+        _ => Err(format!("{s:?}: expected RECORDED=NEW (network names)")),
+    }
 }
 
 pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
@@ -239,7 +258,12 @@ fn restore_new_vm(
             &cache,
             snap,
             name,
-            args.datastore.as_deref(),
+            &crate::vmware::NewVmPlacement {
+                datastore: args.datastore.clone(),
+                folder: args.folder.clone(),
+                resource_pool: args.resource_pool.clone(),
+                networks: args.networks.clone(),
+            },
             &libdir,
             args.vsphere.user()?,
             &counters,

@@ -166,6 +166,9 @@ pub struct VmInfo {
     pub memory_mb: u64,
     /// The ESXi host it runs on (moref).
     pub host: String,
+    /// The folder and resource pool it is in (morefs).
+    pub folder: String,
+    pub resource_pool: String,
     pub disks: Vec<VirtualDiskInfo>,
     pub controllers: Vec<ControllerInfo>,
     pub nics: Vec<NicInfo>,
@@ -180,6 +183,7 @@ pub struct Client {
     property_collector: MoRef,
     view_manager: MoRef,
     session_manager: MoRef,
+    search_index: MoRef,
     root_folder: MoRef,
 }
 
@@ -207,6 +211,7 @@ impl Client {
             property_collector: MoRef::new("PropertyCollector", "propertyCollector"),
             view_manager: MoRef::new("ViewManager", "ViewManager"),
             session_manager: MoRef::new("SessionManager", "SessionManager"),
+            search_index: MoRef::new("SearchIndex", "SearchIndex"),
             root_folder: MoRef::new("Folder", "group-d1"),
         };
         let sc = c.call("RetrieveServiceContent", &MoRef::new("ServiceInstance", "ServiceInstance"), "")?;
@@ -220,6 +225,7 @@ impl Client {
         c.view_manager = get("viewManager").ok_or_else(|| missing("viewManager"))?;
         c.session_manager = get("sessionManager").ok_or_else(|| missing("sessionManager"))?;
         c.root_folder = get("rootFolder").ok_or_else(|| missing("rootFolder"))?;
+        c.search_index = get("searchIndex").ok_or_else(|| missing("searchIndex"))?;
         let body = format!("<userName>{}</userName><password>{}</password>", esc(user), esc(password));
         c.call("Login", &c.session_manager.clone(), &body)?;
         if c.cookie.is_none() {
@@ -355,14 +361,6 @@ impl Client {
 
     /// Every virtual machine with what `vm list` shows.
     pub fn virtual_machines(&mut self) -> Result<Vec<VmInfo>> {
-        let body =
-            format!("{}<type>VirtualMachine</type><recursive>true</recursive>", self.root_folder.xml("container"));
-        let vm_ = self.view_manager.clone();
-        let view = self.call("CreateContainerView", &vm_, &body)?;
-        let view = view
-            .child("returnval")
-            .and_then(MoRef::from_element)
-            .ok_or_else(|| self.bad("CreateContainerView", "no view"))?;
         let paths = [
             "name",
             "runtime.powerState",
@@ -372,22 +370,57 @@ impl Client {
             "config.hardware.numCPU",
             "config.hardware.memoryMB",
             "runtime.host",
+            "parent",
+            "resourcePool",
         ];
-        let path_set: String = paths.iter().map(|p| format!("<pathSet>{p}</pathSet>")).collect();
+        let mut vms: Vec<VmInfo> = self.objects_of_type("VirtualMachine", &paths)?.iter().map(vm_from_object).collect();
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(vms)
+    }
+
+    /// Every network (standard port groups, `Network`, and distributed ones, `DistributedVirtualPortgroup`): its
+    /// moref and name.
+    pub fn networks(&mut self) -> Result<Vec<(MoRef, String)>> {
+        let objects = self.objects_of_type("Network", &["name"])?;
+        Ok(objects
+            .iter()
+            .filter_map(|o| {
+                let moref = o.child("obj").and_then(MoRef::from_element)?;
+                let name = o
+                    .children_named("propSet")
+                    .find(|p| p.child_text("name") == Some("name"))
+                    .and_then(|p| p.child("val"))
+                    .map(|v| v.text.clone())?;
+                Some((moref, name))
+            })
+            .collect())
+    }
+
+    /// The `objects` answers (`obj`, `propSet`s of `paths`) for every managed object of type `kind` (and its
+    /// subtypes) in the inventory, through a container view, following the answer's pages.
+    fn objects_of_type(&mut self, kind: &str, paths: &[&str]) -> Result<Vec<Element>> {
+        let body =
+            format!("{}<type>{}</type><recursive>true</recursive>", self.root_folder.xml("container"), esc(kind));
+        let view_manager = self.view_manager.clone();
+        let view = self.call("CreateContainerView", &view_manager, &body)?;
+        let view = view
+            .child("returnval")
+            .and_then(MoRef::from_element)
+            .ok_or_else(|| self.bad("CreateContainerView", "no view"))?;
+        let path_set: String = paths.iter().map(|p| format!("<pathSet>{}</pathSet>", esc(p))).collect();
         let body = format!(
-            "<specSet><propSet><type>VirtualMachine</type>{path_set}</propSet><objectSet>{}<skip>true</skip>\
+            "<specSet><propSet><type>{}</type>{path_set}</propSet><objectSet>{}<skip>true</skip>\
              <selectSet xsi:type=\"TraversalSpec\"><name>view</name><type>ContainerView</type><path>view</path>\
              <skip>false</skip></selectSet></objectSet></specSet><options></options>",
+            esc(kind),
             view.xml("obj")
         );
         let pc = self.property_collector.clone();
         let mut answer = self.call("RetrievePropertiesEx", &pc, &body)?;
-        let mut vms = Vec::new();
+        let mut objects = Vec::new();
         loop {
             let rv = answer.child("returnval").cloned().unwrap_or_default();
-            for o in rv.children_named("objects") {
-                vms.push(vm_from_object(o));
-            }
+            objects.extend(rv.children_named("objects").cloned());
             match rv.child_text("token") {
                 Some(token) => {
                     let body = format!("<token>{}</token>", esc(token));
@@ -397,8 +430,7 @@ impl Client {
             }
         }
         let _ = self.call("DestroyView", &view, "");
-        vms.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(vms)
+        Ok(objects)
     }
 
     /// The VM named `name` (or with moref `name`).
@@ -447,6 +479,14 @@ impl Client {
     pub fn power_off(&mut self, vm: &str) -> Result<()> {
         self.run_task("PowerOffVM_Task", &MoRef::new("VirtualMachine", vm), "")?;
         Ok(())
+    }
+
+    /// The managed object at an inventory path (`DC0/vm/restored`, `DC0/host/cluster/Resources`), if any.
+    pub fn find_by_inventory_path(&mut self, path: &str) -> Result<Option<MoRef>> {
+        let search_index = self.search_index.clone();
+        let body = format!("<inventoryPath>{}</inventoryPath>", esc(path));
+        let found = self.call("FindByInventoryPath", &search_index, &body)?;
+        Ok(found.child("returnval").and_then(MoRef::from_element))
     }
 
     /// Deletes a (powered-off) VM and its disks.
@@ -651,6 +691,8 @@ pub fn vm_from_object(o: &Element) -> VmInfo {
         num_cpu: 0,
         memory_mb: 0,
         host: String::new(),
+        folder: String::new(),
+        resource_pool: String::new(),
         disks: Vec::new(),
         controllers: Vec::new(),
         nics: Vec::new(),
@@ -673,6 +715,8 @@ pub fn vm_from_object(o: &Element) -> VmInfo {
             "config.hardware.numCPU" => vm.num_cpu = val.text.trim().parse().unwrap_or(0),
             "config.hardware.memoryMB" => vm.memory_mb = val.text.trim().parse().unwrap_or(0),
             "runtime.host" => vm.host = val.text.trim().to_string(),
+            "parent" => vm.folder = val.text.trim().to_string(),
+            "resourcePool" => vm.resource_pool = val.text.trim().to_string(),
             _ => {}
         }
     }
