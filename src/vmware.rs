@@ -1097,7 +1097,7 @@ pub struct NewVmPlacement {
     /// A resource pool (or vApp): inventory path (`DC0/host/cluster/Resources`) or moref.
     pub resource_pool: Option<String>,
     /// (recorded network, network to use instead): a recorded standard port group's name or distributed port
-    /// group's key, and a standard port group's name.
+    /// group's key (or name, while it exists), and a port group's name (standard or distributed).
     pub networks: Vec<(String, String)>,
 }
 
@@ -1112,11 +1112,15 @@ impl NewVmPlacement {
         }
         let networks = if self.networks.is_empty() { Vec::new() } else { client.networks()? };
         for (recorded, new) in &self.networks {
-            match networks.iter().find(|(_, name)| name == new) {
-                Some((moref, _)) if moref.kind == "Network" => {}
+            // The new backing: a standard port group by name, or a distributed one by key and switch.
+            let target = match networks.iter().find(|(_, name)| name == new) {
+                Some((moref, _)) if moref.kind == "Network" => None,
+                Some((moref, _)) if moref.kind == "DistributedVirtualPortgroup" => {
+                    Some(client.distributed_portgroup(moref)?)
+                }
                 Some((moref, _)) => {
                     return Err(Error::invalid(format!(
-                        "--network {recorded}={new}: {new} is a {} ({}); NICs can be moved to a standard port group",
+                        "--network {recorded}={new}: {new} is a {} ({}), not a port group",
                         moref.kind, moref.value
                     )))
                 }
@@ -1127,15 +1131,31 @@ impl NewVmPlacement {
                         names.join(", ")
                     )));
                 }
-            }
+            };
+            // A recorded distributed port group is named by its key, or by its name while it still exists.
+            let recorded_key = networks
+                .iter()
+                .find(|(m, name)| name == recorded && m.kind == "DistributedVirtualPortgroup")
+                .map(|(m, _)| m.value.clone());
             let mut mapped = false;
             for nic in config.nics.iter_mut() {
-                if nic.network == *recorded || (!nic.portgroup_key.is_empty() && nic.portgroup_key == *recorded) {
-                    nic.network = new.clone();
-                    nic.portgroup_key.clear();
-                    nic.switch_uuid.clear();
-                    mapped = true;
+                let on_it = if nic.portgroup_key.is_empty() {
+                    nic.network == *recorded
+                } else {
+                    nic.portgroup_key == *recorded || recorded_key.as_ref() == Some(&nic.portgroup_key)
+                };
+                if !on_it {
+                    continue;
                 }
+                match &target {
+                    None => {
+                        (nic.network, nic.portgroup_key, nic.switch_uuid) = (new.clone(), String::new(), String::new())
+                    }
+                    Some((key, switch)) => {
+                        (nic.network, nic.portgroup_key, nic.switch_uuid) = (String::new(), key.clone(), switch.clone())
+                    }
+                }
+                mapped = true;
             }
             if !mapped {
                 let mut had: Vec<&str> = config

@@ -529,6 +529,13 @@ fn restore_as_a_new_vm_into_another_folder_pool_and_network() {
     client.call("CreateFolder", &vm_folder, "<name>restored</name>").unwrap();
     let restored_folder = client.find_by_inventory_path("DC0/vm/restored").unwrap().expect("the new folder");
     let pool = client.find_by_inventory_path("DC0/host/DC0_H0/Resources").unwrap().expect("the host's pool");
+    // And a distributed port group of the DR site.
+    let recorded_pg = diskvault::vsphere::MoRef::new("DistributedVirtualPortgroup", "dvportgroup-13");
+    let props = client.properties(&recorded_pg, &["config.distributedVirtualSwitch"]).unwrap();
+    let switch = diskvault::vsphere::MoRef::new(props[0].1.attribute("type").unwrap(), props[0].1.text.trim());
+    let spec = "<spec><name>DR-PG</name><type>earlyBinding</type><numPorts>8</numPorts></spec>";
+    client.run_task("AddDVPortgroup_Task", &switch, spec).unwrap();
+    let dr_pg = client.find_by_inventory_path("DC0/network/DR-PG").unwrap().expect("the new port group");
     client.logout();
     // The recorded NIC's network (a distributed port group's key, or a standard one's name) and another.
     let nic = &vm["nics"][0];
@@ -543,7 +550,6 @@ fn restore_as_a_new_vm_into_another_folder_pool_and_network() {
         (["--resource-pool", "DC0/vm"], "is a Folder"),
         (["--network", "no-such-net=VM Network"], "no recorded NIC is on \"no-such-net\""),
         (["--network", &format!("{recorded}=DR Network")], "there is no network \"DR Network\""),
-        (["--network", &format!("{recorded}=DC0_DVPG0")], "DC0_DVPG0 is a DistributedVirtualPortgroup"),
     ] {
         let r = lab.run(&[&["restore", &id, "--to-new-vm", "dr-vm"][..], &args[..]].concat(), &[]);
         assert!(r.code != 0 && r.stderr.contains(says), "{args:?}: {}", r.stderr);
@@ -559,6 +565,14 @@ fn restore_as_a_new_vm_into_another_folder_pool_and_network() {
     assert_eq!(new["resource_pool"], pool.value.as_str(), "{new}");
     assert_eq!((new["nics"][0]["network"].as_str(), new["nics"][0]["portgroup_key"].as_str()), (Some(other), Some("")));
     assert!(std::fs::read(lab.disk_file(&new, 0)).unwrap() == original, "the new VM's disk differs");
+
+    // Onto a distributed port group, the recorded one named by its name (it exists here).
+    assert_eq!(recorded, "dvportgroup-13", "the simulator's VMs are on DC0_DVPG0: {nic}");
+    lab.succeed(&["restore", &id, "--to-new-vm", "dr-vm2", "--network", "DC0_DVPG0=DR-PG"]);
+    let all = lab.ok(&["vm", "list", "--json"]);
+    let new = all.as_array().unwrap().iter().find(|v| v["name"] == "dr-vm2").expect("the new VM is listed").clone();
+    assert_eq!(new["nics"][0]["portgroup_key"], dr_pg.value.as_str(), "{new}");
+    assert_eq!(new["nics"][0]["switch_uuid"], nic["switch_uuid"], "{new}");
     lab.assert_clean();
 }
 

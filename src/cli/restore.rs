@@ -54,7 +54,8 @@ pub struct RestoreArgs {
     #[arg(long, requires = "to_new_vm", value_name = "PATH")]
     resource_pool: Option<String>,
     /// With --to-new-vm: NICs recorded on network RECORDED (a standard port group's name, or a distributed port
-    /// group's key) join the standard port group NEW instead. Repeatable.
+    /// group's key, or its name while it exists) join the port group NEW (standard or distributed) instead.
+    /// Repeatable.
     #[arg(long = "network", requires = "to_new_vm", value_name = "RECORDED=NEW", value_parser = parse_network_map)]
     networks: Vec<(String, String)>,
     /// With --to-vm: the VM's disk to write (its file name without .vmdk, e.g. disk1); default: the same name

@@ -396,6 +396,24 @@ impl Client {
             .collect())
     }
 
+    /// What a NIC's backing names for the distributed port group `portgroup`: its key and its switch's UUID.
+    pub fn distributed_portgroup(&mut self, portgroup: &MoRef) -> Result<(String, String)> {
+        let props = self.properties(portgroup, &["key", "config.distributedVirtualSwitch"])?;
+        let get = |n: &str| props.iter().find(|(p, _)| p == n).map(|(_, v)| v);
+        let key = get("key").map(|v| v.text.trim().to_string()).filter(|k| !k.is_empty());
+        let switch = get("config.distributedVirtualSwitch").and_then(MoRef::from_element);
+        let (Some(key), Some(switch)) = (key, switch) else {
+            return Err(
+                self.bad("RetrievePropertiesEx", format!("port group {} has no key or switch", portgroup.value))
+            );
+        };
+        let uuid = self.properties(&switch, &["uuid"])?.into_iter().find(|(p, _)| p == "uuid");
+        match uuid {
+            Some((_, v)) if !v.text.trim().is_empty() => Ok((key, v.text.trim().to_string())),
+            _ => Err(self.bad("RetrievePropertiesEx", format!("switch {} has no uuid", switch.value))),
+        }
+    }
+
     /// The `objects` answers (`obj`, `propSet`s of `paths`) for every managed object of type `kind` (and its
     /// subtypes) in the inventory, through a container view, following the answer's pages.
     fn objects_of_type(&mut self, kind: &str, paths: &[&str]) -> Result<Vec<Element>> {
