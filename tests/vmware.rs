@@ -366,7 +366,8 @@ fn quick_rollback_writes_only_what_the_vm_changed_since_the_backup() {
     // each disk (asked for both before change tracking is turned off for the writes); they are written, and of
     // the others only a 1% sample per disk (one block) is read to check CBT.
     std::fs::remove_file(&lab.vddk_log).ok();
-    let r = lab.ok(&["restore", &id, "--to-vm", &name, "--json"]);
+    let r = lab.ok(&["restore", &id, "--to-vm", &name, "--json", "--power-on"]);
+    assert_eq!(lab.vm()["power_state"], "poweredOn", "--power-on");
     let disk = |n: &str| r.as_array().unwrap().iter().find(|d| d["disk"] == n).unwrap_or_else(|| panic!("{r}")).clone();
     let (d1, d2) = (disk("disk1"), disk("disk2"));
     assert_eq!(d1["changed_since_backup"], 4, "{r}");
@@ -568,9 +569,11 @@ fn restore_as_a_new_vm_into_another_folder_pool_and_network() {
 
     // Onto a distributed port group, the recorded one named by its name (it exists here).
     assert_eq!(recorded, "dvportgroup-13", "the simulator's VMs are on DC0_DVPG0: {nic}");
-    lab.succeed(&["restore", &id, "--to-new-vm", "dr-vm2", "--network", "DC0_DVPG0=DR-PG"]);
+    let r = lab.run(&["restore", &id, "--to-new-vm", "dr-vm2", "--network", "DC0_DVPG0=DR-PG", "--power-on"], &[]);
+    assert!(r.code == 0 && r.stdout.contains("created VM dr-vm2 (powered on)"), "{}{}", r.stdout, r.stderr);
     let all = lab.ok(&["vm", "list", "--json"]);
     let new = all.as_array().unwrap().iter().find(|v| v["name"] == "dr-vm2").expect("the new VM is listed").clone();
+    assert_eq!(new["power_state"], "poweredOn");
     assert_eq!(new["nics"][0]["portgroup_key"], dr_pg.value.as_str(), "{new}");
     assert_eq!(new["nics"][0]["switch_uuid"], nic["switch_uuid"], "{new}");
     lab.assert_clean();

@@ -31,6 +31,10 @@ pub struct RestoreArgs {
     /// snapshot (CPUs, memory, firmware, guest OS, disks), with every disk written into it.
     #[arg(long, conflicts_with_all = ["target", "to_vm"], value_name = "NAME")]
     to_new_vm: Option<String>,
+    /// With --to-vm or --to-new-vm: power the VM on once every disk is restored (a VM rolled back, or brought
+    /// up at the recovery site; a new VM's NICs connect as recorded, with new MACs).
+    #[arg(long, conflicts_with_all = ["target", "to_vmdk"])]
+    power_on: bool,
     /// Restore into a new VMDK created through the VDDK: a local file (a hosted, sparse VMDK), or a datastore
     /// path "[datastore] dir/name.vmdk" (a thin disk cloned there and attached to the VM --attach-to).
     #[arg(long, conflicts_with_all = ["target", "to_vm", "to_new_vm"], value_name = "PATH")]
@@ -270,13 +274,16 @@ fn restore_new_vm(
             &counters,
         )
     };
+    let powered = reports.is_ok() && args.power_on;
+    let reports = reports.and_then(|r| power_on(&mut client, name, args.power_on).map(|()| r));
     client.logout();
     let reports = reports?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reports).expect("JSON of plain values"));
         return Ok(());
     }
-    println!("created VM {name} (powered off) from snapshot {}", id.short());
+    let state = if powered { "powered on" } else { "powered off" };
+    println!("created VM {name} ({state}) from snapshot {}", id.short());
     for r in &reports {
         match &r.left_empty_because {
             Some(why) => println!("  {} -> {}: left empty ({why})", r.disk, r.vm_disk),
@@ -290,6 +297,17 @@ fn restore_new_vm(
         }
     }
     Ok(())
+}
+
+/// Powers the restored VM on if asked (`--power-on`); the error says the disks are restored.
+fn power_on(client: &mut crate::vsphere::Client, vm: &str, asked: bool) -> Result<()> {
+    if !asked {
+        return Ok(());
+    }
+    let moref = client.find_vm(vm)?.moref;
+    client
+        .power_on(&moref)
+        .map_err(|e| Error::invalid(format!("the disks are restored, but VM {vm} did not power on: {e}")))
 }
 
 /// The VDDK directory, on the loader's path (a re-exec if needed).
@@ -330,6 +348,7 @@ fn restore_to_vm(
             &counters,
         )
     };
+    let reports = reports.and_then(|r| power_on(&mut client, vm, args.power_on).map(|()| r));
     client.logout();
     let reports = reports?;
     if args.json {

@@ -499,6 +499,11 @@ impl Client {
         Ok(())
     }
 
+    pub fn power_on(&mut self, vm: &str) -> Result<()> {
+        self.run_task("PowerOnVM_Task", &MoRef::new("VirtualMachine", vm), "")?;
+        Ok(())
+    }
+
     /// The managed object at an inventory path (`DC0/vm/restored`, `DC0/host/cluster/Resources`), if any.
     pub fn find_by_inventory_path(&mut self, path: &str) -> Result<Option<MoRef>> {
         let search_index = self.search_index.clone();
