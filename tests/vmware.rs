@@ -619,6 +619,51 @@ fn excluded_and_independent_disks_are_left_out_and_restored_empty() {
 }
 
 #[test]
+fn every_vm_of_a_folder_is_backed_up_but_the_excluded_ones() {
+    let lab = Lab::new();
+    let all = lab.ok(&["vm", "list", "--json"]);
+    let vms = all.as_array().unwrap();
+    let (a, b) = (vms[0]["name"].as_str().unwrap(), vms[1]["name"].as_str().unwrap());
+    lab.guest_write(&vms[0], 0, 0, &random_bytes(21, MIB));
+    lab.guest_write(&vms[1], 0, 0, &random_bytes(22, MIB));
+    // A folder "production" in the datacenter's VM folder, holding VM a.
+    let trust = diskvault::vsphere::Trust::Thumbprint(lab.sim.sha1.clone());
+    let mut client = diskvault::vsphere::Client::login(&lab.sim.url, &lab.sim.user, &lab.sim.password, &trust).unwrap();
+    let vm_folder = client.find_by_inventory_path("DC0/vm").unwrap().unwrap();
+    client.call("CreateFolder", &vm_folder, "<name>production</name>").unwrap();
+    let production = client.find_by_inventory_path("DC0/vm/production").unwrap().unwrap();
+    let list = format!("<list type=\"VirtualMachine\">{}</list>", vms[0]["moref"].as_str().unwrap());
+    client.run_task("MoveIntoFolder_Task", &production, &list).unwrap();
+    client.logout();
+
+    let sources = |r: &serde_json::Value| -> Vec<String> {
+        r.as_array().unwrap().iter().map(|s| s["source"].as_str().unwrap().to_string()).collect()
+    };
+    let r = lab.ok(&["backup", "--json", "--vm-folder", "DC0/vm/production"]);
+    assert_eq!(sources(&r), [a]);
+    let got = lab.env.restore(&format!("{}:disk1", r[0]["snapshot"].as_str().unwrap()), &[]);
+    assert!(got == std::fs::read(lab.disk_file(&vms[0], 0)).unwrap());
+    // The datacenter's folder holds both, the subfolder's VM too; one is excluded.
+    let r = lab.ok(&["backup", "--json", "--vm-folder", "DC0/vm", "--exclude-vm", a]);
+    assert_eq!(sources(&r), [b]);
+    let r = lab.ok(&["backup", "--json", "--vm-folder", "DC0/vm"]);
+    let mut both = sources(&r);
+    both.sort();
+    assert_eq!(both, [a, b]);
+
+    for (args, says) in [
+        (vec!["--vm-folder", "DC0/vm/nothing"], "no such inventory path"),
+        (vec!["--vm-folder", "DC0/host/DC0_H0"], "not a folder"),
+        (vec!["--vm-folder", "DC0/vm/production", "--exclude-vm", a], "no VM to back up in DC0/vm/production"),
+        (vec!["--vm-folder", "DC0/vm", "--exclude-vm", "ghost"], "--exclude-vm ghost: no virtual machine"),
+    ] {
+        let r = lab.run(&[&["backup"][..], &args[..]].concat(), &[]);
+        assert!(r.code != 0 && r.stderr.contains(says), "{args:?}: {}", r.stderr);
+    }
+    lab.assert_clean();
+}
+
+#[test]
 fn several_vms_in_one_run_within_the_per_host_disk_bound() {
     let lab = Lab::new();
     let all = lab.ok(&["vm", "list", "--json"]);

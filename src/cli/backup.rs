@@ -14,43 +14,51 @@ use crate::source::SourceOptions;
 use crate::util::human_bytes;
 
 #[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("vms").args(["vm", "vm_folder"]).multiple(true)))]
 pub struct BackupArgs {
     /// Disks to back up: `SOURCE` or `NAME=SOURCE`, where a source is a raw image file, a block device, or
     /// an NBD export (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`, `nbds://…` with TLS).
     /// Disk names default to the file or export name.
-    #[arg(required_unless_present = "vm")]
+    #[arg(required_unless_present = "vms")]
     disks: Vec<String>,
     /// Back up this VMware VM (name or moref) through vSphere and the VDDK: snapshot, changed blocks since the
     /// last backup (CBT), snapshot removed afterwards. Needs --vsphere… and --vddk-libdir.
     /// (Repeatable: several VMs, each its own snapshot, in parallel within --max-disks-per-host.)
     #[arg(long, conflicts_with = "disks")]
     vm: Vec<String>,
+    /// Back up every VM in this vSphere folder and its subfolders, as --vm does (templates are left out): an
+    /// inventory path (`DC0/vm/production`) or moref. A VM added to the folder is in the next run. Repeatable.
+    #[arg(long, conflicts_with = "disks", value_name = "PATH")]
+    vm_folder: Vec<String>,
+    /// With --vm-folder: leave out this VM (name or moref). Repeatable.
+    #[arg(long, requires = "vm_folder", value_name = "VM")]
+    exclude_vm: Vec<String>,
     /// With several --vm: the most disks read at once from one ESXi host (NFC connections are limited).
-    #[arg(long, default_value_t = 8, requires = "vm", value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, default_value_t = 8, requires = "vms", value_parser = clap::value_parser!(u32).range(1..=64))]
     max_disks_per_host: u32,
     #[command(flatten)]
     vsphere: super::vm::VsphereArgs,
     /// With --vm: quiesce the guest's file systems for the snapshot (VMware Tools).
-    #[arg(long, requires = "vm")]
+    #[arg(long, requires = "vms")]
     quiesce: bool,
     /// With --vm: re-read this percentage of the blocks CBT calls unchanged and compare them with the last
     /// backup; any difference is reported and the disk is read in full.
-    #[arg(long, requires = "vm", value_name = "PERCENT", default_value = "0", value_parser = super::prune::parse_percent)]
+    #[arg(long, requires = "vms", value_name = "PERCENT", default_value = "0", value_parser = super::prune::parse_percent)]
     verify_cbt: f64,
     /// With --vm: VDDK transport modes to allow, in order (`nbdssl`, `hotadd:nbdssl`, `san`…).
-    #[arg(long, requires = "vm", value_name = "MODES")]
+    #[arg(long, requires = "vms", value_name = "MODES")]
     transport: Option<String>,
     /// With --vm: save the backup's progress at most this often (seconds), so that a backup that is
     /// interrupted continues from there next time instead of reading the whole disk again.
-    #[arg(long, requires = "vm", value_name = "SECONDS", default_value_t = 300)]
+    #[arg(long, requires = "vms", value_name = "SECONDS", default_value_t = 300)]
     checkpoint_interval: u64,
     /// With --vm: do not continue an interrupted backup from its checkpoint; read as if it had not happened.
-    #[arg(long, requires = "vm")]
+    #[arg(long, requires = "vms")]
     no_resume: bool,
     /// With --vm: leave this disk out, by name (`disk2`: its file name without .vmdk) or label (`Hard disk 2`);
     /// repeatable. (Independent disks and physical-mode RDMs are always left out: VM snapshots do not include
     /// them.)
-    #[arg(long = "exclude-disk", requires = "vm", value_name = "DISK")]
+    #[arg(long = "exclude-disk", requires = "vms", value_name = "DISK")]
     exclude_disks: Vec<String>,
     /// The source (VM) these disks belong to; snapshots are grouped by it. Defaults to the first disk's name.
     #[arg(long)]
@@ -142,7 +150,7 @@ fn default_disk_name(spec: &str) -> String {
 
 pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
     crate::util::catch_interrupts();
-    if !args.vm.is_empty() {
+    if !args.vm.is_empty() || !args.vm_folder.is_empty() {
         return run_vms(g, args);
     }
     let mut disks: Vec<(String, String)> = Vec::new();
@@ -429,11 +437,9 @@ fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
     let password = args.vsphere.password()?;
     // Where each VM runs decides what may run at once.
     let mut probe = args.vsphere.connect_with(&password)?;
-    let mut vms = Vec::new();
-    for name in &args.vm {
-        vms.push(probe.find_vm(name)?);
-    }
+    let vms = select_vms(&mut probe, args);
     probe.logout();
+    let vms = vms?;
     let vm_opts = crate::vmware::VmBackupOptions {
         libdir,
         quiesce: args.quiesce,
@@ -526,13 +532,59 @@ fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
         }
     }
     if args.json {
-        let out = if json.len() == 1 && args.vm.len() == 1 { json.remove(0) } else { serde_json::Value::Array(json) };
+        let out = if json.len() == 1 && args.vm.len() == 1 && args.vm_folder.is_empty() {
+            json.remove(0)
+        } else {
+            serde_json::Value::Array(json)
+        };
         println!("{}", serde_json::to_string_pretty(&out).expect("JSON of plain values"));
     }
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// The VMs a run backs up: those named (--vm), then those in the folders (--vm-folder, recursively) but the
+/// excluded ones (--exclude-vm) and templates (which cannot be snapshotted), each once.
+fn select_vms(client: &mut crate::vsphere::Client, args: &BackupArgs) -> Result<Vec<crate::vsphere::VmInfo>> {
+    let mut vms: Vec<crate::vsphere::VmInfo> = Vec::new();
+    for name in &args.vm {
+        vms.push(client.find_vm(name)?);
+    }
+    for path in &args.vm_folder {
+        let folder = if path.contains('/') {
+            match client.find_by_inventory_path(path)? {
+                Some(f) if f.kind == "Folder" => f,
+                Some(f) => {
+                    return Err(Error::invalid(format!("--vm-folder {path}: a {} ({}), not a folder", f.kind, f.value)))
+                }
+                None => return Err(Error::invalid(format!("--vm-folder {path}: no such inventory path"))),
+            }
+        } else {
+            crate::vsphere::MoRef::new("Folder", path)
+        };
+        let mut found = 0;
+        for vm in client.virtual_machines_in(&folder)? {
+            let excluded = args.exclude_vm.iter().any(|x| *x == vm.name || *x == vm.moref);
+            if vm.template {
+                tracing::warn!("VM {} in {path} is a template: left out", vm.name);
+            } else if !excluded && !vms.iter().any(|v| v.moref == vm.moref) {
+                vms.push(vm);
+                found += 1;
+            }
+        }
+        tracing::info!("{path}: {found} VMs to back up");
+    }
+    for x in &args.exclude_vm {
+        if !vms.iter().any(|v| v.name == *x || v.moref == *x) && client.find_vm(x).is_err() {
+            return Err(Error::invalid(format!("--exclude-vm {x}: no virtual machine of that name")));
+        }
+    }
+    if vms.is_empty() {
+        return Err(Error::invalid(format!("no VM to back up in {}", args.vm_folder.join(", "))));
+    }
+    Ok(vms)
 }
 
 /// Bounds the disks read at once per ESXi host. A VM with more disks than the bound runs alone.

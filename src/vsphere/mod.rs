@@ -169,6 +169,8 @@ pub struct VmInfo {
     /// The folder and resource pool it is in (morefs).
     pub folder: String,
     pub resource_pool: String,
+    /// A template (cannot be powered on or snapshotted).
+    pub template: bool,
     pub disks: Vec<VirtualDiskInfo>,
     pub controllers: Vec<ControllerInfo>,
     pub nics: Vec<NicInfo>,
@@ -361,6 +363,12 @@ impl Client {
 
     /// Every virtual machine with what `vm list` shows.
     pub fn virtual_machines(&mut self) -> Result<Vec<VmInfo>> {
+        let root = self.root_folder.clone();
+        self.virtual_machines_in(&root)
+    }
+
+    /// The virtual machines in `folder` and the folders below it.
+    pub fn virtual_machines_in(&mut self, folder: &MoRef) -> Result<Vec<VmInfo>> {
         let paths = [
             "name",
             "runtime.powerState",
@@ -372,8 +380,10 @@ impl Client {
             "runtime.host",
             "parent",
             "resourcePool",
+            "config.template",
         ];
-        let mut vms: Vec<VmInfo> = self.objects_of_type("VirtualMachine", &paths)?.iter().map(vm_from_object).collect();
+        let objects = self.objects_of_type(folder, "VirtualMachine", &paths)?;
+        let mut vms: Vec<VmInfo> = objects.iter().map(vm_from_object).collect();
         vms.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(vms)
     }
@@ -381,7 +391,8 @@ impl Client {
     /// Every network (standard port groups, `Network`, and distributed ones, `DistributedVirtualPortgroup`): its
     /// moref and name.
     pub fn networks(&mut self) -> Result<Vec<(MoRef, String)>> {
-        let objects = self.objects_of_type("Network", &["name"])?;
+        let root = self.root_folder.clone();
+        let objects = self.objects_of_type(&root, "Network", &["name"])?;
         Ok(objects
             .iter()
             .filter_map(|o| {
@@ -415,10 +426,9 @@ impl Client {
     }
 
     /// The `objects` answers (`obj`, `propSet`s of `paths`) for every managed object of type `kind` (and its
-    /// subtypes) in the inventory, through a container view, following the answer's pages.
-    fn objects_of_type(&mut self, kind: &str, paths: &[&str]) -> Result<Vec<Element>> {
-        let body =
-            format!("{}<type>{}</type><recursive>true</recursive>", self.root_folder.xml("container"), esc(kind));
+    /// subtypes) in `container` and below, through a container view, following the answer's pages.
+    fn objects_of_type(&mut self, container: &MoRef, kind: &str, paths: &[&str]) -> Result<Vec<Element>> {
+        let body = format!("{}<type>{}</type><recursive>true</recursive>", container.xml("container"), esc(kind));
         let view_manager = self.view_manager.clone();
         let view = self.call("CreateContainerView", &view_manager, &body)?;
         let view = view
@@ -716,6 +726,7 @@ pub fn vm_from_object(o: &Element) -> VmInfo {
         host: String::new(),
         folder: String::new(),
         resource_pool: String::new(),
+        template: false,
         disks: Vec::new(),
         controllers: Vec::new(),
         nics: Vec::new(),
@@ -740,6 +751,7 @@ pub fn vm_from_object(o: &Element) -> VmInfo {
             "runtime.host" => vm.host = val.text.trim().to_string(),
             "parent" => vm.folder = val.text.trim().to_string(),
             "resourcePool" => vm.resource_pool = val.text.trim().to_string(),
+            "config.template" => vm.template = val.text.trim() == "true",
             _ => {}
         }
     }
