@@ -43,6 +43,12 @@ impl Lab {
         c
     }
 
+    /// A vSphere API session on the simulator (to arrange the inventory as a test needs).
+    fn client(&self) -> diskvault::vsphere::Client {
+        let trust = diskvault::vsphere::Trust::Thumbprint(self.sim.sha1.clone());
+        diskvault::vsphere::Client::login(&self.sim.url, &self.sim.user, &self.sim.password, &trust).unwrap()
+    }
+
     fn run(&self, args: &[&str], extra: &[(&str, &str)]) -> Run {
         Run::of(self.command(args, extra))
     }
@@ -457,6 +463,12 @@ fn an_interrupted_restore_into_a_vm_turns_change_tracking_back_on() {
 #[test]
 fn restore_as_a_new_vm_from_the_recorded_configuration() {
     let lab = Lab::new();
+    // Settings a restored VM must keep: sockets of two cores (per-socket licences), CPU hot add, its notes.
+    let spec = "<spec><annotation>db01: SQL Server &lt;licensed per socket&gt;</annotation><numCPUs>4</numCPUs>\
+                <numCoresPerSocket>2</numCoresPerSocket><cpuHotAddEnabled>true</cpuHotAddEnabled></spec>";
+    let mut client = lab.client();
+    let first = lab.vm()["moref"].as_str().unwrap().to_string();
+    client.run_task("ReconfigVM_Task", &diskvault::vsphere::MoRef::new("VirtualMachine", &first), spec).unwrap();
     let vm = lab.vm();
     let name = vm["name"].as_str().unwrap().to_string();
     lab.guest_write(&vm, 0, 0, &random_bytes(1, 3 * MIB));
@@ -474,6 +486,22 @@ fn restore_as_a_new_vm_from_the_recorded_configuration() {
     assert!(vm["num_cpu"].as_u64().unwrap() >= 1 && vm["memory_mb"].as_u64().unwrap() >= 1, "{vm}");
     assert_eq!((&new["num_cpu"], &new["memory_mb"]), (&vm["num_cpu"], &vm["memory_mb"]));
     assert_eq!(new["disks"].as_array().unwrap().len(), 2);
+    let settings =
+        ["config.hardware.numCoresPerSocket", "config.cpuHotAddEnabled", "config.annotation", "config.version"];
+    let read = |client: &mut diskvault::vsphere::Client, moref: &str| -> Vec<(String, String)> {
+        let this = diskvault::vsphere::MoRef::new("VirtualMachine", moref);
+        let mut props: Vec<_> =
+            client.properties(&this, &settings).unwrap().into_iter().map(|(p, v)| (p, v.text.clone())).collect();
+        props.sort();
+        props
+    };
+    let original_settings = read(&mut client, &first);
+    assert!(
+        original_settings.contains(&("config.hardware.numCoresPerSocket".into(), "2".into())),
+        "{original_settings:?}"
+    );
+    assert_eq!(read(&mut client, new["moref"].as_str().unwrap()), original_settings);
+    client.logout();
     // Controllers, slots and network adapters as recorded; new MAC addresses.
     let kinds = |v: &serde_json::Value, what: &str, field: &str| -> Vec<String> {
         v[what].as_array().unwrap().iter().map(|c| c[field].as_str().unwrap().to_string()).collect()
@@ -523,8 +551,7 @@ fn restore_as_a_new_vm_into_another_folder_pool_and_network() {
     let id = lab.ok(&["backup", "--json", "--vm", &name])["snapshot"].as_str().unwrap().to_string();
     let original = std::fs::read(lab.disk_file(&vm, 0)).unwrap();
     // A folder for restores next to the VM's own (the datacenter's VM folder).
-    let trust = diskvault::vsphere::Trust::Thumbprint(lab.sim.sha1.clone());
-    let mut client = diskvault::vsphere::Client::login(&lab.sim.url, &lab.sim.user, &lab.sim.password, &trust).unwrap();
+    let mut client = lab.client();
     let vm_folder = client.find_by_inventory_path("DC0/vm").unwrap().expect("the datacenter's VM folder");
     assert_eq!(vm["folder"], vm_folder.value.as_str(), "{vm}");
     client.call("CreateFolder", &vm_folder, "<name>restored</name>").unwrap();
@@ -627,8 +654,7 @@ fn every_vm_of_a_folder_is_backed_up_but_the_excluded_ones() {
     lab.guest_write(&vms[0], 0, 0, &random_bytes(21, MIB));
     lab.guest_write(&vms[1], 0, 0, &random_bytes(22, MIB));
     // A folder "production" in the datacenter's VM folder, holding VM a.
-    let trust = diskvault::vsphere::Trust::Thumbprint(lab.sim.sha1.clone());
-    let mut client = diskvault::vsphere::Client::login(&lab.sim.url, &lab.sim.user, &lab.sim.password, &trust).unwrap();
+    let mut client = lab.client();
     let vm_folder = client.find_by_inventory_path("DC0/vm").unwrap().unwrap();
     client.call("CreateFolder", &vm_folder, "<name>production</name>").unwrap();
     let production = client.find_by_inventory_path("DC0/vm/production").unwrap().unwrap();

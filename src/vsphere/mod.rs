@@ -143,6 +143,16 @@ pub struct VmConfig {
     pub nics: Vec<NicInfo>,
     /// Every device's type, in order.
     pub devices: Vec<String>,
+    /// Cores per virtual socket (per-socket guest licences depend on it); 0: not recorded.
+    pub cores_per_socket: u32,
+    /// The virtual hardware version (`vmx-19`); empty: not recorded (the host's default).
+    pub hardware_version: String,
+    /// The VM's notes.
+    pub annotation: String,
+    pub cpu_hot_add: bool,
+    pub memory_hot_add: bool,
+    /// UEFI Secure Boot.
+    pub efi_secure_boot: bool,
 }
 
 /// One snapshot of a VM.
@@ -543,18 +553,37 @@ impl Client {
             return Err(Error::invalid("the recorded configuration does not say where the VM was (folder, pool)"));
         }
         let devices = new_vm_devices(config, datastore);
+        // Elements in the order of VirtualMachineConfigSpec's schema.
         let mut spec = format!("<config><name>{}</name>", esc(name));
+        if !config.hardware_version.is_empty() {
+            spec.push_str(&format!("<version>{}</version>", esc(&config.hardware_version)));
+        }
         if !config.guest_id.is_empty() {
             spec.push_str(&format!("<guestId>{}</guestId>", esc(&config.guest_id)));
+        }
+        if !config.annotation.is_empty() {
+            spec.push_str(&format!("<annotation>{}</annotation>", esc(&config.annotation)));
         }
         spec.push_str(&format!("<files><vmPathName>[{}]</vmPathName></files>", esc(datastore)));
         if config.num_cpu > 0 {
             spec.push_str(&format!("<numCPUs>{}</numCPUs>", config.num_cpu));
         }
+        if config.cores_per_socket > 0 {
+            spec.push_str(&format!("<numCoresPerSocket>{}</numCoresPerSocket>", config.cores_per_socket));
+        }
         if config.memory_mb > 0 {
             spec.push_str(&format!("<memoryMB>{}</memoryMB>", config.memory_mb));
         }
+        if config.memory_hot_add {
+            spec.push_str("<memoryHotAddEnabled>true</memoryHotAddEnabled>");
+        }
+        if config.cpu_hot_add {
+            spec.push_str("<cpuHotAddEnabled>true</cpuHotAddEnabled>");
+        }
         spec.push_str(&devices);
+        if config.efi_secure_boot {
+            spec.push_str("<bootOptions><efiSecureBootEnabled>true</efiSecureBootEnabled></bootOptions>");
+        }
         if !config.firmware.is_empty() {
             spec.push_str(&format!("<firmware>{}</firmware>", esc(&config.firmware)));
         }
@@ -611,6 +640,12 @@ impl Client {
             "config.firmware",
             "config.guestId",
             "config.uuid",
+            "config.hardware.numCoresPerSocket",
+            "config.version",
+            "config.annotation",
+            "config.cpuHotAddEnabled",
+            "config.memoryHotAddEnabled",
+            "config.bootOptions",
         ];
         let props = self.properties(snapshot, &paths)?;
         let text = |n: &str| props.iter().find(|(p, _)| p == n).map(|(_, v)| v.text.trim().to_string());
@@ -630,6 +665,21 @@ impl Client {
             devices: devices
                 .map(|d| d.children.iter().filter_map(|c| c.xsi_type().map(str::to_string)).collect())
                 .unwrap_or_default(),
+            cores_per_socket: text("config.hardware.numCoresPerSocket").and_then(|t| t.parse().ok()).unwrap_or(0),
+            hardware_version: text("config.version").unwrap_or_default(),
+            // Notes are kept as written (only the other values are trimmed).
+            annotation: props
+                .iter()
+                .find(|(p, _)| p == "config.annotation")
+                .map(|(_, v)| v.text.clone())
+                .unwrap_or_default(),
+            cpu_hot_add: text("config.cpuHotAddEnabled").as_deref() == Some("true"),
+            memory_hot_add: text("config.memoryHotAddEnabled").as_deref() == Some("true"),
+            efi_secure_boot: props
+                .iter()
+                .find(|(p, _)| p == "config.bootOptions")
+                .and_then(|(_, v)| v.child_text("efiSecureBootEnabled"))
+                .is_some_and(|t| t.trim() == "true"),
         })
     }
 
