@@ -607,6 +607,48 @@ fn restore_as_a_new_vm_into_another_folder_pool_and_network() {
 }
 
 #[test]
+fn a_restored_vm_is_started_to_check_that_it_boots() {
+    let lab = Lab::new();
+    let vm = lab.vm();
+    let name = vm["name"].as_str().unwrap().to_string();
+    // A boot sector on the first disk: the simulator's guest then starts (VMware Tools, green heartbeat).
+    let mut boot_sector = random_bytes(31, 512);
+    boot_sector[510..].copy_from_slice(&[0x55, 0xAA]);
+    lab.guest_write(&vm, 0, 0, &boot_sector);
+    lab.guest_write(&vm, 0, 3 * M, &random_bytes(32, MIB));
+    let good = lab.ok(&["backup", "--json", "--vm", &name])["snapshot"].as_str().unwrap().to_string();
+    let listed = |vm: &str| lab.ok(&["vm", "list", "--json"]).as_array().unwrap().iter().any(|v| v["name"] == vm);
+
+    let isolated = ["--network", "DC0_DVPG0=VM Network"];
+    let r = lab.ok(&[&["restore", &good, "--to-new-vm", "check-1", "--verify-boot", "--json"][..], &isolated].concat());
+    assert_eq!((&r["boot"]["verified"], &r["boot"]["removed"]), (&true.into(), &true.into()), "{r}");
+    assert!(r["boot"]["heartbeat_after_secs"].as_f64().unwrap() < 60.0, "{r}");
+    assert_eq!(r["disks"][0]["blocks_written"], 2, "{r}");
+    assert!(!listed("check-1"), "the checked VM was removed");
+
+    // The boot sector lost before the next backup: that backup's VM never reports a heartbeat.
+    lab.guest_write(&vm, 0, 510, &[0, 0]);
+    let bad = lab.ok(&["backup", "--json", "--vm", &name])["snapshot"].as_str().unwrap().to_string();
+    let r = lab.run(&["restore", &bad, "--to-new-vm", "check-2", "--verify-boot", "--boot-timeout", "2"], &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("boot check failed: VM check-2 reported no VMware Tools heartbeat within 2 s"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("was removed"), "{}", r.stderr);
+    assert!(!listed("check-2"));
+    // --keep leaves it running, to be looked at.
+    let r =
+        lab.run(&["restore", &bad, "--to-new-vm", "check-3", "--verify-boot", "--boot-timeout", "1", "--keep"], &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let all = lab.ok(&["vm", "list", "--json"]);
+    let kept = all.as_array().unwrap().iter().find(|v| v["name"] == "check-3").expect("kept");
+    assert_eq!(kept["power_state"], "poweredOn");
+    lab.assert_clean();
+}
+
+#[test]
 fn excluded_and_independent_disks_are_left_out_and_restored_empty() {
     // disk3 is independent: VM snapshots leave it out (the simulator then has nothing to read it from).
     let lab = Lab::with_simulator(&[("VCSIM_DISKS", "3"), ("VCSIM_INDEPENDENT_DISKS", "3")]);

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::progress::{Counters, Reporter};
 use crate::restore::{self, RestoreOptions};
 use crate::util::human_bytes;
+use crate::vmware::BootCheck;
 
 #[derive(clap::Args, Debug)]
 pub struct RestoreArgs {
@@ -35,6 +36,17 @@ pub struct RestoreArgs {
     /// up at the recovery site; a new VM's NICs connect as recorded, with new MACs).
     #[arg(long, conflicts_with_all = ["target", "to_vmdk"])]
     power_on: bool,
+    /// With --to-new-vm: check that the restored VM starts (a recoverability test): power it on, wait until its
+    /// guest runs VMware Tools with a green heartbeat, then remove it. Exit code 1 if no heartbeat comes
+    /// within --boot-timeout. Give --network to start it on an isolated port group, away from the original.
+    #[arg(long, requires = "to_new_vm", conflicts_with = "power_on")]
+    verify_boot: bool,
+    /// With --verify-boot: seconds to wait for the heartbeat.
+    #[arg(long, requires = "verify_boot", value_name = "SECONDS", default_value_t = 600)]
+    boot_timeout: u64,
+    /// With --verify-boot: keep the VM afterwards (powered on), to look at it.
+    #[arg(long, requires = "verify_boot")]
+    keep: bool,
     /// Restore into a new VMDK created through the VDDK: a local file (a hosted, sparse VMDK), or a datastore
     /// path "[datastore] dir/name.vmdk" (a thin disk cloned there and attached to the VM --attach-to).
     #[arg(long, conflicts_with_all = ["target", "to_vm", "to_new_vm"], value_name = "PATH")]
@@ -276,13 +288,27 @@ fn restore_new_vm(
     };
     let powered = reports.is_ok() && args.power_on;
     let reports = reports.and_then(|r| power_on(&mut client, name, args.power_on).map(|()| r));
+    let boot = match (&reports, args.verify_boot) {
+        (Ok(_), true) => Some(verify_boot(&mut client, name, args)),
+        _ => None,
+    };
     client.logout();
     let reports = reports?;
+    let boot = boot.transpose()?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&reports).expect("JSON of plain values"));
-        return Ok(());
+        let json = match &boot {
+            Some(b) => serde_json::to_string_pretty(&serde_json::json!({ "disks": reports, "boot": b })),
+            None => serde_json::to_string_pretty(&reports),
+        };
+        println!("{}", json.expect("JSON of plain values"));
+        return boot_verdict(name, boot.as_ref(), args);
     }
-    let state = if powered { "powered on" } else { "powered off" };
+    let state = match &boot {
+        Some(b) if b.removed => "removed after the boot check",
+        Some(_) => "kept powered on after the boot check",
+        None if powered => "powered on",
+        None => "powered off",
+    };
     println!("created VM {name} ({state}) from snapshot {}", id.short());
     for r in &reports {
         match &r.left_empty_because {
@@ -296,7 +322,48 @@ fn restore_new_vm(
             ),
         }
     }
-    Ok(())
+    if let Some(BootCheck { verified: true, heartbeat_after_secs: Some(after), .. }) = &boot {
+        println!("boot check: the guest ran VMware Tools with a green heartbeat {after:.1} s after power-on");
+    }
+    boot_verdict(name, boot.as_ref(), args)
+}
+
+/// `--verify-boot`: powers the new VM on, waits for its guest's heartbeat, and removes the VM (unless --keep),
+/// also when the wait fails or is interrupted.
+fn verify_boot(client: &mut crate::vsphere::Client, name: &str, args: &RestoreArgs) -> Result<BootCheck> {
+    let moref = client.find_vm(name)?.moref;
+    let check = crate::vmware::check_boot(client, &moref, std::time::Duration::from_secs(args.boot_timeout));
+    if args.keep {
+        return check;
+    }
+    // Powered off first: a running VM cannot be destroyed (it may not have started at all).
+    let _ = client.power_off(&moref);
+    let removed = client.destroy_vm(&moref);
+    match (check, removed) {
+        (Ok(mut c), Ok(())) => {
+            c.removed = true;
+            Ok(c)
+        }
+        (Ok(_), Err(e)) => {
+            Err(Error::invalid(format!("boot check done, but VM {name} ({moref}) could not be removed: {e}")))
+        }
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// The exit status of a boot check: an error if the guest never reported a heartbeat.
+fn boot_verdict(name: &str, boot: Option<&BootCheck>, args: &RestoreArgs) -> Result<()> {
+    match boot {
+        Some(b) if !b.verified => Err(Error::invalid(format!(
+            "boot check failed: VM {name} reported no VMware Tools heartbeat within {} s of power-on (Tools: {}, \
+             heartbeat: {}); the restored system may not start. {}",
+            args.boot_timeout,
+            if b.tools.is_empty() { "unknown" } else { &b.tools },
+            if b.heartbeat.is_empty() { "unknown" } else { &b.heartbeat },
+            if b.removed { "The VM was removed (--keep keeps it, to look at its console)." } else { "The VM is kept." }
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Powers the restored VM on if asked (`--power-on`); the error says the disks are restored.

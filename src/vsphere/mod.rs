@@ -524,6 +524,16 @@ impl Client {
         Ok(())
     }
 
+    /// What the guest of a VM reports: VMware Tools' running status (`guestToolsRunning`…) and the heartbeat
+    /// (`green`, `yellow`, `red`, `gray`: none).
+    pub fn guest_status(&mut self, vm: &str) -> Result<(String, String)> {
+        let props =
+            self.properties(&MoRef::new("VirtualMachine", vm), &["guest.toolsRunningStatus", "guestHeartbeatStatus"])?;
+        let get =
+            |n: &str| props.iter().find(|(p, _)| p == n).map(|(_, v)| v.text.trim().to_string()).unwrap_or_default();
+        Ok((get("guest.toolsRunningStatus"), get("guestHeartbeatStatus")))
+    }
+
     /// The managed object at an inventory path (`DC0/vm/restored`, `DC0/host/cluster/Resources`), if any.
     pub fn find_by_inventory_path(&mut self, path: &str) -> Result<Option<MoRef>> {
         let search_index = self.search_index.clone();

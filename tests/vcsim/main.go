@@ -10,6 +10,8 @@
 //   - QueryChangedDiskAreas is answered from the hashes ("*" = non-zero areas), paged at 16 MiB windows so that
 //     clients must loop on startOffset, with FileFault where vCenter gives one; without a snapshot, for a
 //     powered-off VM, against the disk as it is now (hashed then);
+//   - a VM powered on "boots" if its first disk has a boot sector: VMware Tools then run and its heartbeat is
+//     green (guestRuns), as a guest system would report;
 //
 // Started by tests/common/vsphere.rs on 127.0.0.1:0 with TLS; prints one JSON line with the URL, credentials,
 // certificate thumbprints and datastore directories, then serves until killed.
@@ -96,7 +98,59 @@ func (t *tracker) Reference() types.ManagedObjectReference {
 	return types.ManagedObjectReference{Type: "CBTTracker", Value: "cbt-tracker"}
 }
 
-func (t *tracker) UpdateObject(mo.Reference, []types.PropertyChange) {}
+// UpdateObject sees every property change: a VM powered on or off boots or stops its guest (guestRuns).
+func (t *tracker) UpdateObject(obj mo.Reference, changes []types.PropertyChange) {
+	m, ok := obj.(*mo.VirtualMachine)
+	if !ok {
+		return
+	}
+	for _, c := range changes {
+		if c.Name == "runtime.powerState" {
+			go t.guestRuns(m.Self, fmt.Sprint(c.Val) == string(types.VirtualMachinePowerStatePoweredOn))
+		}
+	}
+}
+
+// guestRuns plays the guest system of a VM just powered on or off: 200 ms after power-on, a VM whose first
+// disk holds a boot sector (0x55 0xAA at byte 510) reports VMware Tools running and a green heartbeat; one
+// without, or powered off, reports neither. So a boot check of a restored VM depends on the restored bytes.
+func (t *tracker) guestRuns(ref types.ManagedObjectReference, on bool) {
+	time.Sleep(200 * time.Millisecond)
+	vm, ok := simulator.Map.Get(ref).(*simulator.VirtualMachine)
+	if !ok {
+		return
+	}
+	boots := false
+	if on {
+		var disk string
+		simulator.Map.WithLock(vm, func() {
+			for _, d := range vm.Config.Hardware.Device {
+				if vd, ok := d.(*types.VirtualDisk); ok {
+					if b, ok := vd.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok && disk == "" {
+						disk = b.FileName
+					}
+				}
+			}
+		})
+		if f, err := os.Open(t.flatPath(disk)); err == nil {
+			sig := make([]byte, 2)
+			if _, err := f.ReadAt(sig, 510); err == nil && sig[0] == 0x55 && sig[1] == 0xAA {
+				boots = true
+			}
+			f.Close()
+		}
+	}
+	tools, beat := "guestToolsNotRunning", types.ManagedEntityStatusGray
+	if boots {
+		tools, beat = "guestToolsRunning", types.ManagedEntityStatusGreen
+	}
+	simulator.Map.WithLock(vm, func() {
+		simulator.Map.Update(vm, []types.PropertyChange{
+			{Name: "guest.toolsRunningStatus", Val: tools},
+			{Name: "guestHeartbeatStatus", Val: beat},
+		})
+	})
+}
 
 // flatPath maps "[ds] dir/name.vmdk" to the local flat file.
 func (t *tracker) flatPath(fileName string) string {
