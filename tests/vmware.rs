@@ -619,8 +619,18 @@ fn a_restored_vm_is_started_to_check_that_it_boots() {
     let good = lab.ok(&["backup", "--json", "--vm", &name])["snapshot"].as_str().unwrap().to_string();
     let listed = |vm: &str| lab.ok(&["vm", "list", "--json"]).as_array().unwrap().iter().any(|v| v["name"] == vm);
 
-    let isolated = ["--network", "DC0_DVPG0=VM Network"];
+    let prom = lab.env.path("boot.prom");
+    let verified = || {
+        let series = format!(
+            "diskvault_verify_boot_verified{{command=\"restore\",repository=\"{}\",source=\"{name}\"}} ",
+            lab.env.location()
+        );
+        let text = std::fs::read_to_string(&prom).unwrap();
+        text.lines().find_map(|l| l.strip_prefix(&series).map(str::to_string)).unwrap_or_else(|| panic!("{text}"))
+    };
+    let isolated = ["--network", "DC0_DVPG0=VM Network", "--metrics-file", prom.to_str().unwrap()];
     let r = lab.ok(&[&["restore", &good, "--to-new-vm", "check-1", "--verify-boot", "--json"][..], &isolated].concat());
+    assert_eq!(verified(), "1");
     assert_eq!((&r["boot"]["verified"], &r["boot"]["removed"]), (&true.into(), &true.into()), "{r}");
     assert!(r["boot"]["heartbeat_after_secs"].as_f64().unwrap() < 60.0, "{r}");
     assert_eq!(r["disks"][0]["blocks_written"], 2, "{r}");
@@ -629,8 +639,10 @@ fn a_restored_vm_is_started_to_check_that_it_boots() {
     // The boot sector lost before the next backup: that backup's VM never reports a heartbeat.
     lab.guest_write(&vm, 0, 510, &[0, 0]);
     let bad = lab.ok(&["backup", "--json", "--vm", &name])["snapshot"].as_str().unwrap().to_string();
-    let r = lab.run(&["restore", &bad, "--to-new-vm", "check-2", "--verify-boot", "--boot-timeout", "2"], &[]);
+    let args = ["--verify-boot", "--boot-timeout", "2", "--metrics-file", prom.to_str().unwrap()];
+    let r = lab.run(&[&["restore", &bad, "--to-new-vm", "check-2"][..], &args].concat(), &[]);
     assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(verified(), "0", "monitoring sees the failed check");
     assert!(
         r.stderr.contains("boot check failed: VM check-2 reported no VMware Tools heartbeat within 2 s"),
         "{}",

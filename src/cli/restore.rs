@@ -295,6 +295,23 @@ fn restore_new_vm(
     client.logout();
     let reports = reports?;
     let boot = boot.transpose()?;
+    if let Some(b) = &boot {
+        let source = [("source", snap.source.as_str())];
+        crate::metrics::gauge(
+            "diskvault_verify_boot_verified",
+            "1 if the VM restored from this source's snapshot ran VMware Tools with a green heartbeat in time.",
+            &source,
+            if b.verified { 1.0 } else { 0.0 },
+        );
+        if let Some(after) = b.heartbeat_after_secs {
+            crate::metrics::gauge(
+                "diskvault_verify_boot_heartbeat_seconds",
+                "Seconds from power-on of the restored VM to its guest's heartbeat.",
+                &source,
+                after,
+            );
+        }
+    }
     if args.json {
         let json = match &boot {
             Some(b) => serde_json::to_string_pretty(&serde_json::json!({ "disks": reports, "boot": b })),
