@@ -1089,35 +1089,123 @@ fn fetch_window(
 /// What a boot check of a restored VM saw (`restore --to-new-vm --verify-boot`).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BootCheck {
-    /// The guest ran VMware Tools with a green heartbeat: the restored system started.
+    /// The guest ran VMware Tools with a green heartbeat (the restored system started), and the check command,
+    /// if one was given, succeeded.
     pub verified: bool,
     /// Seconds from power-on to that heartbeat.
     pub heartbeat_after_secs: Option<f64>,
-    /// The last status seen: Tools' running status and the heartbeat colour.
-    pub tools: String,
-    pub heartbeat: String,
+    /// The last status the guest reported.
+    pub guest: crate::vsphere::GuestStatus,
+    /// The check command's exit code (`None`: no command, not run, or killed at the deadline).
+    pub command_exit_code: Option<i32>,
+    /// Why the check failed, in words.
+    pub failure: Option<String>,
     /// The VM was removed afterwards.
     pub removed: bool,
 }
 
 /// Powers `vm` on and waits up to `timeout` for its guest to run VMware Tools with a green heartbeat (what a
-/// booted system with Tools reports; Veeam's SureBackup checks the same first). Ctrl-C stops the wait.
-pub fn check_boot(client: &mut Client, vm: &str, timeout: std::time::Duration) -> Result<BootCheck> {
+/// booted system with Tools reports; Veeam's SureBackup checks the same first). Then, with a `command`, waits for
+/// the guest's IP address and runs the command on this host (`sh -c`, with `DISKVAULT_VM_NAME`,
+/// `DISKVAULT_VM_MOREF` and `DISKVAULT_VM_IP` set: a ping, a port, an application query), which must exit 0
+/// within what is left of `timeout`. Ctrl-C stops the wait.
+pub fn check_boot(
+    client: &mut Client,
+    vm: &str,
+    name: &str,
+    command: Option<&str>,
+    timeout: std::time::Duration,
+) -> Result<BootCheck> {
+    use std::time::{Duration, Instant};
     client.power_on(vm)?;
-    let start = std::time::Instant::now();
+    let start = Instant::now();
+    let mut check = BootCheck {
+        verified: false,
+        heartbeat_after_secs: None,
+        guest: Default::default(),
+        command_exit_code: None,
+        failure: None,
+        removed: false,
+    };
+    let pause =
+        |start: Instant| std::thread::sleep(Duration::from_millis(250).min(timeout.saturating_sub(start.elapsed())));
+    // The heartbeat, then (for a command) the address.
     loop {
-        let (tools, heartbeat) = client.guest_status(vm)?;
-        if tools == "guestToolsRunning" && heartbeat == "green" {
-            let after = Some(start.elapsed().as_secs_f64());
-            return Ok(BootCheck { verified: true, heartbeat_after_secs: after, tools, heartbeat, removed: false });
+        check.guest = client.guest_status(vm)?;
+        let beats = check.guest.tools == "guestToolsRunning" && check.guest.heartbeat == "green";
+        if beats && check.heartbeat_after_secs.is_none() {
+            check.heartbeat_after_secs = Some(start.elapsed().as_secs_f64());
+        }
+        if beats && (command.is_none() || check.guest.ip_address.is_some()) {
+            break;
         }
         if start.elapsed() >= timeout {
-            return Ok(BootCheck { verified: false, heartbeat_after_secs: None, tools, heartbeat, removed: false });
+            check.failure = Some(match check.heartbeat_after_secs {
+                None => format!(
+                    "no VMware Tools heartbeat within {} s of power-on (Tools: {}, heartbeat: {})",
+                    timeout.as_secs(),
+                    or_unknown(&check.guest.tools),
+                    or_unknown(&check.guest.heartbeat)
+                ),
+                Some(_) => format!("the guest reported no IP address within {} s of power-on", timeout.as_secs()),
+            });
+            return Ok(check);
         }
         if crate::util::interrupted() {
             return Err(Error::Interrupted);
         }
-        std::thread::sleep(std::time::Duration::from_millis(250).min(timeout.saturating_sub(start.elapsed())));
+        pause(start);
+    }
+    let Some(command) = command else {
+        check.verified = true;
+        return Ok(check);
+    };
+    let ip = check.guest.ip_address.clone().unwrap_or_default();
+    use std::os::unix::process::CommandExt;
+    // In a process group of its own, so that a command past the deadline goes with everything it started.
+    let mut child = std::process::Command::new("sh")
+        .process_group(0)
+        .args(["-c", command])
+        .env("DISKVAULT_VM_NAME", name)
+        .env("DISKVAULT_VM_MOREF", vm)
+        .env("DISKVAULT_VM_IP", &ip)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .map_err(|e| Error::invalid(format!("--verify-command: cannot run sh: {e}")))?;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                check.command_exit_code = status.code();
+                check.verified = status.success();
+                if !status.success() {
+                    check.failure = Some(format!("the check command failed ({status}) against {ip}"));
+                }
+                return Ok(check);
+            }
+            Ok(None) if start.elapsed() >= timeout || crate::util::interrupted() => {
+                // SAFETY: signals the process group this function created (its leader is our child).
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                let _ = child.wait();
+                if crate::util::interrupted() {
+                    return Err(Error::Interrupted);
+                }
+                check.failure =
+                    Some(format!("the check command did not finish within {} s of power-on", timeout.as_secs()));
+                return Ok(check);
+            }
+            Ok(None) => pause(start),
+            Err(e) => return Err(Error::invalid(format!("--verify-command: {e}"))),
+        }
+    }
+}
+
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() {
+        "unknown"
+    } else {
+        s
     }
 }
 

@@ -635,6 +635,23 @@ fn a_restored_vm_is_started_to_check_that_it_boots() {
     assert!(r["boot"]["heartbeat_after_secs"].as_f64().unwrap() < 60.0, "{r}");
     assert_eq!(r["disks"][0]["blocks_written"], 2, "{r}");
     assert!(!listed("check-1"), "the checked VM was removed");
+    // An application check: run here once the guest has an address, it must exit 0.
+    let seen = lab.env.path("seen-by-check");
+    let record = format!("env | grep ^DISKVAULT_VM_ | sort > {}", seen.display());
+    lab.succeed(&["restore", &good, "--to-new-vm", "check-4", "--verify-boot", "--verify-command", &record]);
+    let env = std::fs::read_to_string(&seen).unwrap();
+    let lines: Vec<&str> = env.lines().collect();
+    assert!(lines.len() == 3 && lines[0].starts_with("DISKVAULT_VM_IP=192.0.2."), "{env}");
+    assert!(lines[1].starts_with("DISKVAULT_VM_MOREF=vm-") && lines[2] == "DISKVAULT_VM_NAME=check-4", "{env}");
+    for (command, says) in [
+        ("exit 3", "the check command failed (exit status: 3) against 192.0.2."),
+        ("sleep 30", "the check command did not finish within 3 s of power-on"),
+    ] {
+        let args = ["--verify-boot", "--verify-command", command, "--boot-timeout", "3"];
+        let r = lab.run(&[&["restore", &good, "--to-new-vm", "check-5"][..], &args].concat(), &[]);
+        assert!(r.code == 1 && r.stderr.contains(says), "{command}: {}", r.stderr);
+        assert!(!listed("check-5"));
+    }
 
     // The boot sector lost before the next backup: that backup's VM never reports a heartbeat.
     lab.guest_write(&vm, 0, 510, &[0, 0]);
@@ -643,11 +660,7 @@ fn a_restored_vm_is_started_to_check_that_it_boots() {
     let r = lab.run(&[&["restore", &bad, "--to-new-vm", "check-2"][..], &args].concat(), &[]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert_eq!(verified(), "0", "monitoring sees the failed check");
-    assert!(
-        r.stderr.contains("boot check failed: VM check-2 reported no VMware Tools heartbeat within 2 s"),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("boot check failed: VM check-2: no VMware Tools heartbeat within 2 s"), "{}", r.stderr);
     assert!(r.stderr.contains("was removed"), "{}", r.stderr);
     assert!(!listed("check-2"));
     // --keep leaves it running, to be looked at.

@@ -41,7 +41,12 @@ pub struct RestoreArgs {
     /// within --boot-timeout. Give --network to start it on an isolated port group, away from the original.
     #[arg(long, requires = "to_new_vm", conflicts_with = "power_on")]
     verify_boot: bool,
-    /// With --verify-boot: seconds to wait for the heartbeat.
+    /// With --verify-boot: after the heartbeat, wait for the guest's IP address and run this shell command here,
+    /// with DISKVAULT_VM_IP, DISKVAULT_VM_NAME and DISKVAULT_VM_MOREF set (e.g. `nc -z $DISKVAULT_VM_IP 1433`): the
+    /// check passes only if it exits 0 (within --boot-timeout).
+    #[arg(long, requires = "verify_boot", value_name = "COMMAND")]
+    verify_command: Option<String>,
+    /// With --verify-boot: seconds from power-on for the heartbeat (and the check command) to succeed.
     #[arg(long, requires = "verify_boot", value_name = "SECONDS", default_value_t = 600)]
     boot_timeout: u64,
     /// With --verify-boot: keep the VM afterwards (powered on), to look at it.
@@ -318,7 +323,7 @@ fn restore_new_vm(
             None => serde_json::to_string_pretty(&reports),
         };
         println!("{}", json.expect("JSON of plain values"));
-        return boot_verdict(name, boot.as_ref(), args);
+        return boot_verdict(name, boot.as_ref());
     }
     let state = match &boot {
         Some(b) if b.removed => "removed after the boot check",
@@ -339,17 +344,21 @@ fn restore_new_vm(
             ),
         }
     }
-    if let Some(BootCheck { verified: true, heartbeat_after_secs: Some(after), .. }) = &boot {
+    if let Some(BootCheck { verified: true, heartbeat_after_secs: Some(after), guest, command_exit_code, .. }) = &boot {
         println!("boot check: the guest ran VMware Tools with a green heartbeat {after:.1} s after power-on");
+        if command_exit_code.is_some() {
+            println!("boot check: the check command succeeded against {}", guest.ip_address.as_deref().unwrap_or("?"));
+        }
     }
-    boot_verdict(name, boot.as_ref(), args)
+    boot_verdict(name, boot.as_ref())
 }
 
 /// `--verify-boot`: powers the new VM on, waits for its guest's heartbeat, and removes the VM (unless --keep),
 /// also when the wait fails or is interrupted.
 fn verify_boot(client: &mut crate::vsphere::Client, name: &str, args: &RestoreArgs) -> Result<BootCheck> {
     let moref = client.find_vm(name)?.moref;
-    let check = crate::vmware::check_boot(client, &moref, std::time::Duration::from_secs(args.boot_timeout));
+    let timeout = std::time::Duration::from_secs(args.boot_timeout);
+    let check = crate::vmware::check_boot(client, &moref, name, args.verify_command.as_deref(), timeout);
     if args.keep {
         return check;
     }
@@ -368,15 +377,12 @@ fn verify_boot(client: &mut crate::vsphere::Client, name: &str, args: &RestoreAr
     }
 }
 
-/// The exit status of a boot check: an error if the guest never reported a heartbeat.
-fn boot_verdict(name: &str, boot: Option<&BootCheck>, args: &RestoreArgs) -> Result<()> {
+/// The exit status of a boot check: an error saying what failed.
+fn boot_verdict(name: &str, boot: Option<&BootCheck>) -> Result<()> {
     match boot {
         Some(b) if !b.verified => Err(Error::invalid(format!(
-            "boot check failed: VM {name} reported no VMware Tools heartbeat within {} s of power-on (Tools: {}, \
-             heartbeat: {}); the restored system may not start. {}",
-            args.boot_timeout,
-            if b.tools.is_empty() { "unknown" } else { &b.tools },
-            if b.heartbeat.is_empty() { "unknown" } else { &b.heartbeat },
+            "boot check failed: VM {name}: {}; the restored system may not work. {}",
+            b.failure.as_deref().unwrap_or("not verified"),
             if b.removed { "The VM was removed (--keep keeps it, to look at its console)." } else { "The VM is kept." }
         ))),
         _ => Ok(()),

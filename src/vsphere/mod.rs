@@ -155,6 +155,17 @@ pub struct VmConfig {
     pub efi_secure_boot: bool,
 }
 
+/// What a running guest reports through VMware Tools.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct GuestStatus {
+    /// Tools' running status: `guestToolsRunning`, `guestToolsNotRunning`…
+    pub tools: String,
+    /// The heartbeat: `green`, `yellow`, `red`, `gray` (none).
+    pub heartbeat: String,
+    /// The guest's primary IP address, once Tools report one.
+    pub ip_address: Option<String>,
+}
+
 /// One snapshot of a VM.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct VmSnapshot {
@@ -524,14 +535,17 @@ impl Client {
         Ok(())
     }
 
-    /// What the guest of a VM reports: VMware Tools' running status (`guestToolsRunning`…) and the heartbeat
-    /// (`green`, `yellow`, `red`, `gray`: none).
-    pub fn guest_status(&mut self, vm: &str) -> Result<(String, String)> {
-        let props =
-            self.properties(&MoRef::new("VirtualMachine", vm), &["guest.toolsRunningStatus", "guestHeartbeatStatus"])?;
+    /// What the guest of a VM reports through VMware Tools.
+    pub fn guest_status(&mut self, vm: &str) -> Result<GuestStatus> {
+        let paths = ["guest.toolsRunningStatus", "guestHeartbeatStatus", "guest.ipAddress"];
+        let props = self.properties(&MoRef::new("VirtualMachine", vm), &paths)?;
         let get =
             |n: &str| props.iter().find(|(p, _)| p == n).map(|(_, v)| v.text.trim().to_string()).unwrap_or_default();
-        Ok((get("guest.toolsRunningStatus"), get("guestHeartbeatStatus")))
+        Ok(GuestStatus {
+            tools: get("guest.toolsRunningStatus"),
+            heartbeat: get("guestHeartbeatStatus"),
+            ip_address: Some(get("guest.ipAddress")).filter(|a| !a.is_empty()),
+        })
     }
 
     /// The managed object at an inventory path (`DC0/vm/restored`, `DC0/host/cluster/Resources`), if any.

@@ -112,8 +112,8 @@ func (t *tracker) UpdateObject(obj mo.Reference, changes []types.PropertyChange)
 }
 
 // guestRuns plays the guest system of a VM just powered on or off: 200 ms after power-on, a VM whose first
-// disk holds a boot sector (0x55 0xAA at byte 510) reports VMware Tools running and a green heartbeat; one
-// without, or powered off, reports neither. So a boot check of a restored VM depends on the restored bytes.
+// disk holds a boot sector (0x55 0xAA at byte 510) reports VMware Tools running, a green heartbeat and an IP
+// address; one without, or powered off, reports none of them. So a boot check of a restored VM depends on the restored bytes.
 func (t *tracker) guestRuns(ref types.ManagedObjectReference, on bool) {
 	time.Sleep(200 * time.Millisecond)
 	vm, ok := simulator.Map.Get(ref).(*simulator.VirtualMachine)
@@ -140,14 +140,17 @@ func (t *tracker) guestRuns(ref types.ManagedObjectReference, on bool) {
 			f.Close()
 		}
 	}
-	tools, beat := "guestToolsNotRunning", types.ManagedEntityStatusGray
+	tools, beat, ip := "guestToolsNotRunning", types.ManagedEntityStatusGray, ""
 	if boots {
-		tools, beat = "guestToolsRunning", types.ManagedEntityStatusGreen
+		// An address of TEST-NET-1 (RFC 5737) per VM.
+		n, _ := strconv.Atoi(strings.TrimPrefix(ref.Value, "vm-"))
+		tools, beat, ip = "guestToolsRunning", types.ManagedEntityStatusGreen, fmt.Sprintf("192.0.2.%d", n%250+1)
 	}
 	simulator.Map.WithLock(vm, func() {
 		simulator.Map.Update(vm, []types.PropertyChange{
 			{Name: "guest.toolsRunningStatus", Val: tools},
 			{Name: "guestHeartbeatStatus", Val: beat},
+			{Name: "guest.ipAddress", Val: ip},
 		})
 	})
 }
