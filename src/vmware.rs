@@ -1214,7 +1214,10 @@ fn or_unknown(s: &str) -> &str {
 /// networks. Restoring into another cluster or vCenter (disaster recovery) needs them.
 #[derive(Clone, Debug, Default)]
 pub struct NewVmPlacement {
+    /// The datastore for the VM and all its disks (default: each disk where it was, the VM with its first).
     pub datastore: Option<String>,
+    /// Every disk thin (default: thin or thick as it was).
+    pub thin: bool,
     /// A folder: inventory path (`DC0/vm/restored`) or moref (`group-v3`).
     pub folder: Option<String>,
     /// A resource pool (or vApp): inventory path (`DC0/host/cluster/Resources`) or moref.
@@ -1334,15 +1337,18 @@ pub fn restore_as_new_vm(
         return Err(Error::invalid(format!("a VM named {name:?} exists already")));
     }
     placement.apply(client, &mut config)?;
-    let datastore = match &placement.datastore {
-        Some(d) => d.clone(),
-        None => config
-            .disks
-            .first()
-            .and_then(|d| d.file_name.strip_prefix('['))
-            .and_then(|r| r.split_once(']'))
-            .map(|(ds, _)| ds.to_string())
-            .ok_or_else(|| Error::invalid("no datastore recorded: give --datastore"))?,
+    let storage = crate::vsphere::NewVmStorage {
+        vm_datastore: match &placement.datastore {
+            Some(d) => d.clone(),
+            None => config
+                .disks
+                .first()
+                .and_then(|d| d.datastore())
+                .map(str::to_string)
+                .ok_or_else(|| Error::invalid("no datastore recorded: give --datastore"))?,
+        },
+        disks_datastore: placement.datastore.clone(),
+        thin: placement.thin,
     };
     let skipped: Vec<SkippedDisk> = match snapshot.annotations.get(SKIPPED_DISKS) {
         Some(json) => {
@@ -1353,7 +1359,7 @@ pub fn restore_as_new_vm(
     let lib = Library::load(libdir)?;
     let session = crate::lock::start_session(repo, "restore")?;
     cache.sync(repo)?;
-    let moref = client.create_vm(name, &config, &datastore)?;
+    let moref = client.create_vm(name, &config, &storage)?;
     let mut write_disks = || -> Result<Vec<VmRestoreReport>> {
         let created = client.find_vm(&moref)?;
         if created.disks.len() != config.disks.len() {

@@ -544,10 +544,12 @@ fn restore_as_a_new_vm_from_the_recorded_configuration() {
 
 #[test]
 fn restore_as_a_new_vm_into_another_folder_pool_and_network() {
-    let lab = Lab::new();
+    let lab = Lab::with_simulator(&[("VCSIM_THICK_EAGER_DISKS", "2")]);
     let vm = lab.vm();
     let name = vm["name"].as_str().unwrap().to_string();
     lab.guest_write(&vm, 0, 0, &random_bytes(4, 2 * MIB));
+    // disk2 is thick and eagerly zeroed (as a clustered VM's shared disk would be).
+    assert_eq!((&vm["disks"][1]["thin_provisioned"], &vm["disks"][1]["eagerly_scrub"]), (&false.into(), &true.into()));
     let id = lab.ok(&["backup", "--json", "--vm", &name])["snapshot"].as_str().unwrap().to_string();
     let original = std::fs::read(lab.disk_file(&vm, 0)).unwrap();
     // A folder for restores next to the VM's own (the datacenter's VM folder).
@@ -590,17 +592,27 @@ fn restore_as_a_new_vm_into_another_folder_pool_and_network() {
     let all = lab.ok(&["vm", "list", "--json"]);
     let new = all.as_array().unwrap().iter().find(|v| v["name"] == "dr-vm").expect("the new VM is listed").clone();
     assert_eq!(new["folder"], restored_folder.value.as_str(), "{new}");
+    let provisioning = |v: &serde_json::Value| -> Vec<(bool, bool)> {
+        let disks = v["disks"].as_array().unwrap();
+        disks
+            .iter()
+            .map(|d| (d["thin_provisioned"].as_bool().unwrap(), d["eagerly_scrub"].as_bool().unwrap()))
+            .collect()
+    };
+    assert_eq!(provisioning(&new), [(true, false), (false, true)], "as recorded: disk2 thick, eagerly zeroed");
     assert_eq!(new["resource_pool"], pool.value.as_str(), "{new}");
     assert_eq!((new["nics"][0]["network"].as_str(), new["nics"][0]["portgroup_key"].as_str()), (Some(other), Some("")));
     assert!(std::fs::read(lab.disk_file(&new, 0)).unwrap() == original, "the new VM's disk differs");
 
     // Onto a distributed port group, the recorded one named by its name (it exists here).
     assert_eq!(recorded, "dvportgroup-13", "the simulator's VMs are on DC0_DVPG0: {nic}");
-    let r = lab.run(&["restore", &id, "--to-new-vm", "dr-vm2", "--network", "DC0_DVPG0=DR-PG", "--power-on"], &[]);
+    let args = ["--network", "DC0_DVPG0=DR-PG", "--power-on", "--thin"];
+    let r = lab.run(&[&["restore", &id, "--to-new-vm", "dr-vm2"][..], &args].concat(), &[]);
     assert!(r.code == 0 && r.stdout.contains("created VM dr-vm2 (powered on)"), "{}{}", r.stdout, r.stderr);
     let all = lab.ok(&["vm", "list", "--json"]);
     let new = all.as_array().unwrap().iter().find(|v| v["name"] == "dr-vm2").expect("the new VM is listed").clone();
     assert_eq!(new["power_state"], "poweredOn");
+    assert_eq!(provisioning(&new), [(true, false), (true, false)], "--thin");
     assert_eq!(new["nics"][0]["portgroup_key"], dr_pg.value.as_str(), "{new}");
     assert_eq!(new["nics"][0]["switch_uuid"], nic["switch_uuid"], "{new}");
     lab.assert_clean();

@@ -63,9 +63,13 @@ pub struct RestoreArgs {
     /// (it needs room for the disk's data; default: the system's temporary directory).
     #[arg(long, requires = "to_vmdk", value_name = "DIR")]
     temp_dir: Option<PathBuf>,
-    /// With --to-new-vm: the datastore for the new VM (default: the one its first disk was on).
+    /// With --to-new-vm: the datastore for the new VM and all its disks (default: each disk on the datastore it
+    /// was on, the VM's files with its first disk).
     #[arg(long, requires = "to_new_vm", value_name = "NAME")]
     datastore: Option<String>,
+    /// With --to-new-vm: create every disk thin (default: thin or thick, lazily or eagerly zeroed, as it was).
+    #[arg(long, requires = "to_new_vm")]
+    thin: bool,
     /// With --to-new-vm: the folder for the new VM, as an inventory path ("DC0/vm/restored") or moref (default:
     /// the folder the VM was in).
     #[arg(long, requires = "to_new_vm", value_name = "PATH")]
@@ -282,6 +286,7 @@ fn restore_new_vm(
             name,
             &crate::vmware::NewVmPlacement {
                 datastore: args.datastore.clone(),
+                thin: args.thin,
                 folder: args.folder.clone(),
                 resource_pool: args.resource_pool.clone(),
                 networks: args.networks.clone(),

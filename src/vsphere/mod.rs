@@ -71,9 +71,20 @@ pub struct VirtualDiskInfo {
     /// A raw device mapping in physical compatibility mode.
     #[serde(default)]
     pub physical_rdm: bool,
+    /// Provisioning: thin, or thick (lazily zeroed, or eagerly with `eagerly_scrub`, as clustering and Fault
+    /// Tolerance need); `None` in records older than these fields (restored thin).
+    #[serde(default)]
+    pub thin_provisioned: Option<bool>,
+    #[serde(default)]
+    pub eagerly_scrub: bool,
 }
 
 impl VirtualDiskInfo {
+    /// The datastore its file is on (`[datastore] dir/x.vmdk`).
+    pub fn datastore(&self) -> Option<&str> {
+        self.file_name.strip_prefix('[').and_then(|r| r.split_once(']')).map(|(ds, _)| ds)
+    }
+
     /// Why VM snapshots leave this disk out (so a backup, which reads a snapshot, cannot read it), if they do.
     pub fn not_in_snapshots(&self) -> Option<&'static str> {
         if self.disk_mode.starts_with("independent") {
@@ -570,13 +581,14 @@ impl Client {
         Ok((get("parent"), get("resourcePool")))
     }
 
-    /// Creates a powered-off VM from a recorded configuration, with new thin disks of the recorded capacities
-    /// on `datastore` under one SCSI controller. Returns its moref.
-    pub fn create_vm(&mut self, name: &str, config: &VmConfig, datastore: &str) -> Result<String> {
+    /// Creates a powered-off VM from a recorded configuration, with new disks of the recorded capacities and
+    /// provisioning where `storage` says. Returns its moref.
+    pub fn create_vm(&mut self, name: &str, config: &VmConfig, storage: &NewVmStorage) -> Result<String> {
         if config.folder.is_empty() || config.resource_pool.is_empty() {
             return Err(Error::invalid("the recorded configuration does not say where the VM was (folder, pool)"));
         }
-        let devices = new_vm_devices(config, datastore);
+        let devices = new_vm_devices(config, storage);
+        let datastore = &storage.vm_datastore;
         // Elements in the order of VirtualMachineConfigSpec's schema.
         let mut spec = format!("<config><name>{}</name>", esc(name));
         if !config.hardware_version.is_empty() {
@@ -643,7 +655,7 @@ impl Client {
             .ok_or_else(|| Error::invalid(format!("VM {vm}'s SCSI controller {} is full", controller.key)))?;
         let body = format!(
             "<spec><deviceChange><operation>add</operation>{}</deviceChange></spec>",
-            disk_device(-1, path, controller.key, unit, capacity)
+            disk_device(-1, path, controller.key, unit, capacity, Provisioning::Thin)
         );
         self.run_task("ReconfigVM_Task", &this, &body)?;
         Ok(())
@@ -849,10 +861,47 @@ fn snapshots_of(info: &Element) -> Vec<VmSnapshot> {
 }
 
 /// A thin, persistent `VirtualDisk` device on `file_name` (`[datastore]` alone lets the server name a new file).
-fn disk_device(key: i32, file_name: &str, controller_key: i32, unit: i32, capacity: u64) -> String {
+/// Where a new VM's files and disks go.
+#[derive(Clone, Debug)]
+pub struct NewVmStorage {
+    /// The datastore of the VM's own files (configuration, logs).
+    pub vm_datastore: String,
+    /// Every disk on this datastore; `None`: each on the datastore it was on (else `vm_datastore`).
+    pub disks_datastore: Option<String>,
+    /// Every disk thin, whatever it was.
+    pub thin: bool,
+}
+
+/// A new disk's provisioning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provisioning {
+    Thin,
+    /// Thick, zeroed on first write.
+    ThickLazy,
+    /// Thick, zeroed when created (clustering, Fault Tolerance).
+    ThickEager,
+}
+
+impl Provisioning {
+    /// What `disk` had (thin where the record does not say).
+    pub fn of(disk: &VirtualDiskInfo) -> Provisioning {
+        match (disk.thin_provisioned, disk.eagerly_scrub) {
+            (Some(false), true) => Provisioning::ThickEager,
+            (Some(false), false) => Provisioning::ThickLazy,
+            _ => Provisioning::Thin,
+        }
+    }
+}
+
+fn disk_device(key: i32, file_name: &str, controller_key: i32, unit: i32, capacity: u64, p: Provisioning) -> String {
+    let provisioning = match p {
+        Provisioning::Thin => "<thinProvisioned>true</thinProvisioned>",
+        Provisioning::ThickLazy => "<thinProvisioned>false</thinProvisioned><eagerlyScrub>false</eagerlyScrub>",
+        Provisioning::ThickEager => "<thinProvisioned>false</thinProvisioned><eagerlyScrub>true</eagerlyScrub>",
+    };
     format!(
         "<device xsi:type=\"VirtualDisk\"><key>{key}</key><backing xsi:type=\"VirtualDiskFlatVer2BackingInfo\">\
-         <fileName>{}</fileName><diskMode>persistent</diskMode><thinProvisioned>true</thinProvisioned></backing>\
+         <fileName>{}</fileName><diskMode>persistent</diskMode>{provisioning}</backing>\
          <controllerKey>{controller_key}</controllerKey><unitNumber>{unit}</unitNumber>\
          <capacityInKB>{}</capacityInKB><capacityInBytes>{capacity}</capacityInBytes></device>",
         esc(file_name),
@@ -864,7 +913,7 @@ fn disk_device(key: i32, file_name: &str, controller_key: i32, unit: i32, capaci
 /// adapters (new MAC addresses: the copy may run next to the original). IDE controllers come with every VM
 /// and keep their keys; the others get temporary negative keys. Older records without controllers get one
 /// LSI Logic controller for all disks.
-fn new_vm_devices(config: &VmConfig, datastore: &str) -> String {
+fn new_vm_devices(config: &VmConfig, storage: &NewVmStorage) -> String {
     let add = |device: String, create: bool| {
         let op = if create { "<fileOperation>create</fileOperation>" } else { "" };
         format!("<deviceChange><operation>add</operation>{op}{device}</deviceChange>")
@@ -913,7 +962,10 @@ fn new_vm_devices(config: &VmConfig, datastore: &str) -> String {
                 (fallback, next_unit - 1)
             }
         };
-        out.push_str(&add(disk_device(-200 - i as i32, &format!("[{datastore}]"), controller, unit, d.capacity), true));
+        let datastore = storage.disks_datastore.as_deref().or(d.datastore()).unwrap_or(&storage.vm_datastore);
+        let provisioning = if storage.thin { Provisioning::Thin } else { Provisioning::of(d) };
+        let file = format!("[{datastore}]");
+        out.push_str(&add(disk_device(-200 - i as i32, &file, controller, unit, d.capacity, provisioning), true));
     }
     for (i, n) in config.nics.iter().enumerate() {
         let backing = if !n.portgroup_key.is_empty() {
@@ -974,6 +1026,8 @@ pub fn disks_of(devices: &Element) -> Vec<VirtualDiskInfo> {
                     b.xsi_type() == Some("VirtualDiskRawDiskMappingVer1BackingInfo")
                         && b.child_text("compatibilityMode").is_some_and(|m| m.trim() == "physicalMode")
                 }),
+                thin_provisioned: backing.and_then(|b| b.child_text("thinProvisioned")).map(|t| t.trim() == "true"),
+                eagerly_scrub: backing.and_then(|b| b.child_text("eagerlyScrub")).is_some_and(|t| t.trim() == "true"),
             }
         })
         .collect()
@@ -1224,7 +1278,8 @@ mod tests {
         let r = parse_response("RetrievePropertiesEx", 200, devices("xsi").as_bytes()).unwrap();
         let vm = vm_from_object(r.path(&["returnval", "objects"]).unwrap());
         let config = VmConfig { disks: vm.disks, controllers: vm.controllers, nics: vm.nics, ..Default::default() };
-        let xml = new_vm_devices(&config, "ds2");
+        let storage = NewVmStorage { vm_datastore: "ds1".into(), disks_datastore: Some("ds2".into()), thin: false };
+        let xml = new_vm_devices(&config, &storage);
         // IDE comes with the VM; PVSCSI is recreated under a temporary key and the disk keeps its slot on it.
         assert!(!xml.contains("VirtualIDEController"), "{xml}");
         assert!(xml.contains("<device xsi:type=\"ParaVirtualSCSIController\"><key>-101</key><busNumber>0</busNumber><sharedBus>noSharing</sharedBus>"), "{xml}");
@@ -1255,12 +1310,42 @@ mod tests {
             unit_number: 0,
             disk_mode: String::new(),
             physical_rdm: false,
+            thin_provisioned: None,
+            eagerly_scrub: false,
         };
-        let old = VmConfig { disks: vec![disk; 9], ..Default::default() };
-        let xml = new_vm_devices(&old, "ds");
+        let old = VmConfig { disks: vec![disk.clone(); 9], ..Default::default() };
+        let storage = NewVmStorage { vm_datastore: "ds".into(), disks_datastore: None, thin: false };
+        let xml = new_vm_devices(&old, &storage);
         assert_eq!(xml.matches("VirtualLsiLogicController").count(), 1, "{xml}");
         let units: Vec<&str> = xml.split("<unitNumber>").skip(1).map(|t| t.split('<').next().unwrap()).collect();
         assert_eq!(units, ["0", "1", "2", "3", "4", "5", "6", "8", "9"]);
+        assert_eq!(
+            xml.matches("<fileName>[ds]</fileName><diskMode>persistent</diskMode><thinProvisioned>true<").count(),
+            9
+        );
+
+        // Each disk on the datastore it was on, as thick as it was; or all on one, or all thin, when asked.
+        let on = |ds: &str, thin: Option<bool>, eager: bool| VirtualDiskInfo {
+            file_name: format!("[{ds}] vm/x.vmdk"),
+            thin_provisioned: thin,
+            eagerly_scrub: eager,
+            ..disk.clone()
+        };
+        let spread = VmConfig {
+            disks: vec![on("fast", Some(false), true), on("bulk", Some(false), false)],
+            ..Default::default()
+        };
+        let as_recorded = NewVmStorage { vm_datastore: "fast".into(), disks_datastore: None, thin: false };
+        let xml = new_vm_devices(&spread, &as_recorded);
+        assert!(xml.contains("<fileName>[fast]</fileName><diskMode>persistent</diskMode><thinProvisioned>false</thinProvisioned><eagerlyScrub>true</eagerlyScrub>"), "{xml}");
+        assert!(xml.contains("<fileName>[bulk]</fileName><diskMode>persistent</diskMode><thinProvisioned>false</thinProvisioned><eagerlyScrub>false</eagerlyScrub>"), "{xml}");
+        let overridden = NewVmStorage { vm_datastore: "dr".into(), disks_datastore: Some("dr".into()), thin: true };
+        let xml = new_vm_devices(&spread, &overridden);
+        assert_eq!(
+            xml.matches("<fileName>[dr]</fileName><diskMode>persistent</diskMode><thinProvisioned>true<").count(),
+            2,
+            "{xml}"
+        );
     }
 
     /// A RetrievePropertiesEx answer recorded from the test vSphere (govmomi's simulator, `XMLSchema-instance:`

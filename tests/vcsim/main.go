@@ -3,7 +3,7 @@
 //
 //   - every VM disk gets a sparse flat file of its capacity: <datastore dir>/<vm>/<disk>-flat.vmdk, which a test
 //     writes into to play the guest; VCSIM_DISKS disks per VM, of VCSIM_DISK_MB, those in VCSIM_INDEPENDENT_DISKS
-//     (numbers from 2) independent;
+//     (numbers from 2) independent, those in VCSIM_THICK_EAGER_DISKS thick and eagerly zeroed;
 //   - a snapshot freezes each disk (<flat>@<snapshot moref>, the file the test VDDK reads for that snapshot),
 //     hashes it per 64 KiB, and records changeId "<uuid>/<n>" on the snapshot's copy of the disk backing and on
 //     the VM's when change tracking is on; turning tracking off and on again gives a new uuid (a CBT reset);
@@ -530,6 +530,15 @@ func main() {
 			for _, k := range strings.Split(os.Getenv("VCSIM_INDEPENDENT_DISKS"), ",") {
 				if k == strconv.Itoa(n) {
 					b.DiskMode = string(types.VirtualDiskModeIndependent_persistent)
+				}
+			}
+			// VCSIM_THICK_EAGER_DISKS="2": those disks are thick, eagerly zeroed (the others thin).
+			thin := true
+			b.ThinProvisioned = &thin
+			for _, k := range strings.Split(os.Getenv("VCSIM_THICK_EAGER_DISKS"), ",") {
+				if k == strconv.Itoa(n) {
+					thick, eager := false, true
+					b.ThinProvisioned, b.EagerlyScrub = &thick, &eager
 				}
 			}
 			d.Backing = &b
