@@ -4,6 +4,11 @@
 //!
 //! A disk is read in full, and the report says why, when there is no earlier backup of it, tracking is off,
 //! the changeId's UUID changed (tracking was reset), the disk was resized, or the parent has no changeId.
+//!
+//! Restores go the other way through the VDDK: onto an existing, powered-off VM's disks ([`restore_to_vm`]:
+//! only the blocks that differ, or with CBT only those changed since the backup), or into a new VM made from
+//! the recorded configuration ([`restore_as_new_vm`], where [`NewVmPlacement`] says), which [`check_boot`] can
+//! start to see that the restored system runs.
 
 use std::path::PathBuf;
 use std::sync::Arc;
