@@ -1317,20 +1317,47 @@ fn resolve_placement(client: &mut Client, given: &str, kinds: &[&str], what: &st
     }
 }
 
-/// Creates a new, powered-off VM named `name` from the configuration recorded in `snapshot` (CPUs, memory,
-/// firmware, guest OS, disks of the recorded sizes, NICs) where `placement` says, and writes every disk into it.
-#[allow(clippy::too_many_arguments)]
-pub fn restore_as_new_vm(
+/// The VM `restore --to-new-vm` creates: the recorded configuration as `placement` changes it, checked against
+/// the inventory (the name free; folder, pool, networks and datastores there). `--dry-run` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct NewVmPlan {
+    pub name: String,
+    /// Folder and resource pool (morefs).
+    pub folder: String,
+    pub resource_pool: String,
+    /// The datastore of the VM's own files.
+    pub datastore: String,
+    pub num_cpu: u32,
+    pub cores_per_socket: u32,
+    pub memory_mb: u64,
+    pub hardware_version: String,
+    pub disks: Vec<PlannedDisk>,
+    /// Each NIC's device type and network (port group name, or distributed port group key).
+    pub nics: Vec<(String, String)>,
+    #[serde(skip)]
+    config: crate::vsphere::VmConfig,
+    #[serde(skip)]
+    storage: crate::vsphere::NewVmStorage,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PlannedDisk {
+    /// The disk's name in the snapshot.
+    pub disk: String,
+    pub capacity: u64,
+    pub datastore: String,
+    pub provisioning: crate::vsphere::Provisioning,
+    /// Why it is created empty (a disk the backup left out), if it is.
+    pub left_empty_because: Option<String>,
+}
+
+/// Plans the new VM of [`restore_as_new_vm`] without creating anything.
+pub fn plan_new_vm(
     client: &mut Client,
-    repo: &Repository,
-    cache: &IndexCache,
     snapshot: &Snapshot,
     name: &str,
     placement: &NewVmPlacement,
-    libdir: &std::path::Path,
-    user: &str,
-    counters: &Counters,
-) -> Result<Vec<VmRestoreReport>> {
+) -> Result<NewVmPlan> {
     let recorded = snapshot.annotations.get("vmware.config").ok_or_else(|| {
         Error::invalid(
             "this snapshot was not taken of a VMware VM (no recorded configuration): restore its disks to files",
@@ -1342,6 +1369,11 @@ pub fn restore_as_new_vm(
         return Err(Error::invalid(format!("a VM named {name:?} exists already")));
     }
     placement.apply(client, &mut config)?;
+    if config.folder.is_empty() || config.resource_pool.is_empty() {
+        return Err(Error::invalid(
+            "the recorded configuration does not say where the VM was (folder, pool): give --folder and --resource-pool",
+        ));
+    }
     let storage = crate::vsphere::NewVmStorage {
         vm_datastore: match &placement.datastore {
             Some(d) => d.clone(),
@@ -1361,10 +1393,84 @@ pub fn restore_as_new_vm(
         }
         None => Vec::new(),
     };
+    let mut disks = Vec::new();
+    for d in &config.disks {
+        let in_snapshot = disk_name(&d.file_name);
+        let left_empty_because = match snapshot.disk(&in_snapshot) {
+            Some(_) => None,
+            None => {
+                let reason = skipped.iter().find(|s| s.name == in_snapshot).map(|s| s.reason.clone());
+                Some(format!(
+                    "not backed up: {}",
+                    reason.ok_or_else(|| {
+                        Error::corrupt("snapshot", format!("the recorded disk {in_snapshot} is not in the snapshot"))
+                    })?
+                ))
+            }
+        };
+        let datastore = storage.disks_datastore.as_deref().or(d.datastore()).unwrap_or(&storage.vm_datastore);
+        let provisioning =
+            if storage.thin { crate::vsphere::Provisioning::Thin } else { crate::vsphere::Provisioning::of(d) };
+        disks.push(PlannedDisk {
+            disk: in_snapshot,
+            capacity: d.capacity,
+            datastore: datastore.to_string(),
+            provisioning,
+            left_empty_because,
+        });
+    }
+    // Every datastore it needs must be there (vCenter's own refusal comes later, after a half-made VM).
+    let known: Vec<String> = client.datastores()?.into_iter().map(|(_, n)| n).collect();
+    let needed = std::iter::once(&storage.vm_datastore).chain(disks.iter().map(|d| &d.datastore));
+    for ds in needed {
+        if !known.contains(ds) {
+            return Err(Error::invalid(format!(
+                "there is no datastore {ds:?} (datastores: {}): give --datastore",
+                known.join(", ")
+            )));
+        }
+    }
+    let nics = config
+        .nics
+        .iter()
+        .map(|n| (n.kind.clone(), if n.portgroup_key.is_empty() { n.network.clone() } else { n.portgroup_key.clone() }))
+        .collect();
+    Ok(NewVmPlan {
+        name: name.to_string(),
+        folder: config.folder.clone(),
+        resource_pool: config.resource_pool.clone(),
+        datastore: storage.vm_datastore.clone(),
+        num_cpu: config.num_cpu,
+        cores_per_socket: config.cores_per_socket,
+        memory_mb: config.memory_mb,
+        hardware_version: config.hardware_version.clone(),
+        disks,
+        nics,
+        config,
+        storage,
+    })
+}
+
+/// Creates a new, powered-off VM named `name` from the configuration recorded in `snapshot` (CPUs, memory,
+/// firmware, guest OS, disks of the recorded sizes, NICs) where `placement` says, and writes every disk into it.
+#[allow(clippy::too_many_arguments)]
+pub fn restore_as_new_vm(
+    client: &mut Client,
+    repo: &Repository,
+    cache: &IndexCache,
+    snapshot: &Snapshot,
+    name: &str,
+    placement: &NewVmPlacement,
+    libdir: &std::path::Path,
+    user: &str,
+    counters: &Counters,
+) -> Result<Vec<VmRestoreReport>> {
+    let plan = plan_new_vm(client, snapshot, name, placement)?;
+    let (config, storage) = (&plan.config, &plan.storage);
     let lib = Library::load(libdir)?;
     let session = crate::lock::start_session(repo, "restore")?;
     cache.sync(repo)?;
-    let moref = client.create_vm(name, &config, &storage)?;
+    let moref = client.create_vm(name, config, storage)?;
     let mut write_disks = || -> Result<Vec<VmRestoreReport>> {
         let created = client.find_vm(&moref)?;
         if created.disks.len() != config.disks.len() {
@@ -1378,14 +1484,12 @@ pub fn restore_as_new_vm(
             let in_snapshot = disk_name(&recorded_disk.file_name);
             let new_report = |disk: String| VmRestoreReport::new(disk, name.to_string(), new_disk.file_name.clone());
             let Some(disk) = snapshot.disk(&in_snapshot) else {
-                // Left out by the backup: the new VM keeps its place in the configuration, empty.
-                let reason = skipped.iter().find(|d| d.name == in_snapshot).map(|d| d.reason.clone());
-                let reason = reason.ok_or_else(|| {
-                    Error::corrupt("snapshot", format!("the recorded disk {in_snapshot} is not in the snapshot"))
-                })?;
-                tracing::warn!("disk {in_snapshot} was not backed up ({reason}): created empty");
+                // Left out by the backup (the plan knows why): the new VM keeps its place, empty.
+                let planned = plan.disks.iter().find(|d| d.disk == in_snapshot);
+                let reason = planned.and_then(|d| d.left_empty_because.clone()).unwrap_or_default();
+                tracing::warn!("disk {in_snapshot} {reason}: created empty");
                 let mut report = new_report(in_snapshot);
-                report.left_empty_because = Some(format!("not backed up: {reason}"));
+                report.left_empty_because = Some(reason);
                 reports.push(report);
                 continue;
             };

@@ -574,6 +574,7 @@ fn restore_as_a_new_vm_into_another_folder_pool_and_network() {
         key => (key.to_string(), "VM Network"),
     };
 
+    let listed = |vm: &str| lab.ok(&["vm", "list", "--json"]).as_array().unwrap().iter().any(|v| v["name"] == vm);
     // Wrong places are refused before anything is created.
     for (args, says) in [
         (["--folder", "DC0/vm/nowhere"], "no folder at the inventory path \"DC0/vm/nowhere\""),
@@ -584,10 +585,28 @@ fn restore_as_a_new_vm_into_another_folder_pool_and_network() {
         let r = lab.run(&[&["restore", &id, "--to-new-vm", "dr-vm"][..], &args[..]].concat(), &[]);
         assert!(r.code != 0 && r.stderr.contains(says), "{args:?}: {}", r.stderr);
     }
-    assert!(lab.ok(&["vm", "list", "--json"]).as_array().unwrap().iter().all(|v| v["name"] != "dr-vm"));
+    assert!(!listed("dr-vm"));
 
     let map = format!("{recorded}={other}");
     let args = ["--folder", "DC0/vm/restored", "--resource-pool", &pool.value, "--network", &map];
+    // The plan first: what would be made where, checked against the inventory, nothing created.
+    let plan = lab.ok(&[&["restore", &id, "--to-new-vm", "dr-vm", "--dry-run", "--json"][..], &args[..]].concat());
+    assert_eq!(
+        (&plan["folder"], &plan["resource_pool"]),
+        (&restored_folder.value.as_str().into(), &pool.value.as_str().into())
+    );
+    assert_eq!(
+        (&plan["disks"][0]["provisioning"], &plan["disks"][1]["provisioning"]),
+        (&"thin".into(), &"thick-eager".into())
+    );
+    assert_eq!((&plan["disks"][1]["datastore"], &plan["nics"][0][1]), (&"LocalDS_0".into(), &other.into()), "{plan}");
+    assert!(!listed("dr-vm"), "a dry run creates nothing");
+    let r = lab.run(&["restore", &id, "--to-new-vm", "dr-vm", "--dry-run", "--datastore", "nowhere"], &[]);
+    assert!(
+        r.code != 0 && r.stderr.contains("there is no datastore \"nowhere\" (datastores: LocalDS_0)"),
+        "{}",
+        r.stderr
+    );
     lab.succeed(&[&["restore", &id, "--to-new-vm", "dr-vm"][..], &args[..]].concat());
     let all = lab.ok(&["vm", "list", "--json"]);
     let new = all.as_array().unwrap().iter().find(|v| v["name"] == "dr-vm").expect("the new VM is listed").clone();

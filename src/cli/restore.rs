@@ -70,6 +70,10 @@ pub struct RestoreArgs {
     /// With --to-new-vm: create every disk thin (default: thin or thick, lazily or eagerly zeroed, as it was).
     #[arg(long, requires = "to_new_vm")]
     thin: bool,
+    /// With --to-new-vm: show the VM that would be created (placement, datastores, disks, networks), checked
+    /// against the inventory, and create nothing (a recovery plan to test before it is needed).
+    #[arg(long, requires = "to_new_vm", conflicts_with_all = ["power_on", "verify_boot"])]
+    dry_run: bool,
     /// With --to-new-vm: the folder for the new VM, as an inventory path ("DC0/vm/restored") or moref (default:
     /// the folder the VM was in).
     #[arg(long, requires = "to_new_vm", value_name = "PATH")]
@@ -272,6 +276,19 @@ fn restore_new_vm(
     snap: &crate::format::snapshot::Snapshot,
     name: &str,
 ) -> Result<()> {
+    let placement = crate::vmware::NewVmPlacement {
+        datastore: args.datastore.clone(),
+        thin: args.thin,
+        folder: args.folder.clone(),
+        resource_pool: args.resource_pool.clone(),
+        networks: args.networks.clone(),
+    };
+    if args.dry_run {
+        let mut client = args.vsphere.connect()?;
+        let plan = crate::vmware::plan_new_vm(&mut client, snap, name, &placement);
+        client.logout();
+        return print_plan(&plan?, id, args.json);
+    }
     let libdir = vddk_libdir(args)?;
     let cache = g.open_cache_unsynced(repo)?;
     let counters = Arc::new(Counters::default());
@@ -284,13 +301,7 @@ fn restore_new_vm(
             &cache,
             snap,
             name,
-            &crate::vmware::NewVmPlacement {
-                datastore: args.datastore.clone(),
-                thin: args.thin,
-                folder: args.folder.clone(),
-                resource_pool: args.resource_pool.clone(),
-                networks: args.networks.clone(),
-            },
+            &placement,
             &libdir,
             args.vsphere.user()?,
             &counters,
@@ -356,6 +367,29 @@ fn restore_new_vm(
         }
     }
     boot_verdict(name, boot.as_ref())
+}
+
+/// `--dry-run`: the VM `--to-new-vm` would create.
+fn print_plan(plan: &crate::vmware::NewVmPlan, id: &crate::format::ObjectId, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(plan).expect("JSON of plain values"));
+        return Ok(());
+    }
+    println!("would create VM {} from snapshot {} (nothing created):", plan.name, id.short());
+    println!("  folder {}, resource pool {}, files on {}", plan.folder, plan.resource_pool, plan.datastore);
+    let cores =
+        if plan.cores_per_socket > 0 { format!(" ({} per socket)", plan.cores_per_socket) } else { String::new() };
+    let version = if plan.hardware_version.is_empty() { "default" } else { plan.hardware_version.as_str() };
+    println!("  {} CPUs{cores}, {} MiB memory, hardware version {version}", plan.num_cpu, plan.memory_mb);
+    for d in &plan.disks {
+        let how = d.provisioning.name();
+        let empty = d.left_empty_because.as_deref().map(|r| format!(", created empty ({r})")).unwrap_or_default();
+        println!("  disk {}: {} on {}, {how}{empty}", d.disk, human_bytes(d.capacity), d.datastore);
+    }
+    for (kind, network) in &plan.nics {
+        println!("  NIC {kind} on {network}");
+    }
+    Ok(())
 }
 
 /// `--verify-boot`: powers the new VM on, waits for its guest's heartbeat, and removes the VM (unless --keep),

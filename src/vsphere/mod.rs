@@ -423,8 +423,18 @@ impl Client {
     /// Every network (standard port groups, `Network`, and distributed ones, `DistributedVirtualPortgroup`): its
     /// moref and name.
     pub fn networks(&mut self) -> Result<Vec<(MoRef, String)>> {
+        self.names_of_type("Network")
+    }
+
+    /// Every datastore: its moref and name.
+    pub fn datastores(&mut self) -> Result<Vec<(MoRef, String)>> {
+        self.names_of_type("Datastore")
+    }
+
+    /// The moref and name of every managed object of type `kind` in the inventory.
+    fn names_of_type(&mut self, kind: &str) -> Result<Vec<(MoRef, String)>> {
         let root = self.root_folder.clone();
-        let objects = self.objects_of_type(&root, "Network", &["name"])?;
+        let objects = self.objects_of_type(&root, kind, &["name"])?;
         Ok(objects
             .iter()
             .filter_map(|o| {
@@ -873,7 +883,8 @@ pub struct NewVmStorage {
 }
 
 /// A new disk's provisioning.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Provisioning {
     Thin,
     /// Thick, zeroed on first write.
@@ -883,6 +894,15 @@ pub enum Provisioning {
 }
 
 impl Provisioning {
+    /// As `--dry-run` and the JSON name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Provisioning::Thin => "thin",
+            Provisioning::ThickLazy => "thick-lazy",
+            Provisioning::ThickEager => "thick-eager",
+        }
+    }
+
     /// What `disk` had (thin where the record does not say).
     pub fn of(disk: &VirtualDiskInfo) -> Provisioning {
         match (disk.thin_provisioned, disk.eagerly_scrub) {
