@@ -1236,10 +1236,10 @@ impl NewVmPlacement {
     /// Changes `config` where this placement says otherwise; inventory paths are looked up.
     fn apply(&self, client: &mut Client, config: &mut crate::vsphere::VmConfig) -> Result<()> {
         if let Some(folder) = &self.folder {
-            config.folder = resolve_placement(client, folder, &["Folder"], "folder")?;
+            config.folder = client.resolve(folder, &["Folder"], "folder")?.value;
         }
         if let Some(pool) = &self.resource_pool {
-            config.resource_pool = resolve_placement(client, pool, &["ResourcePool", "VirtualApp"], "resource pool")?;
+            config.resource_pool = client.resolve(pool, &["ResourcePool", "VirtualApp"], "resource pool")?.value;
         }
         let networks = if self.networks.is_empty() { Vec::new() } else { client.networks()? };
         for (recorded, new) in &self.networks {
@@ -1302,18 +1302,6 @@ impl NewVmPlacement {
             }
         }
         Ok(())
-    }
-}
-
-/// A folder or resource pool given as an inventory path (has a `/`) or a moref, as a moref of one of `kinds`.
-fn resolve_placement(client: &mut Client, given: &str, kinds: &[&str], what: &str) -> Result<String> {
-    if !given.contains('/') {
-        return Ok(given.to_string());
-    }
-    match client.find_by_inventory_path(given)? {
-        Some(found) if kinds.contains(&found.kind.as_str()) => Ok(found.value),
-        Some(found) => Err(Error::invalid(format!("{given:?} is a {} ({}), not a {what}", found.kind, found.value))),
-        None => Err(Error::invalid(format!("no {what} at the inventory path {given:?}"))),
     }
 }
 
@@ -1408,9 +1396,7 @@ pub fn plan_new_vm(
                 ))
             }
         };
-        let datastore = storage.disks_datastore.as_deref().or(d.datastore()).unwrap_or(&storage.vm_datastore);
-        let provisioning =
-            if storage.thin { crate::vsphere::Provisioning::Thin } else { crate::vsphere::Provisioning::of(d) };
+        let (datastore, provisioning) = storage.for_disk(d);
         disks.push(PlannedDisk {
             disk: in_snapshot,
             capacity: d.capacity,

@@ -84,6 +84,11 @@ impl Lab {
         self.ok(&["vm", "list", "--json"])[0].clone()
     }
 
+    /// The VM of this name as `vm list --json` shows it, if there is one.
+    fn vm_named(&self, name: &str) -> Option<serde_json::Value> {
+        self.ok(&["vm", "list", "--json"]).as_array().unwrap().iter().find(|v| v["name"] == name).cloned()
+    }
+
     fn disk_file(&self, vm: &serde_json::Value, i: usize) -> PathBuf {
         self.sim.flat_file(vm["disks"][i]["file_name"].as_str().unwrap())
     }
@@ -479,9 +484,7 @@ fn restore_as_a_new_vm_from_the_recorded_configuration() {
     let r = lab.ok(&["restore", &id, "--to-new-vm", "restored-vm", "--json"]);
     assert_eq!(r.as_array().unwrap().len(), 2);
     assert_eq!((r[0]["blocks_written"].as_u64(), r[1]["blocks_written"].as_u64()), (Some(3), Some(1)), "{r}");
-    let all = lab.ok(&["vm", "list", "--json"]);
-    let new =
-        all.as_array().unwrap().iter().find(|v| v["name"] == "restored-vm").expect("the new VM is listed").clone();
+    let new = lab.vm_named("restored-vm").expect("the new VM is listed");
     assert_eq!(new["power_state"], "poweredOff");
     assert!(vm["num_cpu"].as_u64().unwrap() >= 1 && vm["memory_mb"].as_u64().unwrap() >= 1, "{vm}");
     assert_eq!((&new["num_cpu"], &new["memory_mb"]), (&vm["num_cpu"], &vm["memory_mb"]));
@@ -529,7 +532,7 @@ fn restore_as_a_new_vm_from_the_recorded_configuration() {
     let r = lab.run(&["restore", &id, "--to-new-vm", "broken-vm"], &[]);
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains(data_pack.as_str()) && r.stderr.contains(" of disk disk"), "{}", r.stderr);
-    assert!(lab.ok(&["vm", "list", "--json"]).as_array().unwrap().iter().all(|v| v["name"] != "broken-vm"));
+    assert!(lab.vm_named("broken-vm").is_none());
     lab.env.flip(data_pack, 1000);
     // The name is taken now; a file backup has no VM configuration to restore from.
     let r = lab.run(&["restore", &id, "--to-new-vm", "restored-vm"], &[]);
@@ -574,7 +577,7 @@ fn restore_as_a_new_vm_into_another_folder_pool_and_network() {
         key => (key.to_string(), "VM Network"),
     };
 
-    let listed = |vm: &str| lab.ok(&["vm", "list", "--json"]).as_array().unwrap().iter().any(|v| v["name"] == vm);
+    let listed = |vm: &str| lab.vm_named(vm).is_some();
     // Wrong places are refused before anything is created.
     for (args, says) in [
         (["--folder", "DC0/vm/nowhere"], "no folder at the inventory path \"DC0/vm/nowhere\""),
@@ -608,8 +611,7 @@ fn restore_as_a_new_vm_into_another_folder_pool_and_network() {
         r.stderr
     );
     lab.succeed(&[&["restore", &id, "--to-new-vm", "dr-vm"][..], &args[..]].concat());
-    let all = lab.ok(&["vm", "list", "--json"]);
-    let new = all.as_array().unwrap().iter().find(|v| v["name"] == "dr-vm").expect("the new VM is listed").clone();
+    let new = lab.vm_named("dr-vm").expect("the new VM is listed");
     assert_eq!(new["folder"], restored_folder.value.as_str(), "{new}");
     let provisioning = |v: &serde_json::Value| -> Vec<(bool, bool)> {
         let disks = v["disks"].as_array().unwrap();
@@ -628,8 +630,7 @@ fn restore_as_a_new_vm_into_another_folder_pool_and_network() {
     let args = ["--network", "DC0_DVPG0=DR-PG", "--power-on", "--thin"];
     let r = lab.run(&[&["restore", &id, "--to-new-vm", "dr-vm2"][..], &args].concat(), &[]);
     assert!(r.code == 0 && r.stdout.contains("created VM dr-vm2 (powered on)"), "{}{}", r.stdout, r.stderr);
-    let all = lab.ok(&["vm", "list", "--json"]);
-    let new = all.as_array().unwrap().iter().find(|v| v["name"] == "dr-vm2").expect("the new VM is listed").clone();
+    let new = lab.vm_named("dr-vm2").expect("the new VM is listed");
     assert_eq!(new["power_state"], "poweredOn");
     assert_eq!(provisioning(&new), [(true, false), (true, false)], "--thin");
     assert_eq!(new["nics"][0]["portgroup_key"], dr_pg.value.as_str(), "{new}");
@@ -648,7 +649,7 @@ fn a_restored_vm_is_started_to_check_that_it_boots() {
     lab.guest_write(&vm, 0, 0, &boot_sector);
     lab.guest_write(&vm, 0, 3 * M, &random_bytes(32, MIB));
     let good = lab.ok(&["backup", "--json", "--vm", &name])["snapshot"].as_str().unwrap().to_string();
-    let listed = |vm: &str| lab.ok(&["vm", "list", "--json"]).as_array().unwrap().iter().any(|v| v["name"] == vm);
+    let listed = |vm: &str| lab.vm_named(vm).is_some();
 
     let prom = lab.env.path("boot.prom");
     let verified = || {
@@ -698,8 +699,7 @@ fn a_restored_vm_is_started_to_check_that_it_boots() {
     let r =
         lab.run(&["restore", &bad, "--to-new-vm", "check-3", "--verify-boot", "--boot-timeout", "1", "--keep"], &[]);
     assert_eq!(r.code, 1, "{}", r.stderr);
-    let all = lab.ok(&["vm", "list", "--json"]);
-    let kept = all.as_array().unwrap().iter().find(|v| v["name"] == "check-3").expect("kept");
+    let kept = lab.vm_named("check-3").expect("kept");
     assert_eq!(kept["power_state"], "poweredOn");
     lab.assert_clean();
 }
@@ -730,8 +730,7 @@ fn excluded_and_independent_disks_are_left_out_and_restored_empty() {
     assert_eq!(report("disk1")["blocks_written"], 1, "{r}");
     assert!(report("disk2")["left_empty_because"].as_str().unwrap().contains("excluded"), "{r}");
     assert!(report("disk3")["left_empty_because"].as_str().unwrap().contains("independent"), "{r}");
-    let all = lab.ok(&["vm", "list", "--json"]);
-    let new = all.as_array().unwrap().iter().find(|v| v["name"] == "copy-vm").unwrap().clone();
+    let new = lab.vm_named("copy-vm").expect("the new VM is listed");
     assert_eq!(new["disks"].as_array().unwrap().len(), 3);
     assert!(std::fs::read(lab.disk_file(&new, 0)).unwrap() == std::fs::read(lab.disk_file(&vm, 0)).unwrap());
     assert!(std::fs::read(lab.disk_file(&new, 1)).unwrap().iter().all(|&b| b == 0), "disk2 was not left empty");
@@ -776,8 +775,8 @@ fn every_vm_of_a_folder_is_backed_up_but_the_excluded_ones() {
     assert_eq!(both, [a, b]);
 
     for (args, says) in [
-        (vec!["--vm-folder", "DC0/vm/nothing"], "no such inventory path"),
-        (vec!["--vm-folder", "DC0/host/DC0_H0"], "not a folder"),
+        (vec!["--vm-folder", "DC0/vm/nothing"], "no folder at the inventory path \"DC0/vm/nothing\""),
+        (vec!["--vm-folder", "DC0/host/DC0_H0"], "\"DC0/host/DC0_H0\" is a ComputeResource"),
         (vec!["--vm-folder", "DC0/vm/production", "--exclude-vm", a], "no VM to back up in DC0/vm/production"),
         (vec!["--vm-folder", "DC0/vm", "--exclude-vm", "ghost"], "--exclude-vm ghost: no virtual machine"),
     ] {

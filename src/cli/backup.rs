@@ -553,17 +553,7 @@ fn select_vms(client: &mut crate::vsphere::Client, args: &BackupArgs) -> Result<
         vms.push(client.find_vm(name)?);
     }
     for path in &args.vm_folder {
-        let folder = if path.contains('/') {
-            match client.find_by_inventory_path(path)? {
-                Some(f) if f.kind == "Folder" => f,
-                Some(f) => {
-                    return Err(Error::invalid(format!("--vm-folder {path}: a {} ({}), not a folder", f.kind, f.value)))
-                }
-                None => return Err(Error::invalid(format!("--vm-folder {path}: no such inventory path"))),
-            }
-        } else {
-            crate::vsphere::MoRef::new("Folder", path)
-        };
+        let folder = client.resolve(path, &["Folder"], "folder")?;
         let mut found = 0;
         for vm in client.virtual_machines_in(&folder)? {
             let excluded = args.exclude_vm.iter().any(|x| *x == vm.name || *x == vm.moref);

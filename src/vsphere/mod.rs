@@ -569,6 +569,21 @@ impl Client {
         })
     }
 
+    /// An object the user gave as an inventory path (it has a `/`: looked up) or a moref (taken as the first of
+    /// `kinds`), which must be one of `kinds`; `what` names it in errors.
+    pub fn resolve(&mut self, given: &str, kinds: &[&str], what: &str) -> Result<MoRef> {
+        if !given.contains('/') {
+            return Ok(MoRef::new(kinds[0], given));
+        }
+        match self.find_by_inventory_path(given)? {
+            Some(found) if kinds.contains(&found.kind.as_str()) => Ok(found),
+            Some(found) => {
+                Err(Error::invalid(format!("{given:?} is a {} ({}), not a {what}", found.kind, found.value)))
+            }
+            None => Err(Error::invalid(format!("no {what} at the inventory path {given:?}"))),
+        }
+    }
+
     /// The managed object at an inventory path (`DC0/vm/restored`, `DC0/host/cluster/Resources`), if any.
     pub fn find_by_inventory_path(&mut self, path: &str) -> Result<Option<MoRef>> {
         let search_index = self.search_index.clone();
@@ -882,6 +897,14 @@ pub struct NewVmStorage {
     pub thin: bool,
 }
 
+impl NewVmStorage {
+    /// The datastore and provisioning of the new copy of `disk`.
+    pub fn for_disk<'a>(&'a self, disk: &'a VirtualDiskInfo) -> (&'a str, Provisioning) {
+        let datastore = self.disks_datastore.as_deref().or(disk.datastore()).unwrap_or(&self.vm_datastore);
+        (datastore, if self.thin { Provisioning::Thin } else { Provisioning::of(disk) })
+    }
+}
+
 /// A new disk's provisioning.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -982,8 +1005,7 @@ fn new_vm_devices(config: &VmConfig, storage: &NewVmStorage) -> String {
                 (fallback, next_unit - 1)
             }
         };
-        let datastore = storage.disks_datastore.as_deref().or(d.datastore()).unwrap_or(&storage.vm_datastore);
-        let provisioning = if storage.thin { Provisioning::Thin } else { Provisioning::of(d) };
+        let (datastore, provisioning) = storage.for_disk(d);
         let file = format!("[{datastore}]");
         out.push_str(&add(disk_device(-200 - i as i32, &file, controller, unit, d.capacity, provisioning), true));
     }
