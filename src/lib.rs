@@ -8,7 +8,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`format`](mod@format) | every stored object's bytes: config, key files, packs, index files, snapshots, checkpoints, and the recovery key's text (the contract in `format-spec/`) |
-//! | [`crypto`] | key derivation, keyed BLAKE3 block ids, AES-256-GCM sealing |
+//! | [`crypto`] | the keyring (one secret per key epoch, `key rotate`), key derivation, keyed BLAKE3 block ids, AES-256-GCM sealing |
 //! | [`backend`] | where objects live: the [`backend::Backend`] trait, the local-directory and S3 backends, bandwidth limits ([`backend::throttle`]) |
 //! | [`repository`] | an open repository: unlocks keys, reads/writes objects and blobs, resolves snapshots |
 //! | [`cache`] | the local RocksDB dedup index, a rebuildable cache of `index/`; one process of a host writes it, others read it below a private cache and hand it their page features |

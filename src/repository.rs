@@ -72,7 +72,8 @@ pub struct Repository {
     config: Config,
     /// The key file this session was opened with.
     key_id: ObjectId,
-    master_secret: [u8; 32],
+    /// The master secrets, epoch 0 first (one until the first `key rotate`).
+    keyring: Vec<[u8; 32]>,
 }
 
 fn map_header_err(object: &str, e: HeaderError) -> Error {
@@ -108,16 +109,16 @@ impl Repository {
             zstd_level: opts.zstd_level,
         };
         config.validate().map_err(Error::invalid)?;
-        let secret: [u8; 32] = crypto::random_array();
-        let keys = Keys::from_master_secret(&secret);
-        let key_id = write_key(&*backend, &secret, password, opts.kdf)?;
+        let keyring = vec![crypto::random_array()];
+        let keys = Keys::from_keyring(&keyring);
+        let key_id = write_key(&*backend, &keyring, password, opts.kdf)?;
         let sealed = envelope::seal(&keys, Kind::Config, &config.encode());
         // The config is written last and only if absent: it is what makes the directory a repository.
         if !backend.create_new(names::CONFIG, &sealed)? {
             backend.delete(&names::key(&key_id))?;
             return Err(Error::RepositoryExists(backend.location()));
         }
-        Ok(Repository { backend, keys, config, key_id, master_secret: secret })
+        Ok(Repository { backend, keys, config, key_id, keyring })
     }
 
     /// Opens a repository with a password, trying every key file.
@@ -134,6 +135,9 @@ impl Repository {
             return Err(Error::corrupt(names::KEYS, "the repository has no key files"));
         }
         let mut first_damage = None;
+        // A key file that opens with this password but predates a key rotation.
+        let mut revoked = None;
+        let config_epoch = envelope::epoch_of(&config_bytes);
         for info in &key_names {
             let Some(id) = info.name.rsplit('/').next().and_then(BlobId::from_hex) else { continue };
             let kf = match get_verified(&*backend, &info.name, &id)
@@ -146,13 +150,19 @@ impl Repository {
                     continue;
                 }
             };
-            match kf.unwrap_secret(password) {
-                Ok(secret) => {
-                    let keys = Keys::from_master_secret(&secret);
+            match kf.unwrap_keyring(password) {
+                Ok(keyring) if keyring.len() <= config_epoch as usize => {
+                    revoked.get_or_insert((info.name.clone(), keyring.len() - 1));
+                }
+                Ok(mut keyring) => {
+                    // Secrets beyond the config's epoch are a rotation that stopped before it sealed the config:
+                    // unused (nothing may be sealed with a secret that older key files do not hold).
+                    keyring.truncate(config_epoch as usize + 1);
+                    let keys = Keys::from_keyring(&keyring);
                     let plain = envelope::open(&keys, Kind::Config, &config_bytes)
                         .map_err(|e| map_header_err(names::CONFIG, e))?;
                     let config = Config::decode(&plain).map_err(|e| Error::corrupt(names::CONFIG, e))?;
-                    return Ok(Repository { backend, keys, config, key_id: id, master_secret: secret });
+                    return Ok(Repository { backend, keys, config, key_id: id, keyring });
                 }
                 Err(KeyError::WrongPassword) => continue,
                 Err(e) => {
@@ -161,6 +171,12 @@ impl Repository {
                     first_damage.get_or_insert(e);
                 }
             }
+        }
+        if let Some((name, epoch)) = revoked {
+            return Err(Error::invalid(format!(
+                "this password opens {name}, a key file from before a key rotation (it holds key epochs up to \
+                 {epoch}, the repository is at epoch {config_epoch}): it was revoked and opens nothing any more"
+            )));
         }
         // If some key file was unreadable the password may belong to it: say so rather than "wrong password".
         match first_damage {
@@ -183,7 +199,17 @@ impl Repository {
             Err(e) => return Err(e),
         };
         envelope::check_header(&config_bytes, Kind::Config).map_err(|e| map_header_err(names::CONFIG, e))?;
-        let keys = Keys::from_master_secret(&recovery.secret);
+        let config_epoch = envelope::epoch_of(&config_bytes);
+        if recovery.secrets.len() <= config_epoch as usize {
+            return Err(Error::invalid(format!(
+                "the recovery key is from before a key rotation (it holds key epochs up to {}, the repository is at \
+                 epoch {config_epoch}): it was revoked with the rotation; `key export` with a current password gives \
+                 the current one",
+                recovery.secrets.len() - 1
+            )));
+        }
+        let keyring = recovery.secrets[..=config_epoch as usize].to_vec();
+        let keys = Keys::from_keyring(&keyring);
         let plain = envelope::open(&keys, Kind::Config, &config_bytes).map_err(|e| match e {
             HeaderError::Other(cause) => Error::invalid(format!(
                 "the recovery key (of repository {}) does not open this repository's config: {cause} (a key of \
@@ -202,14 +228,14 @@ impl Repository {
                 hex::encode(config.id)
             );
         }
-        let key_id = write_key(&*backend, &recovery.secret, password, kdf)?;
-        Ok(Repository { backend, keys, config, key_id, master_secret: recovery.secret })
+        let key_id = write_key(&*backend, &keyring, password, kdf)?;
+        Ok(Repository { backend, keys, config, key_id, keyring })
     }
 
-    /// The recovery key: the master secret as text (`format::recovery_key`). Whoever holds it can read and
-    /// write the repository, whatever its key files and passwords.
+    /// The recovery key: the keyring as text (`format::recovery_key`). Whoever holds it can read and write the
+    /// repository, whatever its key files and passwords, until the next key rotation.
     pub fn recovery_key(&self) -> RecoveryKey {
-        RecoveryKey { repository: self.config.id, secret: self.master_secret }
+        RecoveryKey { repository: self.config.id, secrets: self.keyring.clone() }
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -228,7 +254,52 @@ impl Repository {
     // ---- keys ----
 
     pub fn add_key(&self, password: &[u8], kdf: KdfParams) -> Result<ObjectId> {
-        write_key(&*self.backend, &self.master_secret, password, kdf)
+        write_key(&*self.backend, &self.keyring, password, kdf)
+    }
+
+    /// Rotates the repository key: a new master secret (key epoch) that only a key file for `password` holds,
+    /// with which everything written from now on is sealed; the config is sealed again with it, so that every
+    /// older key file and recovery key stops opening the repository, and every other key file is removed.
+    /// Data written before stays readable (the keyring keeps the older secrets) and deduplicates as before (ids
+    /// come from epoch 0). Returns the new key file and the removed ones.
+    ///
+    /// Crash-safe in this order: the new key file first (opens the repository before and after), then the
+    /// config (from then on only the new key file opens it), then the other key files (revoked already).
+    pub fn rotate_key(&mut self, password: &[u8], kdf: KdfParams) -> Result<(ObjectId, Vec<ObjectId>)> {
+        if self.keyring.len() >= crypto::MAX_EPOCHS {
+            return Err(Error::invalid(format!(
+                "the keyring holds {} epochs, the most there can be",
+                self.keyring.len()
+            )));
+        }
+        // One rotation at a time, from the newest keyring: a second client that opened the repository before a
+        // rotation would otherwise seal the config with a secret of its own and delete the key file of the
+        // first, and what was written in between with the first's secret would be lost with it.
+        let _lock = crate::lock::acquire_exclusive(self, "key rotate")?;
+        let config = self.backend.get(names::CONFIG)?;
+        let config_epoch = envelope::epoch_of(&config);
+        if config_epoch != self.keys.current_epoch() || envelope::open(&self.keys, Kind::Config, &config).is_err() {
+            return Err(Error::invalid(format!(
+                "the repository key was rotated since this command opened it (the config is sealed with key epoch \
+                 {config_epoch}, this key's newest is {}): run it again with a current password",
+                self.keys.current_epoch()
+            )));
+        }
+        let mut keyring = self.keyring.clone();
+        keyring.push(crypto::random_array());
+        let keys = Keys::from_keyring(&keyring);
+        let new_key = write_key(&*self.backend, &keyring, password, kdf)?;
+        self.backend.put(names::CONFIG, &envelope::seal(&keys, Kind::Config, &self.config.encode()))?;
+        let mut removed = Vec::new();
+        for info in self.backend.list(names::KEYS)? {
+            let Some(id) = info.name.rsplit('/').next().and_then(BlobId::from_hex) else { continue };
+            if id != new_key {
+                self.backend.delete(&info.name)?;
+                removed.push(id);
+            }
+        }
+        (self.keys, self.keyring, self.key_id) = (keys, keyring, new_key);
+        Ok((new_key, removed))
     }
 
     pub fn list_keys(&self) -> Result<Vec<(ObjectId, Result<KeyFile>)>> {
@@ -309,9 +380,9 @@ impl Repository {
             return Err(Error::corrupt(&name, format!("truncated: {size} bytes")));
         }
         let trailer = self.backend.get_range(&name, size - tl, tl)?;
-        let (start, len, version) = pack::parse_trailer(&trailer, size).map_err(|e| Error::corrupt(&name, e))?;
-        let sealed = self.backend.get_range(&name, start, len as u64)?;
-        pack::open_header(&self.keys, &sealed, start, version).map_err(|e| Error::corrupt(&name, e))
+        let t = pack::parse_trailer(&trailer, size).map_err(|e| Error::corrupt(&name, e))?;
+        let sealed = self.backend.get_range(&name, t.header_start, t.header_len as u64)?;
+        pack::open_header(&self.keys, &sealed, &t).map_err(|e| Error::corrupt(&name, e))
     }
 
     // ---- content-named encrypted objects (index files, snapshots, verification records) ----
@@ -512,8 +583,8 @@ fn key_err(name: &str, e: KeyError) -> Error {
     }
 }
 
-fn write_key(backend: &dyn Backend, secret: &[u8; 32], password: &[u8], kdf: KdfParams) -> Result<ObjectId> {
-    let kf = KeyFile::create(secret, password, kdf, crate::util::hostname(), crate::util::username());
+fn write_key(backend: &dyn Backend, keyring: &[[u8; 32]], password: &[u8], kdf: KdfParams) -> Result<ObjectId> {
+    let kf = KeyFile::create(keyring, password, kdf, crate::util::hostname(), crate::util::username());
     let bytes = kf.encode();
     let id = BlobId::of_file(&bytes);
     backend.put(&names::key(&id), &bytes)?;
@@ -547,6 +618,40 @@ mod tests {
     use crate::format::checkpoint::CheckpointDisk;
     use crate::format::snapshot::SegmentRef;
     use crate::format::{BLOCK_SIZE, SEGMENT_BLOCKS};
+
+    #[test]
+    fn a_rotation_from_a_keyring_rotated_meanwhile_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = test_repository(dir.path());
+        let mut second = Repository::open(first.backend().clone(), b"pw").unwrap();
+        let kdf = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+        let (kept, removed) = first.rotate_key(b"first", kdf).unwrap();
+        assert_eq!(removed.len(), 1);
+        // The second client still holds epoch 0 only: rotating from it would seal the config with a secret the
+        // first's key file does not hold and delete that key file.
+        let e = second.rotate_key(b"second", kdf).unwrap_err().to_string();
+        assert!(e.contains("rotated since this command opened it"), "{e}");
+        let keys: Vec<ObjectId> = first.list_keys().unwrap().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(keys, [kept]);
+        let reopened = Repository::open(first.backend().clone(), b"first").unwrap();
+        assert_eq!(reopened.keys().current_epoch(), 1);
+        assert!(crate::lock::list(&reopened).unwrap().is_empty(), "the rotation lock was released");
+    }
+
+    #[test]
+    fn a_rotation_stopped_before_the_config_leaves_its_secret_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = test_repository(dir.path());
+        let kdf = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+        // What `rotate_key` leaves when stopped after its first write: a key file holding one more secret.
+        let mut keyring = repo.keyring.clone();
+        keyring.push(crypto::random_array());
+        write_key(&**repo.backend(), &keyring, b"half", kdf).unwrap();
+        let half = Repository::open(repo.backend().clone(), b"half").unwrap();
+        assert_eq!(half.keys().current_epoch(), 0, "sealing with the unfinished epoch would shut out the old keys");
+        let id = half.save_verification(&VerificationRecord { entries: Vec::new() }).unwrap();
+        repo.load_verification(&id).unwrap();
+    }
 
     #[test]
     fn of_one_backups_checkpoints_the_fullest_is_listed_last() {

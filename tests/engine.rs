@@ -440,6 +440,117 @@ fn the_recovery_key_opens_a_repository_whose_key_files_are_all_gone() {
     e.ok(&["check", "--read-data"]);
 }
 
+/// What the key-rotation test's revoked holder can still open with the secrets it kept: whether every pack
+/// header and snapshot opens under `keys`, by object name.
+fn opens_with(e: &Env, keys: &diskvault::crypto::Keys) -> Vec<(String, bool)> {
+    use diskvault::format::envelope::{self, Kind};
+    let mut out = Vec::new();
+    for name in e.objects("packs") {
+        let opened = diskvault::format::pack::read_header(keys, &e.read_object(&name)).is_ok();
+        out.push((name, opened));
+    }
+    for name in e.objects("snapshots") {
+        out.push((name.clone(), envelope::open(keys, Kind::Snapshot, &e.read_object(&name)).is_ok()));
+    }
+    out
+}
+
+#[test]
+fn key_rotation_revokes_every_older_key_and_keeps_the_data() {
+    use diskvault::format::recovery_key::RecoveryKey;
+    let mut e = Env::new();
+    e.ok(&["init", "--pack-size", "1"]);
+    let disk = e.path("disk.raw");
+    let day0 = random_bytes(60, 6 * MIB);
+    write(&disk, &day0);
+    let d = disk.to_str().unwrap();
+    e.backup(&["--name", "vm", d]);
+    // A second password (a colleague who leaves), the recovery key and the colleague's key file as they were
+    // before the rotation: what a revoked holder may have kept.
+    let add = e.command(&["key", "add"]).env("DISKVAULT_NEW_PASSWORD", "colleague").output().unwrap();
+    assert!(add.status.success());
+    let old_recovery = e.ok(&["key", "export"]).stdout;
+    let old_key_files: Vec<(String, Vec<u8>)> =
+        e.objects("keys").into_iter().map(|k| (k.clone(), e.read_object(&k))).collect();
+    let before_rotation = e.objects("packs");
+
+    let rotate = e.command(&["key", "rotate"]).env("DISKVAULT_NEW_PASSWORD", "rotated").output().unwrap();
+    let said = String::from_utf8_lossy(&rotate.stdout);
+    assert!(rotate.status.success(), "{}", String::from_utf8_lossy(&rotate.stderr));
+    assert!(said.contains("key epoch 1") && said.contains("removed 2 key file(s)"), "{said}");
+    assert_eq!(e.objects("keys").len(), 1, "only the new password's key file is left");
+    for old in ["colleague", &e.password.clone()] {
+        e.password = old.into();
+        let r = e.fails(&["snapshots"]);
+        assert!(r.stderr.contains("wrong password"), "{old}: {}", r.stderr);
+    }
+    e.password = "rotated".into();
+
+    // Day 1 changes two blocks: only they are stored (ids did not change), sealed with the new key.
+    let mut day1 = day0.clone();
+    day1[MIB..3 * MIB].copy_from_slice(&random_bytes(61, 2 * MIB));
+    write(&disk, &day1);
+    let r = e.backup(&["--name", "vm", d]);
+    assert_eq!(r["disks"][0]["new_blocks"], 2, "{r}");
+    let snaps = e.ok(&["snapshots", "--json"]).json();
+    let (s0, s1) = (snaps[0]["id"].as_str().unwrap().to_string(), snaps[1]["id"].as_str().unwrap().to_string());
+    assert_eq!(e.restore(&s0, &[]), day0);
+    assert_eq!(e.restore(&s1, &[]), day1);
+
+    // The revoked secrets open what was there before the rotation and nothing written since.
+    let old = RecoveryKey::decode(&old_recovery).unwrap();
+    let old_keys = diskvault::crypto::Keys::from_keyring(&old.secrets);
+    for (name, opened) in opens_with(&e, &old_keys) {
+        let before = before_rotation.contains(&name) || name.ends_with(&s0);
+        assert_eq!(opened, before, "{name}: the revoked key {} it", if opened { "opens" } else { "does not open" });
+    }
+    // A key file put back from before the rotation, and the old recovery key, are refused by name.
+    for (name, bytes) in &old_key_files {
+        e.write_object(name, bytes);
+    }
+    let list = e.ok(&["key", "list"]).stdout;
+    assert_eq!(list.matches("from before a key rotation").count(), 2, "{list}");
+    e.password = "colleague".into();
+    let r = e.fails(&["snapshots"]);
+    assert!(r.stderr.contains("from before a key rotation"), "{}", r.stderr);
+    e.password = "rotated".into();
+    std::fs::write(e.path("old-recovery.txt"), &old_recovery).unwrap();
+    let out = e
+        .command(&["key", "recover", "--recovery-key-file", e.path("old-recovery.txt").to_str().unwrap()])
+        .env("DISKVAULT_NEW_PASSWORD", "thief")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("from before a key rotation"), "{stderr}");
+    for (name, _) in &old_key_files {
+        e.delete_object(name);
+    }
+
+    // Prune copies day 0's blocks that day 1 still uses (sealed with epoch 0) into packs of the new epoch.
+    e.ok(&["forget", "--keep-last", "1"]);
+    e.ok(&["prune", "--max-unused", "0"]);
+    assert!(e.objects("packs").iter().any(|p| !before_rotation.contains(p)));
+    assert_eq!(e.restore(&s1, &[]), day1);
+    let check = e.ok(&["check", "--read-data"]);
+    assert!(check.stdout.contains("no errors found"), "{}", check.stdout);
+
+    // The new recovery key holds both secrets and opens the repository without any key file.
+    let new_recovery = e.ok(&["key", "export"]).stdout;
+    assert!(new_recovery.starts_with("diskvault recovery key v2\n"), "{new_recovery}");
+    std::fs::write(e.path("recovery.txt"), &new_recovery).unwrap();
+    for k in e.objects("keys") {
+        e.delete_object(&k);
+    }
+    let out = e
+        .command(&["key", "recover", "--recovery-key-file", e.path("recovery.txt").to_str().unwrap()])
+        .env("DISKVAULT_NEW_PASSWORD", "recovered")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    e.password = "recovered".into();
+    assert_eq!(e.restore(&s1, &[]), day1);
+}
+
 #[test]
 fn password_file_and_command() {
     let e = Env::with_repo();

@@ -43,6 +43,7 @@ fn entry(i: u8, offset: u32) -> PackEntry {
     PackEntry {
         blob_type: BlobType::Data,
         flags: i & 1,
+        key_epoch: 0,
         offset,
         stored_len: 1000 + i as u32,
         raw_len: 1 << 20,
@@ -101,6 +102,27 @@ fn pack_header_and_index_vectors_v2_with_delta_blobs() {
     assert_eq!(IndexFile::decode(&idx.encode()).unwrap(), idx);
     let loc = BlobLocation { pack: BlobId([3; 32]), entry: delta_entry(2, 1001, 1) };
     check("blob_location_v2.bin", &loc.encode());
+    assert_eq!(BlobLocation::decode(&loc.encode()).unwrap(), loc);
+}
+
+#[test]
+fn pack_header_and_index_vectors_v3_with_key_epochs() {
+    // A pack that prune filled after a key rotation: blobs of epoch 0 copied as they were, and of epoch 1.
+    let h = PackHeader {
+        pack_type: BlobType::Data,
+        entries: vec![entry(1, 0), PackEntry { key_epoch: 1, ..delta_entry(2, 1001, 1) }],
+    };
+    check("pack_header_v3.bin", &h.encode());
+    assert_eq!(PackHeader::decode(&h.encode(), 1001 + 1002).unwrap(), h);
+    let idx = IndexFile {
+        supersedes: Vec::new(),
+        packs: vec![IndexedPack { id: BlobId([3; 32]), pack_type: BlobType::Data, entries: h.entries.clone() }],
+    };
+    assert_eq!(idx.version(), 3);
+    check("index_v3.bin", &idx.encode());
+    assert_eq!(IndexFile::decode(&idx.encode()).unwrap(), idx);
+    let loc = BlobLocation { pack: BlobId([3; 32]), entry: h.entries[1] };
+    check("blob_location_v3.bin", &loc.encode());
     assert_eq!(BlobLocation::decode(&loc.encode()).unwrap(), loc);
 }
 
@@ -174,9 +196,14 @@ fn key_file_vector() {
         kdf: KdfParams { memory_kib: 64 * 1024, iterations: 3, parallelism: 1 },
         salt: [1; 32],
         wrapped_secret: vec![2; 60],
+        epoch: 0,
     };
     check("key_file.bin", &k.encode());
-    assert_eq!(KeyFile::decode(&k.encode()).ok(), Some(k));
+    assert_eq!(KeyFile::decode(&k.encode()).ok(), Some(k.clone()));
+    // After two key rotations (format version 3): the keyring of three secrets, the newest epoch in the header.
+    let rotated = KeyFile { wrapped_secret: vec![2; 3 * 32 + 28], epoch: 2, ..k };
+    check("key_file_v3.bin", &rotated.encode());
+    assert_eq!(KeyFile::decode(&rotated.encode()).ok(), Some(rotated));
 }
 
 #[test]
@@ -274,6 +301,33 @@ fn repository_written_by_v2_with_delta_blobs_stays_readable() {
     assert_eq!(e.delta_blobs().len(), 2, "the committed repository holds day 1's two delta blobs");
     for (id, img) in ids.iter().zip(repo_v2_images()) {
         assert!(e.restore(id, &[]) == img, "the v2 repository no longer restores snapshot {id}");
+    }
+    let check = e.ok(&["check", "--read-data"]);
+    assert!(check.stdout.contains("no errors found"), "{}", check.stdout);
+}
+
+/// The disk images stored in `vectors/repo-v3`: those of `repo-v2`, the second backed up after a key rotation.
+#[test]
+fn repository_written_by_v3_after_a_key_rotation_stays_readable() {
+    let e = committed_repository("repo-v3", "format-v3", |e, run| {
+        let img_path = e.path("image.raw");
+        let [day0, day1] = repo_v2_images();
+        common::write(&img_path, &day0);
+        run(&["backup", "--name", "vector", "--time", "2026-12-06 01:00:00", &format!("disk0={}", img_path.display())]);
+        // The same password again: the vector needs one password for both snapshots.
+        let password_file = e.path("new-password");
+        common::write(&password_file, b"format-v3\n");
+        run(&["key", "rotate", "--new-password-file", password_file.to_str().unwrap()]);
+        common::write(&img_path, &day1);
+        run(&["backup", "--name", "vector", "--time", "2026-12-06 02:00:00", &format!("disk0={}", img_path.display())]);
+    });
+    let config = std::fs::read(e.repo().join("config")).unwrap();
+    assert_eq!((config[5], config[6]), (3, 1), "the committed config is sealed with key epoch 1");
+    let snaps = e.ok(&["snapshots", "--json"]).json();
+    let ids: Vec<&str> = snaps.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 2);
+    for (id, img) in ids.iter().zip(repo_v2_images()) {
+        assert!(e.restore(id, &[]) == img, "the v3 repository no longer restores snapshot {id}");
     }
     let check = e.ok(&["check", "--read-data"]);
     assert!(check.stdout.contains("no errors found"), "{}", check.stdout);

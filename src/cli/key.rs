@@ -1,4 +1,4 @@
-//! `diskvault key list|add|remove|passwd|export|recover`.
+//! `diskvault key list|add|remove|passwd|rotate|export|recover`.
 
 use std::path::PathBuf;
 
@@ -23,6 +23,12 @@ pub enum KeyCommand {
     },
     /// Change the password of the key in use.
     Passwd(NewPassword),
+    /// Rotate the repository key, to revoke a password or recovery key that leaked: everything written from
+    /// now on is sealed with a new key that only the new password's key file holds. Every other key file is
+    /// removed and the old recovery key stops working (export a new one); add the passwords to keep again with
+    /// `key add`. Stored data stays readable and deduplicates as before; whoever held a revoked key can still
+    /// read what was stored before the rotation (if they can reach the storage), nothing written after it.
+    Rotate(NewPassword),
     /// Print the recovery key: the repository's master secret as text, to keep offline (on paper, in a safe).
     /// With it `key recover` opens the repository when every key file is lost, damaged or its password
     /// forgotten. Whoever holds it can read and write every backup: guard it like all passwords together.
@@ -71,16 +77,19 @@ pub fn run(g: &Globals, cmd: &KeyCommand) -> Result<()> {
     let mut repo = g.open_repo()?;
     match cmd {
         KeyCommand::List => {
-            println!("  {:<10} {:<19} {:<16} user", "id", "created (UTC)", "host");
+            println!("  {:<10} {:<19} {:<16} {:<12} key epoch", "id", "created (UTC)", "host", "user");
+            let current = repo.keys().current_epoch();
             for (id, kf) in repo.list_keys()? {
                 let cur = if id == repo.key_id() { "*" } else { " " };
                 match kf {
                     Ok(k) => println!(
-                        "{cur} {:<10} {:<19} {:<16} {}",
+                        "{cur} {:<10} {:<19} {:<16} {:<12} {}{}",
                         id.short(),
                         format_utc(k.created_secs),
                         k.hostname,
-                        k.username
+                        k.username,
+                        k.epoch,
+                        if k.epoch < current { " (from before a key rotation: opens nothing)" } else { "" }
                     ),
                     Err(e) => println!("{cur} {:<10} unreadable: {e}", id.short()),
                 }
@@ -106,6 +115,26 @@ pub fn run(g: &Globals, cmd: &KeyCommand) -> Result<()> {
         KeyCommand::Passwd(np) => {
             let id = repo.change_password(&np.get()?, KdfParams::DEFAULT)?;
             println!("password changed (new key {})", id.short());
+        }
+        KeyCommand::Rotate(np) => {
+            let (id, removed) = repo.rotate_key(&np.get()?, KdfParams::DEFAULT)?;
+            println!(
+                "rotated the repository key to key epoch {}: new key {} for the new password",
+                repo.keys().current_epoch(),
+                id.short()
+            );
+            if !removed.is_empty() {
+                let ids: Vec<String> = removed.iter().map(|k| k.short()).collect();
+                println!(
+                    "removed {} key file(s), whose passwords no longer open the repository: {}",
+                    removed.len(),
+                    ids.join(", ")
+                );
+            }
+            println!(
+                "the recovery key changed: run `diskvault key export` and replace the old one, which no longer opens \
+                 the repository"
+            );
         }
         KeyCommand::Export { output } => export(&repo, output.as_deref())?,
         KeyCommand::Recover { .. } => {} // run above, without opening the repository with a password

@@ -4,15 +4,15 @@
 //! 0   4  magic "DVLT"
 //! 4   1  kind (1 config, 2 index, 3 snapshot, 6 verification record, 7 lock, 8 deletion record, 9 checkpoint;
 //!          4 key file and 5 pack use the same 8-byte header)
-//! 5   1  format version (1; 2 for index files listing delta blobs)
-//! 6   2  reserved, zero
+//! 5   1  format version (1; 2 for index files listing delta blobs; 3 for objects sealed after a key rotation)
+//! 6   2  version 3: key epoch (u16 LE) of the key that sealed the object; before: reserved, zero
 //! 8  12  nonce
 //! 20  n  AES-256-GCM ciphertext of zstd(payload), AAD = bytes 0..8
 //! .. 16  tag
 //! ```
 
 use super::{FORMAT_VERSION, MAGIC};
-use crate::crypto::{Keys, SEAL_OVERHEAD};
+use crate::crypto::{KeyEpoch, Keys, SEAL_OVERHEAD};
 
 pub const HEADER_LEN: usize = 8;
 /// Largest payload accepted after decompression; no object of format version 1 comes near it.
@@ -41,7 +41,31 @@ pub fn header_versioned(kind: Kind, version: u8) -> [u8; HEADER_LEN] {
     [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], kind as u8, version, 0, 0]
 }
 
+/// The format version that first carries a key epoch in the header (bytes 6..8).
+pub const EPOCH_VERSION: u8 = 3;
+
+/// The header of an object of format `version` sealed with the key of `epoch`: as before key rotation existed
+/// for epoch 0, so that a repository never rotated stays readable by older diskvault; version 3 with the epoch
+/// otherwise.
+pub fn header_sealed(kind: Kind, version: u8, epoch: KeyEpoch) -> [u8; HEADER_LEN] {
+    if epoch == 0 {
+        return header_versioned(kind, version);
+    }
+    let [lo, hi] = epoch.to_le_bytes();
+    [MAGIC[0], MAGIC[1], MAGIC[2], MAGIC[3], kind as u8, EPOCH_VERSION, lo, hi]
+}
+
+/// The key epoch a checked header (see [`check_header`]) names: 0 before version 3.
+pub fn epoch_of(header: &[u8]) -> KeyEpoch {
+    if header[5] >= EPOCH_VERSION {
+        u16::from_le_bytes([header[6], header[7]])
+    } else {
+        0
+    }
+}
+
 /// Checks magic, kind and version (1 up to [`FORMAT_VERSION`]) of an object's 8-byte header; returns the version.
+/// The key epoch is then [`epoch_of`] the header.
 pub fn check_header(bytes: &[u8], kind: Kind) -> Result<u8, HeaderError> {
     if bytes.len() < HEADER_LEN {
         return Err(HeaderError::Other(format!("truncated: {} bytes, shorter than the header", bytes.len())));
@@ -58,7 +82,7 @@ pub fn check_header(bytes: &[u8], kind: Kind) -> Result<u8, HeaderError> {
     if bytes[5] == 0 || bytes[5] as u32 > FORMAT_VERSION {
         return Err(HeaderError::Version(bytes[5] as u32));
     }
-    if bytes[6..8] != [0, 0] {
+    if bytes[5] < EPOCH_VERSION && bytes[6..8] != [0, 0] {
         return Err(HeaderError::Other("reserved header bytes are not zero".into()));
     }
     Ok(bytes[5])
@@ -75,7 +99,7 @@ pub fn seal(keys: &Keys, kind: Kind, payload: &[u8]) -> Vec<u8> {
 }
 
 pub fn seal_versioned(keys: &Keys, kind: Kind, version: u8, payload: &[u8]) -> Vec<u8> {
-    let hdr = header_versioned(kind, version);
+    let hdr = header_sealed(kind, version, keys.current_epoch());
     let compressed = zstd::bulk::compress(payload, 3).expect("zstd compression into a Vec cannot fail");
     let mut out = Vec::with_capacity(HEADER_LEN + compressed.len() + SEAL_OVERHEAD);
     out.extend_from_slice(&hdr);
@@ -87,8 +111,9 @@ pub fn seal_versioned(keys: &Keys, kind: Kind, version: u8, payload: &[u8]) -> V
 /// the object's name.
 pub fn open(keys: &Keys, kind: Kind, bytes: &[u8]) -> Result<Vec<u8>, HeaderError> {
     check_header(bytes, kind)?;
-    let compressed =
-        keys.open(&bytes[..HEADER_LEN], &bytes[HEADER_LEN..]).map_err(|e| HeaderError::Other(e.to_string()))?;
+    let compressed = keys
+        .open(epoch_of(bytes), &bytes[..HEADER_LEN], &bytes[HEADER_LEN..])
+        .map_err(|e| HeaderError::Other(e.to_string()))?;
     decompress_limited(&compressed, MAX_PAYLOAD).map_err(HeaderError::Other)
 }
 

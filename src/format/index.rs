@@ -145,6 +145,7 @@ mod tests {
         let e = PackEntry {
             blob_type: BlobType::Data,
             flags: 1,
+            key_epoch: 0,
             offset: 0,
             stored_len: 100,
             raw_len: 1 << 20,

@@ -1,15 +1,17 @@
-//! Key files (`keys/<id>`): the repository's master secret wrapped with a key derived from a passphrase by
-//! Argon2id. Any number of key files can wrap the same secret, one per passphrase.
+//! Key files (`keys/<id>`): the repository's keyring (its master secret, and one more per `key rotate`) wrapped
+//! with a key derived from a passphrase by Argon2id. Any number of key files can wrap the same keyring, one per
+//! passphrase.
 //!
-//! File: 8-byte object header (kind 4) ‖ bincode of [`KeyFile`]. The wrapped secret is
-//! `nonce ‖ AES-256-GCM(secret) ‖ tag` with associated data `header ‖ memory_kib ‖ iterations ‖ parallelism ‖
-//! salt` (integers u32 LE), so the KDF parameters cannot be changed without detection.
+//! File: 8-byte object header (kind 4; version 1 for a keyring of one secret, else version 3 with the newest
+//! epoch in bytes 6..8) ‖ bincode of [`KeyFile`]. The wrapped keyring is `nonce ‖ AES-256-GCM(secret of epoch 0
+//! ‖ … ‖ secret of the newest epoch) ‖ tag` with associated data `header ‖ memory_kib ‖ iterations ‖
+//! parallelism ‖ salt` (integers u32 LE), so the KDF parameters cannot be changed without detection.
 
 use serde::{Deserialize, Serialize};
 
 use super::envelope::{self, HeaderError, Kind, HEADER_LEN};
 use super::{bincode_decode, bincode_encode};
-use crate::crypto;
+use crate::crypto::{self, KeyEpoch};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KdfParams {
@@ -44,6 +46,9 @@ pub struct KeyFile {
     pub kdf: KdfParams,
     pub salt: [u8; 32],
     pub wrapped_secret: Vec<u8>,
+    /// The newest key epoch the wrapped keyring holds (from the object header, not the bincode part).
+    #[serde(skip)]
+    pub epoch: KeyEpoch,
 }
 
 #[derive(Debug)]
@@ -116,8 +121,12 @@ impl Drop for KdfMemory {
     }
 }
 
-fn aad(kdf: &KdfParams, salt: &[u8; 32]) -> Vec<u8> {
-    let mut a = envelope::header(Kind::Key).to_vec();
+fn object_header(epoch: KeyEpoch) -> [u8; HEADER_LEN] {
+    envelope::header_sealed(Kind::Key, 1, epoch)
+}
+
+fn aad(epoch: KeyEpoch, kdf: &KdfParams, salt: &[u8; 32]) -> Vec<u8> {
+    let mut a = object_header(epoch).to_vec();
     for v in [kdf.memory_kib, kdf.iterations, kdf.parallelism] {
         a.extend_from_slice(&v.to_le_bytes());
     }
@@ -126,24 +135,42 @@ fn aad(kdf: &KdfParams, salt: &[u8; 32]) -> Vec<u8> {
 }
 
 impl KeyFile {
-    /// Wraps `secret` under `password`.
-    pub fn create(secret: &[u8; 32], password: &[u8], kdf: KdfParams, hostname: String, username: String) -> KeyFile {
+    /// Wraps `keyring` (epoch 0 first, at least one secret) under `password`.
+    pub fn create(
+        keyring: &[[u8; 32]],
+        password: &[u8],
+        kdf: KdfParams,
+        hostname: String,
+        username: String,
+    ) -> KeyFile {
+        assert!((1..=crypto::MAX_EPOCHS).contains(&keyring.len()), "a keyring of 1 to MAX_EPOCHS secrets");
+        let epoch = (keyring.len() - 1) as KeyEpoch;
         let salt: [u8; 32] = crypto::random_array();
         let wrapping = derive(password, &kdf, &salt).expect("validated parameters");
-        let wrapped_secret = crypto::seal_with_key(&wrapping, &aad(&kdf, &salt), secret);
-        KeyFile { created_secs: crate::util::now_secs(), hostname, username, kdf, salt, wrapped_secret }
+        let wrapped_secret = crypto::seal_with_key(&wrapping, &aad(epoch, &kdf, &salt), keyring.as_flattened());
+        KeyFile { created_secs: crate::util::now_secs(), hostname, username, kdf, salt, wrapped_secret, epoch }
     }
 
-    pub fn unwrap_secret(&self, password: &[u8]) -> Result<[u8; 32], KeyError> {
+    /// The keyring, epoch 0 first.
+    pub fn unwrap_keyring(&self, password: &[u8]) -> Result<Vec<[u8; 32]>, KeyError> {
         self.kdf.validate().map_err(KeyError::Corrupt)?;
         let wrapping = derive(password, &self.kdf, &self.salt).map_err(KeyError::Corrupt)?;
-        let secret = crypto::open_with_key(&wrapping, &aad(&self.kdf, &self.salt), &self.wrapped_secret)
+        let plain = crypto::open_with_key(&wrapping, &aad(self.epoch, &self.kdf, &self.salt), &self.wrapped_secret)
             .map_err(|_| KeyError::WrongPassword)?;
-        secret.try_into().map_err(|_| KeyError::Corrupt("wrapped secret is not 32 bytes".into()))
+        let secrets = self.epoch as usize + 1;
+        if plain.len() != secrets * 32 {
+            return Err(KeyError::Corrupt(format!(
+                "the wrapped keyring is {} bytes, not the {} of epochs 0 to {}",
+                plain.len(),
+                secrets * 32,
+                self.epoch
+            )));
+        }
+        Ok(plain.chunks_exact(32).map(|c| c.try_into().expect("32-byte chunks")).collect())
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = envelope::header(Kind::Key).to_vec();
+        let mut out = object_header(self.epoch).to_vec();
         out.extend_from_slice(&bincode_encode(self));
         out
     }
@@ -153,8 +180,16 @@ impl KeyFile {
             HeaderError::Version(v) => KeyError::Version(v),
             HeaderError::Other(e) => KeyError::Corrupt(e),
         })?;
-        let k: KeyFile = bincode_decode(&bytes[HEADER_LEN..]).map_err(KeyError::Corrupt)?;
+        let mut k: KeyFile = bincode_decode(&bytes[HEADER_LEN..]).map_err(KeyError::Corrupt)?;
         k.kdf.validate().map_err(KeyError::Corrupt)?;
+        k.epoch = envelope::epoch_of(bytes);
+        if k.epoch as usize >= crypto::MAX_EPOCHS {
+            return Err(KeyError::Corrupt(format!(
+                "key epoch {} is beyond the {} a keyring holds",
+                k.epoch,
+                crypto::MAX_EPOCHS
+            )));
+        }
         Ok(k)
     }
 }
@@ -167,13 +202,28 @@ mod tests {
 
     #[test]
     fn wrap_unwrap() {
-        let k = KeyFile::create(&[4; 32], b"pw", FAST, "h".into(), "u".into());
-        let k2 = KeyFile::decode(&k.encode()).unwrap();
-        assert_eq!(k2.unwrap_secret(b"pw").unwrap(), [4; 32]);
-        assert!(matches!(k2.unwrap_secret(b"nope"), Err(KeyError::WrongPassword)));
+        let k = KeyFile::create(&[[4; 32]], b"pw", FAST, "h".into(), "u".into());
+        let bytes = k.encode();
+        assert_eq!(bytes[5], 1, "a keyring of one secret is written as format version 1");
+        let k2 = KeyFile::decode(&bytes).unwrap();
+        assert_eq!(k2.unwrap_keyring(b"pw").unwrap(), [[4; 32]]);
+        assert!(matches!(k2.unwrap_keyring(b"nope"), Err(KeyError::WrongPassword)));
         let mut tampered = k2.clone();
         tampered.kdf.iterations = 2;
-        assert!(tampered.unwrap_secret(b"pw").is_err());
+        assert!(tampered.unwrap_keyring(b"pw").is_err());
+    }
+
+    #[test]
+    fn a_rotated_keyring_is_wrapped_whole_and_its_epoch_is_authenticated() {
+        let k = KeyFile::create(&[[4; 32], [5; 32], [6; 32]], b"pw", FAST, "h".into(), "u".into());
+        let bytes = k.encode();
+        assert_eq!((bytes[5], &bytes[6..8]), (3, &[2u8, 0][..]), "version 3, newest epoch 2");
+        let k2 = KeyFile::decode(&bytes).unwrap();
+        assert_eq!(k2.unwrap_keyring(b"pw").unwrap(), [[4; 32], [5; 32], [6; 32]]);
+        // An epoch changed in the header no longer opens: the header is associated data.
+        let mut edited = bytes.clone();
+        edited[6] = 1;
+        assert!(matches!(KeyFile::decode(&edited).unwrap().unwrap_keyring(b"pw"), Err(KeyError::WrongPassword)));
     }
 
     #[test]

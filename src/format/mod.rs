@@ -33,7 +33,8 @@ use serde::{Deserialize, Serialize};
 
 /// The newest format version this code reads and writes. Version 2 adds delta blobs (`format-spec/` §6a): only
 /// packs and index files that hold delta blobs are written as version 2, every other object stays version 1.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 3 adds key epochs (§3a): objects sealed after a `key rotate` say which key sealed them.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// File magic shared by every diskvault object.
 pub const MAGIC: [u8; 4] = *b"DVLT";

@@ -2,8 +2,10 @@
 //! the index can always be rebuilt from the packs alone.
 //!
 //! ```text
-//! blob 0 | blob 1 | … | blob n-1 | sealed header | header_len u32 LE | "DVLT" 5 1 0 0
+//! blob 0 | blob 1 | … | blob n-1 | sealed header | header_len u32 LE | "DVLT" 5 version epoch(u16, version 3)
 //! ```
+//! Every blob says which key epoch sealed it (its entry's `key_epoch`, format version 3): after a `key rotate`
+//! a pack that prune or repair fills with older blobs holds blobs of several epochs, copied as they are.
 //! A blob is `nonce(12) ‖ AES-256-GCM(zstd(plaintext) or plaintext) ‖ tag(16)` with associated data
 //! `type u8 ‖ flags u8 ‖ id[32]` (‖ `base[32]` for a delta blob), so a blob cannot be passed off as another blob,
 //! another type, with its compression flag flipped or against another base. The sealed header is
@@ -16,7 +18,7 @@
 
 use super::envelope::{self, Kind};
 use super::{BlobId, BlobType, Reader};
-use crate::crypto::{Keys, SEAL_OVERHEAD};
+use crate::crypto::{KeyEpoch, Keys, SEAL_OVERHEAD};
 use crate::util::AlignedBuf;
 
 /// Flag bit: the blob's plaintext is a zstd frame.
@@ -37,6 +39,8 @@ pub const MAX_PACK_SIZE: u64 = 1 << 31;
 pub struct PackEntry {
     pub blob_type: BlobType,
     pub flags: u8,
+    /// The key epoch that sealed the blob (bytes 2..4; format version 3, zero before).
+    pub key_epoch: KeyEpoch,
     pub offset: u32,
     pub stored_len: u32,
     pub raw_len: u32,
@@ -49,7 +53,7 @@ impl PackEntry {
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.push(self.blob_type as u8);
         out.push(self.flags);
-        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&self.key_epoch.to_le_bytes());
         out.extend_from_slice(&self.offset.to_le_bytes());
         out.extend_from_slice(&self.stored_len.to_le_bytes());
         out.extend_from_slice(&self.raw_len.to_le_bytes());
@@ -66,12 +70,11 @@ impl PackEntry {
         if flags & FLAG_DELTA != 0 && (flags & FLAG_ZSTD == 0 || blob_type != BlobType::Data) {
             return Err(format!("a delta must be a compressed data blob (type {t}, flags {flags:#x})"));
         }
-        if r.u16()? != 0 {
-            return Err("reserved entry bytes are not zero".into());
-        }
+        let key_epoch = r.u16()?;
         let e = PackEntry {
             blob_type,
             flags,
+            key_epoch,
             offset: r.u32()?,
             stored_len: r.u32()?,
             raw_len: r.u32()?,
@@ -120,9 +123,12 @@ pub(crate) fn decode_bases(r: &mut Reader<'_>, entries: &mut [PackEntry]) -> Res
     Ok(())
 }
 
-/// The format version of a pack or index file holding these entries: 2 if one is a delta blob, else 1.
+/// The format version of a pack or index file holding these entries: 3 if one was sealed after a key rotation,
+/// else 2 if one is a delta blob, else 1.
 pub fn version_for(entries: &[PackEntry]) -> u8 {
-    if entries.iter().any(|e| e.is_delta()) {
+    if entries.iter().any(|e| e.key_epoch != 0) {
+        envelope::EPOCH_VERSION
+    } else if entries.iter().any(|e| e.is_delta()) {
         2
     } else {
         1
@@ -221,6 +227,7 @@ pub struct SealedBlob {
     pub blob_type: BlobType,
     pub id: BlobId,
     pub flags: u8,
+    pub key_epoch: KeyEpoch,
     pub raw_len: u32,
     pub base: Option<BlobId>,
     pub bytes: Vec<u8>,
@@ -233,6 +240,7 @@ impl SealedBlob {
             blob_type: entry.blob_type,
             id: entry.id,
             flags: entry.flags,
+            key_epoch: entry.key_epoch,
             raw_len: entry.raw_len,
             base: entry.base,
             bytes: stored.to_vec(),
@@ -270,7 +278,8 @@ impl BlobSealer {
         let mut bytes = Vec::with_capacity(body.len() + SEAL_OVERHEAD);
         let (aad, n) = blob_aad(blob_type, flags, &id, None);
         keys.seal_into(&aad[..n], body, &mut bytes);
-        SealedBlob { blob_type, id, flags, raw_len: plaintext.len() as u32, base: None, bytes }
+        let key_epoch = keys.current_epoch();
+        SealedBlob { blob_type, id, flags, key_epoch, raw_len: plaintext.len() as u32, base: None, bytes }
     }
 
     /// Seals a data block as a delta against `base_plain`, the plaintext of the stored data blob `base`.
@@ -308,6 +317,7 @@ impl BlobSealer {
             blob_type: BlobType::Data,
             id,
             flags,
+            key_epoch: keys.current_epoch(),
             raw_len: plaintext.len() as u32,
             base: Some(base),
             bytes,
@@ -345,7 +355,7 @@ fn delta_params(level: i32) -> Vec<zstd::zstd_safe::CParameter> {
 pub fn open_blob(keys: &Keys, entry: &PackEntry, stored: &[u8], base: Option<&[u8]>) -> Result<Vec<u8>, String> {
     check_stored_len(entry, stored)?;
     let (aad, n) = entry_aad(entry);
-    let body = keys.open(&aad[..n], stored).map_err(|e| e.to_string())?;
+    let body = keys.open(entry.key_epoch, &aad[..n], stored).map_err(|e| e.to_string())?;
     let plain = if entry.flags & FLAG_ZSTD != 0 {
         let mut out = Vec::with_capacity(entry.raw_len as usize);
         decompress(entry, &body, &mut out, base)?;
@@ -362,7 +372,7 @@ pub fn open_blob(keys: &Keys, entry: &PackEntry, stored: &[u8], base: Option<&[u
 pub fn authenticate_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<(), String> {
     check_stored_len(entry, stored)?;
     let (aad, n) = entry_aad(entry);
-    keys.open(&aad[..n], stored).map(|_| ()).map_err(|e| e.to_string())
+    keys.open(entry.key_epoch, &aad[..n], stored).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Verifies a stored blob before it is copied into another pack (prune's repacking, `repair packs`): opened
@@ -388,7 +398,7 @@ pub fn open_blob_in_place(
 ) -> Result<(), String> {
     check_stored_len(entry, stored)?;
     let (aad, n) = entry_aad(entry);
-    let body = keys.open_in_place(&aad[..n], stored).map_err(|e| e.to_string())?;
+    let body = keys.open_in_place(entry.key_epoch, &aad[..n], stored).map_err(|e| e.to_string())?;
     out.clear(entry.raw_len as usize);
     if entry.flags & FLAG_ZSTD != 0 {
         decompress(entry, body, &mut out.writer(), base)?;
@@ -496,6 +506,7 @@ impl PackWriter {
         self.entries.push(PackEntry {
             blob_type: blob.blob_type,
             flags: blob.flags,
+            key_epoch: blob.key_epoch,
             offset: self.buf.len() as u32,
             stored_len: blob.bytes.len() as u32,
             raw_len: blob.raw_len,
@@ -515,7 +526,7 @@ impl PackWriter {
 
     /// Seals the header and returns the finished pack bytes, its id and its entries.
     pub fn finish(mut self, keys: &Keys) -> FinishedPack {
-        let trailer_hdr = envelope::header_versioned(Kind::Pack, version_for(&self.entries));
+        let trailer_hdr = envelope::header_sealed(Kind::Pack, version_for(&self.entries), keys.current_epoch());
         let header = PackHeader { pack_type: self.pack_type, entries: self.entries };
         let start = self.buf.len();
         keys.seal_into(&trailer_hdr, &header.encode(), &mut self.buf);
@@ -532,32 +543,50 @@ pub struct FinishedPack {
     pub header: PackHeader,
 }
 
-/// Where the sealed header sits, read from a pack's 12-byte trailer. `pack_len` is the whole pack's length.
-/// Returns the header's start and length, and the pack's format version.
-pub fn parse_trailer(trailer: &[u8], pack_len: u64) -> Result<(u64, u32, u8), String> {
+/// A pack's 12-byte trailer: where the sealed header sits and the object header that is its associated data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trailer {
+    pub header_start: u64,
+    pub header_len: u32,
+    pub object_header: [u8; envelope::HEADER_LEN],
+}
+
+impl Trailer {
+    /// The pack's format version.
+    pub fn version(&self) -> u8 {
+        self.object_header[5]
+    }
+}
+
+/// Parses a pack's 12-byte trailer. `pack_len` is the whole pack's length.
+pub fn parse_trailer(trailer: &[u8], pack_len: u64) -> Result<Trailer, String> {
     if pack_len < TRAILER_LEN as u64 || trailer.len() != TRAILER_LEN {
         return Err(format!("truncated: {pack_len} bytes is too short for a pack"));
     }
     let header_len = u32::from_le_bytes(trailer[..4].try_into().unwrap());
-    let version = match envelope::check_header(&trailer[4..], Kind::Pack) {
-        Ok(v) => v,
+    match envelope::check_header(&trailer[4..], Kind::Pack) {
+        Ok(_) => {}
         Err(envelope::HeaderError::Version(v)) => return Err(format!("pack format version {v} is not supported")),
         Err(envelope::HeaderError::Other(e)) => return Err(format!("bad trailer ({e}); truncated or not a pack")),
     };
     let header_start = pack_len
         .checked_sub(TRAILER_LEN as u64 + header_len as u64)
         .ok_or_else(|| format!("header length {header_len} exceeds the pack size {pack_len}"))?;
-    Ok((header_start, header_len, version))
+    let object_header = trailer[4..].try_into().expect("TRAILER_LEN - 4 bytes");
+    Ok(Trailer { header_start, header_len, object_header })
 }
 
-/// Decrypts and decodes a pack header. `sealed` is the sealed header, `header_start` where it begins, `version`
-/// the trailer's.
-pub fn open_header(keys: &Keys, sealed: &[u8], header_start: u64, version: u8) -> Result<PackHeader, String> {
-    let aad = envelope::header_versioned(Kind::Pack, version);
-    let plain = keys.open(&aad, sealed).map_err(|e| format!("pack header: {e}"))?;
-    let header = PackHeader::decode(&plain, header_start).map_err(|e| format!("pack header: {e}"))?;
-    if version < version_for(&header.entries) {
-        return Err("pack header: delta blobs in a format version 1 pack".into());
+/// Decrypts and decodes a pack header: `sealed` is the sealed header the trailer points to.
+pub fn open_header(keys: &Keys, sealed: &[u8], trailer: &Trailer) -> Result<PackHeader, String> {
+    let aad = &trailer.object_header;
+    let plain = keys.open(envelope::epoch_of(aad), aad, sealed).map_err(|e| format!("pack header: {e}"))?;
+    let header = PackHeader::decode(&plain, trailer.header_start).map_err(|e| format!("pack header: {e}"))?;
+    let needed = version_for(&header.entries);
+    if trailer.version() < needed {
+        return Err(format!(
+            "pack header: format version {} pack lists blobs of version {needed} (delta blobs or key epochs)",
+            trailer.version()
+        ));
     }
     Ok(header)
 }
@@ -566,8 +595,9 @@ pub fn open_header(keys: &Keys, sealed: &[u8], header_start: u64, version: u8) -
 pub fn read_header(keys: &Keys, pack: &[u8]) -> Result<PackHeader, String> {
     let len = pack.len() as u64;
     let trailer = &pack[pack.len().saturating_sub(TRAILER_LEN)..];
-    let (start, hlen, version) = parse_trailer(trailer, len)?;
-    open_header(keys, &pack[start as usize..start as usize + hlen as usize], start, version)
+    let t = parse_trailer(trailer, len)?;
+    let start = t.header_start as usize;
+    open_header(keys, &pack[start..start + t.header_len as usize], &t)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! The recovery key (`key export`, `key recover`): the repository's master secret as text to print or keep
-//! offline, so that a repository whose key files are all lost, damaged or forgotten can still be opened. It is
-//! not stored in the repository; its text is a contract like the objects' bytes (`format-spec/` §4a).
+//! The recovery key (`key export`, `key recover`): the repository's keyring (its master secret, and one more
+//! per `key rotate`) as text to print or keep offline, so that a repository whose key files are all lost,
+//! damaged or forgotten can still be opened. It is not stored in the repository; its text is a contract like the
+//! objects' bytes (`format-spec/` §4a).
 //!
 //! ```text
 //! diskvault recovery key v1
@@ -9,38 +10,47 @@
 //! check 9a3b12fe
 //! ```
 //!
-//! `check` is the first 4 bytes of `blake3::derive_key(CHECK_CONTEXT, secret)`: a mistyped secret is refused
+//! A rotated repository's key says `v2` and has one `secret` line per key epoch, epoch 0 first. `check` is the
+//! first 4 bytes of `blake3::derive_key(CHECK_CONTEXT, secret 0 ‖ secret 1 ‖ …)`: a mistyped secret is refused
 //! before anything is tried with it.
 
 use std::fmt::Write as _;
 
-/// The first line of every recovery key.
+/// The first line of the recovery key of a repository never rotated.
 pub const FIRST_LINE: &str = "diskvault recovery key v1";
+/// The first line of the recovery key of a rotated repository (a keyring of several secrets).
+pub const FIRST_LINE_V2: &str = "diskvault recovery key v2";
 const CHECK_CONTEXT: &str = "diskvault 2026-12 recovery key check";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecoveryKey {
     /// The config id of the repository the key belongs to.
     pub repository: [u8; 32],
-    pub secret: [u8; 32],
+    /// The keyring, epoch 0 first: one secret or more.
+    pub secrets: Vec<[u8; 32]>,
 }
 
-fn check_of(secret: &[u8; 32]) -> [u8; 4] {
-    let k = blake3::derive_key(CHECK_CONTEXT, secret);
+fn check_of(secrets: &[[u8; 32]]) -> [u8; 4] {
+    let k = blake3::derive_key(CHECK_CONTEXT, secrets.as_flattened());
     [k[0], k[1], k[2], k[3]]
 }
 
 impl RecoveryKey {
     /// The text form, newline-terminated lines.
     pub fn encode(&self) -> String {
-        let mut s = format!("{FIRST_LINE}\nrepository {}\nsecret ", hex::encode(self.repository));
-        for (i, pair) in self.secret.chunks(2).enumerate() {
-            if i > 0 {
-                s.push('-');
+        let first = if self.secrets.len() == 1 { FIRST_LINE } else { FIRST_LINE_V2 };
+        let mut s = format!("{first}\nrepository {}\n", hex::encode(self.repository));
+        for secret in &self.secrets {
+            s.push_str("secret ");
+            for (i, pair) in secret.chunks(2).enumerate() {
+                if i > 0 {
+                    s.push('-');
+                }
+                let _ = write!(s, "{}", hex::encode(pair));
             }
-            let _ = write!(s, "{}", hex::encode(pair));
+            s.push('\n');
         }
-        let _ = writeln!(s, "\ncheck {}", hex::encode(check_of(&self.secret)));
+        let _ = writeln!(s, "check {}", hex::encode(check_of(&self.secrets)));
         s
     }
 
@@ -48,21 +58,33 @@ impl RecoveryKey {
     /// lower case, and the secret's groups may be separated by dashes or spaces (or not at all).
     pub fn decode(text: &str) -> Result<RecoveryKey, String> {
         let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
-        match lines.next() {
-            Some(FIRST_LINE) => {}
+        let rotated = match lines.next() {
+            Some(FIRST_LINE) => false,
+            Some(FIRST_LINE_V2) => true,
             Some(l) if l.starts_with("diskvault recovery key") => {
-                return Err(format!("unsupported recovery key version ({l:?}; this version reads {FIRST_LINE:?})"))
+                return Err(format!(
+                    "unsupported recovery key version ({l:?}; this version reads {FIRST_LINE:?} and {FIRST_LINE_V2:?})"
+                ))
             }
             _ => return Err(format!("not a diskvault recovery key (the first line must be {FIRST_LINE:?})")),
-        }
-        let (mut repository, mut secret, mut check) = (None, None, None);
+        };
+        let (mut repository, mut check) = (None, None);
+        let mut secrets = Vec::new();
         for line in lines {
             let (field, value) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
             let digits: String = value.chars().filter(|c| !matches!(c, '-' | ' ' | '\t')).collect();
             let slot = match field {
                 "repository" => &mut repository,
-                "secret" => &mut secret,
+                "secret" if rotated => {
+                    secrets.push(hex32("secret", Some(digits))?);
+                    continue;
+                }
+                "secret" if secrets.is_empty() => {
+                    secrets.push(hex32("secret", Some(digits))?);
+                    continue;
+                }
                 "check" => &mut check,
+                "secret" => return Err("secret is given twice (a v1 key holds one)".into()),
                 _ => return Err(format!("unknown line {field:?}")),
             };
             if slot.replace(digits).is_some() {
@@ -70,14 +92,19 @@ impl RecoveryKey {
             }
         }
         let repository = hex32("repository", repository)?;
-        let secret = hex32("secret", secret)?;
+        match (rotated, secrets.len()) {
+            (_, 0) => return Err("no secret line".into()),
+            (true, 1) => return Err("a v2 key holds two secrets or more (one line was lost?)".into()),
+            (_, n) if n > crate::crypto::MAX_EPOCHS => return Err(format!("{n} secrets, more than a keyring holds")),
+            _ => {}
+        }
         let check = check.ok_or("no check line")?;
         let mut given = [0u8; 4];
         hex::decode_to_slice(&check, &mut given).map_err(|_| format!("check {check:?} is not 8 hex digits"))?;
-        if given != check_of(&secret) {
+        if given != check_of(&secrets) {
             return Err("the secret does not match its check digits (mistyped?)".into());
         }
-        Ok(RecoveryKey { repository, secret })
+        Ok(RecoveryKey { repository, secrets })
     }
 }
 
@@ -93,7 +120,22 @@ mod tests {
     use super::*;
 
     fn key() -> RecoveryKey {
-        RecoveryKey { repository: [7; 32], secret: std::array::from_fn(|i| (i * 9) as u8) }
+        RecoveryKey { repository: [7; 32], secrets: vec![std::array::from_fn(|i| (i * 9) as u8)] }
+    }
+
+    #[test]
+    fn a_rotated_keyring_round_trips_as_v2_and_a_lost_line_is_refused() {
+        let k = RecoveryKey { repository: [7; 32], secrets: vec![[1; 32], [2; 32], [3; 32]] };
+        let text = k.encode();
+        assert!(text.starts_with(FIRST_LINE_V2));
+        assert_eq!(text.lines().filter(|l| l.starts_with("secret")).count(), 3);
+        assert_eq!(RecoveryKey::decode(&text), Ok(k));
+        // One secret line lost (or the lines swapped): the check digits cover every secret, in order.
+        let lines: Vec<&str> = text.lines().collect();
+        let lost: String = lines.iter().enumerate().filter(|(i, _)| *i != 3).map(|(_, l)| format!("{l}\n")).collect();
+        assert!(RecoveryKey::decode(&lost).unwrap_err().contains("check digits"));
+        let swapped = text.replacen(lines[2], "X", 1).replacen(lines[3], lines[2], 1).replacen('X', lines[3], 1);
+        assert!(RecoveryKey::decode(&swapped).unwrap_err().contains("check digits"));
     }
 
     #[test]
