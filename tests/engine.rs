@@ -461,7 +461,9 @@ fn key_rotation_revokes_every_older_key_and_keeps_the_data() {
     let mut e = Env::new();
     e.ok(&["init", "--pack-size", "1"]);
     let disk = e.path("disk.raw");
-    let day0 = random_bytes(60, 6 * MIB);
+    // Blocks that compress to a quarter, so that a 1 MiB pack holds several and prune has some to repack.
+    let block = |seed: u64| [random_bytes(seed, MIB / 4), vec![0u8; 3 * MIB / 4]].concat();
+    let day0: Vec<u8> = (0..6).flat_map(|i| block(60 + i)).collect();
     write(&disk, &day0);
     let d = disk.to_str().unwrap();
     e.backup(&["--name", "vm", d]);
@@ -488,7 +490,7 @@ fn key_rotation_revokes_every_older_key_and_keeps_the_data() {
 
     // Day 1 changes two blocks: only they are stored (ids did not change), sealed with the new key.
     let mut day1 = day0.clone();
-    day1[MIB..3 * MIB].copy_from_slice(&random_bytes(61, 2 * MIB));
+    day1[MIB..3 * MIB].copy_from_slice(&[block(70), block(71)].concat());
     write(&disk, &day1);
     let r = e.backup(&["--name", "vm", d]);
     assert_eq!(r["disks"][0]["new_blocks"], 2, "{r}");
@@ -529,7 +531,12 @@ fn key_rotation_revokes_every_older_key_and_keeps_the_data() {
     // Prune copies day 0's blocks that day 1 still uses (sealed with epoch 0) into packs of the new epoch.
     e.ok(&["forget", "--keep-last", "1"]);
     e.ok(&["prune", "--max-unused", "0"]);
-    assert!(e.objects("packs").iter().any(|p| !before_rotation.contains(p)));
+    assert_eq!(e.ok(&["cat", "config"]).json()["key_epoch"], 1);
+    let repacked_old_blobs = e.objects("packs").iter().filter(|p| !before_rotation.contains(p)).any(|p| {
+        let pack = e.ok(&["cat", "pack", p.rsplit('/').next().unwrap()]).json();
+        pack["blobs"].as_array().unwrap().iter().any(|b| b["key_epoch"] == 0)
+    });
+    assert!(repacked_old_blobs, "prune copied day 0's blocks into a pack written after the rotation");
     assert_eq!(e.restore(&s1, &[]), day1);
     let check = e.ok(&["check", "--read-data"]);
     assert!(check.stdout.contains("no errors found"), "{}", check.stdout);

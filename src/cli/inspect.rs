@@ -18,7 +18,7 @@ fn entry_json(e: &PackEntry) -> serde_json::Value {
     serde_json::json!({
         "type": e.blob_type.name(), "id": e.id.hex(), "offset": e.offset,
         "stored_len": e.stored_len, "raw_len": e.raw_len, "compressed": e.flags & 1 != 0,
-        "delta_base": e.base.map(|b| b.hex()),
+        "delta_base": e.base.map(|b| b.hex()), "key_epoch": e.key_epoch,
     })
 }
 
@@ -34,7 +34,7 @@ pub fn run(g: &Globals, args: &CatArgs) -> Result<()> {
             serde_json::json!({
                 "id": c.id_hex(), "created_secs": c.created_secs, "block_size": c.block_size,
                 "pack_target_size": c.pack_target_size, "zstd_level": c.zstd_level,
-                "format_version": crate::format::FORMAT_VERSION,
+                "format_version": crate::format::FORMAT_VERSION, "key_epoch": repo.keys().current_epoch(),
             })
         }
         "key" => {
@@ -45,6 +45,7 @@ pub fn run(g: &Globals, args: &CatArgs) -> Result<()> {
             serde_json::json!({
                 "created_secs": k.created_secs, "hostname": k.hostname, "username": k.username,
                 "kdf": {"algorithm": "argon2id", "memory_kib": k.kdf.memory_kib, "iterations": k.kdf.iterations, "parallelism": k.kdf.parallelism},
+                "key_epoch": k.epoch,
             })
         }
         "snapshot" => {
