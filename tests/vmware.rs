@@ -787,6 +787,44 @@ fn every_vm_of_a_folder_is_backed_up_but_the_excluded_ones() {
 }
 
 #[test]
+fn every_vm_with_a_tag_is_backed_up() {
+    // Tags as an administrator sets them in vCenter: "gold" in two categories, "empty" on no VM.
+    let (a, b) = ("DC0_H0_VM0", "DC0_H0_VM1");
+    let tags = format!("Backup/gold={a};Backup/silver={a},{b};Other/gold={b};Backup/empty=");
+    let lab = Lab::with_simulator(&[("VCSIM_TAGS", &tags)]);
+    let vm_a = lab.vm_named(a).unwrap();
+    lab.guest_write(&vm_a, 0, 0, &random_bytes(23, MIB));
+    lab.guest_write(&lab.vm_named(b).unwrap(), 0, 0, &random_bytes(24, MIB));
+    let sources = |r: &serde_json::Value| -> Vec<String> {
+        let mut s: Vec<String> =
+            r.as_array().unwrap().iter().map(|s| s["source"].as_str().unwrap().to_string()).collect();
+        s.sort();
+        s
+    };
+    let r = lab.ok(&["backup", "--json", "--vm-tag", "Backup/gold"]);
+    assert_eq!(sources(&r), [a]);
+    let got = lab.env.restore(&format!("{}:disk1", r[0]["snapshot"].as_str().unwrap()), &[]);
+    assert!(got == std::fs::read(lab.disk_file(&vm_a, 0)).unwrap());
+    let r = lab.ok(&["backup", "--json", "--vm-tag", "silver"]);
+    assert_eq!(sources(&r), [a, b]);
+    let r = lab.ok(&["backup", "--json", "--vm-tag", "silver", "--exclude-vm", b]);
+    assert_eq!(sources(&r), [a]);
+    // A VM with two of the tags is backed up once.
+    let r = lab.ok(&["backup", "--json", "--vm-tag", "Backup/gold", "--vm-tag", "silver"]);
+    assert_eq!(sources(&r), [a, b]);
+
+    for (args, says) in [
+        (vec!["--vm-tag", "gold"], "tags named \"gold\" exist in categories"),
+        (vec!["--vm-tag", "bronze"], "no vSphere tag \"bronze\" (tags: empty, gold, silver)"),
+        (vec!["--vm-tag", "Backup/empty"], "no VM to back up in tag Backup/empty"),
+    ] {
+        let r = lab.run(&[&["backup"][..], &args[..]].concat(), &[]);
+        assert!(r.code != 0 && r.stderr.contains(says), "{args:?}: {}", r.stderr);
+    }
+    lab.assert_clean();
+}
+
+#[test]
 fn several_vms_in_one_run_within_the_per_host_disk_bound() {
     let lab = Lab::new();
     let all = lab.ok(&["vm", "list", "--json"]);

@@ -14,7 +14,7 @@ use crate::source::SourceOptions;
 use crate::util::human_bytes;
 
 #[derive(clap::Args, Debug)]
-#[command(group(clap::ArgGroup::new("vms").args(["vm", "vm_folder"]).multiple(true)))]
+#[command(group(clap::ArgGroup::new("vms").args(["vm", "vm_folder", "vm_tag"]).multiple(true)))]
 pub struct BackupArgs {
     /// Disks to back up: `SOURCE` or `NAME=SOURCE`, where a source is a raw image file, a block device, or
     /// an NBD export (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`, `nbds://…` with TLS).
@@ -30,8 +30,13 @@ pub struct BackupArgs {
     /// inventory path (`DC0/vm/production`) or moref. A VM added to the folder is in the next run. Repeatable.
     #[arg(long, conflicts_with = "disks", value_name = "PATH")]
     vm_folder: Vec<String>,
-    /// With --vm-folder: leave out this VM (name or moref). Repeatable.
-    #[arg(long, requires = "vm_folder", value_name = "VM")]
+    /// Back up every VM that carries this vSphere tag, as --vm does (templates are left out): `TAG`, or
+    /// `CATEGORY/TAG` where several categories have a tag of that name. A VM tagged later is in the next run.
+    /// Repeatable.
+    #[arg(long, conflicts_with = "disks", value_name = "TAG")]
+    vm_tag: Vec<String>,
+    /// With --vm-folder or --vm-tag: leave out this VM (name or moref). Repeatable.
+    #[arg(long, requires = "vms", value_name = "VM")]
     exclude_vm: Vec<String>,
     /// With several --vm: the most disks read at once from one ESXi host (NFC connections are limited).
     #[arg(long, default_value_t = 8, requires = "vms", value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -150,7 +155,7 @@ fn default_disk_name(spec: &str) -> String {
 
 pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
     crate::util::catch_interrupts();
-    if !args.vm.is_empty() || !args.vm_folder.is_empty() {
+    if !args.vm.is_empty() || !args.vm_folder.is_empty() || !args.vm_tag.is_empty() {
         return run_vms(g, args);
     }
     let mut disks: Vec<(String, String)> = Vec::new();
@@ -532,7 +537,7 @@ fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
         }
     }
     if args.json {
-        let out = if json.len() == 1 && args.vm.len() == 1 && args.vm_folder.is_empty() {
+        let out = if json.len() == 1 && args.vm.len() == 1 && args.vm_folder.is_empty() && args.vm_tag.is_empty() {
             json.remove(0)
         } else {
             serde_json::Value::Array(json)
@@ -552,19 +557,35 @@ fn select_vms(client: &mut crate::vsphere::Client, args: &BackupArgs) -> Result<
     for name in &args.vm {
         vms.push(client.find_vm(name)?);
     }
-    for path in &args.vm_folder {
-        let folder = client.resolve(path, &["Folder"], "folder")?;
-        let mut found = 0;
-        for vm in client.virtual_machines_in(&folder)? {
+    // Adds the VMs of a folder or tag (`from`), but not templates, excluded VMs or VMs already selected.
+    let add = |vms: &mut Vec<crate::vsphere::VmInfo>, found: Vec<crate::vsphere::VmInfo>, from: &str| {
+        let mut added = 0;
+        for vm in found {
             let excluded = args.exclude_vm.iter().any(|x| *x == vm.name || *x == vm.moref);
             if vm.template {
-                tracing::warn!("VM {} in {path} is a template: left out", vm.name);
+                tracing::warn!("VM {} of {from} is a template: left out", vm.name);
             } else if !excluded && !vms.iter().any(|v| v.moref == vm.moref) {
                 vms.push(vm);
-                found += 1;
+                added += 1;
             }
         }
-        tracing::info!("{path}: {found} VMs to back up");
+        tracing::info!("{from}: {added} VMs to back up");
+    };
+    for path in &args.vm_folder {
+        let folder = client.resolve(path, &["Folder"], "folder")?;
+        let found = client.virtual_machines_in(&folder)?;
+        add(&mut vms, found, path);
+    }
+    if !args.vm_tag.is_empty() {
+        let all = client.virtual_machines()?;
+        for tag in &args.vm_tag {
+            let tagged = client.vms_with_tag(tag)?;
+            let found: Vec<_> = all.iter().filter(|vm| tagged.contains(&vm.moref)).cloned().collect();
+            if found.is_empty() {
+                tracing::warn!("no VM carries the tag {tag:?}");
+            }
+            add(&mut vms, found, &format!("tag {tag}"));
+        }
     }
     for x in &args.exclude_vm {
         if !vms.iter().any(|v| v.name == *x || v.moref == *x) && client.find_vm(x).is_err() {
@@ -572,7 +593,9 @@ fn select_vms(client: &mut crate::vsphere::Client, args: &BackupArgs) -> Result<
         }
     }
     if vms.is_empty() {
-        return Err(Error::invalid(format!("no VM to back up in {}", args.vm_folder.join(", "))));
+        let tags = args.vm_tag.iter().map(|t| format!("tag {t}"));
+        let from: Vec<String> = args.vm_folder.iter().cloned().chain(tags).collect();
+        return Err(Error::invalid(format!("no VM to back up in {}", from.join(", "))));
     }
     Ok(vms)
 }

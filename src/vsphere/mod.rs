@@ -2,8 +2,10 @@
 //! server's certificate verified by a CA file or pinned by its SHA-1/SHA-256 thumbprint (never unverified).
 //!
 //! Answers are parsed namespace-aware ([`xml`]); SOAP faults become errors naming the call, the fault type
-//! (`InvalidLogin`, `FileFault`…) and its message.
+//! (`InvalidLogin`, `FileFault`…) and its message. vSphere tags are not in SOAP: [`Client::vms_with_tag`] asks
+//! the vAPI REST endpoint with the same credentials and certificate trust (`tags`).
 
+mod tags;
 pub mod xml;
 
 use std::path::PathBuf;
@@ -213,6 +215,8 @@ pub struct Client {
     /// SHA-1 of the server's certificate as seen in the handshake (the VDDK wants this form).
     seen_sha1: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
     url: String,
+    /// User and password, for the vAPI REST endpoint (tags), which has sessions of its own.
+    credentials: (String, String),
     cookie: Option<String>,
     property_collector: MoRef,
     view_manager: MoRef,
@@ -241,6 +245,7 @@ impl Client {
             http,
             seen_sha1,
             url,
+            credentials: (user.to_string(), password.to_string()),
             cookie: None,
             property_collector: MoRef::new("PropertyCollector", "propertyCollector"),
             view_manager: MoRef::new("ViewManager", "ViewManager"),

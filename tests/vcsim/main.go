@@ -12,6 +12,8 @@
 //     powered-off VM, against the disk as it is now (hashed then);
 //   - a VM powered on "boots" if its first disk has a boot sector: VMware Tools then run and its heartbeat is
 //     green (guestRuns), as a guest system would report;
+//   - vSphere tags (govmomi's vAPI simulator at /rest): VCSIM_TAGS="Category/tag=VM,VM;Category/other=" creates
+//     the categories and tags and attaches them to those VMs;
 //
 // Started by tests/common/vsphere.rs on 127.0.0.1:0 with TLS; prints one JSON line with the URL, credentials,
 // certificate thumbprints and datastore directories, then serves until killed.
@@ -19,6 +21,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -46,7 +49,11 @@ import (
 	"syscall"
 
 	"github.com/google/uuid"
+	"github.com/vmware/govmomi"
 	"github.com/vmware/govmomi/simulator"
+	_ "github.com/vmware/govmomi/vapi/simulator"
+	"github.com/vmware/govmomi/vapi/rest"
+	"github.com/vmware/govmomi/vapi/tags"
 	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/types"
 )
@@ -480,6 +487,8 @@ func main() {
 	// Our own CA and server certificate (vcsim's built-in test certificate has a key too short for rustls).
 	caPEM, serverCert := makeCertificates()
 	model.Service.TLS = &tls.Config{Certificates: []tls.Certificate{serverCert}}
+	// The vAPI REST endpoint (/rest: tags), which govmomi registers only when asked.
+	model.Service.RegisterEndpoints = true
 	// A real password check (vcsim accepts any password for its default user).
 	model.Service.Listen = &url.URL{Host: "127.0.0.1:0", User: url.UserPassword("administrator@vsphere.local", "vcsim-Passw0rd")}
 	t := &tracker{
@@ -563,6 +572,11 @@ func main() {
 		}
 		inner.ServeHTTP(w, r)
 	})
+	if spec := os.Getenv("VCSIM_TAGS"); spec != "" {
+		if err := makeTags(s.URL, spec); err != nil {
+			panic(fmt.Sprintf("VCSIM_TAGS: %v", err))
+		}
+	}
 	cert := s.Certificate()
 	sha1sum := sha1.Sum(cert.Raw)
 	sha256sum := sha256.Sum256(cert.Raw)
@@ -593,6 +607,61 @@ func main() {
 	<-c
 	s.Close()
 	model.Remove()
+}
+
+// makeTags creates the tags of VCSIM_TAGS through the vAPI REST endpoint, as an administrator would, and
+// attaches them to the VMs named.
+func makeTags(u *url.URL, spec string) error {
+	ctx := context.Background()
+	c, err := govmomi.NewClient(ctx, u, true)
+	if err != nil {
+		return err
+	}
+	rc := rest.NewClient(c.Client)
+	if err := rc.Login(ctx, u.User); err != nil {
+		return err
+	}
+	m := tags.NewManager(rc)
+	categories := map[string]string{}
+	for _, entry := range strings.Split(spec, ";") {
+		kv := strings.SplitN(entry, "=", 2)
+		path := strings.SplitN(kv[0], "/", 2)
+		if len(kv) != 2 || len(path) != 2 {
+			return fmt.Errorf("%q is not Category/tag=VM,VM", entry)
+		}
+		category, ok := categories[path[0]]
+		if !ok {
+			category, err = m.CreateCategory(ctx, &tags.Category{
+				Name: path[0], Cardinality: "MULTIPLE", AssociableTypes: []string{"VirtualMachine"},
+			})
+			if err != nil {
+				return err
+			}
+			categories[path[0]] = category
+		}
+		tag, err := m.CreateTag(ctx, &tags.Tag{Name: path[1], CategoryID: category})
+		if err != nil {
+			return err
+		}
+		for _, name := range strings.Split(kv[1], ",") {
+			if name == "" {
+				continue
+			}
+			var found *simulator.VirtualMachine
+			for _, obj := range simulator.Map.All("VirtualMachine") {
+				if vm := obj.(*simulator.VirtualMachine); vm.Name == name {
+					found = vm
+				}
+			}
+			if found == nil {
+				return fmt.Errorf("no VM %q", name)
+			}
+			if err := m.AttachTag(ctx, tag, found.Reference()); err != nil {
+				return err
+			}
+		}
+	}
+	return rc.Logout(ctx)
 }
 
 // makeCertificates returns a CA (PEM) and a server certificate for 127.0.0.1/localhost that it signed.

@@ -1,0 +1,135 @@
+//! vSphere tags, for backup jobs defined by tag (`backup --vm-tag`), as Veeam and Proxmox users define theirs:
+//! tag a VM "Backup/gold" in vCenter and the next run backs it up. Tags live in vCenter's vAPI REST endpoint
+//! (`/rest/com/vmware/cis/tagging`, vSphere 6.5 and later), not in the SOAP API the rest of the client speaks:
+//! a REST session is opened with the same credentials and TLS trust, used for the lookups and closed.
+
+use serde_json::Value;
+
+use super::Client;
+use crate::error::{Error, Result};
+
+/// A vAPI REST session, closed on drop.
+struct RestSession<'a> {
+    client: &'a Client,
+    base: String,
+    token: String,
+}
+
+fn rest_error(call: &str, cause: impl std::fmt::Display) -> Error {
+    Error::VSphere { call: format!("REST {call}"), cause: cause.to_string() }
+}
+
+impl<'a> RestSession<'a> {
+    fn open(client: &'a Client) -> Result<RestSession<'a>> {
+        let base = format!("{}/rest", client.url.trim_end_matches("/sdk"));
+        let (user, password) = &client.credentials;
+        let call = "com/vmware/cis/session";
+        let resp = client
+            .http
+            .post(format!("{base}/{call}"))
+            .basic_auth(user, Some(password))
+            .send()
+            .map_err(|e| rest_error(call, format!("{base}: {e}")))?;
+        let value = answer(call, resp)?;
+        let token = value.as_str().ok_or_else(|| rest_error(call, format!("no session id in {value}")))?.to_string();
+        Ok(RestSession { client, base, token })
+    }
+
+    fn call(&self, method: reqwest::Method, call: &str, body: Option<Value>) -> Result<Value> {
+        let mut req = self
+            .client
+            .http
+            .request(method, format!("{}/{call}", self.base))
+            .header("vmware-api-session-id", &self.token);
+        if let Some(body) = body {
+            req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(body.to_string());
+        }
+        answer(call, req.send().map_err(|e| rest_error(call, e))?)
+    }
+
+    fn get(&self, call: &str) -> Result<Value> {
+        self.call(reqwest::Method::GET, call, None)
+    }
+}
+
+impl Drop for RestSession<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.call(reqwest::Method::DELETE, "com/vmware/cis/session", None) {
+            tracing::debug!("closing the vAPI REST session: {e}");
+        }
+    }
+}
+
+/// The `value` of a vAPI answer; an HTTP error names the call and what the server said.
+fn answer(call: &str, resp: reqwest::blocking::Response) -> Result<Value> {
+    let status = resp.status();
+    let text = resp.text().map_err(|e| rest_error(call, e))?;
+    if !status.is_success() {
+        let said: String = text.chars().take(300).collect();
+        return Err(rest_error(call, format!("HTTP {status}: {said}")));
+    }
+    if text.is_empty() {
+        return Ok(Value::Null);
+    }
+    let v: Value = serde_json::from_str(&text).map_err(|e| rest_error(call, format!("not JSON ({e})")))?;
+    Ok(v.get("value").cloned().unwrap_or(Value::Null))
+}
+
+fn field<'v>(v: &'v Value, name: &str, call: &str) -> Result<&'v str> {
+    v.get(name).and_then(Value::as_str).ok_or_else(|| rest_error(call, format!("no {name} in {v}")))
+}
+
+impl Client {
+    /// The morefs of the virtual machines that carry the tag `name`: `TAG`, or `CATEGORY/TAG` where tags of
+    /// several categories share the name (refused as ambiguous otherwise).
+    pub fn vms_with_tag(&self, name: &str) -> Result<Vec<String>> {
+        let rest = RestSession::open(self)?;
+        let (category, tag) = match name.split_once('/') {
+            Some((c, t)) => (Some(c), t),
+            None => (None, name),
+        };
+        let list = "com/vmware/cis/tagging/tag";
+        let ids = rest.get(list)?;
+        let ids = ids.as_array().ok_or_else(|| rest_error(list, format!("not a list of tags: {ids}")))?;
+        let mut all = Vec::new();
+        let mut matching = Vec::new();
+        for id in ids.iter().filter_map(Value::as_str) {
+            let call = format!("com/vmware/cis/tagging/tag/id:{id}");
+            let t = rest.get(&call)?;
+            let tag_name = field(&t, "name", &call)?;
+            if tag_name == tag {
+                let category_call = format!("com/vmware/cis/tagging/category/id:{}", field(&t, "category_id", &call)?);
+                let c = rest.get(&category_call)?;
+                let category_name = field(&c, "name", &category_call)?.to_string();
+                if category.is_none_or(|want| want == category_name) {
+                    matching.push((id.to_string(), category_name));
+                }
+            }
+            all.push(tag_name.to_string());
+        }
+        let id = match matching.as_slice() {
+            [(id, _)] => id,
+            [] => {
+                all.sort();
+                all.dedup();
+                let known = if all.is_empty() { "vCenter has none".to_string() } else { all.join(", ") };
+                return Err(Error::invalid(format!("no vSphere tag {name:?} (tags: {known})")));
+            }
+            more => {
+                let categories: Vec<&str> = more.iter().map(|(_, c)| c.as_str()).collect();
+                return Err(Error::invalid(format!(
+                    "tags named {tag:?} exist in categories {}: give it as CATEGORY/TAG",
+                    categories.join(", ")
+                )));
+            }
+        };
+        let call = format!("com/vmware/cis/tagging/tag-association/id:{id}?~action=list-attached-objects");
+        let objects = rest.call(reqwest::Method::POST, &call, Some(serde_json::json!({})))?;
+        let objects = objects.as_array().map(Vec::as_slice).unwrap_or_default();
+        Ok(objects
+            .iter()
+            .filter(|o| o.get("type").and_then(Value::as_str) == Some("VirtualMachine"))
+            .filter_map(|o| o.get("id").and_then(Value::as_str).map(String::from))
+            .collect())
+    }
+}
