@@ -64,14 +64,29 @@ if restored restic && restored diskvault && sync && echo 3 > /proc/sys/vm/drop_c
       durable_times[$tool]="${durable_times[$tool]:-} $(printf %.2f "$t")"
     done
   done
+  # The disk's own floor for that restore: reading diskvault's packs (4 readers) while writing as many bytes
+  # as the restore writes (vm1-day1's non-zero blocks) with O_DIRECT, as the restore does; no CPU work at all.
+  mib=$(awk -F, '$1 == "diskvault" && $2 == "e-verify-cmp" {print $12}' "${rounds[-1]}/results.csv" |
+    sed -n 's/.*alloc=\([0-9]*\).*/\1/p' | awk '{print int($1 / 1048576)}')
+  for _ in 1 2 3; do
+    rm -f "$out/floor.raw"
+    sync; echo 3 > /proc/sys/vm/drop_caches
+    start=$(date +%s.%N)
+    dd if=/dev/zero of="$out/floor.raw" bs=8M count=$((${mib:-0} / 8)) oflag=direct status=none &
+    find "$work/repo-diskvault/packs" -type f -print0 | xargs -0 -P4 -n8 cat > /dev/null
+    wait
+    sync -f "$out/floor.raw"
+    durable_times[io-floor]="${durable_times[io-floor]:-} $(printf %.2f "$(echo "$(date +%s.%N) - $start" | bc)")"
+  done
   rm -rf "$out"
   echo
   echo "| restore of vm1-day1 until on disk (restore, then sync -f) | run 1 s | run 2 s | run 3 s |"
   echo "|---|---|---|---|"
-  for tool in restic diskvault; do
+  for tool in restic diskvault io-floor; do
     echo "| $tool | $(echo ${durable_times[$tool]} | sed 's/ / | /g') |"
     echo "$tool ${durable_times[$tool]}" >> "$durable"
   done
+  echo "(io-floor: the disk alone, reading diskvault's packs while writing vm1-day1's ${mib:-?} MiB of non-zero blocks)"
 fi
 [ "${KEEP_REPOS:-0}" = 1 ] || rm -rf "$work"/repo-*
 

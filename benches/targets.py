@@ -160,24 +160,31 @@ def main():
             for v, t in zip(values, targets)
         )
         print(f"| {name} | {cells} | {fmt(median, unit)} | {verdict} |")
-    durable = durable_ratio(durable_file)
+    medians = durable_medians(durable_file)
+    durable = ratio(medians.get("restic"), medians.get("diskvault"))
     if durable is not None:
         cells = " | ".join("" for _ in range(n))
         print(f"| restore >= 3x restic, both until on disk (restore, then sync -f; 3 runs) | {cells} | "
               f"{fmt(durable, 'x')} | {int(met(durable, 3))} of 1 |")
+    if "io-floor" in medians and "restic" in medians:
+        # How fast restic's restore divided by 3 is, against the disk alone doing diskvault's restore I/O.
+        print(f"| restore: the disk's floor for it is {medians['io-floor']:.2f} s (3x restic until on disk needs "
+              f"{medians['restic'] / 3:.2f} s; diskvault {medians.get('diskvault', float('nan')):.2f} s) "
+              f"| {' | '.join('' for _ in range(n))} | {fmt(ratio(medians.get('diskvault'), medians['io-floor']), 'x')} "
+              f"of the floor | (reported) |")
 
 
-def durable_ratio(durable_file):
-    """restic's median restore-until-on-disk time over diskvault's, or None without both."""
-    if not durable_file:
-        return None
+def durable_medians(durable_file):
+    """Median restore-until-on-disk time per tool (and the disk's floor, io-floor), empty without the file."""
     medians = {}
+    if not durable_file:
+        return medians
     with open(durable_file) as f:
         for line in f:
             parts = line.split()
             if len(parts) > 1:
                 medians[parts[0]] = statistics.median(float(t) for t in parts[1:])
-    return ratio(medians.get("restic"), medians.get("diskvault"))
+    return medians
 
 
 if __name__ == "__main__":
