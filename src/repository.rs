@@ -264,7 +264,8 @@ impl Repository {
     /// come from epoch 0). Returns the new key file and the removed ones.
     ///
     /// Crash-safe in this order: the new key file first (opens the repository before and after), then the
-    /// config (from then on only the new key file opens it), then the other key files (revoked already).
+    /// config (from then on only the new key file opens it), then the other key files (revoked already: one
+    /// that cannot be deleted is left with a warning).
     pub fn rotate_key(&mut self, password: &[u8], kdf: KdfParams) -> Result<(ObjectId, Vec<ObjectId>)> {
         if self.keyring.len() >= crypto::MAX_EPOCHS {
             return Err(Error::invalid(format!(
@@ -290,15 +291,29 @@ impl Repository {
         let keys = Keys::from_keyring(&keyring);
         let new_key = write_key(&*self.backend, &keyring, password, kdf)?;
         self.backend.put(names::CONFIG, &envelope::seal(&keys, Kind::Config, &self.config.encode()))?;
+        (self.keys, self.keyring, self.key_id) = (keys, keyring, new_key);
+        // The rotation has taken effect: older key files open nothing now, so one that cannot be deleted is only
+        // left behind (with a warning), not a failure of the rotation.
         let mut removed = Vec::new();
-        for info in self.backend.list(names::KEYS)? {
+        let others = match self.backend.list(names::KEYS) {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!("the key was rotated, but the older key files were not listed to remove them: {e}");
+                return Ok((new_key, removed));
+            }
+        };
+        for info in others {
             let Some(id) = info.name.rsplit('/').next().and_then(BlobId::from_hex) else { continue };
-            if id != new_key {
-                self.backend.delete(&info.name)?;
-                removed.push(id);
+            if id == new_key {
+                continue;
+            }
+            match self.backend.delete(&info.name) {
+                Ok(()) => removed.push(id),
+                Err(e) => {
+                    tracing::warn!("could not remove {} (revoked all the same, it opens nothing): {e}", info.name)
+                }
             }
         }
-        (self.keys, self.keyring, self.key_id) = (keys, keyring, new_key);
         Ok((new_key, removed))
     }
 
@@ -636,6 +651,63 @@ mod tests {
         let reopened = Repository::open(first.backend().clone(), b"first").unwrap();
         assert_eq!(reopened.keys().current_epoch(), 1);
         assert!(crate::lock::list(&reopened).unwrap().is_empty(), "the rotation lock was released");
+    }
+
+    /// A backend that refuses to delete key files (storage whose credentials may write but not delete).
+    struct KeysUndeletable(Arc<dyn Backend>);
+
+    impl Backend for KeysUndeletable {
+        fn location(&self) -> String {
+            self.0.location()
+        }
+        fn put(&self, name: &str, data: &[u8]) -> Result<()> {
+            self.0.put(name, data)
+        }
+        fn create_new(&self, name: &str, data: &[u8]) -> Result<bool> {
+            self.0.create_new(name, data)
+        }
+        fn get(&self, name: &str) -> Result<Vec<u8>> {
+            self.0.get(name)
+        }
+        fn get_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+            self.0.get_range(name, offset, len)
+        }
+        fn size(&self, name: &str) -> Result<Option<u64>> {
+            self.0.size(name)
+        }
+        fn list(&self, dir: &str) -> Result<Vec<crate::backend::ObjectInfo>> {
+            self.0.list(dir)
+        }
+        fn delete(&self, name: &str) -> Result<()> {
+            if name.starts_with(names::KEYS) {
+                return Err(Error::backend("delete", name, "access denied"));
+            }
+            self.0.delete(name)
+        }
+        fn remove_stale_temporaries(&self, older_than: std::time::Duration) -> Result<usize> {
+            self.0.remove_stale_temporaries(older_than)
+        }
+        fn age(&self, name: &str) -> Result<Option<std::time::Duration>> {
+            self.0.age(name)
+        }
+    }
+
+    #[test]
+    fn a_key_file_that_cannot_be_deleted_is_revoked_all_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = test_repository(dir.path());
+        let kdf = KdfParams { memory_kib: 64, iterations: 1, parallelism: 1 };
+        repo.add_key(b"colleague", kdf).unwrap();
+        let backend: Arc<dyn Backend> = Arc::new(KeysUndeletable(repo.backend().clone()));
+        let mut repo = Repository::open(backend.clone(), b"pw").unwrap();
+        let (_, removed) = repo.rotate_key(b"rotated", kdf).expect("the rotation took effect");
+        assert!(removed.is_empty());
+        assert_eq!(repo.list_keys().unwrap().len(), 3, "both older key files are still there");
+        for old in [&b"pw"[..], b"colleague"] {
+            let e = Repository::open(backend.clone(), old).err().expect("revoked").to_string();
+            assert!(e.contains("from before a key rotation"), "{e}");
+        }
+        assert_eq!(Repository::open(backend, b"rotated").unwrap().keys().current_epoch(), 1);
     }
 
     #[test]
