@@ -801,6 +801,9 @@ fn every_vm_with_a_tag_is_backed_up() {
         s.sort();
         s
     };
+    let listed = lab.ok(&["vm", "list", "--json", "--tag", "Other/gold"]);
+    let names: Vec<&str> = listed.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(names, [b]);
     let r = lab.ok(&["backup", "--json", "--vm-tag", "Backup/gold"]);
     assert_eq!(sources(&r), [a]);
     let got = lab.env.restore(&format!("{}:disk1", r[0]["snapshot"].as_str().unwrap()), &[]);

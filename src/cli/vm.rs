@@ -80,6 +80,10 @@ pub enum VmCommand {
     List {
         #[command(flatten)]
         vsphere: VsphereArgs,
+        /// Only the VMs carrying this vSphere tag (`TAG` or `CATEGORY/TAG`): what `backup --vm-tag` selects,
+        /// templates included.
+        #[arg(long, value_name = "TAG")]
+        tag: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -113,10 +117,17 @@ pub enum VmCommand {
 
 pub fn run(cmd: &VmCommand) -> Result<()> {
     match cmd {
-        VmCommand::List { vsphere, json } => {
+        VmCommand::List { vsphere, tag, json } => {
             let mut c = vsphere.connect()?;
-            let vms = c.virtual_machines()?;
+            let mut vms = c.virtual_machines();
+            if let (Ok(all), Some(tag)) = (&mut vms, tag) {
+                match c.vms_with_tag(tag) {
+                    Ok(tagged) => all.retain(|vm| tagged.contains(&vm.moref)),
+                    Err(e) => vms = Err(e),
+                }
+            }
             c.logout();
+            let vms = vms?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&vms).expect("JSON of plain values"));
                 return Ok(());
