@@ -27,6 +27,7 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use crate::cache::ScratchDb;
+use crate::crypto::KeyEpoch;
 use crate::error::{Error, Result};
 use crate::format::checkpoint::Checkpoint;
 use crate::format::deletion::DeletionRecord;
@@ -63,11 +64,15 @@ pub struct PruneOptions {
     pub max_repack: Option<u64>,
     /// Report what would be done; change nothing.
     pub dry_run: bool,
+    /// After a `key rotate`: repack every pack holding a blob sealed with an older key epoch (within
+    /// `max_repack`), sealing those blobs again with the current one, and rewrite index files sealed with an
+    /// older epoch, so that a revoked key no longer opens the disk data even where it can reach the storage.
+    pub reencrypt: bool,
 }
 
 impl Default for PruneOptions {
     fn default() -> Self {
-        PruneOptions { max_unused: 0.1, max_repack: None, dry_run: false }
+        PruneOptions { max_unused: 0.1, max_repack: None, dry_run: false, reencrypt: false }
     }
 }
 
@@ -84,6 +89,10 @@ pub struct PruneReport {
     pub packs_repacked: u64,
     pub bytes_repacked: u64,
     pub bytes_copied: u64,
+    /// With `reencrypt`: blobs sealed again with the current key epoch.
+    pub blobs_resealed: u64,
+    /// With `reencrypt`: blobs of an older key epoch left as they are (beyond `max_repack`).
+    pub blobs_of_older_epochs_left: u64,
     /// Unused bytes left in kept packs (below `--max-unused` or beyond `--max-repack`).
     pub unused_bytes_kept: u64,
     /// Indexed packs that are missing from storage (left listed: `check` reports them).
@@ -174,8 +183,8 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
     // 3. Sweep and rewrite.
     let mut sweep = Sweep::new(repo, &scratch, opts);
     for id in repo.list_index_ids()? {
-        let file = repo.load_index(&id)?;
-        sweep.file(id, file, &mut report)?;
+        let (file, epoch) = repo.load_index_with_epoch(&id)?;
+        sweep.file(id, file, epoch, &mut report)?;
     }
     let SweepResult { doomed, accounted, replaced } = sweep.finish(&mut report)?;
     phase(&mut report, "sweep and write the index");
@@ -414,10 +423,11 @@ impl<'a> Sweep<'a> {
         }
     }
 
-    /// One old index file: it is left as it is if all its packs stay, else replaced.
-    fn file(&mut self, id: ObjectId, file: IndexFile, report: &mut PruneReport) -> Result<()> {
+    /// One old index file: it is left as it is if all its packs stay (and, re-encrypting, it was sealed with the
+    /// current key epoch), else replaced.
+    fn file(&mut self, id: ObjectId, file: IndexFile, epoch: KeyEpoch, report: &mut PruneReport) -> Result<()> {
         let mut kept = Vec::new();
-        let mut changed = false;
+        let mut changed = self.opts.reencrypt && epoch < self.repo.keys().current_epoch();
         for pack in file.packs {
             // Listed before (a duplicate listing): this file changes if that pack does not stay.
             if let Some(fate) = self.scratch.get(SEEN_PACK, &pack.id)? {
@@ -476,7 +486,10 @@ impl<'a> Sweep<'a> {
             self.doomed.push(pack.id);
             return Ok(None);
         }
-        if unused_bytes == 0 {
+        let current = self.repo.keys().current_epoch();
+        let older_epoch = |e: &&crate::format::pack::PackEntry| e.key_epoch < current;
+        let stale = self.opts.reencrypt && pack.entries.iter().any(|e| older_epoch(&e));
+        if unused_bytes == 0 && !stale {
             return Ok(Some(pack));
         }
         // Segment packs are always repacked: an indexed segment blob must be a referenced one, so that a backup
@@ -484,21 +497,28 @@ impl<'a> Sweep<'a> {
         let repack = match pack.pack_type {
             BlobType::Segment => true,
             BlobType::Data => {
-                unused_bytes as f64 > self.opts.max_unused * size as f64 && used_bytes <= self.repack_budget
+                (stale || unused_bytes as f64 > self.opts.max_unused * size as f64) && used_bytes <= self.repack_budget
             }
         };
         if !repack {
             report.unused_bytes_kept += unused_bytes;
+            if stale {
+                report.blobs_of_older_epochs_left += pack.entries.iter().filter(older_epoch).count() as u64;
+            }
             return Ok(Some(pack));
         }
         if self.opts.dry_run {
             report.packs_repacked += 1;
             report.bytes_repacked += size;
             report.bytes_copied += used_bytes;
+            if self.opts.reencrypt {
+                let resealed = pack.entries.iter().zip(&used).filter(|(e, u)| **u && older_epoch(e)).count();
+                report.blobs_resealed += resealed as u64;
+            }
             self.repack_budget = self.repack_budget.saturating_sub(used_bytes);
             return Ok(None);
         }
-        match self.copy_used(&pack, &used) {
+        match self.copy_used(&pack, &used, report) {
             Ok(copied) => {
                 report.packs_repacked += 1;
                 report.bytes_repacked += size;
@@ -538,8 +558,9 @@ impl<'a> Sweep<'a> {
     }
 
     /// Copies the used blobs of `pack` (verified: decrypted and re-hashed) into the open new pack of its type.
-    /// The sealed bytes are copied as they are: their associated data does not depend on the pack.
-    fn copy_used(&mut self, pack: &IndexedPack, used: &[bool]) -> Result<u64> {
+    /// The sealed bytes are copied as they are (their associated data does not depend on the pack), or,
+    /// re-encrypting, sealed again with the current key epoch if an older one sealed them.
+    fn copy_used(&mut self, pack: &IndexedPack, used: &[bool], report: &mut PruneReport) -> Result<u64> {
         let name = names::pack(&pack.id);
         let bytes = self.repo.backend().get(&name)?;
         let mut copied = 0u64;
@@ -548,9 +569,15 @@ impl<'a> Sweep<'a> {
             let stored = bytes
                 .get(e.offset as usize..e.end() as usize)
                 .ok_or_else(|| Error::corrupt(&name, format!("blob {} lies beyond the end of the pack", e.id)))?;
-            crate::format::pack::verify_for_copy(self.repo.keys(), e, stored)
-                .map_err(|c| Error::corrupt(&name, format!("blob {}: {c}", e.id)))?;
-            blobs.push(SealedBlob::copy_of(e, stored));
+            let keys = self.repo.keys();
+            let damaged = |c: String| Error::corrupt(&name, format!("blob {}: {c}", e.id));
+            crate::format::pack::verify_for_copy(keys, e, stored).map_err(damaged)?;
+            if self.opts.reencrypt && e.key_epoch < keys.current_epoch() {
+                blobs.push(crate::format::pack::reseal_blob(keys, e, stored).map_err(damaged)?);
+                report.blobs_resealed += 1;
+            } else {
+                blobs.push(SealedBlob::copy_of(e, stored));
+            }
         }
         for blob in blobs {
             copied += blob.bytes.len() as u64;

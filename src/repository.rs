@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::backend::Backend;
-use crate::crypto::{self, Keys};
+use crate::crypto::{self, KeyEpoch, Keys};
 use crate::error::{Error, Result};
 use crate::format::checkpoint::Checkpoint;
 use crate::format::config::Config;
@@ -424,10 +424,21 @@ impl Repository {
         id: &ObjectId,
         decode: impl FnOnce(&[u8]) -> std::result::Result<T, String>,
     ) -> Result<T> {
+        self.load_sealed_with_epoch(kind, name_of, id, decode).map(|(t, _)| t)
+    }
+
+    /// [`Repository::load_sealed`], also returning the key epoch that sealed the object.
+    fn load_sealed_with_epoch<T>(
+        &self,
+        kind: Kind,
+        name_of: fn(&ObjectId) -> String,
+        id: &ObjectId,
+        decode: impl FnOnce(&[u8]) -> std::result::Result<T, String>,
+    ) -> Result<(T, KeyEpoch)> {
         let name = name_of(id);
         let bytes = get_verified(&*self.backend, &name, id)?;
         let plain = envelope::open(&self.keys, kind, &bytes).map_err(|e| map_header_err(&name, e))?;
-        decode(&plain).map_err(|e| Error::corrupt(&name, e))
+        Ok((decode(&plain).map_err(|e| Error::corrupt(&name, e))?, envelope::epoch_of(&bytes)))
     }
 
     // ---- index files ----
@@ -438,6 +449,11 @@ impl Repository {
 
     pub fn load_index(&self, id: &ObjectId) -> Result<IndexFile> {
         self.load_sealed(Kind::Index, names::index, id, IndexFile::decode)
+    }
+
+    /// An index file and the key epoch that sealed it (prune re-seals older ones with `--reencrypt`).
+    pub fn load_index_with_epoch(&self, id: &ObjectId) -> Result<(IndexFile, KeyEpoch)> {
+        self.load_sealed_with_epoch(Kind::Index, names::index, id, IndexFile::decode)
     }
 
     pub fn list_index_ids(&self) -> Result<Vec<ObjectId>> {

@@ -541,6 +541,33 @@ fn key_rotation_revokes_every_older_key_and_keeps_the_data() {
     let check = e.ok(&["check", "--read-data"]);
     assert!(check.stdout.contains("no errors found"), "{}", check.stdout);
 
+    // prune --reencrypt seals those blocks (and the index) again with the new key: the revoked secrets then open
+    // no pack at all. A dry run only counts them.
+    let packs = e.objects("packs");
+    let dry = e.ok(&["prune", "--reencrypt", "--dry-run"]).stdout;
+    assert!(dry.contains("blobs would be sealed again with the current key: "), "{dry}");
+    assert_eq!(e.objects("packs"), packs, "a dry run changed the packs");
+    let out = e.ok(&["prune", "--reencrypt"]).stdout;
+    assert!(
+        out.contains("blobs sealed again with the current key: ") && out.contains("left (beyond --max-repack): 0"),
+        "{out}"
+    );
+    for (name, opened) in opens_with(&e, &old_keys) {
+        assert!(!opened || name.contains("snapshots/"), "{name}: the revoked key still opens it after --reencrypt");
+    }
+    for index in e.objects("index") {
+        assert_eq!(e.read_object(&index)[5..8], [3, 1, 0], "{index} is sealed with key epoch 1");
+    }
+    for p in e.objects("packs") {
+        let pack = e.ok(&["cat", "pack", p.rsplit('/').next().unwrap()]).json();
+        assert!(pack["blobs"].as_array().unwrap().iter().all(|b| b["key_epoch"] == 1), "{p}: {pack}");
+    }
+    let again = e.ok(&["prune", "--reencrypt"]).stdout;
+    assert!(!again.contains("sealed again"), "nothing is left to re-encrypt: {again}");
+    assert_eq!(e.restore(&s1, &[]), day1);
+    let check = e.ok(&["check", "--read-data"]);
+    assert!(check.stdout.contains("no errors found"), "{}", check.stdout);
+
     // The new recovery key holds both secrets and opens the repository without any key file.
     let new_recovery = e.ok(&["key", "export"]).stdout;
     assert!(new_recovery.starts_with("diskvault recovery key v2\n"), "{new_recovery}");

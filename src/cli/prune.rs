@@ -16,6 +16,11 @@ pub struct PruneArgs {
     /// Show what would be deleted and repacked; change nothing.
     #[arg(long, short = 'n')]
     dry_run: bool,
+    /// After `key rotate`: seal again with the new key every blob and index file sealed with an older one
+    /// (packs holding one are repacked, within --max-repack), so that a revoked key opens no disk data even
+    /// where it reaches the storage. Snapshots keep their key (their ids are their content).
+    #[arg(long)]
+    reencrypt: bool,
 }
 
 pub(crate) fn parse_percent(s: &str) -> std::result::Result<f64, String> {
@@ -47,7 +52,12 @@ pub(crate) fn parse_size(s: &str) -> std::result::Result<u64, String> {
 
 pub fn run(g: &Globals, args: &PruneArgs) -> Result<()> {
     let repo = g.open_repo()?;
-    let opts = PruneOptions { max_unused: args.max_unused, max_repack: args.max_repack, dry_run: args.dry_run };
+    let opts = PruneOptions {
+        max_unused: args.max_unused,
+        max_repack: args.max_repack,
+        dry_run: args.dry_run,
+        reencrypt: args.reencrypt,
+    };
     let r = prune::run(&repo, &g.cache_root(), &opts)?;
     if !args.dry_run {
         record_metrics(&r);
@@ -120,6 +130,12 @@ pub(crate) fn print_report(r: &PruneReport, dry_run: bool) {
         human_bytes(r.bytes_copied)
     );
     println!("unused space left in kept packs: {}", human_bytes(r.unused_bytes_kept));
+    if r.blobs_resealed + r.blobs_of_older_epochs_left > 0 {
+        println!(
+            "blobs {would}sealed again with the current key: {}; of older keys left (beyond --max-repack): {}",
+            r.blobs_resealed, r.blobs_of_older_epochs_left
+        );
+    }
     if r.checkpoints_removed > 0 {
         println!(
             "checkpoints of interrupted backups that can no longer be continued {would}removed: {}",

@@ -375,6 +375,18 @@ pub fn authenticate_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Resul
     keys.open(entry.key_epoch, &aad[..n], stored).map(|_| ()).map_err(|e| e.to_string())
 }
 
+/// A stored blob sealed again with the current key epoch (`prune --reencrypt` after a `key rotate`): opened with
+/// its own epoch's key and sealed with the newest, under the same associated data (type, flags, id, base); the
+/// body is not decompressed or compressed again. The error is the cause only.
+pub fn reseal_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<SealedBlob, String> {
+    check_stored_len(entry, stored)?;
+    let (aad, n) = entry_aad(entry);
+    let body = keys.open(entry.key_epoch, &aad[..n], stored).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::with_capacity(stored.len());
+    keys.seal_into(&aad[..n], &body, &mut bytes);
+    Ok(SealedBlob { key_epoch: keys.current_epoch(), bytes, ..SealedBlob::copy_of(entry, &[]) })
+}
+
 /// Verifies a stored blob before it is copied into another pack (prune's repacking, `repair packs`): opened
 /// and re-hashed, or for a delta blob, whose base may lie in any pack, authenticated (check --read-data decodes
 /// it with its base).
@@ -659,6 +671,32 @@ mod tests {
         short.raw_len -= 1;
         let mut stored = p.bytes[e.offset as usize..e.end() as usize].to_vec();
         assert!(open_blob_in_place(&k, &short, &mut stored, &mut out, None).is_err());
+    }
+
+    #[test]
+    fn a_delta_blob_sealed_again_with_a_newer_epoch_opens_only_with_it() {
+        let old = keys();
+        let rotated = Keys::from_keyring(&[[3u8; 32], [4u8; 32]]);
+        let mut base = vec![0u8; 1 << 20];
+        blake3::Hasher::new().update(b"base").finalize_xof().fill(&mut base);
+        let mut block = base.clone();
+        block[..4096].fill(1);
+        let (base_id, id) = (old.blob_id(&base), old.blob_id(&block));
+        let delta = BlobSealer::new(3).seal_delta(&old, id, &block, base_id, &base).expect("the delta pays");
+        let mut w = PackWriter::new(BlobType::Data, 4 << 20);
+        w.add(delta);
+        let p = w.finish(&old);
+        let e = p.header.entries[0];
+        let resealed = reseal_blob(&rotated, &e, &p.bytes[e.offset as usize..e.end() as usize]).unwrap();
+        assert_eq!((resealed.key_epoch, resealed.base, resealed.flags), (1, Some(base_id), e.flags));
+        let mut w = PackWriter::new(BlobType::Data, 4 << 20);
+        w.add(resealed);
+        let p = w.finish(&rotated);
+        let e = p.header.entries[0];
+        let stored = &p.bytes[e.offset as usize..e.end() as usize];
+        assert_eq!(open_blob(&rotated, &e, stored, Some(&base)).unwrap(), block);
+        assert!(open_blob(&old, &e, stored, Some(&base)).unwrap_err().contains("key epoch 1"));
+        assert!(read_header(&old, &p.bytes).is_err(), "the new pack's header is sealed with epoch 1 too");
     }
 
     #[test]
