@@ -157,8 +157,8 @@ pub fn run_within(
     let mut attempt = 0;
     let loaded = loop {
         let index_ids = repo.list_index_ids()?;
-        let loaded: Vec<(ObjectId, Result<crate::format::index::IndexFile>)> =
-            index_ids.par_iter().map(|id| (*id, repo.load_index(id))).collect();
+        let loaded: Vec<(ObjectId, Result<(crate::format::index::IndexFile, crate::crypto::KeyEpoch)>)> =
+            index_ids.par_iter().map(|id| (*id, repo.load_index_with_epoch(id))).collect();
         attempt += 1;
         if attempt < 5 && loaded.iter().any(|(_, f)| matches!(f, Err(Error::Missing { .. }))) {
             continue;
@@ -166,12 +166,15 @@ pub fn run_within(
         break loaded;
     };
     report.index_files = loaded.len();
+    let current_epoch = repo.keys().current_epoch();
+    let mut older_index_files = 0;
     let mut indexed: HashMap<ObjectId, IndexedPack> = HashMap::new();
     let mut blobs: HashMap<BlobId, (ObjectId, PackEntry)> = HashMap::new();
     for (id, f) in loaded {
         match f {
             Err(e) => report.errors.push(e.to_string()),
-            Ok(f) => {
+            Ok((f, epoch)) => {
+                older_index_files += (epoch < current_epoch) as usize;
                 for p in f.packs {
                     for e in &p.entries {
                         blobs.entry(e.id).or_insert((p.id, *e));
@@ -192,6 +195,14 @@ pub fn run_within(
         }
     }
     report.blobs = blobs.len();
+    // After a key rotation: what a revoked key still opens, until `prune --reencrypt` seals it again.
+    let older_blobs = blobs.values().filter(|(_, e)| e.key_epoch < current_epoch).count();
+    if older_blobs + older_index_files > 0 {
+        report.warnings.push(format!(
+            "{older_blobs} blobs and {older_index_files} index files are sealed with a key from before the last key \
+             rotation (epoch {current_epoch}): a revoked key still opens them; `prune --reencrypt` seals them again"
+        ));
+    }
     // Every delta blob's base is an indexed plain data blob.
     let base_problems: Vec<Problem> = blobs
         .values()

@@ -543,6 +543,8 @@ fn key_rotation_revokes_every_older_key_and_keeps_the_data() {
 
     // prune --reencrypt seals those blocks (and the index) again with the new key: the revoked secrets then open
     // no pack at all. A dry run only counts them.
+    let before = e.ok(&["check"]).stderr;
+    assert!(before.contains("sealed with a key from before the last key rotation"), "{before}");
     let packs = e.objects("packs");
     let dry = e.ok(&["prune", "--reencrypt", "--dry-run"]).stdout;
     assert!(dry.contains("blobs would be sealed again with the current key: "), "{dry}");
@@ -567,6 +569,7 @@ fn key_rotation_revokes_every_older_key_and_keeps_the_data() {
     assert_eq!(e.restore(&s1, &[]), day1);
     let check = e.ok(&["check", "--read-data"]);
     assert!(check.stdout.contains("no errors found"), "{}", check.stdout);
+    assert!(!check.stderr.contains("key from before"), "{}", check.stderr);
 
     // The new recovery key holds both secrets and opens the repository without any key file.
     let new_recovery = e.ok(&["key", "export"]).stdout;
