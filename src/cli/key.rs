@@ -27,7 +27,8 @@ pub enum KeyCommand {
     /// now on is sealed with a new key that only the new password's key file holds. Every other key file is
     /// removed and the old recovery key stops working (export a new one); add the passwords to keep again with
     /// `key add`. Stored data stays readable and deduplicates as before; whoever held a revoked key can still
-    /// read what was stored before the rotation (if they can reach the storage), nothing written after it.
+    /// read what was stored before the rotation (if they can reach the storage) until `prune --reencrypt` has
+    /// sealed it again, and nothing written after it.
     Rotate(NewPassword),
     /// Print the recovery key: the repository's master secret as text, to keep offline (on paper, in a safe).
     /// With it `key recover` opens the repository when every key file is lost, damaged or its password
