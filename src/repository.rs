@@ -424,21 +424,23 @@ impl Repository {
         id: &ObjectId,
         decode: impl FnOnce(&[u8]) -> std::result::Result<T, String>,
     ) -> Result<T> {
-        self.load_sealed_with_epoch(kind, name_of, id, decode).map(|(t, _)| t)
+        self.load_sealed_with_header(kind, name_of, id, |plain, _| decode(plain)).map(|(t, _)| t)
     }
 
-    /// [`Repository::load_sealed`], also returning the key epoch that sealed the object.
-    fn load_sealed_with_epoch<T>(
+    /// [`Repository::load_sealed`], also returning the key epoch that sealed the object; `decode` is also given
+    /// the object header (format version, key epoch).
+    fn load_sealed_with_header<T>(
         &self,
         kind: Kind,
         name_of: fn(&ObjectId) -> String,
         id: &ObjectId,
-        decode: impl FnOnce(&[u8]) -> std::result::Result<T, String>,
+        decode: impl FnOnce(&[u8], &[u8]) -> std::result::Result<T, String>,
     ) -> Result<(T, KeyEpoch)> {
         let name = name_of(id);
         let bytes = get_verified(&*self.backend, &name, id)?;
         let plain = envelope::open(&self.keys, kind, &bytes).map_err(|e| map_header_err(&name, e))?;
-        Ok((decode(&plain).map_err(|e| Error::corrupt(&name, e))?, envelope::epoch_of(&bytes)))
+        let header = &bytes[..envelope::HEADER_LEN];
+        Ok((decode(&plain, header).map_err(|e| Error::corrupt(&name, e))?, envelope::epoch_of(header)))
     }
 
     // ---- index files ----
@@ -448,12 +450,24 @@ impl Repository {
     }
 
     pub fn load_index(&self, id: &ObjectId) -> Result<IndexFile> {
-        self.load_sealed(Kind::Index, names::index, id, IndexFile::decode)
+        self.load_index_with_epoch(id).map(|(f, _)| f)
     }
 
     /// An index file and the key epoch that sealed it (prune re-seals older ones with `--reencrypt`).
+    /// An index file listing what its format version does not have (delta blobs in version 1, key epochs
+    /// before version 3) is refused, as a pack is (format-spec §10).
     pub fn load_index_with_epoch(&self, id: &ObjectId) -> Result<(IndexFile, KeyEpoch)> {
-        self.load_sealed_with_epoch(Kind::Index, names::index, id, IndexFile::decode)
+        self.load_sealed_with_header(Kind::Index, names::index, id, |plain, header| {
+            let file = IndexFile::decode(plain)?;
+            if header[5] < file.version() {
+                return Err(format!(
+                    "format version {} index file lists blobs of version {} (delta blobs or key epochs)",
+                    header[5],
+                    file.version()
+                ));
+            }
+            Ok(file)
+        })
     }
 
     pub fn list_index_ids(&self) -> Result<Vec<ObjectId>> {
@@ -724,6 +738,44 @@ mod tests {
             assert!(e.contains("from before a key rotation"), "{e}");
         }
         assert_eq!(Repository::open(backend, b"rotated").unwrap().keys().current_epoch(), 1);
+    }
+
+    #[test]
+    fn an_index_file_listing_what_its_version_has_not_is_refused() {
+        use crate::format::index::{IndexFile, IndexedPack};
+        use crate::format::pack::{PackEntry, FLAG_DELTA, FLAG_ZSTD};
+        use crate::format::BlobType;
+        let dir = tempfile::tempdir().unwrap();
+        let repo = test_repository(dir.path());
+        let entry = PackEntry {
+            blob_type: BlobType::Data,
+            flags: FLAG_ZSTD,
+            key_epoch: 0,
+            offset: 0,
+            stored_len: 100,
+            raw_len: 1 << 20,
+            id: BlobId([5; 32]),
+            base: None,
+        };
+        let delta = PackEntry { flags: FLAG_ZSTD | FLAG_DELTA, base: Some(BlobId([6; 32])), ..entry };
+        let rotated = PackEntry { key_epoch: 1, ..entry };
+        for (entries, version, ok) in [
+            (vec![entry], 1, true),
+            (vec![delta], 2, true),
+            (vec![delta], 1, false),
+            (vec![rotated], 2, false),
+            (vec![rotated, delta], 3, true),
+        ] {
+            let file = IndexFile {
+                supersedes: Vec::new(),
+                packs: vec![IndexedPack { id: BlobId([7; 32]), pack_type: BlobType::Data, entries }],
+            };
+            let id = repo.save_sealed(Kind::Index, version, names::index, &file.encode()).unwrap();
+            match repo.load_index(&id) {
+                Ok(f) => assert!(ok && f == file, "version {version}: {f:?}"),
+                Err(e) => assert!(!ok && e.to_string().contains("lists blobs of version"), "version {version}: {e}"),
+            }
+        }
     }
 
     #[test]
