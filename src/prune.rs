@@ -404,6 +404,9 @@ struct Sweep<'a> {
     replaced: Vec<ObjectId>,
     writers: PackWriters,
     repack_budget: u64,
+    /// Blobs and index files sealed with a key epoch below this are sealed again: the current epoch with
+    /// `reencrypt`, else 0 (nothing is).
+    reseal_below: KeyEpoch,
 }
 
 impl<'a> Sweep<'a> {
@@ -420,6 +423,7 @@ impl<'a> Sweep<'a> {
             replaced: Vec::new(),
             writers: PackWriters::new(repo.config().pack_target_size as usize),
             repack_budget: opts.max_repack.unwrap_or(u64::MAX),
+            reseal_below: if opts.reencrypt { repo.keys().current_epoch() } else { 0 },
         }
     }
 
@@ -427,7 +431,7 @@ impl<'a> Sweep<'a> {
     /// current key epoch), else replaced.
     fn file(&mut self, id: ObjectId, file: IndexFile, epoch: KeyEpoch, report: &mut PruneReport) -> Result<()> {
         let mut kept = Vec::new();
-        let mut changed = self.opts.reencrypt && epoch < self.repo.keys().current_epoch();
+        let mut changed = epoch < self.reseal_below;
         for pack in file.packs {
             // Listed before (a duplicate listing): this file changes if that pack does not stay.
             if let Some(fate) = self.scratch.get(SEEN_PACK, &pack.id)? {
@@ -486,9 +490,8 @@ impl<'a> Sweep<'a> {
             self.doomed.push(pack.id);
             return Ok(None);
         }
-        let current = self.repo.keys().current_epoch();
-        let older_epoch = |e: &&crate::format::pack::PackEntry| e.key_epoch < current;
-        let stale = self.opts.reencrypt && pack.entries.iter().any(|e| older_epoch(&e));
+        let to_reseal = |e: &crate::format::pack::PackEntry| e.key_epoch < self.reseal_below;
+        let stale = pack.entries.iter().any(to_reseal);
         if unused_bytes == 0 && !stale {
             return Ok(Some(pack));
         }
@@ -503,7 +506,7 @@ impl<'a> Sweep<'a> {
         if !repack {
             report.unused_bytes_kept += unused_bytes;
             if stale {
-                report.blobs_of_older_epochs_left += pack.entries.iter().filter(older_epoch).count() as u64;
+                report.blobs_of_older_epochs_left += pack.entries.iter().filter(|e| to_reseal(e)).count() as u64;
             }
             return Ok(Some(pack));
         }
@@ -511,10 +514,8 @@ impl<'a> Sweep<'a> {
             report.packs_repacked += 1;
             report.bytes_repacked += size;
             report.bytes_copied += used_bytes;
-            if self.opts.reencrypt {
-                let resealed = pack.entries.iter().zip(&used).filter(|(e, u)| **u && older_epoch(e)).count();
-                report.blobs_resealed += resealed as u64;
-            }
+            let resealed = pack.entries.iter().zip(&used).filter(|(e, u)| **u && to_reseal(e)).count();
+            report.blobs_resealed += resealed as u64;
             self.repack_budget = self.repack_budget.saturating_sub(used_bytes);
             return Ok(None);
         }
@@ -572,7 +573,7 @@ impl<'a> Sweep<'a> {
             let keys = self.repo.keys();
             let damaged = |c: String| Error::corrupt(&name, format!("blob {}: {c}", e.id));
             crate::format::pack::verify_for_copy(keys, e, stored).map_err(damaged)?;
-            if self.opts.reencrypt && e.key_epoch < keys.current_epoch() {
+            if e.key_epoch < self.reseal_below {
                 blobs.push(crate::format::pack::reseal_blob(keys, e, stored).map_err(damaged)?);
                 report.blobs_resealed += 1;
             } else {

@@ -747,16 +747,7 @@ mod tests {
         use crate::format::BlobType;
         let dir = tempfile::tempdir().unwrap();
         let repo = test_repository(dir.path());
-        let entry = PackEntry {
-            blob_type: BlobType::Data,
-            flags: FLAG_ZSTD,
-            key_epoch: 0,
-            offset: 0,
-            stored_len: 100,
-            raw_len: 1 << 20,
-            id: BlobId([5; 32]),
-            base: None,
-        };
+        let entry = PackEntry::example();
         let delta = PackEntry { flags: FLAG_ZSTD | FLAG_DELTA, base: Some(BlobId([6; 32])), ..entry };
         let rotated = PackEntry { key_epoch: 1, ..entry };
         for (entries, version, ok) in [

@@ -142,16 +142,7 @@ mod tests {
 
     #[test]
     fn roundtrip_and_bounds() {
-        let e = PackEntry {
-            blob_type: BlobType::Data,
-            flags: 1,
-            key_epoch: 0,
-            offset: 0,
-            stored_len: 100,
-            raw_len: 1 << 20,
-            id: BlobId([5; 32]),
-            base: None,
-        };
+        let e = PackEntry::example();
         let d = PackEntry { flags: 3, id: BlobId([6; 32]), base: Some(BlobId([5; 32])), ..e };
         let f = IndexFile {
             supersedes: vec![BlobId([1; 32])],

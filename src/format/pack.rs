@@ -90,6 +90,21 @@ impl PackEntry {
         Ok(e)
     }
 
+    /// A compressed data blob's entry for unit tests: id 5, 100 bytes stored, 1 MiB of plaintext.
+    #[cfg(test)]
+    pub(crate) fn example() -> PackEntry {
+        PackEntry {
+            blob_type: BlobType::Data,
+            flags: FLAG_ZSTD,
+            key_epoch: 0,
+            offset: 0,
+            stored_len: 100,
+            raw_len: 1 << 20,
+            id: BlobId([5; 32]),
+            base: None,
+        }
+    }
+
     pub fn end(&self) -> u64 {
         self.offset as u64 + self.stored_len as u64
     }
