@@ -578,8 +578,7 @@ fn select_vms(client: &mut crate::vsphere::Client, args: &BackupArgs) -> Result<
     }
     if !args.vm_tag.is_empty() {
         let all = client.virtual_machines()?;
-        for tag in &args.vm_tag {
-            let tagged = client.vms_with_tag(tag)?;
+        for (tag, tagged) in args.vm_tag.iter().zip(client.vms_with_tags(&args.vm_tag)?) {
             let found: Vec<_> = all.iter().filter(|vm| tagged.contains(&vm.moref)).cloned().collect();
             if found.is_empty() {
                 tracing::warn!("no VM carries the tag {tag:?}");

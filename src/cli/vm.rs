@@ -121,8 +121,8 @@ pub fn run(cmd: &VmCommand) -> Result<()> {
             let mut c = vsphere.connect()?;
             let mut vms = c.virtual_machines();
             if let (Ok(all), Some(tag)) = (&mut vms, tag) {
-                match c.vms_with_tag(tag) {
-                    Ok(tagged) => all.retain(|vm| tagged.contains(&vm.moref)),
+                match c.vms_with_tags(std::slice::from_ref(tag)) {
+                    Ok(tagged) => all.retain(|vm| tagged[0].contains(&vm.moref)),
                     Err(e) => vms = Err(e),
                 }
             }

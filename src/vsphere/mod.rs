@@ -2,7 +2,7 @@
 //! server's certificate verified by a CA file or pinned by its SHA-1/SHA-256 thumbprint (never unverified).
 //!
 //! Answers are parsed namespace-aware ([`xml`]); SOAP faults become errors naming the call, the fault type
-//! (`InvalidLogin`, `FileFault`…) and its message. vSphere tags are not in SOAP: [`Client::vms_with_tag`] asks
+//! (`InvalidLogin`, `FileFault`…) and its message. vSphere tags are not in SOAP: [`Client::vms_with_tags`] asks
 //! the vAPI REST endpoint with the same credentials and certificate trust (`tags`).
 
 mod tags;

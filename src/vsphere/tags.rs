@@ -80,56 +80,75 @@ fn field<'v>(v: &'v Value, name: &str, call: &str) -> Result<&'v str> {
 }
 
 impl Client {
-    /// The morefs of the virtual machines that carry the tag `name`: `TAG`, or `CATEGORY/TAG` where tags of
-    /// several categories share the name (refused as ambiguous otherwise).
-    pub fn vms_with_tag(&self, name: &str) -> Result<Vec<String>> {
+    /// For each of `names`, the morefs of the virtual machines that carry that tag: `TAG`, or `CATEGORY/TAG`
+    /// where tags of several categories share the name (refused as ambiguous otherwise). One REST session, and
+    /// vCenter's tags are read once for all names.
+    pub fn vms_with_tags(&self, names: &[String]) -> Result<Vec<Vec<String>>> {
         let rest = RestSession::open(self)?;
-        let (category, tag) = match name.split_once('/') {
-            Some((c, t)) => (Some(c), t),
-            None => (None, name),
-        };
         let list = "com/vmware/cis/tagging/tag";
         let ids = rest.get(list)?;
         let ids = ids.as_array().ok_or_else(|| rest_error(list, format!("not a list of tags: {ids}")))?;
-        let mut all = Vec::new();
-        let mut matching = Vec::new();
+        // (id, name, category id) of every tag.
+        let mut tags = Vec::new();
         for id in ids.iter().filter_map(Value::as_str) {
             let call = format!("com/vmware/cis/tagging/tag/id:{id}");
             let t = rest.get(&call)?;
-            let tag_name = field(&t, "name", &call)?;
-            if tag_name == tag {
-                let category_call = format!("com/vmware/cis/tagging/category/id:{}", field(&t, "category_id", &call)?);
-                let c = rest.get(&category_call)?;
-                let category_name = field(&c, "name", &category_call)?.to_string();
+            tags.push((
+                id.to_string(),
+                field(&t, "name", &call)?.to_string(),
+                field(&t, "category_id", &call)?.to_string(),
+            ));
+        }
+        let mut category_names: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+        let mut out = Vec::new();
+        for name in names {
+            let (category, tag) = match name.split_once('/') {
+                Some((c, t)) => (Some(c), t),
+                None => (None, name.as_str()),
+            };
+            let mut matching = Vec::new();
+            for (id, tag_name, category_id) in &tags {
+                if tag_name != tag {
+                    continue;
+                }
+                if !category_names.contains_key(category_id) {
+                    let call = format!("com/vmware/cis/tagging/category/id:{category_id}");
+                    let c = rest.get(&call)?;
+                    category_names.insert(category_id.clone(), field(&c, "name", &call)?.to_string());
+                }
+                let category_name = &category_names[category_id];
                 if category.is_none_or(|want| want == category_name) {
-                    matching.push((id.to_string(), category_name));
+                    matching.push((id, category_name.clone()));
                 }
             }
-            all.push(tag_name.to_string());
+            let id = match matching.as_slice() {
+                [(id, _)] => id,
+                [] => {
+                    let mut known: Vec<&str> = tags.iter().map(|(_, n, _)| n.as_str()).collect();
+                    known.sort();
+                    known.dedup();
+                    let known = if known.is_empty() { "vCenter has none".to_string() } else { known.join(", ") };
+                    return Err(Error::invalid(format!("no vSphere tag {name:?} (tags: {known})")));
+                }
+                more => {
+                    let categories: Vec<&str> = more.iter().map(|(_, c)| c.as_str()).collect();
+                    return Err(Error::invalid(format!(
+                        "tags named {tag:?} exist in categories {}: give it as CATEGORY/TAG",
+                        categories.join(", ")
+                    )));
+                }
+            };
+            let call = format!("com/vmware/cis/tagging/tag-association/id:{id}?~action=list-attached-objects");
+            let objects = rest.call(reqwest::Method::POST, &call, Some(serde_json::json!({})))?;
+            let objects = objects.as_array().map(Vec::as_slice).unwrap_or_default();
+            out.push(
+                objects
+                    .iter()
+                    .filter(|o| o.get("type").and_then(Value::as_str) == Some("VirtualMachine"))
+                    .filter_map(|o| o.get("id").and_then(Value::as_str).map(String::from))
+                    .collect(),
+            );
         }
-        let id = match matching.as_slice() {
-            [(id, _)] => id,
-            [] => {
-                all.sort();
-                all.dedup();
-                let known = if all.is_empty() { "vCenter has none".to_string() } else { all.join(", ") };
-                return Err(Error::invalid(format!("no vSphere tag {name:?} (tags: {known})")));
-            }
-            more => {
-                let categories: Vec<&str> = more.iter().map(|(_, c)| c.as_str()).collect();
-                return Err(Error::invalid(format!(
-                    "tags named {tag:?} exist in categories {}: give it as CATEGORY/TAG",
-                    categories.join(", ")
-                )));
-            }
-        };
-        let call = format!("com/vmware/cis/tagging/tag-association/id:{id}?~action=list-attached-objects");
-        let objects = rest.call(reqwest::Method::POST, &call, Some(serde_json::json!({})))?;
-        let objects = objects.as_array().map(Vec::as_slice).unwrap_or_default();
-        Ok(objects
-            .iter()
-            .filter(|o| o.get("type").and_then(Value::as_str) == Some("VirtualMachine"))
-            .filter_map(|o| o.get("id").and_then(Value::as_str).map(String::from))
-            .collect())
+        Ok(out)
     }
 }
