@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::format::checkpoint::{Checkpoint, CheckpointDisk};
 use crate::format::index::BlobLocation;
 use crate::format::index::{IndexFile, IndexedPack};
-use crate::format::pack::{BlobSealer, FinishedPack, PackWriter, SealedBlob};
+use crate::format::pack::{BlobSealer, FinishedPack, PackWriter, SealedBlob, StoredForm};
 use crate::format::snapshot::{segment_ids, DiskManifest, DiskStats, SegmentRef, Snapshot, Summary};
 use crate::format::{BlobId, BlobType, ObjectId, SEGMENT_BLOCKS};
 use crate::progress::Counters;
@@ -237,6 +237,8 @@ struct ReadBlock {
     data: AlignedBuf,
     /// The parent's block at this offset, a delta base to try ([`BasePrefetch::likely_base`]).
     likely_base: Option<BlobId>,
+    /// How the source repository of a copy stored the block ([`DiskSource::stored_form`]).
+    stored_form: Option<StoredForm>,
 }
 
 /// A worker's verdict on one block.
@@ -532,6 +534,7 @@ pub fn run(
                             break;
                         }
                     }
+                    counters.add_sealed_as_stored(sealer.stored_forms());
                     Ok(())
                 })
             });
@@ -747,7 +750,8 @@ fn read_disk(
         job.source.read_block(offset, len, &mut data)?;
         counters.add_done(len as u64);
         let likely_base = prefetch.and_then(|p| p.likely_base(disk, k as u64));
-        if tx.send(ReadBlock { disk, index, data, likely_base }).is_err() {
+        let stored_form = job.source.stored_form(offset);
+        if tx.send(ReadBlock { disk, index, data, likely_base, stored_form }).is_err() {
             return Ok(());
         }
     }
@@ -769,7 +773,7 @@ fn process_block(
     if !claims.claim(&id)? {
         return Ok(BlockResult { index, id, kind: BlockKind::Known });
     }
-    let sealed = sealer.seal(id, data, block.likely_base)?;
+    let sealed = sealer.seal(id, data, block.likely_base, block.stored_form.as_ref())?;
     let stored = sealed.bytes.len() as u32;
     // A closed channel means the packer stopped on an error, which the abort records.
     let _ = blob_tx.send(sealed);

@@ -31,7 +31,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::cache::IndexCache;
 use crate::error::Result;
 use crate::format::index::BlobLocation;
-use crate::format::pack::{BlobSealer, SealedBlob};
+use crate::format::pack::{BlobSealer, SealedBlob, StoredForm};
 use crate::format::{BlobId, BlobType};
 use crate::repository::{NoDeltas, Repository};
 
@@ -86,6 +86,8 @@ pub struct DeltaSealer<'a> {
     /// Deltas written, and bases read by this worker itself (not kept, not prefetched): logged at the end.
     deltas: u64,
     bases_read: u64,
+    /// Blocks sealed in their stored form ([`StoredForm`]).
+    stored_forms: u64,
 }
 
 impl Drop for DeltaSealer<'_> {
@@ -106,24 +108,49 @@ impl<'a> DeltaSealer<'a> {
         let level = repo.config().zstd_level;
         let enabled = enabled && level != 0;
         let sealer = BlobSealer::new(level);
-        DeltaSealer { repo, cache, prefetch, sealer, enabled, bases: Vec::new(), deltas: 0, bases_read: 0 }
+        DeltaSealer {
+            repo,
+            cache,
+            prefetch,
+            sealer,
+            enabled,
+            bases: Vec::new(),
+            deltas: 0,
+            bases_read: 0,
+            stored_forms: 0,
+        }
+    }
+
+    /// Blocks sealed so far in the form the source repository of a copy stored them.
+    pub fn stored_forms(&self) -> u64 {
+        self.stored_forms
     }
 
     /// Seals a new data block. `likely_base`: the parent's block at the same offset (an incremental from a change
     /// list, [`BasePrefetch::likely_base`]), tried when no stored block shares sampled pages with this one.
-    pub fn seal(&mut self, id: BlobId, data: &[u8], likely_base: Option<BlobId>) -> Result<SealedBlob> {
+    /// `form`: how the source repository of a copy stored the block, sealed as it is when the block is stored
+    /// whole.
+    pub fn seal(
+        &mut self,
+        id: BlobId,
+        data: &[u8],
+        likely_base: Option<BlobId>,
+        form: Option<&StoredForm>,
+    ) -> Result<SealedBlob> {
         if !self.enabled {
-            return Ok(self.sealer.seal(self.repo.keys(), BlobType::Data, id, data));
+            self.stored_forms += form.is_some() as u64;
+            return Ok(self.seal_whole(id, data, form));
         }
         let features = features(data);
-        let whole = match self.try_delta(id, data, &features, likely_base) {
+        let whole = match self.try_delta(id, data, &features, likely_base, form) {
             Tried::Delta(d) => {
                 self.deltas += 1;
                 return Ok(d);
             }
             Tried::Whole(Some(w)) => w,
-            Tried::Whole(None) => self.sealer.seal(self.repo.keys(), BlobType::Data, id, data),
+            Tried::Whole(None) => self.seal_whole(id, data, form),
         };
+        self.stored_forms += form.is_some() as u64;
         // Stored whole: a possible base for later blocks.
         self.cache.add_features(&id, &features)?;
         Ok(whole)
@@ -137,7 +164,22 @@ impl<'a> DeltaSealer<'a> {
     /// cache, or for blocks a second backup job on the host stored, the parent's own block at the offset has
     /// none (measured on the benchmark's day-1 incremental with a fresh cache: 83 MiB stored instead of 48).
     /// A likely base is used only if it holds much of the block at the same places.
-    fn try_delta(&mut self, id: BlobId, data: &[u8], features: &[u64], likely_base: Option<BlobId>) -> Tried {
+    /// The block sealed on its own: in its stored form if it has one, else compressed here.
+    fn seal_whole(&mut self, id: BlobId, data: &[u8], form: Option<&StoredForm>) -> SealedBlob {
+        match form {
+            Some(form) => self.sealer.seal_stored(self.repo.keys(), id, data, form),
+            None => self.sealer.seal(self.repo.keys(), BlobType::Data, id, data),
+        }
+    }
+
+    fn try_delta(
+        &mut self,
+        id: BlobId,
+        data: &[u8],
+        features: &[u64],
+        likely_base: Option<BlobId>,
+        form: Option<&StoredForm>,
+    ) -> Tried {
         let (base, voted_similar) = match self.candidate(features) {
             // Most sampled pages are in the base.
             Some((base, votes)) => (base, Some(votes * 2 >= features.len())),
@@ -167,7 +209,7 @@ impl<'a> DeltaSealer<'a> {
         if similar {
             return Tried::Delta(delta);
         }
-        let whole = self.sealer.seal(keys, BlobType::Data, id, data);
+        let whole = self.seal_whole(id, data, form);
         if delta.bytes.len() < whole.bytes.len() - whole.bytes.len() / 8 {
             Tried::Delta(delta)
         } else {

@@ -22,6 +22,8 @@ pub struct Counters {
     pub done: AtomicU64,
     /// Bytes newly written to the repository (after dedup, compression).
     pub stored: AtomicU64,
+    /// New blocks sealed in the form the source repository of a copy stored them, not compressed again.
+    pub sealed_as_stored: AtomicU64,
 }
 
 impl Counters {
@@ -33,6 +35,9 @@ impl Counters {
     }
     pub fn add_stored(&self, n: u64) {
         self.stored.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn add_sealed_as_stored(&self, n: u64) {
+        self.sealed_as_stored.fetch_add(n, Ordering::Relaxed);
     }
 }
 

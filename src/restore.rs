@@ -564,7 +564,7 @@ pub(crate) fn preload_bases(repo: &Repository, bases: &Bases, wants: WantsByPack
     jobs.par_iter().for_each(|job| {
         let _ = with_range_buffer(|data| {
             fetch_blobs(repo, bases, job, data, Some(&spare_rx), |w, plain| {
-                if let Ok(p) = plain {
+                if let Ok((p, _)) = plain {
                     bases.preloaded.lock().unwrap().insert(w.entry.id, Arc::new(p));
                 }
             })
@@ -774,7 +774,7 @@ fn run_read_job(
     let fetched = with_range_buffer(|data| {
         fetch_blobs(repo, bases, job, data, Some(&writer.spare), |w, plain| {
             if stopped.is_ok() {
-                stopped = write_blob(w, plain);
+                stopped = write_blob(w, plain.map(|(p, _)| p));
             }
         })
     });
@@ -788,15 +788,15 @@ fn run_read_job(
 }
 
 /// Reads one coalesced range into `data` and opens every blob in it (authenticated, decompressed, id re-checked),
-/// handing each want's result to `each` in order. The error is the failed read; a blob's names the blob and the
-/// cause.
+/// handing each want's result to `each` in order: the plaintext, and the blob's body as stored, decrypted (the
+/// zstd frame of a compressed blob). The error is the failed read; a blob's names the blob and the cause.
 pub(crate) fn fetch_blobs(
     repo: &Repository,
     bases: &Bases,
     job: &ReadJob,
     data: &mut Vec<u8>,
     spare: Option<&crossbeam_channel::Receiver<AlignedBuf>>,
-    mut each: impl FnMut(&Want, std::result::Result<AlignedBuf, String>),
+    mut each: impl FnMut(&Want, std::result::Result<(AlignedBuf, &[u8]), String>),
 ) -> Result<()> {
     let range = repo.backend().get_range_placed(&names::pack(&job.pack), job.offset, job.len, data)?;
     let data = &mut data[range];
@@ -809,24 +809,25 @@ pub(crate) fn fetch_blobs(
 }
 
 /// Opens one wanted blob of a fetched range (`data` starts at `job.offset`), decrypting it where it lies.
-fn open_want(
+/// Returns the plaintext and the decrypted body.
+fn open_want<'d>(
     repo: &Repository,
     bases: &Bases,
     job: &ReadJob,
-    data: &mut [u8],
+    data: &'d mut [u8],
     w: &Want,
     mut plain: AlignedBuf,
-) -> std::result::Result<AlignedBuf, String> {
+) -> std::result::Result<(AlignedBuf, &'d [u8]), String> {
     let rel = (w.entry.offset as u64 - job.offset) as usize;
     let stored = data
         .get_mut(rel..rel + w.entry.stored_len as usize)
         .ok_or_else(|| format!("blob {} at offset {}: the pack ends early", w.entry.id, w.entry.offset))?;
-    bases
+    let body = bases
         .with_base(repo, &w.entry, |base| pack::open_blob_in_place(repo.keys(), &w.entry, stored, &mut plain, base))
         .map_err(|cause| format!("its delta base: {cause}"))
         .and_then(|opened| opened)
         .map_err(|cause| format!("blob {} at offset {}: {cause}", w.entry.id, w.entry.offset))?;
-    Ok(plain)
+    Ok((plain, &stored[body]))
 }
 
 /// Re-reads the target and compares each block with the manifest. Returns the number of blocks checked.

@@ -26,6 +26,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use crate::cache::IndexCache;
 use crate::error::{Error, Result};
+use crate::format::pack::StoredForm;
 use crate::format::snapshot::DiskManifest;
 use crate::format::{BlobId, ObjectId, SEGMENT_BLOCKS};
 use crate::nbd::server::{Device, Exports};
@@ -51,6 +52,9 @@ pub struct ServeOptions {
     /// Set when the caller's session marker was lost: blobs are then no longer fetched (a prune may have
     /// moved or deleted them), only served from memory or the overlay.
     pub session_lost: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Keep each cached data blob's stored form ([`SnapshotDisk::stored_form`]) next to its plaintext: `copy`
+    /// seals it again instead of compressing the block again.
+    pub keep_stored_forms: bool,
 }
 
 /// Read-ahead of a sequential reader, in blocks: against S3 with 10 ms of latency a sequential read of the
@@ -69,6 +73,7 @@ impl Default for ServeOptions {
             snapshots: Vec::new(),
             source: None,
             session_lost: None,
+            keep_stored_forms: false,
         }
     }
 }
@@ -102,7 +107,10 @@ impl Shared {
             &mut Vec::new(),
             Some(&self.blobs.spare.1),
             |want, result| match result {
-                Ok(plain) => self.blobs.insert(want.entry.id, Arc::new(plain)),
+                Ok((plain, body)) => {
+                    let form = self.blobs.keeps_forms().then(|| StoredForm::of(&want.entry, body)).flatten();
+                    self.blobs.insert(want.entry.id, Arc::new(plain), form)
+                }
                 Err(cause) if primary.is_none_or(|p| p == want.entry.id) && failed.is_none() => {
                     failed = Some(Error::corrupt(crate::format::names::pack(&job.pack), cause))
                 }
@@ -154,7 +162,7 @@ pub struct RepositoryExports {
 impl RepositoryExports {
     /// `cache` must be synced with the repository (after the caller's session marker exists).
     pub fn new(repo: Repository, cache: Arc<IndexCache>, opts: ServeOptions) -> RepositoryExports {
-        let blobs = BlobCache::new(opts.cache_bytes);
+        let blobs = BlobCache::new(opts.cache_bytes, opts.keep_stored_forms);
         RepositoryExports {
             shared: Arc::new(Shared {
                 session_lost: opts.session_lost.clone(),
@@ -407,6 +415,17 @@ impl SnapshotDisk {
                 Claim::Fetch => self.fetch_from(block, id)?,
             }
         }
+    }
+
+    /// How the source repository stored `block`, while its blob is cached and stored forms are kept
+    /// ([`ServeOptions::keep_stored_forms`]). `None` for a zero block, a delta blob, a blob no longer cached, and
+    /// on a writable export (the overlay may hold other bytes).
+    pub fn stored_form(&self, block: u64) -> Option<StoredForm> {
+        if self.overlay.is_some() {
+            return None;
+        }
+        let id = self.block_id(block).ok().filter(|id| !id.is_zero_block())?;
+        self.shared.blobs.form(&id)
     }
 
     fn read_ahead(&self) -> std::sync::MutexGuard<'_, ReadAhead> {
@@ -797,6 +816,9 @@ const SPARE_BUFFERS: usize = 16;
 
 struct CacheState {
     lru: lru::LruCache<BlobId, Arc<AlignedBuf>>,
+    /// The stored forms of cached blobs, when kept (counted in `bytes`, evicted with their blob).
+    forms: HashMap<BlobId, StoredForm>,
+    keep_forms: bool,
     bytes: u64,
     limit: u64,
     in_flight: HashSet<BlobId>,
@@ -814,10 +836,12 @@ impl BlobCache {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).limit
     }
 
-    fn new(limit: u64) -> BlobCache {
+    fn new(limit: u64, keep_forms: bool) -> BlobCache {
         BlobCache {
             state: Mutex::new(CacheState {
                 lru: lru::LruCache::unbounded(),
+                forms: HashMap::new(),
+                keep_forms,
                 bytes: 0,
                 limit,
                 in_flight: HashSet::new(),
@@ -847,17 +871,36 @@ impl BlobCache {
         !s.lru.contains(id) && s.in_flight.insert(*id)
     }
 
-    fn insert(&self, id: BlobId, data: Arc<AlignedBuf>) {
+    fn keeps_forms(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).keep_forms
+    }
+
+    /// The stored form of cached blob `id`, if kept.
+    fn form(&self, id: &BlobId) -> Option<StoredForm> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).forms.get(id).cloned()
+    }
+
+    fn insert(&self, id: BlobId, data: Arc<AlignedBuf>, form: Option<StoredForm>) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.in_flight.remove(&id);
         s.bytes += data.len() as u64;
         if let Some(old) = s.lru.put(id, data) {
             s.bytes -= old.len() as u64;
         }
+        if let Some(old) = s.forms.remove(&id) {
+            s.bytes -= old.memory() as u64;
+        }
+        if let Some(form) = form.filter(|_| s.keep_forms) {
+            s.bytes += form.memory() as u64;
+            s.forms.insert(id, form);
+        }
         while s.bytes > s.limit && s.lru.len() > 1 {
             match s.lru.pop_lru() {
-                Some((_, d)) => {
+                Some((evicted, d)) => {
                     s.bytes -= d.len() as u64;
+                    if let Some(form) = s.forms.remove(&evicted) {
+                        s.bytes -= form.memory() as u64;
+                    }
                     // Unless a reader still holds it.
                     if let Ok(buf) = Arc::try_unwrap(d) {
                         let _ = self.spare.0.try_send(buf);

@@ -1067,7 +1067,7 @@ fn fetch_window(
         let mut failed = None;
         crate::restore::with_range_buffer(|data| {
             crate::restore::fetch_blobs(repo, bases, job, data, None, |w, plain| match plain {
-                Ok(p) => {
+                Ok((p, _)) => {
                     let p = Arc::new(p);
                     fetched
                         .lock()

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use diskvault::format::BlobType;
 
 /// A destination repository with a password of its own.
 fn destination() -> Env {
@@ -144,6 +145,81 @@ fn an_incremental_copy_reads_scattered_changes_in_few_requests() {
     // contended three times over); one read per block would be 24.
     assert!((1..=12).contains(&reads), "24 changed blocks took {reads} reads of the source's packs: {report}");
     assert!(dest.restore(c1["snapshot"].as_str().unwrap(), &[]) == day1, "the incremental copy restores other bytes");
+}
+
+/// Blocks that compress: each byte of a random block repeated four times.
+fn compressible(seed: u64, blocks: usize) -> Vec<u8> {
+    random_bytes(seed, blocks * MIB / 4).iter().flat_map(|b| [*b; 4]).collect()
+}
+
+/// A copy into a repository that compresses at the source's level seals each block the source stored whole in
+/// the form it is stored there (zstd frame or raw), with the destination's key, instead of compressing it again;
+/// a block the source holds as a delta, and every block copied into a repository of another level, is
+/// compressed anew. All of them restore bit-exact.
+#[test]
+fn a_copy_at_the_source_level_seals_blocks_as_stored_there_and_compresses_the_rest() {
+    let src = Env::with_repo();
+    // Four blocks that compress, two that do not (stored raw), one zero block.
+    let mut day0 = compressible(21, 4);
+    day0.extend_from_slice(&random_bytes(22, 2 * MIB));
+    day0.extend_from_slice(&vec![0; MIB]);
+    let s0 = backup(&src, "vm1", &day0, &[]);
+    // Day 1: a few bytes of the first block rewritten, which the source stores as a delta against day 0's.
+    let mut day1 = day0.clone();
+    day1[1000..1100].fill(0x42);
+    let s1 = backup(&src, "vm1", &day1, &[]);
+    assert_eq!(src.delta_blobs().len(), 1, "the source stored day 1's block whole");
+
+    let same_level = destination();
+    let r = copy(&same_level, &src, &src.password, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report = r.json();
+    let copied = report["copied"].as_array().unwrap();
+    let copy_of = |original: &str| copied.iter().find(|c| c["from"] == original).expect("copied").clone();
+    let (c0, c1) = (copy_of(&s0), copy_of(&s1));
+    assert_eq!(c0["blocks_sealed_as_stored"], 6, "{report}");
+    assert_eq!(c1["blocks_sealed_as_stored"], 0, "a delta blob's form was taken: {report}");
+    assert!(same_level.restore(c0["snapshot"].as_str().unwrap(), &[]) == day0, "the copy of day 0 differs");
+    assert!(same_level.restore(c1["snapshot"].as_str().unwrap(), &[]) == day1, "the copy of day 1 differs");
+    same_level.ok(&["check", "--read-data"]);
+    // Each block is stored in as many bytes as in the source (the same frames, sealed with another key).
+    let stored_lens = |env: &Env| {
+        let repo = env.open_repo();
+        let mut lens: Vec<u32> = Vec::new();
+        for id in repo.list_index_ids().unwrap() {
+            for p in repo.load_index(&id).unwrap().packs {
+                let whole_data = p.entries.iter().filter(|e| e.base.is_none() && e.blob_type == BlobType::Data);
+                lens.extend(whole_data.map(|e| e.stored_len));
+            }
+        }
+        lens.sort();
+        lens
+    };
+    assert_eq!(stored_lens(&same_level), stored_lens(&src));
+    // Day 1 alone without deltas in the destination: its first block, a delta in the source, is stored whole,
+    // compressed here; its other five blocks as the source stored them.
+    let whole = destination();
+    let r = copy(&whole, &src, &src.password, &["--no-delta", &s1]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let c = &r.json()["copied"][0];
+    assert_eq!(c["blocks_sealed_as_stored"], 5, "{c}");
+    assert!(whole.delta_blobs().is_empty());
+    assert!(whole.restore(c["snapshot"].as_str().unwrap(), &[]) == day1, "the copy of day 1 differs");
+    whole.ok(&["check", "--read-data"]);
+
+    // At another level nothing is taken as stored: every block is compressed for the destination.
+    let mut other_level = Env::new();
+    other_level.password = "another password entirely".into();
+    other_level.ok(&["init", "--compression", "1"]);
+    let r = copy(&other_level, &src, &src.password, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report = r.json();
+    for c in report["copied"].as_array().unwrap() {
+        assert_eq!(c["blocks_sealed_as_stored"], 0, "{report}");
+        let data = if c["from"] == s0.as_str() { &day0 } else { &day1 };
+        assert!(other_level.restore(c["snapshot"].as_str().unwrap(), &[]) == *data, "a copy at level 1 differs");
+    }
+    assert_ne!(stored_lens(&other_level), stored_lens(&src), "level 1 compressed as level 3 did");
 }
 
 #[test]

@@ -114,6 +114,13 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
             &[],
             reads as f64,
         );
+        let as_stored: u64 = copied.iter().map(|c| c.blocks_sealed_as_stored).sum();
+        gauge(
+            "diskvault_copy_blocks_sealed_as_stored",
+            "New blocks stored as the source repository stored them, without compressing them again.",
+            &[],
+            as_stored as f64,
+        );
     }
     if json {
         let v = serde_json::json!({
@@ -126,6 +133,7 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
                 "bytes_read": c.snapshot.summary.bytes_read,
                 "bytes_added": c.snapshot.summary.bytes_added,
                 "source_reads": c.source_reads,
+                "blocks_sealed_as_stored": c.blocks_sealed_as_stored,
             })).collect::<Vec<_>>(),
             "already_copied": skipped,
         });
@@ -178,8 +186,12 @@ fn print_plan(planned: &[PlannedCopy], skipped: usize, json: bool) -> Result<()>
 
 fn print_copied(c: &Copied) {
     let s = &c.snapshot;
+    let as_stored = match c.blocks_sealed_as_stored {
+        0 => String::new(),
+        n => format!(" ({} as the source stored them)", crate::util::count(n as usize, "block")),
+    };
     println!(
-        "copied {} -> {}  {}  {}: read {} in {}, added {}",
+        "copied {} -> {}  {}  {}: read {} in {}, added {}{as_stored}",
         c.from.short(),
         c.id.short(),
         format_utc(s.time_secs),

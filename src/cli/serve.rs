@@ -93,6 +93,7 @@ pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
         snapshots,
         source: args.name.clone(),
         session_lost: Some(session.lost_flag()),
+        keep_stored_forms: false,
     };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {

@@ -237,6 +237,37 @@ pub struct BlobSealer {
     scratch: Vec<u8>,
 }
 
+/// How another repository stored a data block whole: what `copy` seals again with this repository's key
+/// instead of compressing the block again (the source's blob was opened, decompressed and its id checked, so
+/// the form is known to hold exactly the block).
+#[derive(Clone, Debug)]
+pub enum StoredForm {
+    /// Stored uncompressed (compression did not pay).
+    Raw,
+    /// The zstd frame of the whole block.
+    Zstd(std::sync::Arc<[u8]>),
+}
+
+impl StoredForm {
+    /// The form of a stored blob whose decrypted body is `body`; `None` for a delta blob, which only decodes
+    /// against its base.
+    pub fn of(entry: &PackEntry, body: &[u8]) -> Option<StoredForm> {
+        match (entry.is_delta(), entry.flags & FLAG_ZSTD != 0) {
+            (true, _) => None,
+            (false, true) => Some(StoredForm::Zstd(body.into())),
+            (false, false) => Some(StoredForm::Raw),
+        }
+    }
+
+    /// Bytes it holds in memory.
+    pub fn memory(&self) -> usize {
+        match self {
+            StoredForm::Raw => 0,
+            StoredForm::Zstd(frame) => frame.len(),
+        }
+    }
+}
+
 /// A blob ready to be appended to a pack.
 pub struct SealedBlob {
     pub blob_type: BlobType,
@@ -295,6 +326,29 @@ impl BlobSealer {
         keys.seal_into(&aad[..n], body, &mut bytes);
         let key_epoch = keys.current_epoch();
         SealedBlob { blob_type, id, flags, key_epoch, raw_len: plaintext.len() as u32, base: None, bytes }
+    }
+
+    /// Seals data block `plaintext` in `form`, the way another repository stored it ([`StoredForm`]), instead of
+    /// compressing it: a copy between repositories of the same compression level stores what a backup would,
+    /// for a fraction of the CPU. With compression off the block is stored raw, whatever the form.
+    pub fn seal_stored(&mut self, keys: &Keys, id: BlobId, plaintext: &[u8], form: &StoredForm) -> SealedBlob {
+        let (flags, body): (u8, &[u8]) = match form {
+            StoredForm::Zstd(frame) if self.compressor.is_some() => (FLAG_ZSTD, frame),
+            _ => (0, plaintext),
+        };
+        let mut bytes = Vec::with_capacity(body.len() + SEAL_OVERHEAD);
+        let (aad, n) = blob_aad(BlobType::Data, flags, &id, None);
+        keys.seal_into(&aad[..n], body, &mut bytes);
+        let key_epoch = keys.current_epoch();
+        SealedBlob {
+            blob_type: BlobType::Data,
+            id,
+            flags,
+            key_epoch,
+            raw_len: plaintext.len() as u32,
+            base: None,
+            bytes,
+        }
     }
 
     /// Seals a data block as a delta against `base_plain`, the plaintext of the stored data blob `base`.
@@ -416,13 +470,14 @@ pub fn verify_for_copy(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<
 /// [`open_blob`] for bytes the caller owns and no longer needs: decrypted where they lie, the plaintext
 /// decompressed (or copied) into `out`, whose buffer is reused. Restore, serve and check fetch whole ranges and
 /// open every blob in them: this saves a copy of each blob and, with a reused `out`, an allocation.
+/// Returns where in `stored` the decrypted body now lies (the zstd frame of a compressed blob).
 pub fn open_blob_in_place(
     keys: &Keys,
     entry: &PackEntry,
     stored: &mut [u8],
     out: &mut AlignedBuf,
     base: Option<&[u8]>,
-) -> Result<(), String> {
+) -> Result<std::ops::Range<usize>, String> {
     check_stored_len(entry, stored)?;
     let (aad, n) = entry_aad(entry);
     let body = keys.open_in_place(entry.key_epoch, &aad[..n], stored).map_err(|e| e.to_string())?;
@@ -432,7 +487,8 @@ pub fn open_blob_in_place(
     } else {
         out.extend_from_slice(body);
     }
-    verify_plain(keys, entry, out)
+    verify_plain(keys, entry, out)?;
+    Ok(crate::crypto::NONCE_LEN..crate::crypto::NONCE_LEN + body.len())
 }
 
 fn check_stored_len(entry: &PackEntry, stored: &[u8]) -> Result<(), String> {

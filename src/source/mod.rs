@@ -57,6 +57,11 @@ pub trait DiskSource: Send {
     /// A likely plan known early (the blocks a change list names, before the repository is unlocked): a
     /// source may start fetching them. [`DiskSource::will_read`] still comes with the real plan.
     fn hint_reads(&mut self, _blocks: &BlockRanges, _block_size: u64) {}
+    /// How the block just read at `offset` is stored in the repository this source reads from (`copy`), for the
+    /// backup to seal as it is instead of compressing the block again; `None` for other sources.
+    fn stored_form(&mut self, _offset: u64) -> Option<crate::format::pack::StoredForm> {
+        None
+    }
 }
 
 /// How to reach network sources.

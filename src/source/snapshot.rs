@@ -77,6 +77,10 @@ impl DiskSource for SnapshotSource {
         Ok(self.allocated.clone())
     }
 
+    fn stored_form(&mut self, offset: u64) -> Option<crate::format::pack::StoredForm> {
+        self.disk.stored_form(offset / self.disk.manifest().block_size as u64)
+    }
+
     fn will_read(&mut self, blocks: &BlockRanges, _block_size: u64) {
         let ranks = Arc::new(Ranks::new(blocks));
         let planned = blocks.block_count();
