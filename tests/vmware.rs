@@ -804,6 +804,20 @@ fn every_vm_with_a_tag_is_backed_up() {
     let listed = lab.ok(&["vm", "list", "--json", "--tag", "Other/gold"]);
     let names: Vec<&str> = listed.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
     assert_eq!(names, [b]);
+    // Each VM's tags, and none where it has none (listed only when asked for).
+    let listed = lab.ok(&["vm", "list", "--json", "--tags"]);
+    for vm in listed.as_array().unwrap() {
+        let expected: &[&str] = match vm["name"].as_str().unwrap() {
+            n if n == a => &["Backup/gold", "Backup/silver"],
+            n if n == b => &["Backup/silver", "Other/gold"],
+            _ => &[],
+        };
+        assert_eq!(vm["tags"], serde_json::json!(expected), "{vm}");
+    }
+    assert!(lab.ok(&["vm", "list", "--json"]).as_array().unwrap().iter().all(|vm| vm.get("tags").is_none()));
+    let text = lab.run(&["vm", "list", "--tags"], &[]).stdout;
+    let line = text.lines().find(|l| l.starts_with(a)).unwrap_or_else(|| panic!("{a} not listed: {text}"));
+    assert!(line.contains(" Backup/gold,Backup/silver "), "{text}");
     let r = lab.ok(&["backup", "--json", "--vm-tag", "Backup/gold"]);
     assert_eq!(sources(&r), [a]);
     let got = lab.env.restore(&format!("{}:disk1", r[0]["snapshot"].as_str().unwrap()), &[]);

@@ -84,6 +84,9 @@ pub enum VmCommand {
         /// templates included.
         #[arg(long, value_name = "TAG")]
         tag: Option<String>,
+        /// Also show each VM's vSphere tags (`CATEGORY/TAG`), read from vCenter's tagging service.
+        #[arg(long)]
+        tags: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -115,32 +118,48 @@ pub enum VmCommand {
     },
 }
 
+/// The VMs of the inventory, only those carrying `tag` if given, with their tags if `with_tags`.
+fn list_vms(c: &mut Client, tag: Option<&String>, with_tags: bool) -> Result<Vec<crate::vsphere::VmInfo>> {
+    let mut vms = c.virtual_machines()?;
+    if let Some(tag) = tag {
+        let tagged = c.vms_with_tags(std::slice::from_ref(tag))?;
+        vms.retain(|vm| tagged[0].contains(&vm.moref));
+    }
+    if with_tags {
+        let mut by_vm = c.tags_of_vms()?;
+        for vm in &mut vms {
+            vm.tags = Some(by_vm.remove(&vm.moref).unwrap_or_default());
+        }
+    }
+    Ok(vms)
+}
+
 pub fn run(cmd: &VmCommand) -> Result<()> {
     match cmd {
-        VmCommand::List { vsphere, tag, json } => {
+        VmCommand::List { vsphere, tag, tags, json } => {
             let mut c = vsphere.connect()?;
-            let mut vms = c.virtual_machines();
-            if let (Ok(all), Some(tag)) = (&mut vms, tag) {
-                match c.vms_with_tags(std::slice::from_ref(tag)) {
-                    Ok(tagged) => all.retain(|vm| tagged[0].contains(&vm.moref)),
-                    Err(e) => vms = Err(e),
-                }
-            }
+            let vms = list_vms(&mut c, tag.as_ref(), *tags);
             c.logout();
             let vms = vms?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&vms).expect("JSON of plain values"));
                 return Ok(());
             }
-            println!("{:<24} {:<10} {:<11} {:<4} {:>5}  disks", "name", "moref", "power", "cbt", "snaps");
+            let tags_header = if *tags { format!(" {:<24}", "tags") } else { String::new() };
+            println!("{:<24} {:<10} {:<11} {:<4} {:>5}{tags_header}  disks", "name", "moref", "power", "cbt", "snaps");
             for vm in &vms {
                 let disks: Vec<String> = vm
                     .disks
                     .iter()
                     .map(|d| format!("{} (key {}, {}, {})", d.label, d.key, human_bytes(d.capacity), d.file_name))
                     .collect();
+                let tags = match &vm.tags {
+                    Some(t) if t.is_empty() => format!(" {:<24}", "-"),
+                    Some(t) => format!(" {:<24}", t.join(",")),
+                    None => String::new(),
+                };
                 println!(
-                    "{:<24} {:<10} {:<11} {:<4} {:>5}  {}",
+                    "{:<24} {:<10} {:<11} {:<4} {:>5}{tags}  {}",
                     vm.name,
                     vm.moref,
                     vm.power_state,

@@ -208,6 +208,10 @@ pub struct VmInfo {
     pub disks: Vec<VirtualDiskInfo>,
     pub controllers: Vec<ControllerInfo>,
     pub nics: Vec<NicInfo>,
+    /// Its vSphere tags (`CATEGORY/TAG`), when they were asked for ([`Client::tags_of_vms`]): they are not in
+    /// the SOAP inventory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
 }
 
 pub struct Client {
@@ -846,6 +850,7 @@ pub fn vm_from_object(o: &Element) -> VmInfo {
         disks: Vec::new(),
         controllers: Vec::new(),
         nics: Vec::new(),
+        tags: None,
     };
     for p in o.children_named("propSet") {
         let (Some(name), Some(val)) = (p.child_text("name"), p.child("val")) else { continue };

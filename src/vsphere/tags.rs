@@ -3,6 +3,8 @@
 //! (`/rest/com/vmware/cis/tagging`, vSphere 6.5 and later), not in the SOAP API the rest of the client speaks:
 //! a REST session is opened with the same credentials and TLS trust, used for the lookups and closed.
 
+use std::collections::HashMap;
+
 use serde_json::Value;
 
 use super::Client;
@@ -79,27 +81,63 @@ fn field<'v>(v: &'v Value, name: &str, call: &str) -> Result<&'v str> {
     v.get(name).and_then(Value::as_str).ok_or_else(|| rest_error(call, format!("no {name} in {v}")))
 }
 
+/// One tag of vCenter.
+struct Tag {
+    id: String,
+    name: String,
+    category_id: String,
+}
+
+impl RestSession<'_> {
+    /// Every tag of vCenter (one request per tag: the list holds ids only).
+    fn tags(&self) -> Result<Vec<Tag>> {
+        let list = "com/vmware/cis/tagging/tag";
+        let ids = self.get(list)?;
+        let ids = ids.as_array().ok_or_else(|| rest_error(list, format!("not a list of tags: {ids}")))?;
+        let mut tags = Vec::new();
+        for id in ids.iter().filter_map(Value::as_str) {
+            let call = format!("com/vmware/cis/tagging/tag/id:{id}");
+            let t = self.get(&call)?;
+            tags.push(Tag {
+                id: id.to_string(),
+                name: field(&t, "name", &call)?.to_string(),
+                category_id: field(&t, "category_id", &call)?.to_string(),
+            });
+        }
+        Ok(tags)
+    }
+
+    /// The name of category `id`, fetched once per session.
+    fn category_name<'c>(&self, names: &'c mut HashMap<String, String>, id: &str) -> Result<&'c str> {
+        if !names.contains_key(id) {
+            let call = format!("com/vmware/cis/tagging/category/id:{id}");
+            let c = self.get(&call)?;
+            names.insert(id.to_string(), field(&c, "name", &call)?.to_string());
+        }
+        Ok(&names[id])
+    }
+
+    /// The morefs of the virtual machines tag `id` is attached to.
+    fn vms_of_tag(&self, id: &str) -> Result<Vec<String>> {
+        let call = format!("com/vmware/cis/tagging/tag-association/id:{id}?~action=list-attached-objects");
+        let objects = self.call(reqwest::Method::POST, &call, Some(serde_json::json!({})))?;
+        let objects = objects.as_array().map(Vec::as_slice).unwrap_or_default();
+        Ok(objects
+            .iter()
+            .filter(|o| o.get("type").and_then(Value::as_str) == Some("VirtualMachine"))
+            .filter_map(|o| o.get("id").and_then(Value::as_str).map(String::from))
+            .collect())
+    }
+}
+
 impl Client {
     /// For each of `names`, the morefs of the virtual machines that carry that tag: `TAG`, or `CATEGORY/TAG`
     /// where tags of several categories share the name (refused as ambiguous otherwise). One REST session, and
     /// vCenter's tags are read once for all names.
     pub fn vms_with_tags(&self, names: &[String]) -> Result<Vec<Vec<String>>> {
         let rest = RestSession::open(self)?;
-        let list = "com/vmware/cis/tagging/tag";
-        let ids = rest.get(list)?;
-        let ids = ids.as_array().ok_or_else(|| rest_error(list, format!("not a list of tags: {ids}")))?;
-        // (id, name, category id) of every tag.
-        let mut tags = Vec::new();
-        for id in ids.iter().filter_map(Value::as_str) {
-            let call = format!("com/vmware/cis/tagging/tag/id:{id}");
-            let t = rest.get(&call)?;
-            tags.push((
-                id.to_string(),
-                field(&t, "name", &call)?.to_string(),
-                field(&t, "category_id", &call)?.to_string(),
-            ));
-        }
-        let mut category_names: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+        let tags = rest.tags()?;
+        let mut category_names = HashMap::new();
         let mut out = Vec::new();
         for name in names {
             let (category, tag) = match name.split_once('/') {
@@ -107,24 +145,16 @@ impl Client {
                 None => (None, name.as_str()),
             };
             let mut matching = Vec::new();
-            for (id, tag_name, category_id) in &tags {
-                if tag_name != tag {
-                    continue;
-                }
-                if !category_names.contains_key(category_id) {
-                    let call = format!("com/vmware/cis/tagging/category/id:{category_id}");
-                    let c = rest.get(&call)?;
-                    category_names.insert(category_id.clone(), field(&c, "name", &call)?.to_string());
-                }
-                let category_name = &category_names[category_id];
+            for t in tags.iter().filter(|t| t.name == tag) {
+                let category_name = rest.category_name(&mut category_names, &t.category_id)?;
                 if category.is_none_or(|want| want == category_name) {
-                    matching.push((id, category_name.clone()));
+                    matching.push((&t.id, category_name.to_string()));
                 }
             }
             let id = match matching.as_slice() {
                 [(id, _)] => id,
                 [] => {
-                    let mut known: Vec<&str> = tags.iter().map(|(_, n, _)| n.as_str()).collect();
+                    let mut known: Vec<&str> = tags.iter().map(|t| t.name.as_str()).collect();
                     known.sort();
                     known.dedup();
                     let known = if known.is_empty() { "vCenter has none".to_string() } else { known.join(", ") };
@@ -138,17 +168,28 @@ impl Client {
                     )));
                 }
             };
-            let call = format!("com/vmware/cis/tagging/tag-association/id:{id}?~action=list-attached-objects");
-            let objects = rest.call(reqwest::Method::POST, &call, Some(serde_json::json!({})))?;
-            let objects = objects.as_array().map(Vec::as_slice).unwrap_or_default();
-            out.push(
-                objects
-                    .iter()
-                    .filter(|o| o.get("type").and_then(Value::as_str) == Some("VirtualMachine"))
-                    .filter_map(|o| o.get("id").and_then(Value::as_str).map(String::from))
-                    .collect(),
-            );
+            out.push(rest.vms_of_tag(id)?);
         }
+        Ok(out)
+    }
+
+    /// The tags of every tagged virtual machine, as `CATEGORY/TAG`, sorted, by moref (`vm list --tags`). One REST
+    /// session; a request per tag and per category, and one per tag for the VMs it is attached to.
+    pub fn tags_of_vms(&self) -> Result<HashMap<String, Vec<String>>> {
+        let rest = RestSession::open(self)?;
+        let mut category_names = HashMap::new();
+        let mut out: HashMap<String, Vec<String>> = HashMap::new();
+        for t in rest.tags()? {
+            let vms = rest.vms_of_tag(&t.id)?;
+            if vms.is_empty() {
+                continue;
+            }
+            let full = format!("{}/{}", rest.category_name(&mut category_names, &t.category_id)?, t.name);
+            for vm in vms {
+                out.entry(vm).or_default().push(full.clone());
+            }
+        }
+        out.values_mut().for_each(|tags| tags.sort());
         Ok(out)
     }
 }
