@@ -156,14 +156,6 @@ impl<'a> DeltaSealer<'a> {
         Ok(whole)
     }
 
-    /// Seals the block as a delta if a similar stored block makes that pay; otherwise hands back the block
-    /// sealed whole if that was needed to decide.
-    ///
-    /// The base is the stored block most sampled pages point to. Failing that, the likely base: features exist
-    /// only in the local cache of the host and process that stored a block whole, so after a new or wiped
-    /// cache, or for blocks a second backup job on the host stored, the parent's own block at the offset has
-    /// none (measured on the benchmark's day-1 incremental with a fresh cache: 83 MiB stored instead of 48).
-    /// A likely base is used only if it holds much of the block at the same places.
     /// The block sealed on its own: in its stored form if it has one, else compressed here.
     fn seal_whole(&mut self, id: BlobId, data: &[u8], form: Option<&StoredForm>) -> SealedBlob {
         match form {
@@ -172,6 +164,14 @@ impl<'a> DeltaSealer<'a> {
         }
     }
 
+    /// Seals the block as a delta if a similar stored block makes that pay; otherwise hands back the block
+    /// sealed whole if that was needed to decide.
+    ///
+    /// The base is the stored block most sampled pages point to. Failing that, the likely base: features exist
+    /// only in the local cache of the host and process that stored a block whole, so after a new or wiped
+    /// cache, or for blocks a second backup job on the host stored, the parent's own block at the offset has
+    /// none (measured on the benchmark's day-1 incremental with a fresh cache: 83 MiB stored instead of 48).
+    /// A likely base is used only if it holds much of the block at the same places.
     fn try_delta(
         &mut self,
         id: BlobId,

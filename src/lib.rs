@@ -18,7 +18,7 @@
 //! | [`restore`] | restore of a snapshot disk to a file or block device, with verification |
 //! | [`serve`] | snapshot disks as NBD exports: block reads with a blob cache and read-ahead for sequential readers, write overlays |
 //! | [`diff`] | which blocks of a disk differ between two snapshots, from the manifests alone |
-//! | [`copy`] | snapshots of another repository stored in this one: read through [`serve`]'s disks, stored by [`backup`] |
+//! | [`copy`] | snapshots of another repository stored in this one: read through [`serve`]'s disks, stored by [`backup`], blocks sealed in the form the source stored them where both compress alike |
 //! | [`check`] | repository integrity: structure, and every byte with `--read-data` |
 //! | [`forget`] | retention policies: which snapshots to keep and why; protection |
 //! | [`nbd`] | the NBD protocol: a client (NBD exports as sources) and `serve` (snapshots as NBD exports), both with TLS |

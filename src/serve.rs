@@ -108,7 +108,7 @@ impl Shared {
             Some(&self.blobs.spare.1),
             |want, result| match result {
                 Ok((plain, body)) => {
-                    let form = self.blobs.keeps_forms().then(|| StoredForm::of(&want.entry, body)).flatten();
+                    let form = self.blobs.keep_forms.then(|| StoredForm::of(&want.entry, body)).flatten();
                     self.blobs.insert(want.entry.id, Arc::new(plain), form)
                 }
                 Err(cause) if primary.is_none_or(|p| p == want.entry.id) && failed.is_none() => {
@@ -809,6 +809,8 @@ struct BlobCache {
     fetched: Condvar,
     /// Buffers of evicted blobs, for fetches to decode into (a fresh 1 MiB buffer costs its page faults).
     spare: (crossbeam_channel::Sender<AlignedBuf>, crossbeam_channel::Receiver<AlignedBuf>),
+    /// Keep the stored forms of data blobs ([`ServeOptions::keep_stored_forms`]).
+    keep_forms: bool,
 }
 
 /// Buffers of evicted blobs kept for reuse.
@@ -818,7 +820,6 @@ struct CacheState {
     lru: lru::LruCache<BlobId, Arc<AlignedBuf>>,
     /// The stored forms of cached blobs, when kept (counted in `bytes`, evicted with their blob).
     forms: HashMap<BlobId, StoredForm>,
-    keep_forms: bool,
     bytes: u64,
     limit: u64,
     in_flight: HashSet<BlobId>,
@@ -841,13 +842,13 @@ impl BlobCache {
             state: Mutex::new(CacheState {
                 lru: lru::LruCache::unbounded(),
                 forms: HashMap::new(),
-                keep_forms,
                 bytes: 0,
                 limit,
                 in_flight: HashSet::new(),
             }),
             fetched: Condvar::new(),
             spare: crossbeam_channel::bounded(SPARE_BUFFERS),
+            keep_forms,
         }
     }
 
@@ -871,10 +872,6 @@ impl BlobCache {
         !s.lru.contains(id) && s.in_flight.insert(*id)
     }
 
-    fn keeps_forms(&self) -> bool {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).keep_forms
-    }
-
     /// The stored form of cached blob `id`, if kept.
     fn form(&self, id: &BlobId) -> Option<StoredForm> {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).forms.get(id).cloned()
@@ -890,7 +887,7 @@ impl BlobCache {
         if let Some(old) = s.forms.remove(&id) {
             s.bytes -= old.memory() as u64;
         }
-        if let Some(form) = form.filter(|_| s.keep_forms) {
+        if let Some(form) = form.filter(|_| self.keep_forms) {
             s.bytes += form.memory() as u64;
             s.forms.insert(id, form);
         }
