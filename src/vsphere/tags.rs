@@ -117,28 +117,38 @@ impl RestSession<'_> {
         Ok(&names[id])
     }
 
-    /// The morefs of the virtual machines tag `id` is attached to.
-    fn vms_of_tag(&self, id: &str) -> Result<Vec<String>> {
-        let call = format!("com/vmware/cis/tagging/tag-association/id:{id}?~action=list-attached-objects");
-        let objects = self.call(reqwest::Method::POST, &call, Some(serde_json::json!({})))?;
-        let objects = objects.as_array().map(Vec::as_slice).unwrap_or_default();
-        Ok(objects
-            .iter()
-            .filter(|o| o.get("type").and_then(Value::as_str) == Some("VirtualMachine"))
-            .filter_map(|o| o.get("id").and_then(Value::as_str).map(String::from))
-            .collect())
+    /// For each of the tags `ids`, the morefs of the virtual machines it is attached to: one request for all.
+    fn vms_of_tags(&self, ids: &[&str]) -> Result<Vec<Vec<String>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let call = "com/vmware/cis/tagging/tag-association?~action=list-attached-objects-on-tags";
+        let answer = self.call(reqwest::Method::POST, call, Some(serde_json::json!({ "tag_ids": ids })))?;
+        let answer = answer.as_array().map(Vec::as_slice).unwrap_or_default();
+        let mut by_tag: HashMap<&str, Vec<String>> = HashMap::new();
+        for attached in answer {
+            let tag = field(attached, "tag_id", call)?;
+            let objects = attached.get("object_ids").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+            by_tag.entry(tag).or_default().extend(
+                objects
+                    .iter()
+                    .filter(|o| o.get("type").and_then(Value::as_str) == Some("VirtualMachine"))
+                    .filter_map(|o| o.get("id").and_then(Value::as_str).map(String::from)),
+            );
+        }
+        Ok(ids.iter().map(|id| by_tag.remove(id).unwrap_or_default()).collect())
     }
 }
 
 impl Client {
     /// For each of `names`, the morefs of the virtual machines that carry that tag: `TAG`, or `CATEGORY/TAG`
     /// where tags of several categories share the name (refused as ambiguous otherwise). One REST session, and
-    /// vCenter's tags are read once for all names.
+    /// vCenter's tags are read once for all names, and their VMs asked for in one request.
     pub fn vms_with_tags(&self, names: &[String]) -> Result<Vec<Vec<String>>> {
         let rest = RestSession::open(self)?;
         let tags = rest.tags()?;
         let mut category_names = HashMap::new();
-        let mut out = Vec::new();
+        let mut ids = Vec::new();
         for name in names {
             let (category, tag) = match name.split_once('/') {
                 Some((c, t)) => (Some(c), t),
@@ -168,19 +178,20 @@ impl Client {
                     )));
                 }
             };
-            out.push(rest.vms_of_tag(id)?);
+            ids.push(id.as_str());
         }
-        Ok(out)
+        rest.vms_of_tags(&ids)
     }
 
     /// The tags of every tagged virtual machine, as `CATEGORY/TAG`, sorted, by moref (`vm list --tags`). One REST
-    /// session; a request per tag and per category, and one per tag for the VMs it is attached to.
+    /// session: a request per tag and per category, and one for the VMs of all tags.
     pub fn tags_of_vms(&self) -> Result<HashMap<String, Vec<String>>> {
         let rest = RestSession::open(self)?;
+        let tags = rest.tags()?;
+        let ids: Vec<&str> = tags.iter().map(|t| t.id.as_str()).collect();
         let mut category_names = HashMap::new();
         let mut out: HashMap<String, Vec<String>> = HashMap::new();
-        for t in rest.tags()? {
-            let vms = rest.vms_of_tag(&t.id)?;
+        for (t, vms) in tags.iter().zip(rest.vms_of_tags(&ids)?) {
             if vms.is_empty() {
                 continue;
             }
