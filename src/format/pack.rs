@@ -425,15 +425,19 @@ pub fn open_blob(keys: &Keys, entry: &PackEntry, stored: &[u8], base: Option<&[u
     check_stored_len(entry, stored)?;
     let (aad, n) = entry_aad(entry);
     let body = keys.open(entry.key_epoch, &aad[..n], stored).map_err(|e| e.to_string())?;
-    let plain = if entry.flags & FLAG_ZSTD != 0 {
-        let mut out = Vec::with_capacity(entry.raw_len as usize);
-        decompress(entry, &body, &mut out, base)?;
-        out
-    } else {
-        body
-    };
+    Ok(decode_body(keys, entry, &body, base)?.unwrap_or(body))
+}
+
+/// Decodes the decrypted `body` of a blob and checks the plaintext's length and id. Returns the plaintext if it is
+/// not `body` itself (a compressed blob's), `None` if it is.
+fn decode_body(keys: &Keys, entry: &PackEntry, body: &[u8], base: Option<&[u8]>) -> Result<Option<Vec<u8>>, String> {
+    if entry.flags & FLAG_ZSTD == 0 {
+        return verify_plain(keys, entry, body).map(|()| None);
+    }
+    let mut plain = Vec::with_capacity(entry.raw_len as usize);
+    decompress(entry, body, &mut plain, base)?;
     verify_plain(keys, entry, &plain)?;
-    Ok(plain)
+    Ok(Some(plain))
 }
 
 /// Authenticates one stored blob without decoding it: what prune checks before copying a delta blob, whose
@@ -444,13 +448,17 @@ pub fn authenticate_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Resul
     keys.open(entry.key_epoch, &aad[..n], stored).map(|_| ()).map_err(|e| e.to_string())
 }
 
-/// A stored blob sealed again with the current key epoch (`prune --reencrypt` after a `key rotate`): opened with
-/// its own epoch's key and sealed with the newest, under the same associated data (type, flags, id, base); the
-/// body is not decompressed or compressed again. The error is the cause only.
+/// A stored blob checked as [`verify_for_copy`] checks it and sealed again with the current key epoch
+/// (`prune --reencrypt` after a `key rotate`): opened once with its own epoch's key (a whole blob then decoded and
+/// re-hashed) and sealed with the newest, under the same associated data (type, flags, id, base); the body is
+/// not compressed again. The error is the cause only.
 pub fn reseal_blob(keys: &Keys, entry: &PackEntry, stored: &[u8]) -> Result<SealedBlob, String> {
     check_stored_len(entry, stored)?;
     let (aad, n) = entry_aad(entry);
     let body = keys.open(entry.key_epoch, &aad[..n], stored).map_err(|e| e.to_string())?;
+    if !entry.is_delta() {
+        decode_body(keys, entry, &body, None)?;
+    }
     let mut bytes = Vec::with_capacity(stored.len());
     keys.seal_into(&aad[..n], &body, &mut bytes);
     Ok(SealedBlob { key_epoch: keys.current_epoch(), bytes, ..SealedBlob::copy_of(entry, &[]) })
@@ -768,6 +776,25 @@ mod tests {
         assert_eq!(open_blob(&rotated, &e, stored, Some(&base)).unwrap(), block);
         assert!(open_blob(&old, &e, stored, Some(&base)).unwrap_err().contains("key epoch 1"));
         assert!(read_header(&old, &p.bytes).is_err(), "the new pack's header is sealed with epoch 1 too");
+    }
+
+    #[test]
+    fn a_whole_blob_is_checked_before_it_is_sealed_again() {
+        let old = keys();
+        let rotated = Keys::from_keyring(&[[3u8; 32], [4u8; 32]]);
+        let block = vec![7u8; 1 << 20];
+        // Sealed under an id its content does not hash to: authentic, but not that block.
+        let wrong = BlobSealer::new(3).seal(&old, BlobType::Data, old.blob_id(b"another block"), &block);
+        let right = BlobSealer::new(3).seal(&old, BlobType::Data, old.blob_id(&block), &block);
+        let mut w = PackWriter::new(BlobType::Data, 4 << 20);
+        w.add(wrong);
+        w.add(right);
+        let p = w.finish(&old);
+        let stored = |e: &PackEntry| &p.bytes[e.offset as usize..e.end() as usize];
+        let (bad, good) = (p.header.entries[0], p.header.entries[1]);
+        let err = reseal_blob(&rotated, &bad, stored(&bad)).err().expect("a blob not matching its id was sealed again");
+        assert!(err.contains("does not match its id"), "{err}");
+        assert_eq!(reseal_blob(&rotated, &good, stored(&good)).unwrap().key_epoch, 1);
     }
 
     #[test]
