@@ -528,13 +528,12 @@ pub fn run(
                         if abort.is_set() {
                             break;
                         }
-                        let r = process_block(repo, claims, &mut sealer, &b, &blob_tx)?;
+                        let r = process_block(repo, claims, &mut sealer, &b, &blob_tx, counters)?;
                         let _ = spare_tx.try_send(b.data);
                         if result_txs[b.disk].send(r).is_err() {
                             break;
                         }
                     }
-                    counters.add_sealed_as_stored(sealer.stored_forms());
                     Ok(())
                 })
             });
@@ -764,6 +763,7 @@ fn process_block(
     sealer: &mut DeltaSealer,
     block: &ReadBlock,
     blob_tx: &Sender<SealedBlob>,
+    counters: &Counters,
 ) -> Result<BlockResult> {
     let (data, index) = (&block.data[..], block.index);
     if is_zero(data) {
@@ -775,6 +775,10 @@ fn process_block(
     }
     let sealed = sealer.seal(id, data, block.likely_base, block.stored_form.as_ref())?;
     let stored = sealed.bytes.len() as u32;
+    // A block with a stored form is sealed in it unless it became a delta.
+    if block.stored_form.is_some() && sealed.base.is_none() {
+        counters.add_sealed_as_stored(1);
+    }
     // A closed channel means the packer stopped on an error, which the abort records.
     let _ = blob_tx.send(sealed);
     Ok(BlockResult { index, id, kind: BlockKind::New { stored } })

@@ -86,8 +86,6 @@ pub struct DeltaSealer<'a> {
     /// Deltas written, and bases read by this worker itself (not kept, not prefetched): logged at the end.
     deltas: u64,
     bases_read: u64,
-    /// Blocks sealed in their stored form ([`StoredForm`]).
-    stored_forms: u64,
 }
 
 impl Drop for DeltaSealer<'_> {
@@ -108,22 +106,7 @@ impl<'a> DeltaSealer<'a> {
         let level = repo.config().zstd_level;
         let enabled = enabled && level != 0;
         let sealer = BlobSealer::new(level);
-        DeltaSealer {
-            repo,
-            cache,
-            prefetch,
-            sealer,
-            enabled,
-            bases: Vec::new(),
-            deltas: 0,
-            bases_read: 0,
-            stored_forms: 0,
-        }
-    }
-
-    /// Blocks sealed so far in the form the source repository of a copy stored them.
-    pub fn stored_forms(&self) -> u64 {
-        self.stored_forms
+        DeltaSealer { repo, cache, prefetch, sealer, enabled, bases: Vec::new(), deltas: 0, bases_read: 0 }
     }
 
     /// Seals a new data block. `likely_base`: the parent's block at the same offset (an incremental from a change
@@ -138,7 +121,6 @@ impl<'a> DeltaSealer<'a> {
         form: Option<&StoredForm>,
     ) -> Result<SealedBlob> {
         if !self.enabled {
-            self.stored_forms += form.is_some() as u64;
             return Ok(self.seal_whole(id, data, form));
         }
         let features = features(data);
@@ -150,7 +132,6 @@ impl<'a> DeltaSealer<'a> {
             Tried::Whole(Some(w)) => w,
             Tried::Whole(None) => self.seal_whole(id, data, form),
         };
-        self.stored_forms += form.is_some() as u64;
         // Stored whole: a possible base for later blocks.
         self.cache.add_features(&id, &features)?;
         Ok(whole)

@@ -182,7 +182,7 @@ fn a_copy_at_the_source_level_seals_blocks_as_stored_there_and_compresses_the_re
     assert!(same_level.restore(c0["snapshot"].as_str().unwrap(), &[]) == day0, "the copy of day 0 differs");
     assert!(same_level.restore(c1["snapshot"].as_str().unwrap(), &[]) == day1, "the copy of day 1 differs");
     same_level.ok(&["check", "--read-data"]);
-    // Each block is stored in as many bytes as in the source (the same frames, sealed with another key).
+    // Each block is stored in as many bytes as in the source, as a backup at this level would store it.
     let stored_lens = |env: &Env| {
         let repo = env.open_repo();
         let mut lens: Vec<u32> = Vec::new();

@@ -280,6 +280,23 @@ pub struct SealedBlob {
 }
 
 impl SealedBlob {
+    /// `body` (the block's stored form: compressed or not as `flags` say) sealed with the current key epoch under
+    /// the blob's associated data. Every way of sealing a new blob ends here.
+    fn seal(
+        keys: &Keys,
+        blob_type: BlobType,
+        id: BlobId,
+        flags: u8,
+        base: Option<BlobId>,
+        raw_len: usize,
+        body: &[u8],
+    ) -> SealedBlob {
+        let mut bytes = Vec::with_capacity(body.len() + SEAL_OVERHEAD);
+        let (aad, n) = blob_aad(blob_type, flags, &id, base.as_ref());
+        keys.seal_into(&aad[..n], body, &mut bytes);
+        SealedBlob { blob_type, id, flags, key_epoch: keys.current_epoch(), raw_len: raw_len as u32, base, bytes }
+    }
+
     /// A stored blob as it is, for another pack: its sealed bytes do not depend on the pack they are in.
     pub fn copy_of(entry: &PackEntry, stored: &[u8]) -> SealedBlob {
         SealedBlob {
@@ -321,11 +338,7 @@ impl BlobSealer {
                 body = &self.scratch;
             }
         }
-        let mut bytes = Vec::with_capacity(body.len() + SEAL_OVERHEAD);
-        let (aad, n) = blob_aad(blob_type, flags, &id, None);
-        keys.seal_into(&aad[..n], body, &mut bytes);
-        let key_epoch = keys.current_epoch();
-        SealedBlob { blob_type, id, flags, key_epoch, raw_len: plaintext.len() as u32, base: None, bytes }
+        SealedBlob::seal(keys, blob_type, id, flags, None, plaintext.len(), body)
     }
 
     /// Seals data block `plaintext` in `form`, the way another repository stored it ([`StoredForm`]), instead of
@@ -336,19 +349,7 @@ impl BlobSealer {
             StoredForm::Zstd(frame) if self.compressor.is_some() => (FLAG_ZSTD, frame),
             _ => (0, plaintext),
         };
-        let mut bytes = Vec::with_capacity(body.len() + SEAL_OVERHEAD);
-        let (aad, n) = blob_aad(BlobType::Data, flags, &id, None);
-        keys.seal_into(&aad[..n], body, &mut bytes);
-        let key_epoch = keys.current_epoch();
-        SealedBlob {
-            blob_type: BlobType::Data,
-            id,
-            flags,
-            key_epoch,
-            raw_len: plaintext.len() as u32,
-            base: None,
-            bytes,
-        }
+        SealedBlob::seal(keys, BlobType::Data, id, flags, None, plaintext.len(), body)
     }
 
     /// Seals a data block as a delta against `base_plain`, the plaintext of the stored data blob `base`.
@@ -379,18 +380,7 @@ impl BlobSealer {
             return None;
         }
         let flags = FLAG_ZSTD | FLAG_DELTA;
-        let mut bytes = Vec::with_capacity(self.scratch.len() + SEAL_OVERHEAD);
-        let (aad, n) = blob_aad(BlobType::Data, flags, &id, Some(&base));
-        keys.seal_into(&aad[..n], &self.scratch, &mut bytes);
-        Some(SealedBlob {
-            blob_type: BlobType::Data,
-            id,
-            flags,
-            key_epoch: keys.current_epoch(),
-            raw_len: plaintext.len() as u32,
-            base: Some(base),
-            bytes,
-        })
+        Some(SealedBlob::seal(keys, BlobType::Data, id, flags, Some(base), plaintext.len(), &self.scratch))
     }
 }
 
