@@ -6,6 +6,7 @@ mod backup;
 mod check;
 mod copy;
 mod diff;
+mod files;
 mod forget;
 mod inspect;
 mod key;
@@ -118,6 +119,12 @@ enum Command {
     Snapshots(snapshots::SnapshotsArgs),
     /// Which byte ranges of each disk differ between two snapshots (from the manifests; no data is read).
     Diff(diff::DiffArgs),
+    /// List the volumes of a snapshot's disk, or the files of one (file-level restore; ext2/3/4).
+    Ls(files::LsArgs),
+    /// Write a file inside a snapshot's disk, or a volume's raw bytes, to standard output.
+    Dump(files::DumpArgs),
+    /// Copy files and directories out of a snapshot's disk into a local directory.
+    Extract(files::ExtractArgs),
     /// Manage the passwords (key files) that open the repository.
     #[command(subcommand)]
     Key(key::KeyCommand),
@@ -162,6 +169,9 @@ impl Command {
             Command::Copy(_) => "copy",
             Command::Snapshots(_) => "snapshots",
             Command::Diff(_) => "diff",
+            Command::Ls(_) => "ls",
+            Command::Dump(_) => "dump",
+            Command::Extract(_) => "extract",
             Command::Key(_) => "key",
             Command::Forget(_) => "forget",
             Command::Prune(_) => "prune",
@@ -185,6 +195,26 @@ struct InitArgs {
     /// zstd compression level (0 = off).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=19))]
     compression: i32,
+}
+
+/// The disk of snapshot `id` called `name`, or its only disk.
+fn choose_disk<'s>(
+    id: &crate::format::ObjectId,
+    snap: &'s crate::format::snapshot::Snapshot,
+    name: Option<&str>,
+) -> Result<&'s crate::format::snapshot::DiskManifest> {
+    let names = || snap.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ");
+    match (name, snap.disks.as_slice()) {
+        (Some(n), _) => snap
+            .disk(n)
+            .ok_or_else(|| Error::invalid(format!("snapshot {} has no disk {n:?} (disks: {})", id.short(), names()))),
+        (None, [only]) => Ok(only),
+        (None, _) => Err(Error::invalid(format!(
+            "snapshot {} has several disks ({}); choose one with --disk",
+            id.short(),
+            names()
+        ))),
+    }
 }
 
 /// Global options every command may need.
@@ -418,6 +448,9 @@ pub fn main() -> i32 {
         Command::Serve(a) => serve::run(&g, a),
         Command::Snapshots(a) => snapshots::run(&g, a),
         Command::Diff(a) => diff::run(&g, a),
+        Command::Ls(a) => files::ls(&g, a),
+        Command::Dump(a) => files::dump(&g, a),
+        Command::Extract(a) => files::extract_files(&g, a),
         Command::Check(a) => check::run(&g, a),
         Command::Copy(a) => copy::run(&g, a),
         Command::Key(k) => key::run(&g, k),

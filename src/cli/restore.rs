@@ -156,21 +156,7 @@ pub fn run(g: &Globals, args: &RestoreArgs) -> Result<()> {
             return restore_to_vm(g, args, &repo, &cache, &id, &disks, vm);
         }
     }
-    let disk = match (&disk_name, snap.disks.as_slice()) {
-        (Some(n), _) => snap.disk(n).ok_or_else(|| {
-            let names: Vec<&str> = snap.disks.iter().map(|d| d.name.as_str()).collect();
-            Error::invalid(format!("snapshot {} has no disk {n:?} (disks: {})", id.short(), names.join(", ")))
-        })?,
-        (None, [only]) => only,
-        (None, disks) => {
-            let names: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
-            return Err(Error::invalid(format!(
-                "snapshot {} has several disks ({}); choose one with --disk",
-                id.short(),
-                names.join(", ")
-            )));
-        }
-    };
+    let disk = super::choose_disk(&id, &snap, disk_name.as_deref())?;
     let cache = g.open_cache_unsynced(&repo)?;
     let counters = Arc::new(Counters::default());
     if let Some(path) = &args.to_vmdk {

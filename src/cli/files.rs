@@ -1,0 +1,285 @@
+//! `diskvault ls`, `dump` and `extract`: files inside a snapshot's disk (file-level restore, see
+//! [`crate::guestfs`]).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::Globals;
+use crate::error::{Error, Result};
+use crate::guestfs::extract::extract;
+use crate::guestfs::{split_path, Entry, EntryKind, GuestDisk, GuestFs};
+use crate::nbd::server::Device;
+use crate::progress::{Counters, Reporter};
+use crate::util::{format_utc, human_bytes};
+
+#[derive(clap::Args, Debug)]
+pub struct GuestArgs {
+    /// The snapshot: id, unique prefix, or `latest`; with the disk as `ID:DISK` when it has several.
+    snapshot: String,
+    /// The disk, when the snapshot has several (as `ID:DISK`).
+    #[arg(long)]
+    disk: Option<String>,
+    /// With `latest`: the latest snapshot of this source.
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LsArgs {
+    #[command(flatten)]
+    at: GuestArgs,
+    /// A guest path, volume first: `/part2/etc`, or `/whole/…` for a disk without a partition table. `/` (the
+    /// default) lists the disk's volumes.
+    #[arg(default_value = "/")]
+    path: String,
+    /// Type, permissions, owner, size and modification time of each entry.
+    #[arg(short, long)]
+    long: bool,
+    /// Everything below the directory, not only its entries.
+    #[arg(short = 'R', long)]
+    recursive: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DumpArgs {
+    #[command(flatten)]
+    at: GuestArgs,
+    /// A file (`/part2/etc/fstab`; a symlink is followed within the guest), or a volume (`/part2`) for its
+    /// raw bytes.
+    path: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExtractArgs {
+    #[command(flatten)]
+    at: GuestArgs,
+    /// Guest paths of files or directories (`/part2/etc/nginx`); `/part2` extracts the whole file system.
+    #[arg(required = true)]
+    paths: Vec<String>,
+    /// The local directory to extract into (created if missing); nothing in it is replaced.
+    #[arg(long)]
+    target: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+/// A snapshot disk opened for its files. The session marker keeps a concurrent prune from moving what the
+/// reads need.
+struct Opened {
+    guest: GuestDisk,
+    _session: crate::lock::LockGuard,
+}
+
+fn open(g: &Globals, at: &GuestArgs) -> Result<Opened> {
+    let (snap_ref, disk_in_ref) = match at.snapshot.split_once(':') {
+        Some((s, d)) => (s, Some(d)),
+        None => (at.snapshot.as_str(), None),
+    };
+    let repo = g.open_repo()?;
+    let (id, snap) = repo.find_snapshot(snap_ref, at.name.as_deref())?;
+    let disk = super::choose_disk(&id, &snap, at.disk.as_deref().or(disk_in_ref))?;
+    let cache = g.open_cache_unsynced(&repo)?;
+    let session = crate::lock::start_session(&repo, "file restore")?;
+    cache.sync(&repo)?;
+    let exports = crate::serve::RepositoryExports::new(
+        repo,
+        cache,
+        crate::serve::ServeOptions {
+            cache_bytes: 64 << 20,
+            session_lost: Some(session.lost_flag()),
+            ..Default::default()
+        },
+    );
+    let device: Arc<dyn Device> = Arc::new(exports.disk(&id, disk, crate::serve::DEFAULT_READAHEAD_BLOCKS)?);
+    Ok(Opened { guest: GuestDisk::open(device)?, _session: session })
+}
+
+/// The file system of the volume a guest path starts with, and the path within it.
+fn fs_of(guest: &GuestDisk, path: &str) -> Result<Option<(GuestFs, String)>> {
+    match split_path(path)? {
+        None => Ok(None),
+        Some((volume, inner)) => Ok(Some((guest.fs(guest.volume(volume)?)?, inner))),
+    }
+}
+
+pub fn ls(g: &Globals, args: &LsArgs) -> Result<()> {
+    let opened = open(g, &args.at)?;
+    let guest = &opened.guest;
+    let Some((fs, inner)) = fs_of(guest, &args.path)? else {
+        return print_volumes(guest, args.json);
+    };
+    let top = fs.entry(inner.as_bytes())?;
+    let mut entries = Vec::new();
+    if top.kind == EntryKind::Dir {
+        if args.recursive {
+            fs.walk(inner.as_bytes(), &mut |_, e| {
+                entries.push(e.clone());
+                Ok(())
+            })?;
+        } else {
+            entries.extend(fs.read_dir(inner.as_bytes())?.into_iter().map(|(_, e)| e));
+        }
+    } else {
+        entries.push(top);
+    }
+    let mut out = std::io::stdout().lock();
+    let print = |out: &mut dyn Write| -> std::io::Result<()> {
+        if args.json {
+            serde_json::to_writer_pretty(&mut *out, &entries)?;
+            return writeln!(out);
+        }
+        for e in &entries {
+            if args.long {
+                let target = e.target.as_deref().map(|t| format!(" -> {t}")).unwrap_or_default();
+                writeln!(
+                    out,
+                    "{} {:>6} {:>6} {:>12} {} {}{target}",
+                    mode_string(e),
+                    e.uid,
+                    e.gid,
+                    e.size,
+                    format_utc(e.mtime),
+                    e.path
+                )?;
+            } else {
+                writeln!(out, "{}", e.path)?;
+            }
+        }
+        Ok(())
+    };
+    print(&mut out).map_err(|e| Error::local("standard output", e))
+}
+
+fn print_volumes(guest: &GuestDisk, json: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let print = |out: &mut dyn Write| -> std::io::Result<()> {
+        if json {
+            let doc = serde_json::json!({ "table": guest.table, "volumes": guest.volumes });
+            serde_json::to_writer_pretty(&mut *out, &doc)?;
+            return writeln!(out);
+        }
+        let table = match guest.table {
+            Some(crate::guestfs::partitions::TableKind::Gpt) => "GPT",
+            Some(crate::guestfs::partitions::TableKind::Mbr) => "MBR",
+            None => "no partition table",
+        };
+        writeln!(out, "{table}")?;
+        writeln!(out, "{:<8} {:>10} {:>10}  {:<22} {:<9} LABEL", "VOLUME", "START", "SIZE", "TYPE", "FS")?;
+        for v in &guest.volumes {
+            let note = if v.fs.readable() { "" } else { " (files not readable here; dump gives its bytes)" };
+            writeln!(
+                out,
+                "/{:<7} {:>10} {:>10}  {:<22} {:<9} {}{note}",
+                v.name,
+                human_bytes(v.start),
+                human_bytes(v.len),
+                v.partition_type,
+                v.fs.name(),
+                v.label
+            )?;
+        }
+        Ok(())
+    };
+    print(&mut out).map_err(|e| Error::local("standard output", e))
+}
+
+/// `drwxr-xr-x` as `ls -l` shows it.
+fn mode_string(e: &Entry) -> String {
+    let kind = match e.kind {
+        EntryKind::File => '-',
+        EntryKind::Dir => 'd',
+        EntryKind::Symlink => 'l',
+        EntryKind::BlockDevice => 'b',
+        EntryKind::CharDevice => 'c',
+        EntryKind::Fifo => 'p',
+        EntryKind::Socket => 's',
+    };
+    let m = e.mode;
+    let bit = |mask: u16, c: char| if m & mask != 0 { c } else { '-' };
+    // The execute slot shows setuid, setgid and sticky: lower case with execute, upper case without.
+    let exec = |x: u16, special: u16, c: char| match (m & x != 0, m & special != 0) {
+        (true, true) => c,
+        (false, true) => c.to_ascii_uppercase(),
+        (true, false) => 'x',
+        (false, false) => '-',
+    };
+    [
+        kind,
+        bit(0o400, 'r'),
+        bit(0o200, 'w'),
+        exec(0o100, 0o4000, 's'),
+        bit(0o040, 'r'),
+        bit(0o020, 'w'),
+        exec(0o010, 0o2000, 's'),
+        bit(0o004, 'r'),
+        bit(0o002, 'w'),
+        exec(0o001, 0o1000, 't'),
+    ]
+    .iter()
+    .collect()
+}
+
+pub fn dump(g: &Globals, args: &DumpArgs) -> Result<()> {
+    {
+        use std::io::IsTerminal;
+        if std::io::stdout().is_terminal() {
+            return Err(Error::invalid("standard output is a terminal; redirect or pipe it"));
+        }
+    }
+    let opened = open(g, &args.at)?;
+    let guest = &opened.guest;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+    match split_path(&args.path)? {
+        None => return Err(Error::invalid("dump needs a file, or a volume such as /part1 (see `ls`)")),
+        Some((volume, inner)) if inner == "/" => {
+            guest.dump_volume(guest.volume(volume)?, &mut out)?;
+        }
+        Some((volume, inner)) => {
+            let fs = guest.fs(guest.volume(volume)?)?;
+            fs.read_file(inner.as_bytes(), &mut |_, data| {
+                out.write_all(data).map_err(|e| Error::local("standard output", e))
+            })?;
+        }
+    }
+    out.flush().map_err(|e| Error::local("standard output", e))
+}
+
+pub fn extract_files(g: &Globals, args: &ExtractArgs) -> Result<()> {
+    crate::util::catch_interrupts();
+    let opened = open(g, &args.at)?;
+    let guest = &opened.guest;
+    let counters = Arc::new(Counters::default());
+    let mut reports = Vec::new();
+    {
+        let _r = Reporter::start("extract", counters.clone(), g.progress);
+        for path in &args.paths {
+            let Some((fs, inner)) = fs_of(guest, path)? else {
+                return Err(Error::invalid("extract needs a path in a volume, such as /part2/etc (see `ls`)"));
+            };
+            let stats = extract(&fs, inner.as_bytes(), &args.target, &counters)?;
+            reports.push((path.clone(), stats));
+        }
+    }
+    if args.json {
+        let doc: Vec<_> = reports.iter().map(|(p, s)| serde_json::json!({ "path": p, "extracted": s })).collect();
+        println!("{}", serde_json::to_string_pretty(&doc).map_err(|e| Error::invalid(e.to_string()))?);
+        return Ok(());
+    }
+    for (path, s) in &reports {
+        eprintln!(
+            "extracted {path} into {}: {} files ({}), {} directories, {} symlinks",
+            args.target.display(),
+            s.files,
+            human_bytes(s.bytes),
+            s.dirs,
+            s.symlinks
+        );
+        if !s.skipped.is_empty() {
+            eprintln!("  skipped {} devices, FIFOs and sockets: {}", s.skipped.len(), s.skipped.join(", "));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! Copies files and directories out of a guest file system into a local directory (`diskvault extract`).
+//!
+//! What a user of `tar -x` expects: contents bit-exact with their holes left as holes, permissions, modification
+//! times, symlinks as symlinks, and owners when running as root. Devices, FIFOs and sockets are listed as
+//! skipped; hard links become separate copies.
+//!
+//! The guest decides the names: nothing is written outside the destination. Every entry is created anew
+//! (`O_EXCL`, symlinks not followed), so a crafted directory holding a symlink and a directory of the same name
+//! stops the extraction instead of writing through the link.
+
+use std::ffi::OsStr;
+use std::fs::OpenOptions;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::{Entry, EntryKind, GuestFs};
+use crate::error::{Error, Result};
+use crate::progress::Counters;
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ExtractStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Bytes of file contents (holes included).
+    pub bytes: u64,
+    /// Guest paths of devices, FIFOs and sockets, which are not recreated.
+    pub skipped: Vec<String>,
+}
+
+/// Extracts `path` of `fs` into directory `target` (created if missing): a file or directory as
+/// `target/NAME`, the root of a volume (`/`) as the contents of `target`. Refuses to replace anything that
+/// exists. `counters` count the bytes of file contents.
+pub fn extract(fs: &GuestFs, path: &[u8], target: &Path, counters: &Counters) -> Result<ExtractStats> {
+    std::fs::create_dir_all(target).map_err(|e| Error::local(target, format!("cannot create: {e}")))?;
+    let top = fs.entry(path)?;
+    let mut stats = ExtractStats::default();
+    let owners = unsafe { libc::geteuid() } == 0;
+    // Directories get their permissions and times once their contents are written (a read-only directory
+    // could not be filled, and every entry created in one changes its modification time), innermost first.
+    let mut dirs: Vec<(PathBuf, Entry)> = Vec::new();
+    let dest = if path == b"/" {
+        target.to_path_buf()
+    } else {
+        let dest = target.join(OsStr::from_bytes(&top.name));
+        if std::fs::symlink_metadata(&dest).is_ok() {
+            return Err(Error::local(&dest, "exists already: extract into another --target"));
+        }
+        dest
+    };
+    let mut one = |local: &Path, guest: &[u8], e: &Entry, dirs: &mut Vec<(PathBuf, Entry)>| -> Result<()> {
+        match e.kind {
+            EntryKind::File => {
+                stats.bytes += write_file(fs, guest, local, e, owners, counters)?;
+                stats.files += 1;
+            }
+            EntryKind::Dir => {
+                if local != target {
+                    std::fs::create_dir(local).map_err(|err| Error::local(local, format!("cannot create: {err}")))?;
+                }
+                dirs.push((local.to_path_buf(), e.clone()));
+                stats.dirs += 1;
+            }
+            EntryKind::Symlink => {
+                std::os::unix::fs::symlink(OsStr::from_bytes(&e.target_bytes), local)
+                    .map_err(|err| Error::local(local, format!("cannot create the symlink: {err}")))?;
+                finish(local, e, owners, false)?;
+                stats.symlinks += 1;
+            }
+            _ => stats.skipped.push(e.path.clone()),
+        }
+        Ok(())
+    };
+    one(&dest, path, &top, &mut dirs)?;
+    if top.kind == EntryKind::Dir {
+        let base = path.len();
+        fs.walk(path, &mut |guest, e| {
+            // The part below `path`: guest paths are `path` + "/" + names (no "." or "..": read_dir drops them).
+            let rel = guest[base..].strip_prefix(b"/").unwrap_or(&guest[base..]);
+            one(&dest.join(OsStr::from_bytes(rel)), guest, e, &mut dirs)
+        })?;
+    }
+    for (local, e) in dirs.iter().rev() {
+        finish(local, e, owners, true)?;
+    }
+    Ok(stats)
+}
+
+/// Writes file `guest` to the new file `local`, leaving all-zero 4 KiB pages as holes. Returns its size.
+fn write_file(fs: &GuestFs, guest: &[u8], local: &Path, e: &Entry, owners: bool, counters: &Counters) -> Result<u64> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(local)
+        .map_err(|err| Error::local(local, format!("cannot create: {err}")))?;
+    let size = fs.read_file(guest, &mut |offset, data| {
+        for (k, page) in data.chunks(4096).enumerate() {
+            if page.iter().any(|&b| b != 0) {
+                file.write_all_at(page, offset + 4096 * k as u64).map_err(|err| Error::local(local, err))?;
+            }
+        }
+        counters.add_done(data.len() as u64);
+        Ok(())
+    })?;
+    file.set_len(size).map_err(|err| Error::local(local, err))?;
+    if size != e.size {
+        return Err(Error::invalid(format!("{}: read {size} bytes of its {}", e.path, e.size)));
+    }
+    drop(file);
+    finish(local, e, owners, true)?;
+    Ok(size)
+}
+
+/// Gives `local` the entry's owner (when running as root), permissions (not for a symlink, whose own are
+/// ignored by Linux) and modification time.
+fn finish(local: &Path, e: &Entry, owners: bool, follow_mode: bool) -> Result<()> {
+    if owners {
+        std::os::unix::fs::lchown(local, Some(e.uid), Some(e.gid))
+            .map_err(|err| Error::local(local, format!("cannot change the owner: {err}")))?;
+    }
+    if follow_mode {
+        // setuid, setgid and sticky only where the owner is the guest's too, as tar does.
+        let mode = if owners { e.mode & 0o7777 } else { e.mode & 0o777 };
+        std::fs::set_permissions(local, std::fs::Permissions::from_mode(mode.into()))
+            .map_err(|err| Error::local(local, format!("cannot set permissions: {err}")))?;
+    }
+    set_mtime(local, e.mtime, e.mtime_nanos).map_err(|err| Error::local(local, format!("cannot set times: {err}")))
+}
+
+/// Sets access and modification time of `local` (a symlink itself, not its target) to `secs.nanos`.
+fn set_mtime(local: &Path, secs: i64, nanos: u32) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(local.as_os_str().as_bytes())?;
+    let t = libc::timespec { tv_sec: secs as libc::time_t, tv_nsec: nanos.min(999_999_999) as _ };
+    let times = [t, t];
+    // SAFETY: a NUL-terminated path and two timespecs that outlive the call.
+    if unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

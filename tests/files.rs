@@ -1,0 +1,283 @@
+//! File-level restore: `ls`, `dump` and `extract` read the files inside a backed-up disk (GPT and MBR tables,
+//! ext4 made by the real mke2fs from a directory tree) without mounting anything.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::Env;
+
+fn run_tool(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (scripts/setup.sh installs fdisk and e2fsprogs)"));
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A directory tree with what file-level restore must get right: contents over several 1 MiB blocks, a sparse
+/// file, symlinks, permissions, old modification times, a large (hashed) directory, non-ASCII names.
+fn make_tree(root: &Path) {
+    let w = |p: &str, data: &[u8]| {
+        let path = root.join(p);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, data).unwrap();
+    };
+    w("etc/hostname", b"db01\n");
+    w("etc/nginx/nginx.conf", b"events {}\nhttp { server { listen 80; } }\n");
+    w("var/lib/app/data.bin", &common::random_bytes(7, 3_000_000));
+    w("home/anna/naïve notes.txt", "zwölf Boxkämpfer\n".as_bytes());
+    for i in 0..300 {
+        w(&format!("var/spool/many/msg-{i:04}"), format!("message {i}\n").as_bytes());
+    }
+    let sparse = root.join("var/lib/app/sparse.img");
+    let f = std::fs::File::create(&sparse).unwrap();
+    f.set_len(6 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"the end", (6 << 20) - 7).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"start", 0).unwrap();
+    std::os::unix::fs::symlink("../etc/hostname", root.join("home/hostname-link")).unwrap();
+    std::os::unix::fs::symlink("/etc/nginx/nginx.conf", root.join("etc/nginx.conf")).unwrap();
+    std::fs::create_dir_all(root.join("srv/empty")).unwrap();
+    std::fs::set_permissions(root.join("etc/nginx"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::set_permissions(root.join("home/anna/naïve notes.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    run_tool(Command::new("touch").args(["-h", "-d", "2019-03-04 05:06:07"]).arg(root.join("etc/hostname")));
+    run_tool(Command::new("touch").args(["-h", "-d", "2021-07-08 09:10:11"]).arg(root.join("etc/nginx.conf")));
+    run_tool(Command::new("touch").args(["-d", "2018-01-01 00:00:00"]).arg(root.join("srv/empty")));
+}
+
+/// Writes an ext4 file system holding `tree` into `image` at byte `offset`, `kib` KiB long.
+fn mkfs_ext4(image: &Path, offset: u64, kib: u64, tree: &Path, label: &str) {
+    run_tool(
+        Command::new("mke2fs")
+            .args(["-q", "-F", "-t", "ext4", "-L", label, "-d"])
+            .arg(tree)
+            .arg("-E")
+            .arg(format!("offset={offset}"))
+            .arg(image)
+            .arg(format!("{kib}k")),
+    );
+}
+
+/// A sparse disk image of `mib` MiB partitioned by sfdisk from `script`.
+fn partitioned(path: &Path, mib: u64, script: &str) {
+    std::fs::File::create(path).unwrap().set_len(mib << 20).unwrap();
+    let mut child = Command::new("sfdisk")
+        .args(["-q", "--no-reread", "--no-tell-kernel"])
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sfdisk (scripts/setup.sh installs fdisk)");
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success(), "sfdisk failed on {script}");
+}
+
+/// Every entry below `root`, by path relative to it.
+fn local_tree(root: &Path) -> Vec<(String, std::fs::Metadata)> {
+    let mut out = Vec::new();
+    let mut dirs = vec![PathBuf::new()];
+    while let Some(rel) = dirs.pop() {
+        for e in std::fs::read_dir(root.join(&rel)).unwrap() {
+            let e = e.unwrap();
+            let rel = rel.join(e.file_name());
+            let meta = std::fs::symlink_metadata(root.join(&rel)).unwrap();
+            if meta.is_dir() {
+                dirs.push(rel.clone());
+            }
+            out.push((rel.to_str().unwrap().to_string(), meta));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// `got` holds what `want` holds: the same entries, kinds, contents, symlink targets, permissions and
+/// modification times.
+fn assert_same_tree(want: &Path, got: &Path) {
+    let (w, g) = (local_tree(want), local_tree(got));
+    let names = |t: &[(String, std::fs::Metadata)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&w), names(&g), "entries of {} and {}", want.display(), got.display());
+    for ((name, wm), (_, gm)) in w.iter().zip(&g) {
+        assert_eq!(wm.file_type(), gm.file_type(), "{name}");
+        assert_eq!(wm.mtime(), gm.mtime(), "modification time of {name}");
+        if wm.file_type().is_symlink() {
+            assert_eq!(std::fs::read_link(want.join(name)).unwrap(), std::fs::read_link(got.join(name)).unwrap());
+            continue;
+        }
+        assert_eq!(wm.mode() & 0o7777, gm.mode() & 0o7777, "permissions of {name}");
+        if wm.is_file() {
+            assert!(std::fs::read(want.join(name)).unwrap() == std::fs::read(got.join(name)).unwrap(), "{name}");
+        }
+    }
+}
+
+const ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+const LINUX: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+
+#[test]
+fn files_of_an_ext4_partition_are_listed_dumped_and_extracted_as_they_were() {
+    let e = Env::with_repo();
+    let tree = e.path("tree");
+    make_tree(&tree);
+    let disk = e.path("disk.raw");
+    // An EFI partition (left unformatted) and the root file system, as a Debian installer lays them out.
+    partitioned(
+        &disk,
+        64,
+        &format!("label: gpt\nstart=2048, size=16384, type={ESP}\nstart=18432, size=110592, type={LINUX}, name=root\n"),
+    );
+    mkfs_ext4(&disk, 18432 * 512, 50 << 10, &tree, "rootfs");
+    e.ok(&["backup", "--name", "db01", &format!("disk0={}", disk.display())]);
+
+    let volumes = e.ok(&["ls", "latest", "--json"]).json();
+    assert_eq!(volumes["table"], "gpt");
+    let v = volumes["volumes"].as_array().unwrap();
+    assert_eq!(v.len(), 2, "{volumes}");
+    assert_eq!((v[0]["name"].as_str(), v[0]["partition_type"].as_str()), (Some("part1"), Some("EFI System")));
+    assert_eq!(
+        (v[1]["name"].as_str(), v[1]["fs"].as_str(), v[1]["label"].as_str()),
+        (Some("part2"), Some("ext"), Some("rootfs"))
+    );
+    assert_eq!(v[1]["start"], 18432 * 512);
+    assert_eq!(v[1]["partition_name"], "root");
+
+    // Every entry of the tree, with its kind, size, permissions, time and symlink target.
+    let listed = e.ok(&["ls", "latest", "/part2", "-R", "--json"]).json();
+    let listed: std::collections::BTreeMap<String, serde_json::Value> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["path"].as_str().unwrap().trim_start_matches("/part2/").to_string(), x.clone()))
+        .filter(|(p, _)| !p.starts_with("lost+found"))
+        .collect();
+    let local = local_tree(&tree);
+    assert_eq!(listed.keys().cloned().collect::<Vec<_>>(), local.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
+    for (name, m) in &local {
+        let x = &listed[name];
+        assert_eq!(x["mtime"], m.mtime(), "{name}");
+        if m.file_type().is_symlink() {
+            assert_eq!(x["kind"], "symlink");
+            assert_eq!(x["target"].as_str().map(PathBuf::from), Some(std::fs::read_link(tree.join(name)).unwrap()));
+        } else {
+            assert_eq!(x["mode"], m.mode() & 0o7777, "{name}");
+            assert_eq!(x["kind"], if m.is_dir() { "dir" } else { "file" }, "{name}");
+        }
+        if m.is_file() {
+            assert_eq!(x["size"], m.len(), "{name}");
+        }
+    }
+    let long = e.ok(&["ls", "latest:disk0", "/part2/etc", "--long"]).stdout;
+    assert!(long.contains("drwxr-x--- ") && long.contains("/part2/etc/nginx\n"), "{long}");
+    assert!(long.contains("/part2/etc/nginx.conf -> /etc/nginx/nginx.conf"), "{long}");
+    assert!(long.contains("2019-03-04") && long.contains("/part2/etc/hostname"), "{long}");
+
+    // dump: a file's bytes, a symlink followed inside the guest, a volume's raw bytes.
+    let dump = |path: &str| {
+        let r = e.run(&["dump", "latest", path]);
+        assert_eq!(r.code, 0, "dump {path}: {}", r.stderr);
+        e.command(&["dump", "latest", path]).output().unwrap().stdout
+    };
+    assert!(dump("/part2/var/lib/app/data.bin") == std::fs::read(tree.join("var/lib/app/data.bin")).unwrap());
+    assert_eq!(dump("/part2/home/hostname-link"), b"db01\n");
+    assert_eq!(dump("/part2/etc/nginx.conf"), std::fs::read(tree.join("etc/nginx/nginx.conf")).unwrap());
+    let image = std::fs::read(&disk).unwrap();
+    assert_eq!(v[1]["len"], 110592 * 512);
+    assert!(dump("/part2") == image[18432 * 512..(18432 + 110592) * 512], "the partition's raw bytes");
+
+    // extract: the tree as it was, holes left as holes; nothing is replaced.
+    let out = e.path("out");
+    let t = out.to_str().unwrap();
+    e.ok(&["extract", "latest", "/part2/etc", "/part2/home", "/part2/var", "/part2/srv", "--target", t]);
+    assert_same_tree(&tree, &out);
+    let sparse = std::fs::metadata(out.join("var/lib/app/sparse.img")).unwrap();
+    assert!(sparse.blocks() * 512 < 64 << 10, "6 MiB sparse file took {} bytes", sparse.blocks() * 512);
+    let again = e.fails(&["extract", "latest", "/part2/etc", "--target", t]);
+    assert!(again.stderr.contains("exists already"), "{}", again.stderr);
+    let whole_fs = e.path("whole");
+    e.ok(&["extract", "latest", "/part2", "--target", whole_fs.to_str().unwrap()]);
+    assert_same_tree(&tree.join("etc"), &whole_fs.join("etc"));
+
+    // Clear errors for what is not there or not readable.
+    let r = e.fails(&["ls", "latest", "/part2/etc/missing"]);
+    assert!(r.stderr.contains("/part2/etc/missing: no such file or directory"), "{}", r.stderr);
+    let r = e.fails(&["ls", "latest", "/part7"]);
+    assert!(r.stderr.contains("no volume \"part7\" (volumes: part1, part2)"), "{}", r.stderr);
+    let r = e.fails(&["ls", "latest", "/part1/x"]);
+    assert!(r.stderr.contains("part1 holds unknown, whose files diskvault does not read"), "{}", r.stderr);
+    let r = e.fails(&["dump", "latest", "/part2/etc"]);
+    assert!(r.stderr.contains("/part2/etc: path is a directory"), "{}", r.stderr);
+    let r = e.fails(&["ls", "latest", "part2"]);
+    assert!(r.stderr.contains("not absolute"), "{}", r.stderr);
+}
+
+#[test]
+fn logical_mbr_partitions_a_damaged_gpt_header_and_a_disk_without_a_table_are_read() {
+    let e = Env::with_repo();
+    let tree = e.path("tree");
+    make_tree(&tree);
+    // MBR: a primary partition, and an extended one holding two logical partitions; ext4 on the second.
+    let mbr = e.path("mbr.raw");
+    partitioned(&mbr, 96, "label: dos\nstart=2048, size=8192, type=83\nstart=10240, type=5\nstart=12288, size=8192, type=83\nstart=22528, type=83\n");
+    let part6 = 22528 * 512;
+    mkfs_ext4(&mbr, part6, (96 << 10) - part6 / 1024, &tree, "data");
+    // GPT with its primary header zeroed: the backup header at the disk's end still has the table.
+    let gpt = e.path("gpt.raw");
+    partitioned(&gpt, 48, &format!("label: gpt\nstart=2048, type={LINUX}\n"));
+    mkfs_ext4(&gpt, 2048 * 512, 40 << 10, &tree, "backup-hdr");
+    let f = std::fs::OpenOptions::new().write(true).open(&gpt).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 512], 512).unwrap();
+    // No table at all: ext4 on the whole disk, as data disks often are.
+    let whole = e.path("whole.raw");
+    std::fs::File::create(&whole).unwrap().set_len(32 << 20).unwrap();
+    mkfs_ext4(&whole, 0, 32 << 10, &tree, "whole");
+    e.ok(&[
+        "backup",
+        "--name",
+        "vm",
+        &format!("mbr={}", mbr.display()),
+        &format!("gpt={}", gpt.display()),
+        &format!("whole={}", whole.display()),
+    ]);
+
+    let v = e.ok(&["ls", "latest:mbr", "--json"]).json();
+    assert_eq!(v["table"], "mbr");
+    let names: Vec<&str> = v["volumes"].as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["part1", "part5", "part6"]);
+    assert_eq!(v["volumes"][2]["label"], "data");
+    assert_eq!(v["volumes"][2]["start"], part6);
+    let v = e.ok(&["ls", "latest:gpt", "--json"]).json();
+    assert_eq!((v["table"].as_str(), v["volumes"][0]["label"].as_str()), (Some("gpt"), Some("backup-hdr")));
+    let v = e.ok(&["ls", "latest", "--disk", "whole", "--json"]).json();
+    assert_eq!(v["table"], serde_json::Value::Null);
+    assert_eq!((v["volumes"][0]["name"].as_str(), v["volumes"][0]["label"].as_str()), (Some("whole"), Some("whole")));
+
+    for (disk, path) in [("mbr", "/part6"), ("gpt", "/part1"), ("whole", "/whole")] {
+        let out = e.path(&format!("out-{disk}"));
+        e.ok(&["extract", &format!("latest:{disk}"), &format!("{path}/var"), "--target", out.to_str().unwrap()]);
+        assert_same_tree(&tree.join("var"), &out.join("var"));
+    }
+    let r = e.fails(&["ls", "latest", "/"]);
+    assert!(r.stderr.contains("several disks (mbr, gpt, whole)"), "{}", r.stderr);
+}
+
+#[test]
+fn a_damaged_pack_under_a_file_is_reported_by_name_not_read_as_other_bytes() {
+    let e = Env::with_repo();
+    let tree = e.path("tree");
+    make_tree(&tree);
+    let disk = e.path("disk.raw");
+    partitioned(&disk, 32, &format!("label: gpt\nstart=2048, type={LINUX}\n"));
+    mkfs_ext4(&disk, 2048 * 512, 28 << 10, &tree, "root");
+    e.ok(&["backup", "--name", "vm", &format!("disk0={}", disk.display())]);
+    // Damage every blob: whichever block a read needs first is reported.
+    for pack in e.objects("packs") {
+        let size = e.object_size(&pack) as usize;
+        for at in (4096..size.saturating_sub(4096)).step_by(64 << 10) {
+            e.flip(&pack, at);
+        }
+    }
+    let r = e.run(&["dump", "latest", "/part1/var/lib/app/data.bin"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("error: ") && r.stderr.contains("blob"), "{}", r.stderr);
+    assert!(r.stdout.is_empty(), "bytes were written from a damaged disk: {}", r.stdout.len());
+}
