@@ -1,8 +1,8 @@
 //! Snapshot and checkpoint payloads, and the encrypted envelope around them.
 #![no_main]
 use diskvault::crypto::Keys;
-use diskvault::format::envelope::{self, Kind};
 use diskvault::format::checkpoint::Checkpoint;
+use diskvault::format::envelope::{self, Kind};
 use diskvault::format::snapshot::Snapshot;
 use libfuzzer_sys::fuzz_target;
 

@@ -50,6 +50,10 @@ pub fn extract(fs: &GuestFs, path: &[u8], target: &Path, counters: &Counters) ->
         dest
     };
     let mut one = |local: &Path, guest: &[u8], e: &Entry, dirs: &mut Vec<(PathBuf, Entry)>| -> Result<()> {
+        // Also the way out of a crafted directory cycle, which is walked until its paths grow too long.
+        if crate::util::interrupted() {
+            return Err(Error::Interrupted);
+        }
         match e.kind {
             EntryKind::File => {
                 stats.bytes += write_file(fs, guest, local, e, owners, counters)?;
