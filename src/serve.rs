@@ -88,6 +88,19 @@ struct Shared {
     sync_lock: Mutex<()>,
     /// Ranged reads of packs made so far (delta bases not counted).
     pack_reads: std::sync::atomic::AtomicU64,
+    /// Read-ahead threads still running ([`Shared::fetch_in_background`]), for [`Shared::wait_for_background`].
+    background: (Mutex<usize>, std::sync::Condvar),
+}
+
+/// Counts a read-ahead thread out when it ends, however it ends.
+struct BackgroundDone(Arc<Shared>);
+
+impl Drop for BackgroundDone {
+    fn drop(&mut self) {
+        let (count, ended) = &self.0.background;
+        *count.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        ended.notify_all();
+    }
 }
 
 impl Shared {
@@ -128,14 +141,26 @@ impl Shared {
     /// (the readers of those blocks then fetch them).
     fn fetch_in_background(self: &Arc<Self>, job: ReadJob) {
         let ids: Vec<BlobId> = job.wants.iter().map(|w| w.entry.id).collect();
-        let shared = self.clone();
+        *self.background.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        let done = BackgroundDone(self.clone());
         let started = std::thread::Builder::new().name("serve-readahead".into()).spawn(move || {
-            if let Err(e) = shared.fetch_job(&job, None) {
+            if let Err(e) = done.0.fetch_job(&job, None) {
                 tracing::debug!("read-ahead of pack {}: {e}", job.pack.short());
             }
+            drop(done);
         });
         if started.is_err() {
             drop(ReleaseClaims { blobs: &self.blobs, ids });
+        }
+    }
+
+    /// Waits until no read-ahead thread runs. A process must not exit while one is still in the index cache:
+    /// RocksDB's static mutexes, destroyed at exit, abort the process ("pthread lock: Invalid argument").
+    fn wait_for_background(&self) {
+        let (count, ended) = &self.background;
+        let mut n = count.lock().unwrap_or_else(|p| p.into_inner());
+        while *n > 0 {
+            n = ended.wait(n).unwrap_or_else(|p| p.into_inner());
         }
     }
 }
@@ -171,6 +196,7 @@ impl RepositoryExports {
                 blobs,
                 sync_lock: Mutex::new(()),
                 pack_reads: Default::default(),
+                background: Default::default(),
             }),
             opts,
             open: Mutex::new(HashMap::new()),
@@ -564,6 +590,13 @@ impl SnapshotDisk {
             done += n;
         }
         Ok(())
+    }
+}
+
+/// A disk's reader ends with its read-ahead (see `Shared::wait_for_background`).
+impl Drop for SnapshotDisk {
+    fn drop(&mut self) {
+        self.shared.wait_for_background();
     }
 }
 

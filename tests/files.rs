@@ -281,3 +281,60 @@ fn a_damaged_pack_under_a_file_is_reported_by_name_not_read_as_other_bytes() {
     assert!(r.stderr.contains("error: ") && r.stderr.contains("blob"), "{}", r.stderr);
     assert!(r.stdout.is_empty(), "bytes were written from a damaged disk: {}", r.stdout.len());
 }
+
+#[test]
+fn files_of_an_ntfs_partition_are_listed_and_extracted_as_windows_wrote_them() {
+    // A GPT disk whose NTFS partition ntfs-3g filled with the tree of tests/fixtures/ntfs-tree.sh (made by
+    // tests/fixtures/make-ntfs-disk.sh; committed, so that this test needs neither FUSE nor ntfs-3g).
+    let e = Env::with_repo();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let disk = e.path("windows.raw");
+    let compressed = std::fs::read(fixtures.join("ntfs-disk.raw.zst")).unwrap();
+    std::fs::write(&disk, zstd::decode_all(&compressed[..]).unwrap()).unwrap();
+    let tree = e.path("tree");
+    run_tool(Command::new(fixtures.join("ntfs-tree.sh")).arg(&tree));
+    e.ok(&["backup", "--name", "win01", &format!("disk0={}", disk.display())]);
+
+    let v = e.ok(&["ls", "latest", "--json"]).json();
+    assert_eq!(v["volumes"][0]["fs"], "ntfs", "{v}");
+    assert_eq!(v["volumes"][0]["partition_type"], "Microsoft basic data");
+    // The user's files only: no $MFT and friends, no 8.3 aliases (PROGRA~1) beside the long names.
+    let listed = e.ok(&["ls", "latest", "/part1", "-R"]).stdout;
+    let mut want: Vec<String> = local_tree(&tree).into_iter().map(|(n, _)| format!("/part1/{n}")).collect();
+    want.push("/part1/Users/Anna/sparse.vhd".into());
+    want.sort();
+    assert_eq!(listed.lines().collect::<Vec<_>>(), want);
+
+    // Names are found as Windows finds them, whatever their case.
+    let r = e.command(&["dump", "latest", "/part1/program files/CONTOSO APP/Settings.INI"]).output().unwrap();
+    assert_eq!(r.stdout, b"[settings]\r\nlevel=3\r\n", "{}", String::from_utf8_lossy(&r.stderr));
+
+    let out = e.path("out");
+    e.ok(&["extract", "latest", "/part1/Users", "/part1/Program Files", "--target", out.to_str().unwrap()]);
+    for rel in [
+        "Users/Anna/Documents/Quarterly Report 2026.txt",
+        "Users/Anna/Documents/Überweisung.txt",
+        "Program Files/Contoso App/bin/contoso.exe",
+        "Program Files/Contoso App/settings.ini",
+    ] {
+        assert!(std::fs::read(out.join(rel)).unwrap() == std::fs::read(tree.join(rel)).unwrap(), "{rel}");
+    }
+    for rel in ["Users/Anna/Documents/Überweisung.txt", "Program Files/Contoso App/settings.ini"] {
+        let (got, want) = (std::fs::metadata(out.join(rel)).unwrap(), std::fs::metadata(tree.join(rel)).unwrap());
+        assert_eq!(got.mtime(), want.mtime(), "modification time of {rel}");
+    }
+    // The sparse file: data in its first and last 4 KiB, holes between, kept as holes.
+    let vhd = std::fs::read(out.join("Users/Anna/sparse.vhd")).unwrap();
+    assert_eq!((vhd.len(), &vhd[..8], &vhd[(4 << 20) - 4096..][..6]), (4 << 20, &b"conectix"[..], &b"footer"[..]));
+    assert!(vhd[4096..(4 << 20) - 4096].iter().all(|&b| b == 0));
+    let blocks = std::fs::metadata(out.join("Users/Anna/sparse.vhd")).unwrap().blocks();
+    assert!(blocks * 512 <= 64 << 10, "a 4 MiB sparse file took {} bytes", blocks * 512);
+    let all = e.path("all");
+    e.ok(&["extract", "latest", "/part1", "--target", all.to_str().unwrap()]);
+    let empty = std::fs::metadata(all.join("ProgramData/Empty Folder")).unwrap();
+    assert!(
+        empty.is_dir() && empty.mtime() == std::fs::metadata(tree.join("ProgramData/Empty Folder")).unwrap().mtime()
+    );
+    assert_eq!(std::fs::metadata(all.join("Windows/System32/config/empty.log")).unwrap().len(), 0);
+    assert_eq!(std::fs::read(all.join("Windows/System32/small.dll")).unwrap(), b"resident");
+}

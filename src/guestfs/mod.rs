@@ -4,14 +4,17 @@
 //! (serve's [`SnapshotDisk`](crate::serve::SnapshotDisk)): only the blocks a lookup touches are fetched, and a
 //! file read from start to end is fetched ahead. Nothing is mounted: no root, no loop or NBD device, no kernel
 //! parsing a file system that a guest (perhaps a compromised one) wrote. ext2/3/4 are read with the `ext4-view`
-//! crate, which replays the journal in memory, as the file system of a crash-consistent VM snapshot needs.
-//! Other file systems are recognised and named; `dump` of a volume streams its raw bytes for tools that read
-//! them (`dump … /part2 > part2.img`, then mount that locally).
+//! crate, which replays the journal in memory, as the file system of a crash-consistent VM snapshot needs
+//! (`guestfs/ext4.rs`); NTFS with the `ntfs` crate (`guestfs/ntfs.rs`). Other file systems are recognised and
+//! named; `dump` of a volume streams its raw bytes for tools that read them (`dump … /part2 > part2.img`, then
+//! mount that locally).
 //!
 //! Guest paths start with the volume: `/part2/etc/fstab` (partition 2, numbered as Linux numbers them), or
 //! `/whole/etc/fstab` for a disk formatted without a partition table. `/` lists the volumes.
 
+mod ext4;
 pub mod extract;
+mod ntfs;
 pub mod partitions;
 
 use std::cell::RefCell;
@@ -57,7 +60,7 @@ impl FsKind {
 
     /// Whether diskvault lists and reads its files.
     pub fn readable(self) -> bool {
-        self == FsKind::Ext
+        matches!(self, FsKind::Ext | FsKind::Ntfs)
     }
 }
 
@@ -95,28 +98,21 @@ struct VolumeReader {
 }
 
 impl VolumeReader {
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        match offset.checked_add(buf.len() as u64) {
+    /// Fills `buf` from `offset` of the volume. A failure is kept for [`fs_error`], and handed to the file
+    /// system library as text.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
+        let read = match offset.checked_add(buf.len() as u64) {
             Some(end) if end <= self.len => self.disk.read(self.start + offset, buf),
             _ => Err(Error::invalid(format!(
                 "read of {} bytes at {offset} beyond the volume's {} bytes",
                 buf.len(),
                 self.len
             ))),
-        }
-    }
-}
-
-impl ext4_view::Ext4Read for VolumeReader {
-    fn read(
-        &mut self,
-        start_byte: u64,
-        dst: &mut [u8],
-    ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
-        VolumeReader::read(self, start_byte, dst).map_err(|e| {
+        };
+        read.map_err(|e| {
             let text = e.to_string();
             *self.failure.borrow_mut() = Some(e);
-            text.into()
+            text
         })
     }
 }
@@ -234,36 +230,50 @@ impl GuestDisk {
 
     /// The file system of `volume`, opened.
     pub fn fs(&self, volume: &Volume) -> Result<GuestFs> {
-        if !volume.fs.readable() {
-            return Err(Error::invalid(format!(
-                "{} holds {}, whose files diskvault does not read (only ext2/3/4); `dump` of /{} gives its raw \
-                 bytes to mount locally",
-                volume.name,
-                volume.fs.name(),
-                volume.name
-            )));
-        }
         let reader =
             VolumeReader { disk: self.disk.clone(), start: volume.start, len: volume.len, failure: Rc::default() };
-        let failure = reader.failure.clone();
-        let name = volume.name.clone();
-        match ext4_view::Ext4::load(Box::new(reader)) {
-            Ok(fs) => Ok(GuestFs { fs, volume: name, failure }),
-            Err(e) => Err(ext4_error(&failure, &name, "", e)),
-        }
+        let inner: Box<dyn FileSystem> = match volume.fs {
+            FsKind::Ext => Box::new(ext4::Ext4Fs::open(reader, &volume.name)?),
+            FsKind::Ntfs => Box::new(ntfs::NtfsFs::open(reader, &volume.name)?),
+            other => {
+                return Err(Error::invalid(format!(
+                    "{} holds {}, whose files diskvault does not read (ext2/3/4 and NTFS only); `dump` of /{} gives \
+                     its raw bytes to mount locally",
+                    volume.name,
+                    other.name(),
+                    volume.name
+                )))
+            }
+        };
+        Ok(GuestFs { inner })
     }
 }
 
-/// The error of a file system operation on `path` of `volume`: the disk's own error where reading failed.
-fn ext4_error(failure: &Rc<RefCell<Option<Error>>>, volume: &str, path: &str, e: ext4_view::Ext4Error) -> Error {
+/// What a file system backend answers; paths are the part after the volume (`/etc`), as bytes.
+trait FileSystem {
+    /// The entry at `path`, not following a final symlink.
+    fn entry(&self, path: &[u8]) -> Result<Entry>;
+    /// The entries of directory `path`, without `.` and `..`, each with its path.
+    fn read_dir(&self, path: &[u8]) -> Result<Vec<(Vec<u8>, Entry)>>;
+    /// Hands the contents of regular file `path` (a symlink followed) to `out` in chunks, with their offsets.
+    /// Returns the size.
+    fn read_file(&self, path: &[u8], out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64>;
+}
+
+/// The error of a file system operation: the disk's own error where reading failed (a damaged blob, named as
+/// the repository names it), else `what` at the guest path.
+fn fs_error(failure: &Rc<RefCell<Option<Error>>>, volume: &str, path: &[u8], what: impl std::fmt::Display) -> Error {
     if let Some(disk_error) = failure.borrow_mut().take() {
         return disk_error;
     }
-    let at = if path.is_empty() { format!("/{volume}") } else { format!("/{volume}{path}") };
-    match e {
-        ext4_view::Ext4Error::NotFound => Error::invalid(format!("{at}: no such file or directory")),
-        e => Error::invalid(format!("{at}: {e}")),
-    }
+    Error::invalid(format!("{}: {what}", guest_path(volume, path)))
+}
+
+/// `/part2/etc`: a path within a volume as the user writes it.
+fn guest_path(volume: &str, path: &[u8]) -> String {
+    let shown =
+        if path == b"/" || path.is_empty() { String::new() } else { String::from_utf8_lossy(path).into_owned() };
+    format!("/{volume}{shown}")
 }
 
 /// What a directory entry is.
@@ -306,11 +316,10 @@ pub struct Entry {
 
 /// A readable file system of a [`GuestDisk`] volume. Paths given to it are the part after the volume: `/etc`.
 pub struct GuestFs {
-    fs: ext4_view::Ext4,
-    volume: String,
-    failure: Rc<RefCell<Option<Error>>>,
+    inner: Box<dyn FileSystem>,
 }
 
+/// `dir` + `/` + `name`.
 fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
     let mut p = dir.to_vec();
     if p.last() != Some(&b'/') {
@@ -321,71 +330,16 @@ fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
 }
 
 impl GuestFs {
-    fn error(&self, path: &[u8], e: ext4_view::Ext4Error) -> Error {
-        ext4_error(&self.failure, &self.volume, &String::from_utf8_lossy(path), e)
-    }
-
-    /// `path` as an ext4-view path: absolute, and refused if it is not one the file system could hold.
-    fn path<'p>(&self, path: &'p [u8]) -> Result<ext4_view::Path<'p>> {
-        ext4_view::Path::try_from(path).map_err(|e| self.error(path, e_path(e)))
-    }
-
     /// The entry at `path`, not following a final symlink.
     pub fn entry(&self, path: &[u8]) -> Result<Entry> {
-        let meta = self.fs.symlink_metadata(self.path(path)?).map_err(|e| self.error(path, e))?;
-        let name = path.rsplit(|&b| b == b'/').next().unwrap_or_default().to_vec();
-        self.describe(path, name, meta)
+        self.inner.entry(path)
     }
 
-    fn describe(&self, path: &[u8], name: Vec<u8>, meta: ext4_view::Metadata) -> Result<Entry> {
-        use ext4_view::FileType as T;
-        let kind = match meta.file_type() {
-            T::Regular => EntryKind::File,
-            T::Directory => EntryKind::Dir,
-            T::Symlink => EntryKind::Symlink,
-            T::BlockDevice => EntryKind::BlockDevice,
-            T::CharacterDevice => EntryKind::CharDevice,
-            T::Fifo => EntryKind::Fifo,
-            T::Socket => EntryKind::Socket,
-        };
-        let target_bytes = if kind == EntryKind::Symlink {
-            self.fs.read_link(self.path(path)?).map_err(|e| self.error(path, e))?.as_ref().to_vec()
-        } else {
-            Vec::new()
-        };
-        let shown = if path == b"/" { String::new() } else { String::from_utf8_lossy(path).into_owned() };
-        let mtime = meta.modified();
-        Ok(Entry {
-            path: format!("/{}{shown}", self.volume),
-            name,
-            kind,
-            size: meta.len(),
-            mode: meta.mode(),
-            uid: meta.uid(),
-            gid: meta.gid(),
-            mtime: mtime.seconds(),
-            mtime_nanos: mtime.nanoseconds(),
-            target: (kind == EntryKind::Symlink).then(|| String::from_utf8_lossy(&target_bytes).into_owned()),
-            target_bytes,
-        })
-    }
-
-    /// The entries of directory `path` (not `.` and `..`), by name, with the path of each for [`Self::entry`].
+    /// The entries of directory `path` (not `.` and `..`), by name, with the path of each.
     pub fn read_dir(&self, path: &[u8]) -> Result<Vec<(Vec<u8>, Entry)>> {
-        let mut out = Vec::new();
-        for entry in self.fs.read_dir(self.path(path)?).map_err(|e| self.error(path, e))? {
-            let entry = entry.map_err(|e| self.error(path, e))?;
-            let name = entry.file_name().as_ref().to_vec();
-            if name == b"." || name == b".." {
-                continue;
-            }
-            let child = join(path, &name);
-            let meta = entry.metadata().map_err(|e| self.error(&child, e))?;
-            let e = self.describe(&child, name, meta)?;
-            out.push((child, e));
-        }
-        out.sort_by(|a, b| a.1.name.cmp(&b.1.name));
-        Ok(out)
+        let mut entries = self.inner.read_dir(path)?;
+        entries.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+        Ok(entries)
     }
 
     /// Every entry under directory `path`, depth first and by name, each directory before its contents.
@@ -402,31 +356,8 @@ impl GuestFs {
     /// Copies the contents of regular file `path` (a symlink is followed, within the guest file system) to
     /// `out`, a chunk at a time: `out` gets each chunk's offset, so a caller can leave holes. Returns the size.
     pub fn read_file(&self, path: &[u8], out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
-        let mut file = self.fs.open(self.path(path)?).map_err(|e| self.error(path, e))?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut offset = 0;
-        loop {
-            // read_bytes stops at each file system block: fill the buffer before handing it on.
-            let mut filled = 0;
-            while filled < buf.len() {
-                let n = file.read_bytes(&mut buf[filled..]).map_err(|e| self.error(path, e))?;
-                if n == 0 {
-                    break;
-                }
-                filled += n;
-            }
-            if filled == 0 {
-                return Ok(offset);
-            }
-            out(offset, &buf[..filled])?;
-            offset += filled as u64;
-        }
+        self.inner.read_file(path, out)
     }
-}
-
-/// A path ext4-view refuses (empty, not absolute, a NUL byte) as its own error type.
-fn e_path(_: impl std::fmt::Debug) -> ext4_view::Ext4Error {
-    ext4_view::Ext4Error::MalformedPath
 }
 
 /// A guest path split at its volume: `/part2/etc/fstab` is `("part2", "/etc/fstab")`, `/part2` is
