@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::Globals;
 use crate::error::{Error, Result};
 use crate::guestfs::extract::extract;
-use crate::guestfs::{split_path, Entry, EntryKind, GuestDisk, GuestFs};
+use crate::guestfs::{split_path, Entry, EntryKind, FsKind, GuestDisk, GuestFs};
 use crate::nbd::server::Device;
 use crate::progress::{Counters, Reporter};
 use crate::util::{format_utc, human_bytes};
@@ -167,13 +167,19 @@ fn print_volumes(guest: &GuestDisk, json: bool) -> Result<()> {
             None => "no partition table",
         };
         writeln!(out, "{table}")?;
-        writeln!(out, "{:<8} {:>10} {:>10}  {:<22} {:<9} LABEL", "VOLUME", "START", "SIZE", "TYPE", "FS")?;
+        let width = guest.volumes.iter().map(|v| v.name.len() + 1).max().unwrap_or(0).max(7);
+        writeln!(out, "{:<width$} {:>10} {:>10}  {:<22} {:<9} LABEL", "VOLUME", "START", "SIZE", "TYPE", "FS")?;
         for v in &guest.volumes {
-            let note = if v.fs.readable() { "" } else { " (files not readable here; dump gives its bytes)" };
+            let note = match (&v.unreadable, v.fs) {
+                (Some(why), _) => format!(" (not readable: {why})"),
+                (None, FsKind::Lvm) => " (its logical volumes follow)".to_string(),
+                (None, fs) if !fs.readable() => " (files not read here; dump gives its bytes)".to_string(),
+                _ => String::new(),
+            };
             writeln!(
                 out,
-                "/{:<7} {:>10} {:>10}  {:<22} {:<9} {}{note}",
-                v.name,
+                "{:<width$} {:>10} {:>10}  {:<22} {:<9} {}{note}",
+                format!("/{}", v.name),
                 human_bytes(v.start),
                 human_bytes(v.len),
                 v.partition_type,

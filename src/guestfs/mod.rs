@@ -9,11 +9,13 @@
 //! named; `dump` of a volume streams its raw bytes for tools that read them (`dump … /part2 > part2.img`, then
 //! mount that locally).
 //!
-//! Guest paths start with the volume: `/part2/etc/fstab` (partition 2, numbered as Linux numbers them), or
-//! `/whole/etc/fstab` for a disk formatted without a partition table. `/` lists the volumes.
+//! Guest paths start with the volume: `/part2/etc/fstab` (partition 2, numbered as Linux numbers them),
+//! `/whole/etc/fstab` for a disk formatted without a partition table, or `/rhel-root/etc/fstab` for an LVM
+//! logical volume ([`lvm`]), by its device-mapper name. `/` lists the volumes.
 
 mod ext4;
 pub mod extract;
+pub mod lvm;
 mod ntfs;
 pub mod partitions;
 
@@ -64,20 +66,29 @@ impl FsKind {
     }
 }
 
-/// A partition, or the whole disk, and what it holds.
+/// A partition, the whole disk or an LVM logical volume, and what it holds.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Volume {
-    /// `part2`, or [`WHOLE_DISK`].
+    /// `part2`, [`WHOLE_DISK`], or a logical volume's device-mapper name (`rhel-root`: VG and LV, dashes in
+    /// them doubled).
     pub name: String,
+    /// Where it starts on the disk (a logical volume: its first extent).
     pub start: u64,
     pub len: u64,
-    /// The partition table's type for it (empty for the whole disk).
+    /// The partition table's type for it (empty for the whole disk), or `LVM logical volume`.
     pub partition_type: String,
-    /// The GPT partition name.
+    /// The GPT partition name, or a logical volume's `VG/LV`.
     pub partition_name: String,
     pub fs: FsKind,
     /// The file system's label, where it has one.
     pub label: String,
+    /// Why its bytes cannot be read from this disk, if they cannot (a logical volume on other disks too, a thin
+    /// one, LVM metadata that does not parse).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<String>,
+    /// (offset in the volume, offset on the disk, length): one for a partition, a logical volume's segments.
+    #[serde(skip)]
+    extents: Arc<[(u64, u64, u64)]>,
 }
 
 /// A snapshot disk's volumes, opened for reading files.
@@ -92,17 +103,43 @@ pub struct GuestDisk {
 #[derive(Clone)]
 struct VolumeReader {
     disk: Arc<dyn Device>,
-    start: u64,
+    /// As [`Volume::extents`]: in volume order, adjacent, from 0 to `len`.
+    extents: Arc<[(u64, u64, u64)]>,
     len: u64,
     failure: Rc<RefCell<Option<Error>>>,
 }
 
 impl VolumeReader {
+    fn new(disk: Arc<dyn Device>, extents: Arc<[(u64, u64, u64)]>, failure: Rc<RefCell<Option<Error>>>) -> Self {
+        let len = extents.iter().map(|e| e.2).sum();
+        VolumeReader { disk, extents, len, failure }
+    }
+
+    /// Reads `buf` from `offset` of the volume, extent by extent.
+    fn read_extents(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0;
+        for &(vol_off, disk_off, len) in self.extents.iter() {
+            let at = offset + done as u64;
+            if done == buf.len() {
+                break;
+            }
+            if at >= vol_off && at < vol_off + len {
+                let n = ((vol_off + len - at) as usize).min(buf.len() - done);
+                self.disk.read(disk_off + (at - vol_off), &mut buf[done..done + n])?;
+                done += n;
+            }
+        }
+        if done < buf.len() {
+            return Err(Error::invalid(format!("bytes {offset}.. of the volume are in none of its extents")));
+        }
+        Ok(())
+    }
+
     /// Fills `buf` from `offset` of the volume. A failure is kept for [`fs_error`], and handed to the file
     /// system library as text.
     fn read(&self, offset: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
         let read = match offset.checked_add(buf.len() as u64) {
-            Some(end) if end <= self.len => self.disk.read(self.start + offset, buf),
+            Some(end) if end <= self.len => self.read_extents(offset, buf),
             _ => Err(Error::invalid(format!(
                 "read of {} bytes at {offset} beyond the volume's {} bytes",
                 buf.len(),
@@ -152,59 +189,96 @@ fn probe(head: &[u8]) -> (FsKind, String) {
 const PROBE_BYTES: u64 = 0x10000 + 4096;
 
 impl GuestDisk {
-    /// Reads `disk`'s partition table and recognises the file system of each partition (or of the whole disk).
+    /// Reads `disk`'s partition table and the LVM metadata of its physical volumes, and recognises the file
+    /// system of each volume.
     pub fn open(disk: Arc<dyn Device>) -> Result<GuestDisk> {
         let len = disk.size();
         // The disk's own error is kept: a damaged blob is reported as the repository names it.
-        let failure: RefCell<Option<Error>> = RefCell::default();
-        let mut read = |off: u64, buf: &mut [u8]| {
-            disk.read(off, buf).map_err(|e| {
-                let text = e.to_string();
-                *failure.borrow_mut() = Some(e);
-                text
+        let failure: Rc<RefCell<Option<Error>>> = Rc::default();
+        let whole: Arc<[(u64, u64, u64)]> = Arc::new([(0, 0, len)]);
+        let reader = VolumeReader::new(disk.clone(), whole.clone(), failure.clone());
+        let failed = |what: &str, e: String| {
+            failure.borrow_mut().take().unwrap_or_else(|| Error::invalid(format!("{what}: {e}")))
+        };
+        let probe_of = |r: &VolumeReader| {
+            let mut head = vec![0u8; PROBE_BYTES.min(r.len) as usize];
+            r.read(0, &mut head).map(|()| probe(&head)).map_err(|e| failed("file system signature", e))
+        };
+        let volume = |name: String, extents: Arc<[(u64, u64, u64)]>, partition_type: String, partition_name| {
+            let r = VolumeReader::new(disk.clone(), extents.clone(), failure.clone());
+            let (fs, label) = probe_of(&r)?;
+            let start = extents.first().map_or(0, |e| e.1);
+            Ok::<_, Error>(Volume {
+                name,
+                start,
+                len: r.len,
+                partition_type,
+                partition_name,
+                fs,
+                label,
+                unreadable: None,
+                extents,
             })
         };
-        let head_of = |read: &mut partitions::ReadAt, start, vol_len| {
-            let mut head = vec![0u8; PROBE_BYTES.min(vol_len) as usize];
-            read(start, &mut head).map(|()| probe(&head))
-        };
-        let describe =
-            |e: String| failure.borrow_mut().take().unwrap_or_else(|| Error::invalid(format!("partition table: {e}")));
         // A file system on the whole disk first: a FAT or NTFS boot sector ends like an MBR.
-        let whole = head_of(&mut read, 0, len).map_err(describe)?;
-        let (table, parts) = if whole.0 != FsKind::Unknown {
-            (None, Vec::new())
-        } else {
-            match partitions::read_table(&mut read, len).map_err(describe)? {
-                Some((kind, parts)) => (Some(kind), parts),
-                None => (None, Vec::new()),
-            }
+        let on_whole = probe_of(&reader)?.0;
+        let (table, parts) = match on_whole {
+            FsKind::Unknown => match partitions::read_table(&mut |o, b| reader.read(o, b), len) {
+                Ok(Some((kind, parts))) => (Some(kind), parts),
+                Ok(None) => (None, Vec::new()),
+                Err(e) => return Err(failed("partition table", e)),
+            },
+            _ => (None, Vec::new()),
         };
         let mut volumes = Vec::new();
         if table.is_none() {
-            volumes.push(Volume {
-                name: WHOLE_DISK.into(),
-                start: 0,
-                len,
-                partition_type: String::new(),
-                partition_name: String::new(),
-                fs: whole.0,
-                label: whole.1,
-            });
+            volumes.push(volume(WHOLE_DISK.into(), whole, String::new(), String::new())?);
         }
         for p in parts {
-            let (fs, label) = head_of(&mut read, p.start, p.len).map_err(describe)?;
-            volumes.push(Volume {
-                name: format!("part{}", p.number),
-                start: p.start,
-                len: p.len,
-                partition_type: p.type_name,
-                partition_name: p.name,
-                fs,
-                label,
-            });
+            let name = format!("part{}", p.number);
+            volumes.push(volume(name, Arc::new([(0, p.start, p.len)]), p.type_name, p.name)?);
         }
-        Ok(GuestDisk { disk, table, volumes })
+        // The logical volumes of each LVM physical volume, after it.
+        let mut with_lvs = Vec::new();
+        for mut pv in volumes {
+            let mut lvs = Vec::new();
+            if pv.fs == FsKind::Lvm {
+                let r = VolumeReader::new(disk.clone(), pv.extents.clone(), failure.clone());
+                match lvm::read_lvs(&mut |o, b| r.read(o, b), r.len) {
+                    Ok(found) => lvs = found.unwrap_or_default(),
+                    Err(e) if failure.borrow().is_some() => return Err(failed("LVM", e)),
+                    Err(e) => pv.unreadable = Some(e),
+                }
+            }
+            let pv_start = pv.start;
+            with_lvs.push(pv);
+            for lv in lvs {
+                let name = format!("{}-{}", lv.vg.replace('-', "--"), lv.name.replace('-', "--"));
+                let path = format!("{}/{}", lv.vg, lv.name);
+                let kind = "LVM logical volume".to_string();
+                let extents: Arc<[(u64, u64, u64)]> =
+                    lv.extents.iter().map(|&(o, p, n)| (o, pv_start + p, n)).collect();
+                match lv.unreadable {
+                    None => with_lvs.push(volume(name, extents, kind, path)?),
+                    Some(why) => with_lvs.push(Volume {
+                        name,
+                        start: 0,
+                        len: 0,
+                        partition_type: kind,
+                        partition_name: path,
+                        fs: FsKind::Unknown,
+                        label: String::new(),
+                        unreadable: Some(why),
+                        extents,
+                    }),
+                }
+            }
+        }
+        Ok(GuestDisk { disk, table, volumes: with_lvs })
+    }
+
+    fn reader(&self, volume: &Volume) -> VolumeReader {
+        VolumeReader::new(self.disk.clone(), volume.extents.clone(), Rc::default())
     }
 
     /// The volume called `name`.
@@ -217,11 +291,15 @@ impl GuestDisk {
 
     /// Streams `volume`'s raw bytes to `out`, a block at a time. Returns the bytes written.
     pub fn dump_volume(&self, volume: &Volume, out: &mut dyn std::io::Write) -> Result<u64> {
+        if let Some(why) = &volume.unreadable {
+            return Err(Error::invalid(format!("{} cannot be read: {why}", volume.name)));
+        }
+        let reader = self.reader(volume);
         let mut buf = vec![0u8; 1 << 20];
         let mut done = 0;
         while done < volume.len {
             let n = (volume.len - done).min(buf.len() as u64) as usize;
-            self.disk.read(volume.start + done, &mut buf[..n])?;
+            reader.read_extents(done, &mut buf[..n])?;
             out.write_all(&buf[..n]).map_err(|e| Error::local("standard output", e))?;
             done += n as u64;
         }
@@ -230,8 +308,10 @@ impl GuestDisk {
 
     /// The file system of `volume`, opened.
     pub fn fs(&self, volume: &Volume) -> Result<GuestFs> {
-        let reader =
-            VolumeReader { disk: self.disk.clone(), start: volume.start, len: volume.len, failure: Rc::default() };
+        if let Some(why) = &volume.unreadable {
+            return Err(Error::invalid(format!("{} cannot be read: {why}", volume.name)));
+        }
+        let reader = self.reader(volume);
         let inner: Box<dyn FileSystem> = match volume.fs {
             FsKind::Ext => Box::new(ext4::Ext4Fs::open(reader, &volume.name)?),
             FsKind::Ntfs => Box::new(ntfs::NtfsFs::open(reader, &volume.name)?),
