@@ -288,11 +288,7 @@ pub fn run_within(
     }
     counters.add_total(selected.iter().map(|(_, s)| s).sum());
     // More readers than cores: a pack's download overlaps the checking of others.
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(rayon::current_num_threads().max(2) * 2)
-        .thread_name(|i| format!("check-{i}"))
-        .build()
-        .map_err(|e| Error::invalid(format!("thread pool: {e}")))?;
+    let readers = rayon::current_num_threads().max(2) * 2;
     // Readers take the selected packs in order, each until none is left or the budget is spent.
     let next = std::sync::atomic::AtomicUsize::new(0);
     let pending = PendingDeltas::default();
@@ -312,23 +308,26 @@ pub fn run_within(
             out.read.push((id, size));
         }
     };
-    let (data_problems, read): (Vec<Problem>, Vec<(ObjectId, u64)>) = pool.install(|| -> Result<_> {
-        let mut pass =
-            (0..pool.current_num_threads()).into_par_iter().map(read_one).reduce(DataPass::default, |mut a, b| {
+    // The pool's threads are joined before check goes on (see `util::with_thread_pool`).
+    let data_pass = crate::util::with_thread_pool(readers, "check", |pool| {
+        pool.install(|| -> Result<_> {
+            let mut pass = (0..readers).into_par_iter().map(read_one).reduce(DataPass::default, |mut a, b| {
                 a.problems.extend(b.problems);
                 a.deltas.extend(b.deltas);
                 a.read.extend(b.read);
                 a
             });
-        let (left, opened) = pending.finish();
-        tracing::debug!(
-            "delta blobs: {opened} opened with their base in the data pass, {} after it",
-            left.len() + pass.deltas.len()
-        );
-        pass.deltas.extend(left);
-        pass.problems.extend(check_deltas(repo, &locator, pass.deltas)?);
-        Ok((pass.problems, pass.read))
+            let (left, opened) = pending.finish();
+            tracing::debug!(
+                "delta blobs: {opened} opened with their base in the data pass, {} after it",
+                left.len() + pass.deltas.len()
+            );
+            pass.deltas.extend(left);
+            pass.problems.extend(check_deltas(repo, &locator, pass.deltas)?);
+            Ok((pass.problems, pass.read))
+        })
     })?;
+    let (data_problems, read): (Vec<Problem>, Vec<(ObjectId, u64)>) = data_pass?;
     // Interrupted: nothing is reported (nor recorded as verified) from a partial read.
     if crate::util::interrupted() {
         return Err(Error::Interrupted);

@@ -293,11 +293,6 @@ pub fn restore_disk(
     let t = open_target(target, disk.capacity, opts.overwrite)?;
     counters.add_total(disk.capacity);
     let bs = disk.block_size as u64;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.fetchers.max(1))
-        .thread_name(|i| format!("restore-fetch-{i}"))
-        .build()
-        .map_err(|e| Error::invalid(format!("thread pool: {e}")))?;
     let stats = Mutex::new(RestoreStats::default());
     let damage = Damage::default();
     let zero_buf = Arc::new(AlignedBuf::zeroed(bs as usize));
@@ -316,99 +311,103 @@ pub fn restore_disk(
         Ok(())
     };
 
-    for (k, seg) in disk.segments.iter().enumerate() {
-        if crate::util::interrupted() {
-            writer.finish()?;
-            return Err(Error::Interrupted);
-        }
-        let first = k as u64 * SEGMENT_BLOCKS as u64;
-        let ids = match load_segment(repo, cache, seg) {
-            Ok(ids) => ids,
-            Err(e) => {
-                let blocks: Vec<u64> = (first..first + seg.blocks as u64).collect();
-                damaged(blocks, format!("manifest segment {} is unreadable: {e}", seg.id.short()))?;
-                continue;
+    // Its threads are joined before the restore goes on (see `util::with_thread_pool`).
+    crate::util::with_thread_pool(opts.fetchers.max(1), "restore-fetch", |pool| -> Result<()> {
+        for (k, seg) in disk.segments.iter().enumerate() {
+            if crate::util::interrupted() {
+                writer.finish()?;
+                return Err(Error::Interrupted);
             }
-        };
-        let mut by_pack: HashMap<ObjectId, HashMap<BlobId, Want>> = HashMap::new();
-        // Runs of zero blocks (byte ranges), zeroed after the segment's data.
-        let mut zeros: Vec<std::ops::Range<u64>> = Vec::new();
-        for (j, id) in ids.iter().enumerate() {
-            let block = first + j as u64;
-            let len = bs.min(disk.capacity - block * bs);
-            if id.is_zero_block() {
-                match zeros.last_mut() {
-                    Some(run) if run.end == block * bs => run.end += len,
-                    _ => zeros.push(block * bs..block * bs + len),
+            let first = k as u64 * SEGMENT_BLOCKS as u64;
+            let ids = match load_segment(repo, cache, seg) {
+                Ok(ids) => ids,
+                Err(e) => {
+                    let blocks: Vec<u64> = (first..first + seg.blocks as u64).collect();
+                    damaged(blocks, format!("manifest segment {} is unreadable: {e}", seg.id.short()))?;
+                    continue;
                 }
-                stats.lock().unwrap().zero_blocks += 1;
-                counters.add_done(len);
-                continue;
-            }
-            let Some(loc) = cache.lookup(id)? else {
-                damaged(vec![block], format!("blob {id} is not in any index file (lost pack?)"))?;
-                continue;
             };
-            by_pack
-                .entry(loc.pack)
-                .or_default()
-                .entry(*id)
-                .or_insert_with(|| Want { entry: loc.entry, blocks: Vec::new() })
-                .blocks
-                .push(block);
-        }
-        // Whole blobs, and alongside them the delta blobs in batches whose bases are read ahead together (with
-        // one ranged read per base, restoring from remote storage waited for a round trip per delta). The deltas
-        // do not wait for the whole blobs: after them, the reads of their bases and the batches' turns left
-        // the disk half idle (0.2 s of a 1.6 s restore of the benchmark's day 1).
-        let (whole, delta_batches) = split_deltas(by_pack, cache)?;
-        let bases = Bases::new(cache);
-        // Set when one side fails: the other stops too, and the failure is the one reported.
-        let failed = AtomicBool::new(false);
-        let run_jobs = |jobs: Vec<ReadJob>| -> Result<()> {
-            let done = jobs.par_iter().try_for_each(|job| -> std::result::Result<(), Option<Error>> {
-                if failed.load(Ordering::Relaxed) {
-                    return Err(None);
+            let mut by_pack: HashMap<ObjectId, HashMap<BlobId, Want>> = HashMap::new();
+            // Runs of zero blocks (byte ranges), zeroed after the segment's data.
+            let mut zeros: Vec<std::ops::Range<u64>> = Vec::new();
+            for (j, id) in ids.iter().enumerate() {
+                let block = first + j as u64;
+                let len = bs.min(disk.capacity - block * bs);
+                if id.is_zero_block() {
+                    match zeros.last_mut() {
+                        Some(run) if run.end == block * bs => run.end += len,
+                        _ => zeros.push(block * bs..block * bs + len),
+                    }
+                    stats.lock().unwrap().zero_blocks += 1;
+                    counters.add_done(len);
+                    continue;
                 }
-                if crate::util::interrupted() {
-                    return Err(Some(Error::Interrupted));
+                let Some(loc) = cache.lookup(id)? else {
+                    damaged(vec![block], format!("blob {id} is not in any index file (lost pack?)"))?;
+                    continue;
+                };
+                by_pack
+                    .entry(loc.pack)
+                    .or_default()
+                    .entry(*id)
+                    .or_insert_with(|| Want { entry: loc.entry, blocks: Vec::new() })
+                    .blocks
+                    .push(block);
+            }
+            // Whole blobs, and alongside them the delta blobs in batches whose bases are read ahead together (with
+            // one ranged read per base, restoring from remote storage waited for a round trip per delta). The deltas
+            // do not wait for the whole blobs: after them, the reads of their bases and the batches' turns left
+            // the disk half idle (0.2 s of a 1.6 s restore of the benchmark's day 1).
+            let (whole, delta_batches) = split_deltas(by_pack, cache)?;
+            let bases = Bases::new(cache);
+            // Set when one side fails: the other stops too, and the failure is the one reported.
+            let failed = AtomicBool::new(false);
+            let run_jobs = |jobs: Vec<ReadJob>| -> Result<()> {
+                let done = jobs.par_iter().try_for_each(|job| -> std::result::Result<(), Option<Error>> {
+                    if failed.load(Ordering::Relaxed) {
+                        return Err(None);
+                    }
+                    if crate::util::interrupted() {
+                        return Err(Some(Error::Interrupted));
+                    }
+                    let (blocks, bytes) = run_read_job(repo, &bases, disk, &writer, job, counters, &damaged)?;
+                    let mut s = stats.lock().unwrap();
+                    s.bytes_fetched += job.len;
+                    s.blocks_written += blocks;
+                    s.bytes_written += bytes;
+                    Ok(())
+                });
+                match done {
+                    Ok(()) | Err(None) => Ok(()),
+                    Err(Some(e)) => {
+                        failed.store(true, Ordering::Relaxed);
+                        Err(e)
+                    }
                 }
-                let (blocks, bytes) = run_read_job(repo, &bases, disk, &writer, job, counters, &damaged)?;
-                let mut s = stats.lock().unwrap();
-                s.bytes_fetched += job.len;
-                s.blocks_written += blocks;
-                s.bytes_written += bytes;
+            };
+            let run_deltas = || -> Result<()> {
+                for (base_wants, deltas) in delta_batches {
+                    if failed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    preload_bases(repo, &bases, base_wants);
+                    run_jobs(plan_reads(deltas))?;
+                    bases.end_batch();
+                }
                 Ok(())
-            });
-            match done {
-                Ok(()) | Err(None) => Ok(()),
-                Err(Some(e)) => {
-                    failed.store(true, Ordering::Relaxed);
-                    Err(e)
-                }
+            };
+            let (whole_done, deltas_done) = pool.install(|| rayon::join(|| run_jobs(plan_reads(whole)), run_deltas));
+            let fetched = whole_done
+                .and(deltas_done)
+                .and_then(|()| zeros.into_iter().try_for_each(|run| t.zero(run, &writer, &zero_buf)));
+            if let Err(e) = fetched {
+                // A write error stops the fetchers with "the writer stopped": report the write error itself.
+                writer.finish()?;
+                return Err(e);
             }
-        };
-        let run_deltas = || -> Result<()> {
-            for (base_wants, deltas) in delta_batches {
-                if failed.load(Ordering::Relaxed) {
-                    break;
-                }
-                preload_bases(repo, &bases, base_wants);
-                run_jobs(plan_reads(deltas))?;
-                bases.end_batch();
-            }
-            Ok(())
-        };
-        let (whole_done, deltas_done) = pool.install(|| rayon::join(|| run_jobs(plan_reads(whole)), run_deltas));
-        let fetched = whole_done
-            .and(deltas_done)
-            .and_then(|()| zeros.into_iter().try_for_each(|run| t.zero(run, &writer, &zero_buf)));
-        if let Err(e) = fetched {
-            // A write error stops the fetchers with "the writer stopped": report the write error itself.
-            writer.finish()?;
-            return Err(e);
         }
-    }
+        Ok(())
+    })??;
     // Damaged blocks must read as zeros, whatever the target held before.
     let damaged_ranges = damage.into_ranges(disk);
     let zeroed = damaged_ranges.iter().try_for_each(|r| t.zero(r.start..r.end, &writer, &zero_buf));

@@ -88,19 +88,8 @@ struct Shared {
     sync_lock: Mutex<()>,
     /// Ranged reads of packs made so far (delta bases not counted).
     pack_reads: std::sync::atomic::AtomicU64,
-    /// Read-ahead threads still running ([`Shared::fetch_in_background`]), for [`Shared::wait_for_background`].
-    background: (Mutex<usize>, std::sync::Condvar),
-}
-
-/// Counts a read-ahead thread out when it ends, however it ends.
-struct BackgroundDone(Arc<Shared>);
-
-impl Drop for BackgroundDone {
-    fn drop(&mut self) {
-        let (count, ended) = &self.0.background;
-        *count.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-        ended.notify_all();
-    }
+    /// Read-ahead threads not yet joined ([`Shared::fetch_in_background`], [`Shared::wait_for_background`]).
+    background: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Shared {
@@ -141,26 +130,32 @@ impl Shared {
     /// (the readers of those blocks then fetch them).
     fn fetch_in_background(self: &Arc<Self>, job: ReadJob) {
         let ids: Vec<BlobId> = job.wants.iter().map(|w| w.entry.id).collect();
-        *self.background.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        let done = BackgroundDone(self.clone());
+        let shared = self.clone();
         let started = std::thread::Builder::new().name("serve-readahead".into()).spawn(move || {
-            if let Err(e) = done.0.fetch_job(&job, None) {
+            if let Err(e) = shared.fetch_job(&job, None) {
                 tracing::debug!("read-ahead of pack {}: {e}", job.pack.short());
             }
-            drop(done);
         });
-        if started.is_err() {
-            drop(ReleaseClaims { blobs: &self.blobs, ids });
+        match started {
+            Ok(thread) => {
+                let mut threads = self.background.lock().unwrap_or_else(|p| p.into_inner());
+                // Those done are joined now (at once), so that a long serve does not collect handles.
+                for done in threads.extract_if(.., |t| t.is_finished()) {
+                    let _ = done.join();
+                }
+                threads.push(thread);
+            }
+            Err(_) => drop(ReleaseClaims { blobs: &self.blobs, ids }),
         }
     }
 
-    /// Waits until no read-ahead thread runs. A process must not exit while one is still in the index cache:
-    /// RocksDB's static mutexes, destroyed at exit, abort the process ("pthread lock: Invalid argument").
+    /// Joins every read-ahead thread. A process must not exit before its threads have: a thread that looked
+    /// up the RocksDB index cache runs RocksDB's thread-local destructors as it ends, which lock mutexes that
+    /// exit destroys (the process then aborted with "pthread lock: Invalid argument", or crashed).
     fn wait_for_background(&self) {
-        let (count, ended) = &self.background;
-        let mut n = count.lock().unwrap_or_else(|p| p.into_inner());
-        while *n > 0 {
-            n = ended.wait(n).unwrap_or_else(|p| p.into_inner());
+        let threads = std::mem::take(&mut *self.background.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
         }
     }
 }

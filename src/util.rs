@@ -352,6 +352,22 @@ pub fn parse_duration(s: &str) -> std::result::Result<i64, String> {
     Ok(total)
 }
 
+/// Runs `f` with a rayon pool of `threads` threads named `name-N`, and joins them before returning. A dropped
+/// rayon pool ends its threads in the background, and a thread that looked up the RocksDB index cache runs
+/// RocksDB's thread-local destructors as it ends, which lock mutexes that the process's exit destroys: ended
+/// that way, the process could abort ("pthread lock: Invalid argument") or crash after its work was done.
+pub fn with_thread_pool<R>(
+    threads: usize,
+    name: &'static str,
+    f: impl FnOnce(&rayon::ThreadPool) -> R,
+) -> crate::error::Result<R> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("{name}-{i}"))
+        .build_scoped(|thread| thread.run(), f)
+        .map_err(|e| crate::error::Error::invalid(format!("thread pool: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

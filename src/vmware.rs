@@ -939,16 +939,18 @@ fn write_blocks(
         let (want_tx, want_rx) = crossbeam_channel::bounded::<Vec<(u64, crate::format::BlobId)>>(1);
         let (got_tx, got_rx) = crossbeam_channel::bounded::<Result<Fetched>>(1);
         s.spawn(move || {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(WRITE_FETCHERS).build();
             let bases = crate::restore::Bases::new(cache);
-            for window in want_rx {
-                let fetched = match &pool {
-                    Ok(pool) => pool.install(|| fetch_window(repo, cache, &bases, disk, &window)),
-                    Err(e) => Err(Error::invalid(format!("thread pool: {e}"))),
-                };
-                if got_tx.send(fetched).is_err() {
-                    break;
+            // The pool's threads are joined when the windows end (see `util::with_thread_pool`).
+            let fetching = crate::util::with_thread_pool(WRITE_FETCHERS, "vddk-write-fetch", |pool| {
+                for window in &want_rx {
+                    let fetched = pool.install(|| fetch_window(repo, cache, &bases, disk, &window));
+                    if got_tx.send(fetched).is_err() {
+                        break;
+                    }
                 }
+            });
+            if let Err(e) = fetching {
+                let _ = got_tx.send(Err(e));
             }
         });
         let mut in_flight = 0;
