@@ -99,7 +99,8 @@ impl FileSystem for Ext4Fs {
 
     fn read_file(&self, path: &[u8], out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
         let mut file = self.fs.open(self.path(path)?).map_err(|e| self.error(path, e))?;
-        let mut buf = vec![0u8; 1 << 20];
+        // Sized to the file: most files are small, and zeroing 1 MiB for each was a tenth of an extraction's CPU.
+        let mut buf = vec![0u8; file.metadata().len().clamp(1, 1 << 20) as usize];
         let mut offset = 0;
         loop {
             // read_bytes stops at each file system block: fill the buffer before handing it on.

@@ -183,7 +183,8 @@ impl FileSystem for NtfsFs {
         let item = item.map_err(|e| self.error(path, e))?;
         let attribute = item.to_attribute().map_err(|e| self.error(path, e))?;
         let mut value = attribute.value(io).map_err(|e| self.error(path, e))?;
-        let mut buf = vec![0u8; 1 << 20];
+        // Sized to the file: most files are small (zeroing 1 MiB for each cost a tenth of an extraction's CPU).
+        let mut buf = vec![0u8; value.len().clamp(1, 1 << 20) as usize];
         let mut offset = 0;
         loop {
             // Reads stop at each data run: fill the buffer before handing it on.

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# File-level restore on a real guest disk: the benchmark's Debian image backed up, its whole tree listed
+# (`ls -R`), then /usr, /var and /etc extracted cold, each compared with what the kernel sees of the same image
+# mounted read-only (contents with `diff -r`; path, permissions, modification time, owner and group of every
+# entry with `find -printf`). Needs root (loop mount). Results go to benches/results/file-restore.txt.
+# Usage: benches/file-restore.sh IMAGE [PARTITION_OFFSET_BYTES] [WORKDIR] (IMAGE: a raw disk image with a
+# partition table, e.g. ../shared/bench's vm1-day0.raw, whose root file system starts at 1 MiB)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+image=$(realpath "$1")
+offset=${2:-1048576}
+work="${3:-$(mktemp -d)}"
+[ -n "${DISKVAULT_BIN:-}" ] || cargo build --release --bin diskvault >/dev/null
+dv=${DISKVAULT_BIN:-$PWD/target/release/diskvault}
+export DISKVAULT_PASSWORD=bench DISKVAULT_REPOSITORY="$work/repo" DISKVAULT_CACHE_DIR="$work/cache"
+rm -rf "$work/repo" "$work/cache" "$work/out"
+mkdir -p "$work/mnt"
+trap 'mountpoint -q "$work/mnt" && umount "$work/mnt"' EXIT
+"$dv" -q init >/dev/null
+"$dv" -q backup --name bench "disk=$image" >/dev/null
+volume=$("$dv" -q ls latest --json | python3 -c "import json,sys; print(next(v['name'] for v in json.load(sys.stdin)['volumes'] if v['start'] == $offset))")
+mount -o ro,loop,offset="$offset",noload "$image" "$work/mnt"
+cold() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+timed() { /usr/bin/time -f "%e s, %U s user, %M KiB peak RSS" "$@" 2>&1 >/dev/null | tail -1; }
+out=benches/results/file-restore.txt
+{
+  echo "# file-level restore, $(date -u +%F), $(nproc) cores, image $(basename "$image"), volume /$volume"
+  cold
+  echo "ls -R of the whole file system: $("$dv" -q ls latest "/$volume" -R | wc -l) entries in $(timed "$dv" -q ls latest "/$volume" -R)"
+  for dir in usr var etc; do
+    cold
+    t=$(timed "$dv" -q extract latest "/$volume/$dir" --target "$work/out")
+    bytes=$(du -sb --apparent-size "$work/out/$dir" | cut -f1)
+    files=$(find "$work/out/$dir" -type f | wc -l)
+    diff -r --no-dereference "$work/mnt/$dir" "$work/out/$dir" >/dev/null || { echo "/$dir differs from the kernel's view"; exit 1; }
+    a=$(cd "$work/mnt" && find "$dir" -printf '%p %m %T@ %U %G\n' | sort | sha256sum)
+    b=$(cd "$work/out" && find "$dir" -printf '%p %m %T@ %U %G\n' | sort | sha256sum)
+    [ "$a" = "$b" ] || { echo "/$dir: metadata differs from the kernel's view"; exit 1; }
+    echo "extract /$dir: $files files, $((bytes >> 20)) MiB in $t; identical to the kernel's view (contents, modes, times, owners)"
+  done
+} | tee "$out"
