@@ -125,6 +125,19 @@ fn assert_tree(want: &Path, got: &Path, attributes: bool) {
     }
 }
 
+/// Backs up a committed fixture disk (`tests/fixtures/NAME`, zstd-compressed) as source `source`; returns the
+/// tree of `fixture-tree.sh` it was filled with, made anew.
+fn back_up_fixture(e: &Env, name: &str, source: &str) -> PathBuf {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let disk = e.path("fixture.raw");
+    let compressed = std::fs::read(fixtures.join(name)).unwrap();
+    std::fs::write(&disk, zstd::decode_all(&compressed[..]).unwrap()).unwrap();
+    e.ok(&["backup", "--name", source, &format!("disk0={}", disk.display())]);
+    let tree = e.path("tree");
+    run_tool(Command::new(fixtures.join("fixture-tree.sh")).arg(&tree));
+    tree
+}
+
 const ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 const LINUX: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 
@@ -301,13 +314,7 @@ fn files_of_an_ntfs_partition_are_listed_and_extracted_as_windows_wrote_them() {
     // A GPT disk whose NTFS partition ntfs-3g filled with the tree of tests/fixtures/fixture-tree.sh (made by
     // tests/fixtures/make-ntfs-disk.sh; committed, so that this test needs neither FUSE nor ntfs-3g).
     let e = Env::with_repo();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let disk = e.path("windows.raw");
-    let compressed = std::fs::read(fixtures.join("ntfs-disk.raw.zst")).unwrap();
-    std::fs::write(&disk, zstd::decode_all(&compressed[..]).unwrap()).unwrap();
-    let tree = e.path("tree");
-    run_tool(Command::new(fixtures.join("fixture-tree.sh")).arg(&tree));
-    e.ok(&["backup", "--name", "win01", &format!("disk0={}", disk.display())]);
+    let tree = back_up_fixture(&e, "ntfs-disk.raw.zst", "win01");
 
     let v = e.ok(&["ls", "latest", "--json"]).json();
     assert_eq!(v["volumes"][0]["fs"], "ntfs", "{v}");
@@ -358,13 +365,7 @@ fn files_of_lvm_logical_volumes_are_read_across_their_segments() {
     // A GPT disk with /boot and an LVM PV in VG "rhel": LV "root" (linear) and LV "home-dir", whose two
     // segments lie out of order on the PV (made by tests/fixtures/make-lvm-disk.sh with the real LVM tools).
     let e = Env::with_repo();
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let disk = e.path("rhel.raw");
-    let compressed = std::fs::read(fixtures.join("lvm-disk.raw.zst")).unwrap();
-    std::fs::write(&disk, zstd::decode_all(&compressed[..]).unwrap()).unwrap();
-    let tree = e.path("tree");
-    run_tool(Command::new(fixtures.join("fixture-tree.sh")).arg(&tree));
-    e.ok(&["backup", "--name", "rhel9", &format!("disk0={}", disk.display())]);
+    let tree = back_up_fixture(&e, "lvm-disk.raw.zst", "rhel9");
 
     let v = e.ok(&["ls", "latest", "--json"]).json();
     let vols: Vec<(&str, &str, &str)> = v["volumes"]
