@@ -39,6 +39,7 @@ pub struct LsArgs {
     /// Everything below the directory, not only its entries.
     #[arg(short = 'R', long)]
     recursive: bool,
+    /// Print JSON: the volumes with their table, or the entries with their metadata.
     #[arg(long)]
     json: bool,
 }
@@ -62,6 +63,7 @@ pub struct ExtractArgs {
     /// The local directory to extract into (created if missing); nothing in it is replaced.
     #[arg(long)]
     target: PathBuf,
+    /// Print what was extracted as JSON.
     #[arg(long)]
     json: bool,
 }
