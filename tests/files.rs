@@ -322,7 +322,7 @@ fn files_of_an_ntfs_partition_are_listed_and_extracted_as_windows_wrote_them() {
     // The user's files only: no $MFT and friends, no 8.3 aliases (PROGRA~1) beside the long names.
     let listed = e.ok(&["ls", "latest", "/part1", "-R"]).stdout;
     let mut want: Vec<String> = local_tree(&tree).into_iter().map(|(n, _)| format!("/part1/{n}")).collect();
-    want.push("/part1/Users/Anna/sparse.vhd".into());
+    want.extend(["/part1/Users/Anna/sparse.vhd", "/part1/Compressed", "/part1/Compressed/log.txt"].map(String::from));
     want.sort();
     assert_eq!(listed.lines().collect::<Vec<_>>(), want);
 
@@ -350,8 +350,20 @@ fn files_of_an_ntfs_partition_are_listed_and_extracted_as_windows_wrote_them() {
     assert!(vhd[4096..(4 << 20) - 4096].iter().all(|&b| b == 0));
     let blocks = std::fs::metadata(out.join("Users/Anna/sparse.vhd")).unwrap().blocks();
     assert!(blocks * 512 <= 64 << 10, "a 4 MiB sparse file took {} bytes", blocks * 512);
+    // An NTFS-compressed file: its stored bytes are not its contents. dump refuses it; extract leaves it out,
+    // extracts the rest, says why and exits with 3.
+    let r = e.command(&["dump", "latest", "/part1/Compressed/log.txt"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && r.stdout.is_empty(), "{stderr}");
+    assert!(stderr.contains("/part1/Compressed/log.txt: the file is NTFS-compressed"), "{stderr}");
     let all = e.path("all");
-    e.ok(&["extract", "latest", "/part1", "--target", all.to_str().unwrap()]);
+    let r = e.run(&["extract", "latest", "/part1", "--target", all.to_str().unwrap()]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("not extracted: /part1/Compressed/log.txt: NTFS-compressed"), "{}", r.stderr);
+    assert!(!all.join("Compressed/log.txt").exists() && all.join("Compressed").is_dir());
+    for dir in ["Program Files", "ProgramData", "Windows", "Users/Anna/Documents"] {
+        assert_same_contents(&tree.join(dir), &all.join(dir));
+    }
     let empty = std::fs::metadata(all.join("ProgramData/Empty Folder")).unwrap();
     assert!(
         empty.is_dir() && empty.mtime() == std::fs::metadata(tree.join("ProgramData/Empty Folder")).unwrap().mtime()

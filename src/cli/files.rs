@@ -274,7 +274,7 @@ pub fn extract_files(g: &Globals, args: &ExtractArgs) -> Result<()> {
     if args.json {
         let doc: Vec<_> = reports.iter().map(|(p, s)| serde_json::json!({ "path": p, "extracted": s })).collect();
         println!("{}", serde_json::to_string_pretty(&doc).map_err(|e| Error::invalid(e.to_string()))?);
-        return Ok(());
+        return incomplete(&reports);
     }
     for (path, s) in &reports {
         eprintln!(
@@ -288,6 +288,18 @@ pub fn extract_files(g: &Globals, args: &ExtractArgs) -> Result<()> {
         if !s.skipped.is_empty() {
             eprintln!("  skipped {} devices, FIFOs and sockets: {}", s.skipped.len(), s.skipped.join(", "));
         }
+        for u in &s.unreadable {
+            eprintln!("  not extracted: {u}");
+        }
+    }
+    incomplete(&reports)
+}
+
+/// Exit code 3 (as a partial restore) when files could not be extracted.
+fn incomplete(reports: &[(String, crate::guestfs::extract::ExtractStats)]) -> Result<()> {
+    let left: usize = reports.iter().map(|(_, s)| s.unreadable.len()).sum();
+    if left > 0 {
+        return Err(Error::Incomplete(format!("{left} files could not be extracted (see the report)")));
     }
     Ok(())
 }

@@ -2,7 +2,8 @@
 //!
 //! What a user of `tar -x` expects: contents bit-exact with their holes left as holes, permissions, modification
 //! times, symlinks as symlinks, and owners when running as root. Devices, FIFOs and sockets are listed as
-//! skipped; hard links become separate copies.
+//! skipped, files whose contents cannot be read here (NTFS-compressed ones, say) as unreadable, with the reason;
+//! hard links become separate copies.
 //!
 //! The guest decides the names: nothing is written outside the destination. Every entry is created anew
 //! (`O_EXCL`, symlinks not followed), so a crafted directory holding a symlink and a directory of the same name
@@ -27,6 +28,8 @@ pub struct ExtractStats {
     pub bytes: u64,
     /// Guest paths of devices, FIFOs and sockets, which are not recreated.
     pub skipped: Vec<String>,
+    /// Files whose contents cannot be read here, with the reason (`path: reason`): not created.
+    pub unreadable: Vec<String>,
 }
 
 /// Extracts `path` of `fs` into directory `target` (created if missing): a file or directory as
@@ -55,10 +58,13 @@ pub fn extract(fs: &GuestFs, path: &[u8], target: &Path, counters: &Counters) ->
             return Err(Error::Interrupted);
         }
         match e.kind {
-            EntryKind::File => {
-                stats.bytes += write_file(fs, guest, local, e, owners, counters)?;
-                stats.files += 1;
-            }
+            EntryKind::File => match fs.unreadable(guest)? {
+                Some(why) => stats.unreadable.push(format!("{}: {why}", e.path)),
+                None => {
+                    stats.bytes += write_file(fs, guest, local, e, owners, counters)?;
+                    stats.files += 1;
+                }
+            },
             EntryKind::Dir => {
                 if local != target {
                     std::fs::create_dir(local).map_err(|err| Error::local(local, format!("cannot create: {err}")))?;

@@ -338,6 +338,10 @@ trait FileSystem {
     /// Hands the contents of regular file `path` (a symlink followed) to `out` in chunks, with their offsets.
     /// Returns the size.
     fn read_file(&self, path: &[u8], out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64>;
+    /// Why regular file `path`'s contents cannot be read here, if they cannot (and [`Self::read_file`] refuses).
+    fn unreadable(&self, _path: &[u8]) -> Result<Option<&'static str>> {
+        Ok(None)
+    }
 }
 
 /// The error of a file system operation: the disk's own error where reading failed (a damaged blob, named as
@@ -463,6 +467,12 @@ impl GuestFs {
     /// `out`, a chunk at a time: `out` gets each chunk's offset, so a caller can leave holes. Returns the size.
     pub fn read_file(&self, path: &[u8], out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
         self.inner.read_file(path, out)
+    }
+
+    /// Why the contents of regular file `path` cannot be read here (an NTFS file that is compressed, encrypted
+    /// or a reparse point), if they cannot: [`Self::read_file`] refuses those.
+    pub fn unreadable(&self, path: &[u8]) -> Result<Option<&'static str>> {
+        self.inner.unreadable(path)
     }
 }
 

@@ -4,14 +4,15 @@
 //! (8.3) name is not listed beside its long one, nor are the file system's own metadata files ($MFT, $Bitmap …).
 //! NTFS has no Unix permissions: files show as 0644 and directories as 0755 (0444 and 0555 when read-only),
 //! owned by root. Alternate data streams are not read; reparse points (symlinks, junctions) show as the file or
-//! directory they are.
+//! directory they are. The contents of compressed, EFS-encrypted and reparse-point files are refused, with the
+//! reason (see `NtfsFs::reason_unreadable`).
 
 use std::cell::RefCell;
 use std::io::{Read, Seek, SeekFrom};
 
 use ntfs::indexes::NtfsFileNameIndex;
 use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
-use ntfs::{Ntfs, NtfsFile, NtfsReadSeek};
+use ntfs::{Ntfs, NtfsAttributeFlags, NtfsFile, NtfsReadSeek};
 
 use super::{copy_chunks, fs_error, guest_path, join, Entry, EntryKind, FileSystem, VolumeReader};
 use crate::error::{Error, Result};
@@ -135,7 +136,36 @@ impl NtfsFs {
     }
 }
 
+impl NtfsFs {
+    /// Why the contents of `file` cannot be read, if they cannot. The ntfs crate hands over the unnamed $DATA
+    /// stream as stored: compressed or encrypted bytes, or, for a reparse point such as a WOF-compressed
+    /// (CompactOS) or deduplicated file, a stream of zeros while the data lives elsewhere. Refused rather than
+    /// written out as if they were the file's bytes.
+    fn reason_unreadable(&self, io: &mut Cursor, file: &NtfsFile, path: &[u8]) -> Result<Option<&'static str>> {
+        let info = file.info().map_err(|e| self.error(path, e))?;
+        if info.file_attributes().contains(NtfsFileAttributeFlags::REPARSE_POINT) {
+            return Ok(Some("a reparse point (a WOF-compressed or deduplicated file, or a link)"));
+        }
+        let Some(item) = file.data(io, "") else { return Ok(None) };
+        let item = item.map_err(|e| self.error(path, e))?;
+        let flags = item.to_attribute().map_err(|e| self.error(path, e))?.flags();
+        Ok(if flags.contains(NtfsAttributeFlags::COMPRESSED) {
+            Some("NTFS-compressed")
+        } else if flags.contains(NtfsAttributeFlags::ENCRYPTED) {
+            Some("EFS-encrypted")
+        } else {
+            None
+        })
+    }
+}
+
 impl FileSystem for NtfsFs {
+    fn unreadable(&self, path: &[u8]) -> Result<Option<&'static str>> {
+        let io = &mut *self.io.borrow_mut();
+        let file = self.lookup(io, path)?;
+        self.reason_unreadable(io, &file, path)
+    }
+
     fn entry(&self, path: &[u8]) -> Result<Entry> {
         let io = &mut *self.io.borrow_mut();
         let file = self.lookup(io, path)?;
@@ -182,6 +212,9 @@ impl FileSystem for NtfsFs {
         let Some(item) = file.data(io, "") else { return Ok(0) };
         let item = item.map_err(|e| self.error(path, e))?;
         let attribute = item.to_attribute().map_err(|e| self.error(path, e))?;
+        if let Some(why) = self.reason_unreadable(io, &file, path)? {
+            return Err(self.error(path, format!("the file is {why}, whose contents diskvault does not read")));
+        }
         let mut value = attribute.value(io).map_err(|e| self.error(path, e))?;
         // Reads stop at each data run.
         copy_chunks(value.len(), &mut |buf| value.read(io, buf).map_err(|e| self.error(path, e)), out)
