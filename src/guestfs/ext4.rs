@@ -19,8 +19,39 @@ impl ext4_view::Ext4Read for VolumeReader {
     }
 }
 
+/// Checks that the superblock's geometry fits the volume before ext4-view sizes its tables by it: a crafted
+/// superblock claiming 2^27 block groups made it allocate 2 GiB for their descriptors (found by fuzzing). A real
+/// file system lies within its volume and has at least 256 blocks per group (mke2fs's minimum).
+fn check_geometry(reader: &VolumeReader, volume: &str) -> Result<()> {
+    let mut sb = [0u8; 1024];
+    reader.read(1024, &mut sb).map_err(|e| fs_error(&reader.failure, volume, b"/", e))?;
+    let le32 = |at: usize| u32::from_le_bytes(sb[at..at + 4].try_into().expect("4 bytes")) as u64;
+    // As ext4-view counts them: the high half whatever the 64bit feature says.
+    let blocks = le32(0x04) | le32(0x150) << 32;
+    let log_block_size = le32(0x18);
+    let per_group = le32(0x20);
+    let refuse =
+        |what: String| Err(fs_error(&reader.failure, volume, b"/", format!("implausible ext4 superblock: {what}")));
+    if log_block_size > 6 {
+        return refuse(format!("block size 2^{}", log_block_size + 10));
+    }
+    let bytes = blocks.checked_mul(1024 << log_block_size);
+    if bytes.is_none_or(|b| b > reader.len) {
+        return refuse(format!(
+            "{blocks} blocks of {} bytes in a volume of {} bytes",
+            1024 << log_block_size,
+            reader.len
+        ));
+    }
+    if per_group < 256 {
+        return refuse(format!("{per_group} blocks per group"));
+    }
+    Ok(())
+}
+
 impl Ext4Fs {
     pub(super) fn open(reader: VolumeReader, volume: &str) -> Result<Ext4Fs> {
+        check_geometry(&reader, volume)?;
         match ext4_view::Ext4::load(Box::new(reader.clone())) {
             Ok(fs) => Ok(Ext4Fs { fs, volume: volume.to_string(), reader }),
             Err(e) => Err(fs_error(&reader.failure, volume, b"/", e)),
