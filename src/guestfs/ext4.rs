@@ -25,7 +25,7 @@ impl ext4_view::Ext4Read for VolumeReader {
 fn check_geometry(reader: &VolumeReader, volume: &str) -> Result<()> {
     let mut sb = [0u8; 1024];
     reader.read(1024, &mut sb).map_err(|e| fs_error(&reader.failure, volume, b"/", e))?;
-    let le32 = |at: usize| u32::from_le_bytes(sb[at..at + 4].try_into().expect("4 bytes")) as u64;
+    let le32 = |at: usize| super::le32(&sb, at) as u64;
     // As ext4-view counts them: the high half whatever the 64bit feature says.
     let blocks = le32(0x04) | le32(0x150) << 32;
     let log_block_size = le32(0x18);

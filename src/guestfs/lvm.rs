@@ -9,6 +9,7 @@
 //! listed with the reason they are not read. Every field is bounded: this is data the guest wrote.
 
 use super::partitions::ReadAt;
+use super::{le32, le64};
 
 /// A logical volume: where its bytes are within the physical volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,13 +25,6 @@ pub struct LogicalVolume {
 const SECTOR: u64 = 512;
 const MDA_MAGIC: &[u8; 16] = b" LVM2 x[5A%r0N*>";
 const MAX_METADATA: u64 = 16 << 20;
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
 
 /// The logical volumes of the volume group whose physical volume starts at byte 0 of `read` (`pv_len` bytes);
 /// `Ok(None)` if there is no LVM2 label.

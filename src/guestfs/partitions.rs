@@ -6,6 +6,8 @@
 //! offsets in `u32`, which a hostile chain overflows). A guest disk is data its guest wrote, so every field is
 //! checked here and nothing panics on any input (fuzzed: `fuzz/fuzz_targets/guest_volumes.rs`).
 
+use super::{le16, le32, le64};
+
 /// Reads `buf.len()` bytes of the disk at an offset.
 pub type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), String> + 'a;
 
@@ -46,16 +48,6 @@ pub fn read_table(read: &mut ReadAt, disk_len: u64) -> Result<Option<(TableKind,
         }
     }
     read_mbr(read, disk_len)
-}
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// A GPT header at `lba`, if one is there and its CRC holds: (entries' LBA, count, entry size, entries' CRC).
