@@ -2,7 +2,8 @@
 # File-level restore on a real guest disk: the benchmark's Debian image backed up, its whole tree listed
 # (`ls -R`), then /usr, /var and /etc extracted cold, each compared with what the kernel sees of the same image
 # mounted read-only (contents with `diff -r`; path, permissions, modification time, owner and group of every
-# entry with `find -printf`). Needs root (loop mount). Results go to benches/results/file-restore.txt.
+# entry with `find -printf`), and /usr once more as `dump`'s tar stream unpacked by GNU tar. Needs root (loop
+# mount). Results go to benches/results/file-restore.txt.
 # Usage: benches/file-restore.sh IMAGE [PARTITION_OFFSET_BYTES] [WORKDIR] (IMAGE: a raw disk image with a
 # partition table, e.g. ../shared/bench's vm1-day0.raw, whose root file system starts at 1 MiB)
 set -euo pipefail
@@ -38,4 +39,12 @@ out=benches/results/file-restore.txt
     [ "$a" = "$b" ] || { echo "/$dir: metadata differs from the kernel's view"; exit 1; }
     echo "extract /$dir: $files files, $((bytes >> 20)) MiB in $t; identical to the kernel's view (contents, modes, times, owners)"
   done
+  # dump of a directory as a tar stream, unpacked by GNU tar: tar keeps whole seconds of the times.
+  cold
+  rm -rf "$work/untar" && mkdir -p "$work/untar"
+  t=$( { /usr/bin/time -f "%e s, %U s user, %M KiB peak RSS" "$dv" -q dump latest "/$volume/usr" | tar -x -C "$work/untar"; } 2>&1 | tail -1)
+  diff -r --no-dereference "$work/mnt/usr" "$work/untar/usr" >/dev/null || { echo "dump /usr | tar -x differs from the kernel's view"; exit 1; }
+  seconds() { (cd "$1" && find usr -printf '%p %m %U %G %T@\n' | sed 's/\.[0-9]*$//' | sort | sha256sum); }
+  [ "$(seconds "$work/mnt")" = "$(seconds "$work/untar")" ] || { echo "dump /usr | tar -x: metadata differs"; exit 1; }
+  echo "dump /usr | tar -x: $t (diskvault's side); identical to the kernel's view (contents, modes, times to the second, owners)"
 } | tee "$out"

@@ -42,6 +42,10 @@ fn make_tree(root: &Path) {
     run_tool(Command::new("touch").args(["-h", "-d", "2019-03-04 05:06:07"]).arg(root.join("etc/hostname")));
     run_tool(Command::new("touch").args(["-h", "-d", "2021-07-08 09:10:11"]).arg(root.join("etc/nginx.conf")));
     run_tool(Command::new("touch").args(["-d", "2018-01-01 00:00:00"]).arg(root.join("srv/empty")));
+    // Past tar's 100-byte name field, and a symlink target past its 100-byte link field.
+    let long = format!("srv/{}/{}.txt", "d".repeat(90), "f".repeat(120));
+    w(&long, b"a long name\n");
+    std::os::unix::fs::symlink(format!("../{long}"), root.join(format!("srv/{}", "l".repeat(20)))).unwrap();
 }
 
 /// Writes an ext4 file system holding `tree` into `image` at byte `offset`, `kib` KiB long.
@@ -211,6 +215,31 @@ fn files_of_an_ext4_partition_are_listed_dumped_and_extracted_as_they_were() {
     assert_eq!(v[1]["len"], 110592 * 512);
     assert!(dump("/part2") == image[18432 * 512..(18432 + 110592) * 512], "the partition's raw bytes");
 
+    // dump of a directory: a tar archive GNU tar unpacks into the tree as it was; --tar of a volume: all of it.
+    let untar = |archive: &[u8], into: &Path| {
+        std::fs::create_dir_all(into).unwrap();
+        let mut child = Command::new("tar")
+            .arg("-x")
+            .arg("-C")
+            .arg(into)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("GNU tar");
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), archive).unwrap();
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success(), "tar -x of the dump");
+    };
+    let untarred = e.path("untarred");
+    untar(&dump("/part2/etc"), &untarred);
+    assert_same_tree(&tree.join("etc"), &untarred.join("etc"));
+    let r = e.command(&["dump", "latest", "/part2", "--tar"]).output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let whole_tar = e.path("whole-tar");
+    untar(&r.stdout, &whole_tar);
+    for dir in ["etc", "home", "var", "srv"] {
+        assert_same_tree(&tree.join(dir), &whole_tar.join(dir));
+    }
+
     // extract: the tree as it was, holes left as holes; nothing is replaced.
     let out = e.path("out");
     let t = out.to_str().unwrap();
@@ -231,8 +260,6 @@ fn files_of_an_ext4_partition_are_listed_dumped_and_extracted_as_they_were() {
     assert!(r.stderr.contains("no volume \"part7\" (volumes: part1, part2)"), "{}", r.stderr);
     let r = e.fails(&["ls", "latest", "/part1/x"]);
     assert!(r.stderr.contains("part1 holds unknown, whose files diskvault does not read"), "{}", r.stderr);
-    let r = e.fails(&["dump", "latest", "/part2/etc"]);
-    assert!(r.stderr.contains("/part2/etc: path is a directory"), "{}", r.stderr);
     let r = e.fails(&["ls", "latest", "part2"]);
     assert!(r.stderr.contains("not absolute"), "{}", r.stderr);
 }
@@ -321,6 +348,55 @@ fn a_damaged_blob_under_a_file_is_reported_by_name_and_nothing_else_is_written()
     // What came out before the error is the file's start, nothing else.
     let want = std::fs::read(tree.join("var/lib/app/data.bin")).unwrap();
     assert!(r.stdout.len() < want.len() && want.starts_with(&r.stdout), "{} bytes of other data", r.stdout.len());
+
+    // A tar archive of its directory fails too, naming the blob. (That a truncated archive gets no
+    // end-of-archive blocks is tested in src/guestfs/tar.rs: here the damage reaches the file system's metadata.)
+    let r = e.command(&["dump", "latest", "/part1/var/lib/app"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "a damaged directory was dumped: {stderr}");
+    assert!(damaged.iter().any(|id| stderr.contains(id.as_str())), "the error names no damaged blob: {stderr}");
+}
+
+#[test]
+fn an_encrypted_directory_is_reported_and_everything_else_is_copied() {
+    let e = Env::with_repo();
+    let tree = e.path("tree");
+    make_tree(&tree);
+    std::fs::create_dir_all(tree.join("home/bob/private")).unwrap();
+    std::fs::write(tree.join("home/bob/private/diary"), b"ciphertext, in a real fscrypt directory").unwrap();
+    let disk = e.path("disk.raw");
+    std::fs::File::create(&disk).unwrap().set_len(32 << 20).unwrap();
+    mkfs_ext4(&disk, 0, 32 << 10, &tree, "data");
+    // The inode flag fscrypt sets on an encrypted directory (EXT4_ENCRYPT_FL), next to the extents flag.
+    run_tool(Command::new("debugfs").args(["-w", "-R", "set_inode_field /home/bob/private flags 0x80800"]).arg(&disk));
+    e.ok(&["backup", "--name", "vm", &format!("disk0={}", disk.display())]);
+    // What extract gives: the directory, empty, with its time.
+    let private = tree.join("home/bob/private");
+    let mtime = std::fs::metadata(&private).unwrap().modified().unwrap();
+    std::fs::remove_file(private.join("diary")).unwrap();
+    std::fs::File::open(&private).unwrap().set_modified(mtime).unwrap();
+
+    let r = e.run(&["ls", "latest", "/whole/home", "-R"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stdout.contains("/whole/home/anna/naïve notes.txt\n"), "{}", r.stdout);
+    assert!(r.stderr.contains("not listed: /whole/home/bob/private: encrypted with fscrypt"), "{}", r.stderr);
+
+    let out = e.path("out");
+    let r = e.run(&["extract", "latest", "/whole/home", "--target", out.to_str().unwrap()]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("not extracted: /whole/home/bob/private: encrypted with fscrypt"), "{}", r.stderr);
+    assert_same_tree(&tree.join("home"), &out.join("home"));
+
+    let r = e.command(&["dump", "latest", "/whole/home"]).output().unwrap();
+    assert_eq!(r.status.code(), Some(3), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("not in the archive: /whole/home/bob/private"));
+    let tar = e.path("home.tar");
+    std::fs::write(&tar, &r.stdout).unwrap();
+    let listed = Command::new("tar").arg("-tf").arg(&tar).output().unwrap();
+    assert!(listed.status.success(), "the archive is whole: {listed:?}");
+    let names = String::from_utf8_lossy(&listed.stdout);
+    assert!(names.contains("home/anna/naïve notes.txt\n") && names.contains("home/bob/private\n"), "{names}");
+    assert!(!names.contains("diary"), "{names}");
 }
 
 #[test]

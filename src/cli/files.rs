@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::Globals;
 use crate::error::{Error, Result};
 use crate::guestfs::extract::extract;
-use crate::guestfs::{split_path, Entry, EntryKind, FsKind, GuestDisk, GuestFs};
+use crate::guestfs::{split_path, CopyStats, Entry, EntryKind, FsKind, GuestDisk, GuestFs};
 use crate::nbd::server::Device;
 use crate::progress::{Counters, Reporter};
 use crate::util::{format_utc, human_bytes};
@@ -48,9 +48,12 @@ pub struct LsArgs {
 pub struct DumpArgs {
     #[command(flatten)]
     at: GuestArgs,
-    /// A file (`/part2/etc/fstab`; a symlink is followed within the guest), or a volume (`/part2`) for its
-    /// raw bytes.
+    /// A file (`/part2/etc/fstab`; a symlink is followed within the guest) for its contents, a directory
+    /// (`/part2/etc`) for a tar archive of it, or a volume (`/part2`) for its raw bytes.
     path: String,
+    /// Write a tar archive whatever the path is: of a file, or of a volume's whole file system.
+    #[arg(long)]
+    tar: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -115,9 +118,10 @@ pub fn ls(g: &Globals, args: &LsArgs) -> Result<()> {
     };
     let top = fs.entry(inner.as_bytes())?;
     let mut entries = Vec::new();
+    let mut unlisted = Vec::new();
     if top.kind == EntryKind::Dir {
         if args.recursive {
-            fs.walk(inner.as_bytes(), &mut |_, e| {
+            unlisted = fs.walk(inner.as_bytes(), &mut |_, e| {
                 entries.push(e.clone());
                 Ok(())
             })?;
@@ -152,7 +156,14 @@ pub fn ls(g: &Globals, args: &LsArgs) -> Result<()> {
         }
         Ok(())
     };
-    print(&mut out).map_err(|e| Error::local("standard output", e))
+    print(&mut out).map_err(|e| Error::local("standard output", e))?;
+    for u in &unlisted {
+        eprintln!("not listed: {u}");
+    }
+    if !unlisted.is_empty() {
+        return Err(Error::Incomplete(format!("{} directories could not be listed", unlisted.len())));
+    }
+    Ok(())
 }
 
 fn print_volumes(guest: &GuestDisk, json: bool) -> Result<()> {
@@ -237,22 +248,33 @@ pub fn dump(g: &Globals, args: &DumpArgs) -> Result<()> {
             return Err(Error::invalid("standard output is a terminal; redirect or pipe it"));
         }
     }
+    crate::util::catch_interrupts();
     let opened = open(g, &args.at)?;
     let guest = &opened.guest;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
-    match split_path(&args.path)? {
-        None => return Err(Error::invalid("dump needs a file, or a volume such as /part1 (see `ls`)")),
-        Some((volume, inner)) if inner == "/" => {
-            guest.dump_volume(guest.volume(volume)?, &mut out)?;
-        }
-        Some((volume, inner)) => {
-            let fs = guest.fs(guest.volume(volume)?)?;
-            fs.read_file(inner.as_bytes(), &mut |_, data| {
-                out.write_all(data).map_err(|e| Error::local("standard output", e))
-            })?;
-        }
+    let Some((volume, inner)) = split_path(&args.path)? else {
+        return Err(Error::invalid("dump needs a file, a directory, or a volume such as /part1 (see `ls`)"));
+    };
+    if inner == "/" && !args.tar {
+        guest.dump_volume(guest.volume(volume)?, &mut out)?;
+        return out.flush().map_err(|e| Error::local("standard output", e));
     }
-    out.flush().map_err(|e| Error::local("standard output", e))
+    let fs = guest.fs(guest.volume(volume)?)?;
+    if !args.tar && fs.entry(inner.as_bytes())?.kind != EntryKind::Dir {
+        fs.read_file(inner.as_bytes(), &mut |_, data| {
+            out.write_all(data).map_err(|e| Error::local("standard output", e))
+        })?;
+        return out.flush().map_err(|e| Error::local("standard output", e));
+    }
+    let counters = Arc::new(Counters::default());
+    let stats = {
+        let _r = Reporter::start("dump", counters.clone(), g.progress);
+        crate::guestfs::tar::write_tar(&fs, inner.as_bytes(), &mut out, &counters)?
+    };
+    out.flush().map_err(|e| Error::local("standard output", e))?;
+    let report = [(args.path.clone(), stats)];
+    print_problems(&report, "not in the archive");
+    incomplete(&report)
 }
 
 pub fn extract_files(g: &Globals, args: &ExtractArgs) -> Result<()> {
@@ -285,21 +307,28 @@ pub fn extract_files(g: &Globals, args: &ExtractArgs) -> Result<()> {
             s.dirs,
             s.symlinks
         );
+    }
+    print_problems(&reports, "not extracted");
+    incomplete(&reports)
+}
+
+/// What was left out of a copy, on standard error.
+fn print_problems(reports: &[(String, CopyStats)], left_out: &str) {
+    for (_, s) in reports {
         if !s.skipped.is_empty() {
             eprintln!("  skipped {} devices, FIFOs and sockets: {}", s.skipped.len(), s.skipped.join(", "));
         }
         for u in &s.unreadable {
-            eprintln!("  not extracted: {u}");
+            eprintln!("  {left_out}: {u}");
         }
     }
-    incomplete(&reports)
 }
 
-/// Exit code 3 (as a partial restore) when files could not be extracted.
-fn incomplete(reports: &[(String, crate::guestfs::extract::ExtractStats)]) -> Result<()> {
+/// Exit code 3 (as a partial restore) when files could not be copied.
+fn incomplete(reports: &[(String, CopyStats)]) -> Result<()> {
     let left: usize = reports.iter().map(|(_, s)| s.unreadable.len()).sum();
     if left > 0 {
-        return Err(Error::Incomplete(format!("{left} files could not be extracted (see the report)")));
+        return Err(Error::Incomplete(format!("{left} files or directories could not be copied (see the report)")));
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! ext2/3/4 volumes, read with the `ext4-view` crate (its journal replayed in memory).
 
-use super::{copy_chunks, fs_error, guest_path, join, Entry, EntryKind, FileSystem, VolumeReader};
+use super::{copy_chunks, fs_error, guest_path, join, Entry, EntryKind, FileSystem, Listing, VolumeReader};
 use crate::error::Result;
 
 pub(super) struct Ext4Fs {
@@ -112,9 +112,16 @@ impl FileSystem for Ext4Fs {
         self.describe(path, name, meta)
     }
 
-    fn read_dir(&self, path: &[u8]) -> Result<Vec<(Vec<u8>, Entry)>> {
+    fn read_dir(&self, path: &[u8]) -> Result<Listing> {
+        let entries = match self.fs.read_dir(self.path(path)?) {
+            Ok(entries) => entries,
+            Err(ext4_view::Ext4Error::Encrypted) => {
+                return Ok(Listing::Unreadable("encrypted with fscrypt, whose keys the guest holds"))
+            }
+            Err(e) => return Err(self.error(path, e)),
+        };
         let mut out = Vec::new();
-        for entry in self.fs.read_dir(self.path(path)?).map_err(|e| self.error(path, e))? {
+        for entry in entries {
             let entry = entry.map_err(|e| self.error(path, e))?;
             let name = entry.file_name().as_ref().to_vec();
             if name == b"." || name == b".." {
@@ -125,7 +132,7 @@ impl FileSystem for Ext4Fs {
             let e = self.describe(&child, name, meta)?;
             out.push((child, e));
         }
-        Ok(out)
+        Ok(Listing::Entries(out))
     }
 
     fn read_file(&self, path: &[u8], out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {

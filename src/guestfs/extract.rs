@@ -2,8 +2,8 @@
 //!
 //! What a user of `tar -x` expects: contents bit-exact with their holes left as holes, permissions, modification
 //! times, symlinks as symlinks, and owners when running as root. Devices, FIFOs and sockets are listed as
-//! skipped, files whose contents cannot be read here (NTFS-compressed ones, say) as unreadable, with the reason;
-//! hard links become separate copies.
+//! skipped, files whose contents cannot be read here (NTFS-compressed ones, say) and directories whose entries
+//! cannot (fscrypt-encrypted ones) as unreadable, with the reason; hard links become separate copies.
 //!
 //! The guest decides the names: nothing is written outside the destination. Every entry is created anew
 //! (`O_EXCL`, symlinks not followed), so a crafted directory holding a symlink and a directory of the same name
@@ -15,30 +15,17 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::{Entry, EntryKind, GuestFs};
+use super::{CopyStats, Entry, EntryKind, GuestFs};
 use crate::error::{Error, Result};
 use crate::progress::Counters;
-
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct ExtractStats {
-    pub files: u64,
-    pub dirs: u64,
-    pub symlinks: u64,
-    /// Bytes of file contents (holes included).
-    pub bytes: u64,
-    /// Guest paths of devices, FIFOs and sockets, which are not recreated.
-    pub skipped: Vec<String>,
-    /// Files whose contents cannot be read here, with the reason (`path: reason`): not created.
-    pub unreadable: Vec<String>,
-}
 
 /// Extracts `path` of `fs` into directory `target` (created if missing): a file or directory as
 /// `target/NAME`, the root of a volume (`/`) as the contents of `target`. Refuses to replace anything that
 /// exists. `counters` count the bytes of file contents.
-pub fn extract(fs: &GuestFs, path: &[u8], target: &Path, counters: &Counters) -> Result<ExtractStats> {
+pub fn extract(fs: &GuestFs, path: &[u8], target: &Path, counters: &Counters) -> Result<CopyStats> {
     std::fs::create_dir_all(target).map_err(|e| Error::local(target, format!("cannot create: {e}")))?;
     let top = fs.entry(path)?;
-    let mut stats = ExtractStats::default();
+    let mut stats = CopyStats::default();
     let owners = unsafe { libc::geteuid() } == 0;
     // Directories get their permissions and times once their contents are written (a read-only directory
     // could not be filled, and every entry created in one changes its modification time), innermost first.
@@ -85,11 +72,12 @@ pub fn extract(fs: &GuestFs, path: &[u8], target: &Path, counters: &Counters) ->
     one(&dest, path, &top, &mut dirs)?;
     if top.kind == EntryKind::Dir {
         let base = path.len();
-        fs.walk(path, &mut |guest, e| {
+        let unreadable = fs.walk(path, &mut |guest, e| {
             // The part below `path`: guest paths are `path` + "/" + names (no "." or "..": read_dir drops them).
             let rel = guest[base..].strip_prefix(b"/").unwrap_or(&guest[base..]);
             one(&dest.join(OsStr::from_bytes(rel)), guest, e, &mut dirs)
         })?;
+        stats.unreadable.extend(unreadable);
     }
     for (local, e) in dirs.iter().rev() {
         finish(local, e, owners, true)?;

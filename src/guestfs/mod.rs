@@ -18,6 +18,7 @@ pub mod extract;
 pub mod lvm;
 mod ntfs;
 pub mod partitions;
+pub mod tar;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -334,7 +335,7 @@ trait FileSystem {
     /// The entry at `path`, not following a final symlink.
     fn entry(&self, path: &[u8]) -> Result<Entry>;
     /// The entries of directory `path`, without `.` and `..`, each with its path.
-    fn read_dir(&self, path: &[u8]) -> Result<Vec<(Vec<u8>, Entry)>>;
+    fn read_dir(&self, path: &[u8]) -> Result<Listing>;
     /// Hands the contents of regular file `path` (a symlink followed) to `out` in chunks, with their offsets.
     /// Returns the size.
     fn read_file(&self, path: &[u8], out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64>;
@@ -342,6 +343,29 @@ trait FileSystem {
     fn unreadable(&self, _path: &[u8]) -> Result<Option<&'static str>> {
         Ok(None)
     }
+}
+
+/// What reading a directory gave.
+enum Listing {
+    /// Its entries, each with its path.
+    Entries(Vec<(Vec<u8>, Entry)>),
+    /// Why the directory's entries cannot be read here (fscrypt-encrypted ext4); a walk goes on past it.
+    Unreadable(&'static str),
+}
+
+/// What a copy of files out of a guest file system (`extract`, `dump` as tar) did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct CopyStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Bytes of file contents (holes included).
+    pub bytes: u64,
+    /// Guest paths of devices, FIFOs and sockets, which are not copied.
+    pub skipped: Vec<String>,
+    /// Files whose contents, and directories whose entries, cannot be read here, with the reason
+    /// (`path: reason`): not copied.
+    pub unreadable: Vec<String>,
 }
 
 /// The error of a file system operation: the disk's own error where reading failed (a damaged blob, named as
@@ -458,17 +482,42 @@ impl GuestFs {
 
     /// The entries of directory `path` (not `.` and `..`), by name, with the path of each.
     pub fn read_dir(&self, path: &[u8]) -> Result<Vec<(Vec<u8>, Entry)>> {
-        let mut entries = self.inner.read_dir(path)?;
-        entries.sort_by(|a, b| a.1.name.cmp(&b.1.name));
-        Ok(entries)
+        match self.sorted_dir(path)? {
+            Listing::Entries(entries) => Ok(entries),
+            Listing::Unreadable(why) => Err(Error::invalid(format!("{}: {why}", self.inner.entry(path)?.path))),
+        }
+    }
+
+    fn sorted_dir(&self, path: &[u8]) -> Result<Listing> {
+        let mut listing = self.inner.read_dir(path)?;
+        if let Listing::Entries(entries) = &mut listing {
+            entries.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+        }
+        Ok(listing)
     }
 
     /// Every entry under directory `path`, depth first and by name, each directory before its contents.
-    pub fn walk(&self, path: &[u8], f: &mut dyn FnMut(&[u8], &Entry) -> Result<()>) -> Result<()> {
-        for (child, e) in self.read_dir(path)? {
+    /// Returns the directories below `path` whose entries cannot be read here, as `path: reason`; they are
+    /// handed to `f`, but not entered.
+    pub fn walk(&self, path: &[u8], f: &mut dyn FnMut(&[u8], &Entry) -> Result<()>) -> Result<Vec<String>> {
+        let mut unreadable = Vec::new();
+        self.walk_into(self.read_dir(path)?, f, &mut unreadable)?;
+        Ok(unreadable)
+    }
+
+    fn walk_into(
+        &self,
+        entries: Vec<(Vec<u8>, Entry)>,
+        f: &mut dyn FnMut(&[u8], &Entry) -> Result<()>,
+        unreadable: &mut Vec<String>,
+    ) -> Result<()> {
+        for (child, e) in entries {
             f(&child, &e)?;
             if e.kind == EntryKind::Dir {
-                self.walk(&child, f)?;
+                match self.sorted_dir(&child)? {
+                    Listing::Entries(inner) => self.walk_into(inner, f, unreadable)?,
+                    Listing::Unreadable(why) => unreadable.push(format!("{}: {why}", e.path)),
+                }
             }
         }
         Ok(())

@@ -14,7 +14,7 @@ use ntfs::indexes::NtfsFileNameIndex;
 use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
 use ntfs::{Ntfs, NtfsAttributeFlags, NtfsFile, NtfsReadSeek};
 
-use super::{copy_chunks, fs_error, guest_path, join, Entry, EntryKind, FileSystem, VolumeReader};
+use super::{copy_chunks, fs_error, guest_path, join, Entry, EntryKind, FileSystem, Listing, VolumeReader};
 use crate::error::{Error, Result};
 
 /// Files 0 to 15 are the file system's own ($MFT, $MFTMirr, $LogFile, $Volume, $AttrDef, the root, $Bitmap,
@@ -173,7 +173,7 @@ impl FileSystem for NtfsFs {
         self.describe(io, path, name, &file)
     }
 
-    fn read_dir(&self, path: &[u8]) -> Result<Vec<(Vec<u8>, Entry)>> {
+    fn read_dir(&self, path: &[u8]) -> Result<Listing> {
         let io = &mut *self.io.borrow_mut();
         let dir = self.lookup(io, path)?;
         if !dir.is_directory() {
@@ -200,7 +200,7 @@ impl FileSystem for NtfsFs {
             let e = self.describe(io, &child, name, &file)?;
             out.push((child, e));
         }
-        Ok(out)
+        Ok(Listing::Entries(out))
     }
 
     fn read_file(&self, path: &[u8], out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
