@@ -315,7 +315,7 @@ fn logical_mbr_partitions_a_damaged_gpt_header_and_a_disk_without_a_table_are_re
 }
 
 #[test]
-fn a_damaged_blob_under_a_file_is_reported_by_name_and_nothing_else_is_written() {
+fn a_damaged_blob_under_a_file_is_named_and_everything_else_is_still_copied() {
     let e = Env::with_repo();
     let tree = e.path("tree");
     make_tree(&tree);
@@ -323,38 +323,68 @@ fn a_damaged_blob_under_a_file_is_reported_by_name_and_nothing_else_is_written()
     partitioned(&disk, 32, &format!("label: gpt\nstart=2048, type={LINUX}\n"));
     mkfs_ext4(&disk, 2048 * 512, 28 << 10, &tree, "root");
     e.ok(&["backup", "--name", "vm", &format!("disk0={}", disk.display())]);
-    // Damage only the blobs stored uncompressed: the blocks that are (nearly) all data.bin's random bytes.
-    let mut damaged = Vec::new();
+    // Damage one blob stored uncompressed (a block of data.bin's random bytes) that holds no file system
+    // metadata: the first whose damage leaves the whole tree listable.
+    let mut candidates = Vec::new();
     for index in e.objects("index") {
         let v = e.ok(&["cat", "index", index.rsplit('/').next().unwrap()]).json();
         for pack in v["packs"].as_array().unwrap() {
             let name = e.objects("packs").into_iter().find(|n| n.ends_with(pack["id"].as_str().unwrap())).unwrap();
             for blob in pack["blobs"].as_array().unwrap() {
                 if blob["type"] == "data" && blob["compressed"] == false {
-                    e.flip(
-                        &name,
-                        (blob["offset"].as_u64().unwrap() + blob["stored_len"].as_u64().unwrap() / 2) as usize,
-                    );
-                    damaged.push(blob["id"].as_str().unwrap().to_string());
+                    let at = (blob["offset"].as_u64().unwrap() + blob["stored_len"].as_u64().unwrap() / 2) as usize;
+                    candidates.push((name.clone(), at, blob["id"].as_str().unwrap().to_string()));
                 }
             }
         }
     }
-    assert!(!damaged.is_empty(), "no block of data.bin was stored uncompressed");
+    let damaged = candidates
+        .iter()
+        .find(|(pack, at, _)| {
+            e.flip(pack, *at);
+            let listable = e.run(&["ls", "latest", "/part1", "-R"]).code == 0;
+            if !listable {
+                e.flip(pack, *at); // flipped back
+            }
+            listable
+        })
+        .map(|(_, _, id)| id.clone())
+        .expect("a blob of data.bin's contents alone");
+
     let r = e.command(&["dump", "latest", "/part1/var/lib/app/data.bin"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&r.stderr);
     assert!(!r.status.success(), "a damaged file was dumped: {stderr}");
-    assert!(damaged.iter().any(|id| stderr.contains(id.as_str())), "the error names no damaged blob: {stderr}");
+    assert!(stderr.contains(&damaged), "the error names no damaged blob: {stderr}");
     // What came out before the error is the file's start, nothing else.
     let want = std::fs::read(tree.join("var/lib/app/data.bin")).unwrap();
     assert!(r.stdout.len() < want.len() && want.starts_with(&r.stdout), "{} bytes of other data", r.stdout.len());
 
-    // A tar archive of its directory fails too, naming the blob. (That a truncated archive gets no
-    // end-of-archive blocks is tested in src/guestfs/tar.rs: here the damage reaches the file system's metadata.)
-    let r = e.command(&["dump", "latest", "/part1/var/lib/app"]).output().unwrap();
+    // extract leaves the damaged file out, names it and its blob, and copies everything else.
+    let out = e.path("out");
+    let r = e.run(&["extract", "latest", "/part1", "--target", out.to_str().unwrap()]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("not extracted: /part1/var/lib/app/data.bin: packs/"), "{}", r.stderr);
+    assert!(r.stderr.contains(&damaged), "{}", r.stderr);
+    assert!(!out.join("var/lib/app/data.bin").exists(), "part of a damaged file was left");
+    let app = tree.join("var/lib/app");
+    let mtime = std::fs::metadata(&app).unwrap().modified().unwrap();
+    std::fs::remove_file(app.join("data.bin")).unwrap();
+    std::fs::File::open(&app).unwrap().set_modified(mtime).unwrap();
+    for dir in ["etc", "home", "var", "srv"] {
+        assert_same_tree(&tree.join(dir), &out.join(dir));
+    }
+
+    // A tar archive stops in the damaged file, without the end-of-archive blocks that would make the truncated
+    // archive look complete.
+    let r = e.command(&["dump", "latest", "/part1/var"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success(), "a damaged directory was dumped: {stderr}");
-    assert!(damaged.iter().any(|id| stderr.contains(id.as_str())), "the error names no damaged blob: {stderr}");
+    assert!(!r.status.success() && stderr.contains(&damaged), "{stderr}");
+    let tar = e.path("damaged.tar");
+    std::fs::write(&tar, &r.stdout).unwrap();
+    let listed = Command::new("tar").arg("-tf").arg(&tar).output().unwrap();
+    assert!(!listed.status.success(), "tar took the truncated archive for a whole one");
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("var/lib/app/data.bin\n"), "{listed:?}");
+    assert!(!r.stdout.ends_with(&[0u8; 1024]), "end-of-archive blocks after a failure");
 }
 
 #[test]

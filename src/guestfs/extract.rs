@@ -3,7 +3,9 @@
 //! What a user of `tar -x` expects: contents bit-exact with their holes left as holes, permissions, modification
 //! times, symlinks as symlinks, and owners when running as root. Devices, FIFOs and sockets are listed as
 //! skipped, files whose contents cannot be read here (NTFS-compressed ones, say) and directories whose entries
-//! cannot (fscrypt-encrypted ones) as unreadable, with the reason; hard links become separate copies.
+//! cannot (fscrypt-encrypted ones) as unreadable, with the reason; hard links become separate copies. A file or
+//! directory whose data is damaged in the repository is left out and named the same way, and the extraction
+//! goes on with the rest, as `restic restore` does: a disaster's restore takes what is there.
 //!
 //! The guest decides the names: nothing is written outside the destination. Every entry is created anew
 //! (`O_EXCL`, symlinks not followed), so a crafted directory holding a symlink and a directory of the same name
@@ -15,7 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::{CopyStats, Entry, EntryKind, GuestFs};
+use super::{is_damage, left_out, CopyStats, Entry, EntryKind, GuestFs};
 use crate::error::{Error, Result};
 use crate::progress::Counters;
 
@@ -45,13 +47,21 @@ pub fn extract(fs: &GuestFs, path: &[u8], target: &Path, counters: &Counters) ->
             return Err(Error::Interrupted);
         }
         match e.kind {
-            EntryKind::File => match fs.unreadable(guest)? {
-                Some(why) => stats.unreadable.push(format!("{}: {why}", e.path)),
-                None => {
-                    stats.bytes += write_file(fs, guest, local, e, owners, counters)?;
-                    stats.files += 1;
+            EntryKind::File => {
+                let copied = match fs.unreadable(guest) {
+                    Ok(Some(why)) => Err(Error::invalid(format!("{}: {why}", e.path))),
+                    Ok(None) => write_file(fs, guest, local, e, owners, counters),
+                    Err(err) => Err(err),
+                };
+                match copied {
+                    Ok(size) => {
+                        stats.bytes += size;
+                        stats.files += 1;
+                    }
+                    Err(err) if is_damage(&err) => stats.unreadable.push(left_out(&e.path, &err)),
+                    Err(err) => return Err(err),
                 }
-            },
+            }
             EntryKind::Dir => {
                 if local != target {
                     std::fs::create_dir(local).map_err(|err| Error::local(local, format!("cannot create: {err}")))?;
@@ -85,7 +95,8 @@ pub fn extract(fs: &GuestFs, path: &[u8], target: &Path, counters: &Counters) ->
     Ok(stats)
 }
 
-/// Writes file `guest` to the new file `local`, leaving all-zero 4 KiB pages as holes. Returns its size.
+/// Writes file `guest` to the new file `local`, leaving all-zero 4 KiB pages as holes. Returns its size. When
+/// it fails after creating `local`, it removes it: part of a file is not the file.
 fn write_file(fs: &GuestFs, guest: &[u8], local: &Path, e: &Entry, owners: bool, counters: &Counters) -> Result<u64> {
     let file = OpenOptions::new()
         .write(true)
@@ -94,6 +105,23 @@ fn write_file(fs: &GuestFs, guest: &[u8], local: &Path, e: &Entry, owners: bool,
         .mode(0o600)
         .open(local)
         .map_err(|err| Error::local(local, format!("cannot create: {err}")))?;
+    let written = fill_file(fs, guest, &file, local, e, owners, counters);
+    if written.is_err() {
+        drop(file);
+        let _ = std::fs::remove_file(local);
+    }
+    written
+}
+
+fn fill_file(
+    fs: &GuestFs,
+    guest: &[u8],
+    file: &std::fs::File,
+    local: &Path,
+    e: &Entry,
+    owners: bool,
+    counters: &Counters,
+) -> Result<u64> {
     let size = fs.read_file(guest, &mut |offset, data| {
         for (k, page) in data.chunks(4096).enumerate() {
             if page.iter().any(|&b| b != 0) {
@@ -107,7 +135,6 @@ fn write_file(fs: &GuestFs, guest: &[u8], local: &Path, e: &Entry, owners: bool,
     if size != e.size {
         return Err(Error::invalid(format!("{}: read {size} bytes of its {}", e.path, e.size)));
     }
-    drop(file);
     finish(local, e, owners, true)?;
     Ok(size)
 }

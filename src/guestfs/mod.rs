@@ -363,9 +363,26 @@ pub struct CopyStats {
     pub bytes: u64,
     /// Guest paths of devices, FIFOs and sockets, which are not copied.
     pub skipped: Vec<String>,
-    /// Files whose contents, and directories whose entries, cannot be read here, with the reason
-    /// (`path: reason`): not copied.
+    /// Files whose contents, and directories whose entries, cannot be read (here, or from the repository:
+    /// damaged data), with the reason (`path: reason`): not copied.
     pub unreadable: Vec<String>,
+}
+
+/// Whether `err`, met reading one file or directory, concerns only that one: damaged or missing repository
+/// data under it, or a damaged guest structure. A copy leaves it out, names it and goes on. Anything else (the
+/// storage unreachable, the session lost, the destination unwritable, an interruption) stops the copy.
+pub fn is_damage(err: &Error) -> bool {
+    matches!(err, Error::Corrupt { .. } | Error::Missing { .. } | Error::Invalid(_))
+}
+
+/// `path: err`, as a report lists what it left out (the error alone when it names the path already).
+fn left_out(path: &str, err: &Error) -> String {
+    let err = err.to_string();
+    if err.starts_with(path) {
+        err
+    } else {
+        format!("{path}: {err}")
+    }
 }
 
 /// The error of a file system operation: the disk's own error where reading failed (a damaged blob, named as
@@ -497,8 +514,8 @@ impl GuestFs {
     }
 
     /// Every entry under directory `path`, depth first and by name, each directory before its contents.
-    /// Returns the directories below `path` whose entries cannot be read here, as `path: reason`; they are
-    /// handed to `f`, but not entered.
+    /// Returns the directories below `path` whose entries cannot be read (here, or from the repository: see
+    /// [`is_damage`]), as `path: reason`; they are handed to `f`, but not entered.
     pub fn walk(&self, path: &[u8], f: &mut dyn FnMut(&[u8], &Entry) -> Result<()>) -> Result<Vec<String>> {
         let mut unreadable = Vec::new();
         self.walk_into(self.read_dir(path)?, f, &mut unreadable)?;
@@ -514,9 +531,11 @@ impl GuestFs {
         for (child, e) in entries {
             f(&child, &e)?;
             if e.kind == EntryKind::Dir {
-                match self.sorted_dir(&child)? {
-                    Listing::Entries(inner) => self.walk_into(inner, f, unreadable)?,
-                    Listing::Unreadable(why) => unreadable.push(format!("{}: {why}", e.path)),
+                match self.sorted_dir(&child) {
+                    Ok(Listing::Entries(inner)) => self.walk_into(inner, f, unreadable)?,
+                    Ok(Listing::Unreadable(why)) => unreadable.push(format!("{}: {why}", e.path)),
+                    Err(err) if is_damage(&err) => unreadable.push(left_out(&e.path, &err)),
+                    Err(err) => return Err(err),
                 }
             }
         }

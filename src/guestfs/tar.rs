@@ -175,8 +175,8 @@ mod tests {
     use super::*;
     use crate::guestfs::{FileSystem, Listing};
 
-    /// A directory `/d` holding `a` (1000 bytes) and `b` (3000 bytes), whose reading fails after its first
-    /// 1024 bytes when `fail` is set.
+    /// A directory `/d` holding `a` (1000 bytes), `b` (3000 bytes; its reading fails after its first 1024 bytes
+    /// when `fail` is set) and the directory `c`, whose entries are in a damaged blob.
     struct TwoFiles {
         fail: bool,
     }
@@ -202,11 +202,15 @@ mod tests {
             Ok(match path {
                 b"/d" => entry("/d", EntryKind::Dir, 0),
                 b"/d/a" => entry("/d/a", EntryKind::File, 1000),
-                _ => entry("/d/b", EntryKind::File, 3000),
+                b"/d/b" => entry("/d/b", EntryKind::File, 3000),
+                _ => entry("/d/c", EntryKind::Dir, 0),
             })
         }
-        fn read_dir(&self, _path: &[u8]) -> Result<Listing> {
-            let names = [b"/d/a".to_vec(), b"/d/b".to_vec()];
+        fn read_dir(&self, path: &[u8]) -> Result<Listing> {
+            if path == b"/d/c" {
+                return Err(Error::corrupt("packs/12/1234", "blob 5678: authentication failed"));
+            }
+            let names = [b"/d/a".to_vec(), b"/d/b".to_vec(), b"/d/c".to_vec()];
             Ok(Listing::Entries(names.into_iter().map(|p| (p.clone(), self.entry(&p).unwrap())).collect()))
         }
         fn read_file(&self, path: &[u8], out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
@@ -232,7 +236,10 @@ mod tests {
     #[test]
     fn a_directory_becomes_entries_with_their_contents_and_metadata() {
         let (result, out) = archive(false);
-        assert_eq!(result.unwrap().files, 2);
+        let stats = result.unwrap();
+        assert_eq!((stats.files, stats.dirs), (2, 2));
+        // The damaged directory is in the archive, empty, and named in the report.
+        assert_eq!(stats.unreadable, ["/v/d/c: packs/12/1234: blob 5678: authentication failed"]);
         let mut entries = Vec::new();
         for e in tar::Archive::new(&out[..]).entries().unwrap() {
             let mut e = e.unwrap();
@@ -249,6 +256,7 @@ mod tests {
                 ("d", tar::EntryType::Directory, 0o640, 1000, 1_600_000_000),
                 ("d/a", tar::EntryType::Regular, 0o640, 1000, 1_600_000_000),
                 ("d/b", tar::EntryType::Regular, 0o640, 1000, 1_600_000_000),
+                ("d/c", tar::EntryType::Directory, 0o640, 1000, 1_600_000_000),
             ]
         );
         assert_eq!(entries[1].5, vec![b'a'; 1000]);
