@@ -2,8 +2,9 @@
 # File-level restore on a real guest disk: the benchmark's Debian image backed up, its whole tree listed
 # (`ls -R`), then /usr, /var and /etc extracted cold, each compared with what the kernel sees of the same image
 # mounted read-only (contents with `diff -r`; path, permissions, modification time, owner and group of every
-# entry with `find -printf`), and /usr once more as `dump`'s tar stream unpacked by GNU tar. Needs root (loop
-# mount). Results go to benches/results/file-restore.txt.
+# entry with `find -printf`), and /usr once more as `dump`'s tar stream unpacked by GNU tar; then /usr and /etc
+# copied onto XFS and read back the same way. Needs root (loop mounts), fdisk and xfsprogs. Results go to
+# benches/results/file-restore.txt.
 # Usage: benches/file-restore.sh IMAGE [PARTITION_OFFSET_BYTES] [WORKDIR] (IMAGE: a raw disk image with a
 # partition table, e.g. ../shared/bench's vm1-day0.raw, whose root file system starts at 1 MiB)
 set -euo pipefail
@@ -16,7 +17,7 @@ dv=${DISKVAULT_BIN:-$PWD/target/release/diskvault}
 export DISKVAULT_PASSWORD=bench DISKVAULT_REPOSITORY="$work/repo" DISKVAULT_CACHE_DIR="$work/cache"
 rm -rf "$work/repo" "$work/cache" "$work/out"
 mkdir -p "$work/mnt"
-trap 'mountpoint -q "$work/mnt" && umount "$work/mnt"' EXIT
+trap 'mountpoint -q "$work/mnt" && umount "$work/mnt"; mountpoint -q "$work/xmnt" && umount "$work/xmnt"; [ -n "${loop:-}" ] && losetup -d "$loop"; true' EXIT
 "$dv" -q init >/dev/null
 "$dv" -q backup --name bench "disk=$image" >/dev/null
 volume=$("$dv" -q ls latest --json | python3 -c "import json,sys; print(next(v['name'] for v in json.load(sys.stdin)['volumes'] if v['start'] == $offset))")
@@ -47,4 +48,30 @@ out=benches/results/file-restore.txt
   seconds() { (cd "$1" && find usr -printf '%p %m %U %G %T@\n' | sed 's/\.[0-9]*$//' | sort | sha256sum); }
   [ "$(seconds "$work/mnt")" = "$(seconds "$work/untar")" ] || { echo "dump /usr | tar -x: metadata differs"; exit 1; }
   echo "dump /usr | tar -x: $t (diskvault's side); identical to the kernel's view (contents, modes, times to the second, owners)"
+
+  # The same /usr and /etc on XFS, as a RHEL-family guest has them (needs xfsprogs): copied by the kernel into a
+  # fresh 2 GiB XFS partition, backed up, read back and compared as above.
+  xfs=$work/xfs.raw
+  rm -f "$xfs" && truncate -s 2G "$xfs"
+  printf 'label: gpt\nstart=2048, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\n' | sfdisk -q "$xfs"
+  mkdir -p "$work/xmnt"
+  loop=$(losetup --find --show --offset 1048576 "$xfs")
+  mkfs.xfs -q -f -L bench "$loop"
+  mount "$loop" "$work/xmnt"
+  cp -a "$work/mnt/usr" "$work/mnt/etc" "$work/xmnt/"
+  umount "$work/xmnt"
+  "$dv" -q backup --name bench-xfs "disk=$xfs" >/dev/null
+  mount -o ro "$loop" "$work/xmnt"
+  cold
+  echo "XFS: ls -R: $("$dv" -q ls latest --name bench-xfs /part1 -R | wc -l) entries in $(timed "$dv" -q ls latest --name bench-xfs /part1 -R)"
+  cold
+  rm -rf "$work/xout"
+  t=$(timed "$dv" -q extract latest --name bench-xfs /part1/usr --target "$work/xout")
+  diff -r --no-dereference "$work/xmnt/usr" "$work/xout/usr" >/dev/null || { echo "XFS /usr differs from the kernel's view"; exit 1; }
+  a=$(cd "$work/xmnt" && find usr -printf '%p %m %T@ %U %G\n' | sort | sha256sum)
+  b=$(cd "$work/xout" && find usr -printf '%p %m %T@ %U %G\n' | sort | sha256sum)
+  [ "$a" = "$b" ] || { echo "XFS /usr: metadata differs from the kernel's view"; exit 1; }
+  umount "$work/xmnt"
+  losetup -d "$loop" && loop=""
+  echo "XFS: extract /usr: $(find "$work/xout/usr" -type f | wc -l) files in $t; identical to the kernel's view (contents, modes, times, owners)"
 } | tee "$out"

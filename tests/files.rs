@@ -533,3 +533,65 @@ fn files_of_lvm_logical_volumes_are_read_across_their_segments() {
     let r = e.fails(&["ls", "latest", "/part2/x"]);
     assert!(r.stderr.contains("part2 holds lvm2 pv"), "{}", r.stderr);
 }
+
+#[test]
+fn files_of_an_xfs_root_are_read_with_its_log_replayed() {
+    // A GPT disk whose XFS v5 partition (as RHEL 9 makes it) the kernel filled with the tree of
+    // tests/fixtures/fixture-tree.sh and the structures of tests/fixtures/make-xfs-disk.sh, then was shut down
+    // with after-crash.txt only in its log, as a crash-consistent snapshot leaves it.
+    let e = Env::with_repo();
+    let tree = back_up_fixture(&e, "xfs-disk.raw.zst", "rocky9");
+    let v = e.ok(&["ls", "latest", "--json"]).json();
+    assert_eq!((v["volumes"][0]["fs"].as_str(), v["volumes"][0]["label"].as_str()), (Some("xfs"), Some("rhel-root")));
+    let dump = |path: &str| {
+        let r = e.command(&["dump", "latest", path]).output().unwrap();
+        assert!(r.status.success(), "dump {path}: {}", String::from_utf8_lossy(&r.stderr));
+        r.stdout
+    };
+
+    // Only the log's replay has this file.
+    assert_eq!(dump("/part1/after-crash.txt"), b"written just before the crash\n");
+
+    let out = e.path("out");
+    e.ok(&["extract", "latest", "/part1", "--target", out.to_str().unwrap()]);
+    for top in std::fs::read_dir(&tree).unwrap() {
+        let name = top.unwrap().file_name();
+        assert_same_contents(&tree.join(&name), &out.join(&name));
+    }
+    let mtime = |p: &str| {
+        let m = std::fs::metadata(out.join(p)).unwrap();
+        (m.mtime(), m.mtime_nsec())
+    };
+    assert_eq!(mtime("Users/Anna/Documents/Überweisung.txt"), (1714979289, 0), "2024-05-06 07:08:09 UTC");
+    assert_eq!(mtime("var/spool/msg-001"), (1612325106, 123456789), "2021-02-03 04:05:06.123456789 UTC");
+    // A directory of 400 entries (not in its inode), with its owner and setgid bit.
+    let spool = e.ok(&["ls", "latest", "/part1/var/spool", "--json"]).json();
+    assert_eq!(spool.as_array().unwrap().len(), 400);
+    let var = e.ok(&["ls", "latest", "/part1/var", "--json"]).json();
+    let entry =
+        |name: &str| var.as_array().unwrap().iter().find(|x| x["path"] == format!("/part1/var/{name}")).unwrap();
+    assert_eq!((entry("spool")["mode"].as_u64(), entry("spool")["uid"].as_u64()), (Some(0o2770), Some(1000)));
+    assert_eq!(std::fs::read(out.join("var/spool/msg-377")).unwrap(), b"message 377\n");
+    // 200 extents with holes between them: the extent map is a B+tree.
+    let fragmented = std::fs::read(out.join("var/fragmented.bin")).unwrap();
+    assert_eq!(fragmented.len(), 199 * 8192 + 4096);
+    for (i, block) in fragmented.chunks(4096).enumerate() {
+        let want = if i % 2 == 0 { (i / 2 % 250 + 1) as u8 } else { 0 };
+        assert!(block.iter().all(|&b| b == want), "block {i} of fragmented.bin");
+    }
+    // Preallocated (unwritten) extents read as zeros around what was written.
+    let prealloc = std::fs::read(out.join("var/prealloc.bin")).unwrap();
+    assert_eq!(prealloc.len(), 4 << 20);
+    assert!(prealloc
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == if (1 << 20..(1 << 20) + (64 << 10)).contains(&i) { b'a' } else { 0 }));
+    let sparse = std::fs::read(out.join("var/sparse.img")).unwrap();
+    assert_eq!((sparse.len(), &sparse[2 << 20..(2 << 20) + 6]), (5 << 20, &b"middle"[..]));
+    // Symlinks: an inline target, a long one stored in its own block, and one followed within a path.
+    assert_eq!(entry("anna")["target"], "../Users/Anna");
+    let long = format!("/{}end", "long-target-".repeat(30));
+    assert_eq!(entry("long-link")["target"].as_str(), Some(long.as_str()));
+    assert_eq!(std::fs::read_link(out.join("var/long-link")).unwrap(), Path::new(&long));
+    assert_eq!(dump("/part1/var/anna/Documents/Überweisung.txt"), "Überweisung an Jörg: 100 €\r\n".as_bytes());
+}

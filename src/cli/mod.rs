@@ -119,7 +119,7 @@ enum Command {
     Snapshots(snapshots::SnapshotsArgs),
     /// Which byte ranges of each disk differ between two snapshots (from the manifests; no data is read).
     Diff(diff::DiffArgs),
-    /// List the volumes of a snapshot's disk, or the files of one (file-level restore; ext2/3/4 and NTFS).
+    /// List the volumes of a snapshot's disk, or the files of one (file-level restore; ext2/3/4, XFS, NTFS).
     Ls(files::LsArgs),
     /// Write a file inside a snapshot's disk, a directory as a tar archive, or a volume's raw bytes, to standard
     /// output.

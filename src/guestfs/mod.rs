@@ -5,7 +5,8 @@
 //! file read from start to end is fetched ahead. Nothing is mounted: no root, no loop or NBD device, no kernel
 //! parsing a file system that a guest (perhaps a compromised one) wrote. ext2/3/4 are read with the `ext4-view`
 //! crate, which replays the journal in memory, as the file system of a crash-consistent VM snapshot needs
-//! (`guestfs/ext4.rs`); NTFS with the `ntfs` crate (`guestfs/ntfs.rs`). Other file systems are recognised and
+//! (`guestfs/ext4.rs`); XFS with the `lamxfs` crate, which replays its log in memory too (`guestfs/xfs.rs`);
+//! NTFS with the `ntfs` crate (`guestfs/ntfs.rs`). Other file systems are recognised and
 //! named; `dump` of a volume streams its raw bytes for tools that read them (`dump … /part2 > part2.img`, then
 //! mount that locally).
 //!
@@ -19,6 +20,7 @@ pub mod lvm;
 mod ntfs;
 pub mod partitions;
 pub mod tar;
+mod xfs;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -63,7 +65,7 @@ impl FsKind {
 
     /// Whether diskvault lists and reads its files.
     pub fn readable(self) -> bool {
-        matches!(self, FsKind::Ext | FsKind::Ntfs)
+        matches!(self, FsKind::Ext | FsKind::Ntfs | FsKind::Xfs)
     }
 }
 
@@ -316,10 +318,11 @@ impl GuestDisk {
         let inner: Box<dyn FileSystem> = match volume.fs {
             FsKind::Ext => Box::new(ext4::Ext4Fs::open(reader, &volume.name)?),
             FsKind::Ntfs => Box::new(ntfs::NtfsFs::open(reader, &volume.name)?),
+            FsKind::Xfs => Box::new(xfs::XfsFs::open(reader, &volume.name)?),
             other => {
                 return Err(Error::invalid(format!(
-                    "{} holds {}, whose files diskvault does not read (ext2/3/4 and NTFS only); `dump` of /{} gives \
-                     its raw bytes to mount locally",
+                    "{} holds {}, whose files diskvault does not read (ext2/3/4, XFS and NTFS only); `dump` of /{} \
+                     gives its raw bytes to mount locally",
                     volume.name,
                     other.name(),
                     volume.name
