@@ -594,4 +594,13 @@ fn files_of_an_xfs_root_are_read_with_its_log_replayed() {
     assert_eq!(entry("long-link")["target"].as_str(), Some(long.as_str()));
     assert_eq!(std::fs::read_link(out.join("var/long-link")).unwrap(), Path::new(&long));
     assert_eq!(dump("/part1/var/anna/Documents/Überweisung.txt"), "Überweisung an Jörg: 100 €\r\n".as_bytes());
+    // Two names of one file: one file with two names again, in extract and in a tar archive.
+    let (a, b) = (out.join("var/spool/msg-002"), out.join("var/second-name-of-msg-002"));
+    assert_eq!(std::fs::metadata(&a).unwrap().ino(), std::fs::metadata(&b).unwrap().ino(), "a hard link");
+    assert_eq!(std::fs::metadata(&b).unwrap().nlink(), 2);
+    let tar = e.path("var.tar");
+    std::fs::write(&tar, dump("/part1/var")).unwrap();
+    let listed = Command::new("tar").arg("-tvf").arg(&tar).output().unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains("var/spool/msg-002 link to var/second-name-of-msg-002"), "{listed}");
 }

@@ -299,8 +299,9 @@ pub fn extract_files(g: &Globals, args: &ExtractArgs) -> Result<()> {
         return incomplete(&reports);
     }
     for (path, s) in &reports {
+        let links = if s.hard_links > 0 { format!(", {} of them hard links", s.hard_links) } else { String::new() };
         eprintln!(
-            "extracted {path} into {}: {} files ({}), {} directories, {} symlinks",
+            "extracted {path} into {}: {} files ({}{links}), {} directories, {} symlinks",
             args.target.display(),
             s.files,
             human_bytes(s.bytes),

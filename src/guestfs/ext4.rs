@@ -101,6 +101,9 @@ impl Ext4Fs {
             mtime_nanos: mtime.nanoseconds(),
             target: (kind == EntryKind::Symlink).then(|| String::from_utf8_lossy(&target_bytes).into_owned()),
             target_bytes,
+            // ext4-view tells neither inode numbers nor link counts.
+            inode: None,
+            links: 1,
         })
     }
 }

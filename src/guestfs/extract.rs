@@ -3,7 +3,8 @@
 //! What a user of `tar -x` expects: contents bit-exact with their holes left as holes, permissions, modification
 //! times, symlinks as symlinks, and owners when running as root. Devices, FIFOs and sockets are listed as
 //! skipped, files whose contents cannot be read here (NTFS-compressed ones, say) and directories whose entries
-//! cannot (fscrypt-encrypted ones) as unreadable, with the reason; hard links become separate copies. A file or
+//! cannot (fscrypt-encrypted ones) as unreadable, with the reason. Names of one file (hard links) become hard
+//! links again where the file system numbers its files (XFS, NTFS; ext4-view does not tell). A file or
 //! directory whose data is damaged in the repository is left out and named the same way, and the extraction
 //! goes on with the rest, as `restic restore` does: a disaster's restore takes what is there.
 //!
@@ -11,6 +12,7 @@
 //! (`O_EXCL`, symlinks not followed), so a crafted directory holding a symlink and a directory of the same name
 //! stops the extraction instead of writing through the link.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::os::unix::ffi::OsStrExt;
@@ -32,6 +34,8 @@ pub fn extract(fs: &GuestFs, path: &[u8], target: &Path, counters: &Counters) ->
     // Directories get their permissions and times once their contents are written (a read-only directory
     // could not be filled, and every entry created in one changes its modification time), innermost first.
     let mut dirs: Vec<(PathBuf, Entry)> = Vec::new();
+    // Where the first name of each file with several names went: its other names become hard links to it.
+    let mut first_names: HashMap<u64, PathBuf> = HashMap::new();
     let dest = if path == b"/" {
         target.to_path_buf()
     } else {
@@ -47,6 +51,13 @@ pub fn extract(fs: &GuestFs, path: &[u8], target: &Path, counters: &Counters) ->
             return Err(Error::Interrupted);
         }
         match e.kind {
+            EntryKind::File if e.links > 1 && e.inode.is_some_and(|ino| first_names.contains_key(&ino)) => {
+                let first = &first_names[&e.inode.unwrap_or_default()];
+                std::fs::hard_link(first, local)
+                    .map_err(|err| Error::local(local, format!("cannot link to {}: {err}", first.display())))?;
+                stats.files += 1;
+                stats.hard_links += 1;
+            }
             EntryKind::File => {
                 let copied = match fs.unreadable(guest) {
                     Ok(Some(why)) => Err(Error::invalid(format!("{}: {why}", e.path))),
@@ -57,6 +68,9 @@ pub fn extract(fs: &GuestFs, path: &[u8], target: &Path, counters: &Counters) ->
                     Ok(size) => {
                         stats.bytes += size;
                         stats.files += 1;
+                        if let Some(ino) = e.inode.filter(|_| e.links > 1) {
+                            first_names.insert(ino, local.to_path_buf());
+                        }
                     }
                     Err(err) if is_damage(&err) => stats.unreadable.push(left_out(&e.path, &err)),
                     Err(err) => return Err(err),

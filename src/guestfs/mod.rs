@@ -369,6 +369,8 @@ pub struct CopyStats {
     /// Files whose contents, and directories whose entries, cannot be read (here, or from the repository:
     /// damaged data), with the reason (`path: reason`): not copied.
     pub unreadable: Vec<String>,
+    /// Of `files`, those made a hard link to an earlier name of the same file, as the guest has them.
+    pub hard_links: u64,
 }
 
 /// Whether `err`, met reading one file or directory, concerns only that one: damaged or missing repository
@@ -440,6 +442,13 @@ pub struct Entry {
     pub target: Option<String>,
     #[serde(skip)]
     pub target_bytes: Vec<u8>,
+    /// The file system's number for the file (XFS inode, NTFS file record), where the reader gives one: names
+    /// of one file (hard links) share it, and a directory met again below itself is a damaged file system.
+    #[serde(skip)]
+    pub inode: Option<u64>,
+    /// How many names the file has (1 when not known).
+    #[serde(skip)]
+    pub links: u32,
 }
 
 /// A readable file system of a [`GuestDisk`] volume. Paths given to it are the part after the volume: `/etc`.
@@ -518,10 +527,12 @@ impl GuestFs {
 
     /// Every entry under directory `path`, depth first and by name, each directory before its contents.
     /// Returns the directories below `path` whose entries cannot be read (here, or from the repository: see
-    /// [`is_damage`]), as `path: reason`; they are handed to `f`, but not entered.
+    /// [`is_damage`]; or a directory that is its own ancestor, in a damaged file system), as `path: reason`; they are
+    /// handed to `f`, but not entered.
     pub fn walk(&self, path: &[u8], f: &mut dyn FnMut(&[u8], &Entry) -> Result<()>) -> Result<Vec<String>> {
         let mut unreadable = Vec::new();
-        self.walk_into(self.read_dir(path)?, f, &mut unreadable)?;
+        let mut ancestors: Vec<u64> = self.entry(path)?.inode.into_iter().collect();
+        self.walk_into(self.read_dir(path)?, f, &mut ancestors, &mut unreadable)?;
         Ok(unreadable)
     }
 
@@ -529,17 +540,30 @@ impl GuestFs {
         &self,
         entries: Vec<(Vec<u8>, Entry)>,
         f: &mut dyn FnMut(&[u8], &Entry) -> Result<()>,
+        ancestors: &mut Vec<u64>,
         unreadable: &mut Vec<String>,
     ) -> Result<()> {
         for (child, e) in entries {
             f(&child, &e)?;
-            if e.kind == EntryKind::Dir {
-                match self.sorted_dir(&child) {
-                    Ok(Listing::Entries(inner)) => self.walk_into(inner, f, unreadable)?,
-                    Ok(Listing::Unreadable(why)) => unreadable.push(format!("{}: {why}", e.path)),
-                    Err(err) if is_damage(&err) => unreadable.push(left_out(&e.path, &err)),
-                    Err(err) => return Err(err),
+            if e.kind != EntryKind::Dir {
+                continue;
+            }
+            if e.inode.is_some_and(|ino| ancestors.contains(&ino)) {
+                unreadable
+                    .push(format!("{}: the directory is one of its own ancestors (a damaged file system)", e.path));
+                continue;
+            }
+            match self.sorted_dir(&child) {
+                Ok(Listing::Entries(inner)) => {
+                    ancestors.extend(e.inode);
+                    self.walk_into(inner, f, ancestors, unreadable)?;
+                    if e.inode.is_some() {
+                        ancestors.pop();
+                    }
                 }
+                Ok(Listing::Unreadable(why)) => unreadable.push(format!("{}: {why}", e.path)),
+                Err(err) if is_damage(&err) => unreadable.push(left_out(&e.path, &err)),
+                Err(err) => return Err(err),
             }
         }
         Ok(())

@@ -132,6 +132,8 @@ impl NtfsFs {
             mtime_nanos,
             target: None,
             target_bytes: Vec::new(),
+            inode: Some(file.file_record_number()),
+            links: file.hard_link_count().into(),
         })
     }
 }

@@ -5,7 +5,8 @@
 //! encoded as GNU tar writes them. Each entry has its type, permissions (setuid, setgid and sticky included),
 //! owner ids and modification time in seconds. What `extract` leaves out, this leaves out too, and reports the
 //! same way: devices, FIFOs and sockets are skipped; files whose contents and directories whose entries cannot
-//! be read here are listed as unreadable. Hard links become separate copies, and holes are written as zeros.
+//! be read here are listed as unreadable. Names of one file become hard-link entries where the file system
+//! numbers its files (XFS, NTFS), and holes are written as zeros.
 //!
 //! When reading fails halfway through a file, the stream ends there without tar's end-of-archive blocks, so
 //! the receiving `tar` reports a truncated archive instead of taking it for a complete one.
@@ -44,6 +45,8 @@ fn write_entries(
     // Names in the archive: relative to `path`'s directory, or to the root for a whole volume.
     let prefix: &[u8] = if path == b"/" { b"" } else { &top.name };
     let base = path.len();
+    // The archive name of each file with several names, first met: its other names become hard links to it.
+    let mut first_names: std::collections::HashMap<u64, PathBuf> = std::collections::HashMap::new();
     let mut one = |guest: &[u8], e: &Entry| -> Result<()> {
         if crate::util::interrupted() {
             return Err(Error::Interrupted);
@@ -56,12 +59,23 @@ fn write_entries(
         if name.as_os_str().is_empty() {
             return Ok(()); // a volume's root: its contents are the archive's top level
         }
+        let several = e.inode.filter(|_| e.links > 1);
         match e.kind {
+            EntryKind::File if several.is_some_and(|ino| first_names.contains_key(&ino)) => {
+                let first = &first_names[&several.unwrap_or_default()];
+                let mut header = header(e, tar::EntryType::Link);
+                archive.append_link(&mut header, &name, first).map_err(|err| entry_error(archive, e, err))?;
+                stats.files += 1;
+                stats.hard_links += 1;
+            }
             EntryKind::File => match fs.unreadable(guest)? {
                 Some(why) => stats.unreadable.push(format!("{}: {why}", e.path)),
                 None => {
                     stats.bytes += append_file(fs, guest, &name, e, archive, counters)?;
                     stats.files += 1;
+                    if let Some(ino) = several {
+                        first_names.insert(ino, name.clone());
+                    }
                 }
             },
             EntryKind::Dir => {
@@ -173,7 +187,7 @@ mod tests {
     use std::io::Read;
 
     use super::*;
-    use crate::guestfs::{FileSystem, Listing};
+    use crate::guestfs::{join, FileSystem, Listing};
 
     /// A directory `/d` holding `a` (1000 bytes), `b` (3000 bytes; its reading fails after its first 1024 bytes
     /// when `fail` is set) and the directory `c`, whose entries are in a damaged blob.
@@ -194,6 +208,8 @@ mod tests {
             mtime_nanos: 0,
             target: None,
             target_bytes: Vec::new(),
+            inode: None,
+            links: 1,
         }
     }
 
@@ -224,6 +240,37 @@ mod tests {
             }
             Ok(len)
         }
+    }
+
+    /// `/d` (inode 1) holding directory `c` (inode 2), which holds `back`: inode 1 again, as a damaged file
+    /// system can.
+    struct Cycle;
+
+    impl FileSystem for Cycle {
+        fn entry(&self, path: &[u8]) -> Result<Entry> {
+            let name = std::str::from_utf8(path).unwrap();
+            let inode = if path.ends_with(b"/c") { 2 } else { 1 };
+            Ok(Entry { inode: Some(inode), ..entry(name, EntryKind::Dir, 0) })
+        }
+        fn read_dir(&self, path: &[u8]) -> Result<Listing> {
+            let child = if path == b"/d" { join(path, b"c") } else { join(path, b"back") };
+            Ok(Listing::Entries(vec![(child.clone(), self.entry(&child)?)]))
+        }
+        fn read_file(&self, _: &[u8], _: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
+            unreachable!("no files")
+        }
+    }
+
+    #[test]
+    fn a_directory_that_is_its_own_ancestor_is_not_entered() {
+        let fs = GuestFs { inner: Box::new(Cycle) };
+        let mut out = Vec::new();
+        let stats = write_tar(&fs, b"/d", &mut out, &Counters::default()).unwrap();
+        assert_eq!(stats.dirs, 3, "d, d/c and d/c/back, empty");
+        assert_eq!(
+            stats.unreadable,
+            ["/v/d/c/back: the directory is one of its own ancestors (a damaged file system)"]
+        );
     }
 
     fn archive(fail: bool) -> (Result<CopyStats>, Vec<u8>) {

@@ -4,8 +4,8 @@
 //! it at mount. What it cannot read correctly (a v4 log left dirty, a realtime section, an external log) it
 //! refuses.
 //!
-//! lamxfs answers a file's type, permissions and size. Owner and modification time are read here from the
-//! inode's core on the volume, and used only when that core is the inode lamxfs read (same inode number, type,
+//! lamxfs answers a file's type, permissions and size. Owner, modification time and link count are read here
+//! from the inode's core on the volume, and used only when that core is the inode lamxfs read (same inode number, type,
 //! permissions and size): an inode that only the log's replay brings into being shows owner 0 and time 0.
 //! lamxfs resolves paths without following symlinks; [`XfsFs::lookup`] follows them as the kernel does.
 
@@ -40,6 +40,15 @@ pub(super) struct XfsFs {
     geometry: Geometry,
     volume: String,
     reader: VolumeReader,
+}
+
+/// What is read here from an inode's core.
+struct Core {
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    mtime_nanos: u32,
+    links: u32,
 }
 
 /// An inode as described here.
@@ -132,13 +141,13 @@ impl XfsFs {
         fs_error(&self.reader.failure, &self.volume, path, what)
     }
 
-    /// Owner and modification time from the inode's core on the volume, when it is the inode lamxfs described
-    /// (else the log's replay changed it: zeros).
-    fn owner_and_time(&self, d: &Described) -> (u32, u32, i64, u32) {
+    /// Owner, modification time and link count from the inode's core on the volume, when it is the inode
+    /// lamxfs described (else the log's replay changed it: `None`).
+    fn core(&self, d: &Described) -> Option<Core> {
         let g = &self.geometry;
         let per_ag_bits = g.ag_blocks_log + g.inodes_per_block_log;
         if per_ag_bits >= 64 || g.inode_size < 176 {
-            return (0, 0, 0, 0);
+            return None;
         }
         let ag = d.ino >> per_ag_bits;
         let in_ag = d.ino & ((1 << per_ag_bits) - 1);
@@ -149,7 +158,7 @@ impl XfsFs {
         let mut core = [0u8; 176];
         if self.reader.read(offset, &mut core).is_err() {
             self.reader.failure.borrow_mut().take();
-            return (0, 0, 0, 0);
+            return None;
         }
         let be16 = |at: usize| u16::from_be_bytes([core[at], core[at + 1]]);
         let be32 = |at: usize| u32::from_be_bytes(core[at..at + 4].try_into().expect("4 bytes"));
@@ -160,35 +169,39 @@ impl XfsFs {
             && be64(56) == d.size
             && (version < 3 || be64(152) == d.ino);
         if !same {
-            return (0, 0, 0, 0);
+            return None;
         }
         // Version 3 cores with the bigtime flag count nanoseconds from 1901-12-13 (2^31 s before the epoch).
         let bigtime = version >= 3 && be64(120) & (1 << 3) != 0;
-        let (secs, nanos) = if bigtime {
+        let (mtime, nanos) = if bigtime {
             let ns = be64(40);
             ((ns / 1_000_000_000) as i64 - (1 << 31), (ns % 1_000_000_000) as u32)
         } else {
             (i64::from(be32(40) as i32), be32(44))
         };
-        (be32(8), be32(12), secs, nanos.min(999_999_999))
+        // Version 1 cores kept the link count in 16 bits at 6; later ones in 32 bits at 16.
+        let links = if version == 1 { u32::from(be16(6)) } else { be32(16) };
+        Some(Core { uid: be32(8), gid: be32(12), mtime, mtime_nanos: nanos.min(999_999_999), links })
     }
 
     fn describe(&self, path: &[u8], name: Vec<u8>, d: &Described) -> Result<Entry> {
         let kind = kind_of(d.mode);
         let target_bytes = if kind == EntryKind::Symlink { self.link_target(path)? } else { Vec::new() };
-        let (uid, gid, mtime, mtime_nanos) = self.owner_and_time(d);
+        let core = self.core(d).unwrap_or(Core { uid: 0, gid: 0, mtime: 0, mtime_nanos: 0, links: 1 });
         Ok(Entry {
             path: guest_path(&self.volume, path),
             name,
             kind,
             size: d.size,
             mode: (d.mode & 0o7777) as u16,
-            uid,
-            gid,
-            mtime,
-            mtime_nanos,
+            uid: core.uid,
+            gid: core.gid,
+            mtime: core.mtime,
+            mtime_nanos: core.mtime_nanos,
             target: (kind == EntryKind::Symlink).then(|| String::from_utf8_lossy(&target_bytes).into_owned()),
             target_bytes,
+            inode: Some(d.ino),
+            links: core.links.max(1),
         })
     }
 }
