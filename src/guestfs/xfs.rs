@@ -15,11 +15,42 @@ use std::collections::VecDeque;
 use super::{copy_chunks, fs_error, guest_path, join, Entry, EntryKind, FileSystem, Listing, VolumeReader};
 use crate::error::{Error, Result};
 
-impl lamxfs::BlockRead for VolumeReader {
+/// The volume as lamxfs reads it, with its small reads (inodes, directory and extent-tree blocks: metadata)
+/// kept. lamxfs reads the directories of a path from the root for every lookup, and those blocks lie across the
+/// allocation groups: without this, the file contents streaming through serve's blob cache pushed them out, and
+/// each lookup decompressed their 1 MiB blocks again (zstd was 40% of an extraction's CPU).
+struct CachedVolume {
+    reader: VolumeReader,
+    small_reads: lru::LruCache<(u64, usize), Box<[u8]>>,
+    cached_bytes: usize,
+}
+
+/// Reads up to this size are metadata to keep.
+const SMALL_READ: usize = 64 << 10;
+/// Bytes of small reads kept.
+const SMALL_READS_KEPT: usize = 16 << 20;
+
+impl lamxfs::BlockRead for CachedVolume {
     type Error = String;
 
     fn read_at(&mut self, offset_bytes: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
-        VolumeReader::read(self, offset_bytes, buf)
+        if buf.len() > SMALL_READ {
+            return self.reader.read(offset_bytes, buf);
+        }
+        if let Some(kept) = self.small_reads.get(&(offset_bytes, buf.len())) {
+            buf.copy_from_slice(kept);
+            return Ok(());
+        }
+        self.reader.read(offset_bytes, buf)?;
+        self.cached_bytes += buf.len();
+        self.small_reads.put((offset_bytes, buf.len()), buf.into());
+        while self.cached_bytes > SMALL_READS_KEPT {
+            match self.small_reads.pop_lru() {
+                Some((_, old)) => self.cached_bytes -= old.len(),
+                None => break,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -36,7 +67,7 @@ struct Geometry {
 }
 
 pub(super) struct XfsFs {
-    fs: RefCell<lamxfs::Xfs<VolumeReader>>,
+    fs: RefCell<lamxfs::Xfs<CachedVolume>>,
     geometry: Geometry,
     volume: String,
     reader: VolumeReader,
@@ -70,7 +101,8 @@ impl XfsFs {
             inodes_per_block_log: u32::from(sb[123]),
             ag_blocks_log: u32::from(sb[124]),
         };
-        let fs = lamxfs::Xfs::open(reader.clone(), reader.len)
+        let cached = CachedVolume { reader: reader.clone(), small_reads: lru::LruCache::unbounded(), cached_bytes: 0 };
+        let fs = lamxfs::Xfs::open(cached, reader.len)
             .map_err(|e| fs_error(&reader.failure, volume, b"/", describe_error(&e)))?;
         Ok(XfsFs { fs: RefCell::new(fs), geometry, volume: volume.to_string(), reader })
     }
