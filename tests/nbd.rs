@@ -1173,11 +1173,11 @@ fn sequential_readers_are_read_ahead_and_scattered_readers_are_not() {
     assert_eq!(exports.pack_reads(), 5, "block 20 was fetched ahead although no read came near it");
 
     assert!(read_in_order(&disk, data.len()) == data, "the sequential read returns other bytes");
-    // 43 blocks were not cached: one read each without read-ahead. With it: blocks 0 and 1 on their own, then
-    // windows of 16 blocks, a ranged read per pack of 16 MiB each touches (more where a cached block splits a
-    // range).
+    // 43 blocks were not cached: one read each without read-ahead. With it: blocks 0 and 1 on their own, then a
+    // window of 8 blocks and windows of 16, a ranged read per pack of 16 MiB each touches (more where a cached
+    // block splits a range): 18.
     let reads = exports.pack_reads() - 5;
-    assert!((3..=16).contains(&reads), "a sequential read of 43 uncached blocks took {reads} reads");
+    assert!((3..=20).contains(&reads), "a sequential read of 43 uncached blocks took {reads} reads");
 }
 
 /// Kept overlays of snapshots that were since forgotten are reported when serve starts, and left in place
