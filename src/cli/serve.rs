@@ -37,7 +37,8 @@ pub struct ServeArgs {
     /// Memory for decrypted blocks, shared by all exports.
     #[arg(long, default_value = "256M", value_parser = super::prune::parse_size)]
     cache_size: u64,
-    /// Blocks (1 MiB each) a sequential reader gets fetched ahead of it, in the background (1: none).
+    /// Blocks (1 MiB each) a sequential reader gets fetched ahead of it at most, in the background, in windows
+    /// growing from 8 blocks (1: none).
     #[arg(long, default_value_t = crate::serve::DEFAULT_READAHEAD_BLOCKS, value_parser = clap::value_parser!(u64).range(1..=256))]
     readahead: u64,
     /// Most clients connected at once.
