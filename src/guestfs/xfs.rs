@@ -5,8 +5,9 @@
 //! refuses.
 //!
 //! lamxfs answers a file's type, permissions and size. Owner, modification time and link count are read here
-//! from the inode's core on the volume, and used only when that core is the inode lamxfs read (same inode number, type,
-//! permissions and size): an inode that only the log's replay brings into being shows owner 0 and time 0.
+//! from the inode's core on the volume, and used only when that core is the inode lamxfs read (same inode
+//! number, type, permissions and size): an inode that only the log's replay brings into being shows owner 0 and
+//! time 0.
 //! lamxfs resolves paths without following symlinks; [`XfsFs::lookup`] follows them as the kernel does.
 
 use std::cell::RefCell;
@@ -174,24 +175,24 @@ impl XfsFs {
     }
 
     /// Owner, modification time and link count from the inode's core on the volume, when it is the inode
-    /// lamxfs described (else the log's replay changed it: `None`).
-    fn core(&self, d: &Described) -> Option<Core> {
+    /// lamxfs described (else the log's replay changed it: `None`). An error when the core cannot be read.
+    fn core(&self, path: &[u8], d: &Described) -> Result<Option<Core>> {
         let g = &self.geometry;
         let per_ag_bits = g.ag_blocks_log + g.inodes_per_block_log;
         if per_ag_bits >= 64 || g.inode_size < 176 {
-            return None;
+            return Ok(None);
         }
         let ag = d.ino >> per_ag_bits;
         let in_ag = d.ino & ((1 << per_ag_bits) - 1);
-        let block = ag.saturating_mul(g.ag_blocks).saturating_add(in_ag >> g.inodes_per_block_log);
-        let offset = block
-            .saturating_mul(g.block_size)
-            .saturating_add((in_ag & ((1 << g.inodes_per_block_log) - 1)) * g.inode_size);
+        let offset = ag
+            .checked_mul(g.ag_blocks)
+            .and_then(|b| b.checked_add(in_ag >> g.inodes_per_block_log))
+            .and_then(|b| b.checked_mul(g.block_size))
+            .and_then(|o| o.checked_add((in_ag & ((1 << g.inodes_per_block_log) - 1)).checked_mul(g.inode_size)?));
+        let Some(offset) = offset else { return Ok(None) };
         let mut core = [0u8; 176];
-        if self.reader.read(offset, &mut core).is_err() {
-            self.reader.failure.borrow_mut().take();
-            return None;
-        }
+        // A damaged block is the repository's error, not a reason to show made-up owners and times.
+        self.reader.read(offset, &mut core).map_err(|e| self.error_text(path, &e))?;
         let be16 = |at: usize| u16::from_be_bytes([core[at], core[at + 1]]);
         let be32 = |at: usize| u32::from_be_bytes(core[at..at + 4].try_into().expect("4 bytes"));
         let be64 = |at: usize| u64::from_be_bytes(core[at..at + 8].try_into().expect("8 bytes"));
@@ -201,7 +202,7 @@ impl XfsFs {
             && be64(56) == d.size
             && (version < 3 || be64(152) == d.ino);
         if !same {
-            return None;
+            return Ok(None);
         }
         // Version 3 cores with the bigtime flag count nanoseconds from 1901-12-13 (2^31 s before the epoch).
         let bigtime = version >= 3 && be64(120) & (1 << 3) != 0;
@@ -213,13 +214,13 @@ impl XfsFs {
         };
         // Version 1 cores kept the link count in 16 bits at 6; later ones in 32 bits at 16.
         let links = if version == 1 { u32::from(be16(6)) } else { be32(16) };
-        Some(Core { uid: be32(8), gid: be32(12), mtime, mtime_nanos: nanos.min(999_999_999), links })
+        Ok(Some(Core { uid: be32(8), gid: be32(12), mtime, mtime_nanos: nanos.min(999_999_999), links }))
     }
 
     fn describe(&self, path: &[u8], name: Vec<u8>, d: &Described) -> Result<Entry> {
         let kind = kind_of(d.mode);
         let target_bytes = if kind == EntryKind::Symlink { self.link_target(path)? } else { Vec::new() };
-        let core = self.core(d).unwrap_or(Core { uid: 0, gid: 0, mtime: 0, mtime_nanos: 0, links: 1 });
+        let core = self.core(path, d)?.unwrap_or(Core { uid: 0, gid: 0, mtime: 0, mtime_nanos: 0, links: 1 });
         Ok(Entry {
             path: guest_path(&self.volume, path),
             name,
