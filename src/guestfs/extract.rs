@@ -19,7 +19,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::{is_damage, left_out, CopyStats, Entry, EntryKind, GuestFs};
+use super::{below, is_damage, left_out, CopyStats, Entry, EntryKind, GuestFs};
 use crate::error::{Error, Result};
 use crate::progress::Counters;
 
@@ -51,16 +51,19 @@ pub fn extract(fs: &GuestFs, path: &[u8], target: &Path, counters: &Counters) ->
             return Err(Error::Interrupted);
         }
         match e.kind {
-            EntryKind::File if e.links > 1 && e.inode.is_some_and(|ino| first_names.contains_key(&ino)) => {
-                let first = &first_names[&e.inode.unwrap_or_default()];
-                std::fs::hard_link(first, local)
-                    .map_err(|err| Error::local(local, format!("cannot link to {}: {err}", first.display())))?;
-                stats.files += 1;
-                stats.hard_links += 1;
-            }
             EntryKind::File => {
+                if let Some(first) = e.hard_link_key().and_then(|key| first_names.get(&key)) {
+                    std::fs::hard_link(first, local)
+                        .map_err(|err| Error::local(local, format!("cannot link to {}: {err}", first.display())))?;
+                    stats.files += 1;
+                    stats.hard_links += 1;
+                    return Ok(());
+                }
                 let copied = match fs.unreadable(guest) {
-                    Ok(Some(why)) => Err(Error::invalid(format!("{}: {why}", e.path))),
+                    Ok(Some(why)) => {
+                        stats.unreadable.push(format!("{}: {why}", e.path));
+                        return Ok(());
+                    }
                     Ok(None) => write_file(fs, guest, local, e, owners, counters),
                     Err(err) => Err(err),
                 };
@@ -68,8 +71,8 @@ pub fn extract(fs: &GuestFs, path: &[u8], target: &Path, counters: &Counters) ->
                     Ok(size) => {
                         stats.bytes += size;
                         stats.files += 1;
-                        if let Some(ino) = e.inode.filter(|_| e.links > 1) {
-                            first_names.insert(ino, local.to_path_buf());
+                        if let Some(key) = e.hard_link_key() {
+                            first_names.insert(key, local.to_path_buf());
                         }
                     }
                     Err(err) if is_damage(&err) => stats.unreadable.push(left_out(&e.path, &err)),
@@ -95,12 +98,8 @@ pub fn extract(fs: &GuestFs, path: &[u8], target: &Path, counters: &Counters) ->
     };
     one(&dest, path, &top, &mut dirs)?;
     if top.kind == EntryKind::Dir {
-        let base = path.len();
-        let unreadable = fs.walk(path, &mut |guest, e| {
-            // The part below `path`: guest paths are `path` + "/" + names (no "." or "..": read_dir drops them).
-            let rel = guest[base..].strip_prefix(b"/").unwrap_or(&guest[base..]);
-            one(&dest.join(OsStr::from_bytes(rel)), guest, e, &mut dirs)
-        })?;
+        let unreadable =
+            fs.walk(path, &mut |guest, e| one(&dest.join(OsStr::from_bytes(below(path, guest))), guest, e, &mut dirs))?;
         stats.unreadable.extend(unreadable);
     }
     for (local, e) in dirs.iter().rev() {

@@ -451,6 +451,14 @@ pub struct Entry {
     pub links: u32,
 }
 
+impl Entry {
+    /// For a regular file with several names whose file system numbers its files, that number: a copy makes
+    /// the file's later names hard links to the first.
+    fn hard_link_key(&self) -> Option<u64> {
+        self.inode.filter(|_| self.kind == EntryKind::File && self.links > 1)
+    }
+}
+
 /// A readable file system of a [`GuestDisk`] volume. Paths given to it are the part after the volume: `/etc`.
 pub struct GuestFs {
     inner: Box<dyn FileSystem>,
@@ -491,6 +499,13 @@ fn le32(b: &[u8], at: usize) -> u32 {
 }
 fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// The part of guest path `guest` below `top`, a path it was walked from: a walk's paths are `top` + `/` +
+/// names (no `.` or `..`: read_dir drops them). Empty for `top` itself.
+fn below<'a>(top: &[u8], guest: &'a [u8]) -> &'a [u8] {
+    let rest = &guest[top.len()..];
+    rest.strip_prefix(b"/").unwrap_or(rest)
 }
 
 /// `dir` + `/` + `name`.

@@ -15,7 +15,7 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use super::{CopyStats, Entry, EntryKind, GuestFs};
+use super::{below, CopyStats, Entry, EntryKind, GuestFs};
 use crate::error::{Error, Result};
 use crate::progress::Counters;
 
@@ -44,40 +44,40 @@ fn write_entries(
     let mut stats = CopyStats::default();
     // Names in the archive: relative to `path`'s directory, or to the root for a whole volume.
     let prefix: &[u8] = if path == b"/" { b"" } else { &top.name };
-    let base = path.len();
     // The archive name of each file with several names, first met: its other names become hard links to it.
     let mut first_names: std::collections::HashMap<u64, PathBuf> = std::collections::HashMap::new();
     let mut one = |guest: &[u8], e: &Entry| -> Result<()> {
         if crate::util::interrupted() {
             return Err(Error::Interrupted);
         }
-        let below = guest[base..].strip_prefix(b"/").unwrap_or(&guest[base..]);
         let mut name = PathBuf::from(std::ffi::OsStr::from_bytes(prefix));
-        if !below.is_empty() {
-            name.push(std::ffi::OsStr::from_bytes(below));
+        let rest = below(path, guest);
+        if !rest.is_empty() {
+            name.push(std::ffi::OsStr::from_bytes(rest));
         }
         if name.as_os_str().is_empty() {
             return Ok(()); // a volume's root: its contents are the archive's top level
         }
-        let several = e.inode.filter(|_| e.links > 1);
         match e.kind {
-            EntryKind::File if several.is_some_and(|ino| first_names.contains_key(&ino)) => {
-                let first = &first_names[&several.unwrap_or_default()];
-                let mut header = header(e, tar::EntryType::Link);
-                archive.append_link(&mut header, &name, first).map_err(|err| entry_error(archive, e, err))?;
-                stats.files += 1;
-                stats.hard_links += 1;
-            }
-            EntryKind::File => match fs.unreadable(guest)? {
-                Some(why) => stats.unreadable.push(format!("{}: {why}", e.path)),
-                None => {
-                    stats.bytes += append_file(fs, guest, &name, e, archive, counters)?;
+            EntryKind::File => {
+                if let Some(first) = e.hard_link_key().and_then(|key| first_names.get(&key)) {
+                    let mut header = header(e, tar::EntryType::Link);
+                    archive.append_link(&mut header, &name, first).map_err(|err| entry_error(archive, e, err))?;
                     stats.files += 1;
-                    if let Some(ino) = several {
-                        first_names.insert(ino, name.clone());
+                    stats.hard_links += 1;
+                    return Ok(());
+                }
+                match fs.unreadable(guest)? {
+                    Some(why) => stats.unreadable.push(format!("{}: {why}", e.path)),
+                    None => {
+                        stats.bytes += append_file(fs, guest, &name, e, archive, counters)?;
+                        stats.files += 1;
+                        if let Some(key) = e.hard_link_key() {
+                            first_names.insert(key, name);
+                        }
                     }
                 }
-            },
+            }
             EntryKind::Dir => {
                 let mut header = header(e, tar::EntryType::Directory);
                 archive

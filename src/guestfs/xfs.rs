@@ -217,12 +217,13 @@ impl XfsFs {
         Ok(Some(Core { uid: be32(8), gid: be32(12), mtime, mtime_nanos: nanos.min(999_999_999), links }))
     }
 
-    fn describe(&self, path: &[u8], name: Vec<u8>, d: &Described) -> Result<Entry> {
+    /// The entry at `shown` (the path as the caller gave it), which is `real` with its symlinks followed.
+    fn describe(&self, shown: &[u8], real: &[u8], name: Vec<u8>, d: &Described) -> Result<Entry> {
         let kind = kind_of(d.mode);
-        let target_bytes = if kind == EntryKind::Symlink { self.link_target(path)? } else { Vec::new() };
-        let core = self.core(path, d)?.unwrap_or(Core { uid: 0, gid: 0, mtime: 0, mtime_nanos: 0, links: 1 });
+        let target_bytes = if kind == EntryKind::Symlink { self.link_target(real)? } else { Vec::new() };
+        let core = self.core(real, d)?.unwrap_or(Core { uid: 0, gid: 0, mtime: 0, mtime_nanos: 0, links: 1 });
         Ok(Entry {
-            path: guest_path(&self.volume, path),
+            path: guest_path(&self.volume, shown),
             name,
             kind,
             size: d.size,
@@ -243,7 +244,7 @@ impl FileSystem for XfsFs {
     fn entry(&self, path: &[u8]) -> Result<Entry> {
         let (real, d) = self.lookup(path, false)?;
         let name = path.rsplit(|&b| b == b'/').next().unwrap_or_default().to_vec();
-        self.describe(&real, name, &d).map(|e| Entry { path: guest_path(&self.volume, path), ..e })
+        self.describe(path, &real, name, &d)
     }
 
     fn read_dir(&self, path: &[u8]) -> Result<Listing> {
@@ -256,8 +257,8 @@ impl FileSystem for XfsFs {
             }
             let child = join(path, &entry.name);
             let d = self.stat(&child, entry.inode_number)?;
-            let e = self.describe(&join(&real, &entry.name), entry.name, &d)?;
-            out.push((child.clone(), Entry { path: guest_path(&self.volume, &child), ..e }));
+            let e = self.describe(&child, &join(&real, &entry.name), entry.name, &d)?;
+            out.push((child, e));
         }
         Ok(Listing::Entries(out))
     }
