@@ -5,7 +5,8 @@
 //! is not protected. The rules follow restic's: `last` keeps the newest n; `hourly`/`daily`/`weekly`/
 //! `monthly`/`yearly` keep the newest snapshot of each of the n newest periods that have one; `within`
 //! keeps everything younger than a duration before the group's newest snapshot; `tags` keeps snapshots
-//! carrying a tag. Periods are UTC. Forgetting removes snapshot objects only; their data stays until prune.
+//! carrying a tag. Periods are UTC. Snapshots can also be named one by one ([`decide_chosen`]). Forgetting
+//! removes snapshot objects only; their data stays until prune.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -167,6 +168,25 @@ pub fn decide(
         out.extend(decisions);
     }
     out
+}
+
+/// The verdicts for removing exactly the `chosen` snapshots (restic's `forget ID…`), grouped as a policy's are.
+/// A protected one is an error naming it, so that nothing is removed: unprotecting is a decision of its own.
+pub fn decide_chosen(chosen: &[(ObjectId, Snapshot)], protected: &HashSet<ObjectId>) -> Result<Vec<Decision>> {
+    if let Some((id, _)) = chosen.iter().find(|(id, _)| protected.contains(id)) {
+        return Err(Error::invalid(format!(
+            "snapshot {} is protected: `unprotect {}` first if it is to go",
+            id.short(),
+            id.short()
+        )));
+    }
+    let mut decisions: Vec<Decision> = chosen
+        .iter()
+        .map(|(id, s)| Decision { id: *id, group: GroupBy::SOURCE.key(s), time_secs: s.time_secs, reasons: Vec::new() })
+        .collect();
+    decisions.sort_by(|a, b| a.group.cmp(&b.group).then(b.time_secs.cmp(&a.time_secs)));
+    decisions.dedup_by_key(|d| d.id);
+    Ok(decisions)
 }
 
 /// Snapshot ids marked protected (`protected/<snapshot id>` objects).

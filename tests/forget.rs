@@ -68,6 +68,48 @@ fn keep_daily_and_weekly_with_dry_run_and_protection() {
 }
 
 #[test]
+fn named_snapshots_are_forgotten_and_the_others_still_restore() {
+    let e = Env::with_repo();
+    let days = daily_backups(&e, &["2026-11-02", "2026-11-03", "2026-11-04", "2026-11-05"]);
+    write(&e.path("db.raw"), &random_bytes(900, MIB));
+    let db = e.backup(&["--name", "db", e.path("db.raw").to_str().unwrap()])["snapshot"].as_str().unwrap().to_string();
+    let prefix = |i: usize| days[i].0[..8].to_string();
+
+    let r = e.fails(&["forget", &prefix(0), "--keep-last", "1"]);
+    assert!(r.stderr.contains("not both"), "{}", r.stderr);
+    let r = e.fails(&["forget", "0123abcd"]);
+    assert!(r.stderr.contains("no snapshot with id 0123abcd"), "{}", r.stderr);
+    // A protected snapshot among those named: refused, and none of them is removed.
+    // (Removed newest first: the protected one, older, would come second.)
+    e.ok(&["protect", &prefix(0)]);
+    let r = e.fails(&["forget", &prefix(0), &prefix(1)]);
+    assert!(r.stderr.contains(&format!("snapshot {} is protected", &days[0].0[..8])), "{}", r.stderr);
+    assert_eq!(snapshot_ids(&e).len(), 5);
+    e.ok(&["unprotect", &prefix(0)]);
+
+    // `latest` is the newest snapshot the filters select: vm's of Nov 5, not db's.
+    let dry = e.ok(&["forget", &prefix(1), "latest", "--name", "vm", "--dry-run"]).stdout;
+    assert!(dry.contains("2 snapshots would be removed") && dry.contains(&days[3].0[..8]), "{dry}");
+    assert_eq!(snapshot_ids(&e).len(), 5, "a dry run changes nothing");
+
+    let before = e.pack_bytes();
+    let out = e.ok(&["forget", &prefix(1), "latest", "--name", "vm", "--prune"]).stdout;
+    assert!(out.contains("removed 2 snapshots; pruning"), "{out}");
+    let mut left = snapshot_ids(&e);
+    left.sort();
+    let mut want = vec![days[0].0.clone(), days[2].0.clone(), db.clone()];
+    want.sort();
+    assert_eq!(left, want);
+    // Each day's disk is its own random MiB and 17 bytes: the prune freed the two that only they used.
+    assert!(before - e.pack_bytes() >= 2 * MIB as u64, "{before} -> {}", e.pack_bytes());
+    for i in [0, 2] {
+        assert_eq!(e.restore(&days[i].0, &[]), days[i].1, "day {i} restores");
+    }
+    assert_eq!(e.restore(&db, &[]), random_bytes(900, MIB));
+    assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
+}
+
+#[test]
 fn keep_last_per_source_and_keep_tag() {
     let e = Env::with_repo();
     for (i, name) in ["a", "a", "a", "b", "b"].iter().enumerate() {

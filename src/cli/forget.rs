@@ -7,6 +7,10 @@ use crate::util::{count, format_utc};
 
 #[derive(clap::Args, Debug)]
 pub struct ForgetArgs {
+    /// Remove exactly these snapshots instead of applying a policy: ids, unique id prefixes, or `latest` (the
+    /// newest snapshot the filters select).
+    #[arg(value_name = "SNAPSHOT")]
+    snapshots: Vec<String>,
     /// Keep the newest N snapshots.
     #[arg(long, default_value_t = 0)]
     keep_last: u32,
@@ -61,13 +65,25 @@ pub fn run(g: &Globals, args: &ForgetArgs) -> Result<()> {
         within_secs: args.keep_within,
         tags: args.keep_tags.clone(),
     };
-    if policy.is_empty() {
-        return Err(Error::invalid("no policy given (--keep-last, --keep-daily, … ): refusing to forget everything"));
+    let chosen = !args.snapshots.is_empty();
+    if chosen && !policy.is_empty() {
+        return Err(Error::invalid("give snapshots to remove or a retention policy (--keep-…), not both"));
+    }
+    if !chosen && policy.is_empty() {
+        return Err(Error::invalid(
+            "no policy given (--keep-last, --keep-daily, … ) and no snapshot named: refusing to forget everything",
+        ));
     }
     let repo = g.open_repo()?;
-    let snaps = repo.list_snapshots_matching(&args.filter.filter())?;
+    let filter = args.filter.filter();
     let protected = forget::protected(&repo)?;
-    let decisions = forget::decide(&snaps, &policy, args.group_by, &protected);
+    let decisions = if chosen {
+        let snaps =
+            args.snapshots.iter().map(|s| repo.find_snapshot_matching(s, &filter)).collect::<Result<Vec<_>>>()?;
+        forget::decide_chosen(&snaps, &protected)?
+    } else {
+        forget::decide(&repo.list_snapshots_matching(&filter)?, &policy, args.group_by, &protected)
+    };
     let mut group = None;
     for d in &decisions {
         if group.as_ref() != Some(&d.group) {
@@ -81,20 +97,23 @@ pub fn run(g: &Globals, args: &ForgetArgs) -> Result<()> {
         }
     }
     let to_remove = decisions.iter().filter(|d| !d.keep()).count();
+    // What a policy kept is worth saying; named snapshots leave the others out of the picture.
+    let kept = |removed: usize| if chosen { String::new() } else { format!(", kept {}", decisions.len() - removed) };
     if args.dry_run {
-        println!("dry run: {} would be removed, {} kept", count(to_remove, "snapshot"), decisions.len() - to_remove);
+        let kept = if chosen { String::new() } else { format!(", {} kept", decisions.len() - to_remove) };
+        println!("dry run: {} would be removed{kept}", count(to_remove, "snapshot"));
         return Ok(());
     }
     let removed = forget::apply(&repo, &decisions)?;
     if !args.prune {
         println!(
-            "removed {}, kept {}; their data stays in the repository until it is pruned",
+            "removed {}{}; their data stays in the repository until it is pruned",
             count(removed, "snapshot"),
-            decisions.len() - removed
+            kept(removed)
         );
         return Ok(());
     }
-    println!("removed {}, kept {}; pruning", count(removed, "snapshot"), decisions.len() - removed);
+    println!("removed {}{}; pruning", count(removed, "snapshot"), kept(removed));
     let r = crate::prune::run(&repo, &g.cache_root(), &crate::prune::PruneOptions::default())?;
     super::prune::record_metrics(&r);
     super::prune::print_report(&r, false);
