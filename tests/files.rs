@@ -388,6 +388,105 @@ fn a_damaged_blob_under_a_file_is_named_and_everything_else_is_still_copied() {
 }
 
 #[test]
+fn find_names_the_snapshots_and_paths_that_hold_a_file() {
+    let e = Env::with_repo();
+    let tree = e.path("tree");
+    make_tree(&tree);
+    let disk = e.path("disk.raw");
+    let back_up = |day: &str| -> String {
+        partitioned(&disk, 32, &format!("label: gpt\nstart=2048, type={LINUX}\n"));
+        mkfs_ext4(&disk, 2048 * 512, 28 << 10, &tree, "root");
+        let r = e.backup(&["--name", "vm", "--time", &format!("{day} 22:00:00"), &format!("disk0={}", disk.display())]);
+        r["snapshot"].as_str().unwrap()[..8].to_string()
+    };
+    let day1 = back_up("2026-11-01");
+    // Day 2: nginx's configuration is gone, a report arrived.
+    std::fs::remove_dir_all(tree.join("etc/nginx")).unwrap();
+    std::fs::remove_file(tree.join("etc/nginx.conf")).unwrap();
+    std::fs::write(tree.join("home/anna/Report.PDF"), b"%PDF-1.7").unwrap();
+    std::fs::remove_file(&disk).unwrap();
+    let day2 = back_up("2026-11-02");
+    // Another source whose disk holds no file system: searched, nothing found.
+    common::write(&e.path("blank.raw"), &common::random_bytes(3, 1 << 20));
+    e.ok(&["backup", "--name", "scratch", e.path("blank.raw").to_str().unwrap()]);
+
+    // A name, in any directory: only the older snapshot has it (the file and the symlink).
+    let out = e.ok(&["find", "nginx.conf"]).stdout;
+    let want =
+        format!("{day1}:disk0 (vm, 2026-11-01 22:00:00):\n  /part1/etc/nginx/nginx.conf\n  /part1/etc/nginx.conf\n");
+    assert!(out.contains(&want), "{out}");
+    assert!(!out.contains(&day2) && out.ends_with("2 matches in 3 disks of 3 snapshots\n"), "{out}");
+    // `--long` shows them as `ls --long` does.
+    let out = e.ok(&["find", "nginx.conf", "--long", "--name", "vm"]).stdout;
+    assert!(
+        out.contains("  lrwxrwxrwx ")
+            && out.contains(" 2021-07-08 09:10:11 /part1/etc/nginx.conf -> /etc/nginx/nginx.conf"),
+        "{out}"
+    );
+
+    // A path pattern: `**` across directories, `?` one character; JSON, newest snapshot first.
+    let found = e.ok(&["find", "/part1/var/**/msg-000?", "--json"]).json();
+    let found = found.as_array().unwrap();
+    assert_eq!(found.len(), 2, "{found:?}");
+    for (f, day) in found.iter().zip([&day2, &day1]) {
+        assert!(f["snapshot"].as_str().unwrap().starts_with(day.as_str()), "{f}");
+        let paths: Vec<&str> = f["entries"].as_array().unwrap().iter().map(|e| e["path"].as_str().unwrap()).collect();
+        let want: Vec<String> = (0..10).map(|i| format!("/part1/var/spool/many/msg-{i:04}")).collect();
+        assert_eq!(paths, want);
+    }
+    // Case: exact unless -i; --snapshot and --path narrow the search.
+    assert!(e.ok(&["find", "report.pdf"]).stdout.starts_with("0 matches"));
+    let out = e.ok(&["find", "-i", "report.pdf"]).stdout;
+    assert!(out.contains(&format!("{day2}:disk0")) && out.contains("  /part1/home/anna/Report.PDF\n"), "{out}");
+    let out = e.ok(&["find", "msg-0001", "--snapshot", &day1, "--path", "/part1/var/spool"]).stdout;
+    assert!(out.ends_with("1 match in 1 disk of 1 snapshot\n") && out.contains(&day1), "{out}");
+    let out = e.ok(&["find", "*", "--name", "vm", "--path", "/part1/etc/nginx"]).stdout;
+    assert!(
+        out.contains("/part1/etc/nginx/nginx.conf") && out.contains("/part1/etc/nginx is absent from 1 of them"),
+        "{out}"
+    );
+    let r = e.fails(&["find", "[a-"]);
+    assert!(r.stderr.contains("pattern \"[a-\""), "{}", r.stderr);
+
+    // Damage under the file system's metadata: what cannot be searched is named with the damaged blob, the rest
+    // is searched, and the exit code says the answer is incomplete.
+    let blobs: Vec<(String, usize, String)> = e
+        .objects("index")
+        .iter()
+        .flat_map(|index| {
+            let v = e.ok(&["cat", "index", index.rsplit('/').next().unwrap()]).json();
+            v["packs"].as_array().unwrap().clone()
+        })
+        .flat_map(|pack| {
+            let name = e.objects("packs").into_iter().find(|n| n.ends_with(pack["id"].as_str().unwrap())).unwrap();
+            pack["blobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|b| b["type"] == "data")
+                .map(|b| {
+                    let at = (b["offset"].as_u64().unwrap() + b["stored_len"].as_u64().unwrap() / 2) as usize;
+                    (name.clone(), at, b["id"].as_str().unwrap().to_string())
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let r = blobs
+        .iter()
+        .find_map(|(pack, at, id)| {
+            e.flip(pack, *at);
+            let r = e.run(&["find", "msg-0001"]);
+            e.flip(pack, *at);
+            (r.code != 0).then_some((r, id))
+        })
+        .expect("a blob the search reads");
+    let (r, id) = r;
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("not searched: ") && r.stderr.contains(id.as_str()), "{}", r.stderr);
+    assert!(r.stdout.ends_with(" of 3 snapshots\n"), "the search went on: {}", r.stdout);
+}
+
+#[test]
 fn an_encrypted_directory_is_reported_and_everything_else_is_copied() {
     let e = Env::with_repo();
     let tree = e.path("tree");

@@ -1,17 +1,20 @@
-//! `diskvault ls`, `dump` and `extract`: files inside a snapshot's disk (file-level restore, see
+//! `diskvault ls`, `find`, `dump` and `extract`: files inside a snapshot's disk (file-level restore, see
 //! [`crate::guestfs`]).
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::Globals;
+use super::{FilterArgs, Globals};
 use crate::error::{Error, Result};
 use crate::guestfs::extract::extract;
+use crate::guestfs::find::NameMatcher;
 use crate::guestfs::{split_path, CopyStats, Entry, EntryKind, FsKind, GuestDisk, GuestFs};
 use crate::nbd::server::Device;
 use crate::progress::{Counters, Reporter};
-use crate::util::{format_utc, human_bytes};
+use crate::repository::Repository;
+use crate::serve::RepositoryExports;
+use crate::util::{count, format_utc, human_bytes};
 
 #[derive(clap::Args, Debug)]
 pub struct GuestArgs {
@@ -71,6 +74,36 @@ pub struct ExtractArgs {
     json: bool,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct FindArgs {
+    /// Shell globs (`*`, `?`, `[a-z]`, `**`): without a `/` matched against names in any directory (`nginx.conf`,
+    /// `*.pem`), with one against the whole guest path, volume first (`/part2/etc/nginx/*`, `/part*/home/**/id_rsa`).
+    #[arg(required = true, value_name = "PATTERN")]
+    patterns: Vec<String>,
+    /// Search these snapshots (id, unique prefix, or `latest` of the filters; repeatable) instead of every
+    /// snapshot the filters select.
+    #[arg(long = "snapshot", value_name = "ID")]
+    snapshots: Vec<String>,
+    #[command(flatten)]
+    filter: FilterArgs,
+    /// Only this disk of each snapshot.
+    #[arg(long)]
+    disk: Option<String>,
+    /// Search only below this guest path, volume first (`/part2/home`); default: every volume whose files
+    /// diskvault reads.
+    #[arg(long)]
+    path: Option<String>,
+    /// Match names ignoring case (as Windows does).
+    #[arg(short = 'i', long)]
+    ignore_case: bool,
+    /// Type, permissions, owner, size and modification time of each match, as `ls --long`.
+    #[arg(short, long)]
+    long: bool,
+    /// Print JSON: per snapshot disk with matches, its entries.
+    #[arg(long)]
+    json: bool,
+}
+
 /// A snapshot disk opened for its files. The session marker keeps a concurrent prune from moving what the
 /// reads need.
 struct Opened {
@@ -86,10 +119,17 @@ fn open(g: &Globals, at: &GuestArgs) -> Result<Opened> {
     let repo = g.open_repo()?;
     let (id, snap) = repo.find_snapshot(snap_ref, at.name.as_deref())?;
     let disk = super::choose_disk(&id, &snap, at.disk.as_deref().or(disk_in_ref))?;
+    let (exports, session) = file_exports(g, repo)?;
+    let device: Arc<dyn Device> = Arc::new(exports.disk(&id, disk, crate::serve::DEFAULT_READAHEAD_BLOCKS)?);
+    Ok(Opened { guest: GuestDisk::open(device)?, _session: session })
+}
+
+/// The repository's snapshot disks, for reading their files, under a session marker (the guard).
+fn file_exports(g: &Globals, repo: Repository) -> Result<(RepositoryExports, crate::lock::LockGuard)> {
     let cache = g.open_cache_unsynced(&repo)?;
     let session = crate::lock::start_session(&repo, "file restore")?;
     cache.sync(&repo)?;
-    let exports = crate::serve::RepositoryExports::new(
+    let exports = RepositoryExports::new(
         repo,
         cache,
         crate::serve::ServeOptions {
@@ -98,8 +138,7 @@ fn open(g: &Globals, at: &GuestArgs) -> Result<Opened> {
             ..Default::default()
         },
     );
-    let device: Arc<dyn Device> = Arc::new(exports.disk(&id, disk, crate::serve::DEFAULT_READAHEAD_BLOCKS)?);
-    Ok(Opened { guest: GuestDisk::open(device)?, _session: session })
+    Ok((exports, session))
 }
 
 /// The file system of the volume a guest path starts with, and the path within it.
@@ -139,17 +178,7 @@ pub fn ls(g: &Globals, args: &LsArgs) -> Result<()> {
         }
         for e in &entries {
             if args.long {
-                let target = e.target.as_deref().map(|t| format!(" -> {t}")).unwrap_or_default();
-                writeln!(
-                    out,
-                    "{} {:>6} {:>6} {:>12} {} {}{target}",
-                    mode_string(e),
-                    e.uid,
-                    e.gid,
-                    e.size,
-                    format_utc(e.mtime),
-                    e.path
-                )?;
+                writeln!(out, "{}", long_line(e))?;
             } else {
                 writeln!(out, "{}", e.path)?;
             }
@@ -203,6 +232,132 @@ fn print_volumes(guest: &GuestDisk, json: bool) -> Result<()> {
         Ok(())
     };
     print(&mut out).map_err(|e| Error::local("standard output", e))
+}
+
+/// An entry as `ls -l` shows it.
+fn long_line(e: &Entry) -> String {
+    let target = e.target.as_deref().map(|t| format!(" -> {t}")).unwrap_or_default();
+    format!("{} {:>6} {:>6} {:>12} {} {}{target}", mode_string(e), e.uid, e.gid, e.size, format_utc(e.mtime), e.path)
+}
+
+/// The matches of one snapshot disk.
+#[derive(serde::Serialize)]
+struct Found {
+    snapshot: String,
+    disk: String,
+    source: String,
+    time: String,
+    entries: Vec<Entry>,
+}
+
+pub fn find(g: &Globals, args: &FindArgs) -> Result<()> {
+    let matcher = NameMatcher::new(&args.patterns, args.ignore_case)?;
+    let within = args.path.as_deref().map(split_path).transpose()?.flatten();
+    let repo = g.open_repo()?;
+    let filter = args.filter.filter();
+    // Newest first: the question is usually the latest backup that still had a file.
+    let snapshots = if args.snapshots.is_empty() {
+        repo.list_snapshots_matching(&filter)?.into_iter().rev().collect()
+    } else {
+        args.snapshots.iter().map(|s| repo.find_snapshot_matching(s, &filter)).collect::<Result<Vec<_>>>()?
+    };
+    let (exports, _session) = file_exports(g, repo)?;
+    let mut out = std::io::stdout().lock();
+    let mut found_all = Vec::new();
+    let (mut matches, mut disks_searched, mut path_absent) = (0usize, 0usize, 0usize);
+    // `ID:DISK` (and the volume or path) that could not be searched, with the cause; the rest goes on.
+    let mut not_searched: Vec<String> = Vec::new();
+    for (id, snap) in &snapshots {
+        for disk in snap.disks.iter().filter(|d| args.disk.as_deref().is_none_or(|n| n == d.name)) {
+            let at = format!("{}:{}", id.short(), disk.name);
+            let mut found = Found {
+                snapshot: id.hex(),
+                disk: disk.name.clone(),
+                source: snap.source.clone(),
+                time: format_utc(snap.time_secs),
+                entries: Vec::new(),
+            };
+            let device: Arc<dyn Device> = Arc::new(exports.disk(id, disk, crate::serve::DEFAULT_READAHEAD_BLOCKS)?);
+            let guest = match GuestDisk::open(device) {
+                Ok(guest) => guest,
+                Err(e) if crate::guestfs::is_damage(&e) => {
+                    not_searched.push(format!("{at}: {e}"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            disks_searched += 1;
+            let volumes: Vec<(&crate::guestfs::Volume, &str)> = match &within {
+                Some((volume, inner)) => match guest.volume(volume) {
+                    Ok(v) => vec![(v, inner.as_str())],
+                    // Not on this disk (another disk of the snapshot, or an older layout).
+                    Err(_) => {
+                        path_absent += 1;
+                        continue;
+                    }
+                },
+                None => guest.volumes.iter().filter(|v| v.fs.readable()).map(|v| (v, "/")).collect(),
+            };
+            for (volume, inner) in volumes {
+                let searched = guest.fs(volume).and_then(|fs| {
+                    if within.is_some() && fs.entry(inner.as_bytes()).is_err_and(|e| matches!(e, Error::Invalid(_))) {
+                        path_absent += 1;
+                        return Ok(Vec::new());
+                    }
+                    matcher.search(&fs, inner.as_bytes(), &mut |e| {
+                        found.entries.push(e.clone());
+                        Ok(())
+                    })
+                });
+                match searched {
+                    Ok(unentered) => not_searched.extend(unentered.into_iter().map(|u| format!("{at} {u}"))),
+                    Err(e) if crate::guestfs::is_damage(&e) => not_searched.push(format!("{at} /{}: {e}", volume.name)),
+                    Err(e) => return Err(e),
+                }
+            }
+            if found.entries.is_empty() {
+                continue;
+            }
+            matches += found.entries.len();
+            if args.json {
+                found_all.push(found);
+                continue;
+            }
+            let print = |out: &mut dyn Write| -> std::io::Result<()> {
+                writeln!(out, "{at} ({}, {}):", found.source, found.time)?;
+                for e in &found.entries {
+                    writeln!(out, "  {}", if args.long { long_line(e) } else { e.path.clone() })?;
+                }
+                out.flush()
+            };
+            print(&mut out).map_err(|e| Error::local("standard output", e))?;
+        }
+    }
+    let summary = |out: &mut dyn Write| -> std::io::Result<()> {
+        if args.json {
+            serde_json::to_writer_pretty(&mut *out, &found_all)?;
+            return writeln!(out);
+        }
+        let absent = match (path_absent, &args.path) {
+            (0, _) | (_, None) => String::new(),
+            (n, Some(p)) => format!("; {p} is absent from {n} of them"),
+        };
+        writeln!(
+            out,
+            "{} in {} of {}{absent}",
+            if matches == 1 { "1 match".to_string() } else { format!("{matches} matches") },
+            count(disks_searched, "disk"),
+            count(snapshots.len(), "snapshot")
+        )
+    };
+    summary(&mut out).map_err(|e| Error::local("standard output", e))?;
+    for n in &not_searched {
+        eprintln!("not searched: {n}");
+    }
+    if !not_searched.is_empty() {
+        return Err(Error::Incomplete(format!("{} could not be searched", count(not_searched.len(), "place"))));
+    }
+    Ok(())
 }
 
 /// `drwxr-xr-x` as `ls -l` shows it.

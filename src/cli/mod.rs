@@ -126,6 +126,9 @@ enum Command {
     Dump(files::DumpArgs),
     /// Copy files and directories out of a snapshot's disk into a local directory.
     Extract(files::ExtractArgs),
+    /// Find files by name in the guest file systems of snapshots (newest first): which backups still have
+    /// a file, and where
+    Find(files::FindArgs),
     /// Manage the passwords (key files) that open the repository.
     #[command(subcommand)]
     Key(key::KeyCommand),
@@ -173,6 +176,7 @@ impl Command {
             Command::Ls(_) => "ls",
             Command::Dump(_) => "dump",
             Command::Extract(_) => "extract",
+            Command::Find(_) => "find",
             Command::Key(_) => "key",
             Command::Forget(_) => "forget",
             Command::Prune(_) => "prune",
@@ -452,6 +456,7 @@ pub fn main() -> i32 {
         Command::Ls(a) => files::ls(&g, a),
         Command::Dump(a) => files::dump(&g, a),
         Command::Extract(a) => files::extract_files(&g, a),
+        Command::Find(a) => files::find(&g, a),
         Command::Check(a) => check::run(&g, a),
         Command::Copy(a) => copy::run(&g, a),
         Command::Key(k) => key::run(&g, k),

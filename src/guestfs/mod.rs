@@ -1,4 +1,4 @@
-//! Files inside snapshot disks, for file-level restore (`ls`, `dump`, `extract`).
+//! Files inside snapshot disks, for file-level restore (`ls`, `find`, `dump`, `extract`).
 //!
 //! A disk's partition table ([`partitions`]) and its file systems are read in user space from a snapshot disk
 //! (serve's [`SnapshotDisk`](crate::serve::SnapshotDisk)): only the blocks a lookup touches are fetched, and a
@@ -16,6 +16,7 @@
 
 mod ext4;
 pub mod extract;
+pub mod find;
 pub mod lvm;
 mod ntfs;
 pub mod partitions;
