@@ -31,42 +31,42 @@ use crate::repository::Repository;
 #[derive(Parser, Debug)]
 #[command(name = "diskvault", version, about = "Deduplicating, encrypted backups of virtual-machine disks")]
 pub struct Cli {
-    /// Repository location: a directory path.
-    #[arg(short = 'r', long = "repo", env = "DISKVAULT_REPOSITORY", global = true)]
+    /// Repository location: a directory, `s3://BUCKET/PREFIX` (AWS) or `s3:https://HOST:PORT/BUCKET/PREFIX`.
+    #[arg(short = 'r', long = "repo", env = "DISKVAULT_REPOSITORY", global = true, help_heading = "Global options")]
     repo: Option<String>,
 
     /// Read the repository password from this file (first line).
-    #[arg(long, env = "DISKVAULT_PASSWORD_FILE", global = true)]
+    #[arg(long, env = "DISKVAULT_PASSWORD_FILE", global = true, help_heading = "Global options")]
     password_file: Option<PathBuf>,
 
     /// Run this shell command and use its first output line as the password.
-    #[arg(long, env = "DISKVAULT_PASSWORD_COMMAND", global = true)]
+    #[arg(long, env = "DISKVAULT_PASSWORD_COMMAND", global = true, help_heading = "Global options")]
     password_command: Option<String>,
 
     /// Directory for the local index cache (default: $XDG_CACHE_HOME/diskvault or ~/.cache/diskvault).
-    #[arg(long, env = "DISKVAULT_CACHE_DIR", global = true)]
+    #[arg(long, env = "DISKVAULT_CACHE_DIR", global = true, help_heading = "Global options")]
     cache_dir: Option<PathBuf>,
 
     /// No progress output.
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, help_heading = "Global options")]
     quiet: bool,
 
     /// When the command ends, write Prometheus metrics of the run to this file (for node_exporter's textfile
     /// collector: a `.prom` file in its directory), replacing it.
-    #[arg(long, env = "DISKVAULT_METRICS_FILE", global = true)]
+    #[arg(long, env = "DISKVAULT_METRICS_FILE", global = true, help_heading = "Global options")]
     metrics_file: Option<PathBuf>,
 
     /// More log output (-v info, -vv debug).
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = "Global options")]
     verbose: u8,
 
     /// Limit what is sent to the repository (and to the destination of a copy) to this rate: KiB/s as a bare
     /// number (as restic), or with a unit, e.g. 20M (MiB/s).
-    #[arg(long, env = "DISKVAULT_LIMIT_UPLOAD", global = true, value_name = "RATE", value_parser = crate::backend::throttle::parse_rate)]
+    #[arg(long, env = "DISKVAULT_LIMIT_UPLOAD", global = true, help_heading = "Global options", value_name = "RATE", value_parser = crate::backend::throttle::parse_rate)]
     limit_upload: Option<u64>,
 
     /// Limit what is read from the repository (and from the source of a copy) to this rate, as --limit-upload.
-    #[arg(long, env = "DISKVAULT_LIMIT_DOWNLOAD", global = true, value_name = "RATE", value_parser = crate::backend::throttle::parse_rate)]
+    #[arg(long, env = "DISKVAULT_LIMIT_DOWNLOAD", global = true, help_heading = "Global options", value_name = "RATE", value_parser = crate::backend::throttle::parse_rate)]
     limit_download: Option<u64>,
 
     #[command(subcommand)]
@@ -132,7 +132,7 @@ enum Command {
     /// Manage the passwords (key files) that open the repository.
     #[command(subcommand)]
     Key(key::KeyCommand),
-    /// Remove snapshots according to a retention policy.
+    /// Remove snapshots: those a retention policy does not keep, or those named.
     Forget(forget::ForgetArgs),
     /// Delete data no snapshot references any more; safe while backups run.
     Prune(prune::PruneArgs),
