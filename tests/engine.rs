@@ -696,3 +696,24 @@ fn metrics_file_reports_each_run_for_prometheus() {
         .collect();
     assert!(leftovers.is_empty(), "temporary metrics files left: {leftovers:?}");
 }
+
+#[test]
+fn bash_completes_commands_and_their_options() {
+    let e = Env::new();
+    let script = e.ok(&["completions", "bash"]).stdout;
+    std::fs::write(e.path("diskvault.bash"), &script).unwrap();
+    // What bash offers after `diskvault fi<TAB>` and `diskvault forget --keep-d<TAB>`.
+    let complete = |words: &str| -> String {
+        let cmd = format!(
+            "source {}; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+             _diskvault diskvault \"${{COMP_WORDS[-1]}}\" \"${{COMP_WORDS[-2]}}\"; echo \"${{COMPREPLY[@]}}\"",
+            e.path("diskvault.bash").display()
+        );
+        let out = std::process::Command::new("bash").arg("-c").arg(&cmd).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(complete("diskvault fi"), "find");
+    assert_eq!(complete("diskvault forget --keep-d"), "--keep-daily");
+    assert!(e.fails(&["completions", "nosh"]).stderr.contains("possible values: bash"));
+}

@@ -159,6 +159,11 @@ enum Command {
     Vm(vm::VmCommand),
     /// Print a repository object as JSON (for debugging).
     Cat(inspect::CatArgs),
+    /// Print a shell completion script: `diskvault completions bash > /etc/bash_completion.d/diskvault`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 impl Command {
@@ -188,6 +193,7 @@ impl Command {
             Command::Repair(_) => "repair",
             Command::Vm(_) => "vm",
             Command::Cat(_) => "cat",
+            Command::Completions { .. } => "completions",
         }
     }
 }
@@ -470,6 +476,11 @@ pub fn main() -> i32 {
         Command::ObjectLock(a) => object_lock::run(&g, a),
         Command::Protect(a) => forget::protect(&g, a, true),
         Command::Unprotect(a) => forget::protect(&g, a, false),
+        Command::Completions { shell } => {
+            let mut out = std::io::stdout().lock();
+            clap_complete::generate(*shell, &mut <Cli as clap::CommandFactory>::command(), "diskvault", &mut out);
+            std::io::Write::flush(&mut out).map_err(|e| Error::local("standard output", e))
+        }
     };
     // Every VDDK disk is closed by now; the library wants its Exit.
     crate::vddk::shutdown();
