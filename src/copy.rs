@@ -80,10 +80,11 @@ pub struct Copied {
     pub blocks_sealed_as_stored: u64,
 }
 
-/// Copies by the id of their originals: (the copy's id, the copy).
+/// Copies by the identity of their originals ([`Snapshot::identity`]: the id, unless `tag` rewrote it): (the
+/// copy's id, the copy).
 pub type Copies = HashMap<ObjectId, (ObjectId, Snapshot)>;
 
-/// The destination's copies by the id of their originals.
+/// The destination's copies by the identity of their originals.
 pub fn copies_in(dest: &Repository) -> Result<Copies> {
     let mut out = HashMap::new();
     for (id, snap) in dest.list_snapshots()? {
@@ -108,7 +109,7 @@ pub struct PlannedCopy {
 /// The snapshots of `wanted` that `dest` has no copies of, oldest first, and the copies it has.
 fn pending(dest: &Repository, mut wanted: Vec<(ObjectId, Snapshot)>) -> Result<(Copies, Vec<(ObjectId, Snapshot)>)> {
     let done = copies_in(dest)?;
-    wanted.retain(|(id, _)| !done.contains_key(id));
+    wanted.retain(|(id, s)| !done.contains_key(&s.identity(id)));
     wanted.sort_by_key(|(_, s)| (s.time_secs, s.time_nanos));
     Ok((done, wanted))
 }
@@ -127,9 +128,9 @@ fn earlier_copy(
             s.source == snap.source
                 && (s.time_secs, s.time_nanos) <= (snap.time_secs, snap.time_nanos)
                 && id != from
-                && done.contains_key(id)
+                && done.contains_key(&s.identity(id))
         })
-        .map(|(id, s)| (*id, s.clone(), done[id].clone()))
+        .map(|(id, s)| (*id, s.clone(), done[&s.identity(id)].clone()))
 }
 
 /// The disk of `original` that a copy of `disk` may build on: where the earlier copy holds it as its original
@@ -169,7 +170,7 @@ pub fn plan(
             bytes_to_read += extents.iter().map(|e| e.length).sum::<u64>();
         }
         // Later snapshots of the run build on this one, as they would on its copy.
-        done.insert(from, (from, snap.clone()));
+        done.insert(snap.identity(&from), (from, snap.clone()));
         out.push(PlannedCopy { from, parent: parent.map(|(id, _, _)| id), snapshot: snap, bytes_to_read });
     }
     Ok(out)
@@ -243,7 +244,9 @@ pub fn copy(
         o.username = snap.username.clone();
         o.time_override = Some((snap.time_secs, snap.time_nanos));
         o.annotations = snap.annotations.clone();
-        o.annotations.insert(COPIED_FROM.into(), from.hex());
+        // The copy is known by its original's identity; its own is its id here, whatever tags did there.
+        o.annotations.insert(COPIED_FROM.into(), snap.identity(&from).hex());
+        o.annotations.remove(crate::format::snapshot::ORIGINAL);
         o.parent = parent.map(|(_, _, copy)| copy);
         o.uploaders = opts.uploaders;
         o.delta = opts.delta;
@@ -263,7 +266,7 @@ pub fn copy(
                 - as_stored_before,
         };
         copied(&c);
-        done.insert(from, (c.id, c.snapshot.clone()));
+        done.insert(snap.identity(&from), (c.id, c.snapshot.clone()));
         out.push(c);
     }
     drop(session);

@@ -22,6 +22,7 @@
 //! | [`copy`] | snapshots of another repository stored in this one: read through [`serve`]'s disks, stored by [`backup`], blocks sealed in the form the source stored them where both compress alike |
 //! | [`check`] | repository integrity: structure, and every byte with `--read-data` |
 //! | [`forget`] | retention policies: which snapshots to keep and why; protection |
+//! | [`tag`] | changing the tags of stored snapshots (each written again under a new id) |
 //! | [`nbd`] | the NBD protocol: a client (NBD exports as sources) and `serve` (snapshots as NBD exports), both with TLS |
 //! | [`vmware`] | backup of a VMware VM: snapshot, changeIds, changed areas or allocated blocks, VDDK reads, snapshot removal, continuing an interrupted backup from its checkpoint; restore into VMware: onto a VM's disks (quick rollback with CBT), as a new VM where the recorded configuration or a placement says, the boot check (`--verify-boot`) |
 //! | [`vsphere`] | the vSphere SOAP client: login with pinned or CA-verified TLS, inventory (VMs, folders, networks, inventory paths), CBT, snapshots, changed areas, creating and removing VMs, power, guest status; vSphere tags through the vAPI REST endpoint |
@@ -85,6 +86,7 @@ pub mod restore;
 pub mod serve;
 pub mod source;
 pub mod stats;
+pub mod tag;
 pub mod util;
 pub mod vddk;
 pub mod vmware;

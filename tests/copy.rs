@@ -99,7 +99,10 @@ fn copies_restore_bit_exact_build_on_earlier_copies_and_are_made_once() {
     }
     dest.ok(&["check", "--read-data"]);
 
-    // Copied once: a second run copies nothing; after a new source snapshot, only that one.
+    // Copied once: a second run copies nothing, also after the source's day 1 got a tag (and so a new id); after
+    // a new source snapshot, only that one, built on the copy of that retagged day 1.
+    let retagged = src.ok(&["tag", &s1[..12], "--add", "audited"]).stdout;
+    assert!(retagged.contains("changed the tags of 1 snapshot"), "{retagged}");
     let again = copy(&dest, &src, &src.password, &[]);
     assert_eq!(again.code, 0, "{}", again.stderr);
     assert_eq!(again.json()["copied"].as_array().unwrap().len(), 0);

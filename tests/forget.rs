@@ -110,6 +110,56 @@ fn named_snapshots_are_forgotten_and_the_others_still_restore() {
 }
 
 #[test]
+fn tags_are_changed_with_the_snapshot_kept_whole_and_protection_following_it() {
+    let e = Env::with_repo();
+    let days = daily_backups(&e, &["2026-11-02", "2026-11-03", "2026-11-04"]);
+    let before: Vec<serde_json::Value> = e.ok(&["snapshots", "--json"]).json().as_array().unwrap().clone();
+    e.ok(&["protect", &days[0].0[..8]]);
+
+    assert!(e.fails(&["tag", &days[0].0[..8]]).stderr.contains("give --add, --remove or --set"));
+    let dry = e.ok(&["tag", "--add", "archive,q4", "--name", "vm", "-n"]).stdout;
+    assert!(dry.contains("would change the tags of 3 snapshots"), "{dry}");
+    assert_eq!(snapshot_ids(&e).len(), 3);
+    assert!(e.ok(&["snapshots", "--tag", "archive"]).stdout.contains("0 snapshots"), "a dry run changes nothing");
+
+    let out = e.ok(&["tag", "--add", "archive,q4", "--name", "vm"]).stdout;
+    assert!(out.contains("changed the tags of 3 snapshots (0 already as asked)"), "{out}");
+    // (Its id changed with the first tag: `latest` finds it.)
+    let out = e.ok(&["tag", "latest", "--name", "vm", "--remove", "q4", "--add", "monthly"]).stdout;
+    assert!(out.contains("tags: archive,q4 -> archive,monthly"), "{out}");
+    assert!(e.ok(&["tag", "--add", "archive"]).stdout.contains("changed the tags of 0 snapshots (3 already as asked)"));
+
+    // Each snapshot is there once, under a new id, with everything but its tags as it was.
+    let after: Vec<serde_json::Value> = e.ok(&["snapshots", "--json"]).json().as_array().unwrap().clone();
+    assert_eq!(after.len(), 3);
+    for (b, a) in before.iter().zip(&after) {
+        assert_ne!(a["id"], b["id"]);
+        for field in ["time", "source", "hostname", "disks", "parent"] {
+            assert_eq!(a[field], b[field], "{field}");
+        }
+    }
+    let tags: Vec<&serde_json::Value> = after.iter().map(|s| &s["tags"]).collect();
+    assert_eq!(
+        tags,
+        [
+            &serde_json::json!(["archive", "q4"]),
+            &serde_json::json!(["archive", "q4"]),
+            &serde_json::json!(["archive", "monthly"])
+        ]
+    );
+    for (i, s) in after.iter().enumerate() {
+        assert_eq!(e.restore(s["id"].as_str().unwrap(), &[]), days[i].1, "day {i} restores under its new id");
+    }
+    // The protection moved with the first day's snapshot; the retention rules see the new tags.
+    let out = e.ok(&["forget", "--keep-tag", "monthly"]).stdout;
+    assert!(out.contains("removed 1 snapshot, kept 2"), "{out}");
+    let left = snapshot_ids(&e);
+    assert!(left.contains(&after[0]["id"].as_str().unwrap().to_string()), "the protected one stays");
+    assert!(left.contains(&after[2]["id"].as_str().unwrap().to_string()), "the monthly one stays");
+    assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
+}
+
+#[test]
 fn keep_last_per_source_and_keep_tag() {
     let e = Env::with_repo();
     for (i, name) in ["a", "a", "a", "b", "b"].iter().enumerate() {

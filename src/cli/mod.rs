@@ -16,6 +16,7 @@ mod repair;
 mod restore;
 mod serve;
 mod snapshots;
+mod tag;
 pub(crate) mod vm;
 
 use std::path::PathBuf;
@@ -139,6 +140,8 @@ enum Command {
     /// Keep what the snapshots need under S3 Object Lock retention (DISKVAULT_S3_OBJECT_LOCK days ahead); prune
     /// does this too.
     ObjectLock(object_lock::ObjectLockArgs),
+    /// Add, remove or set the tags of snapshots (each is written again under a new id).
+    Tag(tag::TagArgs),
     /// Protect a snapshot from forget.
     Protect(forget::ProtectArgs),
     /// Remove a snapshot's protection.
@@ -186,6 +189,7 @@ impl Command {
             Command::Forget(_) => "forget",
             Command::Prune(_) => "prune",
             Command::ObjectLock(_) => "object-lock",
+            Command::Tag(_) => "tag",
             Command::Protect(_) => "protect",
             Command::Unprotect(_) => "unprotect",
             Command::Stats { .. } => "stats",
@@ -474,6 +478,7 @@ pub fn main() -> i32 {
         Command::Forget(a) => forget::run(&g, a),
         Command::Prune(a) => prune::run(&g, a),
         Command::ObjectLock(a) => object_lock::run(&g, a),
+        Command::Tag(a) => tag::run(&g, a),
         Command::Protect(a) => forget::protect(&g, a, true),
         Command::Unprotect(a) => forget::protect(&g, a, false),
         Command::Completions { shell } => {

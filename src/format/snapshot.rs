@@ -104,7 +104,16 @@ impl DiskManifest {
     }
 }
 
+/// The annotation of a snapshot whose tags `tag` changed: the id (hex) the snapshot was first written under.
+pub const ORIGINAL: &str = "original";
+
 impl Snapshot {
+    /// What stays the same of snapshot `id` when `tag` rewrites it under a new id: the id it was first written
+    /// under (`copy` knows its copies by this).
+    pub fn identity(&self, id: &ObjectId) -> ObjectId {
+        self.annotations.get(ORIGINAL).and_then(|h| BlobId::from_hex(h)).unwrap_or(*id)
+    }
+
     /// The snapshot's time in seconds since the Unix epoch, with its fraction.
     pub fn unix_time(&self) -> f64 {
         self.time_secs as f64 + self.time_nanos as f64 / 1e9
