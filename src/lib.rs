@@ -17,7 +17,7 @@
 //! | [`delta`] | new blocks stored as zstd deltas against a similar stored block: page features, base choice |
 //! | [`restore`] | restore of a snapshot disk to a file or block device, with verification |
 //! | [`serve`] | snapshot disks as NBD exports: block reads with a blob cache and read-ahead for sequential readers, write overlays |
-//! | [`guestfs`] | file-level restore (`ls`, `find`, `dump`, `extract`): partition tables, LVM logical volumes, ext2/3/4, XFS and NTFS read in user space from [`serve`]'s disks, files copied out with their holes, permissions and times, or as a tar stream |
+//! | [`guestfs`] | file-level restore (`ls`, `find`, `dump`, `extract`, `diff --files`): partition tables, LVM logical volumes, ext2/3/4, XFS and NTFS read in user space from [`serve`]'s disks, files copied out with their holes, permissions and times, or as a tar stream |
 //! | [`diff`] | which blocks of a disk differ between two snapshots, from the manifests alone |
 //! | [`copy`] | snapshots of another repository stored in this one: read through [`serve`]'s disks, stored by [`backup`], blocks sealed in the form the source stored them where both compress alike |
 //! | [`check`] | repository integrity: structure, and every byte with `--read-data` |

@@ -716,4 +716,21 @@ fn bash_completes_commands_and_their_options() {
     assert_eq!(complete("diskvault fi"), "find");
     assert_eq!(complete("diskvault forget --keep-d"), "--keep-daily");
     assert!(e.fails(&["completions", "nosh"]).stderr.contains("possible values: bash"));
+
+    // `| head`: the reader goes away long before the script (over 64 KiB, a pipe's buffer) is written. The
+    // command ends as Unix tools do, by SIGPIPE, not with a panic about standard output.
+    assert!(script.len() > 1 << 16);
+    let mut child = e
+        .command(&["completions", "bash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 100];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&out.status), Some(libc::SIGPIPE), "{stderr}");
 }

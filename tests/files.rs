@@ -487,6 +487,95 @@ fn find_names_the_snapshots_and_paths_that_hold_a_file() {
 }
 
 #[test]
+fn diff_files_lists_what_changed_between_two_snapshots_and_nothing_else() {
+    let e = Env::with_repo();
+    let tree = e.path("tree");
+    make_tree(&tree);
+    let disk = e.path("disk.raw");
+    let back_up = || -> String {
+        let _ = std::fs::remove_file(&disk);
+        partitioned(&disk, 32, &format!("label: gpt\nstart=2048, type={LINUX}\n"));
+        mkfs_ext4(&disk, 2048 * 512, 28 << 10, &tree, "root");
+        let r = e.backup(&["--name", "vm", &format!("disk0={}", disk.display())]);
+        r["snapshot"].as_str().unwrap()[..8].to_string()
+    };
+    let day1 = back_up();
+    // One change of each kind; the rest of the tree (300 messages, the sparse file…) stays as it was.
+    std::fs::remove_file(tree.join("etc/hostname")).unwrap();
+    std::fs::write(tree.join("etc/new.conf"), b"key=value").unwrap();
+    std::fs::set_permissions(tree.join("home/anna/naïve notes.txt"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::remove_file(tree.join("home/hostname-link")).unwrap();
+    std::os::unix::fs::symlink("../etc/new.conf", tree.join("home/hostname-link")).unwrap();
+    std::fs::remove_dir(tree.join("srv/empty")).unwrap();
+    std::fs::write(tree.join("srv/empty"), b"").unwrap();
+    let data = tree.join("var/lib/app/data.bin");
+    std::fs::OpenOptions::new().write(true).open(&data).unwrap().set_len(1_000_000).unwrap();
+    let day2 = back_up();
+
+    let out = e.ok(&["diff", &day1, &day2, "--files"]).stdout;
+    let listed: Vec<&str> = out.lines().filter(|l| l.len() > 5 && &l[1..5] == "    ").collect();
+    assert_eq!(
+        listed,
+        [
+            "-    /part1/etc/hostname",
+            "+    /part1/etc/new.conf",
+            "U    /part1/home/anna/naïve notes.txt",
+            "M    /part1/home/hostname-link",
+            "T    /part1/srv/empty",
+            "M    /part1/var/lib/app/data.bin",
+        ],
+        "{out}"
+    );
+    assert!(
+        out.contains("disk0: 1 added, 1 removed, 2 modified, 1 changed type, 1 changed permissions or owner; files added hold 9 B, files removed held 5 B"),
+        "{out}"
+    );
+    let out = e.ok(&["diff", &day1, &day2, "--files", "--path", "/part1/home"]).stdout;
+    assert_eq!(out.lines().filter(|l| l.starts_with("U    ") || l.starts_with("M    ")).count(), 2, "{out}");
+    assert!(!out.contains("/part1/etc"), "{out}");
+    let json = e.ok(&["diff", &day1, &day2, "--files", "--json"]).json();
+    let data_change = &json["disks"][0]["changes"][5];
+    assert_eq!(data_change["change"], "modified");
+    assert_eq!(
+        (data_change["old_size"].as_u64(), data_change["new_size"].as_u64()),
+        (Some(3_000_000), Some(1_000_000))
+    );
+    assert!(e.ok(&["diff", &day2, &day2, "--files"]).stdout.contains("disk0: unchanged"));
+
+    // Damage in a directory of one snapshot: what is below it is not compared (and not called added or
+    // removed), the rest is, and the exit code says the answer is incomplete.
+    let truth = listed.iter().map(|l| l.to_string()).collect::<Vec<_>>();
+    let blobs: Vec<(String, usize)> = e
+        .objects("index")
+        .iter()
+        .flat_map(|index| {
+            e.ok(&["cat", "index", index.rsplit('/').next().unwrap()]).json()["packs"].as_array().unwrap().clone()
+        })
+        .flat_map(|pack| {
+            let name = e.objects("packs").into_iter().find(|n| n.ends_with(pack["id"].as_str().unwrap())).unwrap();
+            let blobs = pack["blobs"].as_array().unwrap().clone();
+            blobs.into_iter().filter(|b| b["type"] == "data").map(move |b| {
+                (name.clone(), (b["offset"].as_u64().unwrap() + b["stored_len"].as_u64().unwrap() / 2) as usize)
+            })
+        })
+        .collect();
+    let r = blobs
+        .iter()
+        .find_map(|(pack, at)| {
+            e.flip(pack, *at);
+            let r = e.run(&["diff", &day1, &day2, "--files"]);
+            e.flip(pack, *at);
+            (r.code != 0 && r.stderr.contains("snapshot)")).then_some(r)
+        })
+        .expect("a blob holding a directory");
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("not compared: disk0 /part1/"), "{}", r.stderr);
+    for line in r.stdout.lines().filter(|l| l.len() > 5 && &l[1..5] == "    ") {
+        assert!(truth.contains(&line.to_string()), "{line} is not a change:\n{}\n{}", r.stdout, r.stderr);
+    }
+}
+
+#[test]
 fn an_encrypted_directory_is_reported_and_everything_else_is_copied() {
     let e = Env::with_repo();
     let tree = e.path("tree");

@@ -125,7 +125,7 @@ fn open(g: &Globals, at: &GuestArgs) -> Result<Opened> {
 }
 
 /// The repository's snapshot disks, for reading their files, under a session marker (the guard).
-fn file_exports(g: &Globals, repo: Repository) -> Result<(RepositoryExports, crate::lock::LockGuard)> {
+pub(super) fn file_exports(g: &Globals, repo: Repository) -> Result<(RepositoryExports, crate::lock::LockGuard)> {
     let cache = g.open_cache_unsynced(&repo)?;
     let session = crate::lock::start_session(&repo, "file restore")?;
     cache.sync(&repo)?;

@@ -170,6 +170,24 @@ enum Command {
 }
 
 impl Command {
+    /// Whether the command only reads the repository and prints, and so may end quietly when a reader of its
+    /// output (`snapshots | head`) goes away. Rust ignores SIGPIPE, so that `println!` then panics instead;
+    /// these commands take the default back. The others keep ignoring it: they write to Unix sockets (NBD) or
+    /// run the VDDK, where SIGPIPE would kill the process instead of failing one write.
+    fn only_prints(&self) -> bool {
+        matches!(
+            self,
+            Command::Snapshots(_)
+                | Command::Diff(_)
+                | Command::Ls(_)
+                | Command::Find(_)
+                | Command::Cat(_)
+                | Command::Stats { .. }
+                | Command::Locks
+                | Command::Completions { .. }
+        )
+    }
+
     /// The subcommand's name, as metrics label it.
     fn name(&self) -> &'static str {
         match self {
@@ -447,6 +465,10 @@ pub fn main() -> i32 {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("diskvault={level}")));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 
+    if cli.command.only_prints() {
+        // SAFETY: at start-up, before any thread exists; SIG_DFL is a valid disposition for SIGPIPE.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let started = std::time::Instant::now();
     let g = Globals {
         repo: cli.repo,

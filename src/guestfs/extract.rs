@@ -100,7 +100,7 @@ pub fn extract(fs: &GuestFs, path: &[u8], target: &Path, counters: &Counters) ->
     if top.kind == EntryKind::Dir {
         let unreadable =
             fs.walk(path, &mut |guest, e| one(&dest.join(OsStr::from_bytes(below(path, guest))), guest, e, &mut dirs))?;
-        stats.unreadable.extend(unreadable);
+        stats.unreadable.extend(unreadable.into_iter().map(|u| u.shown));
     }
     for (local, e) in dirs.iter().rev() {
         finish(local, e, owners, true)?;

@@ -5,7 +5,7 @@
 //! (`/part2/etc/nginx/*`, `/part*/home/**/id_rsa`), where `*` stays within a directory and `**` crosses them.
 
 use crate::error::{Error, Result};
-use crate::guestfs::{Entry, GuestFs};
+use crate::guestfs::{Entry, GuestFs, Unentered};
 
 /// The patterns of one `find`.
 pub struct NameMatcher {
@@ -52,7 +52,7 @@ impl NameMatcher {
         fs: &GuestFs,
         path: &[u8],
         found: &mut dyn FnMut(&Entry) -> Result<()>,
-    ) -> Result<Vec<String>> {
+    ) -> Result<Vec<Unentered>> {
         fs.walk(path, &mut |_, entry| {
             if crate::util::interrupted() {
                 return Err(Error::Interrupted);

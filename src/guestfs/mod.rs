@@ -1,4 +1,4 @@
-//! Files inside snapshot disks, for file-level restore (`ls`, `find`, `dump`, `extract`).
+//! Files inside snapshot disks, for file-level restore (`ls`, `find`, `dump`, `extract`, `diff --files`).
 //!
 //! A disk's partition table ([`partitions`]) and its file systems are read in user space from a snapshot disk
 //! (serve's [`SnapshotDisk`](crate::serve::SnapshotDisk)): only the blocks a lookup touches are fetched, and a
@@ -14,6 +14,7 @@
 //! `/whole/etc/fstab` for a disk formatted without a partition table, or `/rhel-root/etc/fstab` for an LVM
 //! logical volume ([`lvm`]), by its device-mapper name. `/` lists the volumes.
 
+pub mod compare;
 mod ext4;
 pub mod extract;
 pub mod find;
@@ -460,6 +461,21 @@ impl Entry {
     }
 }
 
+/// A directory a walk could not enter.
+#[derive(Debug, Clone)]
+pub struct Unentered {
+    /// Its path in the file system (after the volume).
+    pub path: Vec<u8>,
+    /// `guest path: reason`, as reports list it.
+    pub shown: String,
+}
+
+impl std::fmt::Display for Unentered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
 /// A readable file system of a [`GuestDisk`] volume. Paths given to it are the part after the volume: `/etc`.
 pub struct GuestFs {
     inner: Box<dyn FileSystem>,
@@ -543,9 +559,9 @@ impl GuestFs {
 
     /// Every entry under directory `path`, depth first and by name, each directory before its contents.
     /// Returns the directories below `path` whose entries cannot be read (here, or from the repository: see
-    /// [`is_damage`]; or a directory that is its own ancestor, in a damaged file system), as `path: reason`; they are
-    /// handed to `f`, but not entered.
-    pub fn walk(&self, path: &[u8], f: &mut dyn FnMut(&[u8], &Entry) -> Result<()>) -> Result<Vec<String>> {
+    /// [`is_damage`]; or a directory that is its own ancestor, in a damaged file system); they are handed to `f`,
+    /// but not entered.
+    pub fn walk(&self, path: &[u8], f: &mut dyn FnMut(&[u8], &Entry) -> Result<()>) -> Result<Vec<Unentered>> {
         let mut unreadable = Vec::new();
         let mut ancestors: Vec<u64> = self.entry(path)?.inode.into_iter().collect();
         self.walk_into(self.read_dir(path)?, f, &mut ancestors, &mut unreadable)?;
@@ -557,16 +573,19 @@ impl GuestFs {
         entries: Vec<(Vec<u8>, Entry)>,
         f: &mut dyn FnMut(&[u8], &Entry) -> Result<()>,
         ancestors: &mut Vec<u64>,
-        unreadable: &mut Vec<String>,
+        unreadable: &mut Vec<Unentered>,
     ) -> Result<()> {
         for (child, e) in entries {
             f(&child, &e)?;
             if e.kind != EntryKind::Dir {
                 continue;
             }
+            let unentered = |shown: String| Unentered { path: child.clone(), shown };
             if e.inode.is_some_and(|ino| ancestors.contains(&ino)) {
-                unreadable
-                    .push(format!("{}: the directory is one of its own ancestors (a damaged file system)", e.path));
+                unreadable.push(unentered(format!(
+                    "{}: the directory is one of its own ancestors (a damaged file system)",
+                    e.path
+                )));
                 continue;
             }
             match self.sorted_dir(&child) {
@@ -577,8 +596,8 @@ impl GuestFs {
                         ancestors.pop();
                     }
                 }
-                Ok(Listing::Unreadable(why)) => unreadable.push(format!("{}: {why}", e.path)),
-                Err(err) if is_damage(&err) => unreadable.push(left_out(&e.path, &err)),
+                Ok(Listing::Unreadable(why)) => unreadable.push(unentered(format!("{}: {why}", e.path))),
+                Err(err) if is_damage(&err) => unreadable.push(unentered(left_out(&e.path, &err))),
                 Err(err) => return Err(err),
             }
         }

@@ -98,7 +98,7 @@ fn write_entries(
     one(path, top)?;
     if top.kind == EntryKind::Dir {
         let unreadable = fs.walk(path, &mut one)?;
-        stats.unreadable.extend(unreadable);
+        stats.unreadable.extend(unreadable.into_iter().map(|u| u.shown));
     }
     Ok(stats)
 }
