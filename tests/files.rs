@@ -447,6 +447,14 @@ fn find_names_the_snapshots_and_paths_that_hold_a_file() {
     );
     let r = e.fails(&["find", "[a-"]);
     assert!(r.stderr.contains("pattern \"[a-\""), "{}", r.stderr);
+    // Modification times bound the matches: the symlink touched to 2021-07-08 09:10:11 (day 1 only), and what
+    // is older than 2020 (the hostname of 2019 and the empty directory of 2018, both days).
+    let out = e.ok(&["find", "*", "--newer", "2021-07-08 09:10:11", "--older", "2021-07-09"]).stdout;
+    assert!(out.contains(&format!("{day1}:disk0")) && out.contains("  /part1/etc/nginx.conf\n"), "{out}");
+    assert!(out.ends_with("1 match in 3 disks of 3 snapshots\n"), "{out}");
+    let out = e.ok(&["find", "*", "--older", "2020-01-01"]).stdout;
+    assert!(out.contains("  /part1/etc/hostname\n  /part1/srv/empty\n"), "{out}");
+    assert!(out.ends_with("4 matches in 3 disks of 3 snapshots\n"), "{out}");
 
     // Damage under the file system's metadata: what cannot be searched is named with the damaged blob, the rest
     // is searched, and the exit code says the answer is incomplete.

@@ -115,7 +115,7 @@ pub struct BackupArgs {
     #[arg(long)]
     json: bool,
     /// Record this time (UTC, `YYYY-MM-DD HH:MM:SS`) as the snapshot's time instead of now.
-    #[arg(long, value_parser = parse_time)]
+    #[arg(long, value_parser = super::parse_time)]
     time: Option<i64>,
     /// Packs uploaded at once (memory in flight is about this many packs).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -124,10 +124,6 @@ pub struct BackupArgs {
     /// restores of changed blocks, more space: see `format-spec/` §6a).
     #[arg(long)]
     no_delta: bool,
-}
-
-fn parse_time(s: &str) -> std::result::Result<i64, String> {
-    crate::util::parse_utc(s).ok_or_else(|| format!("{s:?} is not a time like 2026-11-22 04:38:03 (UTC)"))
 }
 
 fn split_named(spec: &str) -> (Option<&str>, &str) {

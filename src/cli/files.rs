@@ -96,6 +96,12 @@ pub struct FindArgs {
     /// Match names ignoring case (as Windows does).
     #[arg(short = 'i', long)]
     ignore_case: bool,
+    /// Only entries modified at or after this time (`2026-11-30`, `2026-11-30 18:00`; UTC).
+    #[arg(long, value_name = "TIME", value_parser = super::parse_time)]
+    newer: Option<i64>,
+    /// Only entries modified before this time.
+    #[arg(long, value_name = "TIME", value_parser = super::parse_time)]
+    older: Option<i64>,
     /// Type, permissions, owner, size and modification time of each match, as `ls --long`.
     #[arg(short, long)]
     long: bool,
@@ -251,7 +257,7 @@ struct Found {
 }
 
 pub fn find(g: &Globals, args: &FindArgs) -> Result<()> {
-    let matcher = NameMatcher::new(&args.patterns, args.ignore_case)?;
+    let matcher = NameMatcher::new(&args.patterns, args.ignore_case)?.modified_within(args.newer, args.older);
     let within = args.path.as_deref().map(split_path).transpose()?.flatten();
     let repo = g.open_repo()?;
     let filter = args.filter.filter();

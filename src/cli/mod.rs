@@ -250,6 +250,12 @@ fn choose_disk<'s>(
     }
 }
 
+/// A time given on the command line (`2026-11-22`, `2026-11-22 04:38`, `2026-11-22 04:38:03`; UTC), as seconds
+/// since the epoch.
+fn parse_time(s: &str) -> std::result::Result<i64, String> {
+    crate::util::parse_utc(s).ok_or_else(|| format!("{s:?} is not a time like 2026-11-22 04:38:03 (UTC)"))
+}
+
 /// Global options every command may need.
 pub(crate) struct Globals {
     repo: Option<String>,

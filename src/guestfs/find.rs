@@ -12,6 +12,9 @@ pub struct NameMatcher {
     /// Each pattern, and whether it is matched against the whole guest path rather than the name.
     patterns: Vec<(glob::Pattern, bool)>,
     ignore_case: bool,
+    /// Modified at or after, and before (seconds since the epoch), where given.
+    newer: Option<i64>,
+    older: Option<i64>,
 }
 
 impl NameMatcher {
@@ -25,11 +28,19 @@ impl NameMatcher {
                 Ok((pattern, p.contains('/')))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(NameMatcher { patterns, ignore_case })
+        Ok(NameMatcher { patterns, ignore_case, newer: None, older: None })
     }
 
-    /// Whether any pattern selects `entry`.
+    /// Only entries modified at or after `newer` and before `older` (seconds since the epoch), where given.
+    pub fn modified_within(self, newer: Option<i64>, older: Option<i64>) -> NameMatcher {
+        NameMatcher { newer, older, ..self }
+    }
+
+    /// Whether any pattern selects `entry`, modified within the times given.
     pub fn matches(&self, entry: &Entry) -> bool {
+        if self.newer.is_some_and(|t| entry.mtime < t) || self.older.is_some_and(|t| entry.mtime >= t) {
+            return false;
+        }
         let options = glob::MatchOptions {
             case_sensitive: !self.ignore_case,
             require_literal_separator: true,
@@ -111,6 +122,18 @@ mod tests {
         // Case: exact unless asked.
         assert!(!selects(&["boot.ini"], false, "/part1/BOOT.INI"));
         assert!(selects(&["boot.ini"], true, "/part1/BOOT.INI"));
+    }
+
+    #[test]
+    fn modification_times_bound_what_matches() {
+        let mut e = entry("/part2/var/log/syslog");
+        e.mtime = 1000;
+        let m = |newer, older| NameMatcher::new(&["*".to_string()], false).unwrap().modified_within(newer, older);
+        assert!(m(Some(1000), None).matches(&e), "at the time given counts as newer");
+        assert!(!m(Some(1001), None).matches(&e));
+        assert!(m(None, Some(1001)).matches(&e));
+        assert!(!m(None, Some(1000)).matches(&e), "older means before");
+        assert!(m(Some(999), Some(1001)).matches(&e));
     }
 
     #[test]
