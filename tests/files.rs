@@ -142,6 +142,37 @@ fn back_up_fixture(e: &Env, name: &str, source: &str) -> PathBuf {
     tree
 }
 
+/// Writes a GPT disk with one ext4 partition holding `tree` to `disk` and backs it up as `disk0` of source `vm`
+/// (`extra` backup arguments before the disk); returns the snapshot's short id.
+fn back_up_ext4_tree(e: &Env, disk: &Path, tree: &Path, extra: &[&str]) -> String {
+    let _ = std::fs::remove_file(disk);
+    partitioned(disk, 32, &format!("label: gpt\nstart=2048, type={LINUX}\n"));
+    mkfs_ext4(disk, 2048 * 512, 28 << 10, tree, "root");
+    let spec = format!("disk0={}", disk.display());
+    let mut args = vec!["--name", "vm"];
+    args.extend_from_slice(extra);
+    args.push(&spec);
+    e.backup(&args)["snapshot"].as_str().unwrap()[..8].to_string()
+}
+
+/// Every data blob of the repository, as (its pack's object name, a byte in the middle of its stored bytes, its
+/// id, whether it is compressed): places to damage one blob at a time.
+fn data_blobs(e: &Env) -> Vec<(String, usize, String, bool)> {
+    let packs = e.objects("packs");
+    let mut out = Vec::new();
+    for index in e.objects("index") {
+        let v = e.ok(&["cat", "index", index.rsplit('/').next().unwrap()]).json();
+        for pack in v["packs"].as_array().unwrap() {
+            let name = packs.iter().find(|n| n.ends_with(pack["id"].as_str().unwrap())).unwrap();
+            for blob in pack["blobs"].as_array().unwrap().iter().filter(|b| b["type"] == "data") {
+                let at = (blob["offset"].as_u64().unwrap() + blob["stored_len"].as_u64().unwrap() / 2) as usize;
+                out.push((name.clone(), at, blob["id"].as_str().unwrap().to_string(), blob["compressed"] == true));
+            }
+        }
+    }
+    out
+}
+
 const ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 const LINUX: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 
@@ -319,28 +350,13 @@ fn a_damaged_blob_under_a_file_is_named_and_everything_else_is_still_copied() {
     let e = Env::with_repo();
     let tree = e.path("tree");
     make_tree(&tree);
-    let disk = e.path("disk.raw");
-    partitioned(&disk, 32, &format!("label: gpt\nstart=2048, type={LINUX}\n"));
-    mkfs_ext4(&disk, 2048 * 512, 28 << 10, &tree, "root");
-    e.ok(&["backup", "--name", "vm", &format!("disk0={}", disk.display())]);
+    back_up_ext4_tree(&e, &e.path("disk.raw"), &tree, &[]);
     // Damage one blob stored uncompressed (a block of data.bin's random bytes) that holds no file system
     // metadata: the first whose damage leaves the whole tree listable.
-    let mut candidates = Vec::new();
-    for index in e.objects("index") {
-        let v = e.ok(&["cat", "index", index.rsplit('/').next().unwrap()]).json();
-        for pack in v["packs"].as_array().unwrap() {
-            let name = e.objects("packs").into_iter().find(|n| n.ends_with(pack["id"].as_str().unwrap())).unwrap();
-            for blob in pack["blobs"].as_array().unwrap() {
-                if blob["type"] == "data" && blob["compressed"] == false {
-                    let at = (blob["offset"].as_u64().unwrap() + blob["stored_len"].as_u64().unwrap() / 2) as usize;
-                    candidates.push((name.clone(), at, blob["id"].as_str().unwrap().to_string()));
-                }
-            }
-        }
-    }
+    let candidates: Vec<_> = data_blobs(&e).into_iter().filter(|(_, _, _, compressed)| !compressed).collect();
     let damaged = candidates
         .iter()
-        .find(|(pack, at, _)| {
+        .find(|(pack, at, _, _)| {
             e.flip(pack, *at);
             let listable = e.run(&["ls", "latest", "/part1", "-R"]).code == 0;
             if !listable {
@@ -348,7 +364,7 @@ fn a_damaged_blob_under_a_file_is_named_and_everything_else_is_still_copied() {
             }
             listable
         })
-        .map(|(_, _, id)| id.clone())
+        .map(|(_, _, id, _)| id.clone())
         .expect("a blob of data.bin's contents alone");
 
     let r = e.command(&["dump", "latest", "/part1/var/lib/app/data.bin"]).output().unwrap();
@@ -393,18 +409,12 @@ fn find_names_the_snapshots_and_paths_that_hold_a_file() {
     let tree = e.path("tree");
     make_tree(&tree);
     let disk = e.path("disk.raw");
-    let back_up = |day: &str| -> String {
-        partitioned(&disk, 32, &format!("label: gpt\nstart=2048, type={LINUX}\n"));
-        mkfs_ext4(&disk, 2048 * 512, 28 << 10, &tree, "root");
-        let r = e.backup(&["--name", "vm", "--time", &format!("{day} 22:00:00"), &format!("disk0={}", disk.display())]);
-        r["snapshot"].as_str().unwrap()[..8].to_string()
-    };
+    let back_up = |day: &str| back_up_ext4_tree(&e, &disk, &tree, &["--time", &format!("{day} 22:00:00")]);
     let day1 = back_up("2026-11-01");
     // Day 2: nginx's configuration is gone, a report arrived.
     std::fs::remove_dir_all(tree.join("etc/nginx")).unwrap();
     std::fs::remove_file(tree.join("etc/nginx.conf")).unwrap();
     std::fs::write(tree.join("home/anna/Report.PDF"), b"%PDF-1.7").unwrap();
-    std::fs::remove_file(&disk).unwrap();
     let day2 = back_up("2026-11-02");
     // Another source whose disk holds no file system: searched, nothing found.
     common::write(&e.path("blank.raw"), &common::random_bytes(3, 1 << 20));
@@ -458,30 +468,10 @@ fn find_names_the_snapshots_and_paths_that_hold_a_file() {
 
     // Damage under the file system's metadata: what cannot be searched is named with the damaged blob, the rest
     // is searched, and the exit code says the answer is incomplete.
-    let blobs: Vec<(String, usize, String)> = e
-        .objects("index")
-        .iter()
-        .flat_map(|index| {
-            let v = e.ok(&["cat", "index", index.rsplit('/').next().unwrap()]).json();
-            v["packs"].as_array().unwrap().clone()
-        })
-        .flat_map(|pack| {
-            let name = e.objects("packs").into_iter().find(|n| n.ends_with(pack["id"].as_str().unwrap())).unwrap();
-            pack["blobs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|b| b["type"] == "data")
-                .map(|b| {
-                    let at = (b["offset"].as_u64().unwrap() + b["stored_len"].as_u64().unwrap() / 2) as usize;
-                    (name.clone(), at, b["id"].as_str().unwrap().to_string())
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let blobs = data_blobs(&e);
     let r = blobs
         .iter()
-        .find_map(|(pack, at, id)| {
+        .find_map(|(pack, at, id, _)| {
             e.flip(pack, *at);
             let r = e.run(&["find", "msg-0001"]);
             e.flip(pack, *at);
@@ -500,14 +490,7 @@ fn diff_files_lists_what_changed_between_two_snapshots_and_nothing_else() {
     let tree = e.path("tree");
     make_tree(&tree);
     let disk = e.path("disk.raw");
-    let back_up = || -> String {
-        let _ = std::fs::remove_file(&disk);
-        partitioned(&disk, 32, &format!("label: gpt\nstart=2048, type={LINUX}\n"));
-        mkfs_ext4(&disk, 2048 * 512, 28 << 10, &tree, "root");
-        let r = e.backup(&["--name", "vm", &format!("disk0={}", disk.display())]);
-        r["snapshot"].as_str().unwrap()[..8].to_string()
-    };
-    let day1 = back_up();
+    let day1 = back_up_ext4_tree(&e, &disk, &tree, &[]);
     // One change of each kind; the rest of the tree (300 messages, the sparse file…) stays as it was.
     std::fs::remove_file(tree.join("etc/hostname")).unwrap();
     std::fs::write(tree.join("etc/new.conf"), b"key=value").unwrap();
@@ -518,7 +501,7 @@ fn diff_files_lists_what_changed_between_two_snapshots_and_nothing_else() {
     std::fs::write(tree.join("srv/empty"), b"").unwrap();
     let data = tree.join("var/lib/app/data.bin");
     std::fs::OpenOptions::new().write(true).open(&data).unwrap().set_len(1_000_000).unwrap();
-    let day2 = back_up();
+    let day2 = back_up_ext4_tree(&e, &disk, &tree, &[]);
 
     let out = e.ok(&["diff", &day1, &day2, "--files"]).stdout;
     let listed: Vec<&str> = out.lines().filter(|l| l.len() > 5 && &l[1..5] == "    ").collect();
@@ -553,23 +536,10 @@ fn diff_files_lists_what_changed_between_two_snapshots_and_nothing_else() {
     // Damage in a directory of one snapshot: what is below it is not compared (and not called added or
     // removed), the rest is, and the exit code says the answer is incomplete.
     let truth = listed.iter().map(|l| l.to_string()).collect::<Vec<_>>();
-    let blobs: Vec<(String, usize)> = e
-        .objects("index")
-        .iter()
-        .flat_map(|index| {
-            e.ok(&["cat", "index", index.rsplit('/').next().unwrap()]).json()["packs"].as_array().unwrap().clone()
-        })
-        .flat_map(|pack| {
-            let name = e.objects("packs").into_iter().find(|n| n.ends_with(pack["id"].as_str().unwrap())).unwrap();
-            let blobs = pack["blobs"].as_array().unwrap().clone();
-            blobs.into_iter().filter(|b| b["type"] == "data").map(move |b| {
-                (name.clone(), (b["offset"].as_u64().unwrap() + b["stored_len"].as_u64().unwrap() / 2) as usize)
-            })
-        })
-        .collect();
+    let blobs = data_blobs(&e);
     let r = blobs
         .iter()
-        .find_map(|(pack, at)| {
+        .find_map(|(pack, at, _, _)| {
             e.flip(pack, *at);
             let r = e.run(&["diff", &day1, &day2, "--files"]);
             e.flip(pack, *at);

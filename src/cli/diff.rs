@@ -102,15 +102,7 @@ pub fn run(g: &Globals, args: &DiffArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v).expect("JSON of plain values"));
         return Ok(());
     }
-    println!(
-        "{} ({} at {}) -> {} ({} at {})",
-        a_id.short(),
-        a.source,
-        format_utc(a.time_secs),
-        b_id.short(),
-        b.source,
-        format_utc(b.time_secs)
-    );
+    print_header((&a_id, &a), (&b_id, &b));
     for (name, o) in &out {
         match o {
             Outcome::Added(c) => println!("{name}: added ({})", human_bytes(*c)),
@@ -145,6 +137,12 @@ pub fn run(g: &Globals, args: &DiffArgs) -> Result<()> {
     Ok(())
 }
 
+/// `ID (SOURCE at TIME) -> ID (SOURCE at TIME)`.
+fn print_header((a_id, a): (&ObjectId, &Snapshot), (b_id, b): (&ObjectId, &Snapshot)) {
+    let side = |id: &ObjectId, s: &Snapshot| format!("{} ({} at {})", id.short(), s.source, format_utc(s.time_secs));
+    println!("{} -> {}", side(a_id, a), side(b_id, b));
+}
+
 /// The disks of either snapshot (the later one's order first), or only `only`.
 fn disk_names<'s>(a: &'s Snapshot, b: &'s Snapshot, only: Option<&str>) -> Result<Vec<&'s str>> {
     let mut names: Vec<&str> = b.disks.iter().map(|d| d.name.as_str()).collect();
@@ -175,15 +173,7 @@ fn run_files(
         GuestDisk::open(device).map(Some)
     };
     if !args.json {
-        println!(
-            "{} ({} at {}) -> {} ({} at {})",
-            a_id.short(),
-            a.source,
-            format_utc(a.time_secs),
-            b_id.short(),
-            b.source,
-            format_utc(b.time_secs)
-        );
+        print_header((&a_id, &a), (&b_id, &b));
     }
     // What could not be compared (a damaged disk, volume or directory), with the reason.
     let mut not_compared: Vec<String> = Vec::new();
