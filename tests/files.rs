@@ -482,6 +482,22 @@ fn find_names_the_snapshots_and_paths_that_hold_a_file() {
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert!(r.stderr.contains("not searched: ") && r.stderr.contains(id.as_str()), "{}", r.stderr);
     assert!(r.stdout.ends_with(" of 3 snapshots\n"), "the search went on: {}", r.stdout);
+
+    // A day on which the disk did not change (the same blocks, so the same segments): its file system is not
+    // walked again, and it still has what it has.
+    let day3 = e.backup(&["--name", "vm", "--time", "2026-11-03 22:00:00", &format!("disk0={}", disk.display())]);
+    let day3 = &day3["snapshot"].as_str().unwrap()[..8];
+    let r = e.ok(&["find", "msg-0001", "--name", "vm", "-v"]);
+    for day in [day3, &day2, &day1] {
+        assert!(r.stdout.contains(&format!("{day}:disk0 (vm, ")), "{}", r.stdout);
+    }
+    assert!(r.stdout.ends_with("3 matches in 3 disks of 3 snapshots\n"), "{}", r.stdout);
+    assert!(
+        r.stderr.contains(&format!("{day2}:disk0: the same blocks as {day3}:disk0, not searched again")),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains(&format!("{day1}:disk0: the same blocks")), "{}", r.stderr);
 }
 
 #[test]

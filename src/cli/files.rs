@@ -1,12 +1,15 @@
 //! `diskvault ls`, `find`, `dump` and `extract`: files inside a snapshot's disk (file-level restore, see
 //! [`crate::guestfs`]).
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{FilterArgs, Globals};
 use crate::error::{Error, Result};
+use crate::format::snapshot::{DiskManifest, SegmentRef};
+use crate::format::ObjectId;
 use crate::guestfs::extract::extract;
 use crate::guestfs::find::NameMatcher;
 use crate::guestfs::{split_path, CopyStats, Entry, EntryKind, FsKind, GuestDisk, GuestFs};
@@ -256,6 +259,78 @@ struct Found {
     entries: Vec<Entry>,
 }
 
+/// What a search of one snapshot disk found.
+#[derive(Clone, Default)]
+struct DiskSearch {
+    entries: Vec<Entry>,
+    /// Whether its volumes could be read at all.
+    opened: bool,
+    /// Volumes (or the `--path`) it does not have.
+    absent: usize,
+    /// What could not be searched, each as `: cause` or ` /volume…: cause` to follow the disk's name.
+    problems: Vec<String>,
+}
+
+/// A disk's last search in a `find`, with what identifies its blocks.
+struct LastSearch {
+    /// Capacity and segments: equal, the disks hold the same blocks.
+    blocks: (u64, Vec<SegmentRef>),
+    /// `ID:DISK` of the snapshot disk searched.
+    at: String,
+    result: DiskSearch,
+}
+
+/// Searches the volumes of `disk` of snapshot `id` (only `within`'s, below its path, where given) for what
+/// `matcher` selects. Damage is listed in the result; anything else is an error.
+fn search_disk(
+    exports: &RepositoryExports,
+    id: &ObjectId,
+    disk: &DiskManifest,
+    within: Option<&(&str, String)>,
+    matcher: &NameMatcher,
+) -> Result<DiskSearch> {
+    let mut result = DiskSearch::default();
+    let device: Arc<dyn Device> = Arc::new(exports.disk(id, disk, crate::serve::DEFAULT_READAHEAD_BLOCKS)?);
+    let guest = match GuestDisk::open(device) {
+        Ok(guest) => guest,
+        Err(e) if crate::guestfs::is_damage(&e) => {
+            result.problems.push(format!(": {e}"));
+            return Ok(result);
+        }
+        Err(e) => return Err(e),
+    };
+    result.opened = true;
+    let volumes: Vec<(&crate::guestfs::Volume, &str)> = match within {
+        Some((volume, inner)) => match guest.volume(volume) {
+            Ok(v) => vec![(v, inner.as_str())],
+            // Not on this disk (another disk of the snapshot, or an older layout).
+            Err(_) => {
+                result.absent += 1;
+                return Ok(result);
+            }
+        },
+        None => guest.volumes.iter().filter(|v| v.fs.readable()).map(|v| (v, "/")).collect(),
+    };
+    for (volume, inner) in volumes {
+        let searched = guest.fs(volume).and_then(|fs| {
+            if within.is_some() && fs.entry(inner.as_bytes()).is_err_and(|e| matches!(e, Error::Invalid(_))) {
+                result.absent += 1;
+                return Ok(Vec::new());
+            }
+            matcher.search(&fs, inner.as_bytes(), &mut |e| {
+                result.entries.push(e.clone());
+                Ok(())
+            })
+        });
+        match searched {
+            Ok(unentered) => result.problems.extend(unentered.into_iter().map(|u| format!(" {u}"))),
+            Err(e) if crate::guestfs::is_damage(&e) => result.problems.push(format!(" /{}: {e}", volume.name)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(result)
+}
+
 pub fn find(g: &Globals, args: &FindArgs) -> Result<()> {
     let matcher = NameMatcher::new(&args.patterns, args.ignore_case)?.modified_within(args.newer, args.older);
     let within = args.path.as_deref().map(split_path).transpose()?.flatten();
@@ -273,53 +348,35 @@ pub fn find(g: &Globals, args: &FindArgs) -> Result<()> {
     let (mut matches, mut disks_searched, mut path_absent) = (0usize, 0usize, 0usize);
     // `ID:DISK` (and the volume or path) that could not be searched, with the cause; the rest goes on.
     let mut not_searched: Vec<String> = Vec::new();
+    // The last search of each disk, with its blocks (capacity and segments): a disk that did not change from
+    // one snapshot to the next (an idle data disk, whose CBT reported nothing) is walked once. Only the last:
+    // every result kept would be every file of every snapshot in memory.
+    let mut last: HashMap<String, LastSearch> = HashMap::new();
     for (id, snap) in &snapshots {
         for disk in snap.disks.iter().filter(|d| args.disk.as_deref().is_none_or(|n| n == d.name)) {
             let at = format!("{}:{}", id.short(), disk.name);
-            let mut found = Found {
+            let same_blocks = (disk.capacity, disk.segments.clone());
+            let result = match last.get(&disk.name) {
+                Some(earlier) if earlier.blocks == same_blocks => {
+                    tracing::info!("{at}: the same blocks as {}, not searched again", earlier.at);
+                    earlier.result.clone()
+                }
+                _ => search_disk(&exports, id, disk, within.as_ref(), &matcher)?,
+            };
+            not_searched.extend(result.problems.iter().map(|p| format!("{at}{p}")));
+            path_absent += result.absent;
+            disks_searched += usize::from(result.opened);
+            let found = Found {
                 snapshot: id.hex(),
                 disk: disk.name.clone(),
                 source: snap.source.clone(),
                 time: format_utc(snap.time_secs),
-                entries: Vec::new(),
+                entries: result.entries.clone(),
             };
-            let device: Arc<dyn Device> = Arc::new(exports.disk(id, disk, crate::serve::DEFAULT_READAHEAD_BLOCKS)?);
-            let guest = match GuestDisk::open(device) {
-                Ok(guest) => guest,
-                Err(e) if crate::guestfs::is_damage(&e) => {
-                    not_searched.push(format!("{at}: {e}"));
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            disks_searched += 1;
-            let volumes: Vec<(&crate::guestfs::Volume, &str)> = match &within {
-                Some((volume, inner)) => match guest.volume(volume) {
-                    Ok(v) => vec![(v, inner.as_str())],
-                    // Not on this disk (another disk of the snapshot, or an older layout).
-                    Err(_) => {
-                        path_absent += 1;
-                        continue;
-                    }
-                },
-                None => guest.volumes.iter().filter(|v| v.fs.readable()).map(|v| (v, "/")).collect(),
-            };
-            for (volume, inner) in volumes {
-                let searched = guest.fs(volume).and_then(|fs| {
-                    if within.is_some() && fs.entry(inner.as_bytes()).is_err_and(|e| matches!(e, Error::Invalid(_))) {
-                        path_absent += 1;
-                        return Ok(Vec::new());
-                    }
-                    matcher.search(&fs, inner.as_bytes(), &mut |e| {
-                        found.entries.push(e.clone());
-                        Ok(())
-                    })
-                });
-                match searched {
-                    Ok(unentered) => not_searched.extend(unentered.into_iter().map(|u| format!("{at} {u}"))),
-                    Err(e) if crate::guestfs::is_damage(&e) => not_searched.push(format!("{at} /{}: {e}", volume.name)),
-                    Err(e) => return Err(e),
-                }
+            if result.problems.is_empty() {
+                last.insert(disk.name.clone(), LastSearch { blocks: same_blocks, at: at.clone(), result });
+            } else {
+                last.remove(&disk.name);
             }
             if found.entries.is_empty() {
                 continue;

@@ -44,7 +44,7 @@ pub struct DiskManifest {
     pub stats: DiskStats,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SegmentRef {
     pub id: BlobId,
     pub blocks: u32,
