@@ -628,9 +628,15 @@ fn files_of_an_ntfs_partition_are_listed_and_extracted_as_windows_wrote_them() {
     want.sort();
     assert_eq!(listed.lines().collect::<Vec<_>>(), want);
 
-    // Names are found as Windows finds them, whatever their case.
+    // Names are found as Windows finds them, whatever their case: by path, and by `find` without `-i`.
     let r = e.command(&["dump", "latest", "/part1/program files/CONTOSO APP/Settings.INI"]).output().unwrap();
     assert_eq!(r.stdout, b"[settings]\r\nlevel=3\r\n", "{}", String::from_utf8_lossy(&r.stderr));
+    let found = e.ok(&["find", "SETTINGS.ini", "/part1/program files/**/*.EXE"]).stdout;
+    let found: Vec<&str> = found.lines().filter(|l| l.starts_with("  ")).collect();
+    assert_eq!(
+        found,
+        ["  /part1/Program Files/Contoso App/bin/contoso.exe", "  /part1/Program Files/Contoso App/settings.ini"]
+    );
 
     let out = e.path("out");
     e.ok(&["extract", "latest", "/part1/Users", "/part1/Program Files", "--target", out.to_str().unwrap()]);

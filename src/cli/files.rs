@@ -96,7 +96,7 @@ pub struct FindArgs {
     /// diskvault reads.
     #[arg(long)]
     path: Option<String>,
-    /// Match names ignoring case (as Windows does).
+    /// Match names ignoring case (on NTFS volumes always, as Windows does).
     #[arg(short = 'i', long)]
     ignore_case: bool,
     /// Only entries modified at or after this time (`2026-11-30`, `2026-11-30 18:00`; UTC).
@@ -312,6 +312,14 @@ fn search_disk(
         None => guest.volumes.iter().filter(|v| v.fs.readable()).map(|v| (v, "/")).collect(),
     };
     for (volume, inner) in volumes {
+        // Windows finds NTFS names whatever their case; so does a search of them.
+        let ntfs;
+        let matcher = if volume.fs == FsKind::Ntfs {
+            ntfs = matcher.ignoring_case();
+            &ntfs
+        } else {
+            matcher
+        };
         let searched = guest.fs(volume).and_then(|fs| {
             if within.is_some() && fs.entry(inner.as_bytes()).is_err_and(|e| matches!(e, Error::Invalid(_))) {
                 result.absent += 1;

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::guestfs::{Entry, GuestFs, Unentered};
 
 /// The patterns of one `find`.
+#[derive(Clone)]
 pub struct NameMatcher {
     /// Each pattern, and whether it is matched against the whole guest path rather than the name.
     patterns: Vec<(glob::Pattern, bool)>,
@@ -29,6 +30,11 @@ impl NameMatcher {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(NameMatcher { patterns, ignore_case, newer: None, older: None })
+    }
+
+    /// The same patterns, matched ignoring case: for a file system whose names are (NTFS, as Windows finds them).
+    pub fn ignoring_case(&self) -> NameMatcher {
+        NameMatcher { ignore_case: true, ..self.clone() }
     }
 
     /// Only entries modified at or after `newer` and before `older` (seconds since the epoch), where given.
@@ -119,9 +125,11 @@ mod tests {
         assert!(!selects(&["/part2/etc/*"], false, "/part2/etc/nginx/nginx.conf"));
         assert!(selects(&["/part*/home/**/id_rsa"], false, "/part2/home/anna/.ssh/id_rsa"));
         assert!(!selects(&["/part3/**/id_rsa"], false, "/part2/home/anna/.ssh/id_rsa"));
-        // Case: exact unless asked.
+        // Case: exact unless asked (or the file system's names ignore it).
         assert!(!selects(&["boot.ini"], false, "/part1/BOOT.INI"));
         assert!(selects(&["boot.ini"], true, "/part1/BOOT.INI"));
+        let exact = NameMatcher::new(&["/part1/windows/*.INI".to_string()], false).unwrap();
+        assert!(exact.ignoring_case().matches(&entry("/part1/Windows/boot.ini")));
     }
 
     #[test]
