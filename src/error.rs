@@ -55,6 +55,10 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// A guest file system has no entry at a path (as opposed to one it cannot read: [`Error::Invalid`]).
+    #[error("{0}")]
+    NotFound(String),
+
     /// Restore found data it cannot restore; the affected ranges are named.
     #[error("restore of {disk}: {cause}")]
     Restore { disk: String, cause: String },

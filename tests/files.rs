@@ -570,6 +570,37 @@ fn diff_files_lists_what_changed_between_two_snapshots_and_nothing_else() {
 }
 
 #[test]
+fn a_path_through_a_damaged_directory_is_not_searched_rather_than_absent() {
+    let e = Env::with_repo();
+    let tree = e.path("tree");
+    make_tree(&tree);
+    let disk = e.path("disk.raw");
+    std::fs::File::create(&disk).unwrap().set_len(32 << 20).unwrap();
+    mkfs_ext4(&disk, 0, 32 << 10, &tree, "data");
+    // Damage inside the guest (the blobs are intact): bytes of /var/spool's directory block overwritten, so that
+    // its checksum no longer matches.
+    let bmap = Command::new("debugfs").args(["-R", "bmap /var/spool 0"]).arg(&disk).output().unwrap();
+    let block: u64 = String::from_utf8_lossy(&bmap.stdout).trim().parse().expect("a block number");
+    let size = Command::new("dumpe2fs").arg("-h").arg(&disk).output().unwrap();
+    let size = String::from_utf8_lossy(&size.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("Block size:").map(|v| v.trim().parse::<u64>().unwrap()))
+        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"damaged damaged!", block * size + 100).unwrap();
+    e.ok(&["backup", "--name", "vm", &format!("disk0={}", disk.display())]);
+
+    // Below it, nothing can be said: not "absent", which would tell the user the backup lacks the files.
+    let r = e.run(&["find", "msg-0001", "--path", "/whole/var/spool/many"]);
+    assert_eq!(r.code, 3, "{}\n{}", r.stdout, r.stderr);
+    assert!(!r.stdout.contains("absent"), "{}", r.stdout);
+    assert!(r.stderr.contains("not searched: ") && r.stderr.contains("invalid checksum"), "{}", r.stderr);
+    // A path that is really not there is absent, and that is a complete answer.
+    let r = e.ok(&["find", "msg-0001", "--path", "/whole/var/nothing-here"]);
+    assert!(r.stdout.ends_with("/whole/var/nothing-here is absent from 1 of them\n"), "{}", r.stdout);
+}
+
+#[test]
 fn an_encrypted_directory_is_reported_and_everything_else_is_copied() {
     let e = Env::with_repo();
     let tree = e.path("tree");

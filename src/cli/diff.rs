@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::Globals;
 use crate::diff::{diff_disk, DiskDiff};
 use crate::error::{Error, Result};
-use crate::format::snapshot::Snapshot;
+use crate::format::snapshot::{DiskManifest, Snapshot};
 use crate::format::ObjectId;
 use crate::guestfs::compare::{diff_trees, Change, FileChange};
 use crate::guestfs::{is_damage, split_path, GuestDisk};
@@ -167,10 +167,9 @@ fn run_files(
     let within = args.path.as_deref().map(split_path).transpose()?.flatten();
     let names: Vec<String> = disk_names(&a, &b, args.disk.as_deref())?.into_iter().map(String::from).collect();
     let (exports, _session) = super::files::file_exports(g, repo)?;
-    let open = |id: &ObjectId, snap: &Snapshot, name: &str| -> Result<Option<GuestDisk>> {
-        let Some(disk) = snap.disk(name) else { return Ok(None) };
+    let open = |id: &ObjectId, disk: &DiskManifest| -> Result<GuestDisk> {
         let device: Arc<dyn Device> = Arc::new(exports.disk(id, disk, crate::serve::DEFAULT_READAHEAD_BLOCKS)?);
-        GuestDisk::open(device).map(Some)
+        GuestDisk::open(device)
     };
     if !args.json {
         print_header((&a_id, &a), (&b_id, &b));
@@ -187,11 +186,9 @@ fn run_files(
         let mut notes: Vec<String> = Vec::new();
         if old.is_none() || new.is_none() {
             notes.push(if old.is_none() { "disk added".into() } else { "disk removed".into() });
-        } else if !unchanged {
-            let guests = open(&a_id, &a, name).and_then(|o| Ok((o, open(&b_id, &b, name)?)));
-            let (old_guest, new_guest) = match guests {
-                Ok((Some(o), Some(n))) => (o, n),
-                Ok(_) => unreachable!("both snapshots have the disk"),
+        } else if let (false, Some(old), Some(new)) = (unchanged, old, new) {
+            let (old_guest, new_guest) = match open(&a_id, old).and_then(|o| Ok((o, open(&b_id, new)?))) {
+                Ok(guests) => guests,
                 Err(e) if is_damage(&e) => {
                     not_compared.push(format!("{name}: {e}"));
                     continue;

@@ -321,7 +321,8 @@ fn search_disk(
             matcher
         };
         let searched = guest.fs(volume).and_then(|fs| {
-            if within.is_some() && fs.entry(inner.as_bytes()).is_err_and(|e| matches!(e, Error::Invalid(_))) {
+            // Not there (created later, or deleted): absent. Unreadable on the way there: not searched, below.
+            if within.is_some() && fs.entry(inner.as_bytes()).is_err_and(|e| matches!(e, Error::NotFound(_))) {
                 result.absent += 1;
                 return Ok(Vec::new());
             }

@@ -1,6 +1,6 @@
 //! ext2/3/4 volumes, read with the `ext4-view` crate (its journal replayed in memory).
 
-use super::{copy_chunks, fs_error, guest_path, join, Entry, EntryKind, FileSystem, Listing, VolumeReader};
+use super::{copy_chunks, fs_error, guest_path, join, not_found, Entry, EntryKind, FileSystem, Listing, VolumeReader};
 use crate::error::Result;
 
 pub(super) struct Ext4Fs {
@@ -60,9 +60,7 @@ impl Ext4Fs {
 
     fn error(&self, path: &[u8], e: ext4_view::Ext4Error) -> crate::error::Error {
         match e {
-            ext4_view::Ext4Error::NotFound => {
-                fs_error(&self.reader.failure, &self.volume, path, "no such file or directory")
-            }
+            ext4_view::Ext4Error::NotFound => not_found(&self.reader.failure, &self.volume, path),
             e => fs_error(&self.reader.failure, &self.volume, path, e),
         }
     }

@@ -379,7 +379,7 @@ pub struct CopyStats {
 /// data under it, or a damaged guest structure. A copy leaves it out, names it and goes on. Anything else (the
 /// storage unreachable, the session lost, the destination unwritable, an interruption) stops the copy.
 pub fn is_damage(err: &Error) -> bool {
-    matches!(err, Error::Corrupt { .. } | Error::Missing { .. } | Error::Invalid(_))
+    matches!(err, Error::Corrupt { .. } | Error::Missing { .. } | Error::Invalid(_) | Error::NotFound(_))
 }
 
 /// `path: err`, as a report lists what it left out (the error alone when it names the path already).
@@ -399,6 +399,14 @@ fn fs_error(failure: &Rc<RefCell<Option<Error>>>, volume: &str, path: &[u8], wha
         return disk_error;
     }
     Error::invalid(format!("{}: {what}", guest_path(volume, path)))
+}
+
+/// No entry at `path` ([`Error::NotFound`]), unless reading the disk failed on the way: then the disk's error.
+fn not_found(failure: &Rc<RefCell<Option<Error>>>, volume: &str, path: &[u8]) -> Error {
+    if let Some(disk_error) = failure.borrow_mut().take() {
+        return disk_error;
+    }
+    Error::NotFound(format!("{}: no such file or directory", guest_path(volume, path)))
 }
 
 /// `/part2/etc`: a path within a volume as the user writes it.

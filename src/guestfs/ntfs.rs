@@ -14,7 +14,7 @@ use ntfs::indexes::NtfsFileNameIndex;
 use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
 use ntfs::{Ntfs, NtfsAttributeFlags, NtfsFile, NtfsReadSeek};
 
-use super::{copy_chunks, fs_error, guest_path, join, Entry, EntryKind, FileSystem, Listing, VolumeReader};
+use super::{copy_chunks, fs_error, guest_path, join, not_found, Entry, EntryKind, FileSystem, Listing, VolumeReader};
 use crate::error::{Error, Result};
 
 /// Files 0 to 15 are the file system's own ($MFT, $MFTMirr, $LogFile, $Volume, $AttrDef, the root, $Bitmap,
@@ -84,8 +84,8 @@ impl NtfsFs {
     fn lookup(&self, io: &mut Cursor, path: &[u8]) -> Result<NtfsFile<'_>> {
         let mut file = self.ntfs.root_directory(io).map_err(|e| self.error(path, e))?;
         for component in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
-            let not_found = || self.error(path, "no such file or directory");
-            let name = std::str::from_utf8(component).map_err(|_| not_found())?;
+            let missing = || not_found(&self.failure, &self.volume, path);
+            let name = std::str::from_utf8(component).map_err(|_| missing())?;
             if !file.is_directory() {
                 return Err(self.error(path, "not a directory"));
             }
@@ -93,7 +93,7 @@ impl NtfsFs {
                 let index = file.directory_index(io).map_err(|e| self.error(path, e))?;
                 let mut finder = index.finder();
                 let entry = NtfsFileNameIndex::find(&mut finder, &self.ntfs, io, name)
-                    .ok_or_else(not_found)?
+                    .ok_or_else(missing)?
                     .map_err(|e| self.error(path, e))?;
                 entry.to_file(&self.ntfs, io).map_err(|e| self.error(path, e))?
             };

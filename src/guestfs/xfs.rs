@@ -13,7 +13,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 
-use super::{copy_chunks, fs_error, guest_path, join, Entry, EntryKind, FileSystem, Listing, VolumeReader};
+use super::{copy_chunks, fs_error, guest_path, join, not_found, Entry, EntryKind, FileSystem, Listing, VolumeReader};
 use crate::error::{Error, Result};
 
 /// The volume as lamxfs reads it, with its small reads (inodes, directory and extent-tree blocks: metadata)
@@ -109,7 +109,10 @@ impl XfsFs {
     }
 
     fn error(&self, path: &[u8], e: lamxfs::Error) -> Error {
-        fs_error(&self.reader.failure, &self.volume, path, describe_error(&e))
+        match e {
+            lamxfs::Error::NotFound { .. } => not_found(&self.reader.failure, &self.volume, path),
+            e => fs_error(&self.reader.failure, &self.volume, path, describe_error(&e)),
+        }
     }
 
     fn inode(&self, path: &[u8]) -> Result<lamxfs::Inode> {
