@@ -194,7 +194,8 @@ pub fn protected(repo: &Repository) -> Result<HashSet<ObjectId>> {
     Ok(crate::repository::list_ids(&**repo.backend(), names::PROTECTED)?.into_iter().collect())
 }
 
-/// Marks or unmarks a snapshot as protected: a protected snapshot is never forgotten.
+/// Marks or unmarks a snapshot as protected: a protected snapshot is never forgotten. The caller holds the
+/// snapshots lock ([`crate::lock::acquire_snapshots`]) and has seen the snapshot exist under it.
 pub fn set_protected(repo: &Repository, id: &ObjectId, protect: bool) -> Result<()> {
     let name = names::protected(id);
     if protect {
@@ -204,7 +205,8 @@ pub fn set_protected(repo: &Repository, id: &ObjectId, protect: bool) -> Result<
     }
 }
 
-/// Removes the snapshots the decisions do not keep. Returns how many were removed.
+/// Removes the snapshots the decisions do not keep. Returns how many were removed. The caller holds the
+/// snapshots lock ([`crate::lock::acquire_snapshots`]), as for [`set_protected`].
 pub fn apply(repo: &Repository, decisions: &[Decision]) -> Result<usize> {
     let protected = protected(repo)?;
     let mut removed = 0;

@@ -1,6 +1,7 @@
 //! Repository locks: the exclusive lock of the operations that must not run twice at once (prune, index
-//! repair, snapshot repair), the lock of copies from one source repository, and the session markers of
-//! readers and writers (backup, restore, check).
+//! repair, snapshot repair), the lock of copies from one source repository, the snapshots lock of the commands
+//! that change or remove stored snapshots, and the session markers of readers and writers (backup, restore,
+//! check).
 //!
 //! Sessions never block anyone. They exist so that prune knows whom to wait for before it deletes a pack it
 //! has taken out of the index: a backup that deduplicated against a block of that pack, or a restore that
@@ -26,6 +27,9 @@ use crate::repository::Repository;
 pub const EXCLUSIVE: &str = "exclusive";
 /// Locks of copies are `locks/copy-<64 hex>`, the source repository's config id.
 pub const COPY_PREFIX: &str = "copy-";
+/// Held by the commands that change or remove stored snapshots and their protection (`forget`, `tag`,
+/// `protect`, `unprotect`, `repair snapshots --write`): see [`acquire_snapshots`].
+pub const SNAPSHOTS: &str = "snapshots";
 /// Session markers are `locks/session-<32 hex>`.
 pub const SESSION_PREFIX: &str = "session-";
 
@@ -119,6 +123,30 @@ pub fn acquire_exclusive(repo: &Repository, purpose: &str) -> Result<LockGuard> 
 pub fn acquire_copy(repo: &Repository, source_id: &[u8; 32], purpose: &str) -> Result<LockGuard> {
     let name = format!("{COPY_PREFIX}{}", hex::encode(source_id));
     acquire(repo, &name, purpose, "another copy from the same source repository into this one is running")
+}
+
+/// Takes the snapshots lock, waiting up to `DISKVAULT_LOCK_WAIT_SECS` (default 30) for another holder to finish,
+/// then fails with [`Error::Locked`] naming it. Its holders read, rewrite and delete snapshot objects and
+/// protection markers; two at once could undo each other. `tag` moves a snapshot to a new id and its marker
+/// with it: a `protect` of the old id in between would leave the new one unprotected, for a later `forget` to
+/// remove; two `tag`s of one snapshot would each write a copy. Its holders are quick, hence the wait. Backups,
+/// restores, copies and prune are not held up.
+pub fn acquire_snapshots(repo: &Repository, purpose: &str) -> Result<LockGuard> {
+    let wait = std::env::var("DISKVAULT_LOCK_WAIT_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30u64);
+    let start = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match acquire(repo, SNAPSHOTS, purpose, "another command is changing snapshots") {
+            Err(Error::Locked(holder)) if start.elapsed() < Duration::from_secs(wait) => {
+                if !said {
+                    tracing::warn!("waiting up to {wait} s: {holder}");
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Takes `locks/<name>` with the backend's atomic create-if-absent; `busy` starts the error when it is held.

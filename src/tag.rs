@@ -8,7 +8,7 @@
 //! (format-spec §9b). Under S3 Object Lock the new object gets its retention as any snapshot does, and the old
 //! one's version stays in the bucket until its own ends, as after `forget`.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::snapshot::{Snapshot, ORIGINAL};
 use crate::format::{names, ObjectId};
 use crate::repository::Repository;
@@ -54,17 +54,35 @@ pub struct Retagged {
 }
 
 /// Applies `change` to each of `snapshots`. Returns those whose tags changed; the others are left as they are.
-/// With `dry_run` nothing is written.
+/// With `dry_run` nothing is written. Otherwise it holds the snapshots lock ([`crate::lock::acquire_snapshots`])
+/// and first reads each snapshot again: one that another command changed or removed since it was listed is
+/// left out with a warning, rather than written back under a new id.
 pub fn retag(
     repo: &Repository,
     snapshots: Vec<(ObjectId, Snapshot)>,
     change: &TagChange,
     dry_run: bool,
 ) -> Result<Vec<Retagged>> {
-    let _session = if dry_run { None } else { Some(crate::lock::start_session(repo, "tag")?) };
+    let _locks = if dry_run {
+        None
+    } else {
+        Some((crate::lock::acquire_snapshots(repo, "tag")?, crate::lock::start_session(repo, "tag")?))
+    };
     let protected = crate::forget::protected(repo)?;
     let mut out = Vec::new();
-    for (old, mut snapshot) in snapshots {
+    for (old, listed) in snapshots {
+        let mut snapshot = if dry_run {
+            listed
+        } else {
+            match repo.load_snapshot(&old) {
+                Ok(s) => s,
+                Err(Error::Missing { .. }) => {
+                    tracing::warn!("snapshot {} is gone (changed or forgotten meanwhile): left out", old.short());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let old_tags = std::mem::take(&mut snapshot.tags);
         snapshot.tags = change.apply(&old_tags);
         if snapshot.tags == old_tags {

@@ -75,6 +75,9 @@ pub fn run(g: &Globals, args: &ForgetArgs) -> Result<()> {
         ));
     }
     let repo = g.open_repo()?;
+    // Held from the listing to the last removal, so that what is decided is what is removed; released before
+    // the prune.
+    let lock = if args.dry_run { None } else { Some(crate::lock::acquire_snapshots(&repo, "forget")?) };
     let filter = args.filter.filter();
     let protected = forget::protected(&repo)?;
     let decisions = if chosen {
@@ -105,6 +108,7 @@ pub fn run(g: &Globals, args: &ForgetArgs) -> Result<()> {
         return Ok(());
     }
     let removed = forget::apply(&repo, &decisions)?;
+    drop(lock);
     if !args.prune {
         println!(
             "removed {}{}; their data stays in the repository until it is pruned",
@@ -122,6 +126,8 @@ pub fn run(g: &Globals, args: &ForgetArgs) -> Result<()> {
 
 pub fn protect(g: &Globals, args: &ProtectArgs, protect: bool) -> Result<()> {
     let repo = g.open_repo()?;
+    // Looked up under the lock: a `tag` may have just moved the snapshot to a new id.
+    let _lock = crate::lock::acquire_snapshots(&repo, if protect { "protect" } else { "unprotect" })?;
     let (id, _) = repo.find_snapshot(&args.snapshot, None)?;
     forget::set_protected(&repo, &id, protect)?;
     println!(

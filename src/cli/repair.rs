@@ -129,6 +129,7 @@ pub fn run(g: &Globals, cmd: &RepairCommand) -> Result<()> {
                 return Ok(());
             }
             let _lock = crate::lock::acquire_exclusive(&repo, "repair snapshots")?;
+            let _snapshots_lock = crate::lock::acquire_snapshots(&repo, "repair snapshots")?;
             let cache = g.open_cache(&repo)?;
             for r in repair::repair_snapshots(&repo, &cache, &report.affected, a.forget)? {
                 println!(
