@@ -152,6 +152,15 @@ fn vddk_backup_reads_allocated_blocks_of_the_snapshot_image() {
     let r = vs.run(&env, &["backup", "--json", "--name", "vm1-live", &vs.uri("disk1", "&transports=nbdssl")], &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.json()["disks"][0]["blocks_read"], 2);
+
+    // The password from a file instead of the environment.
+    let file = env.path("vsphere.password");
+    write(&file, b"s3cret\n");
+    let mut c = env.command(&["backup", "--name", "vm1-pwfile", &vs.uri("disk1", ""), "--vsphere-password-file"]);
+    c.arg(&file).env("DISKVAULT_VDDK_LIBDIR", fake_vddk());
+    c.envs(vs.env.iter().filter(|(k, _)| k != "DISKVAULT_VSPHERE_PASSWORD").map(|(k, v)| (k, v)));
+    let r = Run::of(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
     vs.assert_rules_kept();
 }
 
@@ -194,6 +203,10 @@ fn vddk_errors_are_named_and_access_is_always_ended() {
         "{}",
         r.stderr
     );
+    // The lib64 directory itself instead of the one above it (an easy slip): said so.
+    let lib64 = fake_vddk().join("lib64");
+    let r = vs.run(&env, &["backup", &uri, "--vddk-libdir", lib64.to_str().unwrap()], &[]);
+    assert!(r.stderr.contains("holds the library itself: give the directory above it"), "{}", r.stderr);
     std::fs::copy(fake_vddk().join("lib64/libvixDiskLib.so.8"), empty.join("lib64/libvixDiskLib.so.5")).unwrap();
     let r = vs.run(&env, &["backup", &uri, "--vddk-libdir", empty.to_str().unwrap()], &[]);
     assert!(r.stderr.contains("found libvixDiskLib.so.5 (diskvault supports VDDK 6, 7 and 8)"), "{}", r.stderr);

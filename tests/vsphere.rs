@@ -114,3 +114,34 @@ fn vsphere_errors_are_named() {
         r.stderr
     );
 }
+
+#[test]
+fn the_vsphere_password_comes_from_a_file_or_a_command() {
+    let env = Env::new();
+    let sim = Vcsim::start();
+    let list = |extra: &[&str]| {
+        let mut args = vec!["vm", "list", "--json"];
+        args.extend_from_slice(extra);
+        let mut c = env.command(&args);
+        c.envs(sim.env()).env_remove("DISKVAULT_VSPHERE_PASSWORD");
+        Run::of(c)
+    };
+    let file = env.path("vsphere.password");
+    write(&file, format!("{}\nignored second line\n", sim.password).as_bytes());
+    let r = list(&["--vsphere-password-file", file.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json().as_array().unwrap().len(), 2);
+    let r = list(&["--vsphere-password-command", &format!("echo '{}'", sim.password)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    write(&file, b"wrong\n");
+    let r = list(&["--vsphere-password-file", file.to_str().unwrap()]);
+    assert!(r.code != 0 && r.stderr.contains("InvalidLogin"), "{}", r.stderr);
+    let r = list(&["--vsphere-password-file", env.path("missing").to_str().unwrap()]);
+    assert!(r.code != 0 && r.stderr.contains("cannot read password file"), "{}", r.stderr);
+    let r = list(&["--vsphere-password-command", "exit 3"]);
+    assert!(r.code != 0 && r.stderr.contains("password command \"exit 3\" failed"), "{}", r.stderr);
+    // Without any and without a terminal: the error says where a password can come from.
+    let r = list(&[]);
+    assert!(r.code != 0 && r.stderr.contains("--vsphere-password-file"), "{}", r.stderr);
+}

@@ -99,7 +99,7 @@ pub struct BackupArgs {
     nbd_tls_key: Option<PathBuf>,
     /// VMware sources (`vddk://USER@SERVER/[DATASTORE] PATH.vmdk?moref=vm-N&snapshot=…&thumbprint=…`): the VDDK
     /// directory, holding `lib64/libvixDiskLib.so.8` (or .7, .6). The password is read from
-    /// DISKVAULT_VSPHERE_PASSWORD.
+    /// DISKVAULT_VSPHERE_PASSWORD, --vsphere-password-file or --vsphere-password-command.
     #[arg(long, env = "DISKVAULT_VDDK_LIBDIR", value_name = "DIR")]
     vddk_libdir: Option<PathBuf>,
     /// Change-tracking token to record with every disk (for example the VMware changeId).
@@ -178,7 +178,12 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
         nbd: nbd_options,
         vddk: VddkOptions {
             libdir: args.vddk_libdir.clone(),
-            password: std::env::var("DISKVAULT_VSPHERE_PASSWORD").ok(),
+            // Asked for only where a disk is a VMware one: a password command may be slow or prompt.
+            password: if disks.iter().any(|(_, s)| s.starts_with("vddk://")) {
+                args.vsphere.password_if_given()?
+            } else {
+                None
+            },
         },
     };
     if args.dirty_bitmap.is_some() && !disks.iter().any(|(_, s)| crate::source::is_nbd_uri(s)) {

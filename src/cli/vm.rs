@@ -12,9 +12,16 @@ pub struct VsphereArgs {
     /// vCenter or ESXi API address (`https://vcenter.example`, `/sdk` optional).
     #[arg(long = "vsphere", env = "DISKVAULT_VSPHERE_URL", value_name = "URL")]
     pub url: Option<String>,
-    /// User name; the password comes from DISKVAULT_VSPHERE_PASSWORD or a prompt.
+    /// User name; the password comes from DISKVAULT_VSPHERE_PASSWORD, --vsphere-password-file,
+    /// --vsphere-password-command or a prompt.
     #[arg(long = "vsphere-user", env = "DISKVAULT_VSPHERE_USER", value_name = "USER")]
     pub user: Option<String>,
+    /// Read the vSphere password from this file (first line), e.g. a systemd credential.
+    #[arg(long = "vsphere-password-file", env = "DISKVAULT_VSPHERE_PASSWORD_FILE", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Run this shell command and use its first output line as the vSphere password (a secret store).
+    #[arg(long = "vsphere-password-command", env = "DISKVAULT_VSPHERE_PASSWORD_COMMAND", value_name = "COMMAND")]
+    pub password_command: Option<String>,
     /// Trust the server whose certificate has this SHA-1 or SHA-256 thumbprint (`AA:BB:…`).
     #[arg(long = "vsphere-thumbprint", env = "DISKVAULT_VSPHERE_THUMBPRINT", value_name = "HEX")]
     pub thumbprint: Option<String>,
@@ -36,17 +43,25 @@ impl VsphereArgs {
             .ok_or_else(|| Error::invalid("no vSphere user: give --vsphere-user or DISKVAULT_VSPHERE_USER"))
     }
 
-    /// The password, from DISKVAULT_VSPHERE_PASSWORD or the terminal (once).
+    /// The password, from DISKVAULT_VSPHERE_PASSWORD, the password file or command, or the terminal (once).
     pub fn password(&self) -> Result<String> {
-        match std::env::var("DISKVAULT_VSPHERE_PASSWORD") {
-            Ok(p) => Ok(p),
-            Err(_) => Ok(String::from_utf8_lossy(&super::prompt_password(
-                "vSphere password",
-                "set DISKVAULT_VSPHERE_PASSWORD",
-                false,
-            )?)
-            .into_owned()),
-        }
+        let p = super::password_from(
+            "DISKVAULT_VSPHERE_PASSWORD",
+            self.password_file.as_deref().filter(|f| !f.as_os_str().is_empty()),
+            self.password_command.as_deref().filter(|c| !c.is_empty()),
+            "vSphere password",
+            "set DISKVAULT_VSPHERE_PASSWORD, --vsphere-password-file or --vsphere-password-command",
+            false,
+        )?;
+        String::from_utf8(p).map_err(|_| Error::invalid("the vSphere password is not UTF-8"))
+    }
+
+    /// The password if one is given without asking (for `vddk://` URIs, which may not need one).
+    pub fn password_if_given(&self) -> Result<Option<String>> {
+        let given = std::env::var_os("DISKVAULT_VSPHERE_PASSWORD").is_some()
+            || self.password_file.as_ref().is_some_and(|f| !f.as_os_str().is_empty())
+            || self.password_command.as_ref().is_some_and(|c| !c.is_empty());
+        given.then(|| self.password()).transpose()
     }
 
     pub fn connect(&self) -> Result<Client> {

@@ -78,7 +78,10 @@ pub fn parse_uri(uri: &str, password: Option<&str>) -> std::result::Result<DiskT
         return Err(format!("{uri:?}: the disk path must be a datastore path like [datastore1] vm/vm.vmdk"));
     }
     if let Some(user) = user {
-        let password = password.ok_or("a vddk:// URI with a user needs a password (DISKVAULT_VSPHERE_PASSWORD)")?;
+        let password = password.ok_or(
+            "a vddk:// URI with a user needs a password (DISKVAULT_VSPHERE_PASSWORD, --vsphere-password-file or \
+             --vsphere-password-command)",
+        )?;
         target.credentials = Credentials::Password { user, password: password.to_string() };
     } else {
         return Err(format!("{uri:?}: no user (vddk://USER@SERVER/…)"));

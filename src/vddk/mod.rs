@@ -123,10 +123,12 @@ impl Library {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.starts_with("libvixDiskLib.so."))
             .collect::<Vec<_>>();
-        let hint = if other.is_empty() {
-            String::new()
-        } else {
+        let hint = if !other.is_empty() {
             format!("; found {} (diskvault supports VDDK 6, 7 and 8)", other.join(", "))
+        } else if SUPPORTED_MAJORS.iter().any(|m| libdir.join(format!("libvixDiskLib.so.{m}")).exists()) {
+            format!("; {} holds the library itself: give the directory above it", libdir.display())
+        } else {
+            String::new()
         };
         Err(Error::invalid(format!("no VDDK library: looked for {}{hint}", tried.join(", "))))
     }
