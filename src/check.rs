@@ -103,6 +103,8 @@ pub struct CheckReport {
     pub affected: Vec<AffectedDisk>,
     /// Packs in which a problem was found, sorted (input to `repair packs`).
     pub damaged_packs: Vec<ObjectId>,
+    /// Snapshot objects that are damaged (their bytes do not match their name, or do not open or decode).
+    pub damaged_snapshots: Vec<ObjectId>,
     /// With data read: packs no check has verified yet (after this one), and when the least recently
     /// verified of the others was verified (its clock, seconds since the epoch).
     pub never_verified: usize,
@@ -390,7 +392,12 @@ pub fn run_within(
     for sid in &snap_ids {
         let snap = match repo.load_snapshot(sid) {
             Ok(s) => s,
+            // Forgotten or retagged since the listing.
+            Err(Error::Missing { .. }) => continue,
             Err(e) => {
+                if matches!(e, Error::Corrupt { .. }) {
+                    report.damaged_snapshots.push(*sid);
+                }
                 report.errors.push(e.to_string());
                 continue;
             }

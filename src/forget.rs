@@ -95,6 +95,8 @@ pub struct Decision {
     pub time_secs: i64,
     /// Why it is kept (empty: it is removed).
     pub reasons: Vec<String>,
+    /// Why the snapshot object cannot be read, for one named by id that is damaged: it can only be removed.
+    pub damage: Option<String>,
 }
 
 impl Decision {
@@ -120,7 +122,13 @@ pub fn decide(
         let newest = snaps.first().map(|(_, s)| s.time_secs).unwrap_or(0);
         let mut decisions: Vec<Decision> = snaps
             .iter()
-            .map(|(id, s)| Decision { id: *id, group: group.clone(), time_secs: s.time_secs, reasons: Vec::new() })
+            .map(|(id, s)| Decision {
+                id: *id,
+                group: group.clone(),
+                time_secs: s.time_secs,
+                reasons: Vec::new(),
+                damage: None,
+            })
             .collect();
         for (i, (id, s)) in snaps.iter().enumerate() {
             if protected.contains(id) {
@@ -170,10 +178,17 @@ pub fn decide(
     out
 }
 
-/// The verdicts for removing exactly the `chosen` snapshots (restic's `forget ID…`), grouped as a policy's are.
-/// A protected one is an error naming it, so that nothing is removed: unprotecting is a decision of its own.
-pub fn decide_chosen(chosen: &[(ObjectId, Snapshot)], protected: &HashSet<ObjectId>) -> Result<Vec<Decision>> {
-    if let Some((id, _)) = chosen.iter().find(|(id, _)| protected.contains(id)) {
+/// The verdicts for removing exactly the `chosen` snapshots (restic's `forget ID…`), grouped as a policy's are,
+/// and the `damaged` snapshot objects named (id, why it cannot be read), last. A protected one is an error
+/// naming it, so that nothing is removed: unprotecting is a decision of its own.
+pub fn decide_chosen(
+    chosen: &[(ObjectId, Snapshot)],
+    damaged: &[(ObjectId, String)],
+    protected: &HashSet<ObjectId>,
+) -> Result<Vec<Decision>> {
+    if let Some(id) =
+        chosen.iter().map(|(id, _)| id).chain(damaged.iter().map(|(id, _)| id)).find(|id| protected.contains(id))
+    {
         return Err(Error::invalid(format!(
             "snapshot {} is protected: `unprotect {}` first if it is to go",
             id.short(),
@@ -182,9 +197,22 @@ pub fn decide_chosen(chosen: &[(ObjectId, Snapshot)], protected: &HashSet<Object
     }
     let mut decisions: Vec<Decision> = chosen
         .iter()
-        .map(|(id, s)| Decision { id: *id, group: GroupBy::SOURCE.key(s), time_secs: s.time_secs, reasons: Vec::new() })
+        .map(|(id, s)| Decision {
+            id: *id,
+            group: GroupBy::SOURCE.key(s),
+            time_secs: s.time_secs,
+            reasons: Vec::new(),
+            damage: None,
+        })
         .collect();
     decisions.sort_by(|a, b| a.group.cmp(&b.group).then(b.time_secs.cmp(&a.time_secs)));
+    decisions.extend(damaged.iter().map(|(id, cause)| Decision {
+        id: *id,
+        group: "damaged snapshots".into(),
+        time_secs: 0,
+        reasons: Vec::new(),
+        damage: Some(cause.clone()),
+    }));
     decisions.dedup_by_key(|d| d.id);
     Ok(decisions)
 }

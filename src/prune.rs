@@ -163,7 +163,21 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
     // session, and is then rescued by its snapshot.
     report.packs_adopted = adopt_unindexed(repo, &scratch, &mut report)?;
     phase(&mut report, "read the index, adopt unindexed packs");
-    let snapshots = repo.list_snapshots()?;
+    let (snapshots, unreadable) = repo.list_snapshots_checked()?;
+    // What an unreadable snapshot references is unknown: deleting anything could take its data.
+    if let Some((id, e)) = unreadable.first() {
+        let remedy = match e {
+            Error::Corrupt { .. } => format!(
+                "put the object back from elsewhere (an older version in the bucket), or remove the snapshot: \
+                 `diskvault forget {}`",
+                id.hex()
+            ),
+            _ => "prune with the diskvault that wrote it".into(),
+        };
+        return Err(Error::invalid(format!(
+            "{e}; prune cannot tell which data this snapshot uses, so it deletes nothing: {remedy}"
+        )));
+    }
     report.snapshots = snapshots.len();
     // A backup may have committed since the index was read: its snapshot is listed, its index file (written
     // before the snapshot) is not noted yet. Note the index files that appeared, so its segments are found.

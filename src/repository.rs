@@ -560,13 +560,45 @@ impl Repository {
         self.load_sealed(Kind::Snapshot, names::snapshot, id, Snapshot::decode)
     }
 
-    /// All snapshots, oldest first. A damaged snapshot is an error naming it.
+    /// All snapshots that can be read, oldest first. One that cannot ([`Repository::list_snapshots_checked`]) is
+    /// left out with a warning naming it: one damaged object must not stop listing, restoring, backing up
+    /// (the parent is the latest readable one) or forgetting by a policy the others. `check` reports it, and
+    /// `forget ID` removes it.
     pub fn list_snapshots(&self) -> Result<Vec<(ObjectId, Snapshot)>> {
+        let (snapshots, unreadable) = self.list_snapshots_checked()?;
+        for (_, e) in &unreadable {
+            match e {
+                Error::Corrupt { .. } => tracing::warn!("{e}; left out (`check` reports it, `forget ID` removes it)"),
+                _ => tracing::warn!("{e}; left out"),
+            }
+        }
+        Ok(snapshots)
+    }
+
+    /// All snapshots, oldest first, and apart from them those that cannot be read here: an object whose
+    /// bytes are damaged (they do not match its name, or do not open or decode) or that a newer format version
+    /// wrote. One that was deleted between the listing and its reading (forgotten, retagged) is in neither.
+    /// Errors of the storage itself fail. For those that must account for every snapshot (prune).
+    pub fn list_snapshots_checked(&self) -> Result<CheckedSnapshots> {
         let ids = list_ids(&*self.backend, names::SNAPSHOTS)?;
-        let mut out: Vec<(ObjectId, Snapshot)> =
-            ids.par_iter().map(|id| Ok((*id, self.load_snapshot(id)?))).collect::<Result<_>>()?;
-        out.sort_by_key(|(_, s)| (s.time_secs, s.time_nanos));
-        Ok(out)
+        let loaded: Vec<(ObjectId, Result<Snapshot>)> =
+            ids.par_iter().map(|id| (*id, self.load_snapshot(id))).collect();
+        let (mut snapshots, mut unreadable) = (Vec::new(), Vec::new());
+        for (id, loaded) in loaded {
+            match loaded {
+                Ok(s) => snapshots.push((id, s)),
+                Err(Error::Missing { .. }) => {}
+                Err(e) if is_unreadable_object(&e) => unreadable.push((id, e)),
+                Err(e) => return Err(e),
+            }
+        }
+        snapshots.sort_by_key(|(_, s)| (s.time_secs, s.time_nanos));
+        Ok((snapshots, unreadable))
+    }
+
+    /// The latest snapshot of `source`, if there is one (a backup's parent).
+    pub fn latest_snapshot_of(&self, source: &str) -> Result<Option<(ObjectId, Snapshot)>> {
+        Ok(self.list_snapshots_of(Some(source))?.pop())
     }
 
     /// The snapshots of one source (all if `None`), oldest first.
@@ -600,6 +632,12 @@ impl Repository {
                 })
             });
         }
+        let id = self.resolve_snapshot_id(reference)?;
+        Ok((id, self.load_snapshot(&id)?))
+    }
+
+    /// The snapshot object a full id or unique id prefix names, whether it can be read or not.
+    pub fn resolve_snapshot_id(&self, reference: &str) -> Result<ObjectId> {
         if reference.len() < 4 || !reference.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(Error::invalid(format!(
                 "{reference:?} is not a snapshot id (hex, at least 4 digits) or `latest`"
@@ -611,13 +649,22 @@ impl Repository {
             .filter(|id| id.hex().starts_with(&reference))
             .collect();
         match matches.as_slice() {
-            [id] => Ok((*id, self.load_snapshot(id)?)),
+            [id] => Ok(*id),
             [] => Err(Error::invalid(format!("no snapshot with id {reference}"))),
             _ => {
                 Err(Error::invalid(format!("snapshot id prefix {reference} is ambiguous ({} matches)", matches.len())))
             }
         }
     }
+}
+
+/// Readable snapshots (id, snapshot), oldest first, and unreadable ones (id, why): [`Repository::list_snapshots_checked`].
+pub type CheckedSnapshots = (Vec<(ObjectId, Snapshot)>, Vec<(ObjectId, Error)>);
+
+/// Whether `e`, from reading an object, says the object itself cannot be read here (damaged, or of a newer
+/// format version), not that the storage failed.
+pub fn is_unreadable_object(e: &Error) -> bool {
+    matches!(e, Error::Corrupt { .. } | Error::UnsupportedVersion { .. })
 }
 
 fn key_err(name: &str, e: KeyError) -> Error {

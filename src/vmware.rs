@@ -235,7 +235,7 @@ fn backup_snapshot(
     let mut config = client.snapshot_config(snap)?;
     config.name = backup_opts.source.clone();
     (config.folder, config.resource_pool) = client.placement(moref)?;
-    let parent = repo.find_snapshot("latest", Some(&backup_opts.source)).ok();
+    let parent = repo.latest_snapshot_of(&backup_opts.source)?;
     // Checkpoints of interrupted backups of this VM: the newest continues if it was made on the same parent.
     let checkpoints = repo.list_checkpoints(Some(&backup_opts.source))?;
     let parent_id = parent.as_ref().map(|(id, _)| *id);

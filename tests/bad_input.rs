@@ -84,15 +84,50 @@ fn missing_pack_is_reported() {
 }
 
 #[test]
-fn corrupt_manifest_is_reported() {
+fn a_damaged_snapshot_object_is_named_left_out_and_can_be_forgotten() {
     let e = Env::with_repo();
-    setup(&e);
-    let snap = &e.objects("snapshots")[0];
-    let n = e.object_size(snap) as usize;
-    e.flip(snap, n - 20);
-    let r = e.fails(&["snapshots"]);
-    assert!(r.stderr.contains(id_of(snap)), "{}", r.stderr);
-    assert!(r.stderr.contains("does not match its name"), "{}", r.stderr);
+    let day1 = setup(&e);
+    let first = e.ok(&["snapshots", "--json"]).json()[0]["id"].as_str().unwrap().to_string();
+    let db = random_bytes(8, 3 * MIB);
+    write(&e.path("db"), &db);
+    e.backup(&[e.path("db").to_str().unwrap(), "--name", "db"]);
+    write(&e.path("img"), &random_bytes(9, 6 * MIB));
+    let day2 = e.backup(&[e.path("img").to_str().unwrap(), "--name", "vm"])["snapshot"].as_str().unwrap().to_string();
+    e.ok(&["protect", &day2[..8]]);
+    let object = format!("snapshots/{day2}");
+    let n = e.object_size(&object) as usize;
+    e.flip(&object, n - 20);
+
+    // Named, left out, and the listing ends with exit code 3.
+    let r = e.run(&["snapshots", "--json"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains(&object) && r.stderr.contains("does not match its name"), "{}", r.stderr);
+    assert_eq!(r.json().as_array().unwrap().len(), 2);
+    // The others restore; the latest readable one of its source is `latest`, and the parent of the next backup.
+    assert_eq!(e.restore("latest", &["--name", "vm"]), day1);
+    assert_eq!(e.restore("latest", &["--name", "db"]), db);
+    write(&e.path("img"), &day1);
+    let day3 = e.backup(&[e.path("img").to_str().unwrap(), "--name", "vm"]);
+    assert_eq!(day3["parent"].as_str(), Some(first.as_str()), "{day3}");
+    // Prune deletes nothing while it cannot tell what the snapshot uses; check says how to heal.
+    let packs = e.objects("packs");
+    let r = e.fails(&["prune"]);
+    assert!(r.stderr.contains(&object) && r.stderr.contains(&format!("forget {day2}")), "{}", r.stderr);
+    assert_eq!(e.objects("packs"), packs);
+    let r = e.fails(&["check"]);
+    assert!(
+        r.stderr.contains("damaged snapshot object") && r.stderr.contains(&format!("forget {day2}")),
+        "{}",
+        r.stderr
+    );
+    // Forgotten by id like any other, once unprotected.
+    assert!(e.fails(&["forget", &day2[..8]]).stderr.contains("is protected"));
+    assert!(e.ok(&["unprotect", &day2[..8]]).stdout.contains("no longer protected"));
+    let out = e.ok(&["forget", &day2[..8]]).stdout;
+    assert!(out.contains("damaged snapshots:") && out.contains("removed 1 snapshot"), "{out}");
+    e.ok(&["prune"]);
+    assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
+    assert_eq!(e.ok(&["snapshots", "--json"]).json().as_array().unwrap().len(), 3);
 }
 
 #[test]

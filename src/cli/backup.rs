@@ -225,7 +225,7 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
     } else if let Some(p) = &args.parent {
         Some(repo.find_snapshot(p, None)?)
     } else {
-        repo.find_snapshot("latest", Some(&source)).ok()
+        repo.latest_snapshot_of(&source)?
     };
     if (!changed.is_empty() || args.dirty_bitmap.is_some()) && parent.is_none() {
         tracing::warn!("no parent snapshot of {source:?}: the change lists cannot be used, reading whole disks");

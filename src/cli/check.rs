@@ -99,10 +99,20 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
         println!("no errors found");
         Ok(())
     } else {
-        eprintln!(
-            "to heal: `repair packs` (with these packs, or alone to find them), then back up the affected \
-             sources again; `repair snapshots` lists what stays lost"
-        );
+        if report.errors.len() > report.damaged_snapshots.len() {
+            eprintln!(
+                "to heal: `repair packs` (with these packs, or alone to find them), then back up the affected \
+                 sources again; `repair snapshots` lists what stays lost"
+            );
+        }
+        if !report.damaged_snapshots.is_empty() {
+            let ids: Vec<String> = report.damaged_snapshots.iter().map(|id| id.hex()).collect();
+            eprintln!(
+                "a damaged snapshot object cannot be repaired (prune refuses to run while one is there): \
+                 put it back from elsewhere (an older version in the bucket), or remove it with `diskvault forget {}`",
+                ids.join(" ")
+            );
+        }
         Err(Error::invalid(format!("the repository has {} errors (listed above)", report.errors.len())))
     }
 }

@@ -81,9 +81,21 @@ pub fn run(g: &Globals, args: &ForgetArgs) -> Result<()> {
     let filter = args.filter.filter();
     let protected = forget::protected(&repo)?;
     let decisions = if chosen {
-        let snaps =
-            args.snapshots.iter().map(|s| repo.find_snapshot_matching(s, &filter)).collect::<Result<Vec<_>>>()?;
-        forget::decide_chosen(&snaps, &protected)?
+        // A damaged snapshot object named by id can still go: that is how it leaves the repository.
+        let (mut snaps, mut damaged) = (Vec::new(), Vec::new());
+        for reference in &args.snapshots {
+            if reference == "latest" {
+                snaps.push(repo.find_snapshot_matching(reference, &filter)?);
+                continue;
+            }
+            let id = repo.resolve_snapshot_id(reference)?;
+            match repo.load_snapshot(&id) {
+                Ok(s) => snaps.push((id, s)),
+                Err(e @ Error::Corrupt { .. }) => damaged.push((id, e.to_string())),
+                Err(e) => return Err(e),
+            }
+        }
+        forget::decide_chosen(&snaps, &damaged, &protected)?
     } else {
         forget::decide(&repo.list_snapshots_matching(&filter)?, &policy, args.group_by, &protected)
     };
@@ -93,7 +105,9 @@ pub fn run(g: &Globals, args: &ForgetArgs) -> Result<()> {
             println!("{}:", d.group);
             group = Some(d.group.clone());
         }
-        if d.keep() {
+        if let Some(cause) = &d.damage {
+            println!("  remove  {}  ({cause})", d.id.short());
+        } else if d.keep() {
             println!("  keep    {}  {}  ({})", d.id.short(), format_utc(d.time_secs), d.reasons.join(", "));
         } else {
             println!("  remove  {}  {}", d.id.short(), format_utc(d.time_secs));
@@ -128,7 +142,12 @@ pub fn protect(g: &Globals, args: &ProtectArgs, protect: bool) -> Result<()> {
     let repo = g.open_repo()?;
     // Looked up under the lock: a `tag` may have just moved the snapshot to a new id.
     let _lock = crate::lock::acquire_snapshots(&repo, if protect { "protect" } else { "unprotect" })?;
-    let (id, _) = repo.find_snapshot(&args.snapshot, None)?;
+    // By id, whether the snapshot can be read or not: a damaged one that was protected must be unprotected
+    // before `forget` takes it out.
+    let id = match args.snapshot.as_str() {
+        "latest" => repo.find_snapshot("latest", None)?.0,
+        reference => repo.resolve_snapshot_id(reference)?,
+    };
     forget::set_protected(&repo, &id, protect)?;
     println!(
         "snapshot {} is {}",

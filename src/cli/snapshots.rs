@@ -1,7 +1,7 @@
 //! `diskvault snapshots`.
 
 use super::{FilterArgs, Globals};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::util::{format_utc, human_bytes};
 
 #[derive(clap::Args, Debug)]
@@ -18,9 +18,24 @@ pub struct SnapshotsArgs {
 
 pub fn run(g: &Globals, args: &SnapshotsArgs) -> Result<()> {
     let repo = g.open_repo()?;
-    let mut snaps = repo.list_snapshots_matching(&args.filter.filter())?;
+    let (all, unreadable) = repo.list_snapshots_checked()?;
+    let filter = args.filter.filter();
+    let mut snaps: Vec<_> = all.into_iter().filter(|(_, s)| filter.matches(s)).collect();
+    for (_, e) in &unreadable {
+        eprintln!("cannot read: {e}");
+    }
     // Metrics describe every snapshot of the selection, whatever --latest shows.
-    record_metrics(&snaps);
+    record_metrics(&snaps, unreadable.len());
+    // Listed, but not all: as the file-level commands end when they left damaged parts out.
+    let done = || -> Result<()> {
+        if unreadable.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Incomplete(format!(
+            "{} could not be read (named above): `check` reports a damaged one, `forget ID` removes it",
+            crate::util::count(unreadable.len(), "snapshot object")
+        )))
+    };
     if let Some(n) = args.latest {
         snaps = newest_per_source(snaps, n);
     }
@@ -59,7 +74,7 @@ pub fn run(g: &Globals, args: &SnapshotsArgs) -> Result<()> {
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v).expect("JSON of plain values"));
-        return Ok(());
+        return done();
     }
     println!("{:<10} {:<19} {:<16} {:<20} {:<28} {:>10}  tags", "id", "time (UTC)", "host", "source", "disks", "added");
     for (id, s) in &snaps {
@@ -95,13 +110,19 @@ pub fn run(g: &Globals, args: &SnapshotsArgs) -> Result<()> {
             disks.join(", ")
         );
     }
-    Ok(())
+    done()
 }
 
 /// Per source, how many snapshots there are and when the newest was taken: run from one monitoring host,
 /// `snapshots --metrics-file` watches every VM that any proxy backs up into the repository.
-fn record_metrics(snaps: &[(crate::format::ObjectId, crate::format::snapshot::Snapshot)]) {
+fn record_metrics(snaps: &[(crate::format::ObjectId, crate::format::snapshot::Snapshot)], unreadable: usize) {
     use crate::metrics::gauge;
+    gauge(
+        "diskvault_snapshot_objects_unreadable",
+        "Snapshot objects that could not be read (damaged, or of a newer format version).",
+        &[],
+        unreadable as f64,
+    );
     let mut by_source: std::collections::BTreeMap<&str, (usize, f64)> = std::collections::BTreeMap::new();
     for (_, s) in snaps {
         let time = s.unix_time();
