@@ -824,7 +824,12 @@ fn base_prefetch(repo: &Repository, cache: &IndexCache, plans: &[DiskPlan]) -> O
 
 /// Loads the block ids of one of the parent's segments.
 pub(crate) fn load_segment(repo: &Repository, cache: &IndexCache, seg: &SegmentRef) -> Result<Vec<BlobId>> {
-    read_segment(repo, cache.lookup(&seg.id)?, seg)
+    match cache.lookup(&seg.id)? {
+        None => Err(Error::Missing {
+            object: format!("manifest segment {} (not in any index file: {})", seg.id, cache.why_not_indexed()),
+        }),
+        loc => read_segment(repo, loc, seg),
+    }
 }
 
 /// Reads a segment blob stored at `loc` (`None`: no index file lists it) and checks it holds `seg.blocks` ids.

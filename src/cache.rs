@@ -22,7 +22,7 @@
 //! up to date ([`IndexCache::into_reader`]): the backups on the host keep writing the shared cache.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
@@ -44,6 +44,8 @@ pub struct IndexCache {
     shared: Option<rocksdb::DB>,
     /// Cleared when `shared` is found out of date: from then on only `db` is consulted.
     shared_usable: AtomicBool,
+    /// Index files the last sync left out as unreadable ([`SyncStats::unreadable_index_files`]).
+    unreadable_index_files: AtomicUsize,
     /// Where a private cache leaves the features of the blocks its backup stored, for the next process that
     /// writes the shared cache ([`IndexCache::end_backup`]); `None` for the shared cache itself.
     spool: Option<PathBuf>,
@@ -61,6 +63,8 @@ pub struct SyncStats {
     pub index_files_loaded: usize,
     pub blobs_added: usize,
     pub rebuilt: bool,
+    /// Index files that cannot be read (damaged, or of a newer format version), left out with a warning.
+    pub unreadable_index_files: usize,
 }
 
 /// The default cache root: `$DISKVAULT_CACHE_DIR`, else `$XDG_CACHE_HOME/diskvault`, else `~/.cache/diskvault`.
@@ -129,6 +133,30 @@ fn pack_key(id: &ObjectId) -> [u8; 33] {
     k[0] = b'p';
     k[1..].copy_from_slice(&id.0);
     k
+}
+
+/// Reads `ids` in parallel. One that cannot be read is left out with a warning, counted in `stats`, and tried
+/// again at the next sync: a damaged index file must not stop every backup and restore. Its blobs are not found
+/// through it meanwhile (a backup stores them again; a restore that needs them names them), `check` reports it,
+/// and `repair index` rebuilds it from the packs. Prune reads the index itself and refuses to run.
+fn load_readable_index_files(
+    repo: &Repository,
+    ids: &[ObjectId],
+    stats: &mut SyncStats,
+) -> Result<Vec<(ObjectId, IndexFile)>> {
+    let loaded: Vec<(ObjectId, Result<IndexFile>)> = ids.par_iter().map(|id| (*id, repo.load_index(id))).collect();
+    let mut files = Vec::with_capacity(loaded.len());
+    for (id, file) in loaded {
+        match file {
+            Ok(f) => files.push((id, f)),
+            Err(e) if crate::repository::is_unreadable_object(&e) => {
+                tracing::warn!("{e}; left out: its blobs are not found through it until `repair index` rebuilds it");
+                stats.unreadable_index_files += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(files)
 }
 
 /// Minimal self-cleaning temporary directory (tempfile is a dev-dependency only).
@@ -360,6 +388,7 @@ impl IndexCache {
             _temp: None,
             shared: None,
             shared_usable: AtomicBool::new(true),
+            unreadable_index_files: Default::default(),
             spool: None,
         };
         let mut expected = LAYOUT_VERSION.to_vec();
@@ -578,8 +607,7 @@ impl IndexCache {
             self.clear(false)?;
             stats = SyncStats { rebuilt: true, ..SyncStats::default() };
             for chunk in in_repo.chunks(64) {
-                let files: Vec<IndexFile> = chunk.par_iter().map(|id| repo.load_index(id)).collect::<Result<_>>()?;
-                for f in files {
+                for (_, f) in load_readable_index_files(repo, chunk, &mut SyncStats::default())? {
                     superseded.extend(f.supersedes.into_iter().filter(|s| in_repo.binary_search(s).is_ok()));
                 }
             }
@@ -588,6 +616,7 @@ impl IndexCache {
         if stats.index_files_loaded > 0 || stats.rebuilt {
             self.persist();
         }
+        self.unreadable_index_files.store(stats.unreadable_index_files, Ordering::Relaxed);
         Ok(stats)
     }
 
@@ -605,8 +634,7 @@ impl IndexCache {
     ) -> Result<Vec<ObjectId>> {
         let mut excluded = Vec::new();
         for chunk in ids.chunks(64) {
-            let files: Vec<(ObjectId, IndexFile)> =
-                chunk.par_iter().map(|id| Ok((*id, repo.load_index(id)?))).collect::<Result<_>>()?;
+            let files = load_readable_index_files(repo, chunk, stats)?;
             for (_, file) in &files {
                 superseded.extend(file.supersedes.iter().filter(|s| in_repo.binary_search(s).is_ok()));
             }
@@ -635,6 +663,16 @@ impl IndexCache {
         }
         batch.put(index_key(index_id), []);
         self.db.write(batch).map_err(|e| self.err(e))
+    }
+
+    /// Why a blob the index does not list may be missing, for error messages: index files the last sync left
+    /// out as unreadable, else a lost pack.
+    pub fn why_not_indexed(&self) -> &'static str {
+        if self.unreadable_index_files.load(Ordering::Relaxed) > 0 {
+            "an index file that lists it is damaged? `repair index` rebuilds it"
+        } else {
+            "lost pack?"
+        }
     }
 
     pub fn lookup(&self, id: &BlobId) -> Result<Option<BlobLocation>> {

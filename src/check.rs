@@ -103,6 +103,8 @@ pub struct CheckReport {
     pub affected: Vec<AffectedDisk>,
     /// Packs in which a problem was found, sorted (input to `repair packs`).
     pub damaged_packs: Vec<ObjectId>,
+    /// Index files that are damaged (input to `repair index`).
+    pub damaged_index_files: Vec<ObjectId>,
     /// Snapshot objects that are damaged (their bytes do not match their name, or do not open or decode).
     pub damaged_snapshots: Vec<ObjectId>,
     /// With data read: packs no check has verified yet (after this one), and when the least recently
@@ -174,7 +176,12 @@ pub fn run_within(
     let mut blobs: HashMap<BlobId, (ObjectId, PackEntry)> = HashMap::new();
     for (id, f) in loaded {
         match f {
-            Err(e) => report.errors.push(e.to_string()),
+            Err(e) => {
+                if matches!(e, Error::Corrupt { .. }) {
+                    report.damaged_index_files.push(id);
+                }
+                report.errors.push(e.to_string())
+            }
             Ok((f, epoch)) => {
                 older_index_files += (epoch < current_epoch) as usize;
                 for p in f.packs {

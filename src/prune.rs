@@ -155,7 +155,17 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
     // which would hold every blob).
     let mut noted = std::collections::HashSet::new();
     for id in repo.list_index_ids()? {
-        note_index_file(&scratch, &repo.load_index(&id)?)?;
+        let file = repo.load_index(&id).map_err(|e| match e {
+            Error::Corrupt { object, cause } => Error::Corrupt {
+                object,
+                cause: format!(
+                    "{cause}; prune deletes nothing while an index file is damaged: `repair index` rebuilds it \
+                     from the packs' own headers"
+                ),
+            },
+            e => e,
+        })?;
+        note_index_file(&scratch, &file)?;
         noted.insert(id);
     }
     // Packs no index file lists (an interrupted backup's or prune's) are indexed first, so that they are swept

@@ -343,7 +343,7 @@ pub fn restore_disk(
                     continue;
                 }
                 let Some(loc) = cache.lookup(id)? else {
-                    damaged(vec![block], format!("blob {id} is not in any index file (lost pack?)"))?;
+                    damaged(vec![block], format!("blob {id} is not in any index file ({})", cache.why_not_indexed()))?;
                     continue;
                 };
                 by_pack

@@ -481,7 +481,11 @@ impl SnapshotDisk {
         if !unlocated.is_empty() {
             return Err(Error::corrupt(
                 format!("blob {id}"),
-                format!("block {block} of disk {} is not in any index file (lost pack?)", self.manifest.name),
+                format!(
+                    "block {block} of disk {} is not in any index file ({})",
+                    self.manifest.name,
+                    self.shared.cache.why_not_indexed()
+                ),
             ));
         }
         mine.iter().try_for_each(|job| self.shared.fetch_job(job, Some(id)))

@@ -99,7 +99,12 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
         println!("no errors found");
         Ok(())
     } else {
-        if report.errors.len() > report.damaged_snapshots.len() {
+        if !report.damaged_index_files.is_empty() {
+            eprintln!(
+                "to heal a damaged index file: `repair index`, which rebuilds the index from the packs' own headers; \
+                 then check again"
+            );
+        } else if report.errors.len() > report.damaged_snapshots.len() {
             eprintln!(
                 "to heal: `repair packs` (with these packs, or alone to find them), then back up the affected \
                  sources again; `repair snapshots` lists what stays lost"
