@@ -137,13 +137,13 @@ pub fn run_within(
     let backend = repo.backend();
     // Prune waits for this session before it deletes packs it has dropped from the index.
     let _session = crate::lock::start_session(repo, "check")?;
-    let doomed = match repo.doomed_packs() {
-        Ok(d) => d,
-        Err(e) => {
-            report.errors.push(format!("{e} (a deletion record of prune)"));
-            Vec::new()
-        }
-    };
+    let (records, unreadable) = repo.list_deletions_checked()?;
+    for (_, e) in unreadable {
+        report.warnings.push(format!("{e}: a deletion record of prune; the next prune sets it aside"));
+    }
+    let mut doomed: Vec<ObjectId> = records.into_iter().flat_map(|(_, r)| r.packs).collect();
+    doomed.sort();
+    doomed.dedup();
 
     // Packs present.
     let mut pack_sizes: HashMap<ObjectId, u64> = HashMap::new();

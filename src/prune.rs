@@ -136,9 +136,17 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
     }
     let live = crate::lock::live_sessions(repo)?;
 
-    // 1. Earlier records.
+    // 1. Earlier records. One that cannot be read is set aside: its packs, out of the index, are adopted in
+    // step 2 as unindexed ones and swept again, instead of being deleted on its word.
+    let (records, unreadable) = repo.list_deletions_checked()?;
+    for (rid, e) in unreadable {
+        tracing::warn!("{e}; its packs are indexed again and swept anew");
+        if !opts.dry_run {
+            repo.backend().delete(&names::deletion(&rid))?;
+        }
+    }
     let mut waiting = false;
-    for (rid, rec) in repo.list_deletions()? {
+    for (rid, rec) in records {
         if opts.dry_run {
             report.packs_waiting += rec.packs.len() as u64;
             continue;

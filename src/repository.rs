@@ -496,16 +496,28 @@ impl Repository {
 
     /// Every deletion record. An unreadable one is an error: its packs must not be mistaken for orphans.
     pub fn list_deletions(&self) -> Result<Vec<(ObjectId, DeletionRecord)>> {
-        let mut out = Vec::new();
+        let (records, unreadable) = self.list_deletions_checked()?;
+        for (_, e) in unreadable {
+            tracing::warn!("{e}; left out (the next prune sets it aside and sweeps its packs again)");
+        }
+        Ok(records)
+    }
+
+    /// The deletion records, and apart from them those that cannot be read ([`is_unreadable_object`]). Leaving
+    /// one out is safe: the packs it names are no longer in the index, so they count as unindexed and are
+    /// adopted (indexed again) rather than deleted, then swept again by the next prune.
+    pub fn list_deletions_checked(&self) -> Result<Checked<DeletionRecord>> {
+        let (mut records, mut unreadable) = (Vec::new(), Vec::new());
         for id in list_ids(&*self.backend, names::DELETIONS)? {
             match self.load_deletion(&id) {
-                Ok(rec) => out.push((id, rec)),
+                Ok(rec) => records.push((id, rec)),
                 // Listed a moment ago and gone now: a prune finished it (its packs are deleted or indexed again).
                 Err(Error::Missing { .. }) => {}
+                Err(e) if is_unreadable_object(&e) => unreadable.push((id, e)),
                 Err(e) => return Err(e),
             }
         }
-        Ok(out)
+        Ok((records, unreadable))
     }
 
     /// Packs that a prune has scheduled for deletion (sorted): not to be indexed again by adoption or repair.
@@ -579,7 +591,7 @@ impl Repository {
     /// bytes are damaged (they do not match its name, or do not open or decode) or that a newer format version
     /// wrote. One that was deleted between the listing and its reading (forgotten, retagged) is in neither.
     /// Errors of the storage itself fail. For those that must account for every snapshot (prune).
-    pub fn list_snapshots_checked(&self) -> Result<CheckedSnapshots> {
+    pub fn list_snapshots_checked(&self) -> Result<Checked<Snapshot>> {
         let ids = list_ids(&*self.backend, names::SNAPSHOTS)?;
         let loaded: Vec<(ObjectId, Result<Snapshot>)> =
             ids.par_iter().map(|id| (*id, self.load_snapshot(id))).collect();
@@ -658,8 +670,9 @@ impl Repository {
     }
 }
 
-/// Readable snapshots (id, snapshot), oldest first, and unreadable ones (id, why): [`Repository::list_snapshots_checked`].
-pub type CheckedSnapshots = (Vec<(ObjectId, Snapshot)>, Vec<(ObjectId, Error)>);
+/// Objects of one kind as read: those that could be (id, object), and apart from them those that could not
+/// (id, why; see [`is_unreadable_object`]).
+pub type Checked<T> = (Vec<(ObjectId, T)>, Vec<(ObjectId, Error)>);
 
 /// Whether `e`, from reading an object, says the object itself cannot be read here (damaged, or of a newer
 /// format version), not that the storage failed.

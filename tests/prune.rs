@@ -370,3 +370,37 @@ fn prune_keeps_what_checkpoints_name_until_they_can_no_longer_be_continued() {
     assert!(e.pack_bytes() < both, "{} bytes of packs, {needed} needed: {r:?}", e.pack_bytes());
     assert_eq!(e.restore("latest", &[]), two);
 }
+
+#[test]
+fn a_damaged_deletion_record_is_set_aside_and_its_packs_swept_again() {
+    let e = Env::with_repo();
+    let (a, b) = (random_bytes(1, 4 * MIB), random_bytes(2, 3 * MIB));
+    write(&e.path("a"), &a);
+    let a_id = e.backup(&["--name", "a", e.path("a").to_str().unwrap()])["snapshot"].as_str().unwrap().to_string();
+    write(&e.path("b"), &b);
+    e.backup(&["--name", "b", e.path("b").to_str().unwrap()]);
+    e.ok(&["forget", &a_id[..8]]);
+    // A reader's session keeps the dropped packs waiting under a deletion record.
+    let repo = e.open_repo();
+    let session = diskvault::lock::start_session(&repo, "test reader").unwrap();
+    e.ok(&["prune"]);
+    drop(session);
+    let records = e.objects("deletions");
+    assert_eq!(records.len(), 1);
+    e.flip(&records[0], 20);
+    let before = e.pack_bytes();
+
+    // Neither backups (on a new cache, which adopts unindexed packs), nor check, nor repair index stop at it.
+    std::fs::remove_dir_all(e.cache()).unwrap();
+    write(&e.path("c"), &random_bytes(3, MIB));
+    e.backup(&["--name", "c", e.path("c").to_str().unwrap()]);
+    let r = e.ok(&["check"]);
+    assert!(r.stderr.contains("a deletion record of prune"), "{}", r.stderr);
+    e.ok(&["repair", "index"]);
+    // Prune sets it aside, and its packs, indexed again, are swept anew: a's data goes, the rest stays.
+    e.ok(&["prune"]);
+    assert!(e.objects("deletions").is_empty());
+    assert!(e.pack_bytes() + 4 * MIB as u64 <= before + MIB as u64, "{} -> {}", before, e.pack_bytes());
+    assert_eq!(e.restore("latest", &["--name", "b"]), b);
+    assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
+}
