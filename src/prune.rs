@@ -140,6 +140,10 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
     // step 2 as unindexed ones and swept again, instead of being deleted on its word.
     let (records, unreadable) = repo.list_deletions_checked()?;
     for (rid, e) in unreadable {
+        // A newer format's record is that version's to finish.
+        if !matches!(e, Error::Corrupt { .. }) {
+            return Err(e);
+        }
         tracing::warn!("{e}; its packs are indexed again and swept anew");
         if !opts.dry_run {
             repo.backend().delete(&names::deletion(&rid))?;
