@@ -340,3 +340,20 @@ fn two_copies_from_one_source_at_once_store_each_snapshot_once() {
     assert_eq!(unique.len(), 3, "{from:?}");
     assert!(dest.objects("locks").is_empty(), "{:?}", dest.objects("locks"));
 }
+
+#[test]
+fn a_damaged_source_snapshot_is_named_and_the_others_are_copied() {
+    let src = Env::with_repo();
+    let dest = destination();
+    let (a, b) = (random_bytes(11, 2 * MIB), random_bytes(12, 3 * MIB));
+    let damaged = backup(&src, "vm1", &a, &[]);
+    backup(&src, "vm2", &b, &[]);
+    let object = format!("snapshots/{damaged}");
+    let n = src.object_size(&object) as usize;
+    src.flip(&object, n - 10);
+    let r = copy(&dest, &src, &src.password, &[]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains(&object) && r.stderr.contains("was not copied"), "{}", r.stderr);
+    assert_eq!(r.json()["copied"].as_array().unwrap().len(), 1);
+    assert_eq!(dest.restore("latest", &["--name", "vm2"]), b);
+}

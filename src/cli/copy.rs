@@ -64,8 +64,15 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
     }
     let mut wanted = Vec::new();
     let filter = args.filter.filter();
+    // Source snapshots that cannot be read are not copied; the run then ends incomplete (exit code 3).
+    let mut unreadable = 0;
     if args.snapshots.is_empty() {
-        wanted = src.list_snapshots_matching(&filter)?;
+        let (all, damaged) = src.list_snapshots_checked()?;
+        for (_, e) in &damaged {
+            eprintln!("not copied: {e}");
+        }
+        unreadable = damaged.len();
+        wanted = all.into_iter().filter(|(_, s)| filter.matches(s)).collect();
     } else {
         for s in &args.snapshots {
             let found = src.find_snapshot_matching(s, &filter)?;
@@ -144,6 +151,12 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
             crate::util::count(copied.len(), "snapshot"),
             crate::util::count(skipped, "snapshot")
         );
+    }
+    if unreadable > 0 {
+        return Err(Error::Incomplete(format!(
+            "{} of the source could not be read and was not copied (named above; `check` there reports it)",
+            crate::util::count(unreadable, "snapshot object")
+        )));
     }
     Ok(())
 }
