@@ -316,7 +316,8 @@ fn current_checkpoints(
     report: &mut PruneReport,
 ) -> Result<Vec<(ObjectId, Checkpoint)>> {
     // `snapshots` is sorted oldest first: the last one of a source is its latest.
-    let latest: HashMap<&str, ObjectId> = snapshots.iter().map(|(id, s)| (s.source.as_str(), *id)).collect();
+    let latest: HashMap<&str, (&ObjectId, &crate::format::snapshot::Snapshot)> =
+        snapshots.iter().map(|(id, s)| (s.source.as_str(), (id, s))).collect();
     let now = crate::util::now_secs();
     let mut kept = Vec::new();
     for id in crate::repository::list_ids(&**repo.backend(), names::CHECKPOINTS)? {
@@ -338,7 +339,7 @@ fn current_checkpoints(
                 continue;
             }
         };
-        let continuable = c.parent == latest.get(c.source.as_str()).copied();
+        let continuable = c.continues_from(latest.get(c.source.as_str()).copied());
         if continuable && now - c.time_secs < CHECKPOINT_MAX_AGE_SECS {
             kept.push((id, c));
             continue;

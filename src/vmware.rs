@@ -238,8 +238,11 @@ fn backup_snapshot(
     let parent = repo.latest_snapshot_of(&backup_opts.source)?;
     // Checkpoints of interrupted backups of this VM: the newest continues if it was made on the same parent.
     let checkpoints = repo.list_checkpoints(Some(&backup_opts.source))?;
-    let parent_id = parent.as_ref().map(|(id, _)| *id);
-    let resume_from = checkpoints.iter().rev().find(|(_, c)| c.parent == parent_id).filter(|_| opts.resume);
+    let resume_from = checkpoints
+        .iter()
+        .rev()
+        .find(|(_, c)| c.continues_from(parent.as_ref().map(|(id, s)| (id, s))))
+        .filter(|_| opts.resume);
     let (server, _) = client.server_host();
     let thumbprint = client.server_sha1_thumbprint();
     let cookie = client

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::snapshot::{check_disks_and_time, SegmentRef};
+use super::snapshot::{check_disks_and_time, SegmentRef, Snapshot};
 use super::{bincode_decode, bincode_encode, ObjectId, BLOCK_SIZE, SEGMENT_BLOCKS};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +82,17 @@ impl Checkpoint {
     pub fn disk(&self, name: &str) -> Option<&CheckpointDisk> {
         self.disks.iter().find(|d| d.name == name)
     }
+
+    /// Whether a backup whose parent would be `latest` (its source's latest snapshot, or none) continues this
+    /// checkpoint: its `parent` names that snapshot, by its id or, for one `tag` wrote again under a new id
+    /// since, by the id it had first ([`Snapshot::identity`]).
+    pub fn continues_from(&self, latest: Option<(&ObjectId, &Snapshot)>) -> bool {
+        match (self.parent, latest) {
+            (None, None) => true,
+            (Some(parent), Some((id, snapshot))) => parent == *id || parent == snapshot.identity(id),
+            _ => false,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -109,6 +120,32 @@ mod tests {
             parent: None,
             disks: vec![d],
         }
+    }
+
+    #[test]
+    fn a_checkpoint_continues_from_its_parent_also_after_a_retag() {
+        let parent = BlobId([1; 32]);
+        let mut c = checkpoint(disk(5 << 20, &[5]));
+        assert!(c.continues_from(None));
+        c.parent = Some(parent);
+        let mut snapshot = crate::format::snapshot::Snapshot {
+            time_secs: 1,
+            time_nanos: 0,
+            hostname: "h".into(),
+            username: "u".into(),
+            source: "vm".into(),
+            tags: vec![],
+            parent: None,
+            disks: vec![],
+            annotations: Default::default(),
+            summary: Default::default(),
+        };
+        assert!(c.continues_from(Some((&parent, &snapshot))));
+        assert!(!c.continues_from(None));
+        let retagged = BlobId([2; 32]);
+        assert!(!c.continues_from(Some((&retagged, &snapshot))), "another snapshot");
+        snapshot.annotations.insert(crate::format::snapshot::ORIGINAL.into(), parent.hex());
+        assert!(c.continues_from(Some((&retagged, &snapshot))), "the parent, tagged since");
     }
 
     #[test]
