@@ -372,13 +372,21 @@ impl IndexCache {
     fn open_at(path: &Path, repo: &Repository) -> Result<IndexCache> {
         let cache_err = |e: &dyn std::fmt::Display| Error::Cache { path: path.to_path_buf(), cause: e.to_string() };
         std::fs::create_dir_all(path).map_err(|e| cache_err(&e))?;
+        let rebuild = |e: rocksdb::Error| -> Result<rocksdb::DB> {
+            tracing::warn!("local index cache {} is damaged ({e}); rebuilding it", path.display());
+            rocksdb::DB::destroy(&rocksdb::Options::default(), path).map_err(|e| cache_err(&e))?;
+            rocksdb::DB::open(&db_options(), path).map_err(|e| cache_err(&e))
+        };
         let db = match rocksdb::DB::open(&db_options(), path) {
-            Ok(db) => db,
-            Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => {
-                tracing::warn!("local index cache {} is damaged ({e}); rebuilding it", path.display());
-                rocksdb::DB::destroy(&rocksdb::Options::default(), path).map_err(|e| cache_err(&e))?;
-                rocksdb::DB::open(&db_options(), path).map_err(|e| cache_err(&e))?
-            }
+            // Table files are read only when used: a damaged one can open, and fail the first read.
+            Ok(db) => match db.get(b"v") {
+                Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => {
+                    drop(db);
+                    rebuild(e)?
+                }
+                _ => db,
+            },
+            Err(e) if e.kind() == rocksdb::ErrorKind::Corruption => rebuild(e)?,
             Err(e) => return Err(cache_err(&e)),
         };
         let mut cache = IndexCache {

@@ -349,6 +349,31 @@ fn unusable_cache_directory_falls_back_to_a_private_cache() {
     assert_eq!(e.restore("latest", &[]), img);
 }
 
+#[test]
+fn a_cache_with_a_damaged_table_file_is_rebuilt_in_place() {
+    let e = Env::with_repo();
+    let img = random_bytes(13, 3 * MIB);
+    write(&e.path("img"), &img);
+    e.backup(&[e.path("img").to_str().unwrap()]);
+    let tables: Vec<std::path::PathBuf> =
+        files_below(&e.cache()).into_iter().filter(|p| p.extension().is_some_and(|x| x == "sst")).collect();
+    assert!(!tables.is_empty(), "the cache has table files");
+    for t in &tables {
+        let mut bytes = std::fs::read(t).unwrap();
+        let n = bytes.len().min(64);
+        bytes[..n].iter_mut().for_each(|b| *b ^= 0x5a);
+        std::fs::write(t, bytes).unwrap();
+    }
+    let r = e.run(&["backup", "--json", "--no-parent", e.path("img").to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("is damaged") && r.stderr.contains("rebuilding it"), "{}", r.stderr);
+    assert_eq!(r.json()["disks"][0]["new_blocks"], 0, "rebuilt from the repository: still dedups");
+    // Rebuilt where it was, not a private cache at every run from now on.
+    let r = e.run(&["backup", "--json", "--no-parent", e.path("img").to_str().unwrap()]);
+    assert!(!r.stderr.contains("WARN"), "{}", r.stderr);
+    assert_eq!(e.restore("latest", &[]), img);
+}
+
 /// A second process on the host while another holds the cache (a backup while `serve` runs, two backup jobs at
 /// once) reads the shared cache as the other left it: it finds its delta bases there (page features are kept
 /// only in the local cache; a private cache rebuilt from the repository has none) and adds what it stores to

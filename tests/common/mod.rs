@@ -307,10 +307,15 @@ fn collect(p: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-pub fn dir_size(p: &Path) -> u64 {
+/// Every file below `p`.
+pub fn files_below(p: &Path) -> Vec<PathBuf> {
     let mut v = Vec::new();
     collect(p, &mut v);
-    v.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum()
+    v
+}
+
+pub fn dir_size(p: &Path) -> u64 {
+    files_below(p).iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum()
 }
 
 fn rand_u64() -> u64 {
