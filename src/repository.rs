@@ -494,7 +494,8 @@ impl Repository {
         self.load_sealed(Kind::Deletion, names::deletion, id, DeletionRecord::decode)
     }
 
-    /// Every deletion record. An unreadable one is an error: its packs must not be mistaken for orphans.
+    /// Every deletion record that can be read; one that cannot is left out with a warning
+    /// ([`Repository::list_deletions_checked`]).
     pub fn list_deletions(&self) -> Result<Vec<(ObjectId, DeletionRecord)>> {
         let (records, unreadable) = self.list_deletions_checked()?;
         for (_, e) in unreadable {
