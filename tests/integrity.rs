@@ -350,6 +350,31 @@ fn unusable_cache_directory_falls_back_to_a_private_cache() {
 }
 
 #[test]
+fn an_incremental_on_a_damaged_parent_segment_names_the_remedy_which_heals_it() {
+    let e = Env::with_repo();
+    let img = random_bytes(42, 3 * MIB);
+    let path = e.path("img");
+    write(&path, &img);
+    e.backup(&[path.to_str().unwrap(), "--name", "vm"]);
+    // The metadata pack starts with the snapshot's one segment blob.
+    let meta = e.objects("packs").into_iter().min_by_key(|p| e.object_size(p)).unwrap();
+    e.flip(&meta, 10);
+    let changes = e.path("changes.json");
+    write_changes(&changes, &[(0, 4096)]);
+    let incremental = ["backup", "--name", "vm", "--changed-areas", changes.to_str().unwrap(), path.to_str().unwrap()];
+    let r = e.fails(&incremental);
+    assert!(
+        r.stderr.contains(id_of(&meta)) && r.stderr.contains("manifest segment of the parent snapshot: `repair packs`"),
+        "{}",
+        r.stderr
+    );
+    e.ok(&["repair", "packs"]);
+    e.ok(&incremental);
+    assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
+    assert_eq!(e.restore("latest", &[]), img);
+}
+
+#[test]
 fn a_cache_with_a_damaged_table_file_is_rebuilt_in_place() {
     let e = Env::with_repo();
     let img = random_bytes(13, 3 * MIB);
