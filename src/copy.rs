@@ -176,10 +176,19 @@ pub fn plan(
     Ok(out)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A snapshot a copy left out because something it needs is damaged.
+pub struct NotCopied {
+    pub from: ObjectId,
+    pub source: String,
+    pub cause: String,
+}
+
 /// Copies `wanted` (snapshots of the source repository that `src_cache` indexes) into `dest`, oldest first,
-/// skipping those `dest` has copies of; `copied` is told of each copy as it is committed. A failure stops the
-/// copy: the snapshots committed before it stay, and a rerun goes on from there.
+/// skipping those `dest` has copies of; `copied` is told of each copy as it is committed. A snapshot whose data
+/// is damaged ([`Error::Corrupt`]: a pack, blob or segment there) is left out and returned as [`NotCopied`], and
+/// the others are copied (building on the earlier copies); any other failure stops the copy: the snapshots
+/// committed before it stay, and a rerun goes on from there.
+#[allow(clippy::too_many_arguments)]
 pub fn copy(
     src: Repository,
     src_cache: Arc<IndexCache>,
@@ -189,13 +198,13 @@ pub fn copy(
     opts: &CopyOptions,
     counters: &Counters,
     mut copied: impl FnMut(&Copied),
-) -> Result<Vec<Copied>> {
+) -> Result<(Vec<Copied>, Vec<NotCopied>)> {
     // Taken before deciding what is not copied yet: a second copy from this source decides only once the
     // first is done (it fails now; a rerun then finds its snapshots copied).
     let copy_lock = crate::lock::acquire_copy(dest, &src.config().id, "copy")?;
     let (mut done, wanted) = pending(dest, wanted)?;
     if wanted.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     // Every snapshot of the source, for finding the originals of earlier copies (the parents).
     let originals = src.list_snapshots()?;
@@ -214,46 +223,58 @@ pub fn copy(
             ..Default::default()
         },
     );
-    let mut out = Vec::new();
+    let (mut out, mut not_copied) = (Vec::new(), Vec::new());
     for (from, snap) in wanted {
         if crate::util::interrupted() {
             return Err(Error::Interrupted);
         }
         let parent = earlier_copy(&originals, &done, &from, &snap);
-        let mut jobs = Vec::new();
-        for disk in &snap.disks {
-            // Incremental only where the earlier copy holds the disk as its original did.
-            let earlier = earlier_disk(parent.as_ref(), disk);
-            // Read-ahead fetches the blocks after a miss, which an incremental copy mostly does not want.
-            let (allocated, changed, readahead) = match plan_disk(exports.repository(), &src_cache, disk, earlier)? {
-                DiskRead::Allocated(extents) => (Some(extents), None, FULL_COPY_READAHEAD),
-                DiskRead::Changed(extents) => (None, Some(extents), 1),
-            };
-            let reader = exports.disk(&from, disk, readahead)?;
-            jobs.push(DiskJob {
-                name: disk.name.clone(),
-                source: Box::new(SnapshotSource::new(reader, allocated, COPY_FETCHERS)),
-                changed,
-                change_token: disk.change_token.clone(),
-                resume: None,
-            });
-        }
-        let mut o = BackupOptions::new(snap.source.clone());
-        o.tags = snap.tags.clone();
-        o.hostname = snap.hostname.clone();
-        o.username = snap.username.clone();
-        o.time_override = Some((snap.time_secs, snap.time_nanos));
-        o.annotations = snap.annotations.clone();
-        // The copy is known by its original's identity; its own is its id here, whatever tags did there.
-        o.annotations.insert(COPIED_FROM.into(), snap.identity(&from).hex());
-        o.annotations.remove(crate::format::snapshot::ORIGINAL);
-        o.parent = parent.map(|(_, _, copy)| copy);
-        o.uploaders = opts.uploaders;
-        o.delta = opts.delta;
-        tracing::info!("copying snapshot {} of {}", from.short(), snap.source);
         let reads_before = exports.pack_reads();
         let as_stored_before = counters.sealed_as_stored.load(std::sync::atomic::Ordering::Relaxed);
-        let (id, snapshot) = crate::backup::run(dest, dest_cache.clone(), jobs, &o, counters)?;
+        let attempt = || -> Result<(ObjectId, Snapshot)> {
+            let mut jobs = Vec::new();
+            for disk in &snap.disks {
+                // Incremental only where the earlier copy holds the disk as its original did.
+                let earlier = earlier_disk(parent.as_ref(), disk);
+                // Read-ahead fetches the blocks after a miss, which an incremental copy mostly does not want.
+                let (allocated, changed, readahead) = match plan_disk(exports.repository(), &src_cache, disk, earlier)?
+                {
+                    DiskRead::Allocated(extents) => (Some(extents), None, FULL_COPY_READAHEAD),
+                    DiskRead::Changed(extents) => (None, Some(extents), 1),
+                };
+                let reader = exports.disk(&from, disk, readahead)?;
+                jobs.push(DiskJob {
+                    name: disk.name.clone(),
+                    source: Box::new(SnapshotSource::new(reader, allocated, COPY_FETCHERS)),
+                    changed,
+                    change_token: disk.change_token.clone(),
+                    resume: None,
+                });
+            }
+            let mut o = BackupOptions::new(snap.source.clone());
+            o.tags = snap.tags.clone();
+            o.hostname = snap.hostname.clone();
+            o.username = snap.username.clone();
+            o.time_override = Some((snap.time_secs, snap.time_nanos));
+            o.annotations = snap.annotations.clone();
+            // The copy is known by its original's identity; its own is its id here, whatever tags did there.
+            o.annotations.insert(COPIED_FROM.into(), snap.identity(&from).hex());
+            o.annotations.remove(crate::format::snapshot::ORIGINAL);
+            o.parent = parent.map(|(_, _, copy)| copy);
+            o.uploaders = opts.uploaders;
+            o.delta = opts.delta;
+            tracing::info!("copying snapshot {} of {}", from.short(), snap.source);
+            crate::backup::run(dest, dest_cache.clone(), jobs, &o, counters)
+        };
+        let (id, snapshot) = match attempt() {
+            Ok(done) => done,
+            Err(e @ Error::Corrupt { .. }) => {
+                tracing::error!("snapshot {} of {} not copied: {e}", from.short(), snap.source);
+                not_copied.push(NotCopied { from, source: snap.source.clone(), cause: e.to_string() });
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         session.ensure_held()?;
         // Lost (not refreshed for the stale time): another copy may have started; stop rather than race it.
         copy_lock.ensure_held()?;
@@ -271,7 +292,7 @@ pub fn copy(
     }
     drop(session);
     drop(copy_lock);
-    Ok(out)
+    Ok((out, not_copied))
 }
 
 /// What a copy reads of one disk.

@@ -92,7 +92,7 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
     let counters = Arc::new(Counters::default());
     let selected = wanted.len();
     let json = args.json;
-    let copied = {
+    let (copied, not_copied) = {
         let _reporter = Reporter::start("copy", counters.clone(), g.progress);
         crate::copy::copy(src, src_cache, &dest, dest_cache, wanted, &opts, &counters, |c| {
             if !json {
@@ -100,10 +100,16 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
             }
         })?
     };
-    let skipped = selected - copied.len();
+    let skipped = selected - copied.len() - not_copied.len();
     {
         use crate::metrics::gauge;
         gauge("diskvault_copy_snapshots_copied", "Snapshots copied by this run.", &[], copied.len() as f64);
+        gauge(
+            "diskvault_copy_snapshots_not_copied",
+            "Selected snapshots left out because data they need is damaged (or they could not be read).",
+            &[],
+            (not_copied.len() + unreadable) as f64,
+        );
         gauge(
             "diskvault_copy_snapshots_already_copied",
             "Selected snapshots the destination held already.",
@@ -143,19 +149,28 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
                 "blocks_sealed_as_stored": c.blocks_sealed_as_stored,
             })).collect::<Vec<_>>(),
             "already_copied": skipped,
+            "not_copied": not_copied.iter().map(|n| serde_json::json!({
+                "from": n.from.hex(),
+                "source": n.source,
+                "cause": n.cause,
+            })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("JSON of plain values"));
     } else {
+        for n in &not_copied {
+            println!("not copied {}  {}: {}", n.from.short(), n.source, n.cause);
+        }
         println!(
             "{} copied, {} in the destination already",
             crate::util::count(copied.len(), "snapshot"),
             crate::util::count(skipped, "snapshot")
         );
     }
-    if unreadable > 0 {
+    if unreadable + not_copied.len() > 0 {
         return Err(Error::Incomplete(format!(
-            "{} of the source could not be read and was not copied (named above; `check` there reports it)",
-            crate::util::count(unreadable, "snapshot object")
+            "{} of the source could not be copied (named above; `check --read-data` there finds the damage, \
+             `repair packs` takes it out)",
+            crate::util::count(unreadable + not_copied.len(), "snapshot")
         )));
     }
     Ok(())
