@@ -4,7 +4,8 @@
 //! newest first, and every rule keeps what it selects; a snapshot is removed only if no rule keeps it and it
 //! is not protected. The rules follow restic's: `last` keeps the newest n; `hourly`/`daily`/`weekly`/
 //! `monthly`/`yearly` keep the newest snapshot of each of the n newest periods that have one; `within`
-//! keeps everything younger than a duration before the group's newest snapshot; `tags` keeps snapshots
+//! keeps everything younger than a duration before the group's newest snapshot, and `within-daily` (…) the
+//! newest snapshot of each day (…) in that time; `tags` keeps snapshots
 //! carrying a tag. Periods are UTC. Snapshots can also be named one by one ([`decide_chosen`]). Forgetting
 //! removes snapshot objects only; their data stays until prune.
 
@@ -26,6 +27,13 @@ pub struct Policy {
     pub yearly: u32,
     /// Keep snapshots at most this many seconds older than the group's newest.
     pub within_secs: Option<i64>,
+    /// Keep the newest snapshot of each hour, day, week, month, year that lies at most this many seconds before
+    /// the group's newest (restic's `--keep-within-hourly` …).
+    pub within_hourly_secs: Option<i64>,
+    pub within_daily_secs: Option<i64>,
+    pub within_weekly_secs: Option<i64>,
+    pub within_monthly_secs: Option<i64>,
+    pub within_yearly_secs: Option<i64>,
     pub tags: Vec<String>,
 }
 
@@ -33,7 +41,18 @@ impl Policy {
     pub fn is_empty(&self) -> bool {
         self.last + self.hourly + self.daily + self.weekly + self.monthly + self.yearly == 0
             && self.within_secs.is_none()
+            && self.within_periods().iter().all(|(_, w)| w.is_none())
             && self.tags.is_empty()
+    }
+
+    fn within_periods(&self) -> [(&'static str, Option<i64>); 5] {
+        [
+            ("within-hourly", self.within_hourly_secs),
+            ("within-daily", self.within_daily_secs),
+            ("within-weekly", self.within_weekly_secs),
+            ("within-monthly", self.within_monthly_secs),
+            ("within-yearly", self.within_yearly_secs),
+        ]
     }
 }
 
@@ -173,6 +192,21 @@ pub fn decide(
                 }
             }
         }
+        // The same periods, bounded by age instead of by count.
+        for ((name, within), (_, _, bucket)) in policy.within_periods().into_iter().zip(periods) {
+            let Some(within) = within else { continue };
+            let mut last_bucket = None;
+            for (i, (_, s)) in snaps.iter().enumerate() {
+                if newest - s.time_secs > within {
+                    break;
+                }
+                let b = bucket(s.time_secs);
+                if last_bucket != Some(b) {
+                    decisions[i].reasons.push(name.into());
+                    last_bucket = Some(b);
+                }
+            }
+        }
         out.extend(decisions);
     }
     out
@@ -294,6 +328,37 @@ mod tests {
         assert_eq!(kept(&decide(&snaps, &p, GroupBy::SOURCE, &HashSet::new())), vec![31, 59, 60]);
         let p = Policy { within_secs: Some(2 * 86400), last: 1, ..Default::default() };
         assert_eq!(kept(&decide(&snaps, &p, GroupBy::SOURCE, &HashSet::new())), vec![58, 59, 60]);
+    }
+
+    #[test]
+    fn within_periods_keep_one_per_period_for_a_time() {
+        // Four snapshots a day (00:00, 06:00, 12:00, 18:00) from 2026-01-01 for 60 days; ids 1..=240.
+        let base = crate::util::parse_utc("2026-01-01 00:00").unwrap();
+        let snaps: Vec<_> = (0..240).map(|k| snap(k as u8 + 1, base + k * 6 * 3600, "vm", &[])).collect();
+        let decide_with = |p: Policy| decide(&snaps, &p, GroupBy::SOURCE, &HashSet::new());
+        // The newest is day 60 (Mar 1) at 18:00 (id 240). Within 2 days of it: Feb 27 18:00 .. Mar 1 18:00, so
+        // the last of Feb 27 (232), Feb 28 (236) and Mar 1 (240).
+        let d = decide_with(Policy { within_daily_secs: Some(2 * 86400), ..Default::default() });
+        assert_eq!(kept(&d), vec![232, 236, 240]);
+        assert!(d.iter().filter(|d| d.keep()).all(|d| d.reasons == ["within-daily"]));
+        // Within 12 hours, hourly: every snapshot from 06:00 on Mar 1 (one per hour that has one).
+        let d = decide_with(Policy { within_hourly_secs: Some(12 * 3600), ..Default::default() });
+        assert_eq!(kept(&d), vec![238, 239, 240]);
+        // Within 20 days, monthly: the last of February (236) and March (240); within 40, January's too (124).
+        let d = decide_with(Policy { within_monthly_secs: Some(20 * 86400), ..Default::default() });
+        assert_eq!(kept(&d), vec![236, 240]);
+        let d = decide_with(Policy { within_monthly_secs: Some(40 * 86400), ..Default::default() });
+        assert_eq!(kept(&d), vec![124, 236, 240]);
+        // Weekly within 13 days (from Mon Feb 16 18:00): Mar 1 is a Sunday, so its week (from Feb 23) and the one
+        // before, whose last is Sun Feb 22 18:00 (212). 14 days reach Sun Feb 15 18:00, the last of a third week.
+        let d = decide_with(Policy { within_weekly_secs: Some(13 * 86400), ..Default::default() });
+        assert_eq!(kept(&d), vec![212, 240]);
+        let d = decide_with(Policy { within_weekly_secs: Some(14 * 86400), ..Default::default() });
+        assert_eq!(kept(&d), vec![184, 212, 240]);
+        // Yearly, and combined with a count rule: both reasons are given.
+        let d = decide_with(Policy { within_yearly_secs: Some(365 * 86400), daily: 1, ..Default::default() });
+        assert_eq!(kept(&d), vec![240]);
+        assert_eq!(d.iter().find(|d| d.keep()).unwrap().reasons, ["daily", "within-yearly"]);
     }
 
     #[test]

@@ -43,6 +43,11 @@ fn keep_daily_and_weekly_with_dry_run_and_protection() {
     assert!(dry.contains("10 snapshots would be removed, 4 kept"), "{dry}");
     assert!(dry.contains("daily, weekly"), "the rules that keep a snapshot are named: {dry}");
     assert_eq!(snapshot_ids(&e).len(), 14, "a dry run changes nothing");
+    // By age instead of count: one a day for 2 days before the newest (Nov 13 22:00 on), one a week for 9 days
+    // (from Nov 6 22:00: the week from Nov 2 has its last there, Nov 8).
+    let dry = e.ok(&["forget", "--keep-within-daily", "2d", "--keep-within-weekly", "9d", "-n"]).stdout;
+    assert!(dry.contains("10 snapshots would be removed, 4 kept"), "{dry}");
+    assert!(dry.contains("(within-daily, within-weekly)") && dry.contains("(within-weekly)"), "{dry}");
 
     // Protect the oldest: forget must keep it.
     let oldest = &snaps[0].0;

@@ -32,6 +32,21 @@ pub struct ForgetArgs {
     /// Keep snapshots younger than this before the newest of their group (e.g. 14d, 6m, 1y2m).
     #[arg(long, value_parser = crate::util::parse_duration)]
     keep_within: Option<i64>,
+    /// Keep the newest snapshot of each hour within this time before the newest of their group.
+    #[arg(long, value_name = "DURATION", value_parser = crate::util::parse_duration)]
+    keep_within_hourly: Option<i64>,
+    /// … of each day within this time (e.g. 14d).
+    #[arg(long, value_name = "DURATION", value_parser = crate::util::parse_duration)]
+    keep_within_daily: Option<i64>,
+    /// … of each week within this time (e.g. 3m).
+    #[arg(long, value_name = "DURATION", value_parser = crate::util::parse_duration)]
+    keep_within_weekly: Option<i64>,
+    /// … of each month within this time (e.g. 2y).
+    #[arg(long, value_name = "DURATION", value_parser = crate::util::parse_duration)]
+    keep_within_monthly: Option<i64>,
+    /// … of each year within this time (e.g. 10y).
+    #[arg(long, value_name = "DURATION", value_parser = crate::util::parse_duration)]
+    keep_within_yearly: Option<i64>,
     /// Keep snapshots with this tag (repeatable).
     #[arg(long = "keep-tag")]
     keep_tags: Vec<String>,
@@ -63,6 +78,11 @@ pub fn run(g: &Globals, args: &ForgetArgs) -> Result<()> {
         monthly: args.keep_monthly,
         yearly: args.keep_yearly,
         within_secs: args.keep_within,
+        within_hourly_secs: args.keep_within_hourly,
+        within_daily_secs: args.keep_within_daily,
+        within_weekly_secs: args.keep_within_weekly,
+        within_monthly_secs: args.keep_within_monthly,
+        within_yearly_secs: args.keep_within_yearly,
         tags: args.keep_tags.clone(),
     };
     let chosen = !args.snapshots.is_empty();
