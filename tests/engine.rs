@@ -698,6 +698,21 @@ fn metrics_file_reports_each_run_for_prometheus() {
 }
 
 #[test]
+fn manual_pages_are_written_for_every_command() {
+    let e = Env::new();
+    let dir = e.path("man/man1");
+    assert!(e.ok(&["man", dir.to_str().unwrap()]).stdout.contains("manual pages written"));
+    for page in
+        ["diskvault.1", "diskvault-backup.1", "diskvault-forget.1", "diskvault-key-rotate.1", "diskvault-vm-list.1"]
+    {
+        let roff = std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(roff.starts_with(".ie") || roff.contains(".TH"), "{page} is a manual page");
+    }
+    let forget = std::fs::read_to_string(dir.join("diskvault-forget.1")).unwrap();
+    assert!(forget.contains(r"\-\-keep\-within\-daily") && forget.contains("retention policy"), "{forget}");
+}
+
+#[test]
 fn bash_completes_commands_and_their_options() {
     let e = Env::new();
     let script = e.ok(&["completions", "bash"]).stdout;

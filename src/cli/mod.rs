@@ -167,6 +167,11 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Write manual pages, one per command, into a directory: `diskvault man /usr/local/share/man/man1`.
+    Man {
+        /// Directory to write `diskvault.1`, `diskvault-backup.1`, … into (created if missing).
+        dir: std::path::PathBuf,
+    },
 }
 
 impl Command {
@@ -216,8 +221,17 @@ impl Command {
             Command::Vm(_) => "vm",
             Command::Cat(_) => "cat",
             Command::Completions { .. } => "completions",
+            Command::Man { .. } => "man",
         }
     }
+}
+
+/// `diskvault man DIR`: a page per command and subcommand, from the same definitions as `--help`.
+fn write_manual_pages(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::local(dir, e))?;
+    clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir).map_err(|e| Error::local(dir, e))?;
+    println!("manual pages written to {}", dir.display());
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -514,6 +528,7 @@ pub fn main() -> i32 {
             clap_complete::generate(*shell, &mut <Cli as clap::CommandFactory>::command(), "diskvault", &mut out);
             std::io::Write::flush(&mut out).map_err(|e| Error::local("standard output", e))
         }
+        Command::Man { dir } => write_manual_pages(dir),
     };
     // Every VDDK disk is closed by now; the library wants its Exit.
     crate::vddk::shutdown();
