@@ -884,17 +884,13 @@ fn assemble_disk(
         }
         let parent_ids = match (&plan.parent, parent_seg) {
             (Some(_), Some(ps)) if read_here < n as u64 => {
-                Some(load_segment(repo, &claims.cache, &ps).map_err(|e| match e {
-                    // Unchanged blocks come from the parent: with its segment unreadable this backup cannot be
-                    // made, and a backup without it would deduplicate against the same damaged blob.
-                    Error::Corrupt { object, cause } => Error::Corrupt {
-                        object,
-                        cause: format!(
-                            "{cause}; it is a manifest segment of the parent snapshot: `repair packs` takes the \
-                             damaged pack out (its intact blobs kept), after which the next backup stores it again"
-                        ),
-                    },
-                    e => e,
+                // Unchanged blocks come from the parent: with its segment unreadable this backup cannot be made,
+                // and a backup without it would deduplicate against the same damaged blob.
+                Some(load_segment(repo, &claims.cache, &ps).map_err(|e| {
+                    e.with_remedy(
+                        "it is a manifest segment of the parent snapshot: `repair packs` takes the damaged pack out \
+                         (its intact blobs kept), after which the next backup stores it again",
+                    )
                 })?)
             }
             _ => None,

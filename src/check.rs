@@ -141,9 +141,7 @@ pub fn run_within(
     for (_, e) in unreadable {
         report.warnings.push(format!("{e}: a deletion record of prune; the next prune sets it aside"));
     }
-    let mut doomed: Vec<ObjectId> = records.into_iter().flat_map(|(_, r)| r.packs).collect();
-    doomed.sort();
-    doomed.dedup();
+    let doomed = crate::repository::doomed_packs_of(records);
 
     // Packs present.
     let mut pack_sizes: HashMap<ObjectId, u64> = HashMap::new();

@@ -85,6 +85,14 @@ impl Error {
         Error::Corrupt { object: object.into(), cause: cause.to_string() }
     }
 
+    /// A damaged object's error with what to do about it appended to its cause; other errors as they are.
+    pub fn with_remedy(self, remedy: impl std::fmt::Display) -> Self {
+        match self {
+            Error::Corrupt { object, cause } => Error::Corrupt { object, cause: format!("{cause}; {remedy}") },
+            e => e,
+        }
+    }
+
     pub fn backend(op: &'static str, object: impl Into<String>, cause: impl std::fmt::Display) -> Self {
         Error::Backend { op, object: object.into(), cause: cause.to_string() }
     }

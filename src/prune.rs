@@ -167,15 +167,11 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
     // which would hold every blob).
     let mut noted = std::collections::HashSet::new();
     for id in repo.list_index_ids()? {
-        let file = repo.load_index(&id).map_err(|e| match e {
-            Error::Corrupt { object, cause } => Error::Corrupt {
-                object,
-                cause: format!(
-                    "{cause}; prune deletes nothing while an index file is damaged: `repair index` rebuilds it \
-                     from the packs' own headers"
-                ),
-            },
-            e => e,
+        let file = repo.load_index(&id).map_err(|e| {
+            e.with_remedy(
+                "prune deletes nothing while an index file is damaged: `repair index` rebuilds it from the packs' \
+                 own headers",
+            )
         })?;
         note_index_file(&scratch, &file)?;
         noted.insert(id);

@@ -523,10 +523,7 @@ impl Repository {
 
     /// Packs that a prune has scheduled for deletion (sorted): not to be indexed again by adoption or repair.
     pub fn doomed_packs(&self) -> Result<Vec<ObjectId>> {
-        let mut out: Vec<ObjectId> = self.list_deletions()?.into_iter().flat_map(|(_, r)| r.packs).collect();
-        out.sort();
-        out.dedup();
-        Ok(out)
+        Ok(doomed_packs_of(self.list_deletions()?))
     }
 
     // ---- checkpoints of running VMware backups ----
@@ -626,6 +623,14 @@ impl Repository {
         Ok(all)
     }
 
+    /// [`Repository::list_snapshots_checked`], the readable ones those `filter` selects (the unreadable ones
+    /// cannot be told apart by it: all of them).
+    pub fn list_snapshots_matching_checked(&self, filter: &SnapshotFilter) -> Result<Checked<Snapshot>> {
+        let (mut snapshots, unreadable) = self.list_snapshots_checked()?;
+        snapshots.retain(|(_, s)| filter.matches(s));
+        Ok((snapshots, unreadable))
+    }
+
     /// Resolves a snapshot reference: a full id, a unique id prefix, or `latest` (optionally within a source).
     pub fn find_snapshot(&self, reference: &str, source: Option<&str>) -> Result<(ObjectId, Snapshot)> {
         self.find_snapshot_matching(
@@ -674,6 +679,14 @@ impl Repository {
 /// Objects of one kind as read: those that could be (id, object), and apart from them those that could not
 /// (id, why; see [`is_unreadable_object`]).
 pub type Checked<T> = (Vec<(ObjectId, T)>, Vec<(ObjectId, Error)>);
+
+/// The packs the deletion `records` schedule for deletion, sorted, each once.
+pub fn doomed_packs_of(records: Vec<(ObjectId, DeletionRecord)>) -> Vec<ObjectId> {
+    let mut out: Vec<ObjectId> = records.into_iter().flat_map(|(_, r)| r.packs).collect();
+    out.sort();
+    out.dedup();
+    out
+}
 
 /// Whether `e`, from reading an object, says the object itself cannot be read here (damaged, or of a newer
 /// format version), not that the storage failed.

@@ -702,11 +702,24 @@ fn manual_pages_are_written_for_every_command() {
     let e = Env::new();
     let dir = e.path("man/man1");
     assert!(e.ok(&["man", dir.to_str().unwrap()]).stdout.contains("manual pages written"));
-    for page in
-        ["diskvault.1", "diskvault-backup.1", "diskvault-forget.1", "diskvault-key-rotate.1", "diskvault-vm-list.1"]
-    {
-        let roff = std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
-        assert!(roff.starts_with(".ie") || roff.contains(".TH"), "{page} is a manual page");
+    // A page for each command `--help` lists (and for subcommands such as `key rotate`), with its own title.
+    let help = e.ok(&["--help"]).stdout;
+    let commands: Vec<&str> = help
+        .split("Commands:")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.len() > 20 && commands.contains(&"backup"), "{commands:?}");
+    let pages = commands.iter().map(|c| format!("diskvault-{c}"));
+    for page in pages.chain(["diskvault".into(), "diskvault-key-rotate".into(), "diskvault-vm-list".into()]) {
+        let roff = std::fs::read_to_string(dir.join(format!("{page}.1"))).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(roff.contains(&format!(".TH {page} 1")), "{page} is its manual page: {roff}");
     }
     let forget = std::fs::read_to_string(dir.join("diskvault-forget.1")).unwrap();
     assert!(forget.contains(r"\-\-keep\-within\-daily") && forget.contains("retention policy"), "{forget}");

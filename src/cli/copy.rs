@@ -67,12 +67,12 @@ pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
     // Source snapshots that cannot be read are not copied; the run then ends incomplete (exit code 3).
     let mut unreadable = 0;
     if args.snapshots.is_empty() {
-        let (all, damaged) = src.list_snapshots_checked()?;
+        let damaged;
+        (wanted, damaged) = src.list_snapshots_matching_checked(&filter)?;
         for (_, e) in &damaged {
             eprintln!("not copied: {e}");
         }
         unreadable = damaged.len();
-        wanted = all.into_iter().filter(|(_, s)| filter.matches(s)).collect();
     } else {
         for s in &args.snapshots {
             let found = src.find_snapshot_matching(s, &filter)?;

@@ -343,16 +343,25 @@ pub(crate) fn password_from(
     sources: &str,
     confirm: bool,
 ) -> Result<Vec<u8>> {
+    match password_given(var, file, command)? {
+        Some(p) => Ok(p),
+        None => prompt_password(what, sources, confirm),
+    }
+}
+
+/// A password from the environment variable `var`, else `file`, else `command`; `None` if none is given.
+pub(crate) fn password_given(
+    var: &str,
+    file: Option<&std::path::Path>,
+    command: Option<&str>,
+) -> Result<Option<Vec<u8>>> {
     if let Ok(p) = std::env::var(var) {
-        return Ok(p.into_bytes());
+        return Ok(Some(p.into_bytes()));
     }
     if let Some(f) = file {
-        return read_password_file(f);
+        return read_password_file(f).map(Some);
     }
-    if let Some(cmd) = command {
-        return password_from_command(cmd);
-    }
-    prompt_password(what, sources, confirm)
+    command.map(password_from_command).transpose()
 }
 
 pub(crate) fn read_password_file(f: &std::path::Path) -> Result<Vec<u8>> {

@@ -18,9 +18,7 @@ pub struct SnapshotsArgs {
 
 pub fn run(g: &Globals, args: &SnapshotsArgs) -> Result<()> {
     let repo = g.open_repo()?;
-    let (all, unreadable) = repo.list_snapshots_checked()?;
-    let filter = args.filter.filter();
-    let mut snaps: Vec<_> = all.into_iter().filter(|(_, s)| filter.matches(s)).collect();
+    let (mut snaps, unreadable) = repo.list_snapshots_matching_checked(&args.filter.filter())?;
     for (_, e) in &unreadable {
         eprintln!("cannot read: {e}");
     }

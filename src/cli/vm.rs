@@ -30,6 +30,10 @@ pub struct VsphereArgs {
     pub ca_file: Option<PathBuf>,
 }
 
+fn utf8(password: Vec<u8>) -> Result<String> {
+    String::from_utf8(password).map_err(|_| Error::invalid("the vSphere password is not UTF-8"))
+}
+
 impl VsphereArgs {
     pub fn url(&self) -> Result<&str> {
         self.url
@@ -45,23 +49,25 @@ impl VsphereArgs {
 
     /// The password, from DISKVAULT_VSPHERE_PASSWORD, the password file or command, or the terminal (once).
     pub fn password(&self) -> Result<String> {
-        let p = super::password_from(
-            "DISKVAULT_VSPHERE_PASSWORD",
-            self.password_file.as_deref().filter(|f| !f.as_os_str().is_empty()),
-            self.password_command.as_deref().filter(|c| !c.is_empty()),
-            "vSphere password",
-            "set DISKVAULT_VSPHERE_PASSWORD, --vsphere-password-file or --vsphere-password-command",
-            false,
-        )?;
-        String::from_utf8(p).map_err(|_| Error::invalid("the vSphere password is not UTF-8"))
+        match self.password_if_given()? {
+            Some(p) => Ok(p),
+            None => utf8(super::prompt_password(
+                "vSphere password",
+                "set DISKVAULT_VSPHERE_PASSWORD, --vsphere-password-file or --vsphere-password-command",
+                false,
+            )?),
+        }
     }
 
     /// The password if one is given without asking (for `vddk://` URIs, which may not need one).
     pub fn password_if_given(&self) -> Result<Option<String>> {
-        let given = std::env::var_os("DISKVAULT_VSPHERE_PASSWORD").is_some()
-            || self.password_file.as_ref().is_some_and(|f| !f.as_os_str().is_empty())
-            || self.password_command.as_ref().is_some_and(|c| !c.is_empty());
-        given.then(|| self.password()).transpose()
+        super::password_given(
+            "DISKVAULT_VSPHERE_PASSWORD",
+            self.password_file.as_deref().filter(|f| !f.as_os_str().is_empty()),
+            self.password_command.as_deref().filter(|c| !c.is_empty()),
+        )?
+        .map(utf8)
+        .transpose()
     }
 
     pub fn connect(&self) -> Result<Client> {
