@@ -290,6 +290,11 @@ impl RepositoryExports {
         &self.shared.repo
     }
 
+    /// The local index the exports find blobs in.
+    pub fn index_cache(&self) -> &IndexCache {
+        &self.shared.cache
+    }
+
     /// Makes every open export's overlay durable (see [`Device::flush`]): serve calls it when it stops.
     pub fn flush_all(&self) -> Result<()> {
         let open: Vec<Arc<SnapshotDisk>> =

@@ -517,6 +517,11 @@ fn diff_files_lists_what_changed_between_two_snapshots_and_nothing_else() {
     std::fs::write(tree.join("srv/empty"), b"").unwrap();
     let data = tree.join("var/lib/app/data.bin");
     std::fs::OpenOptions::new().write(true).open(&data).unwrap().set_len(1_000_000).unwrap();
+    // Other bytes of the same length, the modification time set back: only a read of both tells.
+    let forged = tree.join("var/spool/many/msg-0007");
+    let mtime = std::fs::metadata(&forged).unwrap().modified().unwrap();
+    std::fs::write(&forged, b"MESSAGE 7\n").unwrap();
+    std::fs::File::options().write(true).open(&forged).unwrap().set_modified(mtime).unwrap();
     let day2 = back_up_ext4_tree(&e, &disk, &tree, &[]);
 
     let out = e.ok(&["diff", &day1, &day2, "--files"]).stdout;
@@ -549,6 +554,35 @@ fn diff_files_lists_what_changed_between_two_snapshots_and_nothing_else() {
     );
     assert!(e.ok(&["diff", &day2, &day2, "--files"]).stdout.contains("disk0: unchanged"));
 
+    // --contents reads the files whose size and time match: the forged one, and nothing else, is added.
+    let out = e.ok(&["diff", &day1, &day2, "--files", "--contents"]).stdout;
+    let with_contents: Vec<&str> = out.lines().filter(|l| l.len() > 5 && &l[1..5] == "    ").collect();
+    let mut want = listed.clone();
+    want.push("M    /part1/var/spool/many/msg-0007    (contents differ; size and modification time as they were)");
+    want.sort_by_key(|l| l[5..].to_string());
+    assert_eq!(with_contents, want, "{out}");
+    let json = e.ok(&["diff", &day1, &day2, "--files", "--contents", "--json"]).json();
+    let flagged: Vec<&str> = json["disks"][0]["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["contents_only"] == true)
+        .map(|c| c["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(flagged, ["/part1/var/spool/many/msg-0007"]);
+    // Contents that cannot be read (damaged data) are named as not compared, and the answer is incomplete.
+    let blobs = data_blobs(&e);
+    let r = blobs
+        .iter()
+        .find_map(|(pack, at, _, _)| {
+            e.flip(pack, *at);
+            let r = e.run(&["diff", &day1, &day2, "--files", "--contents"]);
+            e.flip(pack, *at);
+            r.stderr.contains("not compared: disk0 contents of /part1/").then_some(r)
+        })
+        .expect("a blob holding the data of a file unchanged in size and time");
+    assert_eq!(r.code, 3, "{}", r.stderr);
+
     // Damage in a directory of one snapshot: what is below it is not compared (and not called added or
     // removed), the rest is, and the exit code says the answer is incomplete.
     let truth = listed.iter().map(|l| l.to_string()).collect::<Vec<_>>();
@@ -567,6 +601,38 @@ fn diff_files_lists_what_changed_between_two_snapshots_and_nothing_else() {
     for line in r.stdout.lines().filter(|l| l.len() > 5 && &l[1..5] == "    ") {
         assert!(truth.contains(&line.to_string()), "{line} is not a change:\n{}\n{}", r.stdout, r.stderr);
     }
+}
+
+#[test]
+fn diff_files_does_not_walk_a_volume_whose_blocks_did_not_change() {
+    let e = Env::with_repo();
+    let (root, data) = (e.path("root"), e.path("data"));
+    make_tree(&root);
+    std::fs::create_dir_all(data.join("db")).unwrap();
+    std::fs::write(data.join("db/table.dat"), common::random_bytes(3, 200_000)).unwrap();
+    let disk = e.path("disk.raw");
+    partitioned(&disk, 48, &format!("label: gpt\nstart=2048, size=32768, type={LINUX}\nstart=34816, type={LINUX}\n"));
+    mkfs_ext4(&disk, 2048 * 512, 16 << 10, &root, "root");
+    mkfs_ext4(&disk, 34816 * 512, 28 << 10, &data, "data");
+    let spec = format!("disk0={}", disk.display());
+    let day1 = e.backup(&["--name", "vm", &spec])["snapshot"].as_str().unwrap()[..8].to_string();
+    // Only the second file system is written again.
+    std::fs::write(data.join("db/journal.log"), b"commit 1\n").unwrap();
+    mkfs_ext4(&disk, 34816 * 512, 28 << 10, &data, "data");
+    let day2 = e.backup(&["--name", "vm", &spec])["snapshot"].as_str().unwrap()[..8].to_string();
+
+    let out = e.ok(&["diff", &day1, &day2, "--files", "--contents"]).stdout;
+    assert!(out.contains("disk0: volume /part1 unchanged (the same blocks)"), "{out}");
+    let listed: Vec<&str> = out.lines().filter(|l| l.len() > 5 && &l[1..5] == "    ").collect();
+    assert_eq!(listed, ["+    /part2/db/journal.log"], "{out}");
+    let json = e.ok(&["diff", &day1, &day2, "--files", "--json"]).json();
+    assert_eq!(json["disks"][0]["unchanged_volumes"], serde_json::json!(["part1"]), "{json}");
+    // Below a path of the unchanged volume nothing is walked either; the changed one is.
+    let out = e.ok(&["diff", &day1, &day2, "--files", "--path", "/part1/etc"]).stdout;
+    assert!(out.contains("volume /part1 unchanged"), "{out}");
+    let out = e.ok(&["diff", &day1, &day2, "--files", "--path", "/part2/db"]).stdout;
+    assert!(!out.contains("unchanged"), "{out}");
+    assert!(out.contains("+    /part2/db/journal.log"), "{out}");
 }
 
 #[test]

@@ -1,13 +1,14 @@
 //! Which files differ between two snapshots of a disk (`diff --files`), as restic's `diff` lists them.
 //!
 //! Both file systems are walked and their entries matched by path. A regular file counts as modified when
-//! its size or modification time differs (as rsync decides by default: its blocks are not compared), a symlink
-//! when its target does; permissions and owners changing alone are a metadata change. Nothing below a
-//! directory that could not be read in either snapshot is reported: its entries are unknown, not added or
-//! removed.
+//! its size or modification time differs (as rsync decides by default), a symlink when its target does;
+//! permissions and owners changing alone are a metadata change. With contents compared
+//! ([`diff_trees`]' `contents`), a file whose size and time are as they were is also read in both snapshots:
+//! a tool, or an attacker, may have changed its bytes and set its time back. Nothing below a directory that
+//! could not be read in either snapshot is reported: its entries are unknown, not added or removed.
 
 use crate::error::{Error, Result};
-use crate::guestfs::{Entry, EntryKind, GuestDisk, Unentered, Volume};
+use crate::guestfs::{is_damage, left_out, Entry, EntryKind, GuestDisk, GuestFs, Unentered, Volume};
 
 /// How an entry differs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -48,6 +49,9 @@ pub struct FileChange {
     pub old_size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub new_size: Option<u64>,
+    /// Modified with its size and modification time as they were: found by reading both (`--contents`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub contents_only: bool,
 }
 
 /// What differs below a directory of two file systems.
@@ -86,13 +90,108 @@ fn compare(old: &Entry, new: &Entry) -> Option<Change> {
 
 fn file_change(change: Change, e: &Entry, old: Option<&Entry>, new: Option<&Entry>) -> FileChange {
     let size = |e: Option<&Entry>| e.filter(|e| e.kind == EntryKind::File).map(|e| e.size);
-    FileChange { change, path: e.path.clone(), kind: e.kind, old_size: size(old), new_size: size(new) }
+    FileChange {
+        change,
+        path: e.path.clone(),
+        kind: e.kind,
+        old_size: size(old),
+        new_size: size(new),
+        contents_only: false,
+    }
+}
+
+/// Bytes of a file digested at a time: a window that is all zeros is left out, so that zeros stored and a hole
+/// digest alike (a file rewritten by a copy that made it sparse has not changed).
+const DIGEST_WINDOW: usize = 64 << 10;
+
+/// A digest of a file's contents, from the chunks [`GuestFs::read_file`] hands out in order.
+struct ContentDigest {
+    hasher: blake3::Hasher,
+    window: Vec<u8>,
+    /// Which window `window` holds, and whether anything was put in it.
+    index: u64,
+    filled: bool,
+}
+
+impl ContentDigest {
+    fn new() -> Self {
+        ContentDigest { hasher: blake3::Hasher::new(), window: vec![0; DIGEST_WINDOW], index: 0, filled: false }
+    }
+
+    fn feed(&mut self, mut offset: u64, mut data: &[u8]) {
+        while !data.is_empty() {
+            let w = offset / DIGEST_WINDOW as u64;
+            if w != self.index {
+                self.flush();
+                self.index = w;
+            }
+            let at = (offset % DIGEST_WINDOW as u64) as usize;
+            let n = data.len().min(DIGEST_WINDOW - at);
+            self.window[at..at + n].copy_from_slice(&data[..n]);
+            self.filled = true;
+            offset += n as u64;
+            data = &data[n..];
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.filled {
+            return;
+        }
+        if !crate::backup::is_zero(&self.window) {
+            self.hasher.update(&self.index.to_le_bytes());
+            self.hasher.update(&self.window);
+        }
+        self.window.fill(0);
+        self.filled = false;
+    }
+
+    fn finish(mut self, size: u64) -> blake3::Hash {
+        self.flush();
+        self.hasher.update(&size.to_le_bytes());
+        self.hasher.finalize()
+    }
+}
+
+/// The digest of regular file `path`'s contents in `fs`.
+fn digest_file(fs: &GuestFs, path: &[u8]) -> Result<blake3::Hash> {
+    let mut digest = ContentDigest::new();
+    let size = fs.read_file(path, &mut |offset, chunk| {
+        if crate::util::interrupted() {
+            return Err(Error::Interrupted);
+        }
+        digest.feed(offset, chunk);
+        Ok(())
+    })?;
+    Ok(digest.finish(size))
+}
+
+/// Whether file `path`, of the same size and time in both snapshots, holds other bytes in `new` than in `old`;
+/// `Err` with the reason when that cannot be told (contents that cannot be read here, or damaged data).
+fn contents_differ(
+    old: &GuestFs,
+    new: &GuestFs,
+    path: &[u8],
+    shown: &str,
+) -> Result<std::result::Result<bool, String>> {
+    for (fs, side) in [(old, "earlier"), (new, "later")] {
+        if let Some(why) = fs.unreadable(path)? {
+            return Ok(Err(format!("contents of {shown}: {why} (in the {side} snapshot)")));
+        }
+    }
+    let digests = digest_file(old, path).and_then(|o| Ok((o, digest_file(new, path)?)));
+    match digests {
+        Ok((o, n)) => Ok(Ok(o != n)),
+        Err(e) if is_damage(&e) => Ok(Err(format!("contents of {}", left_out(shown, &e)))),
+        Err(e) => Err(e),
+    }
 }
 
 /// Entries of the earlier tree in flight from its walk: enough to keep both walks busy.
 const IN_FLIGHT: usize = 1024;
 
-/// What differs below directory `path` of volume `old_volume` of `old` and `new_volume` of `new`.
+/// What differs below directory `path` of volume `old_volume` of `old` and `new_volume` of `new`; with
+/// `contents`, files whose size and time match are read in both and compared too.
 ///
 /// Both trees are walked at once, the earlier one on a thread of its own, and merged in walk order: memory
 /// holds the changes, not the trees (a file server's millions of entries).
@@ -102,6 +201,7 @@ pub fn diff_trees(
     new: &GuestDisk,
     new_volume: &Volume,
     path: &[u8],
+    contents: bool,
 ) -> Result<TreeDiff> {
     std::thread::scope(|scope| {
         let (tx, rx) = crossbeam_channel::bounded::<(Vec<u8>, Entry)>(IN_FLIGHT);
@@ -122,6 +222,9 @@ pub fn diff_trees(
             }
         });
         let fs = new.fs(new_volume)?;
+        // The earlier file system again, on this thread, to read files from (the walk's is on its own thread).
+        let old_fs = if contents { Some(old.fs(old_volume)?) } else { None };
+        let mut not_compared: Vec<String> = Vec::new();
         let mut changes: Vec<(Vec<u8>, FileChange)> = Vec::new();
         let mut next_old = rx.recv().ok();
         let new_unentered = fs.walk(path, &mut |child, e| {
@@ -137,8 +240,21 @@ pub fn diff_trees(
                     continue;
                 }
                 if old_key == k {
-                    if let Some(c) = compare(&old_entry, e) {
-                        changes.push((k.clone(), file_change(c, e, Some(&old_entry), Some(e))));
+                    let mut change = compare(&old_entry, e).map(|c| file_change(c, e, Some(&old_entry), Some(e)));
+                    let same_data = !matches!(change, Some(FileChange { change: Change::Modified | Change::Type, .. }));
+                    if let (Some(old_fs), EntryKind::File, true) = (&old_fs, e.kind, same_data) {
+                        match contents_differ(old_fs, &fs, child, &e.path)? {
+                            Ok(false) => {}
+                            Ok(true) => {
+                                let mut c = file_change(Change::Modified, e, Some(&old_entry), Some(e));
+                                c.contents_only = true;
+                                change = Some(c);
+                            }
+                            Err(why) => not_compared.push(why),
+                        }
+                    }
+                    if let Some(c) = change {
+                        changes.push((k.clone(), c));
                     }
                     next_old = rx.recv().ok();
                     return Ok(());
@@ -163,6 +279,7 @@ pub fn diff_trees(
             .iter()
             .map(|u| format!("{u} (in the earlier snapshot)"))
             .chain(new_unentered.iter().map(|u| format!("{u} (in the later snapshot)")))
+            .chain(not_compared)
             .collect();
         Ok(TreeDiff { changes: changes.into_iter().map(|(_, c)| c).collect(), unreadable })
     })
@@ -206,6 +323,31 @@ mod tests {
         let mut moved = link.clone();
         moved.target_bytes = b"/srv".to_vec();
         assert_eq!(compare(&link, &moved), Some(Change::Modified));
+    }
+
+    #[test]
+    fn a_digest_depends_on_the_bytes_not_on_chunks_or_holes() {
+        let mut data = vec![0u8; 300_000];
+        data[1000..1010].copy_from_slice(b"0123456789");
+        data[200_000] = 7;
+        let digest = |chunks: &[(u64, &[u8])]| {
+            let mut d = ContentDigest::new();
+            for &(offset, chunk) in chunks {
+                d.feed(offset, chunk);
+            }
+            d.finish(data.len() as u64)
+        };
+        let whole = digest(&[(0, &data)]);
+        // Other chunk sizes; zeros left out as holes (a sparse copy of the same file).
+        let pieces: Vec<(u64, &[u8])> = data.chunks(4096).enumerate().map(|(i, c)| ((i * 4096) as u64, c)).collect();
+        assert_eq!(digest(&pieces), whole);
+        assert_eq!(digest(&[(1000, &data[1000..1010]), (200_000, &data[200_000..200_001])]), whole);
+        // One byte more, or moved: another digest.
+        assert_ne!(digest(&[(1000, &data[1000..1010])]), whole);
+        assert_ne!(digest(&[(1001, &data[1000..1010]), (200_000, &data[200_000..200_001])]), whole);
+        let mut other = data.clone();
+        other[299_999] = 1;
+        assert_ne!(digest(&[(0, &other)]), whole);
     }
 
     #[test]

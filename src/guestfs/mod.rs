@@ -96,6 +96,18 @@ pub struct Volume {
     extents: Arc<[(u64, u64, u64)]>,
 }
 
+impl Volume {
+    /// Whether this volume holds exactly the bytes `earlier` (the volume of that name in an earlier snapshot of
+    /// the disk) held: laid out on the disk alike, and none of its bytes among `changed`, the byte ranges of the
+    /// disk that differ between the two snapshots. Then no file in it can differ (`diff --files` skips it).
+    pub fn unchanged_since(&self, earlier: &Volume, changed: &[crate::source::Extent]) -> bool {
+        self.unreadable.is_none()
+            && self.extents == earlier.extents
+            && self.fs == earlier.fs
+            && self.extents.iter().all(|&(_, at, len)| !changed.iter().any(|c| c.start < at + len && at < c.end()))
+    }
+}
+
 /// A snapshot disk's volumes, opened for reading files.
 pub struct GuestDisk {
     disk: Arc<dyn Device>,
