@@ -55,6 +55,12 @@ const MARK_BATCH: usize = 64;
 /// loaded whole, so its size bounds memory).
 const PACKS_PER_INDEX_FILE: usize = 512;
 const ENTRIES_PER_INDEX_FILE: usize = 65536;
+/// An index file listing under a quarter of what a full one does (each backup writes one or a few such) is
+/// merged into full ones when the prune replaces another index file anyway, since every host's local cache is
+/// then rebuilt whatever happens (§12)...
+const SMALL_INDEX_FILE_FRACTION: usize = 4;
+/// ...or on its own once this many small ones have piled up.
+const SMALL_INDEX_FILES_TO_COMPACT: usize = 256;
 
 #[derive(Clone, Debug)]
 pub struct PruneOptions {
@@ -101,6 +107,8 @@ pub struct PruneReport {
     pub packs_adopted: u64,
     pub index_files_written: usize,
     pub index_files_removed: usize,
+    /// Of those removed, small index files whose packs all stayed, merged into the new ones.
+    pub index_files_compacted: usize,
     /// Of earlier records and this run's: packs deleted, rescued, held back by retention, still waiting.
     pub packs_deleted: u64,
     pub bytes_deleted: u64,
@@ -435,6 +443,8 @@ struct Sweep<'a> {
     /// Old index files left as they were (nothing in them changed), and those to delete.
     untouched: Vec<ObjectId>,
     replaced: Vec<ObjectId>,
+    /// Small index files nothing in which changed: left as they are, or merged into the new ones at the end.
+    small: Vec<ObjectId>,
     writers: PackWriters,
     repack_budget: u64,
     /// Blobs and index files sealed with a key epoch below this are sealed again: the current epoch with
@@ -454,6 +464,7 @@ impl<'a> Sweep<'a> {
             own_index: Vec::new(),
             untouched: Vec::new(),
             replaced: Vec::new(),
+            small: Vec::new(),
             writers: PackWriters::new(repo.config().pack_target_size as usize),
             repack_budget: opts.max_repack.unwrap_or(u64::MAX),
             reseal_below: if opts.reencrypt { repo.keys().current_epoch() } else { 0 },
@@ -465,6 +476,8 @@ impl<'a> Sweep<'a> {
     fn file(&mut self, id: ObjectId, file: IndexFile, epoch: KeyEpoch, report: &mut PruneReport) -> Result<()> {
         let mut kept = Vec::new();
         let mut changed = epoch < self.reseal_below;
+        let small = file.packs.len() < PACKS_PER_INDEX_FILE / SMALL_INDEX_FILE_FRACTION
+            && file.blob_count() < ENTRIES_PER_INDEX_FILE / SMALL_INDEX_FILE_FRACTION;
         for pack in file.packs {
             // Listed before (a duplicate listing): this file changes if that pack does not stay.
             if let Some(fate) = self.scratch.get(SEEN_PACK, &pack.id)? {
@@ -481,8 +494,33 @@ impl<'a> Sweep<'a> {
             for p in kept {
                 self.keep(p)?;
             }
+        } else if small {
+            self.small.push(id);
         } else {
             self.untouched.push(id);
+        }
+        Ok(())
+    }
+
+    /// Merges the small index files into the new ones where that is worth it ([`SMALL_INDEX_FILE_FRACTION`]),
+    /// else leaves them as they are. Their packs all stay: they are listed again as they were.
+    fn compact_small_files(&mut self, report: &mut PruneReport) -> Result<()> {
+        let small = std::mem::take(&mut self.small);
+        let worth_it = small.len() > 1 && (!self.replaced.is_empty() || small.len() >= SMALL_INDEX_FILES_TO_COMPACT);
+        if !worth_it {
+            self.untouched.extend(small);
+            return Ok(());
+        }
+        if self.opts.dry_run {
+            report.index_files_compacted += small.len();
+            return Ok(());
+        }
+        for id in small {
+            for pack in self.repo.load_index(&id)?.packs {
+                self.keep(pack)?;
+            }
+            self.replaced.push(id);
+            report.index_files_compacted += 1;
         }
         Ok(())
     }
@@ -634,6 +672,7 @@ impl<'a> Sweep<'a> {
         for w in self.writers.finish() {
             self.store_new_pack(w)?;
         }
+        self.compact_small_files(report)?;
         self.flush_index()?;
         report.index_files_written += self.own_index.len();
         self.doomed.sort();

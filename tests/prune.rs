@@ -90,6 +90,50 @@ fn prune_deletes_what_forgotten_snapshots_alone_used() {
     assert_eq!(e.restore("latest", &[]), img);
 }
 
+#[test]
+fn small_index_files_are_merged_when_prune_rewrites_the_index() {
+    let e = Env::new();
+    e.ok(&["init", "--pack-size", "4"]);
+    let disk = e.path("disk.raw");
+    let mut img = random_bytes(1, 8 * MIB);
+    let mut images = Vec::new();
+    // Each backup writes its own small index file.
+    for round in 0..10u64 {
+        let at = (round as usize % 8) * MIB;
+        img[at..at + MIB].copy_from_slice(&random_bytes(100 + round, MIB));
+        write(&disk, &img);
+        e.backup(&["--name", "vm", disk.to_str().unwrap()]);
+        images.push(img.clone());
+    }
+    let before = e.objects("index");
+    assert!(before.len() >= 10, "{before:?}");
+
+    // A prune with nothing to drop leaves them as they are: replacing an index file makes every host rebuild
+    // its local cache, which merging small files alone is not worth.
+    let idle = e.ok(&["prune"]);
+    assert_eq!(e.objects("index"), before, "{}", idle.stdout);
+    assert!(!idle.stdout.contains("merged"), "{}", idle.stdout);
+
+    // One that replaces index files anyway merges the small ones too.
+    e.ok(&["forget", "--keep-last", "7"]);
+    let out = e.ok(&["prune", "--max-unused", "0"]);
+    assert!(out.stdout.contains("small ones merged"), "{}", out.stdout);
+    let after = e.objects("index");
+    assert!(after.len() <= 2, "{} index files after the prune: {after:?}\n{}", after.len(), out.stdout);
+    assert!(after.iter().all(|f| !before.contains(f)), "{after:?}");
+    let check = e.ok(&["check", "--read-data"]);
+    assert!(check.stdout.contains("no errors found"), "{}", check.stdout);
+    let snapshots = e.ok(&["snapshots", "--json"]).json();
+    for (i, img) in images.iter().enumerate().skip(3) {
+        let id = snapshots[i - 3]["id"].as_str().unwrap().to_string();
+        assert_eq!(&e.restore(&id, &[]), img, "round {i}");
+    }
+    // Deduplication goes on against the merged index: a backup read whole stores nothing again.
+    let packs = e.objects("packs");
+    e.backup(&["--name", "vm", "--no-parent", disk.to_str().unwrap()]);
+    assert_eq!(e.objects("packs"), packs);
+}
+
 /// A disk source that stops before one block until the test lets it go on.
 struct GatedSource {
     data: Vec<u8>,

@@ -143,7 +143,11 @@ pub(crate) fn print_report(r: &PruneReport, dry_run: bool) {
         );
     }
     if !dry_run {
-        println!("index: {} files written, {} removed", r.index_files_written, r.index_files_removed);
+        let compacted = match r.index_files_compacted {
+            0 => String::new(),
+            n => format!(" ({n} small ones merged)"),
+        };
+        println!("index: {} files written, {} removed{compacted}", r.index_files_written, r.index_files_removed);
         if r.packs_waiting > 0 {
             println!(
                 "{} packs await deletion until these sessions end (the next prune deletes them):",
