@@ -636,6 +636,70 @@ fn diff_files_does_not_walk_a_volume_whose_blocks_did_not_change() {
 }
 
 #[test]
+fn times_keep_their_nanoseconds_and_an_unreadable_inode_hides_nothing_else() {
+    let e = Env::with_repo();
+    let tree = e.path("tree");
+    std::fs::create_dir_all(tree.join("d/sub")).unwrap();
+    for f in ["d/recent", "d/old", "d/sub/inner"] {
+        std::fs::write(tree.join(f), f.as_bytes()).unwrap();
+    }
+    let disk = e.path("disk.raw");
+    std::fs::File::create(&disk).unwrap().set_len(16 << 20).unwrap();
+    // 256-byte inodes hold nanoseconds; mke2fs -d copies whole seconds only, so debugfs sets the times. `old`
+    // gets one before 1970, which ext4-view 1.0 refuses to decode: its inode cannot be read.
+    run_tool(
+        Command::new("mke2fs").args(["-q", "-F", "-t", "ext4", "-I", "256", "-d"]).arg(&tree).arg(&disk).arg("16M"),
+    );
+    let times =
+        [("/d/recent", 0x5e0d_5da5u32, 123_456_789u32), ("/d/sub", 0x5e0d_5da5, 7), ("/d/old", (-100i32) as u32, 0)];
+    for (path, secs, nanos) in times {
+        for (field, value) in [("mtime", secs), ("mtime_extra", nanos << 2)] {
+            run_tool(Command::new("debugfs").args(["-w", "-R", &format!("sif {path} {field} {value:#x}")]).arg(&disk));
+        }
+    }
+    let spec = format!("disk0={}", disk.display());
+    let unreadable = e.backup(&["--name", "vm", &spec])["snapshot"].as_str().unwrap()[..8].to_string();
+
+    // ls, extract and dump name the one unreadable entry, do the rest, and end with exit code 3.
+    let ls = e.run(&["ls", "latest", "/whole/d"]);
+    assert_eq!(ls.code, 3, "{}", ls.stderr);
+    assert_eq!(ls.stdout.lines().collect::<Vec<_>>(), ["/whole/d/recent", "/whole/d/sub"], "{}", ls.stdout);
+    assert!(ls.stderr.contains("not listed: /whole/d/old: ") && ls.stderr.contains("before 1970"), "{}", ls.stderr);
+    let extracted = e.path("extracted");
+    let r = e.run(&["extract", "latest", "/whole/d", "--target", extracted.to_str().unwrap()]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("/whole/d/old"), "{}", r.stderr);
+    let archive = e.command(&["dump", "latest", "/whole/d"]).output().unwrap();
+    assert_eq!(archive.status.code(), Some(3), "{}", String::from_utf8_lossy(&archive.stderr));
+    let untarred = e.path("untarred");
+    std::fs::create_dir_all(&untarred).unwrap();
+    let mut tar =
+        Command::new("tar").arg("-x").arg("-C").arg(&untarred).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(tar.stdin.as_mut().unwrap(), &archive.stdout).unwrap();
+    drop(tar.stdin.take());
+    assert!(tar.wait().unwrap().success(), "tar -x of the dump");
+    // Both copies have the rest, with the times to the nanosecond (the tar through PAX records).
+    for root in [extracted, untarred] {
+        let time = |p: &str| {
+            let m = std::fs::symlink_metadata(root.join(p)).unwrap();
+            (m.mtime(), m.mtime_nsec())
+        };
+        assert_eq!(time("d/recent"), (1_577_934_245, 123_456_789), "{}", root.display());
+        assert_eq!(time("d/sub"), (1_577_934_245, 7), "{}", root.display());
+        assert_eq!(std::fs::read(root.join("d/sub/inner")).unwrap(), b"d/sub/inner");
+        assert!(!root.join("d/old").exists());
+    }
+
+    // diff --files with a later snapshot where `old` can be read: it is not called added, but not compared.
+    run_tool(Command::new("debugfs").args(["-w", "-R", "sif /d/old mtime 0x5e0d5da5"]).arg(&disk));
+    let readable = e.backup(&["--name", "vm", &spec])["snapshot"].as_str().unwrap()[..8].to_string();
+    let diff = e.run(&["diff", &unreadable, &readable, "--files"]);
+    assert_eq!(diff.code, 3, "{}\n{}", diff.stdout, diff.stderr);
+    assert!(!diff.stdout.contains("/whole/d/old"), "{}", diff.stdout);
+    assert!(diff.stderr.contains("not compared: disk0 /whole/d/old: "), "{}", diff.stderr);
+}
+
+#[test]
 fn a_path_through_a_damaged_directory_is_not_searched_rather_than_absent() {
     let e = Env::with_repo();
     let tree = e.path("tree");

@@ -174,7 +174,9 @@ pub fn ls(g: &Globals, args: &LsArgs) -> Result<()> {
                 Ok(())
             })?;
         } else {
-            entries.extend(fs.read_dir(inner.as_bytes())?.into_iter().map(|(_, e)| e));
+            let (listed, unreadable) = fs.read_dir(inner.as_bytes())?;
+            entries.extend(listed.into_iter().map(|(_, e)| e));
+            unlisted = unreadable;
         }
     } else {
         entries.push(top);
@@ -199,7 +201,7 @@ pub fn ls(g: &Globals, args: &LsArgs) -> Result<()> {
         eprintln!("not listed: {u}");
     }
     if !unlisted.is_empty() {
-        return Err(Error::Incomplete(format!("{} directories could not be listed", unlisted.len())));
+        return Err(Error::Incomplete(format!("{} could not be listed", count(unlisted.len(), "place"))));
     }
     Ok(())
 }

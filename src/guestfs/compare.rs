@@ -272,9 +272,10 @@ pub fn diff_trees(
         drop(rx);
         let old_unentered =
             earlier.join().map_err(|_| Error::invalid("the walk of the earlier snapshot panicked"))??;
-        // Below a directory either walk could not enter, entries are unknown: not added, not removed.
+        // Below a directory either walk could not enter, entries are unknown: not added, not removed. So is an
+        // entry that could not be read in either.
         let unknown: Vec<Vec<u8>> = old_unentered.iter().chain(&new_unentered).map(|u| key(&u.path)).collect();
-        changes.retain(|(k, _)| !unknown.iter().any(|u| k.len() > u.len() && k.starts_with(u) && k[u.len()] == 0));
+        changes.retain(|(k, _)| !unknown.iter().any(|u| k.starts_with(u) && (k.len() == u.len() || k[u.len()] == 0)));
         let unreadable = old_unentered
             .iter()
             .map(|u| format!("{u} (in the earlier snapshot)"))

@@ -61,6 +61,14 @@ impl Ext4Fs {
     fn error(&self, path: &[u8], e: ext4_view::Ext4Error) -> crate::error::Error {
         match e {
             ext4_view::Ext4Error::NotFound => not_found(&self.reader.failure, &self.volume, path),
+            // ext4-view 1.0 takes a time before 1970 (a negative one, which ext4 stores and Linux reads) for
+            // damage, and then reads nothing of the inode.
+            e if e.to_string().ends_with("has invalid timestamp") => fs_error(
+                &self.reader.failure,
+                &self.volume,
+                path,
+                format!("{e} (likely a time before 1970, which the ext4 reader used cannot decode: `dump` the volume and mount it to read this one)"),
+            ),
             e => fs_error(&self.reader.failure, &self.volume, path, e),
         }
     }
@@ -121,7 +129,7 @@ impl FileSystem for Ext4Fs {
             }
             Err(e) => return Err(self.error(path, e)),
         };
-        let mut out = Vec::new();
+        let (mut out, mut unreadable) = (Vec::new(), Vec::new());
         for entry in entries {
             let entry = entry.map_err(|e| self.error(path, e))?;
             let name = entry.file_name().as_ref().to_vec();
@@ -129,11 +137,10 @@ impl FileSystem for Ext4Fs {
                 continue;
             }
             let child = join(path, &name);
-            let meta = entry.metadata().map_err(|e| self.error(&child, e))?;
-            let e = self.describe(&child, name, meta)?;
-            out.push((child, e));
+            let read = entry.metadata().map_err(|e| self.error(&child, e)).and_then(|m| self.describe(&child, name, m));
+            Listing::add(&mut out, &mut unreadable, child.clone(), guest_path(&self.volume, &child), read)?;
         }
-        Ok(Listing::Entries(out))
+        Ok(Listing::Entries(out, unreadable))
     }
 
     fn read_file(&self, path: &[u8], out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {

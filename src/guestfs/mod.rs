@@ -362,12 +362,35 @@ trait FileSystem {
     }
 }
 
+/// A directory's entries, each with its path.
+pub type DirEntries = Vec<(Vec<u8>, Entry)>;
+
 /// What reading a directory gave.
 enum Listing {
-    /// Its entries, each with its path.
-    Entries(Vec<(Vec<u8>, Entry)>),
+    /// Its entries, each with its path, and those whose own record cannot be read (a damaged inode): named with
+    /// the reason, so that one such entry does not hide the rest of the directory.
+    Entries(DirEntries, Vec<Unentered>),
     /// Why the directory's entries cannot be read here (fscrypt-encrypted ext4); a walk goes on past it.
     Unreadable(&'static str),
+}
+
+impl Listing {
+    /// Sorts out one entry of a directory being listed: `Ok` as read, or, if only that entry is damaged, named
+    /// among the unreadable ones; any other error stops the listing.
+    fn add(
+        entries: &mut DirEntries,
+        unreadable: &mut Vec<Unentered>,
+        child: Vec<u8>,
+        shown: String,
+        read: Result<Entry>,
+    ) -> Result<()> {
+        match read {
+            Ok(e) => entries.push((child, e)),
+            Err(err) if is_damage(&err) => unreadable.push(Unentered { shown: left_out(&shown, &err), path: child }),
+            Err(err) => return Err(err),
+        }
+        Ok(())
+    }
 }
 
 /// What a copy of files out of a guest file system (`extract`, `dump` as tar) did.
@@ -562,17 +585,19 @@ impl GuestFs {
     }
 
     /// The entries of directory `path` (not `.` and `..`), by name, with the path of each.
-    pub fn read_dir(&self, path: &[u8]) -> Result<Vec<(Vec<u8>, Entry)>> {
+    /// The entries of directory `path`, by name, and those that cannot be read (a damaged inode), with why.
+    pub fn read_dir(&self, path: &[u8]) -> Result<(DirEntries, Vec<Unentered>)> {
         match self.sorted_dir(path)? {
-            Listing::Entries(entries) => Ok(entries),
+            Listing::Entries(entries, unreadable) => Ok((entries, unreadable)),
             Listing::Unreadable(why) => Err(Error::invalid(format!("{}: {why}", self.inner.entry(path)?.path))),
         }
     }
 
     fn sorted_dir(&self, path: &[u8]) -> Result<Listing> {
         let mut listing = self.inner.read_dir(path)?;
-        if let Listing::Entries(entries) = &mut listing {
+        if let Listing::Entries(entries, unreadable) = &mut listing {
             entries.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+            unreadable.sort_by(|a, b| a.path.cmp(&b.path));
         }
         Ok(listing)
     }
@@ -584,13 +609,15 @@ impl GuestFs {
     pub fn walk(&self, path: &[u8], f: &mut dyn FnMut(&[u8], &Entry) -> Result<()>) -> Result<Vec<Unentered>> {
         let mut unreadable = Vec::new();
         let mut ancestors: Vec<u64> = self.entry(path)?.inode.into_iter().collect();
-        self.walk_into(self.read_dir(path)?, f, &mut ancestors, &mut unreadable)?;
+        let (entries, unlisted) = self.read_dir(path)?;
+        unreadable.extend(unlisted);
+        self.walk_into(entries, f, &mut ancestors, &mut unreadable)?;
         Ok(unreadable)
     }
 
     fn walk_into(
         &self,
-        entries: Vec<(Vec<u8>, Entry)>,
+        entries: DirEntries,
         f: &mut dyn FnMut(&[u8], &Entry) -> Result<()>,
         ancestors: &mut Vec<u64>,
         unreadable: &mut Vec<Unentered>,
@@ -609,7 +636,8 @@ impl GuestFs {
                 continue;
             }
             match self.sorted_dir(&child) {
-                Ok(Listing::Entries(inner)) => {
+                Ok(Listing::Entries(inner, unlisted)) => {
+                    unreadable.extend(unlisted);
                     ancestors.extend(e.inode);
                     self.walk_into(inner, f, ancestors, unreadable)?;
                     if e.inode.is_some() {

@@ -183,7 +183,7 @@ impl FileSystem for NtfsFs {
         }
         let index = dir.directory_index(io).map_err(|e| self.error(path, e))?;
         let mut entries = index.entries();
-        let mut out = Vec::new();
+        let (mut out, mut unreadable) = (Vec::new(), Vec::new());
         while let Some(entry) = entries.next(io) {
             let entry = entry.map_err(|e| self.error(path, e))?;
             let Some(key) = entry.key() else { continue };
@@ -195,14 +195,14 @@ impl FileSystem for NtfsFs {
             }
             let name = file_name.name().to_string_lossy().into_bytes();
             let child = join(path, &name);
-            let file = entry.to_file(&self.ntfs, io).map_err(|e| self.error(&child, e))?;
-            if file.file_record_number() == ROOT_RECORD {
-                continue;
-            }
-            let e = self.describe(io, &child, name, &file)?;
-            out.push((child, e));
+            let read = match entry.to_file(&self.ntfs, io) {
+                Ok(file) if file.file_record_number() == ROOT_RECORD => continue,
+                Ok(file) => self.describe(io, &child, name, &file),
+                Err(e) => Err(self.error(&child, e)),
+            };
+            Listing::add(&mut out, &mut unreadable, child.clone(), guest_path(&self.volume, &child), read)?;
         }
-        Ok(Listing::Entries(out))
+        Ok(Listing::Entries(out, unreadable))
     }
 
     fn read_file(&self, path: &[u8], out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {

@@ -3,7 +3,9 @@
 //!
 //! GNU tar format, by the `tar` crate: long names and link targets, sizes past 8 GiB and large owner ids are
 //! encoded as GNU tar writes them. Each entry has its type, permissions (setuid, setgid and sticky included),
-//! owner ids and modification time in seconds. What `extract` leaves out, this leaves out too, and reports the
+//! owner ids and modification time; a time with a fraction of a second, or before 1970, goes in a PAX `mtime`
+//! record before the entry (GNU tar, bsdtar and Python's tarfile read it), as the header holds whole seconds
+//! since 1970 only. What `extract` leaves out, this leaves out too, and reports the
 //! same way: devices, FIFOs and sockets are skipped; files whose contents and directories whose entries cannot
 //! be read here are listed as unreadable. Names of one file become hard-link entries where the file system
 //! numbers its files (XFS, NTFS), and holes are written as zeros.
@@ -60,6 +62,7 @@ fn write_entries(
         }
         match e.kind {
             EntryKind::File => {
+                append_time(archive, e)?;
                 if let Some(first) = e.hard_link_key().and_then(|key| first_names.get(&key)) {
                     let mut header = header(e, tar::EntryType::Link);
                     archive.append_link(&mut header, &name, first).map_err(|err| entry_error(archive, e, err))?;
@@ -79,6 +82,7 @@ fn write_entries(
                 }
             }
             EntryKind::Dir => {
+                append_time(archive, e)?;
                 let mut header = header(e, tar::EntryType::Directory);
                 archive
                     .append_data(&mut header, &name, std::io::empty())
@@ -86,6 +90,7 @@ fn write_entries(
                 stats.dirs += 1;
             }
             EntryKind::Symlink => {
+                append_time(archive, e)?;
                 let mut header = header(e, tar::EntryType::Symlink);
                 let target = Path::new(std::ffi::OsStr::from_bytes(&e.target_bytes));
                 archive.append_link(&mut header, &name, target).map_err(|err| entry_error(archive, e, err))?;
@@ -134,6 +139,25 @@ fn append_file(
     let padding = (512 - e.size % 512) % 512;
     out.write_all(&[0u8; 512][..padding as usize]).map_err(output_error)?;
     Ok(size)
+}
+
+/// A PAX `mtime` record for the entry that follows, where its header cannot hold the time: a fraction of a
+/// second, or a time before 1970.
+fn append_time(archive: &mut tar::Builder<Output<'_>>, e: &Entry) -> Result<()> {
+    if e.mtime_nanos == 0 && e.mtime >= 0 {
+        return Ok(());
+    }
+    let time = pax_time(e.mtime, e.mtime_nanos);
+    archive.append_pax_extensions([("mtime", time.as_bytes())]).map_err(|err| entry_error(archive, e, err))
+}
+
+/// `secs + nanos / 10^9` as PAX writes a time: decimal seconds, a minus sign before 1970.
+fn pax_time(secs: i64, nanos: u32) -> String {
+    if secs < 0 && nanos > 0 {
+        format!("-{}.{:09}", -(secs + 1), 1_000_000_000 - nanos)
+    } else {
+        format!("{secs}.{nanos:09}")
+    }
 }
 
 /// A GNU header with the entry's type, permissions, owner and modification time.
@@ -187,6 +211,16 @@ mod tests {
     use std::io::Read;
 
     use super::*;
+
+    #[test]
+    fn pax_times_are_decimal_seconds_before_and_after_1970() {
+        assert_eq!(pax_time(1_600_000_000, 123_456_789), "1600000000.123456789");
+        assert_eq!(pax_time(5, 0), "5.000000000");
+        // -2 s + 0.5 s is 1.5 s before 1970.
+        assert_eq!(pax_time(-2, 500_000_000), "-1.500000000");
+        assert_eq!(pax_time(-1, 1), "-0.999999999");
+        assert_eq!(pax_time(-5, 0), "-5.000000000");
+    }
     use crate::guestfs::{join, FileSystem, Listing};
 
     /// A directory `/d` holding `a` (1000 bytes), `b` (3000 bytes; its reading fails after its first 1024 bytes
@@ -227,7 +261,7 @@ mod tests {
                 return Err(Error::corrupt("packs/12/1234", "blob 5678: authentication failed"));
             }
             let names = [b"/d/a".to_vec(), b"/d/b".to_vec(), b"/d/c".to_vec()];
-            Ok(Listing::Entries(names.into_iter().map(|p| (p.clone(), self.entry(&p).unwrap())).collect()))
+            Ok(Listing::Entries(names.into_iter().map(|p| (p.clone(), self.entry(&p).unwrap())).collect(), Vec::new()))
         }
         fn read_file(&self, path: &[u8], out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
             let len = self.entry(path)?.size;
@@ -254,7 +288,7 @@ mod tests {
         }
         fn read_dir(&self, path: &[u8]) -> Result<Listing> {
             let child = if path == b"/d" { join(path, b"c") } else { join(path, b"back") };
-            Ok(Listing::Entries(vec![(child.clone(), self.entry(&child)?)]))
+            Ok(Listing::Entries(vec![(child.clone(), self.entry(&child)?)], Vec::new()))
         }
         fn read_file(&self, _: &[u8], _: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
             unreachable!("no files")

@@ -253,17 +253,18 @@ impl FileSystem for XfsFs {
     fn read_dir(&self, path: &[u8]) -> Result<Listing> {
         let (real, _) = self.lookup(path, true)?;
         let listed = self.fs.borrow_mut().read_dir(lamxfs::Path::new(&real)).map_err(|e| self.error(path, e))?;
-        let mut out = Vec::new();
+        let (mut out, mut unreadable) = (Vec::new(), Vec::new());
         for entry in listed {
             if entry.name == b"." || entry.name == b".." {
                 continue;
             }
             let child = join(path, &entry.name);
-            let d = self.stat(&child, entry.inode_number)?;
-            let e = self.describe(&child, &join(&real, &entry.name), entry.name, &d)?;
-            out.push((child, e));
+            let real_child = join(&real, &entry.name);
+            let read =
+                self.stat(&child, entry.inode_number).and_then(|d| self.describe(&child, &real_child, entry.name, &d));
+            Listing::add(&mut out, &mut unreadable, child.clone(), guest_path(&self.volume, &child), read)?;
         }
-        Ok(Listing::Entries(out))
+        Ok(Listing::Entries(out, unreadable))
     }
 
     fn read_file(&self, path: &[u8], out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
