@@ -584,8 +584,8 @@ impl GuestFs {
         self.inner.entry(path)
     }
 
-    /// The entries of directory `path` (not `.` and `..`), by name, with the path of each.
-    /// The entries of directory `path`, by name, and those that cannot be read (a damaged inode), with why.
+    /// The entries of directory `path` (not `.` and `..`), by name, with the path of each; and those whose own
+    /// record cannot be read (a damaged inode), with why.
     pub fn read_dir(&self, path: &[u8]) -> Result<(DirEntries, Vec<Unentered>)> {
         match self.sorted_dir(path)? {
             Listing::Entries(entries, unreadable) => Ok((entries, unreadable)),
