@@ -59,8 +59,8 @@ const ENTRIES_PER_INDEX_FILE: usize = 65536;
 /// merged into full ones when the prune replaces another index file anyway, since every host's local cache is
 /// then rebuilt whatever happens (§12)...
 const SMALL_INDEX_FILE_FRACTION: usize = 4;
-/// ...or on its own once this many small ones have piled up.
-const SMALL_INDEX_FILES_TO_COMPACT: usize = 256;
+/// ...or on its own once this many small ones have piled up ([`PruneOptions::small_index_files_to_merge`]).
+pub const SMALL_INDEX_FILES_TO_MERGE: usize = 256;
 
 #[derive(Clone, Debug)]
 pub struct PruneOptions {
@@ -74,11 +74,19 @@ pub struct PruneOptions {
     /// `max_repack`), sealing those blobs again with the current one, and rewrite index files sealed with an
     /// older epoch, so that a revoked key no longer opens the disk data even where it can reach the storage.
     pub reencrypt: bool,
+    /// Small index files are merged even when no other index file is replaced once this many exist.
+    pub small_index_files_to_merge: usize,
 }
 
 impl Default for PruneOptions {
     fn default() -> Self {
-        PruneOptions { max_unused: 0.1, max_repack: None, dry_run: false, reencrypt: false }
+        PruneOptions {
+            max_unused: 0.1,
+            max_repack: None,
+            dry_run: false,
+            reencrypt: false,
+            small_index_files_to_merge: SMALL_INDEX_FILES_TO_MERGE,
+        }
     }
 }
 
@@ -506,7 +514,8 @@ impl<'a> Sweep<'a> {
     /// else leaves them as they are. Their packs all stay: they are listed again as they were.
     fn compact_small_files(&mut self, report: &mut PruneReport) -> Result<()> {
         let small = std::mem::take(&mut self.small);
-        let worth_it = small.len() > 1 && (!self.replaced.is_empty() || small.len() >= SMALL_INDEX_FILES_TO_COMPACT);
+        let worth_it =
+            small.len() > 1 && (!self.replaced.is_empty() || small.len() >= self.opts.small_index_files_to_merge);
         if !worth_it {
             self.untouched.extend(small);
             return Ok(());

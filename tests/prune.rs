@@ -132,6 +132,23 @@ fn small_index_files_are_merged_when_prune_rewrites_the_index() {
     let packs = e.objects("packs");
     e.backup(&["--name", "vm", "--no-parent", disk.to_str().unwrap()]);
     assert_eq!(e.objects("packs"), packs);
+
+    // Enough small files merge on their own, with nothing else to rewrite (256 of them by default; 3 here).
+    for round in 0..3u64 {
+        img[round as usize * MIB..(round as usize + 1) * MIB].copy_from_slice(&random_bytes(200 + round, MIB));
+        write(&disk, &img);
+        e.backup(&["--name", "vm", disk.to_str().unwrap()]);
+    }
+    let small = e.objects("index");
+    assert!(small.len() >= 4, "{small:?}");
+    let repo = e.open_repo();
+    let opts = PruneOptions { small_index_files_to_merge: 3, ..PruneOptions::default() };
+    let r = prune::run(&repo, &e.path("prune-cache"), &opts).unwrap();
+    assert_eq!((r.packs_unused, r.index_files_compacted), (0, small.len()), "{r:?}");
+    assert_eq!(e.objects("index").len(), 1, "{:?}", e.objects("index"));
+    let check = e.ok(&["check", "--read-data"]);
+    assert!(check.stdout.contains("no errors found"), "{}", check.stdout);
+    assert_eq!(e.restore("latest", &[]), img);
 }
 
 /// A disk source that stops before one block until the test lets it go on.

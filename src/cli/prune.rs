@@ -57,6 +57,7 @@ pub fn run(g: &Globals, args: &PruneArgs) -> Result<()> {
         max_repack: args.max_repack,
         dry_run: args.dry_run,
         reencrypt: args.reencrypt,
+        ..PruneOptions::default()
     };
     let r = prune::run(&repo, &g.cache_root(), &opts)?;
     if !args.dry_run {
