@@ -524,6 +524,7 @@ impl<'a> Sweep<'a> {
             report.index_files_compacted += small.len();
             return Ok(());
         }
+        // Read again rather than kept from the sweep: memory then holds one file, however many small ones exist.
         for id in small {
             for pack in self.repo.load_index(&id)?.packs {
                 self.keep(pack)?;

@@ -62,9 +62,8 @@ fn write_entries(
         }
         match e.kind {
             EntryKind::File => {
-                append_time(archive, e)?;
                 if let Some(first) = e.hard_link_key().and_then(|key| first_names.get(&key)) {
-                    let mut header = header(e, tar::EntryType::Link);
+                    let mut header = header(archive, e, tar::EntryType::Link)?;
                     archive.append_link(&mut header, &name, first).map_err(|err| entry_error(archive, e, err))?;
                     stats.files += 1;
                     stats.hard_links += 1;
@@ -82,16 +81,14 @@ fn write_entries(
                 }
             }
             EntryKind::Dir => {
-                append_time(archive, e)?;
-                let mut header = header(e, tar::EntryType::Directory);
+                let mut header = header(archive, e, tar::EntryType::Directory)?;
                 archive
                     .append_data(&mut header, &name, std::io::empty())
                     .map_err(|err| entry_error(archive, e, err))?;
                 stats.dirs += 1;
             }
             EntryKind::Symlink => {
-                append_time(archive, e)?;
-                let mut header = header(e, tar::EntryType::Symlink);
+                let mut header = header(archive, e, tar::EntryType::Symlink)?;
                 let target = Path::new(std::ffi::OsStr::from_bytes(&e.target_bytes));
                 archive.append_link(&mut header, &name, target).map_err(|err| entry_error(archive, e, err))?;
                 stats.symlinks += 1;
@@ -118,7 +115,7 @@ fn append_file(
     archive: &mut tar::Builder<Output<'_>>,
     counters: &Counters,
 ) -> Result<u64> {
-    let mut header = header(e, tar::EntryType::Regular);
+    let mut header = header(archive, e, tar::EntryType::Regular)?;
     header.set_size(e.size);
     // The header (and a GNU long-name entry before it) through the crate, with no data: the contents are
     // streamed after it, as the file system hands them over, instead of being held in memory.
@@ -141,16 +138,6 @@ fn append_file(
     Ok(size)
 }
 
-/// A PAX `mtime` record for the entry that follows, where its header cannot hold the time: a fraction of a
-/// second, or a time before 1970.
-fn append_time(archive: &mut tar::Builder<Output<'_>>, e: &Entry) -> Result<()> {
-    if e.mtime_nanos == 0 && e.mtime >= 0 {
-        return Ok(());
-    }
-    let time = pax_time(e.mtime, e.mtime_nanos);
-    archive.append_pax_extensions([("mtime", time.as_bytes())]).map_err(|err| entry_error(archive, e, err))
-}
-
 /// `secs + nanos / 10^9` as PAX writes a time: decimal seconds, a minus sign before 1970.
 fn pax_time(secs: i64, nanos: u32) -> String {
     if secs < 0 && nanos > 0 {
@@ -160,8 +147,14 @@ fn pax_time(secs: i64, nanos: u32) -> String {
     }
 }
 
-/// A GNU header with the entry's type, permissions, owner and modification time.
-fn header(e: &Entry, kind: tar::EntryType) -> tar::Header {
+/// A GNU header with the entry's type, permissions, owner and modification time, for the entry about to be
+/// appended. A time the header cannot hold (a fraction of a second, or before 1970) goes first into the archive
+/// as a PAX `mtime` record, which applies to the entry that follows.
+fn header(archive: &mut tar::Builder<Output<'_>>, e: &Entry, kind: tar::EntryType) -> Result<tar::Header> {
+    if e.mtime_nanos != 0 || e.mtime < 0 {
+        let time = pax_time(e.mtime, e.mtime_nanos);
+        archive.append_pax_extensions([("mtime", time.as_bytes())]).map_err(|err| entry_error(archive, e, err))?;
+    }
     let mut header = tar::Header::new_gnu();
     header.set_entry_type(kind);
     header.set_size(0);
@@ -170,7 +163,7 @@ fn header(e: &Entry, kind: tar::EntryType) -> tar::Header {
     header.set_gid(e.gid.into());
     // tar's times are unsigned; a time before 1970 is written as 1970.
     header.set_mtime(e.mtime.max(0) as u64);
-    header
+    Ok(header)
 }
 
 /// The error of appending entry `e`: the output's, or else a name or link target that tar cannot hold (the
