@@ -230,6 +230,39 @@ fn reread_unstored_checkpoint_blocks(repo: &Repository, plan: &mut DiskPlan, cac
     Ok(())
 }
 
+/// A block of the parent that a check found damaged or lost (format-spec §8d), and that no backup has stored
+/// intact since, is read from the source again, also where the change list says it did not change: the new
+/// snapshot must not reuse it by id. Nothing to do, and nothing read, while no damage is known.
+fn reread_damaged_blocks(repo: &Repository, plan: &mut DiskPlan, cache: &IndexCache) -> Result<()> {
+    let Some(parent) = &plan.parent else { return Ok(()) };
+    if cache.damage().is_empty() {
+        return Ok(());
+    }
+    let mut damaged = Vec::new();
+    let mut first = 0u64;
+    for seg in &parent.segments {
+        // A segment with no intact copy is read whole already (`reread_unindexed_segments`).
+        if cache.contains(&seg.id)? {
+            for (j, id) in load_segment(repo, cache, seg)?.iter().enumerate() {
+                let b = first + j as u64;
+                if b < plan.blocks && cache.damage().names(id) && !cache.contains(id)? {
+                    damaged.push(b..b + 1);
+                }
+            }
+        }
+        first += seg.blocks as u64;
+    }
+    if !damaged.is_empty() {
+        tracing::warn!(
+            "disk {}: {} block(s) of the parent snapshot were found damaged by a check; reading them again",
+            plan.name,
+            damaged.len()
+        );
+        plan.read.add_all(damaged);
+    }
+    Ok(())
+}
+
 /// A block read from the source, on its way to a worker.
 struct ReadBlock {
     disk: usize,
@@ -466,6 +499,7 @@ pub fn run(
     for p in &mut plans {
         reread_unindexed_segments(p, &cache)?;
         reread_unstored_checkpoint_blocks(repo, p, &cache)?;
+        reread_damaged_blocks(repo, p, &cache)?;
     }
     for p in &plans {
         if let Some(n) = &p.note {
@@ -809,7 +843,7 @@ fn base_prefetch(repo: &Repository, cache: &IndexCache, plans: &[DiskPlan]) -> O
                 let Some(id) = ids.get(block as usize % SEGMENT_BLOCKS).filter(|id| !id.is_zero_block()) else {
                     continue;
                 };
-                if let Ok(Some(loc)) = cache.lookup(id) {
+                if let Ok(Some(loc)) = cache.lookup_intact(id) {
                     if loc.entry.can_be_base() {
                         disk.push((k as u64, loc));
                     }

@@ -5,7 +5,9 @@
 //! it), or the database is unreadable, it is thrown away and rebuilt from `index/`. Deleting it loses nothing.
 //!
 //! Keys: `b` ‖ blob id → [`BlobLocation`] (80 bytes, 112 for a delta blob); `p` ‖ pack id → empty (an index file lists it);
-//! `i` ‖ index file id → empty (loaded); `v` → cache layout version and repository id;
+//! `i` ‖ index file id → empty (loaded); `v` → cache layout version and repository id; `d` → the fingerprint of
+//! the known damage (format-spec §8d) the blob index was built with: where an index file lists a blob twice,
+//! the copy not known to be damaged is the one kept, so a change of that set rebuilds the blob index;
 //! `f` ‖ page feature (u64 LE) → id of a stored data block holding that page ([`crate::delta`]: where a new
 //! block's delta base is looked for). Features are hints, checked against the blob index when used, so they
 //! survive a rebuild of the blob index (after a prune) and are only dropped with the whole cache.
@@ -23,9 +25,11 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use rayon::prelude::*;
 
+use crate::damage::KnownDamage;
 use crate::error::{Error, Result};
 use crate::format::index::{BlobLocation, IndexFile};
 use crate::format::{BlobId, ObjectId};
@@ -49,6 +53,8 @@ pub struct IndexCache {
     /// Where a private cache leaves the features of the blocks its backup stored, for the next process that
     /// writes the shared cache ([`IndexCache::end_backup`]); `None` for the shared cache itself.
     spool: Option<PathBuf>,
+    /// The damage records as of the last sync: such copies are not deduplicated against.
+    damage: RwLock<KnownDamage>,
 }
 
 /// Features a private cache recorded, left for the shared cache: files of 40-byte records (feature u64 LE, block
@@ -328,11 +334,14 @@ impl IndexCache {
             return Ok(self);
         }
         let path = self.path.clone();
+        let damage = std::mem::take(&mut *self.damage.write().unwrap_or_else(|p| p.into_inner()));
         drop(self);
-        match Self::open_shared_read_only(&path, repo) {
+        let reader = match Self::open_shared_read_only(&path, repo) {
             Some(shared) => Self::private_above(Some(shared), path.with_file_name(FEATURE_SPOOL), repo),
             None => Self::open_path(&path, repo),
-        }
+        }?;
+        *reader.damage.write().unwrap_or_else(|p| p.into_inner()) = damage;
+        Ok(reader)
     }
 
     /// The shared cache at `path` opened read-only (which takes no lock), if it is this repository's in the
@@ -398,6 +407,7 @@ impl IndexCache {
             shared_usable: AtomicBool::new(true),
             unreadable_index_files: Default::default(),
             spool: None,
+            damage: Default::default(),
         };
         let mut expected = LAYOUT_VERSION.to_vec();
         expected.extend_from_slice(&repo.config().id);
@@ -578,6 +588,16 @@ impl IndexCache {
 
     fn sync_once(&self, repo: &Repository) -> Result<SyncStats> {
         let mut stats = SyncStats::default();
+        let records = crate::damage::load(repo)?;
+        for e in &records.unreadable {
+            tracing::warn!("{e}: a damage record, left out (the next `check --read-data` finds that damage again)");
+        }
+        let fingerprint = records.damage.fingerprint();
+        let built_with = match self.get_pinned(b"d")? {
+            Some(v) => v.to_vec(),
+            None => KnownDamage::default().fingerprint().to_vec(),
+        };
+        *self.damage.write().unwrap_or_else(|p| p.into_inner()) = records.damage;
         let in_repo = repo.list_index_ids()?;
         // The index files loaded, into this process's cache or the shared one below it (unless that one is out
         // of date: it holds a file the repository no longer has).
@@ -595,6 +615,12 @@ impl IndexCache {
         let removed = loaded.iter().any(|id| in_repo.binary_search(id).is_err());
         if removed {
             tracing::info!("index files were replaced in the repository; rebuilding the local index cache");
+            self.clear(false)?;
+            loaded.clear();
+            stats.rebuilt = true;
+        } else if built_with != fingerprint && !loaded.is_empty() {
+            tracing::info!("the damage check found has changed; rebuilding the local index cache");
+            self.drop_shared();
             self.clear(false)?;
             loaded.clear();
             stats.rebuilt = true;
@@ -620,6 +646,9 @@ impl IndexCache {
                 }
             }
             self.load_index_files(repo, &in_repo, &in_repo, &mut superseded, &mut stats)?;
+        }
+        if built_with != fingerprint {
+            self.db.put(b"d", fingerprint).map_err(|e| self.err(e))?;
         }
         if stats.index_files_loaded > 0 || stats.rebuilt {
             self.persist();
@@ -660,17 +689,37 @@ impl IndexCache {
         Ok(excluded)
     }
 
-    /// Records the entries of an index file (one write batch), and that the file is loaded.
+    /// Records the entries of an index file (one write batch), and that the file is loaded. A copy known to be
+    /// damaged is recorded only for a blob no other copy of is known (written after the others, so that it
+    /// never replaces one).
     pub fn insert_index_file(&self, index_id: &ObjectId, file: &IndexFile) -> Result<()> {
+        let damage = self.damage();
         let mut batch = rocksdb::WriteBatch::default();
+        let mut damaged = Vec::new();
         for p in &file.packs {
             batch.put(pack_key(&p.id), []);
             for e in &p.entries {
-                batch.put(blob_key(&e.id), BlobLocation { pack: p.id, entry: *e }.encode());
+                let loc = BlobLocation { pack: p.id, entry: *e };
+                if damage.at(&p.id, &e.id) {
+                    damaged.push(loc);
+                } else {
+                    batch.put(blob_key(&e.id), loc.encode());
+                }
             }
         }
-        batch.put(index_key(index_id), []);
-        self.db.write(batch).map_err(|e| self.err(e))
+        self.db.write(batch).map_err(|e| self.err(e))?;
+        for loc in damaged {
+            if self.get_pinned(&blob_key(&loc.entry.id))?.is_none() {
+                self.db.put(blob_key(&loc.entry.id), loc.encode()).map_err(|e| self.err(e))?;
+            }
+        }
+        // Last: a file recorded as loaded has all its entries in.
+        self.db.put(index_key(index_id), []).map_err(|e| self.err(e))
+    }
+
+    /// The known damage as of the last sync (format-spec §8d).
+    pub fn damage(&self) -> RwLockReadGuard<'_, KnownDamage> {
+        self.damage.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Why a blob the index does not list may be missing, for error messages: index files the last sync left
@@ -708,8 +757,19 @@ impl IndexCache {
         Ok(self.get_pinned(&pack_key(id))?.is_some())
     }
 
+    /// Whether the blob is stored at a copy not known to be damaged: what a backup deduplicates against.
     pub fn contains(&self, id: &BlobId) -> Result<bool> {
-        Ok(self.get_pinned(&blob_key(id))?.is_some())
+        if !self.damage().names(id) {
+            return Ok(self.get_pinned(&blob_key(id))?.is_some());
+        }
+        Ok(self.lookup_intact(id)?.is_some())
+    }
+
+    /// The blob's location, unless the only copy known is damaged: for what a new blob will rely on (a delta
+    /// base). Readers of what is stored use [`IndexCache::lookup`], which also returns a damaged copy (reading
+    /// it then names the damage).
+    pub fn lookup_intact(&self, id: &BlobId) -> Result<Option<BlobLocation>> {
+        Ok(self.lookup(id)?.filter(|loc| !self.damage().at(&loc.pack, id)))
     }
 
     /// The stored blocks that hold pages with these features (see [`crate::delta`]), one per feature found
@@ -859,5 +919,66 @@ impl Drop for ScratchDb {
 impl crate::repository::BlobLocator for IndexCache {
     fn locate(&self, id: &BlobId) -> Result<Option<BlobLocation>> {
         self.lookup(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::damage::DamageRecord;
+    use crate::format::index::IndexedPack;
+    use crate::format::pack::PackEntry;
+    use crate::format::BlobType;
+
+    /// An index file listing `blob` in pack `pack`.
+    fn listing(pack: ObjectId, blob: BlobId) -> IndexFile {
+        let entry = PackEntry {
+            blob_type: BlobType::Data,
+            flags: 0,
+            key_epoch: 0,
+            offset: 0,
+            stored_len: 100,
+            raw_len: 1 << 20,
+            id: blob,
+            base: None,
+        };
+        IndexFile {
+            supersedes: Vec::new(),
+            packs: vec![IndexedPack { id: pack, pack_type: BlobType::Data, entries: vec![entry] }],
+        }
+    }
+
+    #[test]
+    fn a_copy_known_damaged_is_never_the_one_listed_nor_deduplicated_against() {
+        let dir = std::env::temp_dir().join(format!("diskvault-cache-damage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let repo = crate::repository::test_repository(&dir.join("repo"));
+        let blob = BlobId([9; 32]);
+        let (p, q) = (BlobId([1; 32]), BlobId([2; 32]));
+        repo.save_index(&listing(p, blob)).unwrap();
+        repo.save_index(&listing(q, blob)).unwrap();
+        // Whichever copy is damaged, and whichever index file loads first, the other copy is the one listed.
+        for (damaged, intact) in [(p, q), (q, p)] {
+            let record = repo.save_damage(&DamageRecord { entries: vec![(damaged, blob)] }).unwrap();
+            let (cache, _) = IndexCache::open(&repo, &dir.join(format!("cache-{}", damaged.short()))).unwrap();
+            assert_eq!(cache.lookup(&blob).unwrap().unwrap().pack, intact);
+            assert!(cache.contains(&blob).unwrap());
+            repo.backend().delete(&crate::format::names::damaged(&record)).unwrap();
+        }
+        // A cache built before the damage was recorded is rebuilt when it is.
+        let (cache, _) = IndexCache::open(&repo, &dir.join("cache-before")).unwrap();
+        let listed = cache.lookup(&blob).unwrap().unwrap().pack;
+        let other = if listed == p { q } else { p };
+        repo.save_damage(&DamageRecord { entries: vec![(listed, blob)] }).unwrap();
+        assert!(cache.sync(&repo).unwrap().rebuilt);
+        assert_eq!(cache.lookup(&blob).unwrap().unwrap().pack, other);
+        assert!(!cache.sync(&repo).unwrap().rebuilt, "rebuilt once, not at every open");
+        // With every copy damaged, the blob is listed (a restore names the damage) but not deduplicated against.
+        repo.save_damage(&DamageRecord { entries: vec![(other, blob)] }).unwrap();
+        cache.sync(&repo).unwrap();
+        assert!(cache.lookup(&blob).unwrap().is_some());
+        assert!(!cache.contains(&blob).unwrap() && cache.lookup_intact(&blob).unwrap().is_none());
+        drop(cache);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -16,6 +16,7 @@
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 
+use crate::damage::KnownDamage;
 use crate::error::{Error, Result};
 use crate::format::index::{BlobLocation, IndexedPack};
 use crate::format::pack::{self, PackEntry};
@@ -111,6 +112,9 @@ pub struct CheckReport {
     /// verified of the others was verified (its clock, seconds since the epoch).
     pub never_verified: usize,
     pub oldest_verification: Option<i64>,
+    /// Blob copies the damage records (format-spec §8d) name after this check: found now, or earlier in packs
+    /// not read again.
+    pub damage_recorded: usize,
 }
 
 impl CheckReport {
@@ -142,6 +146,12 @@ pub fn run_within(
         report.warnings.push(format!("{e}: a deletion record of prune; the next prune sets it aside"));
     }
     let doomed = crate::repository::doomed_packs_of(records);
+    let records = crate::damage::load(repo)?;
+    for e in &records.unreadable {
+        report
+            .warnings
+            .push(format!("{e}: a damage record, replaced by this check's (data read finds that damage again)"));
+    }
 
     // Packs present.
     let mut pack_sizes: HashMap<ObjectId, u64> = HashMap::new();
@@ -172,6 +182,9 @@ pub fn run_within(
     let mut older_index_files = 0;
     let mut indexed: HashMap<ObjectId, IndexedPack> = HashMap::new();
     let mut blobs: HashMap<BlobId, (ObjectId, PackEntry)> = HashMap::new();
+    // Further copies of blobs listed in more than one pack (two hosts stored them, or a backup stored a damaged
+    // one again).
+    let mut more_copies: HashMap<BlobId, Vec<(ObjectId, PackEntry)>> = HashMap::new();
     for (id, f) in loaded {
         match f {
             Err(e) => {
@@ -184,7 +197,17 @@ pub fn run_within(
                 older_index_files += (epoch < current_epoch) as usize;
                 for p in f.packs {
                     for e in &p.entries {
-                        blobs.entry(e.id).or_insert((p.id, *e));
+                        match blobs.entry(e.id) {
+                            std::collections::hash_map::Entry::Vacant(v) => {
+                                v.insert((p.id, *e));
+                            }
+                            std::collections::hash_map::Entry::Occupied(o) => {
+                                let copies = more_copies.entry(e.id).or_default();
+                                if o.get().0 != p.id && !copies.iter().any(|(q, _)| *q == p.id) {
+                                    copies.push((p.id, *e));
+                                }
+                            }
+                        }
                     }
                     if let Some(prev) = indexed.get(&p.id) {
                         if prev.entries != p.entries {
@@ -247,12 +270,13 @@ pub fn run_within(
             let Some(&size) = pack_sizes.get(id) else {
                 return problem(format!("{name}: indexed but missing ({} blobs lost)", p.entries.len()));
             };
+            let unreachable = |e: Error| Some(Problem { pack: *id, damage: damage_of(&e), message: e.to_string() });
             // A full data pass reads every header with its pack; one on a budget may not get to every pack.
             if subset == DataSubset::All && deadline.is_none() {
                 return None;
             }
             match repo.read_pack_header(id, size) {
-                Err(e) => problem(e.to_string()),
+                Err(e) => unreachable(e),
                 Ok(h) if h.entries != p.entries || h.pack_type != p.pack_type => {
                     problem(format!("{name}: pack header does not match the index"))
                 }
@@ -354,30 +378,68 @@ pub fn run_within(
         record_verification(repo, &read, &failed, &record_ids, last_verified)?;
     }
 
-    let mut bad_packs: HashSet<ObjectId> = HashSet::new();
-    let mut bad_blobs: HashSet<BlobId> = HashSet::new();
+    // Packs that could not be used at all (`unusable`), and the blob copies found damaged or lost (`found`).
+    let mut unusable: HashSet<ObjectId> = HashSet::new();
+    let mut unreachable: HashSet<ObjectId> = HashSet::new();
+    let mut found: Vec<(ObjectId, BlobId)> = Vec::new();
     for p in header_problems.into_iter().chain(base_problems).chain(data_problems) {
         report.damaged_packs.push(p.pack);
         match p.damage {
-            Damage::Blob(b) => {
-                bad_blobs.insert(b);
-            }
+            Damage::Blob(b) => found.push((p.pack, b)),
             Damage::Pack => {
-                bad_packs.insert(p.pack);
+                unusable.insert(p.pack);
+                if let Some(ip) = indexed.get(&p.pack) {
+                    found.extend(ip.entries.iter().map(|e| (p.pack, e.id)));
+                }
+            }
+            Damage::Unreachable => {
+                unusable.insert(p.pack);
+                unreachable.insert(p.pack);
             }
             Damage::Noted => {}
         }
         report.errors.push(p.message);
     }
+    let copies = |id: &BlobId| {
+        let first = blobs.get(id).copied();
+        first.into_iter().chain(more_copies.get(id).into_iter().flatten().copied())
+    };
+    // Packs whose every byte this check has judged: read, not only attempted.
+    let judged: HashSet<ObjectId> = read.iter().map(|(id, _)| *id).filter(|id| !unreachable.contains(id)).collect();
+    let known = known_damage(&records.damage, found, &judged, &indexed, &copies);
+    // Damage found by an earlier check in packs not read now.
+    let mut earlier: std::collections::BTreeMap<ObjectId, usize> = Default::default();
+    for (pack, blob) in known.sorted() {
+        if !judged.contains(&pack)
+            && !unusable.contains(&pack)
+            && indexed.get(&pack).is_some_and(|p| p.entries.iter().any(|e| e.id == blob))
+        {
+            *earlier.entry(pack).or_default() += 1;
+        }
+    }
+    for (pack, n) in earlier {
+        report.damaged_packs.push(pack);
+        report.errors.push(format!(
+            "{}: {} found damaged by an earlier check (a damage record says so; `check --read-data` reads the pack \
+             again)",
+            names::pack(&pack),
+            crate::util::count(n, "blob")
+        ));
+    }
     report.damaged_packs.sort();
     report.damaged_packs.dedup();
-    let damaged = |id: &BlobId| match blobs.get(id) {
-        None => Some("not indexed"),
-        Some((pack, _)) if bad_packs.contains(pack) => Some("in a missing or damaged pack"),
-        Some(_) if bad_blobs.contains(id) => Some("damaged"),
-        Some((_, e)) => match e.base.map(|b| (blobs.get(&b), bad_blobs.contains(&b))) {
-            Some((Some((pack, _)), _)) if bad_packs.contains(pack) => Some("a delta whose base is in a damaged pack"),
-            Some((_, true)) => Some("a delta whose base is damaged"),
+    if known != records.damage || records.ids.len() > 1 || !records.unreadable.is_empty() {
+        crate::damage::replace(repo, &records.ids, &known)?;
+    }
+    report.damage_recorded = known.len();
+    // A blob restores from its first copy in a pack that is usable and not known to be damaged.
+    let intact = |id: &BlobId| copies(id).find(|(pack, _)| !unusable.contains(pack) && !known.at(pack, id));
+    let damaged = |id: &BlobId| match (blobs.get(id), intact(id)) {
+        (None, _) => Some("not indexed"),
+        (Some(_), None) if copies(id).all(|(pack, _)| unusable.contains(&pack)) => Some("in a missing or damaged pack"),
+        (Some(_), None) => Some("damaged"),
+        (Some(_), Some((_, e))) => match e.base {
+            Some(b) if intact(&b).is_none() => Some("a delta whose base is damaged"),
             _ => None,
         },
     };
@@ -431,7 +493,7 @@ pub fn run_within(
                     ));
                     continue;
                 }
-                let (pack, entry) = blobs[&seg.id];
+                let (pack, entry) = intact(&seg.id).expect("damaged() found an intact copy");
                 let plain = match repo
                     .read_blob(&crate::format::index::BlobLocation { pack, entry }, &crate::repository::NoDeltas)
                 {
@@ -523,10 +585,42 @@ struct Problem {
 enum Damage {
     /// The whole pack is unusable (missing, or its blobs cannot be located).
     Pack,
+    /// The pack could not be read now (the storage failed): unusable for this check, but not known damaged.
+    Unreachable,
     /// One blob is unreadable.
     Blob(BlobId),
     /// Worth reporting, but the per-blob checks that follow say what is unreadable.
     Noted,
+}
+
+/// What an error reading a whole pack says of it: lost or damaged, or only not reachable now.
+fn damage_of(e: &Error) -> Damage {
+    match e {
+        Error::Missing { .. } | Error::Corrupt { .. } => Damage::Pack,
+        _ => Damage::Unreachable,
+    }
+}
+
+/// The blob copies known to be damaged or lost after this check (format-spec §8d): those `found` now, and those
+/// of the `previous` records in packs not `judged` now (a pack read again is judged by this read alone). A copy
+/// its pack no longer lists (`repair packs` took the pack out) stays only while no intact copy of the blob is
+/// indexed: until a backup stores it again, it tells backups that the block is lost.
+fn known_damage<I: Iterator<Item = (ObjectId, PackEntry)>>(
+    previous: &KnownDamage,
+    found: Vec<(ObjectId, BlobId)>,
+    judged: &HashSet<ObjectId>,
+    indexed: &HashMap<ObjectId, IndexedPack>,
+    copies: &dyn Fn(&BlobId) -> I,
+) -> KnownDamage {
+    let lists =
+        |pack: &ObjectId, blob: &BlobId| indexed.get(pack).is_some_and(|p| p.entries.iter().any(|e| e.id == *blob));
+    let mut candidates: Vec<(ObjectId, BlobId)> =
+        previous.sorted().into_iter().filter(|(pack, _)| !judged.contains(pack)).collect();
+    candidates.extend(found);
+    let all = KnownDamage::new(candidates.iter().copied());
+    KnownDamage::new(
+        candidates.into_iter().filter(|(pack, blob)| lists(pack, blob) || copies(blob).all(|(q, _)| all.at(&q, blob))),
+    )
 }
 
 /// The blobs the index files list, as a [`BlobLocator`] for reading delta blobs' bases.
@@ -549,14 +643,13 @@ fn check_pack_data(
     pending: &PendingDeltas,
 ) -> (Vec<Problem>, Vec<PackEntry>) {
     let name = names::pack(id);
-    let whole = |message: String| Problem { pack: *id, damage: Damage::Pack, message };
     // Each checker thread reads its packs into one buffer (see `Backend::get_range_placed`).
     thread_local! {
         static PACK: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     PACK.with_borrow_mut(|bytes| match repo.backend().get_range_placed(&name, 0, size, bytes) {
         Ok(range) => check_pack_bytes(repo, id, &name, indexed, &mut bytes[range], locator, pending),
-        Err(e) => (vec![whole(e.to_string())], Vec::new()),
+        Err(e) => (vec![Problem { pack: *id, damage: damage_of(&e), message: e.to_string() }], Vec::new()),
     })
 }
 

@@ -230,7 +230,7 @@ impl<'a> DeltaSealer<'a> {
         if let Some(b) = self.prefetch.and_then(|p| p.take(id)) {
             return Some(b);
         }
-        let loc = match self.cache.lookup(id) {
+        let loc = match self.cache.lookup_intact(id) {
             Ok(Some(loc)) if loc.entry.can_be_base() => loc,
             // Not indexed (yet, or any more): features are hints.
             Ok(_) => return None,

@@ -28,6 +28,7 @@ use rayon::prelude::*;
 
 use crate::cache::ScratchDb;
 use crate::crypto::KeyEpoch;
+use crate::damage::KnownDamage;
 use crate::error::{Error, Result};
 use crate::format::checkpoint::Checkpoint;
 use crate::format::deletion::DeletionRecord;
@@ -229,7 +230,11 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
     phase(&mut report, "mark");
 
     // 3. Sweep and rewrite.
-    let mut sweep = Sweep::new(repo, &scratch, opts);
+    let damage = crate::damage::load(repo)?;
+    for e in &damage.unreadable {
+        report.warnings.push(format!("{e}: a damage record of check, left out"));
+    }
+    let mut sweep = Sweep::new(repo, &scratch, opts, damage.damage);
     for id in repo.list_index_ids()? {
         let (file, epoch) = repo.load_index_with_epoch(&id)?;
         sweep.file(id, file, epoch, &mut report)?;
@@ -458,10 +463,12 @@ struct Sweep<'a> {
     /// Blobs and index files sealed with a key epoch below this are sealed again: the current epoch with
     /// `reencrypt`, else 0 (nothing is).
     reseal_below: KeyEpoch,
+    /// Blob copies a check found damaged (format-spec §8d): kept while marked, but never the copy in use.
+    damage: KnownDamage,
 }
 
 impl<'a> Sweep<'a> {
-    fn new(repo: &'a Repository, scratch: &'a ScratchDb, opts: &'a PruneOptions) -> Self {
+    fn new(repo: &'a Repository, scratch: &'a ScratchDb, opts: &'a PruneOptions, damage: KnownDamage) -> Self {
         Sweep {
             repo,
             scratch,
@@ -476,6 +483,7 @@ impl<'a> Sweep<'a> {
             writers: PackWriters::new(repo.config().pack_target_size as usize),
             repack_budget: opts.max_repack.unwrap_or(u64::MAX),
             reseal_below: if opts.reencrypt { repo.keys().current_epoch() } else { 0 },
+            damage,
         }
     }
 
@@ -554,12 +562,13 @@ impl<'a> Sweep<'a> {
         report.packs += 1;
         report.pack_bytes += size;
         // A blob counts as used in the first pack that holds it (its mark is taken away there); later copies are
-        // duplicates.
+        // duplicates. A copy known to be damaged is kept while the blob is marked, but leaves the mark to any
+        // other copy, so that an intact one stored since is kept too.
         let ids: Vec<BlobId> = pack.entries.iter().map(|e| e.id).collect();
         let used = self.scratch.contains_many(MARKED, &ids)?;
-        let used_ids: Vec<&BlobId> = ids.iter().zip(&used).filter(|(_, u)| **u).map(|(id, _)| id).collect();
-        self.scratch.delete_all(MARKED, used_ids.iter().copied())?;
-        let used_count = used_ids.len();
+        let claimed = ids.iter().zip(&used).filter(|(id, u)| **u && !self.damage.at(&pack.id, id)).map(|(id, _)| id);
+        self.scratch.delete_all(MARKED, claimed)?;
+        let used_count = used.iter().filter(|u| **u).count();
         report.blobs_in_use += used_count as u64;
         let unused_bytes: u64 =
             pack.entries.iter().zip(&used).filter(|(_, u)| !**u).map(|(e, _)| e.stored_len as u64).sum();

@@ -11,6 +11,7 @@ use crate::crypto::{self, KeyEpoch, Keys};
 use crate::error::{Error, Result};
 use crate::format::checkpoint::Checkpoint;
 use crate::format::config::Config;
+use crate::format::damage::DamageRecord;
 use crate::format::deletion::DeletionRecord;
 use crate::format::envelope::{self, HeaderError, Kind};
 use crate::format::index::{BlobLocation, IndexFile, IndexedPack};
@@ -482,6 +483,16 @@ impl Repository {
 
     pub fn load_verification(&self, id: &ObjectId) -> Result<VerificationRecord> {
         self.load_sealed(Kind::Verification, names::verified, id, VerificationRecord::decode)
+    }
+
+    // ---- damage records (check) ----
+
+    pub fn save_damage(&self, rec: &DamageRecord) -> Result<ObjectId> {
+        self.save_sealed(Kind::Damage, 1, names::damaged, &rec.encode())
+    }
+
+    pub fn load_damage(&self, id: &ObjectId) -> Result<DamageRecord> {
+        self.load_sealed(Kind::Damage, names::damaged, id, DamageRecord::decode)
     }
 
     // ---- deletion records (prune) ----

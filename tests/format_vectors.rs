@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use diskvault::format::checkpoint::{Checkpoint, CheckpointDisk};
 use diskvault::format::config::Config;
+use diskvault::format::damage::DamageRecord;
 use diskvault::format::index::{BlobLocation, IndexFile, IndexedPack};
 use diskvault::format::keyfile::{KdfParams, KeyFile};
 use diskvault::format::lock::LockInfo;
@@ -211,6 +212,13 @@ fn verification_record_vector() {
     let r = VerificationRecord { entries: vec![(BlobId([4; 32]), 1_795_322_283), (BlobId([6; 32]), -1)] };
     check("verified.bin", &r.encode());
     assert_eq!(VerificationRecord::decode(&r.encode()).unwrap(), r);
+}
+
+#[test]
+fn damage_record_vector() {
+    let r = DamageRecord { entries: vec![(BlobId([4; 32]), BlobId([6; 32])), (BlobId([4; 32]), BlobId([7; 32]))] };
+    check("damaged.bin", &r.encode());
+    assert_eq!(DamageRecord::decode(&r.encode()).unwrap(), r);
 }
 
 #[test]

@@ -202,12 +202,17 @@ fn repair_packs_lets_the_next_backup_heal_older_snapshots() {
     // The four blocks share one data pack: damage the second.
     let pack = e.objects("packs").into_iter().max_by_key(|p| e.object_size(p)).unwrap();
     e.flip(&pack, MIB + MIB / 2);
+    // Without a check having recorded the damage, a backup of the intact source deduplicates against it.
+    let again = e.backup(&[path.to_str().unwrap(), "--name", "vm", "--no-parent"]);
+    assert_eq!(again["disks"][0]["new_blocks"], 0);
+    // The pack goes at once, before any backup could store the block again (as after a check that was not
+    // allowed to record what it found: the damage record is deleted here).
     let r = e.run(&["check", "--read-data"]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains(id_of(&pack)), "check names the pack: {}", r.stderr);
-    // While the damaged blob is indexed, a backup of the intact source deduplicates against it.
-    let again = e.backup(&[path.to_str().unwrap(), "--name", "vm", "--no-parent"]);
-    assert_eq!(again["disks"][0]["new_blocks"], 0);
+    for record in e.objects("damaged") {
+        e.delete_object(&record);
+    }
 
     let damaged_pack = e.read_object(&pack);
     let r = e.ok(&["repair", "packs", &pack]);
@@ -286,6 +291,154 @@ fn repair_packs_lets_the_next_backup_heal_older_snapshots() {
     let _ = serve.kill();
     let _ = serve.wait();
     assert!(r.stderr.contains("1 session running"), "{}", r.stderr);
+}
+
+/// PBS-style healing without `repair packs`: damage `check` finds is recorded in the repository, the next
+/// backups store those blocks again (a changed-areas incremental too, whose change list leaves them out), and
+/// every snapshot restores from the new copies on any host; prune keeps the intact copy, `repair packs` then
+/// removes the damaged one and the next check forgets the damage.
+#[test]
+fn damage_found_by_check_heals_with_the_next_backup_before_any_repair() {
+    let e = Env::with_repo();
+    let img = random_bytes(43, 4 * MIB);
+    let path = e.path("img");
+    write(&path, &img);
+    let first = e.backup(&[path.to_str().unwrap(), "--name", "vm"])["snapshot"].as_str().unwrap().to_string();
+    let unchanged = e.path("unchanged.json");
+    write_changes(&unchanged, &[]);
+    let incremental =
+        ["backup", "--name", "vm", "--changed-areas", unchanged.to_str().unwrap(), path.to_str().unwrap()];
+    // The four blocks share one data pack: damage one of them.
+    let pack = e.objects("packs").into_iter().max_by_key(|p| e.object_size(p)).unwrap();
+    e.flip(&pack, MIB + MIB / 2);
+    // Nobody knows yet: an incremental reuses the damaged block by id.
+    let before_check: serde_json::Value = e.ok(&[&incremental[..], &["--json"]].concat()).json();
+    assert_eq!(before_check["disks"][0]["new_blocks"], 0);
+
+    let r = e.run(&["check", "--read-data"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains(id_of(&pack)), "{}", r.stderr);
+    assert!(r.stdout.contains("damage recorded: 1 blob copy damaged or lost"), "{}", r.stdout);
+    assert_eq!(e.objects("damaged").len(), 1);
+
+    // The next incremental's change list says nothing changed; it reads the damaged block again anyway.
+    let r = e.ok(&[&incremental[..], &["--json"]].concat());
+    assert_eq!(r.json()["disks"][0]["new_blocks"], 1, "{}", r.stderr);
+    assert!(r.stderr.contains("found damaged by a check; reading them again"), "{}", r.stderr);
+    // Every snapshot restores, here and on a host whose cache is built from scratch; the damaged pack is still
+    // there.
+    for snap in [first.as_str(), before_check["snapshot"].as_str().unwrap(), "latest"] {
+        assert_eq!(e.restore(snap, &[]), img, "{snap}");
+        assert_eq!(restore_with_a_new_cache(&e, snap), img, "{snap} with a new cache");
+    }
+    assert!(e.objects("packs").contains(&pack));
+    // check still names the damaged pack (from the record, or reading it again), but no snapshot as damaged.
+    for args in [&["check"][..], &["check", "--read-data"][..]] {
+        let r = e.run(args);
+        assert_eq!(r.code, 1, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(id_of(&pack)), "{args:?}: {}", r.stderr);
+        assert!(
+            !r.stderr.contains("unreadable") && r.stderr.contains("every snapshot restores from intact copies"),
+            "{args:?}: no snapshot is damaged now: {}",
+            r.stderr
+        );
+    }
+    assert!(e.run(&["check"]).stderr.contains("found damaged by an earlier check"));
+    // A later backup deduplicates against the new copy.
+    let r = e.ok(&[&incremental[..], &["--json"]].concat());
+    assert_eq!(r.json()["disks"][0]["new_blocks"], 0, "{}", r.stderr);
+
+    // Prune keeps the intact copy whichever pack it meets first. Met after the intact copy, the damaged one is
+    // unused and its pack repacked without it; met before, it stays (it cannot be copied) for `repair packs`.
+    e.ok(&["prune", "--max-unused", "0%"]);
+    assert_eq!(restore_with_a_new_cache(&e, &first), img);
+    if e.objects("packs").contains(&pack) {
+        let r = e.ok(&["repair", "packs", id_of(&pack)]);
+        assert!(r.stdout.contains("1 lost; removed"), "{}", r.stdout);
+    }
+    let r = e.ok(&["check", "--read-data"]);
+    assert!(r.stdout.contains("no errors found") && !r.stdout.contains("damage recorded"), "{}", r.stdout);
+    assert!(e.objects("damaged").is_empty());
+    for snap in [first.as_str(), "latest"] {
+        assert_eq!(e.restore(snap, &[]), img, "{snap}");
+    }
+}
+
+/// Prune meets a blob's damaged copy and the intact one a backup stored since in the order of their index files'
+/// ids: six sources, each with its own pair, so that some damaged copy comes first. It must never be the one kept
+/// as used.
+#[test]
+fn prune_keeps_the_intact_copy_of_a_damaged_blob_whichever_it_meets_first() {
+    let e = Env::new();
+    // One block per data pack.
+    e.ok(&["init", "--pack-size", "1"]);
+    let mut sources = Vec::new();
+    for k in 0..6u64 {
+        let img = random_bytes(50 + k, 2 * MIB);
+        let path = e.path(&format!("img{k}"));
+        write(&path, &img);
+        let before = e.objects("packs");
+        e.backup(&[path.to_str().unwrap(), "--name", &format!("vm{k}")]);
+        let data = e.objects("packs").into_iter().filter(|p| !before.contains(p)).max_by_key(|p| e.object_size(p));
+        e.flip(&data.unwrap(), 5000);
+        sources.push((k, path, img));
+    }
+    assert_eq!(e.run(&["check", "--read-data"]).code, 1);
+    let mut healed = Vec::new();
+    for (k, path, img) in &sources {
+        let r = e.backup(&[path.to_str().unwrap(), "--name", &format!("vm{k}")]);
+        assert_eq!(r["disks"][0]["new_blocks"], 1);
+        healed.push((r["snapshot"].as_str().unwrap().to_string(), img));
+    }
+    e.ok(&["prune", "--max-unused", "0%"]);
+    for (snapshot, img) in healed {
+        assert_eq!(restore_with_a_new_cache(&e, &snapshot), *img);
+    }
+}
+
+/// Restores `snapshot` as a host that never used the repository would: with a cache built from `index/`.
+fn restore_with_a_new_cache(e: &Env, snapshot: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("disk");
+    let mut c = e.command(&["restore", snapshot, "--target", target.to_str().unwrap(), "--verify"]);
+    c.env("DISKVAULT_CACHE_DIR", dir.path().join("cache"));
+    let r = Run::of(c);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    std::fs::read(&target).unwrap()
+}
+
+/// A block lost with its pack (`repair packs` removed it), which a check recorded: a changed-areas incremental
+/// whose change list leaves it out reads it again, so that its snapshot does not reuse a lost block by id.
+#[test]
+fn an_incremental_reads_again_a_block_whose_pack_was_removed() {
+    let e = Env::with_repo();
+    let img = random_bytes(44, 3 * MIB);
+    let path = e.path("img");
+    write(&path, &img);
+    e.backup(&[path.to_str().unwrap(), "--name", "vm"]);
+    let pack = e.objects("packs").into_iter().max_by_key(|p| e.object_size(p)).unwrap();
+    e.flip(&pack, MIB / 2);
+    assert_eq!(e.run(&["check", "--read-data"]).code, 1);
+    let r = e.ok(&["repair", "packs", id_of(&pack)]);
+    assert!(r.stdout.contains("1 lost; removed"), "{}", r.stdout);
+    // The record outlives the pack while the blob has no other copy.
+    assert_eq!(e.run(&["check"]).code, 1);
+    assert_eq!(e.objects("damaged").len(), 1);
+    let unchanged = e.path("unchanged.json");
+    write_changes(&unchanged, &[]);
+    let r = e.ok(&[
+        "backup",
+        "--name",
+        "vm",
+        "--changed-areas",
+        unchanged.to_str().unwrap(),
+        path.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(r.json()["disks"][0]["new_blocks"], 1, "{}", r.stderr);
+    assert_eq!(e.restore("latest", &[]), img);
+    assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
+    assert!(e.objects("damaged").is_empty(), "the lost blob is stored again: the record goes");
 }
 
 #[test]

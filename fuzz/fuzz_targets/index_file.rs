@@ -1,6 +1,7 @@
-//! Index file payloads, verification records and local-cache values.
+//! Index file payloads, verification and damage records, and local-cache values.
 #![no_main]
 use diskvault::format::index::{BlobLocation, IndexFile};
+use diskvault::format::damage::DamageRecord;
 use diskvault::format::verified::VerificationRecord;
 use libfuzzer_sys::fuzz_target;
 
@@ -9,6 +10,10 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(f.encode(), data);
     }
     if let Ok(r) = VerificationRecord::decode(data) {
+        assert_eq!(r.encode(), data);
+    }
+    if let Ok(r) = DamageRecord::decode(data) {
+        assert!(r.entries.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(r.encode(), data);
     }
     if let Ok(l) = BlobLocation::decode(data) {

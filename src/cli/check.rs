@@ -53,6 +53,12 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
         gauge("diskvault_check_packs", "Packs in the repository's index.", &[], report.packs as f64);
         gauge("diskvault_check_packs_read", "Packs read and verified byte for byte.", &[], report.packs_read as f64);
         gauge("diskvault_check_bytes_read", "Bytes of packs read and verified.", &[], report.bytes_read as f64);
+        gauge(
+            "diskvault_check_damaged_blob_copies",
+            "Blob copies the repository's damage records name (backups store those blocks again).",
+            &[],
+            report.damage_recorded as f64,
+        );
         if subset != DataSubset::None {
             gauge(
                 "diskvault_check_packs_never_verified",
@@ -95,6 +101,17 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
             report.never_verified, report.packs
         );
     }
+    if report.damage_recorded > 0 {
+        println!(
+            "damage recorded: {} damaged or lost; backups store those blocks again from their sources, and \
+             restores read another copy where one is stored",
+            if report.damage_recorded == 1 {
+                "1 blob copy".to_string()
+            } else {
+                format!("{} blob copies", report.damage_recorded)
+            }
+        );
+    }
     if report.is_healthy() {
         println!("no errors found");
         Ok(())
@@ -104,10 +121,17 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
                 "to heal a damaged index file: `repair index`, which rebuilds the index from the packs' own headers; \
                  then check again"
             );
+        } else if report.affected.is_empty() && report.damaged_snapshots.is_empty() && !report.damaged_packs.is_empty()
+        {
+            eprintln!(
+                "every snapshot restores from intact copies; to remove the damaged ones: `repair packs` (with these \
+                 packs, or alone to find them)"
+            );
         } else if report.errors.len() > report.damaged_snapshots.len() {
             eprintln!(
-                "to heal: `repair packs` (with these packs, or alone to find them), then back up the affected \
-                 sources again; `repair snapshots` lists what stays lost"
+                "to heal: back up the affected sources again (the damaged blocks they still hold are stored \
+                 again), then `repair packs` (with these packs, or alone to find them) removes the damaged copies; \
+                 `repair snapshots` lists what stays lost"
             );
         }
         if !report.damaged_snapshots.is_empty() {

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! 0   4  magic "DVLT"
-//! 4   1  kind (1 config, 2 index, 3 snapshot, 6 verification record, 7 lock, 8 deletion record, 9 checkpoint;
-//!          4 key file and 5 pack use the same 8-byte header)
+//! 4   1  kind (1 config, 2 index, 3 snapshot, 6 verification record, 7 lock, 8 deletion record, 9 checkpoint,
+//!          10 damage record; 4 key file and 5 pack use the same 8-byte header)
 //! 5   1  format version (1; 2 for index files listing delta blobs; 3 for objects sealed after a key rotation)
 //! 6   2  version 3: key epoch (u16 LE) of the key that sealed the object; before: reserved, zero
 //! 8  12  nonce
@@ -30,6 +30,7 @@ pub enum Kind {
     Lock = 7,
     Deletion = 8,
     Checkpoint = 9,
+    Damage = 10,
 }
 
 /// The header of a version 1 object: every object except packs and index files that hold delta blobs.

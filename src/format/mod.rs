@@ -11,12 +11,14 @@
 //! | `verified/<id>` | [`verified`] | BLAKE3 of the file |
 //! | `locks/<name>` | [`lock`] | purpose (`exclusive`, `session-<hex>`) |
 //! | `deletions/<id>` | [`deletion`] | BLAKE3 of the file |
+//! | `damaged/<id>` | [`damage`] | BLAKE3 of the file |
 //! | the recovery key (text, kept outside) | [`recovery_key`] | - |
 //!
 //! Encrypted whole-file objects (config, index, snapshots) share one envelope ([`envelope`]).
 
 pub mod checkpoint;
 pub mod config;
+pub mod damage;
 pub mod deletion;
 pub mod envelope;
 pub mod index;
@@ -132,6 +134,7 @@ pub mod names {
     pub const PROTECTED: &str = "protected";
     pub const DELETIONS: &str = "deletions";
     pub const CHECKPOINTS: &str = "checkpoints";
+    pub const DAMAGED: &str = "damaged";
 
     pub fn pack(id: &ObjectId) -> String {
         let h = id.hex();
@@ -151,6 +154,9 @@ pub mod names {
     }
     pub fn deletion(id: &ObjectId) -> String {
         format!("{DELETIONS}/{}", id.hex())
+    }
+    pub fn damaged(id: &ObjectId) -> String {
+        format!("{DAMAGED}/{}", id.hex())
     }
     pub fn checkpoint(id: &ObjectId) -> String {
         format!("{CHECKPOINTS}/{}", id.hex())
