@@ -178,7 +178,8 @@ fn plan_disk(job: &mut DiskJob, parent: Option<&Snapshot>, block_size: u64) -> R
 }
 
 /// An incremental reuses the parent's unchanged segments by id. A segment the index no longer lists (a prune
-/// dropped it, or the index is damaged) cannot be vouched for, so its blocks are read from the source instead.
+/// dropped it, or the index is damaged), or whose only copy a check found damaged, cannot be vouched for, so its
+/// blocks are read from the source instead.
 fn reread_unindexed_segments(plan: &mut DiskPlan, cache: &IndexCache) -> Result<()> {
     let Some(parent) = &plan.parent else { return Ok(()) };
     let mut first = 0u64;
@@ -193,7 +194,8 @@ fn reread_unindexed_segments(plan: &mut DiskPlan, cache: &IndexCache) -> Result<
     }
     if missing > 0 {
         tracing::warn!(
-            "disk {}: {missing} manifest segment(s) of the parent snapshot are no longer indexed; reading their blocks",
+            "disk {}: {missing} manifest segment(s) of the parent snapshot are no longer indexed or were found \
+             damaged; reading their blocks",
             plan.name
         );
     }
@@ -922,8 +924,9 @@ fn assemble_disk(
                 // and a backup without it would deduplicate against the same damaged blob.
                 Some(load_segment(repo, &claims.cache, &ps).map_err(|e| {
                     e.with_remedy(
-                        "it is a manifest segment of the parent snapshot: `repair packs` takes the damaged pack out \
-                         (its intact blobs kept), after which the next backup stores it again",
+                        "it is a manifest segment of the parent snapshot: `check --read-data` records the damage, \
+                         after which the next backup reads the segment's blocks again (or `repair packs` takes the \
+                         damaged pack out, its intact blobs kept)",
                     )
                 })?)
             }

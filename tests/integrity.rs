@@ -517,10 +517,16 @@ fn an_incremental_on_a_damaged_parent_segment_names_the_remedy_which_heals_it() 
     let incremental = ["backup", "--name", "vm", "--changed-areas", changes.to_str().unwrap(), path.to_str().unwrap()];
     let r = e.fails(&incremental);
     assert!(
-        r.stderr.contains(id_of(&meta)) && r.stderr.contains("manifest segment of the parent snapshot: `repair packs`"),
+        r.stderr.contains(id_of(&meta))
+            && r.stderr.contains("manifest segment of the parent snapshot: `check --read-data` records the damage"),
         "{}",
         r.stderr
     );
+    // Once a check has recorded the damage, the incremental reads the segment's blocks instead.
+    assert_eq!(e.run(&["check", "--read-data"]).code, 1);
+    let r = e.ok(&incremental);
+    assert!(r.stderr.contains("no longer indexed or were found damaged; reading their blocks"), "{}", r.stderr);
+    assert_eq!(e.restore("latest", &[]), img);
     e.ok(&["repair", "packs"]);
     e.ok(&incremental);
     assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
