@@ -267,10 +267,18 @@ pub fn run_within(
         .filter_map(|(id, p)| {
             let name = names::pack(id);
             let problem = |msg: String| Some(Problem { pack: *id, damage: Damage::Pack, message: msg });
-            let Some(&size) = pack_sizes.get(id) else {
-                return problem(format!("{name}: indexed but missing ({} blobs lost)", p.entries.len()));
-            };
             let unreachable = |e: Error| Some(Problem { pack: *id, damage: damage_of(&e), message: e.to_string() });
+            let size = match pack_sizes.get(id) {
+                Some(&size) => size,
+                // Not listed: lost, or stored (with its index file) by a backup after the listing.
+                None => match backend.size(&name) {
+                    Ok(Some(size)) => size,
+                    Ok(None) => {
+                        return problem(format!("{name}: indexed but missing ({} blobs lost)", p.entries.len()))
+                    }
+                    Err(e) => return unreachable(e),
+                },
+            };
             // A full data pass reads every header with its pack; one on a budget may not get to every pack.
             if subset == DataSubset::All && deadline.is_none() {
                 return None;
