@@ -319,7 +319,10 @@ fn damage_found_by_check_heals_with_the_next_backup_before_any_repair() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains(id_of(&pack)), "{}", r.stderr);
     assert!(r.stdout.contains("damage recorded: 1 blob copy damaged or lost"), "{}", r.stdout);
-    assert_eq!(e.objects("damaged").len(), 1);
+    let record = e.objects("damaged");
+    assert_eq!(record.len(), 1);
+    let shown = e.ok(&["cat", "damaged", id_of(&record[0])]).json();
+    assert_eq!(shown["copies"][0]["pack"], id_of(&pack), "{shown}");
 
     // The next incremental's change list says nothing changed; it reads the damaged block again anyway.
     let r = e.ok(&[&incremental[..], &["--json"]].concat());

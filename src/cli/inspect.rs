@@ -7,8 +7,9 @@ use crate::format::{names, BlobId};
 
 #[derive(clap::Args, Debug)]
 pub struct CatArgs {
-    /// What to print: config, key, snapshot, index, pack (its header), verified (a verification record).
-    #[arg(value_parser = ["config", "key", "snapshot", "index", "pack", "verified"])]
+    /// What to print: config, key, snapshot, index, pack (its header), verified (a verification record), damaged
+    /// (a damage record of check).
+    #[arg(value_parser = ["config", "key", "snapshot", "index", "pack", "verified", "damaged"])]
     kind: String,
     /// Object id (full; snapshots also accept a prefix or `latest`).
     id: Option<String>,
@@ -79,6 +80,12 @@ pub fn run(g: &Globals, args: &CatArgs) -> Result<()> {
             let rec = repo.load_verification(&need_id()?)?;
             serde_json::json!({
                 "packs": rec.entries.iter().map(|(id, secs)| serde_json::json!({"pack": id.hex(), "verified_secs": secs})).collect::<Vec<_>>(),
+            })
+        }
+        "damaged" => {
+            let rec = repo.load_damage(&need_id()?)?;
+            serde_json::json!({
+                "copies": rec.entries.iter().map(|(pack, blob)| serde_json::json!({"pack": pack.hex(), "blob": blob.hex()})).collect::<Vec<_>>(),
             })
         }
         _ => unreachable!("clap restricts the values"),
