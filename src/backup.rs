@@ -234,10 +234,16 @@ fn reread_unstored_checkpoint_blocks(repo: &Repository, plan: &mut DiskPlan, cac
 
 /// A block of the parent that a check found damaged or lost (format-spec §8d), and that no backup has stored
 /// intact since, is read from the source again, also where the change list says it did not change: the new
-/// snapshot must not reuse it by id. Nothing to do, and nothing read, while no damage is known.
+/// snapshot must not reuse it by id. Nothing to do, and nothing read, while every such block has an intact copy.
 fn reread_damaged_blocks(repo: &Repository, plan: &mut DiskPlan, cache: &IndexCache) -> Result<()> {
     let Some(parent) = &plan.parent else { return Ok(()) };
-    if cache.damage().is_empty() {
+    // Once backups have stored every such block again, the parent's segments need not be read for this.
+    let lost: Vec<BlobId> = cache.damage().blobs().copied().collect();
+    let mut still_lost = false;
+    for id in &lost {
+        still_lost |= !cache.contains(id)?;
+    }
+    if !still_lost {
         return Ok(());
     }
     let mut damaged = Vec::new();

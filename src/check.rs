@@ -418,10 +418,7 @@ pub fn run_within(
     // Damage found by an earlier check in packs not read now.
     let mut earlier: std::collections::BTreeMap<ObjectId, usize> = Default::default();
     for (pack, blob) in known.sorted() {
-        if !judged.contains(&pack)
-            && !unusable.contains(&pack)
-            && indexed.get(&pack).is_some_and(|p| p.entries.iter().any(|e| e.id == blob))
-        {
+        if !judged.contains(&pack) && !unusable.contains(&pack) && pack_lists(&indexed, &pack, &blob) {
             *earlier.entry(pack).or_default() += 1;
         }
     }
@@ -436,10 +433,6 @@ pub fn run_within(
     }
     report.damaged_packs.sort();
     report.damaged_packs.dedup();
-    if known != records.damage || records.ids.len() > 1 || !records.unreadable.is_empty() {
-        crate::damage::replace(repo, &records.ids, &known)?;
-    }
-    report.damage_recorded = known.len();
     // A blob restores from its first copy in a pack that is usable and not known to be damaged.
     let intact = |id: &BlobId| copies(id).find(|(pack, _)| !unusable.contains(pack) && !known.at(pack, id));
     let damaged = |id: &BlobId| match (blobs.get(id), intact(id)) {
@@ -461,7 +454,10 @@ pub fn run_within(
         }
     }
 
-    // Snapshots: every segment and block resolves to an intact blob.
+    // Snapshots: every segment and block resolves to an intact blob. Blobs the known damage names are noted as
+    // referenced: a lost one no snapshot references is forgotten below (unless some segment could not be read).
+    let mut referenced: HashSet<BlobId> = HashSet::new();
+    let mut every_segment_read = true;
     let snap_ids = list_ids(&**backend, names::SNAPSHOTS)?;
     report.snapshots = snap_ids.len();
     for sid in &snap_ids {
@@ -474,6 +470,7 @@ pub fn run_within(
                     report.damaged_snapshots.push(*sid);
                 }
                 report.errors.push(e.to_string());
+                every_segment_read = false;
                 continue;
             }
         };
@@ -491,7 +488,11 @@ pub fn run_within(
             };
             for (k, seg) in disk.segments.iter().enumerate() {
                 let first = k as u64 * SEGMENT_BLOCKS as u64;
+                if known.names(&seg.id) {
+                    referenced.insert(seg.id);
+                }
                 if let Some(why) = damaged(&seg.id) {
+                    every_segment_read = false;
                     affected.extend((first..first + seg.blocks as u64).map(|b| (b, "manifest segment lost")));
                     report.errors.push(format!(
                         "{}: manifest segment {} is {why}: blocks {first}..{} are unreadable",
@@ -507,6 +508,7 @@ pub fn run_within(
                 {
                     Ok(p) if entry.blob_type == BlobType::Segment && p.len() == seg.blocks as usize * 32 => p,
                     Ok(_) => {
+                        every_segment_read = false;
                         affected.extend((first..first + seg.blocks as u64).map(|b| (b, "manifest segment damaged")));
                         report.errors.push(format!(
                             "{}: manifest segment {} has the wrong size or type",
@@ -516,6 +518,7 @@ pub fn run_within(
                         continue;
                     }
                     Err(e) => {
+                        every_segment_read = false;
                         affected.extend((first..first + seg.blocks as u64).map(|b| (b, "manifest segment damaged")));
                         report.errors.push(format!("{}: {e}", where_(first)));
                         continue;
@@ -527,6 +530,9 @@ pub fn run_within(
                     let id = BlobId(c.try_into().unwrap());
                     if id.is_zero_block() {
                         continue;
+                    }
+                    if known.names(&id) {
+                        referenced.insert(id);
                     }
                     if let Some(why) = damaged(&id) {
                         affected.push((first + j as u64, why));
@@ -547,6 +553,18 @@ pub fn run_within(
             }
         }
     }
+
+    // A lost blob (its copy's pack is gone) that no snapshot references is no longer worth knowing of.
+    let known = if every_segment_read {
+        let needed = |(pack, blob): &(ObjectId, BlobId)| pack_lists(&indexed, pack, blob) || referenced.contains(blob);
+        KnownDamage::new(known.sorted().into_iter().filter(needed))
+    } else {
+        known
+    };
+    if known != records.damage || records.ids.len() > 1 || !records.unreadable.is_empty() {
+        crate::damage::replace(repo, &records.ids, &known)?;
+    }
+    report.damage_recorded = known.len();
     Ok(report)
 }
 
@@ -620,15 +638,20 @@ fn known_damage<I: Iterator<Item = (ObjectId, PackEntry)>>(
     indexed: &HashMap<ObjectId, IndexedPack>,
     copies: &dyn Fn(&BlobId) -> I,
 ) -> KnownDamage {
-    let lists =
-        |pack: &ObjectId, blob: &BlobId| indexed.get(pack).is_some_and(|p| p.entries.iter().any(|e| e.id == *blob));
     let mut candidates: Vec<(ObjectId, BlobId)> =
         previous.sorted().into_iter().filter(|(pack, _)| !judged.contains(pack)).collect();
     candidates.extend(found);
     let all = KnownDamage::new(candidates.iter().copied());
     KnownDamage::new(
-        candidates.into_iter().filter(|(pack, blob)| lists(pack, blob) || copies(blob).all(|(q, _)| all.at(&q, blob))),
+        candidates
+            .into_iter()
+            .filter(|(pack, blob)| pack_lists(indexed, pack, blob) || copies(blob).all(|(q, _)| all.at(&q, blob))),
     )
+}
+
+/// Whether an index file lists `blob` in `pack`.
+fn pack_lists(indexed: &HashMap<ObjectId, IndexedPack>, pack: &ObjectId, blob: &BlobId) -> bool {
+    indexed.get(pack).is_some_and(|p| p.entries.iter().any(|e| e.id == *blob))
 }
 
 /// The blobs the index files list, as a [`BlobLocator`] for reading delta blobs' bases.

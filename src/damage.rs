@@ -50,6 +50,11 @@ impl KnownDamage {
         !self.blobs.is_empty() && self.blobs.contains(blob)
     }
 
+    /// The blobs with a copy known damaged or lost.
+    pub fn blobs(&self) -> impl Iterator<Item = &BlobId> {
+        self.blobs.iter()
+    }
+
     /// The copies, sorted (the order of a record).
     pub fn sorted(&self) -> Vec<(ObjectId, BlobId)> {
         let mut v: Vec<(ObjectId, BlobId)> = self.copies.iter().copied().collect();

@@ -442,6 +442,22 @@ fn an_incremental_reads_again_a_block_whose_pack_was_removed() {
     assert_eq!(e.restore("latest", &[]), img);
     assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
     assert!(e.objects("damaged").is_empty(), "the lost blob is stored again: the record goes");
+
+    // A lost block that no snapshot references any more is forgotten too.
+    let other = e.path("other");
+    write(&other, &random_bytes(45, MIB));
+    let before = e.objects("packs");
+    let snap = e.backup(&[other.to_str().unwrap(), "--name", "other"])["snapshot"].as_str().unwrap().to_string();
+    let pack = e.objects("packs").into_iter().filter(|p| !before.contains(p)).max_by_key(|p| e.object_size(p));
+    let pack = pack.unwrap();
+    e.flip(&pack, MIB / 2);
+    assert_eq!(e.run(&["check", "--read-data"]).code, 1);
+    e.ok(&["repair", "packs", id_of(&pack)]);
+    assert_eq!(e.run(&["check"]).code, 1);
+    assert_eq!(e.objects("damaged").len(), 1);
+    e.ok(&["forget", &snap]);
+    assert!(e.ok(&["check"]).stdout.contains("no errors found"));
+    assert!(e.objects("damaged").is_empty(), "no snapshot needs the lost block: the record goes");
 }
 
 #[test]
