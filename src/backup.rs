@@ -929,11 +929,20 @@ fn assemble_disk(
                 // Unchanged blocks come from the parent: with its segment unreadable this backup cannot be made,
                 // and a backup without it would deduplicate against the same damaged blob.
                 Some(load_segment(repo, &claims.cache, &ps).map_err(|e| {
-                    e.with_remedy(
+                    let copy = match e {
+                        Error::Corrupt { .. } => claims.cache.lookup(&ps.id).ok().flatten().map(|l| (l.pack, ps.id)),
+                        _ => None,
+                    };
+                    let recorded =
+                        copy.is_some_and(|c| crate::damage::record_found(repo, &claims.cache.damage(), vec![c]));
+                    e.with_remedy(if recorded {
+                        "it is a manifest segment of the parent snapshot, now recorded as damaged: the next backup \
+                         reads the segment's blocks again"
+                    } else {
                         "it is a manifest segment of the parent snapshot: `check --read-data` records the damage, \
                          after which the next backup reads the segment's blocks again (or `repair packs` takes the \
-                         damaged pack out, its intact blobs kept)",
-                    )
+                         damaged pack out, its intact blobs kept)"
+                    })
                 })?)
             }
             _ => None,

@@ -117,6 +117,35 @@ pub fn replace(repo: &Repository, previous: &[ObjectId], damage: &KnownDamage) -
     Ok(())
 }
 
+/// Records blob copies a reader (restore, backup) found damaged, beside the records of checks, so that the next
+/// backups store those blocks again: those `known` (the damage the reader's cache synced) does not hold yet, in one
+/// new record that the next check merges. Best effort: a failure to write (read-only credentials, say) is a
+/// warning, and the next `check --read-data` finds the damage again. Returns whether every copy found is now
+/// recorded.
+pub fn record_found(repo: &Repository, known: &KnownDamage, mut found: Vec<(ObjectId, BlobId)>) -> bool {
+    found.retain(|(pack, blob)| !known.at(pack, blob));
+    found.sort();
+    found.dedup();
+    if found.is_empty() {
+        return true;
+    }
+    let n = found.len();
+    match repo.save_damage(&DamageRecord { entries: found }) {
+        Ok(id) => {
+            tracing::warn!(
+                "recorded {n} damaged blob cop{} in {}: the next backups of the sources store those blocks again",
+                if n == 1 { "y" } else { "ies" },
+                names::damaged(&id)
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!("could not record the damage found ({e}); `check --read-data` finds it again");
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -299,8 +299,11 @@ pub fn restore_disk(
     let mut writer = Writer::start(&t)?;
     let describe =
         |block: u64| format!("block {block} (bytes {}..{})", block * bs, ((block + 1) * bs).min(disk.capacity));
+    // Blob copies found damaged, recorded for the next backups (format-spec §8d).
+    let found: Mutex<Vec<(ObjectId, BlobId)>> = Mutex::default();
     // Stops at the first damage unless partial restores are allowed.
-    let damaged = |blocks: Vec<u64>, cause: String| -> Result<()> {
+    let damaged = |blocks: Vec<u64>, cause: String, copies: &[(ObjectId, BlobId)]| -> Result<()> {
+        found.lock().unwrap().extend_from_slice(copies);
         if !opts.allow_partial {
             return Err(Error::Restore {
                 disk: disk.name.clone(),
@@ -312,7 +315,7 @@ pub fn restore_disk(
     };
 
     // Its threads are joined before the restore goes on (see `util::with_thread_pool`).
-    crate::util::with_thread_pool(opts.fetchers.max(1), "restore-fetch", |pool| -> Result<()> {
+    let fetched = crate::util::with_thread_pool(opts.fetchers.max(1), "restore-fetch", |pool| -> Result<()> {
         for (k, seg) in disk.segments.iter().enumerate() {
             if crate::util::interrupted() {
                 writer.finish()?;
@@ -323,7 +326,12 @@ pub fn restore_disk(
                 Ok(ids) => ids,
                 Err(e) => {
                     let blocks: Vec<u64> = (first..first + seg.blocks as u64).collect();
-                    damaged(blocks, format!("manifest segment {} is unreadable: {e}", seg.id.short()))?;
+                    let copy = match e {
+                        Error::Corrupt { .. } => cache.lookup(&seg.id)?.map(|loc| (loc.pack, seg.id)),
+                        _ => None,
+                    };
+                    let cause = format!("manifest segment {} is unreadable: {e}", seg.id.short());
+                    damaged(blocks, cause, copy.as_slice())?;
                     continue;
                 }
             };
@@ -343,7 +351,8 @@ pub fn restore_disk(
                     continue;
                 }
                 let Some(loc) = cache.lookup(id)? else {
-                    damaged(vec![block], format!("blob {id} is not in any index file ({})", cache.why_not_indexed()))?;
+                    let cause = format!("blob {id} is not in any index file ({})", cache.why_not_indexed());
+                    damaged(vec![block], cause, &[])?;
                     continue;
                 };
                 by_pack
@@ -407,7 +416,9 @@ pub fn restore_disk(
             }
         }
         Ok(())
-    })??;
+    });
+    crate::damage::record_found(repo, &cache.damage(), found.into_inner().unwrap_or_else(|p| p.into_inner()));
+    fetched??;
     // Damaged blocks must read as zeros, whatever the target held before.
     let damaged_ranges = damage.into_ranges(disk);
     let zeroed = damaged_ranges.iter().try_for_each(|r| t.zero(r.start..r.end, &writer, &zero_buf));
@@ -737,6 +748,10 @@ fn write_all_vectored_at(file: &File, mut slices: &mut [std::io::IoSlice], mut o
     Ok(())
 }
 
+/// Called with blocks that cannot be restored, the cause, and the blob copies found damaged (format-spec §8d);
+/// decides whether that stops the restore.
+type OnDamage<'a> = dyn Fn(Vec<u64>, String, &[(ObjectId, BlobId)]) -> Result<()> + Sync + 'a;
+
 /// Fetches one range, opens each blob in it, writes it everywhere it belongs. Returns (blocks, bytes) written.
 /// Unreadable blobs go to `damaged`, which decides whether that stops the restore.
 #[allow(clippy::too_many_arguments)]
@@ -747,7 +762,7 @@ fn run_read_job(
     writer: &Writer,
     job: &ReadJob,
     counters: &Counters,
-    damaged: &(dyn Fn(Vec<u64>, String) -> Result<()> + Sync),
+    damaged: &OnDamage<'_>,
 ) -> Result<(u64, u64)> {
     let bs = disk.block_size as u64;
     let (mut blocks, mut bytes) = (0, 0);
@@ -755,12 +770,16 @@ fn run_read_job(
     let mut write_blob = |w: &Want, plain: std::result::Result<AlignedBuf, String>| -> Result<()> {
         let plain = match plain {
             Ok(p) => Arc::new(p),
-            Err(cause) => return damaged(w.blocks.clone(), format!("{}: {cause}", names::pack(&job.pack))),
+            Err(cause) => {
+                let cause = format!("{}: {cause}", names::pack(&job.pack));
+                return damaged(w.blocks.clone(), cause, &[(job.pack, w.entry.id)]);
+            }
         };
         for &b in &w.blocks {
             let len = bs.min(disk.capacity - b * bs) as usize;
             if plain.len() != len {
-                damaged(vec![b], format!("blob {} holds {} bytes, the block has {len}", w.entry.id, plain.len()))?;
+                let cause = format!("blob {} holds {} bytes, the block has {len}", w.entry.id, plain.len());
+                damaged(vec![b], cause, &[])?;
                 continue;
             }
             writer.write(b * bs, plain.clone(), len)?;
@@ -779,7 +798,12 @@ fn run_read_job(
     });
     if let Err(e) = fetched {
         let blocks: Vec<u64> = job.wants.iter().flat_map(|w| w.blocks.iter().copied()).collect();
-        damaged(blocks, e.to_string())?;
+        // A pack gone or damaged as a whole; not a storage that failed to answer.
+        let copies: Vec<(ObjectId, BlobId)> = match e {
+            Error::Missing { .. } | Error::Corrupt { .. } => job.wants.iter().map(|w| (job.pack, w.entry.id)).collect(),
+            _ => Vec::new(),
+        };
+        damaged(blocks, e.to_string(), &copies)?;
         return Ok((0, 0));
     }
     stopped?;

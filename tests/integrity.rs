@@ -30,11 +30,13 @@ fn id_of(name: &str) -> &str {
 fn partial_restore_restores_the_rest_and_names_the_damaged_range() {
     let e = Env::new();
     let img = setup(&e);
+    let first = e.ok(&["snapshots", "--json"]).json()[0]["id"].as_str().unwrap().to_string();
     let pack = a_data_pack(&e);
     e.flip(&pack, 5000);
     let t = e.path("out");
     let r = e.fails(&["restore", "latest", "--target", t.to_str().unwrap()]);
     assert!(r.stderr.contains("cannot be restored") && r.stderr.contains("bytes "), "{}", r.stderr);
+    assert!(r.stderr.contains("recorded 1 damaged blob copy"), "{}", r.stderr);
 
     let _ = std::fs::remove_file(&t);
     let r = e.run(&["restore", "latest", "--target", t.to_str().unwrap(), "--allow-partial", "--verify"]);
@@ -50,6 +52,13 @@ fn partial_restore_restores_the_rest_and_names_the_damaged_range() {
     assert!(out[s..end].iter().all(|&b| b == 0), "the damaged range is zeros, never wrong bytes");
     assert_eq!(&out[..s], &img[..s]);
     assert_eq!(&out[end..], &img[end..]);
+
+    // The restore recorded what it found: the next backup of the source stores the block again, with no check
+    // run, and the snapshot restores whole.
+    assert_eq!(e.objects("damaged").len(), 1, "recorded once: {}", r.stderr);
+    let again = e.backup(&[e.path("img").to_str().unwrap(), "--name", "vm"]);
+    assert_eq!(again["disks"][0]["new_blocks"], 1);
+    assert_eq!(e.restore(&first, &[]), img);
 }
 
 #[test]
@@ -79,7 +88,12 @@ fn damaged_segment_is_reported_and_repair_snapshots_marks_it() {
     let r = e.ok(&["restore", "latest", "--target", t.to_str().unwrap()]);
     assert!(r.stderr.contains("was repaired"), "restore must warn about lost ranges: {}", r.stderr);
     assert!(std::fs::read(&t).unwrap().iter().all(|&b| b == 0));
+    // The restore recorded the damaged segment, which check reports until prune takes it (no snapshot needs it)
+    // out of its pack.
+    assert!(e.fails(&["check"]).stderr.contains("found damaged by an earlier check"));
+    e.ok(&["prune"]);
     assert!(e.ok(&["check"]).stdout.contains("no errors found"));
+    assert!(e.objects("damaged").is_empty());
 }
 
 #[test]
@@ -537,12 +551,12 @@ fn an_incremental_on_a_damaged_parent_segment_names_the_remedy_which_heals_it() 
     let r = e.fails(&incremental);
     assert!(
         r.stderr.contains(id_of(&meta))
-            && r.stderr.contains("manifest segment of the parent snapshot: `check --read-data` records the damage"),
+            && r.stderr.contains("manifest segment of the parent snapshot, now recorded as damaged"),
         "{}",
         r.stderr
     );
-    // Once a check has recorded the damage, the incremental reads the segment's blocks instead.
-    assert_eq!(e.run(&["check", "--read-data"]).code, 1);
+    // The failed backup recorded the damage: the next one reads the segment's blocks instead.
+    assert_eq!(e.objects("damaged").len(), 1);
     let r = e.ok(&incremental);
     assert!(r.stderr.contains("no longer indexed or were found damaged; reading their blocks"), "{}", r.stderr);
     assert_eq!(e.restore("latest", &[]), img);
