@@ -851,6 +851,94 @@ fn files_of_an_ntfs_partition_are_listed_and_extracted_as_windows_wrote_them() {
     assert_eq!(std::fs::read(all.join("Windows/System32/small.dll")).unwrap(), b"resident");
 }
 
+/// A damaged MFT record hides its own file only: the directory holding it is listed, extracted and dumped
+/// without it, the file named with the reason, exit code 3 (ext4's case is in
+/// `times_keep_their_nanoseconds_and_an_unreadable_inode_hides_nothing_else`).
+#[test]
+fn a_damaged_ntfs_file_record_hides_only_its_file() {
+    let e = Env::with_repo();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut disk = zstd::decode_all(&std::fs::read(fixtures.join("ntfs-disk.raw.zst")).unwrap()[..]).unwrap();
+    // settings.ini's record: a 1 KiB record signed FILE that holds its name (UTF-16LE) and its bytes (resident);
+    // its directory's record holds the name too, in its index.
+    let name: Vec<u8> = "settings.ini".encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
+    let holds = |o: usize, what: &[u8]| disk[o..o + 1024].windows(what.len()).any(|w| w == what);
+    let records: Vec<usize> = (0..disk.len() - 1024)
+        .step_by(1024)
+        .filter(|&o| &disk[o..o + 4] == b"FILE" && holds(o, &name) && holds(o, b"[settings]"))
+        .collect();
+    assert_eq!(records.len(), 1, "one record is settings.ini's");
+    // Its update sequence number, repeated at the end of each 512-byte sector, no longer matches.
+    disk[records[0] + 510] ^= 0xff;
+    let path = e.path("fixture.raw");
+    std::fs::write(&path, &disk).unwrap();
+    e.ok(&["backup", "--name", "win01", &format!("disk0={}", path.display())]);
+    let tree = e.path("tree");
+    run_tool(Command::new(fixtures.join("fixture-tree.sh")).arg(&tree));
+    let dir = "/part1/Program Files/Contoso App";
+
+    let r = e.run(&["ls", "latest", dir]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!(r.stdout.lines().collect::<Vec<_>>(), [format!("{dir}/bin")], "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("not listed: {dir}/settings.ini")), "{}", r.stderr);
+
+    let out = e.path("out");
+    let r = e.run(&["extract", "latest", dir, "--target", out.to_str().unwrap()]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("{dir}/settings.ini")), "{}", r.stderr);
+    let exe = "Contoso App/bin/contoso.exe";
+    assert_eq!(std::fs::read(out.join(exe)).unwrap(), std::fs::read(tree.join("Program Files").join(exe)).unwrap());
+    assert!(!out.join("Contoso App/settings.ini").exists());
+
+    let r = e.command(&["dump", "latest", dir]).output().unwrap();
+    assert_eq!(r.status.code(), Some(3), "{}", String::from_utf8_lossy(&r.stderr));
+    let tar = e.path("app.tar");
+    std::fs::write(&tar, &r.stdout).unwrap();
+    let listed = Command::new("tar").arg("-tf").arg(&tar).output().unwrap();
+    assert!(listed.status.success(), "the archive is whole: {listed:?}");
+    let names = String::from_utf8_lossy(&listed.stdout);
+    assert!(names.contains("bin/contoso.exe") && !names.contains("settings.ini"), "{names}");
+}
+
+/// The same for a damaged XFS inode: its directory entry names it, its inode fails to read.
+#[test]
+fn a_damaged_xfs_inode_hides_only_its_file() {
+    let e = Env::with_repo();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut disk = zstd::decode_all(&std::fs::read(fixtures.join("xfs-disk.raw.zst")).unwrap()[..]).unwrap();
+    let part = 2048 * 512;
+    // settings.ini's entry in its directory's inode (short form: name length, 2-byte offset, name, file type,
+    // 4-byte inode number).
+    let at = disk.windows(15).position(|w| w[0] == 12 && &w[3..] == b"settings.ini").unwrap();
+    let ino = u32::from_be_bytes(disk[at + 3 + 12 + 1..][..4].try_into().unwrap()) as u64;
+    // Where that inode lies, from the superblock's geometry.
+    let sb = &disk[part..];
+    let be32 = |o: usize| u32::from_be_bytes(sb[o..o + 4].try_into().unwrap()) as u64;
+    let (block_size, ag_blocks) = (be32(4), be32(84));
+    let inode_size = u16::from_be_bytes(sb[104..106].try_into().unwrap()) as u64;
+    let (inop_log, agblk_log) = (sb[123] as u64, sb[124] as u64);
+    let (ag, ag_ino) = (ino >> (agblk_log + inop_log), ino & ((1 << (agblk_log + inop_log)) - 1));
+    let inode = part as u64
+        + (ag * ag_blocks + (ag_ino >> inop_log)) * block_size
+        + (ag_ino & ((1 << inop_log) - 1)) * inode_size;
+    let inode = inode as usize;
+    assert_eq!(&disk[inode..inode + 2], b"IN", "inode {ino} at byte {inode}");
+    disk[inode] = b'X';
+    let path = e.path("fixture.raw");
+    std::fs::write(&path, &disk).unwrap();
+    e.ok(&["backup", "--name", "rocky9", &format!("disk0={}", path.display())]);
+    let dir = "/part1/Program Files/Contoso App";
+
+    let r = e.run(&["ls", "latest", dir]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!(r.stdout.lines().collect::<Vec<_>>(), [format!("{dir}/bin")], "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("not listed: {dir}/settings.ini")), "{}", r.stderr);
+    let r = e.run(&["find", "*.ini", "contoso.exe", "--path", "/part1/Program Files"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stdout.contains(&format!("{dir}/bin/contoso.exe")) && !r.stdout.contains("settings.ini"), "{}", r.stdout);
+    assert!(r.stderr.contains(&format!("{dir}/settings.ini")), "{}", r.stderr);
+}
+
 #[test]
 fn files_of_lvm_logical_volumes_are_read_across_their_segments() {
     // A GPT disk with /boot and an LVM PV in VG "rhel": LV "root" (linear) and LV "home-dir", whose two
