@@ -88,6 +88,8 @@ struct Shared {
     sync_lock: Mutex<()>,
     /// Ranged reads of packs made so far (delta bases not counted).
     pack_reads: std::sync::atomic::AtomicU64,
+    /// Blob copies found damaged and recorded (format-spec §8d), so that each is recorded once.
+    damage_found: Mutex<std::collections::HashSet<(crate::format::ObjectId, BlobId)>>,
     /// Read-ahead threads not yet joined ([`Shared::fetch_in_background`], [`Shared::wait_for_background`]).
     background: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
@@ -113,16 +115,25 @@ impl Shared {
                     let form = self.blobs.keep_forms.then(|| StoredForm::of(&want.entry, body)).flatten();
                     self.blobs.insert(want.entry.id, Arc::new(plain), form)
                 }
-                Err(cause) if primary.is_none_or(|p| p == want.entry.id) && failed.is_none() => {
-                    failed = Some(Error::corrupt(crate::format::names::pack(&job.pack), cause))
+                Err(cause) => {
+                    self.record_damage(job.pack, want.entry.id);
+                    if primary.is_none_or(|p| p == want.entry.id) && failed.is_none() {
+                        failed = Some(Error::corrupt(crate::format::names::pack(&job.pack), cause))
+                    }
                 }
-                Err(_) => {}
             },
         );
         match (fetched, failed) {
             (Err(e), _) if holds_primary => Err(e),
             (_, Some(e)) => Err(e),
             _ => Ok(()),
+        }
+    }
+
+    /// Records a blob copy found damaged, once per process, so that the next backups store the block again.
+    fn record_damage(&self, pack: crate::format::ObjectId, blob: BlobId) {
+        if self.damage_found.lock().unwrap_or_else(|p| p.into_inner()).insert((pack, blob)) {
+            crate::damage::record_found(&self.repo, &self.cache.damage(), vec![(pack, blob)]);
         }
     }
 
@@ -191,6 +202,7 @@ impl RepositoryExports {
                 blobs,
                 sync_lock: Mutex::new(()),
                 pack_reads: Default::default(),
+                damage_found: Default::default(),
                 background: Default::default(),
             }),
             opts,

@@ -374,6 +374,16 @@ fn a_damaged_blob_under_a_file_is_named_and_everything_else_is_still_copied() {
     // What came out before the error is the file's start, nothing else.
     let want = std::fs::read(tree.join("var/lib/app/data.bin")).unwrap();
     assert!(r.stdout.len() < want.len() && want.starts_with(&r.stdout), "{} bytes of other data", r.stdout.len());
+    // The damaged copy is recorded: the next backup of the disk stores the block again (tests/integrity.rs).
+    let recorded: Vec<serde_json::Value> = e
+        .objects("damaged")
+        .iter()
+        .map(|name| e.ok(&["cat", "damaged", name.rsplit('/').next().unwrap()]).json())
+        .collect();
+    assert!(
+        recorded.iter().any(|r| r["copies"].as_array().unwrap().iter().any(|c| c["blob"] == damaged.as_str())),
+        "{stderr}"
+    );
 
     // extract leaves the damaged file out, names it and its blob, and copies everything else.
     let out = e.path("out");
