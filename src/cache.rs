@@ -619,7 +619,7 @@ impl IndexCache {
             loaded.clear();
             stats.rebuilt = true;
         } else if built_with != fingerprint && !loaded.is_empty() {
-            tracing::info!("the damage check found has changed; rebuilding the local index cache");
+            tracing::info!("the known damage (damaged/ records) has changed; rebuilding the local index cache");
             self.drop_shared();
             self.clear(false)?;
             loaded.clear();
