@@ -232,7 +232,7 @@ fn reread_unstored_checkpoint_blocks(repo: &Repository, plan: &mut DiskPlan, cac
     Ok(())
 }
 
-/// A block of the parent that a check found damaged or lost (format-spec §8d), and that no backup has stored
+/// A block of the parent found damaged or lost (a damage record names it, format-spec §8d), that no backup has stored
 /// intact since, is read from the source again, also where the change list says it did not change: the new
 /// snapshot must not reuse it by id. Nothing to do, and nothing read, while every such block has an intact copy.
 fn reread_damaged_blocks(repo: &Repository, plan: &mut DiskPlan, cache: &IndexCache) -> Result<()> {
@@ -262,7 +262,8 @@ fn reread_damaged_blocks(repo: &Repository, plan: &mut DiskPlan, cache: &IndexCa
     }
     if !damaged.is_empty() {
         tracing::warn!(
-            "disk {}: {} block(s) of the parent snapshot were found damaged by a check; reading them again",
+            "disk {}: {} block(s) of the parent snapshot were found damaged (damage records name them); reading \
+             them again",
             plan.name,
             damaged.len()
         );

@@ -1,5 +1,6 @@
-//! Known damage (format-spec §8d): the blob copies a `check` found damaged or lost, shared through `damaged/`
-//! records so that every host acts on them before anyone runs `repair packs`:
+//! Known damage (format-spec §8d): the blob copies found damaged or lost (by `check`, or by a restore, `serve`
+//! or backup that met them: [`record_found`]), shared through `damaged/` records so that every host acts on them
+//! before anyone runs `repair packs`:
 //!
 //! - backups do not deduplicate against such a copy: they store the block again where the source still holds
 //!   it, also an unchanged block of a changed-areas incremental ([`crate::backup`]);

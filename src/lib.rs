@@ -21,7 +21,7 @@
 //! | [`diff`] | which blocks of a disk differ between two snapshots, from the manifests alone |
 //! | [`copy`] | snapshots of another repository stored in this one: read through [`serve`]'s disks, stored by [`backup`], blocks sealed in the form the source stored them where both compress alike |
 //! | [`check`] | repository integrity: structure, and every byte with `--read-data` |
-//! | [`damage`] | the blob copies `check` found damaged or lost (`damaged/` records): backups store them again, readers take intact copies, prune never keeps one in use |
+//! | [`damage`] | the blob copies found damaged or lost (`damaged/` records, written by `check`, restores, `serve`): backups store them again, readers take intact copies, prune never keeps one in use |
 //! | [`forget`] | retention policies: which snapshots to keep and why; protection |
 //! | [`tag`] | changing the tags of stored snapshots (each written again under a new id) |
 //! | [`nbd`] | the NBD protocol: a client (NBD exports as sources) and `serve` (snapshots as NBD exports), both with TLS |

@@ -232,7 +232,7 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
     // 3. Sweep and rewrite.
     let damage = crate::damage::load(repo)?;
     for e in &damage.unreadable {
-        report.warnings.push(format!("{e}: a damage record of check, left out"));
+        report.warnings.push(format!("{e}: a damage record, left out"));
     }
     let mut sweep = Sweep::new(repo, &scratch, opts, damage.damage);
     for id in repo.list_index_ids()? {
@@ -463,7 +463,7 @@ struct Sweep<'a> {
     /// Blobs and index files sealed with a key epoch below this are sealed again: the current epoch with
     /// `reencrypt`, else 0 (nothing is).
     reseal_below: KeyEpoch,
-    /// Blob copies a check found damaged (format-spec §8d): kept while marked, but never the copy in use.
+    /// Blob copies found damaged (format-spec §8d): kept while marked, but never the copy in use.
     damage: KnownDamage,
 }
 

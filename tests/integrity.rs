@@ -341,7 +341,7 @@ fn damage_found_by_check_heals_with_the_next_backup_before_any_repair() {
     // The next incremental's change list says nothing changed; it reads the damaged block again anyway.
     let r = e.ok(&[&incremental[..], &["--json"]].concat());
     assert_eq!(r.json()["disks"][0]["new_blocks"], 1, "{}", r.stderr);
-    assert!(r.stderr.contains("found damaged by a check; reading them again"), "{}", r.stderr);
+    assert!(r.stderr.contains("were found damaged (damage records name them); reading them again"), "{}", r.stderr);
     // Every snapshot restores, here and on a host whose cache is built from scratch; the damaged pack is still
     // there.
     for snap in [first.as_str(), before_check["snapshot"].as_str().unwrap(), "latest"] {

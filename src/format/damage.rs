@@ -1,4 +1,5 @@
-//! Damage records (`damaged/<id>`): blobs a `check` found damaged or lost, each in the pack where it was found.
+//! Damage records (`damaged/<id>`): blobs found damaged or lost (by `check`, a restore, `serve`, a backup), each
+//! in the pack where it was found.
 //! Backups do not deduplicate against such a copy (they store the block again) and readers take another copy of
 //! the blob where the index lists one. See `format-spec/README.md` §8d.
 //!
