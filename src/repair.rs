@@ -277,6 +277,11 @@ pub fn repair_packs(repo: &Repository, packs: &[ObjectId]) -> Result<Vec<PackRep
     if dropped.is_empty() {
         return Ok(results);
     }
+    // The lost blobs are recorded (format-spec §8d) before their packs go, so that a changed-areas incremental
+    // whose change list leaves such a block out still reads it again rather than reuse the lost id.
+    let lost: Vec<(ObjectId, BlobId)> =
+        results.iter().flat_map(|r| r.lost.iter().map(|(blob, _)| (r.pack, *blob))).collect();
+    crate::damage::record_found(repo, &crate::damage::load(repo)?.damage, lost);
     for w in writers.finish() {
         new_packs.push(repo.save_pack(w.finish(repo.keys()))?);
     }
