@@ -930,10 +930,7 @@ fn assemble_disk(
                 // Unchanged blocks come from the parent: with its segment unreadable this backup cannot be made,
                 // and a backup without it would deduplicate against the same damaged blob.
                 Some(load_segment(repo, &claims.cache, &ps).map_err(|e| {
-                    let copy = match e {
-                        Error::Corrupt { .. } => claims.cache.lookup(&ps.id).ok().flatten().map(|l| (l.pack, ps.id)),
-                        _ => None,
-                    };
+                    let copy = claims.cache.damaged_copy(&ps.id, &e);
                     let recorded =
                         copy.is_some_and(|c| crate::damage::record_found(repo, &claims.cache.damage(), vec![c]));
                     e.with_remedy(if recorded {

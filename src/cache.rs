@@ -717,6 +717,15 @@ impl IndexCache {
         self.db.put(index_key(index_id), []).map_err(|e| self.err(e))
     }
 
+    /// The copy of blob `id` that a read through this cache failed on with `err`, if `err` says the copy itself
+    /// is damaged (not that the storage failed): what a reader records (format-spec §8d).
+    pub fn damaged_copy(&self, id: &BlobId, err: &Error) -> Option<(ObjectId, BlobId)> {
+        match err {
+            Error::Corrupt { .. } => self.lookup(id).ok().flatten().map(|loc| (loc.pack, *id)),
+            _ => None,
+        }
+    }
+
     /// The known damage as of the last sync (format-spec §8d).
     pub fn damage(&self) -> RwLockReadGuard<'_, KnownDamage> {
         self.damage.read().unwrap_or_else(|p| p.into_inner())

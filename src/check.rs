@@ -201,12 +201,14 @@ pub fn run_within(
                             std::collections::hash_map::Entry::Vacant(v) => {
                                 v.insert((p.id, *e));
                             }
-                            std::collections::hash_map::Entry::Occupied(o) => {
+                            // A pack listed twice (an interrupted prune or repair) is one copy.
+                            std::collections::hash_map::Entry::Occupied(o) if o.get().0 != p.id => {
                                 let copies = more_copies.entry(e.id).or_default();
-                                if o.get().0 != p.id && !copies.iter().any(|(q, _)| *q == p.id) {
+                                if !copies.iter().any(|(q, _)| *q == p.id) {
                                     copies.push((p.id, *e));
                                 }
                             }
+                            std::collections::hash_map::Entry::Occupied(_) => {}
                         }
                     }
                     if let Some(prev) = indexed.get(&p.id) {

@@ -326,10 +326,7 @@ pub fn restore_disk(
                 Ok(ids) => ids,
                 Err(e) => {
                     let blocks: Vec<u64> = (first..first + seg.blocks as u64).collect();
-                    let copy = match e {
-                        Error::Corrupt { .. } => cache.lookup(&seg.id)?.map(|loc| (loc.pack, seg.id)),
-                        _ => None,
-                    };
+                    let copy = cache.damaged_copy(&seg.id, &e);
                     let cause = format!("manifest segment {} is unreadable: {e}", seg.id.short());
                     damaged(blocks, cause, copy.as_slice())?;
                     continue;
