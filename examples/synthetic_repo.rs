@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! synthetic_repo generate DIR BLOCKS     # BLOCKS distinct 64-byte blocks, 10 overlapping snapshots
-//! synthetic_repo prune DIR CACHE         # forget the 5 oldest snapshots, prune; print time and peak RSS
+//! synthetic_repo prune DIR CACHE [N]     # forget the N (default 5) oldest snapshots, prune; print time and peak
+//!                                        # RSS, and what catching up with the prune costs a host's index cache
 //! ```
 //! Snapshot g references blocks [g·B/10, (g+2)·B/10): every block is used by one or two snapshots, and
 //! forgetting the five oldest leaves about half of the blocks unreferenced.
@@ -11,6 +12,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
+use diskvault::cache::IndexCache;
 use diskvault::format::index::{IndexFile, IndexedPack};
 use diskvault::format::keyfile::KdfParams;
 use diskvault::format::pack::{BlobSealer, PackWriter};
@@ -27,9 +29,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("generate") if args.len() == 4 => generate(&args[2], args[3].parse().expect("BLOCKS")),
-        Some("prune") if args.len() == 4 => prune(&args[2], &args[3]),
+        Some("prune") if args.len() == 4 => prune(&args[2], &args[3], None),
+        Some("prune") if args.len() == 5 => prune(&args[2], &args[3], Some(args[4].parse().expect("FORGET"))),
         _ => {
-            eprintln!("usage: synthetic_repo generate DIR BLOCKS | synthetic_repo prune DIR CACHE");
+            eprintln!("usage: synthetic_repo generate DIR BLOCKS | synthetic_repo prune DIR CACHE [FORGET]");
             std::process::exit(2);
         }
     }
@@ -158,12 +161,18 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-fn prune(dir: &str, cache: &str) {
+fn prune(dir: &str, cache: &str, forget: Option<usize>) {
     let repo = Repository::open(diskvault::backend::open(dir).unwrap(), PASSWORD).unwrap();
-    let snaps = repo.list_snapshots().unwrap();
-    for (id, _) in snaps.iter().take(snaps.len() / 2) {
+    let mut snaps = repo.list_snapshots().unwrap();
+    snaps.sort_by_key(|(_, s)| s.time_secs);
+    for (id, _) in snaps.iter().take(forget.unwrap_or(snaps.len() / 2)) {
         repo.backend().delete(&diskvault::format::names::snapshot(id)).unwrap();
     }
+    // A host's local index cache, up to date before the prune: what catching up with the prune costs it.
+    let started = Instant::now();
+    let host_root = std::path::Path::new(cache).join("host");
+    let (host, _) = IndexCache::open(&repo, &host_root).unwrap();
+    let built = started.elapsed().as_secs_f64();
     let rss_before = peak_rss_kib();
     let started = Instant::now();
     let r = diskvault::prune::run(&repo, std::path::Path::new(cache), &Default::default()).unwrap();
@@ -181,4 +190,16 @@ fn prune(dir: &str, cache: &str) {
     for (name, secs) in &r.phases {
         println!("  {name}: {secs:.2} s");
     }
+    let started = Instant::now();
+    let synced = host.sync(&repo).unwrap();
+    let caught_up = started.elapsed().as_secs_f64();
+    drop(host);
+    let started = Instant::now();
+    let (fresh, _) = IndexCache::open(&repo, &std::path::Path::new(cache).join("fresh")).unwrap();
+    let rebuilt = started.elapsed().as_secs_f64();
+    drop(fresh);
+    println!(
+        "local index cache: built in {built:.2} s before the prune; caught up with it in {caught_up:.2} s ({synced}); \
+         built from scratch after it in {rebuilt:.2} s"
+    );
 }

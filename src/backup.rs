@@ -478,12 +478,8 @@ pub fn run(
     // index before it, so that nothing it dropped is seen here (format-spec §9b).
     let session = crate::lock::start_session(repo, "backup")?;
     let synced = cache.sync(repo)?;
-    if synced.index_files_loaded > 0 || synced.rebuilt {
-        tracing::info!(
-            "local index cache: loaded {} index files{}",
-            synced.index_files_loaded,
-            if synced.rebuilt { ", rebuilt" } else { "" }
-        );
+    if synced.changed() {
+        tracing::info!("local index cache: {synced}");
     }
     // Packs a killed backup stored without indexing them: index them now, so that their blocks count as stored.
     // A resumed backup looks for them whatever this host's cache says: the interrupted one may have run elsewhere.

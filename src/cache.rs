@@ -1,16 +1,20 @@
 //! The local dedup index: a RocksDB database in the user's cache directory mapping blob id → location.
 //!
 //! It is **only a cache** of the repository's `index/` files. [`IndexCache::open`] catches up with index files
-//! other hosts wrote since the last run; if an index file it loaded has disappeared (prune or repair replaced
-//! it), or the database is unreadable, it is thrown away and rebuilt from `index/`. Deleting it loses nothing.
+//! other hosts wrote since the last run. If an index file it loaded has disappeared (prune or repair replaced
+//! it), what that file listed is taken out again: the cache remembers, per file, the packs and blob ids it
+//! listed, so that catching up with a prune costs in proportion to the index files it replaced, not to the
+//! repository. If the database is unreadable it is thrown away and rebuilt from `index/`. Deleting it loses
+//! nothing.
 //!
-//! Keys: `b` ‖ blob id → [`BlobLocation`] (80 bytes, 112 for a delta blob); `p` ‖ pack id → empty (an index file lists it);
-//! `i` ‖ index file id → empty (loaded); `v` → cache layout version and repository id; `d` → the fingerprint of
-//! the known damage (format-spec §8d) the blob index was built with: where an index file lists a blob twice,
-//! the copy not known to be damaged is the one kept, so a change of that set rebuilds the blob index;
+//! Keys: `c` ‖ blob id ‖ pack id → [`BlobLocation`] (80 bytes, 112 for a delta blob): every listed copy of a blob,
+//! so that taking one out never needs to know which others exist; `p` ‖ pack id ‖ index file id → empty (that
+//! file lists the pack); `x` ‖ index file id ‖ pack id → the ids of the blobs the file lists in that pack;
+//! `i` ‖ index file id → empty (loaded); `v` → cache layout version and repository id;
 //! `f` ‖ page feature (u64 LE) → id of a stored data block holding that page ([`crate::delta`]: where a new
 //! block's delta base is looked for). Features are hints, checked against the blob index when used, so they
-//! survive a rebuild of the blob index (after a prune) and are only dropped with the whole cache.
+//! survive a rebuild of the blob index and are only dropped with the whole cache. Of a blob's copies, lookups
+//! return one not known to be damaged (format-spec §8d) where there is one.
 //!
 //! One process at a time can write it (RocksDB's lock). A second process on the same host (a backup while
 //! `serve` runs, two backup jobs at once) reads the shared cache as it was when it opened (read-only, so no
@@ -35,7 +39,10 @@ use crate::format::index::{BlobLocation, IndexFile};
 use crate::format::{BlobId, ObjectId};
 use crate::repository::Repository;
 
-const LAYOUT_VERSION: &[u8] = b"diskvault-index-cache-3";
+const LAYOUT_VERSION: &[u8] = b"diskvault-index-cache-4";
+/// Length of the keys' prefix that RocksDB's prefix filters hold: a tag byte and one id. A blob's copies, a pack's
+/// listings and an index file's listings are each found by one such prefix.
+const PREFIX_LEN: usize = 33;
 
 pub struct IndexCache {
     db: rocksdb::DB,
@@ -53,7 +60,8 @@ pub struct IndexCache {
     /// Where a private cache leaves the features of the blocks its backup stored, for the next process that
     /// writes the shared cache ([`IndexCache::end_backup`]); `None` for the shared cache itself.
     spool: Option<PathBuf>,
-    /// The damage records as of the last sync: such copies are not deduplicated against.
+    /// The damage records as of the last sync: lookups prefer other copies, and backups do not deduplicate
+    /// against such copies.
     damage: RwLock<KnownDamage>,
 }
 
@@ -69,8 +77,30 @@ pub struct SyncStats {
     pub index_files_loaded: usize,
     pub blobs_added: usize,
     pub rebuilt: bool,
+    /// Index files no longer in the repository (replaced by a prune) whose entries were taken out.
+    pub index_files_removed: usize,
     /// Index files that cannot be read (damaged, or of a newer format version), left out with a warning.
     pub unreadable_index_files: usize,
+}
+
+impl SyncStats {
+    /// Whether the sync changed anything (worth a log line).
+    pub fn changed(&self) -> bool {
+        self.index_files_loaded > 0 || self.index_files_removed > 0 || self.rebuilt
+    }
+}
+
+impl std::fmt::Display for SyncStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "loaded {} index files ({} blobs)", self.index_files_loaded, self.blobs_added)?;
+        if self.index_files_removed > 0 {
+            write!(f, ", left out {} that were replaced", self.index_files_removed)?;
+        }
+        if self.rebuilt {
+            write!(f, ", rebuilt")?;
+        }
+        Ok(())
+    }
 }
 
 /// The default cache root: `$DISKVAULT_CACHE_DIR`, else `$XDG_CACHE_HOME/diskvault`, else `~/.cache/diskvault`.
@@ -109,22 +139,60 @@ fn db_options() -> rocksdb::Options {
     }
     o.set_block_based_table_factory(&bo);
     o.set_max_open_files(256);
+    // Not `create_fixed_prefix`: Debian's librocksdb keeps its assertions, and that transform asserts on keys
+    // shorter than the prefix (`v`, `f` ‖ feature).
+    o.set_prefix_extractor(rocksdb::SliceTransform::create("diskvault-id-prefix", key_prefix, Some(has_key_prefix)));
     o.set_keep_log_file_num(2);
     o
 }
 
-fn blob_key(id: &BlobId) -> [u8; 33] {
+/// A key of one table: its tag byte, then a 32-byte id.
+fn key(tag: u8, id: &BlobId) -> [u8; 33] {
     let mut k = [0u8; 33];
-    k[0] = b'b';
+    k[0] = tag;
     k[1..].copy_from_slice(&id.0);
     k
 }
 
-fn index_key(id: &ObjectId) -> [u8; 33] {
-    let mut k = [0u8; 33];
-    k[0] = b'i';
-    k[1..].copy_from_slice(&id.0);
+/// A key of one table that relates two ids: its tag byte, then both ids.
+fn pair_key(tag: u8, first: &BlobId, second: &BlobId) -> [u8; 65] {
+    let mut k = [0u8; 65];
+    k[..33].copy_from_slice(&key(tag, first));
+    k[33..].copy_from_slice(&second.0);
     k
+}
+
+/// The part of a key that RocksDB's prefix filters hold ([`PREFIX_LEN`]).
+fn key_prefix(k: &[u8]) -> &[u8] {
+    &k[..k.len().min(PREFIX_LEN)]
+}
+
+fn has_key_prefix(k: &[u8]) -> bool {
+    k.len() >= PREFIX_LEN
+}
+
+/// The key of the copy of blob `id` in `pack`.
+fn copy_key(id: &BlobId, pack: &ObjectId) -> [u8; 65] {
+    pair_key(b'c', id, pack)
+}
+
+/// A key and its value, as an iterator returns them.
+type KeyValue = (Box<[u8]>, Box<[u8]>);
+
+/// The keys of `db` that begin with `prefix`, in order. A prefix of [`PREFIX_LEN`] bytes is looked up through
+/// the prefix filters; a shorter one (a whole table) is read in total order.
+fn scan<'a>(
+    db: &'a rocksdb::DB,
+    prefix: &'a [u8],
+) -> impl Iterator<Item = std::result::Result<KeyValue, rocksdb::Error>> + 'a {
+    let mut opts = rocksdb::ReadOptions::default();
+    if prefix.len() == PREFIX_LEN {
+        opts.set_prefix_same_as_start(true);
+    } else {
+        opts.set_total_order_seek(true);
+    }
+    db.iterator_opt(rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward), opts)
+        .take_while(move |item| item.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)))
 }
 
 fn feature_key(feature: u64) -> [u8; 9] {
@@ -134,11 +202,9 @@ fn feature_key(feature: u64) -> [u8; 9] {
     k
 }
 
-fn pack_key(id: &ObjectId) -> [u8; 33] {
-    let mut k = [0u8; 33];
-    k[0] = b'p';
-    k[1..].copy_from_slice(&id.0);
-    k
+/// The id that ends a key of [`pair_key`]'s shape.
+fn second_id(k: &[u8]) -> Option<BlobId> {
+    k.get(33..65).and_then(|s| <[u8; 32]>::try_from(s).ok()).map(BlobId)
 }
 
 /// Reads `ids` in parallel. One that cannot be read is left out with a warning, counted in `stats`, and tried
@@ -456,11 +522,8 @@ impl IndexCache {
         let write = || -> std::io::Result<usize> {
             let mut out: Option<std::io::BufWriter<std::fs::File>> = None;
             let mut count = 0;
-            for item in self.db.prefix_iterator(b"f") {
+            for item in scan(&self.db, b"f") {
                 let (k, v) = item.map_err(std::io::Error::other)?;
-                if k.first() != Some(&b'f') {
-                    break;
-                }
                 if k.len() == 9 && v.len() == 32 {
                     let out = match &mut out {
                         Some(out) => out,
@@ -549,7 +612,7 @@ impl IndexCache {
 
     fn clear(&self, features_too: bool) -> Result<()> {
         let mut batch = rocksdb::WriteBatch::default();
-        let prefixes: &[u8] = if features_too { b"bipf" } else { b"bip" };
+        let prefixes: &[u8] = if features_too { b"cipxf" } else { b"cipx" };
         for &prefix in prefixes {
             batch.delete_range([prefix], [prefix + 1]);
         }
@@ -558,11 +621,8 @@ impl IndexCache {
 
     fn index_files_in(&self, db: &rocksdb::DB) -> Result<Vec<ObjectId>> {
         let mut out = Vec::new();
-        for item in db.prefix_iterator(b"i") {
+        for item in scan(db, b"i") {
             let (k, _) = item.map_err(|e| self.err(e))?;
-            if k.first() != Some(&b'i') {
-                break;
-            }
             match k.get(1..).and_then(|s| <[u8; 32]>::try_from(s).ok()) {
                 Some(a) => out.push(BlobId(a)),
                 None => return Err(self.err("malformed key")),
@@ -571,7 +631,7 @@ impl IndexCache {
         Ok(out)
     }
 
-    /// Loads index files not yet in the cache; rebuilds from scratch if one it holds has been removed.
+    /// Loads index files not yet in the cache, and takes out the entries of those no longer in the repository.
     pub fn sync(&self, repo: &Repository) -> Result<SyncStats> {
         // An index file can vanish between listing and reading when a prune replaces it: list again.
         let mut attempt = 0;
@@ -592,11 +652,6 @@ impl IndexCache {
         for e in &records.unreadable {
             tracing::warn!("{e}: a damage record, left out (the next `check --read-data` finds that damage again)");
         }
-        let fingerprint = records.damage.fingerprint();
-        let built_with = match self.get_pinned(b"d")? {
-            Some(v) => v.to_vec(),
-            None => KnownDamage::default().fingerprint().to_vec(),
-        };
         *self.damage.write().unwrap_or_else(|p| p.into_inner()) = records.damage;
         let in_repo = repo.list_index_ids()?;
         // The index files loaded, into this process's cache or the shared one below it (unless that one is out
@@ -612,18 +667,15 @@ impl IndexCache {
         }
         loaded.sort();
         loaded.dedup();
-        let removed = loaded.iter().any(|id| in_repo.binary_search(id).is_err());
-        if removed {
-            tracing::info!("index files were replaced in the repository; rebuilding the local index cache");
-            self.clear(false)?;
-            loaded.clear();
-            stats.rebuilt = true;
-        } else if built_with != fingerprint && !loaded.is_empty() {
-            tracing::info!("the known damage (damaged/ records) has changed; rebuilding the local index cache");
-            self.drop_shared();
-            self.clear(false)?;
-            loaded.clear();
-            stats.rebuilt = true;
+        let removed: Vec<ObjectId> = loaded.iter().filter(|id| in_repo.binary_search(id).is_err()).copied().collect();
+        if !removed.is_empty() {
+            tracing::info!(
+                "{} index files were replaced in the repository; leaving out what they listed",
+                removed.len()
+            );
+            self.forget_index_files(&removed)?;
+            loaded.retain(|id| removed.binary_search(id).is_err());
+            stats.index_files_removed = removed.len();
         }
         let missing: Vec<ObjectId> = in_repo.iter().filter(|id| loaded.binary_search(id).is_err()).copied().collect();
         // Index files that a file of this run supersedes (format-spec §5: readers ignore a superseded file once
@@ -647,10 +699,7 @@ impl IndexCache {
             }
             self.load_index_files(repo, &in_repo, &in_repo, &mut superseded, &mut stats)?;
         }
-        if built_with != fingerprint {
-            self.db.put(b"d", fingerprint).map_err(|e| self.err(e))?;
-        }
-        if stats.index_files_loaded > 0 || stats.rebuilt {
+        if stats.changed() {
             self.persist();
         }
         self.unreadable_index_files.store(stats.unreadable_index_files, Ordering::Relaxed);
@@ -689,32 +738,75 @@ impl IndexCache {
         Ok(excluded)
     }
 
-    /// Records the entries of an index file (one write batch), and that the file is loaded. A copy known to be
-    /// damaged is recorded only for a blob no other copy of is known (written after the others, so that it
-    /// never replaces one).
+    /// Records the entries of an index file (one write batch), and that the file is loaded. What the file lists
+    /// is kept too (keys `x`, `p`), so that its entries can be taken out again if it is removed
+    /// ([`IndexCache::forget_index_files`]).
     pub fn insert_index_file(&self, index_id: &ObjectId, file: &IndexFile) -> Result<()> {
-        let damage = self.damage();
+        let mut listings: std::collections::BTreeMap<ObjectId, Vec<u8>> = Default::default();
         let mut batch = rocksdb::WriteBatch::default();
-        let mut damaged = Vec::new();
         for p in &file.packs {
-            batch.put(pack_key(&p.id), []);
+            batch.put(pair_key(b'p', &p.id, index_id), []);
+            let listing = listings.entry(p.id).or_default();
             for e in &p.entries {
-                let loc = BlobLocation { pack: p.id, entry: *e };
-                if damage.at(&p.id, &e.id) {
-                    damaged.push(loc);
-                } else {
-                    batch.put(blob_key(&e.id), loc.encode());
+                listing.extend_from_slice(&e.id.0);
+                batch.put(copy_key(&e.id, &p.id), BlobLocation { pack: p.id, entry: *e }.encode());
+            }
+        }
+        for (pack, ids) in listings {
+            batch.put(pair_key(b'x', index_id, &pack), ids);
+        }
+        // In the same batch: a file recorded as loaded has all its entries in.
+        batch.put(key(b'i', index_id), []);
+        self.db.write(batch).map_err(|e| self.err(e))
+    }
+
+    /// Takes out what index files that are no longer in the repository listed (a prune or `repair index`
+    /// replaced them): the packs no remaining file lists, and the copies of blobs in those packs. One write
+    /// batch per file, so that an interrupted run leaves each file in or out.
+    fn forget_index_files(&self, removed: &[ObjectId]) -> Result<()> {
+        for index_id in removed {
+            let mut batch = rocksdb::WriteBatch::default();
+            for (pack, ids) in self.listings_of(index_id)? {
+                batch.delete(pair_key(b'x', index_id, &pack));
+                batch.delete(pair_key(b'p', &pack, index_id));
+                if !self.other_files_list(&pack, index_id)? {
+                    for id in &ids {
+                        batch.delete(copy_key(id, &pack));
+                    }
                 }
             }
+            batch.delete(key(b'i', index_id));
+            self.db.write(batch).map_err(|e| self.err(e))?;
         }
-        self.db.write(batch).map_err(|e| self.err(e))?;
-        for loc in damaged {
-            if self.get_pinned(&blob_key(&loc.entry.id))?.is_none() {
-                self.db.put(blob_key(&loc.entry.id), loc.encode()).map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// What index file `index_id` listed, pack by pack (keys `x`).
+    fn listings_of(&self, index_id: &ObjectId) -> Result<Vec<(ObjectId, Vec<BlobId>)>> {
+        let prefix = key(b'x', index_id);
+        let mut out = Vec::new();
+        for item in scan(&self.db, &prefix) {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let pack = second_id(&k).ok_or_else(|| self.err("malformed key"))?;
+            if v.len() % 32 != 0 {
+                return Err(self.err(format!("listing of pack {pack} in index file {index_id}: malformed")));
+            }
+            let ids = v.chunks_exact(32).map(|c| BlobId(c.try_into().expect("32 bytes"))).collect();
+            out.push((pack, ids));
+        }
+        Ok(out)
+    }
+
+    /// Whether an index file other than `index_id` lists `pack` (keys `p`).
+    fn other_files_list(&self, pack: &ObjectId, index_id: &ObjectId) -> Result<bool> {
+        let prefix = key(b'p', pack);
+        for item in scan(&self.db, &prefix) {
+            let (k, _) = item.map_err(|e| self.err(e))?;
+            if second_id(&k).as_ref() != Some(index_id) {
+                return Ok(true);
             }
         }
-        // Last: a file recorded as loaded has all its entries in.
-        self.db.put(index_key(index_id), []).map_err(|e| self.err(e))
+        Ok(false)
     }
 
     /// The copy of blob `id` that a read through this cache failed on with `err`, if `err` says the copy itself
@@ -741,44 +833,52 @@ impl IndexCache {
         }
     }
 
+    /// Where blob `id` is stored: a copy not known to be damaged, if the index lists one, else a damaged one
+    /// (reading it then names the damage).
     pub fn lookup(&self, id: &BlobId) -> Result<Option<BlobLocation>> {
-        match self.get_pinned(&blob_key(id))? {
-            None => Ok(None),
-            Some(v) => BlobLocation::decode(&v)
-                .map(Some)
-                .map_err(|e| self.err(format!("entry for blob {id}: {e}; delete the cache directory to rebuild it"))),
-        }
+        let copies = self.copies(id)?;
+        let damage = self.damage();
+        Ok(copies.iter().find(|c| !damage.at(&c.pack, id)).or(copies.first()).copied())
     }
 
-    /// The value of `key` in this process's cache, else in the shared one below it.
-    fn get_pinned(&self, key: &[u8]) -> Result<Option<rocksdb::DBPinnableSlice<'_>>> {
-        if let Some(v) = self.db.get_pinned(key).map_err(|e| self.err(e))? {
-            return Ok(Some(v));
-        }
-        match self.shared() {
-            Some(shared) => shared.get_pinned(key).map_err(|e| self.err(e)),
-            None => Ok(None),
-        }
-    }
-
-    /// Whether an index file lists this pack.
-    pub fn knows_pack(&self, id: &ObjectId) -> Result<bool> {
-        Ok(self.get_pinned(&pack_key(id))?.is_some())
+    /// The blob's location, unless every copy known is damaged: what a backup deduplicates against, and what a
+    /// new blob may rely on (a delta base). Readers of what is stored use [`IndexCache::lookup`].
+    pub fn lookup_intact(&self, id: &BlobId) -> Result<Option<BlobLocation>> {
+        let damage = self.damage();
+        Ok(self.copies(id)?.into_iter().find(|c| !damage.at(&c.pack, id)))
     }
 
     /// Whether the blob is stored at a copy not known to be damaged: what a backup deduplicates against.
     pub fn contains(&self, id: &BlobId) -> Result<bool> {
-        if !self.damage().names(id) {
-            return Ok(self.get_pinned(&blob_key(id))?.is_some());
-        }
         Ok(self.lookup_intact(id)?.is_some())
     }
 
-    /// The blob's location, unless the only copy known is damaged: for what a new blob will rely on (a delta
-    /// base). Readers of what is stored use [`IndexCache::lookup`], which also returns a damaged copy (reading
-    /// it then names the damage).
-    pub fn lookup_intact(&self, id: &BlobId) -> Result<Option<BlobLocation>> {
-        Ok(self.lookup(id)?.filter(|loc| !self.damage().at(&loc.pack, id)))
+    /// The copies of blob `id` that index files list: this process's cache first, then the shared one below it.
+    fn copies(&self, id: &BlobId) -> Result<Vec<BlobLocation>> {
+        let prefix = key(b'c', id);
+        let mut out = Vec::new();
+        for db in std::iter::once(&self.db).chain(self.shared()) {
+            for item in scan(db, &prefix) {
+                let (_, v) = item.map_err(|e| self.err(e))?;
+                let loc = BlobLocation::decode(&v).map_err(|e| {
+                    self.err(format!("entry for blob {id}: {e}; delete the cache directory to rebuild it"))
+                })?;
+                out.push(loc);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether an index file lists this pack.
+    pub fn knows_pack(&self, id: &ObjectId) -> Result<bool> {
+        let prefix = key(b'p', id);
+        for db in std::iter::once(&self.db).chain(self.shared()) {
+            if let Some(item) = scan(db, &prefix).next() {
+                item.map_err(|e| self.err(e))?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The stored blocks that hold pages with these features (see [`crate::delta`]), one per feature found
@@ -864,22 +964,15 @@ impl ScratchDb {
         Error::Cache { path: self.path.clone(), cause: e.to_string() }
     }
 
-    fn key(table: u8, id: &BlobId) -> [u8; 33] {
-        let mut k = [0u8; 33];
-        k[0] = table;
-        k[1..].copy_from_slice(&id.0);
-        k
-    }
-
     pub fn put(&self, table: u8, id: &BlobId, value: &[u8]) -> Result<()> {
-        self.db().put(Self::key(table, id), value).map_err(|e| self.err(e))
+        self.db().put(key(table, id), value).map_err(|e| self.err(e))
     }
 
     /// Inserts many keys with one write.
     pub fn put_all<'a>(&self, table: u8, items: impl IntoIterator<Item = (&'a BlobId, &'a [u8])>) -> Result<()> {
         let mut batch = rocksdb::WriteBatch::default();
         for (id, v) in items {
-            batch.put(Self::key(table, id), v);
+            batch.put(key(table, id), v);
         }
         self.db().write(batch).map_err(|e| self.err(e))
     }
@@ -888,22 +981,22 @@ impl ScratchDb {
     pub fn delete_all<'a>(&self, table: u8, ids: impl IntoIterator<Item = &'a BlobId>) -> Result<()> {
         let mut batch = rocksdb::WriteBatch::default();
         for id in ids {
-            batch.delete(Self::key(table, id));
+            batch.delete(key(table, id));
         }
         self.db().write(batch).map_err(|e| self.err(e))
     }
 
     pub fn get(&self, table: u8, id: &BlobId) -> Result<Option<Vec<u8>>> {
-        self.db().get(Self::key(table, id)).map_err(|e| self.err(e))
+        self.db().get(key(table, id)).map_err(|e| self.err(e))
     }
 
     pub fn contains(&self, table: u8, id: &BlobId) -> Result<bool> {
-        Ok(self.db().get_pinned(Self::key(table, id)).map_err(|e| self.err(e))?.is_some())
+        Ok(self.db().get_pinned(key(table, id)).map_err(|e| self.err(e))?.is_some())
     }
 
     /// Which of `ids` are present, in one batched lookup.
     pub fn contains_many(&self, table: u8, ids: &[BlobId]) -> Result<Vec<bool>> {
-        let keys: Vec<[u8; 33]> = ids.iter().map(|id| Self::key(table, id)).collect();
+        let keys: Vec<[u8; 33]> = ids.iter().map(|id| key(table, id)).collect();
         self.db().multi_get(keys).into_iter().map(|r| r.map(|v| v.is_some()).map_err(|e| self.err(e))).collect()
     }
 
@@ -941,20 +1034,98 @@ mod tests {
 
     /// An index file listing `blob` in pack `pack`.
     fn listing(pack: ObjectId, blob: BlobId) -> IndexFile {
-        let entry = PackEntry {
+        listings(&[(pack, &[blob])])
+    }
+
+    /// An index file listing these packs with these blobs.
+    fn listings(packs: &[(ObjectId, &[BlobId])]) -> IndexFile {
+        let entry = |(i, id): (usize, &BlobId)| PackEntry {
             blob_type: BlobType::Data,
             flags: 0,
             key_epoch: 0,
-            offset: 0,
+            offset: 100 * i as u32,
             stored_len: 100,
             raw_len: 1 << 20,
-            id: blob,
+            id: *id,
             base: None,
         };
-        IndexFile {
-            supersedes: Vec::new(),
-            packs: vec![IndexedPack { id: pack, pack_type: BlobType::Data, entries: vec![entry] }],
-        }
+        let packs = packs
+            .iter()
+            .map(|(id, blobs)| IndexedPack {
+                id: *id,
+                pack_type: BlobType::Data,
+                entries: blobs.iter().enumerate().map(entry).collect(),
+            })
+            .collect();
+        IndexFile { supersedes: Vec::new(), packs }
+    }
+
+    /// After each way a prune replaces index files, the cache that caught up answers as one built from
+    /// scratch, with no rebuild.
+    #[test]
+    fn catching_up_with_replaced_index_files_answers_as_a_rebuild_does() {
+        let dir = std::env::temp_dir().join(format!("diskvault-cache-catch-up-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let repo = crate::repository::test_repository(&dir.join("repo"));
+        let id = |n: u8| BlobId([n; 32]);
+        let (p1, p2, p3, p4, p5) = (id(101), id(102), id(103), id(104), id(105));
+        let blobs: Vec<BlobId> = (1..=9).map(id).collect();
+        let packs = [p1, p2, p3, p4, p5];
+        let remove = |index: &ObjectId| repo.backend().delete(&crate::format::names::index(index)).unwrap();
+        let a = repo.save_index(&listings(&[(p1, &blobs[0..3]), (p2, &blobs[3..5])])).unwrap();
+        let b = repo.save_index(&listings(&[(p3, &blobs[5..7])])).unwrap();
+        let (cache, _) = IndexCache::open(&repo, &dir.join("cache")).unwrap();
+        let mut step = 0;
+        let mut same_as_rebuilt = |cache: &IndexCache, removed: usize| {
+            step += 1;
+            let stats = cache.sync(&repo).unwrap();
+            assert_eq!((stats.rebuilt, stats.index_files_removed), (false, removed), "step {step}");
+            let (fresh, _) = IndexCache::open(&repo, &dir.join(format!("fresh-{step}"))).unwrap();
+            for blob in &blobs {
+                assert_eq!(cache.lookup(blob).unwrap(), fresh.lookup(blob).unwrap(), "step {step}, blob {blob}");
+            }
+            for pack in &packs {
+                assert_eq!(cache.knows_pack(pack).unwrap(), fresh.knows_pack(pack).unwrap(), "step {step}, {pack}");
+            }
+        };
+        // A prune drops pack p2 and repacks blob 1 of p1 into p4 (blobs 2 and 3 are unused).
+        let a2 = repo.save_index(&listings(&[(p4, &blobs[0..1])])).unwrap();
+        remove(&a);
+        same_as_rebuilt(&cache, 1);
+        assert_eq!(cache.lookup(&blobs[0]).unwrap().unwrap().pack, p4);
+        assert!(cache.lookup(&blobs[1]).unwrap().is_none() && !cache.knows_pack(&p2).unwrap());
+        // Compaction: two files merged into one listing the same packs.
+        let merged = repo.save_index(&listings(&[(p3, &blobs[5..7]), (p4, &blobs[0..1])])).unwrap();
+        remove(&a2);
+        remove(&b);
+        same_as_rebuilt(&cache, 2);
+        assert!(cache.lookup(&blobs[5]).unwrap().is_some());
+        // An interrupted prune: a second file lists p3 too; the first goes, p3 stays listed.
+        let again = repo.save_index(&listings(&[(p3, &blobs[5..7])])).unwrap();
+        same_as_rebuilt(&cache, 0);
+        remove(&merged);
+        same_as_rebuilt(&cache, 1);
+        assert!(cache.knows_pack(&p3).unwrap() && cache.lookup(&blobs[6]).unwrap().is_some());
+        assert!(cache.lookup(&blobs[0]).unwrap().is_none(), "p4 is listed by no file left");
+        // Two copies of blob 8 (p5 and p1): whichever file goes, the other copy is found.
+        let c = repo.save_index(&listings(&[(p5, &blobs[7..8])])).unwrap();
+        let d = repo.save_index(&listings(&[(p1, &blobs[7..9])])).unwrap();
+        same_as_rebuilt(&cache, 0);
+        let listed = cache.lookup(&blobs[7]).unwrap().unwrap().pack;
+        let (named, other) = if listed == p5 { (c, d) } else { (d, c) };
+        remove(&named);
+        same_as_rebuilt(&cache, 1);
+        assert!(cache.lookup(&blobs[7]).unwrap().is_some_and(|loc| loc.pack != listed));
+        // The file of the copy that lookups do not name goes: they name the same copy as before.
+        let e = repo.save_index(&listings(&[(p2, &blobs[7..8])])).unwrap();
+        same_as_rebuilt(&cache, 0);
+        let listed = cache.lookup(&blobs[7]).unwrap().unwrap().pack;
+        remove(if listed == p2 { &other } else { &e });
+        same_as_rebuilt(&cache, 1);
+        assert_eq!(cache.lookup(&blobs[7]).unwrap().unwrap().pack, listed);
+        remove(&again);
+        drop(cache);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -974,14 +1145,13 @@ mod tests {
             assert!(cache.contains(&blob).unwrap());
             repo.backend().delete(&crate::format::names::damaged(&record)).unwrap();
         }
-        // A cache built before the damage was recorded is rebuilt when it is.
+        // A cache opened before the damage was recorded turns to the other copy once it syncs, with no rebuild.
         let (cache, _) = IndexCache::open(&repo, &dir.join("cache-before")).unwrap();
         let listed = cache.lookup(&blob).unwrap().unwrap().pack;
         let other = if listed == p { q } else { p };
         repo.save_damage(&DamageRecord { entries: vec![(listed, blob)] }).unwrap();
-        assert!(cache.sync(&repo).unwrap().rebuilt);
+        assert!(!cache.sync(&repo).unwrap().changed());
         assert_eq!(cache.lookup(&blob).unwrap().unwrap().pack, other);
-        assert!(!cache.sync(&repo).unwrap().rebuilt, "rebuilt once, not at every open");
         // With every copy damaged, the blob is listed (a restore names the damage) but not deduplicated against.
         repo.save_damage(&DamageRecord { entries: vec![(other, blob)] }).unwrap();
         cache.sync(&repo).unwrap();

@@ -16,7 +16,7 @@
 //!
 //! Why this is safe without synchronised clocks (`format-spec/README.md` §9b): a backup, restore or check
 //! holds a session marker from before it reads the index until it is done. A process whose session started
-//! after the rewrite never sees the dropped packs (its index cache is rebuilt when index files disappear,
+//! after the rewrite never sees the dropped packs (its index cache takes out what vanished index files listed,
 //! adoption skips recorded packs, and backups re-read parent segments that are no longer indexed). A process
 //! whose session started before is listed in the record, and the packs wait for it; what it committed
 //! meanwhile is found by the rescue search before anything is deleted.
@@ -57,8 +57,8 @@ const MARK_BATCH: usize = 64;
 const PACKS_PER_INDEX_FILE: usize = 512;
 const ENTRIES_PER_INDEX_FILE: usize = 65536;
 /// An index file listing under a quarter of what a full one does (each backup writes one or a few such) is
-/// merged into full ones when the prune replaces another index file anyway, since every host's local cache is
-/// then rebuilt whatever happens (§12)...
+/// merged into full ones when the prune replaces another index file anyway, since every host's local cache then
+/// catches up with the prune (§12), to which the merged files add little...
 const SMALL_INDEX_FILE_FRACTION: usize = 4;
 /// ...or on its own once this many small ones have piled up ([`PruneOptions::small_index_files_to_merge`]).
 pub const SMALL_INDEX_FILES_TO_MERGE: usize = 256;

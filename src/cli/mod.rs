@@ -321,13 +321,8 @@ impl Globals {
     pub fn open_cache(&self, repo: &Repository) -> Result<Arc<IndexCache>> {
         let root = self.cache_root();
         let (c, stats) = IndexCache::open(repo, &root)?;
-        if stats.index_files_loaded > 0 || stats.rebuilt {
-            tracing::info!(
-                "local index cache: loaded {} index files ({} blobs){}",
-                stats.index_files_loaded,
-                stats.blobs_added,
-                if stats.rebuilt { ", rebuilt" } else { "" }
-            );
+        if stats.changed() {
+            tracing::info!("local index cache: {stats}");
         }
         Ok(Arc::new(c))
     }
