@@ -5,6 +5,7 @@
 //! synthetic_repo generate DIR BLOCKS     # BLOCKS distinct 64-byte blocks, 10 overlapping snapshots
 //! synthetic_repo prune DIR CACHE [N]     # forget the N (default 5) oldest snapshots, prune; print time and peak
 //!                                        # RSS, and what catching up with the prune costs a host's index cache
+//! synthetic_repo cache DIR CACHE         # bring the local index cache at CACHE up to date; time and peak RSS
 //! ```
 //! Snapshot g references blocks [g·B/10, (g+2)·B/10): every block is used by one or two snapshots, and
 //! forgetting the five oldest leaves about half of the blocks unreferenced.
@@ -29,10 +30,11 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("generate") if args.len() == 4 => generate(&args[2], args[3].parse().expect("BLOCKS")),
+        Some("cache") if args.len() == 4 => sync_cache(&args[2], &args[3]),
         Some("prune") if args.len() == 4 => prune(&args[2], &args[3], None),
         Some("prune") if args.len() == 5 => prune(&args[2], &args[3], Some(args[4].parse().expect("FORGET"))),
         _ => {
-            eprintln!("usage: synthetic_repo generate DIR BLOCKS | synthetic_repo prune DIR CACHE [FORGET]");
+            eprintln!("usage: synthetic_repo generate DIR BLOCKS | prune DIR CACHE [FORGET] | cache DIR CACHE");
             std::process::exit(2);
         }
     }
@@ -168,11 +170,10 @@ fn prune(dir: &str, cache: &str, forget: Option<usize>) {
     for (id, _) in snaps.iter().take(forget.unwrap_or(snaps.len() / 2)) {
         repo.backend().delete(&diskvault::format::names::snapshot(id)).unwrap();
     }
-    // A host's local index cache, up to date before the prune: what catching up with the prune costs it.
-    let started = Instant::now();
-    let host_root = std::path::Path::new(cache).join("host");
-    let (host, _) = IndexCache::open(&repo, &host_root).unwrap();
-    let built = started.elapsed().as_secs_f64();
+    // A host's local index cache, up to date before the prune: what catching up with the prune costs it. In
+    // processes of their own, so that each peak RSS is its own.
+    let host = std::path::Path::new(cache).join("host");
+    let built = cache_in_child(dir, &host);
     let rss_before = peak_rss_kib();
     let started = Instant::now();
     let r = diskvault::prune::run(&repo, std::path::Path::new(cache), &Default::default()).unwrap();
@@ -190,16 +191,24 @@ fn prune(dir: &str, cache: &str, forget: Option<usize>) {
     for (name, secs) in &r.phases {
         println!("  {name}: {secs:.2} s");
     }
+    let caught_up = cache_in_child(dir, &host);
+    let rebuilt = cache_in_child(dir, &std::path::Path::new(cache).join("fresh"));
+    println!("local index cache: built before the prune: {built}");
+    println!("  caught up with the prune: {caught_up}");
+    println!("  built from scratch after it: {rebuilt}");
+}
+
+/// Runs `synthetic_repo cache` in a child process; returns what it printed.
+fn cache_in_child(dir: &str, cache: &std::path::Path) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe).args(["cache", dir, cache.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn sync_cache(dir: &str, cache: &str) {
+    let repo = Repository::open(diskvault::backend::open(dir).unwrap(), PASSWORD).unwrap();
     let started = Instant::now();
-    let synced = host.sync(&repo).unwrap();
-    let caught_up = started.elapsed().as_secs_f64();
-    drop(host);
-    let started = Instant::now();
-    let (fresh, _) = IndexCache::open(&repo, &std::path::Path::new(cache).join("fresh")).unwrap();
-    let rebuilt = started.elapsed().as_secs_f64();
-    drop(fresh);
-    println!(
-        "local index cache: built in {built:.2} s before the prune; caught up with it in {caught_up:.2} s ({synced}); \
-         built from scratch after it in {rebuilt:.2} s"
-    );
+    let (_, synced) = IndexCache::open(&repo, std::path::Path::new(cache)).unwrap();
+    println!("{:.2} s, peak RSS {} MiB ({synced})", started.elapsed().as_secs_f64(), peak_rss_kib() / 1024);
 }

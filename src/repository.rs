@@ -475,6 +475,11 @@ impl Repository {
         list_ids(&*self.backend, names::INDEX)
     }
 
+    /// The index files with their stored sizes, sorted by id.
+    pub fn list_index_files(&self) -> Result<Vec<(ObjectId, u64)>> {
+        list_ids_with_sizes(&*self.backend, names::INDEX)
+    }
+
     // ---- verification records ----
 
     pub fn save_verification(&self, rec: &VerificationRecord) -> Result<ObjectId> {
@@ -723,10 +728,15 @@ fn write_key(backend: &dyn Backend, keyring: &[[u8; 32]], password: &[u8], kdf: 
 
 /// Ids of the objects in a flat directory of content-named files; other names are ignored with a warning.
 pub fn list_ids(backend: &dyn Backend, dir: &str) -> Result<Vec<ObjectId>> {
+    Ok(list_ids_with_sizes(backend, dir)?.into_iter().map(|(id, _)| id).collect())
+}
+
+/// The objects of `dir` named by an id, with their sizes, sorted by id.
+pub fn list_ids_with_sizes(backend: &dyn Backend, dir: &str) -> Result<Vec<(ObjectId, u64)>> {
     let mut ids = Vec::new();
     for info in backend.list(dir)? {
         match info.name.rsplit('/').next().and_then(BlobId::from_hex) {
-            Some(id) => ids.push(id),
+            Some(id) => ids.push((id, info.size)),
             None => tracing::warn!("ignoring unexpected object {}", info.name),
         }
     }
