@@ -21,14 +21,16 @@
 //! lock) and keeps what it adds — newer index files, features of the blocks it stores — in a private cache
 //! in a temporary directory, consulted first. It so deduplicates and finds delta bases as the first process
 //! does, without rebuilding the index from the repository. Should the shared cache turn out to be out of date
-//! (it holds an index file the repository no longer has), it is no longer consulted and the private cache is
-//! filled from the whole `index/`. The features it recorded are left in files beside the shared cache when its
+//! (it holds an index file the repository no longer has: a prune ran), it brings it up to date if no process
+//! writes it any more, else reads it again as the writing process left it; only if it is still out of date is it
+//! no longer consulted, and the private cache filled from the whole `index/`. The features it recorded are left
+//! in files beside the shared cache when its
 //! backup ends, and the next process that writes the shared cache takes them in: they exist nowhere else.
 //! `serve`, which runs for days and only reads, takes this second place on purpose once it has brought the cache
 //! up to date ([`IndexCache::into_reader`]): the backups on the host keep writing the shared cache.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
 use rayon::prelude::*;
@@ -51,10 +53,10 @@ pub struct IndexCache {
     fresh: bool,
     /// A private cache in a temporary directory (the shared one was busy or unusable); removed on drop.
     _temp: Option<tempdir::TempDir>,
-    /// When the shared cache was busy: it, read-only as it was when this process opened it, below `db`.
-    shared: Option<rocksdb::DB>,
-    /// Cleared when `shared` is found out of date: from then on only `db` is consulted.
-    shared_usable: AtomicBool,
+    /// When the shared cache was busy: it, read-only as it was when this process opened it (or last brought it
+    /// up to date), below `db`. `None` once found out of date and not brought up to date: then only `db` is
+    /// consulted.
+    shared: RwLock<Option<rocksdb::DB>>,
     /// Index files the last sync left out as unreadable ([`SyncStats::unreadable_index_files`]).
     unreadable_index_files: AtomicUsize,
     /// Where a private cache leaves the features of the blocks its backup stored, for the next process that
@@ -425,7 +427,7 @@ impl IndexCache {
         if shared.is_some() {
             // The shared cache knows the earlier backups: leftovers of unfinished ones are its owner's.
             c.fresh = false;
-            c.shared = shared;
+            c.shared = RwLock::new(shared);
         }
         Ok(c)
     }
@@ -471,16 +473,62 @@ impl IndexCache {
     }
 
     /// The shared cache below the private one, while it is usable.
-    fn shared(&self) -> Option<&rocksdb::DB> {
-        self.shared.as_ref().filter(|_| self.shared_usable.load(Ordering::Relaxed))
+    fn shared(&self) -> RwLockReadGuard<'_, Option<rocksdb::DB>> {
+        self.shared.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_shared(&self, db: Option<rocksdb::DB>) {
+        *self.shared.write().unwrap_or_else(|p| p.into_inner()) = db;
     }
 
     /// Stops consulting the shared cache (it is out of date).
     fn drop_shared(&self) {
         if self.shared().is_some() {
             tracing::info!("the local index cache another process holds is out of date; no longer reading it");
-            self.shared_usable.store(false, Ordering::Relaxed);
+            self.set_shared(None);
         }
+    }
+
+    /// The index files the shared cache below holds, if there is one and it is up to date with `in_repo`. One
+    /// that holds a file the repository no longer has (a prune replaced it) is brought up to date, if no other
+    /// process writes it, or read again as the process writing it left it (which has caught up if a backup ran
+    /// since). Only if it is still out of date is it no longer read: then this process's cache loads every index
+    /// file. A `serve` running for days so keeps reading the shared cache across prunes.
+    fn shared_index_files(&self, repo: &Repository, in_repo: &[ObjectId]) -> Result<Option<Vec<ObjectId>>> {
+        let current = |db: &rocksdb::DB| -> Result<Option<Vec<ObjectId>>> {
+            let files = self.index_files_in(db)?;
+            Ok(files.iter().all(|id| in_repo.binary_search(id).is_ok()).then_some(files))
+        };
+        match self.shared().as_ref() {
+            None => return Ok(None),
+            Some(db) => {
+                if let Some(files) = current(db)? {
+                    return Ok(Some(files));
+                }
+            }
+        }
+        let path = self.spool.as_ref().map(|spool| spool.with_file_name("index"));
+        if let Some(path) = path {
+            match Self::open_at(&path, repo) {
+                Ok(writer) => {
+                    if let Err(e) = writer.sync(repo) {
+                        tracing::debug!("bringing the shared local index cache up to date: {e}");
+                    }
+                }
+                Err(e) => tracing::debug!("the shared local index cache is written by another process: {e}"),
+            }
+            if let Some(db) = Self::open_shared_read_only(&path, repo) {
+                if let Some(files) = current(&db)? {
+                    tracing::info!(
+                        "the shared local index cache caught up with replaced index files; reading it again"
+                    );
+                    self.set_shared(Some(db));
+                    return Ok(Some(files));
+                }
+            }
+        }
+        self.drop_shared();
+        Ok(None)
     }
 
     fn open_at(path: &Path, repo: &Repository) -> Result<IndexCache> {
@@ -508,8 +556,7 @@ impl IndexCache {
             path: path.to_path_buf(),
             fresh: false,
             _temp: None,
-            shared: None,
-            shared_usable: AtomicBool::new(true),
+            shared: RwLock::new(None),
             unreadable_index_files: Default::default(),
             spool: None,
             damage: Default::default(),
@@ -697,13 +744,8 @@ impl IndexCache {
         // The index files loaded, into this process's cache or the shared one below it (unless that one is out
         // of date: it holds a file the repository no longer has).
         let mut loaded = self.index_files_in(&self.db)?;
-        if let Some(shared) = self.shared() {
-            let below = self.index_files_in(shared)?;
-            if below.iter().any(|id| in_repo.binary_search(id).is_err()) {
-                self.drop_shared();
-            } else {
-                loaded.extend(below);
-            }
+        if let Some(below) = self.shared_index_files(repo, &in_repo)? {
+            loaded.extend(below);
         }
         loaded.sort();
         loaded.dedup();
@@ -898,7 +940,8 @@ impl IndexCache {
     fn copies(&self, id: &BlobId) -> Result<Vec<BlobLocation>> {
         let prefix = key(b'c', id);
         let mut out = Vec::new();
-        for db in std::iter::once(&self.db).chain(self.shared()) {
+        let shared = self.shared();
+        for db in std::iter::once(&self.db).chain(shared.as_ref()) {
             for item in scan(db, &prefix) {
                 let (_, v) = item.map_err(|e| self.err(e))?;
                 let loc = BlobLocation::decode(&v).map_err(|e| {
@@ -913,7 +956,8 @@ impl IndexCache {
     /// Whether an index file lists this pack.
     pub fn knows_pack(&self, id: &ObjectId) -> Result<bool> {
         let prefix = key(b'p', id);
-        for db in std::iter::once(&self.db).chain(self.shared()) {
+        let shared = self.shared();
+        for db in std::iter::once(&self.db).chain(shared.as_ref()) {
             if let Some(item) = scan(db, &prefix).next() {
                 item.map_err(|e| self.err(e))?;
                 return Ok(true);
@@ -927,7 +971,7 @@ impl IndexCache {
     pub fn blocks_with_features(&self, features: &[u64]) -> Result<Vec<BlobId>> {
         let keys: Vec<[u8; 9]> = features.iter().map(|f| feature_key(*f)).collect();
         let mut found = self.db.multi_get(&keys);
-        if let Some(shared) = self.shared() {
+        if let Some(shared) = self.shared().as_ref() {
             for (v, below) in found.iter_mut().zip(shared.multi_get(&keys)) {
                 if matches!(v, Ok(None)) {
                     *v = below;
@@ -1111,6 +1155,54 @@ mod tests {
             assert!(b.len() <= LOAD_BATCH_FILES && (bytes <= LOAD_BATCH_BYTES || b.len() == 1), "{} files", b.len());
         }
         assert!(batches.iter().any(|b| b.len() == LOAD_BATCH_FILES), "small files go 64 at a time");
+    }
+
+    /// A reader below which the shared cache turns out of date (a prune replaced index files) keeps reading the
+    /// shared cache, brought up to date, rather than loading every index file into its private one.
+    #[test]
+    fn a_reader_keeps_reading_the_shared_cache_across_a_prune() {
+        let dir = std::env::temp_dir().join(format!("diskvault-cache-reader-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let repo = crate::repository::test_repository(&dir.join("repo"));
+        let root = dir.join("cache");
+        let id = |n: u8| BlobId([n; 32]);
+        let remove = |index: &ObjectId| repo.backend().delete(&crate::format::names::index(index)).unwrap();
+        let a = repo.save_index(&listing(id(101), id(1))).unwrap();
+        repo.save_index(&listing(id(102), id(2))).unwrap();
+        let reader = IndexCache::open(&repo, &root).unwrap().0.into_reader(&repo).unwrap();
+        assert!(reader.shared().is_some());
+
+        // A prune moves blob 1 to pack 103. No other process writes the shared cache: the reader brings it up to
+        // date and reads it again, loading nothing itself.
+        let a2 = repo.save_index(&listing(id(103), id(1))).unwrap();
+        remove(&a);
+        let synced = reader.sync(&repo).unwrap();
+        assert_eq!((synced.index_files_loaded, synced.index_files_removed), (0, 0), "{synced}");
+        assert!(reader.shared().is_some());
+        assert_eq!(reader.lookup(&id(1)).unwrap().unwrap().pack, id(103));
+        assert_eq!(reader.lookup(&id(2)).unwrap().unwrap().pack, id(102));
+
+        // Another process writes the shared cache: once it has caught up with the next prune, the reader reads
+        // the cache again as that process left it.
+        let a3 = repo.save_index(&listing(id(104), id(1))).unwrap();
+        remove(&a2);
+        let (writer, _) = IndexCache::open(&repo, &root).unwrap();
+        assert!(writer._temp.is_none(), "the writer holds the shared cache");
+        let synced = reader.sync(&repo).unwrap();
+        assert_eq!(synced.index_files_loaded, 0, "{synced}");
+        assert_eq!(reader.lookup(&id(1)).unwrap().unwrap().pack, id(104));
+
+        // It has not caught up with the one after (it has not synced since): the reader stops reading it and
+        // loads every index file itself, never answering from the out-of-date cache.
+        repo.save_index(&listing(id(105), id(1))).unwrap();
+        remove(&a3);
+        let synced = reader.sync(&repo).unwrap();
+        assert!(reader.shared().is_none());
+        assert_eq!(synced.index_files_loaded, 2, "{synced}");
+        assert_eq!(reader.lookup(&id(1)).unwrap().unwrap().pack, id(105));
+        assert_eq!(reader.lookup(&id(2)).unwrap().unwrap().pack, id(102));
+        drop((reader, writer));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// After each way a prune replaces index files, the cache that caught up answers as one built from

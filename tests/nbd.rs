@@ -443,6 +443,34 @@ fn a_snapshot_backed_up_while_serve_runs_is_served() {
     serve.stop();
 }
 
+/// A prune while serve runs replaces index files that serve's view of the host's index cache holds; a
+/// snapshot backed up after it is still served right, and so is the one served before.
+#[test]
+fn snapshots_are_served_right_after_a_prune_while_serve_runs() {
+    let env = Env::with_repo();
+    backed_up_disk(&env, 8);
+    let (v2, s2) = backed_up_disk(&env, 9);
+    let serve = Serve::start(&env, &[]);
+    let read = |id: &str, name: &str| -> Vec<u8> {
+        let out = env.path(name);
+        run_tool(
+            tool("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "raw"])
+                .arg(serve.uri(&format!("{}/d0", &id[..8])))
+                .arg(&out),
+        );
+        std::fs::read(&out).unwrap()
+    };
+    assert!(read(&s2, "before.raw") == v2);
+    env.ok(&["forget", "--keep-last", "1"]);
+    let pruned = env.ok(&["prune", "--max-unused", "0"]);
+    assert!(pruned.stdout.contains("index:"), "{}", pruned.stdout);
+    let (v3, s3) = backed_up_disk(&env, 10);
+    assert!(read(&s3, "new.raw") == v3, "the snapshot backed up after the prune is served with other bytes");
+    assert!(read(&s2, "again.raw") == v2, "the snapshot served before the prune is served with other bytes");
+    serve.stop();
+}
+
 #[test]
 fn writable_overlay_keeps_the_repository_untouched() {
     let env = Env::with_repo();
