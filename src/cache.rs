@@ -822,8 +822,7 @@ impl IndexCache {
     }
 
     /// Records the entries of an index file (one write batch), and that the file is loaded. What the file lists
-    /// is kept too (keys `x`, `p`), so that its entries can be taken out again if it is removed
-    /// ([`IndexCache::forget_index_files`]).
+    /// is kept too (keys `x`, `p`), so that its entries can be taken out again if it is removed.
     pub fn insert_index_file(&self, index_id: &ObjectId, file: &IndexFile) -> Result<()> {
         let mut listings: std::collections::BTreeMap<ObjectId, Vec<u8>> = Default::default();
         let mut batch = rocksdb::WriteBatch::default();
