@@ -160,6 +160,11 @@ fn base_options() -> rocksdb::Options {
     o
 }
 
+/// The file beside the cache at `path` that says it failed during a run and is to be rebuilt when next opened.
+fn rebuild_marker(path: &Path) -> PathBuf {
+    path.with_file_name("index-failed")
+}
+
 /// A key of one table: its tag byte, then a 32-byte id.
 fn key(tag: u8, id: &BlobId) -> [u8; 33] {
     let mut k = [0u8; 33];
@@ -534,6 +539,14 @@ impl IndexCache {
     fn open_at(path: &Path, repo: &Repository) -> Result<IndexCache> {
         let cache_err = |e: &dyn std::fmt::Display| Error::Cache { path: path.to_path_buf(), cause: e.to_string() };
         std::fs::create_dir_all(path).map_err(|e| cache_err(&e))?;
+        let marker = rebuild_marker(path);
+        if marker.exists() {
+            tracing::warn!("local index cache {} failed during an earlier run; rebuilding it", path.display());
+            // Fails if another process has it open: it is then left to the next run.
+            if rocksdb::DB::destroy(&rocksdb::Options::default(), path).is_ok() {
+                let _ = std::fs::remove_file(&marker);
+            }
+        }
         let rebuild = |e: rocksdb::Error| -> Result<rocksdb::DB> {
             tracing::warn!("local index cache {} is damaged ({e}); rebuilding it", path.display());
             rocksdb::DB::destroy(&rocksdb::Options::default(), path).map_err(|e| cache_err(&e))?;
@@ -692,8 +705,15 @@ impl IndexCache {
         }
     }
 
+    /// The error of a failed use of the cache. Whatever failed (a damaged table file found mid-run, a malformed
+    /// entry, a write the disk refused), the cache is marked so that the next run rebuilds it from the
+    /// repository ([`IndexCache::open`]) instead of meeting the same fault: it is only a cache.
     fn err(&self, e: impl std::fmt::Display) -> Error {
-        Error::Cache { path: self.path.clone(), cause: e.to_string() }
+        let cause = match std::fs::write(rebuild_marker(&self.path), b"") {
+            Ok(()) => format!("{e}; it is rebuilt from the repository at the next run"),
+            Err(_) => format!("{e}; delete the cache directory to rebuild it"),
+        };
+        Error::Cache { path: self.path.clone(), cause }
     }
 
     fn clear(&self, features_too: bool) -> Result<()> {
@@ -943,9 +963,7 @@ impl IndexCache {
         for db in std::iter::once(&self.db).chain(shared.as_ref()) {
             for item in scan(db, &prefix) {
                 let (_, v) = item.map_err(|e| self.err(e))?;
-                let loc = BlobLocation::decode(&v).map_err(|e| {
-                    self.err(format!("entry for blob {id}: {e}; delete the cache directory to rebuild it"))
-                })?;
+                let loc = BlobLocation::decode(&v).map_err(|e| self.err(format!("entry for blob {id}: {e}")))?;
                 out.push(loc);
             }
         }
@@ -1139,6 +1157,52 @@ mod tests {
             })
             .collect();
         IndexFile { supersedes: Vec::new(), packs }
+    }
+
+    /// A table file of the cache damaged where opening does not look: the lookup that meets it fails naming the
+    /// cache, and the next open rebuilds it from the repository instead of failing the same way.
+    #[test]
+    fn a_cache_found_damaged_mid_run_is_rebuilt_at_the_next_open() {
+        let dir = std::env::temp_dir().join(format!("diskvault-cache-failed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let repo = crate::repository::test_repository(&dir.join("repo"));
+        let root = dir.join("cache");
+        let blobs: Vec<BlobId> = (0..2000u32)
+            .map(|n| {
+                let mut id = [0u8; 32];
+                id[..4].copy_from_slice(&n.to_be_bytes());
+                id[4] = 7;
+                BlobId(id)
+            })
+            .collect();
+        repo.save_index(&listings(&[(BlobId([1; 32]), &blobs)])).unwrap();
+        let (cache, _) = IndexCache::open(&repo, &root).unwrap();
+        let path = cache.path().to_path_buf();
+        drop(cache);
+        // Overwrite the start of the largest table file: data blocks of blob entries (`v`, read on opening,
+        // sorts after them).
+        let table = std::fs::read_dir(&path)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "sst"))
+            .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+            .unwrap();
+        let mut bytes = std::fs::read(&table).unwrap();
+        bytes[100..20_000].fill(0x5a);
+        std::fs::write(&table, bytes).unwrap();
+
+        let (cache, _) = IndexCache::open(&repo, &root).unwrap();
+        let failed = blobs.iter().find_map(|b| cache.lookup(b).err()).expect("a lookup meets the damage");
+        assert!(failed.to_string().contains("rebuilt from the repository at the next run"), "{failed}");
+        drop(cache);
+        let (cache, synced) = IndexCache::open(&repo, &root).unwrap();
+        assert_eq!(synced.blobs_added, blobs.len(), "{synced}");
+        for b in &blobs {
+            assert_eq!(cache.lookup(b).unwrap().unwrap().pack, BlobId([1; 32]));
+        }
+        assert!(!rebuild_marker(&path).exists());
+        drop(cache);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
