@@ -616,20 +616,7 @@ fn diff_files_lists_what_changed_between_two_snapshots_and_nothing_else() {
 #[test]
 fn diff_files_does_not_walk_a_volume_whose_blocks_did_not_change() {
     let e = Env::with_repo();
-    let (root, data) = (e.path("root"), e.path("data"));
-    make_tree(&root);
-    std::fs::create_dir_all(data.join("db")).unwrap();
-    std::fs::write(data.join("db/table.dat"), common::random_bytes(3, 200_000)).unwrap();
-    let disk = e.path("disk.raw");
-    partitioned(&disk, 48, &format!("label: gpt\nstart=2048, size=32768, type={LINUX}\nstart=34816, type={LINUX}\n"));
-    mkfs_ext4(&disk, 2048 * 512, 16 << 10, &root, "root");
-    mkfs_ext4(&disk, 34816 * 512, 28 << 10, &data, "data");
-    let spec = format!("disk0={}", disk.display());
-    let day1 = e.backup(&["--name", "vm", &spec])["snapshot"].as_str().unwrap()[..8].to_string();
-    // Only the second file system is written again.
-    std::fs::write(data.join("db/journal.log"), b"commit 1\n").unwrap();
-    mkfs_ext4(&disk, 34816 * 512, 28 << 10, &data, "data");
-    let day2 = e.backup(&["--name", "vm", &spec])["snapshot"].as_str().unwrap()[..8].to_string();
+    let (day1, day2) = two_volumes_one_rewritten(&e);
 
     let out = e.ok(&["diff", &day1, &day2, "--files", "--contents"]).stdout;
     assert!(out.contains("disk0: volume /part1 unchanged (the same blocks)"), "{out}");
@@ -653,6 +640,47 @@ fn diff_files_does_not_walk_a_volume_whose_blocks_did_not_change() {
         met_in_part2 += usize::from(r.stderr.contains("not compared: disk0 /part2"));
     }
     assert!(met_in_part2 > 0, "no damaged blob was met in /part2 either");
+}
+
+#[test]
+fn find_does_not_walk_a_volume_whose_blocks_did_not_change() {
+    let e = Env::with_repo();
+    let (day1, day2) = two_volumes_one_rewritten(&e);
+    // Newest first: day 1's /part1 holds day 2's bytes and is not walked; its /part2 is.
+    let r = e.ok(&["find", "hostname", "table.dat", "journal.log", "-v"]);
+    for day in [&day1, &day2] {
+        let block = r.stdout.split(&format!("{day}:disk0 (")).nth(1).expect("both days match");
+        let block: String = block.lines().skip(1).take_while(|l| l.starts_with("  ")).collect::<Vec<_>>().join("\n");
+        assert!(block.contains("/part1/etc/hostname") && block.contains("/part2/db/table.dat"), "{day}: {block}");
+        assert_eq!(block.contains("journal.log"), day == &day2, "{day}: {block}");
+    }
+    assert!(r.stdout.ends_with("5 matches in 2 disks of 2 snapshots\n"), "{}", r.stdout);
+    assert!(
+        r.stderr.contains(&format!("/part1: the same blocks as in {day2}:disk0, not searched again")),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("/part2: the same blocks"), "{}", r.stderr);
+}
+
+/// A GPT disk with two ext4 partitions backed up twice (days 1 and 2), the second partition written again in
+/// between; returns the two snapshots' short ids.
+fn two_volumes_one_rewritten(e: &Env) -> (String, String) {
+    let (root, data) = (e.path("root"), e.path("data"));
+    make_tree(&root);
+    std::fs::create_dir_all(data.join("db")).unwrap();
+    std::fs::write(data.join("db/table.dat"), common::random_bytes(3, 200_000)).unwrap();
+    let disk = e.path("disk.raw");
+    partitioned(&disk, 48, &format!("label: gpt\nstart=2048, size=32768, type={LINUX}\nstart=34816, type={LINUX}\n"));
+    mkfs_ext4(&disk, 2048 * 512, 16 << 10, &root, "root");
+    mkfs_ext4(&disk, 34816 * 512, 28 << 10, &data, "data");
+    let spec = format!("disk0={}", disk.display());
+    let day1 = e.backup(&["--name", "vm", &spec])["snapshot"].as_str().unwrap()[..8].to_string();
+    // Only the second file system is written again.
+    std::fs::write(data.join("db/journal.log"), b"commit 1\n").unwrap();
+    mkfs_ext4(&disk, 34816 * 512, 28 << 10, &data, "data");
+    let day2 = e.backup(&["--name", "vm", &spec])["snapshot"].as_str().unwrap()[..8].to_string();
+    (day1, day2)
 }
 
 #[test]

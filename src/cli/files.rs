@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use super::{FilterArgs, Globals};
 use crate::error::{Error, Result};
-use crate::format::snapshot::{DiskManifest, SegmentRef};
+use crate::format::snapshot::DiskManifest;
 use crate::format::ObjectId;
 use crate::guestfs::extract::extract;
 use crate::guestfs::find::NameMatcher;
-use crate::guestfs::{split_path, CopyStats, Entry, EntryKind, FsKind, GuestDisk, GuestFs};
+use crate::guestfs::{split_path, CopyStats, Entry, EntryKind, FsKind, GuestDisk, GuestFs, Volume};
 use crate::nbd::server::Device;
 use crate::progress::{Counters, Reporter};
 use crate::repository::Repository;
@@ -271,15 +271,24 @@ struct DiskSearch {
     absent: usize,
     /// What could not be searched, each as `: cause` or ` /volume…: cause` to follow the disk's name.
     problems: Vec<String>,
+    /// The volumes searched without a problem, each with what it found: the same volume of a later snapshot
+    /// that holds the same bytes is not searched again.
+    clean_volumes: Vec<(Volume, Vec<Entry>)>,
 }
 
 /// A disk's last search in a `find`, with what identifies its blocks.
 struct LastSearch {
-    /// Capacity and segments: equal, the disks hold the same blocks.
-    blocks: (u64, Vec<SegmentRef>),
+    /// Its capacity and segments: equal, the disks hold the same blocks.
+    disk: DiskManifest,
     /// `ID:DISK` of the snapshot disk searched.
     at: String,
     result: DiskSearch,
+}
+
+/// The last search of a disk before this one, and the disk's byte ranges that differ between the two.
+struct Earlier<'a> {
+    search: &'a LastSearch,
+    changed: Vec<crate::source::Extent>,
 }
 
 /// Searches the volumes of `disk` of snapshot `id` (only `within`'s, below its path, where given) for what
@@ -290,6 +299,7 @@ fn search_disk(
     disk: &DiskManifest,
     within: Option<&(&str, String)>,
     matcher: &NameMatcher,
+    earlier: Option<&Earlier>,
 ) -> Result<DiskSearch> {
     let mut result = DiskSearch::default();
     let device: Arc<dyn Device> = Arc::new(exports.disk(id, disk, crate::serve::DEFAULT_READAHEAD_BLOCKS)?);
@@ -314,6 +324,23 @@ fn search_disk(
         None => guest.volumes.iter().filter(|v| v.fs.readable()).map(|v| (v, "/")).collect(),
     };
     for (volume, inner) in volumes {
+        let same = earlier.and_then(|e| {
+            let (_, found) = e
+                .search
+                .result
+                .clean_volumes
+                .iter()
+                .find(|(v, _)| v.name == volume.name && volume.unchanged_since(v, &e.changed))?;
+            Some((e, found))
+        });
+        if let Some((e, found)) = same {
+            tracing::info!("/{}: the same blocks as in {}, not searched again", volume.name, e.search.at);
+            result.entries.extend(found.iter().cloned());
+            result.clean_volumes.push((volume.clone(), found.clone()));
+            continue;
+        }
+        let (entries_before, problems_before, absent_before) =
+            (result.entries.len(), result.problems.len(), result.absent);
         // Windows finds NTFS names whatever their case; so does a search of them.
         let ntfs;
         let matcher = if volume.fs == FsKind::Ntfs {
@@ -338,6 +365,9 @@ fn search_disk(
             Err(e) if crate::guestfs::is_damage(&e) => result.problems.push(format!(" /{}: {e}", volume.name)),
             Err(e) => return Err(e),
         }
+        if (result.problems.len(), result.absent) == (problems_before, absent_before) {
+            result.clean_volumes.push((volume.clone(), result.entries[entries_before..].to_vec()));
+        }
     }
     Ok(result)
 }
@@ -360,19 +390,33 @@ pub fn find(g: &Globals, args: &FindArgs) -> Result<()> {
     // `ID:DISK` (and the volume or path) that could not be searched, with the cause; the rest goes on.
     let mut not_searched: Vec<String> = Vec::new();
     // The last search of each disk, with its blocks (capacity and segments): a disk that did not change from
-    // one snapshot to the next (an idle data disk, whose CBT reported nothing) is walked once. Only the last:
-    // every result kept would be every file of every snapshot in memory.
+    // one snapshot to the next (an idle data disk, whose CBT reported nothing) is walked once, and so is a
+    // volume none of whose bytes changed (a boot partition, a data volume beside a busy system one). Only the
+    // last: every result kept would be every file of every snapshot in memory.
     let mut last: HashMap<String, LastSearch> = HashMap::new();
     for (id, snap) in &snapshots {
         for disk in snap.disks.iter().filter(|d| args.disk.as_deref().is_none_or(|n| n == d.name)) {
             let at = format!("{}:{}", id.short(), disk.name);
-            let same_blocks = (disk.capacity, disk.segments.clone());
             let result = match last.get(&disk.name) {
-                Some(earlier) if earlier.blocks == same_blocks => {
+                Some(earlier)
+                    if (earlier.disk.capacity, &earlier.disk.segments) == (disk.capacity, &disk.segments)
+                        && earlier.result.problems.is_empty() =>
+                {
                     tracing::info!("{at}: the same blocks as {}, not searched again", earlier.at);
                     earlier.result.clone()
                 }
-                _ => search_disk(&exports, id, disk, within.as_ref(), &matcher)?,
+                Some(earlier) => {
+                    // Unreadable segments (or another block size): the volumes are searched whatever they hold.
+                    let changed =
+                        crate::diff::diff_disk(exports.repository(), exports.index_cache(), &earlier.disk, disk)
+                            .unwrap_or_else(|e| {
+                                tracing::debug!("{at}: not compared with {}: {e}", earlier.at);
+                                None
+                            });
+                    let earlier = changed.map(|d| Earlier { search: earlier, changed: d.extents });
+                    search_disk(&exports, id, disk, within.as_ref(), &matcher, earlier.as_ref())?
+                }
+                None => search_disk(&exports, id, disk, within.as_ref(), &matcher, None)?,
             };
             not_searched.extend(result.problems.iter().map(|p| format!("{at}{p}")));
             path_absent += result.absent;
@@ -384,11 +428,7 @@ pub fn find(g: &Globals, args: &FindArgs) -> Result<()> {
                 time: format_utc(snap.time_secs),
                 entries: result.entries.clone(),
             };
-            if result.problems.is_empty() {
-                last.insert(disk.name.clone(), LastSearch { blocks: same_blocks, at: at.clone(), result });
-            } else {
-                last.remove(&disk.name);
-            }
+            last.insert(disk.name.clone(), LastSearch { disk: disk.clone(), at: at.clone(), result });
             if found.entries.is_empty() {
                 continue;
             }
