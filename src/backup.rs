@@ -397,7 +397,7 @@ impl Checkpointer {
             hostname: opts.hostname.clone(),
             username: opts.username.clone(),
             source: opts.source.clone(),
-            parent: opts.parent.as_ref().map(|(id, _)| *id),
+            parent: Checkpoint::parent_ref(opts.parent.as_ref().map(|(id, s)| (id, s))),
             disks,
         };
         let state = CheckpointState { last: Instant::now(), checkpoint, saved: None };

@@ -19,7 +19,9 @@ pub struct Checkpoint {
     pub username: String,
     /// The source (VM name) the backup was of.
     pub source: String,
-    /// The interrupted backup's parent snapshot: its disks hold what the checkpoint's prefixes do not cover.
+    /// The interrupted backup's parent snapshot, by its identity ([`Snapshot::identity`]: the id it was first
+    /// written under, which `tag` keeps; older checkpoints hold its id): its disks hold what
+    /// the checkpoint's prefixes do not cover.
     pub parent: Option<ObjectId>,
     pub disks: Vec<CheckpointDisk>,
 }
@@ -83,9 +85,15 @@ impl Checkpoint {
         self.disks.iter().find(|d| d.name == name)
     }
 
+    /// What a checkpoint records of its backup's parent (`parent` above): its identity, which stays whatever
+    /// `tag` does to it before the backup is continued.
+    pub fn parent_ref(parent: Option<(&ObjectId, &Snapshot)>) -> Option<ObjectId> {
+        parent.map(|(id, snapshot)| snapshot.identity(id))
+    }
+
     /// Whether a backup whose parent would be `latest` (its source's latest snapshot, or none) continues this
-    /// checkpoint: its `parent` names that snapshot, by its id or, for one `tag` wrote again under a new id
-    /// since, by the id it had first ([`Snapshot::identity`]).
+    /// checkpoint: its `parent` names that snapshot, by its identity ([`Snapshot::identity`]) or, as older
+    /// checkpoints do, by its id.
     pub fn continues_from(&self, latest: Option<(&ObjectId, &Snapshot)>) -> bool {
         match (self.parent, latest) {
             (None, None) => true,
@@ -146,6 +154,13 @@ mod tests {
         assert!(!c.continues_from(Some((&retagged, &snapshot))), "another snapshot");
         snapshot.annotations.insert(crate::format::snapshot::ORIGINAL.into(), parent.hex());
         assert!(c.continues_from(Some((&retagged, &snapshot))), "the parent, tagged since");
+        // A parent tagged before the backup that wrote the checkpoint, and again since: it is known by the id
+        // it had first, which neither tag changed.
+        c.parent = Checkpoint::parent_ref(Some((&retagged, &snapshot)));
+        let again = BlobId([3; 32]);
+        assert!(c.continues_from(Some((&again, &snapshot))), "the parent, tagged before and since");
+        assert!(c.continues_from(Some((&retagged, &snapshot))), "the parent, tagged before only");
+        assert!(!c.continues_from(Some((&again, &Snapshot { annotations: Default::default(), ..snapshot }))));
     }
 
     #[test]
