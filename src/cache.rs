@@ -761,8 +761,8 @@ impl IndexCache {
         *self.damage.write().unwrap_or_else(|p| p.into_inner()) = records.damage;
         let listed = repo.list_index_files()?;
         let in_repo: Vec<ObjectId> = listed.iter().map(|(id, _)| *id).collect();
-        // The index files loaded, into this process's cache or the shared one below it (unless that one is out
-        // of date: it holds a file the repository no longer has).
+        // The index files loaded, into this process's cache or the shared one below it (brought up to date if a
+        // prune left it out of date, else no longer read).
         let mut loaded = self.index_files_in(&self.db)?;
         if let Some(below) = self.shared_index_files(repo, &in_repo)? {
             loaded.extend(below);
