@@ -716,11 +716,16 @@ impl IndexCache {
         Error::Cache { path: self.path.clone(), cause }
     }
 
-    fn clear(&self, features_too: bool) -> Result<()> {
+    /// Empties the blob index (features stay: they are hints), or with `everything` the whole database (another
+    /// layout's keys too).
+    fn clear(&self, everything: bool) -> Result<()> {
         let mut batch = rocksdb::WriteBatch::default();
-        let prefixes: &[u8] = if features_too { b"cipxf" } else { b"cipx" };
-        for &prefix in prefixes {
-            batch.delete_range([prefix], [prefix + 1]);
+        if everything {
+            batch.delete_range(&[0u8][..], &[0xffu8, 0xff][..]);
+        } else {
+            for prefix in *b"cipx" {
+                batch.delete_range([prefix], [prefix + 1]);
+            }
         }
         self.db.write(batch).map_err(|e| self.err(e))
     }
@@ -1201,6 +1206,30 @@ mod tests {
             assert_eq!(cache.lookup(b).unwrap().unwrap().pack, BlobId([1; 32]));
         }
         assert!(!rebuild_marker(&path).exists());
+        drop(cache);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A cache another layout wrote (an older diskvault on this host) is emptied whole, its own keys too.
+    #[test]
+    fn a_cache_of_another_layout_is_emptied_whole() {
+        let dir = std::env::temp_dir().join(format!("diskvault-cache-layout-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let repo = crate::repository::test_repository(&dir.join("repo"));
+        repo.save_index(&listing(BlobId([1; 32]), BlobId([2; 32]))).unwrap();
+        let root = dir.join("cache");
+        let (cache, _) = IndexCache::open(&repo, &root).unwrap();
+        // Layout 3's keys: a blob entry `b` ‖ id, the damage fingerprint `d`.
+        cache.db.put(b"v", b"diskvault-index-cache-3").unwrap();
+        cache.db.put(key(b'b', &BlobId([2; 32])), [0u8; 80]).unwrap();
+        cache.db.put(b"d", [0u8; 32]).unwrap();
+        drop(cache);
+        let (cache, synced) = IndexCache::open(&repo, &root).unwrap();
+        assert_eq!(synced.index_files_loaded, 1, "{synced}");
+        for table in [&b"b"[..], b"d"] {
+            assert!(scan(&cache.db, table).next().is_none(), "{table:?} left");
+        }
+        assert_eq!(cache.lookup(&BlobId([2; 32])).unwrap().unwrap().pack, BlobId([1; 32]));
         drop(cache);
         let _ = std::fs::remove_dir_all(&dir);
     }
