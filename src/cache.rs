@@ -943,16 +943,13 @@ impl IndexCache {
     /// Where blob `id` is stored: a copy not known to be damaged, if the index lists one, else a damaged one
     /// (reading it then names the damage).
     pub fn lookup(&self, id: &BlobId) -> Result<Option<BlobLocation>> {
-        let copies = self.copies(id)?;
-        let damage = self.damage();
-        Ok(copies.iter().find(|c| !damage.at(&c.pack, id)).or(copies.first()).copied())
+        self.find_copy(id, true)
     }
 
     /// The blob's location, unless every copy known is damaged: what a backup deduplicates against, and what a
     /// new blob may rely on (a delta base). Readers of what is stored use [`IndexCache::lookup`].
     pub fn lookup_intact(&self, id: &BlobId) -> Result<Option<BlobLocation>> {
-        let damage = self.damage();
-        Ok(self.copies(id)?.into_iter().find(|c| !damage.at(&c.pack, id)))
+        self.find_copy(id, false)
     }
 
     /// Whether the blob is stored at a copy not known to be damaged: what a backup deduplicates against.
@@ -960,19 +957,25 @@ impl IndexCache {
         Ok(self.lookup_intact(id)?.is_some())
     }
 
-    /// The copies of blob `id` that index files list: this process's cache first, then the shared one below it.
-    fn copies(&self, id: &BlobId) -> Result<Vec<BlobLocation>> {
-        let prefix = key(b'c', id);
-        let mut out = Vec::new();
+    /// The first copy of blob `id` that index files list and no damage record names (this process's cache
+    /// first, then the shared one below it), else, with `or_damaged`, the first damaged one. Stops at the first
+    /// intact copy: on the backup's and the restore's per-block path, one seek where the blob has one copy.
+    fn find_copy(&self, id: &BlobId, or_damaged: bool) -> Result<Option<BlobLocation>> {
+        let damage = self.damage();
         let shared = self.shared();
+        let prefix = key(b'c', id);
+        let mut damaged = None;
         for db in std::iter::once(&self.db).chain(shared.as_ref()) {
             for item in scan(db, &prefix) {
                 let (_, v) = item.map_err(|e| self.err(e))?;
                 let loc = BlobLocation::decode(&v).map_err(|e| self.err(format!("entry for blob {id}: {e}")))?;
-                out.push(loc);
+                if !damage.at(&loc.pack, id) {
+                    return Ok(Some(loc));
+                }
+                damaged.get_or_insert(loc);
             }
         }
-        Ok(out)
+        Ok(damaged.filter(|_| or_damaged))
     }
 
     /// Whether an index file lists this pack.
@@ -1168,8 +1171,8 @@ mod tests {
     /// cache, and the next open rebuilds it from the repository instead of failing the same way.
     #[test]
     fn a_cache_found_damaged_mid_run_is_rebuilt_at_the_next_open() {
-        let dir = std::env::temp_dir().join(format!("diskvault-cache-failed-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let repo = crate::repository::test_repository(&dir.join("repo"));
         let root = dir.join("cache");
         let blobs: Vec<BlobId> = (0..2000u32)
@@ -1206,15 +1209,13 @@ mod tests {
             assert_eq!(cache.lookup(b).unwrap().unwrap().pack, BlobId([1; 32]));
         }
         assert!(!rebuild_marker(&path).exists());
-        drop(cache);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A cache another layout wrote (an older diskvault on this host) is emptied whole, its own keys too.
     #[test]
     fn a_cache_of_another_layout_is_emptied_whole() {
-        let dir = std::env::temp_dir().join(format!("diskvault-cache-layout-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let repo = crate::repository::test_repository(&dir.join("repo"));
         repo.save_index(&listing(BlobId([1; 32]), BlobId([2; 32]))).unwrap();
         let root = dir.join("cache");
@@ -1230,8 +1231,6 @@ mod tests {
             assert!(scan(&cache.db, table).next().is_none(), "{table:?} left");
         }
         assert_eq!(cache.lookup(&BlobId([2; 32])).unwrap().unwrap().pack, BlobId([1; 32]));
-        drop(cache);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -1253,8 +1252,8 @@ mod tests {
     /// shared cache, brought up to date, rather than loading every index file into its private one.
     #[test]
     fn a_reader_keeps_reading_the_shared_cache_across_a_prune() {
-        let dir = std::env::temp_dir().join(format!("diskvault-cache-reader-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let repo = crate::repository::test_repository(&dir.join("repo"));
         let root = dir.join("cache");
         let id = |n: u8| BlobId([n; 32]);
@@ -1293,16 +1292,14 @@ mod tests {
         assert_eq!(synced.index_files_loaded, 2, "{synced}");
         assert_eq!(reader.lookup(&id(1)).unwrap().unwrap().pack, id(105));
         assert_eq!(reader.lookup(&id(2)).unwrap().unwrap().pack, id(102));
-        drop((reader, writer));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// After each way a prune replaces index files, the cache that caught up answers as one built from
     /// scratch, with no rebuild.
     #[test]
     fn catching_up_with_replaced_index_files_answers_as_a_rebuild_does() {
-        let dir = std::env::temp_dir().join(format!("diskvault-cache-catch-up-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let repo = crate::repository::test_repository(&dir.join("repo"));
         let id = |n: u8| BlobId([n; 32]);
         let (p1, p2, p3, p4, p5) = (id(101), id(102), id(103), id(104), id(105));
@@ -1361,14 +1358,12 @@ mod tests {
         same_as_rebuilt(&cache, 1);
         assert_eq!(cache.lookup(&blobs[7]).unwrap().unwrap().pack, listed);
         remove(&again);
-        drop(cache);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_copy_known_damaged_is_never_the_one_listed_nor_deduplicated_against() {
-        let dir = std::env::temp_dir().join(format!("diskvault-cache-damage-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let repo = crate::repository::test_repository(&dir.join("repo"));
         let blob = BlobId([9; 32]);
         let (p, q) = (BlobId([1; 32]), BlobId([2; 32]));
@@ -1394,7 +1389,5 @@ mod tests {
         cache.sync(&repo).unwrap();
         assert!(cache.lookup(&blob).unwrap().is_some());
         assert!(!cache.contains(&blob).unwrap() && cache.lookup_intact(&blob).unwrap().is_none());
-        drop(cache);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

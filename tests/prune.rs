@@ -29,21 +29,27 @@ fn distinct_block_bytes(images: &[&[u8]]) -> u64 {
     total
 }
 
+/// Four backups of source `name` from `disk`, a 12 MiB disk of which each round rewrites 3 blocks with new
+/// data; returns the four images.
+fn back_up_four_rounds(e: &Env, disk: &std::path::Path, name: &str) -> Vec<Vec<u8>> {
+    let mut img = random_bytes(1, 12 * MIB);
+    let mut images = Vec::new();
+    for round in 0..4u64 {
+        let at = (round as usize * 3 % 12) * MIB;
+        img[at..at + 3 * MIB].copy_from_slice(&random_bytes(100 + round, 3 * MIB));
+        write(disk, &img);
+        e.backup(&["--name", name, disk.to_str().unwrap()]);
+        images.push(img.clone());
+    }
+    images
+}
+
 #[test]
 fn prune_deletes_what_forgotten_snapshots_alone_used() {
     let e = Env::new();
     e.ok(&["init", "--pack-size", "4"]);
     let disk = e.path("disk.raw");
-    let mut images = Vec::new();
-    let mut img = random_bytes(1, 12 * MIB);
-    for round in 0..4u64 {
-        // Each round rewrites 3 blocks of the disk with new data.
-        let at = (round as usize * 3 % 12) * MIB;
-        img[at..at + 3 * MIB].copy_from_slice(&random_bytes(100 + round, 3 * MIB));
-        write(&disk, &img);
-        e.backup(&["--name", "vm", disk.to_str().unwrap()]);
-        images.push(img.clone());
-    }
+    let images = back_up_four_rounds(&e, &disk, "vm");
     let before = e.pack_bytes();
     let all: Vec<&[u8]> = images.iter().map(|v| v.as_slice()).collect();
     assert!(before >= distinct_block_bytes(&all));
@@ -84,6 +90,7 @@ fn prune_deletes_what_forgotten_snapshots_alone_used() {
     assert!(again.stdout.contains("unused packs removed: 0"), "{}", again.stdout);
     assert_eq!(e.objects("index"), index_before);
     // An incremental on top of the pruned repository still works.
+    let mut img = images[3].clone();
     img[0..MIB].copy_from_slice(&random_bytes(999, MIB));
     write(&disk, &img);
     e.backup(&["--name", "vm", disk.to_str().unwrap()]);
@@ -110,15 +117,7 @@ fn a_host_cache_catches_up_with_a_prune_without_rebuilding() {
     let e = Env::new();
     e.ok(&["init", "--pack-size", "4"]);
     let (disk_a, disk_b) = (e.path("a.raw"), e.path("b.raw"));
-    let mut img = random_bytes(1, 12 * MIB);
-    let mut images = Vec::new();
-    for round in 0..4u64 {
-        let at = (round as usize * 3 % 12) * MIB;
-        img[at..at + 3 * MIB].copy_from_slice(&random_bytes(100 + round, 3 * MIB));
-        write(&disk_a, &img);
-        e.backup(&["--name", "vm-a", disk_a.to_str().unwrap()]);
-        images.push(img.clone());
-    }
+    let images = back_up_four_rounds(&e, &disk_a, "vm-a");
     // Another VM, whose index file the prune leaves alone.
     let other = random_bytes(7, 6 * MIB);
     write(&disk_b, &other);
