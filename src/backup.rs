@@ -38,7 +38,7 @@ use crate::format::{BlobId, BlobType, ObjectId, SEGMENT_BLOCKS};
 use crate::progress::Counters;
 use crate::repository::Repository;
 use crate::source::{BlockRanges, DiskSource, Extent};
-use crate::util::AlignedBuf;
+use crate::util::{AlignedBuf, BufferPool};
 
 /// One disk to back up.
 pub struct DiskJob {
@@ -522,7 +522,10 @@ pub fn run(
     let (block_tx, block_rx) = bounded::<ReadBlock>(workers * 2);
     // Block buffers go back to the readers once hashed and sealed: a fresh zeroed 1 MiB buffer per block cost
     // a memset and page faults per block (a few % of a full backup's CPU).
-    let (spare_tx, spare_rx) = bounded::<AlignedBuf>(workers * 4 + jobs.len());
+    let block_buffers = BufferPool::new(workers * 4 + jobs.len());
+    // Stored data packs' buffers go back to the packer (where the backend did not keep them: local directories).
+    let pack_buffers = BufferPool::<Vec<u8>>::new(opts.uploaders.max(1) + 1);
+    let base_buffers = crate::delta::base_buffers(workers);
     let (blob_tx, blob_rx) = bounded::<SealedBlob>(workers * 2);
     let (pack_tx, pack_rx) = bounded::<FinishedPack>(1);
     let (done_tx, done_rx) = bounded::<IndexedPack>(64);
@@ -533,15 +536,18 @@ pub fn run(
     let mut disk_outputs: Vec<Option<(Vec<SegmentRef>, DiskStats)>> = plans.iter().map(|_| None).collect();
     let mut index_written = IndexStats::default();
     let checkpointer = Checkpointer::new(opts, &plans, &jobs, (time_secs, time_nanos), block_size as u32);
-    let prefetch = if opts.delta && repo.config().zstd_level != 0 { base_prefetch(repo, &cache, &plans) } else { None };
+    let prefetch = match opts.delta && repo.config().zstd_level != 0 {
+        true => base_prefetch(repo, &cache, &plans, &base_buffers),
+        false => None,
+    };
 
     std::thread::scope(|s| {
         // Readers.
         for (d, (job, plan)) in jobs.iter_mut().zip(&plans).enumerate() {
-            let (block_tx, spare_rx) = (block_tx.clone(), spare_rx.clone());
+            let (block_tx, block_buffers) = (block_tx.clone(), &block_buffers);
             let (abort, prefetch) = (&abort, prefetch.as_ref());
             spawn_named(s, "backup-read", move || {
-                abort.run(|| read_disk(d, job, plan, block_size, &block_tx, &spare_rx, abort, counters, prefetch))
+                abort.run(|| read_disk(d, job, plan, block_size, &block_tx, block_buffers, abort, counters, prefetch))
             });
         }
         drop(block_tx);
@@ -558,17 +564,17 @@ pub fn run(
             let block_rx = block_rx.clone();
             let blob_tx = blob_tx.clone();
             let result_txs = result_txs.clone();
-            let spare_tx = spare_tx.clone();
+            let (block_buffers, base_buffers) = (&block_buffers, base_buffers.clone());
             let (abort, claims, cache, prefetch) = (&abort, &claims, &cache, prefetch.as_ref());
             spawn_named(s, "backup-seal", move || {
                 abort.run(|| {
-                    let mut sealer = DeltaSealer::new(repo, cache, prefetch, opts.delta);
+                    let mut sealer = DeltaSealer::new(repo, cache, prefetch, base_buffers, opts.delta);
                     for b in block_rx {
                         if abort.is_set() {
                             break;
                         }
                         let r = process_block(repo, claims, &mut sealer, &b, &blob_tx, counters)?;
-                        let _ = spare_tx.try_send(b.data);
+                        block_buffers.give(b.data);
                         if result_txs[b.disk].send(r).is_err() {
                             break;
                         }
@@ -585,12 +591,14 @@ pub fn run(
         // taking blocks then): stored and indexed, they make the rerun cheaper.
         {
             let pack_tx = pack_tx.clone();
-            let abort = &abort;
+            let (abort, pack_buffers) = (&abort, &pack_buffers);
             spawn_named(s, "backup-pack", move || {
                 abort.run(|| {
                     let mut writer: Option<PackWriter> = None;
                     for blob in blob_rx {
-                        let w = writer.get_or_insert_with(|| PackWriter::new(BlobType::Data, pack_target + (2 << 20)));
+                        let w = writer.get_or_insert_with(|| {
+                            PackWriter::with_buffer(BlobType::Data, pack_buffers.take(), pack_target + (2 << 20))
+                        });
                         w.add(blob);
                         if w.len() >= pack_target {
                             let full = writer.take().unwrap().finish(repo.keys());
@@ -610,12 +618,15 @@ pub fn run(
         // Uploaders.
         for _ in 0..opts.uploaders.max(1) {
             let (pack_rx, done_tx) = (pack_rx.clone(), done_tx.clone());
-            let abort = &abort;
+            let (abort, pack_buffers) = (&abort, &pack_buffers);
             spawn_named(s, "backup-store", move || {
                 abort.run(|| {
                     for pack in pack_rx {
                         let stored = pack.bytes.len() as u64;
-                        let indexed = repo.save_pack(pack)?;
+                        let (indexed, buffer) = repo.save_pack_keeping_buffer(pack)?;
+                        if let Some(b) = buffer {
+                            pack_buffers.give(b);
+                        }
                         counters.add_stored(stored);
                         if done_tx.send(indexed).is_err() {
                             break;
@@ -765,7 +776,7 @@ fn read_disk(
     plan: &DiskPlan,
     block_size: u64,
     tx: &Sender<ReadBlock>,
-    spare: &Receiver<AlignedBuf>,
+    buffers: &BufferPool,
     abort: &Abort,
     counters: &Counters,
     prefetch: Option<&BasePrefetch>,
@@ -784,7 +795,7 @@ fn read_disk(
         let offset = index * block_size;
         let len = block_size.min(plan.capacity - offset) as usize;
         // Page-aligned, so that a file source may read it with O_DIRECT.
-        let mut data = spare.try_recv().unwrap_or_default();
+        let mut data = buffers.take();
         job.source.read_block(offset, len, &mut data)?;
         counters.add_done(len as u64);
         let likely_base = prefetch.and_then(|p| p.likely_base(disk, k as u64));
@@ -826,7 +837,12 @@ fn process_block(
 /// The likely delta bases of an incremental from a change list: the parent's block at each offset to be read,
 /// where the index lists it as a plain data blob. `None` when no disk has such candidates. Best effort: a parent
 /// segment that cannot be read only means no prefetch for its blocks (the backup itself reports it).
-fn base_prefetch(repo: &Repository, cache: &IndexCache, plans: &[DiskPlan]) -> Option<BasePrefetch> {
+fn base_prefetch(
+    repo: &Repository,
+    cache: &IndexCache,
+    plans: &[DiskPlan],
+    buffers: &BufferPool,
+) -> Option<BasePrefetch> {
     let mut candidates = Vec::with_capacity(plans.len());
     for plan in plans {
         let mut disk = Vec::new();
@@ -857,7 +873,7 @@ fn base_prefetch(repo: &Repository, cache: &IndexCache, plans: &[DiskPlan]) -> O
         }
         candidates.push(disk);
     }
-    let p = BasePrefetch::new(candidates);
+    let p = BasePrefetch::new(candidates, buffers.clone());
     (!p.is_empty()).then_some(p)
 }
 

@@ -21,6 +21,7 @@ use crate::format::recovery_key::RecoveryKey;
 use crate::format::snapshot::Snapshot;
 use crate::format::verified::VerificationRecord;
 use crate::format::{names, BlobId, ObjectId, BLOCK_SIZE, FORMAT_VERSION};
+use crate::util::AlignedBuf;
 
 /// Options for `init`.
 #[derive(Clone, Debug)]
@@ -75,6 +76,12 @@ pub struct Repository {
     key_id: ObjectId,
     /// The master secrets, epoch 0 first (one until the first `key rotate`).
     keyring: Vec<[u8; 32]>,
+}
+
+/// The error of a blob that does not open: the pack, the blob and the cause.
+fn blob_error(pack_name: &str, loc: &BlobLocation, cause: String) -> Error {
+    let e = &loc.entry;
+    Error::corrupt(pack_name, format!("{} blob {} at offset {}: {cause}", e.blob_type.name(), e.id, e.offset))
 }
 
 fn map_header_err(object: &str, e: HeaderError) -> Error {
@@ -355,9 +362,15 @@ impl Repository {
     /// Stores a finished pack (its bytes go to the backend without a copy) and returns what an index file lists
     /// for it.
     pub fn save_pack(&self, pack: FinishedPack) -> Result<IndexedPack> {
+        self.save_pack_keeping_buffer(pack).map(|(indexed, _)| indexed)
+    }
+
+    /// [`Repository::save_pack`], handing back the pack's buffer where the backend did not keep it, for the next
+    /// pack ([`PackWriter::with_buffer`](crate::format::pack::PackWriter::with_buffer)).
+    pub fn save_pack_keeping_buffer(&self, pack: FinishedPack) -> Result<(IndexedPack, Option<Vec<u8>>)> {
         let FinishedPack { id, bytes, header } = pack;
-        self.backend.put_owned(&names::pack(&id), bytes)?;
-        Ok(IndexedPack { id, pack_type: header.pack_type, entries: header.entries })
+        let buffer = self.backend.put_owned(&names::pack(&id), bytes)?;
+        Ok((IndexedPack { id, pack_type: header.pack_type, entries: header.entries }, buffer))
     }
 
     /// Reads one blob and returns its authenticated, id-checked plaintext; a delta blob's base is found with
@@ -366,12 +379,24 @@ impl Repository {
         let base = self.read_base(&loc.entry, locator)?;
         let name = names::pack(&loc.pack);
         let stored = self.backend.get_range(&name, loc.entry.offset as u64, loc.entry.stored_len as u64)?;
-        pack::open_blob(&self.keys, &loc.entry, &stored, base.as_deref()).map_err(|cause| {
-            Error::corrupt(
-                &name,
-                format!("{} blob {} at offset {}: {cause}", loc.entry.blob_type.name(), loc.entry.id, loc.entry.offset),
-            )
-        })
+        pack::open_blob(&self.keys, &loc.entry, &stored, base.as_deref()).map_err(|cause| blob_error(&name, loc, cause))
+    }
+
+    /// [`Repository::read_blob`] into buffers the caller reuses from blob to blob: `stored` receives the blob as
+    /// stored (decrypted in place), `plain` its plaintext.
+    pub fn read_blob_into(
+        &self,
+        loc: &BlobLocation,
+        locator: &dyn BlobLocator,
+        stored: &mut Vec<u8>,
+        plain: &mut AlignedBuf,
+    ) -> Result<()> {
+        let base = self.read_base(&loc.entry, locator)?;
+        let name = names::pack(&loc.pack);
+        self.backend.get_range_into(&name, loc.entry.offset as u64, loc.entry.stored_len as u64, stored)?;
+        pack::open_blob_in_place(&self.keys, &loc.entry, stored, plain, base.as_deref())
+            .map(|_| ())
+            .map_err(|cause| blob_error(&name, loc, cause))
     }
 
     /// The plaintext of the base of `entry` if it is a delta blob (`None` otherwise). The base must be an indexed

@@ -69,17 +69,32 @@ impl LocalBackend {
 /// otherwise fill with data it never reads again (and pay for the copy and the reclaim).
 const DIRECT_MIN: usize = 1 << 20;
 
+/// O_DIRECT writes go through a page-aligned staging buffer of up to this size, kept by the writing thread: a
+/// fresh zeroed buffer the size of each pack cost a memset and a page fault per 4 KiB (4% of a full backup's CPU).
+const STAGING_SIZE: usize = 4 << 20;
+
+thread_local! {
+    static STAGING: std::cell::RefCell<AlignedBuf> = std::cell::RefCell::new(AlignedBuf::default());
+}
+
 /// Writes `data` to the new file `path` and syncs it; O_DIRECT for large objects (the last page padded, then
 /// the file cut to size). EINVAL means the file system does not do O_DIRECT.
 fn write_direct(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
     if data.len() < DIRECT_MIN {
         return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     }
     let f = OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_DIRECT).open(path)?;
-    let mut staging = AlignedBuf::zeroed(data.len().next_multiple_of(BUF_ALIGN));
-    staging[..data.len()].copy_from_slice(data);
-    std::os::unix::fs::FileExt::write_all_at(&f, &staging, 0)?;
+    STAGING.with_borrow_mut(|staging| {
+        for (k, piece) in data.chunks(STAGING_SIZE).enumerate() {
+            let padded = piece.len().next_multiple_of(BUF_ALIGN);
+            staging.resize(padded);
+            staging[..piece.len()].copy_from_slice(piece);
+            staging[piece.len()..].fill(0);
+            f.write_all_at(staging, (k * STAGING_SIZE) as u64)?;
+        }
+        Ok::<_, std::io::Error>(())
+    })?;
     f.set_len(data.len() as u64)?;
     f.sync_all()
 }
@@ -407,19 +422,28 @@ mod tests {
         }
     }
 
-    /// Large objects (O_DIRECT, padded then cut) keep their exact size and bytes, on a disk file system and on
-    /// tmpfs, which refuses O_DIRECT (the buffered fallback).
+    /// Large objects (O_DIRECT through the thread's staging buffer, the last page padded then cut) keep their
+    /// exact size and bytes, on a disk file system and on tmpfs, which refuses O_DIRECT (the buffered fallback).
+    /// Sizes across several staging buffers, written largest first so that a shorter object is staged in a
+    /// buffer holding a larger one's bytes; `put_owned` hands the buffer back unchanged.
     #[test]
     fn large_objects_round_trip_with_and_without_o_direct() {
-        let data: Vec<u8> = (0..(3 << 20) + 777).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let object = |len: usize, seed: u32| -> Vec<u8> {
+            (0..len as u32).map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8).collect()
+        };
+        let sizes = [(9 << 20) + 777, (4 << 20) + 1, 4 << 20, (3 << 20) + 777, (1 << 20) + 1];
         let roots = disk_and_tmpfs_roots();
         for root in &roots {
             let b = LocalBackend::new(root.path().to_path_buf());
-            b.put("packs/ab/big", &data).unwrap();
-            assert_eq!(b.size("packs/ab/big").unwrap(), Some(data.len() as u64));
-            assert!(b.get("packs/ab/big").unwrap() == data, "{}", root.path().display());
-            assert!(b.create_new("packs/ab/big2", &data).unwrap());
-            assert!(b.get("packs/ab/big2").unwrap() == data);
+            for (k, len) in sizes.into_iter().enumerate() {
+                let data = object(len, k as u32);
+                let name = format!("packs/ab/big{k}");
+                assert!(b.put_owned(&name, data.clone()).unwrap().as_ref() == Some(&data));
+                assert_eq!(b.size(&name).unwrap(), Some(len as u64));
+                assert!(b.get(&name).unwrap() == data, "{len} bytes in {}", root.path().display());
+                assert!(b.create_new(&format!("{name}-new"), &data).unwrap());
+                assert!(b.get(&format!("{name}-new")).unwrap() == data);
+            }
         }
     }
 }

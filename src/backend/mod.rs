@@ -53,9 +53,11 @@ pub trait Backend: Send + Sync {
     fn create_new(&self, name: &str, data: &[u8]) -> Result<bool>;
 
     /// [`Backend::put`] of a buffer the caller gives up: a backend that must own what it sends (S3) takes it
-    /// without a copy.
-    fn put_owned(&self, name: &str, data: Vec<u8>) -> Result<()> {
-        self.put(name, &data)
+    /// without a copy. The buffer comes back if the backend did not keep it (a local directory), for the caller
+    /// to reuse.
+    fn put_owned(&self, name: &str, data: Vec<u8>) -> Result<Option<Vec<u8>>> {
+        self.put(name, &data)?;
+        Ok(Some(data))
     }
 
     /// Reads a whole object. A missing object is [`Error::Missing`].

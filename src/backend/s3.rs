@@ -541,8 +541,9 @@ impl Backend for S3Backend {
         self.put_bytes(name, Bytes::copy_from_slice(data))
     }
 
-    fn put_owned(&self, name: &str, data: Vec<u8>) -> Result<()> {
-        self.put_bytes(name, Bytes::from(data))
+    fn put_owned(&self, name: &str, data: Vec<u8>) -> Result<Option<Vec<u8>>> {
+        self.put_bytes(name, Bytes::from(data))?;
+        Ok(None)
     }
 
     fn create_new(&self, name: &str, data: &[u8]) -> Result<bool> {

@@ -579,7 +579,14 @@ pub struct PackWriter {
 
 impl PackWriter {
     pub fn new(pack_type: BlobType, capacity: usize) -> Self {
-        PackWriter { pack_type, buf: Vec::with_capacity(capacity), entries: Vec::new() }
+        PackWriter::with_buffer(pack_type, Vec::new(), capacity)
+    }
+
+    /// A pack built in `buf`, a stored pack's buffer reused (its content is dropped).
+    pub fn with_buffer(pack_type: BlobType, mut buf: Vec<u8>, capacity: usize) -> Self {
+        buf.clear();
+        buf.reserve(capacity);
+        PackWriter { pack_type, buf, entries: Vec::new() }
     }
 
     pub fn add(&mut self, blob: SealedBlob) {
