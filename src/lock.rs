@@ -11,7 +11,9 @@
 //! `If-None-Match: *` PUT). Its holder rewrites it every quarter of the stale time. Another client treats
 //! it as dead only when the storage's own clock says it was not rewritten for the stale time
 //! ([`crate::backend::Backend::age`]), so a killed holder stops blocking others after expiry, and no two
-//! clients' clocks need to agree.
+//! clients' clocks need to agree. A lock taken on the same running system (the same boot, the same PID
+//! namespace) by a process that no longer exists is dead at once, as restic judges locks of its
+//! own host: a killed `prune` does not block the next one on that host for the stale time.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -62,13 +64,83 @@ pub struct LockState {
 impl LockState {
     pub fn describe(&self) -> String {
         let age = self.age.map(|a| format!("{} s", a.as_secs())).unwrap_or_else(|| "unknown".into());
+        let gone = if self.holder_is_gone() { "; its process no longer runs on this host" } else { "" };
         match &self.info {
             Some(i) => format!(
-                "{} (held for {:?} by {}@{}, pid {}; last refreshed {age} ago)",
+                "{} (held for {:?} by {}@{}, pid {}; last refreshed {age} ago{gone})",
                 self.name, i.purpose, i.username, i.hostname, i.pid
             ),
             None => format!("{} (unreadable lock object; last written {age} ago)", self.name),
         }
+    }
+
+    /// Abandoned: not refreshed for `stale` by the storage's clock, or its holder is known to be gone.
+    fn is_abandoned(&self, stale: Duration) -> bool {
+        self.age.is_some_and(|a| a > stale) || self.holder_is_gone()
+    }
+
+    /// The lock was taken on this running system ([`HostInstance`]) by a process that no longer exists (or is a
+    /// zombie). A PID since reused by another process keeps the lock alive until it expires: the safe side.
+    fn holder_is_gone(&self) -> bool {
+        let Some(info) = &self.info else { return false };
+        match HostInstance::current() {
+            Some(here) if here.tagged(&info.holder) => !process_exists(info.pid),
+            _ => false,
+        }
+    }
+}
+
+/// This running system as lock holders name it: the kernel's boot id and the PID namespace. Two processes with
+/// the same instance see each other's PIDs; no two machines (clones with one hostname included), no two boots,
+/// and no two containers with their own PID namespaces share one.
+struct HostInstance {
+    tag: [u8; 8],
+}
+
+impl HostInstance {
+    /// `None` where `/proc` does not say (then no lock is judged by its PID).
+    fn current() -> Option<&'static HostInstance> {
+        static CURRENT: std::sync::OnceLock<Option<HostInstance>> = std::sync::OnceLock::new();
+        CURRENT
+            .get_or_init(|| {
+                let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+                let pid_ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+                let mut h = blake3::Hasher::new();
+                h.update(b"diskvault lock holder instance\0");
+                h.update(boot.trim().as_bytes());
+                h.update(b"\0");
+                h.update(pid_ns.as_os_str().as_encoded_bytes());
+                let tag = h.finalize().as_bytes()[..8].try_into().expect("8 bytes");
+                Some(HostInstance { tag })
+            })
+            .as_ref()
+    }
+
+    /// A lock holder id of a process of this instance: the instance's tag, then 8 random bytes.
+    fn holder_id(&self) -> [u8; 16] {
+        let mut id = crate::crypto::random_array::<16>();
+        id[..8].copy_from_slice(&self.tag);
+        id
+    }
+
+    fn tagged(&self, holder: &[u8; 16]) -> bool {
+        holder[..8] == self.tag
+    }
+}
+
+/// Whether process `pid` exists and is not a zombie (seen from this PID namespace).
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid_t) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: signal 0 only checks that the process exists and may be signalled; nothing is sent.
+    if unsafe { libc::kill(pid_t, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        return false;
+    }
+    // A killed process whose parent has not reaped it yet still has its PID: state Z (or X), after the command
+    // name, which may itself hold spaces and parentheses.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rfind(") ").is_some_and(|i| matches!(stat.as_bytes().get(i + 2), Some(b'Z' | b'X'))),
+        // Unreadable (a hidepid mount): it exists.
+        Err(_) => true,
     }
 }
 
@@ -105,7 +177,7 @@ fn sealed_lock_info(repo: &Repository, purpose: &str) -> Vec<u8> {
         username: crate::util::username(),
         pid: std::process::id(),
         created_secs: crate::util::now_secs(),
-        holder: crate::crypto::random_array(),
+        holder: HostInstance::current().map_or_else(crate::crypto::random_array, HostInstance::holder_id),
     };
     envelope::seal(repo.keys(), Kind::Lock, &info.encode())
 }
@@ -159,7 +231,7 @@ fn acquire(repo: &Repository, name: &str, purpose: &str, busy: &str) -> Result<L
             return Ok(LockGuard::start(repo.backend().clone(), name, bytes, stale));
         }
         let Some((existing, state)) = read_lock(repo, &name)? else { continue };
-        if state.age.is_some_and(|a| a > stale) {
+        if state.is_abandoned(stale) {
             // Delete only what we judged stale: if it changed meanwhile, its holder is alive.
             if repo.backend().get(&name).ok().as_deref() == Some(&existing[..]) {
                 tracing::warn!("removing an abandoned lock: {}", state.describe());
@@ -253,7 +325,7 @@ pub fn live_sessions(repo: &Repository) -> Result<Vec<LockState>> {
             continue;
         }
         let Some((bytes, state)) = read_lock(repo, &o.name)? else { continue };
-        if state.age.is_some_and(|a| a > stale) {
+        if state.is_abandoned(stale) {
             if repo.backend().get(&o.name).ok().as_deref() == Some(&bytes[..]) {
                 tracing::warn!("removing an abandoned session: {}", state.describe());
                 repo.backend().delete(&o.name)?;

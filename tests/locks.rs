@@ -1,5 +1,6 @@
 //! Exclusive locks: a second holder is refused (and told who holds the lock) while the first lives; a holder
-//! killed with SIGKILL stops blocking others once its lock is not refreshed for the stale time.
+//! killed with SIGKILL on this host stops blocking others at once, one elsewhere once its lock is not refreshed
+//! for the stale time.
 
 mod common;
 
@@ -18,13 +19,16 @@ fn backend_for(location: &str) -> Arc<dyn Backend> {
     }
 }
 
-/// Not a test of its own: run by `killed_holder_stops_blocking_after_expiry` as a child process that takes
+/// Not a test of its own: run by `a_killed_holder_on_this_host_stops_blocking_at_once` as a child process that takes
 /// the lock and holds it until killed. Without the variable it does nothing.
 #[test]
 fn lock_holder_child() {
     let Ok(location) = std::env::var("DV_TEST_LOCK_HOLDER") else { return };
     let repo = Repository::open(backend_for(&location), b"correct horse battery staple").unwrap();
-    let _guard = diskvault::lock::acquire_exclusive(&repo, "test holder").unwrap();
+    let _guard = match std::env::var("DV_TEST_LOCK_KIND").as_deref() {
+        Ok("session") => diskvault::lock::start_session(&repo, "backup").unwrap(),
+        _ => diskvault::lock::acquire_exclusive(&repo, "test holder").unwrap(),
+    };
     println!("HOLDING");
     loop {
         std::thread::sleep(Duration::from_secs(1));
@@ -48,45 +52,104 @@ fn second_holder_is_refused_while_the_first_lives() {
     assert!(e.ok(&["locks"]).stdout.contains("0 locks"));
 }
 
-#[test]
-fn killed_holder_stops_blocking_after_expiry() {
-    let e = Env::with_repo();
+/// Starts `lock_holder_child` and waits until it holds the exclusive lock (`kind` "exclusive") or a session
+/// marker (`kind` "session").
+fn start_lock_holder(e: &Env, kind: &str) -> std::process::Child {
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
     cmd.args(["--exact", "lock_holder_child", "--nocapture", "--test-threads=1"])
         .env("DV_TEST_LOCK_HOLDER", e.location())
+        .env("DV_TEST_LOCK_KIND", kind)
         .env("DISKVAULT_LOCK_STALE_SECS", "3")
         .stdout(std::process::Stdio::piped());
     if e.is_s3() {
         s3::server().add_credentials(&mut cmd);
     }
-    let mut child = cmd.spawn().unwrap();
+    let child = cmd.spawn().unwrap();
     let start = Instant::now();
     while e.objects("locks").is_empty() {
         assert!(start.elapsed() < Duration::from_secs(30), "the child never took the lock");
         std::thread::sleep(Duration::from_millis(50));
     }
+    child
+}
+
+/// `repair index`, which takes the exclusive lock, with locks going stale after `stale_secs`.
+fn repair_index(e: &Env, stale_secs: u32) -> std::process::Output {
+    let mut c = e.command(&["repair", "index"]);
+    c.env("DISKVAULT_LOCK_STALE_SECS", stale_secs.to_string());
+    c.output().unwrap()
+}
+
+/// A holder killed with SIGKILL on this host leaves its lock behind; the next command on the host sees that its
+/// process is gone and takes the lock at once, without waiting for the stale time: also while the killed process
+/// is a zombie (not yet reaped by its parent).
+#[test]
+fn a_killed_holder_on_this_host_stops_blocking_at_once() {
+    let e = Env::with_repo();
+    let mut child = start_lock_holder(&e, "exclusive");
     // Alive and refreshing: refused, also after longer than the stale time.
     std::thread::sleep(Duration::from_secs(4));
-    let mut c = e.command(&["repair", "index"]);
-    c.env("DISKVAULT_LOCK_STALE_SECS", "3");
-    let out = c.output().unwrap();
+    let out = repair_index(&e, 3);
     assert_eq!(out.status.code(), Some(11), "a live holder's lock must hold: {}", String::from_utf8_lossy(&out.stderr));
-    child.kill().unwrap(); // SIGKILL: no cleanup
-    child.wait().unwrap();
+    child.kill().unwrap(); // SIGKILL: no cleanup; not reaped yet
+    std::thread::sleep(Duration::from_millis(200));
     assert!(!e.objects("locks").is_empty(), "the killed holder's lock is left behind");
-    let killed_at = Instant::now();
+    let out = repair_index(&e, 300);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "a lock of a process gone from this host must not hold for 300 s: {stderr}");
+    assert!(stderr.contains("removing an abandoned lock") && stderr.contains("no longer runs"), "{stderr}");
+    child.wait().unwrap();
+    assert!(e.objects("locks").is_empty(), "{:?}", e.objects("locks"));
+}
+
+/// The session marker of a backup killed on this host stops counting as a live session at once: prune need not
+/// wait the stale time for it before deleting packs, and it is removed.
+#[test]
+fn a_killed_session_on_this_host_is_not_waited_for() {
+    let e = Env::with_repo();
+    let repo = Repository::open(e.backend(), e.password.as_bytes()).unwrap();
+    let mut child = start_lock_holder(&e, "session");
+    assert_eq!(diskvault::lock::live_sessions(&repo).unwrap().len(), 1, "a live session counts");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(e.objects("locks").len(), 1, "the killed holder's marker is left behind");
+    assert!(diskvault::lock::live_sessions(&repo).unwrap().is_empty(), "its process is gone from this host");
+    assert!(e.objects("locks").is_empty(), "{:?}", e.objects("locks"));
+}
+
+/// A lock naming this host and a PID that runs nowhere here, taken on another running system (a clone of this
+/// machine with the same hostname, another boot, a container with its own PIDs): its PID says nothing here, so
+/// it holds until it expires, as every lock of another host does.
+#[test]
+fn a_lock_of_another_system_holds_until_it_expires() {
+    let e = Env::with_repo();
+    let repo = Repository::open(e.backend(), e.password.as_bytes()).unwrap();
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let info = diskvault::format::lock::LockInfo {
+        purpose: "prune".into(),
+        hostname: diskvault::util::hostname(),
+        username: "root".into(),
+        pid: gone.id(),
+        created_secs: diskvault::util::now_secs(),
+        holder: [7; 16],
+    };
+    let sealed =
+        diskvault::format::envelope::seal(repo.keys(), diskvault::format::envelope::Kind::Lock, &info.encode());
+    assert!(repo.backend().create_new("locks/exclusive", &sealed).unwrap());
+    let written = Instant::now();
+    let out = repair_index(&e, 3);
+    assert_eq!(out.status.code(), Some(11), "{}", String::from_utf8_lossy(&out.stderr));
     loop {
-        let mut c = e.command(&["repair", "index"]);
-        c.env("DISKVAULT_LOCK_STALE_SECS", "3");
-        let out = c.output().unwrap();
+        let out = repair_index(&e, 3);
         if out.status.success() {
             break;
         }
         assert_eq!(out.status.code(), Some(11), "{}", String::from_utf8_lossy(&out.stderr));
-        assert!(killed_at.elapsed() < Duration::from_secs(20), "the abandoned lock never expired");
+        assert!(written.elapsed() < Duration::from_secs(20), "the abandoned lock never expired");
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert!(killed_at.elapsed() >= Duration::from_secs(1), "expiry must wait for the stale time");
+    assert!(written.elapsed() >= Duration::from_secs(3), "expiry must wait for the stale time");
 }
 
 fn snapshot_tags(e: &Env) -> Vec<(String, serde_json::Value)> {

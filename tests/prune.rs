@@ -339,8 +339,7 @@ fn a_killed_prune_leaves_a_consistent_repository() {
         child.wait().unwrap();
         // Whatever the prune got to, the kept snapshot is whole.
         assert_eq!(e.restore("latest", &[]), img, "after a prune killed after {changes} changes");
-        // The killed prune's lock would expire after the stale time (tests/locks.rs); here it is removed at once.
-        let _ = e.backend().delete("locks/exclusive");
+        // The killed prune's lock is left behind; the next prune on this host sees its process gone and takes it.
     }
     assert!(killed_midway >= 1, "no prune was killed while it was changing the repository");
     let out = e.ok(&["prune", "--max-unused", "0"]);

@@ -1171,13 +1171,24 @@ fn a_killed_backup_continues_its_work_and_its_vm_snapshot_is_removed() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(lab.vm()["snapshots"], 1, "the killed backup could not remove its VM snapshot");
-    // While its session marker could still belong to a live backup (another proxy's), the snapshot stays.
+    // Its session markers (the backup's, and the one its VM snapshot names), as if the backup had run on another
+    // proxy (a holder of another running system, whose process this host cannot see): while they could still
+    // belong to a live backup there, the snapshot stays.
+    let (backend, lock) = (repo.backend(), diskvault::format::envelope::Kind::Lock);
+    for marker in lab.env.objects("locks") {
+        let sealed = backend.get(&marker).unwrap();
+        let plain = diskvault::format::envelope::open(repo.keys(), lock, &sealed).unwrap();
+        let mut info = diskvault::format::lock::LockInfo::decode(&plain).unwrap();
+        info.holder = [7; 16];
+        backend.put(&marker, &diskvault::format::envelope::seal(repo.keys(), lock, &info.encode())).unwrap();
+    }
     let r = lab.run(&["backup", "--vm", &name], &[("FAKE_VDDK_FAIL_READ_SECTOR", "0")]);
     assert!(r.code != 0 && !r.stderr.contains("did not finish"), "{}", r.stderr);
     assert_eq!(lab.vm()["snapshots"], 1, "{}", r.stderr);
 
-    // The retry, once the killed backup's session marker has gone stale (2 s here, 300 s by default), removes
-    // the VM snapshot it left behind, and continues its work.
+    // The retry, once that marker has gone stale (2 s here, 300 s by default), removes the VM snapshot the
+    // killed backup left behind, and continues its work. (Had the marker stayed this host's, the first retry
+    // would have: its process is gone, tests/locks.rs.)
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let retry = lab.run(&["backup", "--json", "--vm", &name], &[("DISKVAULT_LOCK_STALE_SECS", "2")]);
     assert_eq!(retry.code, 0, "{}", retry.stderr);

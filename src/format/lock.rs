@@ -17,7 +17,8 @@ pub struct LockInfo {
     pub pid: u32,
     /// Holder's clock when it took the lock (informational only).
     pub created_secs: i64,
-    /// Random, identifies this holder.
+    /// Identifies this holder: the tag of its running system (boot and PID namespace), then 8 random bytes
+    /// (format-spec §9a); 16 random bytes where the system does not tell.
     pub holder: [u8; 16],
 }
 
