@@ -302,6 +302,8 @@ enum BlockKind {
 struct Abort {
     flag: AtomicBool,
     error: Mutex<Option<Error>>,
+    /// An assembler found a parent segment damaged and recorded it ([`Attempt::parent_damage_recorded`]).
+    parent_damage_recorded: AtomicBool,
 }
 
 impl Abort {
@@ -498,13 +500,92 @@ pub fn run(
         );
     }
     let block_size = repo.config().block_size as u64;
+    // A parent segment found damaged mid-run (not known before: a check would have recorded it) is recorded, and
+    // the disks are gone through once more, reading that segment's blocks from the source: its block ids are
+    // lost, the source still has the blocks. What the first attempt stored is known by then (dedup).
+    let mut first_attempt_checkpoint = None;
+    let mut first_attempt_written = IndexStats::default();
+    let (plans, attempt) = loop {
+        let plans = plan_disks(repo, &cache, &mut jobs, opts, counters)?;
+        let mut attempt = back_up_disks(repo, &cache, &mut jobs, &plans, opts, counters, (time_secs, time_nanos));
+        let Some(e) = attempt.error.take() else { break (plans, attempt) };
+        let saved = attempt.checkpointer.and_then(Checkpointer::saved);
+        if attempt.parent_damage_recorded && first_attempt_checkpoint.is_none() && !crate::util::interrupted() {
+            tracing::warn!("{e}; backing up again, reading the blocks of the damaged segment from the source");
+            first_attempt_checkpoint = Some(saved);
+            first_attempt_written = attempt.index_written;
+            cache.sync(repo)?;
+            continue;
+        }
+        if let Some(saved) = saved.or(first_attempt_checkpoint.flatten()) {
+            tracing::warn!(
+                "the progress of this backup is saved (checkpoint {}): the next backup of {} continues from there",
+                saved.short(),
+                opts.source
+            );
+        }
+        return Err(e);
+    };
+    let Attempt { disk_outputs, index_written, checkpointer, .. } = attempt;
+
+    let mut disks = Vec::with_capacity(plans.len());
+    let bytes_added = index_written.pack_bytes + first_attempt_written.pack_bytes;
+    let mut summary = Summary { bytes_added, ..Summary::default() };
+    for ((plan, job), out) in plans.iter().zip(&jobs).zip(disk_outputs) {
+        let (segments, stats) = out.ok_or_else(|| Error::invalid(format!("disk {} was not assembled", plan.name)))?;
+        summary.bytes_read += stats.bytes_read;
+        summary.new_blobs += stats.new_blocks;
+        disks.push(DiskManifest {
+            name: plan.name.clone(),
+            source_kind: job.source.kind().to_string(),
+            source_path: job.source.describe(),
+            capacity: plan.capacity,
+            block_size: block_size as u32,
+            change_token: job.change_token.clone(),
+            segments,
+            stats,
+        });
+    }
+    summary.duration_ms = started.elapsed().as_millis() as u64;
+    let snapshot = Snapshot {
+        time_secs,
+        time_nanos,
+        hostname: opts.hostname.clone(),
+        username: opts.username.clone(),
+        source: opts.source.clone(),
+        tags: opts.tags.clone(),
+        parent: opts.parent.as_ref().map(|(id, _)| *id),
+        disks,
+        annotations: opts.annotations.clone(),
+        summary,
+    };
+    session.ensure_held()?;
+    let id = repo.save_snapshot(&snapshot)?;
+    for saved in [checkpointer.and_then(Checkpointer::saved), first_attempt_checkpoint.flatten()].into_iter().flatten()
+    {
+        repo.delete_checkpoint(&saved);
+    }
+    cache.end_backup()?;
+    drop(session);
+    Ok((id, snapshot))
+}
+
+/// The disks' plans: what to read, what to inherit from the parent (see [`plan_disk`] and the rereads).
+fn plan_disks(
+    repo: &Repository,
+    cache: &IndexCache,
+    jobs: &mut [DiskJob],
+    opts: &BackupOptions,
+    counters: &Counters,
+) -> Result<Vec<DiskPlan>> {
+    let block_size = repo.config().block_size as u64;
     let parent_snap = opts.parent.as_ref().map(|(_, s)| s);
     let mut plans: Vec<DiskPlan> =
         jobs.iter_mut().map(|j| plan_disk(j, parent_snap, block_size)).collect::<Result<_>>()?;
     for p in &mut plans {
-        reread_unindexed_segments(p, &cache)?;
-        reread_unstored_checkpoint_blocks(repo, p, &cache)?;
-        reread_damaged_blocks(repo, p, &cache)?;
+        reread_unindexed_segments(p, cache)?;
+        reread_unstored_checkpoint_blocks(repo, p, cache)?;
+        reread_damaged_blocks(repo, p, cache)?;
     }
     for p in &plans {
         if let Some(n) = &p.note {
@@ -512,7 +593,31 @@ pub fn run(
         }
         counters.add_total(p.read.block_count() * block_size);
     }
+    Ok(plans)
+}
 
+/// What one pass of the pipeline over the disks gave.
+struct Attempt {
+    /// The first error of any pipeline thread.
+    error: Option<Error>,
+    /// A parent segment was found damaged and recorded: a second pass reads its blocks instead.
+    parent_damage_recorded: bool,
+    disk_outputs: Vec<Option<(Vec<SegmentRef>, DiskStats)>>,
+    index_written: IndexStats,
+    checkpointer: Option<Checkpointer>,
+}
+
+/// Reads, hashes, seals, packs, stores and indexes the disks' blocks as planned, and assembles their segments.
+fn back_up_disks(
+    repo: &Repository,
+    cache: &Arc<IndexCache>,
+    jobs: &mut [DiskJob],
+    plans: &[DiskPlan],
+    opts: &BackupOptions,
+    counters: &Counters,
+    (time_secs, time_nanos): (i64, u32),
+) -> Attempt {
+    let block_size = repo.config().block_size as u64;
     let abort = Abort::default();
     let claims = Claims { cache: cache.clone(), new: Mutex::new(HashSet::new()) };
     let meta = MetaPacker { writer: Mutex::new(None), sealer: Mutex::new(BlobSealer::new(repo.config().zstd_level)) };
@@ -535,15 +640,15 @@ pub fn run(
 
     let mut disk_outputs: Vec<Option<(Vec<SegmentRef>, DiskStats)>> = plans.iter().map(|_| None).collect();
     let mut index_written = IndexStats::default();
-    let checkpointer = Checkpointer::new(opts, &plans, &jobs, (time_secs, time_nanos), block_size as u32);
+    let checkpointer = Checkpointer::new(opts, plans, jobs, (time_secs, time_nanos), block_size as u32);
     let prefetch = match opts.delta && repo.config().zstd_level != 0 {
-        true => base_prefetch(repo, &cache, &plans, &base_buffers),
+        true => base_prefetch(repo, cache, plans, &base_buffers),
         false => None,
     };
 
     std::thread::scope(|s| {
         // Readers.
-        for (d, (job, plan)) in jobs.iter_mut().zip(&plans).enumerate() {
+        for (d, (job, plan)) in jobs.iter_mut().zip(plans).enumerate() {
             let (block_tx, block_buffers) = (block_tx.clone(), &block_buffers);
             let (abort, prefetch) = (&abort, prefetch.as_ref());
             spawn_named(s, "backup-read", move || {
@@ -681,7 +786,18 @@ pub fn run(
                             Some((c, d, done_tx)) => c.segment_done(repo, meta, done_tx, counters, *d, seg),
                             None => Ok(()),
                         };
-                        out = Some(assemble_disk(repo, claims, meta, plan, rx, &pack_tx, pack_target, on_segment)?);
+                        let recorded = &abort.parent_damage_recorded;
+                        out = Some(assemble_disk(
+                            repo,
+                            claims,
+                            meta,
+                            plan,
+                            rx,
+                            &pack_tx,
+                            pack_target,
+                            recorded,
+                            on_segment,
+                        )?);
                         Ok(())
                     });
                     out
@@ -705,56 +821,9 @@ pub fn run(
         drop(pack_tx);
         index_written = indexer.join().unwrap_or_default();
     });
-
-    if let Some(e) = abort.error.into_inner().unwrap() {
-        if let Some(saved) = checkpointer.and_then(Checkpointer::saved) {
-            tracing::warn!(
-                "the progress of this backup is saved (checkpoint {}): the next backup of {} continues from there",
-                saved.short(),
-                opts.source
-            );
-        }
-        return Err(e);
-    }
-
-    let mut disks = Vec::with_capacity(plans.len());
-    let mut summary = Summary { bytes_added: index_written.pack_bytes, ..Summary::default() };
-    for ((plan, job), out) in plans.iter().zip(&jobs).zip(disk_outputs) {
-        let (segments, stats) = out.ok_or_else(|| Error::invalid(format!("disk {} was not assembled", plan.name)))?;
-        summary.bytes_read += stats.bytes_read;
-        summary.new_blobs += stats.new_blocks;
-        disks.push(DiskManifest {
-            name: plan.name.clone(),
-            source_kind: job.source.kind().to_string(),
-            source_path: job.source.describe(),
-            capacity: plan.capacity,
-            block_size: block_size as u32,
-            change_token: job.change_token.clone(),
-            segments,
-            stats,
-        });
-    }
-    summary.duration_ms = started.elapsed().as_millis() as u64;
-    let snapshot = Snapshot {
-        time_secs,
-        time_nanos,
-        hostname: opts.hostname.clone(),
-        username: opts.username.clone(),
-        source: opts.source.clone(),
-        tags: opts.tags.clone(),
-        parent: opts.parent.as_ref().map(|(id, _)| *id),
-        disks,
-        annotations: opts.annotations.clone(),
-        summary,
-    };
-    session.ensure_held()?;
-    let id = repo.save_snapshot(&snapshot)?;
-    if let Some(saved) = checkpointer.and_then(Checkpointer::saved) {
-        repo.delete_checkpoint(&saved);
-    }
-    cache.end_backup()?;
-    drop(session);
-    Ok((id, snapshot))
+    let parent_damage_recorded = abort.parent_damage_recorded.load(Ordering::SeqCst);
+    let error = abort.error.into_inner().unwrap();
+    Attempt { error, parent_damage_recorded, disk_outputs, index_written, checkpointer }
 }
 
 #[derive(Default, Clone, Copy)]
@@ -910,6 +979,7 @@ fn assemble_disk(
     results: Receiver<BlockResult>,
     pack_tx: &Sender<FinishedPack>,
     pack_target: usize,
+    parent_damage_recorded: &AtomicBool,
     on_segment: impl Fn(SegmentRef) -> Result<()>,
 ) -> Result<(Vec<SegmentRef>, DiskStats)> {
     let mut stats = DiskStats::default();
@@ -939,12 +1009,16 @@ fn assemble_disk(
         }
         let parent_ids = match (&plan.parent, parent_seg) {
             (Some(_), Some(ps)) if read_here < n as u64 => {
-                // Unchanged blocks come from the parent: with its segment unreadable this backup cannot be made,
-                // and a backup without it would deduplicate against the same damaged blob.
+                // Unchanged blocks come from the parent: with its segment unreadable this pass cannot assemble the
+                // disk. Recorded as damaged, the segment's blocks are read from the source in a second pass
+                // ([`run`]); a backup without the record would deduplicate against the same damaged blob.
                 Some(load_segment(repo, &claims.cache, &ps).map_err(|e| {
                     let copy = claims.cache.damaged_copy(&ps.id, &e);
                     let recorded =
                         copy.is_some_and(|c| crate::damage::record_found(repo, &claims.cache.damage(), vec![c]));
+                    if recorded {
+                        parent_damage_recorded.store(true, Ordering::SeqCst);
+                    }
                     e.with_remedy(if recorded {
                         "it is a manifest segment of the parent snapshot, now recorded as damaged: the next backup \
                          reads the segment's blocks again"
