@@ -28,7 +28,7 @@
 //! | [`vmware`] | backup of a VMware VM: snapshot, changeIds, changed areas or allocated blocks, VDDK reads, snapshot removal, continuing an interrupted backup from its checkpoint; restore into VMware: onto a VM's disks (quick rollback with CBT), as a new VM where the recorded configuration or a placement says, the boot check (`--verify-boot`) |
 //! | [`vsphere`] | the vSphere SOAP client: login with pinned or CA-verified TLS, inventory (VMs, folders, networks, inventory paths), CBT, snapshots, changed areas, creating and removing VMs, power, guest status; vSphere tags through the vAPI REST endpoint |
 //! | [`vddk`] | VMware's VDDK loaded with libloading: connect, open, read, allocated blocks, under the guide's thread rules |
-//! | [`lock`] | the exclusive lock, copy locks and session markers, with storage-clock expiry |
+//! | [`lock`] | the exclusive lock, copy locks and session markers, with storage-clock expiry (at once for a holder gone from this host) |
 //! | [`object_lock`] | S3 Object Lock retention kept ahead for everything the snapshots need (generations of extensions) |
 //! | [`prune`] | mark, sweep, repack and two-phase deletion next to running backups, in bounded memory |
 //! | [`repair`] | rebuilding the index from pack headers; adopting packs of interrupted backups; taking damaged packs out |
