@@ -130,7 +130,8 @@ impl HostInstance {
 
 /// Whether process `pid` exists and is not a zombie (seen from this PID namespace).
 fn process_exists(pid: u32) -> bool {
-    let Ok(pid_t) = libc::pid_t::try_from(pid) else { return false };
+    // No process has such a PID; a lock naming one is not judged by it (the safe side: it expires by age).
+    let Ok(pid_t) = libc::pid_t::try_from(pid) else { return true };
     // SAFETY: signal 0 only checks that the process exists and may be signalled; nothing is sent.
     if unsafe { libc::kill(pid_t, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
         return false;
@@ -348,5 +349,29 @@ impl Drop for LockGuard {
         if self.backend.get(&self.name).ok().as_deref() == Some(&self.bytes[..]) {
             let _ = self.backend.delete(&self.name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process is alive while it runs; killed, it is gone already as a zombie, and after it is reaped. A PID no
+    /// process can have is never taken for a dead holder.
+    #[test]
+    fn processes_count_as_existing_while_they_run() {
+        assert!(process_exists(std::process::id()));
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        assert!(process_exists(child.id()));
+        child.kill().unwrap();
+        // Not reaped yet: a zombie once the signal is delivered.
+        let start = std::time::Instant::now();
+        while process_exists(child.id()) {
+            assert!(start.elapsed() < Duration::from_secs(10), "a killed, unreaped child still counts as running");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.wait().unwrap();
+        assert!(!process_exists(child.id()));
+        assert!(process_exists(u32::MAX));
     }
 }
