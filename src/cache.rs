@@ -14,7 +14,8 @@
 //! `f` ‖ page feature (u64 LE) → id of a stored data block holding that page ([`crate::delta`]: where a new
 //! block's delta base is looked for). Features are hints, checked against the blob index when used, so they
 //! survive a rebuild of the blob index and are only dropped with the whole cache. Of a blob's copies, lookups
-//! return one not known to be damaged (format-spec §8d) where there is one.
+//! return one not known to be damaged (format-spec §8d) where there is one. `l` ‖ object name → end of its S3
+//! Object Lock retention as this host last read or set it ([`crate::object_lock`]).
 //!
 //! One process at a time can write it (RocksDB's lock). A second process on the same host (a backup while
 //! `serve` runs, two backup jobs at once) reads the shared cache as it was when it opened (read-only, so no
@@ -212,6 +213,10 @@ fn scan<'a>(
     }
     db.iterator_opt(rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward), opts)
         .take_while(move |item| item.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)))
+}
+
+fn retention_key(object: &str) -> Vec<u8> {
+    [b"l", object.as_bytes()].concat()
 }
 
 fn feature_key(feature: u64) -> [u8; 9] {
@@ -1011,6 +1016,18 @@ impl IndexCache {
             }
         }
         Ok(out)
+    }
+
+    /// The end of the retention of object `name` (seconds since the epoch) as this host last read it from the
+    /// storage or set it ([`crate::object_lock`]); `None` without a record.
+    pub fn retention_until(&self, name: &str) -> Result<Option<i64>> {
+        let value = self.db.get(retention_key(name)).map_err(|e| self.err(e))?;
+        Ok(value.and_then(|v| Some(i64::from_le_bytes(v.as_slice().try_into().ok()?))))
+    }
+
+    /// Records the end of the retention of object `name`, read from the storage or just set.
+    pub fn record_retention(&self, name: &str, until: i64) -> Result<()> {
+        self.db.put(retention_key(name), until.to_le_bytes()).map_err(|e| self.err(e))
     }
 
     /// Records that block `id` holds pages with these features (the newest block holding a page wins).

@@ -11,6 +11,13 @@
 //! nightly maintenance runs prune), every object any snapshot needs stays retained for at least DAYS ahead,
 //! while each object is touched about once per generation rather than on every run (Veeam's "block generation"
 //! idea: fewer retention requests for a few days' longer storage of dropped packs). Format spec §9c.
+//!
+//! The retention each object was found with or given is recorded in the host's local cache
+//! ([`IndexCache::record_retention`]): an object recorded as retained beyond the threshold is not asked again,
+//! so a nightly run sends a request per object only about once per generation, not one per object every night
+//! (a million packs: a million HEAD requests). The record never claims more than the storage said or was told,
+//! and retention only grows: COMPLIANCE retention cannot be shortened, GOVERNANCE retention only by someone
+//! allowed to bypass it, who can delete the object anyway.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,6 +25,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::backend::RetentionPolicy;
+use crate::cache::IndexCache;
 use crate::error::{Error, Result};
 use crate::format::names;
 use crate::format::ObjectId;
@@ -42,6 +50,8 @@ pub struct ObjectLockReport {
     pub had_none: u64,
     /// Already retained beyond the threshold: left as they are.
     pub held: u64,
+    /// Of those, objects this host's record shows retained beyond the threshold: no request sent.
+    pub held_as_recorded: u64,
     /// Packs a prune dropped (in deletion records): not extended, so that they can be deleted.
     pub dropped_packs: u64,
     /// Objects that disappeared between listing and extending (deleted by a prune meanwhile).
@@ -57,8 +67,9 @@ pub struct ObjectLockReport {
 
 /// Extends the retention of every object the repository needs whose retention ends within the policy's days +
 /// [`GENERATION`] to days + 2 x [`GENERATION`] (their own mode kept; the policy's for objects without one).
-/// `dry_run` only reports. Failures on single objects are collected in the report, not returned.
-pub fn extend(repo: &Repository, dry_run: bool) -> Result<ObjectLockReport> {
+/// `dry_run` only reports. `record`: the host's cache, where retention ends read or set are recorded and
+/// looked up first. Failures on single objects are collected in the report, not returned.
+pub fn extend(repo: &Repository, record: Option<&IndexCache>, dry_run: bool) -> Result<ObjectLockReport> {
     let backend = repo.backend().as_ref();
     let RetentionPolicy { mode, days } = backend.retention_policy().ok_or_else(|| {
         Error::invalid(format!(
@@ -88,10 +99,29 @@ pub fn extend(repo: &Repository, dry_run: bool) -> Result<ObjectLockReport> {
     let now = crate::util::now_secs();
     let outcome = Mutex::new(&mut report);
     let next = AtomicUsize::new(0);
+    // A record that cannot be read or written only costs the request it would have saved. The config is always
+    // asked: it is the one object rewritten in place (`key rotate`), and a new version has retention of its own.
+    let recorded = |name: &str| match name == names::CONFIG {
+        true => None,
+        false => record.and_then(|c| c.retention_until(name).ok().flatten()),
+    };
+    let remember = |name: &str, until: i64| {
+        if let Some(c) = record {
+            let _ = c.record_retention(name, until);
+        }
+    };
     let examine = |name: &str| -> Result<()> {
+        if let Some(until) = recorded(name).filter(|&until| until - now >= threshold.as_secs() as i64) {
+            let mut r = outcome.lock().unwrap_or_else(|p| p.into_inner());
+            r.held += 1;
+            r.held_as_recorded += 1;
+            keep_earliest(&mut r.earliest_until, until);
+            return Ok(());
+        }
         let current = backend.retention(name)?;
         let left = current.as_ref().map(|r| r.left).unwrap_or_default();
         if left >= threshold {
+            remember(name, now + left.as_secs() as i64);
             let mut r = outcome.lock().unwrap_or_else(|p| p.into_inner());
             r.held += 1;
             keep_earliest(&mut r.earliest_until, now + left.as_secs() as i64);
@@ -102,7 +132,11 @@ pub fn extend(repo: &Repository, dry_run: bool) -> Result<ObjectLockReport> {
         } else {
             // An object keeps its mode: COMPLIANCE cannot be turned into GOVERNANCE.
             let mode = current.as_ref().filter(|r| !r.left.is_zero()).map_or(mode.as_str(), |r| r.mode.as_str());
-            backend.extend_retention(name, mode, target)?.then_some(target)
+            let extended = backend.extend_retention(name, mode, target)?.then_some(target);
+            if extended.is_some() {
+                remember(name, now + target.as_secs() as i64);
+            }
+            extended
         };
         let mut r = outcome.lock().unwrap_or_else(|p| p.into_inner());
         match until {

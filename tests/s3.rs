@@ -415,13 +415,25 @@ fn object_lock_extends_the_retention_of_what_snapshots_need() {
         }
     }
 
-    // The next run finds everything held for long enough and sends no extension.
+    // The next run finds everything held for long enough and sends no extension; this host recorded what it
+    // extended, so it asks the storage only about the config (rewritten in place by `key rotate`).
     let again: serde_json::Value = serde_json::from_str(&ok(lock, &["object-lock", "--json"])).unwrap();
     assert_eq!(again["extended"].as_u64(), Some(0), "{again}");
     assert_eq!(again["held"], again["objects"], "{again}");
+    assert_eq!(again["held_as_recorded"].as_u64(), Some(again["objects"].as_u64().unwrap() - 1), "{again}");
     assert_eq!(again["dropped_packs"].as_u64(), Some(dropped.len() as u64), "{again}");
     let earliest = again["earliest_until"].as_i64().unwrap();
     assert!((extended_to - 120..=extended_to + 120).contains(&earliest), "{again}");
+    // Another host (no record) asks the storage about every object, and finds the same.
+    let mut c = e.command(&["object-lock", "--json"]);
+    c.env("DISKVAULT_REPOSITORY", &location).env("DISKVAULT_S3_OBJECT_LOCK", "GOVERNANCE:1");
+    c.env("DISKVAULT_CACHE_DIR", e.path("another-host-cache"));
+    let out = c.output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let elsewhere: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(elsewhere["held"], again["objects"], "{elsewhere}");
+    assert_eq!(elsewhere["held_as_recorded"].as_u64(), Some(0), "{elsewhere}");
+    assert!(elsewhere["earliest_until"].as_i64().unwrap().abs_diff(earliest) <= 5, "{elsewhere}");
 
     // The data is what it was.
     let target = e.path("restored");

@@ -155,7 +155,7 @@ pub fn run(g: &Globals, args: &ForgetArgs) -> Result<()> {
     let r = crate::prune::run(&repo, &g.cache_root(), &crate::prune::PruneOptions::default())?;
     super::prune::record_metrics(&r);
     super::prune::print_report(&r, false);
-    super::object_lock::after_prune(&repo, false)
+    super::object_lock::after_prune(g, &repo, false)
 }
 
 pub fn protect(g: &Globals, args: &ProtectArgs, protect: bool) -> Result<()> {

@@ -18,7 +18,7 @@ pub struct ObjectLockArgs {
 
 pub fn run(g: &Globals, args: &ObjectLockArgs) -> Result<()> {
     let repo = g.open_repo()?;
-    let r = object_lock::extend(&repo, args.dry_run)?;
+    let r = object_lock::extend(&repo, retention_record(g, &repo).as_deref(), args.dry_run)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r).expect("JSON of plain values"));
     } else {
@@ -28,13 +28,24 @@ pub fn run(g: &Globals, args: &ObjectLockArgs) -> Result<()> {
 }
 
 /// After a prune: extends retention where the repository's storage applies it (nothing otherwise).
-pub(crate) fn after_prune(repo: &Repository, dry_run: bool) -> Result<()> {
+pub(crate) fn after_prune(g: &Globals, repo: &Repository, dry_run: bool) -> Result<()> {
     if repo.backend().retention_policy().is_none() {
         return Ok(());
     }
-    let r = object_lock::extend(repo, dry_run)?;
+    let r = object_lock::extend(repo, retention_record(g, repo).as_deref(), dry_run)?;
     print_report(&r, dry_run);
     finish(&r, dry_run)
+}
+
+/// The host's cache, where retention ends are recorded; without it every object's retention is read again.
+fn retention_record(g: &Globals, repo: &Repository) -> Option<std::sync::Arc<crate::cache::IndexCache>> {
+    match g.open_cache_unsynced(repo) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("{e}: the retention of every object is read from the storage");
+            None
+        }
+    }
 }
 
 fn finish(r: &ObjectLockReport, dry_run: bool) -> Result<()> {
@@ -79,14 +90,15 @@ fn record_metrics(r: &ObjectLockReport) {
 fn print_report(r: &ObjectLockReport, dry_run: bool) {
     let would = if dry_run { "would be " } else { "" };
     println!(
-        "object lock ({}, {} days): {} objects needed, {} {would}extended{}, {} held long enough; {} dropped packs \
-         left to expire",
+        "object lock ({}, {} days): {} objects needed, {} {would}extended{}, {} held long enough ({} as this host \
+         recorded, not asked again); {} dropped packs left to expire",
         r.mode,
         r.days,
         r.objects,
         r.extended,
         r.extended_until.map(|t| format!(" to {}", format_utc(t))).unwrap_or_default(),
         r.held,
+        r.held_as_recorded,
         r.dropped_packs
     );
     if r.had_none > 0 {

@@ -64,7 +64,7 @@ pub fn run(g: &Globals, args: &PruneArgs) -> Result<()> {
         record_metrics(&r);
     }
     print_report(&r, args.dry_run);
-    super::object_lock::after_prune(&repo, args.dry_run)
+    super::object_lock::after_prune(g, &repo, args.dry_run)
 }
 
 /// A prune's numbers as metrics for `--metrics-file` (also after `forget --prune`).
