@@ -88,10 +88,13 @@ fn write_direct(path: &Path, data: &[u8]) -> std::io::Result<()> {
     STAGING.with_borrow_mut(|staging| {
         for (k, piece) in data.chunks(STAGING_SIZE).enumerate() {
             let padded = piece.len().next_multiple_of(BUF_ALIGN);
-            staging.resize(padded);
+            // Never shrunk: growing it again would zero-fill it again.
+            if staging.len() < padded {
+                staging.resize(padded);
+            }
             staging[..piece.len()].copy_from_slice(piece);
-            staging[piece.len()..].fill(0);
-            f.write_all_at(staging, (k * STAGING_SIZE) as u64)?;
+            staging[piece.len()..padded].fill(0);
+            f.write_all_at(&staging[..padded], (k * STAGING_SIZE) as u64)?;
         }
         Ok::<_, std::io::Error>(())
     })?;
