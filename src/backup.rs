@@ -1020,8 +1020,8 @@ fn assemble_disk(
                         parent_damage_recorded.store(true, Ordering::SeqCst);
                     }
                     e.with_remedy(if recorded {
-                        "it is a manifest segment of the parent snapshot, now recorded as damaged: the next backup \
-                         reads the segment's blocks again"
+                        "it is a manifest segment of the parent snapshot, now recorded as damaged, so that its blocks \
+                         are read from the source instead (by a second pass of this backup, or by the next one)"
                     } else {
                         "it is a manifest segment of the parent snapshot: `check --read-data` records the damage, \
                          after which the next backup reads the segment's blocks again (or `repair packs` takes the \
