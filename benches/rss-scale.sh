@@ -2,7 +2,7 @@
 # Peak RSS of backup and restore against disk size: sparse 1 GiB and 16 GiB images with the same density of
 # real data (one 1 MiB block in every 8 taken from ../shared/bench's vm1-day0 non-zero blocks, each made
 # unique), backed up into a fresh local repository and restored. Peak RSS must not grow with the disk.
-# Usage: benches/rss-scale.sh [WORKDIR]    Results: benches/results/rss-scale.txt
+# Usage: [SIZES="1 16 64"] benches/rss-scale.sh [WORKDIR]    Results: benches/results/rss-scale.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${DISKVAULT_BENCH_DATA:-${XDG_CACHE_HOME:-$HOME/.cache}/diskvault-bench}
@@ -16,7 +16,7 @@ export DISKVAULT_PASSWORD=bench DISKVAULT_CACHE_DIR="$work/cache"
 out=benches/results/rss-scale.txt
 {
   echo "# backup/restore peak RSS by disk size, $(date -u +%F), $(nproc) cores"
-  for gib in 1 16; do
+  for gib in ${SIZES:-1 16}; do
     img="$work/disk-$gib.raw"
     python3 - "$src" "$img" "$gib" <<'PY'
 import sys
