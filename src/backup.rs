@@ -515,6 +515,9 @@ pub fn run(
             first_attempt_checkpoint = Some(saved);
             first_attempt_written = attempt.index_written;
             cache.sync(repo)?;
+            if record_damaged_parent_segments(repo, &cache, &plans)? {
+                cache.sync(repo)?;
+            }
             continue;
         }
         if let Some(saved) = saved.or(first_attempt_checkpoint.flatten()) {
@@ -568,6 +571,29 @@ pub fn run(
     cache.end_backup()?;
     drop(session);
     Ok((id, snapshot))
+}
+
+/// After a pass met a damaged segment of a parent: reads the parents' other segments and records every damaged
+/// one, so that the next pass reads their blocks from the source instead of meeting them one pass at a time (and
+/// does not inherit a damaged segment whole). Returns whether it recorded any.
+fn record_damaged_parent_segments(repo: &Repository, cache: &IndexCache, plans: &[DiskPlan]) -> Result<bool> {
+    let mut found = Vec::new();
+    for parent in plans.iter().filter_map(|p| p.parent.as_ref()) {
+        for seg in &parent.segments {
+            // One without an intact indexed copy is read whole anyway.
+            if !cache.contains(&seg.id)? {
+                continue;
+            }
+            if let Err(e) = load_segment(repo, cache, seg) {
+                found.extend(cache.damaged_copy(&seg.id, &e));
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(false);
+    }
+    tracing::warn!("{} more damaged manifest segment(s) of the parent snapshot: reading their blocks", found.len());
+    Ok(crate::damage::record_found(repo, &cache.damage(), found))
 }
 
 /// The disks' plans: what to read, what to inherit from the parent (see [`plan_disk`] and the rereads).

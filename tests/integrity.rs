@@ -571,6 +571,63 @@ fn an_incremental_on_a_damaged_parent_segment_reads_the_segments_blocks_instead(
     assert_eq!(e.restore("latest", &[]), img);
 }
 
+/// Both manifest segments of a two-segment parent damaged: the incremental meets the first (its change is there)
+/// and finds the second before its second pass, which reads both segments' blocks: the new snapshot does not
+/// inherit the damaged second segment whole, so that it, and the parent through the segment stored again, restore.
+#[test]
+fn an_incremental_finds_every_damaged_parent_segment_before_its_second_pass() {
+    use diskvault::format::BlobType;
+    let e = Env::with_repo();
+    // 4 GiB + 3 MiB: segment 0 holds blocks 0-4095, segment 1 the last three; data in both, holes between.
+    let capacity = (4096 + 3) * MIB as u64;
+    let path = e.path("img");
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(capacity).unwrap();
+    let (head, tail) = (random_bytes(51, 2 * MIB), random_bytes(52, 3 * MIB));
+    std::os::unix::fs::FileExt::write_all_at(&file, &head, 0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &tail, 4096 * MIB as u64).unwrap();
+    e.backup(&[path.to_str().unwrap(), "--name", "vm"]);
+    // Damage both segment blobs where they are stored.
+    let repo = e.open_repo();
+    let mut segments = Vec::new();
+    for id in repo.list_index_ids().unwrap() {
+        for p in repo.load_index(&id).unwrap().packs {
+            let name = diskvault::format::names::pack(&p.id);
+            for en in p.entries.iter().filter(|en| en.blob_type == BlobType::Segment) {
+                segments.push((name.clone(), en.offset as usize + 20));
+            }
+        }
+    }
+    assert_eq!(segments.len(), 2, "{segments:?}");
+    for (pack, at) in &segments {
+        e.flip(pack, *at);
+    }
+    let changes = e.path("changes.json");
+    write_changes(&changes, &[(0, 4096)]);
+    let incremental =
+        ["backup", "--json", "--name", "vm", "--changed-areas", changes.to_str().unwrap(), path.to_str().unwrap()];
+    let r = e.run(&incremental);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("1 more damaged manifest segment(s) of the parent snapshot"), "{}", r.stderr);
+    // The second pass reads both segments' blocks whole (holes included): 4096 + 3.
+    assert_eq!(r.json()["disks"][0]["blocks_read"], 4099, "{}", r.stdout);
+    // Restored (and verified against the manifest): the data where it was, the rest holes.
+    let restores = |snapshot: &str| {
+        let target = e.path("restored");
+        let _ = std::fs::remove_file(&target);
+        e.ok(&["restore", snapshot, "--target", target.to_str().unwrap(), "--verify"]);
+        let out = std::fs::File::open(&target).unwrap();
+        assert_eq!(out.metadata().unwrap().len(), capacity);
+        let (mut h, mut t) = (vec![0u8; head.len()], vec![0u8; tail.len()]);
+        std::os::unix::fs::FileExt::read_exact_at(&out, &mut h, 0).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&out, &mut t, 4096 * MIB as u64).unwrap();
+        h == head && t == tail
+    };
+    assert!(restores("latest"), "the new snapshot restores");
+    let parent = e.ok(&["snapshots", "--json"]).json()[0]["id"].as_str().unwrap().to_string();
+    assert!(restores(&parent), "the parent restores through the segments stored again");
+}
+
 #[test]
 fn a_cache_with_a_damaged_table_file_is_rebuilt_in_place() {
     let e = Env::with_repo();
