@@ -535,6 +535,13 @@ fn unusable_cache_directory_falls_back_to_a_private_cache() {
     assert_eq!(e.restore("latest", &[]), img);
 }
 
+/// `backup --json` of source `vm` from `path`, its change list naming the first 4 KiB.
+fn incremental_changing_the_first_page(e: &Env, path: &std::path::Path) -> Run {
+    let changes = e.path("changes.json");
+    write_changes(&changes, &[(0, 4096)]);
+    e.run(&["backup", "--json", "--name", "vm", "--changed-areas", changes.to_str().unwrap(), path.to_str().unwrap()])
+}
+
 /// An incremental whose parent's manifest segment turns out damaged (no check recorded it yet) records the damage
 /// and goes through the disk again, reading that segment's blocks from the source: the backup succeeds, and its
 /// snapshot restores bit-exact. `repair packs` then takes the damaged pack out.
@@ -548,11 +555,7 @@ fn an_incremental_on_a_damaged_parent_segment_reads_the_segments_blocks_instead(
     // The metadata pack starts with the snapshot's one segment blob.
     let meta = e.objects("packs").into_iter().min_by_key(|p| e.object_size(p)).unwrap();
     e.flip(&meta, 10);
-    let changes = e.path("changes.json");
-    write_changes(&changes, &[(0, 4096)]);
-    let incremental =
-        ["backup", "--json", "--name", "vm", "--changed-areas", changes.to_str().unwrap(), path.to_str().unwrap()];
-    let r = e.run(&incremental);
+    let r = incremental_changing_the_first_page(&e, &path);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
         r.stderr.contains(id_of(&meta))
@@ -566,7 +569,7 @@ fn an_incremental_on_a_damaged_parent_segment_reads_the_segments_blocks_instead(
     assert_eq!(r.json()["disks"][0]["blocks_read"], 3, "{}", r.stdout);
     assert_eq!(e.restore("latest", &[]), img);
     e.ok(&["repair", "packs"]);
-    e.ok(&incremental);
+    assert_eq!(incremental_changing_the_first_page(&e, &path).code, 0);
     assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
     assert_eq!(e.restore("latest", &[]), img);
 }
@@ -602,11 +605,7 @@ fn an_incremental_finds_every_damaged_parent_segment_before_its_second_pass() {
     for (pack, at) in &segments {
         e.flip(pack, *at);
     }
-    let changes = e.path("changes.json");
-    write_changes(&changes, &[(0, 4096)]);
-    let incremental =
-        ["backup", "--json", "--name", "vm", "--changed-areas", changes.to_str().unwrap(), path.to_str().unwrap()];
-    let r = e.run(&incremental);
+    let r = incremental_changing_the_first_page(&e, &path);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("1 more damaged manifest segment(s) of the parent snapshot"), "{}", r.stderr);
     // The second pass reads both segments' blocks whole (holes included): 4096 + 3.
