@@ -25,7 +25,7 @@ use crate::format::snapshot::DiskManifest;
 use crate::format::{names, BlobId, ObjectId, SEGMENT_BLOCKS};
 use crate::progress::Counters;
 use crate::repository::{BlobLocator, Repository};
-use crate::util::{AlignedBuf, BUF_ALIGN};
+use crate::util::{AlignedBuf, BufferPool, BUF_ALIGN};
 
 pub struct RestoreOptions {
     /// Replace an existing regular file.
@@ -158,12 +158,12 @@ pub(crate) struct Bases<'a> {
     locator: &'a dyn BlobLocator,
     preloaded: Mutex<HashMap<BlobId, Arc<AlignedBuf>>>,
     /// Buffers of a finished batch, for the next one (fresh 1 MiB buffers cost page faults).
-    spare: Mutex<Vec<AlignedBuf>>,
+    spare: BufferPool,
 }
 
 impl<'a> Bases<'a> {
     pub fn new(locator: &'a dyn BlobLocator) -> Self {
-        Bases { locator, preloaded: Mutex::new(HashMap::new()), spare: Mutex::new(Vec::new()) }
+        Bases { locator, preloaded: Mutex::new(HashMap::new()), spare: BufferPool::new(BASES_PER_BATCH) }
     }
 
     /// Opens a blob with `open`, given its delta base if it is a delta blob: the base read ahead for this batch,
@@ -206,7 +206,9 @@ impl<'a> Bases<'a> {
     /// Forgets the batch's bases, keeping their buffers.
     pub(crate) fn end_batch(&self) {
         let done: Vec<Arc<AlignedBuf>> = self.preloaded.lock().unwrap().drain().map(|(_, b)| b).collect();
-        self.spare.lock().unwrap().extend(done.into_iter().filter_map(|b| Arc::try_unwrap(b).ok()));
+        for b in done {
+            self.spare.give_shared(b);
+        }
     }
 }
 
@@ -564,24 +566,19 @@ pub(crate) fn split_deltas(
 /// Failures are left to the deltas' own reads of their bases, which name the damage.
 pub(crate) fn preload_bases(repo: &Repository, bases: &Bases, wants: WantsByPack) {
     let jobs = plan_reads(wants);
-    let (spare_tx, spare_rx) = crossbeam_channel::unbounded();
-    for b in bases.spare.lock().unwrap().drain(..) {
-        let _ = spare_tx.send(b);
-    }
     jobs.par_iter().for_each(|job| {
         let _ = with_range_buffer(|data| {
-            fetch_blobs(repo, bases, job, data, Some(&spare_rx), |w, plain| {
+            fetch_blobs(repo, bases, job, data, Some(&bases.spare), |w, plain| {
                 if let Ok((p, _)) = plain {
                     bases.preloaded.lock().unwrap().insert(w.entry.id, Arc::new(p));
                 }
             })
         });
     });
-    bases.spare.lock().unwrap().extend(spare_rx.try_iter());
 }
 
 /// A queued block that goes back to the fetchers once written, if nothing else shares it.
-struct Recycle<'a>(Option<Arc<AlignedBuf>>, &'a crossbeam_channel::Sender<AlignedBuf>);
+struct Recycle<'a>(Option<Arc<AlignedBuf>>, &'a BufferPool);
 
 impl std::ops::Deref for Recycle<'_> {
     type Target = [u8];
@@ -592,8 +589,8 @@ impl std::ops::Deref for Recycle<'_> {
 
 impl Drop for Recycle<'_> {
     fn drop(&mut self) {
-        if let Some(block) = self.0.take().and_then(|a| Arc::try_unwrap(a).ok()) {
-            let _ = self.1.try_send(block);
+        if let Some(block) = self.0.take() {
+            self.1.give_shared(block);
         }
     }
 }
@@ -611,7 +608,7 @@ struct Writer {
     tx: Option<crossbeam_channel::Sender<WriteOp>>,
     /// Blocks written and no longer shared come back here for the fetchers to decompress into: a fresh
     /// 1 MiB buffer per blob cost 256 page faults and an munmap each (~5% of a restore's CPU).
-    spare: crossbeam_channel::Receiver<AlignedBuf>,
+    spare: BufferPool,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
     path: PathBuf,
 }
@@ -631,7 +628,8 @@ impl Writer {
         let direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(&t.path).ok();
         let path = t.path.clone();
         let (tx, rx) = crossbeam_channel::bounded::<WriteOp>(WRITE_QUEUE);
-        let (spare_tx, spare) = crossbeam_channel::bounded::<AlignedBuf>(64);
+        let spare = BufferPool::new(64);
+        let written = spare.clone();
         let p = path.clone();
         let thread = std::thread::spawn(move || {
             let mut direct = direct;
@@ -640,7 +638,7 @@ impl Writer {
                 batch.extend(
                     std::iter::once(first)
                         .chain(rx.try_iter().take(WRITE_QUEUE - 1))
-                        .map(|(offset, data, len)| (offset, Recycle(Some(data), &spare_tx), len)),
+                        .map(|(offset, data, len)| (offset, Recycle(Some(data), &written), len)),
                 );
                 batch.sort_unstable_by_key(|w| w.0);
                 while !batch.is_empty() {
@@ -815,14 +813,14 @@ pub(crate) fn fetch_blobs(
     bases: &Bases,
     job: &ReadJob,
     data: &mut Vec<u8>,
-    spare: Option<&crossbeam_channel::Receiver<AlignedBuf>>,
+    spare: Option<&BufferPool>,
     mut each: impl FnMut(&Want, std::result::Result<(AlignedBuf, &[u8]), String>),
 ) -> Result<()> {
     let range = repo.backend().get_range_placed(&names::pack(&job.pack), job.offset, job.len, data)?;
     let data = &mut data[range];
     // One blob opened at a time: a range of well-compressed blobs is many times its size in plain text.
     for w in &job.wants {
-        let plain = spare.and_then(|s| s.try_recv().ok()).unwrap_or_default();
+        let plain = spare.map_or_else(AlignedBuf::default, BufferPool::take);
         each(w, open_want(repo, bases, job, data, w, plain));
     }
     Ok(())
@@ -912,9 +910,9 @@ mod tests {
 
     #[test]
     fn runs_are_adjacent_page_aligned_blocks_up_to_the_limit() {
-        let (tx, _rx) = crossbeam_channel::unbounded();
+        let spare = BufferPool::new(64);
         const MIB: u64 = 1 << 20;
-        let w = |offset: u64, len: usize| (offset, Recycle(Some(Arc::new(AlignedBuf::zeroed(len))), &tx), len);
+        let w = |offset: u64, len: usize| (offset, Recycle(Some(Arc::new(AlignedBuf::zeroed(len))), &spare), len);
         // Blocks 0-2 adjacent, a gap, block 5, then a short (unaligned) last block right after it.
         let writes = [w(0, MIB as usize), w(MIB, MIB as usize), w(2 * MIB, MIB as usize), w(5 * MIB, MIB as usize)];
         assert_eq!(adjacent_run(&writes), 3);
@@ -957,16 +955,16 @@ mod tests {
         let path = dir.path().join("target.raw");
         let file = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
         file.set_len(16 << 20).unwrap();
-        let (tx, _rx) = crossbeam_channel::unbounded();
+        let spare = BufferPool::new(64);
         let block = |fill: u8, len: usize| {
             let mut b = AlignedBuf::zeroed(len);
             b.fill(fill);
             Arc::new(b)
         };
         let mut writes: Vec<(u64, Recycle, usize)> =
-            (0..3u8).map(|i| ((i as u64 + 1) << 20, Recycle(Some(block(i + 1, 1 << 20)), &tx), 1 << 20)).collect();
+            (0..3u8).map(|i| ((i as u64 + 1) << 20, Recycle(Some(block(i + 1, 1 << 20)), &spare), 1 << 20)).collect();
         // A shared block written shorter than its buffer, as the disk's last block is.
-        writes.push((4 << 20, Recycle(Some(block(9, 1 << 20)), &tx), 4096));
+        writes.push((4 << 20, Recycle(Some(block(9, 1 << 20)), &spare), 4096));
         let mut direct = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(&path).ok();
         assert_eq!(adjacent_run(&writes), 4);
         write_run(&file, &mut direct, &writes).unwrap();

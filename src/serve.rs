@@ -32,7 +32,7 @@ use crate::format::{BlobId, ObjectId, SEGMENT_BLOCKS};
 use crate::nbd::server::{Device, Exports};
 use crate::repository::Repository;
 use crate::restore::{fetch_blobs, plan_reads, Bases, ReadJob, Want};
-use crate::util::AlignedBuf;
+use crate::util::{AlignedBuf, BufferPool};
 
 pub struct ServeOptions {
     /// Accept writes into a local overlay.
@@ -104,25 +104,26 @@ impl Shared {
         self.pack_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let bases = Bases::new(&*self.cache);
         let mut failed = None;
-        let fetched = fetch_blobs(
-            &self.repo,
-            &bases,
-            job,
-            &mut Vec::new(),
-            Some(&self.blobs.spare.1),
-            |want, result| match result {
-                Ok((plain, body)) => {
-                    let form = self.blobs.keep_forms.then(|| StoredForm::of(&want.entry, body)).flatten();
-                    self.blobs.insert(want.entry.id, Arc::new(plain), form)
-                }
-                Err(cause) => {
-                    self.record_damage(job.pack, want.entry.id);
-                    if primary.is_none_or(|p| p == want.entry.id) && failed.is_none() {
-                        failed = Some(Error::corrupt(crate::format::names::pack(&job.pack), cause))
+        let fetched =
+            fetch_blobs(
+                &self.repo,
+                &bases,
+                job,
+                &mut Vec::new(),
+                Some(&self.blobs.spare),
+                |want, result| match result {
+                    Ok((plain, body)) => {
+                        let form = self.blobs.keep_forms.then(|| StoredForm::of(&want.entry, body)).flatten();
+                        self.blobs.insert(want.entry.id, Arc::new(plain), form)
                     }
-                }
-            },
-        );
+                    Err(cause) => {
+                        self.record_damage(job.pack, want.entry.id);
+                        if primary.is_none_or(|p| p == want.entry.id) && failed.is_none() {
+                            failed = Some(Error::corrupt(crate::format::names::pack(&job.pack), cause))
+                        }
+                    }
+                },
+            );
         match (fetched, failed) {
             (Err(e), _) if holds_primary => Err(e),
             (_, Some(e)) => Err(e),
@@ -866,7 +867,7 @@ struct BlobCache {
     state: Mutex<CacheState>,
     fetched: Condvar,
     /// Buffers of evicted blobs, for fetches to decode into (a fresh 1 MiB buffer costs its page faults).
-    spare: (crossbeam_channel::Sender<AlignedBuf>, crossbeam_channel::Receiver<AlignedBuf>),
+    spare: BufferPool,
     /// Keep the stored forms of data blobs ([`ServeOptions::keep_stored_forms`]).
     keep_forms: bool,
 }
@@ -905,7 +906,7 @@ impl BlobCache {
                 in_flight: HashSet::new(),
             }),
             fetched: Condvar::new(),
-            spare: crossbeam_channel::bounded(SPARE_BUFFERS),
+            spare: BufferPool::new(SPARE_BUFFERS),
             keep_forms,
         }
     }
@@ -957,9 +958,7 @@ impl BlobCache {
                         s.bytes -= form.memory() as u64;
                     }
                     // Unless a reader still holds it.
-                    if let Ok(buf) = Arc::try_unwrap(d) {
-                        let _ = self.spare.0.try_send(buf);
-                    }
+                    self.spare.give_shared(d);
                 }
                 None => break,
             }
