@@ -1,12 +1,30 @@
 //! ext2/3/4 volumes, read with the `ext4-view` crate (its journal replayed in memory).
+//!
+//! ext4-view reads a symlink's target whole into memory, sized by what its inode claims: a crafted inode claiming
+//! 4 GiB made it allocate that much (found by fuzzing). So it is never left to follow a symlink: paths are
+//! resolved here first ([`follow_symlinks`]), and a target longer than a path can be is refused unread.
 
-use super::{copy_chunks, fs_error, guest_path, join, not_found, Entry, EntryKind, FileSystem, Listing, VolumeReader};
+use std::cell::RefCell;
+use std::collections::HashSet;
+
+use super::{
+    copy_chunks, follow_symlinks, fs_error, guest_path, join, not_found, Entry, EntryKind, FileSystem, Listing,
+    VolumeReader,
+};
 use crate::error::Result;
+
+/// The longest symlink target (Linux's PATH_MAX less the NUL; ext4 holds one in a block at most).
+const MAX_SYMLINK_TARGET: u64 = 4095;
+/// Directories known to be no symlinks, kept at most: resolving a walk's next directory then looks up its
+/// last name only.
+const MAX_KNOWN_DIRECTORIES: usize = 1 << 16;
 
 pub(super) struct Ext4Fs {
     fs: ext4_view::Ext4,
     volume: String,
     reader: VolumeReader,
+    /// Paths (without symlinks) of directories met while resolving paths.
+    known_directories: RefCell<HashSet<Vec<u8>>>,
 }
 
 impl ext4_view::Ext4Read for VolumeReader {
@@ -53,7 +71,7 @@ impl Ext4Fs {
     pub(super) fn open(reader: VolumeReader, volume: &str) -> Result<Ext4Fs> {
         check_geometry(&reader, volume)?;
         match ext4_view::Ext4::load(Box::new(reader.clone())) {
-            Ok(fs) => Ok(Ext4Fs { fs, volume: volume.to_string(), reader }),
+            Ok(fs) => Ok(Ext4Fs { fs, volume: volume.to_string(), reader, known_directories: RefCell::default() }),
             Err(e) => Err(fs_error(&reader.failure, volume, b"/", e)),
         }
     }
@@ -78,7 +96,43 @@ impl Ext4Fs {
         ext4_view::Path::try_from(path).map_err(|_| self.error(path, ext4_view::Ext4Error::MalformedPath))
     }
 
-    fn describe(&self, path: &[u8], name: Vec<u8>, meta: ext4_view::Metadata) -> Result<Entry> {
+    /// `path` without symlinks (the last one followed if `follow_last`), for ext4-view to follow none.
+    fn resolve(&self, path: &[u8], follow_last: bool) -> Result<Vec<u8>> {
+        let is_symlink = &mut |p: &[u8]| {
+            if self.known_directories.borrow().contains(p) {
+                return Ok(false);
+            }
+            let meta = self.fs.symlink_metadata(self.path(p)?).map_err(|e| self.error(p, e))?;
+            if meta.is_dir() {
+                let mut known = self.known_directories.borrow_mut();
+                if known.len() >= MAX_KNOWN_DIRECTORIES {
+                    known.clear();
+                }
+                known.insert(p.to_vec());
+            }
+            Ok(meta.file_type() == ext4_view::FileType::Symlink)
+        };
+        let target = &mut |p: &[u8]| {
+            let meta = self.fs.symlink_metadata(self.path(p)?).map_err(|e| self.error(p, e))?;
+            self.link_target(p, &meta)
+        };
+        follow_symlinks(path, follow_last, is_symlink, target, &|what| {
+            fs_error(&self.reader.failure, &self.volume, path, what)
+        })
+    }
+
+    /// The target of symlink `path` (whose ancestors are no symlinks), unless its inode claims one longer than a
+    /// path can be.
+    fn link_target(&self, path: &[u8], meta: &ext4_view::Metadata) -> Result<Vec<u8>> {
+        if meta.len() > MAX_SYMLINK_TARGET {
+            let what = format!("a symlink whose inode claims a {}-byte target (a damaged inode)", meta.len());
+            return Err(fs_error(&self.reader.failure, &self.volume, path, what));
+        }
+        Ok(self.fs.read_link(self.path(path)?).map_err(|e| self.error(path, e))?.as_ref().to_vec())
+    }
+
+    /// The entry at `path` (as the user names it), whose inode `meta` describes; `real` is `path` resolved.
+    fn describe(&self, path: &[u8], real: &[u8], name: Vec<u8>, meta: ext4_view::Metadata) -> Result<Entry> {
         use ext4_view::FileType as T;
         let kind = match meta.file_type() {
             T::Regular => EntryKind::File,
@@ -89,11 +143,7 @@ impl Ext4Fs {
             T::Fifo => EntryKind::Fifo,
             T::Socket => EntryKind::Socket,
         };
-        let target_bytes = if kind == EntryKind::Symlink {
-            self.fs.read_link(self.path(path)?).map_err(|e| self.error(path, e))?.as_ref().to_vec()
-        } else {
-            Vec::new()
-        };
+        let target_bytes = if kind == EntryKind::Symlink { self.link_target(real, &meta)? } else { Vec::new() };
         let mtime = meta.modified();
         Ok(Entry {
             path: guest_path(&self.volume, path),
@@ -116,13 +166,15 @@ impl Ext4Fs {
 
 impl FileSystem for Ext4Fs {
     fn entry(&self, path: &[u8]) -> Result<Entry> {
-        let meta = self.fs.symlink_metadata(self.path(path)?).map_err(|e| self.error(path, e))?;
+        let real = self.resolve(path, false)?;
+        let meta = self.fs.symlink_metadata(self.path(&real)?).map_err(|e| self.error(path, e))?;
         let name = path.rsplit(|&b| b == b'/').next().unwrap_or_default().to_vec();
-        self.describe(path, name, meta)
+        self.describe(path, &real, name, meta)
     }
 
     fn read_dir(&self, path: &[u8]) -> Result<Listing> {
-        let entries = match self.fs.read_dir(self.path(path)?) {
+        let real = self.resolve(path, true)?;
+        let entries = match self.fs.read_dir(self.path(&real)?) {
             Ok(entries) => entries,
             Err(ext4_view::Ext4Error::Encrypted) => {
                 return Ok(Listing::Unreadable("encrypted with fscrypt, whose keys the guest holds"))
@@ -137,14 +189,19 @@ impl FileSystem for Ext4Fs {
                 continue;
             }
             let child = join(path, &name);
-            let read = entry.metadata().map_err(|e| self.error(&child, e)).and_then(|m| self.describe(&child, name, m));
+            let real_child = join(&real, &name);
+            let read = entry
+                .metadata()
+                .map_err(|e| self.error(&child, e))
+                .and_then(|m| self.describe(&child, &real_child, name, m));
             Listing::add(&mut out, &mut unreadable, child.clone(), guest_path(&self.volume, &child), read)?;
         }
         Ok(Listing::Entries(out, unreadable))
     }
 
     fn read_file(&self, path: &[u8], out: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
-        let mut file = self.fs.open(self.path(path)?).map_err(|e| self.error(path, e))?;
+        let real = self.resolve(path, true)?;
+        let mut file = self.fs.open(self.path(&real)?).map_err(|e| self.error(path, e))?;
         let len = file.metadata().len();
         // read_bytes stops at each file system block.
         copy_chunks(len, &mut |buf| file.read_bytes(buf).map_err(|e| self.error(path, e)), out)

@@ -568,6 +568,66 @@ fn below<'a>(top: &[u8], guest: &'a [u8]) -> &'a [u8] {
     rest.strip_prefix(b"/").unwrap_or(rest)
 }
 
+/// Symlinks followed in one path before it is refused, as Linux's limit.
+const MAX_SYMLINK_HOPS: usize = 40;
+
+/// `path` with every symlink in it followed (the last one too if `follow_last`): a path without symlinks, `.` or
+/// `..`, which a file system reader then resolves without following any. `is_symlink` tells whether a path
+/// holding no symlink but perhaps its last name names a symlink, `target` reads that symlink's target, and
+/// `error` makes the error of a path with too many.
+fn follow_symlinks(
+    path: &[u8],
+    follow_last: bool,
+    is_symlink: &mut dyn FnMut(&[u8]) -> Result<bool>,
+    target: &mut dyn FnMut(&[u8]) -> Result<Vec<u8>>,
+    error: &dyn Fn(&str) -> Error,
+) -> Result<Vec<u8>> {
+    let mut todo: std::collections::VecDeque<Vec<u8>> = components(path).collect();
+    let mut done: Vec<Vec<u8>> = Vec::new();
+    let mut hops = 0;
+    while let Some(name) = todo.pop_front() {
+        if name == b".." {
+            done.pop();
+            continue;
+        }
+        let candidate = absolute(done.iter().chain([&name]));
+        if (follow_last || !todo.is_empty()) && is_symlink(&candidate)? {
+            hops += 1;
+            if hops > MAX_SYMLINK_HOPS {
+                return Err(error("too many levels of symbolic links"));
+            }
+            let target = target(&candidate)?;
+            if target.starts_with(b"/") {
+                done.clear();
+            }
+            for c in components(&target).collect::<Vec<_>>().into_iter().rev() {
+                todo.push_front(c);
+            }
+        } else {
+            done.push(name);
+        }
+    }
+    Ok(absolute(done.iter()))
+}
+
+/// The names of a path, without empty ones and `.`.
+fn components(path: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
+    path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".").map(<[u8]>::to_vec)
+}
+
+/// `/a/b/c` from its names.
+fn absolute<'a>(names: impl Iterator<Item = &'a Vec<u8>>) -> Vec<u8> {
+    let mut p = Vec::new();
+    for n in names {
+        p.push(b'/');
+        p.extend_from_slice(n);
+    }
+    if p.is_empty() {
+        p.push(b'/');
+    }
+    p
+}
+
 /// `dir` + `/` + `name`.
 fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
     let mut p = dir.to_vec();

@@ -11,9 +11,11 @@
 //! lamxfs resolves paths without following symlinks; [`XfsFs::lookup`] follows them as the kernel does.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 
-use super::{copy_chunks, fs_error, guest_path, join, not_found, Entry, EntryKind, FileSystem, Listing, VolumeReader};
+use super::{
+    copy_chunks, follow_symlinks, fs_error, guest_path, join, not_found, Entry, EntryKind, FileSystem, Listing,
+    VolumeReader,
+};
 use crate::error::{Error, Result};
 
 /// The volume as lamxfs reads it, with its small reads (inodes, directory and extent-tree blocks: metadata)
@@ -54,9 +56,6 @@ impl lamxfs::BlockRead for CachedVolume {
         Ok(())
     }
 }
-
-/// Symlinks followed in one lookup before it is refused, as Linux's limit.
-const MAX_SYMLINK_HOPS: usize = 40;
 
 /// Where inodes lie, from the superblock: enough to read an inode's core by number.
 struct Geometry {
@@ -138,33 +137,13 @@ impl XfsFs {
             }
             self.reader.failure.borrow_mut().take();
         }
-        let mut todo: VecDeque<Vec<u8>> = components(path).collect();
-        let mut done: Vec<Vec<u8>> = Vec::new();
-        let mut hops = 0;
-        while let Some(name) = todo.pop_front() {
-            if name == b".." {
-                done.pop();
-                continue;
-            }
-            let candidate = absolute(done.iter().chain([&name]));
-            let d = self.stat(&candidate, self.inode(&candidate)?.ino)?;
-            if kind_of(d.mode) == EntryKind::Symlink && (follow_last || !todo.is_empty()) {
-                hops += 1;
-                if hops > MAX_SYMLINK_HOPS {
-                    return Err(self.error_text(path, "too many levels of symbolic links"));
-                }
-                let target = self.link_target(&candidate)?;
-                if target.starts_with(b"/") {
-                    done.clear();
-                }
-                for c in components(&target).collect::<Vec<_>>().into_iter().rev() {
-                    todo.push_front(c);
-                }
-            } else {
-                done.push(name);
-            }
-        }
-        let real = absolute(done.iter());
+        let real = follow_symlinks(
+            path,
+            follow_last,
+            &mut |p| Ok(kind_of(self.stat(p, self.inode(p)?.ino)?.mode) == EntryKind::Symlink),
+            &mut |p| self.link_target(p),
+            &|what| self.error_text(path, what),
+        )?;
         let d = self.stat(&real, self.inode(&real)?.ino)?;
         Ok((real, d))
     }
@@ -301,24 +280,6 @@ fn kind_of(mode: u32) -> EntryKind {
         0o140000 => EntryKind::Socket,
         _ => EntryKind::File,
     }
-}
-
-/// The names of a path, without empty ones and `.`.
-fn components(path: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
-    path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".").map(<[u8]>::to_vec)
-}
-
-/// `/a/b/c` from its names.
-fn absolute<'a>(names: impl Iterator<Item = &'a Vec<u8>>) -> Vec<u8> {
-    let mut p = Vec::new();
-    for n in names {
-        p.push(b'/');
-        p.extend_from_slice(n);
-    }
-    if p.is_empty() {
-        p.push(b'/');
-    }
-    p
 }
 
 /// lamxfs's error as a user reads it (lamxfs gives a token such as `sb_dirty_log`).
