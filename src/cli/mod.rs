@@ -487,7 +487,14 @@ pub fn main() -> i32 {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("DISKVAULT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("diskvault={level}")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    // Colours only on a terminal: warnings of a backup run by cron or systemd land in mail and journals.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
 
     if cli.command.only_prints() {
         // SAFETY: at start-up, before any thread exists; SIG_DFL is a valid disposition for SIGPIPE.
