@@ -267,7 +267,8 @@ fn load_readable_index_files(
     ids: &[ObjectId],
     stats: &mut SyncStats,
 ) -> Result<Vec<(ObjectId, IndexFile)>> {
-    let loaded: Vec<(ObjectId, Result<IndexFile>)> = ids.par_iter().map(|id| (*id, repo.load_index(id))).collect();
+    let loaded: Vec<(ObjectId, Result<IndexFile>)> =
+        crate::util::with_request_threads(|| ids.par_iter().map(|id| (*id, repo.load_index(id))).collect())?;
     let mut files = Vec::with_capacity(loaded.len());
     for (id, file) in loaded {
         match file {

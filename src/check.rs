@@ -20,6 +20,7 @@ use crate::damage::KnownDamage;
 use crate::error::{Error, Result};
 use crate::format::index::{BlobLocation, IndexedPack};
 use crate::format::pack::{self, PackEntry};
+use crate::format::snapshot::{segment_ids, SegmentRef, Snapshot};
 use crate::format::verified::VerificationRecord;
 use crate::format::{names, BlobId, BlobType, ObjectId, SEGMENT_BLOCKS};
 use crate::progress::Counters;
@@ -170,7 +171,9 @@ pub fn run_within(
     let loaded = loop {
         let index_ids = repo.list_index_ids()?;
         let loaded: Vec<(ObjectId, Result<(crate::format::index::IndexFile, crate::crypto::KeyEpoch)>)> =
-            index_ids.par_iter().map(|id| (*id, repo.load_index_with_epoch(id))).collect();
+            crate::util::with_request_threads(|| {
+                index_ids.par_iter().map(|id| (*id, repo.load_index_with_epoch(id))).collect()
+            })?;
         attempt += 1;
         if attempt < 5 && loaded.iter().any(|(_, f)| matches!(f, Err(Error::Missing { .. }))) {
             continue;
@@ -264,36 +267,38 @@ pub fn run_within(
 
     // Every indexed pack exists, and its header agrees with the index (with --read-data, the data pass reads
     // each header along with the rest of its pack).
-    let header_problems: Vec<Problem> = indexed
-        .par_iter()
-        .filter_map(|(id, p)| {
-            let name = names::pack(id);
-            let problem = |msg: String| Some(Problem { pack: *id, damage: Damage::Pack, message: msg });
-            let unreachable = |e: Error| Some(Problem { pack: *id, damage: damage_of(&e), message: e.to_string() });
-            let size = match pack_sizes.get(id) {
-                Some(&size) => size,
-                // Not listed: lost, or stored (with its index file) by a backup after the listing.
-                None => match backend.size(&name) {
-                    Ok(Some(size)) => size,
-                    Ok(None) => {
-                        return problem(format!("{name}: indexed but missing ({} blobs lost)", p.entries.len()))
-                    }
-                    Err(e) => return unreachable(e),
-                },
-            };
-            // A full data pass reads every header with its pack; one on a budget may not get to every pack.
-            if subset == DataSubset::All && deadline.is_none() {
-                return None;
-            }
-            match repo.read_pack_header(id, size) {
-                Err(e) => unreachable(e),
-                Ok(h) if h.entries != p.entries || h.pack_type != p.pack_type => {
-                    problem(format!("{name}: pack header does not match the index"))
+    let header_problems: Vec<Problem> = crate::util::with_request_threads(|| {
+        indexed
+            .par_iter()
+            .filter_map(|(id, p)| {
+                let name = names::pack(id);
+                let problem = |msg: String| Some(Problem { pack: *id, damage: Damage::Pack, message: msg });
+                let unreachable = |e: Error| Some(Problem { pack: *id, damage: damage_of(&e), message: e.to_string() });
+                let size = match pack_sizes.get(id) {
+                    Some(&size) => size,
+                    // Not listed: lost, or stored (with its index file) by a backup after the listing.
+                    None => match backend.size(&name) {
+                        Ok(Some(size)) => size,
+                        Ok(None) => {
+                            return problem(format!("{name}: indexed but missing ({} blobs lost)", p.entries.len()))
+                        }
+                        Err(e) => return unreachable(e),
+                    },
+                };
+                // A full data pass reads every header with its pack; one on a budget may not get to every pack.
+                if subset == DataSubset::All && deadline.is_none() {
+                    return None;
                 }
-                Ok(_) => None,
-            }
-        })
-        .collect();
+                match repo.read_pack_header(id, size) {
+                    Err(e) => unreachable(e),
+                    Ok(h) if h.entries != p.entries || h.pack_type != p.pack_type => {
+                        problem(format!("{name}: pack header does not match the index"))
+                    }
+                    Ok(_) => None,
+                }
+            })
+            .collect()
+    })?;
     for id in pack_sizes.keys() {
         if !indexed.contains_key(id) {
             report.warnings.push(format!(
@@ -458,18 +463,76 @@ pub fn run_within(
 
     // Snapshots: every segment and block resolves to an intact blob. Blobs the known damage names are noted as
     // referenced: a lost one no snapshot references is forgotten below (unless some segment could not be read).
-    let mut referenced: HashSet<BlobId> = HashSet::new();
-    let mut every_segment_read = true;
-    let snap_ids = list_ids(&**backend, names::SNAPSHOTS)?;
+    let (referenced, every_segment_read) = check_snapshots(repo, &known, &damaged, &intact, &mut report)?;
+
+    // A lost blob (its copy's pack is gone) that no snapshot references is no longer worth knowing of.
+    let known = if every_segment_read {
+        let needed = |(pack, blob): &(ObjectId, BlobId)| pack_lists(&indexed, pack, blob) || referenced.contains(blob);
+        KnownDamage::new(known.sorted().into_iter().filter(needed))
+    } else {
+        known
+    };
+    if known != records.damage || records.ids.len() > 1 || !records.unreadable.is_empty() {
+        crate::damage::replace(repo, &records.ids, &known)?;
+    }
+    report.damage_recorded = known.len();
+    Ok(report)
+}
+
+/// What a manifest segment holds, as the snapshot pass found it: each distinct segment is judged once, however
+/// many snapshots share it.
+enum SegmentVerdict {
+    /// No intact copy of it, and why (see `damaged` in [`run_within`]).
+    Lost(&'static str),
+    /// Its blob is not a segment of that many blocks.
+    WrongShape,
+    /// Reading it failed.
+    Unreadable(String),
+    /// Read: the positions of its blocks that are unreadable, and why.
+    Read(Vec<(u32, &'static str)>),
+}
+
+/// The snapshot pass: every snapshot decodes, and every segment and block it references resolves to an intact
+/// blob (`damaged` says why not; `intact` gives the copy to read). Each distinct segment is read once, several
+/// at a time: an incremental shares the segments of its unchanged ranges with its parent, so reading them per
+/// snapshot read the same segment as many times as there are snapshots, each a round trip on S3. Returns the
+/// ids `known` names that the snapshots reference, and whether every segment could be read.
+fn check_snapshots(
+    repo: &Repository,
+    known: &KnownDamage,
+    damaged: &(dyn Fn(&BlobId) -> Option<&'static str> + Sync),
+    intact: &(dyn Fn(&BlobId) -> Option<(ObjectId, PackEntry)> + Sync),
+    report: &mut CheckReport,
+) -> Result<(HashSet<BlobId>, bool)> {
+    let snap_ids = list_ids(&**repo.backend(), names::SNAPSHOTS)?;
     report.snapshots = snap_ids.len();
-    for sid in &snap_ids {
-        let snap = match repo.load_snapshot(sid) {
+    let (snapshots, verdicts) = crate::util::with_request_threads(|| {
+        let snapshots: Vec<(ObjectId, Result<Snapshot>)> =
+            snap_ids.par_iter().map(|id| (*id, repo.load_snapshot(id))).collect();
+        let mut distinct: Vec<SegmentRef> = snapshots
+            .iter()
+            .filter_map(|(_, s)| s.as_ref().ok())
+            .flat_map(|s| s.disks.iter().flat_map(|d| d.segments.iter().copied()))
+            .collect();
+        distinct.sort_unstable_by_key(|s| (s.id, s.blocks));
+        distinct.dedup_by_key(|s| (s.id, s.blocks));
+        let verdicts: HashMap<(BlobId, u32), (SegmentVerdict, Vec<BlobId>)> = distinct
+            .par_iter()
+            .map(|seg| ((seg.id, seg.blocks), judge_segment(repo, known, damaged, intact, seg)))
+            .collect();
+        (snapshots, verdicts)
+    })?;
+
+    let referenced: HashSet<BlobId> = verdicts.values().flat_map(|(_, named)| named.iter().copied()).collect();
+    let mut every_segment_read = true;
+    for (sid, snap) in snapshots {
+        let snap = match snap {
             Ok(s) => s,
             // Forgotten or retagged since the listing.
             Err(Error::Missing { .. }) => continue,
             Err(e) => {
                 if matches!(e, Error::Corrupt { .. }) {
-                    report.damaged_snapshots.push(*sid);
+                    report.damaged_snapshots.push(sid);
                 }
                 report.errors.push(e.to_string());
                 every_segment_read = false;
@@ -490,84 +553,83 @@ pub fn run_within(
             };
             for (k, seg) in disk.segments.iter().enumerate() {
                 let first = k as u64 * SEGMENT_BLOCKS as u64;
-                if known.names(&seg.id) {
-                    referenced.insert(seg.id);
-                }
-                if let Some(why) = damaged(&seg.id) {
-                    every_segment_read = false;
-                    affected.extend((first..first + seg.blocks as u64).map(|b| (b, "manifest segment lost")));
-                    report.errors.push(format!(
-                        "{}: manifest segment {} is {why}: blocks {first}..{} are unreadable",
-                        where_(first),
-                        seg.id.short(),
-                        first + seg.blocks as u64
-                    ));
-                    continue;
-                }
-                let (pack, entry) = intact(&seg.id).expect("damaged() found an intact copy");
-                let plain = match repo
-                    .read_blob(&crate::format::index::BlobLocation { pack, entry }, &crate::repository::NoDeltas)
-                {
-                    Ok(p) if entry.blob_type == BlobType::Segment && p.len() == seg.blocks as usize * 32 => p,
-                    Ok(_) => {
-                        every_segment_read = false;
-                        affected.extend((first..first + seg.blocks as u64).map(|b| (b, "manifest segment damaged")));
+                let end = first + seg.blocks as u64;
+                let whole_segment = |why| (first..end).map(move |b| (b, why));
+                match &verdicts[&(seg.id, seg.blocks)].0 {
+                    SegmentVerdict::Lost(why) => {
+                        affected.extend(whole_segment("manifest segment lost"));
+                        report.errors.push(format!(
+                            "{}: manifest segment {} is {why}: blocks {first}..{end} are unreadable",
+                            where_(first),
+                            seg.id.short(),
+                        ));
+                    }
+                    SegmentVerdict::WrongShape => {
+                        affected.extend(whole_segment("manifest segment damaged"));
                         report.errors.push(format!(
                             "{}: manifest segment {} has the wrong size or type",
                             where_(first),
                             seg.id.short()
                         ));
-                        continue;
                     }
-                    Err(e) => {
-                        every_segment_read = false;
-                        affected.extend((first..first + seg.blocks as u64).map(|b| (b, "manifest segment damaged")));
+                    SegmentVerdict::Unreadable(e) => {
+                        affected.extend(whole_segment("manifest segment damaged"));
                         report.errors.push(format!("{}: {e}", where_(first)));
+                    }
+                    SegmentVerdict::Read(bad) => {
+                        if let Some(&(j, why)) = bad.first() {
+                            affected.extend(bad.iter().map(|&(j, why)| (first + j as u64, why)));
+                            report.errors.push(format!(
+                                "{}: {} block(s) in blocks {first}..{end} are unreadable (first: {why})",
+                                where_(first + j as u64),
+                                bad.len(),
+                            ));
+                        }
                         continue;
                     }
-                };
-                let mut count = 0u64;
-                let mut first_bad = None;
-                for (j, c) in plain.chunks_exact(32).enumerate() {
-                    let id = BlobId(c.try_into().unwrap());
-                    if id.is_zero_block() {
-                        continue;
-                    }
-                    if known.names(&id) {
-                        referenced.insert(id);
-                    }
-                    if let Some(why) = damaged(&id) {
-                        affected.push((first + j as u64, why));
-                        count += 1;
-                        first_bad.get_or_insert((first + j as u64, why));
-                    }
                 }
-                if let Some((b, why)) = first_bad {
-                    report.errors.push(format!(
-                        "{}: {count} block(s) in blocks {first}..{} are unreadable (first: {why})",
-                        where_(b),
-                        first + seg.blocks as u64
-                    ));
-                }
+                every_segment_read = false;
             }
             if !affected.is_empty() {
-                report.affected.push(AffectedDisk { snapshot: *sid, disk: disk.name.clone(), blocks: affected });
+                report.affected.push(AffectedDisk { snapshot: sid, disk: disk.name.clone(), blocks: affected });
             }
         }
     }
+    Ok((referenced, every_segment_read))
+}
 
-    // A lost blob (its copy's pack is gone) that no snapshot references is no longer worth knowing of.
-    let known = if every_segment_read {
-        let needed = |(pack, blob): &(ObjectId, BlobId)| pack_lists(&indexed, pack, blob) || referenced.contains(blob);
-        KnownDamage::new(known.sorted().into_iter().filter(needed))
-    } else {
-        known
-    };
-    if known != records.damage || records.ids.len() > 1 || !records.unreadable.is_empty() {
-        crate::damage::replace(repo, &records.ids, &known)?;
+/// Judges one manifest segment for [`check_snapshots`]; also returns the ids `known` names among it and its
+/// blocks.
+fn judge_segment(
+    repo: &Repository,
+    known: &KnownDamage,
+    damaged: &(dyn Fn(&BlobId) -> Option<&'static str> + Sync),
+    intact: &(dyn Fn(&BlobId) -> Option<(ObjectId, PackEntry)> + Sync),
+    seg: &SegmentRef,
+) -> (SegmentVerdict, Vec<BlobId>) {
+    let mut named: Vec<BlobId> = known.names(&seg.id).then_some(seg.id).into_iter().collect();
+    if let Some(why) = damaged(&seg.id) {
+        return (SegmentVerdict::Lost(why), named);
     }
-    report.damage_recorded = known.len();
-    Ok(report)
+    let (pack, entry) = intact(&seg.id).expect("damaged() found an intact copy");
+    let plain = match repo.read_blob(&BlobLocation { pack, entry }, &crate::repository::NoDeltas) {
+        Ok(p) if entry.blob_type == BlobType::Segment && p.len() == seg.blocks as usize * 32 => p,
+        Ok(_) => return (SegmentVerdict::WrongShape, named),
+        Err(e) => return (SegmentVerdict::Unreadable(e.to_string()), named),
+    };
+    let mut bad = Vec::new();
+    for (j, id) in segment_ids(&plain).into_iter().enumerate() {
+        if id.is_zero_block() {
+            continue;
+        }
+        if known.names(&id) {
+            named.push(id);
+        }
+        if let Some(why) = damaged(&id) {
+            bad.push((j as u32, why));
+        }
+    }
+    (SegmentVerdict::Read(bad), named)
 }
 
 /// Records the packs verified intact now; merges the records once there are too many.

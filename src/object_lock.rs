@@ -34,9 +34,6 @@ use crate::repository::Repository;
 /// How far ahead of the promised retention an extension reaches, and how often it must run.
 pub const GENERATION: Duration = Duration::from_secs(7 * 86400);
 
-/// Retention requests in flight at once (each is a small round trip).
-const CONCURRENCY: usize = 16;
-
 /// What [`extend`] found and did.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct ObjectLockReport {
@@ -153,7 +150,7 @@ pub fn extend(repo: &Repository, record: Option<&IndexCache>, dry_run: bool) -> 
     };
     let interrupted = AtomicBool::new(false);
     std::thread::scope(|s| {
-        for _ in 0..CONCURRENCY.min(needed.len()) {
+        for _ in 0..crate::util::REQUESTS_IN_FLIGHT.min(needed.len()) {
             s.spawn(|| {
                 while let Some(name) = needed.get(next.fetch_add(1, Ordering::Relaxed)) {
                     if crate::util::interrupted() {

@@ -142,7 +142,9 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
     let mut report = PruneReport::default();
     let mut clock = std::time::Instant::now();
     let mut phase = |report: &mut PruneReport, name: &'static str| {
-        report.phases.push((name, clock.elapsed().as_secs_f64()));
+        let secs = clock.elapsed().as_secs_f64();
+        tracing::info!("prune: {name}: {secs:.2} s");
+        report.phases.push((name, secs));
         clock = std::time::Instant::now();
     };
     let scratch = ScratchDb::create(repo, cache_root, "prune-work")?;
@@ -183,16 +185,22 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
     // 2. Mark. Where the segment blobs are comes from the index files themselves (not the local index cache,
     // which would hold every blob).
     let mut noted = std::collections::HashSet::new();
-    for id in repo.list_index_ids()? {
-        let file = repo.load_index(&id).map_err(|e| {
-            e.with_remedy(
-                "prune deletes nothing while an index file is damaged: `repair index` rebuilds it from the packs' \
+    let index_ids = repo.list_index_ids()?;
+    crate::util::fetch_in_order(
+        &index_ids,
+        |id| repo.load_index(id),
+        |id, file| {
+            let file = file.map_err(|e| {
+                e.with_remedy(
+                    "prune deletes nothing while an index file is damaged: `repair index` rebuilds it from the packs' \
                  own headers",
-            )
-        })?;
-        note_index_file(&scratch, &file)?;
-        noted.insert(id);
-    }
+                )
+            })?;
+            note_index_file(&scratch, &file)?;
+            noted.insert(*id);
+            Ok(())
+        },
+    )?;
     // Packs no index file lists (an interrupted backup's or prune's) are indexed first, so that they are swept
     // like any other. One that a running backup is about to index is dropped here, waits for that backup's
     // session, and is then rescued by its snapshot.
@@ -235,18 +243,26 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
         report.warnings.push(format!("{e}: a damage record, left out"));
     }
     let mut sweep = Sweep::new(repo, &scratch, opts, damage.damage);
-    for id in repo.list_index_ids()? {
-        let (file, epoch) = repo.load_index_with_epoch(&id)?;
-        sweep.file(id, file, epoch, &mut report)?;
-    }
+    let index_ids = repo.list_index_ids()?;
+    crate::util::fetch_in_order(
+        &index_ids,
+        |id| repo.load_index_with_epoch(id),
+        |id, loaded| {
+            let (file, epoch) = loaded?;
+            sweep.file(*id, file, epoch, &mut report)
+        },
+    )?;
     let SweepResult { doomed, accounted, replaced } = sweep.finish(&mut report)?;
     phase(&mut report, "sweep and write the index");
     report.planned = true;
     if opts.dry_run {
         return Ok(report);
     }
-    for id in &replaced {
-        repo.backend().delete(&names::index(id))?;
+    let deleted: Vec<Result<()>> = crate::util::with_request_threads(|| {
+        replaced.par_iter().map(|id| repo.backend().delete(&names::index(id))).collect()
+    })?;
+    for r in deleted {
+        r?;
         report.index_files_removed += 1;
     }
     report.temporaries_removed = repo.backend().remove_stale_temporaries(crate::repair::STALE_TEMPORARY_AGE)?;
@@ -278,8 +294,7 @@ fn mark(
     scratch: &ScratchDb,
     snapshots: &[(ObjectId, crate::format::snapshot::Snapshot)],
 ) -> Result<()> {
-    let mut batch: Vec<(ObjectId, String, crate::format::snapshot::SegmentRef)> = Vec::new();
-    let flush = |batch: &mut Vec<(ObjectId, String, crate::format::snapshot::SegmentRef)>| -> Result<()> {
+    let flush = |batch: &mut Vec<(ObjectId, String, SegmentRef)>| -> Result<()> {
         let loaded: Vec<Vec<BlobId>> = batch
             .par_iter()
             .map(|(sid, disk, seg)| {
@@ -297,20 +312,23 @@ fn mark(
         batch.clear();
         Ok(())
     };
-    for (sid, snap) in snapshots {
-        for disk in &snap.disks {
-            for seg in &disk.segments {
-                if scratch.contains(MARKED, &seg.id)? || batch.iter().any(|(_, _, s)| s.id == seg.id) {
-                    continue;
-                }
-                batch.push((*sid, disk.name.clone(), *seg));
-                if batch.len() >= MARK_BATCH {
-                    flush(&mut batch)?;
+    crate::util::with_request_threads(|| {
+        let mut batch: Vec<(ObjectId, String, SegmentRef)> = Vec::new();
+        for (sid, snap) in snapshots {
+            for disk in &snap.disks {
+                for seg in &disk.segments {
+                    if scratch.contains(MARKED, &seg.id)? || batch.iter().any(|(_, _, s)| s.id == seg.id) {
+                        continue;
+                    }
+                    batch.push((*sid, disk.name.clone(), *seg));
+                    if batch.len() >= MARK_BATCH {
+                        flush(&mut batch)?;
+                    }
                 }
             }
         }
-    }
-    flush(&mut batch)
+        flush(&mut batch)
+    })?
 }
 
 /// Marks a segment blob and the blocks it lists. Marking twice is harmless: no lookup before the write.
@@ -426,7 +444,7 @@ fn adopt_unindexed(repo: &Repository, scratch: &ScratchDb, report: &mut PruneRep
         return Ok(0);
     }
     let mut rr = crate::repair::RepairReport::default();
-    let good = crate::repair::read_headers(repo, &orphans, &mut rr);
+    let good = crate::repair::read_headers(repo, &orphans, &mut rr)?;
     for p in &good {
         note_index_file(scratch, &IndexFile { supersedes: Vec::new(), packs: vec![p.clone()] })?;
     }
@@ -746,23 +764,24 @@ fn finish_record(
         rec.released = true;
     }
     // Delete, unless retention still holds the object.
-    let outcome: Vec<(ObjectId, Result<Option<u64>>)> = rec
-        .packs
-        .par_iter()
-        .map(|id| {
-            let name = names::pack(id);
-            let r = (|| {
-                if let Some(left) = repo.backend().retention_left(&name)? {
-                    tracing::info!("{name}: under retention for {} s more; not deleted", left.as_secs());
-                    return Ok(None);
-                }
-                let size = repo.backend().size(&name)?.unwrap_or(0);
-                repo.backend().delete(&name)?;
-                Ok(Some(size))
-            })();
-            (*id, r)
-        })
-        .collect();
+    let outcome: Vec<(ObjectId, Result<Option<u64>>)> = crate::util::with_request_threads(|| {
+        rec.packs
+            .par_iter()
+            .map(|id| {
+                let name = names::pack(id);
+                let r = (|| {
+                    if let Some(left) = repo.backend().retention_left(&name)? {
+                        tracing::info!("{name}: under retention for {} s more; not deleted", left.as_secs());
+                        return Ok(None);
+                    }
+                    let size = repo.backend().size(&name)?.unwrap_or(0);
+                    repo.backend().delete(&name)?;
+                    Ok(Some(size))
+                })();
+                (*id, r)
+            })
+            .collect()
+    })?;
     let mut retained = Vec::new();
     for (id, r) in outcome {
         match r? {
@@ -787,14 +806,17 @@ fn rescue(repo: &Repository, scratch: &ScratchDb, rec: &DeletionRecord) -> Resul
     scratch.clear_table(DOOMED_BLOB)?;
     scratch.clear_table(RESCUED)?;
     // Which blobs the packs hold (the packs still exist: nothing of a record is deleted before this).
-    for id in &rec.packs {
+    let header = |id: &ObjectId| match pack_size(repo, scratch, id)? {
+        Some(size) => repo.read_pack_header(id, size).map(Some),
         // Gone already: an earlier run was stopped while deleting.
-        let Some(size) = pack_size(repo, scratch, id)? else { continue };
-        let header = repo.read_pack_header(id, size)?;
+        None => Ok(None),
+    };
+    crate::util::fetch_in_order(&rec.packs, header, |id, header| {
+        let Some(header) = header? else { return Ok(()) };
         let locs: Vec<(BlobId, Vec<u8>)> =
             header.entries.iter().map(|e| (e.id, BlobLocation { pack: *id, entry: *e }.encode())).collect();
-        scratch.put_all(DOOMED_BLOB, locs.iter().map(|(b, l)| (b, &l[..])))?;
-    }
+        scratch.put_all(DOOMED_BLOB, locs.iter().map(|(b, l)| (b, &l[..])))
+    })?;
     let mut rescued: Vec<ObjectId> = Vec::new();
     // Block ids referenced by a segment: rescue the packs of any doomed ones.
     let check_ids = |ids: &[BlobId], rescued: &mut Vec<ObjectId>| -> Result<()> {
@@ -811,48 +833,58 @@ fn rescue(repo: &Repository, scratch: &ScratchDb, rec: &DeletionRecord) -> Resul
     };
     // Index files: a recorded pack listed again (adopted by a backup) is in use; segments written since are
     // searched, and so are the bases of delta blobs written since.
-    for iid in repo.list_index_ids()? {
-        let file = repo.load_index(&iid)?;
-        let newer = rec.index_files.binary_search(&iid).is_err();
-        for p in &file.packs {
-            if rec.packs.binary_search(&p.id).is_ok() {
-                rescued.push(p.id);
-            }
-            if newer {
-                let bases: Vec<BlobId> = p.entries.iter().filter_map(|e| e.base).collect();
-                check_ids(&bases, &mut rescued)?;
-            }
-            if newer && p.pack_type == BlobType::Segment {
-                let segments: Vec<Vec<u8>> = p
-                    .entries
-                    .par_iter()
-                    .map(|e| repo.read_blob(&BlobLocation { pack: p.id, entry: *e }, &NoDeltas))
-                    .collect::<Result<_>>()?;
-                for plain in segments {
-                    check_ids(&segment_ids(&plain), &mut rescued)?;
+    let index_ids = repo.list_index_ids()?;
+    crate::util::fetch_in_order(
+        &index_ids,
+        |iid| repo.load_index(iid),
+        |iid, file| {
+            let file = file?;
+            let newer = rec.index_files.binary_search(iid).is_err();
+            for p in &file.packs {
+                if rec.packs.binary_search(&p.id).is_ok() {
+                    rescued.push(p.id);
+                }
+                if newer {
+                    let bases: Vec<BlobId> = p.entries.iter().filter_map(|e| e.base).collect();
+                    check_ids(&bases, &mut rescued)?;
+                }
+                if newer && p.pack_type == BlobType::Segment {
+                    let segments: Vec<Vec<u8>> = p
+                        .entries
+                        .par_iter()
+                        .map(|e| repo.read_blob(&BlobLocation { pack: p.id, entry: *e }, &NoDeltas))
+                        .collect::<Result<_>>()?;
+                    for plain in segments {
+                        check_ids(&segment_ids(&plain), &mut rescued)?;
+                    }
                 }
             }
-        }
-    }
+            Ok(())
+        },
+    )?;
     // Snapshots written since: their segments, if they are in recorded packs, and those segments' blocks.
-    for sid in crate::repository::list_ids(&**repo.backend(), names::SNAPSHOTS)? {
-        if rec.snapshots.binary_search(&sid).is_ok() {
-            continue;
-        }
-        let snap = repo.load_snapshot(&sid)?;
-        for disk in &snap.disks {
-            for seg in &disk.segments {
-                let Some(v) = scratch.get(DOOMED_BLOB, &seg.id)? else { continue };
-                let loc = BlobLocation::decode(&v).map_err(scratch_err)?;
-                rescued.push(loc.pack);
-                if scratch.contains(RESCUED, &seg.id)? {
-                    continue;
+    let mut newer_snapshots = crate::repository::list_ids(&**repo.backend(), names::SNAPSHOTS)?;
+    newer_snapshots.retain(|sid| rec.snapshots.binary_search(sid).is_err());
+    crate::util::fetch_in_order(
+        &newer_snapshots,
+        |sid| repo.load_snapshot(sid),
+        |_, snap| {
+            let snap = snap?;
+            for disk in &snap.disks {
+                for seg in &disk.segments {
+                    let Some(v) = scratch.get(DOOMED_BLOB, &seg.id)? else { continue };
+                    let loc = BlobLocation::decode(&v).map_err(scratch_err)?;
+                    rescued.push(loc.pack);
+                    if scratch.contains(RESCUED, &seg.id)? {
+                        continue;
+                    }
+                    scratch.put(RESCUED, &seg.id, &[])?;
+                    check_ids(&segment_ids(&repo.read_blob(&loc, &NoDeltas)?), &mut rescued)?;
                 }
-                scratch.put(RESCUED, &seg.id, &[])?;
-                check_ids(&segment_ids(&repo.read_blob(&loc, &NoDeltas)?), &mut rescued)?;
             }
-        }
-    }
+            Ok(())
+        },
+    )?;
     rescued.sort();
     rescued.dedup();
     Ok(rescued)

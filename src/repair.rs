@@ -56,15 +56,17 @@ pub(crate) fn read_headers(
     repo: &Repository,
     packs: &[(ObjectId, u64)],
     report: &mut RepairReport,
-) -> Vec<IndexedPack> {
-    let results: Vec<std::result::Result<IndexedPack, String>> = packs
-        .par_iter()
-        .map(|(id, size)| {
-            repo.read_pack_header(id, *size)
-                .map(|h| IndexedPack { id: *id, pack_type: h.pack_type, entries: h.entries })
-                .map_err(|e| e.to_string())
-        })
-        .collect();
+) -> Result<Vec<IndexedPack>> {
+    let results: Vec<std::result::Result<IndexedPack, String>> = crate::util::with_request_threads(|| {
+        packs
+            .par_iter()
+            .map(|(id, size)| {
+                repo.read_pack_header(id, *size)
+                    .map(|h| IndexedPack { id: *id, pack_type: h.pack_type, entries: h.entries })
+                    .map_err(|e| e.to_string())
+            })
+            .collect()
+    })?;
     let mut good = Vec::new();
     for r in results {
         match r {
@@ -72,7 +74,7 @@ pub(crate) fn read_headers(
             Err(e) => report.unreadable.push(e),
         }
     }
-    good
+    Ok(good)
 }
 
 /// Writes index files for `packs`, each superseding `supersedes`; records them in the cache if given.
@@ -113,7 +115,7 @@ pub fn rebuild_index(repo: &Repository) -> Result<RepairReport> {
     let doomed = repo.doomed_packs()?;
     let packs: Vec<(ObjectId, u64)> =
         list_packs(repo)?.into_iter().filter(|(id, _)| doomed.binary_search(id).is_err()).collect();
-    let good = read_headers(repo, &packs, &mut report);
+    let good = read_headers(repo, &packs, &mut report)?;
     let new = write_index_files(repo, None, good, &old, &mut report)?;
     for id in old.iter().filter(|id| !new.contains(id)) {
         repo.backend().delete(&names::index(id))?;
@@ -141,7 +143,7 @@ pub fn adopt_unindexed_packs(repo: &Repository, cache: &IndexCache) -> Result<Re
     if orphans.is_empty() {
         return Ok(report);
     }
-    let good = read_headers(repo, &orphans, &mut report);
+    let good = read_headers(repo, &orphans, &mut report)?;
     write_index_files(repo, Some(cache), good, &[], &mut report)?;
     for u in &report.unreadable {
         tracing::warn!("not adopting a pack: {u}");

@@ -633,7 +633,7 @@ impl Repository {
     pub fn list_snapshots_checked(&self) -> Result<Checked<Snapshot>> {
         let ids = list_ids(&*self.backend, names::SNAPSHOTS)?;
         let loaded: Vec<(ObjectId, Result<Snapshot>)> =
-            ids.par_iter().map(|id| (*id, self.load_snapshot(id))).collect();
+            crate::util::with_request_threads(|| ids.par_iter().map(|id| (*id, self.load_snapshot(id))).collect())?;
         let (mut snapshots, mut unreadable) = (Vec::new(), Vec::new());
         for (id, loaded) in loaded {
             match loaded {

@@ -407,6 +407,39 @@ pub fn with_thread_pool<R>(
         .map_err(|e| crate::error::Error::invalid(format!("thread pool: {e}")))
 }
 
+/// Storage requests in flight at once where many small ones are made (index files, snapshots, manifest segments,
+/// pack headers, deletions, retention): each mostly waits for its round trip, so many more than cores. On S3 with
+/// a 20 ms round trip (benches/lagproxy.py) and 60 snapshots on 2 cores, `check` took 12.7 s reading one segment
+/// at a time, 6.1 s reading each distinct segment once two at a time, 1.5-1.7 s with this many; `prune` 10.4 s
+/// reading its index files one at a time, 2.3 s.
+pub const REQUESTS_IN_FLIGHT: usize = 16;
+
+/// Runs `f`, parallel iterators over storage requests, on [`REQUESTS_IN_FLIGHT`] threads rather than on rayon's
+/// global pool of one thread per core.
+pub fn with_request_threads<R: Send>(f: impl FnOnce() -> R + Send) -> crate::error::Result<R> {
+    with_thread_pool(REQUESTS_IN_FLIGHT, "requests", |pool| pool.install(f))
+}
+
+/// Fetches `items` on [`REQUESTS_IN_FLIGHT`] threads, a chunk of that many at a time, and hands each result to
+/// `each` on this thread, in order: for long runs of storage requests whose results are taken one by one (no
+/// more than a chunk of them is held at once). Stops at the first error `each` returns.
+pub fn fetch_in_order<T: Sync, R: Send>(
+    items: &[T],
+    fetch: impl Fn(&T) -> R + Sync + Send,
+    mut each: impl FnMut(&T, R) -> crate::error::Result<()>,
+) -> crate::error::Result<()> {
+    use rayon::prelude::*;
+    with_thread_pool(REQUESTS_IN_FLIGHT, "requests", |pool| {
+        for chunk in items.chunks(REQUESTS_IN_FLIGHT) {
+            let fetched: Vec<R> = pool.install(|| chunk.par_iter().map(&fetch).collect());
+            for (item, r) in chunk.iter().zip(fetched) {
+                each(item, r)?;
+            }
+        }
+        Ok(())
+    })?
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

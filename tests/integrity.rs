@@ -96,6 +96,36 @@ fn damaged_segment_is_reported_and_repair_snapshots_marks_it() {
     assert!(e.objects("damaged").is_empty());
 }
 
+/// Two snapshots of an unchanged disk share its manifest segment, which check reads once: a damaged block, then
+/// the damaged segment itself, are still reported in each snapshot.
+#[test]
+fn check_reports_damage_in_every_snapshot_sharing_a_segment() {
+    let e = Env::new();
+    setup(&e);
+    e.backup(&[e.path("img").to_str().unwrap(), "--name", "vm"]);
+    let snaps = e.ok(&["snapshots", "--json"]).json();
+    let ids: Vec<String> =
+        snaps.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()[..8].to_string()).collect();
+    assert_eq!(ids.len(), 2);
+    let in_each = |stderr: &str, what: &str| {
+        for id in &ids {
+            assert!(
+                stderr.lines().any(|l| l.contains(&format!("snapshot {id}")) && l.contains(what)),
+                "{id}: {stderr}"
+            );
+        }
+    };
+
+    e.flip(&a_data_pack(&e), 5000);
+    let r = e.fails(&["check", "--read-data"]);
+    in_each(&r.stderr, "1 block(s) in blocks 0..8 are unreadable");
+
+    let meta = e.objects("packs").into_iter().find(|p| e.object_size(p) < 4096).unwrap();
+    e.flip(&meta, 20);
+    let r = e.fails(&["check"]);
+    in_each(&r.stderr, "segment blob");
+}
+
 #[test]
 fn repair_snapshots_keeps_intact_blocks() {
     let e = Env::new();
