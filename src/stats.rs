@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use crate::backup::load_segment;
 use crate::cache::IndexCache;
 use crate::error::Result;
+use crate::format::snapshot::SegmentRef;
 use crate::format::{BlobId, BlobType, ObjectId};
 use crate::repository::Repository;
 
@@ -34,51 +35,84 @@ pub struct Stats {
     pub unique: Vec<(ObjectId, String, i64, u64)>,
 }
 
+/// What [`compute`] keeps of a manifest segment.
+struct SegmentSummary {
+    /// Its blocks that are not all zeros.
+    data_blocks: u64,
+    /// Whether its last block is one of them.
+    last_is_data: bool,
+}
+
 pub fn compute(repo: &Repository, cache: &IndexCache) -> Result<Stats> {
     let snaps = repo.list_snapshots()?;
     let mut stats = Stats { snapshots: snaps.len(), ..Default::default() };
-    // Blob -> (snapshots referencing it, the last one): a blob is unique to a snapshot if the count is 1.
-    let mut refs: HashMap<BlobId, (u32, usize)> = HashMap::new();
-    let mut segments: HashMap<BlobId, Vec<BlobId>> = HashMap::new();
+    // The snapshots referencing each distinct segment (incrementals share the segments of unchanged ranges),
+    // oldest first.
+    let mut users: HashMap<BlobId, Vec<usize>> = HashMap::new();
+    let mut distinct: Vec<SegmentRef> = Vec::new();
     for (i, (_, snap)) in snaps.iter().enumerate() {
+        for seg in snap.disks.iter().flat_map(|d| &d.segments) {
+            let u = users.entry(seg.id).or_default();
+            if u.is_empty() {
+                distinct.push(*seg);
+            }
+            if u.last() != Some(&i) {
+                u.push(i);
+            }
+        }
+    }
+    // Blob -> the one snapshot referencing it, or `SHARED`: a blob is unique to a snapshot if only it does.
+    const SHARED: usize = usize::MAX;
+    let mut refs: HashMap<BlobId, usize> = HashMap::new();
+    let mut note = |id: &BlobId, by: &[usize]| {
+        let only = if by.len() == 1 { by[0] } else { SHARED };
+        let r = refs.entry(*id).or_insert(only);
+        if *r != only {
+            *r = SHARED;
+        }
+    };
+    // Each segment is read once, many at a time; what is kept of it is its non-zero blocks, not its ids.
+    let mut summaries: HashMap<BlobId, SegmentSummary> = HashMap::new();
+    crate::util::fetch_in_order(
+        &distinct,
+        |seg| load_segment(repo, cache, seg),
+        |seg, ids| {
+            let ids = ids?;
+            let by = &users[&seg.id];
+            note(&seg.id, by);
+            for id in ids.iter().filter(|id| !id.is_zero_block()) {
+                note(id, by);
+            }
+            let summary = SegmentSummary {
+                data_blocks: ids.iter().filter(|id| !id.is_zero_block()).count() as u64,
+                last_is_data: ids.last().is_some_and(|id| !id.is_zero_block()),
+            };
+            summaries.insert(seg.id, summary);
+            Ok(())
+        },
+    )?;
+    for (_, snap) in &snaps {
         for disk in &snap.disks {
             let t = stats.per_disk.entry((snap.source.clone(), disk.name.clone())).or_default();
             t.logical += disk.capacity;
             stats.all.logical += disk.capacity;
             let bs = disk.block_size as u64;
-            let mut blocks = 0u64;
-            for seg in &disk.segments {
-                if let std::collections::hash_map::Entry::Vacant(v) = segments.entry(seg.id) {
-                    v.insert(load_segment(repo, cache, seg)?);
-                }
-                for id in std::iter::once(&seg.id).chain(segments[&seg.id].iter()) {
-                    if id.is_zero_block() {
-                        continue;
-                    }
-                    let r = refs.entry(*id).or_insert((0, i));
-                    if r.1 != i || r.0 == 0 {
-                        r.0 += 1;
-                        r.1 = i;
-                    }
-                }
-                for id in &segments[&seg.id] {
-                    if !id.is_zero_block() {
-                        let len = bs.min(disk.capacity - blocks * bs);
-                        t.data += len;
-                        stats.all.data += len;
-                    }
-                    blocks += 1;
-                }
+            let mut data: u64 = disk.segments.iter().map(|seg| summaries[&seg.id].data_blocks * bs).sum();
+            // A last block shorter than the others holds only the disk's last bytes.
+            if disk.capacity % bs != 0 && disk.segments.last().is_some_and(|seg| summaries[&seg.id].last_is_data) {
+                data -= bs - disk.capacity % bs;
             }
+            t.data += data;
+            stats.all.data += data;
         }
     }
     let mut unique = vec![0u64; snaps.len()];
-    for (id, (count, owner)) in &refs {
+    for (id, owner) in &refs {
         let Some(loc) = cache.lookup(id)? else { continue };
         stats.blobs += 1;
         stats.blobs_raw += loc.entry.raw_len as u64;
         stats.blobs_stored += loc.entry.stored_len as u64;
-        if *count == 1 && loc.entry.blob_type == BlobType::Data {
+        if *owner != SHARED && loc.entry.blob_type == BlobType::Data {
             unique[*owner] += loc.entry.stored_len as u64;
         }
     }

@@ -230,6 +230,32 @@ fn stats_show_dedup_and_what_each_snapshot_adds() {
     }
 }
 
+/// Two snapshots of an unchanged disk share its segment and so its blocks: neither holds any alone. A third,
+/// with one block changed, holds that block alone. A short last block counts its own length.
+#[test]
+fn stats_count_blocks_of_a_shared_segment_for_every_snapshot_sharing_it() {
+    let e = Env::with_repo();
+    let mut img = random_bytes(902, 3 * MIB + 1000);
+    write(&e.path("a"), &img);
+    e.backup(&["--name", "vm", e.path("a").to_str().unwrap()]);
+    e.backup(&["--name", "vm", e.path("a").to_str().unwrap()]);
+    img[..MIB].copy_from_slice(&random_bytes(903, MIB));
+    write(&e.path("a"), &img);
+    e.backup(&["--name", "vm", e.path("a").to_str().unwrap()]);
+    let s = e.ok(&["stats", "--json"]).json();
+    assert_eq!(s["snapshots"], 3);
+    assert_eq!(s["logical_bytes"], 3 * (3 * MIB as u64 + 1000));
+    assert_eq!(s["data_bytes"], 3 * (3 * MIB as u64 + 1000));
+    let unique: Vec<u64> = s["snapshot_unique_bytes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["unique_stored_bytes"].as_u64().unwrap())
+        .collect();
+    assert_eq!(unique[..2], [0, 0], "{unique:?}");
+    assert!(unique[2] > MIB as u64 && unique[2] < MIB as u64 + 1024, "{unique:?}");
+}
+
 #[test]
 fn host_and_tag_filters_select_what_snapshots_forget_and_copy_consider() {
     let e = Env::with_repo();
