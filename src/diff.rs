@@ -21,19 +21,20 @@ pub fn for_changed_blocks(
     disk: &DiskManifest,
     mut each: impl FnMut(u64, BlobId, BlobId),
 ) -> Result<()> {
-    let segments = earlier.segments.len().max(disk.segments.len());
-    for k in 0..segments {
-        let (old, new) = (earlier.segments.get(k), disk.segments.get(k));
-        if let (Some(o), Some(n)) = (old, new) {
-            if o.id == n.id {
-                continue;
-            }
-        }
-        let load = |seg: Option<&crate::format::snapshot::SegmentRef>| match seg {
-            Some(s) => crate::backup::load_segment(repo, cache, s),
-            None => Ok(Vec::new()),
-        };
-        let (old, new) = (load(old)?, load(new)?);
+    // Only segments whose ids differ are read, several at a time (on S3 each read is a round trip).
+    let differing: Vec<usize> = (0..earlier.segments.len().max(disk.segments.len()))
+        .filter(|&k| match (earlier.segments.get(k), disk.segments.get(k)) {
+            (Some(o), Some(n)) => o.id != n.id,
+            _ => true,
+        })
+        .collect();
+    let load = |seg: Option<&crate::format::snapshot::SegmentRef>| match seg {
+        Some(s) => crate::backup::load_segment(repo, cache, s),
+        None => Ok(Vec::new()),
+    };
+    let both = |&k: &usize| Ok::<_, crate::Error>((load(earlier.segments.get(k))?, load(disk.segments.get(k))?));
+    crate::util::fetch_in_order(&differing, both, |&k, loaded| {
+        let (old, new) = loaded?;
         let first = (k * SEGMENT_BLOCKS) as u64;
         for j in 0..old.len().max(new.len()) {
             let o = old.get(j).copied().unwrap_or(BlobId::ZERO);
@@ -42,8 +43,8 @@ pub fn for_changed_blocks(
                 each(first + j as u64, o, n);
             }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// The extents of `disk` whose blocks are not all-zero: where it differs from an empty disk. `copy` reads
@@ -51,15 +52,21 @@ pub fn for_changed_blocks(
 pub fn allocated_extents(repo: &Repository, cache: &IndexCache, disk: &DiskManifest) -> Result<Vec<Extent>> {
     let bs = disk.block_size as u64;
     let mut allocated = Vec::new();
-    for (k, seg) in disk.segments.iter().enumerate() {
-        let first = (k * SEGMENT_BLOCKS) as u64;
-        for (i, id) in crate::backup::load_segment(repo, cache, seg)?.iter().enumerate() {
-            if !id.is_zero_block() {
-                let block = first + i as u64;
-                push_extent(&mut allocated, block_extent(block, bs, disk.capacity));
+    let segments: Vec<(usize, &crate::format::snapshot::SegmentRef)> = disk.segments.iter().enumerate().collect();
+    crate::util::fetch_in_order(
+        &segments,
+        |(_, seg)| crate::backup::load_segment(repo, cache, seg),
+        |&(k, _), ids| {
+            let first = (k * SEGMENT_BLOCKS) as u64;
+            for (i, id) in ids?.iter().enumerate() {
+                if !id.is_zero_block() {
+                    let block = first + i as u64;
+                    push_extent(&mut allocated, block_extent(block, bs, disk.capacity));
+                }
             }
-        }
-    }
+            Ok(())
+        },
+    )?;
     Ok(allocated)
 }
 
