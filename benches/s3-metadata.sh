@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The commands that read many small objects (snapshots, index files, manifest segments, pack headers) against S3
+# with latency: a local SeaweedFS behind benches/lagproxy.py (DELAY_MS per burst each way: a 10 ms delay is a
+# ~20 ms round trip). The repository holds SNAPSHOTS snapshots of one sparse 16 GiB disk (256 MiB of data): a
+# full backup, then incrementals that each change one block, as daily backups of a quiet VM do; they share most
+# manifest segments. Times check, snapshots, stats, diff (first against last) and, after forgetting all but the
+# last 10, prune.
+#   benches/s3-metadata.sh [DELAY_MS]      (default 10; env SNAPSHOTS, default 60; DV: another diskvault binary,
+#                                           e.g. an older one, timed instead of this tree's)
+# Results: benches/results/s3-metadata.txt (appended)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+delay=${1:-10}
+snapshots=${SNAPSHOTS:-60}
+scripts/setup.sh
+[ -n "${DV:-}" ] || cargo build --release --locked
+dv=${DV:-$PWD/target/release/diskvault}
+work=$(mktemp -d)
+port=19302 lag=19310
+export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1 DISKVAULT_PASSWORD=bench
+export DISKVAULT_CACHE_DIR=$work/cache
+weed mini -dir="$work/sw" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port=$port -master.port=19433 -volume.port=19440 \
+  -filer.port=19888 -webdav=false -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 > "$work/weed.log" 2>&1 &
+weed_pid=$!
+python3 benches/lagproxy.py $lag $port "$delay" > "$work/proxy.log" 2>&1 &
+proxy_pid=$!
+# weed mini takes seconds to stop on SIGTERM: kill it for good before its directory goes.
+trap 'kill $weed_pid $proxy_pid 2>/dev/null; sleep 1; kill -9 $weed_pid 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 1 120); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.5; done
+sleep 2
+
+# The repository, written without the proxy.
+direct="s3:http://127.0.0.1:$port/bench/meta"
+python3 - "$work/disk.raw" <<'PY'
+import os, sys
+with open(sys.argv[1], "wb") as d:
+    d.truncate(16 << 30)
+    for i in range(0, 16 << 10, 64):
+        d.seek(i << 20)
+        d.write(os.urandom(1 << 20))
+PY
+"$dv" -q -r "$direct" init > /dev/null
+"$dv" -q -r "$direct" backup --name vm "d=$work/disk.raw" > /dev/null
+for i in $(seq 2 "$snapshots"); do
+  block=$(( (i * 2654435761) % (16 << 10) ))
+  head -c 4096 /dev/urandom | dd of="$work/disk.raw" bs=4096 seek=$((block * 256)) conv=notrunc status=none
+  echo "{\"changed\":[{\"offset\":$((block << 20)),\"length\":4096}]}" > "$work/changed.json"
+  "$dv" -q -r "$direct" backup --name vm --changed-areas "d=$work/changed.json" "d=$work/disk.raw" > /dev/null
+done
+
+repo="s3:http://127.0.0.1:$lag/bench/meta"
+first=$("$dv" -q -r "$direct" snapshots --json | python3 -c 'import json, sys; print(json.load(sys.stdin)[0]["id"])')
+out=benches/results/s3-metadata.txt
+{
+  echo "# $snapshots snapshots of a 16 GiB disk on S3 behind a ${delay} ms proxy, $(date -u +%F), $(nproc) cores, $("$dv" --version)${DV:+ ($DV)}"
+  timed() { /usr/bin/time -f "$1: %e s wall, %M KiB peak RSS" "${@:2}" > /dev/null; }
+  timed "check" "$dv" -q -r "$repo" check
+  timed "snapshots" "$dv" -q -r "$repo" snapshots
+  timed "stats" "$dv" -q -r "$repo" stats
+  timed "diff first..last" "$dv" -q -r "$repo" diff "$first" latest
+  "$dv" -q -r "$direct" forget --keep-last 10 > /dev/null
+  timed "prune (after forget --keep-last 10)" "$dv" -q -r "$repo" prune
+  timed "check after prune" "$dv" -q -r "$repo" check
+} 2>&1 | tee -a "$out"
