@@ -12,15 +12,8 @@ scripts/setup.sh
 cargo build --release --locked
 dv=$PWD/target/release/diskvault
 work=$(mktemp -d)
-port=19302
-export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1
-weed mini -dir="$work/sw" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port=$port -master.port=19433 -volume.port=19440 \
-  -filer.port=19888 -webdav=false -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 > "$work/weed.log" 2>&1 &
-weed_pid=$!
-# weed mini takes seconds to stop on SIGTERM: kill it for good before its directory goes.
-trap 'kill $weed_pid 2>/dev/null; sleep 1; kill -9 $weed_pid 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 1 120); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.5; done
-sleep 2
+. benches/s3-server.sh
+start_s3 "$work"
 ep=http://127.0.0.1:$port
 export RESTIC_PASSWORD=bench DISKVAULT_PASSWORD=bench DISKVAULT_CACHE_DIR=$work/dvcache
 imgsz=$(stat -c %s "$img")

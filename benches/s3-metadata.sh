@@ -16,18 +16,9 @@ scripts/setup.sh
 [ -n "${DV:-}" ] || cargo build --release --locked
 dv=${DV:-$PWD/target/release/diskvault}
 work=$(mktemp -d)
-port=19302 lag=19310
-export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1 DISKVAULT_PASSWORD=bench
-export DISKVAULT_CACHE_DIR=$work/cache
-weed mini -dir="$work/sw" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port=$port -master.port=19433 -volume.port=19440 \
-  -filer.port=19888 -webdav=false -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 > "$work/weed.log" 2>&1 &
-weed_pid=$!
-python3 benches/lagproxy.py $lag $port "$delay" > "$work/proxy.log" 2>&1 &
-proxy_pid=$!
-# weed mini takes seconds to stop on SIGTERM: kill it for good before its directory goes.
-trap 'kill $weed_pid $proxy_pid 2>/dev/null; sleep 1; kill -9 $weed_pid 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 1 120); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.5; done
-sleep 2
+. benches/s3-server.sh
+export DISKVAULT_PASSWORD=bench DISKVAULT_CACHE_DIR=$work/cache
+start_s3 "$work" "$delay"
 
 # The repository, written without the proxy.
 direct="s3:http://127.0.0.1:$port/bench/meta"

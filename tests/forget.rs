@@ -200,6 +200,16 @@ fn keep_last_per_source_and_keep_tag() {
     );
 }
 
+/// What `stats --json` says each snapshot holds alone, oldest first.
+fn unique_bytes(stats: &serde_json::Value) -> Vec<u64> {
+    stats["snapshot_unique_bytes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["unique_stored_bytes"].as_u64().unwrap())
+        .collect()
+}
+
 #[test]
 fn stats_show_dedup_and_what_each_snapshot_adds() {
     let e = Env::with_repo();
@@ -218,14 +228,8 @@ fn stats_show_dedup_and_what_each_snapshot_adds() {
     // 5 distinct data blocks (4 + 1 changed) of 1 MiB each, plus two small segments.
     let plain = s["blob_plaintext_bytes"].as_u64().unwrap();
     assert!(plain >= 5 * MIB as u64 && plain < 5 * MIB as u64 + 4096, "{plain}");
-    let unique: Vec<u64> = s["snapshot_unique_bytes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u["unique_stored_bytes"].as_u64().unwrap())
-        .collect();
     // Each snapshot alone holds one block of random (incompressible) data.
-    for u in unique {
+    for u in unique_bytes(&s) {
         assert!(u > MIB as u64 && u < MIB as u64 + 1024, "{u}");
     }
 }
@@ -246,12 +250,7 @@ fn stats_count_blocks_of_a_shared_segment_for_every_snapshot_sharing_it() {
     assert_eq!(s["snapshots"], 3);
     assert_eq!(s["logical_bytes"], 3 * (3 * MIB as u64 + 1000));
     assert_eq!(s["data_bytes"], 3 * (3 * MIB as u64 + 1000));
-    let unique: Vec<u64> = s["snapshot_unique_bytes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u["unique_stored_bytes"].as_u64().unwrap())
-        .collect();
+    let unique = unique_bytes(&s);
     assert_eq!(unique[..2], [0, 0], "{unique:?}");
     assert!(unique[2] > MIB as u64 && unique[2] < MIB as u64 + 1024, "{unique:?}");
 }
