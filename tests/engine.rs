@@ -762,3 +762,53 @@ fn bash_completes_commands_and_their_options() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&out.status), Some(libc::SIGPIPE), "{stderr}");
 }
+
+/// An incremental of a disk of several manifest segments, changed in the first and the third: the unchanged
+/// blocks of each come from the parent's segment at the same place (read ahead, several at a time), the second
+/// segment is reused whole, and the snapshot restores to the disk as it is now.
+#[test]
+fn an_incremental_takes_each_unchanged_block_from_the_matching_parent_segment() {
+    use std::os::unix::fs::FileExt;
+    let e = Env::with_repo();
+    const SEGMENT: u64 = 4096 * MIB as u64;
+    let capacity = 3 * SEGMENT + MIB as u64;
+    let path = e.path("img");
+    let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path).unwrap();
+    file.set_len(capacity).unwrap();
+    // Two blocks of data at the start of each segment, and the last block.
+    let places: Vec<u64> = vec![0, SEGMENT, 2 * SEGMENT, 3 * SEGMENT];
+    let len_at = |at: u64| (2 * MIB as u64).min(capacity - at) as usize;
+    for (i, &at) in places.iter().enumerate() {
+        file.write_all_at(&random_bytes(60 + i as u64, len_at(at)), at).unwrap();
+    }
+    e.backup(&[path.to_str().unwrap(), "--name", "vm"]);
+    // The second block of the first and third segments changes (one page each).
+    let changed = [(MIB as u64, 4096u64), (2 * SEGMENT + MIB as u64, 4096)];
+    for (i, &(at, len)) in changed.iter().enumerate() {
+        file.write_all_at(&random_bytes(70 + i as u64, len as usize), at).unwrap();
+    }
+    let changes = e.path("changes.json");
+    write_changes(&changes, &changed);
+    let r = e.run(&[
+        "backup",
+        "--json",
+        "--name",
+        "vm",
+        "--changed-areas",
+        changes.to_str().unwrap(),
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["disks"][0]["blocks_read"], 2, "{}", r.stdout);
+
+    let target = e.path("restored");
+    e.ok(&["restore", "latest", "--target", target.to_str().unwrap(), "--verify"]);
+    let out = std::fs::File::open(&target).unwrap();
+    assert_eq!(out.metadata().unwrap().len(), capacity);
+    for &at in &places {
+        let (mut want, mut got) = (vec![0u8; len_at(at)], vec![0u8; len_at(at)]);
+        file.read_exact_at(&mut want, at).unwrap();
+        out.read_exact_at(&mut got, at).unwrap();
+        assert!(want == got, "the data at offset {at} differs");
+    }
+}
