@@ -859,6 +859,13 @@ fn verify_target(
 ) -> Result<u64> {
     let bs = disk.block_size as u64;
     let mut checked = 0u64;
+    // Blocks wholly in holes of a file read as zeros without being read: a sparse restore of a thin disk is mostly
+    // holes (a 12 GiB disk holding 7 MiB took 21 s to verify, reading every hole).
+    let with_data = match t.file.metadata() {
+        Ok(m) if m.is_file() => crate::source::file::data_extents(&t.file, disk.capacity)
+            .map(|extents| crate::source::BlockRanges::from_extents(&extents, bs)),
+        _ => None,
+    };
     for (k, seg) in disk.segments.iter().enumerate() {
         let first = k as u64 * SEGMENT_BLOCKS as u64;
         if skip.iter().any(|r| r.start <= first * bs && r.end >= ((first + seg.blocks as u64) * bs).min(disk.capacity))
@@ -875,6 +882,9 @@ fn verify_target(
                     let block = first + j as u64;
                     if skip.iter().any(|r| r.start <= block * bs && block * bs < r.end) {
                         return None;
+                    }
+                    if with_data.as_ref().is_some_and(|d| !d.contains(block)) {
+                        return (!id.is_zero_block()).then_some(block);
                     }
                     let len = bs.min(disk.capacity - block * bs) as usize;
                     let ok = t.file.read_exact_at(&mut buf[..len], block * bs).is_ok()

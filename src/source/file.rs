@@ -173,30 +173,36 @@ impl DiskSource for FileSource {
         if self.is_block_device {
             return Ok(None);
         }
-        let fd = self.file.as_raw_fd();
-        let mut out = Vec::new();
-        let mut pos: i64 = 0;
-        let end = self.capacity as i64;
-        while pos < end {
-            // SAFETY: lseek on a valid descriptor has no memory effects.
-            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-            if data < 0 {
-                let err = std::io::Error::last_os_error();
-                match err.raw_os_error() {
-                    Some(libc::ENXIO) => break, // no data after pos
-                    _ => return Ok(None),       // file system cannot tell: read everything
-                }
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-            let hole = if hole < 0 { end } else { hole.min(end) };
-            if hole > data {
-                out.push(Extent { start: data as u64, length: (hole - data) as u64 });
-            }
-            pos = hole;
-        }
-        Ok(Some(out))
+        Ok(data_extents(&self.file, self.capacity))
     }
+}
+
+/// The ranges of the first `capacity` bytes of regular file `file` that hold data, the rest being holes
+/// (`SEEK_DATA`/`SEEK_HOLE`); `None` if the file system cannot tell.
+pub(crate) fn data_extents(file: &File, capacity: u64) -> Option<Vec<Extent>> {
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos: i64 = 0;
+    let end = capacity as i64;
+    while pos < end {
+        // SAFETY: lseek on a valid descriptor has no memory effects.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::ENXIO) => break, // no data after pos
+                _ => return None,           // file system cannot tell: read everything
+            }
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { end } else { hole.min(end) };
+        if hole > data {
+            out.push(Extent { start: data as u64, length: (hole - data) as u64 });
+        }
+        pos = hole;
+    }
+    Some(out)
 }
 
 #[cfg(test)]

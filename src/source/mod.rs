@@ -163,6 +163,12 @@ impl BlockRanges {
         self.0.iter().flat_map(|r| r.clone())
     }
 
+    /// Whether block `i` is in the set.
+    pub fn contains(&self, i: u64) -> bool {
+        let k = self.0.partition_point(|r| r.end <= i);
+        k < self.0.len() && self.0[k].start <= i
+    }
+
     /// A cursor for in-order membership tests (the assembler walks blocks in order).
     pub fn cursor(&self) -> BlockCursor<'_> {
         BlockCursor { ranges: &self.0, pos: 0 }
@@ -215,6 +221,8 @@ mod tests {
         let mut c = r.cursor();
         let inside: Vec<u64> = (0..8).filter(|&i| c.contains(i)).collect();
         assert_eq!(inside, vec![0, 1, 5]);
+        let inside: Vec<u64> = (0..8).rev().filter(|&i| r.contains(i)).collect();
+        assert_eq!(inside, vec![5, 1, 0], "in any order");
         let mut r2 = r.clone();
         r2.add(6..8);
         assert_eq!(r2.ranges(), &[0..2, 5..8]);
