@@ -4,7 +4,8 @@
 # ~20 ms round trip). The repository holds SNAPSHOTS snapshots of one sparse 16 GiB disk (256 MiB of data): a
 # full backup, then incrementals that each change one block, as daily backups of a quiet VM do; they share most
 # manifest segments. Times check, snapshots, stats, diff (first against last) and, after forgetting all but the
-# last 10, prune.
+# last 10, prune. Then the CBT incremental of a thin 256 GiB disk (64 segments, 512 MiB of data) changed in one
+# block of each segment, which reads the parent's segments.
 #   benches/s3-metadata.sh [DELAY_MS]      (default 10; env SNAPSHOTS, default 60; DV: another diskvault binary,
 #                                           e.g. an older one, timed instead of this tree's)
 # Results: benches/results/s3-metadata.txt (appended)
@@ -52,4 +53,19 @@ out=benches/results/s3-metadata.txt
   "$dv" -q -r "$direct" forget --keep-last 10 > /dev/null
   timed "prune (after forget --keep-last 10)" "$dv" -q -r "$repo" prune
   timed "check after prune" "$dv" -q -r "$repo" check
+  python3 - "$work/big.raw" "$work/big.json" <<'PY'
+import json, os, sys
+with open(sys.argv[1], "wb") as d:
+    d.truncate(256 << 30)
+    for i in range(0, 256 << 10, 512):
+        d.seek(i << 20)
+        d.write(os.urandom(1 << 20))
+json.dump({"changed": [{"offset": (s * 4096) << 20, "length": 4096} for s in range(64)]}, open(sys.argv[2], "w"))
+PY
+  "$dv" -q -r "$direct" backup --name big "d=$work/big.raw" > /dev/null
+  for s in $(seq 0 63); do
+    head -c 4096 /dev/urandom | dd of="$work/big.raw" bs=4096 seek=$((s * 4096 * 256)) conv=notrunc status=none
+  done
+  timed "CBT incremental of a 256 GiB disk, a block changed in each of its 64 segments" \
+    "$dv" -q -r "$repo" backup --name big --changed-areas "d=$work/big.json" "d=$work/big.raw"
 } 2>&1 | tee -a "$out"
