@@ -35,7 +35,7 @@
 //! | [`stats`] | logical vs stored size, dedup and compression ratios, what each snapshot adds |
 //! | [`progress`] | progress bars and periodic progress lines |
 //! | [`metrics`] | Prometheus metrics of a run for node_exporter's textfile collector (`--metrics-file`) |
-//! | [`util`] | small shared helpers: time formats, Ctrl-C handling, page-aligned buffers for O_DIRECT I/O |
+//! | [`util`] | small shared helpers: time formats, Ctrl-C handling, page-aligned buffers for O_DIRECT I/O, buffer pools, the threads for many small storage requests at once |
 //! | [`cli`] | the `diskvault` command line |
 //!
 //! ## Data flow
