@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
+use rayon::prelude::*;
 
 use crate::cache::IndexCache;
 use crate::delta::{BasePrefetch, DeltaSealer};
@@ -577,17 +578,19 @@ pub fn run(
 /// one, so that the next pass reads their blocks from the source instead of meeting them one pass at a time (and
 /// does not inherit a damaged segment whole). Returns whether it recorded any.
 fn record_damaged_parent_segments(repo: &Repository, cache: &IndexCache, plans: &[DiskPlan]) -> Result<bool> {
-    let mut found = Vec::new();
-    for parent in plans.iter().filter_map(|p| p.parent.as_ref()) {
-        for seg in &parent.segments {
-            // One without an intact indexed copy is read whole anyway.
-            if !cache.contains(&seg.id)? {
-                continue;
-            }
-            if let Err(e) = load_segment(repo, cache, seg) {
-                found.extend(cache.damaged_copy(&seg.id, &e));
-            }
+    let segments: Vec<&SegmentRef> = plans.iter().filter_map(|p| p.parent.as_ref()).flat_map(|p| &p.segments).collect();
+    let probe = |seg: &&SegmentRef| -> Result<Option<(ObjectId, BlobId)>> {
+        // One without an intact indexed copy is read whole anyway.
+        if !cache.contains(&seg.id)? {
+            return Ok(None);
         }
+        Ok(load_segment(repo, cache, seg).err().and_then(|e| cache.damaged_copy(&seg.id, &e)))
+    };
+    let probed: Vec<Result<Option<(ObjectId, BlobId)>>> =
+        crate::util::with_request_threads(|| segments.par_iter().map(probe).collect())?;
+    let mut found = Vec::new();
+    for p in probed {
+        found.extend(p?);
     }
     if found.is_empty() {
         return Ok(false);
@@ -1001,13 +1004,19 @@ pub(crate) fn read_segment(repo: &Repository, loc: Option<BlobLocation>, seg: &S
     Ok(segment_ids(&plain))
 }
 
+/// Segment `seg` of `plan`'s disk: its blocks, and how many of them are read from the source.
+fn segment_reads(plan: &DiskPlan, seg: u64) -> (std::ops::Range<u64>, u64) {
+    let first = seg * SEGMENT_BLOCKS as u64;
+    let last = (first + SEGMENT_BLOCKS as u64).min(plan.blocks);
+    let read_here = plan.read.ranges().iter().map(|r| r.end.min(last).saturating_sub(r.start.max(first))).sum();
+    (first..last, read_here)
+}
+
 /// Whether segment `seg` of `plan`'s disk takes blocks from the parent's segment, which must then be read (not
 /// every block of it is read from the source, and the parent's segment cannot be reused whole): that segment.
 fn parent_segment_to_read(plan: &DiskPlan, seg: u64) -> Option<SegmentRef> {
-    let first = seg * SEGMENT_BLOCKS as u64;
-    let last = (first + SEGMENT_BLOCKS as u64).min(plan.blocks);
-    let n = last - first;
-    let read_here: u64 = plan.read.ranges().iter().map(|r| r.end.min(last).saturating_sub(r.start.max(first))).sum();
+    let (blocks, read_here) = segment_reads(plan, seg);
+    let n = blocks.end - blocks.start;
     let ps = plan.parent.as_ref().and_then(|p| p.segments.get(seg as usize)).copied()?;
     let reused_whole = read_here == 0 && ps.blocks as u64 == n;
     (read_here < n && !reused_whole).then_some(ps)
@@ -1077,16 +1086,12 @@ fn assemble_segments(
     let block_size = repo.config().block_size as u64;
 
     for seg in 0..seg_count {
-        let first = seg * SEGMENT_BLOCKS as u64;
-        let last = (first + SEGMENT_BLOCKS as u64).min(plan.blocks);
+        let (std::ops::Range { start: first, end: last }, read_here) = segment_reads(plan, seg);
         let n = (last - first) as u32;
-        let read_here: u64 =
-            plan.read.ranges().iter().map(|r| r.end.min(last).saturating_sub(r.start.max(first))).sum();
-        let any_read = read_here > 0;
         let parent_seg = plan.parent.as_ref().and_then(|p| p.segments.get(seg as usize)).copied();
 
         // Unchanged segment of an incremental: reuse the parent's segment as it is.
-        if !any_read {
+        if read_here == 0 {
             if let Some(ps) = parent_seg.filter(|ps| ps.blocks == n) {
                 segments.push(ps);
                 stats.blocks_inherited += n as u64;

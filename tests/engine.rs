@@ -787,17 +787,7 @@ fn an_incremental_takes_each_unchanged_block_from_the_matching_parent_segment() 
     for (i, &(at, len)) in changed.iter().enumerate() {
         file.write_all_at(&random_bytes(70 + i as u64, len as usize), at).unwrap();
     }
-    let changes = e.path("changes.json");
-    write_changes(&changes, &changed);
-    let r = e.run(&[
-        "backup",
-        "--json",
-        "--name",
-        "vm",
-        "--changed-areas",
-        changes.to_str().unwrap(),
-        path.to_str().unwrap(),
-    ]);
+    let r = e.backup_changed("vm", &path, &changed);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(r.json()["disks"][0]["blocks_read"], 2, "{}", r.stdout);
 

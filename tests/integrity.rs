@@ -567,9 +567,7 @@ fn unusable_cache_directory_falls_back_to_a_private_cache() {
 
 /// `backup --json` of source `vm` from `path`, its change list naming the first 4 KiB.
 fn incremental_changing_the_first_page(e: &Env, path: &std::path::Path) -> Run {
-    let changes = e.path("changes.json");
-    write_changes(&changes, &[(0, 4096)]);
-    e.run(&["backup", "--json", "--name", "vm", "--changed-areas", changes.to_str().unwrap(), path.to_str().unwrap()])
+    e.backup_changed("vm", path, &[(0, 4096)])
 }
 
 /// An incremental whose parent's manifest segment turns out damaged (no check recorded it yet) records the damage

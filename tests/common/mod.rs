@@ -229,6 +229,14 @@ impl Env {
         c
     }
 
+    /// `backup --json` of `path` as source `name`, its change list naming `areas` (byte ranges).
+    pub fn backup_changed(&self, name: &str, path: &Path, areas: &[(u64, u64)]) -> Run {
+        let changes = self.path("changes.json");
+        write_changes(&changes, areas);
+        let (changes, path) = (changes.to_str().unwrap(), path.to_str().unwrap());
+        self.run(&["backup", "--json", "--name", name, "--changed-areas", changes, path])
+    }
+
     pub fn run(&self, args: &[&str]) -> Run {
         Run::of(self.command(args))
     }
