@@ -106,6 +106,12 @@ impl std::fmt::Display for SyncStats {
     }
 }
 
+/// Where this host keeps what it caches of `repo` under `cache_root`: the index cache (`index`), and what else
+/// the commands remember locally (format-spec §12).
+pub fn repository_dir(repo: &Repository, cache_root: &Path) -> PathBuf {
+    cache_root.join(repo.config().id_hex())
+}
+
 /// The default cache root: `$DISKVAULT_CACHE_DIR`, else `$XDG_CACHE_HOME/diskvault`, else `~/.cache/diskvault`.
 pub fn default_cache_root() -> PathBuf {
     if let Some(d) = std::env::var_os("DISKVAULT_CACHE_DIR") {
@@ -402,8 +408,7 @@ impl IndexCache {
     /// the right moment (backup and restore: after their session marker exists).
     pub fn open_unsynced(repo: &Repository, cache_root: &Path) -> Result<IndexCache> {
         tempdir::remove_abandoned();
-        let path = cache_root.join(repo.config().id_hex()).join("index");
-        Self::open_path(&path, repo)
+        Self::open_path(&repository_dir(repo, cache_root).join("index"), repo)
     }
 
     fn open_path(path: &Path, repo: &Repository) -> Result<IndexCache> {
@@ -1057,7 +1062,7 @@ impl ScratchDb {
     /// Creates an empty database at `<cache_root>/<repository id>/<name>`, or in a temporary directory if
     /// that is not possible.
     pub fn create(repo: &Repository, cache_root: &Path, name: &str) -> Result<ScratchDb> {
-        let path = cache_root.join(repo.config().id_hex()).join(name);
+        let path = repository_dir(repo, cache_root).join(name);
         match Self::create_at(&path) {
             Ok(db) => Ok(ScratchDb { db: Some(db), path, _temp: None }),
             Err(e) => {

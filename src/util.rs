@@ -29,7 +29,6 @@ pub fn username() -> String {
     std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into())
 }
 
-/// `1 snapshot`, `2 snapshots`: a count and its noun, for people (nouns whose plural takes an `s`).
 /// Replaces the local file `path` with `data` through the temporary file `tmp` (same directory), so a reader
 /// or a crash sees the old file or the new one, never a part. `durable`: synced, and the rename too.
 pub fn replace_file(path: &std::path::Path, tmp: &std::path::Path, data: &[u8], durable: bool) -> std::io::Result<()> {
@@ -51,6 +50,7 @@ pub fn replace_file(path: &std::path::Path, tmp: &std::path::Path, data: &[u8], 
     Ok(())
 }
 
+/// `1 snapshot`, `2 snapshots`: a count and its noun, for people (nouns whose plural takes an `s`).
 pub fn count(n: usize, noun: &str) -> String {
     if n == 1 {
         format!("1 {noun}")

@@ -162,3 +162,49 @@ fn a_damaged_index_file_is_reported_and_stops_no_backup() {
     e.ok(&["prune"]);
     assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
 }
+
+/// "pack headers: N read" and ", M unchanged since an earlier check on this host" (0 without).
+fn headers_read_and_known(stdout: &str) -> (usize, usize) {
+    let read = number_after(stdout, "pack headers: ");
+    let known = stdout.find(" read, ").map_or(0, |_| number_after(stdout, " read, "));
+    (read, known)
+}
+
+#[test]
+fn pack_headers_are_read_once_per_host_unless_a_pack_changes() {
+    let e = Env::new();
+    setup(&e);
+    let packs = e.objects("packs");
+    let n = packs.len();
+    assert_eq!(headers_read_and_known(&e.ok(&["check"]).stdout), (n, 0));
+    assert_eq!(headers_read_and_known(&e.ok(&["check"]).stdout), (0, n));
+
+    // A header altered in place (same size) is what reading the data finds; after that, the structure check
+    // reads that header again and reports it too.
+    let altered = &packs[0];
+    let size = e.object_size(altered) as usize;
+    e.flip(altered, size - 20);
+    let altered_id = altered.rsplit('/').next().unwrap();
+    let r = e.fails(&["check", "--read-data"]);
+    assert!(r.stderr.contains(altered_id), "{}", r.stderr);
+    let r = e.fails(&["check"]);
+    assert!(r.stderr.contains(altered_id), "{}", r.stderr);
+    assert_eq!(headers_read_and_known(&r.stdout), (1, n - 1), "{}", r.stdout);
+
+    // A pack whose size changed is read again, whatever the record says.
+    let truncated = &packs[1];
+    let b = e.read_object(truncated);
+    e.write_object(truncated, &b[..b.len() - 7]);
+    let r = e.fails(&["check"]);
+    assert!(r.stderr.contains(truncated.rsplit('/').next().unwrap()), "{}", r.stderr);
+    assert_eq!(headers_read_and_known(&r.stdout), (2, n - 2), "{}", r.stdout);
+
+    // A damaged record is not believed, and neither is another host's absence of one.
+    let record = files_below(&e.cache()).into_iter().find(|p| p.ends_with("checked-headers")).unwrap();
+    let mut bytes = std::fs::read(&record).unwrap();
+    bytes[40] ^= 1;
+    std::fs::write(&record, bytes).unwrap();
+    assert_eq!(headers_read_and_known(&e.fails(&["check"]).stdout), (n, 0));
+    std::fs::remove_dir_all(e.cache()).unwrap();
+    assert_eq!(headers_read_and_known(&e.fails(&["check"]).stdout), (n, 0));
+}

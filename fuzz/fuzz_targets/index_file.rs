@@ -1,8 +1,9 @@
-//! Index file payloads, verification and damage records, and local-cache values.
+//! Index file payloads, verification and damage records, and local-cache values and files.
 #![no_main]
 use diskvault::format::index::{BlobLocation, IndexFile};
 use diskvault::format::damage::DamageRecord;
 use diskvault::format::verified::VerificationRecord;
+use diskvault::check::HeaderRecord;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -18,5 +19,8 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(l) = BlobLocation::decode(data) {
         assert_eq!(&l.encode()[..], data);
+    }
+    if let Ok(r) = HeaderRecord::decode(data) {
+        assert_eq!(r.encode(), data);
     }
 });

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use super::Globals;
-use crate::check::{self, DataSubset};
+use crate::cache::repository_dir;
+use crate::check::{self, CheckOptions, DataSubset};
 use crate::error::{Error, Result};
 use crate::progress::{Counters, Reporter};
 use crate::util::human_bytes;
@@ -34,11 +35,15 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
     if args.max_duration.is_some() && subset == DataSubset::None {
         return Err(Error::invalid("--max-duration limits reading data: give --read-data or --read-data-subset"));
     }
-    let budget = args.max_duration.map(|s| std::time::Duration::from_secs(s as u64));
+    let opts = CheckOptions {
+        subset,
+        budget: args.max_duration.map(|s| std::time::Duration::from_secs(s as u64)),
+        header_record: Some(repository_dir(&repo, &g.cache_root()).join(check::HEADER_RECORD)),
+    };
     let counters = Arc::new(Counters::default());
     let report = {
         let _r = Reporter::start("check", counters.clone(), g.progress);
-        check::run_within(&repo, subset, budget, &counters)?
+        check::run(&repo, &opts, &counters)?
     };
     {
         use crate::metrics::gauge;
@@ -82,8 +87,13 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
     for e in &report.errors {
         eprintln!("damaged: {e}");
     }
+    let headers = match (report.headers_read, report.headers_known) {
+        (0, 0) => String::new(),
+        (read, 0) => format!("; pack headers: {read} read"),
+        (read, known) => format!("; pack headers: {read} read, {known} unchanged since an earlier check on this host"),
+    };
     println!(
-        "checked {} snapshots, {} index files, {} packs ({} blobs){}",
+        "checked {} snapshots, {} index files, {} packs ({} blobs{headers}){}",
         report.snapshots,
         report.index_files,
         report.packs,

@@ -1,7 +1,7 @@
 //! `diskvault repair index|packs|snapshots`.
 
 use super::Globals;
-use crate::check::{self, DataSubset};
+use crate::check::{self, CheckOptions, DataSubset};
 use crate::error::Result;
 use crate::format::ObjectId;
 use crate::progress::Counters;
@@ -64,7 +64,7 @@ pub fn run(g: &Globals, cmd: &RepairCommand) -> Result<()> {
         RepairCommand::Packs(a) => {
             let _lock = crate::lock::acquire_exclusive(&repo, "repair packs")?;
             let packs = if a.packs.is_empty() {
-                let report = check::run(&repo, DataSubset::All, &Counters::default())?;
+                let report = check::run(&repo, &CheckOptions::thorough(DataSubset::All), &Counters::default())?;
                 for e in &report.errors {
                     eprintln!("damaged: {e}");
                 }
@@ -100,7 +100,7 @@ pub fn run(g: &Globals, cmd: &RepairCommand) -> Result<()> {
         }
         RepairCommand::Snapshots(a) => {
             let subset = if a.read_data { DataSubset::All } else { DataSubset::None };
-            let report = check::run(&repo, subset, &Counters::default())?;
+            let report = check::run(&repo, &CheckOptions::thorough(subset), &Counters::default())?;
             if report.affected.is_empty() {
                 println!("no snapshot references lost or damaged data");
                 return Ok(());

@@ -1,7 +1,8 @@
 //! `check`: is the repository whole?
 //!
 //! Structure (always): every index file decodes; every indexed pack exists, is large enough, and its header
-//! lists exactly what the index says; every snapshot decodes and every segment and block it references is
+//! lists exactly what the index says (read once per host while the pack and its listing stay the same, see
+//! [`headers`]); every snapshot decodes and every segment and block it references is
 //! indexed. Packs that no index lists are reported (a killed backup leaves them; they are harmless), and so are
 //! checkpoints that do not decode (a warning: a backup then reads what they covered).
 //!
@@ -13,8 +14,11 @@
 //! Problems are collected, not fatal: the report names the object, and for snapshots the disk and byte
 //! offset concerned.
 
+mod headers;
+
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 
 use crate::damage::KnownDamage;
 use crate::error::{Error, Result};
@@ -28,10 +32,12 @@ use crate::repository::{list_ids, BlobLocator, Repository};
 use crate::restore::{
     fetch_blobs, plan_reads, preload_bases, split_deltas, with_range_buffer, Bases, ReadJob, Want, WantsByPack,
 };
+pub use headers::{CheckedHeader, HeaderRecord, FILE_NAME as HEADER_RECORD};
 
 /// Which packs `--read-data` reads.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum DataSubset {
+    #[default]
     None,
     All,
     /// This fraction of the packs (`n/m` or `x%`), the least recently verified first. Unlike restic's fixed
@@ -101,6 +107,10 @@ pub struct CheckReport {
     pub blobs: usize,
     pub packs_read: usize,
     pub bytes_read: u64,
+    /// Pack headers read and compared with the index (without `--read-data`), and those this host's record
+    /// vouched for instead (see [`headers`]).
+    pub headers_read: usize,
+    pub headers_known: usize,
     /// Snapshot disks with unreadable blocks (input to `repair snapshots`).
     pub affected: Vec<AffectedDisk>,
     /// Packs in which a problem was found, sorted (input to `repair packs`).
@@ -124,20 +134,31 @@ impl CheckReport {
     }
 }
 
-pub fn run(repo: &Repository, subset: DataSubset, counters: &Counters) -> Result<CheckReport> {
-    run_within(repo, subset, None, counters)
+/// What a check reads, and what it may take as read before.
+#[derive(Clone, Debug, Default)]
+pub struct CheckOptions {
+    /// The packs whose data is read.
+    pub subset: DataSubset,
+    /// Read data for at most this long: the selected packs are read least recently verified first, and those
+    /// not begun when it is spent are left for the next check (their headers are still checked against the
+    /// index).
+    pub budget: Option<std::time::Duration>,
+    /// This host's record of pack headers found to agree with the index (see [`headers`]): the headers it
+    /// vouches for are not read again, and the check writes what it found back. `None`: every header is read.
+    pub header_record: Option<PathBuf>,
 }
 
-/// [`run`], reading data for at most `budget`: the selected packs are read least recently verified first, and
-/// those not begun when the budget is spent are left for the next check (their headers are still checked
-/// against the index).
-pub fn run_within(
-    repo: &Repository,
-    subset: DataSubset,
-    budget: Option<std::time::Duration>,
-    counters: &Counters,
-) -> Result<CheckReport> {
-    let deadline = budget.map(|b| std::time::Instant::now() + b);
+impl CheckOptions {
+    /// Every header read, and the data of `subset`: what `repair` judges by.
+    pub fn thorough(subset: DataSubset) -> CheckOptions {
+        CheckOptions { subset, ..Default::default() }
+    }
+}
+
+/// Checks the repository (see the module docs); problems are in the report, errors only stop the check.
+pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Result<CheckReport> {
+    let subset = opts.subset;
+    let deadline = opts.budget.map(|b| std::time::Instant::now() + b);
     let mut report = CheckReport::default();
     let backend = repo.backend();
     // Prune waits for this session before it deletes packs it has dropped from the index.
@@ -267,38 +288,12 @@ pub fn run_within(
 
     // Every indexed pack exists, and its header agrees with the index (with --read-data, the data pass reads
     // each header along with the rest of its pack).
-    let header_problems: Vec<Problem> = crate::util::with_request_threads(|| {
-        indexed
-            .par_iter()
-            .filter_map(|(id, p)| {
-                let name = names::pack(id);
-                let problem = |msg: String| Some(Problem { pack: *id, damage: Damage::Pack, message: msg });
-                let unreachable = |e: Error| Some(Problem { pack: *id, damage: damage_of(&e), message: e.to_string() });
-                let size = match pack_sizes.get(id) {
-                    Some(&size) => size,
-                    // Not listed: lost, or stored (with its index file) by a backup after the listing.
-                    None => match backend.size(&name) {
-                        Ok(Some(size)) => size,
-                        Ok(None) => {
-                            return problem(format!("{name}: indexed but missing ({} blobs lost)", p.entries.len()))
-                        }
-                        Err(e) => return unreachable(e),
-                    },
-                };
-                // A full data pass reads every header with its pack; one on a budget may not get to every pack.
-                if subset == DataSubset::All && deadline.is_none() {
-                    return None;
-                }
-                match repo.read_pack_header(id, size) {
-                    Err(e) => unreachable(e),
-                    Ok(h) if h.entries != p.entries || h.pack_type != p.pack_type => {
-                        problem(format!("{name}: pack header does not match the index"))
-                    }
-                    Ok(_) => None,
-                }
-            })
-            .collect()
-    })?;
+    let record = opts.header_record.as_deref().map(HeaderRecord::load);
+    let data_pass_reads_headers = subset == DataSubset::All && deadline.is_none();
+    let mut headers = check_headers(repo, &indexed, &pack_sizes, record.as_ref(), data_pass_reads_headers)?;
+    report.headers_read = headers.read;
+    report.headers_known = headers.known;
+    let header_problems = std::mem::take(&mut headers.problems);
     for id in pack_sizes.keys() {
         if !indexed.contains_key(id) {
             report.warnings.push(format!(
@@ -440,6 +435,18 @@ pub fn run_within(
     }
     report.damaged_packs.sort();
     report.damaged_packs.dedup();
+    if let Some(path) = &opts.header_record {
+        // What agrees now: the headers read or vouched for above, and those of the packs read whole; less every
+        // pack found damaged.
+        let read_whole = read.iter().filter_map(|&(id, size)| {
+            Some(CheckedHeader { pack: id, size, listing: headers::listing_digest(indexed.get(&id)?) })
+        });
+        let mut agree: Vec<CheckedHeader> = headers.agree.into_iter().chain(read_whole).collect();
+        agree.retain(|c| report.damaged_packs.binary_search(&c.pack).is_err());
+        if let Err(e) = HeaderRecord::new(agree).save(path) {
+            tracing::warn!("{}: {e} (the next check reads every pack header again)", path.display());
+        }
+    }
     // A blob restores from its first copy in a pack that is usable and not known to be damaged.
     let intact = |id: &BlobId| copies(id).find(|(pack, _)| !unusable.contains(pack) && !known.at(pack, id));
     let damaged = |id: &BlobId| match (blobs.get(id), intact(id)) {
@@ -477,6 +484,92 @@ pub fn run_within(
     }
     report.damage_recorded = known.len();
     Ok(report)
+}
+
+/// The header pass's findings.
+#[derive(Default)]
+struct HeaderPass {
+    problems: Vec<Problem>,
+    /// Headers that agree with the index: read now, or vouched for by the record.
+    agree: Vec<CheckedHeader>,
+    read: usize,
+    known: usize,
+}
+
+/// Every indexed pack exists, and its header lists what the index lists: read from the storage unless `record`
+/// vouches for it, or `data_pass_reads_headers` (then only existence is checked here).
+fn check_headers(
+    repo: &Repository,
+    indexed: &HashMap<ObjectId, IndexedPack>,
+    pack_sizes: &HashMap<ObjectId, u64>,
+    record: Option<&HeaderRecord>,
+    data_pass_reads_headers: bool,
+) -> Result<HeaderPass> {
+    enum Outcome {
+        /// Indexed but not there, or its size unknown.
+        Absent(Problem),
+        /// Left to the data pass.
+        Unread,
+        /// The record vouches for it.
+        Known(CheckedHeader),
+        Read(std::result::Result<CheckedHeader, Problem>),
+    }
+    let outcomes: Vec<Outcome> = crate::util::with_request_threads(|| {
+        indexed
+            .par_iter()
+            .map(|(id, p)| {
+                let name = names::pack(id);
+                let problem = |msg: String| Problem { pack: *id, damage: Damage::Pack, message: msg };
+                let unreachable = |e: Error| Problem { pack: *id, damage: damage_of(&e), message: e.to_string() };
+                let size = match pack_sizes.get(id) {
+                    Some(&size) => size,
+                    // Not listed: lost, or stored (with its index file) by a backup after the listing.
+                    None => match repo.backend().size(&name) {
+                        Ok(Some(size)) => size,
+                        Ok(None) => {
+                            let missing = format!("{name}: indexed but missing ({} blobs lost)", p.entries.len());
+                            return Outcome::Absent(problem(missing));
+                        }
+                        Err(e) => return Outcome::Absent(unreachable(e)),
+                    },
+                };
+                // A full data pass reads every header with its pack; one on a budget may not get to every pack.
+                if data_pass_reads_headers {
+                    return Outcome::Unread;
+                }
+                let checked = CheckedHeader { pack: *id, size, listing: headers::listing_digest(p) };
+                if record.is_some_and(|r| r.vouches_for(id, size, &checked.listing)) {
+                    return Outcome::Known(checked);
+                }
+                Outcome::Read(match repo.read_pack_header(id, size) {
+                    Err(e) => Err(unreachable(e)),
+                    Ok(h) if h.entries != p.entries || h.pack_type != p.pack_type => {
+                        Err(problem(format!("{name}: pack header does not match the index")))
+                    }
+                    Ok(_) => Ok(checked),
+                })
+            })
+            .collect()
+    })?;
+    let mut pass = HeaderPass::default();
+    for o in outcomes {
+        match o {
+            Outcome::Absent(p) => pass.problems.push(p),
+            Outcome::Unread => {}
+            Outcome::Known(checked) => {
+                pass.known += 1;
+                pass.agree.push(checked);
+            }
+            Outcome::Read(r) => {
+                pass.read += 1;
+                match r {
+                    Ok(checked) => pass.agree.push(checked),
+                    Err(p) => pass.problems.push(p),
+                }
+            }
+        }
+    }
+    Ok(pass)
 }
 
 /// What a manifest segment holds, as the snapshot pass found it: each distinct segment is judged once, however
