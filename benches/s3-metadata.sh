@@ -5,14 +5,15 @@
 # full backup, then incrementals that each change one block, as daily backups of a quiet VM do; they share most
 # manifest segments. Times check, snapshots, stats, diff (first against last) and, after forgetting all but the
 # last 10, prune. Then the CBT incremental of a thin 256 GiB disk (64 segments, 512 MiB of data) changed in one
-# block of each segment, which reads the parent's segments.
-#   benches/s3-metadata.sh [DELAY_MS]      (default 10; env SNAPSHOTS, default 60; DV: another diskvault binary,
-#                                           e.g. an older one, timed instead of this tree's)
+# block of each segment, which reads the parent's segments. Then check, twice, of a repository of PACKS packs.
+#   benches/s3-metadata.sh [DELAY_MS]      (default 10; env SNAPSHOTS, default 60; PACKS, default 2048; DV: another
+#                                           diskvault binary, e.g. an older one, timed instead of this tree's)
 # Results: benches/results/s3-metadata.txt (appended)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 delay=${1:-10}
 snapshots=${SNAPSHOTS:-60}
+PACKS=${PACKS:-2048}
 scripts/setup.sh
 [ -n "${DV:-}" ] || cargo build --release --locked
 dv=${DV:-$PWD/target/release/diskvault}
@@ -68,4 +69,11 @@ PY
   done
   timed "CBT incremental of a 256 GiB disk, a block changed in each of its 64 segments" \
     "$dv" -q -r "$repo" backup --name big --changed-areas "d=$work/big.json" "d=$work/big.raw"
+  # A repository of many packs (1 MiB packs, one incompressible block each): check reads every pack's header;
+  # a second check only those this host has not found in agreement with the index before.
+  head -c $((PACKS << 20)) /dev/urandom > "$work/many.raw"
+  "$dv" -q -r "$direct-many" init --pack-size 1 > /dev/null
+  "$dv" -q -r "$direct-many" backup --name many "d=$work/many.raw" > /dev/null
+  timed "check of $PACKS packs" "$dv" -q -r "$repo-many" check
+  timed "check of $PACKS packs again" "$dv" -q -r "$repo-many" check
 } 2>&1 | tee -a "$out"

@@ -15,6 +15,7 @@
 //! offset concerned.
 
 mod headers;
+mod index;
 
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
@@ -204,11 +205,9 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
     report.index_files = loaded.len();
     let current_epoch = repo.keys().current_epoch();
     let mut older_index_files = 0;
-    let mut indexed: HashMap<ObjectId, IndexedPack> = HashMap::new();
-    let mut blobs: HashMap<BlobId, (ObjectId, PackEntry)> = HashMap::new();
-    // Further copies of blobs listed in more than one pack (two hosts stored them, or a backup stored a damaged
-    // one again).
-    let mut more_copies: HashMap<BlobId, Vec<(ObjectId, PackEntry)>> = HashMap::new();
+    let listed = loaded.iter().filter_map(|(_, f)| f.as_ref().ok()).flat_map(|(f, _)| &f.packs);
+    let (packs, blobs) = listed.fold((0, 0), |(p, b), pack| (p + 1, b + pack.entries.len()));
+    let mut index = index::Index::with_capacity(packs, blobs);
     for (id, f) in loaded {
         match f {
             Err(e) => {
@@ -220,39 +219,23 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
             Ok((f, epoch)) => {
                 older_index_files += (epoch < current_epoch) as usize;
                 for p in f.packs {
-                    for e in &p.entries {
-                        match blobs.entry(e.id) {
-                            std::collections::hash_map::Entry::Vacant(v) => {
-                                v.insert((p.id, *e));
-                            }
-                            // A pack listed twice (an interrupted prune or repair) is one copy.
-                            std::collections::hash_map::Entry::Occupied(o) if o.get().0 != p.id => {
-                                let copies = more_copies.entry(e.id).or_default();
-                                if !copies.iter().any(|(q, _)| *q == p.id) {
-                                    copies.push((p.id, *e));
-                                }
-                            }
-                            std::collections::hash_map::Entry::Occupied(_) => {}
-                        }
+                    // A pack listed twice (an interrupted prune or repair wrote both) is one copy.
+                    match index.pack(&p.id) {
+                        Some(first) if first.entries != p.entries => report.errors.push(format!(
+                            "{}: lists pack {} differently from another index file",
+                            names::index(&id),
+                            p.id.short()
+                        )),
+                        Some(_) => {}
+                        None => index.add(p),
                     }
-                    if let Some(prev) = indexed.get(&p.id) {
-                        if prev.entries != p.entries {
-                            report.errors.push(format!(
-                                "{}: lists pack {} differently from another index file",
-                                names::index(&id),
-                                p.id.short()
-                            ));
-                        }
-                        continue;
-                    }
-                    indexed.insert(p.id, p);
                 }
             }
         }
     }
-    report.blobs = blobs.len();
+    report.blobs = index.blob_count();
     // After a key rotation: what a revoked key still opens, until `prune --reencrypt` seals it again.
-    let older_blobs = blobs.values().filter(|(_, e)| e.key_epoch < current_epoch).count();
+    let older_blobs = index.first_copies().filter(|(_, e)| e.key_epoch < current_epoch).count();
     if older_blobs + older_index_files > 0 {
         report.warnings.push(format!(
             "{older_blobs} blobs and {older_index_files} index files are sealed with a key from before the last key \
@@ -260,25 +243,24 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
         ));
     }
     // Every delta blob's base is an indexed plain data blob.
-    let base_problems: Vec<Problem> = blobs
-        .values()
+    let base_problems: Vec<Problem> = index
+        .first_copies()
         .filter_map(|(pack, e)| {
             let base = e.base?;
-            let why = match blobs.get(&base) {
+            let why = match index.first_copy(&base) {
                 None => "is in no index file",
                 Some((_, b)) if !b.can_be_base() => "is not a plain data blob",
                 Some(_) => return None,
             };
             Some(Problem {
-                pack: *pack,
+                pack,
                 damage: Damage::Blob(e.id),
-                message: format!("{}: blob {}: its delta base {base} {why}", names::pack(pack), e.id),
+                message: format!("{}: blob {}: its delta base {base} {why}", names::pack(&pack), e.id),
             })
         })
         .collect();
-    let locator = IndexedBlobs(&blobs);
     // Packs a prune dropped from the index wait for deletion: neither orphans nor data to verify.
-    let dropped = |id: &ObjectId| doomed.binary_search(id).is_ok() && !indexed.contains_key(id);
+    let dropped = |id: &ObjectId| doomed.binary_search(id).is_ok() && !index.contains_pack(id);
     let awaiting_deletion = pack_sizes.keys().filter(|id| dropped(id)).count();
     pack_sizes.retain(|id, _| !dropped(id));
     if awaiting_deletion > 0 {
@@ -290,12 +272,12 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
     // each header along with the rest of its pack).
     let record = opts.header_record.as_deref().map(HeaderRecord::load);
     let data_pass_reads_headers = subset == DataSubset::All && deadline.is_none();
-    let mut headers = check_headers(repo, &indexed, &pack_sizes, record.as_ref(), data_pass_reads_headers)?;
+    let mut headers = check_headers(repo, &index, &pack_sizes, record.as_ref(), data_pass_reads_headers)?;
     report.headers_read = headers.read;
     report.headers_known = headers.known;
     let header_problems = std::mem::take(&mut headers.problems);
     for id in pack_sizes.keys() {
-        if !indexed.contains_key(id) {
+        if !index.contains_pack(id) {
             report.warnings.push(format!(
                 "{}: not in any index (left by an interrupted backup; `repair index` adopts it)",
                 names::pack(id)
@@ -324,7 +306,7 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
         selected.sort_by_key(|(id, _)| (last_verified.get(id).copied().unwrap_or(i64::MIN), *id));
     } else {
         // Packs holding delta blobs first: their deltas wait for their bases (see `PendingDeltas`).
-        let holds_deltas = |id: &ObjectId| indexed.get(id).is_some_and(|p| p.entries.iter().any(|e| e.is_delta()));
+        let holds_deltas = |id: &ObjectId| index.pack(id).is_some_and(|p| p.entries.iter().any(|e| e.is_delta()));
         selected.sort_by_key(|(id, _)| !holds_deltas(id));
     }
     counters.add_total(selected.iter().map(|(_, s)| s).sum());
@@ -342,7 +324,7 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
             let Some(&(id, size)) = selected.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) else {
                 return out;
             };
-            let (p, deltas) = check_pack_data(repo, &id, size, indexed.get(&id), &locator, &pending);
+            let (p, deltas) = check_pack_data(repo, &id, size, index.pack(&id), &index, &pending);
             counters.add_done(size);
             out.problems.extend(p);
             out.deltas.extend(deltas.into_iter().map(|e| (id, e)));
@@ -364,7 +346,7 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
                 left.len() + pass.deltas.len()
             );
             pass.deltas.extend(left);
-            pass.problems.extend(check_deltas(repo, &locator, pass.deltas)?);
+            pass.problems.extend(check_deltas(repo, &index, pass.deltas)?);
             Ok((pass.problems, pass.read))
         })
     })?;
@@ -398,7 +380,7 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
             Damage::Blob(b) => found.push((p.pack, b)),
             Damage::Pack => {
                 unusable.insert(p.pack);
-                if let Some(ip) = indexed.get(&p.pack) {
+                if let Some(ip) = index.pack(&p.pack) {
                     found.extend(ip.entries.iter().map(|e| (p.pack, e.id)));
                 }
             }
@@ -410,17 +392,14 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
         }
         report.errors.push(p.message);
     }
-    let copies = |id: &BlobId| {
-        let first = blobs.get(id).copied();
-        first.into_iter().chain(more_copies.get(id).into_iter().flatten().copied())
-    };
+    let copies = |id: &BlobId| index.copies(id);
     // Packs whose every byte this check has judged: read, not only attempted.
     let judged: HashSet<ObjectId> = read.iter().map(|(id, _)| *id).filter(|id| !unreachable.contains(id)).collect();
-    let known = known_damage(&records.damage, found, &judged, &indexed, &copies);
+    let known = known_damage(&records.damage, found, &judged, &index, &copies);
     // Damage found by an earlier check in packs not read now.
     let mut earlier: std::collections::BTreeMap<ObjectId, usize> = Default::default();
     for (pack, blob) in known.sorted() {
-        if !judged.contains(&pack) && !unusable.contains(&pack) && pack_lists(&indexed, &pack, &blob) {
+        if !judged.contains(&pack) && !unusable.contains(&pack) && index.lists(&pack, &blob) {
             *earlier.entry(pack).or_default() += 1;
         }
     }
@@ -439,7 +418,7 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
         // What agrees now: the headers read or vouched for above, and those of the packs read whole; less every
         // pack found damaged.
         let read_whole = read.iter().filter_map(|&(id, size)| {
-            Some(CheckedHeader { pack: id, size, listing: headers::listing_digest(indexed.get(&id)?) })
+            Some(CheckedHeader { pack: id, size, listing: headers::listing_digest(index.pack(&id)?) })
         });
         let mut agree: Vec<CheckedHeader> = headers.agree.into_iter().chain(read_whole).collect();
         agree.retain(|c| report.damaged_packs.binary_search(&c.pack).is_err());
@@ -449,7 +428,7 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
     }
     // A blob restores from its first copy in a pack that is usable and not known to be damaged.
     let intact = |id: &BlobId| copies(id).find(|(pack, _)| !unusable.contains(pack) && !known.at(pack, id));
-    let damaged = |id: &BlobId| match (blobs.get(id), intact(id)) {
+    let damaged = |id: &BlobId| match (index.first_copy(id), intact(id)) {
         (None, _) => Some("not indexed"),
         (Some(_), None) if copies(id).all(|(pack, _)| unusable.contains(&pack)) => Some("in a missing or damaged pack"),
         (Some(_), None) => Some("damaged"),
@@ -474,7 +453,7 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
 
     // A lost blob (its copy's pack is gone) that no snapshot references is no longer worth knowing of.
     let known = if every_segment_read {
-        let needed = |(pack, blob): &(ObjectId, BlobId)| pack_lists(&indexed, pack, blob) || referenced.contains(blob);
+        let needed = |(pack, blob): &(ObjectId, BlobId)| index.lists(pack, blob) || referenced.contains(blob);
         KnownDamage::new(known.sorted().into_iter().filter(needed))
     } else {
         known
@@ -500,7 +479,7 @@ struct HeaderPass {
 /// vouches for it, or `data_pass_reads_headers` (then only existence is checked here).
 fn check_headers(
     repo: &Repository,
-    indexed: &HashMap<ObjectId, IndexedPack>,
+    index: &index::Index,
     pack_sizes: &HashMap<ObjectId, u64>,
     record: Option<&HeaderRecord>,
     data_pass_reads_headers: bool,
@@ -515,9 +494,11 @@ fn check_headers(
         Read(std::result::Result<CheckedHeader, Problem>),
     }
     let outcomes: Vec<Outcome> = crate::util::with_request_threads(|| {
-        indexed
+        index
+            .packs()
             .par_iter()
-            .map(|(id, p)| {
+            .map(|p| {
+                let id = &p.id;
                 let name = names::pack(id);
                 let problem = |msg: String| Problem { pack: *id, damage: Damage::Pack, message: msg };
                 let unreachable = |e: Error| Problem { pack: *id, damage: damage_of(&e), message: e.to_string() };
@@ -792,7 +773,7 @@ fn known_damage<I: Iterator<Item = (ObjectId, PackEntry)>>(
     previous: &KnownDamage,
     found: Vec<(ObjectId, BlobId)>,
     judged: &HashSet<ObjectId>,
-    indexed: &HashMap<ObjectId, IndexedPack>,
+    index: &index::Index,
     copies: &dyn Fn(&BlobId) -> I,
 ) -> KnownDamage {
     let mut candidates: Vec<(ObjectId, BlobId)> =
@@ -802,22 +783,8 @@ fn known_damage<I: Iterator<Item = (ObjectId, PackEntry)>>(
     KnownDamage::new(
         candidates
             .into_iter()
-            .filter(|(pack, blob)| pack_lists(indexed, pack, blob) || copies(blob).all(|(q, _)| all.at(&q, blob))),
+            .filter(|(pack, blob)| index.lists(pack, blob) || copies(blob).all(|(q, _)| all.at(&q, blob))),
     )
-}
-
-/// Whether an index file lists `blob` in `pack`.
-fn pack_lists(indexed: &HashMap<ObjectId, IndexedPack>, pack: &ObjectId, blob: &BlobId) -> bool {
-    indexed.get(pack).is_some_and(|p| p.entries.iter().any(|e| e.id == *blob))
-}
-
-/// The blobs the index files list, as a [`BlobLocator`] for reading delta blobs' bases.
-struct IndexedBlobs<'a>(&'a HashMap<BlobId, (ObjectId, PackEntry)>);
-
-impl BlobLocator for IndexedBlobs<'_> {
-    fn locate(&self, id: &BlobId) -> Result<Option<BlobLocation>> {
-        Ok(self.0.get(id).map(|(pack, entry)| BlobLocation { pack: *pack, entry: *entry }))
-    }
 }
 
 /// Downloads one pack and verifies every byte of it but its delta blobs. Returns the problems found, and the
