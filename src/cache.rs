@@ -221,6 +221,24 @@ fn scan<'a>(
         .take_while(move |item| item.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)))
 }
 
+/// Iterators over blob copies of this process's cache and the shared one below it: seeking one blob's prefix
+/// each (through the prefix filters), or, `total_order`, walking forward through many.
+fn copy_iterators<'a>(
+    db: &'a rocksdb::DB,
+    shared: Option<&'a rocksdb::DB>,
+    total_order: bool,
+) -> Vec<rocksdb::DBRawIterator<'a>> {
+    let options = || {
+        let mut opts = rocksdb::ReadOptions::default();
+        match total_order {
+            true => opts.set_total_order_seek(true),
+            false => opts.set_prefix_same_as_start(true),
+        }
+        opts
+    };
+    std::iter::once(db).chain(shared).map(|db| db.raw_iterator_opt(options())).collect()
+}
+
 fn retention_key(object: &str) -> Vec<u8> {
     [b"l", object.as_bytes()].concat()
 }
@@ -974,19 +992,60 @@ impl IndexCache {
     fn find_copy(&self, id: &BlobId, or_damaged: bool) -> Result<Option<BlobLocation>> {
         let damage = self.damage();
         let shared = self.shared();
+        // One prefix per iterator: the prefix filters skip tables that do not hold the blob.
+        let mut iters = copy_iterators(&self.db, shared.as_ref(), false);
+        let found = self.copy_at(&mut iters, id, &damage)?;
+        Ok(found.filter(|(_, intact)| *intact || or_damaged).map(|(loc, _)| loc))
+    }
+
+    /// [`IndexCache::lookup`] of many blobs, `ids` in ascending order: one iterator per database walks forward
+    /// through the cache instead of one made and sought from scratch per blob (`stats` of a repository of 3
+    /// million blobs spent 18 s in those). `each` gets every id with its copy.
+    pub fn lookup_sorted(&self, ids: &[BlobId], mut each: impl FnMut(&BlobId, Option<BlobLocation>)) -> Result<()> {
+        let damage = self.damage();
+        let shared = self.shared();
+        let mut iters = copy_iterators(&self.db, shared.as_ref(), true);
+        for id in ids {
+            each(id, self.copy_at(&mut iters, id, &damage)?.map(|(loc, _)| loc));
+        }
+        Ok(())
+    }
+
+    /// The first copy of `id` through `iters` (this process's cache, then the shared one) not named by `damage`,
+    /// else the first damaged one; with whether it is intact.
+    fn copy_at(
+        &self,
+        iters: &mut [rocksdb::DBRawIterator<'_>],
+        id: &BlobId,
+        damage: &KnownDamage,
+    ) -> Result<Option<(BlobLocation, bool)>> {
         let prefix = key(b'c', id);
         let mut damaged = None;
-        for db in std::iter::once(&self.db).chain(shared.as_ref()) {
-            for item in scan(db, &prefix) {
-                let (_, v) = item.map_err(|e| self.err(e))?;
-                let loc = BlobLocation::decode(&v).map_err(|e| self.err(format!("entry for blob {id}: {e}")))?;
-                if !damage.at(&loc.pack, id) {
-                    return Ok(Some(loc));
-                }
-                damaged.get_or_insert(loc);
+        for it in iters {
+            // Where the iterator stands a little before the blob (`lookup_sorted` of nearly every blob), a few
+            // steps forward cost less than a seek through every level of the database.
+            let mut steps = 0;
+            while steps < 16 && it.key().is_some_and(|k| k < &prefix[..]) {
+                it.next();
+                steps += 1;
             }
+            if it.key().is_none_or(|k| k < &prefix[..]) {
+                it.seek(prefix);
+            }
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                let loc = BlobLocation::decode(v).map_err(|e| self.err(format!("entry for blob {id}: {e}")))?;
+                if !damage.at(&loc.pack, id) {
+                    return Ok(Some((loc, true)));
+                }
+                damaged.get_or_insert((loc, false));
+                it.next();
+            }
+            it.status().map_err(|e| self.err(e))?;
         }
-        Ok(damaged.filter(|_| or_damaged))
+        Ok(damaged)
     }
 
     /// Whether an index file lists this pack.
@@ -1381,6 +1440,47 @@ mod tests {
         same_as_rebuilt(&cache, 1);
         assert_eq!(cache.lookup(&blobs[7]).unwrap().unwrap().pack, listed);
         remove(&again);
+    }
+
+    #[test]
+    fn lookups_in_id_order_answer_as_single_lookups() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let repo = crate::repository::test_repository(&dir.join("repo"));
+        let blob = |i: u32| BlobId(*blake3::hash(&i.to_le_bytes()).as_bytes());
+        // 3000 blobs in 30 packs, the first 200 also in a second pack.
+        let all: Vec<BlobId> = (0..3000).map(blob).collect();
+        let packs: Vec<(ObjectId, Vec<BlobId>)> =
+            all.chunks(100).enumerate().map(|(i, c)| (BlobId([i as u8 + 1; 32]), c.to_vec())).collect();
+        let again = BlobId([0xee; 32]);
+        for (pack, blobs) in packs.iter().chain([&(again, all[..200].to_vec())]) {
+            repo.save_index(&listing_all(*pack, blobs)).unwrap();
+        }
+        // The first copies of every other one of them damaged: their second copies are the ones listed.
+        let first_pack = |i: usize| packs[i / 100].0;
+        let damaged: Vec<(ObjectId, BlobId)> = (0..200).step_by(2).map(|i| (first_pack(i), all[i])).collect();
+        repo.save_damage(&DamageRecord { entries: KnownDamage::new(damaged).sorted() }).unwrap();
+        let (cache, _) = IndexCache::open(&repo, &dir.join("cache")).unwrap();
+        // Every blob (the iterator steps forward), every 50th (it seeks), and ids no index lists among them.
+        let mut every: Vec<BlobId> = all.iter().copied().chain((5000..5100).map(blob)).collect();
+        every.sort();
+        let sparse: Vec<BlobId> = every.iter().step_by(50).copied().collect();
+        let in_order = |ids: &[BlobId]| {
+            let mut answers = Vec::new();
+            cache.lookup_sorted(ids, |id, loc| answers.push((*id, loc.map(|l| l.pack)))).unwrap();
+            let single: Vec<_> = ids.iter().map(|id| (*id, cache.lookup(id).unwrap().map(|l| l.pack))).collect();
+            assert_eq!(answers, single);
+            answers
+        };
+        in_order(&sparse);
+        let answers = in_order(&every);
+        assert_eq!(answers.iter().filter(|(_, p)| p.is_none()).count(), 100);
+        assert_eq!(answers.iter().filter(|(_, p)| p == &Some(again)).count(), 100);
+    }
+
+    /// An index file listing pack `pack` with `blobs`.
+    fn listing_all(pack: ObjectId, blobs: &[BlobId]) -> IndexFile {
+        listings(&[(pack, blobs)])
     }
 
     #[test]

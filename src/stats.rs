@@ -107,15 +107,21 @@ pub fn compute(repo: &Repository, cache: &IndexCache) -> Result<Stats> {
         }
     }
     let mut unique = vec![0u64; snaps.len()];
-    for (id, owner) in &refs {
-        let Some(loc) = cache.lookup(id)? else { continue };
+    // Looked up in id order, as the cache stores them (3 million blobs one by one in hash order took 39 s).
+    let mut refs: Vec<(BlobId, usize)> = refs.into_iter().collect();
+    refs.sort_unstable_by_key(|(id, _)| *id);
+    let ids: Vec<BlobId> = refs.iter().map(|(id, _)| *id).collect();
+    let mut owners = refs.iter().map(|(_, owner)| *owner);
+    cache.lookup_sorted(&ids, |_, loc| {
+        let owner = owners.next().expect("one owner per id");
+        let Some(loc) = loc else { return };
         stats.blobs += 1;
         stats.blobs_raw += loc.entry.raw_len as u64;
         stats.blobs_stored += loc.entry.stored_len as u64;
-        if *owner != SHARED && loc.entry.blob_type == BlobType::Data {
-            unique[*owner] += loc.entry.stored_len as u64;
+        if owner != SHARED && loc.entry.blob_type == BlobType::Data {
+            unique[owner] += loc.entry.stored_len as u64;
         }
-    }
+    })?;
     stats.unique = snaps.iter().zip(unique).map(|((id, s), u)| (*id, s.source.clone(), s.time_secs, u)).collect();
     Ok(stats)
 }
