@@ -3,8 +3,8 @@
 //!
 //! A pack's bytes never change under its name (the name is their hash), so a header once found to agree with
 //! the index is not read again while the pack keeps its listed size and the index lists it the same way. On S3
-//! every header read is two requests: a repository of a million packs took a million round trips per check,
-//! for an answer that only a change of size or listing can alter. Bytes altered in place are what reading the
+//! every header read is a request (two for a header beyond the pack's last 16 KiB): a repository of a million
+//! packs took a million round trips per check, for an answer that only a change of size or listing can alter. Bytes altered in place are what reading the
 //! data finds (`--read-data`, or a subset, least recently verified first), as with restic, whose `check` reads
 //! no headers at all.
 //!
