@@ -457,12 +457,22 @@ impl SnapshotDisk {
         if id.is_zero_block() {
             return Ok(self.zero_block.clone());
         }
-        loop {
+        let data = loop {
             match self.shared.blobs.get_or_claim(&id) {
-                Claim::Ready(data) => return Ok(data),
+                Claim::Ready(data) => break data,
                 Claim::Fetch => self.fetch_from(block, id)?,
             }
+        };
+        // A blob is checked against its id, not against where a manifest puts it: one of another length is
+        // damage (restore says the same), not a block to cut or pad.
+        let len = self.block_len(block);
+        if data.len() != len {
+            return Err(Error::corrupt(
+                format!("blob {id}"),
+                format!("holds {} bytes, block {block} of disk {} has {len}", data.len(), self.manifest.name),
+            ));
         }
+        Ok(data)
     }
 
     /// How the source repository stored `block`, while its blob is cached and stored forms are kept

@@ -25,7 +25,7 @@ use crate::damage::KnownDamage;
 use crate::error::{Error, Result};
 use crate::format::index::{BlobLocation, IndexedPack};
 use crate::format::pack::{self, PackEntry};
-use crate::format::snapshot::{segment_ids, SegmentRef, Snapshot};
+use crate::format::snapshot::{segment_ids, DiskManifest, Snapshot};
 use crate::format::verified::VerificationRecord;
 use crate::format::{names, BlobId, BlobType, ObjectId, SEGMENT_BLOCKS};
 use crate::progress::Counters;
@@ -583,17 +583,15 @@ fn check_snapshots(
     let (snapshots, verdicts) = crate::util::with_request_threads(|| {
         let snapshots: Vec<(ObjectId, Result<Snapshot>)> =
             snap_ids.par_iter().map(|id| (*id, repo.load_snapshot(id))).collect();
-        let mut distinct: Vec<SegmentRef> = snapshots
+        let mut distinct: Vec<SegmentUse> = snapshots
             .iter()
             .filter_map(|(_, s)| s.as_ref().ok())
-            .flat_map(|s| s.disks.iter().flat_map(|d| d.segments.iter().copied()))
+            .flat_map(|s| s.disks.iter().flat_map(segment_uses))
             .collect();
-        distinct.sort_unstable_by_key(|s| (s.id, s.blocks));
-        distinct.dedup_by_key(|s| (s.id, s.blocks));
-        let verdicts: HashMap<(BlobId, u32), (SegmentVerdict, Vec<BlobId>)> = distinct
-            .par_iter()
-            .map(|seg| ((seg.id, seg.blocks), judge_segment(repo, known, damaged, intact, seg)))
-            .collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let verdicts: HashMap<SegmentUse, (SegmentVerdict, Vec<BlobId>)> =
+            distinct.par_iter().map(|u| (*u, judge_segment(repo, known, damaged, intact, u))).collect();
         (snapshots, verdicts)
     })?;
 
@@ -625,11 +623,11 @@ fn check_snapshots(
                     block * bs
                 )
             };
-            for (k, seg) in disk.segments.iter().enumerate() {
+            for (k, (seg, used)) in disk.segments.iter().zip(segment_uses(disk)).enumerate() {
                 let first = k as u64 * SEGMENT_BLOCKS as u64;
                 let end = first + seg.blocks as u64;
                 let whole_segment = |why| (first..end).map(move |b| (b, why));
-                match &verdicts[&(seg.id, seg.blocks)].0 {
+                match &verdicts[&used].0 {
                     SegmentVerdict::Lost(why) => {
                         affected.extend(whole_segment("manifest segment lost"));
                         report.errors.push(format!(
@@ -672,6 +670,26 @@ fn check_snapshots(
     Ok((referenced, every_segment_read))
 }
 
+/// A manifest segment as a disk uses it: its id and block count, and the length of its blocks (every block but
+/// a disk's last is `block_len` bytes). Segments are judged once per use: a block's blob must have its length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct SegmentUse {
+    id: BlobId,
+    blocks: u32,
+    block_len: u32,
+    last_len: u32,
+}
+
+/// How `disk` uses each of its segments, in order.
+fn segment_uses(disk: &DiskManifest) -> impl Iterator<Item = SegmentUse> + '_ {
+    let bs = disk.block_size as u64;
+    disk.segments.iter().enumerate().map(move |(k, seg)| {
+        let last = (k * SEGMENT_BLOCKS) as u64 + (seg.blocks as u64).saturating_sub(1);
+        let last_len = disk.capacity.saturating_sub(last * bs).min(bs) as u32;
+        SegmentUse { id: seg.id, blocks: seg.blocks, block_len: disk.block_size, last_len }
+    })
+}
+
 /// Judges one manifest segment for [`check_snapshots`]; also returns the ids `known` names among it and its
 /// blocks.
 fn judge_segment(
@@ -679,7 +697,7 @@ fn judge_segment(
     known: &KnownDamage,
     damaged: &(dyn Fn(&BlobId) -> Option<&'static str> + Sync),
     intact: &(dyn Fn(&BlobId) -> Option<(ObjectId, PackEntry)> + Sync),
-    seg: &SegmentRef,
+    seg: &SegmentUse,
 ) -> (SegmentVerdict, Vec<BlobId>) {
     let mut named: Vec<BlobId> = known.names(&seg.id).then_some(seg.id).into_iter().collect();
     if let Some(why) = damaged(&seg.id) {
@@ -699,8 +717,12 @@ fn judge_segment(
         if known.names(&id) {
             named.push(id);
         }
+        let len = if j as u32 + 1 == seg.blocks { seg.last_len } else { seg.block_len };
         if let Some(why) = damaged(&id) {
             bad.push((j as u32, why));
+        } else if intact(&id).is_some_and(|(_, e)| e.raw_len != len) {
+            // Restores and `serve` refuse it (a writer's bug, or a forged manifest): none cuts or pads a block.
+            bad.push((j as u32, "its blob is not the block's length"));
         }
     }
     (SegmentVerdict::Read(bad), named)
