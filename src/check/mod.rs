@@ -187,61 +187,7 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
         }
     }
 
-    // Index files, and what they say each pack holds.
-    // An index file listed a moment ago and gone now was replaced by a prune: read the new listing.
-    let mut attempt = 0;
-    let loaded = loop {
-        let index_ids = repo.list_index_ids()?;
-        let loaded: Vec<(ObjectId, Result<(crate::format::index::IndexFile, crate::crypto::KeyEpoch)>)> =
-            crate::util::with_request_threads(|| {
-                index_ids.par_iter().map(|id| (*id, repo.load_index_with_epoch(id))).collect()
-            })?;
-        attempt += 1;
-        if attempt < 5 && loaded.iter().any(|(_, f)| matches!(f, Err(Error::Missing { .. }))) {
-            continue;
-        }
-        break loaded;
-    };
-    report.index_files = loaded.len();
-    let current_epoch = repo.keys().current_epoch();
-    let mut older_index_files = 0;
-    let listed = loaded.iter().filter_map(|(_, f)| f.as_ref().ok()).flat_map(|(f, _)| &f.packs);
-    let (packs, blobs) = listed.fold((0, 0), |(p, b), pack| (p + 1, b + pack.entries.len()));
-    let mut index = index::Index::with_capacity(packs, blobs);
-    for (id, f) in loaded {
-        match f {
-            Err(e) => {
-                if matches!(e, Error::Corrupt { .. }) {
-                    report.damaged_index_files.push(id);
-                }
-                report.errors.push(e.to_string())
-            }
-            Ok((f, epoch)) => {
-                older_index_files += (epoch < current_epoch) as usize;
-                for p in f.packs {
-                    // A pack listed twice (an interrupted prune or repair wrote both) is one copy.
-                    match index.pack(&p.id) {
-                        Some(first) if first.entries != p.entries => report.errors.push(format!(
-                            "{}: lists pack {} differently from another index file",
-                            names::index(&id),
-                            p.id.short()
-                        )),
-                        Some(_) => {}
-                        None => index.add(p),
-                    }
-                }
-            }
-        }
-    }
-    report.blobs = index.blob_count();
-    // After a key rotation: what a revoked key still opens, until `prune --reencrypt` seals it again.
-    let older_blobs = index.first_copies().filter(|(_, e)| e.key_epoch < current_epoch).count();
-    if older_blobs + older_index_files > 0 {
-        report.warnings.push(format!(
-            "{older_blobs} blobs and {older_index_files} index files are sealed with a key from before the last key \
-             rotation (epoch {current_epoch}): a revoked key still opens them; `prune --reencrypt` seals them again"
-        ));
-    }
+    let index = load_index(repo, &mut report)?;
     // Every delta blob's base is an indexed plain data blob.
     let base_problems: Vec<Problem> = index
         .first_copies()
@@ -309,48 +255,7 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
         let holds_deltas = |id: &ObjectId| index.pack(id).is_some_and(|p| p.entries.iter().any(|e| e.is_delta()));
         selected.sort_by_key(|(id, _)| !holds_deltas(id));
     }
-    counters.add_total(selected.iter().map(|(_, s)| s).sum());
-    // More readers than cores: a pack's download overlaps the checking of others.
-    let readers = rayon::current_num_threads().max(2) * 2;
-    // Readers take the selected packs in order, each until none is left or the budget is spent.
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let pending = PendingDeltas::default();
-    let read_one = |_| {
-        let mut out = DataPass::default();
-        loop {
-            if crate::util::interrupted() || deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                return out;
-            }
-            let Some(&(id, size)) = selected.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) else {
-                return out;
-            };
-            let (p, deltas) = check_pack_data(repo, &id, size, index.pack(&id), &index, &pending);
-            counters.add_done(size);
-            out.problems.extend(p);
-            out.deltas.extend(deltas.into_iter().map(|e| (id, e)));
-            out.read.push((id, size));
-        }
-    };
-    // The pool's threads are joined before check goes on (see `util::with_thread_pool`).
-    let data_pass = crate::util::with_thread_pool(readers, "check", |pool| {
-        pool.install(|| -> Result<_> {
-            let mut pass = (0..readers).into_par_iter().map(read_one).reduce(DataPass::default, |mut a, b| {
-                a.problems.extend(b.problems);
-                a.deltas.extend(b.deltas);
-                a.read.extend(b.read);
-                a
-            });
-            let (left, opened) = pending.finish();
-            tracing::debug!(
-                "delta blobs: {opened} opened with their base in the data pass, {} after it",
-                left.len() + pass.deltas.len()
-            );
-            pass.deltas.extend(left);
-            pass.problems.extend(check_deltas(repo, &index, pass.deltas)?);
-            Ok((pass.problems, pass.read))
-        })
-    })?;
-    let (data_problems, read): (Vec<Problem>, Vec<(ObjectId, u64)>) = data_pass?;
+    let DataPass { problems: data_problems, read, .. } = read_data(repo, &index, &selected, deadline, counters)?;
     // Interrupted: nothing is reported (nor recorded as verified) from a partial read.
     if crate::util::interrupted() {
         return Err(Error::Interrupted);
@@ -463,6 +368,118 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
     }
     report.damage_recorded = known.len();
     Ok(report)
+}
+
+/// The index files, and what they say each pack holds. Damaged index files and disagreements are reported.
+fn load_index(repo: &Repository, report: &mut CheckReport) -> Result<index::Index> {
+    // An index file listed a moment ago and gone now was replaced by a prune: read the new listing.
+    let mut attempt = 0;
+    let loaded = loop {
+        let index_ids = repo.list_index_ids()?;
+        let loaded: Vec<(ObjectId, Result<(crate::format::index::IndexFile, crate::crypto::KeyEpoch)>)> =
+            crate::util::with_request_threads(|| {
+                index_ids.par_iter().map(|id| (*id, repo.load_index_with_epoch(id))).collect()
+            })?;
+        attempt += 1;
+        if attempt < 5 && loaded.iter().any(|(_, f)| matches!(f, Err(Error::Missing { .. }))) {
+            continue;
+        }
+        break loaded;
+    };
+    report.index_files = loaded.len();
+    let current_epoch = repo.keys().current_epoch();
+    let mut older_index_files = 0;
+    let listed = loaded.iter().filter_map(|(_, f)| f.as_ref().ok()).flat_map(|(f, _)| &f.packs);
+    let (packs, blobs) = listed.fold((0, 0), |(p, b), pack| (p + 1, b + pack.entries.len()));
+    let mut index = index::Index::with_capacity(packs, blobs);
+    for (id, f) in loaded {
+        match f {
+            Err(e) => {
+                if matches!(e, Error::Corrupt { .. }) {
+                    report.damaged_index_files.push(id);
+                }
+                report.errors.push(e.to_string())
+            }
+            Ok((f, epoch)) => {
+                older_index_files += (epoch < current_epoch) as usize;
+                for p in f.packs {
+                    // A pack listed twice (an interrupted prune or repair wrote both) is one copy.
+                    match index.pack(&p.id) {
+                        Some(first) if first.entries != p.entries => report.errors.push(format!(
+                            "{}: lists pack {} differently from another index file",
+                            names::index(&id),
+                            p.id.short()
+                        )),
+                        Some(_) => {}
+                        None => index.add(p),
+                    }
+                }
+            }
+        }
+    }
+    report.blobs = index.blob_count();
+    // After a key rotation: what a revoked key still opens, until `prune --reencrypt` seals it again.
+    let older_blobs = index.first_copies().filter(|(_, e)| e.key_epoch < current_epoch).count();
+    if older_blobs + older_index_files > 0 {
+        report.warnings.push(format!(
+            "{older_blobs} blobs and {older_index_files} index files are sealed with a key from before the last key \
+             rotation (epoch {current_epoch}): a revoked key still opens them; `prune --reencrypt` seals them again"
+        ));
+    }
+    Ok(index)
+}
+
+/// The data pass: reads `selected` in order, several packs at a time, until the deadline (packs begun are
+/// finished), then the delta blobs whose bases were not met on the way (none are left in what it returns).
+fn read_data(
+    repo: &Repository,
+    index: &index::Index,
+    selected: &[(ObjectId, u64)],
+    deadline: Option<std::time::Instant>,
+    counters: &Counters,
+) -> Result<DataPass> {
+    counters.add_total(selected.iter().map(|(_, s)| s).sum());
+    // More readers than cores: a pack's download overlaps the checking of others.
+    let readers = rayon::current_num_threads().max(2) * 2;
+    // Readers take the selected packs in order, each until none is left or the budget is spent.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let pending = PendingDeltas::default();
+    let read_one = |_| {
+        let mut out = DataPass::default();
+        loop {
+            if crate::util::interrupted() || deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return out;
+            }
+            let Some(&(id, size)) = selected.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) else {
+                return out;
+            };
+            let (p, deltas) = check_pack_data(repo, &id, size, index.pack(&id), index, &pending);
+            counters.add_done(size);
+            out.problems.extend(p);
+            out.deltas.extend(deltas.into_iter().map(|e| (id, e)));
+            out.read.push((id, size));
+        }
+    };
+    // The pool's threads are joined before check goes on (see `util::with_thread_pool`).
+    crate::util::with_thread_pool(readers, "check", |pool| {
+        pool.install(|| -> Result<_> {
+            let mut pass = (0..readers).into_par_iter().map(read_one).reduce(DataPass::default, |mut a, b| {
+                a.problems.extend(b.problems);
+                a.deltas.extend(b.deltas);
+                a.read.extend(b.read);
+                a
+            });
+            let (left, opened) = pending.finish();
+            tracing::debug!(
+                "delta blobs: {opened} opened with their base in the data pass, {} after it",
+                left.len() + pass.deltas.len()
+            );
+            pass.deltas.extend(left);
+            let deltas = std::mem::take(&mut pass.deltas);
+            pass.problems.extend(check_deltas(repo, index, deltas)?);
+            Ok(pass)
+        })
+    })?
 }
 
 /// The header pass's findings.
