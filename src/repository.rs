@@ -417,7 +417,8 @@ impl Repository {
         self.read_blob(&loc, locator).map(Some)
     }
 
-    /// Reads and decrypts a pack's header with two ranged reads (trailer, then header).
+    /// Reads and decrypts a pack's header: one ranged read of the pack's end, a second only for a header
+    /// beyond it.
     pub fn read_pack_header(&self, id: &ObjectId, size: u64) -> Result<PackHeader> {
         let name = names::pack(id);
         let tl = pack::TRAILER_LEN as u64;
