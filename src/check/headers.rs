@@ -174,6 +174,20 @@ mod tests {
     }
 
     #[test]
+    fn saved_and_loaded_through_a_file_and_missing_or_damaged_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("repo-id").join(FILE_NAME);
+        assert!(HeaderRecord::load(&path).is_empty());
+        let record = HeaderRecord::new(vec![checked(1, 10), checked(2, 20)]);
+        record.save(&path).unwrap();
+        assert_eq!(HeaderRecord::load(&path), record);
+        std::fs::write(&path, b"diskvault-hdrs-1 and then nonsense").unwrap();
+        assert!(HeaderRecord::load(&path).is_empty());
+        // Nothing but the record is left in the directory (the temporary file was renamed).
+        assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
     fn the_listing_digest_tells_listings_apart() {
         let entry = PackEntry::example();
         let pack = IndexedPack { id: BlobId([1; 32]), pack_type: BlobType::Data, entries: vec![entry] };
