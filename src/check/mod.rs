@@ -328,7 +328,7 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
         let mut agree: Vec<CheckedHeader> = headers.agree.into_iter().chain(read_whole).collect();
         agree.retain(|c| report.damaged_packs.binary_search(&c.pack).is_err());
         if let Err(e) = HeaderRecord::new(agree).save(path) {
-            tracing::warn!("{}: {e} (the next check reads every pack header again)", path.display());
+            tracing::warn!("{}: not saved ({e}): the next check reads every pack header again", path.display());
         }
     }
     // A blob restores from its first copy in a pack that is usable and not known to be damaged.
