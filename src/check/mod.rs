@@ -3,7 +3,7 @@
 //! Structure (always): every index file decodes; every indexed pack exists, is large enough, and its header
 //! lists exactly what the index says (read once per host while the pack and its listing stay the same, see
 //! [`headers`]); every snapshot decodes and every segment and block it references is
-//! indexed. Packs that no index lists are reported (a killed backup leaves them; they are harmless), and so are
+//! indexed, each block's blob with the block's length. Packs that no index lists are reported (a killed backup leaves them; they are harmless), and so are
 //! checkpoints that do not decode (a warning: a backup then reads what they covered).
 //!
 //! Data (`--read-data`, or a subset): every selected pack is downloaded whole, its hash compared with its
