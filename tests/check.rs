@@ -208,3 +208,35 @@ fn pack_headers_are_read_once_per_host_unless_a_pack_changes() {
     std::fs::remove_dir_all(e.cache()).unwrap();
     assert_eq!(headers_read_and_known(&e.fails(&["check"]).stdout), (n, 0));
 }
+
+#[test]
+fn a_snapshot_is_verified_alone_reading_only_the_packs_it_needs() {
+    let e = Env::new();
+    setup(&e);
+    let total = e.objects("packs").len();
+    let check_vm =
+        |i: usize| Run::of(e.command(&["check", "--read-data", "--snapshot", "latest", "--name", &format!("vm{i}")]));
+    // vm0's 5 MiB of incompressible data: five 1 MiB data packs, and the pack of its manifest segment.
+    let r = check_vm(0);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.starts_with("checked 1 snapshots"), "{}", r.stdout);
+    let read = packs_read(&r.stdout);
+    assert!((6..total / 2).contains(&read), "read {read} of {total} packs: {}", r.stdout);
+
+    // A damaged data pack, recorded by a full check, is found by the check of the one snapshot that needs it and
+    // spoils no other's; the damage stays recorded (the other checks read less than the whole repository and
+    // forget nothing).
+    let pack = e.objects("packs").into_iter().max_by_key(|p| e.object_size(p)).unwrap();
+    e.flip(&pack, 100);
+    e.fails(&["check", "--read-data"]);
+    let failed: Vec<usize> = (0..3).filter(|&i| check_vm(i).code != 0).collect();
+    assert_eq!(failed.len(), 1, "exactly one snapshot holds that pack's block");
+    let r = check_vm(failed[0]);
+    assert!(r.stderr.contains(pack.rsplit('/').next().unwrap()), "{}", r.stderr);
+    let r = e.fails(&["check"]);
+    assert!(r.stderr.contains("found damaged by an earlier check"), "{}", r.stderr);
+    // Unknown snapshots are refused, as restore refuses them.
+    assert!(e.fails(&["check", "--snapshot", "0000dead"]).stderr.contains("no snapshot with id 0000dead"));
+    let r = e.fails(&["check", "--snapshot", "latest", "--name", "no-such-vm"]);
+    assert!(r.stderr.contains("no snapshot of source \"no-such-vm\""), "{}", r.stderr);
+}

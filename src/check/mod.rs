@@ -147,6 +147,9 @@ pub struct CheckOptions {
     /// This host's record of pack headers found to agree with the index (see [`headers`]): the headers it
     /// vouches for are not read again, and the check writes what it found back. `None`: every header is read.
     pub header_record: Option<PathBuf>,
+    /// Only these snapshots: their structure, and of the data, only the packs a restore of them reads (a
+    /// night's backups verified byte for byte without reading the rest). `None`: every snapshot.
+    pub snapshots: Option<Vec<ObjectId>>,
 }
 
 impl CheckOptions {
@@ -217,7 +220,7 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
     // Every indexed pack exists, and its header agrees with the index (with --read-data, the data pass reads
     // each header along with the rest of its pack).
     let record = opts.header_record.as_deref().map(HeaderRecord::load);
-    let data_pass_reads_headers = subset == DataSubset::All && deadline.is_none();
+    let data_pass_reads_headers = subset == DataSubset::All && deadline.is_none() && opts.snapshots.is_none();
     let mut headers = check_headers(repo, &index, &pack_sizes, record.as_ref(), data_pass_reads_headers)?;
     report.headers_read = headers.read;
     report.headers_known = headers.known;
@@ -246,7 +249,16 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
             Err(e) => report.warnings.push(e.to_string()),
         }
     }
-    let mut selected = select_packs(subset, &pack_sizes, &last_verified);
+    // With snapshots named: only the packs a restore of them reads are read, and data damage elsewhere is not
+    // theirs to report.
+    let needed = match &opts.snapshots {
+        Some(snapshots) => Some(packs_needed(repo, &index, &records.damage, snapshots)?),
+        None => None,
+    };
+    let needed_sizes: Option<HashMap<ObjectId, u64>> = needed
+        .as_ref()
+        .map(|needed| pack_sizes.iter().filter(|(id, _)| needed.contains(id)).map(|(id, size)| (*id, *size)).collect());
+    let mut selected = select_packs(subset, needed_sizes.as_ref().unwrap_or(&pack_sizes), &last_verified);
     if deadline.is_some() {
         // What the budget leaves out should be what was verified most recently.
         selected.sort_by_key(|(id, _)| (last_verified.get(id).copied().unwrap_or(i64::MIN), *id));
@@ -304,7 +316,8 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
     // Damage found by an earlier check in packs not read now.
     let mut earlier: std::collections::BTreeMap<ObjectId, usize> = Default::default();
     for (pack, blob) in known.sorted() {
-        if !judged.contains(&pack) && !unusable.contains(&pack) && index.lists(&pack, &blob) {
+        let theirs = needed.as_ref().is_none_or(|n| n.contains(&pack));
+        if theirs && !judged.contains(&pack) && !unusable.contains(&pack) && index.lists(&pack, &blob) {
             *earlier.entry(pack).or_default() += 1;
         }
     }
@@ -354,7 +367,8 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
 
     // Snapshots: every segment and block resolves to an intact blob. Blobs the known damage names are noted as
     // referenced: a lost one no snapshot references is forgotten below (unless some segment could not be read).
-    let (referenced, every_segment_read) = check_snapshots(repo, &known, &damaged, &intact, &mut report)?;
+    let only = opts.snapshots.as_deref();
+    let (referenced, every_segment_read) = check_snapshots(repo, only, &known, &damaged, &intact, &mut report)?;
 
     // A lost blob (its copy's pack is gone) that no snapshot references is no longer worth knowing of.
     let known = if every_segment_read {
@@ -590,12 +604,16 @@ enum SegmentVerdict {
 /// ids `known` names that the snapshots reference, and whether every segment could be read.
 fn check_snapshots(
     repo: &Repository,
+    only: Option<&[ObjectId]>,
     known: &KnownDamage,
     damaged: &(dyn Fn(&BlobId) -> Option<&'static str> + Sync),
     intact: &(dyn Fn(&BlobId) -> Option<(ObjectId, PackEntry)> + Sync),
     report: &mut CheckReport,
 ) -> Result<(HashSet<BlobId>, bool)> {
-    let snap_ids = list_ids(&**repo.backend(), names::SNAPSHOTS)?;
+    let mut snap_ids = list_ids(&**repo.backend(), names::SNAPSHOTS)?;
+    if let Some(only) = only {
+        snap_ids.retain(|id| only.contains(id));
+    }
     report.snapshots = snap_ids.len();
     let (snapshots, verdicts) = crate::util::with_request_threads(|| {
         let snapshots: Vec<(ObjectId, Result<Snapshot>)> =
@@ -684,7 +702,50 @@ fn check_snapshots(
             }
         }
     }
-    Ok((referenced, every_segment_read))
+    // What other snapshots reference is unknown: no lost blob may be forgotten.
+    Ok((referenced, every_segment_read && only.is_none()))
+}
+
+/// The packs a restore of `snapshots` reads: those of the copies of their segments and blocks that readers take
+/// (one `damage` does not name, where the index lists one) and of the delta blobs' bases. A snapshot or segment
+/// that cannot be read adds nothing here (the snapshot pass reports it).
+fn packs_needed(
+    repo: &Repository,
+    index: &index::Index,
+    damage: &KnownDamage,
+    snapshots: &[ObjectId],
+) -> Result<HashSet<ObjectId>> {
+    let read_copy = |id: &BlobId| index.copies(id).find(|(pack, _)| !damage.at(pack, id)).or(index.first_copy(id));
+    let mut packs = HashSet::new();
+    let mut add = |id: &BlobId| {
+        if let Some((pack, entry)) = read_copy(id) {
+            packs.insert(pack);
+            if let Some((base_pack, _)) = entry.base.and_then(|b| read_copy(&b)) {
+                packs.insert(base_pack);
+            }
+        }
+    };
+    let loaded = crate::util::with_request_threads(|| {
+        snapshots.par_iter().filter_map(|id| repo.load_snapshot(id).ok()).collect::<Vec<Snapshot>>()
+    })?;
+    let mut segments: Vec<BlobId> =
+        loaded.iter().flat_map(|s| s.disks.iter().flat_map(|d| d.segments.iter().map(|seg| seg.id))).collect();
+    segments.sort_unstable();
+    segments.dedup();
+    let read_segment = |id: &BlobId| {
+        let (pack, entry) = read_copy(id)?;
+        repo.read_blob(&BlobLocation { pack, entry }, &crate::repository::NoDeltas).ok()
+    };
+    crate::util::fetch_in_order(&segments, read_segment, |id, plain| {
+        add(id);
+        for block in plain.as_deref().map(segment_ids).unwrap_or_default() {
+            if !block.is_zero_block() {
+                add(&block);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(packs)
 }
 
 /// A manifest segment as a disk uses it: its id and block count, and the length of its blocks (every block but
