@@ -219,7 +219,7 @@ fn a_snapshot_is_verified_alone_reading_only_the_packs_it_needs() {
     // vm0's 5 MiB of incompressible data: five 1 MiB data packs, and the pack of its manifest segment.
     let r = check_vm(0);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stdout.starts_with("checked 1 snapshots"), "{}", r.stdout);
+    assert!(r.stdout.starts_with("checked 1 snapshot,"), "{}", r.stdout);
     let read = packs_read(&r.stdout);
     assert!((6..total / 2).contains(&read), "read {read} of {total} packs: {}", r.stdout);
 

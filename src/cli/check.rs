@@ -115,11 +115,11 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
         (read, known) => format!("; pack headers: {read} read, {known} unchanged since an earlier check on this host"),
     };
     println!(
-        "checked {} snapshots, {} index files, {} packs ({} blobs{headers}){}",
-        report.snapshots,
-        report.index_files,
-        report.packs,
-        report.blobs,
+        "checked {}, {}, {} ({}{headers}){}",
+        crate::util::count(report.snapshots, "snapshot"),
+        crate::util::count(report.index_files, "index file"),
+        crate::util::count(report.packs, "pack"),
+        crate::util::count(report.blobs, "blob"),
         if report.packs_read > 0 {
             format!("; read {} packs ({})", report.packs_read, human_bytes(report.bytes_read))
         } else {
