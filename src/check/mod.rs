@@ -2,7 +2,7 @@
 //!
 //! Structure (always): every index file decodes; every indexed pack exists, is large enough, and its header
 //! lists exactly what the index says (read once per host while the pack and its listing stay the same, see
-//! [`headers`]); every snapshot decodes and every segment and block it references is
+//! [`HeaderRecord`]); every snapshot decodes and every segment and block it references is
 //! indexed, each block's blob with the block's length. Packs that no index lists are reported (a killed backup leaves them; they are harmless), and so are
 //! checkpoints that do not decode (a warning: a backup then reads what they covered).
 //!
@@ -109,7 +109,7 @@ pub struct CheckReport {
     pub packs_read: usize,
     pub bytes_read: u64,
     /// Pack headers read and compared with the index (without `--read-data`), and those this host's record
-    /// vouched for instead (see [`headers`]).
+    /// vouched for instead (see [`HeaderRecord`]).
     pub headers_read: usize,
     pub headers_known: usize,
     /// Snapshot disks with unreadable blocks (input to `repair snapshots`).
@@ -144,7 +144,7 @@ pub struct CheckOptions {
     /// not begun when it is spent are left for the next check (their headers are still checked against the
     /// index).
     pub budget: Option<std::time::Duration>,
-    /// This host's record of pack headers found to agree with the index (see [`headers`]): the headers it
+    /// This host's record of pack headers found to agree with the index (see [`HeaderRecord`]): the headers it
     /// vouches for are not read again, and the check writes what it found back. `None`: every header is read.
     pub header_record: Option<PathBuf>,
     /// Only these snapshots: their structure, and of the data, only the packs a restore of them reads (a
