@@ -1454,7 +1454,7 @@ mod tests {
             all.chunks(100).enumerate().map(|(i, c)| (BlobId([i as u8 + 1; 32]), c.to_vec())).collect();
         let again = BlobId([0xee; 32]);
         for (pack, blobs) in packs.iter().chain([&(again, all[..200].to_vec())]) {
-            repo.save_index(&listing_all(*pack, blobs)).unwrap();
+            repo.save_index(&listings(&[(*pack, blobs)])).unwrap();
         }
         // The first copies of every other one of them damaged: their second copies are the ones listed.
         let first_pack = |i: usize| packs[i / 100].0;
@@ -1476,11 +1476,6 @@ mod tests {
         let answers = in_order(&every);
         assert_eq!(answers.iter().filter(|(_, p)| p.is_none()).count(), 100);
         assert_eq!(answers.iter().filter(|(_, p)| p == &Some(again)).count(), 100);
-    }
-
-    /// An index file listing pack `pack` with `blobs`.
-    fn listing_all(pack: ObjectId, blobs: &[BlobId]) -> IndexFile {
-        listings(&[(pack, blobs)])
     }
 
     #[test]

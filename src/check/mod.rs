@@ -715,7 +715,8 @@ fn packs_needed(
     damage: &KnownDamage,
     snapshots: &[ObjectId],
 ) -> Result<HashSet<ObjectId>> {
-    let read_copy = |id: &BlobId| index.copies(id).find(|(pack, _)| !damage.at(pack, id)).or(index.first_copy(id));
+    let read_copy =
+        |id: &BlobId| index.copies(id).find(|(pack, _)| !damage.at(pack, id)).or_else(|| index.first_copy(id));
     let mut packs = HashSet::new();
     let mut add = |id: &BlobId| {
         if let Some((pack, entry)) = read_copy(id) {
