@@ -14,7 +14,8 @@ pub struct CheckArgs {
     /// Also read and verify every byte of every pack.
     #[arg(long, conflicts_with = "read_data_subset")]
     read_data: bool,
-    /// Read and verify a subset of the packs: `n/m` (part n of m, by pack id) or `x%`.
+    /// Read and verify a fraction of the packs, the least recently verified first: `n/m` or `x%` (`1/7` run
+    /// daily verifies every pack in a week, from any host).
     #[arg(long, value_parser = DataSubset::parse)]
     read_data_subset: Option<DataSubset>,
     /// Read data until the check has run this long (e.g. 45min, 2h; counted from its start, as borg counts
