@@ -1001,7 +1001,11 @@ impl IndexCache {
     /// [`IndexCache::lookup`] of many blobs, `ids` in ascending order: one iterator per database walks forward
     /// through the cache instead of one made and sought from scratch per blob (`stats` of a repository of 3
     /// million blobs spent 18 s in those). `each` gets every id with its copy.
-    pub fn lookup_sorted(&self, ids: &[BlobId], mut each: impl FnMut(&BlobId, Option<BlobLocation>)) -> Result<()> {
+    pub fn lookup_sorted<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a BlobId>,
+        mut each: impl FnMut(&BlobId, Option<BlobLocation>),
+    ) -> Result<()> {
         let damage = self.damage();
         let shared = self.shared();
         let mut iters = copy_iterators(&self.db, shared.as_ref(), true);

@@ -110,9 +110,8 @@ pub fn compute(repo: &Repository, cache: &IndexCache) -> Result<Stats> {
     // Looked up in id order, as the cache stores them (3 million blobs one by one in hash order took 39 s).
     let mut refs: Vec<(BlobId, usize)> = refs.into_iter().collect();
     refs.sort_unstable_by_key(|(id, _)| *id);
-    let ids: Vec<BlobId> = refs.iter().map(|(id, _)| *id).collect();
     let mut owners = refs.iter().map(|(_, owner)| *owner);
-    cache.lookup_sorted(&ids, |_, loc| {
+    cache.lookup_sorted(refs.iter().map(|(id, _)| id), |_, loc| {
         let owner = owners.next().expect("one owner per id");
         let Some(loc) = loc else { return };
         stats.blobs += 1;

@@ -251,11 +251,11 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
     }
     // With snapshots named: only the packs a restore of them reads are read, and data damage elsewhere is not
     // theirs to report.
-    let needed = match &opts.snapshots {
+    let needed_packs = match &opts.snapshots {
         Some(snapshots) => Some(packs_needed(repo, &index, &records.damage, snapshots)?),
         None => None,
     };
-    let needed_sizes: Option<HashMap<ObjectId, u64>> = needed
+    let needed_sizes: Option<HashMap<ObjectId, u64>> = needed_packs
         .as_ref()
         .map(|needed| pack_sizes.iter().filter(|(id, _)| needed.contains(id)).map(|(id, size)| (*id, *size)).collect());
     let mut selected = select_packs(subset, needed_sizes.as_ref().unwrap_or(&pack_sizes), &last_verified);
@@ -316,7 +316,7 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
     // Damage found by an earlier check in packs not read now.
     let mut earlier: std::collections::BTreeMap<ObjectId, usize> = Default::default();
     for (pack, blob) in known.sorted() {
-        let theirs = needed.as_ref().is_none_or(|n| n.contains(&pack));
+        let theirs = needed_packs.as_ref().is_none_or(|n| n.contains(&pack));
         if theirs && !judged.contains(&pack) && !unusable.contains(&pack) && index.lists(&pack, &blob) {
             *earlier.entry(pack).or_default() += 1;
         }
