@@ -113,7 +113,7 @@ pub fn compute(repo: &Repository, cache: &IndexCache) -> Result<Stats> {
     let mut owners = refs.iter().map(|(_, owner)| *owner);
     cache.lookup_sorted(refs.iter().map(|(id, _)| id), |_, loc| {
         let owner = owners.next().expect("one owner per id");
-        let Some(loc) = loc else { return };
+        let Some((loc, _)) = loc else { return };
         stats.blobs += 1;
         stats.blobs_raw += loc.entry.raw_len as u64;
         stats.blobs_stored += loc.entry.stored_len as u64;

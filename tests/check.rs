@@ -240,3 +240,67 @@ fn a_snapshot_is_verified_alone_reading_only_the_packs_it_needs() {
     let r = e.fails(&["check", "--snapshot", "latest", "--name", "no-such-vm"]);
     assert!(r.stderr.contains("no snapshot of source \"no-such-vm\""), "{}", r.stderr);
 }
+
+#[test]
+fn snapshots_show_how_recently_every_pack_a_restore_reads_was_verified() {
+    let e = Env::new();
+    setup(&e);
+    // Per source: (verified, verified_since_secs, unverified packs, packs, damaged blocks).
+    let states = || -> Vec<(String, bool, Option<i64>, u64, u64, u64)> {
+        let v = e.ok(&["snapshots", "--verified", "--json"]).json();
+        let mut states: Vec<_> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let st = &s["verification"];
+                (
+                    s["source"].as_str().unwrap().to_string(),
+                    st["verified"].as_bool().unwrap(),
+                    st["verified_since_secs"].as_i64(),
+                    st["unverified_packs"].as_u64().unwrap(),
+                    st["packs"].as_u64().unwrap(),
+                    st["damaged_blocks"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        states.sort();
+        states
+    };
+    // Nothing verified yet: each snapshot needs its own packs (5 MiB of its own data, its manifest segment).
+    for (source, verified, since, unverified, packs, damaged) in states() {
+        assert!(!verified && since.is_none() && damaged == 0, "{source}");
+        assert!(packs >= 6 && unverified == packs, "{source}: {unverified} of {packs} packs unverified");
+    }
+    // Verifying one VM's snapshot verifies it and no other.
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let before = now();
+    e.ok(&["check", "--read-data", "--snapshot", "latest", "--name", "vm1"]);
+    let after = now();
+    let s = states();
+    assert!(s[1].1 && (before..=after).contains(&s[1].2.unwrap()) && s[1].3 == 0, "{s:?}");
+    assert!(!s[0].1 && !s[2].1 && s[0].3 == s[0].4, "{s:?}");
+    let table = e.ok(&["snapshots", "--verified"]).stdout;
+    assert!(table.contains("unverified (") && table.contains("verified (UTC)"), "{table}");
+
+    // A damaged data pack, found by a full check: the snapshot that needs it is damaged, as its restore is, and
+    // the others are verified by that check.
+    let pack = e.objects("packs").into_iter().max_by_key(|p| e.object_size(p)).unwrap();
+    e.flip(&pack, 100);
+    e.fails(&["check", "--read-data"]);
+    let metrics = e.path("metrics.prom");
+    e.ok(&["snapshots", "--verified", "--metrics-file", metrics.to_str().unwrap()]);
+    let metrics = std::fs::read_to_string(&metrics).unwrap();
+    for (source, verified, _, unverified, _, damaged) in states() {
+        let out = e.path(&format!("{source}.out"));
+        let restored = e.run(&["restore", "latest", "--name", &source, "--target", out.to_str().unwrap()]).code == 0;
+        assert_eq!(restored, damaged == 0, "{source}: damaged blocks {damaged}, restore succeeded: {restored}");
+        assert_eq!(verified, restored, "{source}");
+        assert_eq!(unverified, 0, "{source}");
+        let (label, value) = (format!("source=\"{source}\"}}"), format!(" {}", !restored as u8));
+        let damaged_gauge =
+            metrics.lines().find(|l| l.starts_with("diskvault_snapshots_damaged{") && l.contains(&label));
+        assert!(damaged_gauge.is_some_and(|l| l.ends_with(&value)), "{source}: {metrics}");
+    }
+    assert!(e.ok(&["snapshots", "--verified"]).stdout.contains("DAMAGED (1 block)"));
+}

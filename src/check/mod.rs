@@ -16,6 +16,7 @@
 
 mod headers;
 mod index;
+mod snapshot_state;
 
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
@@ -34,6 +35,7 @@ use crate::restore::{
     fetch_blobs, plan_reads, preload_bases, split_deltas, with_range_buffer, Bases, ReadJob, Want, WantsByPack,
 };
 pub use headers::{CheckedHeader, HeaderRecord, FILE_NAME as HEADER_RECORD};
+pub use snapshot_state::{snapshot_states, SnapshotState};
 
 /// Which packs `--read-data` reads.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -70,6 +72,35 @@ impl DataSubset {
 
 /// Verification records beyond this many are merged into one by the next data check.
 const MAX_VERIFICATION_RECORDS: usize = 8;
+
+/// What the verification records (format-spec §8a) say.
+#[derive(Debug, Default)]
+pub struct Verifications {
+    /// The records read (a check merges them once there are too many).
+    pub record_ids: Vec<ObjectId>,
+    /// When each pack was last read and verified (the checking host's clock, seconds since the epoch).
+    pub last_verified: HashMap<ObjectId, i64>,
+    /// Why records could not be read: each only makes some packs look less recently verified.
+    pub unreadable: Vec<String>,
+}
+
+impl Verifications {
+    pub fn load(repo: &Repository) -> Result<Verifications> {
+        let mut v = Verifications { record_ids: list_ids(&**repo.backend(), names::VERIFIED)?, ..Default::default() };
+        for rid in &v.record_ids {
+            match repo.load_verification(rid) {
+                Ok(rec) => {
+                    for (id, secs) in rec.entries {
+                        let e = v.last_verified.entry(id).or_insert(secs);
+                        *e = (*e).max(secs);
+                    }
+                }
+                Err(e) => v.unreadable.push(e.to_string()),
+            }
+        }
+        Ok(v)
+    }
+}
 
 /// Picks the packs to read: all, or the least recently verified fraction (never verified first).
 fn select_packs(
@@ -235,20 +266,10 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
     }
 
     // Data: the selected packs, least recently verified first.
-    let record_ids = if subset == DataSubset::None { Vec::new() } else { list_ids(&**backend, names::VERIFIED)? };
-    let mut last_verified: HashMap<ObjectId, i64> = HashMap::new();
-    for rid in &record_ids {
-        match repo.load_verification(rid) {
-            Ok(rec) => {
-                for (id, secs) in rec.entries {
-                    let e = last_verified.entry(id).or_insert(secs);
-                    *e = (*e).max(secs);
-                }
-            }
-            // A lost record only costs ordering: warn and go on.
-            Err(e) => report.warnings.push(e.to_string()),
-        }
-    }
+    let Verifications { record_ids, last_verified, unreadable } =
+        if subset == DataSubset::None { Verifications::default() } else { Verifications::load(repo)? };
+    // A lost record only costs ordering: warn and go on.
+    report.warnings.extend(unreadable);
     // With snapshots named: only the packs a restore of them reads are read, and data damage elsewhere is not
     // theirs to report.
     let needed_packs = match &opts.snapshots {

@@ -1,7 +1,11 @@
 //! `diskvault snapshots`.
 
 use super::{FilterArgs, Globals};
+use crate::check::SnapshotState;
 use crate::error::{Error, Result};
+use crate::format::snapshot::Snapshot;
+use crate::format::ObjectId;
+use crate::repository::Repository;
 use crate::util::{format_utc, human_bytes};
 
 #[derive(clap::Args, Debug)]
@@ -11,6 +15,12 @@ pub struct SnapshotsArgs {
     /// Only the newest N snapshots of each source.
     #[arg(long, value_name = "N")]
     latest: Option<usize>,
+    /// Also show how recently each snapshot was verified byte for byte: the oldest time a data check
+    /// (`check --read-data`, a subset, or `--snapshot`) verified one of the packs a restore of it reads;
+    /// "unverified" while some of them never were; "DAMAGED" when a block of it cannot be read. Reads the
+    /// snapshots' manifest segments.
+    #[arg(long)]
+    verified: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -37,11 +47,14 @@ pub fn run(g: &Globals, args: &SnapshotsArgs) -> Result<()> {
     if let Some(n) = args.latest {
         snaps = newest_per_source(snaps, n);
     }
+    let states = if args.verified { Some(verification_states(g, &repo, &snaps)?) } else { None };
+    let state_of = |i: usize| states.as_ref().map(|s| &s[i]);
     if args.json {
         let v: Vec<serde_json::Value> = snaps
             .iter()
-            .map(|(id, s)| {
-                serde_json::json!({
+            .enumerate()
+            .map(|(i, (id, s))| {
+                let mut v = serde_json::json!({
                     "id": id.hex(),
                     "time": format_utc(s.time_secs),
                     "time_secs": s.time_secs,
@@ -68,17 +81,33 @@ pub fn run(g: &Globals, args: &SnapshotsArgs) -> Result<()> {
                         "bytes_added": s.summary.bytes_added,
                         "new_blobs": s.summary.new_blobs,
                     },
-                })
+                });
+                if let Some(state) = state_of(i) {
+                    v["verification"] = serde_json::json!({
+                        "verified": state.is_verified(),
+                        "verified_since": state.verified_since.map(format_utc),
+                        "verified_since_secs": state.verified_since,
+                        "packs": state.packs,
+                        "unverified_packs": state.unverified,
+                        "damaged_blocks": state.damaged_blocks,
+                    });
+                }
+                v
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v).expect("JSON of plain values"));
         return done();
     }
-    println!("{:<10} {:<19} {:<16} {:<20} {:<28} {:>10}  tags", "id", "time (UTC)", "host", "source", "disks", "added");
-    for (id, s) in &snaps {
+    let verified_header = if states.is_some() { format!("  {:<24}", "verified (UTC)") } else { String::new() };
+    println!(
+        "{:<10} {:<19} {:<16} {:<20} {:<28} {:>10}{verified_header}  tags",
+        "id", "time (UTC)", "host", "source", "disks", "added"
+    );
+    for (i, (id, s)) in snaps.iter().enumerate() {
         let disks: Vec<String> = s.disks.iter().map(|d| format!("{} ({})", d.name, human_bytes(d.capacity))).collect();
+        let verified = state_of(i).map(|st| format!("  {:<24}", describe(st))).unwrap_or_default();
         println!(
-            "{:<10} {:<19} {:<16} {:<20} {:<28} {:>10}  {}",
+            "{:<10} {:<19} {:<16} {:<20} {:<28} {:>10}{verified}  {}",
             id.short(),
             format_utc(s.time_secs),
             s.hostname,
@@ -111,9 +140,61 @@ pub fn run(g: &Globals, args: &SnapshotsArgs) -> Result<()> {
     done()
 }
 
+/// Each snapshot's verification state (see [`crate::check::snapshot_states`]).
+fn verification_states(g: &Globals, repo: &Repository, snaps: &[(ObjectId, Snapshot)]) -> Result<Vec<SnapshotState>> {
+    let verifications = crate::check::Verifications::load(repo)?;
+    for e in &verifications.unreadable {
+        eprintln!("cannot read: {e} (a verification record: its packs show as less recently verified)");
+    }
+    let cache = g.open_cache(repo)?;
+    let listed: Vec<&Snapshot> = snaps.iter().map(|(_, s)| s).collect();
+    let states = crate::check::snapshot_states(repo, &cache, &listed, &verifications.last_verified)?;
+    record_verification_metrics(snaps, &states);
+    Ok(states)
+}
+
+/// The table's "verified" column.
+fn describe(state: &SnapshotState) -> String {
+    if state.damaged_blocks > 0 {
+        format!("DAMAGED ({})", crate::util::count(state.damaged_blocks as usize, "block"))
+    } else if state.unverified > 0 {
+        format!("unverified ({}/{} packs)", state.unverified, state.packs)
+    } else {
+        state.verified_since.map(format_utc).unwrap_or_else(|| "yes (no data)".into())
+    }
+}
+
+/// Per source, of the snapshots listed: when the newest verified one was taken, and how many are damaged.
+fn record_verification_metrics(snaps: &[(ObjectId, Snapshot)], states: &[SnapshotState]) {
+    use crate::metrics::gauge;
+    let mut by_source: std::collections::BTreeMap<&str, (f64, usize)> = std::collections::BTreeMap::new();
+    for ((_, s), state) in snaps.iter().zip(states) {
+        let e = by_source.entry(s.source.as_str()).or_insert((0.0, 0));
+        if state.is_verified() {
+            e.0 = e.0.max(s.unix_time());
+        }
+        e.1 += (state.damaged_blocks > 0) as usize;
+    }
+    for (source, (newest_verified, damaged)) in by_source {
+        let l = [("source", source)];
+        gauge(
+            "diskvault_snapshot_newest_verified_timestamp_seconds",
+            "Time of the source's newest listed snapshot whose every pack a data check verified (0: none).",
+            &l,
+            newest_verified,
+        );
+        gauge(
+            "diskvault_snapshots_damaged",
+            "Listed snapshots of the source with blocks that cannot be read.",
+            &l,
+            damaged as f64,
+        );
+    }
+}
+
 /// Per source, how many snapshots there are and when the newest was taken: run from one monitoring host,
 /// `snapshots --metrics-file` watches every VM that any proxy backs up into the repository.
-fn record_metrics(snaps: &[(crate::format::ObjectId, crate::format::snapshot::Snapshot)], unreadable: usize) {
+fn record_metrics(snaps: &[(ObjectId, Snapshot)], unreadable: usize) {
     use crate::metrics::gauge;
     gauge(
         "diskvault_snapshot_objects_unreadable",
@@ -135,10 +216,7 @@ fn record_metrics(snaps: &[(crate::format::ObjectId, crate::format::snapshot::Sn
 }
 
 /// The newest `n` snapshots of each source in `snaps` (oldest first), in the same order.
-fn newest_per_source(
-    snaps: Vec<(crate::format::ObjectId, crate::format::snapshot::Snapshot)>,
-    n: usize,
-) -> Vec<(crate::format::ObjectId, crate::format::snapshot::Snapshot)> {
+fn newest_per_source(snaps: Vec<(ObjectId, Snapshot)>, n: usize) -> Vec<(ObjectId, Snapshot)> {
     let mut left: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     let mut out: Vec<_> = snaps
         .into_iter()
