@@ -169,12 +169,7 @@ impl<'a> Bases<'a> {
     /// Opens a blob with `open`, given its delta base if it is a delta blob: the base read ahead for this batch,
     /// else one of this thread's recent bases, else read now (consecutive changed blocks of a disk often share
     /// a base, such as a clone's file copied from one template block).
-    fn with_base<T>(
-        &self,
-        repo: &Repository,
-        entry: &PackEntry,
-        open: impl FnOnce(Option<&[u8]>) -> T,
-    ) -> std::result::Result<T, String> {
+    fn with_base<T>(&self, repo: &Repository, entry: &PackEntry, open: impl FnOnce(Option<&[u8]>) -> T) -> Result<T> {
         const KEPT: usize = 4;
         thread_local! {
             static RECENT: std::cell::RefCell<Vec<(BlobId, std::rc::Rc<Vec<u8>>)>> =
@@ -188,9 +183,7 @@ impl<'a> Bases<'a> {
         let base = match recent {
             Some(b) => b,
             None => {
-                let b = std::rc::Rc::new(
-                    repo.read_base(entry, self.locator).map_err(|e| e.to_string())?.expect("a delta has a base"),
-                );
+                let b = std::rc::Rc::new(repo.read_base(entry, self.locator)?.expect("a delta has a base"));
                 RECENT.with_borrow_mut(|v| {
                     if v.len() == KEPT {
                         v.remove(0);
@@ -762,12 +755,13 @@ fn run_read_job(
     let bs = disk.block_size as u64;
     let (mut blocks, mut bytes) = (0, 0);
     let mut stopped: Result<()> = Ok(());
-    let mut write_blob = |w: &Want, plain: std::result::Result<AlignedBuf, String>| -> Result<()> {
+    let mut write_blob = |w: &Want, plain: std::result::Result<AlignedBuf, BlobFailure>| -> Result<()> {
         let plain = match plain {
             Ok(p) => Arc::new(p),
-            Err(cause) => {
-                let cause = format!("{}: {cause}", names::pack(&job.pack));
-                return damaged(w.blocks.clone(), cause, &[(job.pack, w.entry.id)]);
+            // As a range the storage failed to return: unreadable now, but no copy is recorded damaged.
+            Err(f) => {
+                let cause = format!("{}: {}", names::pack(&job.pack), f.cause);
+                return damaged(w.blocks.clone(), cause, &f.damaged);
             }
         };
         for &b in &w.blocks {
@@ -814,7 +808,7 @@ pub(crate) fn fetch_blobs(
     job: &ReadJob,
     data: &mut Vec<u8>,
     spare: Option<&BufferPool>,
-    mut each: impl FnMut(&Want, std::result::Result<(AlignedBuf, &[u8]), String>),
+    mut each: impl FnMut(&Want, std::result::Result<(AlignedBuf, &[u8]), BlobFailure>),
 ) -> Result<()> {
     let range = repo.backend().get_range_placed(&names::pack(&job.pack), job.offset, job.len, data)?;
     let data = &mut data[range];
@@ -826,6 +820,28 @@ pub(crate) fn fetch_blobs(
     Ok(())
 }
 
+/// Why a wanted blob of a fetched range did not open.
+#[derive(Debug)]
+pub(crate) struct BlobFailure {
+    /// What failed, naming the blob (and its delta base).
+    pub cause: String,
+    /// The blob copies this shows damaged or lost (format-spec §8d): the blob's own, and its delta base's when
+    /// that could not be read (the delta is of no use without it). Empty when the storage failed to answer a read
+    /// of the base: nothing is known damaged then.
+    pub damaged: Vec<(ObjectId, BlobId)>,
+}
+
+impl BlobFailure {
+    /// The error for a reader that stops at it, about `object`: damage, or the storage's failure.
+    pub fn into_error(self, object: String) -> Error {
+        if self.damaged.is_empty() {
+            Error::backend("read", object, self.cause)
+        } else {
+            Error::corrupt(object, self.cause)
+        }
+    }
+}
+
 /// Opens one wanted blob of a fetched range (`data` starts at `job.offset`), decrypting it where it lies.
 /// Returns the plaintext and the decrypted body.
 fn open_want<'d>(
@@ -835,16 +851,31 @@ fn open_want<'d>(
     data: &'d mut [u8],
     w: &Want,
     mut plain: AlignedBuf,
-) -> std::result::Result<(AlignedBuf, &'d [u8]), String> {
+) -> std::result::Result<(AlignedBuf, &'d [u8]), BlobFailure> {
+    let own = |cause: String| BlobFailure {
+        cause: format!("blob {} at offset {}: {cause}", w.entry.id, w.entry.offset),
+        damaged: vec![(job.pack, w.entry.id)],
+    };
     let rel = (w.entry.offset as u64 - job.offset) as usize;
-    let stored = data
-        .get_mut(rel..rel + w.entry.stored_len as usize)
-        .ok_or_else(|| format!("blob {} at offset {}: the pack ends early", w.entry.id, w.entry.offset))?;
-    let body = bases
+    let stored =
+        data.get_mut(rel..rel + w.entry.stored_len as usize).ok_or_else(|| own("the pack ends early".into()))?;
+    let opened = bases
         .with_base(repo, &w.entry, |base| pack::open_blob_in_place(repo.keys(), &w.entry, stored, &mut plain, base))
-        .map_err(|cause| format!("its delta base: {cause}"))
-        .and_then(|opened| opened)
-        .map_err(|cause| format!("blob {} at offset {}: {cause}", w.entry.id, w.entry.offset))?;
+        .map_err(|e| {
+            let mut failure = own(format!("its delta base: {e}"));
+            match e {
+                // The base lost or damaged: its copy too, when the index has it as a base.
+                Error::Missing { .. } | Error::Corrupt { .. } => failure.damaged.extend(
+                    w.entry
+                        .base
+                        .and_then(|b| bases.locator.locate(&b).ok().flatten())
+                        .and_then(|loc| loc.entry.can_be_base().then_some((loc.pack, loc.entry.id))),
+                ),
+                _ => failure.damaged.clear(),
+            }
+            failure
+        })?;
+    let body = opened.map_err(own)?;
     Ok((plain, &stored[body]))
 }
 

@@ -116,10 +116,12 @@ impl Shared {
                         let form = self.blobs.keep_forms.then(|| StoredForm::of(&want.entry, body)).flatten();
                         self.blobs.insert(want.entry.id, Arc::new(plain), form)
                     }
-                    Err(cause) => {
-                        self.record_damage(job.pack, want.entry.id);
+                    Err(failure) => {
+                        for (pack, blob) in &failure.damaged {
+                            self.record_damage(*pack, *blob);
+                        }
                         if primary.is_none_or(|p| p == want.entry.id) && failed.is_none() {
-                            failed = Some(Error::corrupt(crate::format::names::pack(&job.pack), cause))
+                            failed = Some(failure.into_error(crate::format::names::pack(&job.pack)))
                         }
                     }
                 },

@@ -1079,12 +1079,11 @@ fn fetch_window(
                         .unwrap_or_else(|e| e.into_inner())
                         .extend(w.blocks.iter().map(|&b| (b, Some(p.clone()))));
                 }
-                Err(cause) => {
+                Err(failure) => {
                     failed.get_or_insert_with(|| {
-                        Error::corrupt(
-                            format!("blob {} in {}", w.entry.id, crate::format::names::pack(&job.pack)),
-                            format!("block {} of disk {}: {cause}", w.blocks[0], disk.name),
-                        )
+                        let cause = format!("block {} of disk {}: {}", w.blocks[0], disk.name, failure.cause);
+                        let object = format!("blob {} in {}", w.entry.id, crate::format::names::pack(&job.pack));
+                        crate::restore::BlobFailure { cause, ..failure }.into_error(object)
                     });
                 }
             })

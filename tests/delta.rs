@@ -216,23 +216,43 @@ fn prune_keeps_the_base_of_a_live_delta_and_frees_it_later() {
 #[test]
 fn a_damaged_base_is_reported_for_the_blocks_of_its_deltas() {
     let e = Env::with_repo();
-    let (path, day0, _) = first_day(&e, 4, 12);
+    let (path, day0, s0) = first_day(&e, 4, 12);
     let day1 = small_writes(&day0, 1);
     let s1 = backup_day(&e, &path, &day1, &[]);
     let (delta, base) = e.delta_blobs()[0];
     let (pack, offset) = blob_place(&e, &base);
     e.flip(&pack, offset + 100);
 
+    // Day 0 holds the base, day 1 its deltas: `snapshots --verified` counts those blocks in each, once the
+    // damage is recorded: by a check of day 0 alone (which reads the base's pack, not the deltas'), by a restore
+    // of day 1, by a check of everything.
+    let deltas_of_base = e.delta_blobs().iter().filter(|(_, b)| *b == base).count() as u64;
+    let damaged_blocks_shown = || {
+        let listed = e.ok(&["snapshots", "--verified", "--json"]).json();
+        let damaged: Vec<(String, u64)> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| (s["id"].as_str().unwrap().to_string(), s["verification"]["damaged_blocks"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(damaged.iter().find(|(id, _)| *id == s1).unwrap().1, deltas_of_base, "{damaged:?}");
+        assert_eq!(damaged.iter().find(|(id, _)| *id != s1).unwrap().1, 1, "{damaged:?}");
+    };
+    e.fails(&["check", "--read-data", "--snapshot", &s0]);
+    damaged_blocks_shown();
+
     // Restore stops with an error naming the delta and its base; nothing silently wrong.
     let t = e.path("out.raw");
     let r = e.fails(&["restore", &s1, "--target", t.to_str().unwrap()]);
     assert!(r.stderr.contains(&delta.to_string()[..8]) || r.stderr.contains(&base.to_string()[..8]), "{}", r.stderr);
+    damaged_blocks_shown();
     // Check names the damaged base, and the snapshot block that needs it through the delta.
     let c = e.run(&["check", "--read-data"]);
     assert_ne!(c.code, 0, "{}", c.stdout);
     let all = format!("{}{}", c.stdout, c.stderr);
     assert!(all.contains(&format!("blob {delta}")) && all.contains(&format!("its delta base: {pack}")), "{all}");
     assert!(all.contains(&format!("snapshot {} (vm)", &s1[..8])), "day 1's changed block is reported: {all}");
+    damaged_blocks_shown();
 
     // Day 0's pack lost: the structure check alone counts day 1's deltas (stored in day 1's pack) as lost too.
     e.delete_object(&pack);
@@ -241,6 +261,32 @@ fn a_damaged_base_is_reported_for_the_blocks_of_its_deltas() {
     let all = format!("{}{}", c.stdout, c.stderr);
     let day1 = all.lines().find(|l| l.contains(&format!("snapshot {} (vm)", &s1[..8]))).unwrap_or_default();
     assert!(day1.contains("12 block(s) in blocks 0..12 are unreadable"), "{all}");
+}
+
+#[test]
+fn a_base_the_storage_fails_to_return_is_not_recorded_as_damage() {
+    let e = Env::local();
+    e.ok(&["init"]);
+    let (path, day0, _) = first_day(&e, 5, 12);
+    let day1 = small_writes(&day0, 1);
+    let s1 = backup_day(&e, &path, &day1, &[]);
+    let (_, base) = e.delta_blobs()[0];
+    let (pack, _) = blob_place(&e, &base);
+    // The storage fails to return day 0's pack: a directory where its file was reads with EISDIR, a storage
+    // error as an unreachable server's is, not damage.
+    let file = e.repo().join(&pack);
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    let t = e.path("out.raw");
+    let r = e.run(&["restore", &s1, "--allow-partial", "--target", t.to_str().unwrap()]);
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(r.stderr.contains("its delta base"), "the deltas' blocks are named: {}", r.stderr);
+    assert_eq!(e.objects("damaged"), Vec::<String>::new(), "nothing is known damaged: {}", r.stderr);
+    // The pack back, day 1 restores whole.
+    std::fs::remove_dir(&file).unwrap();
+    std::fs::write(&file, bytes).unwrap();
+    assert!(e.restore(&s1, &[]) == day1, "day 1 restores bit-exact");
 }
 
 #[test]

@@ -1144,10 +1144,13 @@ fn check_delta_read(repo: &Repository, bases: &Bases, job: &ReadJob) -> Vec<Prob
     };
     let mut problems = Vec::new();
     let fetched = with_range_buffer(|data| {
-        fetch_blobs(repo, bases, job, data, None, |w, plain| {
-            if let Err(cause) = plain {
-                problems.push(damaged(w, &cause));
+        fetch_blobs(repo, bases, job, data, None, |w, plain| match plain {
+            // The storage failed to return its base: reported, but the delta is not known damaged.
+            Err(f) if f.damaged.is_empty() => {
+                problems.push(Problem { damage: Damage::Noted, ..damaged(w, &f.cause) });
             }
+            Err(f) => problems.push(damaged(w, &f.cause)),
+            Ok(_) => {}
         })
     });
     if let Err(e) = fetched {
