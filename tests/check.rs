@@ -304,3 +304,51 @@ fn snapshots_show_how_recently_every_pack_a_restore_reads_was_verified() {
     }
     assert!(e.ok(&["snapshots", "--verified"]).stdout.contains("DAMAGED (1 block)"));
 }
+
+#[test]
+fn backup_verify_reads_back_what_no_check_verified_and_fails_on_damage_the_snapshot_needs() {
+    let e = Env::new();
+    e.ok(&["init", "--pack-size", "1"]);
+    let d = e.path("d0");
+    let mut data = random_bytes(7, 5 * MIB);
+    write(&d, &data);
+    let backup = |extra: &[&str]| {
+        let mut args = vec!["backup", d.to_str().unwrap(), "--name", "vm0"];
+        args.extend_from_slice(extra);
+        e.run(&args)
+    };
+    // The first backup's verification reads all it stored; an incremental's, only the packs it added.
+    let first = backup(&["--verify"]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    // The check's "; read N packs" (the backup's own lines say "read" too).
+    let first_read = number_after(&first.stdout, "; read ");
+    assert!(first_read >= 6 && first.stdout.contains("no errors found"), "{}", first.stdout);
+    data[MIB..MIB + 4096].copy_from_slice(&random_bytes(8, 4096));
+    write(&d, &data);
+    let second = backup(&["--verify"]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    let second_read = number_after(&second.stdout, "; read ");
+    assert!((1..first_read).contains(&second_read), "read {second_read} packs, the first {first_read}");
+    let v = e.ok(&["snapshots", "--verified", "--json"]).json();
+    assert!(v.as_array().unwrap().iter().all(|s| s["verification"]["verified"] == true), "{v:#}");
+
+    // A backup not verified, its packs damaged: a verified backup that reuses its blocks reads those packs (never
+    // verified), fails naming them, and its snapshot is saved all the same.
+    let other = e.path("d1");
+    let mut other_data = random_bytes(9, 3 * MIB);
+    write(&other, &other_data);
+    let before = e.objects("packs");
+    e.backup(&[other.to_str().unwrap(), "--name", "vm1"]);
+    let added: Vec<String> = e.objects("packs").into_iter().filter(|p| !before.contains(p)).collect();
+    for pack in &added {
+        e.flip(pack, 100);
+    }
+    other_data[..4096].copy_from_slice(&random_bytes(10, 4096));
+    write(&other, &other_data);
+    let r = e.run(&["backup", other.to_str().unwrap(), "--name", "vm2", "--verify"]);
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(added.iter().any(|p| r.stderr.contains(p.rsplit('/').next().unwrap())), "{}", r.stderr);
+    assert!(r.stdout.contains("snapshot ") && r.stdout.contains("saved"), "{}", r.stdout);
+    let v = e.ok(&["snapshots", "--verified", "--json", "--name", "vm2"]).json();
+    assert!(v[0]["verification"]["damaged_blocks"].as_u64().unwrap() > 0, "{v:#}");
+}

@@ -853,9 +853,13 @@ fn several_vms_in_one_run_within_the_per_host_disk_bound() {
     }
     let (a, b) = (vms[0]["name"].as_str().unwrap(), vms[1]["name"].as_str().unwrap());
     // Both VMs share the simulator's one host; 2 disks at most means one VM at a time.
-    let r = lab.ok(&["backup", "--json", "--vm", a, "--vm", b, "--max-disks-per-host", "2"]);
+    let r = lab.ok(&["backup", "--json", "--verify", "--vm", a, "--vm", b, "--max-disks-per-host", "2"]);
     let results = r.as_array().unwrap();
     assert_eq!(results.len(), 2);
+    // --verify read back what both VMs' snapshots need: each shows as verified.
+    let listed = lab.env.ok(&["snapshots", "--verified", "--json"]).json();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    assert!(listed.as_array().unwrap().iter().all(|s| s["verification"]["verified"] == true), "{listed:#}");
     for (res, vm) in results.iter().zip(vms) {
         assert_eq!(res["source"], vm["name"]);
         assert_eq!(res["disks"][0]["blocks_read"], 2);

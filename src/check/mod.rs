@@ -47,10 +47,16 @@ pub enum DataSubset {
     /// partitions, running `1/4` four times reads every pack once, from any host, because each run records
     /// what it verified in `verified/`.
     Fraction(f64),
+    /// The packs no check has verified yet: with `--snapshot`, what a new backup added (verifying an incremental
+    /// reads its new data, not the whole disk again).
+    Unverified,
 }
 
 impl DataSubset {
     pub fn parse(s: &str) -> std::result::Result<DataSubset, String> {
+        if s == "unverified" {
+            return Ok(DataSubset::Unverified);
+        }
         if let Some(p) = s.strip_suffix('%') {
             let v: f64 = p.trim().parse().map_err(|_| format!("{s:?}: expected a percentage like 10%"))?;
             if !(v > 0.0 && v <= 100.0) {
@@ -58,7 +64,7 @@ impl DataSubset {
             }
             return Ok(DataSubset::Fraction(v / 100.0));
         }
-        let (n, m) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected n/m or a percentage"))?;
+        let (n, m) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected n/m, a percentage or unverified"))?;
         let (n, m): (u32, u32) = (
             n.trim().parse().map_err(|_| format!("{s:?}: n is not a number"))?,
             m.trim().parse().map_err(|_| format!("{s:?}: m is not a number"))?,
@@ -102,7 +108,8 @@ impl Verifications {
     }
 }
 
-/// Picks the packs to read: all, or the least recently verified fraction (never verified first).
+/// Picks the packs to read: all, the least recently verified fraction (never verified first), or those never
+/// verified.
 fn select_packs(
     subset: DataSubset,
     packs: &HashMap<ObjectId, u64>,
@@ -116,6 +123,10 @@ fn select_packs(
             all.sort_by_key(|(id, _)| (last_verified.get(id).copied().unwrap_or(i64::MIN), *id));
             let n = ((all.len() as f64 * f).ceil() as usize).min(all.len());
             all.truncate(n);
+            all
+        }
+        DataSubset::Unverified => {
+            all.retain(|(id, _)| !last_verified.contains_key(id));
             all
         }
     }

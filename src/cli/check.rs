@@ -7,6 +7,7 @@ use crate::cache::repository_dir;
 use crate::check::{self, CheckOptions, DataSubset};
 use crate::error::{Error, Result};
 use crate::progress::{Counters, Reporter};
+use crate::repository::Repository;
 use crate::util::human_bytes;
 
 #[derive(clap::Args, Debug)]
@@ -15,7 +16,8 @@ pub struct CheckArgs {
     #[arg(long, conflicts_with = "read_data_subset")]
     read_data: bool,
     /// Read and verify a fraction of the packs, the least recently verified first: `n/m` or `x%` (`1/7` run
-    /// daily verifies every pack in a week, from any host).
+    /// daily verifies every pack in a week, from any host); or `unverified`: the packs no check has verified
+    /// yet (with --snapshot, what that backup added).
     #[arg(long, value_parser = DataSubset::parse)]
     read_data_subset: Option<DataSubset>,
     /// Read data until the check has run this long (e.g. 45min, 2h; counted from its start, as borg counts
@@ -63,10 +65,24 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
         budget: args.max_duration.map(|s| std::time::Duration::from_secs(s as u64)),
         header_record: Some(repository_dir(&repo, &g.cache_root()).join(check::HEADER_RECORD)),
     };
+    check_and_report(g, &repo, &opts, false)
+}
+
+/// Runs a check, records its metrics, prints what it found (the summary to standard output, or with
+/// `summary_to_stderr` to standard error; problems to standard error) and fails when it found damage: `check`,
+/// and `backup --verify`.
+pub(super) fn check_and_report(
+    g: &Globals,
+    repo: &Repository,
+    opts: &CheckOptions,
+    summary_to_stderr: bool,
+) -> Result<()> {
+    let say = |line: String| if summary_to_stderr { eprintln!("{line}") } else { println!("{line}") };
+    let subset = opts.subset;
     let counters = Arc::new(Counters::default());
     let report = {
         let _r = Reporter::start("check", counters.clone(), g.progress);
-        check::run(&repo, &opts, &counters)?
+        check::run(repo, opts, &counters)?
     };
     {
         use crate::metrics::gauge;
@@ -115,7 +131,7 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
         (read, 0) => format!("; pack headers: {read} read"),
         (read, known) => format!("; pack headers: {read} read, {known} unchanged since an earlier check on this host"),
     };
-    println!(
+    say(format!(
         "checked {}, {}, {} ({}{headers}){}",
         crate::util::count(report.snapshots, "snapshot"),
         crate::util::count(report.index_files, "index file"),
@@ -126,16 +142,16 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
         } else {
             String::new()
         }
-    );
+    ));
     if subset != DataSubset::None {
         let oldest = report.oldest_verification.map(crate::util::format_utc).unwrap_or_else(|| "never".into());
-        println!(
+        say(format!(
             "verification: {} of {} packs never verified; the least recently verified on {oldest} (UTC)",
             report.never_verified, report.packs
-        );
+        ));
     }
     if report.damage_recorded > 0 {
-        println!(
+        say(format!(
             "damage recorded: {} damaged or lost; backups store those blocks again from their sources, and \
              restores read another copy where one is stored",
             if report.damage_recorded == 1 {
@@ -143,10 +159,10 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
             } else {
                 format!("{} blob copies", report.damage_recorded)
             }
-        );
+        ));
     }
     if report.is_healthy() {
-        println!("no errors found");
+        say("no errors found".into());
         Ok(())
     } else {
         if !report.damaged_index_files.is_empty() {
