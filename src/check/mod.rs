@@ -16,7 +16,7 @@
 
 mod headers;
 mod index;
-mod snapshot_state;
+mod needed;
 
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
@@ -35,7 +35,7 @@ use crate::restore::{
     fetch_blobs, plan_reads, preload_bases, split_deltas, with_range_buffer, Bases, ReadJob, Want, WantsByPack,
 };
 pub use headers::{CheckedHeader, HeaderRecord, FILE_NAME as HEADER_RECORD};
-pub use snapshot_state::{snapshot_states, SnapshotState};
+pub use needed::{snapshot_states, SnapshotState};
 
 /// Which packs `--read-data` reads.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -738,47 +738,18 @@ fn check_snapshots(
     Ok((referenced, every_segment_read && only.is_none()))
 }
 
-/// The packs a restore of `snapshots` reads: those of the copies of their segments and blocks that readers take
-/// (one `damage` does not name, where the index lists one) and of the delta blobs' bases. A snapshot or segment
-/// that cannot be read adds nothing here (the snapshot pass reports it).
+/// The packs a restore of `snapshots` reads, by check's index (see [`needed`]).
 fn packs_needed(
     repo: &Repository,
     index: &index::Index,
     damage: &KnownDamage,
     snapshots: &[ObjectId],
 ) -> Result<HashSet<ObjectId>> {
-    let read_copy =
-        |id: &BlobId| index.copies(id).find(|(pack, _)| !damage.at(pack, id)).or_else(|| index.first_copy(id));
-    let mut packs = HashSet::new();
-    let mut add = |id: &BlobId| {
-        if let Some((pack, entry)) = read_copy(id) {
-            packs.insert(pack);
-            if let Some((base_pack, _)) = entry.base.and_then(|b| read_copy(&b)) {
-                packs.insert(base_pack);
-            }
-        }
-    };
     let loaded = crate::util::with_request_threads(|| {
         snapshots.par_iter().filter_map(|id| repo.load_snapshot(id).ok()).collect::<Vec<Snapshot>>()
     })?;
-    let mut segments: Vec<BlobId> =
-        loaded.iter().flat_map(|s| s.disks.iter().flat_map(|d| d.segments.iter().map(|seg| seg.id))).collect();
-    segments.sort_unstable();
-    segments.dedup();
-    let read_segment = |id: &BlobId| {
-        let (pack, entry) = read_copy(id)?;
-        repo.read_blob(&BlobLocation { pack, entry }, &crate::repository::NoDeltas).ok()
-    };
-    crate::util::fetch_in_order(&segments, read_segment, |id, plain| {
-        add(id);
-        for block in plain.as_deref().map(segment_ids).unwrap_or_default() {
-            if !block.is_zero_block() {
-                add(&block);
-            }
-        }
-        Ok(())
-    })?;
-    Ok(packs)
+    let loaded: Vec<&Snapshot> = loaded.iter().collect();
+    needed::packs_needed(repo, &needed::IndexCopies { index, damage }, &loaded)
 }
 
 /// A manifest segment as a disk uses it: its id and block count, and the length of its blocks (every block but
