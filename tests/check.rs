@@ -296,8 +296,8 @@ fn snapshots_show_how_recently_every_pack_a_restore_reads_was_verified() {
         let restored = e.run(&["restore", "latest", "--name", &source, "--target", out.to_str().unwrap()]).code == 0;
         assert_eq!(restored, damaged == 0, "{source}: damaged blocks {damaged}, restore succeeded: {restored}");
         assert_eq!(verified, restored, "{source}");
-        // The damaged pack, which its check did not count as verified, is among the packs a restore reads.
-        assert_eq!(unverified, !restored as u64, "{source}");
+        // (The damaged snapshot's damaged pack keeps the time an earlier check verified it, if one did.)
+        assert!(!restored || unverified == 0, "{source}: {unverified} packs unverified");
         let (label, value) = (format!("source=\"{source}\"}}"), format!(" {}", !restored as u8));
         let damaged_gauge =
             metrics.lines().find(|l| l.starts_with("diskvault_snapshots_damaged{") && l.contains(&label));

@@ -48,8 +48,24 @@ pub const BLOCK_SIZE: u32 = 1 << 20;
 pub const SEGMENT_BLOCKS: usize = 4096;
 
 /// A 32-byte identifier: keyed BLAKE3 for blobs, plain BLAKE3 of the file bytes for stored files.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub struct BlobId(pub [u8; 32]);
+
+/// The bytes' order (as the index cache's keys sort), decided by the first eight in one integer comparison where
+/// they differ, as they nearly always do between hashes: sorting and searching millions of ids (`stats`,
+/// `snapshots --verified`, prune) spent a third of their time in byte-wise comparisons.
+impl Ord for BlobId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let head = |id: &BlobId| u64::from_be_bytes(id.0[..8].try_into().expect("8 of 32 bytes"));
+        head(self).cmp(&head(other)).then_with(|| self.0.cmp(&other.0))
+    }
+}
+
+impl PartialOrd for BlobId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 /// The id of a stored file (pack, index file, snapshot, key): BLAKE3 of its bytes.
 pub type ObjectId = BlobId;
@@ -223,4 +239,29 @@ pub(crate) fn bincode_decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Re
         return Err(format!("{} trailing bytes after the encoded value", bytes.len() - used));
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BlobId;
+
+    #[test]
+    fn ids_order_as_their_bytes() {
+        let mut ids: Vec<BlobId> = (0u32..2000).map(|i| BlobId(*blake3::hash(&i.to_le_bytes()).as_bytes())).collect();
+        // Ids alike in their first 8 bytes (and more), differing after them, or only in the last byte.
+        for (k, last) in [(8, 1u8), (8, 2), (31, 0), (31, 9), (0, 0)] {
+            let mut id = ids[0];
+            id.0[k..].fill(last);
+            ids.push(id);
+        }
+        for a in ids[..200].iter().chain(&ids[2000..]) {
+            for b in &ids {
+                assert_eq!(a.cmp(b), a.0.cmp(&b.0), "{a} {b}");
+            }
+        }
+        let mut sorted = ids.clone();
+        sorted.sort();
+        ids.sort_by_key(|id| id.0);
+        assert_eq!(sorted, ids);
+    }
 }
