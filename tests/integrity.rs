@@ -181,7 +181,11 @@ fn four_quarter_checks_verify_every_pack_once() {
     let quarter = packs.len().div_ceil(4);
     assert_eq!(verified.len(), 4 * quarter, "each run reads its quarter");
     assert_eq!(verified.len() - unique.len(), 4 * quarter - packs.len(), "no pack is read twice before all are read");
-    // The fifth run starts over with the least recently verified packs, and records are merged eventually.
+    // One VM's backup forgotten and its packs pruned: the fifth run starts over with the least recently verified
+    // packs, and records are merged eventually, without the pruned packs.
+    e.ok(&["forget", "latest", "--name", "vm0", "--prune"]);
+    let packs: HashSet<String> = e.objects("packs").iter().map(|p| id_of(p).to_string()).collect();
+    assert!(packs.len() < unique.len(), "prune deleted vm0's packs");
     for _ in 0..6 {
         e.ok(&["check", "--read-data-subset", "25%"]);
     }

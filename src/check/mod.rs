@@ -316,7 +316,9 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
         report.oldest_verification = pack_sizes.keys().filter_map(last).min();
     }
     if !read.is_empty() {
-        record_verification(repo, &read, &failed, &record_ids, last_verified)?;
+        // Packs gone since (a prune deleted them) are left out when the records are merged.
+        let gone = |id: &ObjectId| !pack_sizes.contains_key(id);
+        record_verification(repo, &read, &failed, &record_ids, last_verified, &gone)?;
     }
 
     // Packs that could not be used at all (`unusable`), and the blob copies found damaged or lost (`found`).
@@ -817,6 +819,7 @@ fn record_verification(
     failed: &HashSet<ObjectId>,
     previous_records: &[ObjectId],
     mut last_verified: HashMap<ObjectId, i64>,
+    gone: &dyn Fn(&ObjectId) -> bool,
 ) -> Result<()> {
     let now = crate::util::now_secs();
     let verified: Vec<(ObjectId, i64)> =
@@ -825,8 +828,10 @@ fn record_verification(
         repo.save_verification(&VerificationRecord { entries: verified })?;
         return Ok(());
     }
-    // Merge: one record with everything, written before the records it replaces are deleted.
+    // Merge: one record with everything but packs no longer stored, written before the records it replaces are
+    // deleted.
     last_verified.extend(verified);
+    last_verified.retain(|id, _| !gone(id));
     let mut entries: Vec<(ObjectId, i64)> = last_verified.into_iter().collect();
     entries.sort();
     let merged = repo.save_verification(&VerificationRecord { entries })?;
