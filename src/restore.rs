@@ -758,7 +758,8 @@ fn run_read_job(
     let mut write_blob = |w: &Want, plain: std::result::Result<AlignedBuf, BlobFailure>| -> Result<()> {
         let plain = match plain {
             Ok(p) => Arc::new(p),
-            // As a range the storage failed to return: unreadable now, but no copy is recorded damaged.
+            // The copies found damaged are recorded; where the storage failed to return a delta's base there are
+            // none, and the blocks are unreadable now, as those of a range it failed to return are.
             Err(f) => {
                 let cause = format!("{}: {}", names::pack(&job.pack), f.cause);
                 return damaged(w.blocks.clone(), cause, &f.damaged);

@@ -16,7 +16,8 @@ pub struct SnapshotsArgs {
     #[arg(long, value_name = "N")]
     latest: Option<usize>,
     /// Also show how recently each snapshot was verified byte for byte: the oldest time a data check
-    /// (`check --read-data`, a subset, or `--snapshot`) verified one of the packs a restore of it reads;
+    /// (`check --read-data`, a subset, `--snapshot`, or `backup --verify`) verified one of the packs a restore
+    /// of it reads;
     /// "unverified" while some of them never were; "DAMAGED" when a block of it cannot be read. Reads the
     /// snapshots' manifest segments.
     #[arg(long)]
