@@ -172,16 +172,26 @@ fn segment_needs(repo: &Repository, copies: &dyn Copies, snapshots: &[&Snapshot]
         Ok((copy, read_segment(repo, copy.map(|(loc, _)| loc), seg)))
     };
     // The distinct blocks, sorted and deduplicated whenever they doubled (incrementals repeat most of them).
+    // The first segments read are kept for the second pass, up to a bound: those of a few large disks (a 2 TiB
+    // disk has 512, of 128 KiB each) are then read once.
     let mut ids: Vec<BlobId> = Vec::new();
     let mut distinct_at = 0;
-    crate::util::fetch_in_order(&distinct, read, |_, r| {
-        if let Ok(seg_ids) = r?.1 {
+    let mut kept = Vec::new();
+    let mut kept_blocks = 0;
+    crate::util::fetch_in_order(&distinct, read, |seg, r| {
+        let (copy, seg_ids) = r?;
+        if let Ok(seg_ids) = &seg_ids {
             ids.extend(seg_ids.iter().filter(|id| !id.is_zero_block()));
             if ids.len() > 2 * distinct_at.max(1 << 20) {
                 ids.sort_unstable();
                 ids.dedup();
                 distinct_at = ids.len();
             }
+        }
+        // A prefix of `distinct`: from the first segment beyond the bound, none is kept.
+        kept_blocks += seg.blocks as usize;
+        if kept_blocks <= KEPT_SEGMENT_BLOCKS {
+            kept.push((copy, seg_ids));
         }
         Ok(())
     })?;
@@ -190,8 +200,7 @@ fn segment_needs(repo: &Repository, copies: &dyn Copies, snapshots: &[&Snapshot]
     let mut packs = PackNumbers::default();
     let blocks = BlockCopies::look_up(copies, ids, &mut packs)?;
     let mut needs = HashMap::with_capacity(distinct.len());
-    crate::util::fetch_in_order(&distinct, read, |seg, r| {
-        let (copy, ids) = r?;
+    let mut attribute = |seg: &SegmentRef, (copy, ids): (ChosenCopy, Result<Vec<BlobId>>)| -> Result<()> {
         let segment_pack = copy.map(|(loc, _)| packs.number(loc.pack));
         let need = match ids {
             Ok(ids) => blocks.needs(&ids, segment_pack),
@@ -203,9 +212,17 @@ fn segment_needs(repo: &Repository, copies: &dyn Copies, snapshots: &[&Snapshot]
         };
         needs.insert((seg.id, seg.blocks), need);
         Ok(())
-    })?;
+    };
+    let (first, rest) = distinct.split_at(kept.len());
+    for (seg, read) in first.iter().zip(kept) {
+        attribute(seg, read)?;
+    }
+    crate::util::fetch_in_order(rest, read, |seg, r| attribute(seg, r?))?;
     Ok(SegmentWalk { packs, needs })
 }
+
+/// The block ids of segments kept between the passes of [`segment_needs`] (32 bytes each: 64 MiB).
+const KEPT_SEGMENT_BLOCKS: usize = 2 << 20;
 
 /// The copies a restore reads for each of some distinct blocks: their packs' numbers (and their delta bases'),
 /// and whether the block can be read.
