@@ -20,7 +20,7 @@
 //! | [`guestfs`] | file-level restore (`ls`, `find`, `dump`, `extract`, `diff --files`): partition tables, LVM logical volumes, ext2/3/4, XFS and NTFS read in user space from [`serve`]'s disks, files copied out with their holes, permissions and times, or as a tar stream |
 //! | [`diff`] | which blocks of a disk differ between two snapshots, from the manifests alone |
 //! | [`copy`] | snapshots of another repository stored in this one: read through [`serve`]'s disks, stored by [`backup`], blocks sealed in the form the source stored them where both compress alike |
-//! | [`check`] | repository integrity: structure, and every byte with `--read-data`; the pack headers this host found in agreement with the index (`headers`); what a restore of snapshots reads and how recently each was verified (`needed`) |
+//! | [`check`] | repository integrity: structure, and every byte with `--read-data`; the pack headers this host found in agreement with the index (`headers`); what a restore of snapshots reads and how recently each was verified (`needed`); `backup --verify` through the index cache (`new_data`) |
 //! | [`damage`] | the blob copies found damaged or lost (`damaged/` records, written by `check`, restores, `serve`): backups store them again, readers take intact copies, prune never keeps one in use |
 //! | [`forget`] | retention policies: which snapshots to keep and why; protection |
 //! | [`tag`] | changing the tags of stored snapshots (each written again under a new id) |

@@ -321,15 +321,16 @@ fn backup_verify_reads_back_what_no_check_verified_and_fails_on_damage_the_snaps
     // The first backup's verification reads all it stored; an incremental's, only the packs it added.
     let first = backup(&["--verify"]);
     assert_eq!(first.code, 0, "{}", first.stderr);
-    // The check's "; read N packs" (the backup's own lines say "read" too).
-    let first_read = number_after(&first.stdout, "; read ");
-    assert!(first_read >= 6 && first.stdout.contains("no errors found"), "{}", first.stdout);
+    // "verified snapshot ID: read the N of the M packs a restore reads that no check had verified".
+    let first_read = number_after(&first.stdout, ": read the ");
+    assert!(first_read >= 6 && first_read == number_after(&first.stdout, " of the "), "{}", first.stdout);
     data[MIB..MIB + 4096].copy_from_slice(&random_bytes(8, 4096));
     write(&d, &data);
     let second = backup(&["--verify"]);
     assert_eq!(second.code, 0, "{}", second.stderr);
-    let second_read = number_after(&second.stdout, "; read ");
+    let second_read = number_after(&second.stdout, ": read the ");
     assert!((1..first_read).contains(&second_read), "read {second_read} packs, the first {first_read}");
+    assert!(number_after(&second.stdout, " of the ") > second_read, "{}", second.stdout);
     let v = e.ok(&["snapshots", "--verified", "--json"]).json();
     assert!(v.as_array().unwrap().iter().all(|s| s["verification"]["verified"] == true), "{v:#}");
 

@@ -17,6 +17,7 @@
 mod headers;
 mod index;
 mod needed;
+mod new_data;
 
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
@@ -36,6 +37,7 @@ use crate::restore::{
 };
 pub use headers::{CheckedHeader, HeaderRecord, FILE_NAME as HEADER_RECORD};
 pub use needed::{snapshot_states, SnapshotState};
+pub use new_data::{verify_new_data, NewDataReport};
 
 /// Which packs `--read-data` reads.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -299,7 +301,8 @@ pub fn run(repo: &Repository, opts: &CheckOptions, counters: &Counters) -> Resul
         let holds_deltas = |id: &ObjectId| index.pack(id).is_some_and(|p| p.entries.iter().any(|e| e.is_delta()));
         selected.sort_by_key(|(id, _)| !holds_deltas(id));
     }
-    let DataPass { problems: data_problems, read, .. } = read_data(repo, &index, &selected, deadline, counters)?;
+    let DataPass { problems: data_problems, read, .. } =
+        read_data(repo, Some(&index), &index, &selected, deadline, counters)?;
     // Interrupted: nothing is reported (nor recorded as verified) from a partial read.
     if crate::util::interrupted() {
         return Err(Error::Interrupted);
@@ -479,9 +482,11 @@ fn load_index(repo: &Repository, report: &mut CheckReport) -> Result<index::Inde
 
 /// The data pass: reads `selected` in order, several packs at a time, until the deadline (packs begun are
 /// finished), then the delta blobs whose bases were not met on the way (none are left in what it returns).
+/// Headers are compared with `index`'s listings where given; delta bases are found through `locator`.
 fn read_data(
     repo: &Repository,
-    index: &index::Index,
+    index: Option<&index::Index>,
+    locator: &dyn BlobLocator,
     selected: &[(ObjectId, u64)],
     deadline: Option<std::time::Instant>,
     counters: &Counters,
@@ -501,7 +506,7 @@ fn read_data(
             let Some(&(id, size)) = selected.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) else {
                 return out;
             };
-            let (p, deltas) = check_pack_data(repo, &id, size, index.pack(&id), index, &pending);
+            let (p, deltas) = check_pack_data(repo, &id, size, index.and_then(|i| i.pack(&id)), locator, &pending);
             counters.add_done(size);
             out.problems.extend(p);
             out.deltas.extend(deltas.into_iter().map(|e| (id, e)));
@@ -524,7 +529,7 @@ fn read_data(
             );
             pass.deltas.extend(left);
             let deltas = std::mem::take(&mut pass.deltas);
-            pass.problems.extend(check_deltas(repo, index, deltas)?);
+            pass.problems.extend(check_deltas(repo, locator, deltas)?);
             Ok(pass)
         })
     })?
@@ -751,7 +756,7 @@ fn packs_needed(
         snapshots.par_iter().filter_map(|id| repo.load_snapshot(id).ok()).collect::<Vec<Snapshot>>()
     })?;
     let loaded: Vec<&Snapshot> = loaded.iter().collect();
-    needed::packs_needed(repo, &needed::IndexCopies { index, damage }, &loaded)
+    Ok(needed::packs_needed(repo, &needed::IndexCopies { index, damage }, &loaded)?.0)
 }
 
 /// A manifest segment as a disk uses it: its id and block count, and the length of its blocks (every block but

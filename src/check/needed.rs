@@ -117,15 +117,20 @@ pub fn snapshot_states(
     Ok(states)
 }
 
-/// The packs a restore of `snapshots` reads (damaged copies' too: a check reading them judges them again).
+/// The packs a restore of `snapshots` reads (damaged copies' too: a check reading them judges them again), and
+/// how many blocks of each snapshot it cannot read.
 pub(super) fn packs_needed(
     repo: &Repository,
     copies: &dyn Copies,
     snapshots: &[&Snapshot],
-) -> Result<HashSet<ObjectId>> {
+) -> Result<(HashSet<ObjectId>, Vec<u64>)> {
     let SegmentWalk { packs, needs } = segment_needs(repo, copies, snapshots)?;
     let used: HashSet<u32> = needs.values().flat_map(|n| n.packs.iter().copied()).collect();
-    Ok(used.into_iter().map(|p| packs.ids[p as usize]).collect())
+    let damaged = snapshots
+        .iter()
+        .map(|s| s.disks.iter().flat_map(|d| &d.segments).map(|seg| needs[&(seg.id, seg.blocks)].damaged_blocks).sum())
+        .collect();
+    Ok((used.into_iter().map(|p| packs.ids[p as usize]).collect(), damaged))
 }
 
 /// What one manifest segment needs: the packs a restore reads for it (its own copy's, its blocks' and their

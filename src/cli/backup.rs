@@ -127,8 +127,9 @@ pub struct BackupArgs {
     #[arg(long)]
     no_delta: bool,
     /// After the backup, read back and verify byte for byte the packs its snapshot needs that no check has
-    /// verified yet (as `check --read-data-subset unverified --snapshot ID`): for an incremental, the data it
-    /// added. Damage found is reported and recorded, and the exit code is non-zero.
+    /// verified yet: for an incremental, the data it added (found through the local index cache, without the
+    /// index download of `check --read-data-subset unverified --snapshot ID`, which also checks the structure).
+    /// Damage found is reported and recorded, and the exit code is non-zero.
     #[arg(long)]
     verify: bool,
 }
@@ -273,26 +274,64 @@ pub fn run(g: &Globals, args: &BackupArgs) -> Result<()> {
     let counters = Arc::new(Counters::default());
     let (id, snap) = {
         let _reporter = Reporter::start("backup", counters.clone(), g.progress);
-        backup::run(&repo, cache, jobs, &opts, &counters)?
+        backup::run(&repo, cache.clone(), jobs, &opts, &counters)?
     };
 
     print_result(args, &repo, &id, &snap, None)?;
-    verify_new(g, args, &repo, vec![id])
+    verify_new(g, args, &repo, &cache, vec![(id, snap)])
 }
 
-/// `--verify`: checks the new snapshots, reading the packs they need that no check has verified yet. With
-/// `--json` its summary goes to standard error, leaving standard output to the backup's JSON.
-fn verify_new(g: &Globals, args: &BackupArgs, repo: &Repository, snapshots: Vec<ObjectId>) -> Result<()> {
+/// `--verify`: reads back the packs the new snapshots need that no check has verified yet. With `--json` its
+/// summary goes to standard error, leaving standard output to the backup's JSON.
+fn verify_new(
+    g: &Globals,
+    args: &BackupArgs,
+    repo: &Repository,
+    cache: &crate::cache::IndexCache,
+    snapshots: Vec<(ObjectId, crate::format::snapshot::Snapshot)>,
+) -> Result<()> {
     if !args.verify || snapshots.is_empty() {
         return Ok(());
     }
-    let opts = crate::check::CheckOptions {
-        subset: crate::check::DataSubset::Unverified,
-        snapshots: Some(snapshots),
-        header_record: Some(crate::cache::repository_dir(repo, &g.cache_root()).join(crate::check::HEADER_RECORD)),
-        budget: None,
+    let counters = Arc::new(Counters::default());
+    let report = {
+        let _reporter = Reporter::start("verify", counters.clone(), g.progress);
+        crate::check::verify_new_data(repo, cache, &snapshots, &counters)?
     };
-    super::check::check_and_report(g, repo, &opts, args.json)
+    crate::metrics::gauge(
+        "diskvault_backup_verify_errors",
+        "Damage backup --verify found in the data the new snapshots need.",
+        &[],
+        report.errors.len() as f64,
+    );
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    for e in &report.errors {
+        eprintln!("damaged: {e}");
+    }
+    let ids: Vec<String> = snapshots.iter().map(|(id, _)| id.short()).collect();
+    let summary = format!(
+        "verified {} {}: read the {} of the {} packs a restore reads that no check had verified ({})",
+        if ids.len() == 1 { "snapshot" } else { "snapshots" },
+        ids.join(", "),
+        report.packs_read,
+        report.packs_needed,
+        human_bytes(report.bytes_read)
+    );
+    if args.json {
+        eprintln!("{summary}");
+    } else {
+        println!("{summary}");
+    }
+    match report.errors.len() {
+        0 => Ok(()),
+        n => Err(Error::invalid(format!(
+            "verifying the new data found {} (listed above): recorded, so that the next backups store those \
+             blocks again; `check --read-data` judges the rest of the repository",
+            crate::util::count(n, "error")
+        ))),
+    }
 }
 
 /// A saved snapshot's numbers as metrics for `--metrics-file`, labelled by source (and disk).
@@ -519,7 +558,7 @@ fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
     for (info, result) in vms.iter().zip(results) {
         match result {
             Ok(b) => {
-                saved.push(b.id);
+                saved.push((b.id, b.snapshot.clone()));
                 record_metrics(&b.snapshot);
                 record_vm_metrics(&b.snapshot.source, &b.disks);
                 crate::metrics::gauge(
@@ -571,7 +610,7 @@ fn run_vms(g: &Globals, args: &BackupArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out).expect("JSON of plain values"));
     }
     // The VMs backed up are verified even if another failed; that failure is the one reported.
-    let verified = verify_new(g, args, &repo, saved);
+    let verified = verify_new(g, args, &repo, &cache, saved);
     match first_error {
         Some(e) => Err(e),
         None => verified,

@@ -7,7 +7,6 @@ use crate::cache::repository_dir;
 use crate::check::{self, CheckOptions, DataSubset};
 use crate::error::{Error, Result};
 use crate::progress::{Counters, Reporter};
-use crate::repository::Repository;
 use crate::util::human_bytes;
 
 #[derive(clap::Args, Debug)]
@@ -65,24 +64,10 @@ pub fn run(g: &Globals, args: &CheckArgs) -> Result<()> {
         budget: args.max_duration.map(|s| std::time::Duration::from_secs(s as u64)),
         header_record: Some(repository_dir(&repo, &g.cache_root()).join(check::HEADER_RECORD)),
     };
-    check_and_report(g, &repo, &opts, false)
-}
-
-/// Runs a check, records its metrics, prints what it found (the summary to standard output, or with
-/// `summary_to_stderr` to standard error; problems to standard error) and fails when it found damage: `check`,
-/// and `backup --verify`.
-pub(super) fn check_and_report(
-    g: &Globals,
-    repo: &Repository,
-    opts: &CheckOptions,
-    summary_to_stderr: bool,
-) -> Result<()> {
-    let say = |line: String| if summary_to_stderr { eprintln!("{line}") } else { println!("{line}") };
-    let subset = opts.subset;
     let counters = Arc::new(Counters::default());
     let report = {
         let _r = Reporter::start("check", counters.clone(), g.progress);
-        check::run(repo, opts, &counters)?
+        check::run(&repo, &opts, &counters)?
     };
     {
         use crate::metrics::gauge;
@@ -131,7 +116,7 @@ pub(super) fn check_and_report(
         (read, 0) => format!("; pack headers: {read} read"),
         (read, known) => format!("; pack headers: {read} read, {known} unchanged since an earlier check on this host"),
     };
-    say(format!(
+    println!(
         "checked {}, {}, {} ({}{headers}){}",
         crate::util::count(report.snapshots, "snapshot"),
         crate::util::count(report.index_files, "index file"),
@@ -142,16 +127,16 @@ pub(super) fn check_and_report(
         } else {
             String::new()
         }
-    ));
+    );
     if subset != DataSubset::None {
         let oldest = report.oldest_verification.map(crate::util::format_utc).unwrap_or_else(|| "never".into());
-        say(format!(
+        println!(
             "verification: {} of {} packs never verified; the least recently verified on {oldest} (UTC)",
             report.never_verified, report.packs
-        ));
+        );
     }
     if report.damage_recorded > 0 {
-        say(format!(
+        println!(
             "damage recorded: {} damaged or lost; backups store those blocks again from their sources, and \
              restores read another copy where one is stored",
             if report.damage_recorded == 1 {
@@ -159,10 +144,10 @@ pub(super) fn check_and_report(
             } else {
                 format!("{} blob copies", report.damage_recorded)
             }
-        ));
+        );
     }
     if report.is_healthy() {
-        say("no errors found".into());
+        println!("no errors found");
         Ok(())
     } else {
         if !report.damaged_index_files.is_empty() {
