@@ -410,6 +410,19 @@ mod tempdir {
     }
 }
 
+/// Marks `cache_root` as a cache directory (bford.info/cachedir), as restic and borg mark theirs: backup tools
+/// that honour the tag (`restic --exclude-caches`, `borg --exclude-caches`, `tar --exclude-caches`) leave it out.
+/// Best effort: a cache that cannot be tagged still works.
+fn tag_as_cache(cache_root: &Path) {
+    const TAG: &str = "Signature: 8a477f597d28d172789f06886806bc55\n\
+                       # This file is a cache directory tag created by diskvault.\n\
+                       # For information about cache directory tags, see https://bford.info/cachedir/\n";
+    let path = cache_root.join("CACHEDIR.TAG");
+    if !path.exists() {
+        let _ = std::fs::create_dir_all(cache_root).and_then(|()| std::fs::write(&path, TAG));
+    }
+}
+
 impl IndexCache {
     /// Opens (or creates) the cache of `repo` under `cache_root` and brings it up to date with `index/`.
     ///
@@ -426,6 +439,7 @@ impl IndexCache {
     /// the right moment (backup and restore: after their session marker exists).
     pub fn open_unsynced(repo: &Repository, cache_root: &Path) -> Result<IndexCache> {
         tempdir::remove_abandoned();
+        tag_as_cache(cache_root);
         Self::open_path(&repository_dir(repo, cache_root).join("index"), repo)
     }
 

@@ -802,3 +802,14 @@ fn an_incremental_takes_each_unchanged_block_from_the_matching_parent_segment() 
         assert!(want == got, "the data at offset {at} differs");
     }
 }
+
+#[test]
+fn the_cache_directory_is_tagged_so_that_backup_tools_leave_it_out() {
+    let e = Env::with_repo();
+    let p = e.path("d");
+    write(&p, &random_bytes(1, MIB));
+    e.backup(&[p.to_str().unwrap()]);
+    // The tag's first line is fixed by the specification (bford.info/cachedir).
+    let tag = std::fs::read_to_string(e.cache().join("CACHEDIR.TAG")).unwrap();
+    assert!(tag.starts_with("Signature: 8a477f597d28d172789f06886806bc55\n"), "{tag:?}");
+}
