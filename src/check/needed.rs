@@ -1,6 +1,6 @@
-//! What a restore of snapshots reads: the packs of the copies it takes (`check --snapshot` reads those), and
-//! how recently each snapshot was verified byte for byte (`snapshots --verified`, as Proxmox Backup Server
-//! shows a verify state per snapshot).
+//! What a restore of snapshots reads: the packs of the copies it takes (`check --snapshot` reads those, and
+//! `backup --verify` those of them no check has verified), and how recently each snapshot was verified byte for
+//! byte (`snapshots --verified`, as Proxmox Backup Server shows a verify state per snapshot).
 //!
 //! A restore takes, for each manifest segment and block, a copy no damage record names where the index lists
 //! one, else a damaged one (whose read then names the damage); a delta blob also needs its base's copy. Both
