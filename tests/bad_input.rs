@@ -258,6 +258,11 @@ fn a_blob_of_another_length_than_its_block_is_reported_not_cut() {
     let short_hex = short_id.hex();
     let r = e.fails(&["check"]);
     assert!(r.stderr.contains("block 1 ") && r.stderr.contains("not the block's length"), "{}", r.stderr);
+    // `snapshots --verified` counts that block as damaged in the forged snapshot only.
+    let listed = e.ok(&["snapshots", "--verified", "--json"]).json();
+    let damaged: Vec<u64> =
+        listed.as_array().unwrap().iter().map(|s| s["verification"]["damaged_blocks"].as_u64().unwrap()).collect();
+    assert_eq!(damaged, [0, 1], "{listed:#}");
     let target = e.path("out");
     let r = e.fails(&["restore", "latest", "--target", target.to_str().unwrap()]);
     assert!(r.stderr.contains(&short_hex) && r.stderr.contains("holds 64 bytes"), "{}", r.stderr);

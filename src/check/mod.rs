@@ -762,15 +762,30 @@ fn packs_needed(
 /// A manifest segment as a disk uses it: its id and block count, and the length of its blocks (every block but
 /// a disk's last is `block_len` bytes). Segments are judged once per use: a block's blob must have its length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct SegmentUse {
+pub(super) struct SegmentUse {
     id: BlobId,
     blocks: u32,
     block_len: u32,
     last_len: u32,
 }
 
+impl SegmentUse {
+    fn segment(&self) -> crate::format::snapshot::SegmentRef {
+        crate::format::snapshot::SegmentRef { id: self.id, blocks: self.blocks }
+    }
+
+    /// The length of block `j` of the segment.
+    fn block_len(&self, j: usize) -> u32 {
+        if j as u32 + 1 == self.blocks {
+            self.last_len
+        } else {
+            self.block_len
+        }
+    }
+}
+
 /// How `disk` uses each of its segments, in order.
-fn segment_uses(disk: &DiskManifest) -> impl Iterator<Item = SegmentUse> + '_ {
+pub(super) fn segment_uses(disk: &DiskManifest) -> impl Iterator<Item = SegmentUse> + '_ {
     let bs = disk.block_size as u64;
     disk.segments.iter().enumerate().map(move |(k, seg)| {
         let last = (k * SEGMENT_BLOCKS) as u64 + (seg.blocks as u64).saturating_sub(1);
@@ -806,7 +821,7 @@ fn judge_segment(
         if known.names(&id) {
             named.push(id);
         }
-        let len = if j as u32 + 1 == seg.blocks { seg.last_len } else { seg.block_len };
+        let len = seg.block_len(j);
         if let Some(why) = damaged(&id) {
             bad.push((j as u32, why));
         } else if intact(&id).is_some_and(|(_, e)| e.raw_len != len) {

@@ -20,11 +20,12 @@ use crate::cache::IndexCache;
 use crate::damage::KnownDamage;
 use crate::error::{Error, Result};
 use crate::format::index::BlobLocation;
-use crate::format::snapshot::{SegmentRef, Snapshot};
+use crate::format::snapshot::Snapshot;
 use crate::format::{BlobId, ObjectId};
 use crate::repository::Repository;
 
 use super::index::Index;
+use super::{segment_uses, SegmentUse};
 
 /// The copy of a blob a restore takes, and whether it is intact (no damage record names it); `None`: no index
 /// lists the blob.
@@ -94,8 +95,8 @@ pub fn snapshot_states(
         .map(|snap| {
             wanted.iter_mut().for_each(|w| *w = false);
             let mut state = SnapshotState::default();
-            for seg in snap.disks.iter().flat_map(|d| &d.segments) {
-                let need = &needs[&(seg.id, seg.blocks)];
+            for seg in snap.disks.iter().flat_map(segment_uses) {
+                let need = &needs[&seg];
                 state.damaged_blocks += need.damaged_blocks;
                 need.packs.iter().for_each(|&p| wanted[p as usize] = true);
             }
@@ -128,7 +129,7 @@ pub(super) fn packs_needed(
     let used: HashSet<u32> = needs.values().flat_map(|n| n.packs.iter().copied()).collect();
     let damaged = snapshots
         .iter()
-        .map(|s| s.disks.iter().flat_map(|d| &d.segments).map(|seg| needs[&(seg.id, seg.blocks)].damaged_blocks).sum())
+        .map(|s| s.disks.iter().flat_map(segment_uses).map(|seg| needs[&seg].damaged_blocks).sum())
         .collect();
     Ok((used.into_iter().map(|p| packs.ids[p as usize]).collect(), damaged))
 }
@@ -156,10 +157,10 @@ impl PackNumbers {
     }
 }
 
-/// What each distinct segment of some snapshots needs, by (id, block count).
+/// What each distinct use of a segment by some snapshots' disks needs.
 struct SegmentWalk {
     packs: PackNumbers,
-    needs: HashMap<(BlobId, u32), SegmentNeeds>,
+    needs: HashMap<SegmentUse, SegmentNeeds>,
 }
 
 /// What each distinct segment of `snapshots` needs. Incrementals share the segments of unchanged ranges: each
@@ -167,14 +168,13 @@ struct SegmentWalk {
 /// attribute them. (Looked up segment by segment, each id took a seek of the cache: 61 s for the 10 snapshots of
 /// a 3-million-block repository; in batches of segments, each batch walked the whole cache: 8 s; so, 3 s.)
 fn segment_needs(repo: &Repository, copies: &dyn Copies, snapshots: &[&Snapshot]) -> Result<SegmentWalk> {
-    let mut distinct: Vec<SegmentRef> =
-        snapshots.iter().flat_map(|s| s.disks.iter().flat_map(|d| d.segments.iter().copied())).collect();
-    distinct.sort_unstable_by_key(|seg| (seg.id, seg.blocks));
+    let mut distinct: Vec<SegmentUse> = snapshots.iter().flat_map(|s| s.disks.iter().flat_map(segment_uses)).collect();
+    distinct.sort_unstable();
     distinct.dedup();
-    let read = |seg: &SegmentRef| -> Result<(ChosenCopy, Result<Vec<BlobId>>)> {
+    let read = |seg: &SegmentUse| -> Result<(ChosenCopy, Result<Vec<BlobId>>)> {
         let mut copy = None;
         copies.copies_sorted(std::slice::from_ref(&seg.id), &mut |_, c| copy = c)?;
-        Ok((copy, read_segment(repo, copy.map(|(loc, _)| loc), seg)))
+        Ok((copy, read_segment(repo, copy.map(|(loc, _)| loc), &seg.segment())))
     };
     // The distinct blocks, sorted and deduplicated whenever they doubled (incrementals repeat most of them).
     // The first segments read are kept for the second pass, up to a bound: those of a few large disks (a 2 TiB
@@ -205,17 +205,17 @@ fn segment_needs(repo: &Repository, copies: &dyn Copies, snapshots: &[&Snapshot]
     let mut packs = PackNumbers::default();
     let blocks = BlockCopies::look_up(copies, ids, &mut packs)?;
     let mut needs = HashMap::with_capacity(distinct.len());
-    let mut attribute = |seg: &SegmentRef, (copy, ids): (ChosenCopy, Result<Vec<BlobId>>)| -> Result<()> {
+    let mut attribute = |seg: &SegmentUse, (copy, ids): (ChosenCopy, Result<Vec<BlobId>>)| -> Result<()> {
         let segment_pack = copy.map(|(loc, _)| packs.number(loc.pack));
         let need = match ids {
-            Ok(ids) => blocks.needs(&ids, segment_pack),
+            Ok(ids) => blocks.needs(&ids, seg, segment_pack),
             // What restore could not read either: every block of the segment is lost to it.
             Err(Error::Missing { .. } | Error::Corrupt { .. }) => {
                 SegmentNeeds { packs: segment_pack.into_iter().collect(), damaged_blocks: seg.blocks as u64 }
             }
             Err(e) => return Err(e),
         };
-        needs.insert((seg.id, seg.blocks), need);
+        needs.insert(*seg, need);
         Ok(())
     };
     let (first, rest) = distinct.split_at(kept.len());
@@ -247,18 +247,21 @@ struct BlockCopy {
     pack: Option<u32>,
     base_pack: Option<u32>,
     readable: bool,
+    /// The blob's length, which must be its block's: restores refuse to cut or pad a block.
+    len: u32,
 }
 
 impl BlockCopies {
     /// Looks up `ids` (sorted, distinct) and their delta bases.
     fn look_up(copies: &dyn Copies, ids: Vec<BlobId>, packs: &mut PackNumbers) -> Result<BlockCopies> {
-        let mut found = vec![BlockCopy { pack: None, base_pack: None, readable: false }; ids.len()];
+        let mut found = vec![BlockCopy { pack: None, base_pack: None, readable: false, len: 0 }; ids.len()];
         // Delta blobs, by base: a delta whose base cannot be read cannot be either.
         let mut bases: Vec<(BlobId, usize)> = Vec::new();
         let mut at = 0;
         copies.copies_sorted(&ids, &mut |_, copy| {
             if let Some((loc, intact)) = copy {
-                found[at] = BlockCopy { pack: Some(packs.number(loc.pack)), base_pack: None, readable: intact };
+                let pack = Some(packs.number(loc.pack));
+                found[at] = BlockCopy { pack, base_pack: None, readable: intact, len: loc.entry.raw_len };
                 bases.extend(loc.entry.base.map(|b| (b, at)));
             }
             at += 1;
@@ -300,17 +303,17 @@ impl BlockCopies {
         self.ids[from..to].binary_search(id).ok().map(|i| from + i)
     }
 
-    /// What a segment (stored in the pack numbered `segment_pack`) holding block ids `ids` needs.
-    fn needs(&self, ids: &[BlobId], segment_pack: Option<u32>) -> SegmentNeeds {
+    /// What segment `seg` (stored in the pack numbered `segment_pack`) holding block ids `ids` needs.
+    fn needs(&self, ids: &[BlobId], seg: &SegmentUse, segment_pack: Option<u32>) -> SegmentNeeds {
         let mut packs: Vec<u32> = segment_pack.into_iter().collect();
         let mut damaged_blocks = 0;
-        for id in ids.iter().filter(|id| !id.is_zero_block()) {
+        for (j, id) in ids.iter().enumerate().filter(|(_, id)| !id.is_zero_block()) {
             let Some(copy) = self.position(id).map(|i| self.copies[i]) else {
                 damaged_blocks += 1;
                 continue;
             };
             packs.extend(copy.pack.into_iter().chain(copy.base_pack));
-            damaged_blocks += !copy.readable as u64;
+            damaged_blocks += (!copy.readable || copy.len != seg.block_len(j)) as u64;
         }
         packs.sort_unstable();
         packs.dedup();
@@ -331,7 +334,7 @@ mod tests {
         let mut ids = ids.to_vec();
         ids.sort_unstable();
         ids.dedup();
-        let copies = vec![BlockCopy { pack: None, base_pack: None, readable: true }; ids.len()];
+        let copies = vec![BlockCopy { pack: None, base_pack: None, readable: true, len: 0 }; ids.len()];
         BlockCopies::new(ids, copies)
     }
 
