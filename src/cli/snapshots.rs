@@ -143,6 +143,9 @@ pub fn run(g: &Globals, args: &SnapshotsArgs) -> Result<()> {
 
 /// Each snapshot's verification state (see [`crate::check::snapshot_states`]).
 fn verification_states(g: &Globals, repo: &Repository, snaps: &[(ObjectId, Snapshot)]) -> Result<Vec<SnapshotState>> {
+    // Prune waits for this session before deleting packs: a segment it moves meanwhile is not read as lost. The
+    // cache is brought up to date after it starts.
+    let _session = crate::lock::start_session(repo, "snapshots --verified")?;
     let verifications = crate::check::Verifications::load(repo)?;
     for e in &verifications.unreadable {
         eprintln!("cannot read: {e} (a verification record: its packs show as less recently verified)");
