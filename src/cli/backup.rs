@@ -327,9 +327,9 @@ fn verify_new(
     match report.errors.len() {
         0 => Ok(()),
         n => Err(Error::invalid(format!(
-            "verifying the new data found {} (listed above): recorded, so that the next backups store those \
-             blocks again; `check --read-data` judges the rest of the repository",
-            crate::util::count(n, "error")
+            "verifying the new data found {} (listed above); the damaged blobs among them are recorded, so that \
+             the next backups store those blocks again; `check --read-data` judges the rest of the repository",
+            crate::util::count(n, "problem")
         ))),
     }
 }
