@@ -287,7 +287,7 @@ impl BlockCopies {
         let shift = 64 - bits;
         let mut starts = Vec::with_capacity((1 << bits) + 1);
         for (i, id) in ids.iter().enumerate() {
-            let value = (head(id) >> shift) as usize;
+            let value = (id.head() >> shift) as usize;
             while starts.len() <= value {
                 starts.push(i as u32);
             }
@@ -298,7 +298,7 @@ impl BlockCopies {
 
     /// Where `id` is among the sorted ids.
     fn position(&self, id: &BlobId) -> Option<usize> {
-        let value = (head(id) >> self.shift) as usize;
+        let value = (id.head() >> self.shift) as usize;
         let (from, to) = (self.starts[value] as usize, self.starts[value + 1] as usize);
         self.ids[from..to].binary_search(id).ok().map(|i| from + i)
     }
@@ -319,11 +319,6 @@ impl BlockCopies {
         packs.dedup();
         SegmentNeeds { packs, damaged_blocks }
     }
-}
-
-/// The first eight bytes of an id, as a number that orders as they do.
-fn head(id: &BlobId) -> u64 {
-    u64::from_be_bytes(id.0[..8].try_into().expect("8 of 32 bytes"))
 }
 
 #[cfg(test)]
