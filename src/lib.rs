@@ -11,7 +11,7 @@
 //! | [`crypto`] | the keyring (one secret per key epoch, `key rotate`), key derivation, keyed BLAKE3 block ids, AES-256-GCM sealing |
 //! | [`backend`] | where objects live: the [`backend::Backend`] trait, the local-directory and S3 backends, bandwidth limits ([`backend::throttle`]) |
 //! | [`repository`] | an open repository: unlocks keys, reads/writes objects and blobs, resolves snapshots |
-//! | [`cache`] | the local RocksDB dedup index, a rebuildable cache of `index/` (every copy of a blob, and what each index file listed, so that it catches up with a prune file by file); one process of a host writes it, others read it below a private cache and hand it their page features |
+//! | [`cache`] | the local RocksDB dedup index, a rebuildable cache of `index/` (every copy of a blob, and what each index file listed, so that it catches up with a prune file by file); one process of a host writes it, others read it below a private cache and hand it their page features; a host's cache directories, their last use and cleanup (`dirs`) |
 //! | [`source`] | what is backed up: the [`source::DiskSource`] trait, raw files/block devices, NBD, VDDK, another repository's snapshots, change lists |
 //! | [`backup`] | the backup pipeline: read → hash/dedup/compress/encrypt → pack → upload → index → manifest |
 //! | [`delta`] | new blocks stored as zstd deltas against a similar stored block: page features, base choice |

@@ -813,3 +813,105 @@ fn the_cache_directory_is_tagged_so_that_backup_tools_leave_it_out() {
     let tag = std::fs::read_to_string(e.cache().join("CACHEDIR.TAG")).unwrap();
     assert!(tag.starts_with("Signature: 8a477f597d28d172789f06886806bc55\n"), "{tag:?}");
 }
+
+/// As `restic cache --cleanup`: the caches of repositories a host no longer uses are listed with their last use,
+/// named in a note, and removed; a cache a process holds (a writer's database lock, or a `serve` that reads it
+/// read-only and marks it used) is kept; a removed cache costs nothing but its rebuild.
+#[test]
+fn caches_unused_for_a_month_are_removed_unless_a_process_holds_them() {
+    use std::os::fd::AsRawFd;
+    use std::path::PathBuf;
+    let (a, b) = (Env::local(), Env::local());
+    let root = a.cache();
+    let root_arg = root.to_str().unwrap().to_string();
+    // Both repositories' caches under one cache root, as on one backup host.
+    let in_root = |e: &Env, args: &[&str]| -> Run {
+        let mut full = vec!["--cache-dir", root_arg.as_str()];
+        full.extend_from_slice(args);
+        e.run(&full)
+    };
+    let mut images = Vec::new();
+    for (i, e) in [&a, &b].into_iter().enumerate() {
+        assert_eq!(in_root(e, &["init"]).code, 0);
+        let img = random_bytes(70 + i as u64, 3 * MIB);
+        write(&e.path("img"), &img);
+        let r = in_root(e, &["backup", "--json", "--name", "vm", e.path("img").to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        images.push((r.json()["snapshot"].as_str().unwrap().to_string(), img));
+    }
+    let listed = in_root(&a, &["cache", "--json"]).json();
+    let caches = listed["caches"].as_array().unwrap().clone();
+    assert_eq!(caches.len(), 2, "{listed}");
+    let dir_of = |e: &Env| -> PathBuf {
+        let c = caches.iter().find(|c| c["location"] == e.location().as_str()).expect("cache of each repository");
+        assert!(c["bytes"].as_u64().unwrap() > 0 && c["old"] == false && c["in_use"] == false, "{c}");
+        PathBuf::from(c["path"].as_str().unwrap())
+    };
+    let (dir_a, dir_b) = (dir_of(&a), dir_of(&b));
+
+    // Neither used for 40 days.
+    for dir in [&dir_a, &dir_b] {
+        let then = std::time::SystemTime::now() - std::time::Duration::from_secs(40 * 86400);
+        for p in [dir.join("last-used"), dir.join("index"), dir.clone()] {
+            std::fs::File::open(&p).unwrap().set_modified(then).unwrap();
+        }
+    }
+    // A command on one repository notes the other's old cache (not its own, which it is using), unless quiet.
+    let loud = |e: &Env, args: &[&str]| -> Run {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_diskvault"));
+        c.env("DISKVAULT_REPOSITORY", e.location())
+            .env("DISKVAULT_PASSWORD", &e.password)
+            .env_remove("DISKVAULT_CACHE_DIR");
+        c.args(["--cache-dir", root_arg.as_str()]).args(args);
+        Run::of(c)
+    };
+    let r = loud(&a, &["stats"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("note: 1 local cache in") && r.stderr.contains("diskvault cache --cleanup"),
+        "{}",
+        r.stderr
+    );
+    assert!(!in_root(&a, &["stats"]).stderr.contains("note:"), "--quiet leaves the note out");
+
+    // A `serve` on a reads its cache read-only (no database lock) for as long as it runs: weeks, say (its cache
+    // aged while it runs). b's database is held the way RocksDB holds it.
+    let serve = a.serve_on_socket(&["--cache-dir", root_arg.as_str()]);
+    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(40 * 86400);
+    for p in [dir_a.join("last-used"), dir_a.join("index"), dir_a.clone()] {
+        std::fs::File::open(&p).unwrap().set_modified(then).unwrap();
+    }
+    let lock = std::fs::OpenOptions::new().read(true).write(true).open(dir_b.join("index/LOCK")).unwrap();
+    // SAFETY: a zeroed flock is a valid argument; F_SETLK takes a write lock on the whole file.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    assert_eq!(unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_SETLK, &fl) }, 0);
+
+    let r = in_root(&a, &["cache", "--cleanup"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("removed 0 old caches"), "{}", r.stdout);
+    assert!(dir_a.exists() && dir_b.exists());
+    let states = in_root(&a, &["cache", "--json"]).json();
+    let state = |dir: &PathBuf| {
+        states["caches"].as_array().unwrap().iter().find(|c| c["path"] == dir.to_str().unwrap()).cloned().unwrap()
+    };
+    assert_eq!(state(&dir_b)["in_use"], true, "{states}");
+    assert_eq!(state(&dir_a)["in_use"], true, "{states}");
+
+    // Released: b's cache goes, a's stays while serve runs.
+    drop(lock);
+    let r = in_root(&a, &["cache", "--cleanup", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    drop(serve);
+    assert!(!dir_b.exists(), "{}", r.stdout);
+    assert!(dir_a.exists());
+    let removed: Vec<_> =
+        r.json()["caches"].as_array().unwrap().iter().filter(|c| c["removed"] == true).cloned().collect();
+    assert_eq!(removed.len(), 1, "{}", r.stdout);
+
+    // Nothing lost: b restores bit-exact through a rebuilt cache.
+    let (snap, img) = &images[1];
+    assert!(b.restore(snap, &["--cache-dir", root_arg.as_str()]) == *img);
+    assert!(dir_b.join("index").exists());
+}

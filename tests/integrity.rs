@@ -329,15 +329,9 @@ fn repair_packs_lets_the_next_backup_heal_older_snapshots() {
     e.ok(&["check", "--read-data"]);
 
     // Not while others may read the packs: a running `serve` holds a session.
-    let sock = e.path("serve.sock");
-    let mut serve = e.command(&["serve", "--socket", sock.to_str().unwrap()]).spawn().unwrap();
-    let started = std::time::Instant::now();
-    while !sock.exists() && started.elapsed() < std::time::Duration::from_secs(30) {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let serve = e.serve_on_socket(&[]);
     let r = e.fails(&["repair", "packs", id_of(&intact)]);
-    let _ = serve.kill();
-    let _ = serve.wait();
+    drop(serve);
     assert!(r.stderr.contains("1 session running"), "{}", r.stderr);
 }
 

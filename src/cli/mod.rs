@@ -3,6 +3,7 @@
 //! `--password-file`, `--password-command`, exit code 10 when there is no repository and 12 for a wrong password.
 
 mod backup;
+mod caches;
 mod check;
 mod copy;
 mod diff;
@@ -154,6 +155,8 @@ enum Command {
     },
     /// List the repository's locks and their holders.
     Locks,
+    /// List this host's local caches (one per repository: size, last use), and remove those no longer used.
+    Cache(caches::CacheArgs),
     /// Repair the repository.
     #[command(subcommand)]
     Repair(repair::RepairCommand),
@@ -189,6 +192,7 @@ impl Command {
                 | Command::Cat(_)
                 | Command::Stats { .. }
                 | Command::Locks
+                | Command::Cache(_)
                 | Command::Completions { .. }
         )
     }
@@ -217,6 +221,7 @@ impl Command {
             Command::Unprotect(_) => "unprotect",
             Command::Stats { .. } => "stats",
             Command::Locks => "locks",
+            Command::Cache(_) => "cache",
             Command::Repair(_) => "repair",
             Command::Vm(_) => "vm",
             Command::Cat(_) => "cat",
@@ -315,10 +320,12 @@ impl Globals {
 
     /// The index cache, not yet brought up to date: backup and restore sync it once their session exists.
     pub fn open_cache_unsynced(&self, repo: &Repository) -> Result<Arc<IndexCache>> {
+        caches::note_old_caches(self, repo);
         Ok(Arc::new(IndexCache::open_unsynced(repo, &self.cache_root())?))
     }
 
     pub fn open_cache(&self, repo: &Repository) -> Result<Arc<IndexCache>> {
+        caches::note_old_caches(self, repo);
         let root = self.cache_root();
         let (c, stats) = IndexCache::open(repo, &root)?;
         if stats.changed() {
@@ -526,6 +533,7 @@ pub fn main() -> i32 {
         Command::Cat(a) => inspect::run(&g, a),
         Command::Repair(r) => repair::run(&g, r),
         Command::Locks => list_locks(&g),
+        Command::Cache(a) => caches::run(&g, a),
         Command::Vm(c) => vm::run(c),
         Command::Stats { json } => print_stats(&g, *json),
         Command::Forget(a) => forget::run(&g, a),

@@ -75,6 +75,7 @@ pub fn run(g: &Globals, args: &ServeArgs) -> Result<()> {
     let signals = crate::util::block_termination_signals();
     return_freed_blobs_to_the_system();
     let repo = g.open_repo()?;
+    super::caches::note_old_caches(g, &repo);
     let cache = crate::cache::IndexCache::open_unsynced(&repo, &g.cache_root())?;
     // A session for as long as blobs may be read: a prune running meanwhile keeps the packs we might need.
     let session = crate::lock::start_session(&repo, "serve")?;

@@ -292,6 +292,20 @@ impl Env {
         bytes
     }
 
+    /// `serve` on a Unix socket, with `args` before the subcommand (global options); returns once it listens.
+    pub fn serve_on_socket(&self, args: &[&str]) -> Running {
+        let sock = self.path(&format!("serve-{}.sock", rand_u64()));
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["serve", "--socket", sock.to_str().unwrap()]);
+        let running = Running(self.command(&all).spawn().unwrap());
+        let started = std::time::Instant::now();
+        while !sock.exists() && started.elapsed() < std::time::Duration::from_secs(30) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(sock.exists(), "serve did not start listening");
+        running
+    }
+
     /// Every file below `sub` of a local repository, temporary ones included.
     pub fn local_files(&self, sub: &str) -> Vec<PathBuf> {
         assert!(!self.is_s3(), "local_files on an S3 repository");
@@ -365,4 +379,15 @@ pub fn blocks_touched(areas: &[(u64, u64)]) -> u64 {
         }
     }
     set.len() as u64
+}
+
+/// A child process killed and reaped when dropped, also when a test fails half-way: left running, it would
+/// keep the test's output pipe open.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

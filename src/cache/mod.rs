@@ -42,6 +42,8 @@ use crate::format::index::{BlobLocation, IndexFile};
 use crate::format::{BlobId, ObjectId};
 use crate::repository::Repository;
 
+pub mod dirs;
+
 const LAYOUT_VERSION: &[u8] = b"diskvault-index-cache-4";
 /// Length of the keys' prefix that RocksDB's prefix filters hold: a tag byte and one id. A blob's copies, a pack's
 /// listings and an index file's listings are each found by one such prefix.
@@ -66,6 +68,8 @@ pub struct IndexCache {
     /// The damage records as of the last sync: lookups prefer other copies, and backups do not deduplicate
     /// against such copies.
     damage: RwLock<KnownDamage>,
+    /// Holds the repository's cache directory in use while open ([`dirs::mark_used`]).
+    _in_use: Option<std::fs::File>,
 }
 
 /// Features a private cache recorded, left for the shared cache: files of 40-byte records (feature u64 LE, block
@@ -309,7 +313,6 @@ fn load_readable_index_files(
 
 /// Minimal self-cleaning temporary directory (tempfile is a dev-dependency only).
 mod tempdir {
-    use std::os::fd::AsRawFd;
     use std::path::{Path, PathBuf};
 
     const PREFIX: &str = "diskvault-cache-";
@@ -347,7 +350,7 @@ mod tempdir {
             for entry in entries.flatten() {
                 let Some(pid) = entry.file_name().to_str().and_then(owner_pid) else { continue };
                 let dir = entry.path();
-                if pid == std::process::id() || process_exists(pid) || holds_open_database(&dir) {
+                if pid == std::process::id() || process_exists(pid) || super::dirs::held_open(&dir) {
                     continue;
                 }
                 match std::fs::remove_dir_all(&dir) {
@@ -370,25 +373,6 @@ mod tempdir {
         // SAFETY: signal 0 only checks whether the process exists.
         let r = unsafe { libc::kill(pid, 0) };
         r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
-    }
-
-    /// Whether another process holds the lock of a database directly under `dir`. In doubt, yes.
-    fn holds_open_database(dir: &Path) -> bool {
-        let Ok(subdirs) = std::fs::read_dir(dir) else { return true };
-        for sub in subdirs.flatten() {
-            let Ok(lock) = std::fs::File::open(sub.path().join("LOCK")) else {
-                continue;
-            };
-            // SAFETY: a zeroed flock is a valid argument; F_GETLK only reports a conflicting lock.
-            let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-            fl.l_type = libc::F_WRLCK as libc::c_short;
-            fl.l_whence = libc::SEEK_SET as libc::c_short;
-            let r = unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_GETLK, &mut fl) };
-            if r == -1 || fl.l_type != libc::F_UNLCK as libc::c_short {
-                return true;
-            }
-        }
-        false
     }
 
     #[cfg(test)]
@@ -440,7 +424,11 @@ impl IndexCache {
     pub fn open_unsynced(repo: &Repository, cache_root: &Path) -> Result<IndexCache> {
         tempdir::remove_abandoned();
         tag_as_cache(cache_root);
-        Self::open_path(&repository_dir(repo, cache_root).join("index"), repo)
+        let dir = repository_dir(repo, cache_root);
+        let in_use = dirs::mark_used(&dir, &repo.backend().location());
+        let mut cache = Self::open_path(&dir.join("index"), repo)?;
+        cache._in_use = in_use;
+        Ok(cache)
     }
 
     fn open_path(path: &Path, repo: &Repository) -> Result<IndexCache> {
@@ -484,18 +472,20 @@ impl IndexCache {
     /// reads (`serve`): this cache, brought up to date by the caller, is closed and read read-only from then on,
     /// below a private cache. Held for days, it made every backup on the host a second process (see the
     /// module docs) whose features and index entries never reached the shared cache.
-    pub fn into_reader(self, repo: &Repository) -> Result<IndexCache> {
+    pub fn into_reader(mut self, repo: &Repository) -> Result<IndexCache> {
         if self._temp.is_some() {
             return Ok(self);
         }
         let path = self.path.clone();
         let damage = std::mem::take(&mut *self.damage.write().unwrap_or_else(|p| p.into_inner()));
+        let in_use = self._in_use.take();
         drop(self);
-        let reader = match Self::open_shared_read_only(&path, repo) {
+        let mut reader = match Self::open_shared_read_only(&path, repo) {
             Some(shared) => Self::private_above(Some(shared), path.with_file_name(FEATURE_SPOOL), repo),
             None => Self::open_path(&path, repo),
         }?;
         *reader.damage.write().unwrap_or_else(|p| p.into_inner()) = damage;
+        reader._in_use = in_use;
         Ok(reader)
     }
 
@@ -616,6 +606,7 @@ impl IndexCache {
             unreadable_index_files: Default::default(),
             spool: None,
             damage: Default::default(),
+            _in_use: None,
         };
         let mut expected = LAYOUT_VERSION.to_vec();
         expected.extend_from_slice(&repo.config().id);
