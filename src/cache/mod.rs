@@ -1058,6 +1058,27 @@ impl IndexCache {
         Ok(damaged)
     }
 
+    /// The blobs the loaded index files list in `pack`: what a pack lost or unreadable as a whole held.
+    pub fn blobs_in_pack(&self, pack: &ObjectId) -> Result<Vec<BlobId>> {
+        let prefix = key(b'p', pack);
+        let shared = self.shared();
+        let mut blobs = Vec::new();
+        for db in std::iter::once(&self.db).chain(shared.as_ref()) {
+            for item in scan(db, &prefix) {
+                let (k, _) = item.map_err(|e| self.err(e))?;
+                let index_id = second_id(&k).ok_or_else(|| self.err("malformed key"))?;
+                let listing = db.get(pair_key(b'x', &index_id, pack)).map_err(|e| self.err(e))?.unwrap_or_default();
+                if listing.len() % 32 != 0 {
+                    return Err(self.err(format!("listing of pack {pack} in index file {index_id}: malformed")));
+                }
+                blobs.extend(listing.chunks_exact(32).map(|c| BlobId(c.try_into().expect("32 bytes"))));
+            }
+        }
+        blobs.sort();
+        blobs.dedup();
+        Ok(blobs)
+    }
+
     /// Whether an index file lists this pack.
     pub fn knows_pack(&self, id: &ObjectId) -> Result<bool> {
         let prefix = key(b'p', id);

@@ -5,7 +5,8 @@
 //! cache the backup just brought up to date (see [`super::needed`]), and each pack read is judged by its own
 //! header. A verify after every backup of a repository of millions of blobs so costs the new data, not a
 //! download of the whole index. What it finds is reported, recorded as damage for the next backups (as restores
-//! record what they meet) and its packs are not recorded as verified; a full `check` judges the rest.
+//! record what they meet; for a pack lost or unreadable as a whole, every blob the index cache lists in it, as
+//! check records what the index lists) and its packs are not recorded as verified; a full `check` judges the rest.
 
 use rayon::prelude::*;
 
@@ -63,10 +64,15 @@ pub fn verify_new_data(
         unverified.par_iter().map(|p| repo.backend().size(&names::pack(p)).map(|s| (*p, s))).collect::<Vec<_>>()
     })?;
     let mut selected = Vec::with_capacity(sizes.len());
+    // Packs lost or unreadable as a whole: every blob the index lists in them is recorded.
+    let mut lost = Vec::new();
     for size in sizes {
         match size? {
             (p, Some(size)) => selected.push((p, size)),
-            (p, None) => report.errors.push(format!("{}: missing", names::pack(&p))),
+            (p, None) => {
+                report.errors.push(format!("{}: missing", names::pack(&p)));
+                lost.push(p);
+            }
         }
     }
     let DataPass { problems, read, .. } = read_data(repo, None, cache, &selected, None, counters)?;
@@ -78,13 +84,17 @@ pub fn verify_new_data(
     let failed: std::collections::HashSet<ObjectId> = problems.iter().map(|p| p.pack).collect();
     let mut found = Vec::new();
     for p in problems {
-        if let Damage::Blob(blob) = p.damage {
-            found.push((p.pack, blob));
+        match p.damage {
+            Damage::Blob(blob) => found.push((p.pack, blob)),
+            Damage::Pack => lost.push(p.pack),
+            Damage::Unreachable | Damage::Noted => {}
         }
         report.errors.push(p.message);
     }
-    // Only the damage named blob by blob is recorded here; a pack lost or unreadable as a whole is the next full
-    // check's to record (it knows, from the index, what the pack held).
+    // As check records them: the copies the index lists in the pack. Here the index cache says what that is.
+    for pack in lost {
+        found.extend(cache.blobs_in_pack(&pack)?.into_iter().map(|b| (pack, b)));
+    }
     crate::damage::record_found(repo, &cache.damage(), found);
     if !read.is_empty() {
         // Without the full pack listing, a merge keeps every pack's time; the next check's merge drops pruned ones.
