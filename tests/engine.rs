@@ -914,4 +914,12 @@ fn caches_unused_for_a_month_are_removed_unless_a_process_holds_them() {
     let (snap, img) = &images[1];
     assert!(b.restore(snap, &["--cache-dir", root_arg.as_str()]) == *img);
     assert!(dir_b.join("index").exists());
+
+    // As restic's --cleanup-cache: a command on b removes a's cache, unused for 40 days and no longer held.
+    for p in [dir_a.join("last-used"), dir_a.join("index"), dir_a.clone()] {
+        std::fs::File::open(&p).unwrap().set_modified(then).unwrap();
+    }
+    let r = in_root(&b, &["--cleanup-cache", "stats"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!dir_a.exists() && dir_b.exists());
 }

@@ -124,12 +124,14 @@ fn print_table(root: &std::path::Path, listed: &[CacheDir], args: &CacheArgs, is
     }
 }
 
-/// Once per process, when a command opens the cache of `repo`: a note on the caches of other repositories left
-/// unused for longer than the default age, as restic gives one. Not with `--quiet`.
+/// Once per process, when a command opens the cache of `repo`: the caches of other repositories left unused for
+/// longer than the default age are noted, as restic notes them (not with `--quiet`), or with `--cleanup-cache`
+/// removed.
 pub fn note_old_caches(g: &Globals, repo: &crate::repository::Repository) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        if matches!(g.progress, crate::progress::Mode::Quiet) {
+        let quiet = matches!(g.progress, crate::progress::Mode::Quiet);
+        if quiet && !g.cleanup_cache {
             return;
         }
         let root = g.cache_root();
@@ -137,17 +139,34 @@ pub fn note_old_caches(g: &Globals, repo: &crate::repository::Repository) {
         let Ok(max_age) = parse_max_age(DEFAULT_MAX_AGE) else { return };
         let mut old = dirs::unused(&listed, max_age);
         old.retain(|d| d.repository_id != repo.config().id_hex());
-        if !old.is_empty() {
-            let bytes: u64 = old.iter().map(|d| d.bytes).sum();
-            eprintln!(
-                "note: {} in {} unused for longer than {} ({}): `diskvault cache --cleanup` removes {}",
-                crate::util::count(old.len(), "local cache"),
-                root.display(),
-                days(max_age),
-                human_bytes(bytes),
-                if old.len() == 1 { "it" } else { "them" }
-            );
+        if old.is_empty() {
+            return;
         }
+        if g.cleanup_cache {
+            dirs::remove_leftovers(&root);
+            for d in old {
+                match dirs::remove(d, max_age) {
+                    Ok(()) if !quiet => eprintln!(
+                        "removed the local cache {} ({}, last used {})",
+                        d.path.display(),
+                        human_bytes(d.bytes),
+                        days_ago(d.age())
+                    ),
+                    Ok(()) => {}
+                    Err(e) => eprintln!("warning: old local cache {} not removed: {e}", d.path.display()),
+                }
+            }
+            return;
+        }
+        let bytes: u64 = old.iter().map(|d| d.bytes).sum();
+        eprintln!(
+            "note: {} in {} unused for longer than {} ({}): `diskvault cache --cleanup` (or --cleanup-cache) removes {}",
+            crate::util::count(old.len(), "local cache"),
+            root.display(),
+            days(max_age),
+            human_bytes(bytes),
+            if old.len() == 1 { "it" } else { "them" }
+        );
     });
 }
 

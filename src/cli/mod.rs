@@ -49,6 +49,11 @@ pub struct Cli {
     #[arg(long, env = "DISKVAULT_CACHE_DIR", global = true, help_heading = "Global options")]
     cache_dir: Option<PathBuf>,
 
+    /// Remove the local caches of other repositories that went unused for 30 days, as `cache --cleanup` does
+    /// (held ones are kept), instead of noting them.
+    #[arg(long, global = true, help_heading = "Global options")]
+    cleanup_cache: bool,
+
     /// No progress output.
     #[arg(short, long, global = true, help_heading = "Global options")]
     quiet: bool,
@@ -281,6 +286,8 @@ pub(crate) struct Globals {
     password_file: Option<PathBuf>,
     password_command: Option<String>,
     cache_dir: Option<PathBuf>,
+    /// `--cleanup-cache`.
+    cleanup_cache: bool,
     pub progress: Mode,
     /// Bandwidth limits, shared by every repository the command opens (one budget per direction).
     limits: crate::backend::throttle::Limits,
@@ -513,6 +520,7 @@ pub fn main() -> i32 {
         password_file: cli.password_file,
         password_command: cli.password_command,
         cache_dir: cli.cache_dir,
+        cleanup_cache: cli.cleanup_cache,
         progress: if cli.quiet { Mode::Quiet } else { Mode::Auto },
         limits: crate::backend::throttle::Limits::new(cli.limit_upload, cli.limit_download),
     };
