@@ -97,12 +97,20 @@ pub fn remove(dir: &CacheDir, max_age: Duration) -> std::io::Result<()> {
     if max_age < MIN_AGE {
         return Err(std::io::Error::other("caches used within the last day are never removed"));
     }
+    if !dir.path.exists() {
+        // Another cleanup took it first.
+        return Ok(());
+    }
     if held_open(&dir.path) || SystemTime::now().duration_since(last_used(&dir.path)).unwrap_or_default() <= max_age {
         return Err(std::io::Error::other("it was used meanwhile"));
     }
     let parent = dir.path.parent().unwrap_or(Path::new("."));
     let doomed = parent.join(format!(".removing-{}-{}", dir.repository_id, std::process::id()));
-    std::fs::rename(&dir.path, &doomed)?;
+    match std::fs::rename(&dir.path, &doomed) {
+        // Another cleanup took it first.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        r => r?,
+    }
     std::fs::remove_dir_all(&doomed)
 }
 
