@@ -8,9 +8,10 @@
 //!    *rescued* (indexed again), the rest is deleted, except objects still under Object Lock retention.
 //! 2. **Mark** (only if no record still waits for sessions: one generation at a time): every block and
 //!    segment id the snapshots reference goes into a scratch RocksDB, never into an in-memory map.
-//! 3. **Sweep and rewrite**: the index files are streamed one at a time; each pack is kept, repacked (its used
-//!    blobs copied into new packs) or dropped; the kept and new packs go into new index files, then the old
-//!    index files are deleted.
+//! 3. **Sweep and rewrite**: which copy of each marked blob is in use is decided first, in one ordered pass over
+//!    the scratch database (`claim_copies`); then the index files are streamed one at a time; each pack is
+//!    kept, repacked (its used blobs copied into new packs) or dropped; the kept and new packs go into new index
+//!    files, then the old index files are deleted.
 //! 4. **Record**: the dropped packs, the snapshots and index files of this run and the live sessions go into a
 //!    deletion record. With no session alive, step 1 runs on it at once.
 //!
@@ -46,6 +47,15 @@ const SEEN_PACK: u8 = b's';
 const PACK_SIZE: u8 = b'z';
 const DOOMED_BLOB: u8 = b'd';
 const RESCUED: u8 = b'r';
+/// `m ‖ blob id ‖ file ‖ pack ‖ entry` (u32 BE each: the index file's place in the sweep's list, the pack's in
+/// the file, the entry's in the pack) → the pack's id: a copy of the blob that the sweep decides on. These keys
+/// sort right after the blob's mark (`m ‖ blob id`), so one ordered pass meets each blob's mark and then its copies
+/// in the order the sweep meets them ([`claim_copies`]).
+const COPY: u8 = MARKED;
+/// Packs listed by an index file [`claim_copies`] has gone through.
+const FIRST_LISTING: u8 = b'f';
+/// `u ‖ file ‖ pack ‖ entry` → empty: that copy is in use.
+const USED: u8 = b'u';
 /// Values of `SEEN_PACK`.
 const KEEP: u8 = 1;
 const DROPPED: u8 = 0;
@@ -237,13 +247,15 @@ pub fn run(repo: &Repository, cache_root: &Path, opts: &PruneOptions) -> Result<
     drop(snapshots);
     phase(&mut report, "mark");
 
-    // 3. Sweep and rewrite.
+    // 3. Sweep and rewrite, the copies in use decided first.
     let damage = crate::damage::load(repo)?;
     for e in &damage.unreadable {
         report.warnings.push(format!("{e}: a damage record, left out"));
     }
-    let mut sweep = Sweep::new(repo, &scratch, opts, damage.damage);
     let index_ids = repo.list_index_ids()?;
+    claim_copies(repo, &scratch, &index_ids, &damage.damage)?;
+    phase(&mut report, "find the copies in use");
+    let mut sweep = Sweep::new(repo, &scratch, opts);
     crate::util::fetch_in_order(
         &index_ids,
         |id| repo.load_index_with_epoch(id),
@@ -329,6 +341,97 @@ fn mark(
         }
         flush(&mut batch)
     })?
+}
+
+/// Decides, before the sweep, which copies of the marked blobs are in use (table [`USED`]). A blob is in use in the
+/// first pack the sweep meets that holds it; later copies are duplicates. A copy known to be damaged is kept while
+/// the blob is marked, but leaves the mark to the copies after it, so that an intact one stored since is kept too.
+/// Copies in packs the sweep does not decide on (a pack listed again by a later index file, a pack missing from
+/// storage) claim nothing, so that a copy elsewhere counts as used.
+///
+/// One ordered pass over the scratch database, where the sweep used to look every blob up in it (a random read
+/// per blob: at 3 million blobs, 26 s of the sweep's 37 s, and 11 s more taking the claimed marks away).
+fn claim_copies(repo: &Repository, scratch: &ScratchDb, index_ids: &[ObjectId], damage: &KnownDamage) -> Result<()> {
+    let mut file_no = 0u32;
+    // Written a few thousand at a time, whatever the packs' sizes.
+    let mut copies: Vec<([u8; 44], ObjectId)> = Vec::new();
+    let write = |copies: &mut Vec<([u8; 44], ObjectId)>| -> Result<()> {
+        scratch.put_all_keyed(COPY, copies.iter().map(|(k, pack)| (&k[..], &pack.0[..])))?;
+        copies.clear();
+        Ok(())
+    };
+    crate::util::fetch_in_order(
+        index_ids,
+        |id| repo.load_index(id),
+        |_, file| {
+            for (pack_no, pack) in (0u32..).zip(&file?.packs) {
+                if scratch.contains(FIRST_LISTING, &pack.id)? {
+                    continue;
+                }
+                scratch.put(FIRST_LISTING, &pack.id, &[])?;
+                if pack_size(repo, scratch, &pack.id)?.is_none() {
+                    continue;
+                }
+                for (entry_no, e) in (0u32..).zip(&pack.entries) {
+                    let mut k = [0u8; 44];
+                    k[..32].copy_from_slice(&e.id.0);
+                    k[32..].copy_from_slice(&place(file_no, pack_no, entry_no));
+                    copies.push((k, pack.id));
+                }
+                if copies.len() >= 4096 {
+                    write(&mut copies)?;
+                }
+            }
+            file_no += 1;
+            Ok(())
+        },
+    )?;
+    write(&mut copies)?;
+    // The blob the pass is at, whether it is marked, and the pack (file and place in it) that claimed it.
+    let mut blob: Option<BlobId> = None;
+    let mut marked = false;
+    let mut claimed_by: Option<[u8; 8]> = None;
+    let mut used: Vec<[u8; 12]> = Vec::new();
+    let flush = |used: &mut Vec<[u8; 12]>| -> Result<()> {
+        scratch.put_all_keyed(USED, used.iter().map(|p| (&p[..], &[][..])))?;
+        used.clear();
+        Ok(())
+    };
+    scratch.for_each_in(MARKED, &[], |k, v| {
+        let malformed = || scratch_err(format!("malformed key of {} bytes", k.len() + 1));
+        let id = BlobId(k.get(..32).ok_or_else(malformed)?.try_into().expect("32 bytes"));
+        if k.len() == 32 {
+            (blob, marked, claimed_by) = (Some(id), true, None);
+            return Ok(());
+        }
+        if blob != Some(id) {
+            (blob, marked, claimed_by) = (Some(id), false, None);
+        }
+        let at: [u8; 12] = k.get(32..).and_then(|p| p.try_into().ok()).ok_or_else(malformed)?;
+        let pack: ObjectId = BlobId(v.try_into().map_err(|_| malformed())?);
+        // A claim takes the mark away after the pack that made it: the pack's other entries of the blob see it.
+        if !marked || claimed_by.is_some_and(|by| by[..] != at[..8]) {
+            return Ok(());
+        }
+        used.push(at);
+        if !damage.at(&pack, &id) {
+            claimed_by = Some(at[..8].try_into().expect("8 bytes"));
+        }
+        if used.len() >= 4096 {
+            flush(&mut used)?;
+        }
+        Ok(())
+    })?;
+    flush(&mut used)
+}
+
+/// Where a copy is, as [`COPY`] and [`USED`] keys say: the index file's number, the pack's, the entry's.
+fn place(file_no: u32, pack_no: u32, entry_no: u32) -> [u8; 12] {
+    let mut p = [0u8; 12];
+    p[..4].copy_from_slice(&file_no.to_be_bytes());
+    p[4..8].copy_from_slice(&pack_no.to_be_bytes());
+    p[8..].copy_from_slice(&entry_no.to_be_bytes());
+    p
 }
 
 /// Marks a segment blob and the blocks it lists. Marking twice is harmless: no lookup before the write.
@@ -481,12 +584,12 @@ struct Sweep<'a> {
     /// Blobs and index files sealed with a key epoch below this are sealed again: the current epoch with
     /// `reencrypt`, else 0 (nothing is).
     reseal_below: KeyEpoch,
-    /// Blob copies found damaged (format-spec §8d): kept while marked, but never the copy in use.
-    damage: KnownDamage,
+    /// The number of the index file being swept, as [`claim_copies`] numbered them.
+    file_no: u32,
 }
 
 impl<'a> Sweep<'a> {
-    fn new(repo: &'a Repository, scratch: &'a ScratchDb, opts: &'a PruneOptions, damage: KnownDamage) -> Self {
+    fn new(repo: &'a Repository, scratch: &'a ScratchDb, opts: &'a PruneOptions) -> Self {
         Sweep {
             repo,
             scratch,
@@ -501,7 +604,7 @@ impl<'a> Sweep<'a> {
             writers: PackWriters::new(repo.config().pack_target_size as usize),
             repack_budget: opts.max_repack.unwrap_or(u64::MAX),
             reseal_below: if opts.reencrypt { repo.keys().current_epoch() } else { 0 },
-            damage,
+            file_no: 0,
         }
     }
 
@@ -512,13 +615,15 @@ impl<'a> Sweep<'a> {
         let mut changed = epoch < self.reseal_below;
         let small = file.packs.len() < PACKS_PER_INDEX_FILE / SMALL_INDEX_FILE_FRACTION
             && file.blob_count() < ENTRIES_PER_INDEX_FILE / SMALL_INDEX_FILE_FRACTION;
-        for pack in file.packs {
+        let file_no = self.file_no;
+        self.file_no += 1;
+        for (pack_no, pack) in (0u32..).zip(file.packs) {
             // Listed before (a duplicate listing): this file changes if that pack does not stay.
             if let Some(fate) = self.scratch.get(SEEN_PACK, &pack.id)? {
                 changed |= fate != [KEEP];
                 continue;
             }
-            match self.pack(pack, report)? {
+            match self.pack(pack, place(file_no, pack_no, 0), report)? {
                 Some(p) => kept.push(p),
                 None => changed = true,
             }
@@ -561,15 +666,15 @@ impl<'a> Sweep<'a> {
         Ok(())
     }
 
-    /// Decides one pack's fate; returns it if it stays in the index.
-    fn pack(&mut self, pack: IndexedPack, report: &mut PruneReport) -> Result<Option<IndexedPack>> {
+    /// Decides one pack's fate; returns it if it stays in the index. `at`: the [`place`] of its first entry.
+    fn pack(&mut self, pack: IndexedPack, at: [u8; 12], report: &mut PruneReport) -> Result<Option<IndexedPack>> {
         let id = pack.id;
-        let fate = self.decide(pack, report)?;
+        let fate = self.decide(pack, at, report)?;
         self.scratch.put(SEEN_PACK, &id, &[if fate.is_some() { KEEP } else { DROPPED }])?;
         Ok(fate)
     }
 
-    fn decide(&mut self, pack: IndexedPack, report: &mut PruneReport) -> Result<Option<IndexedPack>> {
+    fn decide(&mut self, pack: IndexedPack, at: [u8; 12], report: &mut PruneReport) -> Result<Option<IndexedPack>> {
         let Some(size) = pack_size(self.repo, self.scratch, &pack.id)? else {
             // Indexed but missing: leave it listed so that `check` keeps reporting it, and let it claim nothing,
             // so that a surviving copy of its blobs elsewhere counts as used.
@@ -579,13 +684,16 @@ impl<'a> Sweep<'a> {
         };
         report.packs += 1;
         report.pack_bytes += size;
-        // A blob counts as used in the first pack that holds it (its mark is taken away there); later copies are
-        // duplicates. A copy known to be damaged is kept while the blob is marked, but leaves the mark to any
-        // other copy, so that an intact one stored since is kept too.
-        let ids: Vec<BlobId> = pack.entries.iter().map(|e| e.id).collect();
-        let used = self.scratch.contains_many(MARKED, &ids)?;
-        let claimed = ids.iter().zip(&used).filter(|(id, u)| **u && !self.damage.at(&pack.id, id)).map(|(id, _)| id);
-        self.scratch.delete_all(MARKED, claimed)?;
+        // Which copies are in use was decided before the sweep.
+        let mut used = vec![false; pack.entries.len()];
+        self.scratch.for_each_in(USED, &at[..8], |k, _| {
+            let entry_no = k.get(8..12).and_then(|n| n.try_into().ok()).map(u32::from_be_bytes);
+            match entry_no.and_then(|n| used.get_mut(n as usize)) {
+                Some(u) => *u = true,
+                None => return Err(scratch_err(format!("copy in use beyond pack {}'s entries", pack.id))),
+            }
+            Ok(())
+        })?;
         let used_count = used.iter().filter(|u| **u).count();
         report.blobs_in_use += used_count as u64;
         let unused_bytes: u64 =

@@ -529,3 +529,40 @@ fn a_damaged_deletion_record_is_set_aside_and_its_packs_swept_again() {
     assert_eq!(e.restore("latest", &["--name", "b"]), b);
     assert!(e.ok(&["check", "--read-data"]).stdout.contains("no errors found"));
 }
+
+/// Two copies of a block (two hosts that stored it at once): prune keeps the one it meets first and lets the
+/// other go (its pack repacked or dropped), whichever pack holds which; every snapshot still restores.
+#[test]
+fn prune_keeps_one_copy_of_a_block_stored_twice() {
+    use diskvault::format::index::IndexFile;
+    use diskvault::format::pack::{BlobSealer, PackWriter};
+    use diskvault::format::BlobType;
+    let e = Env::with_repo();
+    let disk = e.path("disk");
+    let img = random_bytes(90, 2 * MIB);
+    write(&disk, &img);
+    e.backup(&["--name", "vm", disk.to_str().unwrap()]);
+    let repo = e.open_repo();
+    // The first block again, in a pack of its own, listed by an index file of its own.
+    let first = &img[..MIB];
+    let id = repo.keys().blob_id(first);
+    let mut w = PackWriter::new(BlobType::Data, 2 * MIB);
+    w.add(BlobSealer::new(3).seal(repo.keys(), BlobType::Data, id, first));
+    let duplicate = repo.save_pack(w.finish(repo.keys())).unwrap();
+    repo.save_index(&IndexFile { supersedes: Vec::new(), packs: vec![duplicate.clone()] }).unwrap();
+    let copies = |repo: &diskvault::repository::Repository| -> usize {
+        let mut n = 0;
+        for index in repo.list_index_ids().unwrap() {
+            for pack in repo.load_index(&index).unwrap().packs {
+                n += pack.entries.iter().filter(|e| e.id == id).count();
+            }
+        }
+        n
+    };
+    assert_eq!(copies(&repo), 2);
+
+    e.ok(&["prune"]);
+    assert_eq!(copies(&e.open_repo()), 1, "one copy left indexed");
+    e.ok(&["check", "--read-data"]);
+    assert_eq!(e.restore("latest", &[]), img);
+}

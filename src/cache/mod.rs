@@ -1190,20 +1190,7 @@ impl ScratchDb {
 
     /// Inserts many keys with one write.
     pub fn put_all<'a>(&self, table: u8, items: impl IntoIterator<Item = (&'a BlobId, &'a [u8])>) -> Result<()> {
-        let mut batch = rocksdb::WriteBatch::default();
-        for (id, v) in items {
-            batch.put(key(table, id), v);
-        }
-        self.db().write(batch).map_err(|e| self.err(e))
-    }
-
-    /// Removes many keys with one write.
-    pub fn delete_all<'a>(&self, table: u8, ids: impl IntoIterator<Item = &'a BlobId>) -> Result<()> {
-        let mut batch = rocksdb::WriteBatch::default();
-        for id in ids {
-            batch.delete(key(table, id));
-        }
-        self.db().write(batch).map_err(|e| self.err(e))
+        self.put_all_keyed(table, items.into_iter().map(|(id, v)| (&id.0[..], v)))
     }
 
     pub fn get(&self, table: u8, id: &BlobId) -> Result<Option<Vec<u8>>> {
@@ -1218,6 +1205,41 @@ impl ScratchDb {
     pub fn contains_many(&self, table: u8, ids: &[BlobId]) -> Result<Vec<bool>> {
         let keys: Vec<[u8; 33]> = ids.iter().map(|id| key(table, id)).collect();
         self.db().multi_get(keys).into_iter().map(|r| r.map(|v| v.is_some()).map_err(|e| self.err(e))).collect()
+    }
+
+    /// Inserts many keys of a table whose keys are longer than an id (`table ‖ key`), with one write.
+    pub fn put_all_keyed<'a>(&self, table: u8, items: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Result<()> {
+        let mut batch = rocksdb::WriteBatch::default();
+        let mut k = Vec::new();
+        for (key, v) in items {
+            k.clear();
+            k.push(table);
+            k.extend_from_slice(key);
+            batch.put(&k, v);
+        }
+        self.db().write(batch).map_err(|e| self.err(e))
+    }
+
+    /// Hands every key of `table` that starts with `prefix` (without the table's byte) and its value to `each`,
+    /// in ascending key order.
+    pub fn for_each_in(
+        &self,
+        table: u8,
+        prefix: &[u8],
+        mut each: impl FnMut(&[u8], &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let mut start = vec![table];
+        start.extend_from_slice(prefix);
+        let mut it = self.db().raw_iterator();
+        it.seek(&start);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if !k.starts_with(&start) {
+                break;
+            }
+            each(&k[1..], v)?;
+            it.next();
+        }
+        it.status().map_err(|e| self.err(e))
     }
 
     /// Removes every key of a table.
