@@ -426,11 +426,21 @@ pub fn with_request_threads<R: Send>(f: impl FnOnce() -> R + Send) -> crate::err
 pub fn fetch_in_order<T: Sync, R: Send>(
     items: &[T],
     fetch: impl Fn(&T) -> R + Sync + Send,
+    each: impl FnMut(&T, R) -> crate::error::Result<()>,
+) -> crate::error::Result<()> {
+    fetch_batches_in_order(items.chunks(REQUESTS_IN_FLIGHT), fetch, each)
+}
+
+/// [`fetch_in_order`] in the batches given (each fetched at once, on up to [`REQUESTS_IN_FLIGHT`] threads): for
+/// objects of very different sizes, batches bounded in bytes as well ([`crate::repository::index_load_batches`]).
+pub fn fetch_batches_in_order<'a, T: Sync + 'a, R: Send>(
+    batches: impl IntoIterator<Item = &'a [T]>,
+    fetch: impl Fn(&T) -> R + Sync + Send,
     mut each: impl FnMut(&T, R) -> crate::error::Result<()>,
 ) -> crate::error::Result<()> {
     use rayon::prelude::*;
     with_thread_pool(REQUESTS_IN_FLIGHT, "requests", |pool| {
-        for chunk in items.chunks(REQUESTS_IN_FLIGHT) {
+        for chunk in batches {
             let fetched: Vec<R> = pool.install(|| chunk.par_iter().map(&fetch).collect());
             for (item, r) in chunk.iter().zip(fetched) {
                 each(item, r)?;

@@ -259,33 +259,6 @@ fn second_id(k: &[u8]) -> Option<BlobId> {
     k.get(33..65).and_then(|s| <[u8; 32]>::try_from(s).ok()).map(BlobId)
 }
 
-/// Index files loaded at once while syncing: at most this many (parallel GETs hide S3's latency for the small
-/// files backups write)...
-const LOAD_BATCH_FILES: usize = 64;
-/// ...and at most this many stored bytes, whatever their number: an index file takes about twice its stored
-/// size once decoded, and 64 files of a prune's 65,536 entries each took a 1M-blob cache build to 232 MiB.
-const LOAD_BATCH_BYTES: u64 = 16 << 20;
-
-/// `ids` (sorted) in consecutive batches within [`LOAD_BATCH_FILES`] and [`LOAD_BATCH_BYTES`], sizes as
-/// `listed` (sorted) gives them; a file larger than the byte bound is a batch of its own.
-fn load_batches<'a>(ids: &'a [ObjectId], listed: &[(ObjectId, u64)]) -> Vec<&'a [ObjectId]> {
-    let size = |id: &ObjectId| listed.binary_search_by_key(id, |(i, _)| *i).map_or(0, |at| listed[at].1);
-    let mut batches = Vec::new();
-    let (mut start, mut bytes) = (0, 0u64);
-    for (i, id) in ids.iter().enumerate() {
-        let len = size(id);
-        if i > start && (i - start == LOAD_BATCH_FILES || bytes + len > LOAD_BATCH_BYTES) {
-            batches.push(&ids[start..i]);
-            (start, bytes) = (i, 0);
-        }
-        bytes += len;
-    }
-    if start < ids.len() {
-        batches.push(&ids[start..]);
-    }
-    batches
-}
-
 /// Reads `ids` in parallel. One that cannot be read is left out with a warning, counted in `stats`, and tried
 /// again at the next sync: a damaged index file must not stop every backup and restore. Its blobs are not found
 /// through it meanwhile (a backup stores them again; a restore that needs them names them), `check` reports it,
@@ -833,7 +806,7 @@ impl IndexCache {
             self.drop_shared();
             self.clear(false)?;
             stats = SyncStats { rebuilt: true, ..SyncStats::default() };
-            for chunk in load_batches(&in_repo, &listed) {
+            for chunk in crate::repository::index_load_batches(&in_repo, &listed) {
                 for (_, f) in load_readable_index_files(repo, chunk, &mut SyncStats::default())? {
                     superseded.extend(f.supersedes.into_iter().filter(|s| in_repo.binary_search(s).is_ok()));
                 }
@@ -847,7 +820,7 @@ impl IndexCache {
         Ok(stats)
     }
 
-    /// Loads `ids` (fetched and decrypted in parallel, in [`load_batches`]), collecting into `superseded` the
+    /// Loads `ids` (fetched and decrypted in parallel, in [`crate::repository::index_load_batches`]), collecting into `superseded` the
     /// files of `listed` (the repository's, with their sizes) they supersede; a file already in `superseded` is recorded as loaded
     /// with no entries, and returned. A file superseded by one loaded after it is not caught here: the caller
     /// compares `superseded` with what was loaded.
@@ -860,7 +833,7 @@ impl IndexCache {
         stats: &mut SyncStats,
     ) -> Result<Vec<ObjectId>> {
         let mut excluded = Vec::new();
-        for chunk in load_batches(ids, listed) {
+        for chunk in crate::repository::index_load_batches(ids, listed) {
             let files = load_readable_index_files(repo, chunk, stats)?;
             for (_, file) in &files {
                 let in_repo = |s: &&ObjectId| listed.binary_search_by_key(*s, |(id, _)| *id).is_ok();
@@ -1366,21 +1339,6 @@ mod tests {
             assert!(scan(&cache.db, table).next().is_none(), "{table:?} left");
         }
         assert_eq!(cache.lookup(&BlobId([2; 32])).unwrap().unwrap().pack, BlobId([1; 32]));
-    }
-
-    #[test]
-    fn index_files_load_in_batches_bounded_in_number_and_bytes() {
-        let ids: Vec<ObjectId> = (0..200u8).map(|n| BlobId([n; 32])).collect();
-        // Small files but for a few over the byte bound.
-        let size = |n: usize| if n % 100 == 7 { LOAD_BATCH_BYTES + 1 } else { 100 << 10 };
-        let listed: Vec<(ObjectId, u64)> = ids.iter().enumerate().map(|(n, id)| (*id, size(n))).collect();
-        let batches = load_batches(&ids, &listed);
-        assert_eq!(batches.concat(), ids, "every file once, in order");
-        for b in &batches {
-            let bytes: u64 = b.iter().map(|id| size(id.0[0] as usize)).sum();
-            assert!(b.len() <= LOAD_BATCH_FILES && (bytes <= LOAD_BATCH_BYTES || b.len() == 1), "{} files", b.len());
-        }
-        assert!(batches.iter().any(|b| b.len() == LOAD_BATCH_FILES), "small files go 64 at a time");
     }
 
     /// A reader below which the shared cache turns out of date (a prune replaced index files) keeps reading the
