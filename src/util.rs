@@ -414,6 +414,22 @@ pub fn with_thread_pool<R>(
 /// reading its index files one at a time, 2.3 s.
 pub const REQUESTS_IN_FLIGHT: usize = 16;
 
+/// One glibc malloc arena for all threads, for commands whose threads come and go or decode many large objects
+/// at once, where glibc's arena per thread (up to 8 per core) held freed memory apart:
+/// - `copy`: each snapshot is copied by a new set of pipeline threads; the benchmark's three snapshots in one
+///   run peaked at 358-380 MiB, each alone at 200-227 MiB; with one arena 209-214 MiB (two: 200-266), no slower
+///   (the pipeline allocates a few buffers per 1 MiB block, so the lock is not contended);
+/// - `prune`: index files and segments decoded on 16 request threads (see `benches/results/prune-scale.txt`).
+///
+/// Call it before the command starts its threads.
+pub fn limit_allocator_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Runs `f`, parallel iterators over storage requests, on [`REQUESTS_IN_FLIGHT`] threads rather than on rayon's
 /// global pool of one thread per core.
 pub fn with_request_threads<R: Send>(f: impl FnOnce() -> R + Send) -> crate::error::Result<R> {

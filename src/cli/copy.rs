@@ -43,7 +43,7 @@ pub struct CopyArgs {
 }
 
 pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
-    limit_allocator_arenas();
+    crate::util::limit_allocator_arenas();
     crate::util::catch_interrupts();
     let password = super::password_from(
         "DISKVAULT_FROM_PASSWORD",
@@ -228,16 +228,4 @@ fn print_copied(c: &Copied) {
         crate::util::count(c.source_reads as usize, "request"),
         human_bytes(s.summary.bytes_added)
     );
-}
-
-/// Each snapshot is copied by a new set of pipeline threads, and glibc kept the memory freed by earlier ones in
-/// arenas of their own: copying the benchmark's three snapshots in one run peaked at 358-380 MiB, each alone
-/// at 200-227 MiB. One arena for all threads: 209-214 MiB (two: 200-266), no slower; the pipeline allocates a
-/// few buffers per 1 MiB block, so the lock is not contended.
-fn limit_allocator_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning; called before the copy starts its threads.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
 }
