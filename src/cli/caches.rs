@@ -13,11 +13,12 @@ pub const DEFAULT_MAX_AGE: &str = "30d";
 #[derive(clap::Args, Debug)]
 pub struct CacheArgs {
     /// Remove the caches not used for longer than --max-age (repositories this host no longer backs up). A cache
-    /// a running process holds is kept. Nothing is lost: a removed cache is rebuilt from the repository.
+    /// a running process holds (a backup, a `serve` of weeks) is kept. Nothing of the repository is lost: a
+    /// removed cache is rebuilt from it.
     #[arg(long)]
     cleanup: bool,
-    /// How long a cache must have gone unused to count as old: `30d`, `2w`, `6m`… (at least a day, so that a
-    /// `serve` running for weeks, which marks its cache used every hour, is never taken for gone).
+    /// How long a cache must have gone unused to count as old: `30d`, `2w`, `6m`… (at least a day: a cache used
+    /// today is kept even if no process holds it).
     #[arg(long, default_value = DEFAULT_MAX_AGE, value_name = "DURATION", value_parser = parse_max_age)]
     max_age: Duration,
     /// Print JSON.
