@@ -848,24 +848,18 @@ fn caches_unused_for_a_month_are_removed_unless_a_process_holds_them() {
         PathBuf::from(c["path"].as_str().unwrap())
     };
     let (dir_a, dir_b) = (dir_of(&a), dir_of(&b));
-
-    // Neither used for 40 days.
-    for dir in [&dir_a, &dir_b] {
+    // As if unused for 40 days: the times a last use is judged by.
+    let age = |dir: &PathBuf| {
         let then = std::time::SystemTime::now() - std::time::Duration::from_secs(40 * 86400);
         for p in [dir.join("last-used"), dir.join("index"), dir.clone()] {
             std::fs::File::open(&p).unwrap().set_modified(then).unwrap();
         }
-    }
-    // A command on one repository notes the other's old cache (not its own, which it is using), unless quiet.
-    let loud = |e: &Env, args: &[&str]| -> Run {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_diskvault"));
-        c.env("DISKVAULT_REPOSITORY", e.location())
-            .env("DISKVAULT_PASSWORD", &e.password)
-            .env_remove("DISKVAULT_CACHE_DIR");
-        c.args(["--cache-dir", root_arg.as_str()]).args(args);
-        Run::of(c)
     };
-    let r = loud(&a, &["stats"]);
+
+    age(&dir_a);
+    age(&dir_b);
+    // A command on one repository notes the other's old cache (not its own, which it is using), unless quiet.
+    let r = Run::of(a.command_with_progress(&["--cache-dir", root_arg.as_str(), "stats"], true));
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
         r.stderr.contains("note: 1 local cache in") && r.stderr.contains("diskvault cache --cleanup"),
@@ -877,10 +871,7 @@ fn caches_unused_for_a_month_are_removed_unless_a_process_holds_them() {
     // A `serve` on a reads its cache read-only (no database lock) for as long as it runs: weeks, say (its cache
     // aged while it runs). b's database is held the way RocksDB holds it.
     let serve = a.serve_on_socket(&["--cache-dir", root_arg.as_str()]);
-    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(40 * 86400);
-    for p in [dir_a.join("last-used"), dir_a.join("index"), dir_a.clone()] {
-        std::fs::File::open(&p).unwrap().set_modified(then).unwrap();
-    }
+    age(&dir_a);
     let lock = std::fs::OpenOptions::new().read(true).write(true).open(dir_b.join("index/LOCK")).unwrap();
     // SAFETY: a zeroed flock is a valid argument; F_SETLK takes a write lock on the whole file.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
@@ -916,9 +907,7 @@ fn caches_unused_for_a_month_are_removed_unless_a_process_holds_them() {
     assert!(dir_b.join("index").exists());
 
     // As restic's --cleanup-cache: a command on b removes a's cache, unused for 40 days and no longer held.
-    for p in [dir_a.join("last-used"), dir_a.join("index"), dir_a.clone()] {
-        std::fs::File::open(&p).unwrap().set_modified(then).unwrap();
-    }
+    age(&dir_a);
     let r = in_root(&b, &["--cleanup-cache", "stats"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!dir_a.exists() && dir_b.exists());

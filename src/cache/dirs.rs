@@ -38,6 +38,11 @@ impl CacheDir {
     pub fn age(&self) -> Duration {
         SystemTime::now().duration_since(self.last_used).unwrap_or_default()
     }
+
+    /// Held by no process and unused for longer than `max_age`: what a cleanup removes.
+    pub fn is_old(&self, max_age: Duration) -> bool {
+        !self.in_use && self.age() > max_age
+    }
 }
 
 /// Records that this process uses `dir` for the repository at `location`, and holds it used until the returned
@@ -88,7 +93,7 @@ pub fn list(root: &Path) -> std::io::Result<Vec<CacheDir>> {
 
 /// Those of `dirs` unused for longer than `max_age` and not in use: what [`remove`] would take.
 pub fn unused(dirs: &[CacheDir], max_age: Duration) -> Vec<&CacheDir> {
-    dirs.iter().filter(|d| !d.in_use && d.age() > max_age).collect()
+    dirs.iter().filter(|d| d.is_old(max_age)).collect()
 }
 
 /// Removes a cache directory [`unused`] selected, if it still is unused: it is first renamed out of the way, so a

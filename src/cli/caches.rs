@@ -64,7 +64,7 @@ pub fn run(g: &Globals, args: &CacheArgs) -> Result<()> {
                     "bytes": d.bytes,
                     "last_used": unix_secs(d),
                     "in_use": d.in_use,
-                    "old": !d.in_use && d.age() > args.max_age,
+                    "old": d.is_old(args.max_age),
                     "removed": is_removed(d),
                 })
             })
@@ -91,7 +91,7 @@ fn print_table(root: &std::path::Path, listed: &[CacheDir], args: &CacheArgs, is
             "removed"
         } else if d.in_use {
             "in use"
-        } else if d.age() > args.max_age {
+        } else if d.is_old(args.max_age) {
             "old"
         } else {
             ""

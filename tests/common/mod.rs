@@ -212,6 +212,11 @@ impl Env {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
+        self.command_with_progress(args, false)
+    }
+
+    /// [`Env::command`], with `--quiet` left out if `progress` (what it prints to a user then shows too).
+    pub fn command_with_progress(&self, args: &[&str], progress: bool) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_diskvault"));
         for (k, _) in std::env::vars() {
             if k.starts_with("DISKVAULT_") {
@@ -223,9 +228,11 @@ impl Env {
         }
         c.env("DISKVAULT_REPOSITORY", self.location())
             .env("DISKVAULT_PASSWORD", &self.password)
-            .env("DISKVAULT_CACHE_DIR", self.cache())
-            .arg("--quiet")
-            .args(args);
+            .env("DISKVAULT_CACHE_DIR", self.cache());
+        if !progress {
+            c.arg("--quiet");
+        }
+        c.args(args);
         c
     }
 
