@@ -27,6 +27,8 @@ const BLOBS_PER_PACK: usize = 4096;
 const PACKS_PER_INDEX: usize = 16;
 
 fn main() {
+    // As the `diskvault` command does for every command: the peaks measured are the command's.
+    diskvault::util::limit_allocator_arenas();
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("generate") if args.len() == 4 => generate(&args[2], args[3].parse().expect("BLOCKS")),

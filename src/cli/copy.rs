@@ -43,7 +43,6 @@ pub struct CopyArgs {
 }
 
 pub fn run(g: &Globals, args: &CopyArgs) -> Result<()> {
-    crate::util::limit_allocator_arenas();
     crate::util::catch_interrupts();
     let password = super::password_from(
         "DISKVAULT_FROM_PASSWORD",

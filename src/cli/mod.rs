@@ -487,6 +487,7 @@ fn list_locks(g: &Globals) -> Result<()> {
 
 /// Entry point of the binary; returns the process exit code.
 pub fn main() -> i32 {
+    crate::util::limit_allocator_arenas();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -51,7 +51,6 @@ pub(crate) fn parse_size(s: &str) -> std::result::Result<u64, String> {
 }
 
 pub fn run(g: &Globals, args: &PruneArgs) -> Result<()> {
-    crate::util::limit_allocator_arenas();
     let repo = g.open_repo()?;
     let opts = PruneOptions {
         max_unused: args.max_unused,
