@@ -305,22 +305,6 @@ pub fn repair_packs(repo: &Repository, packs: &[ObjectId]) -> Result<Vec<PackRep
     Ok(results)
 }
 
-/// Merges block numbers into byte ranges `[start, end)` of a disk.
-pub fn block_ranges_to_bytes(blocks: &[u64], block_size: u64, capacity: u64) -> Vec<(u64, u64)> {
-    let mut sorted = blocks.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for b in sorted {
-        let (start, end) = (b * block_size, ((b + 1) * block_size).min(capacity));
-        match out.last_mut() {
-            Some(r) if r.1 == start => r.1 = end,
-            _ => out.push((start, end)),
-        }
-    }
-    out
-}
-
 /// One repaired snapshot: the damaged one, its replacement, and what was lost per disk.
 #[derive(Debug)]
 pub struct RepairedSnapshot {
@@ -358,17 +342,16 @@ pub fn repair_snapshots(
         for a in disks {
             let Some(disk) = snap.disks.iter_mut().find(|d| d.name == a.disk) else { continue };
             let bs = disk.block_size as u64;
-            let damaged: HashSet<u64> = a.blocks.iter().map(|(b, _)| *b).collect();
             for (k, seg) in disk.segments.iter_mut().enumerate() {
                 let first = k as u64 * SEGMENT_BLOCKS as u64;
-                if !(first..first + seg.blocks as u64).any(|b| damaged.contains(&b)) {
+                if !a.blocks.overlaps(first..first + seg.blocks as u64) {
                     continue;
                 }
                 // A lost segment: all its ids are gone, every block of it is marked lost.
                 let mut ids = crate::backup::load_segment(repo, cache, seg)
                     .unwrap_or_else(|_| vec![BlobId::ZERO; seg.blocks as usize]);
                 for (j, id) in ids.iter_mut().enumerate() {
-                    if damaged.contains(&(first + j as u64)) {
+                    if a.blocks.contains(first + j as u64) {
                         *id = BlobId::ZERO;
                     }
                 }
@@ -379,8 +362,7 @@ pub fn repair_snapshots(
                 }
                 *seg = SegmentRef { id: new_id, blocks: seg.blocks };
             }
-            let blocks: Vec<u64> = damaged.into_iter().collect();
-            let ranges = block_ranges_to_bytes(&blocks, bs, disk.capacity);
+            let ranges = a.blocks.byte_ranges(bs, disk.capacity);
             let text: Vec<String> = ranges.iter().map(|(s, e)| format!("{s}-{e}")).collect();
             snap.annotations.insert(format!("repaired.damaged.{}", disk.name), text.join(","));
             lost.push((disk.name.clone(), ranges));

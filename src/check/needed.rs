@@ -23,6 +23,7 @@ use crate::format::index::BlobLocation;
 use crate::format::snapshot::Snapshot;
 use crate::format::{BlobId, ObjectId};
 use crate::repository::Repository;
+use crate::util::HeadBuckets;
 
 use super::index::Index;
 use super::{segment_uses, SegmentUse};
@@ -235,11 +236,8 @@ struct BlockCopies {
     /// Sorted.
     ids: Vec<BlobId>,
     copies: Vec<BlockCopy>,
-    /// Where the ids beginning with each value of their first `64 - shift` bits begin in `ids`, and where the
-    /// last end: block ids are hashes, so a few ids share each value. A binary search of millions of ids missed
-    /// the CPU's caches about twenty times per block; this, about twice.
-    starts: Vec<u32>,
-    shift: u32,
+    /// Where the ids of each value of their heads' first bits are.
+    buckets: HeadBuckets,
 }
 
 #[derive(Clone, Copy)]
@@ -282,25 +280,14 @@ impl BlockCopies {
     }
 
     fn new(ids: Vec<BlobId>, copies: Vec<BlockCopy>) -> BlockCopies {
-        // About four ids per value.
-        let bits = (usize::BITS - (ids.len() / 4).max(1).leading_zeros()).min(32);
-        let shift = 64 - bits;
-        let mut starts = Vec::with_capacity((1 << bits) + 1);
-        for (i, id) in ids.iter().enumerate() {
-            let value = (id.head() >> shift) as usize;
-            while starts.len() <= value {
-                starts.push(i as u32);
-            }
-        }
-        starts.resize((1 << bits) + 1, ids.len() as u32);
-        BlockCopies { ids, copies, starts, shift }
+        let buckets = HeadBuckets::new(ids.iter().map(BlobId::head), ids.len());
+        BlockCopies { ids, copies, buckets }
     }
 
     /// Where `id` is among the sorted ids.
     fn position(&self, id: &BlobId) -> Option<usize> {
-        let value = (id.head() >> self.shift) as usize;
-        let (from, to) = (self.starts[value] as usize, self.starts[value + 1] as usize);
-        self.ids[from..to].binary_search(id).ok().map(|i| from + i)
+        let range = self.buckets.range(id.head());
+        self.ids[range.clone()].binary_search(id).ok().map(|i| range.start + i)
     }
 
     /// What segment `seg` (stored in the pack numbered `segment_pack`) holding block ids `ids` needs.

@@ -108,8 +108,7 @@ pub fn run(g: &Globals, cmd: &RepairCommand) -> Result<()> {
             for d in &report.affected {
                 let snap = repo.load_snapshot(&d.snapshot)?;
                 let Some(disk) = snap.disk(&d.disk) else { continue };
-                let blocks: Vec<u64> = d.blocks.iter().map(|(b, _)| *b).collect();
-                let ranges = repair::block_ranges_to_bytes(&blocks, disk.block_size as u64, disk.capacity);
+                let ranges = d.blocks.byte_ranges(disk.block_size as u64, disk.capacity);
                 let lost: u64 = ranges.iter().map(|(s, e)| e - s).sum();
                 println!(
                     "snapshot {} ({}), disk {}: {} lost in {} ranges ({})",
@@ -118,7 +117,7 @@ pub fn run(g: &Globals, cmd: &RepairCommand) -> Result<()> {
                     d.disk,
                     human_bytes(lost),
                     ranges.len(),
-                    d.blocks[0].1
+                    d.blocks.runs()[0].1
                 );
                 for (s, e) in &ranges {
                     println!("  bytes {s}..{e}");
