@@ -35,6 +35,7 @@
 //! | [`stats`] | logical vs stored size, dedup and compression ratios, what each snapshot adds |
 //! | [`progress`] | progress bars and periodic progress lines |
 //! | [`metrics`] | Prometheus metrics of a run for node_exporter's textfile collector (`--metrics-file`) |
+//! | [`idset`] | millions of blob ids in memory without a hash map: distinct ids gathered from streams with repeats, sorted lists searched through head buckets (`check`, `stats`, `snapshots --verified`) |
 //! | [`util`] | small shared helpers: time formats, Ctrl-C handling, page-aligned buffers for O_DIRECT I/O, buffer pools, the threads for many small storage requests at once |
 //! | [`cli`] | the `diskvault` command line |
 //!
@@ -76,6 +77,7 @@ pub mod error;
 pub mod forget;
 pub mod format;
 pub mod guestfs;
+pub mod idset;
 pub mod lock;
 pub mod metrics;
 pub mod nbd;

@@ -473,40 +473,6 @@ pub fn fetch_batches_in_order<'a, T: Sync + 'a, R: Send>(
     })?
 }
 
-/// Where, in a list of ids sorted by [`BlobId::head`](crate::format::BlobId::head), the ids sharing each value
-/// of the head's first bits begin: ids are hashes, so about four share each value, and a lookup searches those
-/// instead of bisecting millions of ids (which missed the CPU's caches about twenty times per lookup; this,
-/// about twice).
-pub struct HeadBuckets {
-    /// Where each value's ids begin, and where the last ones end.
-    starts: Vec<u32>,
-    shift: u32,
-}
-
-impl HeadBuckets {
-    /// For the `heads`, ascending, of `len` ids (fewer than 2^32).
-    pub fn new(heads: impl Iterator<Item = u64>, len: usize) -> HeadBuckets {
-        let len = u32::try_from(len).expect("fewer than 2^32 ids");
-        let bits = (u32::BITS - (len / 4).max(1).leading_zeros()).min(32);
-        let shift = 64 - bits;
-        let mut starts = Vec::with_capacity((1 << bits) + 1);
-        for (i, head) in (0..len).zip(heads) {
-            let value = (head >> shift) as usize;
-            while starts.len() <= value {
-                starts.push(i);
-            }
-        }
-        starts.resize((1 << bits) + 1, len);
-        HeadBuckets { starts, shift }
-    }
-
-    /// Where the ids whose head is `head` are, if any.
-    pub fn range(&self, head: u64) -> std::ops::Range<usize> {
-        let value = (head >> self.shift) as usize;
-        self.starts[value] as usize..self.starts[value + 1] as usize
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #[test]

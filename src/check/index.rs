@@ -11,8 +11,8 @@ use crate::error::Result;
 use crate::format::index::{BlobLocation, IndexedPack};
 use crate::format::pack::PackEntry;
 use crate::format::{BlobId, ObjectId};
+use crate::idset::HeadBuckets;
 use crate::repository::BlobLocator;
-use crate::util::HeadBuckets;
 
 /// Where a copy of a blob is listed: `packs[pack].entries[entry]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

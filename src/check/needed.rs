@@ -22,8 +22,8 @@ use crate::error::{Error, Result};
 use crate::format::index::BlobLocation;
 use crate::format::snapshot::Snapshot;
 use crate::format::{BlobId, ObjectId};
+use crate::idset::{Distinct, HeadBuckets};
 use crate::repository::Repository;
-use crate::util::HeadBuckets;
 
 use super::index::Index;
 use super::{segment_uses, SegmentUse};
@@ -177,22 +177,15 @@ fn segment_needs(repo: &Repository, copies: &dyn Copies, snapshots: &[&Snapshot]
         copies.copies_sorted(std::slice::from_ref(&seg.id), &mut |_, c| copy = c)?;
         Ok((copy, read_segment(repo, copy.map(|(loc, _)| loc), &seg.segment())))
     };
-    // The distinct blocks, sorted and deduplicated whenever they doubled (incrementals repeat most of them).
-    // The first segments read are kept for the second pass, up to a bound: those of a few large disks (a 2 TiB
-    // disk has 512, of 128 KiB each) are then read once.
-    let mut ids: Vec<BlobId> = Vec::new();
-    let mut distinct_at = 0;
+    // The distinct blocks (incrementals repeat most of them). The first segments read are kept for the second
+    // pass, up to a bound: those of a few large disks (a 2 TiB disk has 512, of 128 KiB each) are then read once.
+    let mut ids: Distinct<BlobId> = Distinct::default();
     let mut kept = Vec::new();
     let mut kept_blocks = 0;
     crate::util::fetch_in_order(&distinct, read, |seg, r| {
         let (copy, seg_ids) = r?;
         if let Ok(seg_ids) = &seg_ids {
-            ids.extend(seg_ids.iter().filter(|id| !id.is_zero_block()));
-            if ids.len() > 2 * distinct_at.max(1 << 20) {
-                ids.sort_unstable();
-                ids.dedup();
-                distinct_at = ids.len();
-            }
+            ids.extend(seg_ids.iter().filter(|id| !id.is_zero_block()).copied());
         }
         // A prefix of `distinct`: from the first segment beyond the bound, none is kept.
         kept_blocks += seg.blocks as usize;
@@ -201,10 +194,8 @@ fn segment_needs(repo: &Repository, copies: &dyn Copies, snapshots: &[&Snapshot]
         }
         Ok(())
     })?;
-    ids.sort_unstable();
-    ids.dedup();
     let mut packs = PackNumbers::default();
-    let blocks = BlockCopies::look_up(copies, ids, &mut packs)?;
+    let blocks = BlockCopies::look_up(copies, ids.into_sorted(), &mut packs)?;
     let mut needs = HashMap::with_capacity(distinct.len());
     let mut attribute = |seg: &SegmentUse, (copy, ids): (ChosenCopy, Result<Vec<BlobId>>)| -> Result<()> {
         let segment_pack = copy.map(|(loc, _)| packs.number(loc.pack));
