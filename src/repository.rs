@@ -799,9 +799,9 @@ const LOAD_BATCH_FILES: usize = 64;
 /// size once decoded, and 64 files of a prune's 65,536 entries each took a 1M-blob cache build to 232 MiB.
 const LOAD_BATCH_BYTES: u64 = 16 << 20;
 
-/// `ids` (sorted) in consecutive batches to load at once, within [`LOAD_BATCH_FILES`] and [`LOAD_BATCH_BYTES`],
-/// sizes as `listed` (sorted, [`Repository::list_index_files`]) gives them; a file larger than the byte bound is a
-/// batch of its own.
+/// `ids` (sorted) in consecutive batches to load at once, within `LOAD_BATCH_FILES` and `LOAD_BATCH_BYTES` (64
+/// files, 16 MiB stored), sizes as `listed` (sorted, [`Repository::list_index_files`]) gives them; a file larger
+/// than the byte bound is a batch of its own.
 pub fn index_load_batches<'a>(ids: &'a [ObjectId], listed: &[(ObjectId, u64)]) -> Vec<&'a [ObjectId]> {
     let size = |id: &ObjectId| listed.binary_search_by_key(id, |(i, _)| *i).map_or(0, |at| listed[at].1);
     let mut batches = Vec::new();
