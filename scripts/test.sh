@@ -13,6 +13,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 
+echo "== cargo doc (the crate docs' links resolve)"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps
+
 echo "== tests (local-directory repositories)"
 if cargo nextest --version >/dev/null 2>&1; then
   # tests/s3.rs starts its own S3 server; it runs in the S3 pass below, one server per binary.
