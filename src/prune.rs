@@ -33,7 +33,7 @@ use crate::damage::KnownDamage;
 use crate::error::{Error, Result};
 use crate::format::checkpoint::Checkpoint;
 use crate::format::deletion::DeletionRecord;
-use crate::format::index::{BlobLocation, IndexFile, IndexedPack};
+use crate::format::index::{self, BlobLocation, IndexFile, IndexedPack};
 use crate::format::pack::{PackWriter, PackWriters, SealedBlob};
 use crate::format::snapshot::{segment_ids, SegmentRef};
 use crate::format::{names, BlobId, BlobType, ObjectId};
@@ -62,13 +62,9 @@ const DROPPED: u8 = 0;
 
 /// Segments loaded and marked per parallel batch.
 const MARK_BATCH: usize = 64;
-/// Packs and blob entries per index file written by prune: whichever limit comes first (an index file is
-/// loaded whole, so its size bounds memory).
-const PACKS_PER_INDEX_FILE: usize = 512;
-const ENTRIES_PER_INDEX_FILE: usize = 65536;
-/// An index file listing under a quarter of what a full one does (each backup writes one or a few such) is
-/// merged into full ones when the prune replaces another index file anyway, since every host's local cache then
-/// catches up with the prune (§12), to which the merged files add little...
+/// An index file listing under a quarter of what a full one does ([`index::is_full`]; each backup writes one or
+/// a few such) is merged into full ones when the prune replaces another index file anyway, since every host's
+/// local cache then catches up with the prune (§12), to which the merged files add little...
 const SMALL_INDEX_FILE_FRACTION: usize = 4;
 /// ...or on its own once this many small ones have piled up ([`PruneOptions::small_index_files_to_merge`]).
 pub const SMALL_INDEX_FILES_TO_MERGE: usize = 256;
@@ -620,8 +616,8 @@ impl<'a> Sweep<'a> {
     fn file(&mut self, id: ObjectId, file: IndexFile, epoch: KeyEpoch, report: &mut PruneReport) -> Result<()> {
         let mut kept = Vec::new();
         let mut changed = epoch < self.reseal_below;
-        let small = file.packs.len() < PACKS_PER_INDEX_FILE / SMALL_INDEX_FILE_FRACTION
-            && file.blob_count() < ENTRIES_PER_INDEX_FILE / SMALL_INDEX_FILE_FRACTION;
+        let small = file.packs.len() < index::MAX_PACKS_PER_FILE / SMALL_INDEX_FILE_FRACTION
+            && file.blob_count() < index::MAX_ENTRIES_PER_FILE / SMALL_INDEX_FILE_FRACTION;
         let file_no = self.file_no;
         self.file_no += 1;
         for (pack_no, pack) in (0u32..).zip(file.packs) {
@@ -763,7 +759,7 @@ impl<'a> Sweep<'a> {
     fn keep(&mut self, pack: IndexedPack) -> Result<()> {
         self.kept_entries += pack.entries.len();
         self.kept.push(pack);
-        if self.kept.len() >= PACKS_PER_INDEX_FILE || self.kept_entries >= ENTRIES_PER_INDEX_FILE {
+        if index::is_full(self.kept.len(), self.kept_entries) {
             self.flush_index()?;
         }
         Ok(())
@@ -870,8 +866,8 @@ fn finish_record(
                 let h = repo.read_pack_header(id, size)?;
                 headers.push(IndexedPack { id: *id, pack_type: h.pack_type, entries: h.entries });
             }
-            for chunk in headers.chunks(PACKS_PER_INDEX_FILE) {
-                repo.save_index(&IndexFile { supersedes: Vec::new(), packs: chunk.to_vec() })?;
+            for packs in index::file_groups(headers) {
+                repo.save_index(&IndexFile { supersedes: Vec::new(), packs })?;
             }
             report.packs_rescued += rescued.len() as u64;
             rec.packs.retain(|p| rescued.binary_search(p).is_err());

@@ -24,9 +24,6 @@ use crate::repository::Repository;
 /// Temporary objects older than this belong to dead writers (a live one finishes a pack in seconds).
 pub const STALE_TEMPORARY_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Packs per index file written by repair and adoption.
-const PACKS_PER_INDEX_FILE: usize = 512;
-
 #[derive(Debug, Default)]
 pub struct RepairReport {
     pub packs_indexed: usize,
@@ -86,9 +83,7 @@ pub(crate) fn write_index_files(
     report: &mut RepairReport,
 ) -> Result<Vec<ObjectId>> {
     let mut written = Vec::new();
-    let mut packs = packs;
-    while !packs.is_empty() {
-        let rest = packs.split_off(packs.len().min(PACKS_PER_INDEX_FILE));
+    for packs in crate::format::index::file_groups(packs) {
         let file = IndexFile { supersedes: supersedes.to_vec(), packs };
         report.packs_indexed += file.packs.len();
         report.blobs_indexed += file.blob_count();
@@ -98,7 +93,6 @@ pub(crate) fn write_index_files(
         }
         written.push(id);
         report.index_files_written += 1;
-        packs = rest;
     }
     Ok(written)
 }

@@ -25,6 +25,35 @@ pub struct IndexedPack {
     pub entries: Vec<PackEntry>,
 }
 
+/// At most this many packs, and about this many blob entries, in an index file that prune, repair and adoption
+/// write, whichever limit comes first: readers load an index file whole, so its size bounds their memory.
+pub const MAX_PACKS_PER_FILE: usize = 512;
+pub const MAX_ENTRIES_PER_FILE: usize = 65536;
+
+/// Whether an index file of `packs` packs and `entries` entries is full ([`MAX_PACKS_PER_FILE`],
+/// [`MAX_ENTRIES_PER_FILE`]).
+pub fn is_full(packs: usize, entries: usize) -> bool {
+    packs >= MAX_PACKS_PER_FILE || entries >= MAX_ENTRIES_PER_FILE
+}
+
+/// `packs` in order, grouped into index files that are each closed once [`is_full`] (a pack with more entries
+/// than the limit is a file of its own).
+pub fn file_groups(packs: Vec<IndexedPack>) -> Vec<Vec<IndexedPack>> {
+    let (mut groups, mut group, mut entries) = (Vec::new(), Vec::new(), 0);
+    for pack in packs {
+        entries += pack.entries.len();
+        group.push(pack);
+        if is_full(group.len(), entries) {
+            groups.push(std::mem::take(&mut group));
+            entries = 0;
+        }
+    }
+    if !group.is_empty() {
+        groups.push(group);
+    }
+    groups
+}
+
 impl IndexFile {
     pub fn encode(&self) -> Vec<u8> {
         let n: usize = self.packs.iter().map(|p| 40 + p.entries.len() * ENTRY_LEN).sum();
@@ -139,6 +168,21 @@ impl BlobLocation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packs_are_grouped_into_files_by_pack_count_and_by_entries() {
+        let pack = |entries: usize| IndexedPack {
+            id: BlobId([1; 32]),
+            pack_type: BlobType::Data,
+            entries: vec![PackEntry::example(); entries],
+        };
+        let sizes = |packs: Vec<IndexedPack>| file_groups(packs).iter().map(Vec::len).collect::<Vec<_>>();
+        assert_eq!(sizes((0..1100).map(|_| pack(1)).collect()), [512, 512, 76]);
+        // 4096 entries a pack: 16 packs reach the entry limit.
+        assert_eq!(sizes((0..40).map(|_| pack(4096)).collect()), [16, 16, 8]);
+        assert_eq!(sizes(vec![pack(1), pack(100_000), pack(1)]), [2, 1]);
+        assert!(file_groups(Vec::new()).is_empty());
+    }
 
     #[test]
     fn roundtrip_and_bounds() {
