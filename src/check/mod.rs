@@ -638,8 +638,7 @@ fn check_headers(
             .listings()
             .par_iter()
             .map(|listing| {
-                let p = &listing.to_indexed();
-                let id = &p.id;
+                let id = &listing.id();
                 let name = names::pack(id);
                 let problem = |msg: String| Problem { pack: *id, damage: Damage::Pack, message: msg };
                 let unreachable = |e: Error| Problem { pack: *id, damage: damage_of(&e), message: e.to_string() };
@@ -649,7 +648,7 @@ fn check_headers(
                     None => match repo.backend().size(&name) {
                         Ok(Some(size)) => size,
                         Ok(None) => {
-                            let missing = format!("{name}: indexed but missing ({} blobs lost)", p.entries.len());
+                            let missing = format!("{name}: indexed but missing ({} blobs lost)", listing.len());
                             return Outcome::Absent(problem(missing));
                         }
                         Err(e) => return Outcome::Absent(unreachable(e)),
@@ -659,6 +658,8 @@ fn check_headers(
                 if data_pass_reads_headers {
                     return Outcome::Unread;
                 }
+                // Made whole only here: the data pass and missing packs need no copy of the listing.
+                let p = &listing.to_indexed();
                 let checked = CheckedHeader { pack: *id, size, listing: headers::listing_digest(p) };
                 if record.is_some_and(|r| r.vouches_for(id, size, &checked.listing)) {
                     return Outcome::Known(checked);
