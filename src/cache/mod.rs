@@ -38,7 +38,7 @@ use rayon::prelude::*;
 
 use crate::damage::KnownDamage;
 use crate::error::{Error, Result};
-use crate::format::index::{BlobLocation, IndexFile};
+use crate::format::index::{BlobLocation, IndexFile, IndexedPack};
 use crate::format::{BlobId, ObjectId};
 use crate::repository::Repository;
 
@@ -858,13 +858,20 @@ impl IndexCache {
     pub fn insert_index_file(&self, index_id: &ObjectId, file: &IndexFile) -> Result<()> {
         let mut listings: std::collections::BTreeMap<ObjectId, Vec<u8>> = Default::default();
         let mut batch = rocksdb::WriteBatch::default();
+        let mut copies: Vec<([u8; 65], &IndexedPack, usize)> = Vec::new();
         for p in &file.packs {
             batch.put(pair_key(b'p', &p.id, index_id), []);
             let listing = listings.entry(p.id).or_default();
-            for e in &p.entries {
+            for (i, e) in p.entries.iter().enumerate() {
                 listing.extend_from_slice(&e.id.0);
-                batch.put(copy_key(&e.id, &p.id), BlobLocation { pack: p.id, entry: *e }.encode());
+                copies.push((copy_key(&e.id, &p.id), p, i));
             }
+        }
+        // In key order (as `ScratchDb::put_all_keyed` writes; stable: of a blob listed twice in a pack, the
+        // later entry wins as before): building the cache of 3 million blobs took half the time.
+        copies.sort_by_key(|a| a.0);
+        for (k, p, i) in copies {
+            batch.put(k, BlobLocation { pack: p.id, entry: p.entries[i] }.encode());
         }
         for (pack, ids) in listings {
             batch.put(pair_key(b'x', index_id, &pack), ids);
@@ -1144,9 +1151,7 @@ impl ScratchDb {
             rocksdb::DB::destroy(&rocksdb::Options::default(), path).map_err(|e| e.to_string())?;
         }
         std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
-        let mut o = base_options();
-        o.set_disable_auto_compactions(false);
-        rocksdb::DB::open(&o, path).map_err(|e| e.to_string())
+        rocksdb::DB::open(&base_options(), path).map_err(|e| e.to_string())
     }
 
     fn db(&self) -> &rocksdb::DB {
@@ -1157,8 +1162,18 @@ impl ScratchDb {
         Error::Cache { path: self.path.clone(), cause: e.to_string() }
     }
 
+    /// Writes without RocksDB's write-ahead log: a scratch database is never reopened (a run that stops
+    /// leaves it to be destroyed by the next), so the log only wrote everything twice.
+    fn write(&self, batch: rocksdb::WriteBatch) -> Result<()> {
+        let mut o = rocksdb::WriteOptions::default();
+        o.disable_wal(true);
+        self.db().write_opt(batch, &o).map_err(|e| self.err(e))
+    }
+
     pub fn put(&self, table: u8, id: &BlobId, value: &[u8]) -> Result<()> {
-        self.db().put(key(table, id), value).map_err(|e| self.err(e))
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(key(table, id), value);
+        self.write(batch)
     }
 
     /// Inserts many keys with one write.
@@ -1182,6 +1197,10 @@ impl ScratchDb {
 
     /// Inserts many keys of a table whose keys are longer than an id (`table ‖ key`), with one write.
     pub fn put_all_keyed<'a>(&self, table: u8, items: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> Result<()> {
+        // In key order (stable: of a key given twice the last wins, as in the batch): the memtable's skip list
+        // then finds each key's place from the one before instead of from its top.
+        let mut items: Vec<(&[u8], &[u8])> = items.into_iter().collect();
+        items.sort_by(|a, b| a.0.cmp(b.0));
         let mut batch = rocksdb::WriteBatch::default();
         let mut k = Vec::new();
         for (key, v) in items {
@@ -1190,7 +1209,7 @@ impl ScratchDb {
             k.extend_from_slice(key);
             batch.put(&k, v);
         }
-        self.db().write(batch).map_err(|e| self.err(e))
+        self.write(batch)
     }
 
     /// Hands every key of `table` that starts with `prefix` (without the table's byte) and its value to `each`,
@@ -1219,7 +1238,7 @@ impl ScratchDb {
     pub fn clear_table(&self, table: u8) -> Result<()> {
         let mut batch = rocksdb::WriteBatch::default();
         batch.delete_range([table], [table + 1]);
-        self.db().write(batch).map_err(|e| self.err(e))
+        self.write(batch)
     }
 }
 
