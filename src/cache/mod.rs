@@ -888,14 +888,18 @@ impl IndexCache {
     fn forget_index_files(&self, removed: &[ObjectId]) -> Result<()> {
         for index_id in removed {
             let mut batch = rocksdb::WriteBatch::default();
+            let mut copies: Vec<[u8; 65]> = Vec::new();
             for (pack, ids) in self.listings_of(index_id)? {
                 batch.delete(pair_key(b'x', index_id, &pack));
                 batch.delete(pair_key(b'p', &pack, index_id));
                 if !self.other_files_list(&pack, index_id)? {
-                    for id in &ids {
-                        batch.delete(copy_key(id, &pack));
-                    }
+                    copies.extend(ids.iter().map(|id| copy_key(id, &pack)));
                 }
+            }
+            // In key order, as `insert_index_file` writes them.
+            copies.sort_unstable();
+            for k in copies {
+                batch.delete(k);
             }
             batch.delete(key(b'i', index_id));
             self.db.write(batch).map_err(|e| self.err(e))?;
