@@ -1411,6 +1411,24 @@ mod tests {
         assert_eq!(reader.lookup(&id(2)).unwrap().unwrap().pack, id(102));
     }
 
+    /// A scratch write puts its keys in sorted order; of a key given twice, the value given last still wins.
+    #[test]
+    fn a_scratch_write_keeps_the_last_value_of_a_key_given_twice() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("scratch");
+        let scratch = ScratchDb { db: Some(ScratchDb::create_at(&path).unwrap()), path, _temp: None };
+        let (k0, k1) = ([0u8; 4], [1u8; 4]);
+        scratch.put_all_keyed(b'x', [(&k1[..], &b"z"[..]), (&k0[..], &b"0"[..]), (&k1[..], &b"a"[..])]).unwrap();
+        let mut seen = Vec::new();
+        scratch
+            .for_each_in(b'x', &[], |k, v| {
+                seen.push((k.to_vec(), v.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, [(k0.to_vec(), b"0".to_vec()), (k1.to_vec(), b"a".to_vec())]);
+    }
+
     /// After each way a prune replaces index files, the cache that caught up answers as one built from
     /// scratch, with no rebuild.
     #[test]
