@@ -317,14 +317,7 @@ fn mark(
                 })
             })
             .collect::<Result<_>>()?;
-        // The batch's keys sorted together, written in runs of [`SCRATCH_WRITE`]: the scratch database takes
-        // sorted runs fastest, and each write stays a few MiB.
-        let segments = batch.iter().map(|(_, _, seg)| &seg.id);
-        let mut ids: Vec<&BlobId> = segments.chain(loaded.iter().flatten().filter(|id| !id.is_zero_block())).collect();
-        ids.sort_unstable_by_key(|id| id.0);
-        for run in ids.chunks(SCRATCH_WRITE) {
-            scratch.put_all(MARKED, run.iter().map(|id| (*id, &[][..])))?;
-        }
+        mark_segments(scratch, batch.iter().map(|(_, _, seg)| seg).zip(&loaded))?;
         batch.clear();
         Ok(())
     };
@@ -445,10 +438,23 @@ fn pack_place(file_no: u32, pack_no: u32) -> [u8; 8] {
     p
 }
 
-/// Marks a segment blob and the blocks it lists. Marking twice is harmless: no lookup before the write.
-fn mark_segment(scratch: &ScratchDb, seg: &SegmentRef, ids: &[BlobId]) -> Result<()> {
-    let used = ids.iter().filter(|id| !id.is_zero_block()).chain(std::iter::once(&seg.id));
-    scratch.put_all(MARKED, used.map(|id| (id, &[][..])))
+/// Marks segment blobs and the blocks each lists. Marking twice is harmless: no lookup before the write. The keys
+/// are sorted together and written in runs of [`SCRATCH_WRITE`]: the scratch database takes sorted runs fastest,
+/// and each write stays a few MiB.
+fn mark_segments<'a>(
+    scratch: &ScratchDb,
+    segments: impl IntoIterator<Item = (&'a SegmentRef, &'a Vec<BlobId>)>,
+) -> Result<()> {
+    let mut used: Vec<&BlobId> = Vec::new();
+    for (seg, ids) in segments {
+        used.push(&seg.id);
+        used.extend(ids.iter().filter(|id| !id.is_zero_block()));
+    }
+    used.sort_unstable_by_key(|id| id.0);
+    for run in used.chunks(SCRATCH_WRITE) {
+        scratch.put_all(MARKED, run.iter().map(|id| (*id, &[][..])))?;
+    }
+    Ok(())
 }
 
 /// A checkpoint is not kept longer than this (its VM was perhaps removed after the interrupted backup).
@@ -518,7 +524,7 @@ fn mark_checkpoints(
                     continue;
                 }
                 match load_segment(repo, scratch, seg) {
-                    Ok(ids) => mark_segment(scratch, seg, &ids)?,
+                    Ok(ids) => mark_segments(scratch, [(seg, &ids)])?,
                     Err(Error::Missing { .. }) => {}
                     Err(e) => report.warnings.push(format!("checkpoint {} disk {}: {e}", cid.short(), disk.name)),
                 }
