@@ -363,8 +363,12 @@ pub fn restore_disk(
             let bases = Bases::new(cache);
             // Set when one side fails: the other stops too, and the failure is the one reported.
             let failed = AtomicBool::new(false);
+            // The fetchers take the jobs one by one in their (disk) order: `par_iter` would split the list into
+            // a quarter per fetcher, and the target would be written in four far-apart places at once. Measured
+            // on the benchmark's vm1-day1 (8 alternating cold runs): median 2.50 -> 2.39 s, with the writer's
+            // runs as long as before (the writer waits on the disk either way).
             let run_jobs = |jobs: Vec<ReadJob>| -> Result<()> {
-                let done = jobs.par_iter().try_for_each(|job| -> std::result::Result<(), Option<Error>> {
+                let done = jobs.iter().par_bridge().try_for_each(|job| -> std::result::Result<(), Option<Error>> {
                     if failed.load(Ordering::Relaxed) {
                         return Err(None);
                     }
