@@ -53,7 +53,7 @@
 //! **Restore**: snapshot → segments → block ids → index lookups → ranged pack reads → decrypt, decompress
 //! (a delta blob with its base, read first) → re-check id → write at the block's offset (zero blocks stay holes).
 //!
-//! **File-level restore**: snapshot disk ([`serve`]) → partition table (and LVM metadata) → volume → ext4 (journal replayed in memory) or NTFS
+//! **File-level restore**: snapshot disk ([`serve`]) → partition table (and LVM metadata) → volume → ext4 or XFS (the journal or log replayed in memory), or NTFS
 //! → directory and inode lookups → the file's extents, read through the blob cache ([`guestfs`]).
 //!
 //! **Check** (`--read-data`): every pack read whole → its hash against its name → header against the index →
