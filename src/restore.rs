@@ -364,9 +364,9 @@ pub fn restore_disk(
             // Set when one side fails: the other stops too, and the failure is the one reported.
             let failed = AtomicBool::new(false);
             // The fetchers take the jobs one by one in their (disk) order: `par_iter` would split the list into
-            // a quarter per fetcher, and the target would be written in four far-apart places at once. Measured
-            // on the benchmark's vm1-day1 (8 alternating cold runs): median 2.50 -> 2.39 s, with the writer's
-            // runs as long as before (the writer waits on the disk either way).
+            // a quarter per fetcher, and the target would be written in four far-apart places at once. The gain is
+            // small: on the benchmark's vm1-day1, median 2.50 -> 2.39 s over 8 alternating cold runs, within noise
+            // in 4 more (the writer waits on the disk either way, and its runs were as long as before).
             let run_jobs = |jobs: Vec<ReadJob>| -> Result<()> {
                 let done = jobs.iter().par_bridge().try_for_each(|job| -> std::result::Result<(), Option<Error>> {
                     if failed.load(Ordering::Relaxed) {
