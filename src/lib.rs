@@ -14,7 +14,7 @@
 //! | [`cache`] | the local RocksDB dedup index, a rebuildable cache of `index/` (every copy of a blob, and what each index file listed, so that it catches up with a prune file by file); one process of a host writes it, others read it below a private cache and hand it their page features; a host's cache directories, their last use and cleanup (`dirs`) |
 //! | [`source`] | what is backed up: the [`source::DiskSource`] trait, raw files/block devices, NBD, VDDK, another repository's snapshots, change lists |
 //! | [`backup`] | the backup pipeline: read → hash/dedup/compress/encrypt → pack → upload → index → manifest |
-//! | [`delta`] | new blocks stored as zstd deltas against a similar stored block: page features, base choice |
+//! | [`delta`] | new blocks stored as zstd deltas against a similar stored block: page features, base choice (the frames themselves: `format::delta_frame`) |
 //! | [`restore`] | restore of a snapshot disk to a file or block device, with verification |
 //! | [`serve`] | snapshot disks as NBD exports: block reads with a blob cache and read-ahead for sequential readers, write overlays |
 //! | [`guestfs`] | file-level restore (`ls`, `find`, `dump`, `extract`, `diff --files`): partition tables, LVM logical volumes, ext2/3/4, XFS and NTFS read in user space from [`serve`]'s disks, files copied out with their holes, permissions and times, or as a tar stream |

@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod damage;
 pub mod deletion;
+pub mod delta_frame;
 pub mod envelope;
 pub mod index;
 pub mod keyfile;

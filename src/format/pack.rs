@@ -16,6 +16,7 @@
 //! offset yesterday, a clone's copy of a template block, a file moved by whole pages) costs only what differs.
 //! A base is never itself a delta, so a delta opens with exactly one extra blob read.
 
+use super::delta_frame::{PrefixDecoder, SamePlaceEncoder};
 use super::envelope::{self, Kind};
 use super::{BlobId, BlobType, Reader};
 use crate::crypto::{KeyEpoch, Keys, SEAL_OVERHEAD};
@@ -235,6 +236,8 @@ pub struct BlobSealer {
     level: i32,
     compressor: Option<zstd::bulk::Compressor<'static>>,
     scratch: Vec<u8>,
+    /// Made at the first delta.
+    same_place: Option<SamePlaceEncoder>,
 }
 
 /// How another repository stored a data block whole: what `copy` seals again with this repository's key
@@ -321,7 +324,7 @@ impl BlobSealer {
             }
             c
         });
-        BlobSealer { level: zstd_level, compressor, scratch: Vec::new() }
+        BlobSealer { level: zstd_level, compressor, scratch: Vec::new(), same_place: None }
     }
 
     pub fn seal(&mut self, keys: &Keys, blob_type: BlobType, id: BlobId, plaintext: &[u8]) -> SealedBlob {
@@ -366,16 +369,24 @@ impl BlobSealer {
         if self.compressor.is_none() || base == id {
             return None;
         }
-        // A context per delta: zstd keeps the prefix by reference for one frame, which the long-lived
-        // compressor's 'static lifetime cannot express. Deltas are a small share of the blocks.
-        let mut cctx = zstd::zstd_safe::CCtx::create();
-        for p in delta_params(self.level) {
-            cctx.set_parameter(p).ok()?;
+        // At the default levels, a block rewritten in few places is coded from those places without a search;
+        // higher levels are the user's choice of size over speed, and keep zstd's search.
+        if self.level <= 3 && self.same_place.is_none() {
+            self.same_place = SamePlaceEncoder::new();
         }
-        cctx.ref_prefix(base_plain).ok()?;
-        self.scratch.clear();
-        self.scratch.reserve(zstd::zstd_safe::compress_bound(plaintext.len()));
-        cctx.compress2(&mut self.scratch, plaintext).ok()?;
+        let same_place = self.same_place.as_mut().filter(|_| self.level <= 3);
+        if !same_place.is_some_and(|e| e.encode(plaintext, base_plain, self.level, &mut self.scratch)) {
+            // A context per delta: zstd keeps the prefix by reference for one frame, which the long-lived
+            // compressor's 'static lifetime cannot express. Deltas are a small share of the blocks.
+            let mut cctx = zstd::zstd_safe::CCtx::create();
+            for p in delta_params(self.level) {
+                cctx.set_parameter(p).ok()?;
+            }
+            cctx.ref_prefix(base_plain).ok()?;
+            self.scratch.clear();
+            self.scratch.reserve(zstd::zstd_safe::compress_bound(plaintext.len()));
+            cctx.compress2(&mut self.scratch, plaintext).ok()?;
+        }
         if self.scratch.len() >= plaintext.len() - plaintext.len() / 8 {
             return None;
         }
@@ -396,7 +407,8 @@ fn block_params(level: i32) -> Vec<zstd::zstd_safe::CParameter> {
     Vec::new()
 }
 
-/// zstd parameters of a delta against a 1 MiB base. At the default levels (1 to 3) deltas use zstd's fast
+/// zstd parameters of a delta against a 1 MiB base, for a block that differs from it in more than a few places
+/// (see [`SamePlaceEncoder`] for the others). At the default levels (1 to 3) deltas use zstd's fast
 /// strategy with a window and hash table that reach across the whole base: most of a delta is long matches
 /// into the base, which the fast strategy finds as well as level 3's double hash, with a third of the work of
 /// loading the base (measured on the benchmark's 115 day-1 deltas: 0.24-0.30 s vs 0.41-0.51 s, 3.9 vs 4.0 MiB).
@@ -513,16 +525,21 @@ fn decompress<W: zstd::zstd_safe::WriteBuf + ?Sized>(
     out: &mut W,
     base: Option<&[u8]>,
 ) -> Result<(), String> {
+    // One decompression context per thread: creating one per blob showed in profiles (for deltas, whose context
+    // holds a prefix, see `delta_frame`).
     if let Some(base_id) = entry.base {
         let base = base.ok_or_else(|| format!("delta blob: its base {base_id} was not read"))?;
-        let mut dctx = zstd::zstd_safe::DCtx::create();
-        dctx.ref_prefix(base).map_err(|c| format!("zstd: {}", zstd::zstd_safe::get_error_name(c)))?;
-        return dctx
-            .decompress(out, frame)
-            .map(|_| ())
-            .map_err(|c| format!("zstd (delta against {base_id}): {}", zstd::zstd_safe::get_error_name(c)));
+        thread_local! {
+            static DELTA_DECODER: std::cell::RefCell<Option<PrefixDecoder>> = const { std::cell::RefCell::new(None) };
+        }
+        return DELTA_DECODER.with_borrow_mut(|slot| {
+            if slot.is_none() {
+                *slot = PrefixDecoder::new();
+            }
+            let decoder = slot.as_mut().ok_or("zstd: cannot allocate a decompression context")?;
+            decoder.decode(frame, base, out).map(|_| ()).map_err(|e| format!("{e} (delta against {base_id})"))
+        });
     }
-    // One decompression context per thread: creating one per blob showed in profiles.
     thread_local! {
         static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
             const { std::cell::RefCell::new(None) };
