@@ -13,7 +13,7 @@
 //! to the same offset), everything else a literal, and zstd only entropy-codes that list of sequences
 //! (`ZSTD_compressSequences`, an API of zstd's experimental section). The frame is an ordinary delta frame.
 //! Changed bytes are stored as literals, without zstd's search for repeats among them, so this pays only when
-//! few bytes changed: at most 1/[`MAX_LITERAL_SHARE`] of the block, else the caller uses zstd's search.
+//! few bytes changed: at most 1/16 of the block (`MAX_LITERAL_SHARE`), else the caller uses zstd's search.
 //! `ZSTD_compressSequences` can only validate offsets against a dictionary it loaded itself (loading is the cost
 //! avoided), so each frame is decoded against the base and compared with the block before it is used.
 //!
