@@ -236,7 +236,7 @@ pub struct BlobSealer {
     level: i32,
     compressor: Option<zstd::bulk::Compressor<'static>>,
     scratch: Vec<u8>,
-    /// Made at the first delta.
+    /// Made at the first delta, at the default levels (1 to 3) only.
     same_place: Option<SamePlaceEncoder>,
 }
 
@@ -374,8 +374,8 @@ impl BlobSealer {
         if self.level <= 3 && self.same_place.is_none() {
             self.same_place = SamePlaceEncoder::new();
         }
-        let same_place = self.same_place.as_mut().filter(|_| self.level <= 3);
-        if !same_place.is_some_and(|e| e.encode(plaintext, base_plain, self.level, &mut self.scratch)) {
+        let (level, scratch) = (self.level, &mut self.scratch);
+        if !self.same_place.as_mut().is_some_and(|e| e.encode(plaintext, base_plain, level, scratch)) {
             // A context per delta: zstd keeps the prefix by reference for one frame, which the long-lived
             // compressor's 'static lifetime cannot express. Deltas are a small share of the blocks.
             let mut cctx = zstd::zstd_safe::CCtx::create();
