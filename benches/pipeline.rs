@@ -59,13 +59,14 @@ fn stages(c: &mut Criterion) {
     // where the two are equal), a quarter rewritten (zstd's search over the base).
     let base = typical_block();
     let base_id = keys.blob_id(&base);
-    for (name, rewritten) in [("seal-delta-3-pages", &[7usize, 100, 201][..]), ("seal-delta-quarter", &[0; 0][..])] {
+    let pages = |p: &[usize]| p.iter().map(|&p| p * 4096..(p + 1) * 4096).collect::<Vec<_>>();
+    for (name, rewritten) in [
+        ("seal-delta-3-pages", pages(&[7, 100, 201])),
+        ("seal-delta-quarter", std::iter::once(MIB / 4..MIB / 2).collect()),
+    ] {
         let mut block = base.clone();
-        for &page in rewritten {
-            block[page * 4096..(page + 1) * 4096].copy_from_slice(&noise(page as u64, 4096));
-        }
-        if rewritten.is_empty() {
-            block[MIB / 4..MIB / 2].copy_from_slice(&noise(9, MIB / 4));
+        for (i, r) in rewritten.into_iter().enumerate() {
+            block[r.clone()].copy_from_slice(&noise(i as u64 + 9, r.len()));
         }
         let id = keys.blob_id(&block);
         assert!(sealer.seal_delta(&keys, id, &block, base_id, &base).is_some(), "{name} is a delta");

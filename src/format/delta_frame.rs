@@ -275,11 +275,17 @@ mod tests {
     #[test]
     fn a_block_that_differs_in_more_than_a_sixteenth_is_left_to_zstd() {
         let base = noise(MIB, 3);
-        let mut block = base.clone();
-        let changed = MIB / 16 + 4096;
-        block[MIB / 2..MIB / 2 + changed].copy_from_slice(&noise(changed, 4));
+        let mut enc = SamePlaceEncoder::new().unwrap();
         let mut frame = Vec::new();
-        assert!(!SamePlaceEncoder::new().unwrap().encode(&block, &base, 3, &mut frame));
+        // Exactly a sixteenth is still taken; a byte more is not.
+        for (changed, taken) in [(MIB / 16, true), (MIB / 16 + 1, false), (MIB / 16 + 4096, false)] {
+            let mut block = base.clone();
+            block[MIB / 2..MIB / 2 + changed].copy_from_slice(&noise(changed, 4));
+            assert_eq!(enc.encode(&block, &base, 3, &mut frame), taken, "{changed} bytes changed");
+            if taken {
+                assert_eq!(decode(&frame, &base, MIB), block);
+            }
+        }
         // Spread out in single bytes: no run of the base is long enough either.
         let mut sprinkled = base.clone();
         for at in (0..MIB).step_by(16) {
